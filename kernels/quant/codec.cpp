@@ -1,0 +1,207 @@
+// The fast codec driver and the ISA dispatch. The driver walks the scopes of the tensor, finds each
+// scope's absmax, then quantizes the scope in tiles. INT4 codes go through a small int8 staging tile
+// (L1-resident) and are packed from there, so scope boundaries may fall anywhere, even mid-byte.
+// For b != 4 the int8 codes are the output.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "kernels/common/error.h"
+#include "kernels/quant/codec.h"
+#include "kernels/quant/codec_kernels.h"
+
+namespace int4ddp::quant {
+namespace {
+
+constexpr int64_t kTile = 4096;  // staging tile in codes (even, 4 KB)
+constexpr int64_t kPrefetchAhead = 2048;  // elements (8 KB) of input prefetched ahead
+
+const detail::CodecKernels& kernels_for(Isa isa) {
+  switch (isa) {
+    case Isa::kPortable:
+      return detail::kPortableKernels;
+    case Isa::kAvx2:
+#if defined(INT4DDP_HAVE_AVX2)
+      return detail::kAvx2Kernels;
+#else
+      break;
+#endif
+    case Isa::kAvx512:
+#if defined(INT4DDP_HAVE_AVX512)
+      return detail::kAvx512Kernels;
+#else
+      break;
+#endif
+  }
+  INT4DDP_FAIL("codec: instruction set ", isa_name(isa), " is not compiled in");
+}
+
+Isa isa_from_env() {
+  const char* env = std::getenv("INT4DDP_ISA");
+  if (!env || !*env) return best_isa();
+  const std::string s(env);
+  Isa isa;
+  if (s == "portable") isa = Isa::kPortable;
+  else if (s == "avx2") isa = Isa::kAvx2;
+  else if (s == "avx512") isa = Isa::kAvx512;
+  else INT4DDP_FAIL("INT4DDP_ISA = '", s, "' is not one of portable, avx2, avx512");
+  INT4DDP_CHECK(isa_available(isa), "INT4DDP_ISA = ", s, " is not available on this CPU or build");
+  return isa;
+}
+
+std::atomic<int> g_isa{-1};
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kPortable: return "portable";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+  }
+  return "unknown";
+}
+
+bool isa_available(Isa isa) {
+  switch (isa) {
+    case Isa::kPortable:
+      return true;
+    case Isa::kAvx2:
+#if defined(INT4DDP_HAVE_AVX2)
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+      return false;
+#endif
+    case Isa::kAvx512:
+#if defined(INT4DDP_HAVE_AVX512)
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+      return false;
+#endif
+  }
+  return false;
+}
+
+Isa best_isa() {
+  if (isa_available(Isa::kAvx512)) return Isa::kAvx512;
+  if (isa_available(Isa::kAvx2)) return Isa::kAvx2;
+  return Isa::kPortable;
+}
+
+void set_isa(Isa isa) {
+  INT4DDP_CHECK(isa_available(isa), "codec: instruction set ", isa_name(isa),
+                " is not available on this CPU or build");
+  g_isa.store(static_cast<int>(isa));
+}
+
+Isa current_isa() {
+  int v = g_isa.load();
+  if (v < 0) {
+    v = static_cast<int>(isa_from_env());
+    g_isa.store(v);
+  }
+  return static_cast<Isa>(v);
+}
+
+QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParams& p,
+                        uint8_t* codes, float* scales) {
+  validate(p);
+  INT4DDP_CHECK(count >= 0, "quantizer: count = ", count, " is negative");
+  INT4DDP_CHECK(count == 0 || (x && codes && scales), "quantizer: null buffer for ", count,
+                " elements");
+  const detail::CodecKernels& k = kernels_for(isa);
+  QuantStats st;
+  st.count = count;
+  const int64_t scope = p.block_size == 0 ? count : p.block_size;
+  const int64_t nscales = num_scales(count, p.block_size);
+
+  alignas(64) int8_t stage[kTile];
+  int64_t stage_base = 0;  // global index of stage[0]; always even
+  int64_t stage_len = 0;
+  auto flush = [&](bool last) {
+    const int64_t m = last ? stage_len : (stage_len & ~int64_t{1});
+    k.pack_int4(stage, m, codes + stage_base / 2);
+    if (m < stage_len) stage[0] = stage[m];
+    stage_base += m;
+    stage_len -= m;
+  };
+
+  detail::SegmentQuant seg{0.0f, 0.0f, p.bits, p.rounding, p.key, 0};
+  for (int64_t s = 0; s < nscales; ++s) {
+    const int64_t begin = s * scope;
+    const int64_t end = std::min(count, begin + scope);
+    // Stream the input in ahead of the absmax pass: the quantize pass then runs from L1 while the
+    // memory system keeps fetching (the hardware prefetcher alone leaves it idle meanwhile).
+    for (int64_t pf = begin + kPrefetchAhead; pf < std::min(count, end + kPrefetchAhead); pf += 16)
+      __builtin_prefetch(x + pf, 0, 3);
+    const float absmax = k.absmax(x + begin, end - begin, &st.nonfinite);
+    seg.clip = p.gamma * absmax;
+    seg.step = step_for_clip(seg.clip, p.bits);
+    scales[s] = seg.step;
+    st.absmax = std::fmax(st.absmax, absmax);
+    if (p.bits != 4) {
+      seg.first_index = begin;
+      st.clipped += k.quantize_segment(x + begin, end - begin, seg,
+                                       reinterpret_cast<int8_t*>(codes) + begin);
+      continue;
+    }
+    for (int64_t i = begin; i < end;) {
+      const int64_t n = std::min(end - i, kTile - stage_len);
+      seg.first_index = i;
+      st.clipped += k.quantize_segment(x + i, n, seg, stage + stage_len);
+      stage_len += n;
+      i += n;
+      if (stage_len == kTile) flush(false);
+    }
+  }
+  if (p.bits == 4 && stage_len > 0) flush(true);
+  // Non-finite elements are counted by absmax; they are coded 0 by quantize_segment.
+  return st;
+}
+
+void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t count, int bits,
+                    int64_t block_size, float* out) {
+  INT4DDP_CHECK(valid_bits(bits), "dequantize: bits = ", bits, " is outside ", kMinBits, "..",
+                kMaxBits);
+  INT4DDP_CHECK(block_size >= 0, "dequantize: block_size = ", block_size, " is negative");
+  INT4DDP_CHECK(count >= 0, "dequantize: count = ", count, " is negative");
+  INT4DDP_CHECK(count == 0 || (out && codes && scales), "dequantize: null buffer for ", count,
+                " elements");
+  const detail::CodecKernels& k = kernels_for(isa);
+  const int64_t scope = block_size == 0 ? count : block_size;
+  const int64_t nscales = num_scales(count, block_size);
+  alignas(64) int8_t stage[kTile + 1];
+  for (int64_t s = 0; s < nscales; ++s) {
+    const int64_t begin = s * scope;
+    const int64_t end = std::min(count, begin + scope);
+    if (bits != 4) {
+      k.dequantize_segment(reinterpret_cast<const int8_t*>(codes) + begin, end - begin, scales[s],
+                           out + begin);
+      continue;
+    }
+    for (int64_t i = begin; i < end;) {
+      // Unpack from the byte holding element i; an odd start skips the low nibble.
+      const int64_t n = std::min(end - i, kTile);
+      const int64_t lead = i % 2;
+      k.unpack_int4(codes + i / 2, n + lead, stage);
+      k.dequantize_segment(stage + lead, n, scales[s], out + i);
+      i += n;
+    }
+  }
+}
+
+QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
+                    float* scales) {
+  return quantize_isa(current_isa(), x, count, p, codes, scales);
+}
+
+void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
+                int64_t block_size, float* out) {
+  dequantize_isa(current_isa(), codes, scales, count, bits, block_size, out);
+}
+
+}  // namespace int4ddp::quant

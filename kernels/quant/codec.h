@@ -1,0 +1,76 @@
+// The CPU codec: quantize + pack and unpack + dequantize of fp32 tensors into INT-b codes with
+// per-tensor or per-block fp32 steps (format in kernels/quant/format.h, keying in philox.h).
+//
+// Two implementations with one contract:
+//   quantize_ref / dequantize_ref   plain per-element loops: the definition, never optimised;
+//   quantize / dequantize           the fast path (AVX-512, AVX2 or portable kernels, picked at run
+//                                   time), tested to produce the same codes, bytes and floats.
+//
+// Scope of a scale: block_size = 0 means one scale for the whole tensor (compute path); otherwise
+// blocks of block_size elements, the last one shorter (communication path). For each scope:
+//   c = gamma * max|x| over its finite elements, d = c / L, scales[scope] = d.
+// Non-finite elements get code 0 and are counted in QuantStats::nonfinite; the caller decides what
+// to do (the trainer skips the step). Clipped elements (|x| > c) are counted in the same pass.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/quant/format.h"
+#include "kernels/quant/philox.h"
+
+namespace int4ddp::quant {
+
+struct QuantParams {
+  int bits = 4;                             // 2..8
+  Rounding rounding = Rounding::kNearest;   //
+  float gamma = 1.0f;                       // clip = gamma * max|x| over the scope, gamma in (0, 1]
+  int64_t block_size = 0;                   // elements per scale; 0 = one scale per tensor
+  RngKey key;                               // stochastic rounding stream
+};
+
+struct QuantStats {
+  int64_t count = 0;      // elements seen
+  int64_t clipped = 0;    // finite elements with |x| > c of their scope (R = clipped / count)
+  int64_t nonfinite = 0;  // NaN and +-Inf elements (coded 0)
+  float absmax = 0.0f;    // max |x| over all finite elements
+
+  double clip_fraction() const { return count > 0 ? static_cast<double>(clipped) / count : 0.0; }
+};
+
+// Number of scales for `count` elements: 1 for per-tensor (block_size 0; also for count 0),
+// ceil(count / block_size) otherwise.
+int64_t num_scales(int64_t count, int64_t block_size);
+
+// Throws int4ddp::Error naming the field when bits, gamma or block_size is out of range.
+void validate(const QuantParams& p);
+
+// codes: packed_bytes(bits, count) bytes; scales: num_scales(count, block_size) floats.
+QuantStats quantize_ref(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
+                        float* scales);
+void dequantize_ref(const uint8_t* codes, const float* scales, int64_t count, int bits,
+                    int64_t block_size, float* out);
+
+QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
+                    float* scales);
+void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
+                int64_t block_size, float* out);
+
+// --- instruction-set dispatch ---------------------------------------------------------------
+enum class Isa : uint8_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* isa_name(Isa isa);
+bool isa_available(Isa isa);  // compiled in and supported by this CPU
+Isa best_isa();               // what quantize()/dequantize() use unless overridden
+// Force the ISA used by quantize()/dequantize() (tests and benchmarks); throws if unavailable.
+// Also settable with the environment variable INT4DDP_ISA=portable|avx2|avx512.
+void set_isa(Isa isa);
+Isa current_isa();
+
+// The same fast path with an explicit ISA (thread-safe; used by tests to compare every ISA).
+QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParams& p,
+                        uint8_t* codes, float* scales);
+void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t count, int bits,
+                    int64_t block_size, float* out);
+
+}  // namespace int4ddp::quant

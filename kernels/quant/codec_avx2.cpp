@@ -1,0 +1,221 @@
+// AVX2 + FMA kernels for the fast codec driver (CPUs without AVX-512). Same contract and structure
+// as codec_avx512.cpp: bit-identical to format.h, 32 elements per body step, scalar head and tail.
+// Philox runs 4 instances in the 64-bit lanes of a ymm; two body halves of 16 elements each.
+#include <immintrin.h>
+
+#include <cfloat>
+
+#include "kernels/quant/codec_kernels.h"
+
+namespace int4ddp::quant::detail {
+namespace {
+
+constexpr int kVec = 32;
+
+inline __m256 abs_ps(__m256 v) {
+  return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline int64_t hsum_epi32(__m256i v) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t s = 0;
+  for (int32_t l : lanes) s += l;
+  return s;
+}
+
+float absmax_avx2(const float* x, int64_t n, int64_t* nonfinite) {
+  const __m256 kMax = _mm256_set1_ps(FLT_MAX);
+  __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+  int64_t bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 a = abs_ps(_mm256_loadu_ps(x + i));
+    const __m256 b = abs_ps(_mm256_loadu_ps(x + i + 8));
+    const __m256 fa = _mm256_cmp_ps(a, kMax, _CMP_LE_OQ);
+    const __m256 fb = _mm256_cmp_ps(b, kMax, _CMP_LE_OQ);
+    m0 = _mm256_max_ps(m0, _mm256_and_ps(a, fa));  // non-finite lanes contribute 0
+    m1 = _mm256_max_ps(m1, _mm256_and_ps(b, fb));
+    const int ok = _mm256_movemask_ps(_mm256_and_ps(fa, fb));
+    if (__builtin_expect(ok != 0xFF, 0))
+      bad += 16 - __builtin_popcount(_mm256_movemask_ps(fa)) -
+             __builtin_popcount(_mm256_movemask_ps(fb));
+  }
+  float m = hmax(_mm256_max_ps(m0, m1));
+  for (; i < n; ++i) {
+    if (is_finite_value(x[i])) m = m > __builtin_fabsf(x[i]) ? m : __builtin_fabsf(x[i]);
+    else ++bad;
+  }
+  *nonfinite += bad;
+  return m;
+}
+
+struct PhiloxKeys {
+  __m256i k0[kPhiloxRounds], k1[kPhiloxRounds];
+  __m256i x2, x3;
+  explicit PhiloxKeys(const RngKey& key) {
+    uint32_t a = key.seed, b = key.stream;
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      if (r > 0) a += kPhiloxW0, b += kPhiloxW1;
+      k0[r] = _mm256_set1_epi64x(a);
+      k1[r] = _mm256_set1_epi64x(b);
+    }
+    x2 = _mm256_set1_epi64x(key.step);
+    x3 = _mm256_set1_epi64x(key.tensor_id);
+  }
+};
+
+// Uniforms for the 16 elements 4*group .. 4*group+15, in element order.
+inline void philox_uniform16(const PhiloxKeys& pk, uint64_t group, __m256* u0, __m256* u1) {
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  __m256i x0 = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(group)),
+                                _mm256_set_epi64x(3, 2, 1, 0));
+  __m256i x1 = _mm256_srli_epi64(x0, 32);
+  __m256i x2 = pk.x2, x3 = pk.x3;
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const __m256i p0 = _mm256_mul_epu32(x0, m0);
+    const __m256i p1 = _mm256_mul_epu32(x2, m1);
+    x0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), x1), pk.k0[r]);
+    x1 = p1;
+    x2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), x3), pk.k1[r]);
+    x3 = p0;
+  }
+  const __m256i a = _mm256_blend_epi32(x0, _mm256_slli_epi64(x1, 32), 0xAA);  // elements 4j, 4j+1
+  const __m256i b = _mm256_blend_epi32(x2, _mm256_slli_epi64(x3, 32), 0xAA);  // 4j+2, 4j+3
+  const __m256i lo = _mm256_unpacklo_epi64(a, b);  // instances 0 | 2
+  const __m256i hi = _mm256_unpackhi_epi64(a, b);  // instances 1 | 3
+  const __m256i w0 = _mm256_permute2x128_si256(lo, hi, 0x20);
+  const __m256i w1 = _mm256_permute2x128_si256(lo, hi, 0x31);
+  const __m256 scale = _mm256_set1_ps(5.9604644775390625e-8f);  // 2^-24
+  *u0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 8)), scale);
+  *u1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 8)), scale);
+}
+
+struct QuantConsts {
+  __m256 step, clip, lim, neg_lim, fmax;
+};
+
+// int32 codes of 8 elements (non-finite lanes 0); subtracts -1 from clip_count per clipped lane.
+template <bool kStochastic>
+inline __m256i quant8(const float* x, const QuantConsts& c, __m256 u, __m256i* clip_count) {
+  const __m256 v = _mm256_loadu_ps(x);
+  const __m256 a = abs_ps(v);
+  const __m256 fin = _mm256_cmp_ps(a, c.fmax, _CMP_LE_OQ);
+  const __m256 clipped = _mm256_and_ps(fin, _mm256_cmp_ps(a, c.clip, _CMP_GT_OQ));
+  *clip_count = _mm256_sub_epi32(*clip_count, _mm256_castps_si256(clipped));
+  __m256 t = _mm256_div_ps(v, c.step);
+  if constexpr (kStochastic) {
+    t = _mm256_round_ps(_mm256_add_ps(t, u), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  } else {
+    t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  t = _mm256_min_ps(_mm256_max_ps(t, c.neg_lim), c.lim);
+  return _mm256_and_si256(_mm256_cvtps_epi32(t), _mm256_castps_si256(fin));
+}
+
+// Store 32 int32 codes (a: elements 0-7, b: 8-15, c: 16-23, d: 24-31) as int8.
+inline void store_codes32(__m256i a, __m256i b, __m256i c, __m256i d, int8_t* codes) {
+  const __m256i ab = _mm256_packs_epi32(a, b);  // a0-3 b0-3 | a4-7 b4-7
+  const __m256i cd = _mm256_packs_epi32(c, d);
+  const __m256i bytes = _mm256_packs_epi16(ab, cd);  // a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7
+  const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), ordered);
+}
+
+int64_t quantize_segment_avx2(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
+  if (q.step == 0.0f) return quantize_segment_scalar(x, n, q, codes);
+  int64_t head = 0;
+  if (q.rounding == Rounding::kStochastic) {
+    head = (4 - q.first_index % 4) % 4;
+    if (head > n) head = n;
+  }
+  int64_t clipped = 0;
+  if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
+  const float lim = static_cast<float>(levels(q.bits));
+  const QuantConsts c{_mm256_set1_ps(q.step), _mm256_set1_ps(q.clip), _mm256_set1_ps(lim),
+                      _mm256_set1_ps(-lim), _mm256_set1_ps(FLT_MAX)};
+  __m256i count = _mm256_setzero_si256();
+  int64_t i = head;
+  if (q.rounding == Rounding::kStochastic) {
+    const PhiloxKeys pk(q.key);
+    for (; i + kVec <= n; i += kVec) {
+      const uint64_t g = static_cast<uint64_t>(q.first_index + i) / 4;
+      __m256 u0, u1, u2, u3;
+      philox_uniform16(pk, g, &u0, &u1);
+      philox_uniform16(pk, g + 4, &u2, &u3);
+      store_codes32(quant8<true>(x + i, c, u0, &count), quant8<true>(x + i + 8, c, u1, &count),
+                    quant8<true>(x + i + 16, c, u2, &count),
+                    quant8<true>(x + i + 24, c, u3, &count), codes + i);
+    }
+  } else {
+    const __m256 z = _mm256_setzero_ps();
+    for (; i + kVec <= n; i += kVec) {
+      store_codes32(quant8<false>(x + i, c, z, &count), quant8<false>(x + i + 8, c, z, &count),
+                    quant8<false>(x + i + 16, c, z, &count),
+                    quant8<false>(x + i + 24, c, z, &count), codes + i);
+    }
+  }
+  clipped += hsum_epi32(count);
+  if (i < n) {
+    SegmentQuant tail = q;
+    tail.first_index = q.first_index + i;
+    clipped += quantize_segment_scalar(x + i, n - i, tail, codes + i);
+  }
+  return clipped;
+}
+
+void pack_int4_avx2(const int8_t* codes, int64_t n, uint8_t* out) {
+  const __m256i lo_mask = _mm256_set1_epi16(0x000F), hi_mask = _mm256_set1_epi16(0x00F0);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i));
+    const __m256i r = _mm256_or_si256(_mm256_and_si256(w, lo_mask),
+                                      _mm256_and_si256(_mm256_srli_epi16(w, 4), hi_mask));
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi16(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i / 2), _mm256_castsi256_si128(p));
+  }
+  for (; i + 1 < n; i += 2) out[i / 2] = pack_nibbles(codes[i], codes[i + 1]);
+  if (i < n) out[i / 2] = pack_nibbles(codes[i], 0);
+}
+
+void unpack_int4_avx2(const uint8_t* in, int64_t n, int8_t* codes) {
+  const __m256i lo_mask = _mm256_set1_epi16(0x000F), hi_mask = _mm256_set1_epi16(0x00F0);
+  const __m256i eight = _mm256_set1_epi8(8);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i w =
+        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i / 2)));
+    const __m256i t = _mm256_or_si256(_mm256_and_si256(w, lo_mask),
+                                      _mm256_slli_epi16(_mm256_and_si256(w, hi_mask), 4));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
+                        _mm256_sub_epi8(_mm256_xor_si256(t, eight), eight));
+  }
+  for (; i < n; ++i)
+    codes[i] = static_cast<int8_t>(i % 2 == 0 ? unpack_lo(in[i / 2]) : unpack_hi(in[i / 2]));
+}
+
+void dequantize_segment_avx2(const int8_t* codes, int64_t n, float step, float* out) {
+  const __m256 d = _mm256_set1_ps(step);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), d));
+    _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(
+                                      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8))), d));
+  }
+  for (; i < n; ++i) out[i] = dequantize_value(codes[i], step);
+}
+
+}  // namespace
+
+extern const CodecKernels kAvx2Kernels = {absmax_avx2, quantize_segment_avx2, pack_int4_avx2,
+                                   unpack_int4_avx2, dequantize_segment_avx2};
+
+}  // namespace int4ddp::quant::detail

@@ -1,0 +1,282 @@
+// AVX-512 (F, BW, VL, DQ) kernels for the fast codec driver. Compiled with AVX-512 flags and only
+// called after a run-time CPU check (codec.cpp). Must match format.h / the reference bit for bit:
+// the same IEEE division x / d, the same rounding (rint = round half even, floor), the same clamp.
+//
+// Stochastic rounding: 8 Philox4x32-10 instances run in the 64-bit lanes of a zmm (the 32-bit
+// multiplies map onto vpmuludq), giving the 32 random words of 32 consecutive elements; a two-step
+// permute puts them in element order. The body therefore steps 32 elements whose first global index
+// is a multiple of 4; a scalar head and tail handle the rest.
+// GCC 12 warns about the intentionally undefined pass-through operands inside its own AVX-512
+// headers (_mm512_undefined_*); the warnings are false positives.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/quant/codec_kernels.h"
+
+namespace int4ddp::quant::detail {
+namespace {
+
+constexpr int kVec = 32;          // elements per body iteration
+constexpr int kPhiloxBatches = 3;  // interleaved Philox chains (32 elements each)
+
+inline __m512 abs_ps(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)));
+}
+
+float absmax_avx512(const float* x, int64_t n, int64_t* nonfinite) {
+  const __m512 kMax = _mm512_set1_ps(FLT_MAX);
+  __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+  int64_t bad = 0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 a = abs_ps(_mm512_loadu_ps(x + i));
+    const __m512 b = abs_ps(_mm512_loadu_ps(x + i + 16));
+    const __mmask16 fa = _mm512_cmp_ps_mask(a, kMax, _CMP_LE_OQ);
+    const __mmask16 fb = _mm512_cmp_ps_mask(b, kMax, _CMP_LE_OQ);
+    m0 = _mm512_mask_max_ps(m0, fa, m0, a);
+    m1 = _mm512_mask_max_ps(m1, fb, m1, b);
+    if (__builtin_expect((fa & fb) != 0xFFFF, 0))
+      bad += 32 - __builtin_popcount(fa) - __builtin_popcount(fb);
+  }
+  for (; i < n; i += 16) {
+    const int r = static_cast<int>(n - i < 16 ? n - i : 16);
+    const __mmask16 live = static_cast<__mmask16>((1u << r) - 1);
+    const __m512 a = abs_ps(_mm512_maskz_loadu_ps(live, x + i));  // dead lanes read as 0
+    const __mmask16 fa = _mm512_cmp_ps_mask(a, kMax, _CMP_LE_OQ);
+    m0 = _mm512_mask_max_ps(m0, fa, m0, a);
+    bad += 16 - __builtin_popcount(fa);
+  }
+  *nonfinite += bad;
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+// Round keys of the 10 Philox rounds, broadcast once per segment.
+struct PhiloxKeys {
+  __m512i k0[kPhiloxRounds], k1[kPhiloxRounds];
+  __m512i x2, x3;  // counter words 2 (step) and 3 (tensor id), the same for every element
+  explicit PhiloxKeys(const RngKey& key) {
+    uint32_t a = key.seed, b = key.stream;
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      if (r > 0) a += kPhiloxW0, b += kPhiloxW1;
+      k0[r] = _mm512_set1_epi64(a);
+      k1[r] = _mm512_set1_epi64(b);
+    }
+    x2 = _mm512_set1_epi64(key.step);
+    x3 = _mm512_set1_epi64(key.tensor_id);
+  }
+};
+
+// Uniforms u in [0,1) for the 32*B elements 4*group .. 4*group + 32B - 1, in element order:
+// u[2b] and u[2b+1] hold elements 32b .. 32b+31. B independent Philox chains are interleaved so the
+// 10-round dependency chain (multiply latency 5) does not serialise the loop. The high half of each
+// 64-bit word is swapped down with vpshufd (port 5) rather than shifted (port 0, where the
+// multiplies run).
+template <int B>
+inline void philox_uniform(const PhiloxKeys& pk, uint64_t group, __m512* u) {
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  __m512i x0[B], x1[B], x2[B], x3[B];
+  for (int b = 0; b < B; ++b) {
+    // 64-bit lanes; only the low 32 bits of each lane are meaningful (vpmuludq ignores the rest).
+    x0[b] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(group + 8 * b)),
+                             _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+    x1[b] = _mm512_srli_epi64(x0[b], 32);
+    x2[b] = pk.x2;
+    x3[b] = pk.x3;
+  }
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+#pragma GCC unroll 4
+    for (int b = 0; b < B; ++b) {
+      const __m512i p0 = _mm512_mul_epu32(x0[b], m0);
+      const __m512i p1 = _mm512_mul_epu32(x2[b], m1);
+      // 0x96: a ^ b ^ c
+      x0[b] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p1, _MM_PERM_CDAB), x1[b], pk.k0[r], 0x96);
+      x1[b] = p1;
+      x2[b] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p0, _MM_PERM_CDAB), x3[b], pk.k1[r], 0x96);
+      x3[b] = p0;
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(5.9604644775390625e-8f);  // 2^-24
+  for (int b = 0; b < B; ++b) {
+    // Lane j of lo holds words 0, 1 of instance j (elements 4j, 4j+1); hi holds 4j+2, 4j+3.
+    const __m512i lo = _mm512_mask_blend_epi32(0xAAAA, x0[b], _mm512_slli_epi64(x1[b], 32));
+    const __m512i hi = _mm512_mask_blend_epi32(0xAAAA, x2[b], _mm512_slli_epi64(x3[b], 32));
+    const __m512i w0 =
+        _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), hi);
+    const __m512i w1 =
+        _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), hi);
+    u[2 * b] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w0, 8)), scale);
+    u[2 * b + 1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w1, 8)), scale);
+  }
+}
+
+struct QuantConsts {
+  __m512 step, inv, clip, lim, neg_lim, fmax, check_lim;
+};
+
+// Codes of 16 elements (u unused for nearest). Adds clipped lanes to *clip_count.
+//
+// The contract is rint(x / d) (or floor(x / d + u)) with an IEEE division, but a zmm division costs
+// ~10 cycles. So t' = x * (1/d) is computed instead: |t' - RN(x / d)| < |t'| 2^-22 (two roundings
+// of 2^-24 relative each, plus the 1/2 ulp of RN(x / d)). rint/floor of t' can differ from that of
+// RN(x / d) only when t' (or t' + u) lies that close to a rounding boundary; such vectors (about 1
+// in 10^4 on random data, always for exact ties) are recomputed with the division. Lanes with
+// |t'| >= L + 2 saturate either way and are not checked. kRecip = false always divides (used when
+// 1/d is not a normal float).
+template <bool kStochastic, bool kRecip>
+inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* codes,
+                    __m512i* clip_count) {
+  constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  constexpr int kFloor = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+  const __m512 v = _mm512_loadu_ps(x);
+  const __m512 a = abs_ps(v);
+  const __mmask16 fin = _mm512_cmp_ps_mask(a, c.fmax, _CMP_LE_OQ);
+  const __mmask16 clipped = _mm512_mask_cmp_ps_mask(fin, a, c.clip, _CMP_GT_OQ);
+  *clip_count = _mm512_mask_add_epi32(*clip_count, clipped, *clip_count, _mm512_set1_epi32(1));
+  __m512 r;
+  if constexpr (kRecip) {
+    const __m512 t = _mm512_mul_ps(v, c.inv);
+    const __m512 at = abs_ps(t);
+    __mmask16 risky;
+    if constexpr (kStochastic) {
+      const __m512 s = _mm512_add_ps(t, u);
+      r = _mm512_roundscale_ps(s, kFloor);
+      const __m512 f = _mm512_sub_ps(s, r);  // in [0, 1]
+      const __m512 m = _mm512_mul_ps(_mm512_add_ps(at, _mm512_set1_ps(1.0f)),
+                                     _mm512_set1_ps(3.814697265625e-06f));  // (|t|+1) 2^-18
+      risky = _mm512_cmp_ps_mask(f, m, _CMP_LE_OQ) |
+              _mm512_cmp_ps_mask(f, _mm512_sub_ps(_mm512_set1_ps(1.0f), m), _CMP_GE_OQ);
+    } else {
+      r = _mm512_roundscale_ps(t, kNear);
+      const __m512 gap = _mm512_sub_ps(_mm512_set1_ps(0.5f), abs_ps(_mm512_sub_ps(t, r)));
+      const __m512 m = _mm512_mul_ps(at, _mm512_set1_ps(1.9073486328125e-06f));  // |t| 2^-19
+      risky = _mm512_cmp_ps_mask(gap, m, _CMP_LE_OQ);
+    }
+    risky &= fin & _mm512_cmp_ps_mask(at, c.check_lim, _CMP_LT_OQ);
+    if (__builtin_expect(risky != 0, 0)) {
+      const __m512 te = _mm512_div_ps(v, c.step);
+      r = kStochastic ? _mm512_roundscale_ps(_mm512_add_ps(te, u), kFloor)
+                      : _mm512_roundscale_ps(te, kNear);
+    }
+  } else {
+    const __m512 te = _mm512_div_ps(v, c.step);
+    r = kStochastic ? _mm512_roundscale_ps(_mm512_add_ps(te, u), kFloor)
+                    : _mm512_roundscale_ps(te, kNear);
+  }
+  r = _mm512_min_ps(_mm512_max_ps(r, c.neg_lim), c.lim);
+  const __m512i q = _mm512_maskz_cvtps_epi32(fin, r);  // non-finite lanes -> 0
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(q));
+}
+
+template <bool kStochastic, bool kRecip>
+void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantConsts& c,
+                int8_t* codes, __m512i* count) {
+  if constexpr (kStochastic) {
+    const PhiloxKeys pk(q.key);
+    int64_t i = 0;
+    for (; i + kPhiloxBatches * kVec <= n; i += kPhiloxBatches * kVec) {
+      __m512 u[2 * kPhiloxBatches];
+      philox_uniform<kPhiloxBatches>(pk, static_cast<uint64_t>(q.first_index + i) / 4, u);
+      for (int v = 0; v < 2 * kPhiloxBatches; ++v)
+        quant16<true, kRecip>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
+    }
+    for (; i + kVec <= n; i += kVec) {
+      __m512 u[2];
+      philox_uniform<1>(pk, static_cast<uint64_t>(q.first_index + i) / 4, u);
+      quant16<true, kRecip>(x + i, c, u[0], codes + i, count);
+      quant16<true, kRecip>(x + i + 16, c, u[1], codes + i + 16, count);
+    }
+  } else {
+    for (int64_t i = 0; i + kVec <= n; i += kVec) {
+      quant16<false, kRecip>(x + i, c, _mm512_setzero_ps(), codes + i, count);
+      quant16<false, kRecip>(x + i + 16, c, _mm512_setzero_ps(), codes + i + 16, count);
+    }
+  }
+}
+
+int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
+  if (q.step == 0.0f) return quantize_segment_scalar(x, n, q, codes);  // degenerate scope
+  int64_t head = 0;
+  if (q.rounding == Rounding::kStochastic) {
+    head = (4 - q.first_index % 4) % 4;
+    if (head > n) head = n;
+  }
+  int64_t clipped = 0;
+  if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
+  const float lim = static_cast<float>(levels(q.bits));
+  const float inv = 1.0f / q.step;
+  const QuantConsts c{_mm512_set1_ps(q.step), _mm512_set1_ps(inv),        _mm512_set1_ps(q.clip),
+                      _mm512_set1_ps(lim),    _mm512_set1_ps(-lim),       _mm512_set1_ps(FLT_MAX),
+                      _mm512_set1_ps(lim + 2.0f)};
+  const bool recip = std::isnormal(q.step) && std::isnormal(inv);
+  const int64_t body = (n - head) / kVec * kVec;
+  __m512i count = _mm512_setzero_si512();
+  SegmentQuant bq = q;
+  bq.first_index = q.first_index + head;
+  const bool stoch = q.rounding == Rounding::kStochastic;
+  if (stoch && recip) quant_body<true, true>(x + head, body, bq, c, codes + head, &count);
+  else if (stoch) quant_body<true, false>(x + head, body, bq, c, codes + head, &count);
+  else if (recip) quant_body<false, true>(x + head, body, bq, c, codes + head, &count);
+  else quant_body<false, false>(x + head, body, bq, c, codes + head, &count);
+  int64_t i = head + body;
+  clipped += _mm512_reduce_add_epi32(count);
+  if (i < n) {
+    SegmentQuant tail = q;
+    tail.first_index = q.first_index + i;
+    clipped += quantize_segment_scalar(x + i, n - i, tail, codes + i);
+  }
+  return clipped;
+}
+
+void pack_int4_avx512(const int8_t* codes, int64_t n, uint8_t* out) {
+  // A 16-bit word holds codes (2k, 2k+1); fold the high byte's nibble next to the low one.
+  const __m512i lo_mask = _mm512_set1_epi16(0x000F), hi_mask = _mm512_set1_epi16(0x00F0);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512i w = _mm512_loadu_si512(codes + i);
+    const __m512i r = _mm512_or_si512(_mm512_and_si512(w, lo_mask),
+                                      _mm512_and_si512(_mm512_srli_epi16(w, 4), hi_mask));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i / 2), _mm512_cvtepi16_epi8(r));
+  }
+  for (; i + 1 < n; i += 2) out[i / 2] = pack_nibbles(codes[i], codes[i + 1]);
+  if (i < n) out[i / 2] = pack_nibbles(codes[i], 0);
+}
+
+void unpack_int4_avx512(const uint8_t* in, int64_t n, int8_t* codes) {
+  const __m512i lo_mask = _mm512_set1_epi16(0x000F), hi_mask = _mm512_set1_epi16(0x00F0);
+  const __m512i eight = _mm512_set1_epi8(8);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512i w =
+        _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i / 2)));
+    // word = lo nibble | hi nibble << 8; then sign-extend each 4-bit value in its byte: (v ^ 8) - 8.
+    const __m512i t = _mm512_or_si512(_mm512_and_si512(w, lo_mask),
+                                      _mm512_slli_epi16(_mm512_and_si512(w, hi_mask), 4));
+    _mm512_storeu_si512(codes + i, _mm512_sub_epi8(_mm512_xor_si512(t, eight), eight));
+  }
+  for (; i < n; ++i)
+    codes[i] = static_cast<int8_t>(i % 2 == 0 ? unpack_lo(in[i / 2]) : unpack_hi(in[i / 2]));
+}
+
+void dequantize_segment_avx512(const int8_t* codes, int64_t n, float step, float* out) {
+  const __m512 d = _mm512_set1_ps(step);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m128i c0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i));
+    const __m128i c1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i + 16));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c0)), d));
+    _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c1)), d));
+  }
+  for (; i < n; ++i) out[i] = dequantize_value(codes[i], step);
+}
+
+}  // namespace
+
+extern const CodecKernels kAvx512Kernels = {absmax_avx512, quantize_segment_avx512, pack_int4_avx512,
+                                     unpack_int4_avx512, dequantize_segment_avx512};
+
+}  // namespace int4ddp::quant::detail

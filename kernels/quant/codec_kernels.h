@@ -1,0 +1,46 @@
+// Internal: the per-ISA inner kernels the fast codec driver (codec.cpp) is built from. Each ISA file
+// (codec_portable.cpp, codec_avx2.cpp, codec_avx512.cpp) fills one table. Every kernel works on a
+// contiguous segment that lies inside one scale scope; `first_index` is the global element index of
+// x[0] (it keys the Philox stream). Kernels must match the scalar helpers of format.h bit for bit.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/quant/codec.h"
+
+namespace int4ddp::quant::detail {
+
+struct SegmentQuant {
+  float step;      // d of the scope (0: all codes 0)
+  float clip;      // c of the scope: |x| > clip counts as clipped
+  int bits;        //
+  Rounding rounding;
+  RngKey key;
+  int64_t first_index;  // global index of the segment's first element
+};
+
+struct CodecKernels {
+  // max |x| over finite elements (0 if none); adds the number of non-finite elements to *nonfinite.
+  float (*absmax)(const float* x, int64_t n, int64_t* nonfinite);
+  // codes[i] = quantize(x[i]) as int8; returns the number of clipped finite elements.
+  int64_t (*quantize_segment)(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes);
+  // out[k] = pack(codes[2k], codes[2k+1]); n may be odd (last high nibble 0).
+  void (*pack_int4)(const int8_t* codes, int64_t n, uint8_t* out);
+  // codes[i] = nibble i of in (n codes).
+  void (*unpack_int4)(const uint8_t* in, int64_t n, int8_t* codes);
+  // out[i] = codes[i] * step.
+  void (*dequantize_segment)(const int8_t* codes, int64_t n, float step, float* out);
+};
+
+extern const CodecKernels kPortableKernels;
+#if defined(INT4DDP_HAVE_AVX2)
+extern const CodecKernels kAvx2Kernels;
+#endif
+#if defined(INT4DDP_HAVE_AVX512)
+extern const CodecKernels kAvx512Kernels;
+#endif
+
+// Scalar pieces shared by the ISA files for heads and tails.
+int64_t quantize_segment_scalar(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes);
+
+}  // namespace int4ddp::quant::detail

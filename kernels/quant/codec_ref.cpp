@@ -1,0 +1,84 @@
+// The reference codec: one obvious loop per scope, element by element, straight from DESIGN.md
+// section 2. It is the definition the fast paths are tested against; keep it plain.
+#include <cmath>
+
+#include "kernels/common/error.h"
+#include "kernels/quant/codec.h"
+
+namespace int4ddp::quant {
+
+int64_t num_scales(int64_t count, int64_t block_size) {
+  if (block_size == 0) return 1;
+  return (count + block_size - 1) / block_size;
+}
+
+void validate(const QuantParams& p) {
+  INT4DDP_CHECK(valid_bits(p.bits), "quantizer: bits = ", p.bits, " is outside ", kMinBits, "..",
+                kMaxBits);
+  INT4DDP_CHECK(std::isfinite(p.gamma) && p.gamma > 0.0f && p.gamma <= 1.0f,
+                "quantizer: gamma = ", p.gamma, " is outside (0, 1]");
+  INT4DDP_CHECK(p.block_size >= 0, "quantizer: block_size = ", p.block_size, " is negative");
+}
+
+static void check_buffers(const void* x, int64_t count, const void* codes, const void* scales) {
+  INT4DDP_CHECK(count >= 0, "quantizer: count = ", count, " is negative");
+  INT4DDP_CHECK(count == 0 || (x && codes && scales), "quantizer: null buffer for ", count,
+                " elements");
+}
+
+QuantStats quantize_ref(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
+                        float* scales) {
+  validate(p);
+  check_buffers(x, count, codes, scales);
+  QuantStats st;
+  st.count = count;
+  const int64_t scope = p.block_size == 0 ? count : p.block_size;
+  const int64_t nscales = num_scales(count, p.block_size);
+  for (int64_t s = 0; s < nscales; ++s) {
+    const int64_t begin = s * scope;
+    const int64_t end = std::min(count, begin + scope);
+    float absmax = 0.0f;
+    for (int64_t i = begin; i < end; ++i)
+      if (is_finite_value(x[i])) absmax = std::fmax(absmax, std::fabs(x[i]));
+    const float clip = p.gamma * absmax;
+    const float step = step_for_clip(clip, p.bits);
+    scales[s] = step;
+    st.absmax = std::fmax(st.absmax, absmax);
+    for (int64_t i = begin; i < end; ++i) {
+      int q = 0;
+      if (!is_finite_value(x[i])) {
+        ++st.nonfinite;
+      } else {
+        if (std::fabs(x[i]) > clip) ++st.clipped;
+        q = p.rounding == Rounding::kNearest
+                ? quantize_nearest(x[i], step, p.bits)
+                : quantize_stochastic(x[i], step, philox_uniform(p.key, i), p.bits);
+      }
+      if (p.bits != 4) {
+        codes[i] = static_cast<uint8_t>(static_cast<int8_t>(q));
+      } else if (i % 2 == 0) {
+        codes[i / 2] = pack_nibbles(q, 0);
+      } else {
+        codes[i / 2] = static_cast<uint8_t>(codes[i / 2] | pack_nibbles(0, q));
+      }
+    }
+  }
+  return st;
+}
+
+void dequantize_ref(const uint8_t* codes, const float* scales, int64_t count, int bits,
+                    int64_t block_size, float* out) {
+  INT4DDP_CHECK(valid_bits(bits), "dequantize: bits = ", bits, " is outside ", kMinBits, "..",
+                kMaxBits);
+  INT4DDP_CHECK(block_size >= 0, "dequantize: block_size = ", block_size, " is negative");
+  check_buffers(out, count, codes, scales);
+  const int64_t scope = block_size == 0 ? count : block_size;
+  for (int64_t i = 0; i < count; ++i) {
+    int q;
+    if (bits != 4) q = static_cast<int8_t>(codes[i]);
+    else q = i % 2 == 0 ? unpack_lo(codes[i / 2]) : unpack_hi(codes[i / 2]);
+    out[i] = dequantize_value(q, scales[i / scope]);
+  }
+}
+
+}  // namespace int4ddp::quant

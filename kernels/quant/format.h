@@ -1,0 +1,92 @@
+// The INT-b fixed-point format: one definition for every compiler (g++ and nvcc) and both paths
+// (compute and communication). See shared/DESIGN.md section 2.
+//
+// Bit-width b in 2..8, L = 2^(b-1) - 1 positive levels: codes -L..L (b = 4: -7..7; -8 is never
+// produced). Clip c > 0, step d = c / L.
+//   nearest:    q = clamp(rint(x / d), -L, L)            (round half to even)
+//   stochastic: q = clamp(floor(x / d + u), -L, L)       u = (philox_bits >> 8) * 2^-24 in [0, 1)
+//   dequantize: x^ = q * d
+// d == 0 (all-zero scope) gives code 0. Non-finite inputs get code 0 and are counted by the caller.
+//
+// INT4 packing: byte k holds element 2k in its LOW nibble and element 2k+1 in its HIGH nibble, each
+// as 4-bit two's complement (q & 0xF); an odd tail leaves the last high nibble 0. Other bit-widths
+// store one code per int8. Scales (one fp32 step d per scope) live in a separate array.
+//
+// The scalar helpers below are the arithmetic every implementation (reference, AVX2, AVX-512, CUDA)
+// must reproduce bit for bit: the same operations in the same order, no FMA contraction.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define INT4DDP_HD __host__ __device__ __forceinline__
+#else
+#define INT4DDP_HD inline
+#endif
+
+namespace int4ddp::quant {
+
+constexpr int kMinBits = 2;
+constexpr int kMaxBits = 8;
+constexpr int64_t kDefaultBlockSize = 512;  // communication-path block G
+
+enum class Rounding : uint8_t { kNearest = 0, kStochastic = 1 };
+
+// Positive levels L = 2^(b-1) - 1.
+INT4DDP_HD constexpr int levels(int bits) { return (1 << (bits - 1)) - 1; }
+
+INT4DDP_HD constexpr bool valid_bits(int bits) { return bits >= kMinBits && bits <= kMaxBits; }
+
+// Bytes that hold `count` codes of `bits` bits: nibble-packed for b = 4, one int8 per code otherwise.
+INT4DDP_HD constexpr int64_t packed_bytes(int bits, int64_t count) {
+  return bits == 4 ? (count + 1) / 2 : count;
+}
+
+static_assert(levels(4) == 7, "INT4 has codes -7..7");
+static_assert(levels(8) == 127, "INT8 has codes -127..127");
+static_assert(levels(2) == 1, "INT2 has codes -1..1");
+static_assert(packed_bytes(4, 3) == 2, "odd INT4 tail takes a whole byte");
+static_assert(packed_bytes(8, 3) == 3, "INT8 is one byte per code");
+
+// Step for a scope whose clip is c: d = c / L. Returns 0 for c <= 0 (all-zero scope).
+INT4DDP_HD float step_for_clip(float clip, int bits) {
+  return clip > 0.0f ? clip / static_cast<float>(levels(bits)) : 0.0f;
+}
+
+// Finite test used by every implementation: |x| <= FLT_MAX (false for NaN and +-Inf).
+INT4DDP_HD bool is_finite_value(float x) { return fabsf(x) <= 3.40282347e+38f; }
+
+// u in [0, 1) from 32 random bits: the top 24 bits, exactly representable.
+INT4DDP_HD float uniform_from_bits(uint32_t bits) {
+  return static_cast<float>(bits >> 8) * 5.9604644775390625e-8f;  // 2^-24
+}
+
+// One code, nearest rounding. Requires x finite; d == 0 gives 0.
+INT4DDP_HD int quantize_nearest(float x, float d, int bits) {
+  if (d == 0.0f) return 0;
+  const float lim = static_cast<float>(levels(bits));
+  const float t = rintf(x / d);
+  return static_cast<int>(fminf(fmaxf(t, -lim), lim));
+}
+
+// One code, stochastic rounding with u in [0, 1). Requires x finite; d == 0 gives 0.
+INT4DDP_HD int quantize_stochastic(float x, float d, float u, int bits) {
+  if (d == 0.0f) return 0;
+  const float lim = static_cast<float>(levels(bits));
+  const float t = floorf(x / d + u);
+  return static_cast<int>(fminf(fmaxf(t, -lim), lim));
+}
+
+INT4DDP_HD float dequantize_value(int q, float d) { return static_cast<float>(q) * d; }
+
+// Nibble packing of two codes (each in -8..7) into one byte: lo = element 2k, hi = element 2k+1.
+INT4DDP_HD uint8_t pack_nibbles(int lo, int hi) {
+  return static_cast<uint8_t>((lo & 0xF) | ((hi & 0xF) << 4));
+}
+// Sign-extend a 4-bit two's complement nibble.
+INT4DDP_HD int nibble_to_int(unsigned nib) { return static_cast<int>((nib & 0xFu) ^ 0x8u) - 8; }
+INT4DDP_HD int unpack_lo(uint8_t byte) { return nibble_to_int(byte); }
+INT4DDP_HD int unpack_hi(uint8_t byte) { return nibble_to_int(static_cast<unsigned>(byte) >> 4); }
+
+}  // namespace int4ddp::quant

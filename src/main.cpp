@@ -1,0 +1,38 @@
+// The int4ddp executable: one CLI11 app, one subcommand per tool (quantize now; train, eval and
+// bench join the same way: an add_*_command that registers options, a run_* that does the work).
+// This is the only place where an int4ddp::Error becomes a message and a non-zero exit.
+#include <CLI/CLI.hpp>
+#include <exception>
+#include <iostream>
+
+#include "kernels/common/error.h"
+#include "src/quantize_tool.h"
+
+namespace {
+constexpr int kExitError = 2;  // bad command line, options or input
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"int4ddp: fully quantized (INT4 fixed-point) data-parallel training", "int4ddp"};
+  app.require_subcommand(1);
+  int4ddp::QuantizeOptions quantize_opts;
+  CLI::App* quantize = int4ddp::add_quantize_command(app, &quantize_opts);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);  // help
+    std::cerr << "int4ddp: error: " << e.what() << "\nRun with --help for more information.\n";
+    return kExitError;
+  }
+
+  try {
+    if (quantize->parsed()) int4ddp::run_quantize(quantize_opts, std::cout, std::cerr);
+    return 0;
+  } catch (const int4ddp::Error& e) {
+    std::cerr << "int4ddp: error: " << e.what() << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "int4ddp: error: " << e.what() << "\n";
+  }
+  return kExitError;
+}

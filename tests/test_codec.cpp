@@ -1,0 +1,413 @@
+// The codec: every fast path (portable, AVX2, AVX-512, whichever this CPU has) against the plain
+// reference, byte for byte; and the reference against DESIGN.md section 2 itself.
+#include <gtest/gtest.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "kernels/common/error.h"
+#include "kernels/quant/codec.h"
+
+namespace int4ddp::quant {
+namespace {
+
+std::vector<Isa> available_isas() {
+  std::vector<Isa> out;
+  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512})
+    if (isa_available(isa)) out.push_back(isa);
+  return out;
+}
+
+// Gaussian data with heavy outliers, exact zeros, exact ties for rint, and (optionally) NaN/Inf.
+std::vector<float> make_input(int64_t n, uint64_t seed, bool nonfinite) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> pick(0, 99);
+  std::vector<float> x(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int k = pick(rng);
+    if (k < 3) x[i] = 0.0f;
+    else if (k < 5) x[i] = 50.0f * normal(rng);  // outliers get clipped when gamma < 1
+    else if (k < 7) x[i] = 0.5f * static_cast<float>(static_cast<int>(normal(rng) * 8));
+    else x[i] = normal(rng);
+  }
+  if (nonfinite && n > 3) {
+    x[n / 3] = std::numeric_limits<float>::quiet_NaN();
+    x[n / 2] = std::numeric_limits<float>::infinity();
+    x[n - 1] = -std::numeric_limits<float>::infinity();
+  }
+  return x;
+}
+
+struct Encoded {
+  std::vector<uint8_t> codes;
+  std::vector<float> scales;
+  QuantStats stats;
+};
+
+Encoded encode(bool ref, Isa isa, const std::vector<float>& x, const QuantParams& p) {
+  const int64_t n = static_cast<int64_t>(x.size());
+  Encoded e;
+  e.codes.assign(packed_bytes(p.bits, n) + 1, 0xAB);  // +1 guard byte must stay untouched
+  e.scales.assign(num_scales(n, p.block_size) + 1, -1.0f);
+  e.stats = ref ? quantize_ref(x.data(), n, p, e.codes.data(), e.scales.data())
+                : quantize_isa(isa, x.data(), n, p, e.codes.data(), e.scales.data());
+  return e;
+}
+
+void expect_same_bits(const std::vector<float>& a, const std::vector<float>& b, const char* what) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    uint32_t ua, ub;
+    std::memcpy(&ua, &a[i], 4);
+    std::memcpy(&ub, &b[i], 4);
+    ASSERT_EQ(ua, ub) << what << " differs at " << i << ": " << a[i] << " vs " << b[i];
+  }
+}
+
+// One comparison of every ISA against the reference, encode and decode.
+void check_all_isas(const std::vector<float>& x, const QuantParams& p) {
+  const Encoded ref = encode(true, Isa::kPortable, x, p);
+  ASSERT_EQ(ref.codes.back(), 0xAB) << "reference wrote past the code buffer";
+  const int64_t n = static_cast<int64_t>(x.size());
+  std::vector<float> ref_out(n, -7.0f);
+  dequantize_ref(ref.codes.data(), ref.scales.data(), n, p.bits, p.block_size, ref_out.data());
+  for (Isa isa : available_isas()) {
+    SCOPED_TRACE(testing::Message() << isa_name(isa) << " bits=" << p.bits << " rounding="
+                                    << static_cast<int>(p.rounding) << " G=" << p.block_size
+                                    << " n=" << n << " gamma=" << p.gamma);
+    const Encoded got = encode(false, isa, x, p);
+    ASSERT_EQ(got.codes, ref.codes);
+    expect_same_bits(got.scales, ref.scales, "scale");
+    EXPECT_EQ(got.stats.clipped, ref.stats.clipped);
+    EXPECT_EQ(got.stats.nonfinite, ref.stats.nonfinite);
+    EXPECT_EQ(got.stats.count, ref.stats.count);
+    EXPECT_EQ(got.stats.absmax, ref.stats.absmax);
+    std::vector<float> out(n, -9.0f);
+    dequantize_isa(isa, ref.codes.data(), ref.scales.data(), n, p.bits, p.block_size, out.data());
+    expect_same_bits(out, ref_out, "dequantized");
+  }
+}
+
+class CodecMatchesReference : public testing::TestWithParam<int> {};
+
+// Every bit-width, both roundings, block sizes 1..64 and the interesting larger ones (around the
+// 4096-code staging tile too), the small lengths of the issue.
+TEST_P(CodecMatchesReference, SmallLengthsAllBlockSizes) {
+  const int bits = GetParam();
+  std::vector<int64_t> blocks = {0};
+  for (int64_t g = 1; g <= 64; ++g) blocks.push_back(g);
+  for (int64_t g : {100, 255, 256, 511, 512, 513, 1000, 1023, 2048, 3001, 4095, 4096})
+    blocks.push_back(g);
+  for (int64_t n : {0, 1, 2, 3, 4, 5, 31, 33, 511, 513}) {
+    const std::vector<float> x = make_input(n, 1000 + n, n % 2 == 1);
+    for (int64_t g : blocks) {
+      for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
+        QuantParams p;
+        p.bits = bits;
+        p.rounding = r;
+        p.block_size = g;
+        p.gamma = (g % 3 == 0) ? 0.37f : 1.0f;
+        p.key = RngKey{42, 1, 7, static_cast<uint32_t>(g)};
+        check_all_isas(x, p);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// Lengths that cross the staging tile with odd block sizes, and the 2^20 + 7 of the issue.
+TEST_P(CodecMatchesReference, LargeLengths) {
+  const int bits = GetParam();
+  struct Case {
+    int64_t n, g;
+  };
+  const Case cases[] = {{4096 * 3 + 5, 7},    {4096 * 3 + 5, 4097}, {10001, 1},
+                        {10001, 4096},        {(1 << 20) + 7, 0},   {(1 << 20) + 7, 512},
+                        {(1 << 20) + 7, 513}, {(1 << 20) + 7, 3}};
+  for (const Case& c : cases) {
+    const std::vector<float> x = make_input(c.n, 7 * c.n + c.g, c.g % 2 == 1);
+    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
+      QuantParams p;
+      p.bits = bits;
+      p.rounding = r;
+      p.block_size = c.g;
+      p.gamma = 0.8f;
+      p.key = RngKey{123456789u, 3, 100000, 9};
+      check_all_isas(x, p);
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+// Inputs on which the fast paths must fall back to the exact division: every x / d an exact tie
+// (k + 1/2), grid values (x / d integer, so floor(x / d + u) sits on a boundary when u is small),
+// steps whose reciprocal is not a normal float, and a sweep over every block size 1..4096.
+TEST(CodecMatchesReferenceEdges, TiesGridAndDenormalSteps) {
+  std::mt19937_64 rng(3);
+  std::uniform_int_distribution<int> k(-8, 7);
+  for (int bits = kMinBits; bits <= kMaxBits; ++bits) {
+    const int L = levels(bits);
+    std::vector<float> ties(3001), grid(3001);
+    for (size_t i = 0; i < ties.size(); ++i) {
+      ties[i] = (static_cast<float>(k(rng) % L) + 0.5f) * 0.25f;
+      grid[i] = static_cast<float>(k(rng) % (L + 1)) * 0.25f;
+    }
+    ties[0] = grid[0] = static_cast<float>(L) * 0.25f;  // d = 0.25 exactly
+    std::vector<float> tiny(999);
+    for (size_t i = 0; i < tiny.size(); ++i) tiny[i] = 1e-41f * static_cast<float>(k(rng));
+    std::vector<float> huge(999);
+    for (size_t i = 0; i < huge.size(); ++i) huge[i] = 3e38f * static_cast<float>(k(rng)) / 8.0f;
+    for (const std::vector<float>* x : {&ties, &grid, &tiny, &huge}) {
+      for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
+        QuantParams p;
+        p.bits = bits;
+        p.rounding = r;
+        p.key = RngKey{9, 9, 9, 9};
+        check_all_isas(*x, p);
+        p.block_size = 512;
+        check_all_isas(*x, p);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+TEST(CodecMatchesReferenceEdges, EveryBlockSizeUpTo4096) {
+  const std::vector<float> x = make_input(4100, 77, true);
+  for (int64_t g = 1; g <= 4096; ++g) {
+    QuantParams p;
+    p.bits = 4;
+    p.rounding = g % 2 ? Rounding::kStochastic : Rounding::kNearest;
+    p.block_size = g;
+    p.key = RngKey{5, 0, static_cast<uint32_t>(g), 1};
+    check_all_isas(x, p);
+    if (HasFatalFailure()) return;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Bits, CodecMatchesReference, testing::Range(kMinBits, kMaxBits + 1),
+                         [](const testing::TestParamInfo<int>& i) {
+                           return "int" + std::to_string(i.param);
+                         });
+
+// ---- the reference against the format definition ---------------------------------------------
+
+Encoded encode_ref(const std::vector<float>& x, const QuantParams& p) {
+  return encode(true, Isa::kPortable, x, p);
+}
+
+std::vector<float> decode_ref(const Encoded& e, int64_t n, const QuantParams& p) {
+  std::vector<float> out(n);
+  dequantize_ref(e.codes.data(), e.scales.data(), n, p.bits, p.block_size, out.data());
+  return out;
+}
+
+int code_at(const Encoded& e, int bits, int64_t i) {
+  if (bits != 4) return static_cast<int8_t>(e.codes[i]);
+  return i % 2 == 0 ? unpack_lo(e.codes[i / 2]) : unpack_hi(e.codes[i / 2]);
+}
+
+TEST(CodecReference, NibbleLayoutLowNibbleIsTheEvenElement) {
+  QuantParams p;  // 4 bits, nearest, per tensor, gamma 1: max 7 gives d = 1
+  const std::vector<float> x = {1, -1, 7, -7, 3};
+  const Encoded e = encode_ref(x, p);
+  EXPECT_EQ(e.scales[0], 1.0f);
+  EXPECT_EQ(e.codes[0], 0xF1);
+  EXPECT_EQ(e.codes[1], 0x97);
+  EXPECT_EQ(e.codes[2], 0x03);  // odd tail: high nibble 0
+}
+
+TEST(CodecReference, NearestRoundsHalfToEven) {
+  QuantParams p;
+  const std::vector<float> x = {7.0f, 0.5f, 1.5f, 2.5f, -2.5f, 3.5f, -0.5f, 6.5f};
+  const Encoded e = encode_ref(x, p);
+  const int expected[] = {7, 0, 2, 2, -2, 4, 0, 6};
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(code_at(e, 4, i), expected[i]) << "x = " << x[i];
+}
+
+TEST(CodecReference, GridValuesRoundTripExactly) {
+  for (int bits = kMinBits; bits <= kMaxBits; ++bits) {
+    const int L = levels(bits);
+    const float d = 0.25f;  // power of two: x = q * d and x / d are exact
+    std::vector<float> x;
+    for (int q = -L; q <= L; ++q) x.push_back(q * d);
+    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
+      for (int64_t g : {int64_t{0}, int64_t{2 * L + 1}}) {
+        QuantParams p;
+        p.bits = bits;
+        p.rounding = r;
+        p.block_size = g;
+        const Encoded e = encode_ref(x, p);
+        EXPECT_EQ(e.scales[0], d);
+        EXPECT_EQ(decode_ref(e, x.size(), p), x) << "bits " << bits;
+      }
+    }
+  }
+}
+
+TEST(CodecReference, ClippingSaturatesAtPlusMinusL) {
+  for (int bits = kMinBits; bits <= kMaxBits; ++bits) {
+    const int L = levels(bits);
+    QuantParams p;
+    p.bits = bits;
+    p.gamma = 0.25f;
+    const std::vector<float> x = {-100.0f, -30.0f, -25.0f, 0.0f, 24.0f, 26.0f, 99.0f, 100.0f};
+    const Encoded e = encode_ref(x, p);  // c = 25
+    EXPECT_EQ(code_at(e, bits, 0), -L);
+    EXPECT_EQ(code_at(e, bits, 1), -L);
+    EXPECT_EQ(code_at(e, bits, 2), -L);  // exactly at the clip: not clipped, still -L
+    EXPECT_EQ(code_at(e, bits, 6), L);
+    EXPECT_EQ(code_at(e, bits, 7), L);
+    EXPECT_EQ(e.stats.clipped, 5);  // |x| > 25: -100, -30, 26, 99, 100
+  }
+}
+
+TEST(CodecReference, ExtremeValuesBothSigns) {
+  // FLT_MAX and -FLT_MAX, and a tensor whose only large value is negative: codes +-L, never -L-1.
+  for (int bits = kMinBits; bits <= kMaxBits; ++bits) {
+    const int L = levels(bits);
+    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
+      QuantParams p;
+      p.bits = bits;
+      p.rounding = r;
+      const std::vector<float> x = {FLT_MAX, -FLT_MAX, 1.0f, -FLT_MIN, FLT_MIN};
+      Encoded e = encode_ref(x, p);
+      EXPECT_EQ(code_at(e, bits, 0), L);
+      EXPECT_EQ(code_at(e, bits, 1), -L);
+      EXPECT_EQ(e.stats.nonfinite, 0);
+      const std::vector<float> y = {-3.0f, 1.0f, 0.0f};
+      e = encode_ref(y, p);
+      EXPECT_EQ(code_at(e, bits, 0), -L);
+      EXPECT_EQ(decode_ref(e, 3, p)[0], -3.0f);
+      for (int64_t i = 0; i < 3; ++i) EXPECT_GE(code_at(e, bits, i), -L);
+    }
+  }
+}
+
+TEST(CodecReference, AllZeroGivesZeroCodesAndZeroStep) {
+  QuantParams p;
+  p.rounding = Rounding::kStochastic;
+  p.block_size = 4;
+  const std::vector<float> x(10, 0.0f);
+  const Encoded e = encode_ref(x, p);
+  for (int64_t i = 0; i < packed_bytes(4, 10); ++i) EXPECT_EQ(e.codes[i], 0);
+  for (int64_t s = 0; s < 3; ++s) EXPECT_EQ(e.scales[s], 0.0f);
+  EXPECT_EQ(e.stats.clipped, 0);
+  EXPECT_EQ(decode_ref(e, 10, p), x);
+}
+
+TEST(CodecReference, NonFiniteIsCountedAndNeverCodedAsANumber) {
+  QuantParams p;
+  p.bits = 8;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> x = {1.0f, nan, -inf, 2.0f, inf};
+  for (Isa isa : available_isas()) {
+    const Encoded e = encode(false, isa, x, p);
+    EXPECT_EQ(e.stats.nonfinite, 3) << isa_name(isa);
+    EXPECT_EQ(e.stats.absmax, 2.0f) << "non-finite values must not set the scale";
+    EXPECT_EQ(code_at(e, 8, 1), 0);
+    EXPECT_EQ(code_at(e, 8, 2), 0);
+    EXPECT_EQ(code_at(e, 8, 3), 127);
+  }
+}
+
+TEST(CodecReference, PerBlockScalesFollowTheBlockMax) {
+  QuantParams p;
+  p.bits = 4;
+  p.block_size = 3;
+  p.gamma = 0.5f;
+  const std::vector<float> x = {1, -14, 2, 0.5f, 0.25f, 0, 3};
+  const Encoded e = encode_ref(x, p);
+  ASSERT_EQ(num_scales(7, 3), 3);
+  EXPECT_EQ(e.scales[0], 0.5f * 14 / 7);
+  EXPECT_EQ(e.scales[1], 0.5f * 0.5f / 7);
+  EXPECT_EQ(e.scales[2], 0.5f * 3 / 7);
+}
+
+TEST(CodecReference, StochasticRoundingIsUnbiased) {
+  // n copies of x in a block whose max makes d = 1: each code is floor(x + u), whose mean is x.
+  // Per draw the error e has |e| < 1 and variance f(1 - f) <= 1/4 (f = frac(x)), so the mean of n
+  // independent draws has standard deviation <= 1 / (2 sqrt(n)); allow 5 of them.
+  const int64_t n = 1 << 20;
+  const double bound = 5.0 / (2.0 * std::sqrt(static_cast<double>(n)));
+  for (float v : {0.3f, -2.7f, 5.5f, 0.01f}) {
+    std::vector<float> x(n, v);
+    x[0] = 7.0f;  // d = 1 for INT4
+    QuantParams p;
+    p.rounding = Rounding::kStochastic;
+    p.key = RngKey{2024, 0, 1, 0};
+    const Encoded e = encode(false, best_isa(), x, p);
+    const std::vector<float> y = decode_ref(e, n, p);
+    double sum = 0;
+    for (int64_t i = 1; i < n; ++i) sum += y[i] - v;
+    EXPECT_LT(std::fabs(sum / (n - 1)), bound) << "x = " << v;
+  }
+}
+
+TEST(CodecReference, StochasticIsReproducibleAndKeyed) {
+  const std::vector<float> x = make_input(4099, 5, false);
+  QuantParams p;
+  p.rounding = Rounding::kStochastic;
+  p.block_size = 512;
+  p.key = RngKey{1, 2, 3, 4};
+  const Encoded a = encode_ref(x, p);
+  EXPECT_EQ(encode_ref(x, p).codes, a.codes);
+  for (int field = 0; field < 4; ++field) {
+    QuantParams q = p;
+    uint32_t* w[] = {&q.key.seed, &q.key.stream, &q.key.step, &q.key.tensor_id};
+    *w[field] += 1;
+    EXPECT_NE(encode_ref(x, q).codes, a.codes) << "key field " << field << " has no effect";
+  }
+}
+
+TEST(CodecErrors, BadParametersNameTheField) {
+  const std::vector<float> x = {1.0f, 2.0f};
+  uint8_t codes[2];
+  float scales[2];
+  auto expect_error = [&](QuantParams p, const char* needle) {
+    try {
+      quantize(x.data(), 2, p, codes, scales);
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  QuantParams p;
+  p.bits = 1;
+  expect_error(p, "bits");
+  p.bits = 9;
+  expect_error(p, "bits");
+  p = QuantParams{};
+  p.gamma = 0.0f;
+  expect_error(p, "gamma");
+  p.gamma = 1.5f;
+  expect_error(p, "gamma");
+  p.gamma = std::numeric_limits<float>::quiet_NaN();
+  expect_error(p, "gamma");
+  p = QuantParams{};
+  p.block_size = -1;
+  expect_error(p, "block_size");
+  EXPECT_THROW(quantize(x.data(), -1, QuantParams{}, codes, scales), Error);
+  EXPECT_THROW(quantize(nullptr, 2, QuantParams{}, codes, scales), Error);
+  EXPECT_THROW(dequantize(codes, scales, 2, 9, 0, scales), Error);
+}
+
+TEST(CodecDispatch, ReportsAndSelectsIsas) {
+  EXPECT_TRUE(isa_available(Isa::kPortable));
+  EXPECT_TRUE(isa_available(best_isa()));
+  const Isa before = current_isa();
+  set_isa(Isa::kPortable);
+  EXPECT_EQ(current_isa(), Isa::kPortable);
+  set_isa(before);
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512})
+    if (!isa_available(isa)) EXPECT_THROW(set_isa(isa), Error);
+}
+
+}  // namespace
+}  // namespace int4ddp::quant
