@@ -42,7 +42,8 @@ using quant::QuantStats;
 constexpr const char* kCodesLayout =
     "Codes file layout (--codes), little-endian, one record per step, records back to back:\n"
     "  S float32 steps d (S = 1 with --block-size 0, else ceil(count / block-size)), then\n"
-    "  the codes of the step's count elements: with --bits 4, ceil(count / 2) bytes, byte k holding\n"
+    "  the codes of the step's count elements: with --bits 4, ceil(count / 2) bytes, byte k "
+    "holding\n"
     "  element 2k in its low nibble and 2k+1 in its high nibble (4-bit two's complement, an odd\n"
     "  tail leaves the last high nibble 0); other bit-widths one int8 per element.\n"
     "  Element i of a step dequantizes to code[i] * d[i / block-size] (d[0] with --block-size 0);\n"
@@ -54,7 +55,8 @@ class AtomicOutput {
   explicit AtomicOutput(std::string path)
       : path_(std::move(path)), tmp_(path_ + ".tmp." + std::to_string(::getpid())) {
     file_.open(tmp_, std::ios::binary | std::ios::trunc);
-    if (!file_) INT4DDP_FAIL("cannot create '", tmp_, "' (for '", path_, "'): ", std::strerror(errno));
+    if (!file_)
+      INT4DDP_FAIL("cannot create '", tmp_, "' (for '", path_, "'): ", std::strerror(errno));
   }
   AtomicOutput(const AtomicOutput&) = delete;
   AtomicOutput& operator=(const AtomicOutput&) = delete;
@@ -147,8 +149,10 @@ std::string step_line(int64_t step, float gamma, const quant::TensorDiagnostics&
   std::ostringstream os;
   os << std::setw(6) << step << "  " << std::fixed << std::setprecision(6) << gamma << "  "
      << std::scientific << std::setprecision(4) << d.clip_fraction << "  " << d.error << "  ";
-  if (d.large > 0) os << d.error_large;
-  else os << std::setw(10) << "n/a";
+  if (d.large > 0)
+    os << d.error_large;
+  else
+    os << std::setw(10) << "n/a";
   os << "  " << std::setw(9) << d.nonfinite;
   return os.str();
 }

@@ -405,8 +405,11 @@ TEST(CodecDispatch, ReportsAndSelectsIsas) {
   set_isa(Isa::kPortable);
   EXPECT_EQ(current_isa(), Isa::kPortable);
   set_isa(before);
-  for (Isa isa : {Isa::kAvx2, Isa::kAvx512})
-    if (!isa_available(isa)) EXPECT_THROW(set_isa(isa), Error);
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+    if (!isa_available(isa)) {
+      EXPECT_THROW(set_isa(isa), Error);
+    }
+  }
 }
 
 }  // namespace

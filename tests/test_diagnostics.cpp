@@ -1,7 +1,5 @@
 // Diagnostics (kernels/quant/diagnostics.h): E(G) and E(G_L) on hand-computed examples, the
 // large-gradient tracker's convergence to the top-alpha threshold, its state, and diagnose().
-#include "kernels/quant/diagnostics.h"
-
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -14,6 +12,7 @@
 
 #include "kernels/common/error.h"
 #include "kernels/quant/codec.h"
+#include "kernels/quant/diagnostics.h"
 #include "kernels/quant/policy.h"
 
 namespace int4ddp::quant {
@@ -129,7 +128,8 @@ TEST(Diagnostics, TrackerThresholdConvergesToTheAlphaQuantile) {
 }
 
 TEST(Diagnostics, TrackerSignRuleAndEdgeCases) {
-  LargeGradientTracker t(0.25, 0.125f, false);  // exact arithmetic below
+  // alpha and eta exact in binary, so the expected gammas below are exact.
+  LargeGradientTracker t(0.25, 0.125f, false);
   t.observe(1, 4);  // R_L == alpha: no move
   EXPECT_EQ(t.gamma(), 1.0f);
   t.observe(0, 4);  // too few large ones: gamma_L falls

@@ -1,7 +1,5 @@
 // Interval policies (kernels/quant/policy.h): lbt's sign rule and calibration (plain == fast, bit
 // for bit), mse and dsgc against brute force, state save/restore, and the edge cases.
-#include "kernels/quant/policy.h"
-
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -9,26 +7,36 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "kernels/common/error.h"
 #include "kernels/quant/codec.h"
+#include "kernels/quant/policy.h"
 
 namespace int4ddp::quant {
 namespace {
 
-enum class Dist { kGaussian, kLaplace, kStudentT, kUniform, kTies, kSparse };
+enum class Dist { kGaussian, kLaplace, kStudentT, kUniform, kTies, kSparse, kOnThresholds };
 
 const char* dist_name(Dist d) {
   switch (d) {
-    case Dist::kGaussian: return "gaussian";
-    case Dist::kLaplace: return "laplace";
-    case Dist::kStudentT: return "student_t3";
-    case Dist::kUniform: return "uniform";
-    case Dist::kTies: return "ties";
-    case Dist::kSparse: return "sparse";
+    case Dist::kGaussian:
+      return "gaussian";
+    case Dist::kLaplace:
+      return "laplace";
+    case Dist::kStudentT:
+      return "student_t3";
+    case Dist::kUniform:
+      return "uniform";
+    case Dist::kTies:
+      return "ties";
+    case Dist::kSparse:
+      return "sparse";
+    case Dist::kOnThresholds:
+      return "on_thresholds";
   }
   return "?";
 }
@@ -41,18 +49,43 @@ std::vector<float> sample(Dist d, int64_t n, uint64_t seed) {
   std::student_t_distribution<double> student(3.0);
   std::exponential_distribution<double> expo(1.0);
   std::bernoulli_distribution coin(0.5);
+  // The gammas the calibration loop visits (1, 1 - 1e-3, ... in float, as it computes them): with
+  // max|x| = 1 every threshold gamma * 1 lands exactly on elements, so "> thr" vs ">= thr" matters.
+  std::vector<float> visited(1001);
+  visited[0] = 1.0f;
+  for (size_t j = 1; j < visited.size(); ++j) visited[j] = visited[j - 1] + 1e-3f * -1.0f;
   for (auto& v : x) {
     switch (d) {
-      case Dist::kGaussian: v = static_cast<float>(gauss(rng)); break;
-      case Dist::kLaplace: v = static_cast<float>(coin(rng) ? expo(rng) : -expo(rng)); break;
-      case Dist::kStudentT: v = static_cast<float>(student(rng)); break;
-      case Dist::kUniform: v = static_cast<float>(unif(rng)); break;
+      case Dist::kGaussian:
+        v = static_cast<float>(gauss(rng));
+        break;
+      case Dist::kLaplace:
+        v = static_cast<float>(coin(rng) ? expo(rng) : -expo(rng));
+        break;
+      case Dist::kStudentT:
+        v = static_cast<float>(student(rng));
+        break;
+      case Dist::kUniform:
+        v = static_cast<float>(unif(rng));
+        break;
       // A coarse grid: many equal magnitudes and exact zeros, so thresholds land on ties.
-      case Dist::kTies: v = static_cast<float>(std::round(gauss(rng) * 4.0) / 4.0); break;
+      case Dist::kTies:
+        v = static_cast<float>(std::round(gauss(rng) * 4.0) / 4.0);
+        break;
       // Mostly zeros: the clip fraction can stay below t for every gamma > 0.
-      case Dist::kSparse: v = (rng() % 1000 == 0) ? static_cast<float>(gauss(rng)) : 0.0f; break;
+      case Dist::kSparse:
+        v = (rng() % 1000 == 0) ? static_cast<float>(gauss(rng)) : 0.0f;
+        break;
+      case Dist::kOnThresholds: {
+        // Mostly small magnitudes, a tail of exact thresholds, the largest one exactly 1.
+        const uint64_t r = rng();
+        const float mag = r % 8 != 0 ? visited[700 + r % 300] : visited[(r >> 8) % 700];
+        v = (r >> 40) & 1 ? mag : -mag;
+        break;
+      }
     }
   }
+  if (d == Dist::kOnThresholds && n > 0) x[0] = 1.0f;
   return x;
 }
 
@@ -77,7 +110,8 @@ QuantStats quantize_stats(const std::vector<float>& x, int bits, float gamma, ui
   p.gamma = gamma;
   p.rounding = Rounding::kStochastic;
   p.key = RngKey{7, 0, step, 0};
-  std::vector<uint8_t> codes(static_cast<size_t>(packed_bytes(bits, static_cast<int64_t>(x.size()))));
+  std::vector<uint8_t> codes(
+      static_cast<size_t>(packed_bytes(bits, static_cast<int64_t>(x.size()))));
   float scale = 0.0f;
   return quantize(x.data(), static_cast<int64_t>(x.size()), p, codes.data(), &scale);
 }
@@ -219,6 +253,10 @@ struct TrackCase {
   int64_t n;
 };
 
+std::ostream& operator<<(std::ostream& os, const TrackCase& c) {
+  return os << dist_name(c.dist) << " bits " << c.bits << " alpha " << c.alpha << " n " << c.n;
+}
+
 class LbtTracking : public ::testing::TestWithParam<TrackCase> {};
 
 // lbt on fresh samples every step, observe() fed from the codec's stats.
@@ -233,9 +271,9 @@ class LbtTracking : public ::testing::TestWithParam<TrackCase> {};
 // Tolerances:
 //   median: counts are integers near t*n >= 20, so discreteness alone moves the median up to 1/20
 //           (5%) from t; kMedianTol = 10% leaves room for sampling noise.
-//   mean:   in [t (1 - kMeanTolBelow), t (1 + kMeanTolAbove)]: the skew bias above (<= 44%) plus the
-//           noise of a 1500-step mean (per-step relative spread ~0.6, correlated over ~20 steps by
-//           the gamma walk: ~0.6 / sqrt(1500 / 20) = 7%).
+//   mean:   in [t (1 - kMeanTolBelow), t (1 + kMeanTolAbove)]: the skew bias above (<= 44%)
+//           plus the noise of a 1500-step mean (per-step relative spread ~0.6, correlated over
+//           ~20 steps by the gamma walk: ~0.6 / sqrt(1500 / 20) = 7%).
 // A wrong sign, a missing update or a wrong target sends R to 0 or to many times t.
 // Samples are drawn (with replacement) from a fixed pool of 2^21 draws of the distribution, so a
 // step costs a gather rather than n transcendental calls; the pool's tail above the threshold holds
@@ -285,16 +323,15 @@ TEST_P(LbtTracking, MedianClipFractionConvergesToTarget) {
   EXPECT_LE(mean, t * (1.0 + kMeanTolAbove)) << "median " << median;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Policy, LbtTracking,
-    ::testing::Values(TrackCase{Dist::kLaplace, 4, 1e-2, 1 << 15},
-                      TrackCase{Dist::kStudentT, 4, 1e-2, 1 << 15},
-                      TrackCase{Dist::kLaplace, 2, 1e-3, 1 << 16},
-                      TrackCase{Dist::kGaussian, 6, 0.05, 1 << 15}),
-    [](const ::testing::TestParamInfo<TrackCase>& tp) {
-      return std::string(dist_name(tp.param.dist)) + "_b" + std::to_string(tp.param.bits) +
-             "_n" + std::to_string(tp.param.n);
-    });
+INSTANTIATE_TEST_SUITE_P(Policy, LbtTracking,
+                         ::testing::Values(TrackCase{Dist::kLaplace, 4, 1e-2, 1 << 15},
+                                           TrackCase{Dist::kStudentT, 4, 1e-2, 1 << 15},
+                                           TrackCase{Dist::kLaplace, 2, 1e-3, 1 << 16},
+                                           TrackCase{Dist::kGaussian, 6, 0.05, 1 << 15}),
+                         [](const ::testing::TestParamInfo<TrackCase>& tp) {
+                           return std::string(dist_name(tp.param.dist)) + "_b" +
+                                  std::to_string(tp.param.bits) + "_n" + std::to_string(tp.param.n);
+                         });
 
 // --- lbt calibration ----------------------------------------------------------------------------
 
@@ -324,6 +361,10 @@ struct CalibCase {
   double alpha;
 };
 
+std::ostream& operator<<(std::ostream& os, const CalibCase& c) {
+  return os << dist_name(c.dist) << " n " << c.n << " bits " << c.bits << " alpha " << c.alpha;
+}
+
 class LbtCalibration : public ::testing::TestWithParam<CalibCase> {};
 
 TEST_P(LbtCalibration, FastEqualsPlainBitForBit) {
@@ -352,16 +393,15 @@ TEST_P(LbtCalibration, FastEqualsPlainBitForBit) {
 
 INSTANTIATE_TEST_SUITE_P(
     Policy, LbtCalibration,
-    ::testing::Values(CalibCase{Dist::kGaussian, 1, 4, 1e-3}, CalibCase{Dist::kGaussian, 3, 4, 1e-3},
-                      CalibCase{Dist::kGaussian, 1000, 4, 1e-3},
-                      CalibCase{Dist::kLaplace, 4097, 4, 1e-3},
-                      CalibCase{Dist::kLaplace, 30000, 2, 1e-3},
-                      CalibCase{Dist::kStudentT, 30000, 4, 1e-3},
-                      CalibCase{Dist::kStudentT, 4097, 8, 1e-3},
-                      CalibCase{Dist::kUniform, 4097, 4, 0.05},
-                      CalibCase{Dist::kTies, 4097, 4, 1e-3}, CalibCase{Dist::kTies, 30000, 3, 0.05},
-                      CalibCase{Dist::kSparse, 30000, 4, 1e-3},
-                      CalibCase{Dist::kSparse, 4097, 4, 1e-3}),
+    ::testing::Values(
+        CalibCase{Dist::kGaussian, 1, 4, 1e-3}, CalibCase{Dist::kGaussian, 3, 4, 1e-3},
+        CalibCase{Dist::kGaussian, 1000, 4, 1e-3}, CalibCase{Dist::kLaplace, 4097, 4, 1e-3},
+        CalibCase{Dist::kLaplace, 30000, 2, 1e-3}, CalibCase{Dist::kStudentT, 30000, 4, 1e-3},
+        CalibCase{Dist::kStudentT, 4097, 8, 1e-3}, CalibCase{Dist::kUniform, 4097, 4, 0.05},
+        CalibCase{Dist::kTies, 4097, 4, 1e-3}, CalibCase{Dist::kTies, 30000, 3, 0.05},
+        CalibCase{Dist::kSparse, 30000, 4, 1e-3}, CalibCase{Dist::kSparse, 4097, 4, 1e-3},
+        CalibCase{Dist::kOnThresholds, 4097, 4, 1e-3},
+        CalibCase{Dist::kOnThresholds, 30000, 2, 0.05}),
     [](const ::testing::TestParamInfo<CalibCase>& tp) {
       return std::string(dist_name(tp.param.dist)) + "_n" + std::to_string(tp.param.n) + "_b" +
              std::to_string(tp.param.bits) + "_" + std::to_string(tp.index);
@@ -403,6 +443,12 @@ TEST(Policy, CalibrationRefusesZeroOrNonFiniteAndRetries) {
   EXPECT_FALSE(calibrate_lbt(zeros.data(), 1000, t).has_value());
   EXPECT_FALSE(calibrate_lbt_plain(zeros.data(), 1000, t).has_value());
   EXPECT_FALSE(calibrate_lbt(nullptr, 0, t).has_value());
+  EXPECT_THROW(calibrate_lbt(nullptr, 5, t), Error);
+  EXPECT_THROW(calibrate_lbt_plain(g.data(), -1, t), Error);
+  EXPECT_THROW(calibrate_lbt(g.data(), 1000, 0.0), Error) << "t = 0 would never terminate";
+  EXPECT_THROW(calibrate_lbt_plain(g.data(), 1000, 1.0), Error);
+  EXPECT_THROW(mse_gamma(nullptr, 5, 4, 10), Error);
+  EXPECT_THROW(dsgc_gamma(g.data(), 1000, 4, 100, 0.0f, 1.0f), Error);
   EXPECT_FALSE(p->calibrate(zeros.data(), 1000));
   EXPECT_TRUE(p->needs_calibration());
   EXPECT_EQ(p->gamma(), 1.0f);
@@ -472,8 +518,8 @@ TEST(Policy, MseClipIsNearTheBruteForceMseOptimum) {
         sum_above += std::fabs(v);
       }
     const double nf = static_cast<double>(x.size());
-    const double next = (sum_above / nf) /
-                        (std::pow(4.0, -bits) / 3.0 * (nf - above) / nf + above / nf);
+    const double next =
+        (sum_above / nf) / (std::pow(4.0, -bits) / 3.0 * (nf - above) / nf + above / nf);
     EXPECT_NEAR(next, c, 1e-3 * c) << "bits " << bits;
   }
 }
@@ -541,7 +587,7 @@ TEST(Policy, DsgcGammaBeatsEveryGridPoint) {
   EXPECT_FLOAT_EQ(dsgc_grid_point(50, 101, 0.0f + kMinGamma, 1.0f), kMinGamma + 0.5f * 0.999f);
 }
 
-// --- edge cases ------------------------------------------------------------------------------------
+// --- edge cases ----------------------------------------------------------------------------------
 
 TEST(Policy, DataPoliciesIgnoreNonFiniteAndKeepGammaOnZeros) {
   for (PolicyKind kind : {PolicyKind::kMse, PolicyKind::kDsgc}) {
@@ -563,7 +609,7 @@ TEST(Policy, DataPoliciesIgnoreNonFiniteAndKeepGammaOnZeros) {
   }
 }
 
-// --- state -----------------------------------------------------------------------------------------
+// --- state ---------------------------------------------------------------------------------------
 
 TEST(Policy, EveryPolicySurvivesSaveAndRestore) {
   for (PolicyKind kind : {PolicyKind::kMinMax, PolicyKind::kFixed, PolicyKind::kLbt,

@@ -1,6 +1,6 @@
-// `int4ddp quantize` end to end: runs the binary (INT4DDP_BIN) on files in a temporary directory and
-// checks its outputs against the library called directly, its JSON line, and that every bad input
-// fails with a message naming the problem and leaves no file behind.
+// `int4ddp quantize` end to end: runs the binary (INT4DDP_BIN) on files in a temporary directory
+// and checks its outputs against the library called directly, its JSON line, and that every bad
+// input fails with a message naming the problem and leaves no file behind.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
@@ -126,16 +126,16 @@ Expected library_step(const std::vector<float>& x, const QuantParams& p) {
 void expect_same_floats(const std::vector<float>& got, const std::vector<float>& want) {
   ASSERT_EQ(got.size(), want.size());
   for (size_t i = 0; i < got.size(); ++i)
-    ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0) << "element " << i << ": " << got[i] << " vs "
-                                                    << want[i];
+    ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0)
+        << "element " << i << ": " << got[i] << " vs " << want[i];
 }
 
 TEST_F(QuantizeTool, MinMaxNearestEqualsTheLibrary) {
   const std::vector<float> x = laplace(1001, 1);  // odd: the last INT4 byte is half used
   write_floats(path("in.f32"), x);
-  const RunResult r = run("quantize --input " + path("in.f32") + " --output " + path("out.f32") +
-                          " --codes " + path("codes.bin") +
-                          " --policy minmax --rounding nearest --bits 4");
+  const RunResult r =
+      run("quantize --input " + path("in.f32") + " --output " + path("out.f32") + " --codes " +
+          path("codes.bin") + " --policy minmax --rounding nearest --bits 4");
   ASSERT_EQ(r.code, 0) << r.err;
   QuantParams p;
   p.gamma = 1.0f;
@@ -218,8 +218,9 @@ TEST_F(QuantizeTool, MultiStepLbtEqualsTheLibraryLoop) {
 TEST_F(QuantizeTool, EveryPolicyRuns) {
   write_floats(path("in.f32"), laplace(4000, 3));
   for (const char* policy : {"minmax", "fixed", "lbt", "mse", "dsgc"}) {
-    const RunResult r = run("quantize --input " + path("in.f32") + " --count 1000 --bits 3 --policy " +
-                            policy + " --output " + path("out.f32"));
+    const RunResult r =
+        run("quantize --input " + path("in.f32") + " --count 1000 --bits 3 --policy " + policy +
+            " --output " + path("out.f32"));
     ASSERT_EQ(r.code, 0) << policy << ": " << r.err;
     const nlohmann::json j = nlohmann::json::parse(r.last_line);
     EXPECT_EQ(j["policy"], policy);
@@ -255,9 +256,9 @@ TEST_F(QuantizeTool, NonFiniteIsCountedAndWarnedOrFatal) {
   EXPECT_EQ(out[1501], 0.0f);
 
   fs::remove(path("out.f32"));
-  const RunResult f = run("quantize --input " + path("in.f32") + " --count 1000 --output " +
-                          path("out.f32") + " --codes " + path("codes.bin") +
-                          " --fail-on-nonfinite");
+  const RunResult f =
+      run("quantize --input " + path("in.f32") + " --count 1000 --output " + path("out.f32") +
+          " --codes " + path("codes.bin") + " --fail-on-nonfinite");
   EXPECT_NE(f.code, 0);
   EXPECT_NE(f.err.find("int4ddp: error:"), std::string::npos) << f.err;
   EXPECT_NE(f.err.find("non-finite"), std::string::npos) << f.err;
@@ -304,8 +305,10 @@ TEST_F(QuantizeTool, BadInputFailsCleanly) {
   for (const BadCase& c : cases) {
     std::string args = c.args;
     for (auto [key, value] : {std::pair<std::string, std::string>{"{in}", path("good.f32")},
-                              {"{out}", path("out.f32")}, {"{dir}", work_.string()}}) {
-      for (size_t at; (at = args.find(key)) != std::string::npos;) args.replace(at, key.size(), value);
+                              {"{out}", path("out.f32")},
+                              {"{dir}", work_.string()}}) {
+      for (size_t at; (at = args.find(key)) != std::string::npos;)
+        args.replace(at, key.size(), value);
     }
     const RunResult r = run("quantize " + args);
     EXPECT_NE(r.code, 0) << c.name;

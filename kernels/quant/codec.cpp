@@ -130,7 +130,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     stage_len -= m;
   };
 
-  detail::SegmentQuant seg{0.0f, 0.0f, p.bits, p.rounding, p.key, 0};
+  detail::SegmentQuant seg{0.0f, 0.0f, p.bits, p.rounding, p.key, 0, true};
   for (int64_t s = 0; s < nscales; ++s) {
     const int64_t begin = s * scope;
     const int64_t end = std::min(count, begin + scope);
@@ -138,7 +138,9 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     // memory system keeps fetching (the hardware prefetcher alone leaves it idle meanwhile).
     for (int64_t pf = begin + kPrefetchAhead; pf < std::min(count, end + kPrefetchAhead); pf += 16)
       __builtin_prefetch(x + pf, 0, 3);
+    const int64_t nonfinite_before = st.nonfinite;
     const float absmax = k.absmax(x + begin, end - begin, &st.nonfinite);
+    seg.all_finite = st.nonfinite == nonfinite_before;
     seg.clip = p.gamma * absmax;
     seg.step = step_for_clip(seg.clip, p.bits);
     scales[s] = seg.step;

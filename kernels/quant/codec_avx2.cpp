@@ -3,7 +3,9 @@
 // Philox runs 4 instances in the 64-bit lanes of a ymm; two body halves of 16 elements each.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cfloat>
+#include <cmath>
 
 #include "kernels/quant/codec_kernels.h"
 
@@ -72,52 +74,93 @@ struct PhiloxKeys {
   }
 };
 
-// Uniforms for the 16 elements 4*group .. 4*group+15, in element order.
-inline void philox_uniform16(const PhiloxKeys& pk, uint64_t group, __m256* u0, __m256* u1) {
+// Uniforms for the 16*B elements 4*group .. 4*group + 16B - 1 in element order (u[2b], u[2b+1]
+// hold elements 16b .. 16b+15). B independent chains hide the multiply latency; the high halves
+// are swapped down with vpshufd (ports 1/5) rather than shifted.
+template <int B>
+inline void philox_uniform(const PhiloxKeys& pk, uint64_t group, __m256* u) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
-  __m256i x0 = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(group)),
-                                _mm256_set_epi64x(3, 2, 1, 0));
-  __m256i x1 = _mm256_srli_epi64(x0, 32);
-  __m256i x2 = pk.x2, x3 = pk.x3;
-  for (int r = 0; r < kPhiloxRounds; ++r) {
-    const __m256i p0 = _mm256_mul_epu32(x0, m0);
-    const __m256i p1 = _mm256_mul_epu32(x2, m1);
-    x0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), x1), pk.k0[r]);
-    x1 = p1;
-    x2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), x3), pk.k1[r]);
-    x3 = p0;
+  __m256i x0[B], x1[B], x2[B], x3[B];
+  for (int b = 0; b < B; ++b) {
+    x0[b] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(group + 4 * b)),
+                             _mm256_set_epi64x(3, 2, 1, 0));
+    x1[b] = _mm256_srli_epi64(x0[b], 32);
+    x2[b] = pk.x2;
+    x3[b] = pk.x3;
   }
-  const __m256i a = _mm256_blend_epi32(x0, _mm256_slli_epi64(x1, 32), 0xAA);  // elements 4j, 4j+1
-  const __m256i b = _mm256_blend_epi32(x2, _mm256_slli_epi64(x3, 32), 0xAA);  // 4j+2, 4j+3
-  const __m256i lo = _mm256_unpacklo_epi64(a, b);  // instances 0 | 2
-  const __m256i hi = _mm256_unpackhi_epi64(a, b);  // instances 1 | 3
-  const __m256i w0 = _mm256_permute2x128_si256(lo, hi, 0x20);
-  const __m256i w1 = _mm256_permute2x128_si256(lo, hi, 0x31);
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+#pragma GCC unroll 4
+    for (int b = 0; b < B; ++b) {
+      const __m256i p0 = _mm256_mul_epu32(x0[b], m0);
+      const __m256i p1 = _mm256_mul_epu32(x2[b], m1);
+      x0[b] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p1, 0xB1), x1[b]), pk.k0[r]);
+      x1[b] = p1;
+      x2[b] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p0, 0xB1), x3[b]), pk.k1[r]);
+      x3[b] = p0;
+    }
+  }
   const __m256 scale = _mm256_set1_ps(5.9604644775390625e-8f);  // 2^-24
-  *u0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 8)), scale);
-  *u1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 8)), scale);
+  for (int b = 0; b < B; ++b) {
+    const __m256i lo = _mm256_blend_epi32(x0[b], _mm256_slli_epi64(x1[b], 32), 0xAA);  // 4j, 4j+1
+    const __m256i hi = _mm256_blend_epi32(x2[b], _mm256_slli_epi64(x3[b], 32), 0xAA);  // 4j+2, +3
+    const __m256i i02 = _mm256_unpacklo_epi64(lo, hi);  // instances 0 | 2
+    const __m256i i13 = _mm256_unpackhi_epi64(lo, hi);  // instances 1 | 3
+    const __m256i w0 = _mm256_permute2x128_si256(i02, i13, 0x20);
+    const __m256i w1 = _mm256_permute2x128_si256(i02, i13, 0x31);
+    u[2 * b] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 8)), scale);
+    u[2 * b + 1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 8)), scale);
+  }
 }
 
 struct QuantConsts {
-  __m256 step, clip, lim, neg_lim, fmax;
+  __m256 step, inv, clip, lo, hi, margin, fmax;
 };
 
 // int32 codes of 8 elements (non-finite lanes 0); subtracts -1 from clip_count per clipped lane.
-template <bool kStochastic>
+// The reciprocal fast path with its boundary check is explained in codec_avx512.cpp (quant16).
+template <bool kStochastic, bool kRecip, bool kAllFinite>
 inline __m256i quant8(const float* x, const QuantConsts& c, __m256 u, __m256i* clip_count) {
+  constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  constexpr int kFloor = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
   const __m256 v = _mm256_loadu_ps(x);
   const __m256 a = abs_ps(v);
-  const __m256 fin = _mm256_cmp_ps(a, c.fmax, _CMP_LE_OQ);
-  const __m256 clipped = _mm256_and_ps(fin, _mm256_cmp_ps(a, c.clip, _CMP_GT_OQ));
+  const __m256 fin = kAllFinite ? _mm256_castsi256_ps(_mm256_set1_epi32(-1))
+                                : _mm256_cmp_ps(a, c.fmax, _CMP_LE_OQ);
+  __m256 clipped = _mm256_cmp_ps(a, c.clip, _CMP_GT_OQ);
+  if (!kAllFinite) clipped = _mm256_and_ps(fin, clipped);
   *clip_count = _mm256_sub_epi32(*clip_count, _mm256_castps_si256(clipped));
-  __m256 t = _mm256_div_ps(v, c.step);
-  if constexpr (kStochastic) {
-    t = _mm256_round_ps(_mm256_add_ps(t, u), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  auto round_clamped = [&](__m256 t) {
+    if constexpr (kStochastic)
+      return _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, u), c.lo), c.hi),
+                             kFloor);
+    else
+      return _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(t, c.lo), c.hi), kNear);
+  };
+  __m256 r;
+  if constexpr (kRecip) {
+    const __m256 t = _mm256_mul_ps(v, c.inv);
+    __m256 risky;
+    if constexpr (kStochastic) {
+      const __m256 s = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, u), c.lo), c.hi);
+      r = _mm256_round_ps(s, kFloor);
+      const __m256 f = _mm256_sub_ps(s, r);
+      risky = _mm256_or_ps(
+          _mm256_cmp_ps(f, c.margin, _CMP_LE_OQ),
+          _mm256_cmp_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), f), c.margin, _CMP_LE_OQ));
+    } else {
+      const __m256 tc = _mm256_min_ps(_mm256_max_ps(t, c.lo), c.hi);
+      r = _mm256_round_ps(tc, kNear);
+      const __m256 gap = _mm256_sub_ps(_mm256_set1_ps(0.5f), abs_ps(_mm256_sub_ps(tc, r)));
+      risky = _mm256_cmp_ps(gap, c.margin, _CMP_LE_OQ);
+    }
+    if (!kAllFinite) risky = _mm256_and_ps(risky, fin);
+    if (__builtin_expect(_mm256_movemask_ps(risky) != 0, 0))
+      r = round_clamped(_mm256_div_ps(v, c.step));
   } else {
-    t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = round_clamped(_mm256_div_ps(v, c.step));
   }
-  t = _mm256_min_ps(_mm256_max_ps(t, c.neg_lim), c.lim);
-  return _mm256_and_si256(_mm256_cvtps_epi32(t), _mm256_castps_si256(fin));
+  const __m256i q = _mm256_cvtps_epi32(r);
+  return kAllFinite ? q : _mm256_and_si256(q, _mm256_castps_si256(fin));
 }
 
 // Store 32 int32 codes (a: elements 0-7, b: 8-15, c: 16-23, d: 24-31) as int8.
@@ -125,44 +168,65 @@ inline void store_codes32(__m256i a, __m256i b, __m256i c, __m256i d, int8_t* co
   const __m256i ab = _mm256_packs_epi32(a, b);  // a0-3 b0-3 | a4-7 b4-7
   const __m256i cd = _mm256_packs_epi32(c, d);
   const __m256i bytes = _mm256_packs_epi16(ab, cd);  // a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7
-  const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const __m256i ordered =
+      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), ordered);
 }
 
-int64_t quantize_segment_avx2(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
-  if (q.step == 0.0f) return quantize_segment_scalar(x, n, q, codes);
-  int64_t head = 0;
-  if (q.rounding == Rounding::kStochastic) {
-    head = (4 - q.first_index % 4) % 4;
-    if (head > n) head = n;
-  }
-  int64_t clipped = 0;
-  if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
-  const float lim = static_cast<float>(levels(q.bits));
-  const QuantConsts c{_mm256_set1_ps(q.step), _mm256_set1_ps(q.clip), _mm256_set1_ps(lim),
-                      _mm256_set1_ps(-lim), _mm256_set1_ps(FLT_MAX)};
-  __m256i count = _mm256_setzero_si256();
-  int64_t i = head;
-  if (q.rounding == Rounding::kStochastic) {
+template <bool kStochastic, bool kRecip, bool kAllFinite>
+void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantConsts& c,
+                int8_t* codes, __m256i* count) {
+  auto q8 = [&](int64_t i, __m256 u) {
+    return quant8<kStochastic, kRecip, kAllFinite>(x + i, c, u, count);
+  };
+  if constexpr (kStochastic) {
     const PhiloxKeys pk(q.key);
-    for (; i + kVec <= n; i += kVec) {
-      const uint64_t g = static_cast<uint64_t>(q.first_index + i) / 4;
-      __m256 u0, u1, u2, u3;
-      philox_uniform16(pk, g, &u0, &u1);
-      philox_uniform16(pk, g + 4, &u2, &u3);
-      store_codes32(quant8<true>(x + i, c, u0, &count), quant8<true>(x + i + 8, c, u1, &count),
-                    quant8<true>(x + i + 16, c, u2, &count),
-                    quant8<true>(x + i + 24, c, u3, &count), codes + i);
+    for (int64_t i = 0; i + kVec <= n; i += kVec) {
+      __m256 u[4];
+      philox_uniform<2>(pk, static_cast<uint64_t>(q.first_index + i) / 4, u);
+      store_codes32(q8(i, u[0]), q8(i + 8, u[1]), q8(i + 16, u[2]), q8(i + 24, u[3]), codes + i);
     }
   } else {
     const __m256 z = _mm256_setzero_ps();
-    for (; i + kVec <= n; i += kVec) {
-      store_codes32(quant8<false>(x + i, c, z, &count), quant8<false>(x + i + 8, c, z, &count),
-                    quant8<false>(x + i + 16, c, z, &count),
-                    quant8<false>(x + i + 24, c, z, &count), codes + i);
-    }
+    for (int64_t i = 0; i + kVec <= n; i += kVec)
+      store_codes32(q8(i, z), q8(i + 8, z), q8(i + 16, z), q8(i + 24, z), codes + i);
   }
+}
+
+using QuantBodyFn = void (*)(const float*, int64_t, const SegmentQuant&, const QuantConsts&,
+                             int8_t*, __m256i*);
+// [stochastic][recip][all_finite]
+constexpr QuantBodyFn kQuantBodies[2][2][2] = {
+    {{quant_body<false, false, false>, quant_body<false, false, true>},
+     {quant_body<false, true, false>, quant_body<false, true, true>}},
+    {{quant_body<true, false, false>, quant_body<true, false, true>},
+     {quant_body<true, true, false>, quant_body<true, true, true>}}};
+
+int64_t quantize_segment_avx2(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
+  if (q.step == 0.0f) return quantize_segment_scalar(x, n, q, codes);
+  const bool stoch = q.rounding == Rounding::kStochastic;
+  int64_t head = 0;
+  if (stoch) head = std::min<int64_t>(n, (4 - q.first_index % 4) % 4);
+  int64_t clipped = 0;
+  if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
+  const float lim = static_cast<float>(levels(q.bits));
+  const float inv = 1.0f / q.step;
+  const float margin = stoch ? (lim + 2.0f) * 0x1p-19f : (lim + 1.0f) * 0x1p-20f;
+  const QuantConsts c{_mm256_set1_ps(q.step),
+                      _mm256_set1_ps(inv),
+                      _mm256_set1_ps(q.clip),
+                      _mm256_set1_ps(stoch ? 0.5f - lim : -lim),
+                      _mm256_set1_ps(stoch ? lim + 0.5f : lim),
+                      _mm256_set1_ps(margin),
+                      _mm256_set1_ps(FLT_MAX)};
+  const bool recip = std::isnormal(q.step) && std::isnormal(inv);
+  const int64_t body = (n - head) / kVec * kVec;
+  __m256i count = _mm256_setzero_si256();
+  SegmentQuant bq = q;
+  bq.first_index = q.first_index + head;
+  kQuantBodies[stoch][recip][q.all_finite](x + head, body, bq, c, codes + head, &count);
   clipped += hsum_epi32(count);
+  const int64_t i = head + body;
   if (i < n) {
     SegmentQuant tail = q;
     tail.first_index = q.first_index + i;
@@ -201,14 +265,17 @@ void unpack_int4_avx2(const uint8_t* in, int64_t n, int8_t* codes) {
     codes[i] = static_cast<int8_t>(i % 2 == 0 ? unpack_lo(in[i / 2]) : unpack_hi(in[i / 2]));
 }
 
+inline __m256 dequant8(__m128i codes8, __m256 d) {  // low 8 bytes of codes8
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes8)), d);
+}
+
 void dequantize_segment_avx2(const int8_t* codes, int64_t n, float step, float* out) {
   const __m256 d = _mm256_set1_ps(step);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), d));
-    _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(
-                                      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8))), d));
+    _mm256_storeu_ps(out + i, dequant8(c, d));
+    _mm256_storeu_ps(out + i + 8, dequant8(_mm_srli_si128(c, 8), d));
   }
   for (; i < n; ++i) out[i] = dequantize_value(codes[i], step);
 }

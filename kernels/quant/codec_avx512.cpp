@@ -115,64 +115,63 @@ inline void philox_uniform(const PhiloxKeys& pk, uint64_t group, __m512* u) {
 }
 
 struct QuantConsts {
-  __m512 step, inv, clip, lim, neg_lim, fmax, check_lim;
+  __m512 step, inv, clip, lo, hi, margin, fmax;
 };
 
 // Codes of 16 elements (u unused for nearest). Adds clipped lanes to *clip_count.
 //
 // The contract is rint(x / d) (or floor(x / d + u)) with an IEEE division, but a zmm division costs
-// ~10 cycles. So t' = x * (1/d) is computed instead: |t' - RN(x / d)| < |t'| 2^-22 (two roundings
-// of 2^-24 relative each, plus the 1/2 ulp of RN(x / d)). rint/floor of t' can differ from that of
-// RN(x / d) only when t' (or t' + u) lies that close to a rounding boundary; such vectors (about 1
-// in 10^4 on random data, always for exact ties) are recomputed with the division. Lanes with
-// |t'| >= L + 2 saturate either way and are not checked. kRecip = false always divides (used when
-// 1/d is not a normal float).
-template <bool kStochastic, bool kRecip>
+// ~10 cycles, so t' = x * (1/d) is used: |t' - RN(x / d)| < |t'| 2^-22 (two roundings of 2^-24
+// relative each, plus the half ulp of RN(x / d)). rint/floor of t' (or t' + u) can differ from the
+// exact one only when it lies that close to a rounding boundary; such vectors (about 1 in 10^3 on
+// random data, always for exact ties) are recomputed with the division. The value is clamped before
+// rounding, to [-L, L] for nearest and [-L + 1/2, L + 1/2] for floor, which gives the same codes as
+// clamping after it and keeps saturated lanes away from boundaries.
+// kRecip = false always divides (1/d not a normal float); kAllFinite skips the non-finite masking
+// when the scope's absmax pass found none.
+template <bool kStochastic, bool kRecip, bool kAllFinite>
 inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* codes,
                     __m512i* clip_count) {
   constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   constexpr int kFloor = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
   const __m512 v = _mm512_loadu_ps(x);
   const __m512 a = abs_ps(v);
-  const __mmask16 fin = _mm512_cmp_ps_mask(a, c.fmax, _CMP_LE_OQ);
+  const __mmask16 fin = kAllFinite ? __mmask16(0xFFFF) : _mm512_cmp_ps_mask(a, c.fmax, _CMP_LE_OQ);
   const __mmask16 clipped = _mm512_mask_cmp_ps_mask(fin, a, c.clip, _CMP_GT_OQ);
   *clip_count = _mm512_mask_add_epi32(*clip_count, clipped, *clip_count, _mm512_set1_epi32(1));
+  auto round_clamped = [&](__m512 t) {
+    if constexpr (kStochastic)
+      return _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(t, u), c.lo), c.hi),
+                                  kFloor);
+    else
+      return _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(t, c.lo), c.hi), kNear);
+  };
   __m512 r;
   if constexpr (kRecip) {
     const __m512 t = _mm512_mul_ps(v, c.inv);
-    const __m512 at = abs_ps(t);
     __mmask16 risky;
     if constexpr (kStochastic) {
-      const __m512 s = _mm512_add_ps(t, u);
+      const __m512 s = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(t, u), c.lo), c.hi);
       r = _mm512_roundscale_ps(s, kFloor);
-      const __m512 f = _mm512_sub_ps(s, r);  // in [0, 1]
-      const __m512 m = _mm512_mul_ps(_mm512_add_ps(at, _mm512_set1_ps(1.0f)),
-                                     _mm512_set1_ps(3.814697265625e-06f));  // (|t|+1) 2^-18
-      risky = _mm512_cmp_ps_mask(f, m, _CMP_LE_OQ) |
-              _mm512_cmp_ps_mask(f, _mm512_sub_ps(_mm512_set1_ps(1.0f), m), _CMP_GE_OQ);
+      const __m512 f = _mm512_sub_ps(s, r);  // in [0, 1); 1/2 for saturated lanes
+      risky = _mm512_cmp_ps_mask(f, c.margin, _CMP_LE_OQ) |
+              _mm512_cmp_ps_mask(_mm512_sub_ps(_mm512_set1_ps(1.0f), f), c.margin, _CMP_LE_OQ);
     } else {
-      r = _mm512_roundscale_ps(t, kNear);
-      const __m512 gap = _mm512_sub_ps(_mm512_set1_ps(0.5f), abs_ps(_mm512_sub_ps(t, r)));
-      const __m512 m = _mm512_mul_ps(at, _mm512_set1_ps(1.9073486328125e-06f));  // |t| 2^-19
-      risky = _mm512_cmp_ps_mask(gap, m, _CMP_LE_OQ);
+      const __m512 tc = _mm512_min_ps(_mm512_max_ps(t, c.lo), c.hi);
+      r = _mm512_roundscale_ps(tc, kNear);
+      const __m512 gap = _mm512_sub_ps(_mm512_set1_ps(0.5f), abs_ps(_mm512_sub_ps(tc, r)));
+      risky = _mm512_cmp_ps_mask(gap, c.margin, _CMP_LE_OQ);
     }
-    risky &= fin & _mm512_cmp_ps_mask(at, c.check_lim, _CMP_LT_OQ);
-    if (__builtin_expect(risky != 0, 0)) {
-      const __m512 te = _mm512_div_ps(v, c.step);
-      r = kStochastic ? _mm512_roundscale_ps(_mm512_add_ps(te, u), kFloor)
-                      : _mm512_roundscale_ps(te, kNear);
-    }
+    if (!kAllFinite) risky &= fin;
+    if (__builtin_expect(risky != 0, 0)) r = round_clamped(_mm512_div_ps(v, c.step));
   } else {
-    const __m512 te = _mm512_div_ps(v, c.step);
-    r = kStochastic ? _mm512_roundscale_ps(_mm512_add_ps(te, u), kFloor)
-                    : _mm512_roundscale_ps(te, kNear);
+    r = round_clamped(_mm512_div_ps(v, c.step));
   }
-  r = _mm512_min_ps(_mm512_max_ps(r, c.neg_lim), c.lim);
-  const __m512i q = _mm512_maskz_cvtps_epi32(fin, r);  // non-finite lanes -> 0
+  const __m512i q = kAllFinite ? _mm512_cvtps_epi32(r) : _mm512_maskz_cvtps_epi32(fin, r);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(q));
 }
 
-template <bool kStochastic, bool kRecip>
+template <bool kStochastic, bool kRecip, bool kAllFinite>
 void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantConsts& c,
                 int8_t* codes, __m512i* count) {
   if constexpr (kStochastic) {
@@ -182,21 +181,31 @@ void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantCon
       __m512 u[2 * kPhiloxBatches];
       philox_uniform<kPhiloxBatches>(pk, static_cast<uint64_t>(q.first_index + i) / 4, u);
       for (int v = 0; v < 2 * kPhiloxBatches; ++v)
-        quant16<true, kRecip>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
+        quant16<true, kRecip, kAllFinite>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
     }
     for (; i + kVec <= n; i += kVec) {
       __m512 u[2];
       philox_uniform<1>(pk, static_cast<uint64_t>(q.first_index + i) / 4, u);
-      quant16<true, kRecip>(x + i, c, u[0], codes + i, count);
-      quant16<true, kRecip>(x + i + 16, c, u[1], codes + i + 16, count);
+      quant16<true, kRecip, kAllFinite>(x + i, c, u[0], codes + i, count);
+      quant16<true, kRecip, kAllFinite>(x + i + 16, c, u[1], codes + i + 16, count);
     }
   } else {
+    const __m512 zero = _mm512_setzero_ps();
     for (int64_t i = 0; i + kVec <= n; i += kVec) {
-      quant16<false, kRecip>(x + i, c, _mm512_setzero_ps(), codes + i, count);
-      quant16<false, kRecip>(x + i + 16, c, _mm512_setzero_ps(), codes + i + 16, count);
+      quant16<false, kRecip, kAllFinite>(x + i, c, zero, codes + i, count);
+      quant16<false, kRecip, kAllFinite>(x + i + 16, c, zero, codes + i + 16, count);
     }
   }
 }
+
+using QuantBodyFn = void (*)(const float*, int64_t, const SegmentQuant&, const QuantConsts&,
+                             int8_t*, __m512i*);
+// [stochastic][recip][all_finite]
+constexpr QuantBodyFn kQuantBodies[2][2][2] = {
+    {{quant_body<false, false, false>, quant_body<false, false, true>},
+     {quant_body<false, true, false>, quant_body<false, true, true>}},
+    {{quant_body<true, false, false>, quant_body<true, false, true>},
+     {quant_body<true, true, false>, quant_body<true, true, true>}}};
 
 int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
   if (q.step == 0.0f) return quantize_segment_scalar(x, n, q, codes);  // degenerate scope
@@ -207,21 +216,24 @@ int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q
   }
   int64_t clipped = 0;
   if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
+  const bool stoch = q.rounding == Rounding::kStochastic;
   const float lim = static_cast<float>(levels(q.bits));
   const float inv = 1.0f / q.step;
-  const QuantConsts c{_mm512_set1_ps(q.step), _mm512_set1_ps(inv),        _mm512_set1_ps(q.clip),
-                      _mm512_set1_ps(lim),    _mm512_set1_ps(-lim),       _mm512_set1_ps(FLT_MAX),
-                      _mm512_set1_ps(lim + 2.0f)};
+  // Boundary margins: 4x the bound on |t' - t| (nearest) or |t' + u - (t + u)| (floor).
+  const float margin = stoch ? (lim + 2.0f) * 0x1p-19f : (lim + 1.0f) * 0x1p-20f;
+  const QuantConsts c{_mm512_set1_ps(q.step),
+                      _mm512_set1_ps(inv),
+                      _mm512_set1_ps(q.clip),
+                      _mm512_set1_ps(stoch ? 0.5f - lim : -lim),
+                      _mm512_set1_ps(stoch ? lim + 0.5f : lim),
+                      _mm512_set1_ps(margin),
+                      _mm512_set1_ps(FLT_MAX)};
   const bool recip = std::isnormal(q.step) && std::isnormal(inv);
   const int64_t body = (n - head) / kVec * kVec;
   __m512i count = _mm512_setzero_si512();
   SegmentQuant bq = q;
   bq.first_index = q.first_index + head;
-  const bool stoch = q.rounding == Rounding::kStochastic;
-  if (stoch && recip) quant_body<true, true>(x + head, body, bq, c, codes + head, &count);
-  else if (stoch) quant_body<true, false>(x + head, body, bq, c, codes + head, &count);
-  else if (recip) quant_body<false, true>(x + head, body, bq, c, codes + head, &count);
-  else quant_body<false, false>(x + head, body, bq, c, codes + head, &count);
+  kQuantBodies[stoch][recip][q.all_finite](x + head, body, bq, c, codes + head, &count);
   int64_t i = head + body;
   clipped += _mm512_reduce_add_epi32(count);
   if (i < n) {

@@ -17,6 +17,7 @@ struct SegmentQuant {
   Rounding rounding;
   RngKey key;
   int64_t first_index;  // global index of the segment's first element
+  bool all_finite;      // the scope holds no NaN/Inf (lets kernels skip the masking)
 };
 
 struct CodecKernels {
@@ -28,7 +29,8 @@ struct CodecKernels {
   void (*pack_int4)(const int8_t* codes, int64_t n, uint8_t* out);
   // codes[i] = nibble i of in (n codes).
   void (*unpack_int4)(const uint8_t* in, int64_t n, int8_t* codes);
-  // out[i] = codes[i] * step.
+  // out[i] = codes[i] * step. (Non-temporal stores were measured slower on our VMs; see
+  // experiments/RESULTS.md.)
   void (*dequantize_segment)(const int8_t* codes, int64_t n, float step, float* out);
 };
 

@@ -55,8 +55,8 @@ LargeGradientTracker::LargeGradientTracker(double alpha, float eta, bool init_fr
     : alpha_(alpha), eta_(eta), init_from_quantile_(init_from_quantile) {
   INT4DDP_CHECK(std::isfinite(alpha) && alpha > 0.0 && alpha < 1.0,
                 "large-gradient tracker: alpha = ", alpha, " is outside (0, 1)");
-  INT4DDP_CHECK(std::isfinite(eta) && eta > 0.0f && eta <= 1.0f, "large-gradient tracker: eta = ",
-                eta, " is outside (0, 1]");
+  INT4DDP_CHECK(std::isfinite(eta) && eta > 0.0f && eta <= 1.0f,
+                "large-gradient tracker: eta = ", eta, " is outside (0, 1]");
 }
 
 float LargeGradientTracker::gamma_for(const float* x, int64_t n) {
@@ -75,8 +75,8 @@ float LargeGradientTracker::gamma_for(const float* x, int64_t n) {
   }
   if (!(absmax > 0.0f)) return gamma_;  // nothing to learn from: try the next tensor
   const int64_t finite = static_cast<int64_t>(mags.size());
-  const int64_t k = std::max<int64_t>(
-      1, static_cast<int64_t>(std::ceil(alpha_ * static_cast<double>(finite))));
+  const int64_t k =
+      std::max<int64_t>(1, static_cast<int64_t>(std::ceil(alpha_ * static_cast<double>(finite))));
   if (k >= finite) {
     gamma_ = kMinGamma;
   } else {
@@ -122,8 +122,9 @@ void LargeGradientTracker::load_state(const uint8_t* data, size_t nbytes) {
   INT4DDP_CHECK(data[5] <= 1, "large-gradient tracker state: started flag is ", int{data[5]});
   float gamma;
   std::memcpy(&gamma, data + 8, sizeof gamma);
-  INT4DDP_CHECK(gamma >= kMinGamma && gamma <= kMaxGamma, "large-gradient tracker state: gamma = ",
-                gamma, " is outside [", kMinGamma, ", ", kMaxGamma, "]");
+  INT4DDP_CHECK(gamma >= kMinGamma && gamma <= kMaxGamma,
+                "large-gradient tracker state: gamma = ", gamma, " is outside [", kMinGamma, ", ",
+                kMaxGamma, "]");
   gamma_ = gamma;
   started_ = data[5] == 1;
 }

@@ -1,8 +1,8 @@
 // Per-tensor quantization diagnostics (DESIGN.md section 2), for a layer or a bucket:
 //   R       clip fraction of the step (QuantStats::clip_fraction)
 //   E(G)    mean |Q(g) - g| / max|G| over the finite elements
-//   E(G_L)  the same mean over the "large" gradients: |g| > gamma_L * max|G|, where gamma_L tracks the
-//           top-alpha magnitudes with lbt's sign rule (target alpha instead of alpha / (2^b - 1)).
+//   E(G_L)  the same mean over the "large" gradients: |g| > gamma_L * max|G|, where gamma_L
+//           tracks the top-alpha magnitudes with lbt's sign rule (target alpha, not t)
 // max|G| is the codec's: over finite elements. Non-finite elements of g (or of Q(g)) are skipped.
 // The tracker's state is one float gamma_L, updated in float like the lbt policy's gamma.
 #pragma once
@@ -23,8 +23,8 @@ struct QuantError {
   float absmax = 0.0f;       // max|x| over the finite elements
 };
 
-// E(G) and E(G_L) of x (n elements) and its dequantized xhat; large means |x| > gamma_large * max|x|
-// (the float product, compared as the codec compares). An all-zero x gives zeros.
+// E(G) and E(G_L) of x (n elements) and its dequantized xhat; large means |x| > gamma_large *
+// max|x| (the float product, compared as the codec compares). An all-zero x gives zeros.
 QuantError quantization_error(const float* x, const float* xhat, int64_t n, float gamma_large);
 
 // Tracks gamma_L so that about an alpha fraction of each tensor is "large".

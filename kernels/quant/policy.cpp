@@ -34,8 +34,10 @@ float finite_absmax(const float* x, int64_t n, int64_t* nonfinite) {
   float m = 0.0f;
   int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    if (is_finite_value(x[i])) m = std::fmax(m, std::fabs(x[i]));
-    else ++bad;
+    if (is_finite_value(x[i]))
+      m = std::fmax(m, std::fabs(x[i]));
+    else
+      ++bad;
   }
   if (nonfinite) *nonfinite = bad;
   return m;
@@ -60,11 +62,18 @@ float calibration_loop(const CountAbove& count_above, int64_t n, float absmax, d
   return clamp_gamma(gamma);
 }
 
+void check_buffer(const float* x, int64_t n, const char* what) {
+  INT4DDP_CHECK(n >= 0, what, ": count = ", n, " is negative");
+  INT4DDP_CHECK(n == 0 || x != nullptr, what, ": null buffer for ", n, " elements");
+}
+
 // Common preconditions of the two calibrations: nullopt-worthy inputs give absmax = 0.
-float calibration_absmax(const float* g, int64_t n) {
-  INT4DDP_CHECK(n >= 0, "lbt calibration: count = ", n, " is negative");
+float calibration_absmax(const float* g, int64_t n, double target) {
+  // With t <= 0, sign(m - t) = 0 at m = 0 freezes gamma at 1 for ever; m never exceeds t >= 1.
+  INT4DDP_CHECK(std::isfinite(target) && target > 0.0 && target < 1.0,
+                "lbt calibration: target t = ", target, " is outside (0, 1)");
+  check_buffer(g, n, "lbt calibration");
   if (n == 0) return 0.0f;
-  INT4DDP_CHECK(g != nullptr, "lbt calibration: null buffer for ", n, " elements");
   int64_t nonfinite = 0;
   const float absmax = finite_absmax(g, n, &nonfinite);
   return nonfinite > 0 ? 0.0f : absmax;
@@ -162,10 +171,6 @@ class DataPolicy final : public IntervalPolicy {
   PolicyKind kind() const override { return cfg_.kind; }
 
   float gamma_for(const float* x, int64_t count) override {
-    INT4DDP_CHECK(count >= 0, "policy ", policy_kind_name(cfg_.kind), ": count = ", count,
-                  " is negative");
-    INT4DDP_CHECK(count == 0 || x != nullptr, "policy ", policy_kind_name(cfg_.kind),
-                  ": null buffer for ", count, " elements");
     const std::optional<float> g =
         cfg_.kind == PolicyKind::kMse
             ? mse_gamma(x, count, cfg_.bits, cfg_.mse_iterations)
@@ -186,9 +191,9 @@ class DataPolicy final : public IntervalPolicy {
                   " payload is ", nbytes, " bytes, expected ", sizeof(float));
     float gamma;
     std::memcpy(&gamma, data, sizeof gamma);
-    INT4DDP_CHECK(gamma >= kMinGamma && gamma <= kMaxGamma, "policy state: ",
-                  policy_kind_name(cfg_.kind), " gamma = ", gamma, " is outside [", kMinGamma,
-                  ", ", kMaxGamma, "]");
+    INT4DDP_CHECK(gamma >= kMinGamma && gamma <= kMaxGamma,
+                  "policy state: ", policy_kind_name(cfg_.kind), " gamma = ", gamma,
+                  " is outside [", kMinGamma, ", ", kMaxGamma, "]");
     gamma_ = gamma;
   }
 
@@ -212,11 +217,16 @@ PolicyKind parse_policy_kind(const std::string& name) {
 
 const char* policy_kind_name(PolicyKind kind) {
   switch (kind) {
-    case PolicyKind::kMinMax: return "minmax";
-    case PolicyKind::kFixed: return "fixed";
-    case PolicyKind::kLbt: return "lbt";
-    case PolicyKind::kMse: return "mse";
-    case PolicyKind::kDsgc: return "dsgc";
+    case PolicyKind::kMinMax:
+      return "minmax";
+    case PolicyKind::kFixed:
+      return "fixed";
+    case PolicyKind::kLbt:
+      return "lbt";
+    case PolicyKind::kMse:
+      return "mse";
+    case PolicyKind::kDsgc:
+      return "dsgc";
   }
   return "unknown";
 }
@@ -247,16 +257,20 @@ double lbt_target(int bits, double alpha) {
 std::unique_ptr<IntervalPolicy> make_policy(const PolicyConfig& cfg) {
   cfg.validate();
   switch (cfg.kind) {
-    case PolicyKind::kMinMax: return std::make_unique<ConstantPolicy>(cfg.kind, 1.0f);
-    case PolicyKind::kFixed: return std::make_unique<ConstantPolicy>(cfg.kind, cfg.fixed_gamma);
-    case PolicyKind::kLbt: return std::make_unique<LbtPolicy>(cfg);
+    case PolicyKind::kMinMax:
+      return std::make_unique<ConstantPolicy>(cfg.kind, 1.0f);
+    case PolicyKind::kFixed:
+      return std::make_unique<ConstantPolicy>(cfg.kind, cfg.fixed_gamma);
+    case PolicyKind::kLbt:
+      return std::make_unique<LbtPolicy>(cfg);
     case PolicyKind::kMse:
-    case PolicyKind::kDsgc: return std::make_unique<DataPolicy>(cfg);
+    case PolicyKind::kDsgc:
+      return std::make_unique<DataPolicy>(cfg);
   }
   INT4DDP_FAIL("make_policy: policy kind ", static_cast<int>(cfg.kind), " is not supported");
 }
 
-// --- state -----------------------------------------------------------------------------------------
+// --- state ---------------------------------------------------------------------------------------
 
 std::vector<uint8_t> IntervalPolicy::save_state() const {
   const std::vector<uint8_t> payload = save_payload();
@@ -288,7 +302,7 @@ void IntervalPolicy::load_state(const uint8_t* data, size_t nbytes) {
 // --- lbt calibration -----------------------------------------------------------------------------
 
 std::optional<float> calibrate_lbt_plain(const float* g, int64_t n, double target) {
-  const float absmax = calibration_absmax(g, n);
+  const float absmax = calibration_absmax(g, n, target);
   if (!(absmax > 0.0f)) return std::nullopt;
   auto count_above = [g, n](float threshold) {
     int64_t c = 0;
@@ -299,7 +313,7 @@ std::optional<float> calibrate_lbt_plain(const float* g, int64_t n, double targe
 }
 
 std::optional<float> calibrate_lbt(const float* g, int64_t n, double target) {
-  const float absmax = calibration_absmax(g, n);
+  const float absmax = calibration_absmax(g, n, target);
   if (!(absmax > 0.0f)) return std::nullopt;
   std::vector<float> mags(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) mags[static_cast<size_t>(i)] = std::fabs(g[i]);
@@ -315,6 +329,7 @@ std::optional<float> calibrate_lbt(const float* g, int64_t n, double target) {
 std::optional<float> mse_gamma(const float* x, int64_t n, int bits, int iterations) {
   INT4DDP_CHECK(valid_bits(bits), "mse: bits = ", bits, " is outside ", kMinBits, "..", kMaxBits);
   INT4DDP_CHECK(iterations >= 1, "mse: iterations = ", iterations, " is below 1");
+  check_buffer(x, n, "mse");
   const float absmax = finite_absmax(x, n, nullptr);
   if (!(absmax > 0.0f)) return std::nullopt;
   int64_t finite = 0;
@@ -341,8 +356,8 @@ std::optional<float> mse_gamma(const float* x, int64_t n, int bits, int iteratio
     // nothing, and the update would collapse to 0.
     if (above == 0) break;
     const double nf = static_cast<double>(finite);
-    const double next = (sum_above / nf) /
-                        (noise * static_cast<double>(finite - above) / nf + above / nf);
+    const double next =
+        (sum_above / nf) / (noise * static_cast<double>(finite - above) / nf + above / nf);
     const bool converged = std::fabs(next - c) <= kMseRelativeTolerance * c;
     c = next;
     if (converged) break;
@@ -369,6 +384,8 @@ static double cosine_at(const float* x, int64_t n, int bits, float gamma, float 
 }
 
 double quantized_cosine(const float* x, int64_t n, int bits, float gamma) {
+  INT4DDP_CHECK(valid_bits(bits), "dsgc: bits = ", bits, " is outside ", kMinBits, "..", kMaxBits);
+  check_buffer(x, n, "dsgc");
   return cosine_at(x, n, bits, gamma, finite_absmax(x, n, nullptr));
 }
 
@@ -381,6 +398,10 @@ std::optional<float> dsgc_gamma(const float* x, int64_t n, int bits, int points,
                                 float gamma_max) {
   INT4DDP_CHECK(valid_bits(bits), "dsgc: bits = ", bits, " is outside ", kMinBits, "..", kMaxBits);
   INT4DDP_CHECK(points >= 2, "dsgc: points = ", points, " is below 2");
+  check_buffer(x, n, "dsgc");
+  INT4DDP_CHECK(gamma_min >= kMinGamma && gamma_min < gamma_max && gamma_max <= kMaxGamma,
+                "dsgc: grid [", gamma_min, ", ", gamma_max, "] is not inside [", kMinGamma, ", ",
+                kMaxGamma, "]");
   const float absmax = finite_absmax(x, n, nullptr);
   if (!(absmax > 0.0f)) return std::nullopt;
   float best_gamma = kMaxGamma;

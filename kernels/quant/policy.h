@@ -2,8 +2,9 @@
 //
 //   minmax  gamma = 1
 //   fixed   gamma = PolicyConfig::fixed_gamma
-//   lbt     the paper's sign rule: after each step gamma <- clamp(gamma + eta * sign(R - t), 1e-3, 1)
-//           with R the step's clip fraction and t = alpha / (2^b - 1); calibrated on the first batch
+//   lbt     the paper's sign rule, after each step:
+//             gamma <- clamp(gamma + eta * sign(R - t), 1e-3, 1)
+//           R the step's clip fraction, t = alpha / (2^b - 1); calibrated on the first batch
 //   mse     OCTAV fixed-point iteration for the MSE-optimal clip of this tensor
 //   dsgc    the gamma of a grid that maximises cos(x, Q(x)) for this tensor
 //
@@ -35,10 +36,10 @@ const char* policy_kind_name(PolicyKind kind);
 
 struct PolicyConfig {
   PolicyKind kind = PolicyKind::kLbt;
-  int bits = 4;               // 2..8, the quantizer's bit-width b
-  float fixed_gamma = 0.8f;   // fixed: gamma in (0, 1]
-  double alpha = 1e-3;        // lbt: fraction of "large" gradients, in (0, 1); t = alpha / (2^b - 1)
-  float eta = 1e-3f;          // lbt: gamma step per training step, in (0, 1]
+  int bits = 4;              // 2..8, the quantizer's bit-width b
+  float fixed_gamma = 0.8f;  // fixed: gamma in (0, 1]
+  double alpha = 1e-3;       // lbt: fraction of "large" gradients, in (0, 1); t = alpha / (2^b - 1)
+  float eta = 1e-3f;         // lbt: gamma step per training step, in (0, 1]
   bool lbt_calibrate = true;  // lbt: calibrate gamma on the first usable batch
   int mse_iterations = 20;    // mse: at most this many OCTAV iterations, 1..1000
   int dsgc_points = 100;      // dsgc: grid size, >= 2
