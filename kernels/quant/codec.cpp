@@ -17,7 +17,13 @@ namespace int4ddp::quant {
 namespace {
 
 constexpr int64_t kTile = 4096;  // staging tile in codes (even, 4 KB)
-constexpr int64_t kPrefetchAhead = 2048;  // elements (8 KB) of input prefetched ahead
+#ifndef INT4DDP_PREFETCH_AHEAD
+#define INT4DDP_PREFETCH_AHEAD 1024
+#endif
+#ifndef INT4DDP_PREFETCH_LOCALITY
+#define INT4DDP_PREFETCH_LOCALITY 3
+#endif
+constexpr int64_t kPrefetchAhead = INT4DDP_PREFETCH_AHEAD;  // elements of input prefetched ahead
 
 const detail::CodecKernels& kernels_for(Isa isa) {
   switch (isa) {
@@ -137,7 +143,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     // Stream the input in ahead of the absmax pass: the quantize pass then runs from L1 while the
     // memory system keeps fetching (the hardware prefetcher alone leaves it idle meanwhile).
     for (int64_t pf = begin + kPrefetchAhead; pf < std::min(count, end + kPrefetchAhead); pf += 16)
-      __builtin_prefetch(x + pf, 0, 3);
+      __builtin_prefetch(x + pf, 0, INT4DDP_PREFETCH_LOCALITY);
     const int64_t nonfinite_before = st.nonfinite;
     const float absmax = k.absmax(x + begin, end - begin, &st.nonfinite);
     seg.all_finite = st.nonfinite == nonfinite_before;

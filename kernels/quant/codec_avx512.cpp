@@ -22,7 +22,7 @@ namespace int4ddp::quant::detail {
 namespace {
 
 constexpr int kVec = 32;          // elements per body iteration
-constexpr int kPhiloxBatches = 3;  // interleaved Philox chains (32 elements each)
+constexpr int kPhiloxBatches = 4;  // interleaved Philox chains (32 elements each)
 
 inline __m512 abs_ps(__m512 v) {
   return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)));
