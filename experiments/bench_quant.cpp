@@ -49,9 +49,12 @@ int main(int argc, char** argv) {
   bool with_ref = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--log2n" && i + 1 < argc) n = int64_t{1} << std::atoi(argv[++i]);
-    else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
-    else if (a == "--no-ref") with_ref = false;
+    if (a == "--log2n" && i + 1 < argc)
+      n = int64_t{1} << std::atoi(argv[++i]);
+    else if (a == "--reps" && i + 1 < argc)
+      reps = std::atoi(argv[++i]);
+    else if (a == "--no-ref")
+      with_ref = false;
     else {
       std::fprintf(stderr, "usage: bench_quant [--log2n K] [--reps R] [--no-ref]\n");
       return 2;
@@ -71,9 +74,9 @@ int main(int argc, char** argv) {
 
   std::vector<Row> rows;
   const double nb = static_cast<double>(n);
-  rows.push_back({"memcpy", "libc", best_seconds(reps, [&] {
-                    std::memcpy(z.data(), x.data(), n * sizeof(float));
-                  }), 8.0 * nb});
+  rows.push_back({"memcpy", "libc",
+                  best_seconds(reps, [&] { std::memcpy(z.data(), x.data(), n * sizeof(float)); }),
+                  8.0 * nb});
 
   QuantParams near;
   near.bits = 4;
@@ -89,28 +92,42 @@ int main(int argc, char** argv) {
   int64_t clipped = 0;
   for (Isa isa : isas) {
     const char* name = isa_name(isa);
-    rows.push_back({"quant_nearest", name, best_seconds(reps, [&] {
-                      clipped = quantize_isa(isa, x.data(), n, near, codes.data(), scales.data())
-                                    .clipped;
-                    }), 4.5 * nb});
-    rows.push_back({"quant_stochastic", name, best_seconds(reps, [&] {
-                      quantize_isa(isa, x.data(), n, stoch, codes.data(), scales.data());
-                    }), 4.5 * nb});
-    rows.push_back({"dequant", name, best_seconds(reps, [&] {
-                      dequantize_isa(isa, codes.data(), scales.data(), n, 4, G, y.data());
-                    }), 4.5 * nb});
+    rows.push_back(
+        {"quant_nearest", name,
+         best_seconds(
+             reps,
+             [&] {
+               clipped = quantize_isa(isa, x.data(), n, near, codes.data(), scales.data()).clipped;
+             }),
+         4.5 * nb});
+    rows.push_back(
+        {"quant_stochastic", name,
+         best_seconds(reps,
+                      [&] { quantize_isa(isa, x.data(), n, stoch, codes.data(), scales.data()); }),
+         4.5 * nb});
+    rows.push_back(
+        {"dequant", name,
+         best_seconds(reps,
+                      [&] { dequantize_isa(isa, codes.data(), scales.data(), n, 4, G, y.data()); }),
+         4.5 * nb});
   }
   if (with_ref) {  // the plain per-element loops, for scale
     const int ref_reps = std::max(1, reps / 2);
-    rows.push_back({"quant_nearest", "reference", best_seconds(ref_reps, [&] {
-                      quantize_ref(x.data(), n, near, codes.data(), scales.data());
-                    }), 4.5 * nb});
-    rows.push_back({"quant_stochastic", "reference", best_seconds(ref_reps, [&] {
-                      quantize_ref(x.data(), n, stoch, codes.data(), scales.data());
-                    }), 4.5 * nb});
-    rows.push_back({"dequant", "reference", best_seconds(ref_reps, [&] {
-                      dequantize_ref(codes.data(), scales.data(), n, 4, G, z.data());
-                    }), 4.5 * nb});
+    rows.push_back(
+        {"quant_nearest", "reference",
+         best_seconds(ref_reps,
+                      [&] { quantize_ref(x.data(), n, near, codes.data(), scales.data()); }),
+         4.5 * nb});
+    rows.push_back(
+        {"quant_stochastic", "reference",
+         best_seconds(ref_reps,
+                      [&] { quantize_ref(x.data(), n, stoch, codes.data(), scales.data()); }),
+         4.5 * nb});
+    rows.push_back(
+        {"dequant", "reference",
+         best_seconds(ref_reps,
+                      [&] { dequantize_ref(codes.data(), scales.data(), n, 4, G, z.data()); }),
+         4.5 * nb});
   }
 
   // Sanity: the last fast dequantize and the reference one decode the same codes identically.
@@ -133,8 +150,8 @@ int main(int argc, char** argv) {
     return 0.0;
   };
   for (const Row& r : rows)
-    std::printf("%-18s %-10s %12.3f %10.2f %9.2fx\n", r.op.c_str(), r.impl.c_str(),
-                r.seconds * 1e3, r.gbps(), r.gbps() / memcpy_gbps);
+    std::printf("%-18s %-10s %12.3f %10.2f %9.2fx\n", r.op.c_str(), r.impl.c_str(), r.seconds * 1e3,
+                r.gbps(), r.gbps() / memcpy_gbps);
   std::printf("# clip fraction at gamma 0.9: %.5f; fast == reference decode: %s\n",
               static_cast<double>(clipped) / nb, ok ? "yes" : "NO");
   const char* bn = isa_name(best);

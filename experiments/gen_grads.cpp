@@ -24,17 +24,22 @@ int main(int argc, char** argv) {
   std::string dist = "student";
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--count") count = std::atoll(v.c_str());
-    else if (k == "--steps") steps = std::atoll(v.c_str());
-    else if (k == "--seed") seed = std::strtoull(v.c_str(), nullptr, 10);
-    else if (k == "--dist") dist = v;
+    if (k == "--count")
+      count = std::atoll(v.c_str());
+    else if (k == "--steps")
+      steps = std::atoll(v.c_str());
+    else if (k == "--seed")
+      seed = std::strtoull(v.c_str(), nullptr, 10);
+    else if (k == "--dist")
+      dist = v;
     else {
       std::fprintf(stderr, "gen_grads: unknown option %s\n", k.c_str());
       return 2;
     }
   }
   if (count <= 0 || steps <= 0 || (dist != "laplace" && dist != "student" && dist != "gauss")) {
-    std::fprintf(stderr, "gen_grads: need --count > 0, --steps > 0, --dist laplace|student|gauss\n");
+    std::fprintf(stderr,
+                 "gen_grads: need --count > 0, --steps > 0, --dist laplace|student|gauss\n");
     return 2;
   }
   std::mt19937_64 rng(seed);
@@ -54,9 +59,12 @@ int main(int argc, char** argv) {
     const float scale = 1e-3f * (1.0f + 0.25f * static_cast<float>(s));
     for (float& v : g) {
       float z;
-      if (dist == "laplace") z = coin(rng) ? expo(rng) : -expo(rng);
-      else if (dist == "student") z = student(rng);
-      else z = normal(rng);
+      if (dist == "laplace")
+        z = coin(rng) ? expo(rng) : -expo(rng);
+      else if (dist == "student")
+        z = student(rng);
+      else
+        z = normal(rng);
       v = scale * z;
     }
     ok = std::fwrite(g.data(), sizeof(float), g.size(), f) == g.size();

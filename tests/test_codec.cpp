@@ -30,10 +30,14 @@ std::vector<float> make_input(int64_t n, uint64_t seed, bool nonfinite) {
   std::vector<float> x(n);
   for (int64_t i = 0; i < n; ++i) {
     const int k = pick(rng);
-    if (k < 3) x[i] = 0.0f;
-    else if (k < 5) x[i] = 50.0f * normal(rng);  // outliers get clipped when gamma < 1
-    else if (k < 7) x[i] = 0.5f * static_cast<float>(static_cast<int>(normal(rng) * 8));
-    else x[i] = normal(rng);
+    if (k < 3)
+      x[i] = 0.0f;
+    else if (k < 5)
+      x[i] = 50.0f * normal(rng);  // outliers get clipped when gamma < 1
+    else if (k < 7)
+      x[i] = 0.5f * static_cast<float>(static_cast<int>(normal(rng) * 8));
+    else
+      x[i] = normal(rng);
   }
   if (nonfinite && n > 3) {
     x[n / 3] = std::numeric_limits<float>::quiet_NaN();
@@ -77,9 +81,9 @@ void check_all_isas(const std::vector<float>& x, const QuantParams& p) {
   std::vector<float> ref_out(n, -7.0f);
   dequantize_ref(ref.codes.data(), ref.scales.data(), n, p.bits, p.block_size, ref_out.data());
   for (Isa isa : available_isas()) {
-    SCOPED_TRACE(testing::Message() << isa_name(isa) << " bits=" << p.bits << " rounding="
-                                    << static_cast<int>(p.rounding) << " G=" << p.block_size
-                                    << " n=" << n << " gamma=" << p.gamma);
+    SCOPED_TRACE(testing::Message() << isa_name(isa) << " bits=" << p.bits
+                                    << " rounding=" << static_cast<int>(p.rounding)
+                                    << " G=" << p.block_size << " n=" << n << " gamma=" << p.gamma);
     const Encoded got = encode(false, isa, x, p);
     ASSERT_EQ(got.codes, ref.codes);
     expect_same_bits(got.scales, ref.scales, "scale");

@@ -26,9 +26,10 @@ std::string concat(const Args&... args) {
 
 }  // namespace int4ddp
 
-// INT4DDP_CHECK(cond, msg...): throw int4ddp::Error with the message (streamed pieces) if cond is false.
-#define INT4DDP_CHECK(cond, ...)                                      \
-  do {                                                                \
+// INT4DDP_CHECK(cond, msg...): throw int4ddp::Error with the message (streamed pieces) if cond is
+// false.
+#define INT4DDP_CHECK(cond, ...)                                                 \
+  do {                                                                           \
     if (!(cond)) throw ::int4ddp::Error(::int4ddp::detail::concat(__VA_ARGS__)); \
   } while (0)
 

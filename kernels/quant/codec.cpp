@@ -1,7 +1,9 @@
 // The fast codec driver and the ISA dispatch. The driver walks the scopes of the tensor, finds each
-// scope's absmax, then quantizes the scope in tiles. INT4 codes go through a small int8 staging tile
-// (L1-resident) and are packed from there, so scope boundaries may fall anywhere, even mid-byte.
-// For b != 4 the int8 codes are the output.
+// scope's absmax, then quantizes the scope in tiles. INT4 codes go through a small int8 staging
+// tile (L1-resident) and are packed from there, so scope boundaries may fall anywhere, even
+// mid-byte. For b != 4 the int8 codes are the output.
+#include "kernels/quant/codec.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -10,7 +12,6 @@
 #include <string>
 
 #include "kernels/common/error.h"
-#include "kernels/quant/codec.h"
 #include "kernels/quant/codec_kernels.h"
 
 namespace int4ddp::quant {
@@ -50,10 +51,14 @@ Isa isa_from_env() {
   if (!env || !*env) return best_isa();
   const std::string s(env);
   Isa isa;
-  if (s == "portable") isa = Isa::kPortable;
-  else if (s == "avx2") isa = Isa::kAvx2;
-  else if (s == "avx512") isa = Isa::kAvx512;
-  else INT4DDP_FAIL("INT4DDP_ISA = '", s, "' is not one of portable, avx2, avx512");
+  if (s == "portable")
+    isa = Isa::kPortable;
+  else if (s == "avx2")
+    isa = Isa::kAvx2;
+  else if (s == "avx512")
+    isa = Isa::kAvx512;
+  else
+    INT4DDP_FAIL("INT4DDP_ISA = '", s, "' is not one of portable, avx2, avx512");
   INT4DDP_CHECK(isa_available(isa), "INT4DDP_ISA = ", s, " is not available on this CPU or build");
   return isa;
 }
@@ -64,9 +69,12 @@ std::atomic<int> g_isa{-1};
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kPortable: return "portable";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kAvx512: return "avx512";
+    case Isa::kPortable:
+      return "portable";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
   }
   return "unknown";
 }
@@ -153,8 +161,8 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     st.absmax = std::fmax(st.absmax, absmax);
     if (p.bits != 4) {
       seg.first_index = begin;
-      st.clipped += k.quantize_segment(x + begin, end - begin, seg,
-                                       reinterpret_cast<int8_t*>(codes) + begin);
+      st.clipped +=
+          k.quantize_segment(x + begin, end - begin, seg, reinterpret_cast<int8_t*>(codes) + begin);
       continue;
     }
     for (int64_t i = begin; i < end;) {
@@ -200,6 +208,15 @@ void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t 
       i += n;
     }
   }
+}
+
+float finite_absmax(const float* x, int64_t count, int64_t* nonfinite) {
+  INT4DDP_CHECK(count >= 0, "absmax: count = ", count, " is negative");
+  INT4DDP_CHECK(count == 0 || x, "absmax: null buffer for ", count, " elements");
+  int64_t bad = 0;
+  const float m = kernels_for(current_isa()).absmax(x, count, &bad);
+  if (nonfinite) *nonfinite += bad;
+  return m;
 }
 
 QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,

@@ -22,11 +22,11 @@
 namespace int4ddp::quant {
 
 struct QuantParams {
-  int bits = 4;                             // 2..8
-  Rounding rounding = Rounding::kNearest;   //
-  float gamma = 1.0f;                       // clip = gamma * max|x| over the scope, gamma in (0, 1]
-  int64_t block_size = 0;                   // elements per scale; 0 = one scale per tensor
-  RngKey key;                               // stochastic rounding stream
+  int bits = 4;                            // 2..8
+  Rounding rounding = Rounding::kNearest;  //
+  float gamma = 1.0f;                      // clip = gamma * max|x| over the scope, gamma in (0, 1]
+  int64_t block_size = 0;                  // elements per scale; 0 = one scale per tensor
+  RngKey key;                              // stochastic rounding stream
 };
 
 struct QuantStats {
@@ -55,6 +55,10 @@ QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t
                     float* scales);
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
                 int64_t block_size, float* out);
+
+// max |x| over the finite elements of x (0 if none), the scale basis of quantize(); adds the number
+// of NaN/Inf elements to *nonfinite when it is not null. Uses the same fast kernels as quantize().
+float finite_absmax(const float* x, int64_t count, int64_t* nonfinite = nullptr);
 
 // --- instruction-set dispatch ---------------------------------------------------------------
 enum class Isa : uint8_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };

@@ -52,8 +52,10 @@ float absmax_avx2(const float* x, int64_t n, int64_t* nonfinite) {
   }
   float m = hmax(_mm256_max_ps(m0, m1));
   for (; i < n; ++i) {
-    if (is_finite_value(x[i])) m = m > __builtin_fabsf(x[i]) ? m : __builtin_fabsf(x[i]);
-    else ++bad;
+    if (is_finite_value(x[i]))
+      m = m > __builtin_fabsf(x[i]) ? m : __builtin_fabsf(x[i]);
+    else
+      ++bad;
   }
   *nonfinite += bad;
   return m;
@@ -131,8 +133,7 @@ inline __m256i quant8(const float* x, const QuantConsts& c, __m256 u, __m256i* c
   *clip_count = _mm256_sub_epi32(*clip_count, _mm256_castps_si256(clipped));
   auto round_clamped = [&](__m256 t) {
     if constexpr (kStochastic)
-      return _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, u), c.lo), c.hi),
-                             kFloor);
+      return _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, u), c.lo), c.hi), kFloor);
     else
       return _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(t, c.lo), c.hi), kNear);
   };
@@ -144,9 +145,9 @@ inline __m256i quant8(const float* x, const QuantConsts& c, __m256 u, __m256i* c
       const __m256 s = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, u), c.lo), c.hi);
       r = _mm256_round_ps(s, kFloor);
       const __m256 f = _mm256_sub_ps(s, r);
-      risky = _mm256_or_ps(
-          _mm256_cmp_ps(f, c.margin, _CMP_LE_OQ),
-          _mm256_cmp_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), f), c.margin, _CMP_LE_OQ));
+      risky =
+          _mm256_or_ps(_mm256_cmp_ps(f, c.margin, _CMP_LE_OQ),
+                       _mm256_cmp_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), f), c.margin, _CMP_LE_OQ));
     } else {
       const __m256 tc = _mm256_min_ps(_mm256_max_ps(t, c.lo), c.hi);
       r = _mm256_round_ps(tc, kNear);
@@ -283,6 +284,6 @@ void dequantize_segment_avx2(const int8_t* codes, int64_t n, float step, float* 
 }  // namespace
 
 extern const CodecKernels kAvx2Kernels = {absmax_avx2, quantize_segment_avx2, pack_int4_avx2,
-                                   unpack_int4_avx2, dequantize_segment_avx2};
+                                          unpack_int4_avx2, dequantize_segment_avx2};
 
 }  // namespace int4ddp::quant::detail

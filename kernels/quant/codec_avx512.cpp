@@ -21,11 +21,12 @@
 namespace int4ddp::quant::detail {
 namespace {
 
-constexpr int kVec = 32;          // elements per body iteration
+constexpr int kVec = 32;           // elements per body iteration
 constexpr int kPhiloxBatches = 4;  // interleaved Philox chains (32 elements each)
 
 inline __m512 abs_ps(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)));
+  return _mm512_castsi512_ps(
+      _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)));
 }
 
 float absmax_avx512(const float* x, int64_t n, int64_t* nonfinite) {
@@ -94,9 +95,11 @@ inline void philox_uniform(const PhiloxKeys& pk, uint64_t group, __m512* u) {
       const __m512i p0 = _mm512_mul_epu32(x0[b], m0);
       const __m512i p1 = _mm512_mul_epu32(x2[b], m1);
       // 0x96: a ^ b ^ c
-      x0[b] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p1, _MM_PERM_CDAB), x1[b], pk.k0[r], 0x96);
+      x0[b] =
+          _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p1, _MM_PERM_CDAB), x1[b], pk.k0[r], 0x96);
       x1[b] = p1;
-      x2[b] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p0, _MM_PERM_CDAB), x3[b], pk.k1[r], 0x96);
+      x2[b] =
+          _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p0, _MM_PERM_CDAB), x3[b], pk.k1[r], 0x96);
       x3[b] = p0;
     }
   }
@@ -265,7 +268,8 @@ void unpack_int4_avx512(const uint8_t* in, int64_t n, int8_t* codes) {
   for (; i + 64 <= n; i += 64) {
     const __m512i w =
         _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i / 2)));
-    // word = lo nibble | hi nibble << 8; then sign-extend each 4-bit value in its byte: (v ^ 8) - 8.
+    // word = lo nibble | hi nibble << 8; then sign-extend each 4-bit value in its byte: (v ^ 8)
+    // - 8.
     const __m512i t = _mm512_or_si512(_mm512_and_si512(w, lo_mask),
                                       _mm512_slli_epi16(_mm512_and_si512(w, hi_mask), 4));
     _mm512_storeu_si512(codes + i, _mm512_sub_epi8(_mm512_xor_si512(t, eight), eight));
@@ -288,7 +292,8 @@ void dequantize_segment_avx512(const int8_t* codes, int64_t n, float step, float
 
 }  // namespace
 
-extern const CodecKernels kAvx512Kernels = {absmax_avx512, quantize_segment_avx512, pack_int4_avx512,
-                                     unpack_int4_avx512, dequantize_segment_avx512};
+extern const CodecKernels kAvx512Kernels = {absmax_avx512, quantize_segment_avx512,
+                                            pack_int4_avx512, unpack_int4_avx512,
+                                            dequantize_segment_avx512};
 
 }  // namespace int4ddp::quant::detail

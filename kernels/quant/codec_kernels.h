@@ -1,7 +1,8 @@
-// Internal: the per-ISA inner kernels the fast codec driver (codec.cpp) is built from. Each ISA file
-// (codec_portable.cpp, codec_avx2.cpp, codec_avx512.cpp) fills one table. Every kernel works on a
-// contiguous segment that lies inside one scale scope; `first_index` is the global element index of
-// x[0] (it keys the Philox stream). Kernels must match the scalar helpers of format.h bit for bit.
+// Internal: the per-ISA inner kernels the fast codec driver (codec.cpp) is built from. Each ISA
+// file (codec_portable.cpp, codec_avx2.cpp, codec_avx512.cpp) fills one table. Every kernel works
+// on a contiguous segment that lies inside one scale scope; `first_index` is the global element
+// index of x[0] (it keys the Philox stream). Kernels must match the scalar helpers of format.h bit
+// for bit.
 #pragma once
 
 #include <cstdint>
@@ -11,9 +12,9 @@
 namespace int4ddp::quant::detail {
 
 struct SegmentQuant {
-  float step;      // d of the scope (0: all codes 0)
-  float clip;      // c of the scope: |x| > clip counts as clipped
-  int bits;        //
+  float step;  // d of the scope (0: all codes 0)
+  float clip;  // c of the scope: |x| > clip counts as clipped
+  int bits;    //
   Rounding rounding;
   RngKey key;
   int64_t first_index;  // global index of the segment's first element

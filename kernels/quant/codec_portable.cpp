@@ -10,8 +10,10 @@ static float absmax_portable(const float* x, int64_t n, int64_t* nonfinite) {
   float m = 0.0f;
   int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    if (is_finite_value(x[i])) m = std::fmax(m, std::fabs(x[i]));
-    else ++bad;
+    if (is_finite_value(x[i]))
+      m = std::fmax(m, std::fabs(x[i]));
+    else
+      ++bad;
   }
   *nonfinite += bad;
   return m;
@@ -49,7 +51,8 @@ static void dequantize_segment_portable(const int8_t* codes, int64_t n, float st
   for (int64_t i = 0; i < n; ++i) out[i] = dequantize_value(codes[i], step);
 }
 
-extern const CodecKernels kPortableKernels = {absmax_portable, quantize_segment_scalar, pack_int4_portable,
-                                       unpack_int4_portable, dequantize_segment_portable};
+extern const CodecKernels kPortableKernels = {absmax_portable, quantize_segment_scalar,
+                                              pack_int4_portable, unpack_int4_portable,
+                                              dequantize_segment_portable};
 
 }  // namespace int4ddp::quant::detail

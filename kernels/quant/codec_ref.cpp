@@ -75,8 +75,10 @@ void dequantize_ref(const uint8_t* codes, const float* scales, int64_t count, in
   const int64_t scope = block_size == 0 ? count : block_size;
   for (int64_t i = 0; i < count; ++i) {
     int q;
-    if (bits != 4) q = static_cast<int8_t>(codes[i]);
-    else q = i % 2 == 0 ? unpack_lo(codes[i / 2]) : unpack_hi(codes[i / 2]);
+    if (bits != 4)
+      q = static_cast<int8_t>(codes[i]);
+    else
+      q = i % 2 == 0 ? unpack_lo(codes[i / 2]) : unpack_hi(codes[i / 2]);
     out[i] = dequantize_value(q, scales[i / scope]);
   }
 }

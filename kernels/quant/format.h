@@ -38,7 +38,8 @@ INT4DDP_HD constexpr int levels(int bits) { return (1 << (bits - 1)) - 1; }
 
 INT4DDP_HD constexpr bool valid_bits(int bits) { return bits >= kMinBits && bits <= kMaxBits; }
 
-// Bytes that hold `count` codes of `bits` bits: nibble-packed for b = 4, one int8 per code otherwise.
+// Bytes that hold `count` codes of `bits` bits: nibble-packed for b = 4, one int8 per code
+// otherwise.
 INT4DDP_HD constexpr int64_t packed_bytes(int bits, int64_t count) {
   return bits == 4 ? (count + 1) / 2 : count;
 }

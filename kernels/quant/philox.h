@@ -1,6 +1,6 @@
-// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), the counter-based
-// generator behind stochastic rounding. Host and device share this scalar definition; the vectorized
-// CPU codecs reimplement the same rounds and are tested against it.
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), the
+// counter-based generator behind stochastic rounding. Host and device share this scalar definition;
+// the vectorized CPU codecs reimplement the same rounds and are tested against it.
 //
 // Keying used by int4ddp (DESIGN.md section 2):
 //   key     = (seed, stream)
@@ -49,8 +49,8 @@ INT4DDP_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
 
 // The four random words for elements 4*group .. 4*group+3 of the tensor keyed by `key`.
 INT4DDP_HD Philox4 philox_block(const RngKey& key, uint64_t group) {
-  Philox4 ctr{{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), key.step,
-               key.tensor_id}};
+  Philox4 ctr{
+      {static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), key.step, key.tensor_id}};
   return philox4x32_10(ctr, key.seed, key.stream);
 }
 

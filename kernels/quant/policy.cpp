@@ -29,20 +29,6 @@ int sign_of(double v) { return (v > 0.0) - (v < 0.0); }
 
 float clamp_gamma(float g) { return std::min(std::max(g, kMinGamma), kMaxGamma); }
 
-// max|x| over the finite elements, as the codec computes it; counts the non-finite ones.
-float finite_absmax(const float* x, int64_t n, int64_t* nonfinite) {
-  float m = 0.0f;
-  int64_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (is_finite_value(x[i]))
-      m = std::fmax(m, std::fabs(x[i]));
-    else
-      ++bad;
-  }
-  if (nonfinite) *nonfinite = bad;
-  return m;
-}
-
 // The calibration loop. count_above(thr) returns #{finite g : fabsf(g) > thr}.
 template <typename CountAbove>
 float calibration_loop(const CountAbove& count_above, int64_t n, float absmax, double target) {
