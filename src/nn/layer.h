@@ -1,0 +1,177 @@
+// Layers of the trainer: forward and backward on NCHW fp32 tensors.
+//
+// Contract of every layer:
+//   forward(x, y, train)      y is resized by the layer; train selects batch statistics (BN) and
+//                             caches what backward needs.
+//   backward(x, y, dy, dx)    x and y are the tensors of the last forward; dx is resized by the layer
+//                             (skipped when dx == nullptr: the model's first layer); parameter
+//                             gradients are ACCUMULATED (+=) into Param::grad, so the trainer zeroes
+//                             the gradient arena once per step.
+//   params()                  the layer's parameters, in a fixed order (the arena order).
+// Layers own their caches but not their inputs/outputs: the model keeps the activations.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "src/core/tensor.h"
+
+namespace int4ddp::nn {
+
+class Layer {
+ public:
+  virtual ~Layer() = default;
+  virtual std::string name() const = 0;
+  virtual void forward(const Tensor& x, Tensor& y, bool train) = 0;
+  virtual void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) = 0;
+  virtual std::vector<Param*> params() { return {}; }
+};
+
+// y = x W^T + b; x (n, in) or any (n, ...) flattened to in features; W (out, in).
+class Linear : public Layer {
+ public:
+  Linear(std::string name, int64_t in, int64_t out, bool bias = true);
+  std::string name() const override { return name_; }
+  void forward(const Tensor& x, Tensor& y, bool train) override;
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+  std::vector<Param*> params() override;
+  Param& weight() { return weight_; }
+  Param& bias() { return bias_; }
+  int64_t in_features() const { return in_; }
+  int64_t out_features() const { return out_; }
+
+ protected:
+  std::string name_;
+  int64_t in_, out_;
+  bool has_bias_;
+  Param weight_, bias_;
+};
+
+// 2-D convolution, square kernel, im2col + GEMM per sample. W (out, in, k, k), optional bias.
+class Conv2d : public Layer {
+ public:
+  Conv2d(std::string name, int64_t in, int64_t out, int kernel, int stride, int pad,
+         bool bias = false);
+  std::string name() const override { return name_; }
+  void forward(const Tensor& x, Tensor& y, bool train) override;
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+  std::vector<Param*> params() override;
+  Param& weight() { return weight_; }
+  int64_t out_size(int64_t in_size) const { return (in_size + 2 * pad_ - kernel_) / stride_ + 1; }
+
+ protected:
+  // col (in*k*k, ho*wo) of sample image (in, h, w); and its adjoint, accumulated into image.
+  void im2col(const float* image, int64_t h, int64_t w, float* col) const;
+  void col2im(const float* col, int64_t h, int64_t w, float* image) const;
+
+  std::string name_;
+  int64_t in_, out_;
+  int kernel_, stride_, pad_;
+  bool has_bias_;
+  Param weight_, bias_;
+  std::vector<float> col_, dcol_;  // per-sample scratch
+};
+
+// Batch normalisation over (n, h, w) per channel c of an (n, c, h, w) or (n, c) tensor.
+class BatchNorm : public Layer {
+ public:
+  BatchNorm(std::string name, int64_t channels, float momentum = 0.1f, float eps = 1e-5f);
+  std::string name() const override { return name_; }
+  void forward(const Tensor& x, Tensor& y, bool train) override;
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+  std::vector<Param*> params() override;
+  std::vector<float>& running_mean() { return running_mean_; }
+  std::vector<float>& running_var() { return running_var_; }
+
+ private:
+  std::string name_;
+  int64_t channels_;
+  float momentum_, eps_;
+  Param gamma_, beta_;
+  std::vector<float> running_mean_, running_var_;
+  std::vector<float> mean_, invstd_;  // batch statistics of the last training forward
+};
+
+class ReLU : public Layer {
+ public:
+  explicit ReLU(std::string name) : name_(std::move(name)) {}
+  std::string name() const override { return name_; }
+  void forward(const Tensor& x, Tensor& y, bool train) override;
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+
+ private:
+  std::string name_;
+};
+
+// Max pooling, square window, stride = window (no padding); the argmax is cached for backward.
+class MaxPool2d : public Layer {
+ public:
+  MaxPool2d(std::string name, int window) : name_(std::move(name)), window_(window) {}
+  std::string name() const override { return name_; }
+  void forward(const Tensor& x, Tensor& y, bool train) override;
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+
+ private:
+  std::string name_;
+  int window_;
+  std::vector<int32_t> argmax_;
+};
+
+// (n, c, h, w) -> (n, c): mean over h, w.
+class GlobalAvgPool : public Layer {
+ public:
+  explicit GlobalAvgPool(std::string name) : name_(std::move(name)) {}
+  std::string name() const override { return name_; }
+  void forward(const Tensor& x, Tensor& y, bool train) override;
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+
+ private:
+  std::string name_;
+};
+
+// Runs layers in order, keeping every intermediate activation for backward.
+class Sequential : public Layer {
+ public:
+  explicit Sequential(std::string name) : name_(std::move(name)) {}
+  std::string name() const override { return name_; }
+  Layer& add(std::unique_ptr<Layer> layer);
+  void forward(const Tensor& x, Tensor& y, bool train) override;
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+  std::vector<Param*> params() override;
+  const std::vector<std::unique_ptr<Layer>>& layers() const { return layers_; }
+
+ private:
+  std::string name_;
+  std::vector<std::unique_ptr<Layer>> layers_;
+  std::vector<Tensor> acts_;   // acts_[i] = output of layers_[i] (the last one is copied to y)
+  std::vector<Tensor> grads_;  // scratch gradients
+};
+
+// CIFAR ResNet basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)). The option-A
+// shortcut is the identity, or for stride 2 / more channels: subsample by 2 and zero-pad the extra
+// channels (no parameters).
+class ResidualBlock : public Layer {
+ public:
+  ResidualBlock(std::string name, std::unique_ptr<Layer> conv1, int64_t mid_channels,
+                std::unique_ptr<Layer> conv2, int64_t in_channels, int64_t out_channels,
+                int stride);
+  std::string name() const override { return name_; }
+  void forward(const Tensor& x, Tensor& y, bool train) override;
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+  std::vector<Param*> params() override;
+
+ private:
+  std::string name_;
+  Sequential body_;
+  int64_t in_channels_, out_channels_;
+  int stride_;
+  Tensor body_out_, dbody_in_;
+};
+
+// Mean softmax cross-entropy over the batch; logits (n, classes), labels in 0..classes-1.
+// Returns the loss and writes dlogits (already divided by n) and the number of correct argmaxes.
+float softmax_cross_entropy(const Tensor& logits, const int32_t* labels, Tensor* dlogits,
+                            int64_t* correct);
+
+}  // namespace int4ddp::nn

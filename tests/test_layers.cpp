@@ -1,0 +1,223 @@
+// Finite-difference gradient checks of every fp32 layer and of small compositions, plus the loss.
+//
+// Method: loss = sum(y * r) for a fixed random r, so dL/dy = r. For sampled coordinates of the input
+// and of every parameter, the central difference (L(v + e) - L(v - e)) / 2e (loss accumulated in
+// double) is compared with the analytic gradient. Layers with kinks (ReLU, max pooling, the block's
+// ReLU) can put a kink inside [v - e, v + e]; such a coordinate shows one-sided slopes that disagree
+// and is skipped, and at most a quarter of the coordinates may be skipped.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "src/nn/layer.h"
+
+namespace int4ddp::nn {
+namespace {
+
+// With e = 1e-3 on O(1) values the float rounding of L (~1e-7 |L|, |L| ~ 10) contributes ~1e-3 to
+// the difference quotient; the truncation error is O(e^2). 2e-2 absolute plus 2e-2 relative covers
+// both with margin and still catches a wrong gradient (typically off by O(1)).
+constexpr double kEps = 1e-3;
+constexpr double kAbsTol = 2e-2;
+constexpr double kRelTol = 2e-2;
+
+void fill_normal(Tensor& t, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  for (int64_t i = 0; i < t.numel(); ++i) t[i] = d(rng);
+}
+
+struct GradCheck {
+  int checked = 0, skipped = 0;
+};
+
+double loss_of(Layer& layer, const Tensor& x, const Tensor& r) {
+  Tensor y;
+  layer.forward(x, y, /*train=*/true);
+  double s = 0.0;
+  for (int64_t i = 0; i < y.numel(); ++i) s += static_cast<double>(y[i]) * r[i];
+  return s;
+}
+
+// Checks d loss / d v[i] for up to `samples` indices of v (a view the layer reads).
+void check_coords(const std::function<double()>& f, float* v, int64_t n, const float* analytic,
+                  const std::string& what, GradCheck* stats, int samples = 24) {
+  std::mt19937_64 rng(n * 7919 + what.size());
+  std::uniform_int_distribution<int64_t> pick(0, n - 1);
+  for (int s = 0; s < std::min<int64_t>(samples, n); ++s) {
+    const int64_t i = n <= samples ? s : pick(rng);
+    const float saved = v[i];
+    v[i] = saved + static_cast<float>(kEps);
+    const double fp = f();
+    v[i] = saved - static_cast<float>(kEps);
+    const double fm = f();
+    v[i] = saved;
+    const double f0 = f();
+    const double numeric = (fp - fm) / (2 * kEps);
+    const double right = (fp - f0) / kEps, left = (f0 - fm) / kEps;
+    if (std::fabs(right - left) > kAbsTol + kRelTol * std::fabs(numeric)) {
+      ++stats->skipped;  // a kink inside the interval
+      continue;
+    }
+    ++stats->checked;
+    EXPECT_NEAR(numeric, analytic[i], kAbsTol + kRelTol * std::fabs(numeric))
+        << what << "[" << i << "]";
+  }
+}
+
+// Full check of a layer on input x: input gradient and every parameter's gradient.
+void check_layer(Layer& layer, Tensor x, uint64_t seed, bool check_input = true) {
+  Tensor y;
+  layer.forward(x, y, true);
+  Tensor r(y.shape());
+  fill_normal(r, seed + 1);
+  for (Param* p : layer.params()) p->grad.zero();
+  Tensor dx;
+  layer.forward(x, y, true);
+  layer.backward(x, y, r, check_input ? &dx : nullptr);
+  // Analytic gradients are copied before the finite differences run more forwards.
+  std::vector<std::vector<float>> pgrads;
+  for (Param* p : layer.params())
+    pgrads.emplace_back(p->grad.data(), p->grad.data() + p->grad.numel());
+  GradCheck stats;
+  auto f = [&] { return loss_of(layer, x, r); };
+  if (check_input) check_coords(f, x.data(), x.numel(), dx.data(), layer.name() + ".dx", &stats);
+  auto params = layer.params();
+  for (size_t k = 0; k < params.size(); ++k)
+    check_coords(f, params[k]->value.data(), params[k]->value.numel(), pgrads[k].data(),
+                 params[k]->name, &stats);
+  EXPECT_GT(stats.checked, 0);
+  EXPECT_LE(stats.skipped * 4, stats.checked + stats.skipped) << "too many kinks: the check is void";
+}
+
+// Input whose entries are well separated (a shuffled grid), so max pooling has no near-ties.
+Tensor separated_input(Shape shape, uint64_t seed) {
+  Tensor x(shape);
+  std::vector<float> v(static_cast<size_t>(x.numel()));
+  for (size_t i = 0; i < v.size(); ++i) v[i] = -1.0f + 0.013f * static_cast<float>(i);
+  std::mt19937_64 rng(seed);
+  std::shuffle(v.begin(), v.end(), rng);
+  for (int64_t i = 0; i < x.numel(); ++i) x[i] = v[static_cast<size_t>(i)];
+  return x;
+}
+
+void randomize_params(Layer& layer, uint64_t seed, float scale = 0.5f) {
+  uint64_t s = seed;
+  for (Param* p : layer.params()) fill_normal(p->value, ++s, scale);
+}
+
+TEST(LayerGrad, Linear) {
+  Linear l("fc", 12, 5);
+  randomize_params(l, 10);
+  Tensor x({4, 12});
+  fill_normal(x, 11);
+  check_layer(l, x, 12);
+}
+
+TEST(LayerGrad, LinearFlattensNCHW) {
+  Linear l("fc", 2 * 3 * 3, 4, false);
+  randomize_params(l, 20);
+  Tensor x({3, 2, 3, 3});
+  fill_normal(x, 21);
+  check_layer(l, x, 22);
+}
+
+TEST(LayerGrad, Conv2dStridesAndPadding) {
+  for (auto [k, s, p] : {std::tuple<int, int, int>{3, 1, 1}, {3, 2, 1}, {5, 1, 0}, {1, 2, 0}}) {
+    Conv2d c("conv", 3, 4, k, s, p, /*bias=*/true);
+    randomize_params(c, 30 + k + s);
+    Tensor x({2, 3, 7, 6});
+    fill_normal(x, 31);
+    SCOPED_TRACE(testing::Message() << "k=" << k << " s=" << s << " p=" << p);
+    check_layer(c, x, 32);
+  }
+}
+
+TEST(LayerGrad, BatchNorm2dAnd1d) {
+  BatchNorm bn("bn", 3);
+  randomize_params(bn, 40);
+  Tensor x({4, 3, 3, 2});
+  fill_normal(x, 41, 2.0f);
+  check_layer(bn, x, 42);
+  BatchNorm bn1("bn1d", 5);
+  randomize_params(bn1, 43);
+  Tensor x1({6, 5});
+  fill_normal(x1, 44);
+  check_layer(bn1, x1, 45);
+}
+
+TEST(LayerGrad, BatchNormEvalUsesRunningStatistics) {
+  BatchNorm bn("bn", 2, /*momentum=*/1.0f);
+  Tensor x({3, 2, 2, 2}), y;
+  fill_normal(x, 46);
+  bn.forward(x, y, true);  // momentum 1: running stats = this batch's (unbiased variance)
+  Tensor ye;
+  bn.forward(x, ye, false);
+  // Eval uses the unbiased variance (n/(n-1) larger): outputs shrink by sqrt((n-1)/n), n = 12.
+  for (int64_t i = 0; i < y.numel(); ++i)
+    EXPECT_NEAR(ye[i], y[i] * std::sqrt(11.0f / 12.0f), 1e-3f);
+}
+
+TEST(LayerGrad, ReLUAndPooling) {
+  ReLU relu("relu");
+  check_layer(relu, separated_input({2, 3, 4, 4}, 50), 51);
+  MaxPool2d pool("pool", 2);
+  check_layer(pool, separated_input({2, 3, 4, 6}, 52), 53);
+  GlobalAvgPool gap("gap");
+  Tensor x({2, 3, 4, 5});
+  fill_normal(x, 54);
+  check_layer(gap, x, 55);
+}
+
+TEST(LayerGrad, ResidualBlockIdentityAndDownsample) {
+  for (auto [in, out, stride] : {std::tuple<int64_t, int64_t, int>{4, 4, 1}, {3, 6, 2}}) {
+    ResidualBlock block("block", std::make_unique<Conv2d>("c1", in, out, 3, stride, 1), out,
+                        std::make_unique<Conv2d>("c2", out, out, 3, 1, 1), in, out, stride);
+    randomize_params(block, 60 + stride);
+    Tensor x({3, in, 6, 6});
+    fill_normal(x, 61);
+    SCOPED_TRACE(testing::Message() << "in=" << in << " out=" << out << " stride=" << stride);
+    check_layer(block, x, 62);
+  }
+}
+
+TEST(LayerGrad, SmallCnnEndToEnd) {
+  Sequential net("net");
+  net.add(std::make_unique<Conv2d>("conv1", 1, 4, 3, 1, 1));
+  net.add(std::make_unique<BatchNorm>("bn1", 4));
+  net.add(std::make_unique<ReLU>("relu1"));
+  net.add(std::make_unique<MaxPool2d>("pool1", 2));
+  net.add(std::make_unique<Linear>("fc", 4 * 4 * 4, 3));
+  randomize_params(net, 70);
+  for (Param* p : net.params())
+    if (p->name == "bn1.gamma")
+      for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] = 1.0f + 0.1f * i;
+  Tensor x({3, 1, 8, 8});
+  fill_normal(x, 71);
+  check_layer(net, x, 72);
+}
+
+TEST(Loss, SoftmaxCrossEntropyValueAndGradient) {
+  Tensor z({2, 3});
+  const float logits[] = {1.0f, 2.0f, 3.0f, 0.0f, 0.0f, 0.0f};
+  for (int i = 0; i < 6; ++i) z[i] = logits[i];
+  const int32_t labels[] = {2, 1};
+  Tensor dz;
+  int64_t correct = 0;
+  const float loss = softmax_cross_entropy(z, labels, &dz, &correct);
+  const double l0 = std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0)) - 3.0;
+  const double l1 = std::log(3.0);
+  EXPECT_NEAR(loss, (l0 + l1) / 2, 1e-6);
+  EXPECT_EQ(correct, 1);  // sample 0 right; sample 1 is a three-way tie, argmax picks class 0
+  // Gradient: (softmax - onehot) / n; rows sum to zero.
+  EXPECT_NEAR(dz[0] + dz[1] + dz[2], 0.0, 1e-7);
+  EXPECT_NEAR(dz[4], (1.0 / 3 - 1) / 2, 1e-7);
+  const int32_t bad[] = {3, 0};
+  EXPECT_THROW(softmax_cross_entropy(z, bad, nullptr, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace int4ddp::nn
