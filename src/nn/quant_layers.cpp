@@ -1,0 +1,302 @@
+// Quantized Conv2d / Linear (see quant_layers.h). Every GEMM takes integer codes stored as floats
+// and runs through math::int_gemm, which is exact; scales are applied once per output.
+#include "src/nn/quant_layers.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "kernels/math/gemm.h"
+
+namespace int4ddp::nn {
+
+using math::int_gemm;
+using math::Trans;
+
+namespace {
+
+constexpr float kMinStep = 1e-12f;  // s_W and u_A are used as max(|value|, kMinStep)
+
+float effective_step(float v) { return std::max(std::fabs(v), kMinStep); }
+
+Param make_scalar_param(const std::string& name) {
+  Param p;
+  p.name = name;
+  p.shape = {1};
+  p.group = ParamGroup::kQuantizer;
+  p.decay = false;
+  p.value = Tensor({1});
+  p.grad = Tensor({1});
+  p.value[0] = 1.0f;
+  return p;
+}
+
+double population_std(const float* x, int64_t n) {
+  if (n == 0) return 0.0;
+  double s = 0.0, s2 = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  const double mean = s / static_cast<double>(n);
+  for (int64_t i = 0; i < n; ++i) s2 += (x[i] - mean) * (x[i] - mean);
+  return std::sqrt(s2 / static_cast<double>(n));
+}
+
+}  // namespace
+
+// ---- fake-quantizer math ----------------------------------------------------------------------
+
+void quantize_weight_codes(const float* w, int64_t n, float s, int bits, float* codes) {
+  const float lim = static_cast<float>(quant::levels(bits));
+  const float se = effective_step(s);
+  for (int64_t i = 0; i < n; ++i) codes[i] = std::clamp(std::rint(w[i] / se * lim), -lim, lim);
+}
+
+double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
+                             float* dw) {
+  const float lim = static_cast<float>(quant::levels(bits));
+  const float se = effective_step(s);
+  double ds = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = w[i] / se * lim;
+    if (std::fabs(v) <= lim) {
+      dw[i] += dwhat[i];
+      ds += static_cast<double>(dwhat[i]) * (std::rint(v) - v) / lim;
+    } else {
+      ds += v > 0 ? dwhat[i] : -dwhat[i];
+    }
+  }
+  return ds;
+}
+
+int act_qmax(int bits, bool is_signed) {
+  return is_signed ? quant::levels(bits) : (1 << bits) - 1;
+}
+
+void quantize_act_codes(const float* x, int64_t n, float u, int bits, bool is_signed,
+                        float* codes) {
+  const float q = static_cast<float>(act_qmax(bits, is_signed));
+  const float lo = is_signed ? -1.0f : 0.0f;
+  const float ue = effective_step(u);
+  for (int64_t i = 0; i < n; ++i) codes[i] = std::rint(std::clamp(x[i] / ue, lo, 1.0f) * q);
+}
+
+double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_signed,
+                          const float* dxhat, float* dx) {
+  const float q = static_cast<float>(act_qmax(bits, is_signed));
+  const float lo = is_signed ? -1.0f : 0.0f;
+  const float ue = effective_step(u);
+  double du = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] / ue;
+    if (v >= lo && v <= 1.0f) {
+      dx[i] = dxhat[i];
+      du += static_cast<double>(dxhat[i]) * (std::rint(v * q) - v * q) / q;
+    } else {
+      dx[i] = 0.0f;
+      if (v > 1.0f) du += dxhat[i];
+      else if (is_signed) du -= dxhat[i];  // clamped at -1: x^ = -u
+    }
+  }
+  return du;
+}
+
+// ---- QuantizedOp ------------------------------------------------------------------------------
+
+QuantizedOp::QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_t layer_id,
+                         QuantContext* ctx)
+    : spec_(spec),
+      layer_id_(layer_id),
+      ctx_(ctx),
+      s_w_(make_scalar_param(name + ".s_w")),
+      u_a_(make_scalar_param(name + ".u_a")) {
+  INT4DDP_CHECK(ctx_ != nullptr, name, ": quantized layer needs a QuantContext");
+  for (int b : {spec.weight_bits, spec.act_bits, spec.grad_bits})
+    INT4DDP_CHECK(quant::valid_bits(b), name, ": bit-width ", b, " is outside 2..8");
+  spec_.grad_policy.bits = spec.grad_bits;
+  grad_.policy = quant::make_policy(spec_.grad_policy);
+  grad_.tracker = quant::LargeGradientTracker(spec_.grad_policy.alpha);
+}
+
+void QuantizedOp::init_steps(const Tensor& x, const Param& w) {
+  const double sw = 3.0 * population_std(w.value.data(), w.value.numel());
+  s_w_.value[0] = sw > 0 ? static_cast<float>(sw) : 1.0f;
+  const double ua = 3.0 * population_std(x.data(), x.numel()) / std::sqrt(1.0 - 2.0 / M_PI);
+  u_a_.value[0] = ua > 0 ? static_cast<float>(ua) : 1.0f;
+  initialized_ = true;
+}
+
+float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
+  const int64_t n = dy.numel();
+  if (grad_.policy->needs_calibration()) grad_.policy->calibrate(dy.data(), n);
+  quant::QuantParams p;
+  p.bits = spec_.grad_bits;
+  p.rounding = spec_.grad_rounding;
+  p.gamma = grad_.policy->gamma_for(dy.data(), n);
+  p.block_size = 0;
+  p.key = quant::RngKey{ctx_->seed, 0, ctx_->step, layer_id_};
+  packed_.resize(static_cast<size_t>(quant::packed_bytes(p.bits, n)));
+  float step = 0.0f;
+  const quant::QuantStats st = quant::quantize(dy.data(), n, p, packed_.data(), &step);
+  // Codes as integer-valued floats: dequantize with a unit step.
+  codes->resize(static_cast<size_t>(n));
+  const float unit = 1.0f;
+  quant::dequantize(packed_.data(), &unit, n, p.bits, 0, codes->data());
+  grad_.pending = st;
+  grad_.has_pending = true;
+  grad_.last_gamma = p.gamma;
+  ctx_->nonfinite += st.nonfinite;
+  if (ctx_->diagnostics && st.nonfinite == 0) {
+    scratch_.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) scratch_[static_cast<size_t>(i)] = (*codes)[i] * step;
+    grad_.last_diag = quant::diagnose(dy.data(), scratch_.data(), n, st, grad_.tracker);
+  }
+  return step;
+}
+
+void QuantizedOp::commit_step() {
+  if (grad_.has_pending) grad_.policy->observe(grad_.pending);
+  grad_.has_pending = false;
+}
+
+// ---- QLinear ----------------------------------------------------------------------------------
+
+QLinear::QLinear(std::string name, int64_t in, int64_t out, bool bias, const QuantSpec& spec,
+                 uint32_t layer_id, QuantContext* ctx)
+    : Linear(name, in, out, bias), QuantizedOp(name, spec, layer_id, ctx) {}
+
+std::vector<Param*> QLinear::params() {
+  std::vector<Param*> p = Linear::params();
+  p.push_back(&s_w_);
+  p.push_back(&u_a_);
+  return p;
+}
+
+void QLinear::forward(const Tensor& x, Tensor& y, bool train) {
+  const int64_t n = x.dim(0);
+  INT4DDP_CHECK(x.numel() == n * in_, name_, ": input ", shape_str(x.shape()), " does not have ",
+                in_, " features");
+  if (!initialized_ && train) init_steps(x, weight_);
+  xq_.resize(static_cast<size_t>(x.numel()));
+  wq_.resize(static_cast<size_t>(weight_.value.numel()));
+  quantize_act_codes(x.data(), x.numel(), u_a_.value[0], spec_.act_bits, spec_.signed_input,
+                     xq_.data());
+  quantize_weight_codes(weight_.value.data(), weight_.value.numel(), s_w_.value[0],
+                        spec_.weight_bits, wq_.data());
+  const int qa = act_qmax(spec_.act_bits, spec_.signed_input);
+  const int qw = quant::levels(spec_.weight_bits);
+  const float scale = (effective_step(u_a_.value[0]) / static_cast<float>(qa)) *
+                      (effective_step(s_w_.value[0]) / static_cast<float>(qw));
+  y.resize({n, out_});
+  int_gemm(Trans::kNo, Trans::kYes, n, out_, in_, xq_.data(), in_, qa, wq_.data(), in_, qw, scale,
+           false, y.data(), out_);
+  if (has_bias_)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < out_; ++j) y[i * out_ + j] += bias_.value[j];
+}
+
+void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {
+  const int64_t n = x.dim(0);
+  const float dg = quantize_grad(dy, &gq_);
+  const int qa = act_qmax(spec_.act_bits, spec_.signed_input);
+  const int qw = quant::levels(spec_.weight_bits);
+  const int qg = quant::levels(spec_.grad_bits);
+  const float sa = effective_step(u_a_.value[0]) / static_cast<float>(qa);
+  const float sw = effective_step(s_w_.value[0]) / static_cast<float>(qw);
+  // dW^ (out, in) = G^T (out, n) X^ (n, in)
+  scratch_.assign(static_cast<size_t>(out_ * in_), 0.0f);
+  int_gemm(Trans::kYes, Trans::kNo, out_, in_, n, gq_.data(), out_, qg, xq_.data(), in_, qa,
+           dg * sa, false, scratch_.data(), in_);
+  s_w_.grad[0] += static_cast<float>(weight_quant_backward(
+      weight_.value.data(), out_ * in_, s_w_.value[0], spec_.weight_bits, scratch_.data(),
+      weight_.grad.data()));
+  if (has_bias_)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < out_; ++j) bias_.grad[j] += gq_[static_cast<size_t>(i * out_ + j)] * dg;
+  // dX^ (n, in) = G^ (n, out) W^ (out, in); u_A's gradient needs it even without dx.
+  scratch_.assign(static_cast<size_t>(n * in_), 0.0f);
+  int_gemm(Trans::kNo, Trans::kNo, n, in_, out_, gq_.data(), out_, qg, wq_.data(), in_, qw,
+           dg * sw, false, scratch_.data(), in_);
+  Tensor local;
+  Tensor* out = dx ? dx : &local;
+  out->resize(x.shape());
+  u_a_.grad[0] += static_cast<float>(act_quant_backward(x.data(), x.numel(), u_a_.value[0],
+                                                        spec_.act_bits, spec_.signed_input,
+                                                        scratch_.data(), out->data()));
+}
+
+// ---- QConv2d ----------------------------------------------------------------------------------
+
+QConv2d::QConv2d(std::string name, int64_t in, int64_t out, int kernel, int stride, int pad,
+                 const QuantSpec& spec, uint32_t layer_id, QuantContext* ctx)
+    : Conv2d(name, in, out, kernel, stride, pad, false), QuantizedOp(name, spec, layer_id, ctx) {}
+
+std::vector<Param*> QConv2d::params() { return {&weight_, &s_w_, &u_a_}; }
+
+void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
+  INT4DDP_CHECK(x.rank() == 4 && x.dim(1) == in_, name_, ": input ", shape_str(x.shape()),
+                " is not (n, ", in_, ", h, w)");
+  const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
+  const int64_t ho = out_size(h), wo = out_size(w), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
+  INT4DDP_CHECK(ho > 0 && wo > 0, name_, ": input ", shape_str(x.shape()), " is too small");
+  if (!initialized_ && train) init_steps(x, weight_);
+  xq_.resize(static_cast<size_t>(x.numel()));
+  wq_.resize(static_cast<size_t>(weight_.value.numel()));
+  quantize_act_codes(x.data(), x.numel(), u_a_.value[0], spec_.act_bits, spec_.signed_input,
+                     xq_.data());
+  quantize_weight_codes(weight_.value.data(), weight_.value.numel(), s_w_.value[0],
+                        spec_.weight_bits, wq_.data());
+  const int qa = act_qmax(spec_.act_bits, spec_.signed_input);
+  const int qw = quant::levels(spec_.weight_bits);
+  const float scale = (effective_step(u_a_.value[0]) / static_cast<float>(qa)) *
+                      (effective_step(s_w_.value[0]) / static_cast<float>(qw));
+  y.resize({n, out_, ho, wo});
+  xcol_.resize(static_cast<size_t>(n * ckk * hw));
+  for (int64_t s = 0; s < n; ++s) {
+    float* col = xcol_.data() + s * ckk * hw;
+    im2col(xq_.data() + s * in_ * h * w, h, w, col);  // zero padding is code 0
+    int_gemm(Trans::kNo, Trans::kNo, out_, hw, ckk, wq_.data(), ckk, qw, col, hw, qa, scale,
+             false, y.data() + s * out_ * hw, hw);
+  }
+}
+
+void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
+  const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
+  const int64_t ho = y.dim(2), wo = y.dim(3), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
+  const float dg = quantize_grad(dy, &gq_);
+  const int qa = act_qmax(spec_.act_bits, spec_.signed_input);
+  const int qw = quant::levels(spec_.weight_bits);
+  const int qg = quant::levels(spec_.grad_bits);
+  const float sa = effective_step(u_a_.value[0]) / static_cast<float>(qa);
+  const float sw = effective_step(s_w_.value[0]) / static_cast<float>(qw);
+  // dW^ (out, ckk) = sum_s G_s (out, hw) col_s^T (hw, ckk): each sample's product is an exact
+  // integer (int_gemm with unit scale), summed exactly in double, then scaled once.
+  dw_acc_.assign(static_cast<size_t>(out_ * ckk), 0.0);
+  scratch_.resize(static_cast<size_t>(std::max(out_ * ckk, ckk * hw)));
+  for (int64_t s = 0; s < n; ++s) {
+    int_gemm(Trans::kNo, Trans::kYes, out_, ckk, hw, gq_.data() + s * out_ * hw, hw, qg,
+             xcol_.data() + s * ckk * hw, hw, qa, 1.0f, false, scratch_.data(), ckk);
+    for (int64_t i = 0; i < out_ * ckk; ++i) dw_acc_[static_cast<size_t>(i)] += scratch_[i];
+  }
+  std::vector<float> dwhat(static_cast<size_t>(out_ * ckk));
+  const float wscale = dg * sa;
+  for (size_t i = 0; i < dwhat.size(); ++i)
+    dwhat[i] = wscale * static_cast<float>(dw_acc_[i]);
+  s_w_.grad[0] += static_cast<float>(weight_quant_backward(weight_.value.data(), out_ * ckk,
+                                                           s_w_.value[0], spec_.weight_bits,
+                                                           dwhat.data(), weight_.grad.data()));
+  // dX^ per sample: dcol (ckk, hw) = W^T (ckk, out) G_s (out, hw), scattered back by col2im.
+  Tensor dxhat(x.shape());
+  dxhat.zero();
+  for (int64_t s = 0; s < n; ++s) {
+    int_gemm(Trans::kYes, Trans::kNo, ckk, hw, out_, wq_.data(), ckk, qw,
+             gq_.data() + s * out_ * hw, hw, qg, dg * sw, false, scratch_.data(), hw);
+    col2im(scratch_.data(), h, w, dxhat.data() + s * in_ * h * w);
+  }
+  Tensor local;
+  Tensor* out = dx ? dx : &local;
+  out->resize(x.shape());
+  u_a_.grad[0] += static_cast<float>(act_quant_backward(x.data(), x.numel(), u_a_.value[0],
+                                                        spec_.act_bits, spec_.signed_input,
+                                                        dxhat.data(), out->data()));
+}
+
+}  // namespace int4ddp::nn

@@ -1,0 +1,119 @@
+// Fully quantized Conv2d and Linear (DESIGN.md section 3): low-bit weights, activations and output
+// gradients, with all three GEMMs run as exact integer GEMMs on the codes.
+//
+//   weights      W^ = s_W * clamp(rint(W / s_W * L), -L, L) / L          (L = 2^(b-1) - 1)
+//   activations  X^ = u_A * rint(clamp(X / u_A, 0, 1) * N) / N           (N = 2^b - 1), or the
+//                signed grid u_A * rint(clamp(X / u_A, -1, 1) * L) / L when the input can be negative
+//   gradients    identity forward; backward quantizes dL/dY per tensor (stochastic rounding, the
+//                interval policy of the layer, `lbt` by default) before it is used at all
+// The rounding uses the straight-through estimator; s_W and u_A receive the exact gradient of the
+// expressions above (LSQ-style: (q - v) / L inside the clip range, the clip sign outside). They are
+// initialised on the first training forward to 3 std(W) and 3 std(X) / sqrt(1 - 2/pi).
+//
+// The gradient quantizer's interval-policy update is deferred: backward records the step's clip
+// statistics and commit_step() applies them once the trainer has accepted the step, so a skipped
+// (non-finite) step changes no gamma. The first backward calibrates `lbt` (the trainer does not
+// update weights on that batch).
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "kernels/quant/codec.h"
+#include "kernels/quant/diagnostics.h"
+#include "kernels/quant/policy.h"
+#include "src/nn/layer.h"
+
+namespace int4ddp::nn {
+
+// Shared by all quantized layers of a model for one step.
+struct QuantContext {
+  uint32_t seed = 0;           // Philox seed of the run
+  uint32_t step = 0;           // training step (Philox counter word)
+  int64_t nonfinite = 0;       // NaN/Inf seen in output gradients this step
+  bool diagnostics = false;    // compute E(G), E(G_L) this step (costs a dequantize per layer)
+};
+
+struct QuantSpec {
+  int weight_bits = 4;  // 2..8
+  int act_bits = 4;     // 2..8
+  int grad_bits = 4;    // 2..8
+  bool signed_input = false;  // activations on the signed grid (input can be negative)
+  quant::PolicyConfig grad_policy;  // bits is overwritten with grad_bits
+  quant::Rounding grad_rounding = quant::Rounding::kStochastic;
+};
+
+// Per-layer gradient-quantizer state and diagnostics.
+struct GradQuantizerState {
+  std::unique_ptr<quant::IntervalPolicy> policy;
+  quant::LargeGradientTracker tracker;
+  quant::QuantStats pending;    // stats of this step's quantization, applied by commit_step
+  bool has_pending = false;
+  float last_gamma = 1.0f;      // gamma used this step
+  quant::TensorDiagnostics last_diag{};
+};
+
+// ---- the fake-quantizer math, as free functions (tested on hand-derived values) -------------
+
+// Weight codes q = clamp(rint(w / s * L), -L, L) as floats.
+void quantize_weight_codes(const float* w, int64_t n, float s, int bits, float* codes);
+// dw += dwhat where |w / s * L| <= L; returns d loss / d s (STE for the rounding).
+double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
+                             float* dw);
+// Activation codes: unsigned rint(clamp(x / u, 0, 1) * N) or signed rint(clamp(x / u, -1, 1) * L).
+void quantize_act_codes(const float* x, int64_t n, float u, int bits, bool is_signed,
+                        float* codes);
+// dx = dxhat inside the clip range (0 outside); returns d loss / d u.
+double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_signed,
+                          const float* dxhat, float* dx);
+// Largest code magnitude of an activation grid.
+int act_qmax(int bits, bool is_signed);
+
+// Common machinery of QConv2d and QLinear.
+class QuantizedOp {
+ public:
+  QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_t layer_id,
+              QuantContext* ctx);
+  void commit_step();  // apply the deferred interval-policy update
+  const GradQuantizerState& grad_state() const { return grad_; }
+  Param& weight_step() { return s_w_; }
+  Param& act_step() { return u_a_; }
+
+ protected:
+  // Quantizes dy into integer-valued float codes; returns the step d_G.
+  float quantize_grad(const Tensor& dy, std::vector<float>* codes);
+  void init_steps(const Tensor& x, const Param& w);
+
+  QuantSpec spec_;
+  uint32_t layer_id_;
+  QuantContext* ctx_;
+  Param s_w_, u_a_;
+  bool initialized_ = false;
+  GradQuantizerState grad_;
+  std::vector<float> xq_, wq_, gq_, scratch_;
+  std::vector<uint8_t> packed_;
+};
+
+class QLinear : public Linear, public QuantizedOp {
+ public:
+  QLinear(std::string name, int64_t in, int64_t out, bool bias, const QuantSpec& spec,
+          uint32_t layer_id, QuantContext* ctx);
+  void forward(const Tensor& x, Tensor& y, bool train) override;
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+  std::vector<Param*> params() override;
+};
+
+class QConv2d : public Conv2d, public QuantizedOp {
+ public:
+  QConv2d(std::string name, int64_t in, int64_t out, int kernel, int stride, int pad,
+          const QuantSpec& spec, uint32_t layer_id, QuantContext* ctx);
+  void forward(const Tensor& x, Tensor& y, bool train) override;
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+  std::vector<Param*> params() override;
+
+ private:
+  std::vector<float> xcol_;   // im2col of the activation codes of every sample (forward cache)
+  std::vector<double> dw_acc_;  // exact integer accumulation of dW^ over samples
+};
+
+}  // namespace int4ddp::nn

@@ -1,0 +1,230 @@
+// Quantized layers: the fake-quantizer gradients against hand-derived values, and QLinear / QConv2d
+// forward and backward against a plain reference built from the definitions (fake-quantized
+// tensors in double, straight-through masks, the reference codec for the output gradient).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "kernels/quant/codec.h"
+#include "src/nn/quant_layers.h"
+
+namespace int4ddp::nn {
+namespace {
+
+TEST(FakeQuant, WeightCodesAndGradientsByHand) {
+  // bits 4 (L = 7), s = 1: v = 7w = 0.7, -3.5, 14, 2.1 -> codes 1, -4 (half to even), 7 (clip), 2.
+  const float w[] = {0.1f, -0.5f, 2.0f, 0.3f};
+  float codes[4];
+  quantize_weight_codes(w, 4, 1.0f, 4, codes);
+  EXPECT_EQ(codes[0], 1.0f);
+  EXPECT_EQ(codes[1], -4.0f);
+  EXPECT_EQ(codes[2], 7.0f);
+  EXPECT_EQ(codes[3], 2.0f);
+  const float dwhat[] = {1.0f, 1.0f, 1.0f, 1.0f};
+  float dw[] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const double ds = weight_quant_backward(w, 4, 1.0f, 4, dwhat, dw);
+  EXPECT_EQ(dw[0], 1.0f);
+  EXPECT_EQ(dw[2], 0.0f);  // clipped: no gradient to w
+  // ds = sum (q - v) / L inside, sign(w) outside = (0.3 - 0.5 - 0.1) / 7 + 1
+  EXPECT_NEAR(ds, 1.0 - 0.3 / 7.0, 1e-6);
+}
+
+TEST(FakeQuant, ActivationCodesAndGradientsByHand) {
+  // bits 4 unsigned (N = 15), u = 1.5: v = -2/3, 0.2, 1, 2, 0.5 -> 0, 3, 15, 15, 8 (7.5 to even).
+  const float x[] = {-1.0f, 0.3f, 1.5f, 3.0f, 0.75f};
+  float codes[5];
+  quantize_act_codes(x, 5, 1.5f, 4, false, codes);
+  const float expected[] = {0, 3, 15, 15, 8};
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(codes[i], expected[i]) << i;
+  const float dxhat[] = {1, 1, 1, 1, 1};
+  float dx[5];
+  const double du = act_quant_backward(x, 5, 1.5f, 4, false, dxhat, dx);
+  const float mask[] = {0, 1, 1, 0, 1};
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(dx[i], mask[i]) << i;
+  EXPECT_NEAR(du, 1.0 + 0.5 / 15.0, 1e-6);  // x = 3 clipped above: 1; x = 0.75: (8 - 7.5) / 15
+  // Signed grid (L = 7): x = -3 clips at -u and contributes -1 to du.
+  const float xs[] = {-3.0f};
+  float cs[1], dxs[1];
+  quantize_act_codes(xs, 1, 1.5f, 4, true, cs);
+  EXPECT_EQ(cs[0], -7.0f);
+  EXPECT_NEAR(act_quant_backward(xs, 1, 1.5f, 4, true, dxhat, dxs), -1.0, 1e-9);
+  EXPECT_EQ(dxs[0], 0.0f);
+}
+
+// --- layer references ------------------------------------------------------------------------
+
+QuantSpec test_spec() {
+  QuantSpec s;
+  s.weight_bits = 4;
+  s.act_bits = 4;
+  s.grad_bits = 8;
+  s.grad_policy.kind = quant::PolicyKind::kMinMax;
+  s.grad_rounding = quant::Rounding::kNearest;
+  return s;
+}
+
+void fill(Tensor& t, uint64_t seed, float lo, float hi) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (int64_t i = 0; i < t.numel(); ++i) t[i] = d(rng);
+}
+
+// G^ of the reference codec: per tensor, minmax, nearest.
+std::vector<double> ref_grad(const Tensor& dy, int bits) {
+  quant::QuantParams p;
+  p.bits = bits;
+  std::vector<uint8_t> codes(static_cast<size_t>(quant::packed_bytes(bits, dy.numel())));
+  float step;
+  quant::quantize_ref(dy.data(), dy.numel(), p, codes.data(), &step);
+  std::vector<float> out(static_cast<size_t>(dy.numel()));
+  quant::dequantize_ref(codes.data(), &step, dy.numel(), bits, 0, out.data());
+  return std::vector<double>(out.begin(), out.end());
+}
+
+std::vector<double> fake_weights(const Param& w, float s, int bits) {
+  std::vector<float> c(static_cast<size_t>(w.value.numel()));
+  quantize_weight_codes(w.value.data(), w.value.numel(), s, bits, c.data());
+  std::vector<double> out(c.size());
+  for (size_t i = 0; i < c.size(); ++i) out[i] = c[i] * (static_cast<double>(s) / 7.0);
+  return out;
+}
+
+std::vector<double> fake_acts(const Tensor& x, float u, int bits) {
+  std::vector<float> c(static_cast<size_t>(x.numel()));
+  quantize_act_codes(x.data(), x.numel(), u, bits, false, c.data());
+  std::vector<double> out(c.size());
+  for (size_t i = 0; i < c.size(); ++i) out[i] = c[i] * (static_cast<double>(u) / 15.0);
+  return out;
+}
+
+constexpr double kTol = 1e-4;  // float rescaling of exact integer GEMMs vs double reference
+
+TEST(QuantLayers, QLinearMatchesReference) {
+  QuantContext ctx;
+  QLinear l("fc", 6, 4, true, test_spec(), 1, &ctx);
+  fill(l.weight().value, 1, -0.5f, 0.5f);
+  fill(l.bias().value, 2, -0.1f, 0.1f);
+  Tensor x({3, 6}), y, dy({3, 4}), dx;
+  fill(x, 3, -0.2f, 1.0f);  // some negatives clip to 0
+  fill(dy, 4, -1.0f, 1.0f);
+  l.forward(x, y, true);
+  const float s = l.weight_step().value[0], u = l.act_step().value[0];
+  const auto wh = fake_weights(l.weight(), s, 4);
+  const auto xh = fake_acts(x, u, 4);
+  for (int64_t i = 0; i < 3; ++i)
+    for (int64_t j = 0; j < 4; ++j) {
+      double acc = l.bias().value[j];
+      for (int64_t k = 0; k < 6; ++k) acc += xh[i * 6 + k] * wh[j * 6 + k];
+      EXPECT_NEAR(y[i * 4 + j], acc, kTol);
+    }
+  for (Param* p : l.params()) p->grad.zero();
+  l.backward(x, y, dy, &dx);
+  const auto g = ref_grad(dy, 8);
+  for (int64_t j = 0; j < 4; ++j)
+    for (int64_t k = 0; k < 6; ++k) {
+      double dwh = 0;
+      for (int64_t i = 0; i < 3; ++i) dwh += g[i * 4 + j] * xh[i * 6 + k];
+      const bool inside = std::fabs(l.weight().value[j * 6 + k] / s * 7.0f) <= 7.0f;
+      EXPECT_NEAR(l.weight().grad[j * 6 + k], inside ? dwh : 0.0, kTol);
+    }
+  for (int64_t i = 0; i < 3; ++i)
+    for (int64_t k = 0; k < 6; ++k) {
+      double dxh = 0;
+      for (int64_t j = 0; j < 4; ++j) dxh += g[i * 4 + j] * wh[j * 6 + k];
+      const float v = x[i * 6 + k] / u;
+      EXPECT_NEAR(dx[i * 6 + k], (v >= 0 && v <= 1) ? dxh : 0.0, kTol);
+    }
+  EXPECT_NE(l.weight_step().grad[0], 0.0f);
+  EXPECT_NE(l.act_step().grad[0], 0.0f);
+}
+
+TEST(QuantLayers, QConv2dMatchesDirectConvolution) {
+  QuantContext ctx;
+  const int64_t n = 2, ci = 3, co = 4, h = 5, w = 6;
+  QConv2d c("conv", ci, co, 3, 2, 1, test_spec(), 2, &ctx);
+  fill(c.weight().value, 5, -0.5f, 0.5f);
+  Tensor x({n, ci, h, w}), y, dx;
+  fill(x, 6, -0.1f, 1.0f);
+  c.forward(x, y, true);
+  const int64_t ho = y.dim(2), wo = y.dim(3);
+  ASSERT_EQ(ho, 3);
+  ASSERT_EQ(wo, 3);
+  const float s = c.weight_step().value[0], u = c.act_step().value[0];
+  const auto wh = fake_weights(c.weight(), s, 4);
+  const auto xh = fake_acts(x, u, 4);
+  auto xat = [&](int64_t b, int64_t ch, int64_t iy, int64_t ix) {
+    return (iy < 0 || iy >= h || ix < 0 || ix >= w) ? 0.0 : xh[((b * ci + ch) * h + iy) * w + ix];
+  };
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t o = 0; o < co; ++o)
+      for (int64_t oy = 0; oy < ho; ++oy)
+        for (int64_t ox = 0; ox < wo; ++ox) {
+          double acc = 0;
+          for (int64_t ch = 0; ch < ci; ++ch)
+            for (int ky = 0; ky < 3; ++ky)
+              for (int kx = 0; kx < 3; ++kx)
+                acc += wh[((o * ci + ch) * 3 + ky) * 3 + kx] *
+                       xat(b, ch, oy * 2 - 1 + ky, ox * 2 - 1 + kx);
+          EXPECT_NEAR(y[((b * co + o) * ho + oy) * wo + ox], acc, kTol);
+        }
+  Tensor dy(y.shape());
+  fill(dy, 7, -1.0f, 1.0f);
+  for (Param* p : c.params()) p->grad.zero();
+  c.backward(x, y, dy, &dx);
+  const auto g = ref_grad(dy, 8);
+  // dW and dX of the direct convolution with the fake-quantized operands and STE masks.
+  std::vector<double> dwh(wh.size(), 0.0), dxh(xh.size(), 0.0);
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t o = 0; o < co; ++o)
+      for (int64_t oy = 0; oy < ho; ++oy)
+        for (int64_t ox = 0; ox < wo; ++ox) {
+          const double gv = g[((b * co + o) * ho + oy) * wo + ox];
+          for (int64_t ch = 0; ch < ci; ++ch)
+            for (int ky = 0; ky < 3; ++ky)
+              for (int kx = 0; kx < 3; ++kx) {
+                const int64_t iy = oy * 2 - 1 + ky, ix = ox * 2 - 1 + kx;
+                if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
+                const size_t wi = static_cast<size_t>(((o * ci + ch) * 3 + ky) * 3 + kx);
+                const size_t xi = static_cast<size_t>(((b * ci + ch) * h + iy) * w + ix);
+                dwh[wi] += gv * xh[xi];
+                dxh[xi] += gv * wh[wi];
+              }
+        }
+  for (size_t i = 0; i < dwh.size(); ++i) {
+    const bool inside = std::fabs(c.weight().value[i] / s * 7.0f) <= 7.0f;
+    EXPECT_NEAR(c.weight().grad[i], inside ? dwh[i] : 0.0, kTol) << "dW " << i;
+  }
+  for (size_t i = 0; i < dxh.size(); ++i) {
+    const float v = x[i] / u;
+    EXPECT_NEAR(dx[i], (v >= 0 && v <= 1) ? dxh[i] : 0.0, kTol) << "dX " << i;
+  }
+}
+
+TEST(QuantLayers, GradientQuantizerDefersThePolicyUpdateAndCountsNonFinite) {
+  QuantContext ctx;
+  QuantSpec spec = test_spec();
+  spec.grad_bits = 4;
+  spec.grad_policy.kind = quant::PolicyKind::kLbt;
+  spec.grad_rounding = quant::Rounding::kStochastic;
+  QLinear l("fc", 8, 8, false, spec, 3, &ctx);
+  fill(l.weight().value, 8, -0.5f, 0.5f);
+  Tensor x({16, 8}), y, dy({16, 8}), dx;
+  fill(x, 9, 0.0f, 1.0f);
+  fill(dy, 10, -1.0f, 1.0f);
+  l.forward(x, y, true);
+  l.backward(x, y, dy, &dx);  // first backward calibrates
+  const float calibrated = l.grad_state().policy->gamma();
+  l.backward(x, y, dy, &dx);
+  EXPECT_EQ(l.grad_state().policy->gamma(), calibrated) << "gamma moved before commit_step";
+  l.commit_step();
+  EXPECT_NE(l.grad_state().policy->gamma(), calibrated) << "commit_step did not apply the rule";
+  dy[5] = std::nanf("");
+  ctx.nonfinite = 0;
+  l.backward(x, y, dy, &dx);
+  EXPECT_EQ(ctx.nonfinite, 1);
+}
+
+}  // namespace
+}  // namespace int4ddp::nn
