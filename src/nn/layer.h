@@ -26,6 +26,8 @@ class Layer {
   virtual void forward(const Tensor& x, Tensor& y, bool train) = 0;
   virtual void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) = 0;
   virtual std::vector<Param*> params() { return {}; }
+  // Non-trainable state that belongs to the model (BatchNorm running statistics), in a fixed order.
+  virtual std::vector<std::vector<float>*> buffers() { return {}; }
 };
 
 // y = x W^T + b; x (n, in) or any (n, ...) flattened to in features; W (out, in).
@@ -83,6 +85,7 @@ class BatchNorm : public Layer {
   std::vector<Param*> params() override;
   std::vector<float>& running_mean() { return running_mean_; }
   std::vector<float>& running_var() { return running_var_; }
+  std::vector<std::vector<float>*> buffers() override { return {&running_mean_, &running_var_}; }
 
  private:
   std::string name_;
@@ -139,6 +142,7 @@ class Sequential : public Layer {
   void forward(const Tensor& x, Tensor& y, bool train) override;
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
   std::vector<Param*> params() override;
+  std::vector<std::vector<float>*> buffers() override;
   const std::vector<std::unique_ptr<Layer>>& layers() const { return layers_; }
 
  private:
@@ -160,6 +164,7 @@ class ResidualBlock : public Layer {
   void forward(const Tensor& x, Tensor& y, bool train) override;
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
   std::vector<Param*> params() override;
+  std::vector<std::vector<float>*> buffers() override { return body_.buffers(); }
 
  private:
   std::string name_;

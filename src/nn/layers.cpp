@@ -336,6 +336,13 @@ std::vector<Param*> Sequential::params() {
   return out;
 }
 
+std::vector<std::vector<float>*> Sequential::buffers() {
+  std::vector<std::vector<float>*> out;
+  for (auto& l : layers_)
+    for (std::vector<float>* b : l->buffers()) out.push_back(b);
+  return out;
+}
+
 void Sequential::forward(const Tensor& x, Tensor& y, bool train) {
   INT4DDP_CHECK(!layers_.empty(), name_, ": no layers");
   acts_.resize(layers_.size());

@@ -1,0 +1,693 @@
+// Config parsing, overrides, validation and printing: everything walks one field table
+// (make_fields), which names each key once with a pointer to its member and its own range check.
+//
+// Invariant: a value is only ever stored after its type and its own range were checked; a failed
+// assignment restores the old value, and apply_override works on a copy, so a failed override
+// leaves the config as it was.
+// Checks that relate several keys run in validate(), which names the key a user should change and,
+// when the config came from a file, that key's line.
+#include "src/config/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <type_traits>
+#include <variant>
+
+#include "kernels/common/error.h"
+
+namespace int4ddp {
+namespace {
+
+using IntList = std::vector<int>;
+using RealList = std::vector<double>;
+using ValuePtr = std::variant<bool*, int*, int64_t*, double*, std::string*, IntList*, RealList*>;
+// What is wrong with the field's current value ("must be in (0, 1]"), or "" when it is valid.
+using Check = std::function<std::string()>;
+
+struct Field {
+  std::string key;  // "section.name"
+  ValuePtr value;   // the member of the Config the table was made for
+  Check check;      // the value's own range; nullptr: any value of the type
+};
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int kMaxListLength = 16;         // model.mlp_hidden, schedule.milestones
+constexpr size_t kMaxSuggestDistance = 3;  // "did you mean": at most this many edits, and at
+                                           // most a third of the unknown name's length
+constexpr double kBytesPerMiB = 1048576;   // comm.bucket_mb unit
+
+// Shortest text that reads back as the same double, always with a '.' or an exponent so that YAML
+// and a reader see a float ("25.0", "0.1", "1e-5").
+std::string format_double(double v) {
+  if (std::isnan(v)) return ".nan";
+  if (std::isinf(v)) return v > 0 ? ".inf" : "-.inf";
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), v);
+  INT4DDP_CHECK(ec == std::errc(), "config: cannot format a double");
+  std::string s(buf, end);
+  const size_t e = s.find('e');
+  if (e == std::string::npos) {
+    if (s.find('.') == std::string::npos) s += ".0";
+    return s;
+  }
+  // "1e-05" -> "1e-5": drop the exponent's leading zeros.
+  size_t digits = e + 1;
+  if (digits < s.size() && (s[digits] == '-' || s[digits] == '+')) ++digits;
+  while (digits + 1 < s.size() && s[digits] == '0') s.erase(digits, 1);
+  return s;
+}
+
+// A range bound in a message: "100", "0.5", "1e-3".
+std::string format_bound(double v) {
+  std::string s = format_double(v);
+  if (s.size() > 2 && s.compare(s.size() - 2, 2, ".0") == 0) s.resize(s.size() - 2);
+  return s;
+}
+
+// YAML double-quoted scalar (also valid JSON for printable ASCII).
+std::string quote(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char ch : s) {
+    if (ch == '"' || ch == '\\') {
+      out += '\\';
+      out += static_cast<char>(ch);
+    } else if (ch < 0x20 || ch == 0x7f) {
+      static const char* kHex = "0123456789abcdef";
+      out += "\\x";
+      out += kHex[ch >> 4];
+      out += kHex[ch & 0xf];
+    } else {
+      out += static_cast<char>(ch);
+    }
+  }
+  return out + "\"";
+}
+
+// The canonical text of a value: YAML that parses back to the same value. Used by the table, the
+// YAML and the hash.
+std::string format_value(const ValuePtr& value) {
+  return std::visit(
+      [](auto* p) -> std::string {
+        using T = std::remove_pointer_t<decltype(p)>;
+        if constexpr (std::is_same_v<T, bool>) {
+          return *p ? "true" : "false";
+        } else if constexpr (std::is_same_v<T, int> || std::is_same_v<T, int64_t>) {
+          return std::to_string(*p);
+        } else if constexpr (std::is_same_v<T, double>) {
+          return format_double(*p);
+        } else if constexpr (std::is_same_v<T, std::string>) {
+          return quote(*p);
+        } else {
+          std::string s = "[";
+          for (size_t i = 0; i < p->size(); ++i) {
+            if (i > 0) s += ", ";
+            if constexpr (std::is_same_v<T, IntList>) {
+              s += std::to_string((*p)[i]);
+            } else {
+              s += format_double((*p)[i]);
+            }
+          }
+          return s + "]";
+        }
+      },
+      value);
+}
+
+// --- range checks
+// ---------------------------------------------------------------------------------
+
+std::string describe_range(double lo, double hi, bool lo_open, bool hi_open) {
+  if (hi == kInf) return (lo_open ? "must be > " : "must be >= ") + format_bound(lo);
+  return std::string("must be in ") + (lo_open ? "(" : "[") + format_bound(lo) + ", " +
+         format_bound(hi) + (hi_open ? ")" : "]");
+}
+
+// An integer range reads better without ".0".
+std::string describe_int_range(int64_t lo, int64_t hi) {
+  if (hi == std::numeric_limits<int64_t>::max()) return "must be >= " + std::to_string(lo);
+  return "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+}
+
+bool in_range(double v, double lo, double hi, bool lo_open, bool hi_open) {
+  return std::isfinite(v) && (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
+}
+
+Check real(const double* p, double lo, double hi, bool lo_open, bool hi_open) {
+  return [=] {
+    return in_range(*p, lo, hi, lo_open, hi_open) ? std::string()
+                                                  : describe_range(lo, hi, lo_open, hi_open);
+  };
+}
+
+template <typename T>
+Check integer(const T* p, int64_t lo, int64_t hi = std::numeric_limits<int64_t>::max()) {
+  return [=] {
+    const int64_t v = *p;
+    return v >= lo && v <= hi ? std::string() : describe_int_range(lo, hi);
+  };
+}
+
+Check bits(const int* p) {
+  return [=] {
+    return (*p >= 2 && *p <= 8) || *p == kFp32Bits ? std::string()
+                                                   : std::string("must be 2..8, or 32 (fp32)");
+  };
+}
+
+Check one_of(const std::string* p, std::vector<std::string> choices) {
+  return [=] {
+    if (std::find(choices.begin(), choices.end(), *p) != choices.end()) return std::string();
+    std::string s = "must be one of ";
+    for (size_t i = 0; i < choices.size(); ++i) s += (i > 0 ? ", " : "") + choices[i];
+    return s;
+  };
+}
+
+Check int_list(const IntList* p, int min_length, int max_length, int lo, int hi) {
+  return [=] {
+    const int n = static_cast<int>(p->size());
+    if (n < min_length || n > max_length) {
+      return "must hold " + std::to_string(min_length) + ".." + std::to_string(max_length) +
+             " values";
+    }
+    for (int v : *p) {
+      if (v < lo || v > hi) return "every value " + describe_int_range(lo, hi);
+    }
+    return std::string();
+  };
+}
+
+// Values in (lo, hi), strictly increasing.
+Check increasing_fractions(const RealList* p, int max_length) {
+  return [=] {
+    if (static_cast<int>(p->size()) > max_length) {
+      return "must hold at most " + std::to_string(max_length) + " values";
+    }
+    for (size_t i = 0; i < p->size(); ++i) {
+      if (!in_range((*p)[i], 0, 1, true, true)) return std::string("every value must be in (0, 1)");
+      if (i > 0 && !((*p)[i] > (*p)[i - 1])) return std::string("must be strictly increasing");
+    }
+    return std::string();
+  };
+}
+
+Check even_block(const int64_t* p) {
+  return [=] {
+    const int64_t kMax = int64_t{1} << 24;
+    if (*p < 2 || *p > kMax || *p % 2 != 0) {
+      return "must be even and in [2, " + std::to_string(kMax) + "] (INT4 packs 2 per byte)";
+    }
+    return std::string();
+  };
+}
+
+// --- the field table: every key, once
+// -------------------------------------------------------------
+
+std::vector<Field> make_fields(Config& c) {
+  const int64_t kMaxExamples = 100000000;
+  const int64_t kMaxBatch = 65536;
+  const int64_t kMaxSeed = 4294967295;  // Philox keys are 32-bit words
+  auto& m = c.model;
+  auto& d = c.data;
+  auto& q = c.quant;
+  auto& k = c.comm;
+  auto& o = c.optim;
+  auto& s = c.schedule;
+  auto& t = c.train;
+  auto& l = c.log;
+  return {
+      {"model.name", &m.name, one_of(&m.name, {"mlp", "cnn", "resnet20"})},
+      {"model.mlp_hidden", &m.mlp_hidden, int_list(&m.mlp_hidden, 1, kMaxListLength, 1, 65536)},
+      {"model.num_classes", &m.num_classes, integer(&m.num_classes, 2, 100000)},
+
+      {"data.dataset", &d.dataset, one_of(&d.dataset, {"fashion_mnist", "synthetic", "cifar10"})},
+      {"data.path", &d.path, nullptr},
+      {"data.normalize", &d.normalize, nullptr},
+      {"data.random_crop_pad", &d.random_crop_pad, integer(&d.random_crop_pad, 0, 16)},
+      {"data.random_flip", &d.random_flip, nullptr},
+      {"data.synthetic_train_size", &d.synthetic_train_size,
+       integer(&d.synthetic_train_size, 1, kMaxExamples)},
+      {"data.synthetic_test_size", &d.synthetic_test_size,
+       integer(&d.synthetic_test_size, 1, kMaxExamples)},
+      {"data.max_train_examples", &d.max_train_examples, integer(&d.max_train_examples, 0)},
+      {"data.max_test_examples", &d.max_test_examples, integer(&d.max_test_examples, 0)},
+
+      {"quant.weight_bits", &q.weight_bits, bits(&q.weight_bits)},
+      {"quant.activation_bits", &q.activation_bits, bits(&q.activation_bits)},
+      {"quant.grad_bits", &q.grad_bits, bits(&q.grad_bits)},
+      {"quant.grad_policy", &q.grad_policy,
+       one_of(&q.grad_policy, {"minmax", "fixed", "lbt", "mse", "dsgc"})},
+      {"quant.fixed_gamma", &q.fixed_gamma, real(&q.fixed_gamma, 0, 1, true, false)},
+      {"quant.alpha", &q.alpha, real(&q.alpha, 0, 1, true, true)},
+      {"quant.eta", &q.eta, real(&q.eta, 0, 1, true, false)},
+      {"quant.lbt_calibrate", &q.lbt_calibrate, nullptr},
+      {"quant.grad_rounding", &q.grad_rounding,
+       one_of(&q.grad_rounding, {"nearest", "stochastic"})},
+      {"quant.first_layer_fp32", &q.first_layer_fp32, nullptr},
+      {"quant.last_layer_fp32", &q.last_layer_fp32, nullptr},
+      {"quant.scale_lr", &q.scale_lr, real(&q.scale_lr, 0, 1, true, false)},
+
+      {"comm.backend", &k.backend, one_of(&k.backend, {"none", "mpi", "nccl"})},
+      {"comm.mode", &k.mode, one_of(&k.mode, {"fp32", "int4", "int8"})},
+      {"comm.bucket_mb", &k.bucket_mb, real(&k.bucket_mb, 0, 4096, true, false)},
+      {"comm.block_size", &k.block_size, even_block(&k.block_size)},
+      {"comm.small_tensor_threshold", &k.small_tensor_threshold,
+       integer(&k.small_tensor_threshold, 0)},
+      {"comm.worker_error_feedback", &k.worker_error_feedback, nullptr},
+      {"comm.server_error_feedback", &k.server_error_feedback, nullptr},
+      {"comm.grad_policy", &k.grad_policy, one_of(&k.grad_policy, {"minmax", "fixed", "lbt"})},
+      {"comm.fixed_gamma", &k.fixed_gamma, real(&k.fixed_gamma, 0, 1, true, false)},
+      {"comm.alpha", &k.alpha, real(&k.alpha, 0, 1, true, true)},
+      {"comm.eta", &k.eta, real(&k.eta, 0, 1, true, false)},
+      {"comm.rounding", &k.rounding, one_of(&k.rounding, {"nearest", "stochastic"})},
+      {"comm.overlap", &k.overlap, nullptr},
+
+      {"optim.lr", &o.lr, real(&o.lr, 0, 100, true, false)},
+      {"optim.momentum", &o.momentum, real(&o.momentum, 0, 1, false, true)},
+      {"optim.weight_decay", &o.weight_decay, real(&o.weight_decay, 0, 1, false, true)},
+      {"optim.nesterov", &o.nesterov, nullptr},
+
+      {"schedule.kind", &s.kind, one_of(&s.kind, {"multistep", "cosine"})},
+      {"schedule.milestones", &s.milestones, increasing_fractions(&s.milestones, kMaxListLength)},
+      {"schedule.gamma", &s.gamma, real(&s.gamma, 0, 1, true, false)},
+      {"schedule.min_lr", &s.min_lr, real(&s.min_lr, 0, kInf, false, false)},
+      {"schedule.warmup_epochs", &s.warmup_epochs, real(&s.warmup_epochs, 0, kInf, false, false)},
+
+      {"train.epochs", &t.epochs, integer(&t.epochs, 1, 100000)},
+      {"train.batch_size", &t.batch_size, integer(&t.batch_size, 1, kMaxBatch)},
+      {"train.eval_batch_size", &t.eval_batch_size, integer(&t.eval_batch_size, 1, kMaxBatch)},
+      {"train.seed", &t.seed, integer(&t.seed, 0, kMaxSeed)},
+      {"train.threads", &t.threads, integer(&t.threads, 0, 1024)},
+      {"train.max_steps", &t.max_steps, integer(&t.max_steps, 0)},
+      {"train.checkpoint_every_steps", &t.checkpoint_every_steps,
+       integer(&t.checkpoint_every_steps, 0)},
+      {"train.checkpoint_every_epochs", &t.checkpoint_every_epochs,
+       integer(&t.checkpoint_every_epochs, 0)},
+      {"train.checkpoint_dir", &t.checkpoint_dir, nullptr},
+      {"train.resume", &t.resume, nullptr},
+      {"train.max_consecutive_skips", &t.max_consecutive_skips,
+       integer(&t.max_consecutive_skips, 1, 1000000)},
+      {"train.eval_every_epochs", &t.eval_every_epochs, integer(&t.eval_every_epochs, 0)},
+
+      {"log.metrics_path", &l.metrics_path, nullptr},
+      {"log.progress", &l.progress, one_of(&l.progress, {"auto", "on", "off"})},
+      {"log.print_every", &l.print_every, integer(&l.print_every, 0)},
+      {"log.diagnostics_every", &l.diagnostics_every, integer(&l.diagnostics_every, 0)},
+  };
+}
+
+// The table for reading only. make_fields only takes addresses; nothing writes through them here.
+std::vector<Field> make_fields(const Config& c) { return make_fields(const_cast<Config&>(c)); }
+
+std::string section_of(const std::string& key) { return key.substr(0, key.find('.')); }
+std::string name_of(const std::string& key) { return key.substr(key.find('.') + 1); }
+
+std::vector<std::string> section_names(const std::vector<Field>& fields) {
+  std::vector<std::string> sections;
+  for (const Field& f : fields) {
+    const std::string s = section_of(f.key);
+    if (std::find(sections.begin(), sections.end(), s) == sections.end()) sections.push_back(s);
+  }
+  return sections;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// --- reading YAML into the table
+// ------------------------------------------------------------------
+
+// Where a value came from, for messages: "FILE line N, column M" or "--set 'TEXT'".
+struct Source {
+  std::string file;           // the config file (or parse_config's source name); "" for an override
+  std::string override_text;  // the `--set` text when file is ""
+
+  std::string where(const YAML::Mark& mark) const {
+    if (file.empty()) return "--set '" + override_text + "'";
+    if (mark.is_null()) return file;
+    return file + " line " + std::to_string(mark.line + 1) + ", column " +
+           std::to_string(mark.column + 1);
+  }
+};
+
+std::string describe_node(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Null:
+      return "nothing (null)";
+    case YAML::NodeType::Sequence:
+      return "a sequence";
+    case YAML::NodeType::Map:
+      return "a mapping";
+    case YAML::NodeType::Scalar:
+      return (node.Tag() == "!" ? "the quoted string " : "") + quote(node.Scalar());
+    default:
+      return "an undefined value";
+  }
+}
+
+// A number or bool must be written plainly: "0.1" in quotes is a string.
+template <typename T>
+bool decode_plain(const YAML::Node& node, T& out) {
+  return node.IsScalar() && node.Tag() != "!" && YAML::convert<T>::decode(node, out);
+}
+
+template <typename T>
+const char* type_name() {
+  if constexpr (std::is_same_v<T, bool>) return "true or false";
+  if constexpr (std::is_same_v<T, int> || std::is_same_v<T, int64_t>) return "an integer";
+  if constexpr (std::is_same_v<T, double>) return "a number";
+  if constexpr (std::is_same_v<T, std::string>) return "a string";
+  if constexpr (std::is_same_v<T, IntList>) return "a sequence of integers, e.g. [256, 256]";
+  if constexpr (std::is_same_v<T, RealList>) return "a sequence of numbers, e.g. [0.5, 0.75]";
+}
+
+// Parses node as T into out. Returns "" or what is wrong, worded to follow the key in a message:
+// ": expected a number, got \"abc\"", or "[1]: expected an integer, got \"x\"" for a list item.
+template <typename T>
+std::string decode_as(const YAML::Node& node, T& out) {
+  auto mismatch = [](const std::string& at, const char* want, const YAML::Node& got) {
+    return at + ": expected " + want + ", got " + describe_node(got);
+  };
+  if constexpr (std::is_same_v<T, std::string>) {
+    if (node.IsNull()) {
+      out.clear();  // `key:` or `key: ~` is the empty string
+      return "";
+    }
+    if (!node.IsScalar()) return mismatch("", type_name<T>(), node);
+    out = node.Scalar();
+    return "";
+  } else if constexpr (std::is_same_v<T, IntList> || std::is_same_v<T, RealList>) {
+    using Item = typename T::value_type;
+    if (!node.IsSequence()) return mismatch("", type_name<T>(), node);
+    T list;
+    for (size_t i = 0; i < node.size(); ++i) {
+      Item v{};
+      if (!decode_plain(node[i], v)) {
+        return mismatch("[" + std::to_string(i) + "]", type_name<Item>(), node[i]);
+      }
+      list.push_back(v);
+    }
+    out = std::move(list);
+    return "";
+  } else {
+    return decode_plain(node, out) ? "" : mismatch("", type_name<T>(), node);
+  }
+}
+
+// Reads YAML nodes into a Config through the field table, remembering where each key came from.
+class Loader {
+ public:
+  explicit Loader(Config& config) : fields_(make_fields(config)) {
+    for (Field& f : fields_) by_key_[f.key] = &f;
+    for (const std::string& s : section_names(fields_)) sections_.insert(s);
+  }
+
+  // Assigns node to key: a field, a section ("optim") or the whole config (""). mark is where key
+  // was written (used when node itself has no useful position).
+  void assign(const std::string& key, const YAML::Node& node, const YAML::Mark& mark,
+              const Source& src) {
+    const YAML::Mark at = node.IsNull() || node.Mark().is_null() ? mark : node.Mark();
+    auto field = by_key_.find(key);
+    if (field != by_key_.end()) {
+      set_field(*field->second, node, src.where(at));
+      origins_[key] = src.where(at);
+      return;
+    }
+    if (node.IsNull()) return;  // an empty section, or an empty file
+    if (!node.IsMap()) {
+      INT4DDP_FAIL(src.where(at), ": ", key.empty() ? "the config" : key,
+                   " must be a mapping of keys, got ", describe_node(node));
+    }
+    std::set<std::string> seen;
+    for (auto it = node.begin(); it != node.end(); ++it) {
+      const YAML::Node& name = it->first;
+      if (!name.IsScalar()) {
+        INT4DDP_FAIL(src.where(name.Mark()), ": ", key.empty() ? "the config" : key,
+                     ": keys must be plain names, got ", describe_node(name));
+      }
+      // One spelling per key: nested mappings, never "optim.lr: 0.1" (which would also dodge the
+      // duplicate check).
+      INT4DDP_CHECK(name.Scalar().find('.') == std::string::npos, src.where(name.Mark()),
+                    ": key \"", name.Scalar(), "\": write nested mappings, not dotted keys");
+      const std::string full = key.empty() ? name.Scalar() : key + "." + name.Scalar();
+      check_known(full, src.where(name.Mark()));
+      INT4DDP_CHECK(seen.insert(name.Scalar()).second, src.where(name.Mark()), ": duplicate key ",
+                    full);
+      assign(full, it->second, name.Mark(), src);
+    }
+  }
+
+  void apply_override(const std::string& text) {
+    const Source src{"", text};
+    const size_t eq = text.find('=');
+    INT4DDP_CHECK(eq != std::string::npos, src.where(YAML::Mark::null_mark()),
+                  ": expected section.key=value");
+    const std::string key = trim(text.substr(0, eq));
+    INT4DDP_CHECK(!key.empty(), src.where(YAML::Mark::null_mark()),
+                  ": expected section.key=value, the key is empty");
+    check_known(key, src.where(YAML::Mark::null_mark()));
+    YAML::Node node;
+    try {
+      node = YAML::Load(text.substr(eq + 1));
+    } catch (const YAML::Exception& e) {
+      INT4DDP_FAIL(src.where(YAML::Mark::null_mark()), ": ", key, ": the value is not valid YAML (",
+                   e.msg, ")");
+    }
+    assign(key, node, YAML::Mark::null_mark(), src);
+  }
+
+  const std::map<std::string, std::string>& origins() const { return origins_; }
+
+ private:
+  static std::string trim(const std::string& s) {
+    const size_t b = s.find_first_not_of(" \t");
+    if (b == std::string::npos) return "";
+    return s.substr(b, s.find_last_not_of(" \t") - b + 1);
+  }
+
+  void check_known(const std::string& key, const std::string& where) const {
+    if (by_key_.count(key) > 0 || sections_.count(key) > 0) return;
+    std::string best;
+    const size_t name_length = key.size() - key.rfind('.') - 1;  // npos + 1 == 0
+    size_t best_distance = std::min(kMaxSuggestDistance, std::max<size_t>(1, name_length / 3)) + 1;
+    for (const auto& candidates :
+         {std::vector<std::string>(sections_.begin(), sections_.end()), config_keys()}) {
+      for (const std::string& c : candidates) {
+        const size_t dist = edit_distance(key, c);
+        if (dist < best_distance) {
+          best_distance = dist;
+          best = c;
+        }
+      }
+    }
+    INT4DDP_FAIL(where, ": unknown key ", key, best.empty() ? "" : " (did you mean " + best + "?)");
+  }
+
+  static void set_field(Field& f, const YAML::Node& node, const std::string& where) {
+    std::visit(
+        [&](auto* p) {
+          using T = std::remove_pointer_t<decltype(p)>;
+          T parsed{};
+          const std::string mismatch = decode_as(node, parsed);
+          if (!mismatch.empty()) INT4DDP_FAIL(where, ": ", f.key, mismatch);
+          T old = std::move(*p);
+          *p = std::move(parsed);
+          const std::string problem = f.check ? f.check() : std::string();
+          if (!problem.empty()) {
+            const std::string shown = format_value(f.value);
+            *p = std::move(old);
+            INT4DDP_FAIL(where, ": ", f.key, " = ", shown, ": ", problem);
+          }
+        },
+        f.value);
+  }
+
+  std::vector<Field> fields_;
+  std::map<std::string, Field*> by_key_;
+  std::set<std::string> sections_;
+  std::map<std::string, std::string> origins_;  // key -> where its value was set
+};
+
+// --- validation
+// -----------------------------------------------------------------------------------
+
+// Runs every field's own check, then the checks across keys. origins (may be null) says where keys
+// were set, for messages.
+void validate_with_origins(const Config& c, const std::map<std::string, std::string>* origins) {
+  const std::vector<Field> fields = make_fields(c);
+  auto value_of = [&](const std::string& key) {
+    for (const Field& f : fields) {
+      if (f.key == key) return format_value(f.value);
+    }
+    INT4DDP_FAIL("config: no key ", key);  // a typo in this file
+  };
+  auto fail = [&](const std::string& key, const std::string& problem) {
+    std::string where = "config";
+    if (origins != nullptr) {
+      auto it = origins->find(key);
+      if (it != origins->end()) where = it->second;
+    }
+    INT4DDP_FAIL(where, ": ", key, " = ", value_of(key), ": ", problem);
+  };
+
+  for (const Field& f : fields) {
+    const std::string problem = f.check ? f.check() : std::string();
+    if (!problem.empty()) fail(f.key, problem);
+  }
+
+  if (c.model.num_classes != 10 && c.data.dataset != "synthetic") {
+    fail("model.num_classes", "must be 10 for data.dataset = " + c.data.dataset);
+  }
+  if (c.data.path.empty() && c.data.dataset != "synthetic") {
+    fail("data.path", "must name the dataset directory for data.dataset = " + c.data.dataset);
+  }
+  const double bucket_elements = std::floor(c.comm.bucket_mb * kBytesPerMiB / sizeof(float));
+  if (static_cast<double>(c.comm.block_size) > bucket_elements) {
+    fail("comm.block_size",
+         "must not exceed a bucket of comm.bucket_mb = " + format_double(c.comm.bucket_mb) +
+             " MiB (" + format_double(bucket_elements) + " fp32 elements)");
+  }
+  if (c.optim.nesterov && c.optim.momentum == 0) {
+    fail("optim.nesterov", "needs optim.momentum > 0");
+  }
+  if (c.schedule.min_lr > c.optim.lr) {
+    fail("schedule.min_lr", "must not exceed optim.lr = " + format_double(c.optim.lr));
+  }
+  if (c.schedule.warmup_epochs >= c.train.epochs) {
+    fail("schedule.warmup_epochs",
+         "must be less than train.epochs = " + std::to_string(c.train.epochs));
+  }
+  if (c.train.checkpoint_dir.empty() &&
+      (c.train.checkpoint_every_steps > 0 || c.train.checkpoint_every_epochs > 0)) {
+    fail("train.checkpoint_dir",
+         "must not be empty while train.checkpoint_every_steps or "
+         "train.checkpoint_every_epochs is > 0");
+  }
+}
+
+}  // namespace
+
+// --- public API
+// -----------------------------------------------------------------------------------
+
+Config parse_config(const std::string& yaml_text, const std::string& source_name,
+                    const std::vector<std::string>& overrides) {
+  const Source src{source_name.empty() ? "<config>" : source_name, ""};
+  std::vector<YAML::Node> documents;
+  try {
+    documents = YAML::LoadAll(yaml_text);
+  } catch (const YAML::Exception& e) {
+    INT4DDP_FAIL(src.where(e.mark), ": YAML syntax error: ", e.msg);
+  }
+  INT4DDP_CHECK(documents.size() <= 1, src.file, ": holds ", documents.size(),
+                " YAML documents, expected one");
+  Config config;
+  Loader loader(config);
+  if (!documents.empty()) {
+    loader.assign("", documents.front(), YAML::Mark::null_mark(), src);
+  }
+  for (const std::string& o : overrides) loader.apply_override(o);
+  validate_with_origins(config, &loader.origins());
+  return config;
+}
+
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::error_code ec;
+  INT4DDP_CHECK(!std::filesystem::is_directory(path, ec), "config file ", path, ": is a directory");
+  std::ifstream in(path, std::ios::binary);
+  INT4DDP_CHECK(in.is_open(), "config file ", path, ": cannot open (", std::strerror(errno), ")");
+  std::ostringstream text;
+  text << in.rdbuf();
+  INT4DDP_CHECK(!in.bad(), "config file ", path, ": read error");
+  return parse_config(text.str(), path, overrides);
+}
+
+void apply_override(Config& config, const std::string& key_eq_value) {
+  Config updated = config;  // a section override ("optim={...}") sets several keys
+  Loader loader(updated);
+  loader.apply_override(key_eq_value);
+  config = std::move(updated);
+}
+
+void validate(const Config& config) { validate_with_origins(config, nullptr); }
+
+std::vector<std::string> config_keys() {
+  Config c;
+  std::vector<std::string> keys;
+  for (const Field& f : make_fields(c)) keys.push_back(f.key);
+  return keys;
+}
+
+std::string config_table(const Config& config) {
+  const std::vector<Field> fields = make_fields(config);
+  size_t width = 0;
+  for (const Field& f : fields) width = std::max(width, f.key.size());
+  std::string out;
+  for (const Field& f : fields) {
+    out += f.key + std::string(width - f.key.size(), ' ') + " = " + format_value(f.value) + "\n";
+  }
+  return out;
+}
+
+std::string config_to_yaml(const Config& config) {
+  std::string out;
+  std::string section;
+  for (const Field& f : make_fields(config)) {
+    if (section_of(f.key) != section) {
+      section = section_of(f.key);
+      out += section + ":\n";
+    }
+    out += "  " + name_of(f.key) + ": " + format_value(f.value) + "\n";
+  }
+  return out;
+}
+
+std::string config_to_json(const Config& config) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::object();
+  for (const Field& f : make_fields(config)) {
+    std::visit([&](auto* p) { j[section_of(f.key)][name_of(f.key)] = *p; }, f.value);
+  }
+  // A path need not be UTF-8; replace what JSON cannot hold rather than fail.
+  return j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+}
+
+uint64_t config_hash(const Config& config) {
+  constexpr uint64_t kFnvOffset = 14695981039346656037ull;
+  constexpr uint64_t kFnvPrime = 1099511628211ull;
+  uint64_t h = kFnvOffset;
+  for (const Field& f : make_fields(config)) {
+    for (unsigned char ch : f.key + "=" + format_value(f.value) + "\n") {
+      h ^= ch;
+      h *= kFnvPrime;
+    }
+  }
+  return h;
+}
+
+}  // namespace int4ddp

@@ -1,0 +1,138 @@
+// Model construction, the parameter arena and initialisation (see model.h).
+#include "src/nn/model.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "src/core/rng.h"
+
+namespace int4ddp::nn {
+
+Model::Model(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
+  INT4DDP_CHECK(spec.channels > 0 && spec.height > 0 && spec.width > 0 && spec.num_classes > 1,
+                "model: bad input geometry or class count");
+  if (spec.name == "mlp") build_mlp();
+  else if (spec.name == "cnn") build_cnn();
+  else if (spec.name == "resnet20") build_resnet20();
+  else INT4DDP_FAIL("model.name = '", spec.name, "' is not one of mlp, cnn, resnet20");
+  bind_arena(seed);
+}
+
+std::unique_ptr<Layer> Model::conv(const std::string& name, int64_t in, int64_t out, int k,
+                                   int stride, int pad, bool keep_fp32) {
+  if (!spec_.quantized || keep_fp32)
+    return std::make_unique<Conv2d>(name, in, out, k, stride, pad, false);
+  auto q = std::make_unique<QConv2d>(name, in, out, k, stride, pad, spec_.quant, next_layer_id_++,
+                                     &ctx_);
+  qops_.push_back(q.get());
+  return q;
+}
+
+std::unique_ptr<Layer> Model::linear(const std::string& name, int64_t in, int64_t out,
+                                     bool keep_fp32) {
+  if (!spec_.quantized || keep_fp32) return std::make_unique<Linear>(name, in, out, true);
+  auto q = std::make_unique<QLinear>(name, in, out, true, spec_.quant, next_layer_id_++, &ctx_);
+  qops_.push_back(q.get());
+  return q;
+}
+
+void Model::build_mlp() {
+  INT4DDP_CHECK(!spec_.mlp_hidden.empty(), "model.mlp_hidden: needs at least one hidden layer");
+  int64_t in = spec_.channels * spec_.height * spec_.width;
+  for (size_t i = 0; i < spec_.mlp_hidden.size(); ++i) {
+    const int64_t h = spec_.mlp_hidden[i];
+    INT4DDP_CHECK(h > 0, "model.mlp_hidden[", i, "] = ", h, " must be positive");
+    net_.add(linear("fc" + std::to_string(i + 1), in, h, i == 0 && spec_.fp32_first_last));
+    net_.add(std::make_unique<ReLU>("relu" + std::to_string(i + 1)));
+    in = h;
+  }
+  net_.add(linear("fc_out", in, spec_.num_classes, spec_.fp32_first_last));
+}
+
+void Model::build_cnn() {
+  INT4DDP_CHECK(spec_.height % 4 == 0 && spec_.width % 4 == 0,
+                "model cnn: input height and width must be multiples of 4");
+  net_.add(conv("conv1", spec_.channels, 32, 3, 1, 1, spec_.fp32_first_last));
+  net_.add(std::make_unique<BatchNorm>("bn1", 32));
+  net_.add(std::make_unique<ReLU>("relu1"));
+  net_.add(std::make_unique<MaxPool2d>("pool1", 2));
+  net_.add(conv("conv2", 32, 64, 3, 1, 1, false));
+  net_.add(std::make_unique<BatchNorm>("bn2", 64));
+  net_.add(std::make_unique<ReLU>("relu2"));
+  net_.add(std::make_unique<MaxPool2d>("pool2", 2));
+  net_.add(linear("fc1", 64 * (spec_.height / 4) * (spec_.width / 4), 256, false));
+  net_.add(std::make_unique<ReLU>("relu3"));
+  net_.add(linear("fc2", 256, spec_.num_classes, spec_.fp32_first_last));
+}
+
+void Model::build_resnet20() {
+  net_.add(conv("conv1", spec_.channels, 16, 3, 1, 1, spec_.fp32_first_last));
+  net_.add(std::make_unique<BatchNorm>("bn1", 16));
+  net_.add(std::make_unique<ReLU>("relu1"));
+  int64_t in = 16;
+  for (int stage = 0; stage < 3; ++stage) {
+    const int64_t out = 16 << stage;
+    for (int b = 0; b < 3; ++b) {
+      const int stride = (stage > 0 && b == 0) ? 2 : 1;
+      const std::string name = "layer" + std::to_string(stage + 1) + "." + std::to_string(b);
+      auto block = std::make_unique<ResidualBlock>(
+          name, conv(name + ".conv1", in, out, 3, stride, 1, false), out,
+          conv(name + ".conv2", out, out, 3, 1, 1, false), in, out, stride);
+      net_.add(std::move(block));
+      in = out;
+    }
+  }
+  net_.add(std::make_unique<GlobalAvgPool>("pool"));
+  net_.add(std::make_unique<BatchNorm>("bn_final", 64));
+  net_.add(linear("fc", 64, spec_.num_classes, spec_.fp32_first_last));
+}
+
+void Model::bind_arena(uint64_t seed) {
+  params_ = net_.params();
+  int64_t total = 0;
+  for (Param* p : params_) total += p->value.numel();
+  values_.assign(static_cast<size_t>(total), 0.0f);
+  grads_.assign(static_cast<size_t>(total), 0.0f);
+  Rng rng(seed);
+  int64_t off = 0;
+  for (Param* p : params_) {
+    const int64_t n = p->value.numel();
+    float* v = values_.data() + off;
+    std::memcpy(v, p->value.data(), sizeof(float) * static_cast<size_t>(n));
+    // Kaiming normal for conv and linear weights (rank >= 2): std = sqrt(2 / fan_in).
+    if (p->group == ParamGroup::kWeights && p->shape.size() >= 2) {
+      const double fan_in = static_cast<double>(n / p->shape[0]);
+      const double std = std::sqrt(2.0 / fan_in);
+      for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(std * rng.normal());
+    }
+    p->value = Tensor::view(v, p->shape);
+    p->grad = Tensor::view(grads_.data() + off, p->shape);
+    off += n;
+  }
+}
+
+void Model::forward(const Tensor& x, Tensor& logits, bool train) {
+  input_.resize(x.shape());
+  std::memcpy(input_.data(), x.data(), sizeof(float) * static_cast<size_t>(x.numel()));
+  net_.forward(input_, logits, train);
+}
+
+void Model::backward(const Tensor& dlogits) {
+  const Tensor unused;  // Sequential::backward reads activations it kept, not y
+  net_.backward(input_, unused, dlogits, nullptr);
+}
+
+void Model::zero_grad() { std::fill(grads_.begin(), grads_.end(), 0.0f); }
+
+void Model::commit_quant_step() {
+  for (QuantizedOp* q : qops_) q->commit_step();
+}
+
+bool Model::needs_calibration() const {
+  for (QuantizedOp* q : qops_)
+    if (q->grad_state().policy->needs_calibration()) return true;
+  return false;
+}
+
+
+}  // namespace int4ddp::nn

@@ -1,0 +1,72 @@
+// Models (DESIGN.md section 3): mlp, cnn (2 conv + 2 fc) and CIFAR ResNet-20 (option-A shortcuts,
+// BatchNorm1d before the classifier), for 1x28x28 inputs by default. Every Conv2d and Linear is
+// quantized except the first conv / first linear and the last linear, which stay fp32 unless the
+// spec says otherwise; BN, ReLU, pooling and residual adds stay fp32.
+//
+// All parameters live in two flat arenas (values, gradients), in forward layer order, with per-
+// parameter views; a gradient bucket is therefore a contiguous span (reverse order = from the end).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "src/nn/layer.h"
+#include "src/nn/quant_layers.h"
+
+namespace int4ddp::nn {
+
+struct ModelSpec {
+  std::string name = "cnn";            // mlp | cnn | resnet20
+  int64_t channels = 1, height = 28, width = 28;
+  int64_t num_classes = 10;
+  std::vector<int64_t> mlp_hidden = {512, 512};
+  bool quantized = true;               // false: every layer fp32
+  bool fp32_first_last = true;         // keep the first and the last layer fp32
+  QuantSpec quant;
+};
+
+class Model {
+ public:
+  // Builds the network and initialises it deterministically from seed (Kaiming normal weights).
+  Model(const ModelSpec& spec, uint64_t seed);
+
+  const ModelSpec& spec() const { return spec_; }
+  void forward(const Tensor& x, Tensor& logits, bool train);
+  // Backward from dL/dlogits of the last forward; parameter gradients accumulate in the arena.
+  void backward(const Tensor& dlogits);
+
+  std::vector<Param*>& params() { return params_; }
+  int64_t num_params() const { return static_cast<int64_t>(values_.size()); }
+  float* values() { return values_.data(); }  // (num_params) fp32, all parameters
+  float* grads() { return grads_.data(); }    // (num_params) fp32, all gradients
+  void zero_grad();
+
+  QuantContext& quant_context() { return ctx_; }
+  const std::vector<QuantizedOp*>& quantized_ops() const { return qops_; }
+  void commit_quant_step();  // apply every layer's deferred interval-policy update
+  bool needs_calibration() const;
+  // BN running statistics, part of the model state (checkpoints) but not trainable.
+  std::vector<std::vector<float>*> buffers() { return net_.buffers(); }
+
+ private:
+  std::unique_ptr<Layer> conv(const std::string& name, int64_t in, int64_t out, int k, int stride,
+                              int pad, bool keep_fp32);
+  std::unique_ptr<Layer> linear(const std::string& name, int64_t in, int64_t out,
+                                bool keep_fp32);
+  void build_mlp();
+  void build_cnn();
+  void build_resnet20();
+  void bind_arena(uint64_t seed);
+
+  ModelSpec spec_;
+  QuantContext ctx_;
+  Sequential net_{"model"};
+  std::vector<Param*> params_;
+  std::vector<float> values_, grads_;
+  std::vector<QuantizedOp*> qops_;
+  uint32_t next_layer_id_ = 0;
+  Tensor input_;  // copy of the last forward's input (the first layer's backward reads it)
+};
+
+}  // namespace int4ddp::nn

@@ -1,0 +1,71 @@
+// SGD + Adam over the parameter arena, and the learning-rate schedules.
+#include "src/train/optim.h"
+
+#include <cmath>
+
+#include "kernels/common/error.h"
+
+namespace int4ddp::train {
+
+Optimizer::Optimizer(const OptimConfig& cfg, const std::vector<Param*>& params, float* values,
+                     float* grads, int64_t n)
+    : cfg_(cfg), values_(values), grads_(grads) {
+  for (const Param* p : params) {
+    const int64_t off = p->value.data() - values;
+    INT4DDP_CHECK(off >= 0 && off + p->value.numel() <= n, "optimizer: parameter ", p->name,
+                  " is not in the arena");
+    ranges_.push_back({off, p->value.numel(), p->group, p->decay});
+  }
+  momentum_.assign(static_cast<size_t>(n), 0.0f);
+  adam_m_.assign(static_cast<size_t>(n), 0.0f);
+  adam_v_.assign(static_cast<size_t>(n), 0.0f);
+}
+
+void Optimizer::step(double lr) {
+  ++steps_;
+  const float mu = static_cast<float>(cfg_.momentum), wd = static_cast<float>(cfg_.weight_decay);
+  const float b1 = static_cast<float>(cfg_.adam_beta1), b2 = static_cast<float>(cfg_.adam_beta2);
+  const double c1 = 1.0 - std::pow(cfg_.adam_beta1, static_cast<double>(steps_));
+  const double c2 = 1.0 - std::pow(cfg_.adam_beta2, static_cast<double>(steps_));
+  const float alr = static_cast<float>(cfg_.quant_lr / c1);
+  const float inv_c2 = static_cast<float>(1.0 / c2), eps = static_cast<float>(cfg_.adam_eps);
+  const float slr = static_cast<float>(lr);
+  for (const Range& r : ranges_) {
+    float* w = values_ + r.offset;
+    const float* g = grads_ + r.offset;
+    if (r.group == ParamGroup::kWeights) {
+      float* v = momentum_.data() + r.offset;
+      const float decay = r.decay ? wd : 0.0f;
+      for (int64_t i = 0; i < r.count; ++i) {
+        v[i] = mu * v[i] + (g[i] + decay * w[i]);
+        w[i] -= slr * v[i];
+      }
+    } else {
+      float* m = adam_m_.data() + r.offset;
+      float* s = adam_v_.data() + r.offset;
+      for (int64_t i = 0; i < r.count; ++i) {
+        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+        s[i] = b2 * s[i] + (1.0f - b2) * g[i] * g[i];
+        w[i] -= alr * m[i] / (std::sqrt(s[i] * inv_c2) + eps);
+      }
+    }
+  }
+}
+
+double scheduled_lr(const ScheduleConfig& s, double base_lr, int64_t step, int64_t total_steps) {
+  INT4DDP_CHECK(total_steps > 0, "schedule: total steps must be positive");
+  const double t = static_cast<double>(step) / static_cast<double>(total_steps);
+  double lr = base_lr;
+  if (s.kind == "multistep") {
+    for (double m : s.milestones)
+      if (t >= m) lr *= s.factor;
+  } else if (s.kind == "cosine") {
+    lr = 0.5 * base_lr * (1.0 + std::cos(M_PI * std::min(1.0, t)));
+  } else {
+    INT4DDP_FAIL("schedule.kind = '", s.kind, "' is not one of multistep, cosine");
+  }
+  if (s.warmup_fraction > 0 && t < s.warmup_fraction) lr *= t / s.warmup_fraction;
+  return lr;
+}
+
+}  // namespace int4ddp::train

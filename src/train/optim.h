@@ -1,0 +1,62 @@
+// Optimizers over a model's flat parameter arena (DESIGN.md section 3): network weights by SGD with
+// momentum and weight decay (PyTorch semantics: v <- mu v + (g + wd w), w <- w - lr v), the
+// quantizer step sizes s_W, u_A by Adam (lr 1e-5, no decay). Both keep their state in flat arrays
+// aligned with the arena so a checkpoint can store them as they are.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "src/core/tensor.h"
+
+namespace int4ddp::train {
+
+struct OptimConfig {
+  double lr = 0.1;             // SGD learning rate (scaled by the schedule)
+  double momentum = 0.9;
+  double weight_decay = 1e-4;  // applied to Param::decay parameters
+  double quant_lr = 1e-5;      // Adam learning rate for the quantizer steps (not scheduled)
+  double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_eps = 1e-8;
+};
+
+class Optimizer {
+ public:
+  // params: views into the arena starting at `values` (n elements); grads likewise.
+  Optimizer(const OptimConfig& cfg, const std::vector<Param*>& params, float* values,
+            float* grads, int64_t n);
+  // One update with the SGD learning rate lr (the schedule's value for this step).
+  void step(double lr);
+  int64_t steps() const { return steps_; }
+
+  // Flat state for checkpoints: momentum (n), adam m (n), adam v (n), and the step count.
+  std::vector<float>& momentum() { return momentum_; }
+  std::vector<float>& adam_m() { return adam_m_; }
+  std::vector<float>& adam_v() { return adam_v_; }
+  void set_steps(int64_t s) { steps_ = s; }
+
+ private:
+  struct Range {
+    int64_t offset, count;
+    ParamGroup group;
+    bool decay;
+  };
+  OptimConfig cfg_;
+  std::vector<Range> ranges_;
+  float* values_;
+  float* grads_;
+  std::vector<float> momentum_, adam_m_, adam_v_;
+  int64_t steps_ = 0;
+};
+
+// Learning-rate schedule over the whole run, evaluated per step.
+struct ScheduleConfig {
+  std::string kind = "multistep";             // multistep | cosine
+  std::vector<double> milestones = {0.5, 0.75};  // fractions of the total steps (multistep)
+  double factor = 0.1;                        // multistep: lr *= factor at each milestone
+  double warmup_fraction = 0.0;               // linear warm-up over this fraction of the steps
+};
+
+double scheduled_lr(const ScheduleConfig& s, double base_lr, int64_t step, int64_t total_steps);
+
+}  // namespace int4ddp::train
