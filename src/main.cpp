@@ -4,9 +4,13 @@
 #include <CLI/CLI.hpp>
 #include <exception>
 #include <iostream>
+#include <string>
+#include <vector>
 
 #include "kernels/common/error.h"
+#include "src/config/config.h"
 #include "src/quantize_tool.h"
+#include "src/train/trainer.h"
 
 namespace {
 constexpr int kExitError = 2;  // bad command line, options or input
@@ -18,6 +22,16 @@ int main(int argc, char** argv) {
   int4ddp::QuantizeOptions quantize_opts;
   CLI::App* quantize = int4ddp::add_quantize_command(app, &quantize_opts);
 
+  std::string config_path, resume, checkpoint;
+  std::vector<std::string> overrides;
+  CLI::App* train = app.add_subcommand("train", "Train a model as a YAML config describes");
+  train->add_option("-c,--config", config_path, "YAML config (see configs/)")->required();
+  train->add_option("--set", overrides, "Override a key: --set section.key=value (repeatable)");
+  train->add_option("--resume", resume, "Continue from this checkpoint (same as train.resume)");
+  CLI::App* eval = app.add_subcommand("eval", "Evaluate a checkpoint on its dataset's test split");
+  eval->add_option("--checkpoint", checkpoint, "Checkpoint file")->required();
+  eval->add_option("--set", overrides, "Override a key of the checkpoint's config (data.path...)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -28,6 +42,12 @@ int main(int argc, char** argv) {
 
   try {
     if (quantize->parsed()) int4ddp::run_quantize(quantize_opts, std::cout, std::cerr);
+    if (train->parsed()) {
+      if (!resume.empty()) overrides.push_back("train.resume=" + resume);
+      const int4ddp::Config cfg = int4ddp::load_config(config_path, overrides);
+      int4ddp::train::run_training(cfg, std::cout, std::cerr);
+    }
+    if (eval->parsed()) int4ddp::train::run_eval(checkpoint, overrides, std::cout);
     return 0;
   } catch (const int4ddp::Error& e) {
     std::cerr << "int4ddp: error: " << e.what() << "\n";

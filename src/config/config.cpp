@@ -446,7 +446,9 @@ class Loader {
     }
     std::set<std::string> seen;
     for (auto it = node.begin(); it != node.end(); ++it) {
-      const YAML::Node& name = it->first;
+      // Copies: it-> is a temporary pair of node handles.
+      const YAML::Node name = it->first;
+      const YAML::Node value = it->second;
       if (!name.IsScalar()) {
         INT4DDP_FAIL(src.where(name.Mark()), ": ", key.empty() ? "the config" : key,
                      ": keys must be plain names, got ", describe_node(name));
@@ -459,7 +461,7 @@ class Loader {
       check_known(full, src.where(name.Mark()));
       INT4DDP_CHECK(seen.insert(name.Scalar()).second, src.where(name.Mark()), ": duplicate key ",
                     full);
-      assign(full, it->second, name.Mark(), src);
+      assign(full, value, name.Mark(), src);
     }
   }
 

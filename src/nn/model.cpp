@@ -42,17 +42,17 @@ void Model::build_mlp() {
   for (size_t i = 0; i < spec_.mlp_hidden.size(); ++i) {
     const int64_t h = spec_.mlp_hidden[i];
     INT4DDP_CHECK(h > 0, "model.mlp_hidden[", i, "] = ", h, " must be positive");
-    net_.add(linear("fc" + std::to_string(i + 1), in, h, i == 0 && spec_.fp32_first_last));
+    net_.add(linear("fc" + std::to_string(i + 1), in, h, i == 0 && spec_.fp32_first));
     net_.add(std::make_unique<ReLU>("relu" + std::to_string(i + 1)));
     in = h;
   }
-  net_.add(linear("fc_out", in, spec_.num_classes, spec_.fp32_first_last));
+  net_.add(linear("fc_out", in, spec_.num_classes, spec_.fp32_last));
 }
 
 void Model::build_cnn() {
   INT4DDP_CHECK(spec_.height % 4 == 0 && spec_.width % 4 == 0,
                 "model cnn: input height and width must be multiples of 4");
-  net_.add(conv("conv1", spec_.channels, 32, 3, 1, 1, spec_.fp32_first_last));
+  net_.add(conv("conv1", spec_.channels, 32, 3, 1, 1, spec_.fp32_first));
   net_.add(std::make_unique<BatchNorm>("bn1", 32));
   net_.add(std::make_unique<ReLU>("relu1"));
   net_.add(std::make_unique<MaxPool2d>("pool1", 2));
@@ -62,11 +62,11 @@ void Model::build_cnn() {
   net_.add(std::make_unique<MaxPool2d>("pool2", 2));
   net_.add(linear("fc1", 64 * (spec_.height / 4) * (spec_.width / 4), 256, false));
   net_.add(std::make_unique<ReLU>("relu3"));
-  net_.add(linear("fc2", 256, spec_.num_classes, spec_.fp32_first_last));
+  net_.add(linear("fc2", 256, spec_.num_classes, spec_.fp32_last));
 }
 
 void Model::build_resnet20() {
-  net_.add(conv("conv1", spec_.channels, 16, 3, 1, 1, spec_.fp32_first_last));
+  net_.add(conv("conv1", spec_.channels, 16, 3, 1, 1, spec_.fp32_first));
   net_.add(std::make_unique<BatchNorm>("bn1", 16));
   net_.add(std::make_unique<ReLU>("relu1"));
   int64_t in = 16;
@@ -84,7 +84,7 @@ void Model::build_resnet20() {
   }
   net_.add(std::make_unique<GlobalAvgPool>("pool"));
   net_.add(std::make_unique<BatchNorm>("bn_final", 64));
-  net_.add(linear("fc", 64, spec_.num_classes, spec_.fp32_first_last));
+  net_.add(linear("fc", 64, spec_.num_classes, spec_.fp32_last));
 }
 
 void Model::bind_arena(uint64_t seed) {
@@ -124,8 +124,8 @@ void Model::backward(const Tensor& dlogits) {
 
 void Model::zero_grad() { std::fill(grads_.begin(), grads_.end(), 0.0f); }
 
-void Model::commit_quant_step() {
-  for (QuantizedOp* q : qops_) q->commit_step();
+void Model::commit_quant_step(bool apply) {
+  for (QuantizedOp* q : qops_) q->commit_step(apply);
 }
 
 bool Model::needs_calibration() const {

@@ -22,7 +22,8 @@ struct ModelSpec {
   int64_t num_classes = 10;
   std::vector<int64_t> mlp_hidden = {512, 512};
   bool quantized = true;               // false: every layer fp32
-  bool fp32_first_last = true;         // keep the first and the last layer fp32
+  bool fp32_first = true;              // keep the first conv / linear fp32
+  bool fp32_last = true;               // keep the classifier fp32
   QuantSpec quant;
 };
 
@@ -44,7 +45,7 @@ class Model {
 
   QuantContext& quant_context() { return ctx_; }
   const std::vector<QuantizedOp*>& quantized_ops() const { return qops_; }
-  void commit_quant_step();  // apply every layer's deferred interval-policy update
+  void commit_quant_step(bool apply = true);  // every layer's deferred interval-policy update
   bool needs_calibration() const;
   // BN running statistics, part of the model state (checkpoints) but not trainable.
   std::vector<std::vector<float>*> buffers() { return net_.buffers(); }

@@ -152,8 +152,8 @@ float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
   return step;
 }
 
-void QuantizedOp::commit_step() {
-  if (grad_.has_pending) grad_.policy->observe(grad_.pending);
+void QuantizedOp::commit_step(bool apply) {
+  if (grad_.has_pending && apply) grad_.policy->observe(grad_.pending);
   grad_.has_pending = false;
 }
 

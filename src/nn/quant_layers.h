@@ -74,7 +74,12 @@ class QuantizedOp {
  public:
   QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_t layer_id,
               QuantContext* ctx);
-  void commit_step();  // apply the deferred interval-policy update
+  // End of step: apply the deferred interval-policy update (apply = false discards it, e.g. for a
+  // calibration batch or a skipped step).
+  void commit_step(bool apply = true);
+  bool initialized() const { return initialized_; }  // s_W, u_A initialised (checkpoint state)
+  void set_initialized(bool v) { initialized_ = v; }
+  GradQuantizerState& grad_state_mut() { return grad_; }
   const GradQuantizerState& grad_state() const { return grad_; }
   Param& weight_step() { return s_w_; }
   Param& act_step() { return u_a_; }

@@ -37,8 +37,9 @@ void Optimizer::step(double lr) {
       float* v = momentum_.data() + r.offset;
       const float decay = r.decay ? wd : 0.0f;
       for (int64_t i = 0; i < r.count; ++i) {
-        v[i] = mu * v[i] + (g[i] + decay * w[i]);
-        w[i] -= slr * v[i];
+        const float gi = g[i] + decay * w[i];
+        v[i] = mu * v[i] + gi;
+        w[i] -= slr * (cfg_.nesterov ? gi + mu * v[i] : v[i]);
       }
     } else {
       float* m = adam_m_.data() + r.offset;
@@ -60,7 +61,7 @@ double scheduled_lr(const ScheduleConfig& s, double base_lr, int64_t step, int64
     for (double m : s.milestones)
       if (t >= m) lr *= s.factor;
   } else if (s.kind == "cosine") {
-    lr = 0.5 * base_lr * (1.0 + std::cos(M_PI * std::min(1.0, t)));
+    lr = s.min_lr + 0.5 * (base_lr - s.min_lr) * (1.0 + std::cos(M_PI * std::min(1.0, t)));
   } else {
     INT4DDP_FAIL("schedule.kind = '", s.kind, "' is not one of multistep, cosine");
   }

@@ -15,6 +15,7 @@ namespace int4ddp::train {
 struct OptimConfig {
   double lr = 0.1;             // SGD learning rate (scaled by the schedule)
   double momentum = 0.9;
+  bool nesterov = false;       // w <- w - lr (g' + mu v) with g' = g + wd w
   double weight_decay = 1e-4;  // applied to Param::decay parameters
   double quant_lr = 1e-5;      // Adam learning rate for the quantizer steps (not scheduled)
   double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_eps = 1e-8;
@@ -54,6 +55,7 @@ struct ScheduleConfig {
   std::string kind = "multistep";             // multistep | cosine
   std::vector<double> milestones = {0.5, 0.75};  // fractions of the total steps (multistep)
   double factor = 0.1;                        // multistep: lr *= factor at each milestone
+  double min_lr = 0.0;                        // cosine: the final learning rate
   double warmup_fraction = 0.0;               // linear warm-up over this fraction of the steps
 };
 

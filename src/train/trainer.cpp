@@ -1,0 +1,472 @@
+// The trainer (see trainer.h).
+#include "src/train/trainer.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "kernels/common/error.h"
+#include "src/data/dataset.h"
+#include "src/nn/model.h"
+#include "src/train/checkpoint.h"
+#include "src/train/optim.h"
+
+namespace int4ddp::train {
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+struct Datasets {
+  data::Dataset train, test;
+};
+
+void truncate(data::Dataset& d, int64_t max_count) {
+  if (max_count <= 0 || max_count >= d.count) return;
+  d.count = max_count;
+  d.images.resize(static_cast<size_t>(max_count * d.image_numel()));
+  d.labels.resize(static_cast<size_t>(max_count));
+}
+
+Datasets load_datasets(const Config& cfg) {
+  Datasets ds;
+  const auto& dc = cfg.data;
+  if (dc.dataset == "fashion_mnist") {
+    ds.train = data::load_fashion_mnist(dc.path, "train");
+    ds.test = data::load_fashion_mnist(dc.path, "test");
+  } else if (dc.dataset == "cifar10") {
+    ds.train = data::load_cifar10(dc.path, "train");
+    ds.test = data::load_cifar10(dc.path, "test");
+  } else if (dc.dataset == "synthetic") {
+    data::SyntheticConfig sc;
+    sc.seed = static_cast<uint64_t>(cfg.train.seed);
+    sc.train_count = dc.synthetic_train_size;
+    sc.test_count = dc.synthetic_test_size;
+    sc.num_classes = cfg.model.num_classes;
+    ds.train = data::make_synthetic(sc, "train");
+    ds.test = data::make_synthetic(sc, "test");
+  } else {
+    INT4DDP_FAIL("data.dataset = '", dc.dataset, "' is not one of fashion_mnist, synthetic, cifar10");
+  }
+  truncate(ds.train, dc.max_train_examples);
+  truncate(ds.test, dc.max_test_examples);
+  INT4DDP_CHECK(ds.train.num_classes <= cfg.model.num_classes, "model.num_classes = ",
+                cfg.model.num_classes, " is smaller than the ", ds.train.num_classes,
+                " classes of ", dc.dataset);
+  if (dc.normalize) {
+    const data::ChannelStats stats = data::compute_channel_stats(ds.train);
+    data::normalize(ds.train, stats);
+    data::normalize(ds.test, stats);
+  }
+  INT4DDP_CHECK(ds.train.count >= cfg.train.batch_size, "train.batch_size = ",
+                cfg.train.batch_size, " is larger than the ", ds.train.count,
+                " training examples");
+  return ds;
+}
+
+nn::ModelSpec model_spec(const Config& cfg, const data::Dataset& d) {
+  nn::ModelSpec s;
+  s.name = cfg.model.name;
+  s.channels = d.channels;
+  s.height = d.height;
+  s.width = d.width;
+  s.num_classes = cfg.model.num_classes;
+  s.mlp_hidden.assign(cfg.model.mlp_hidden.begin(), cfg.model.mlp_hidden.end());
+  const auto& q = cfg.quant;
+  const int fp32 = (q.weight_bits == kFp32Bits) + (q.activation_bits == kFp32Bits) +
+                   (q.grad_bits == kFp32Bits);
+  INT4DDP_CHECK(fp32 == 0 || fp32 == 3, "quant: weight_bits, activation_bits and grad_bits must be "
+                "all 32 (fp32) or all 2..8; mixed fp32/low-bit layers are not supported yet");
+  s.quantized = fp32 == 0;
+  s.fp32_first = q.first_layer_fp32;
+  s.fp32_last = q.last_layer_fp32;
+  s.quant.weight_bits = s.quantized ? q.weight_bits : 4;
+  s.quant.act_bits = s.quantized ? q.activation_bits : 4;
+  s.quant.grad_bits = s.quantized ? q.grad_bits : 4;
+  s.quant.grad_policy.kind = quant::parse_policy_kind(q.grad_policy);
+  s.quant.grad_policy.fixed_gamma = static_cast<float>(q.fixed_gamma);
+  s.quant.grad_policy.alpha = q.alpha;
+  s.quant.grad_policy.eta = static_cast<float>(q.eta);
+  s.quant.grad_policy.lbt_calibrate = q.lbt_calibrate;
+  s.quant.grad_rounding =
+      q.grad_rounding == "nearest" ? quant::Rounding::kNearest : quant::Rounding::kStochastic;
+  return s;
+}
+
+struct EvalResult {
+  double loss = 0.0, accuracy = 0.0;
+};
+
+EvalResult evaluate(nn::Model& model, const data::Dataset& d, int64_t batch) {
+  Tensor x, logits;
+  std::vector<int32_t> labels;
+  std::vector<int64_t> idx;
+  double loss_sum = 0.0;
+  int64_t correct_sum = 0;
+  for (int64_t start = 0; start < d.count; start += batch) {
+    const int64_t b = std::min(batch, d.count - start);
+    x.resize({b, d.channels, d.height, d.width});
+    labels.resize(static_cast<size_t>(b));
+    idx.resize(static_cast<size_t>(b));
+    for (int64_t i = 0; i < b; ++i) idx[static_cast<size_t>(i)] = start + i;
+    data::assemble_batch(d, idx.data(), b, data::AugmentConfig{}, 0, 0, x.data(), labels.data());
+    model.forward(x, logits, /*train=*/false);
+    int64_t correct = 0;
+    loss_sum += nn::softmax_cross_entropy(logits, labels.data(), nullptr, &correct) *
+                static_cast<double>(b);
+    correct_sum += correct;
+  }
+  return {loss_sum / static_cast<double>(d.count),
+          static_cast<double>(correct_sum) / static_cast<double>(d.count)};
+}
+
+bool all_finite(const float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(v[i])) return false;
+  return true;
+}
+
+// Where training stands; saved in checkpoints.
+struct Progress {
+  int64_t epoch = 0;           // current epoch
+  int64_t batch_in_epoch = 0;  // batches of this epoch already done
+  int64_t global_batch = 0;    // batches done (calibration and skipped ones included)
+  int64_t steps = 0;           // optimizer steps taken
+  int64_t skipped = 0;         // non-finite batches skipped, in total
+  int64_t consecutive_skips = 0;
+  double epoch_loss_sum = 0.0;  // this epoch's running training loss (sum over examples)
+  int64_t epoch_correct = 0, epoch_seen = 0;
+};
+
+// The model-defining part of the config: a checkpoint must match it to be resumed or evaluated.
+std::string model_signature(nn::Model& m) {
+  std::ostringstream os;
+  os << m.spec().name << ";" << m.num_params();
+  for (Param* p : m.params()) os << ";" << p->name;
+  return os.str();
+}
+
+void save_checkpoint(const std::string& path, const Config& cfg, nn::Model& model,
+                     Optimizer& opt, const Progress& pr) {
+  Checkpoint ck;
+  ck.put_string("config_yaml", config_to_yaml(cfg));
+  ck.put_string("model_signature", model_signature(model));
+  ck.put("values", model.values(), sizeof(float) * static_cast<size_t>(model.num_params()));
+  std::vector<float> buffers;
+  for (std::vector<float>* b : model.buffers()) buffers.insert(buffers.end(), b->begin(), b->end());
+  ck.put_vector("buffers", buffers);
+  ck.put_vector("sgd_momentum", opt.momentum());
+  ck.put_vector("adam_m", opt.adam_m());
+  ck.put_vector("adam_v", opt.adam_v());
+  ck.put_value<int64_t>("optimizer_steps", opt.steps());
+  ck.put_value("progress", pr);
+  const auto& qops = model.quantized_ops();
+  for (size_t i = 0; i < qops.size(); ++i) {
+    const std::string k = "quant." + std::to_string(i);
+    ck.put_vector(k + ".policy", qops[i]->grad_state().policy->save_state());
+    ck.put_vector(k + ".tracker", qops[i]->grad_state().tracker.save_state());
+    ck.put_value<uint8_t>(k + ".initialized", qops[i]->initialized() ? 1 : 0);
+  }
+  ck.write(path);
+}
+
+Progress load_checkpoint(const std::string& path, nn::Model& model, Optimizer* opt) {
+  const Checkpoint ck = Checkpoint::read(path);
+  const std::string sig = ck.get_string("model_signature");
+  INT4DDP_CHECK(sig == model_signature(model), "checkpoint ", path,
+                " holds another model than the config describes (",
+                sig.substr(0, sig.find(';')), " with different parameters)");
+  const auto values = ck.get_vector<float>("values");
+  INT4DDP_CHECK(static_cast<int64_t>(values.size()) == model.num_params(), "checkpoint ", path,
+                ": parameter count differs");
+  std::copy(values.begin(), values.end(), model.values());
+  const auto buffers = ck.get_vector<float>("buffers");
+  size_t off = 0;
+  for (std::vector<float>* b : model.buffers()) {
+    INT4DDP_CHECK(off + b->size() <= buffers.size(), "checkpoint ", path,
+                  ": batch-norm statistics are short");
+    std::copy(buffers.begin() + static_cast<std::ptrdiff_t>(off),
+              buffers.begin() + static_cast<std::ptrdiff_t>(off + b->size()), b->begin());
+    off += b->size();
+  }
+  INT4DDP_CHECK(off == buffers.size(), "checkpoint ", path, ": batch-norm statistics are long");
+  const auto& qops = model.quantized_ops();
+  for (size_t i = 0; i < qops.size(); ++i) {
+    const std::string k = "quant." + std::to_string(i);
+    const auto pol = ck.get_vector<uint8_t>(k + ".policy");
+    qops[i]->grad_state_mut().policy->load_state(pol.data(), pol.size());
+    const auto tr = ck.get_vector<uint8_t>(k + ".tracker");
+    qops[i]->grad_state_mut().tracker.load_state(tr.data(), tr.size());
+    qops[i]->set_initialized(ck.get_value<uint8_t>(k + ".initialized") != 0);
+  }
+  if (opt) {
+    auto restore = [&](const char* name, std::vector<float>& dst) {
+      const auto v = ck.get_vector<float>(name);
+      INT4DDP_CHECK(v.size() == dst.size(), "checkpoint ", path, ": ", name, " has the wrong size");
+      dst = v;
+    };
+    restore("sgd_momentum", opt->momentum());
+    restore("adam_m", opt->adam_m());
+    restore("adam_v", opt->adam_v());
+    opt->set_steps(ck.get_value<int64_t>("optimizer_steps"));
+  }
+  return ck.get_value<Progress>("progress");
+}
+
+class MetricsLog {
+ public:
+  MetricsLog(const std::string& path, bool append) {
+    if (path.empty()) return;
+    const std::filesystem::path p(path);
+    if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path());
+    f_.open(path, append ? std::ios::app : std::ios::trunc);
+    INT4DDP_CHECK(f_.good(), "log.metrics_path: cannot write ", path);
+  }
+  void write(const json& j) {
+    if (f_.is_open()) f_ << j.dump() << "\n" << std::flush;
+  }
+
+ private:
+  std::ofstream f_;
+};
+
+json quant_diagnostics(nn::Model& model) {
+  json layers = json::array();
+  const auto& qops = model.quantized_ops();
+  for (size_t i = 0; i < qops.size(); ++i) {
+    const auto& g = qops[i]->grad_state();
+    layers.push_back({{"layer", i},
+                      {"gamma", g.last_gamma},
+                      {"R", g.pending.clip_fraction()},
+                      {"E", g.last_diag.error},
+                      {"E_L", g.last_diag.error_large},
+                      {"nonfinite", g.pending.nonfinite}});
+  }
+  return layers;
+}
+
+}  // namespace
+
+RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err) {
+  validate(cfg);
+  out << "int4ddp train: resolved config\n" << config_table(cfg) << std::flush;
+  Datasets ds = load_datasets(cfg);
+  const uint64_t seed = static_cast<uint64_t>(cfg.train.seed);
+  nn::Model model(model_spec(cfg, ds.train), seed);
+  nn::QuantContext& qctx = model.quant_context();
+  qctx.seed = static_cast<uint32_t>(seed);
+
+  OptimConfig oc;
+  oc.lr = cfg.optim.lr;
+  oc.momentum = cfg.optim.momentum;
+  oc.nesterov = cfg.optim.nesterov;
+  oc.weight_decay = cfg.optim.weight_decay;
+  oc.quant_lr = cfg.quant.scale_lr;
+  Optimizer opt(oc, model.params(), model.values(), model.grads(), model.num_params());
+  ScheduleConfig sc;
+  sc.kind = cfg.schedule.kind;
+  sc.milestones = cfg.schedule.milestones;
+  sc.factor = cfg.schedule.gamma;
+  sc.min_lr = cfg.schedule.min_lr;
+  sc.warmup_fraction = cfg.schedule.warmup_epochs / cfg.train.epochs;
+
+  const int64_t batch = cfg.train.batch_size;
+  const int64_t per_epoch = ds.train.count / batch;  // the remainder of each epoch is dropped
+  const int64_t total_batches = per_epoch * cfg.train.epochs;
+
+  Progress pr;
+  const bool resumed = !cfg.train.resume.empty();
+  if (resumed) {
+    pr = load_checkpoint(cfg.train.resume, model, &opt);
+    out << "resumed from " << cfg.train.resume << " at epoch " << pr.epoch + 1 << ", batch "
+        << pr.batch_in_epoch << "\n";
+  }
+  MetricsLog metrics(cfg.log.metrics_path, resumed);
+  if (!cfg.log.metrics_path.empty() && !resumed) {
+    std::ofstream cj(cfg.log.metrics_path + ".config.json", std::ios::trunc);
+    cj << config_to_json(cfg) << "\n";
+  }
+  const bool bar = cfg.log.progress == "on" || (cfg.log.progress == "auto" && ::isatty(2));
+  const std::string ckdir = cfg.train.checkpoint_dir;
+
+  Tensor x({batch, ds.train.channels, ds.train.height, ds.train.width}), logits, dlogits;
+  std::vector<int32_t> labels(static_cast<size_t>(batch));
+  data::AugmentConfig aug;
+  aug.crop_pad = cfg.data.random_crop_pad;
+  aug.flip = cfg.data.random_flip;
+
+  RunSummary summary;
+  const auto t_start = Clock::now();
+  int64_t images_done = 0;
+  EvalResult last_eval;
+  bool evaluated_last = false;
+  for (; pr.epoch < cfg.train.epochs; ++pr.epoch, pr.batch_in_epoch = 0) {
+    if (pr.batch_in_epoch == 0) pr.epoch_loss_sum = 0.0, pr.epoch_correct = pr.epoch_seen = 0;
+    const std::vector<int64_t> perm = data::epoch_permutation(ds.train.count, seed, pr.epoch);
+    double& loss_sum = pr.epoch_loss_sum;
+    int64_t& correct_sum = pr.epoch_correct;
+    int64_t& seen = pr.epoch_seen;
+    const auto t_epoch = Clock::now();
+    for (; pr.batch_in_epoch < per_epoch; ++pr.batch_in_epoch) {
+      if (cfg.train.max_steps > 0 && pr.steps >= cfg.train.max_steps) break;
+      data::assemble_batch(ds.train, perm.data() + pr.batch_in_epoch * batch, batch, aug, seed,
+                           pr.epoch, x.data(), labels.data());
+      const bool calibrating = model.needs_calibration();
+      qctx.step = static_cast<uint32_t>(pr.global_batch);
+      qctx.nonfinite = 0;
+      qctx.diagnostics = cfg.log.diagnostics_every > 0 &&
+                         pr.global_batch % cfg.log.diagnostics_every == 0;
+      model.zero_grad();
+      model.forward(x, logits, /*train=*/true);
+      int64_t correct = 0;
+      const float loss = nn::softmax_cross_entropy(logits, labels.data(), &dlogits, &correct);
+      model.backward(dlogits);
+      ++pr.global_batch;
+      const bool finite = std::isfinite(loss) && qctx.nonfinite == 0 &&
+                          all_finite(model.grads(), model.num_params());
+      if (!finite) {
+        model.commit_quant_step(false);
+        ++pr.skipped;
+        ++pr.consecutive_skips;
+        metrics.write({{"type", "skip"}, {"batch", pr.global_batch}, {"loss", std::isfinite(loss) ? loss : -1.0f},
+                       {"nonfinite_grads", qctx.nonfinite}});
+        err << "int4ddp: warning: batch " << pr.global_batch
+            << " has a non-finite loss or gradient; step skipped\n";
+        INT4DDP_CHECK(pr.consecutive_skips < cfg.train.max_consecutive_skips,
+                      "training stopped: ", pr.consecutive_skips,
+                      " consecutive steps with non-finite loss or gradients "
+                      "(train.max_consecutive_skips)");
+        continue;
+      }
+      pr.consecutive_skips = 0;
+      const double lr = scheduled_lr(sc, cfg.optim.lr, pr.global_batch - 1, total_batches);
+      if (calibrating) {
+        model.commit_quant_step(false);  // calibration batch: no update, gamma stays calibrated
+      } else {
+        opt.step(lr);
+        model.commit_quant_step(true);
+        ++pr.steps;
+      }
+      loss_sum += loss * static_cast<double>(batch);
+      correct_sum += correct;
+      seen += batch;
+      images_done += batch;
+      const double secs = std::chrono::duration<double>(Clock::now() - t_start).count();
+      const double ips = images_done / std::max(secs, 1e-9);
+      if (qctx.diagnostics && !model.quantized_ops().empty())
+        metrics.write({{"type", "quant"}, {"batch", pr.global_batch}, {"layers", quant_diagnostics(model)}});
+      const bool print = cfg.log.print_every > 0 && pr.global_batch % cfg.log.print_every == 0;
+      if (print || calibrating)
+        metrics.write({{"type", "step"},
+                       {"epoch", pr.epoch + 1},
+                       {"batch", pr.global_batch},
+                       {"step", pr.steps},
+                       {"loss", loss},
+                       {"accuracy", static_cast<double>(correct) / static_cast<double>(batch)},
+                       {"lr", lr},
+                       {"img_per_s", ips},
+                       {"calibration", calibrating},
+                       {"skipped", pr.skipped}});
+      if (bar) {
+        err << "\r[epoch " << pr.epoch + 1 << "/" << cfg.train.epochs << "] " << std::setw(5)
+            << pr.batch_in_epoch + 1 << "/" << per_epoch << "  loss " << std::fixed
+            << std::setprecision(4) << loss << "  " << std::setprecision(0) << ips << " img/s   "
+            << std::flush;
+      } else if (print) {
+        out << "epoch " << pr.epoch + 1 << " batch " << pr.batch_in_epoch + 1 << "/" << per_epoch
+            << " loss " << std::fixed << std::setprecision(4) << loss << " lr "
+            << std::setprecision(5) << lr << " " << std::setprecision(0) << ips << " img/s\n"
+            << std::defaultfloat << std::flush;
+      }
+      if (cfg.train.checkpoint_every_steps > 0 && pr.steps > 0 &&
+          pr.steps % cfg.train.checkpoint_every_steps == 0 && !calibrating) {
+        Progress next = pr;
+        ++next.batch_in_epoch;
+        save_checkpoint(ckdir + "/step_" + std::to_string(pr.steps) + ".ckpt", cfg, model, opt,
+                        next);
+      }
+    }
+    if (bar) err << "\n";
+    const bool stopped = cfg.train.max_steps > 0 && pr.steps >= cfg.train.max_steps;
+    const bool last = pr.epoch + 1 == cfg.train.epochs || stopped;
+    const bool eval_now = last || (cfg.train.eval_every_epochs > 0 &&
+                                   (pr.epoch + 1) % cfg.train.eval_every_epochs == 0);
+    json ej = {{"type", "epoch"},
+               {"epoch", pr.epoch + 1},
+               {"train_loss", seen ? loss_sum / static_cast<double>(seen) : 0.0},
+               {"train_accuracy", seen ? static_cast<double>(correct_sum) / seen : 0.0},
+               {"seconds", std::chrono::duration<double>(Clock::now() - t_epoch).count()},
+               {"skipped", pr.skipped}};
+    if (eval_now) {
+      last_eval = evaluate(model, ds.test, cfg.train.eval_batch_size);
+      evaluated_last = true;
+      ej["test_loss"] = last_eval.loss;
+      ej["test_accuracy"] = last_eval.accuracy;
+      out << "epoch " << pr.epoch + 1 << ": train loss " << std::fixed << std::setprecision(4)
+          << ej["train_loss"].get<double>() << ", test loss " << last_eval.loss
+          << ", test accuracy " << std::setprecision(2) << 100.0 * last_eval.accuracy << "%\n"
+          << std::defaultfloat << std::flush;
+    }
+    metrics.write(ej);
+    if (cfg.train.checkpoint_every_epochs > 0 &&
+        ((pr.epoch + 1) % cfg.train.checkpoint_every_epochs == 0 || last)) {
+      Progress next = pr;
+      ++next.epoch;
+      next.batch_in_epoch = 0;
+      next.epoch_loss_sum = 0.0;
+      next.epoch_correct = next.epoch_seen = 0;
+      save_checkpoint(ckdir + "/epoch_" + std::to_string(pr.epoch + 1) + ".ckpt", cfg, model, opt,
+                      next);
+      save_checkpoint(ckdir + "/last.ckpt", cfg, model, opt, next);
+    }
+    if (stopped) break;
+  }
+  if (!evaluated_last) last_eval = evaluate(model, ds.test, cfg.train.eval_batch_size);
+  summary.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
+  summary.test_accuracy = last_eval.accuracy;
+  summary.test_loss = last_eval.loss;
+  summary.steps = pr.steps;
+  summary.skipped = pr.skipped;
+  summary.img_per_s = images_done / std::max(summary.seconds, 1e-9);
+  metrics.write({{"type", "final"},
+                 {"test_accuracy", summary.test_accuracy},
+                 {"test_loss", summary.test_loss},
+                 {"steps", summary.steps},
+                 {"skipped", summary.skipped},
+                 {"seconds", summary.seconds},
+                 {"img_per_s", summary.img_per_s}});
+  out << "final test accuracy: " << std::fixed << std::setprecision(2)
+      << 100.0 * summary.test_accuracy << "% (" << summary.steps << " steps, " << summary.skipped
+      << " skipped, " << std::setprecision(1) << summary.seconds << " s, " << std::setprecision(0)
+      << summary.img_per_s << " img/s)\n"
+      << std::defaultfloat;
+  return summary;
+}
+
+EvalSummary run_eval(const std::string& checkpoint, const std::vector<std::string>& overrides,
+                     std::ostream& out) {
+  const Checkpoint ck = Checkpoint::read(checkpoint);
+  Config cfg = parse_config(ck.get_string("config_yaml"), checkpoint + " (embedded config)",
+                            overrides);
+  Datasets ds = load_datasets(cfg);
+  nn::Model model(model_spec(cfg, ds.train), static_cast<uint64_t>(cfg.train.seed));
+  load_checkpoint(checkpoint, model, nullptr);
+  const EvalResult r = evaluate(model, ds.test, cfg.train.eval_batch_size);
+  out << "int4ddp eval: " << checkpoint << ": test accuracy " << std::fixed << std::setprecision(2)
+      << 100.0 * r.accuracy << "%, loss " << std::setprecision(4) << r.loss << " on "
+      << ds.test.count << " examples\n"
+      << std::defaultfloat;
+  json j = {{"accuracy", r.accuracy}, {"loss", r.loss}, {"count", ds.test.count}};
+  out << j.dump() << "\n";
+  return {r.accuracy, r.loss, ds.test.count};
+}
+
+}  // namespace int4ddp::train
