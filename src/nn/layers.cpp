@@ -259,13 +259,20 @@ void BatchNorm::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tenso
 
 void ReLU::forward(const Tensor& x, Tensor& y, bool) {
   y.resize(x.shape());
-  for (int64_t i = 0; i < x.numel(); ++i) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+  const float* __restrict in = x.data();
+  float* __restrict out = y.data();
+  const int64_t n = x.numel();
+  for (int64_t i = 0; i < n; ++i) out[i] = in[i] > 0.0f ? in[i] : 0.0f;
 }
 
 void ReLU::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {
   if (!dx) return;
   dx->resize(x.shape());
-  for (int64_t i = 0; i < x.numel(); ++i) (*dx)[i] = x[i] > 0.0f ? dy[i] : 0.0f;
+  const float* __restrict in = x.data();
+  const float* __restrict g = dy.data();
+  float* __restrict out = dx->data();
+  const int64_t n = x.numel();
+  for (int64_t i = 0; i < n; ++i) out[i] = in[i] > 0.0f ? g[i] : 0.0f;
 }
 
 void MaxPool2d::forward(const Tensor& x, Tensor& y, bool) {

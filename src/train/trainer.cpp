@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -255,8 +256,22 @@ json quant_diagnostics(nn::Model& model) {
 
 }  // namespace
 
+// Data-parallel training (comm.*) arrives with the data-parallel issue. Until then a run under
+// mpirun with more than one rank would train independent copies; refuse it instead.
+void check_single_process(const Config& cfg, std::ostream& err) {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"}) {
+    const char* v = std::getenv(var);
+    INT4DDP_CHECK(!v || std::atoi(v) <= 1, "this build trains in a single process only (", var,
+                  " = ", v, "): data-parallel training is not implemented yet");
+  }
+  if (cfg.comm.backend != "none")
+    err << "int4ddp: note: comm.backend = " << cfg.comm.backend
+        << " is ignored: data-parallel training is not implemented yet; training one process\n";
+}
+
 RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err) {
   validate(cfg);
+  check_single_process(cfg, err);
   out << "int4ddp train: resolved config\n" << config_table(cfg) << std::flush;
   Datasets ds = load_datasets(cfg);
   const uint64_t seed = static_cast<uint64_t>(cfg.train.seed);
