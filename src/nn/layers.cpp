@@ -421,7 +421,11 @@ void ResidualBlock::backward(const Tensor& x, const Tensor& y, const Tensor& dy,
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
   const int64_t ho = y.dim(2), wo = y.dim(3);
   Tensor dsum(y.shape());
-  for (int64_t i = 0; i < y.numel(); ++i) dsum[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+  const int64_t total = y.numel();
+  const float* __restrict yp = y.data();
+  const float* __restrict gp = dy.data();
+  float* __restrict sp = dsum.data();
+  for (int64_t i = 0; i < total; ++i) sp[i] = yp[i] > 0.0f ? gp[i] : 0.0f;
   body_.backward(x, body_out_, dsum, dx ? &dbody_in_ : nullptr);
   if (!dx) return;
   dx->resize(x.shape());
