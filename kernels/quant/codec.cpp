@@ -158,7 +158,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     seg.clip = p.gamma * absmax;
     seg.step = step_for_clip(seg.clip, p.bits);
     scales[s] = seg.step;
-    st.absmax = std::fmax(st.absmax, absmax);
+    st.absmax = std::max(st.absmax, absmax);
     if (p.bits != 4) {
       seg.first_index = begin;
       st.clipped +=

@@ -1,5 +1,6 @@
 // Portable kernels for the fast codec driver: plain C++ over the format.h helpers, compiled without
 // ISA flags. Used on CPUs without AVX2, and as the scalar head/tail of the vector kernels.
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/quant/codec_kernels.h"
@@ -11,7 +12,7 @@ static float absmax_portable(const float* x, int64_t n, int64_t* nonfinite) {
   int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     if (is_finite_value(x[i]))
-      m = std::fmax(m, std::fabs(x[i]));
+      m = std::max(m, std::fabs(x[i]));
     else
       ++bad;
   }

@@ -1,5 +1,6 @@
 // The reference codec: one obvious loop per scope, element by element, straight from DESIGN.md
 // section 2. It is the definition the fast paths are tested against; keep it plain.
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/common/error.h"
@@ -39,11 +40,11 @@ QuantStats quantize_ref(const float* x, int64_t count, const QuantParams& p, uin
     const int64_t end = std::min(count, begin + scope);
     float absmax = 0.0f;
     for (int64_t i = begin; i < end; ++i)
-      if (is_finite_value(x[i])) absmax = std::fmax(absmax, std::fabs(x[i]));
+      if (is_finite_value(x[i])) absmax = std::max(absmax, std::fabs(x[i]));
     const float clip = p.gamma * absmax;
     const float step = step_for_clip(clip, p.bits);
     scales[s] = step;
-    st.absmax = std::fmax(st.absmax, absmax);
+    st.absmax = std::max(st.absmax, absmax);
     for (int64_t i = begin; i < end; ++i) {
       int q = 0;
       if (!is_finite_value(x[i])) {

@@ -30,7 +30,7 @@ QuantError quantization_error(const float* x, const float* xhat, int64_t n, floa
   check_buffer(xhat, n, "quantization_error");
   QuantError e;
   for (int64_t i = 0; i < n; ++i)
-    if (is_finite_value(x[i])) e.absmax = std::fmax(e.absmax, std::fabs(x[i]));
+    if (is_finite_value(x[i])) e.absmax = std::max(e.absmax, std::fabs(x[i]));
   const float threshold = gamma_large * e.absmax;
   double sum = 0.0, sum_large = 0.0;
   for (int64_t i = 0; i < n; ++i) {
@@ -71,7 +71,7 @@ float LargeGradientTracker::gamma_for(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     if (!is_finite_value(x[i])) continue;
     mags.push_back(std::fabs(x[i]));
-    absmax = std::fmax(absmax, mags.back());
+    absmax = std::max(absmax, mags.back());
   }
   if (!(absmax > 0.0f)) return gamma_;  // nothing to learn from: try the next tensor
   const int64_t finite = static_cast<int64_t>(mags.size());
