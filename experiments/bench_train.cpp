@@ -21,11 +21,15 @@ int main(int argc, char** argv) {
   std::vector<std::string> models = {"mlp", "cnn", "resnet20"};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--steps" && i + 1 < argc) steps = std::atoi(argv[++i]);
-    else if (a == "--reps" && i + 1 < argc) reps = std::atoi(argv[++i]);
-    else if (a == "--model" && i + 1 < argc) models = {argv[++i]};
+    if (a == "--steps" && i + 1 < argc)
+      steps = std::atoi(argv[++i]);
+    else if (a == "--reps" && i + 1 < argc)
+      reps = std::atoi(argv[++i]);
+    else if (a == "--model" && i + 1 < argc)
+      models = {argv[++i]};
     else {
-      std::fprintf(stderr, "usage: bench_train [--steps N] [--reps R] [--model mlp|cnn|resnet20]\n");
+      std::fprintf(stderr,
+                   "usage: bench_train [--steps N] [--reps R] [--model mlp|cnn|resnet20]\n");
       return 2;
     }
   }
@@ -72,14 +76,16 @@ int main(int argc, char** argv) {
       for (int r = 0; r < reps; ++r) {
         const auto t0 = std::chrono::steady_clock::now();
         for (int s = 0; s < steps; ++s) one_step(1 + r * steps + s);
-        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
-                                  .count());
+        best = std::min(
+            best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
       const double ips = steps * batch / best;
       const char* label = bits == 32 ? "fp32" : "4/4/4";
-      std::printf("%-10s %-6s %8d %12.1f %12.1f\n", name.c_str(), label, 1, 1e3 * best / steps, ips);
+      std::printf("%-10s %-6s %8d %12.1f %12.1f\n", name.c_str(), label, 1, 1e3 * best / steps,
+                  ips);
       char row[160];
-      std::snprintf(row, sizeof row, "%s{\"model\":\"%s\",\"bits\":\"%s\",\"threads\":1,\"img_per_s\":%.1f}",
+      std::snprintf(row, sizeof row,
+                    "%s{\"model\":\"%s\",\"bits\":\"%s\",\"threads\":1,\"img_per_s\":%.1f}",
                     first ? "" : ",", name.c_str(), label, ips);
       json += row;
       first = false;

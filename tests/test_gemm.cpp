@@ -36,8 +36,12 @@ constexpr float kRelTolerance = 1e-4f;
 TEST(Gemm, SgemmMatchesReferenceForEveryTransposeAndStride) {
   for (Trans ta : {Trans::kNo, Trans::kYes})
     for (Trans tb : {Trans::kNo, Trans::kYes})
-      for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {7, 5, 3},
-                             {33, 17, 65}, {64, 128, 9}, {3, 200, 1}, {5, 4, 0}}) {
+      for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1},
+                             {7, 5, 3},
+                             {33, 17, 65},
+                             {64, 128, 9},
+                             {3, 200, 1},
+                             {5, 4, 0}}) {
         const int64_t lda = (ta == Trans::kNo ? k : m) + 3;  // padded rows
         const int64_t ldb = (tb == Trans::kNo ? n : k) + 1;
         const int64_t ldc = n + 2;
@@ -51,9 +55,9 @@ TEST(Gemm, SgemmMatchesReferenceForEveryTransposeAndStride) {
             const size_t idx = static_cast<size_t>(i * ldc + j);
             const float tol = kRelTolerance * (1.0f + std::sqrt(static_cast<float>(k))) *
                               (1.0f + std::fabs(ref[idx]));
-            ASSERT_NEAR(c[idx], ref[idx], tol) << "m=" << m << " n=" << n << " k=" << k << " ta="
-                                               << int(ta) << " tb=" << int(tb) << " at " << i
-                                               << "," << j;
+            ASSERT_NEAR(c[idx], ref[idx], tol)
+                << "m=" << m << " n=" << n << " k=" << k << " ta=" << int(ta) << " tb=" << int(tb)
+                << " at " << i << "," << j;
           }
       }
 }
@@ -64,8 +68,8 @@ TEST(Gemm, IntGemmIsExact) {
     int qa, qb;
   };
   // The last two need chunking: 127 * 255 * K exceeds 2^24 for K > 518.
-  const Case cases[] = {{9, 7, 576, 7, 15}, {16, 33, 1000, 7, 7}, {5, 6, 2000, 127, 255},
-                        {3, 4, 1037, 127, 127}};
+  const Case cases[] = {
+      {9, 7, 576, 7, 15}, {16, 33, 1000, 7, 7}, {5, 6, 2000, 127, 255}, {3, 4, 1037, 127, 127}};
   for (const Case& cs : cases)
     for (Trans ta : {Trans::kNo, Trans::kYes})
       for (Trans tb : {Trans::kNo, Trans::kYes}) {

@@ -1,10 +1,10 @@
 // Finite-difference gradient checks of every fp32 layer and of small compositions, plus the loss.
 //
-// Method: loss = sum(y * r) for a fixed random r, so dL/dy = r. For sampled coordinates of the input
-// and of every parameter, the central difference (L(v + e) - L(v - e)) / 2e (loss accumulated in
-// double) is compared with the analytic gradient. Layers with kinks (ReLU, max pooling, the block's
-// ReLU) can put a kink inside [v - e, v + e]; such a coordinate shows one-sided slopes that disagree
-// and is skipped, and at most a quarter of the coordinates may be skipped.
+// Method: loss = sum(y * r) for a fixed random r, so dL/dy = r. For sampled coordinates of the
+// input and of every parameter, the central difference (L(v + e) - L(v - e)) / 2e (loss accumulated
+// in double) is compared with the analytic gradient. Layers with kinks (ReLU, max pooling, the
+// block's ReLU) can put a kink inside [v - e, v + e]; such a coordinate shows one-sided slopes that
+// disagree and is skipped, and at most a quarter of the coordinates may be skipped.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -90,7 +90,8 @@ void check_layer(Layer& layer, Tensor x, uint64_t seed, bool check_input = true)
     check_coords(f, params[k]->value.data(), params[k]->value.numel(), pgrads[k].data(),
                  params[k]->name, &stats);
   EXPECT_GT(stats.checked, 0);
-  EXPECT_LE(stats.skipped * 4, stats.checked + stats.skipped) << "too many kinks: the check is void";
+  EXPECT_LE(stats.skipped * 4, stats.checked + stats.skipped)
+      << "too many kinks: the check is void";
 }
 
 // Input whose entries are well separated (a shuffled grid), so max pooling has no near-ties.

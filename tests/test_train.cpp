@@ -1,7 +1,7 @@
 // The trainer end to end on the synthetic dataset: a smoke training reaches a stated accuracy for
-// fp32 and 4/4/4, a resumed run reproduces the uninterrupted one bit for bit, checkpoints of another
-// model or damaged files are refused, non-finite training stops with a clear error, bad data paths
-// fail before training.
+// fp32 and 4/4/4, a resumed run reproduces the uninterrupted one bit for bit, checkpoints of
+// another model or damaged files are refused, non-finite training stops with a clear error, bad
+// data paths fail before training.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -19,8 +19,8 @@ namespace {
 namespace fs = std::filesystem;
 
 std::string temp_dir(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("int4ddp_test_train_" + name + "_" +
-                                                  std::to_string(::getpid()));
+  const fs::path p =
+      fs::temp_directory_path() / ("int4ddp_test_train_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
   fs::create_directories(p);
   return p.string();

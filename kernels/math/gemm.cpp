@@ -32,8 +32,10 @@ inline float op_at(const float* a, int64_t ld, Trans t, int64_t i, int64_t p) {
 // (which is its transpose) when transposed.
 template <typename F>
 void with_op(Trans t, const float* x, int64_t rows, int64_t cols, int64_t ld, F&& f) {
-  if (t == Trans::kNo) f(CMapR(x, rows, cols, Stride(ld)));
-  else f(CMapC(x, rows, cols, Stride(ld)));
+  if (t == Trans::kNo)
+    f(CMapR(x, rows, cols, Stride(ld)));
+  else
+    f(CMapC(x, rows, cols, Stride(ld)));
 }
 
 }  // namespace
@@ -43,8 +45,10 @@ void sgemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, con
   check_dims(m, n, k, a, b, c);
   if (m == 0 || n == 0) return;
   MapR cm(c, m, n, Stride(ldc));
-  if (beta == 0.0f) cm.setZero();
-  else if (beta != 1.0f) cm *= beta;
+  if (beta == 0.0f)
+    cm.setZero();
+  else if (beta != 1.0f)
+    cm *= beta;
   if (k == 0 || alpha == 0.0f) return;
   with_op(ta, a, m, k, lda, [&](const auto& am) {
     with_op(tb, b, k, n, ldb, [&](const auto& bm) { cm.noalias() += alpha * (am * bm); });
@@ -97,8 +101,8 @@ void int_gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, const float* 
     }
 }
 
-void int_gemm_ref(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, const float* a,
-                  int64_t lda, const float* b, int64_t ldb, float scale, bool accumulate, float* c,
+void int_gemm_ref(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                  const float* b, int64_t ldb, float scale, bool accumulate, float* c,
                   int64_t ldc) {
   check_dims(m, n, k, a, b, c);
   for (int64_t i = 0; i < m; ++i)

@@ -4,8 +4,9 @@
 //   int_gemm   C (=, or +=) scale * (op(A) * op(B)) where A and B hold integer codes stored as
 //              floats (|a| <= qmax_a, |b| <= qmax_b). The product is exact: an fp32 GEMM of
 //              integer-valued floats is exact while every partial sum stays below 2^24, which holds
-//              when K * qmax_a * qmax_b < 2^24; longer K is split into chunks that satisfy it and the
-//              chunk results (exact integers) are summed in int64. One float rescale per output.
+//              when K * qmax_a * qmax_b < 2^24; longer K is split into chunks that satisfy it and
+//              the chunk results (exact integers) are summed in int64. One float rescale per
+//              output.
 //   *_ref      plain loops, the definitions the tests compare against.
 // op(A) is M x K, op(B) is K x N, C is M x N; lda/ldb/ldc are the row strides of A, B, C as stored.
 #pragma once
@@ -30,8 +31,7 @@ void int_gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, const float* 
               float* c, int64_t ldc);
 
 // The definition: int64 dot products of the integer codes, then one rescale.
-void int_gemm_ref(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, const float* a,
-                  int64_t lda, const float* b, int64_t ldb, float scale, bool accumulate, float* c,
-                  int64_t ldc);
+void int_gemm_ref(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                  const float* b, int64_t ldb, float scale, bool accumulate, float* c, int64_t ldc);
 
 }  // namespace int4ddp::math

@@ -1,6 +1,7 @@
 // The project's one deterministic generator: SplitMix64 (Steele et al. 2014). The standard
 // library's distributions and std::shuffle are implementation-defined, so anything that must be
-// reproducible across compilers (initial weights, epoch permutations, augmentation) draws from this.
+// reproducible across compilers (initial weights, epoch permutations, augmentation) draws from
+// this.
 #pragma once
 
 #include <cmath>

@@ -40,7 +40,8 @@ class Tensor {
   // Owned storage with this shape (contents unspecified after growth; zero on first allocation).
   void resize(Shape shape) {
     INT4DDP_CHECK(owned_ || data_ == nullptr, "tensor: cannot resize a view");
-    for (int64_t d : shape) INT4DDP_CHECK(d >= 0, "tensor: negative dimension in ", shape_str(shape));
+    for (int64_t d : shape)
+      INT4DDP_CHECK(d >= 0, "tensor: negative dimension in ", shape_str(shape));
     shape_ = std::move(shape);
     storage_.resize(static_cast<size_t>(shape_numel(shape_)));
     data_ = storage_.data();

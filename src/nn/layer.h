@@ -3,10 +3,11 @@
 // Contract of every layer:
 //   forward(x, y, train)      y is resized by the layer; train selects batch statistics (BN) and
 //                             caches what backward needs.
-//   backward(x, y, dy, dx)    x and y are the tensors of the last forward; dx is resized by the layer
+//   backward(x, y, dy, dx)    x and y are the tensors of the last forward; dx is resized by the
+//   layer
 //                             (skipped when dx == nullptr: the model's first layer); parameter
-//                             gradients are ACCUMULATED (+=) into Param::grad, so the trainer zeroes
-//                             the gradient arena once per step.
+//                             gradients are ACCUMULATED (+=) into Param::grad, so the trainer
+//                             zeroes the gradient arena once per step.
 //   params()                  the layer's parameters, in a fixed order (the arena order).
 // Layers own their caches but not their inputs/outputs: the model keeps the activations.
 #pragma once

@@ -47,8 +47,8 @@ void Linear::forward(const Tensor& x, Tensor& y, bool) {
   INT4DDP_CHECK(features_of(x) == in_, name_, ": input ", shape_str(x.shape()), " has ",
                 features_of(x), " features, expected ", in_);
   y.resize({n, out_});
-  sgemm(Trans::kNo, Trans::kYes, n, out_, in_, 1.0f, x.data(), in_, weight_.value.data(), in_,
-        0.0f, y.data(), out_);
+  sgemm(Trans::kNo, Trans::kYes, n, out_, in_, 1.0f, x.data(), in_, weight_.value.data(), in_, 0.0f,
+        y.data(), out_);
   if (has_bias_)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < out_; ++j) y[i * out_ + j] += bias_.value[j];
@@ -136,8 +136,8 @@ void Conv2d::forward(const Tensor& x, Tensor& y, bool) {
   for (int64_t s = 0; s < n; ++s) {
     im2col(x.data() + s * in_ * h * w, h, w, col_.data());
     float* ys = y.data() + s * out_ * ho * wo;
-    sgemm(Trans::kNo, Trans::kNo, out_, ho * wo, ckk, 1.0f, weight_.value.data(), ckk,
-          col_.data(), ho * wo, 0.0f, ys, ho * wo);
+    sgemm(Trans::kNo, Trans::kNo, out_, ho * wo, ckk, 1.0f, weight_.value.data(), ckk, col_.data(),
+          ho * wo, 0.0f, ys, ho * wo);
     if (has_bias_)
       for (int64_t o = 0; o < out_; ++o)
         for (int64_t p = 0; p < ho * wo; ++p) ys[o * ho * wo + p] += bias_.value[o];
@@ -409,8 +409,8 @@ void ResidualBlock::forward(const Tensor& x, Tensor& y, bool train) {
       for (int64_t oy = 0; oy < ho; ++oy)
         for (int64_t ox = 0; ox < wo; ++ox) {
           const int64_t o = ((i * out_channels_ + c) * ho + oy) * wo + ox;
-          const float sc =
-              c < in_channels_ ? x[((i * in_channels_ + c) * h + oy * stride_) * w + ox * stride_]
+          const float sc = c < in_channels_
+                               ? x[((i * in_channels_ + c) * h + oy * stride_) * w + ox * stride_]
                                : 0.0f;
           const float v = body_out_[o] + sc;
           y[o] = v > 0.0f ? v : 0.0f;

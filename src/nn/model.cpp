@@ -11,10 +11,14 @@ namespace int4ddp::nn {
 Model::Model(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
   INT4DDP_CHECK(spec.channels > 0 && spec.height > 0 && spec.width > 0 && spec.num_classes > 1,
                 "model: bad input geometry or class count");
-  if (spec.name == "mlp") build_mlp();
-  else if (spec.name == "cnn") build_cnn();
-  else if (spec.name == "resnet20") build_resnet20();
-  else INT4DDP_FAIL("model.name = '", spec.name, "' is not one of mlp, cnn, resnet20");
+  if (spec.name == "mlp")
+    build_mlp();
+  else if (spec.name == "cnn")
+    build_cnn();
+  else if (spec.name == "resnet20")
+    build_resnet20();
+  else
+    INT4DDP_FAIL("model.name = '", spec.name, "' is not one of mlp, cnn, resnet20");
   bind_arena(seed);
 }
 
@@ -133,6 +137,5 @@ bool Model::needs_calibration() const {
     if (q->grad_state().policy->needs_calibration()) return true;
   return false;
 }
-
 
 }  // namespace int4ddp::nn

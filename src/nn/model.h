@@ -17,13 +17,13 @@
 namespace int4ddp::nn {
 
 struct ModelSpec {
-  std::string name = "cnn";            // mlp | cnn | resnet20
+  std::string name = "cnn";  // mlp | cnn | resnet20
   int64_t channels = 1, height = 28, width = 28;
   int64_t num_classes = 10;
   std::vector<int64_t> mlp_hidden = {512, 512};
-  bool quantized = true;               // false: every layer fp32
-  bool fp32_first = true;              // keep the first conv / linear fp32
-  bool fp32_last = true;               // keep the classifier fp32
+  bool quantized = true;   // false: every layer fp32
+  bool fp32_first = true;  // keep the first conv / linear fp32
+  bool fp32_last = true;   // keep the classifier fp32
   QuantSpec quant;
 };
 
@@ -53,8 +53,7 @@ class Model {
  private:
   std::unique_ptr<Layer> conv(const std::string& name, int64_t in, int64_t out, int k, int stride,
                               int pad, bool keep_fp32);
-  std::unique_ptr<Layer> linear(const std::string& name, int64_t in, int64_t out,
-                                bool keep_fp32);
+  std::unique_ptr<Layer> linear(const std::string& name, int64_t in, int64_t out, bool keep_fp32);
   void build_mlp();
   void build_cnn();
   void build_resnet20();

@@ -67,9 +67,7 @@ double weight_quant_backward(const float* w, int64_t n, float s, int bits, const
   return ds;
 }
 
-int act_qmax(int bits, bool is_signed) {
-  return is_signed ? quant::levels(bits) : (1 << bits) - 1;
-}
+int act_qmax(int bits, bool is_signed) { return is_signed ? quant::levels(bits) : (1 << bits) - 1; }
 
 void quantize_act_codes(const float* x, int64_t n, float u, int bits, bool is_signed,
                         float* codes) {
@@ -92,8 +90,10 @@ double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_
       du += static_cast<double>(dxhat[i]) * (std::rint(v * q) - v * q) / q;
     } else {
       dx[i] = 0.0f;
-      if (v > 1.0f) du += dxhat[i];
-      else if (is_signed) du -= dxhat[i];  // clamped at -1: x^ = -u
+      if (v > 1.0f)
+        du += dxhat[i];
+      else if (is_signed)
+        du -= dxhat[i];  // clamped at -1: x^ = -u
     }
   }
   return du;
@@ -152,6 +152,28 @@ float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
   return step;
 }
 
+QuantizedOp::Grid QuantizedOp::grid() const {
+  Grid g;
+  g.qa = act_qmax(spec_.act_bits, spec_.signed_input);
+  g.qw = quant::levels(spec_.weight_bits);
+  g.qg = quant::levels(spec_.grad_bits);
+  g.sa = effective_step(u_a_.value[0]) / static_cast<float>(g.qa);
+  g.sw = effective_step(s_w_.value[0]) / static_cast<float>(g.qw);
+  return g;
+}
+
+float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train) {
+  if (!initialized_ && train) init_steps(x, w);
+  xq_.resize(static_cast<size_t>(x.numel()));
+  wq_.resize(static_cast<size_t>(w.value.numel()));
+  quantize_act_codes(x.data(), x.numel(), u_a_.value[0], spec_.act_bits, spec_.signed_input,
+                     xq_.data());
+  quantize_weight_codes(w.value.data(), w.value.numel(), s_w_.value[0], spec_.weight_bits,
+                        wq_.data());
+  const Grid g = grid();
+  return g.sa * g.sw;
+}
+
 void QuantizedOp::commit_step(bool apply) {
   if (grad_.has_pending && apply) grad_.policy->observe(grad_.pending);
   grad_.has_pending = false;
@@ -174,20 +196,11 @@ void QLinear::forward(const Tensor& x, Tensor& y, bool train) {
   const int64_t n = x.dim(0);
   INT4DDP_CHECK(x.numel() == n * in_, name_, ": input ", shape_str(x.shape()), " does not have ",
                 in_, " features");
-  if (!initialized_ && train) init_steps(x, weight_);
-  xq_.resize(static_cast<size_t>(x.numel()));
-  wq_.resize(static_cast<size_t>(weight_.value.numel()));
-  quantize_act_codes(x.data(), x.numel(), u_a_.value[0], spec_.act_bits, spec_.signed_input,
-                     xq_.data());
-  quantize_weight_codes(weight_.value.data(), weight_.value.numel(), s_w_.value[0],
-                        spec_.weight_bits, wq_.data());
-  const int qa = act_qmax(spec_.act_bits, spec_.signed_input);
-  const int qw = quant::levels(spec_.weight_bits);
-  const float scale = (effective_step(u_a_.value[0]) / static_cast<float>(qa)) *
-                      (effective_step(s_w_.value[0]) / static_cast<float>(qw));
+  const float scale = quantize_operands(x, weight_, train);
+  const Grid g = grid();
   y.resize({n, out_});
-  int_gemm(Trans::kNo, Trans::kYes, n, out_, in_, xq_.data(), in_, qa, wq_.data(), in_, qw, scale,
-           false, y.data(), out_);
+  int_gemm(Trans::kNo, Trans::kYes, n, out_, in_, xq_.data(), in_, g.qa, wq_.data(), in_, g.qw,
+           scale, false, y.data(), out_);
   if (has_bias_)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < out_; ++j) y[i * out_ + j] += bias_.value[j];
@@ -196,31 +209,28 @@ void QLinear::forward(const Tensor& x, Tensor& y, bool train) {
 void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {
   const int64_t n = x.dim(0);
   const float dg = quantize_grad(dy, &gq_);
-  const int qa = act_qmax(spec_.act_bits, spec_.signed_input);
-  const int qw = quant::levels(spec_.weight_bits);
-  const int qg = quant::levels(spec_.grad_bits);
-  const float sa = effective_step(u_a_.value[0]) / static_cast<float>(qa);
-  const float sw = effective_step(s_w_.value[0]) / static_cast<float>(qw);
+  const Grid g = grid();
   // dW^ (out, in) = G^T (out, n) X^ (n, in)
   scratch_.assign(static_cast<size_t>(out_ * in_), 0.0f);
-  int_gemm(Trans::kYes, Trans::kNo, out_, in_, n, gq_.data(), out_, qg, xq_.data(), in_, qa,
-           dg * sa, false, scratch_.data(), in_);
-  s_w_.grad[0] += static_cast<float>(weight_quant_backward(
-      weight_.value.data(), out_ * in_, s_w_.value[0], spec_.weight_bits, scratch_.data(),
-      weight_.grad.data()));
+  int_gemm(Trans::kYes, Trans::kNo, out_, in_, n, gq_.data(), out_, g.qg, xq_.data(), in_, g.qa,
+           dg * g.sa, false, scratch_.data(), in_);
+  s_w_.grad[0] += static_cast<float>(weight_quant_backward(weight_.value.data(), out_ * in_,
+                                                           s_w_.value[0], spec_.weight_bits,
+                                                           scratch_.data(), weight_.grad.data()));
   if (has_bias_)
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < out_; ++j) bias_.grad[j] += gq_[static_cast<size_t>(i * out_ + j)] * dg;
+      for (int64_t j = 0; j < out_; ++j)
+        bias_.grad[j] += gq_[static_cast<size_t>(i * out_ + j)] * dg;
   // dX^ (n, in) = G^ (n, out) W^ (out, in); u_A's gradient needs it even without dx.
   scratch_.assign(static_cast<size_t>(n * in_), 0.0f);
-  int_gemm(Trans::kNo, Trans::kNo, n, in_, out_, gq_.data(), out_, qg, wq_.data(), in_, qw,
-           dg * sw, false, scratch_.data(), in_);
+  int_gemm(Trans::kNo, Trans::kNo, n, in_, out_, gq_.data(), out_, g.qg, wq_.data(), in_, g.qw,
+           dg * g.sw, false, scratch_.data(), in_);
   Tensor local;
   Tensor* out = dx ? dx : &local;
   out->resize(x.shape());
-  u_a_.grad[0] += static_cast<float>(act_quant_backward(x.data(), x.numel(), u_a_.value[0],
-                                                        spec_.act_bits, spec_.signed_input,
-                                                        scratch_.data(), out->data()));
+  u_a_.grad[0] +=
+      static_cast<float>(act_quant_backward(x.data(), x.numel(), u_a_.value[0], spec_.act_bits,
+                                            spec_.signed_input, scratch_.data(), out->data()));
 }
 
 // ---- QConv2d ----------------------------------------------------------------------------------
@@ -237,23 +247,14 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
   const int64_t ho = out_size(h), wo = out_size(w), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
   INT4DDP_CHECK(ho > 0 && wo > 0, name_, ": input ", shape_str(x.shape()), " is too small");
-  if (!initialized_ && train) init_steps(x, weight_);
-  xq_.resize(static_cast<size_t>(x.numel()));
-  wq_.resize(static_cast<size_t>(weight_.value.numel()));
-  quantize_act_codes(x.data(), x.numel(), u_a_.value[0], spec_.act_bits, spec_.signed_input,
-                     xq_.data());
-  quantize_weight_codes(weight_.value.data(), weight_.value.numel(), s_w_.value[0],
-                        spec_.weight_bits, wq_.data());
-  const int qa = act_qmax(spec_.act_bits, spec_.signed_input);
-  const int qw = quant::levels(spec_.weight_bits);
-  const float scale = (effective_step(u_a_.value[0]) / static_cast<float>(qa)) *
-                      (effective_step(s_w_.value[0]) / static_cast<float>(qw));
+  const float scale = quantize_operands(x, weight_, train);
+  const Grid g = grid();
   y.resize({n, out_, ho, wo});
   xcol_.resize(static_cast<size_t>(n * ckk * hw));
   for (int64_t s = 0; s < n; ++s) {
     float* col = xcol_.data() + s * ckk * hw;
     im2col(xq_.data() + s * in_ * h * w, h, w, col);  // zero padding is code 0
-    int_gemm(Trans::kNo, Trans::kNo, out_, hw, ckk, wq_.data(), ckk, qw, col, hw, qa, scale,
+    int_gemm(Trans::kNo, Trans::kNo, out_, hw, ckk, wq_.data(), ckk, g.qw, col, hw, g.qa, scale,
              false, y.data() + s * out_ * hw, hw);
   }
 }
@@ -262,24 +263,19 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
   const int64_t ho = y.dim(2), wo = y.dim(3), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
   const float dg = quantize_grad(dy, &gq_);
-  const int qa = act_qmax(spec_.act_bits, spec_.signed_input);
-  const int qw = quant::levels(spec_.weight_bits);
-  const int qg = quant::levels(spec_.grad_bits);
-  const float sa = effective_step(u_a_.value[0]) / static_cast<float>(qa);
-  const float sw = effective_step(s_w_.value[0]) / static_cast<float>(qw);
+  const Grid g = grid();
   // dW^ (out, ckk) = sum_s G_s (out, hw) col_s^T (hw, ckk): each sample's product is an exact
   // integer (int_gemm with unit scale), summed exactly in double, then scaled once.
   dw_acc_.assign(static_cast<size_t>(out_ * ckk), 0.0);
   scratch_.resize(static_cast<size_t>(std::max(out_ * ckk, ckk * hw)));
   for (int64_t s = 0; s < n; ++s) {
-    int_gemm(Trans::kNo, Trans::kYes, out_, ckk, hw, gq_.data() + s * out_ * hw, hw, qg,
-             xcol_.data() + s * ckk * hw, hw, qa, 1.0f, false, scratch_.data(), ckk);
+    int_gemm(Trans::kNo, Trans::kYes, out_, ckk, hw, gq_.data() + s * out_ * hw, hw, g.qg,
+             xcol_.data() + s * ckk * hw, hw, g.qa, 1.0f, false, scratch_.data(), ckk);
     for (int64_t i = 0; i < out_ * ckk; ++i) dw_acc_[static_cast<size_t>(i)] += scratch_[i];
   }
   std::vector<float> dwhat(static_cast<size_t>(out_ * ckk));
-  const float wscale = dg * sa;
-  for (size_t i = 0; i < dwhat.size(); ++i)
-    dwhat[i] = wscale * static_cast<float>(dw_acc_[i]);
+  const float wscale = dg * g.sa;
+  for (size_t i = 0; i < dwhat.size(); ++i) dwhat[i] = wscale * static_cast<float>(dw_acc_[i]);
   s_w_.grad[0] += static_cast<float>(weight_quant_backward(weight_.value.data(), out_ * ckk,
                                                            s_w_.value[0], spec_.weight_bits,
                                                            dwhat.data(), weight_.grad.data()));
@@ -287,16 +283,16 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   Tensor dxhat(x.shape());
   dxhat.zero();
   for (int64_t s = 0; s < n; ++s) {
-    int_gemm(Trans::kYes, Trans::kNo, ckk, hw, out_, wq_.data(), ckk, qw,
-             gq_.data() + s * out_ * hw, hw, qg, dg * sw, false, scratch_.data(), hw);
+    int_gemm(Trans::kYes, Trans::kNo, ckk, hw, out_, wq_.data(), ckk, g.qw,
+             gq_.data() + s * out_ * hw, hw, g.qg, dg * g.sw, false, scratch_.data(), hw);
     col2im(scratch_.data(), h, w, dxhat.data() + s * in_ * h * w);
   }
   Tensor local;
   Tensor* out = dx ? dx : &local;
   out->resize(x.shape());
-  u_a_.grad[0] += static_cast<float>(act_quant_backward(x.data(), x.numel(), u_a_.value[0],
-                                                        spec_.act_bits, spec_.signed_input,
-                                                        dxhat.data(), out->data()));
+  u_a_.grad[0] +=
+      static_cast<float>(act_quant_backward(x.data(), x.numel(), u_a_.value[0], spec_.act_bits,
+                                            spec_.signed_input, dxhat.data(), out->data()));
 }
 
 }  // namespace int4ddp::nn

@@ -3,7 +3,8 @@
 //
 //   weights      W^ = s_W * clamp(rint(W / s_W * L), -L, L) / L          (L = 2^(b-1) - 1)
 //   activations  X^ = u_A * rint(clamp(X / u_A, 0, 1) * N) / N           (N = 2^b - 1), or the
-//                signed grid u_A * rint(clamp(X / u_A, -1, 1) * L) / L when the input can be negative
+//                signed grid u_A * rint(clamp(X / u_A, -1, 1) * L) / L when the input can be
+//                negative
 //   gradients    identity forward; backward quantizes dL/dY per tensor (stochastic rounding, the
 //                interval policy of the layer, `lbt` by default) before it is used at all
 // The rounding uses the straight-through estimator; s_W and u_A receive the exact gradient of the
@@ -28,17 +29,17 @@ namespace int4ddp::nn {
 
 // Shared by all quantized layers of a model for one step.
 struct QuantContext {
-  uint32_t seed = 0;           // Philox seed of the run
-  uint32_t step = 0;           // training step (Philox counter word)
-  int64_t nonfinite = 0;       // NaN/Inf seen in output gradients this step
-  bool diagnostics = false;    // compute E(G), E(G_L) this step (costs a dequantize per layer)
+  uint32_t seed = 0;         // Philox seed of the run
+  uint32_t step = 0;         // training step (Philox counter word)
+  int64_t nonfinite = 0;     // NaN/Inf seen in output gradients this step
+  bool diagnostics = false;  // compute E(G), E(G_L) this step (costs a dequantize per layer)
 };
 
 struct QuantSpec {
-  int weight_bits = 4;  // 2..8
-  int act_bits = 4;     // 2..8
-  int grad_bits = 4;    // 2..8
-  bool signed_input = false;  // activations on the signed grid (input can be negative)
+  int weight_bits = 4;              // 2..8
+  int act_bits = 4;                 // 2..8
+  int grad_bits = 4;                // 2..8
+  bool signed_input = false;        // activations on the signed grid (input can be negative)
   quant::PolicyConfig grad_policy;  // bits is overwritten with grad_bits
   quant::Rounding grad_rounding = quant::Rounding::kStochastic;
 };
@@ -47,9 +48,9 @@ struct QuantSpec {
 struct GradQuantizerState {
   std::unique_ptr<quant::IntervalPolicy> policy;
   quant::LargeGradientTracker tracker;
-  quant::QuantStats pending;    // stats of this step's quantization, applied by commit_step
+  quant::QuantStats pending;  // stats of this step's quantization, applied by commit_step
   bool has_pending = false;
-  float last_gamma = 1.0f;      // gamma used this step
+  float last_gamma = 1.0f;  // gamma used this step
   quant::TensorDiagnostics last_diag{};
 };
 
@@ -61,8 +62,7 @@ void quantize_weight_codes(const float* w, int64_t n, float s, int bits, float* 
 double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
                              float* dw);
 // Activation codes: unsigned rint(clamp(x / u, 0, 1) * N) or signed rint(clamp(x / u, -1, 1) * L).
-void quantize_act_codes(const float* x, int64_t n, float u, int bits, bool is_signed,
-                        float* codes);
+void quantize_act_codes(const float* x, int64_t n, float u, int bits, bool is_signed, float* codes);
 // dx = dxhat inside the clip range (0 outside); returns d loss / d u.
 double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_signed,
                           const float* dxhat, float* dx);
@@ -72,8 +72,7 @@ int act_qmax(int bits, bool is_signed);
 // Common machinery of QConv2d and QLinear.
 class QuantizedOp {
  public:
-  QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_t layer_id,
-              QuantContext* ctx);
+  QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_t layer_id, QuantContext* ctx);
   // End of step: apply the deferred interval-policy update (apply = false discards it, e.g. for a
   // calibration batch or a skipped step).
   void commit_step(bool apply = true);
@@ -85,6 +84,15 @@ class QuantizedOp {
   Param& act_step() { return u_a_; }
 
  protected:
+  // Code bounds and steps of the three operands.
+  struct Grid {
+    int qa, qw, qg;  // largest |code| of activations, weights, gradients
+    float sa, sw;    // activation step u_A / qa and weight step s_W / qw
+  };
+  Grid grid() const;
+  // Quantizes x and w into xq_ and wq_ (integer-valued floats), initialising s_W and u_A on the
+  // first training forward. Returns the output scale sa * sw.
+  float quantize_operands(const Tensor& x, const Param& w, bool train);
   // Quantizes dy into integer-valued float codes; returns the step d_G.
   float quantize_grad(const Tensor& dy, std::vector<float>* codes);
   void init_steps(const Tensor& x, const Param& w);
@@ -117,7 +125,7 @@ class QConv2d : public Conv2d, public QuantizedOp {
   std::vector<Param*> params() override;
 
  private:
-  std::vector<float> xcol_;   // im2col of the activation codes of every sample (forward cache)
+  std::vector<float> xcol_;     // im2col of the activation codes of every sample (forward cache)
   std::vector<double> dw_acc_;  // exact integer accumulation of dW^ over samples
 };
 

@@ -82,7 +82,8 @@ void Checkpoint::write(const std::string& path) const {
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     INT4DDP_CHECK(f.good(), "checkpoint: cannot write ", tmp);
-    f.write(reinterpret_cast<const char*>(header.data()), static_cast<std::streamsize>(header.size()));
+    f.write(reinterpret_cast<const char*>(header.data()),
+            static_cast<std::streamsize>(header.size()));
     f.write(reinterpret_cast<const char*>(payload.data()),
             static_cast<std::streamsize>(payload.size()));
     f.flush();
@@ -135,8 +136,9 @@ Checkpoint Checkpoint::read(const std::string& path) {
     std::memcpy(&dlen, payload.data() + off, 8);
     off += 8;
     need(dlen);
-    ck.records_[name] = std::vector<uint8_t>(payload.begin() + static_cast<std::ptrdiff_t>(off),
-                                             payload.begin() + static_cast<std::ptrdiff_t>(off + dlen));
+    ck.records_[name] =
+        std::vector<uint8_t>(payload.begin() + static_cast<std::ptrdiff_t>(off),
+                             payload.begin() + static_cast<std::ptrdiff_t>(off + dlen));
     off += dlen;
   }
   return ck;

@@ -3,9 +3,9 @@
 // Layout (host byte order, little-endian on every supported target):
 //   "I4CK" | u32 version | u64 payload bytes | u32 crc32(payload) | payload
 //   payload = records back to back: u32 name bytes | name | u64 data bytes | data
-// write() goes to "<path>.tmp.<pid>", flushes, then renames over path, so a reader sees the old file
-// or the new one, never a partial one. read() refuses a file with another magic or version, a size
-// that disagrees with the header, or a CRC mismatch (truncated or corrupt), naming the file.
+// write() goes to "<path>.tmp.<pid>", flushes, then renames over path, so a reader sees the old
+// file or the new one, never a partial one. read() refuses a file with another magic or version, a
+// size that disagrees with the header, or a CRC mismatch (truncated or corrupt), naming the file.
 #pragma once
 
 #include <cstdint>

@@ -13,7 +13,7 @@
 namespace int4ddp::train {
 
 struct OptimConfig {
-  double lr = 0.1;             // SGD learning rate (scaled by the schedule)
+  double lr = 0.1;  // SGD learning rate (scaled by the schedule)
   double momentum = 0.9;
   bool nesterov = false;       // w <- w - lr (g' + mu v) with g' = g + wd w
   double weight_decay = 1e-4;  // applied to Param::decay parameters
@@ -24,8 +24,8 @@ struct OptimConfig {
 class Optimizer {
  public:
   // params: views into the arena starting at `values` (n elements); grads likewise.
-  Optimizer(const OptimConfig& cfg, const std::vector<Param*>& params, float* values,
-            float* grads, int64_t n);
+  Optimizer(const OptimConfig& cfg, const std::vector<Param*>& params, float* values, float* grads,
+            int64_t n);
   // One update with the SGD learning rate lr (the schedule's value for this step).
   void step(double lr);
   int64_t steps() const { return steps_; }
@@ -52,11 +52,11 @@ class Optimizer {
 
 // Learning-rate schedule over the whole run, evaluated per step.
 struct ScheduleConfig {
-  std::string kind = "multistep";             // multistep | cosine
+  std::string kind = "multistep";                // multistep | cosine
   std::vector<double> milestones = {0.5, 0.75};  // fractions of the total steps (multistep)
-  double factor = 0.1;                        // multistep: lr *= factor at each milestone
-  double min_lr = 0.0;                        // cosine: the final learning rate
-  double warmup_fraction = 0.0;               // linear warm-up over this fraction of the steps
+  double factor = 0.1;                           // multistep: lr *= factor at each milestone
+  double min_lr = 0.0;                           // cosine: the final learning rate
+  double warmup_fraction = 0.0;                  // linear warm-up over this fraction of the steps
 };
 
 double scheduled_lr(const ScheduleConfig& s, double base_lr, int64_t step, int64_t total_steps);

@@ -5,8 +5,8 @@
 
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -55,21 +55,21 @@ Datasets load_datasets(const Config& cfg) {
     ds.train = data::make_synthetic(sc, "train");
     ds.test = data::make_synthetic(sc, "test");
   } else {
-    INT4DDP_FAIL("data.dataset = '", dc.dataset, "' is not one of fashion_mnist, synthetic, cifar10");
+    INT4DDP_FAIL("data.dataset = '", dc.dataset,
+                 "' is not one of fashion_mnist, synthetic, cifar10");
   }
   truncate(ds.train, dc.max_train_examples);
   truncate(ds.test, dc.max_test_examples);
-  INT4DDP_CHECK(ds.train.num_classes <= cfg.model.num_classes, "model.num_classes = ",
-                cfg.model.num_classes, " is smaller than the ", ds.train.num_classes,
-                " classes of ", dc.dataset);
+  INT4DDP_CHECK(ds.train.num_classes <= cfg.model.num_classes,
+                "model.num_classes = ", cfg.model.num_classes, " is smaller than the ",
+                ds.train.num_classes, " classes of ", dc.dataset);
   if (dc.normalize) {
     const data::ChannelStats stats = data::compute_channel_stats(ds.train);
     data::normalize(ds.train, stats);
     data::normalize(ds.test, stats);
   }
-  INT4DDP_CHECK(ds.train.count >= cfg.train.batch_size, "train.batch_size = ",
-                cfg.train.batch_size, " is larger than the ", ds.train.count,
-                " training examples");
+  INT4DDP_CHECK(ds.train.count >= cfg.train.batch_size, "train.batch_size = ", cfg.train.batch_size,
+                " is larger than the ", ds.train.count, " training examples");
   return ds;
 }
 
@@ -82,9 +82,10 @@ nn::ModelSpec model_spec(const Config& cfg, const data::Dataset& d) {
   s.num_classes = cfg.model.num_classes;
   s.mlp_hidden.assign(cfg.model.mlp_hidden.begin(), cfg.model.mlp_hidden.end());
   const auto& q = cfg.quant;
-  const int fp32 = (q.weight_bits == kFp32Bits) + (q.activation_bits == kFp32Bits) +
-                   (q.grad_bits == kFp32Bits);
-  INT4DDP_CHECK(fp32 == 0 || fp32 == 3, "quant: weight_bits, activation_bits and grad_bits must be "
+  const int fp32 =
+      (q.weight_bits == kFp32Bits) + (q.activation_bits == kFp32Bits) + (q.grad_bits == kFp32Bits);
+  INT4DDP_CHECK(fp32 == 0 || fp32 == 3,
+                "quant: weight_bits, activation_bits and grad_bits must be "
                 "all 32 (fp32) or all 2..8; mixed fp32/low-bit layers are not supported yet");
   s.quantized = fp32 == 0;
   s.fp32_first = q.first_layer_fp32;
@@ -155,8 +156,8 @@ std::string model_signature(nn::Model& m) {
   return os.str();
 }
 
-void save_checkpoint(const std::string& path, const Config& cfg, nn::Model& model,
-                     Optimizer& opt, const Progress& pr) {
+void save_checkpoint(const std::string& path, const Config& cfg, nn::Model& model, Optimizer& opt,
+                     const Progress& pr) {
   Checkpoint ck;
   ck.put_string("config_yaml", config_to_yaml(cfg));
   ck.put_string("model_signature", model_signature(model));
@@ -183,8 +184,8 @@ Progress load_checkpoint(const std::string& path, nn::Model& model, Optimizer* o
   const Checkpoint ck = Checkpoint::read(path);
   const std::string sig = ck.get_string("model_signature");
   INT4DDP_CHECK(sig == model_signature(model), "checkpoint ", path,
-                " holds another model than the config describes (",
-                sig.substr(0, sig.find(';')), " with different parameters)");
+                " holds another model than the config describes (", sig.substr(0, sig.find(';')),
+                " with different parameters)");
   const auto values = ck.get_vector<float>("values");
   INT4DDP_CHECK(static_cast<int64_t>(values.size()) == model.num_params(), "checkpoint ", path,
                 ": parameter count differs");
@@ -337,8 +338,8 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
       const bool calibrating = model.needs_calibration();
       qctx.step = static_cast<uint32_t>(pr.global_batch);
       qctx.nonfinite = 0;
-      qctx.diagnostics = cfg.log.diagnostics_every > 0 &&
-                         pr.global_batch % cfg.log.diagnostics_every == 0;
+      qctx.diagnostics =
+          cfg.log.diagnostics_every > 0 && pr.global_batch % cfg.log.diagnostics_every == 0;
       model.zero_grad();
       model.forward(x, logits, /*train=*/true);
       int64_t correct = 0;
@@ -351,7 +352,9 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
         model.commit_quant_step(false);
         ++pr.skipped;
         ++pr.consecutive_skips;
-        metrics.write({{"type", "skip"}, {"batch", pr.global_batch}, {"loss", std::isfinite(loss) ? loss : -1.0f},
+        metrics.write({{"type", "skip"},
+                       {"batch", pr.global_batch},
+                       {"loss", std::isfinite(loss) ? loss : -1.0f},
                        {"nonfinite_grads", qctx.nonfinite}});
         err << "int4ddp: warning: batch " << pr.global_batch
             << " has a non-finite loss or gradient; step skipped\n";
@@ -377,7 +380,8 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
       const double secs = std::chrono::duration<double>(Clock::now() - t_start).count();
       const double ips = images_done / std::max(secs, 1e-9);
       if (qctx.diagnostics && !model.quantized_ops().empty())
-        metrics.write({{"type", "quant"}, {"batch", pr.global_batch}, {"layers", quant_diagnostics(model)}});
+        metrics.write(
+            {{"type", "quant"}, {"batch", pr.global_batch}, {"layers", quant_diagnostics(model)}});
       const bool print = cfg.log.print_every > 0 && pr.global_batch % cfg.log.print_every == 0;
       if (print || calibrating)
         metrics.write({{"type", "step"},
@@ -469,8 +473,8 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
 EvalSummary run_eval(const std::string& checkpoint, const std::vector<std::string>& overrides,
                      std::ostream& out) {
   const Checkpoint ck = Checkpoint::read(checkpoint);
-  Config cfg = parse_config(ck.get_string("config_yaml"), checkpoint + " (embedded config)",
-                            overrides);
+  Config cfg =
+      parse_config(ck.get_string("config_yaml"), checkpoint + " (embedded config)", overrides);
   Datasets ds = load_datasets(cfg);
   nn::Model model(model_spec(cfg, ds.train), static_cast<uint64_t>(cfg.train.seed));
   load_checkpoint(checkpoint, model, nullptr);

@@ -18,10 +18,10 @@ namespace int4ddp::train {
 struct RunSummary {
   double test_accuracy = 0.0;  // fraction in [0, 1]
   double test_loss = 0.0;
-  int64_t steps = 0;         // optimizer steps taken (calibration and skipped steps excluded)
-  int64_t skipped = 0;       // non-finite steps skipped
-  double seconds = 0.0;      // wall time of the training loop
-  double img_per_s = 0.0;    // training throughput
+  int64_t steps = 0;       // optimizer steps taken (calibration and skipped steps excluded)
+  int64_t skipped = 0;     // non-finite steps skipped
+  double seconds = 0.0;    // wall time of the training loop
+  double img_per_s = 0.0;  // training throughput
 };
 
 // Trains as configured. `out` gets the config table, progress and the final result.
