@@ -1,7 +1,8 @@
 // bench_train: training throughput (img/s) at batch 128 on 1x28x28 inputs, optimizer step
 // included, for mlp, cnn and resnet20 in fp32 and 4/4/4. One warm-up step (the 4/4/4 warm-up is
 // also the lbt calibration batch), then the best of --reps timed runs of --steps steps each.
-// Threads: the trainer runs one thread per process today, so only threads = 1 is measured.
+// Threads: --threads "1 2" (default) sets the GEMM thread count (Eigen + OpenMP); the other layers
+// run on one thread.
 // Ends with one JSON line {"bench":"train","rows":[{"model","bits","threads","img_per_s"},...]}.
 #include <algorithm>
 #include <chrono>
@@ -10,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/math/gemm.h"
 #include "src/data/dataset.h"
 #include "src/nn/model.h"
 #include "src/train/optim.h"
@@ -19,6 +21,7 @@ using namespace int4ddp;
 int main(int argc, char** argv) {
   int steps = 10, reps = 3;
   std::vector<std::string> models = {"mlp", "cnn", "resnet20"};
+  std::vector<int> thread_counts = {1, 2};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--steps" && i + 1 < argc)
@@ -33,7 +36,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (steps < 1 || reps < 1) {
+  if (steps < 1 || reps < 1 || thread_counts[0] < 1) {
     std::fprintf(stderr, "bench_train: --steps and --reps must be >= 1\n");
     return 2;
   }
@@ -49,47 +52,49 @@ int main(int argc, char** argv) {
   std::string json = "{\"bench\":\"train\",\"rows\":[";
   bool first = true;
   for (const std::string& name : models)
-    for (int bits : {32, 4}) {
-      nn::ModelSpec spec;
-      spec.name = name;
-      spec.quantized = bits != 32;
-      nn::Model model(spec, 1);
-      train::Optimizer opt(train::OptimConfig{}, model.params(), model.values(), model.grads(),
-                           model.num_params());
-      Tensor x({batch, 1, 28, 28}), logits, dl;
-      std::vector<int32_t> labels(batch);
-      std::vector<int64_t> idx(batch);
-      auto one_step = [&](int s) {
-        for (int64_t i = 0; i < batch; ++i) idx[i] = (s * batch + i) % ds.count;
-        data::assemble_batch(ds, idx.data(), batch, data::AugmentConfig{}, 0, 0, x.data(),
-                             labels.data());
-        model.quant_context().step = static_cast<uint32_t>(s);
-        model.zero_grad();
-        model.forward(x, logits, true);
-        nn::softmax_cross_entropy(logits, labels.data(), &dl, nullptr);
-        model.backward(dl);
-        opt.step(0.01);
-        model.commit_quant_step(true);
-      };
-      one_step(0);
-      double best = 1e30;
-      for (int r = 0; r < reps; ++r) {
-        const auto t0 = std::chrono::steady_clock::now();
-        for (int s = 0; s < steps; ++s) one_step(1 + r * steps + s);
-        best = std::min(
-            best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    for (int threads : thread_counts)
+      for (int bits : {32, 4}) {
+        math::set_num_threads(threads);
+        nn::ModelSpec spec;
+        spec.name = name;
+        spec.quantized = bits != 32;
+        nn::Model model(spec, 1);
+        train::Optimizer opt(train::OptimConfig{}, model.params(), model.values(), model.grads(),
+                             model.num_params());
+        Tensor x({batch, 1, 28, 28}), logits, dl;
+        std::vector<int32_t> labels(batch);
+        std::vector<int64_t> idx(batch);
+        auto one_step = [&](int s) {
+          for (int64_t i = 0; i < batch; ++i) idx[i] = (s * batch + i) % ds.count;
+          data::assemble_batch(ds, idx.data(), batch, data::AugmentConfig{}, 0, 0, x.data(),
+                               labels.data());
+          model.quant_context().step = static_cast<uint32_t>(s);
+          model.zero_grad();
+          model.forward(x, logits, true);
+          nn::softmax_cross_entropy(logits, labels.data(), &dl, nullptr);
+          model.backward(dl);
+          opt.step(0.01);
+          model.commit_quant_step(true);
+        };
+        one_step(0);
+        double best = 1e30;
+        for (int r = 0; r < reps; ++r) {
+          const auto t0 = std::chrono::steady_clock::now();
+          for (int s = 0; s < steps; ++s) one_step(1 + r * steps + s);
+          best = std::min(
+              best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        const double ips = steps * batch / best;
+        const char* label = bits == 32 ? "fp32" : "4/4/4";
+        std::printf("%-10s %-6s %8d %12.1f %12.1f\n", name.c_str(), label, threads,
+                    1e3 * best / steps, ips);
+        char row[160];
+        std::snprintf(row, sizeof row,
+                      "%s{\"model\":\"%s\",\"bits\":\"%s\",\"threads\":%d,\"img_per_s\":%.1f}",
+                      first ? "" : ",", name.c_str(), label, threads, ips);
+        json += row;
+        first = false;
       }
-      const double ips = steps * batch / best;
-      const char* label = bits == 32 ? "fp32" : "4/4/4";
-      std::printf("%-10s %-6s %8d %12.1f %12.1f\n", name.c_str(), label, 1, 1e3 * best / steps,
-                  ips);
-      char row[160];
-      std::snprintf(row, sizeof row,
-                    "%s{\"model\":\"%s\",\"bits\":\"%s\",\"threads\":1,\"img_per_s\":%.1f}",
-                    first ? "" : ",", name.c_str(), label, ips);
-      json += row;
-      first = false;
-    }
   json += "]}";
   std::printf("%s\n", json.c_str());
   return 0;

@@ -40,6 +40,13 @@ void with_op(Trans t, const float* x, int64_t rows, int64_t cols, int64_t ld, F&
 
 }  // namespace
 
+void set_num_threads(int threads) {
+  INT4DDP_CHECK(threads >= 1, "gemm: thread count ", threads, " must be >= 1");
+  Eigen::setNbThreads(threads);
+}
+
+int num_threads() { return Eigen::nbThreads(); }
+
 void sgemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   check_dims(m, n, k, a, b, c);

@@ -17,6 +17,11 @@ namespace int4ddp::math {
 
 enum class Trans : uint8_t { kNo = 0, kYes = 1 };
 
+// Threads the GEMMs may use (Eigen's OpenMP-parallel product; 1 when built without OpenMP). Results
+// do not depend on the count: each output element is computed by one thread in one order.
+void set_num_threads(int threads);
+int num_threads();
+
 void sgemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
