@@ -87,6 +87,13 @@ void int_gemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, const float* 
   check_dims(m, n, k, a, b, c);
   if (m == 0 || n == 0) return;
   const int64_t kc = exact_chunk_k(qmax_a, qmax_b);
+  if (k <= kc && !accumulate) {
+    // One exact chunk straight into C (exact integers), then the one rescale in place.
+    sgemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = scale * c[i * ldc + j];
+    return;
+  }
   std::vector<float> part(static_cast<size_t>(m * n));
   std::vector<int64_t> total;
   if (k > kc) total.assign(static_cast<size_t>(m * n), 0);

@@ -172,7 +172,7 @@ class ResidualBlock : public Layer {
   Sequential body_;
   int64_t in_channels_, out_channels_;
   int stride_;
-  Tensor body_out_, dbody_in_;
+  Tensor body_out_, dbody_in_, dsum_;
 };
 
 // Mean softmax cross-entropy over the batch; logits (n, classes), labels in 0..classes-1.

@@ -280,7 +280,8 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
                                                            s_w_.value[0], spec_.weight_bits,
                                                            dwhat.data(), weight_.grad.data()));
   // dX^ per sample: dcol (ckk, hw) = W^T (ckk, out) G_s (out, hw), scattered back by col2im.
-  Tensor dxhat(x.shape());
+  Tensor& dxhat = dxhat_;  // reused across steps: a fresh 1-10 MB buffer per step page-faults
+  dxhat.resize(x.shape());
   dxhat.zero();
   for (int64_t s = 0; s < n; ++s) {
     int_gemm(Trans::kYes, Trans::kNo, ckk, hw, out_, wq_.data(), ckk, g.qw,
