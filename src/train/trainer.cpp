@@ -326,6 +326,7 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
   aug.flip = cfg.data.random_flip;
 
   RunSummary summary;
+  std::vector<std::vector<float>> saved_buffers;
   const auto t_start = Clock::now();
   int64_t images_done = 0;
   EvalResult last_eval;
@@ -347,6 +348,9 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
       qctx.diagnostics =
           cfg.log.diagnostics_every > 0 && pr.global_batch % cfg.log.diagnostics_every == 0;
       model.zero_grad();
+      // BN running statistics change in a training forward; a skipped step must not keep them.
+      saved_buffers.clear();
+      for (std::vector<float>* b : model.buffers()) saved_buffers.push_back(*b);
       model.forward(x, logits, /*train=*/true);
       int64_t correct = 0;
       const float loss = nn::softmax_cross_entropy(logits, labels.data(), &dlogits, &correct);
@@ -356,6 +360,8 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
                           all_finite(model.grads(), model.num_params());
       if (!finite) {
         model.commit_quant_step(false);
+        const auto buffers = model.buffers();
+        for (size_t i = 0; i < buffers.size(); ++i) *buffers[i] = saved_buffers[i];
         ++pr.skipped;
         ++pr.consecutive_skips;
         metrics.write({{"type", "skip"},
