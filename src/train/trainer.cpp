@@ -13,7 +13,6 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
-#include <thread>
 
 #include "kernels/common/error.h"
 #include "kernels/math/gemm.h"
@@ -275,10 +274,9 @@ void check_single_process(const Config& cfg, std::ostream& err) {
 RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err) {
   validate(cfg);
   check_single_process(cfg, err);
-  const int threads = cfg.train.threads > 0
-                          ? cfg.train.threads
-                          : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  math::set_num_threads(threads);
+  // train.threads = 0 (automatic) means one thread today: only the GEMMs are threaded, and on the
+  // per-sample convolution GEMMs two threads were measured slower (experiments/RESULTS.md).
+  math::set_num_threads(cfg.train.threads > 0 ? cfg.train.threads : 1);
   out << "int4ddp train: resolved config\n" << config_table(cfg) << std::flush;
   Datasets ds = load_datasets(cfg);
   const uint64_t seed = static_cast<uint64_t>(cfg.train.seed);
