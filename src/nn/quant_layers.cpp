@@ -174,6 +174,13 @@ float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train
   return g.sa * g.sw;
 }
 
+void QuantizedOp::act_backward(const Tensor& x, const float* dxhat, Tensor* dx) {
+  Tensor* out = dx ? dx : &dx_unused_;  // u_A needs the pass even when dx is not wanted
+  out->resize(x.shape());
+  u_a_.grad[0] += static_cast<float>(act_quant_backward(
+      x.data(), x.numel(), u_a_.value[0], spec_.act_bits, spec_.signed_input, dxhat, out->data()));
+}
+
 void QuantizedOp::commit_step(bool apply) {
   if (grad_.has_pending && apply) grad_.policy->observe(grad_.pending);
   grad_.has_pending = false;
@@ -225,12 +232,7 @@ void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor*
   scratch_.assign(static_cast<size_t>(n * in_), 0.0f);
   int_gemm(Trans::kNo, Trans::kNo, n, in_, out_, gq_.data(), out_, g.qg, wq_.data(), in_, g.qw,
            dg * g.sw, false, scratch_.data(), in_);
-  Tensor local;
-  Tensor* out = dx ? dx : &local;
-  out->resize(x.shape());
-  u_a_.grad[0] +=
-      static_cast<float>(act_quant_backward(x.data(), x.numel(), u_a_.value[0], spec_.act_bits,
-                                            spec_.signed_input, scratch_.data(), out->data()));
+  act_backward(x, scratch_.data(), dx);
 }
 
 // ---- QConv2d ----------------------------------------------------------------------------------
@@ -288,12 +290,7 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
              gq_.data() + s * out_ * hw, hw, g.qg, dg * g.sw, false, scratch_.data(), hw);
     col2im(scratch_.data(), h, w, dxhat.data() + s * in_ * h * w);
   }
-  Tensor local;
-  Tensor* out = dx ? dx : &local;
-  out->resize(x.shape());
-  u_a_.grad[0] +=
-      static_cast<float>(act_quant_backward(x.data(), x.numel(), u_a_.value[0], spec_.act_bits,
-                                            spec_.signed_input, dxhat.data(), out->data()));
+  act_backward(x, dxhat.data(), dx);
 }
 
 }  // namespace int4ddp::nn

@@ -95,6 +95,8 @@ class QuantizedOp {
   float quantize_operands(const Tensor& x, const Param& w, bool train);
   // Quantizes dy into integer-valued float codes; returns the step d_G.
   float quantize_grad(const Tensor& dy, std::vector<float>* codes);
+  // From dL/dX^ (x's shape): dx (straight-through inside the clip range) and u_A's gradient.
+  void act_backward(const Tensor& x, const float* dxhat, Tensor* dx);
   void init_steps(const Tensor& x, const Param& w);
 
   QuantSpec spec_;
@@ -105,6 +107,7 @@ class QuantizedOp {
   GradQuantizerState grad_;
   std::vector<float> xq_, wq_, gq_, scratch_;
   std::vector<uint8_t> packed_;
+  Tensor dx_unused_;  // act_backward's output when the caller wants no dx
 };
 
 class QLinear : public Linear, public QuantizedOp {

@@ -181,8 +181,9 @@ void save_checkpoint(const std::string& path, const Config& cfg, nn::Model& mode
   ck.write(path);
 }
 
-Progress load_checkpoint(const std::string& path, nn::Model& model, Optimizer* opt) {
-  const Checkpoint ck = Checkpoint::read(path);
+// Restores model (and optimizer) state from ck, read from path (named in errors).
+Progress load_checkpoint(const Checkpoint& ck, const std::string& path, nn::Model& model,
+                         Optimizer* opt) {
   const std::string sig = ck.get_string("model_signature");
   INT4DDP_CHECK(sig == model_signature(model), "checkpoint ", path,
                 " holds another model than the config describes (", sig.substr(0, sig.find(';')),
@@ -305,7 +306,7 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
   Progress pr;
   const bool resumed = !cfg.train.resume.empty();
   if (resumed) {
-    pr = load_checkpoint(cfg.train.resume, model, &opt);
+    pr = load_checkpoint(Checkpoint::read(cfg.train.resume), cfg.train.resume, model, &opt);
     out << "resumed from " << cfg.train.resume << " at epoch " << pr.epoch + 1 << ", batch "
         << pr.batch_in_epoch << "\n";
   }
@@ -487,7 +488,7 @@ EvalSummary run_eval(const std::string& checkpoint, const std::vector<std::strin
       parse_config(ck.get_string("config_yaml"), checkpoint + " (embedded config)", overrides);
   Datasets ds = load_datasets(cfg);
   nn::Model model(model_spec(cfg, ds.train), static_cast<uint64_t>(cfg.train.seed));
-  load_checkpoint(checkpoint, model, nullptr);
+  load_checkpoint(ck, checkpoint, model, nullptr);
   const EvalResult r = evaluate(model, ds.test, cfg.train.eval_batch_size);
   out << "int4ddp eval: " << checkpoint << ": test accuracy " << std::fixed << std::setprecision(2)
       << 100.0 * r.accuracy << "%, loss " << std::setprecision(4) << r.loss << " on "
