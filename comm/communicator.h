@@ -93,6 +93,10 @@ std::unique_ptr<Communicator> make_mpi_communicator();
 // does not initialise MPI). *world_size gets the size it found (1 when none).
 bool launched_with_multiple_ranks(int* world_size = nullptr);
 
+// After a fatal error on this rank: if MPI is initialised with more than one rank, MPI_Abort so the
+// other ranks exit too instead of waiting in a collective forever; otherwise returns.
+void abort_world(int code);
+
 // Builds the transport named by comm.backend: "none" -> local, "mpi" -> MPI, "nccl" -> NCCL
 // (device buffers; throws when the build has no NCCL).
 std::unique_ptr<Communicator> make_communicator(const std::string& backend);

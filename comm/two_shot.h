@@ -1,18 +1,19 @@
 // The two-shot compressed all-reduce (mean) of one bucket, DESIGN.md section 4:
 //   1. v = g + e_w                      (worker error feedback, optional)
 //   2. split v into N chunks aligned to G; rank r owns chunk r
-//   3. quantize v once with per-block scales (c = gamma * max|block|), stochastic rounding keyed
-//      (seed, stream = rank, step, tensor_id = 2 bucket); e_w <- v - Q(v)
-//   4. all-to-all: chunk j's codes + scales (+ a 24-byte stats trailer) go to rank j
+//   3. quantize each chunk j of v with per-block scales (c = gamma * max|block|), stochastic
+//      rounding keyed (seed, stream = 65536 rank + j, step, tensor_id = 2 bucket), element index
+//      relative to the chunk; e_w <- v - Q(v)
+//   4. all-to-all: chunk j's codes + scales (+ a 32-byte stats trailer) go to rank j
 //   5. owner r: dequantize the N versions of chunk r, sum in FP32 in rank order, divide by N, add
 //      its server error e_s, requantize once (key: stream = rank, tensor_id = 2 bucket + 1,
 //      element index relative to the chunk), e_s <- m - Q(m)
 //   6. all-gather of the requantized chunks; every rank dequantizes all of them, so every rank
 //      holds bit-identical results.
 // Each element is quantized exactly twice whatever N is. Bytes on the wire per rank:
-//   2 (N-1)/N (n b/8 + 4 n/G)  (+ 24 bytes of stats per message).
+//   2 (N-1)/N (n b/8 + 4 n/G)  (+ 32 bytes of stats per message). At most 65536 ranks.
 //
-// The stats trailer carries (clipped, count, nonfinite) of the quantization that made the message;
+// The stats trailer (StatsTrailer) carries (clipped, count, nonfinite, absmax) of the quantization that made the message;
 // owners sum the worker trailers of their chunk and add their own requantization, so after the
 // all-gather every rank holds the same global clip fraction and non-finite count. The `lbt` gamma of
 // a bucket follows that global clip fraction and is therefore identical on every rank.
@@ -55,8 +56,15 @@ struct ChunkRange {
 };
 ChunkRange chunk_range(int64_t n, int64_t block_size, int ranks, int r);
 
-// Bytes of one chunk's message: packed codes, fp32 scales (one per block), the stats trailer.
-constexpr size_t kStatsTrailerBytes = 3 * sizeof(int64_t);
+// Message of one chunk: packed codes, then fp32 scales (one per block), then this trailer (copied
+// with memcpy: the message is not aligned).
+struct StatsTrailer {
+  int64_t clipped = 0, count = 0, nonfinite = 0;
+  float absmax = 0.0f;
+  uint32_t reserved = 0;
+};
+constexpr size_t kStatsTrailerBytes = sizeof(StatsTrailer);
+static_assert(kStatsTrailerBytes == 32, "the trailer is part of the wire format");
 size_t chunk_message_bytes(int bits, int64_t count, int64_t block_size);
 
 // Wire bytes per rank predicted by DESIGN.md for a bucket of n floats (without the trailers).
@@ -102,11 +110,12 @@ class TwoShotAllreduce {
   std::vector<float> ew_, ew_next_;  // worker error (count_)
   std::vector<float> es_, es_next_;  // server error (own chunk)
   std::vector<float> v_;             // g + e_w
-  std::vector<uint8_t> send_, recv_, own_msg_, gathered_;
-  std::vector<float> acc_, tmp_;
+  std::vector<uint8_t> send_, recv_, gathered_;
+  std::vector<float> acc_, tmp_, scale_tmp_;
+  std::vector<uint8_t> own_copy_;
   ByteLayout send_layout_, recv_layout_, gather_layout_;
   bool pending_ = false;
-  quant::QuantStats pending_stats_;
+  quant::QuantStats pending_stats_;  // global stats of the last run(), for the policy
 };
 
 }  // namespace int4ddp::comm

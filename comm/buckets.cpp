@@ -1,0 +1,257 @@
+// Gradient buckets and the communication thread (see buckets.h).
+#include "comm/buckets.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "comm/bytes.h"
+#include "kernels/common/error.h"
+
+namespace int4ddp::comm {
+namespace {
+using Clock = std::chrono::steady_clock;
+constexpr int kFp32Bits = 32;
+constexpr double kBytesPerMiB = 1048576.0;
+}  // namespace
+
+BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, float* grads,
+                           std::vector<Segment> tensors)
+    : comm_(comm), cfg_(cfg), grads_(grads) {
+  INT4DDP_CHECK(cfg.bucket_mb > 0, "comm.bucket_mb = ", cfg.bucket_mb, " must be positive");
+  INT4DDP_CHECK(cfg.small_tensor_threshold >= 0, "comm.small_tensor_threshold must be >= 0");
+  cfg_.compress.validate();
+  const bool fp32 = cfg_.compress.bits == kFp32Bits;
+  const double cap = cfg.bucket_mb * kBytesPerMiB / sizeof(float);
+  INT4DDP_CHECK(fp32 || static_cast<double>(cfg_.compress.block_size) <= cap,
+                "comm.block_size = ", cfg_.compress.block_size,
+                " is larger than a bucket of comm.bucket_mb = ", cfg.bucket_mb, " MiB");
+  std::sort(tensors.begin(), tensors.end(),
+            [](const Segment& a, const Segment& b) { return a.offset > b.offset; });
+  Bucket cur;
+  int64_t cur_elems = 0;
+  auto flush = [&] {
+    if (cur_elems == 0) return;
+    buckets_.push_back(std::move(cur));
+    cur = Bucket{};
+    cur_elems = 0;
+  };
+  for (const Segment& s : tensors) {
+    INT4DDP_CHECK(s.count >= 0 && s.offset >= 0, "bucket: bad tensor segment");
+    if (s.count == 0) continue;
+    if (cur_elems > 0 && static_cast<double>(cur_elems + s.count) > cap) flush();
+    if (!fp32 && s.count >= cfg.small_tensor_threshold) {
+      cur.compressed.push_back(s);
+      cur.ncompressed += s.count;
+    } else {
+      cur.plain.push_back(s);
+      cur.nplain += s.count;
+    }
+    cur.begin = s.offset;  // descending offsets: the last one added is the lowest
+    cur_elems += s.count;
+  }
+  flush();
+  uint32_t id = 0;
+  for (Bucket& b : buckets_) {
+    if (b.ncompressed > 0) {
+      b.two_shot = std::make_unique<TwoShotAllreduce>(comm_, cfg_.compress, b.ncompressed, id);
+      b.staging.resize(static_cast<size_t>(b.ncompressed));
+    }
+    b.plain_staging.resize(static_cast<size_t>(b.nplain));
+    ++id;
+  }
+  thread_ = std::thread([this] { worker(); });
+}
+
+BucketEngine::~BucketEngine() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+int BucketEngine::num_compressed_buckets() const {
+  int n = 0;
+  for (const Bucket& b : buckets_) n += b.two_shot ? 1 : 0;
+  return n;
+}
+
+void BucketEngine::begin_step(uint32_t step) {
+  std::lock_guard<std::mutex> lk(mu_);
+  INT4DDP_CHECK(!in_step_, "BucketEngine: begin_step() before finish() of the previous step");
+  step_ = step;
+  next_to_queue_ = 0;
+  queued_ = done_ = next_ = 0;
+  error_ = nullptr;
+  in_step_ = true;
+}
+
+void BucketEngine::ready_from(int64_t offset) {
+  if (cfg_.overlap) enqueue_ready(offset);
+}
+
+void BucketEngine::enqueue_ready(int64_t offset) {
+  size_t n = next_to_queue_;
+  while (n < buckets_.size() && buckets_[n].begin >= offset) ++n;
+  if (n == next_to_queue_) return;
+  next_to_queue_ = n;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    queued_ = n;
+  }
+  cv_.notify_all();
+}
+
+StepCommStats BucketEngine::finish() {
+  const auto t0 = Clock::now();
+  enqueue_ready(0);
+  std::exception_ptr err;
+  {
+    std::unique_lock<std::mutex> lk(mu_);
+    // After an error the thread takes no more buckets: wait until it is idle, then rethrow.
+    cv_.wait(lk, [&] { return done_ == buckets_.size() || (error_ && !busy_); });
+    err = error_;
+    in_step_ = false;
+  }
+  if (err) std::rethrow_exception(err);
+  StepCommStats s;
+  s.wait_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  double fp32_ring = 0;
+  const int n = comm_.size();
+  for (const Bucket& b : buckets_) {
+    s.compressed_elements += b.ncompressed;
+    s.plain_elements += b.nplain;
+    s.clipped += b.stats.clipped;
+    s.quantized += b.stats.count;
+    s.nonfinite += b.stats.nonfinite;
+    s.wire_bytes += b.stats.wire_bytes;
+    s.quant_seconds += b.stats.quant_seconds;
+    s.comm_seconds += b.stats.comm_seconds;
+    if (b.two_shot) s.gammas.push_back(b.stats.gamma);
+    fp32_ring += 2.0 * (n - 1) / n * 4.0 * static_cast<double>(b.ncompressed + b.nplain);
+  }
+  s.compression_ratio = s.wire_bytes > 0 ? fp32_ring / static_cast<double>(s.wire_bytes) : 1.0;
+  return s;
+}
+
+void BucketEngine::commit(bool apply) {
+  for (Bucket& b : buckets_)
+    if (b.two_shot) b.two_shot->commit(apply);
+}
+
+void BucketEngine::worker() {
+  for (;;) {
+    size_t idx;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stop_ || (in_step_ && !error_ && next_ < queued_); });
+      if (stop_) return;
+      idx = next_++;
+      busy_ = true;
+    }
+    std::exception_ptr err;
+    try {
+      run_bucket(buckets_[idx]);
+    } catch (...) {
+      err = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (err) error_ = err;
+      ++done_;
+      busy_ = false;
+    }
+    cv_.notify_all();
+  }
+}
+
+void BucketEngine::run_bucket(Bucket& b) {
+  b.stats = BucketStats{};
+  const auto t0 = Clock::now();
+  // Gather: the arena -> staging (the arena is written by backward elsewhere meanwhile).
+  int64_t off = 0;
+  for (const Segment& s : b.compressed) {
+    std::memcpy(b.staging.data() + off, grads_ + s.offset, sizeof(float) * static_cast<size_t>(s.count));
+    off += s.count;
+  }
+  off = 0;
+  for (const Segment& s : b.plain) {
+    std::memcpy(b.plain_staging.data() + off, grads_ + s.offset,
+                sizeof(float) * static_cast<size_t>(s.count));
+    off += s.count;
+  }
+  double copy_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  if (b.two_shot) {
+    const BucketStats st = b.two_shot->run(b.staging.data(), step_);
+    b.stats = st;
+  }
+  if (b.nplain > 0) {
+    const uint64_t bytes0 = comm_.bytes_sent();
+    auto t = Clock::now();
+    comm_.allreduce_sum(b.plain_staging.data(), b.nplain);
+    b.stats.comm_seconds += std::chrono::duration<double>(Clock::now() - t).count();
+    b.stats.wire_bytes += comm_.bytes_sent() - bytes0;
+    t = Clock::now();
+    const float fn = static_cast<float>(comm_.size());
+    for (float& v : b.plain_staging) v /= fn;
+    copy_seconds += std::chrono::duration<double>(Clock::now() - t).count();
+  }
+  // Scatter the means back into the arena.
+  const auto t1 = Clock::now();
+  off = 0;
+  for (const Segment& s : b.compressed) {
+    std::memcpy(grads_ + s.offset, b.staging.data() + off, sizeof(float) * static_cast<size_t>(s.count));
+    off += s.count;
+  }
+  off = 0;
+  for (const Segment& s : b.plain) {
+    std::memcpy(grads_ + s.offset, b.plain_staging.data() + off,
+                sizeof(float) * static_cast<size_t>(s.count));
+    off += s.count;
+  }
+  copy_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
+  b.stats.quant_seconds += copy_seconds;
+}
+
+std::vector<uint8_t> BucketEngine::save_state() const {
+  std::vector<uint8_t> out;
+  const uint64_t nb = buckets_.size();
+  append_bytes(out, &nb, sizeof(nb));
+  for (const Bucket& b : buckets_) {
+    const std::vector<uint8_t> s = b.two_shot ? b.two_shot->save_state() : std::vector<uint8_t>{};
+    const uint64_t len = s.size();
+    append_bytes(out, &len, sizeof(len));
+    append_bytes(out, s.data(), s.size());
+  }
+  return out;
+}
+
+void BucketEngine::load_state(const std::vector<uint8_t>& blob) {
+  size_t off = 0;
+  auto read_u64 = [&](const char* what) {
+    INT4DDP_CHECK(off + 8 <= blob.size(), "bucket state: truncated at ", what);
+    uint64_t v;
+    std::memcpy(&v, blob.data() + off, 8);
+    off += 8;
+    return v;
+  };
+  const uint64_t nb = read_u64("bucket count");
+  INT4DDP_CHECK(nb == buckets_.size(), "bucket state: saved with ", nb, " buckets, this run has ",
+                buckets_.size(), " (comm.bucket_mb, comm.small_tensor_threshold or the model differ)");
+  for (Bucket& b : buckets_) {
+    const uint64_t len = read_u64("bucket length");
+    INT4DDP_CHECK(off + len <= blob.size(), "bucket state: truncated");
+    if (b.two_shot) {
+      b.two_shot->load_state(std::vector<uint8_t>(blob.begin() + static_cast<std::ptrdiff_t>(off),
+                                                   blob.begin() + static_cast<std::ptrdiff_t>(off + len)));
+    } else {
+      INT4DDP_CHECK(len == 0, "bucket state: a compressed bucket where this run has none");
+    }
+    off += len;
+  }
+  INT4DDP_CHECK(off == blob.size(), "bucket state: trailing bytes");
+}
+
+}  // namespace int4ddp::comm

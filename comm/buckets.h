@@ -1,0 +1,108 @@
+// Gradient buckets: the data-parallel all-reduce of a flat gradient arena, overlapped with the
+// backward pass (DESIGN.md section 4). Knows nothing about layers: the caller describes its
+// gradient tensors as segments of one float arena in forward order.
+//
+//   - Buckets are filled in reverse order (the last tensor first, as backward produces them) until
+//     they hold comm.bucket_mb MiB of fp32 gradient; a tensor is never split.
+//   - Inside a bucket, tensors with at least small_tensor_threshold elements travel compressed
+//     (TwoShotAllreduce, one per bucket); the smaller ones go uncompressed with an fp32 all-reduce.
+//     In fp32 mode everything is uncompressed.
+//   - The trainer calls ready_from(offset) during backward whenever every gradient at arena
+//     offset >= offset is final; each bucket that becomes complete is queued to one communication
+//     thread, which copies it out of the arena, all-reduces it (mean) and copies the result back.
+//     With overlap off, buckets are queued only by finish().
+//   - finish() waits for every bucket of the step (and rethrows a communication error).
+//   - commit(apply) moves the error-feedback and gamma state of every bucket to the new step or
+//     drops it (a skipped step).
+// Between begin_step() and finish() the Communicator belongs to the communication thread.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "comm/two_shot.h"
+
+namespace int4ddp::comm {
+
+struct Segment {
+  int64_t offset = 0, count = 0;  // a tensor in the arena
+};
+
+struct BucketConfig {
+  double bucket_mb = 25.0;                // MiB of fp32 gradient per bucket, > 0
+  int64_t small_tensor_threshold = 4096;  // tensors with fewer elements go uncompressed
+  bool overlap = true;                    // launch buckets during backward
+  CompressConfig compress;                // bits 32 = fp32 mode
+};
+
+// Per-step totals over all buckets (this rank).
+struct StepCommStats {
+  int64_t compressed_elements = 0, plain_elements = 0;
+  int64_t clipped = 0, quantized = 0;  // global counts of the compressed parts
+  int64_t nonfinite = 0;               // global NaN/Inf count of the compressed parts
+  uint64_t wire_bytes = 0;             // bytes this rank sent
+  double quant_seconds = 0;            // comm thread: quantize, dequantize, reduce, copies
+  double comm_seconds = 0;             // comm thread: inside collectives
+  double wait_seconds = 0;             // main thread: blocked in finish()
+  std::vector<float> gammas;           // per compressed bucket
+  // fp32 ring all-reduce bytes of the same gradient / wire bytes (1 with one rank)
+  double compression_ratio = 1.0;
+  double clip_fraction() const { return quantized ? static_cast<double>(clipped) / quantized : 0.0; }
+};
+
+class BucketEngine {
+ public:
+  // grads: the arena (stays owned by the caller); tensors in forward order, disjoint.
+  BucketEngine(Communicator& comm, const BucketConfig& cfg, float* grads,
+               std::vector<Segment> tensors);
+  ~BucketEngine();
+  BucketEngine(const BucketEngine&) = delete;
+  BucketEngine& operator=(const BucketEngine&) = delete;
+
+  void begin_step(uint32_t step);
+  void ready_from(int64_t offset);
+  StepCommStats finish();
+  void commit(bool apply);
+
+  int num_buckets() const { return static_cast<int>(buckets_.size()); }
+  int num_compressed_buckets() const;
+
+  // Per-rank state (error feedback, gammas) for checkpoints.
+  std::vector<uint8_t> save_state() const;
+  void load_state(const std::vector<uint8_t>& blob);
+
+ private:
+  struct Bucket {
+    int64_t begin = 0;  // lowest arena offset of its tensors (ready when ready_from(<= begin))
+    std::vector<Segment> compressed, plain;
+    int64_t ncompressed = 0, nplain = 0;
+    std::unique_ptr<TwoShotAllreduce> two_shot;  // null when nothing is compressed
+    std::vector<float> staging, plain_staging;
+    BucketStats stats;
+  };
+  void enqueue_ready(int64_t offset);
+  void worker();
+  void run_bucket(Bucket& b);
+
+  Communicator& comm_;
+  BucketConfig cfg_;
+  float* grads_;
+  std::vector<Bucket> buckets_;  // in launch order (reverse layer order)
+  uint32_t step_ = 0;
+  size_t next_to_queue_ = 0;     // main thread: buckets queued so far this step
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t queued_ = 0, done_ = 0, next_ = 0;  // guarded by mu_: queued, finished, taken
+  bool stop_ = false, in_step_ = false, busy_ = false;
+  std::exception_ptr error_;
+  std::thread thread_;
+};
+
+}  // namespace int4ddp::comm

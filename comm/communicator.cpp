@@ -1,0 +1,138 @@
+// The local (single-process) communicator and the backend factory (see communicator.h).
+#include "comm/communicator.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+
+#include "kernels/common/error.h"
+
+#ifdef INT4DDP_HAVE_NCCL
+#include "comm/nccl_communicator.h"
+#endif
+
+namespace int4ddp::comm {
+
+size_t ByteLayout::total() const { return std::accumulate(counts.begin(), counts.end(), size_t{0}); }
+
+ByteLayout ByteLayout::packed(std::vector<size_t> counts) {
+  ByteLayout l;
+  l.displs.resize(counts.size());
+  size_t off = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    l.displs[i] = off;
+    off += counts[i];
+  }
+  l.counts = std::move(counts);
+  return l;
+}
+
+namespace {
+
+class DoneRequest final : public Request {
+ public:
+  void wait() override {}
+  bool test() override { return true; }
+};
+
+// Size 1: the collectives move a rank's data to itself.
+class LocalCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  const char* backend() const override { return "local"; }
+  void barrier() override {}
+  void broadcast(void*, size_t, int root) override { check_root(root); }
+  void allreduce_sum(float*, int64_t) override {}
+  void allreduce_sum_i64(int64_t*, int64_t) override {}
+  void alltoallv(const void* send, const ByteLayout& sl, void* recv,
+                 const ByteLayout& rl) override {
+    check_one(sl, "alltoallv send");
+    check_one(rl, "alltoallv recv");
+    INT4DDP_CHECK(sl.counts[0] == rl.counts[0], "alltoallv: send ", sl.counts[0],
+                  " bytes but receive ", rl.counts[0]);
+    copy(static_cast<uint8_t*>(recv) + rl.displs[0],
+         static_cast<const uint8_t*>(send) + sl.displs[0], sl.counts[0]);
+  }
+  void allgatherv(const void* send, size_t bytes, void* recv, const ByteLayout& rl) override {
+    check_one(rl, "allgatherv recv");
+    INT4DDP_CHECK(rl.counts[0] == bytes, "allgatherv: send ", bytes, " bytes but receive ",
+                  rl.counts[0]);
+    copy(static_cast<uint8_t*>(recv) + rl.displs[0], send, bytes);
+  }
+  void gatherv(const void* send, size_t bytes, void* recv, const ByteLayout& rl,
+               int root) override {
+    check_root(root);
+    allgatherv(send, bytes, recv, rl);
+  }
+  std::unique_ptr<Request> iallreduce_sum(float*, int64_t) override {
+    return std::make_unique<DoneRequest>();
+  }
+  std::unique_ptr<Request> ialltoallv(const void* send, const ByteLayout& sl, void* recv,
+                                      const ByteLayout& rl) override {
+    alltoallv(send, sl, recv, rl);
+    return std::make_unique<DoneRequest>();
+  }
+  std::unique_ptr<Request> iallgatherv(const void* send, size_t bytes, void* recv,
+                                       const ByteLayout& rl) override {
+    allgatherv(send, bytes, recv, rl);
+    return std::make_unique<DoneRequest>();
+  }
+
+ private:
+  static void check_root(int root) {
+    INT4DDP_CHECK(root == 0, "local communicator: root ", root, " out of range (size 1)");
+  }
+  static void check_one(const ByteLayout& l, const char* what) {
+    INT4DDP_CHECK(l.counts.size() == 1 && l.displs.size() == 1, what,
+                  ": layout must have one entry per rank (1)");
+  }
+  static void copy(void* dst, const void* src, size_t n) {
+    if (n > 0 && dst != src) std::memmove(dst, src, n);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_local_communicator() {
+  return std::make_unique<LocalCommunicator>();
+}
+
+bool launched_with_multiple_ranks(int* world_size) {
+  int n = 1;
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"}) {
+    if (const char* v = std::getenv(var)) {
+      n = std::max(n, std::atoi(v));
+      break;
+    }
+  }
+  if (world_size) *world_size = n;
+  return n > 1;
+}
+
+#ifndef INT4DDP_HAVE_MPI
+std::unique_ptr<Communicator> make_mpi_communicator() {
+  INT4DDP_FAIL("comm.backend = mpi: this build has no MPI (configure with -DINT4DDP_MPI=ON)");
+}
+void abort_world(int) {}
+#endif
+
+std::unique_ptr<Communicator> make_communicator(const std::string& backend) {
+  if (backend == "none") {
+    int n = 1;
+    INT4DDP_CHECK(!launched_with_multiple_ranks(&n), "comm.backend = none, but this process is one of ",
+                  n, " ranks: set comm.backend = mpi (or nccl) for data-parallel training");
+    return make_local_communicator();
+  }
+  if (backend == "mpi") return make_mpi_communicator();
+  if (backend == "nccl") {
+#ifdef INT4DDP_HAVE_NCCL
+    return make_nccl_communicator();
+#else
+    INT4DDP_FAIL("comm.backend = nccl: this build has no NCCL (needs CUDA and NCCL at configure time)");
+#endif
+  }
+  INT4DDP_FAIL("comm.backend = '", backend, "' is not one of none, mpi, nccl");
+}
+
+}  // namespace int4ddp::comm

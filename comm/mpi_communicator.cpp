@@ -1,0 +1,251 @@
+// The MPI Communicator on MPI_COMM_WORLD (host buffers).
+//
+// MPI is initialised on first use with MPI_THREAD_SERIALIZED (the trainer's communication thread
+// and its main thread never call MPI at the same time) and finalised at process exit. Errors come
+// back as return codes (MPI_ERRORS_RETURN) and become int4ddp::Error naming the call and the rank.
+// MPI counts are int: a message of 2^31 bytes or more is refused with a clear error (a bucket of
+// the largest configurable size, 4096 MiB, compresses to 512 MiB of INT4 codes).
+#include <mpi.h>
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "kernels/common/error.h"
+
+namespace int4ddp::comm {
+namespace {
+
+int world_rank_or_minus1() {
+  int init = 0, fin = 0, r = -1;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  if (init && !fin) MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  return r;
+}
+
+[[noreturn]] void mpi_fail(const char* call, int rc) {
+  char msg[MPI_MAX_ERROR_STRING] = {0};
+  int len = 0;
+  MPI_Error_string(rc, msg, &len);
+  INT4DDP_FAIL("MPI error in ", call, " on rank ", world_rank_or_minus1(), ": ",
+               std::string(msg, static_cast<size_t>(len)));
+}
+
+#define MPI_CALL(call)                      \
+  do {                                      \
+    const int rc_ = (call);                 \
+    if (rc_ != MPI_SUCCESS) mpi_fail(#call, rc_); \
+  } while (0)
+
+void finalize_at_exit() {
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  if (init && !fin) MPI_Finalize();
+}
+
+void ensure_initialized() {
+  int init = 0;
+  MPI_Initialized(&init);
+  if (init) return;
+  int provided = 0;
+  MPI_CALL(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  std::atexit(finalize_at_exit);
+  INT4DDP_CHECK(provided >= MPI_THREAD_SERIALIZED,
+                "MPI provides thread level ", provided,
+                " but int4ddp needs MPI_THREAD_SERIALIZED (its communication thread calls MPI)");
+}
+
+int to_int(size_t n, const char* what) {
+  INT4DDP_CHECK(n <= static_cast<size_t>(INT_MAX), what, ": ", n,
+                " bytes exceed MPI's int count; use smaller buckets (comm.bucket_mb)");
+  return static_cast<int>(n);
+}
+
+struct IntLayout {
+  std::vector<int> counts, displs;
+};
+
+IntLayout to_int(const ByteLayout& l, int size, const char* what) {
+  INT4DDP_CHECK(static_cast<int>(l.counts.size()) == size &&
+                    static_cast<int>(l.displs.size()) == size,
+                what, ": layout has ", l.counts.size(), " counts and ", l.displs.size(),
+                " displacements for ", size, " ranks");
+  IntLayout r;
+  for (int i = 0; i < size; ++i) {
+    r.counts.push_back(to_int(l.counts[static_cast<size_t>(i)], what));
+    r.displs.push_back(to_int(l.displs[static_cast<size_t>(i)], what));
+  }
+  return r;
+}
+
+class MpiRequest final : public Request {
+ public:
+  // Keeps the int layouts alive for as long as MPI may read them.
+  MpiRequest(const char* what, IntLayout a = {}, IntLayout b = {})
+      : what_(what), a_(std::move(a)), b_(std::move(b)) {}
+  ~MpiRequest() override {
+    if (req_ != MPI_REQUEST_NULL) MPI_Wait(&req_, MPI_STATUS_IGNORE);
+  }
+  void wait() override {
+    if (req_ == MPI_REQUEST_NULL) return;
+    const int rc = MPI_Wait(&req_, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) mpi_fail(what_, rc);
+  }
+  bool test() override {
+    if (req_ == MPI_REQUEST_NULL) return true;
+    int done = 0;
+    const int rc = MPI_Test(&req_, &done, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) mpi_fail(what_, rc);
+    return done != 0;
+  }
+  MPI_Request* handle() { return &req_; }
+  IntLayout& a() { return a_; }
+  IntLayout& b() { return b_; }
+
+ private:
+  const char* what_;
+  IntLayout a_, b_;
+  MPI_Request req_ = MPI_REQUEST_NULL;
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  MpiCommunicator() {
+    ensure_initialized();
+    MPI_CALL(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
+    MPI_CALL(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const char* backend() const override { return "mpi"; }
+
+  void barrier() override { MPI_CALL(MPI_Barrier(MPI_COMM_WORLD)); }
+
+  void broadcast(void* buf, size_t bytes, int root) override {
+    check_root(root, "broadcast");
+    // Large broadcasts (a model's parameters) in pieces below MPI's int limit.
+    auto* p = static_cast<uint8_t*>(buf);
+    for (size_t off = 0; off < bytes;) {
+      const size_t n = std::min<size_t>(bytes - off, size_t{1} << 30);
+      MPI_CALL(MPI_Bcast(p + off, static_cast<int>(n), MPI_BYTE, root, MPI_COMM_WORLD));
+      off += n;
+    }
+    if (rank_ == root) bytes_sent_ += bytes;  // a tree sends about this much per rank
+  }
+
+  void allreduce_sum(float* buf, int64_t count) override {
+    for (int64_t off = 0; off < count;) {
+      const int64_t n = std::min<int64_t>(count - off, int64_t{1} << 28);
+      MPI_CALL(MPI_Allreduce(MPI_IN_PLACE, buf + off, static_cast<int>(n), MPI_FLOAT, MPI_SUM,
+                             MPI_COMM_WORLD));
+      off += n;
+    }
+    count_ring(count);
+  }
+
+  void allreduce_sum_i64(int64_t* buf, int64_t count) override {
+    MPI_CALL(MPI_Allreduce(MPI_IN_PLACE, buf, to_int(static_cast<size_t>(count), "allreduce_i64"),
+                           MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD));
+  }
+
+  void alltoallv(const void* send, const ByteLayout& sl, void* recv,
+                 const ByteLayout& rl) override {
+    const IntLayout s = to_int(sl, size_, "alltoallv send"), r = to_int(rl, size_, "alltoallv recv");
+    MPI_CALL(MPI_Alltoallv(send, s.counts.data(), s.displs.data(), MPI_BYTE, recv, r.counts.data(),
+                           r.displs.data(), MPI_BYTE, MPI_COMM_WORLD));
+    count_alltoall(sl);
+  }
+
+  void allgatherv(const void* send, size_t bytes, void* recv, const ByteLayout& rl) override {
+    const IntLayout r = to_int(rl, size_, "allgatherv recv");
+    INT4DDP_CHECK(rl.counts[static_cast<size_t>(rank_)] == bytes, "allgatherv: rank ", rank_,
+                  " sends ", bytes, " bytes but the layout expects ",
+                  rl.counts[static_cast<size_t>(rank_)]);
+    MPI_CALL(MPI_Allgatherv(send, to_int(bytes, "allgatherv send"), MPI_BYTE, recv,
+                            r.counts.data(), r.displs.data(), MPI_BYTE, MPI_COMM_WORLD));
+    count_allgather(rl);
+  }
+
+  void gatherv(const void* send, size_t bytes, void* recv, const ByteLayout& rl,
+               int root) override {
+    check_root(root, "gatherv");
+    IntLayout r;
+    if (rank_ == root) r = to_int(rl, size_, "gatherv recv");
+    MPI_CALL(MPI_Gatherv(send, to_int(bytes, "gatherv send"), MPI_BYTE, recv,
+                         rank_ == root ? r.counts.data() : nullptr,
+                         rank_ == root ? r.displs.data() : nullptr, MPI_BYTE, root,
+                         MPI_COMM_WORLD));
+    if (rank_ != root) bytes_sent_ += bytes;
+  }
+
+  std::unique_ptr<Request> iallreduce_sum(float* buf, int64_t count) override {
+    auto req = std::make_unique<MpiRequest>("MPI_Iallreduce");
+    MPI_CALL(MPI_Iallreduce(MPI_IN_PLACE, buf, to_int(static_cast<size_t>(count), "iallreduce"),
+                            MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, req->handle()));
+    count_ring(count);
+    return req;
+  }
+
+  std::unique_ptr<Request> ialltoallv(const void* send, const ByteLayout& sl, void* recv,
+                                      const ByteLayout& rl) override {
+    auto req = std::make_unique<MpiRequest>("MPI_Ialltoallv", to_int(sl, size_, "ialltoallv send"),
+                                            to_int(rl, size_, "ialltoallv recv"));
+    MPI_CALL(MPI_Ialltoallv(send, req->a().counts.data(), req->a().displs.data(), MPI_BYTE, recv,
+                            req->b().counts.data(), req->b().displs.data(), MPI_BYTE,
+                            MPI_COMM_WORLD, req->handle()));
+    count_alltoall(sl);
+    return req;
+  }
+
+  std::unique_ptr<Request> iallgatherv(const void* send, size_t bytes, void* recv,
+                                       const ByteLayout& rl) override {
+    auto req = std::make_unique<MpiRequest>("MPI_Iallgatherv", to_int(rl, size_, "iallgatherv recv"));
+    MPI_CALL(MPI_Iallgatherv(send, to_int(bytes, "iallgatherv send"), MPI_BYTE, recv,
+                             req->a().counts.data(), req->a().displs.data(), MPI_BYTE,
+                             MPI_COMM_WORLD, req->handle()));
+    count_allgather(rl);
+    return req;
+  }
+
+ private:
+  void check_root(int root, const char* what) const {
+    INT4DDP_CHECK(root >= 0 && root < size_, what, ": root ", root, " out of range (", size_,
+                  " ranks)");
+  }
+  // Wire bytes as the algorithms move them: a ring all-reduce sends 2 (N-1)/N of the buffer, an
+  // all-gather (N-1)/N of the gathered total, an all-to-all what goes to other ranks.
+  void count_ring(int64_t count) {
+    bytes_sent_ += static_cast<uint64_t>(2.0 * (size_ - 1) / size_ * 4.0 * count + 0.5);
+  }
+  void count_alltoall(const ByteLayout& sl) {
+    for (int j = 0; j < size_; ++j)
+      if (j != rank_) bytes_sent_ += sl.counts[static_cast<size_t>(j)];
+  }
+  void count_allgather(const ByteLayout& rl) {
+    bytes_sent_ += static_cast<uint64_t>(static_cast<double>(rl.total()) * (size_ - 1) / size_ + 0.5);
+  }
+
+  int rank_ = 0, size_ = 1;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_mpi_communicator() {
+  return std::make_unique<MpiCommunicator>();
+}
+
+void abort_world(int code) {
+  int init = 0, fin = 0, size = 1;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  if (!init || fin) return;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (size > 1) MPI_Abort(MPI_COMM_WORLD, code);
+}
+
+}  // namespace int4ddp::comm
