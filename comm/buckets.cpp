@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 
 #include "comm/bytes.h"
@@ -64,6 +65,19 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, float* g
 }
 
 BucketEngine::~BucketEngine() {
+  bool in_flight;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    in_flight = in_step_;
+  }
+  // A step abandoned mid-way (an error on this rank) leaves the other ranks inside a collective
+  // that this rank will never join, and possibly our own thread too: take the whole job down
+  // rather than hang.
+  if (in_flight && comm_.size() > 1) {
+    std::fprintf(stderr, "int4ddp: rank %d: a gradient all-reduce was abandoned; aborting all ranks\n",
+                 comm_.rank());
+    abort_world(1);
+  }
   {
     std::lock_guard<std::mutex> lk(mu_);
     stop_ = true;

@@ -2,11 +2,13 @@
 // bench join the same way: an add_*_command that registers options, a run_* that does the work).
 // This is the only place where an int4ddp::Error becomes a message and a non-zero exit.
 #include <CLI/CLI.hpp>
+#include <cstdlib>
 #include <exception>
 #include <iostream>
 #include <string>
 #include <vector>
 
+#include "comm/communicator.h"
 #include "kernels/common/error.h"
 #include "src/config/config.h"
 #include "src/quantize_tool.h"
@@ -14,6 +16,15 @@
 
 namespace {
 constexpr int kExitError = 2;  // bad command line, options or input
+
+// "rank R: " when this process is one of several MPI ranks.
+std::string rank_prefix() {
+  int n = 1;
+  if (!int4ddp::comm::launched_with_multiple_ranks(&n)) return "";
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"})
+    if (const char* v = std::getenv(var)) return std::string("rank ") + v + ": ";
+  return "";
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -50,9 +61,12 @@ int main(int argc, char** argv) {
     if (eval->parsed()) int4ddp::train::run_eval(checkpoint, overrides, std::cout);
     return 0;
   } catch (const int4ddp::Error& e) {
-    std::cerr << "int4ddp: error: " << e.what() << "\n";
+    std::cerr << "int4ddp: " << rank_prefix() << "error: " << e.what() << "\n";
   } catch (const std::exception& e) {
-    std::cerr << "int4ddp: error: " << e.what() << "\n";
+    std::cerr << "int4ddp: " << rank_prefix() << "error: " << e.what() << "\n";
   }
+  // Under mpirun the other ranks may be waiting for this one in a collective: take them down.
+  std::cerr << std::flush;
+  int4ddp::comm::abort_world(kExitError);
   return kExitError;
 }

@@ -12,6 +12,7 @@
 // Layers own their caches but not their inputs/outputs: the model keeps the activations.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -145,8 +146,11 @@ class Sequential : public Layer {
   std::vector<Param*> params() override;
   std::vector<std::vector<float>*> buffers() override;
   const std::vector<std::unique_ptr<Layer>>& layers() const { return layers_; }
+  // Called after layers_[i]'s backward (i descending); empty = none.
+  void set_backward_hook(std::function<void(size_t)> hook) { hook_ = std::move(hook); }
 
  private:
+  std::function<void(size_t)> hook_;
   std::string name_;
   std::vector<std::unique_ptr<Layer>> layers_;
   std::vector<Tensor> acts_;   // acts_[i] = output of layers_[i] (the last one is copied to y)

@@ -405,6 +405,7 @@ void Sequential::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tens
     Tensor* out = i == 0 ? dx : &grads_[i % 2];
     layers_[i]->backward(in, acts_[i], *upstream, out);
     upstream = out;
+    if (hook_) hook_(i);
   }
 }
 

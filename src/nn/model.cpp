@@ -1,6 +1,7 @@
 // Model construction, the parameter arena and initialisation (see model.h).
 #include "src/nn/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -113,6 +114,23 @@ void Model::bind_arena(uint64_t seed) {
     p->grad = Tensor::view(grads_.data() + off, p->shape);
     off += n;
   }
+  // Ready offsets for backward hooks: after top-level layer i's backward, every gradient of layers
+  // i.. (the arena is in forward order) is final.
+  const auto& layers = net_.layers();
+  ready_offset_.assign(layers.size(), total);
+  int64_t lowest = total;
+  for (size_t i = layers.size(); i-- > 0;) {
+    for (Param* p : layers[i]->params())
+      lowest = std::min<int64_t>(lowest, p->grad.data() - grads_.data());
+    ready_offset_[i] = lowest;
+  }
+}
+
+std::vector<std::pair<int64_t, int64_t>> Model::param_segments() const {
+  std::vector<std::pair<int64_t, int64_t>> segs;
+  for (const Param* p : params_)
+    segs.emplace_back(p->grad.data() - grads_.data(), p->grad.numel());
+  return segs;
 }
 
 void Model::forward(const Tensor& x, Tensor& logits, bool train) {
@@ -121,9 +139,11 @@ void Model::forward(const Tensor& x, Tensor& logits, bool train) {
   net_.forward(input_, logits, train);
 }
 
-void Model::backward(const Tensor& dlogits) {
+void Model::backward(const Tensor& dlogits, const std::function<void(int64_t)>& ready) {
   const Tensor unused;  // Sequential::backward reads activations it kept, not y
+  if (ready) net_.set_backward_hook([&](size_t i) { ready(ready_offset_[i]); });
   net_.backward(input_, unused, dlogits, nullptr);
+  net_.set_backward_hook({});
 }
 
 void Model::zero_grad() { std::fill(grads_.begin(), grads_.end(), 0.0f); }

@@ -7,7 +7,9 @@
 // parameter views; a gradient bucket is therefore a contiguous span (reverse order = from the end).
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -35,7 +37,11 @@ class Model {
   const ModelSpec& spec() const { return spec_; }
   void forward(const Tensor& x, Tensor& logits, bool train);
   // Backward from dL/dlogits of the last forward; parameter gradients accumulate in the arena.
-  void backward(const Tensor& dlogits);
+  // ready(offset), if given, is called during backward whenever every gradient at arena offset
+  // >= offset is final (offsets descend; the last call has offset 0 or the first parameter's).
+  void backward(const Tensor& dlogits, const std::function<void(int64_t)>& ready = {});
+  // Gradient tensors as (arena offset, count), in forward order.
+  std::vector<std::pair<int64_t, int64_t>> param_segments() const;
 
   std::vector<Param*>& params() { return params_; }
   int64_t num_params() const { return static_cast<int64_t>(values_.size()); }
@@ -66,7 +72,8 @@ class Model {
   std::vector<float> values_, grads_;
   std::vector<QuantizedOp*> qops_;
   uint32_t next_layer_id_ = 0;
-  Tensor input_;  // copy of the last forward's input (the first layer's backward reads it)
+  Tensor input_;
+  std::vector<int64_t> ready_offset_;  // per top-level layer: lowest arena offset of it and after  // copy of the last forward's input (the first layer's backward reads it)
 };
 
 }  // namespace int4ddp::nn

@@ -132,7 +132,7 @@ float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
   p.rounding = spec_.grad_rounding;
   p.gamma = grad_.policy->gamma_for(dy.data(), n);
   p.block_size = 0;
-  p.key = quant::RngKey{ctx_->seed, 0, ctx_->step, layer_id_};
+  p.key = quant::RngKey{ctx_->seed, ctx_->stream, ctx_->step, layer_id_};
   packed_.resize(static_cast<size_t>(quant::packed_bytes(p.bits, n)));
   float step = 0.0f;
   const quant::QuantStats st = quant::quantize(dy.data(), n, p, packed_.data(), &step);

@@ -30,6 +30,7 @@ namespace int4ddp::nn {
 // Shared by all quantized layers of a model for one step.
 struct QuantContext {
   uint32_t seed = 0;         // Philox seed of the run
+  uint32_t stream = 0;       // Philox stream: the data-parallel rank (independent rounding)
   uint32_t step = 0;         // training step (Philox counter word)
   int64_t nonfinite = 0;     // NaN/Inf seen in output gradients this step
   bool diagnostics = false;  // compute E(G), E(G_L) this step (costs a dequantize per layer)

@@ -9,16 +9,20 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iomanip>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "comm/buckets.h"
+#include "comm/communicator.h"
 #include "kernels/common/error.h"
 #include "kernels/math/gemm.h"
 #include "src/data/dataset.h"
 #include "src/nn/model.h"
 #include "src/train/checkpoint.h"
+#include "src/train/distributed.h"
 #include "src/train/optim.h"
 
 namespace int4ddp::train {
@@ -108,24 +112,38 @@ struct EvalResult {
   double loss = 0.0, accuracy = 0.0;
 };
 
-EvalResult evaluate(nn::Model& model, const data::Dataset& d, int64_t batch) {
+// Evaluates the test set; with a communicator of N ranks, rank r takes the examples i with
+// i % N == r and the sums are all-reduced (every rank returns the same result).
+EvalResult evaluate(nn::Model& model, const data::Dataset& d, int64_t batch,
+                    comm::Communicator* comm = nullptr) {
   Tensor x, logits;
   std::vector<int32_t> labels;
   std::vector<int64_t> idx;
   double loss_sum = 0.0;
   int64_t correct_sum = 0;
-  for (int64_t start = 0; start < d.count; start += batch) {
-    const int64_t b = std::min(batch, d.count - start);
+  const int64_t rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
+  const int64_t mine = d.count / world + (rank < d.count % world ? 1 : 0);
+  for (int64_t start = 0; start < mine; start += batch) {
+    const int64_t b = std::min(batch, mine - start);
     x.resize({b, d.channels, d.height, d.width});
     labels.resize(static_cast<size_t>(b));
     idx.resize(static_cast<size_t>(b));
-    for (int64_t i = 0; i < b; ++i) idx[static_cast<size_t>(i)] = start + i;
+    for (int64_t i = 0; i < b; ++i) idx[static_cast<size_t>(i)] = (start + i) * world + rank;
     data::assemble_batch(d, idx.data(), b, data::AugmentConfig{}, 0, 0, x.data(), labels.data());
     model.forward(x, logits, /*train=*/false);
     int64_t correct = 0;
     loss_sum += nn::softmax_cross_entropy(logits, labels.data(), nullptr, &correct) *
                 static_cast<double>(b);
     correct_sum += correct;
+  }
+  if (comm && world > 1) {
+    // The loss sum travels as a float sum of per-rank partial sums: ample for a metric.
+    float l = static_cast<float>(loss_sum);
+    int64_t c = correct_sum;
+    comm->allreduce_sum(&l, 1);
+    comm->allreduce_sum_i64(&c, 1);
+    loss_sum = l;
+    correct_sum = c;
   }
   return {loss_sum / static_cast<double>(d.count),
           static_cast<double>(correct_sum) / static_cast<double>(d.count)};
@@ -157,9 +175,17 @@ std::string model_signature(nn::Model& m) {
   return os.str();
 }
 
+// Collective with data parallelism: every rank's local state is gathered, rank 0 writes the file.
 void save_checkpoint(const std::string& path, const Config& cfg, nn::Model& model, Optimizer& opt,
-                     const Progress& pr) {
+                     const Progress& pr, DataParallel& dp) {
+  const std::vector<std::vector<uint8_t>> ranks =
+      dp.enabled() ? dp.gather_local_states(model) : std::vector<std::vector<uint8_t>>{};
+  if (dp.rank() != 0) return;
   Checkpoint ck;
+  if (dp.enabled()) {
+    ck.put_value<int64_t>("dp.world_size", dp.world());
+    for (size_t r = 0; r < ranks.size(); ++r) ck.put_vector("dp.rank." + std::to_string(r), ranks[r]);
+  }
   ck.put_string("config_yaml", config_to_yaml(cfg));
   ck.put_string("model_signature", model_signature(model));
   ck.put("values", model.values(), sizeof(float) * static_cast<size_t>(model.num_params()));
@@ -225,6 +251,83 @@ Progress load_checkpoint(const Checkpoint& ck, const std::string& path, nn::Mode
   return ck.get_value<Progress>("progress");
 }
 
+// Data parallelism: this rank's own state from a checkpoint written by the same number of ranks.
+void load_rank_state(const Checkpoint& ck, const std::string& path, DataParallel& dp,
+                     nn::Model& model) {
+  const int64_t saved = ck.has("dp.world_size") ? ck.get_value<int64_t>("dp.world_size") : 0;
+  if (!dp.enabled()) {
+    INT4DDP_CHECK(saved == 0, "checkpoint ", path, " was written by a data-parallel run of ", saved,
+                  " ranks: resume it with comm.backend = mpi and ", saved, " ranks");
+    return;
+  }
+  INT4DDP_CHECK(saved == dp.world(), "checkpoint ", path, " was written by ",
+                saved == 0 ? std::string("a single-process run (comm.backend = none)")
+                           : std::to_string(saved) + " ranks",
+                "; this run has ", dp.world(), " ranks (the error feedback and the data shards are per rank)");
+  dp.load_local_state(model, ck.get_vector<uint8_t>("dp.rank." + std::to_string(dp.rank())));
+}
+
+// Per-epoch sums of the step-time breakdown (this rank), for the epoch record.
+struct StepTimes {
+  int64_t steps = 0;
+  double step_s = 0, compute_s = 0, quant_s = 0, comm_s = 0, wait_s = 0;
+  uint64_t wire_bytes = 0;
+  double ratio_sum = 0;
+  void add(double step, double compute, const comm::StepCommStats& cs) {
+    ++steps;
+    step_s += step;
+    compute_s += compute;
+    quant_s += cs.quant_seconds;
+    comm_s += cs.comm_seconds;
+    wait_s += cs.wait_seconds;
+    wire_bytes += cs.wire_bytes;
+    ratio_sum += cs.compression_ratio;
+  }
+  json to_json() const {
+    const double n = static_cast<double>(std::max<int64_t>(steps, 1));
+    return {{"steps", steps},
+            {"step_s", step_s / n},
+            {"compute_s", compute_s / n},
+            {"quant_s", quant_s / n},
+            {"comm_s", comm_s / n},
+            {"comm_wait_s", wait_s / n},
+            {"bytes_sent", static_cast<double>(wire_bytes) / n},
+            {"compression_ratio", ratio_sum / n}};
+  }
+};
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+json comm_json(const comm::StepCommStats& cs, double rel_err, bool enabled) {
+  if (!enabled) return nullptr;
+  json j = {{"quant_s", cs.quant_seconds},
+            {"comm_s", cs.comm_seconds},
+            {"comm_wait_s", cs.wait_seconds},
+            {"bytes_sent", cs.wire_bytes},
+            {"compression_ratio", cs.compression_ratio},
+            {"clip_fraction", cs.clip_fraction()},
+            {"bucket_gamma", cs.gammas}};
+  if (rel_err >= 0) j["rel_err"] = rel_err;
+  return j;
+}
+
+// ||compressed mean - exact fp32 mean|| / ||exact mean|| of this step's gradients, where raw holds
+// this rank's gradients before the all-reduce (collective: one extra fp32 all-reduce).
+double compressed_mean_error(DataParallel& dp, nn::Model& model, std::vector<float>& raw) {
+  dp.sum(raw.data(), static_cast<int64_t>(raw.size()));
+  const float n = static_cast<float>(dp.world());
+  double num = 0, den = 0;
+  const float* g = model.grads();
+  for (size_t i = 0; i < raw.size(); ++i) {
+    const double exact = raw[i] / n;
+    num += (g[i] - exact) * (g[i] - exact);
+    den += exact * exact;
+  }
+  return den > 0 ? std::sqrt(num / den) : 0.0;
+}
+
 class MetricsLog {
  public:
   MetricsLog(const std::string& path, bool append) {
@@ -259,31 +362,28 @@ json quant_diagnostics(nn::Model& model) {
 
 }  // namespace
 
-// Data-parallel training (comm.*) arrives with the data-parallel issue. Until then a run under
-// mpirun with more than one rank would train independent copies; refuse it instead.
-void check_single_process(const Config& cfg, std::ostream& err) {
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"}) {
-    const char* v = std::getenv(var);
-    INT4DDP_CHECK(!v || std::atoi(v) <= 1, "this build trains in a single process only (", var,
-                  " = ", v, "): data-parallel training is not implemented yet");
-  }
-  if (cfg.comm.backend != "none")
-    err << "int4ddp: note: comm.backend = " << cfg.comm.backend
-        << " is ignored: data-parallel training is not implemented yet; training one process\n";
-}
-
-RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err) {
+RunSummary run_training(const Config& cfg, std::ostream& out_all, std::ostream& err) {
   validate(cfg);
-  check_single_process(cfg, err);
+  DataParallel dp(cfg);
+  const int rank = dp.rank(), world = dp.world();
+  std::ostream null_stream(nullptr);  // what ranks other than 0 print goes nowhere
+  std::ostream& out = rank == 0 ? out_all : null_stream;
   // train.threads = 0 (automatic) means one thread today: only the GEMMs are threaded, and on the
   // per-sample convolution GEMMs two threads were measured slower (experiments/RESULTS.md).
   math::set_num_threads(cfg.train.threads > 0 ? cfg.train.threads : 1);
   out << "int4ddp train: resolved config\n" << config_table(cfg) << std::flush;
+  if (dp.enabled())
+    out << "data parallel: " << world << " rank(s), backend " << dp.comm().backend()
+        << ", gradients " << cfg.comm.mode << "\n";
   Datasets ds = load_datasets(cfg);
   const uint64_t seed = static_cast<uint64_t>(cfg.train.seed);
   nn::Model model(model_spec(cfg, ds.train), seed);
   nn::QuantContext& qctx = model.quant_context();
   qctx.seed = static_cast<uint32_t>(seed);
+  qctx.stream = static_cast<uint32_t>(rank);
+  dp.broadcast_model(model);
+  dp.attach(model, cfg);
+  comm::BucketEngine* engine = dp.engine();
 
   OptimConfig oc;
   oc.lr = cfg.optim.lr;
@@ -300,22 +400,29 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
   sc.warmup_fraction = cfg.schedule.warmup_epochs / cfg.train.epochs;
 
   const int64_t batch = cfg.train.batch_size;
-  const int64_t per_epoch = ds.train.count / batch;  // the remainder of each epoch is dropped
+  // Each rank takes an equal shard of every epoch's permutation; the remainder is dropped.
+  const int64_t shard = data::shard_size(ds.train.count, world);
+  INT4DDP_CHECK(shard >= batch, "train.batch_size = ", batch, " is larger than the ", shard,
+                " training examples of each of the ", world, " ranks");
+  const int64_t per_epoch = shard / batch;
   const int64_t total_batches = per_epoch * cfg.train.epochs;
 
   Progress pr;
   const bool resumed = !cfg.train.resume.empty();
   if (resumed) {
-    pr = load_checkpoint(Checkpoint::read(cfg.train.resume), cfg.train.resume, model, &opt);
+    const Checkpoint ck = Checkpoint::read(cfg.train.resume);
+    pr = load_checkpoint(ck, cfg.train.resume, model, &opt);
+    load_rank_state(ck, cfg.train.resume, dp, model);
     out << "resumed from " << cfg.train.resume << " at epoch " << pr.epoch + 1 << ", batch "
         << pr.batch_in_epoch << "\n";
   }
-  MetricsLog metrics(cfg.log.metrics_path, resumed);
-  if (!cfg.log.metrics_path.empty() && !resumed) {
+  MetricsLog metrics(rank == 0 ? cfg.log.metrics_path : std::string(), resumed);
+  if (rank == 0 && !cfg.log.metrics_path.empty() && !resumed) {
     std::ofstream cj(cfg.log.metrics_path + ".config.json", std::ios::trunc);
     cj << config_to_json(cfg) << "\n";
   }
-  const bool bar = cfg.log.progress == "on" || (cfg.log.progress == "auto" && ::isatty(2));
+  const bool bar =
+      rank == 0 && (cfg.log.progress == "on" || (cfg.log.progress == "auto" && ::isatty(2)));
   const std::string ckdir = cfg.train.checkpoint_dir;
 
   Tensor x({batch, ds.train.channels, ds.train.height, ds.train.width}), logits, dlogits;
@@ -326,38 +433,68 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
 
   RunSummary summary;
   std::vector<std::vector<float>> saved_buffers;
+  std::vector<float> raw_grads;  // sampled steps: local gradients before the all-reduce
   const auto t_start = Clock::now();
   int64_t images_done = 0;
   EvalResult last_eval;
   bool evaluated_last = false;
   for (; pr.epoch < cfg.train.epochs; ++pr.epoch, pr.batch_in_epoch = 0) {
     if (pr.batch_in_epoch == 0) pr.epoch_loss_sum = 0.0, pr.epoch_correct = pr.epoch_seen = 0;
-    const std::vector<int64_t> perm = data::epoch_permutation(ds.train.count, seed, pr.epoch);
+    const std::vector<int64_t> perm =
+        data::shard(data::epoch_permutation(ds.train.count, seed, pr.epoch), rank, world);
     double& loss_sum = pr.epoch_loss_sum;
     int64_t& correct_sum = pr.epoch_correct;
     int64_t& seen = pr.epoch_seen;
     const auto t_epoch = Clock::now();
+    StepTimes epoch_time;
     for (; pr.batch_in_epoch < per_epoch; ++pr.batch_in_epoch) {
       if (cfg.train.max_steps > 0 && pr.steps >= cfg.train.max_steps) break;
       data::assemble_batch(ds.train, perm.data() + pr.batch_in_epoch * batch, batch, aug, seed,
                            pr.epoch, x.data(), labels.data());
-      const bool calibrating = model.needs_calibration();
       qctx.step = static_cast<uint32_t>(pr.global_batch);
       qctx.nonfinite = 0;
       qctx.diagnostics =
           cfg.log.diagnostics_every > 0 && pr.global_batch % cfg.log.diagnostics_every == 0;
+      // Sampled steps compare the compressed mean with the exact fp32 mean (all buckets are then
+      // launched after backward, from a copy of the local gradients).
+      const bool sample_error = engine && cfg.comm.mode != "fp32" && qctx.diagnostics;
+      const auto t_step = Clock::now();
       model.zero_grad();
       // BN running statistics change in a training forward; a skipped step must not keep them.
       saved_buffers.clear();
       for (std::vector<float>* b : model.buffers()) saved_buffers.push_back(*b);
+      // Every rank must agree on "calibration batch: no update"; the flag is summed below.
+      int64_t flags[3] = {model.needs_calibration() ? 1 : 0, 0, 0};  // calibrating, bad, correct
       model.forward(x, logits, /*train=*/true);
       int64_t correct = 0;
-      const float loss = nn::softmax_cross_entropy(logits, labels.data(), &dlogits, &correct);
-      model.backward(dlogits);
+      float loss = nn::softmax_cross_entropy(logits, labels.data(), &dlogits, &correct);
+      if (engine) engine->begin_step(static_cast<uint32_t>(pr.global_batch));
+      model.backward(dlogits, engine && !sample_error
+                                  ? std::function<void(int64_t)>(
+                                        [engine](int64_t off) { engine->ready_from(off); })
+                                  : std::function<void(int64_t)>());
+      const double compute_s = seconds_since(t_step);
+      comm::StepCommStats cs;
+      double rel_err = -1.0;
+      if (engine) {
+        if (sample_error) raw_grads.assign(model.grads(), model.grads() + model.num_params());
+        cs = engine->finish();
+        if (sample_error) rel_err = compressed_mean_error(dp, model, raw_grads);
+      }
       ++pr.global_batch;
-      const bool finite = std::isfinite(loss) && qctx.nonfinite == 0 &&
-                          all_finite(model.grads(), model.num_params());
+      flags[1] = (std::isfinite(loss) && qctx.nonfinite == 0 && cs.nonfinite == 0 &&
+                  all_finite(model.grads(), model.num_params()))
+                     ? 0
+                     : 1;
+      flags[2] = correct;
+      dp.sum(flags, 3);
+      dp.sum(&loss, 1);
+      loss /= static_cast<float>(world);
+      correct = flags[2];
+      const bool calibrating = flags[0] > 0;
+      const bool finite = flags[1] == 0;
       if (!finite) {
+        if (engine) engine->commit(false);
         model.commit_quant_step(false);
         const auto buffers = model.buffers();
         for (size_t i = 0; i < buffers.size(); ++i) *buffers[i] = saved_buffers[i];
@@ -367,8 +504,9 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
                        {"batch", pr.global_batch},
                        {"loss", std::isfinite(loss) ? loss : -1.0f},
                        {"nonfinite_grads", qctx.nonfinite}});
-        err << "int4ddp: warning: batch " << pr.global_batch
-            << " has a non-finite loss or gradient; step skipped\n";
+        if (rank == 0)
+          err << "int4ddp: warning: batch " << pr.global_batch
+              << " has a non-finite loss or gradient on some rank; step skipped\n";
         INT4DDP_CHECK(pr.consecutive_skips < cfg.train.max_consecutive_skips,
                       "training stopped: ", pr.consecutive_skips,
                       " consecutive steps with non-finite loss or gradients "
@@ -379,15 +517,20 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
       const double lr = scheduled_lr(sc, cfg.optim.lr, pr.global_batch - 1, total_batches);
       if (calibrating) {
         model.commit_quant_step(false);  // calibration batch: no update, gamma stays calibrated
+        if (engine) engine->commit(false);
       } else {
         opt.step(lr);
         model.commit_quant_step(true);
+        if (engine) engine->commit(true);
         ++pr.steps;
       }
-      loss_sum += loss * static_cast<double>(batch);
+      const int64_t global_batch = batch * world;
+      loss_sum += loss * static_cast<double>(global_batch);
       correct_sum += correct;
-      seen += batch;
-      images_done += batch;
+      seen += global_batch;
+      images_done += global_batch;
+      const double step_s = seconds_since(t_step);
+      epoch_time.add(step_s, compute_s, cs);
       const double secs = std::chrono::duration<double>(Clock::now() - t_start).count();
       const double ips = images_done / std::max(secs, 1e-9);
       if (qctx.diagnostics && !model.quantized_ops().empty())
@@ -400,11 +543,14 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
                        {"batch", pr.global_batch},
                        {"step", pr.steps},
                        {"loss", loss},
-                       {"accuracy", static_cast<double>(correct) / static_cast<double>(batch)},
+                       {"accuracy", static_cast<double>(correct) / static_cast<double>(global_batch)},
                        {"lr", lr},
                        {"img_per_s", ips},
                        {"calibration", calibrating},
-                       {"skipped", pr.skipped}});
+                       {"skipped", pr.skipped},
+                       {"step_s", step_s},
+                       {"compute_s", compute_s},
+                       {"comm", comm_json(cs, rel_err, engine != nullptr)}});
       if (bar) {
         err << "\r[epoch " << pr.epoch + 1 << "/" << cfg.train.epochs << "] " << std::setw(5)
             << pr.batch_in_epoch + 1 << "/" << per_epoch << "  loss " << std::fixed
@@ -421,7 +567,7 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
         Progress next = pr;
         ++next.batch_in_epoch;
         save_checkpoint(ckdir + "/step_" + std::to_string(pr.steps) + ".ckpt", cfg, model, opt,
-                        next);
+                        next, dp);
       }
     }
     if (bar) err << "\n";
@@ -435,8 +581,11 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
                {"train_accuracy", seen ? static_cast<double>(correct_sum) / seen : 0.0},
                {"seconds", std::chrono::duration<double>(Clock::now() - t_epoch).count()},
                {"skipped", pr.skipped}};
+    if (engine) ej["time"] = epoch_time.to_json();
+    // Ranks saw different batches: evaluate and checkpoint the mean BN statistics.
+    dp.average_buffers(model);
     if (eval_now) {
-      last_eval = evaluate(model, ds.test, cfg.train.eval_batch_size);
+      last_eval = evaluate(model, ds.test, cfg.train.eval_batch_size, &dp.comm());
       evaluated_last = true;
       ej["test_loss"] = last_eval.loss;
       ej["test_accuracy"] = last_eval.accuracy;
@@ -454,12 +603,12 @@ RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err)
       next.epoch_loss_sum = 0.0;
       next.epoch_correct = next.epoch_seen = 0;
       save_checkpoint(ckdir + "/epoch_" + std::to_string(pr.epoch + 1) + ".ckpt", cfg, model, opt,
-                      next);
-      save_checkpoint(ckdir + "/last.ckpt", cfg, model, opt, next);
+                      next, dp);
+      save_checkpoint(ckdir + "/last.ckpt", cfg, model, opt, next, dp);
     }
     if (stopped) break;
   }
-  if (!evaluated_last) last_eval = evaluate(model, ds.test, cfg.train.eval_batch_size);
+  if (!evaluated_last) last_eval = evaluate(model, ds.test, cfg.train.eval_batch_size, &dp.comm());
   summary.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
   summary.test_accuracy = last_eval.accuracy;
   summary.test_loss = last_eval.loss;

@@ -1,0 +1,177 @@
+// Data-parallel plumbing (see distributed.h).
+#include "src/train/distributed.h"
+
+#include <cstring>
+#include <sstream>
+
+#include "comm/bytes.h"
+#include "kernels/common/error.h"
+
+namespace int4ddp::train {
+namespace {
+
+quant::PolicyKind comm_policy(const std::string& name) { return quant::parse_policy_kind(name); }
+
+int comm_bits(const std::string& mode) {
+  if (mode == "int4") return 4;
+  if (mode == "int8") return 8;
+  return 32;
+}
+
+// Length-prefixed pieces of a local-state blob.
+void put_piece(std::vector<uint8_t>& out, const void* p, size_t n) {
+  const uint64_t len = n;
+  comm::append_bytes(out, &len, sizeof(len));
+  comm::append_bytes(out, p, n);
+}
+
+class PieceReader {
+ public:
+  explicit PieceReader(const std::vector<uint8_t>& b) : b_(b) {}
+  std::vector<uint8_t> next(const char* what) {
+    uint64_t len = 0;
+    INT4DDP_CHECK(off_ + sizeof(len) <= b_.size(), "checkpoint rank state: truncated at ", what);
+    std::memcpy(&len, b_.data() + off_, sizeof(len));
+    off_ += sizeof(len);
+    INT4DDP_CHECK(len <= b_.size() - off_, "checkpoint rank state: truncated in ", what);
+    std::vector<uint8_t> v(b_.begin() + static_cast<std::ptrdiff_t>(off_),
+                           b_.begin() + static_cast<std::ptrdiff_t>(off_ + len));
+    off_ += len;
+    return v;
+  }
+  bool done() const { return off_ == b_.size(); }
+
+ private:
+  const std::vector<uint8_t>& b_;
+  size_t off_ = 0;
+};
+
+}  // namespace
+
+DataParallel::DataParallel(const Config& cfg)
+    : comm_(comm::make_communicator(cfg.comm.backend)), enabled_(cfg.comm.backend != "none") {
+  INT4DDP_CHECK(!comm_->device_buffers(), "comm.backend = ", cfg.comm.backend,
+                ": the trainer's layers run on the CPU, so its gradients live in host memory; use "
+                "comm.backend = mpi (GPU training layers are not implemented yet)");
+  if (comm_->size() == 1) return;
+  // Every rank must train the same thing: compare config hashes.
+  const uint64_t mine = config_hash(cfg);
+  const int n = comm_->size();
+  std::vector<uint64_t> all(static_cast<size_t>(n));
+  comm::ByteLayout layout = comm::ByteLayout::packed(std::vector<size_t>(static_cast<size_t>(n), 8));
+  comm_->allgatherv(&mine, sizeof(mine), all.data(), layout);
+  std::ostringstream bad;
+  for (int r = 1; r < n; ++r)
+    if (all[static_cast<size_t>(r)] != all[0]) bad << " " << r;
+  INT4DDP_CHECK(bad.str().empty(), "the resolved config differs between ranks: rank(s)", bad.str(),
+                " differ from rank 0 (same file, same --set overrides and same build on every rank?)");
+}
+
+void DataParallel::broadcast_model(nn::Model& model) {
+  if (comm_->size() == 1) return;
+  comm_->broadcast(model.values(), sizeof(float) * static_cast<size_t>(model.num_params()), 0);
+  for (std::vector<float>* b : model.buffers())
+    comm_->broadcast(b->data(), sizeof(float) * b->size(), 0);
+}
+
+void DataParallel::average_buffers(nn::Model& model) {
+  if (comm_->size() == 1) return;
+  const float n = static_cast<float>(comm_->size());
+  for (std::vector<float>* b : model.buffers()) {
+    comm_->allreduce_sum(b->data(), static_cast<int64_t>(b->size()));
+    for (float& v : *b) v /= n;
+  }
+}
+
+void DataParallel::attach(nn::Model& model, const Config& cfg) {
+  if (!enabled_) return;
+  comm::BucketConfig bc;
+  bc.bucket_mb = cfg.comm.bucket_mb;
+  bc.small_tensor_threshold = cfg.comm.small_tensor_threshold;
+  bc.overlap = cfg.comm.overlap;
+  bc.compress.bits = comm_bits(cfg.comm.mode);
+  bc.compress.block_size = cfg.comm.block_size;
+  bc.compress.rounding =
+      cfg.comm.rounding == "nearest" ? quant::Rounding::kNearest : quant::Rounding::kStochastic;
+  bc.compress.worker_error_feedback = cfg.comm.worker_error_feedback;
+  bc.compress.server_error_feedback = cfg.comm.server_error_feedback;
+  bc.compress.policy.kind = comm_policy(cfg.comm.grad_policy);
+  bc.compress.policy.fixed_gamma = static_cast<float>(cfg.comm.fixed_gamma);
+  bc.compress.policy.alpha = cfg.comm.alpha;
+  bc.compress.policy.eta = static_cast<float>(cfg.comm.eta);
+  bc.compress.seed = static_cast<uint32_t>(cfg.train.seed);
+  std::vector<comm::Segment> segs;
+  for (const auto& [off, count] : model.param_segments()) segs.push_back({off, count});
+  engine_ = std::make_unique<comm::BucketEngine>(*comm_, bc, model.grads(), std::move(segs));
+}
+
+std::vector<uint8_t> DataParallel::save_local_state(nn::Model& model) const {
+  std::vector<uint8_t> out;
+  for (std::vector<float>* b : model.buffers()) put_piece(out, b->data(), sizeof(float) * b->size());
+  for (nn::QuantizedOp* q : model.quantized_ops()) {
+    const auto pol = q->grad_state().policy->save_state();
+    const auto tr = q->grad_state().tracker.save_state();
+    const uint8_t init = q->initialized() ? 1 : 0;
+    put_piece(out, pol.data(), pol.size());
+    put_piece(out, tr.data(), tr.size());
+    put_piece(out, &init, 1);
+  }
+  const std::vector<uint8_t> eng = engine_ ? engine_->save_state() : std::vector<uint8_t>{};
+  put_piece(out, eng.data(), eng.size());
+  return out;
+}
+
+void DataParallel::load_local_state(nn::Model& model, const std::vector<uint8_t>& blob) {
+  PieceReader rd(blob);
+  for (std::vector<float>* b : model.buffers()) {
+    const auto v = rd.next("batch-norm statistics");
+    INT4DDP_CHECK(v.size() == sizeof(float) * b->size(),
+                  "checkpoint rank state: batch-norm statistics have the wrong size");
+    std::memcpy(b->data(), v.data(), v.size());
+  }
+  for (nn::QuantizedOp* q : model.quantized_ops()) {
+    const auto pol = rd.next("policy");
+    q->grad_state_mut().policy->load_state(pol.data(), pol.size());
+    const auto tr = rd.next("tracker");
+    q->grad_state_mut().tracker.load_state(tr.data(), tr.size());
+    const auto init = rd.next("initialized");
+    INT4DDP_CHECK(init.size() == 1, "checkpoint rank state: bad initialized flag");
+    q->set_initialized(init[0] != 0);
+  }
+  const auto eng = rd.next("buckets");
+  if (engine_) {
+    engine_->load_state(eng);
+  } else {
+    INT4DDP_CHECK(eng.empty(), "checkpoint rank state: bucket state but no data parallelism");
+  }
+  INT4DDP_CHECK(rd.done(), "checkpoint rank state: trailing bytes");
+}
+
+std::vector<std::vector<uint8_t>> DataParallel::gather_local_states(nn::Model& model) {
+  const std::vector<uint8_t> mine = save_local_state(model);
+  const int n = comm_->size();
+  std::vector<int64_t> sizes(static_cast<size_t>(n), 0);
+  sizes[static_cast<size_t>(comm_->rank())] = static_cast<int64_t>(mine.size());
+  comm_->allreduce_sum_i64(sizes.data(), n);
+  std::vector<size_t> counts(sizes.begin(), sizes.end());
+  const comm::ByteLayout layout = comm::ByteLayout::packed(counts);
+  std::vector<uint8_t> all(comm_->rank() == 0 ? layout.total() : 0);
+  comm_->gatherv(mine.data(), mine.size(), all.data(), layout, 0);
+  std::vector<std::vector<uint8_t>> out;
+  if (comm_->rank() != 0) return out;
+  for (int r = 0; r < n; ++r) {
+    const auto* p = all.data() + layout.displs[static_cast<size_t>(r)];
+    out.emplace_back(p, p + layout.counts[static_cast<size_t>(r)]);
+  }
+  return out;
+}
+
+void DataParallel::sum(int64_t* v, int64_t n) {
+  if (comm_->size() > 1) comm_->allreduce_sum_i64(v, n);
+}
+
+void DataParallel::sum(float* v, int64_t n) {
+  if (comm_->size() > 1) comm_->allreduce_sum(v, n);
+}
+
+}  // namespace int4ddp::train
