@@ -60,7 +60,9 @@ std::vector<nlohmann::json> metrics_without_timing(const std::string& path) {
   std::string line;
   while (std::getline(f, line)) {
     nlohmann::json j = nlohmann::json::parse(line);
-    for (const char* k : {"img_per_s", "seconds"}) j.erase(k);
+    for (const char* k : {"img_per_s", "seconds", "step_s", "compute_s", "time"}) j.erase(k);
+    if (j.contains("comm") && j["comm"].is_object())
+      for (const char* k : {"quant_s", "comm_s", "comm_wait_s"}) j["comm"].erase(k);
     out.push_back(j);
   }
   return out;

@@ -465,6 +465,10 @@ RunSummary run_training(const Config& cfg, std::ostream& out_all, std::ostream& 
       for (std::vector<float>* b : model.buffers()) saved_buffers.push_back(*b);
       // Every rank must agree on "calibration batch: no update"; the flag is summed below.
       int64_t flags[3] = {model.needs_calibration() ? 1 : 0, 0, 0};  // calibrating, bad, correct
+      // The quantizer scales s_W, u_A initialise from the first batch a layer sees, which differs
+      // between ranks: rank 0's values are broadcast after that step (as at the start).
+      bool initialising = false;
+      for (const nn::QuantizedOp* q : model.quantized_ops()) initialising |= !q->initialized();
       model.forward(x, logits, /*train=*/true);
       int64_t correct = 0;
       float loss = nn::softmax_cross_entropy(logits, labels.data(), &dlogits, &correct);
@@ -498,6 +502,7 @@ RunSummary run_training(const Config& cfg, std::ostream& out_all, std::ostream& 
         model.commit_quant_step(false);
         const auto buffers = model.buffers();
         for (size_t i = 0; i < buffers.size(); ++i) *buffers[i] = saved_buffers[i];
+        if (initialising) dp.broadcast_model(model);
         ++pr.skipped;
         ++pr.consecutive_skips;
         metrics.write({{"type", "skip"},
@@ -524,6 +529,7 @@ RunSummary run_training(const Config& cfg, std::ostream& out_all, std::ostream& 
         if (engine) engine->commit(true);
         ++pr.steps;
       }
+      if (initialising) dp.broadcast_model(model);
       const int64_t global_batch = batch * world;
       loss_sum += loss * static_cast<double>(global_batch);
       correct_sum += correct;
