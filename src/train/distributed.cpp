@@ -49,7 +49,9 @@ class PieceReader {
 }  // namespace
 
 DataParallel::DataParallel(const Config& cfg)
-    : comm_(comm::make_communicator(cfg.comm.backend)), enabled_(cfg.comm.backend != "none") {
+    : comm_(comm::make_communicator(cfg.comm.backend)) {
+  // One rank has nothing to all-reduce (and compressing its gradients would only add error).
+  enabled_ = comm_->size() > 1;
   INT4DDP_CHECK(!comm_->device_buffers(), "comm.backend = ", cfg.comm.backend,
                 ": the trainer's layers run on the CPU, so its gradients live in host memory; use "
                 "comm.backend = mpi (GPU training layers are not implemented yet)");

@@ -1,6 +1,6 @@
 // Data-parallel plumbing of the trainer (DESIGN.md section 4): the same config on every rank,
 // identical initial parameters, rank-local state in checkpoints, and the bucketed gradient
-// all-reduce. With comm.backend = none there is one rank and no all-reduce at all.
+// all-reduce. With one rank (comm.backend = none, or mpi without mpirun) there is no all-reduce.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +23,7 @@ class DataParallel {
 
   int rank() const { return comm_->rank(); }
   int world() const { return comm_->size(); }
-  bool enabled() const { return enabled_; }  // backend != none: gradients are all-reduced
+  bool enabled() const { return enabled_; }  // more than one rank: gradients are all-reduced
   comm::Communicator& comm() { return *comm_; }
 
   // Rank 0's parameters and BN statistics to every rank.

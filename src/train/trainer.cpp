@@ -256,12 +256,13 @@ void load_rank_state(const Checkpoint& ck, const std::string& path, DataParallel
                      nn::Model& model) {
   const int64_t saved = ck.has("dp.world_size") ? ck.get_value<int64_t>("dp.world_size") : 0;
   if (!dp.enabled()) {
-    INT4DDP_CHECK(saved == 0, "checkpoint ", path, " was written by a data-parallel run of ", saved,
-                  " ranks: resume it with comm.backend = mpi and ", saved, " ranks");
+    INT4DDP_CHECK(saved == 0, "checkpoint ", path, " was written by ", saved,
+                  " ranks (a data-parallel run); this run has 1: resume it under mpirun with ", saved,
+                  " ranks");
     return;
   }
   INT4DDP_CHECK(saved == dp.world(), "checkpoint ", path, " was written by ",
-                saved == 0 ? std::string("a single-process run (comm.backend = none)")
+                saved == 0 ? std::string("a single process")
                            : std::to_string(saved) + " ranks",
                 "; this run has ", dp.world(), " ranks (the error feedback and the data shards are per rank)");
   dp.load_local_state(model, ck.get_vector<uint8_t>("dp.rank." + std::to_string(dp.rank())));

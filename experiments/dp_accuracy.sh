@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# experiments/dp_accuracy.sh: the data-parallel accuracy comparison of issue 4. Trains the 4/4/4 cnn
+# of configs/default.yaml on Fashion-MNIST with 4 ranks (mpirun, this machine) and each gradient
+# all-reduce:
+#   fp32            plain MPI_Allreduce
+#   int4 minmax     two-shot, gamma = 1, with and without error feedback (worker + server)
+#   int4 lbt        two-shot, lbt gamma per bucket, with and without error feedback
+# and writes a table (test accuracy, difference to fp32, final bucket gammas, mean bytes sent per
+# step, wall time) into experiments/RESULTS.md between the dp-accuracy markers.
+#
+# Schedule: the default config's (3 epochs, cosine from lr 0.05) with 32 images per rank, so the
+# global batch (128) and the number of steps equal the single-process default. About 4 minutes a
+# run on the 2-core development VM (4 ranks share 2 cores).
+#
+# Usage: experiments/dp_accuracy.sh [--quick] [--seed S] [--ranks N]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/launch/common.sh"
+quick=0
+seed=0
+ranks=4
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) quick=1 ;;
+        --seed) seed="$2"; shift ;;
+        --ranks) ranks="$2"; shift ;;
+        *) echo "usage: experiments/dp_accuracy.sh [--quick] [--seed S] [--ranks N]" >&2; exit 2 ;;
+    esac
+    shift
+done
+INT4DDP_TARGETS=int4ddp int4ddp_build >/dev/null
+out_dir="$ROOT/runs/dp_accuracy"
+[ "$quick" = 1 ] && out_dir="$ROOT/runs/dp_accuracy-quick"
+mkdir -p "$out_dir"
+
+per_rank=$((128 / ranks))
+common=(--set "train.seed=$seed" --set "train.batch_size=$per_rank" --set log.progress=off
+        --set log.print_every=50 --set train.checkpoint_every_epochs=0 --set log.diagnostics_every=50
+        --set comm.backend=mpi)
+if [ "$quick" = 1 ]; then
+    common+=(--set data.dataset=synthetic --set train.max_steps=5 --set data.synthetic_train_size=2048
+             --set data.synthetic_test_size=256)
+fi
+
+runs=("fp32|--set comm.mode=fp32"
+      "int4 minmax, EF|--set comm.mode=int4 --set comm.grad_policy=minmax"
+      "int4 minmax, no EF|--set comm.mode=int4 --set comm.grad_policy=minmax --set comm.worker_error_feedback=false --set comm.server_error_feedback=false"
+      "int4 lbt, EF|--set comm.mode=int4 --set comm.grad_policy=lbt"
+      "int4 lbt, no EF|--set comm.mode=int4 --set comm.grad_policy=lbt --set comm.worker_error_feedback=false --set comm.server_error_feedback=false")
+
+rows=()
+fp32_acc=""
+start_all=$(date +%s)
+i=0
+for r in "${runs[@]}"; do
+    name="${r%%|*}"
+    read -r -a sets <<< "${r#*|}"
+    tag="run$i"
+    i=$((i + 1))
+    echo "== $name ($ranks ranks)"
+    t0=$(date +%s)
+    "$ROOT/launch/mpirun.sh" -np "$ranks" -- int4ddp train --config "$ROOT/configs/default.yaml" \
+        "${common[@]}" "${sets[@]}" --set "log.metrics_path=$out_dir/$tag.jsonl" \
+        --set "train.checkpoint_dir=$out_dir/ck_$tag" > "$out_dir/$tag.log" 2>&1 ||
+        { echo "run '$name' failed; see $out_dir/$tag.log" >&2; tail -5 "$out_dir/$tag.log" >&2; exit 1; }
+    secs=$(( $(date +%s) - t0 ))
+    acc=$(jq -r 'select(.type=="final") | .test_accuracy * 100' "$out_dir/$tag.jsonl")
+    gam=$(jq -r 'select(.type=="step" and .comm != null) | .comm.bucket_gamma | map(. * 1000 | round / 1000) | tostring' \
+          "$out_dir/$tag.jsonl" | tail -1)
+    bytes=$(jq -s -r '[.[] | select(.type=="epoch") | .time.bytes_sent] | add / length | . / 1e6 * 100 | round / 100' \
+          "$out_dir/$tag.jsonl")
+    [ -z "$fp32_acc" ] && fp32_acc="$acc"
+    delta=$(awk -v a="$acc" -v b="$fp32_acc" 'BEGIN { printf "%+.2f", a - b }')
+    printf '   test accuracy %.2f%% (%s vs fp32), %s s\n' "$acc" "$delta" "$secs"
+    rows+=("| $name | $(printf '%.2f' "$acc") | $delta | ${gam:-} | $bytes | $secs |")
+done
+total=$(( $(date +%s) - start_all ))
+
+table=$(cat <<EOF
+<!-- dp-accuracy:begin -->
+Command: \`experiments/dp_accuracy.sh --seed $seed --ranks $ranks$([ "$quick" = 1 ] && echo " --quick")\`
+($(date -u +%Y-%m-%d), $(nproc) cores, $ranks ranks, total wall time ${total} s). cnn 4/4/4 lbt layers,
+configs/default.yaml schedule, $per_rank images per rank per step (global batch 128).
+
+| all-reduce | test acc % | vs fp32 | final bucket gamma | MB sent / step / rank | wall s |
+|---|---|---|---|---|---|
+$(printf '%s\n' "${rows[@]}")
+<!-- dp-accuracy:end -->
+EOF
+)
+echo "$table"
+[ "$quick" = 1 ] && exit 0
+results="$ROOT/experiments/RESULTS.md"
+if grep -q '<!-- dp-accuracy:begin -->' "$results"; then
+    python3 - "$results" "$table" <<'PY'
+import sys, re
+path, table = sys.argv[1], sys.argv[2]
+s = open(path).read()
+s = re.sub(r'<!-- dp-accuracy:begin -->.*?<!-- dp-accuracy:end -->', lambda m: table, s, flags=re.S)
+open(path + '.tmp', 'w').write(s)
+PY
+    mv "$results.tmp" "$results"
+else
+    printf '\n%s\n' "$table" >> "$results"
+fi
