@@ -28,6 +28,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+int4ddp_setup jq
 INT4DDP_TARGETS=int4ddp int4ddp_build >/dev/null
 out_dir="$ROOT/runs/dp_accuracy"
 [ "$quick" = 1 ] && out_dir="$ROOT/runs/dp_accuracy-quick"

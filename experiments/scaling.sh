@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# experiments/scaling.sh: weak scaling of data-parallel training on the simulated cluster
+# (launch/netns_cluster.sh: one network namespace per rank, every link shaped to RATE).
+#
+# For each link rate (1gbit, 10gbit), rank count (1, 2, 4), model (mlp2048: configs/mlp2048.yaml;
+# resnet20: configs/resnet20.yaml with fp32 layers) and gradient all-reduce (fp32, int4) it trains
+# STEPS steps with 64 images per rank on the synthetic set (same shapes as Fashion-MNIST) and takes
+# the median over the steps after the first WARMUP of: step time, compute (forward + backward on the
+# main thread), comm wait (main thread blocked on the last buckets), quantize and collective time
+# on the communication thread, bytes sent. img/s = ranks * 64 / median step time.
+# The layers are fp32 in both models so that only the all-reduce differs between the fp32 and
+# int4 rows (as in the PyTorch DDP reference of the issue).
+#
+# Writes runs/scaling/results.jsonl (one object per run), a table and PNG plots
+# (experiments/plots/scaling_*.png), and the table into experiments/RESULTS.md between the scaling
+# markers. Needs root (network namespaces). About 15 minutes on the 2-core development VM, where 4
+# ranks share 2 cores, so compute time per step grows with the rank count there.
+#
+# Usage: experiments/scaling.sh [--quick] [--rates "1gbit 10gbit"] [--ranks "1 2 4"]
+#                               [--models "mlp2048 resnet20"]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/launch/common.sh"
+rates="1gbit 10gbit"
+ranks_list="1 2 4"
+models="mlp2048 resnet20"
+quick=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) quick=1 ;;
+        --rates) rates="$2"; shift ;;
+        --ranks) ranks_list="$2"; shift ;;
+        --models) models="$2"; shift ;;
+        *) echo "usage: experiments/scaling.sh [--quick] [--rates R] [--ranks N] [--models M]" >&2; exit 2 ;;
+    esac
+    shift
+done
+[ "$(id -u)" = 0 ] || { echo "scaling.sh: needs root (network namespaces)" >&2; exit 1; }
+int4ddp_setup jq python3-matplotlib iproute2
+INT4DDP_TARGETS=int4ddp int4ddp_build >/dev/null
+# Debian's python3 (where python3-matplotlib lives), not a pyenv shim earlier on PATH.
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+out_dir="$ROOT/runs/scaling"
+[ "$quick" = 1 ] && out_dir="$ROOT/runs/scaling-quick"
+mkdir -p "$out_dir" "$ROOT/experiments/plots"
+results="$out_dir/results.jsonl"
+: > "$results"
+
+steps_for() {  # model -> steps, warmup
+    if [ "$quick" = 1 ]; then echo "4 1"; return; fi
+    case "$1" in mlp2048) echo "30 5" ;; resnet20) echo "12 3" ;; esac
+}
+config_for() {
+    case "$1" in
+        mlp2048) echo "$ROOT/configs/mlp2048.yaml" ;;
+        resnet20) echo "$ROOT/configs/resnet20.yaml" ;;
+        *) echo "unknown model $1" >&2; exit 2 ;;
+    esac
+}
+
+for rate in $rates; do
+    for n in $ranks_list; do
+        for model in $models; do
+            read -r steps warmup <<< "$(steps_for "$model")"
+            for mode in fp32 int4; do
+                tag="${model}_${mode}_${n}_${rate}"
+                echo "== $model, $mode all-reduce, $n rank(s), $rate"
+                "$ROOT/launch/netns_cluster.sh" mpirun --ranks "$n" --rate "$rate" -- \
+                    int4ddp train --config "$(config_for "$model")" \
+                    --set comm.backend=mpi --set "comm.mode=$mode" --set train.batch_size=64 \
+                    --set quant.weight_bits=32 --set quant.activation_bits=32 --set quant.grad_bits=32 \
+                    --set data.dataset=synthetic --set data.synthetic_train_size=16384 \
+                    --set data.synthetic_test_size=256 --set "train.max_steps=$steps" \
+                    --set train.threads=1 --set train.checkpoint_every_epochs=0 \
+                    --set log.progress=off --set log.print_every=1 --set log.diagnostics_every=0 \
+                    --set "log.metrics_path=$out_dir/$tag.jsonl" \
+                    --set "train.checkpoint_dir=$out_dir/ck" > "$out_dir/$tag.log" 2>&1 ||
+                    { echo "run $tag failed; see $out_dir/$tag.log" >&2; tail -5 "$out_dir/$tag.log" >&2; exit 1; }
+                jq -s -c --arg model "$model" --arg mode "$mode" --arg rate "$rate" \
+                    --argjson n "$n" --argjson warmup "$warmup" '
+                    def median: sort | if length == 0 then 0 else .[(length / 2 | floor)] end;
+                    [.[] | select(.type == "step")] | .[$warmup:] as $s |
+                    {model: $model, mode: $mode, rate: $rate, ranks: $n, steps: ($s | length),
+                     step_s: ($s | map(.step_s) | median),
+                     compute_s: ($s | map(.compute_s) | median),
+                     comm_wait_s: ($s | map(.comm.comm_wait_s // 0) | median),
+                     quant_s: ($s | map(.comm.quant_s // 0) | median),
+                     comm_s: ($s | map(.comm.comm_s // 0) | median),
+                     bytes_sent: ($s | map(.comm.bytes_sent // 0) | median)} |
+                    . + {img_per_s: ($n * 64 / .step_s)}' "$out_dir/$tag.jsonl" | tee -a "$results"
+            done
+        done
+    done
+done
+
+"$py" - "$results" "$ROOT/experiments/plots" "$quick" > "$out_dir/table.md" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+plots, quick = sys.argv[2], sys.argv[3] == "1"
+print("| model | link | ranks | all-reduce | img/s | step ms | compute ms | comm wait ms | quantize ms | collectives ms | MB sent/rank | int4 speed-up |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+key = lambda r: (r["model"], r["rate"], r["ranks"])
+by = {(key(r), r["mode"]): r for r in rows}
+for r in rows:
+    fp = by.get((key(r), "fp32"))
+    up = f'{fp["step_s"] / r["step_s"]:.2f}x' if r["mode"] == "int4" and fp else ""
+    print(f'| {r["model"]} | {r["rate"]} | {r["ranks"]} | {r["mode"]} | {r["img_per_s"]:.0f} | '
+          f'{1e3*r["step_s"]:.1f} | {1e3*r["compute_s"]:.1f} | {1e3*r["comm_wait_s"]:.1f} | '
+          f'{1e3*r["quant_s"]:.1f} | {1e3*r["comm_s"]:.1f} | {r["bytes_sent"]/1e6:.2f} | {up} |')
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    print("\n(matplotlib missing: no plots)", file=sys.stderr)
+    sys.exit(0)
+suffix = "_quick" if quick else ""
+for model in sorted({r["model"] for r in rows}):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for rate in sorted({r["rate"] for r in rows}):
+        for mode, style in (("fp32", "--"), ("int4", "-")):
+            pts = sorted((r["ranks"], r["img_per_s"]) for r in rows
+                         if r["model"] == model and r["rate"] == rate and r["mode"] == mode)
+            if pts:
+                axes[0].plot(*zip(*pts), style, marker="o", label=f"{mode}, {rate}")
+    axes[0].set_xlabel("ranks"); axes[0].set_ylabel("img/s (64 images per rank)")
+    axes[0].set_title(f"{model}: weak scaling"); axes[0].legend(); axes[0].grid(alpha=0.3)
+    sel = [r for r in rows if r["model"] == model]
+    labels = [f'{r["mode"]}\n{r["ranks"]}r {r["rate"].replace("gbit", "G")}' for r in sel]
+    bottom = [0.0] * len(sel)
+    for part, name in (("compute_s", "compute"), ("comm_wait_s", "comm wait")):
+        vals = [1e3 * r[part] for r in sel]
+        axes[1].bar(range(len(sel)), vals, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[1].set_xticks(range(len(sel))); axes[1].set_xticklabels(labels, fontsize=6)
+    axes[1].set_ylabel("ms per step (median)"); axes[1].set_title(f"{model}: step time")
+    axes[1].legend(); fig.tight_layout()
+    fig.savefig(f"{plots}/scaling_{model}{suffix}.png", dpi=110)
+PY
+cat "$out_dir/table.md"
+[ "$quick" = 1 ] && exit 0
+block=$(printf '<!-- scaling:begin -->\nCommand: `experiments/scaling.sh` (%s, %s cores; results in runs/scaling/results.jsonl; plots experiments/plots/scaling_*.png)\n\n%s\n<!-- scaling:end -->' \
+        "$(date -u +%Y-%m-%d)" "$(nproc)" "$(cat "$out_dir/table.md")")
+res="$ROOT/experiments/RESULTS.md"
+if grep -q '<!-- scaling:begin -->' "$res"; then
+    "$py" - "$res" "$block" <<'PY'
+import re, sys
+p, b = sys.argv[1], sys.argv[2]
+s = open(p).read()
+open(p + ".tmp", "w").write(re.sub(r"<!-- scaling:begin -->.*?<!-- scaling:end -->", lambda m: b, s, flags=re.S))
+PY
+    mv "$res.tmp" "$res"
+else
+    printf '\n%s\n' "$block" >> "$res"
+fi
