@@ -21,6 +21,19 @@ double seconds_since(Clock::time_point t) {
 constexpr int kFp32Bits = 32;
 constexpr uint32_t kStreamsPerRank = 65536;  // stream = 65536 rank + chunk
 
+// Elementwise loops on non-aliasing arrays (so the compiler vectorises them).
+void add_arrays(float* __restrict out, const float* __restrict a, const float* __restrict b,
+                int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+void sub_arrays(float* __restrict out, const float* __restrict a, const float* __restrict b,
+                int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] - b[i];
+}
+void accumulate(float* __restrict acc, const float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
+}
+
 StatsTrailer read_trailer(const uint8_t* p) {
   StatsTrailer t;
   std::memcpy(&t, p, sizeof(t));
@@ -159,7 +172,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   // 1. v = g + e_w
   const float* v = x;
   if (cfg_.worker_error_feedback) {
-    for (int64_t i = 0; i < count_; ++i) v_[static_cast<size_t>(i)] = x[i] + ew_[static_cast<size_t>(i)];
+    add_arrays(v_.data(), x, ew_.data(), count_);
     v = v_.data();
   }
   // 2-3. quantize every chunk into its message; e_w <- v - Q(v)
@@ -189,8 +202,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     std::memcpy(msg + code_bytes + static_cast<size_t>(nsc) * sizeof(float), &tr, sizeof(tr));
     if (cfg_.worker_error_feedback && c.count() > 0) {
       quant::dequantize(msg, sc.data(), c.count(), bits, G, tmp_.data() + c.begin);
-      for (int64_t i = c.begin; i < c.end; ++i)
-        ew_next_[static_cast<size_t>(i)] = v[i] - tmp_[static_cast<size_t>(i)];
+      sub_arrays(ew_next_.data() + c.begin, v + c.begin, tmp_.data() + c.begin, c.count());
     }
   }
   st.quant_seconds += seconds_since(t);
@@ -216,12 +228,12 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     if (m == 0) continue;
     std::memcpy(sc.data(), msg + own_code_bytes, static_cast<size_t>(own_nsc) * sizeof(float));
     quant::dequantize(msg, sc.data(), m, bits, G, tmp_.data());
-    for (int64_t k = 0; k < m; ++k) acc_[static_cast<size_t>(k)] += tmp_[static_cast<size_t>(k)];
+    accumulate(acc_.data(), tmp_.data(), m);
   }
   const float fn = static_cast<float>(n);
-  for (int64_t k = 0; k < m; ++k) acc_[static_cast<size_t>(k)] /= fn;
-  if (cfg_.server_error_feedback)
-    for (int64_t k = 0; k < m; ++k) acc_[static_cast<size_t>(k)] += es_[static_cast<size_t>(k)];
+  float* __restrict acc = acc_.data();
+  for (int64_t k = 0; k < m; ++k) acc[k] /= fn;
+  if (cfg_.server_error_feedback) accumulate(acc, es_.data(), m);
   uint8_t* own_msg = gathered_.data() + gather_layout_.displs[static_cast<size_t>(r)];
   p.key.stream = kStreamsPerRank * static_cast<uint32_t>(r) + static_cast<uint32_t>(r);
   p.key.tensor_id = 2 * bucket_id_ + 1;
@@ -233,8 +245,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
               sizeof(sum));
   if (cfg_.server_error_feedback && m > 0) {
     quant::dequantize(own_msg, sc.data(), m, bits, G, tmp_.data());
-    for (int64_t k = 0; k < m; ++k)
-      es_next_[static_cast<size_t>(k)] = acc_[static_cast<size_t>(k)] - tmp_[static_cast<size_t>(k)];
+    sub_arrays(es_next_.data(), acc_.data(), tmp_.data(), m);
   }
   st.quant_seconds += seconds_since(t);
 
