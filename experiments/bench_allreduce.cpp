@@ -1,0 +1,410 @@
+// bench_allreduce: the all-reduce (mean) of an fp32 gradient across the ranks of mpirun, in the
+// manner of nccl-tests: fp32 (MPI_Allreduce through the Communicator, then / N) beside the two-shot
+// compressed all-reduce (int4, int8), from --min-bytes to --max-bytes of fp32 gradient.
+//
+//   mpirun -np 4 bench_allreduce [--min-bytes 4K] [--max-bytes 256M] [--step-factor 4]
+//          [--iters 20] [--warmup 3] [--modes fp32,int4,int8] [--block-size 512] [--no-check]
+//
+// Timing: every iteration restores the input (untimed), passes a barrier, and times run() on each
+// rank; an iteration's time is the maximum over ranks and `time` is the median over iterations.
+// algbw_eff = 4 n / time (logical fp32 bytes), busbw_eff = algbw_eff * 2 (N-1) / N. Each iteration
+// is an independent first step: commit(false) keeps the error-feedback buffers zero and gamma at 1
+// (the quantize and error-feedback work is done and timed all the same).
+//
+// quant / coll: the part of a run() spent quantizing, dequantizing and reducing (error feedback
+// included) and the part inside collectives (median over iterations, slowest rank).
+//
+// Wire bytes: what this rank put on the wire during run() (Communicator::bytes_sent; maximum over
+// ranks) beside predicted_wire_bytes() = 2 (N-1)/N (n b/8 + 4 n/G) and their difference in %.
+//
+// Checks (on by default): rel_err = ||out - mean|| / ||mean|| on the random timing data against the
+// exact mean (accumulated in double from every rank's input, which every rank can regenerate:
+// inputs are a hash of (seed, rank, index)); #wrong = elements (summed over ranks) that differ from
+// the exact mean on grid-valued inputs whose compressed mean is exact by construction (the
+// construction of tests/test_comm.cpp), plus one per rank whose compressed output differs from
+// rank 0's. Any #wrong > 0 makes the exit status non-zero.
+//
+// Output on rank 0 only: a table, then one JSON line
+//   {"bench":"allreduce","ranks":N,"rows":[{"mode","bytes","time_s","wire_bytes","rel_err","wrong"},...]}
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "comm/two_shot.h"
+#include "kernels/common/error.h"
+#include "kernels/quant/codec.h"
+#include "kernels/quant/format.h"
+#include "kernels/quant/policy.h"
+
+using namespace int4ddp;
+using namespace int4ddp::comm;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int kFp32Bits = 32;
+
+// ---- inputs: a hash of (seed, rank, index), so every rank can regenerate every rank's input ----
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+uint64_t hash3(uint64_t seed, int rank, int64_t i) {
+  return splitmix64(seed ^
+                    splitmix64((static_cast<uint64_t>(rank) << 44) ^ static_cast<uint64_t>(i)));
+}
+
+// Gradient-like: uniform in [-1, 1) times a scale that changes every 512 elements (2^-6 .. 2^2).
+float random_value(uint64_t seed, int rank, int64_t i) {
+  const uint64_t h = hash3(seed, rank, i);
+  const float u = static_cast<float>(static_cast<double>(h >> 11) * 0x1.0p-52 - 1.0);
+  return std::ldexp(u, static_cast<int>((i / 512) % 9) - 6);
+}
+
+// Grid-valued inputs (see tests/test_comm.cpp, grid_mean): the exact mean is k_i d_b with a
+// power-of-two step per block of G, the block's first element the largest code; rank r holds
+// c_r k_i d_b with c_r = 1 + (2r - (N-1)) / 32 (sum N). Stochastic rounding keeps the codes
+// {-1, 0, L} (floor(k + u) is exact in float only for those); nearest uses all of -L..L.
+float grid_mean_value(uint64_t seed, int64_t i, int64_t G, int bits, bool stochastic) {
+  if (bits == kFp32Bits) bits = 8;  // fp32: any small dyadic values are exact
+  const int L = quant::levels(bits);
+  const int64_t b = i / G;
+  const float d = std::ldexp(1.0f, static_cast<int>(b % 7) - 4);
+  int code;
+  if (b % 5 == 4) {
+    code = 0;
+  } else if (i % G == 0) {
+    code = stochastic ? L : ((b % 2) ? -L : L);
+  } else {
+    const uint64_t h = hash3(seed, 999, i);
+    code = stochastic ? (h % 3 == 0 ? -1 : (h % 3 == 1 ? 0 : L))
+                      : static_cast<int>(h % static_cast<uint64_t>(2 * L + 1)) - L;
+  }
+  return static_cast<float>(code) * d;
+}
+float rank_factor(int r, int ranks) {
+  return 1.0f + static_cast<float>(2 * r - (ranks - 1)) / 32.0f;
+}
+
+uint64_t fnv1a(const void* p, size_t n) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  const auto* b = static_cast<const uint8_t*>(p);
+  for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ull;
+  return h;
+}
+
+// ---- small collectives on top of the Communicator --------------------------------------------
+template <typename T>
+std::vector<T> gather_to_root(Communicator& c, const std::vector<T>& mine) {
+  const size_t bytes = mine.size() * sizeof(T);
+  std::vector<T> all(c.rank() == 0 ? mine.size() * static_cast<size_t>(c.size()) : 0);
+  const ByteLayout l =
+      ByteLayout::packed(std::vector<size_t>(static_cast<size_t>(c.size()), bytes));
+  c.gatherv(mine.data(), bytes, all.data(), l, 0);
+  return all;
+}
+
+std::vector<uint64_t> allgather_u64(Communicator& c, uint64_t v) {
+  std::vector<uint64_t> all(static_cast<size_t>(c.size()));
+  c.allgatherv(&v, sizeof v, all.data(),
+               ByteLayout::packed(std::vector<size_t>(static_cast<size_t>(c.size()), sizeof v)));
+  return all;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size();
+  return m % 2 ? v[m / 2] : 0.5 * (v[m / 2 - 1] + v[m / 2]);
+}
+
+struct Mode {
+  std::string name;
+  int bits;
+};
+
+Mode parse_mode(const std::string& s) {
+  if (s == "fp32") return {s, kFp32Bits};
+  if (s.size() == 4 && s.rfind("int", 0) == 0 && s[3] >= '2' && s[3] <= '8') return {s, s[3] - '0'};
+  INT4DDP_FAIL("--modes: '", s, "' is not one of fp32, int2 .. int8");
+}
+
+std::string human_bytes(uint64_t b) {
+  char buf[32];
+  if (b >= (uint64_t{1} << 30) && b % (uint64_t{1} << 30) == 0)
+    std::snprintf(buf, sizeof buf, "%lluG", static_cast<unsigned long long>(b >> 30));
+  else if (b >= (uint64_t{1} << 20) && b % (uint64_t{1} << 20) == 0)
+    std::snprintf(buf, sizeof buf, "%lluM", static_cast<unsigned long long>(b >> 20));
+  else if (b >= 1024 && b % 1024 == 0)
+    std::snprintf(buf, sizeof buf, "%lluK", static_cast<unsigned long long>(b >> 10));
+  else
+    std::snprintf(buf, sizeof buf, "%llu", static_cast<unsigned long long>(b));
+  return buf;
+}
+
+struct Row {
+  std::string mode;
+  uint64_t bytes = 0;
+  int64_t count = 0;
+  double time_s = 0;
+  double quant_s = 0, comm_s = 0;  // median over iterations, maximum over ranks
+  uint64_t wire_bytes = 0;
+  double predicted = 0;
+  double rel_err = -1;
+  int64_t wrong = -1;
+};
+
+struct Options {
+  uint64_t min_bytes = 4096, max_bytes = uint64_t{256} << 20;
+  int step_factor = 4, iters = 20, warmup = 3;
+  std::string modes = "fp32,int4,int8";
+  int64_t block_size = quant::kDefaultBlockSize;
+  bool check = true, error_feedback = true;
+  std::string rounding = "stochastic", policy = "lbt";
+  uint64_t seed = 1;
+};
+
+// One (size, mode) cell: warm-up, timed iterations, then the checks.
+Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
+              std::vector<float>& input, std::vector<float>& work) {
+  const int N = comm.size(), me = comm.rank();
+  CompressConfig cfg;
+  cfg.bits = mode.bits;
+  cfg.block_size = o.block_size;
+  cfg.rounding = o.rounding == "nearest" ? quant::Rounding::kNearest : quant::Rounding::kStochastic;
+  cfg.worker_error_feedback = cfg.server_error_feedback = o.error_feedback;
+  cfg.policy.kind = quant::parse_policy_kind(o.policy);
+  cfg.seed = static_cast<uint32_t>(o.seed);
+  TwoShotAllreduce ts(comm, cfg, n, 0);
+
+  Row row;
+  row.mode = mode.name;
+  row.bytes = static_cast<uint64_t>(n) * sizeof(float);
+  row.count = n;
+  row.predicted = predicted_wire_bytes(mode.bits, n, o.block_size, N);
+
+  std::vector<double> times, quant_times, comm_times;
+  uint64_t wire = 0;
+  for (int it = 0; it < o.warmup + o.iters; ++it) {
+    std::memcpy(work.data(), input.data(), static_cast<size_t>(n) * sizeof(float));
+    comm.barrier();
+    const auto t0 = Clock::now();
+    const BucketStats st = ts.run(work.data(), static_cast<uint32_t>(it));
+    const double t = std::chrono::duration<double>(Clock::now() - t0).count();
+    ts.commit(false);
+    if (it >= o.warmup) {
+      times.push_back(t);
+      quant_times.push_back(st.quant_seconds);
+      comm_times.push_back(st.comm_seconds);
+    }
+    wire = st.wire_bytes;
+  }
+  // Per iteration the slowest rank; the median of those. The split into quantize and collective
+  // time: each rank's median, the slowest rank's.
+  const std::vector<double> all_times = gather_to_root(comm, times);
+  const std::vector<double> split =
+      gather_to_root(comm, std::vector<double>{median(quant_times), median(comm_times)});
+  if (me == 0)
+    for (int r = 0; r < N; ++r) {
+      row.quant_s = std::max(row.quant_s, split[2 * static_cast<size_t>(r)]);
+      row.comm_s = std::max(row.comm_s, split[2 * static_cast<size_t>(r) + 1]);
+    }
+  const std::vector<uint64_t> wires = allgather_u64(comm, wire);
+  row.wire_bytes = *std::max_element(wires.begin(), wires.end());
+  if (me == 0 && !times.empty()) {
+    std::vector<double> slowest(times.size(), 0.0);
+    for (int r = 0; r < N; ++r)
+      for (size_t k = 0; k < times.size(); ++k)
+        slowest[k] = std::max(slowest[k], all_times[static_cast<size_t>(r) * times.size() + k]);
+    row.time_s = median(slowest);
+  }
+  if (!o.check) return row;
+
+  // rel_err of the last timed output against the exact mean; the outputs are compared across
+  // ranks (compressed modes must be bit-identical), so each rank checks a slice.
+  int64_t wrong = 0;
+  const std::vector<uint64_t> hashes =
+      allgather_u64(comm, fnv1a(work.data(), static_cast<size_t>(n) * sizeof(float)));
+  if (mode.bits != kFp32Bits) wrong += hashes[static_cast<size_t>(me)] != hashes[0];
+  std::vector<double> sums(2, 0.0);  // ||out - mean||^2, ||mean||^2 over this rank's slice
+  const int64_t lo = n * me / N, hi = n * (me + 1) / N;
+  for (int64_t i = lo; i < hi; ++i) {
+    double mean = 0;
+    for (int r = 0; r < N; ++r) mean += random_value(o.seed, r, i);
+    mean /= N;
+    const double e = work[static_cast<size_t>(i)] - mean;
+    sums[0] += e * e;
+    sums[1] += mean * mean;
+  }
+  const std::vector<double> all_sums = gather_to_root(comm, sums);
+  if (me == 0) {
+    double e2 = 0, m2 = 0;
+    for (int r = 0; r < N; ++r) {
+      e2 += all_sums[2 * static_cast<size_t>(r)];
+      m2 += all_sums[2 * static_cast<size_t>(r) + 1];
+    }
+    row.rel_err = m2 > 0 ? std::sqrt(e2 / m2) : 0.0;
+  }
+
+  // #wrong on grid-valued inputs (exact only with gamma = 1: not under --policy fixed).
+  if (cfg.bits != kFp32Bits && ts.gamma() != 1.0f) {
+    comm.allreduce_sum_i64(&wrong, 1);
+    row.wrong = wrong > 0 ? wrong : -1;
+    return row;
+  }
+  const bool stochastic = cfg.rounding == quant::Rounding::kStochastic;
+  const float c = rank_factor(me, N);
+  for (int64_t i = 0; i < n; ++i)
+    work[static_cast<size_t>(i)] =
+        c * grid_mean_value(o.seed, i, o.block_size, mode.bits, stochastic);
+  ts.run(work.data(), 0);
+  ts.commit(false);
+  for (int64_t i = 0; i < n; ++i) {
+    const float want = grid_mean_value(o.seed, i, o.block_size, mode.bits, stochastic);
+    wrong += std::memcmp(&want, &work[static_cast<size_t>(i)], sizeof want) != 0;
+  }
+  comm.allreduce_sum_i64(&wrong, 1);
+  row.wrong = wrong;
+  return row;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  CLI::App app{"bench_allreduce: fp32 MPI all-reduce vs the two-shot INT4/INT8 all-reduce"};
+  app.add_option("--min-bytes", o.min_bytes, "smallest fp32 gradient (bytes; K, M, G suffixes)")
+      ->transform(CLI::AsSizeValue(false));
+  app.add_option("--max-bytes", o.max_bytes, "largest fp32 gradient (bytes; K, M, G suffixes)")
+      ->transform(CLI::AsSizeValue(false));
+  app.add_option("--step-factor", o.step_factor, "size multiplier between rows")
+      ->check(CLI::Range(2, 1024));
+  app.add_option("--iters", o.iters, "timed iterations per cell")->check(CLI::Range(1, 100000));
+  app.add_option("--warmup", o.warmup, "untimed iterations per cell")->check(CLI::Range(0, 100000));
+  app.add_option("--modes", o.modes, "comma-separated: fp32, int4, int8 (int2..int8)");
+  app.add_option("--block-size", o.block_size, "G, elements per scale (even)");
+  app.add_flag("--check,!--no-check", o.check, "compute rel_err and #wrong (default on)");
+  app.add_flag("--error-feedback,!--no-error-feedback", o.error_feedback,
+               "worker and server error feedback (default on)");
+  app.add_option("--rounding", o.rounding, "stochastic or nearest")
+      ->check(CLI::IsMember({"stochastic", "nearest"}));
+  app.add_option("--policy", o.policy, "minmax, fixed or lbt")
+      ->check(CLI::IsMember({"minmax", "fixed", "lbt"}));
+  app.add_option("--seed", o.seed, "input and rounding seed");
+  CLI11_PARSE(app, argc, argv);
+
+  std::unique_ptr<Communicator> comm;
+  try {
+    INT4DDP_CHECK(o.min_bytes >= 4 && o.min_bytes % 4 == 0 && o.max_bytes % 4 == 0,
+                  "--min-bytes and --max-bytes must be positive multiples of 4 (fp32)");
+    INT4DDP_CHECK(o.min_bytes <= o.max_bytes, "--min-bytes ", o.min_bytes, " > --max-bytes ",
+                  o.max_bytes);
+    std::vector<Mode> modes;
+    std::stringstream ss(o.modes);
+    for (std::string m; std::getline(ss, m, ',');)
+      if (!m.empty()) modes.push_back(parse_mode(m));
+    INT4DDP_CHECK(!modes.empty(), "--modes is empty");
+    {
+      CompressConfig probe;
+      probe.block_size = o.block_size;
+      probe.validate();  // refuses a block size that cannot work, before MPI starts
+    }
+
+    comm = make_mpi_communicator();
+    const int N = comm->size();
+    const bool root = comm->rank() == 0;
+    if (root) {
+      std::printf(
+          "# bench_allreduce: %d rank(s), block %lld, %s rounding, policy %s, error feedback %s, "
+          "codec %s\n",
+          N, static_cast<long long>(o.block_size), o.rounding.c_str(), o.policy.c_str(),
+          o.error_feedback ? "on" : "off", quant::isa_name(quant::current_isa()));
+      std::printf(
+          "# time: median over %d iterations (after %d warm-up) of the slowest rank; "
+          "algbw = 4n/t, busbw = algbw * 2(N-1)/N\n",
+          o.iters, o.warmup);
+      std::printf(
+          "# wire: bytes sent per rank (max over ranks), predicted = 2(N-1)/N (n b/8 + 4n/G)\n");
+      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %12s %12s %7s %10s %7s\n", "size",
+                  "count", "mode", "time(us)", "algbw", "busbw", "x_fp32", "quant(us)", "coll(us)",
+                  "wire(B)", "predicted", "diff%", "rel_err", "#wrong");
+      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %12s %12s %7s %10s %7s\n", "(B)",
+                  "(floats)", "", "", "(GB/s)", "(GB/s)", "", "", "", "", "", "", "", "");
+      std::fflush(stdout);
+    }
+
+    std::vector<Row> rows;
+    bool any_wrong = false;
+    std::vector<float> input, work;
+    for (uint64_t bytes = o.min_bytes; bytes <= o.max_bytes;) {
+      const int64_t n = static_cast<int64_t>(bytes / sizeof(float));
+      input.resize(static_cast<size_t>(n));
+      work.resize(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i)
+        input[static_cast<size_t>(i)] = random_value(o.seed, comm->rank(), i);
+      double fp32_time = 0;
+      for (const Mode& m : modes) {
+        const Row row = bench_one(*comm, o, m, n, input, work);
+        if (m.bits == kFp32Bits) fp32_time = row.time_s;
+        any_wrong = any_wrong || row.wrong > 0;
+        if (root) {
+          const double algbw = row.time_s > 0 ? 4.0 * n / row.time_s / 1e9 : 0.0;
+          const double busbw = algbw * 2.0 * (N - 1) / N;
+          char speed[16] = "-", diff[16] = "-", rel[16] = "-", wrong[24] = "-";
+          if (fp32_time > 0 && row.time_s > 0)
+            std::snprintf(speed, sizeof speed, "%.2f", fp32_time / row.time_s);
+          if (row.predicted > 0)
+            std::snprintf(diff, sizeof diff, "%+.2f",
+                          100.0 * (row.wire_bytes - row.predicted) / row.predicted);
+          if (row.rel_err >= 0) std::snprintf(rel, sizeof rel, "%.3e", row.rel_err);
+          if (row.wrong >= 0)
+            std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(row.wrong));
+          std::printf(
+              "%10s %11lld %5s %11.1f %10.3f %10.3f %7s %11.1f %11.1f %12llu %12.0f %7s %10s %7s\n",
+              human_bytes(bytes).c_str(), static_cast<long long>(n), m.name.c_str(),
+              row.time_s * 1e6, algbw, busbw, speed, row.quant_s * 1e6, row.comm_s * 1e6,
+              static_cast<unsigned long long>(row.wire_bytes), row.predicted, diff, rel, wrong);
+          std::fflush(stdout);
+        }
+        rows.push_back(row);
+      }
+      if (bytes > o.max_bytes / static_cast<uint64_t>(o.step_factor)) break;
+      bytes *= static_cast<uint64_t>(o.step_factor);
+    }
+
+    if (root) {
+      std::printf("{\"bench\":\"allreduce\",\"ranks\":%d,\"block_size\":%lld,\"rows\":[", N,
+                  static_cast<long long>(o.block_size));
+      for (size_t k = 0; k < rows.size(); ++k) {
+        const Row& r = rows[k];
+        char rel[32] = "null", wrong[32] = "null";
+        if (r.rel_err >= 0) std::snprintf(rel, sizeof rel, "%.6e", r.rel_err);
+        if (r.wrong >= 0)
+          std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(r.wrong));
+        std::printf(
+            "%s{\"mode\":\"%s\",\"bytes\":%llu,\"time_s\":%.9g,\"wire_bytes\":%llu,"
+            "\"predicted_wire_bytes\":%.0f,\"rel_err\":%s,\"wrong\":%s}",
+            k ? "," : "", r.mode.c_str(), static_cast<unsigned long long>(r.bytes), r.time_s,
+            static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel, wrong);
+      }
+      std::printf("]}\n");
+      std::fflush(stdout);
+      if (any_wrong) std::fprintf(stderr, "bench_allreduce: wrong results (see #wrong)\n");
+    }
+    return any_wrong ? 1 : 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_allreduce: error: %s\n", e.what());
+    abort_world(2);
+    return 2;
+  }
+}
