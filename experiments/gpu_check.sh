@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# experiments/gpu_check.sh: the whole GPU check in one call (DESIGN.md section 7), well under 8
+# minutes on the lent H100/H200 machine:
+#   1. configure + build (Release, -DINT4DDP_NATIVE=ON, sm_90, only the targets needed, -j16),
+#      with the PyTorch baseline (eager and torch.compile INT4 quantize+pack and unpack+dequantize
+#      of 2^28 floats, per-block G = 512) running meanwhile (CPU-bound compile, GPU otherwise idle);
+#   2. ctest -L cuda (codec vs CPU reference, owner step, device all-reduce vs host, errors);
+#   3. the device all-reduce vs the host one under mpirun with 2 and 4 ranks sharing the GPU
+#      (MPI staged through pinned host memory), and NCCL with one rank, as tests and as benchmarks;
+#   4. bench_gpu kernels: copy, quantize+pack, unpack+dequantize, owner step N = 2, 4, 8 on 2^28
+#      floats, beside the PyTorch figures of step 1.
+# Everything goes under $OUT (default ./gpu_out): gpu_check.log (this output), per-step logs,
+# torch.json, gpu.json. The last line of the output is the JSON line of bench_gpu kernels:
+#   {"bench":"gpu","gpu":..,"copy_GBps":..,"quant_GBps":..,"dequant_GBps":..,
+#    "owner_GBps":{"2":..,"4":..,"8":..},"torch_compile_quant_ms":..,"quant_ms":..,...}
+# Exit status: non-zero when a step failed (the remaining steps still run and log).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-./gpu_out}
+BUILD=${BUILD:-build-gpu}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export PATH=/usr/local/cuda/bin:$PATH
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none)
+status=0
+t_start=$(date +%s)
+log() { echo "[gpu_check +$(( $(date +%s) - t_start ))s] $*"; }
+fail() { log "FAILED: $*"; status=1; }
+
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+log "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.csv"
+nvcc --version | tail -2
+cmake --version | head -1
+
+# ---- PyTorch baseline, in the background during the build -------------------------------------
+cat > "$OUT/torch_baseline.py" <<'PY'
+# INT4 per-block (G = 512) quantize+pack and unpack+dequantize of 2^28 floats in PyTorch, eager and
+# torch.compile: the baseline of DESIGN.md section 7. Prints one JSON object; null where torch or
+# CUDA is missing or a variant failed.
+import json, sys
+res = {"torch": None, "eager_quant_ms": None, "compile_quant_ms": None,
+       "eager_dequant_ms": None, "compile_dequant_ms": None, "error": None}
+try:
+    import torch
+    res["torch"] = torch.__version__
+    assert torch.cuda.is_available(), "no CUDA in torch"
+    n, G, L = 1 << 28, 512, 7
+
+    def quant(x):
+        xb = x.view(-1, G)
+        d = xb.abs().amax(dim=1, keepdim=True) / L
+        q = torch.floor(xb / d + torch.rand_like(xb)).clamp_(-L, L).to(torch.int8).view(-1, 2)
+        packed = ((q[:, 0] & 0xF) | ((q[:, 1] & 0xF) << 4)).to(torch.uint8)
+        return packed, d
+
+    def dequant(packed, d):
+        p = packed.to(torch.int16)
+        lo = ((p & 0xF) ^ 8) - 8
+        hi = (((p >> 4) & 0xF) ^ 8) - 8
+        q = torch.stack((lo, hi), dim=1).view(-1, G).to(torch.float32)
+        return (q * d).view(-1)
+
+    def best_ms(f, *args, reps=10):
+        f(*args)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = 1e30
+        for _ in range(reps):
+            a.record(); f(*args); b.record(); b.synchronize()
+            best = min(best, a.elapsed_time(b))
+        return best
+
+    x = torch.randn(n, device="cuda")
+    with torch.no_grad():
+        res["eager_quant_ms"] = best_ms(quant, x)
+        packed, d = quant(x)
+        res["eager_dequant_ms"] = best_ms(dequant, packed, d)
+        try:
+            cq, cd = torch.compile(quant), torch.compile(dequant)
+            res["compile_quant_ms"] = best_ms(cq, x)
+            res["compile_dequant_ms"] = best_ms(cd, packed, d)
+        except Exception as e:  # compile toolchain missing: keep the eager figures
+            res["error"] = "torch.compile: %s" % (str(e).splitlines() or [""])[0][:300]
+except Exception as e:
+    res["error"] = (str(e).splitlines() or [repr(e)])[0][:300]
+print(json.dumps(res))
+PY
+log "PyTorch baseline (background)"
+( timeout 300 python3 "$OUT/torch_baseline.py" > "$OUT/torch.json" 2> "$OUT/torch.err" \
+    || echo '{"error":"python3 failed or timed out"}' > "$OUT/torch.json" ) &
+torch_pid=$!
+
+# ---- build -------------------------------------------------------------------------------------
+log "configure"
+cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DINT4DDP_NATIVE=ON -DINT4DDP_CUDA=ON \
+  -DINT4DDP_NCCL=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DINT4DDP_BUILD_TESTS=ON \
+  -DINT4DDP_BUILD_EXPERIMENTS=ON > "$OUT/configure.log" 2>&1 || fail "configure (see configure.log)"
+grep 'int4ddp:' "$OUT/configure.log"
+log "build"
+timeout 420 cmake --build "$BUILD" -j16 --target test_cuda_codec test_cuda_two_shot bench_gpu \
+  > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; fail "build (see build.log)"; }
+log "waiting for the PyTorch baseline"
+wait "$torch_pid"
+cat "$OUT/torch.json"
+torch_field() {
+  python3 -c 'import json,sys
+try: v=json.load(open(sys.argv[1])).get(sys.argv[2])
+except Exception: v=None
+print(-1 if v is None else v)' "$OUT/torch.json" "$1" 2>/dev/null || echo -1
+}
+
+# ---- tests -------------------------------------------------------------------------------------
+log "ctest -L cuda"
+( cd "$BUILD" && timeout 240 ctest -L cuda --output-on-failure -j4 ) > "$OUT/ctest_cuda.log" 2>&1 \
+  || fail "ctest -L cuda (see ctest_cuda.log)"
+grep -E 'tests passed|tests failed|\(Failed\)|Not Run|Timeout' "$OUT/ctest_cuda.log" | head -20
+for np in 2 4; do
+  log "mpirun -np $np: device two-shot (MPI staged) vs host"
+  timeout 150 "${MPIRUN[@]}" -np "$np" "$BUILD/tests/test_cuda_two_shot" \
+    --gtest_filter='CudaTwoShot.StagedMpiMatchesHost' --gtest_color=no > "$OUT/mpi_test_np$np.log" 2>&1 \
+    || { tail -30 "$OUT/mpi_test_np$np.log"; fail "mpirun -np $np test"; }
+  grep -E '^\[  (PASSED|FAILED) ' "$OUT/mpi_test_np$np.log" | sort | uniq -c
+done
+
+# ---- device all-reduce benchmarks ---------------------------------------------------------------
+log "all-reduce: NCCL, 1 rank"
+timeout 120 "$BUILD/experiments/bench_gpu" allreduce --backend nccl --log2n-max 24 \
+  > "$OUT/allreduce_nccl_np1.log" 2>&1 || fail "bench_gpu allreduce nccl"
+cat "$OUT/allreduce_nccl_np1.log"
+for np in 2 4; do
+  log "all-reduce: MPI staged, $np ranks sharing the GPU"
+  timeout 150 "${MPIRUN[@]}" -np "$np" "$BUILD/experiments/bench_gpu" allreduce --backend mpi \
+    --log2n-max 24 > "$OUT/allreduce_mpi_np$np.log" 2>&1 || fail "bench_gpu allreduce mpi np $np"
+  cat "$OUT/allreduce_mpi_np$np.log"
+done
+
+# ---- kernel benchmarks (last: its JSON line ends the output) ------------------------------------
+log "kernels, 2^28 floats"
+timeout 150 "$BUILD/experiments/bench_gpu" kernels --log2n 28 --reps 20 \
+  --torch-eager-ms "$(torch_field eager_quant_ms)" --torch-compile-ms "$(torch_field compile_quant_ms)" \
+  --torch-eager-dequant-ms "$(torch_field eager_dequant_ms)" \
+  --torch-compile-dequant-ms "$(torch_field compile_dequant_ms)" > "$OUT/bench_kernels.log" 2>&1 \
+  || fail "bench_gpu kernels"
+log "done in $(( $(date +%s) - t_start )) s, status $status"
+grep -v '^{' "$OUT/bench_kernels.log"
+tail -1 "$OUT/bench_kernels.log" | grep '^{' > "$OUT/gpu.json" || echo '{"bench":"gpu","error":"no result"}' > "$OUT/gpu.json"
+cat "$OUT/gpu.json"
+exit $status

@@ -1,0 +1,875 @@
+// The CUDA codec (see codec_cuda.h for the contract). Every code, scale and float comes from the
+// scalar helpers of format.h / philox.h, the same functions the CPU reference calls, so equality
+// with quantize_ref is a matter of doing the same IEEE operations in the same order:
+//   clip = gamma * absmax; d = clip / L; q = clamp(rint(x / d)) or clamp(floor(x / d + u)).
+// absmax is a max (exact in any order) and the counters are integers, so the parallel reductions
+// need no fixed order. This file is compiled with -fmad=false -prec-div=true -ftz=false
+// (cmake/cuda.cmake): without them nvcc may contract a*b+c into an FMA, or divide approximately.
+//
+// Kernels:
+//   quantize_fused_kernel<V>  per-block scales, G = 128 V * warps_per_scope: one warp (or a few,
+//                             joined through shared memory) per scale block, the block's values in
+//                             registers, so x is read once. The fast path for G = 512.
+//   owner_fused_kernel<V,A>   the same tile walk for the owner step: N messages are dequantized and
+//                             summed in registers, requantized, and the own copy written.
+//   scope_scales_kernel, tensor_absmax_kernel, encode_kernel
+//                             the general path: scales (and stats) first, then one byte per thread
+//                             (INT4: two elements that may straddle a scope boundary).
+//   dequantize_kernel<Vec>    eight elements per thread, vectorised when aligned.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/common/error.h"
+#include "kernels/quant/cuda/codec_cuda.h"
+#include "kernels/quant/cuda/cuda_check.h"
+#include "kernels/quant/format.h"
+#include "kernels/quant/philox.h"
+
+#if defined(__USE_FAST_MATH__)
+#error "the CUDA codec must not be built with --use_fast_math: its results must equal the CPU's"
+#endif
+
+namespace int4ddp::quant::cuda {
+namespace {
+
+constexpr int kThreads = 256;       // threads per CUDA block (8 warps)
+constexpr int kWarp = 32;           //
+constexpr int kMaxFusedRanks = 64;  // owner messages passed by value to the fused kernel
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// What a kernel needs of QuantParams.
+struct KernelQuant {
+  int bits;
+  Rounding rounding;
+  float gamma;
+  RngKey key;
+};
+
+KernelQuant kernel_quant(const QuantParams& p) {
+  return KernelQuant{p.bits, p.rounding, p.gamma, p.key};
+}
+
+// ---- device helpers -----------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long warp_sum(unsigned long long v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+// Adds a thread's counters to *stats, one atomic per CUDA block and field. Every thread of the
+// block must call it (it synchronises). absmax >= 0 and finite: non-negative floats order as their
+// bit patterns, so the float max is an unsigned-int max.
+__device__ void flush_stats(unsigned long long clipped, unsigned long long nonfinite, float absmax,
+                            DeviceQuantStats* stats) {
+  __shared__ unsigned long long s_clipped[32], s_nonfinite[32];
+  __shared__ float s_absmax[32];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  clipped = warp_sum(clipped);
+  nonfinite = warp_sum(nonfinite);
+  absmax = warp_max(absmax);
+  if (lane == 0) {
+    s_clipped[warp] = clipped;
+    s_nonfinite[warp] = nonfinite;
+    s_absmax[warp] = absmax;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int warps = blockDim.x / kWarp;
+    for (int w = 1; w < warps; ++w) {
+      clipped += s_clipped[w];
+      nonfinite += s_nonfinite[w];
+      absmax = fmaxf(absmax, s_absmax[w]);
+    }
+    if (clipped) atomicAdd(reinterpret_cast<unsigned long long*>(&stats->clipped), clipped);
+    if (nonfinite) atomicAdd(reinterpret_cast<unsigned long long*>(&stats->nonfinite), nonfinite);
+    if (absmax > 0.0f)
+      atomicMax(reinterpret_cast<unsigned int*>(&stats->absmax), __float_as_uint(absmax));
+  }
+}
+
+// One code of a finite or non-finite value (non-finite: 0), exactly as quantize_ref.
+__device__ __forceinline__ int code_of(float v, float step, float u, const KernelQuant& q) {
+  if (!is_finite_value(v)) return 0;
+  return q.rounding == Rounding::kNearest ? quantize_nearest(v, step, q.bits)
+                                          : quantize_stochastic(v, step, u, q.bits);
+}
+
+__device__ __forceinline__ float load_f32_bytes(const uint8_t* p) {
+  const uint32_t b = static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) |
+                     (static_cast<uint32_t>(p[2]) << 16) | (static_cast<uint32_t>(p[3]) << 24);
+  return __uint_as_float(b);
+}
+
+// Code i of a packed buffer (any alignment).
+__device__ __forceinline__ int load_code(const uint8_t* codes, int64_t i, int bits) {
+  if (bits != 4) return static_cast<int8_t>(codes[i]);
+  const uint8_t b = codes[i / 2];
+  return i % 2 == 0 ? unpack_lo(b) : unpack_hi(b);
+}
+
+// ---- the fused tile walk (quantize and owner) ------------------------------------------------
+// A scope (scale block) of G = 128 V wps elements is covered by wps warps; lane l of warp w holds
+// V groups of four consecutive elements, group k at scope_begin + 128 V w + 128 k + 4 l, so each
+// load instruction of a warp reads 512 contiguous bytes. Groups start at multiples of 4: one
+// Philox call gives the four uniforms of a group.
+
+struct TileGeometry {
+  int64_t scope;        // scale block index of this warp
+  int64_t base;         // element index of the lane's group 0
+  bool first_in_scope;  // warp 0 of its scope
+};
+
+template <int V>
+__device__ __forceinline__ TileGeometry tile_geometry(int64_t tile, int wps) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int scopes_per_block = blockDim.x / kWarp / wps;
+  const int scope_in_block = warp / wps, warp_in_scope = warp % wps;
+  const int64_t G = int64_t{128} * V * wps;
+  TileGeometry t;
+  t.scope = tile * scopes_per_block + scope_in_block;
+  t.base = t.scope * G + int64_t{128} * V * warp_in_scope + 4 * lane;
+  t.first_in_scope = warp_in_scope == 0 && lane == 0;
+  return t;
+}
+
+// The scope's absmax from each warp's; every thread of the block calls it (it synchronises when a
+// scope spans several warps).
+__device__ __forceinline__ float scope_max(float lane_max, int wps) {
+  __shared__ float s_max[32];
+  float m = warp_max(lane_max);
+  if (wps == 1) return m;
+  const int warp = threadIdx.x / kWarp;
+  if (threadIdx.x % kWarp == 0) s_max[warp] = m;
+  __syncthreads();
+  const int first = warp / wps * wps;
+  m = 0.0f;
+  for (int w = 0; w < wps; ++w) m = fmaxf(m, s_max[first + w]);
+  __syncthreads();  // s_max is rewritten by the next tile
+  return m;
+}
+
+// Codes of the lane's V groups from registers; stores them, counts clipped elements and hands each
+// group's codes to epilogue(k, e, q) (the owner step dequantizes them there).
+struct NoEpilogue {
+  __device__ void operator()(int, int64_t, const int (&)[4]) const {}
+};
+
+template <int V, typename Epilogue>
+__device__ __forceinline__ void encode_groups(const float (&val)[V][4], int64_t base, int64_t count,
+                                              float step, float clip, const KernelQuant& kq,
+                                              uint8_t* codes, unsigned long long& clipped,
+                                              const Epilogue& epilogue) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int64_t e = base + 128 * k;
+    int q[4];
+    float u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (kq.rounding == Rounding::kStochastic && e < count) {
+      const Philox4 r = philox_block(kq.key, static_cast<uint64_t>(e) / 4);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) u[j] = uniform_from_bits(r.v[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float v = val[k][j];
+      q[j] = code_of(v, step, u[j], kq);
+      // Padding past count is 0.0f: finite and never above clip, so it counts nowhere.
+      if (is_finite_value(v) && fabsf(v) > clip) ++clipped;
+    }
+    if (e >= count) continue;
+    epilogue(k, e, q);
+    if (kq.bits == 4) {
+      const uint8_t b0 = pack_nibbles(q[0], q[1]), b1 = pack_nibbles(q[2], q[3]);
+      if (e + 4 <= count) {
+        *reinterpret_cast<uint16_t*>(codes + e / 2) =
+            static_cast<uint16_t>(b0 | (static_cast<uint16_t>(b1) << 8));
+      } else {
+        codes[e / 2] = b0;  // padding codes are 0: an odd tail leaves the high nibble 0
+        if (e + 2 < count) codes[e / 2 + 1] = b1;
+      }
+    } else if (e + 4 <= count) {
+      const uint32_t w = (static_cast<uint32_t>(q[0]) & 0xFFu) |
+                         ((static_cast<uint32_t>(q[1]) & 0xFFu) << 8) |
+                         ((static_cast<uint32_t>(q[2]) & 0xFFu) << 16) |
+                         ((static_cast<uint32_t>(q[3]) & 0xFFu) << 24);
+      *reinterpret_cast<uint32_t*>(codes + e) = w;
+    } else {
+      for (int j = 0; j < 4 && e + j < count; ++j)
+        codes[e + j] = static_cast<uint8_t>(static_cast<int8_t>(q[j]));
+    }
+  }
+}
+
+// quantize, per-block scales, G = 128 V wps. Requires x 16-byte aligned, codes 2-byte (INT4) or
+// 4-byte aligned. Called by quantize_async.
+template <int V>
+__global__ void __launch_bounds__(kThreads, 3)
+    quantize_fused_kernel(const float* __restrict__ x, int64_t count, KernelQuant kq, int wps,
+                          uint8_t* __restrict__ codes, float* __restrict__ scales,
+                          DeviceQuantStats* stats) {
+  const int64_t G = int64_t{128} * V * wps;
+  const int64_t nscopes = (count + G - 1) / G;
+  const int scopes_per_block = blockDim.x / kWarp / wps;
+  const int64_t ntiles = (nscopes + scopes_per_block - 1) / scopes_per_block;
+  unsigned long long clipped = 0, nonfinite = 0;
+  float absmax_all = 0.0f;
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const TileGeometry t = tile_geometry<V>(tile, wps);
+    float val[V][4];
+    float m = 0.0f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t e = t.base + 128 * k;
+      if (e + 4 <= count) {
+        const float4 f = __ldcs(reinterpret_cast<const float4*>(x + e));
+        val[k][0] = f.x, val[k][1] = f.y, val[k][2] = f.z, val[k][3] = f.w;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) val[k][j] = e + j < count ? x[e + j] : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (is_finite_value(val[k][j]))
+          m = fmaxf(m, fabsf(val[k][j]));
+        else
+          ++nonfinite;
+      }
+    }
+    m = scope_max(m, wps);
+    absmax_all = fmaxf(absmax_all, m);
+    const float clip = kq.gamma * m;
+    const float step = step_for_clip(clip, kq.bits);
+    if (t.first_in_scope && t.scope < nscopes) scales[t.scope] = step;
+    encode_groups<V>(val, t.base, count, step, clip, kq, codes, clipped, NoEpilogue{});
+  }
+  flush_stats(clipped, nonfinite, absmax_all, stats);
+}
+
+// The owner step (codec_cuda.h): N messages of the chunk summed in registers, requantized, the
+// dequantized copy and the new server error written. kAligned: every message's codes and
+// codes_out are 2-byte (INT4) / 4-byte aligned, and es, es_next, out 16-byte aligned.
+struct OwnerMessages {
+  const uint8_t* codes[kMaxFusedRanks];
+  const uint8_t* scales[kMaxFusedRanks];
+};
+
+template <int V, bool kAligned>
+__global__ void __launch_bounds__(kThreads, 3)
+    owner_fused_kernel(OwnerMessages msgs, int ranks, int64_t count, KernelQuant kq, int wps,
+                       const float* __restrict__ es, float* __restrict__ es_next,
+                       uint8_t* __restrict__ codes_out, float* __restrict__ scales_out,
+                       float* __restrict__ out, DeviceQuantStats* stats) {
+  const int64_t G = int64_t{128} * V * wps;
+  const int64_t nscopes = (count + G - 1) / G;
+  const int scopes_per_block = blockDim.x / kWarp / wps;
+  const int64_t ntiles = (nscopes + scopes_per_block - 1) / scopes_per_block;
+  const float fn = static_cast<float>(ranks);
+  unsigned long long clipped = 0, nonfinite = 0;
+  float absmax_all = 0.0f;
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const TileGeometry t = tile_geometry<V>(tile, wps);
+    float val[V][4];
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) val[k][j] = 0.0f;  // acc = 0, as the CPU's fill
+    const int64_t scale_offset = 4 * (t.scope < nscopes ? t.scope : 0);
+#pragma unroll 4
+    for (int r = 0; r < ranks; ++r) {
+      const uint8_t* c = msgs.codes[r];
+      const float d = t.scope < nscopes ? load_f32_bytes(msgs.scales[r] + scale_offset) : 0.0f;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int64_t e = t.base + 128 * k;
+        int qc[4] = {0, 0, 0, 0};
+        if (kAligned && e + 4 <= count) {
+          if (kq.bits == 4) {
+            const uint32_t w = *reinterpret_cast<const uint16_t*>(c + e / 2);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) qc[j] = nibble_to_int(w >> (4 * j));
+          } else {
+            const uint32_t w = *reinterpret_cast<const uint32_t*>(c + e);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) qc[j] = static_cast<int8_t>((w >> (8 * j)) & 0xFFu);
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (e + j < count) qc[j] = load_code(c, e + j, kq.bits);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          val[k][j] = __fadd_rn(val[k][j], __fmul_rn(static_cast<float>(qc[j]), d));
+      }
+    }
+    float m = 0.0f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t e = t.base + 128 * k;
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (es) {
+        if (kAligned && e + 4 <= count) {
+          const float4 f = *reinterpret_cast<const float4*>(es + e);
+          s[0] = f.x, s[1] = f.y, s[2] = f.z, s[3] = f.w;
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (e + j < count) s[j] = es[e + j];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // Padding stays 0: 0 / N = 0 and no es is added past count.
+        float v = __fdiv_rn(val[k][j], fn);
+        if (es) v = __fadd_rn(v, s[j]);
+        val[k][j] = v;
+        if (is_finite_value(v))
+          m = fmaxf(m, fabsf(v));
+        else if (e + j < count)
+          ++nonfinite;
+      }
+    }
+    m = scope_max(m, wps);
+    absmax_all = fmaxf(absmax_all, m);
+    const float clip = kq.gamma * m;
+    const float step = step_for_clip(clip, kq.bits);
+    if (t.first_in_scope && t.scope < nscopes) scales_out[t.scope] = step;
+    // The dequantized requantization and the new server error, group by group as codes are made.
+    auto epilogue = [&](int k, int64_t e, const int(&q)[4]) {
+      float dq[4], en[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        dq[j] = dequantize_value(q[j], step);
+        en[j] = __fsub_rn(val[k][j], dq[j]);
+      }
+      if (kAligned && e + 4 <= count) {
+        *reinterpret_cast<float4*>(out + e) = make_float4(dq[0], dq[1], dq[2], dq[3]);
+        if (es_next)
+          *reinterpret_cast<float4*>(es_next + e) = make_float4(en[0], en[1], en[2], en[3]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (e + j >= count) break;
+          out[e + j] = dq[j];
+          if (es_next) es_next[e + j] = en[j];
+        }
+      }
+    };
+    encode_groups<V>(val, t.base, count, step, clip, kq, codes_out, clipped, epilogue);
+  }
+  flush_stats(clipped, nonfinite, absmax_all, stats);
+}
+
+// ---- the general path --------------------------------------------------------------------
+
+__global__ void init_stats_kernel(DeviceQuantStats* stats, int64_t count) {
+  stats->clipped = 0;
+  stats->count = count;
+  stats->nonfinite = 0;
+  stats->absmax = 0.0f;
+  stats->reserved = 0;
+}
+
+// Per-block scales (block_size > 0): one warp per scope computes absmax, the step (written to
+// scales) and the scope's clipped and non-finite counts. Called by quantize_async.
+__global__ void __launch_bounds__(kThreads)
+    scope_scales_kernel(const float* __restrict__ x, int64_t count, int64_t G, KernelQuant kq,
+                        float* __restrict__ scales, DeviceQuantStats* stats) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  const int64_t nscopes = (count + G - 1) / G;
+  unsigned long long clipped = 0, nonfinite = 0;
+  float absmax_all = 0.0f;
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+       s < nscopes; s += warps) {
+    const int64_t begin = s * G, end = begin + G < count ? begin + G : count;
+    float m = 0.0f;
+    for (int64_t i = begin + lane; i < end; i += kWarp) {
+      const float v = x[i];
+      if (is_finite_value(v))
+        m = fmaxf(m, fabsf(v));
+      else
+        ++nonfinite;
+    }
+    m = warp_max(m);
+    absmax_all = fmaxf(absmax_all, m);
+    const float clip = kq.gamma * m;
+    if (lane == 0) scales[s] = step_for_clip(clip, kq.bits);
+    for (int64_t i = begin + lane; i < end; i += kWarp) {
+      const float v = x[i];
+      if (is_finite_value(v) && fabsf(v) > clip) ++clipped;
+    }
+  }
+  flush_stats(clipped, nonfinite, absmax_all, stats);
+}
+
+// Per-tensor scale, pass 1: absmax and non-finite count of the whole tensor into *stats.
+__global__ void __launch_bounds__(kThreads)
+    tensor_absmax_kernel(const float* __restrict__ x, int64_t count, DeviceQuantStats* stats) {
+  unsigned long long nonfinite = 0;
+  float m = 0.0f;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = x[i];
+    if (is_finite_value(v))
+      m = fmaxf(m, fabsf(v));
+    else
+      ++nonfinite;
+  }
+  flush_stats(0, nonfinite, m, stats);
+}
+
+// Codes, one byte per thread (INT4: elements 2k and 2k+1, whose scopes may differ). per_tensor:
+// the step comes from stats->absmax (pass 1), scales[0] is written here, and clipped elements are
+// counted here; otherwise steps come from scales (scope_scales_kernel counted already).
+__global__ void __launch_bounds__(kThreads)
+    encode_kernel(const float* __restrict__ x, int64_t count, int64_t G, KernelQuant kq,
+                  bool per_tensor, uint8_t* __restrict__ codes, float* __restrict__ scales,
+                  DeviceQuantStats* stats) {
+  float tensor_clip = 0.0f, tensor_step = 0.0f;
+  if (per_tensor) {
+    tensor_clip = kq.gamma * stats->absmax;
+    tensor_step = step_for_clip(tensor_clip, kq.bits);
+    if (blockIdx.x == 0 && threadIdx.x == 0) scales[0] = tensor_step;
+  }
+  const int per_byte = kq.bits == 4 ? 2 : 1;
+  const int64_t nbytes = packed_bytes(kq.bits, count);
+  unsigned long long clipped = 0;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < nbytes;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int q[2] = {0, 0};
+    for (int h = 0; h < per_byte; ++h) {
+      const int64_t i = b * per_byte + h;
+      if (i >= count) break;
+      const float v = x[i];
+      const float step = per_tensor ? tensor_step : scales[i / G];
+      const float u = kq.rounding == Rounding::kStochastic
+                          ? philox_uniform(kq.key, static_cast<uint64_t>(i))
+                          : 0.0f;
+      q[h] = code_of(v, step, u, kq);
+      if (per_tensor && is_finite_value(v) && fabsf(v) > tensor_clip) ++clipped;
+    }
+    codes[b] =
+        kq.bits == 4 ? pack_nibbles(q[0], q[1]) : static_cast<uint8_t>(static_cast<int8_t>(q[0]));
+  }
+  flush_stats(clipped, 0, 0.0f, stats);
+}
+
+// out[i] = code_i * scale; eight elements per thread. kVec: G % 8 == 0 (or per tensor), out
+// 16-byte and codes 4-byte (INT4) / 8-byte aligned.
+template <bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ scales,
+                      int64_t count, int bits, int64_t scope, float* __restrict__ out) {
+  const int64_t ngroups = (count + 7) / 8;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < ngroups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = 8 * g;
+    if (kVec && e + 8 <= count) {
+      const float d = scales[e / scope];
+      int q[8];
+      if (bits == 4) {
+        const uint32_t w = __ldcs(reinterpret_cast<const unsigned int*>(codes + e / 2));
+#pragma unroll
+        for (int j = 0; j < 8; ++j) q[j] = nibble_to_int(w >> (4 * j));
+      } else {
+        const uint2 w = __ldcs(reinterpret_cast<const uint2*>(codes + e));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          q[j] = static_cast<int8_t>((w.x >> (8 * j)) & 0xFFu);
+          q[4 + j] = static_cast<int8_t>((w.y >> (8 * j)) & 0xFFu);
+        }
+      }
+      float4* o = reinterpret_cast<float4*>(out + e);
+      __stcs(o, make_float4(dequantize_value(q[0], d), dequantize_value(q[1], d),
+                            dequantize_value(q[2], d), dequantize_value(q[3], d)));
+      __stcs(o + 1, make_float4(dequantize_value(q[4], d), dequantize_value(q[5], d),
+                                dequantize_value(q[6], d), dequantize_value(q[7], d)));
+    } else {
+      for (int64_t i = e; i < e + 8 && i < count; ++i)
+        out[i] = dequantize_value(load_code(codes, i, bits), scales[i / scope]);
+    }
+  }
+}
+
+// Owner step, general path, pass r: m[i] (+)= code_r(i) * scale_r(i / G); r == 0 starts from 0.0f
+// exactly as the CPU's zero-filled accumulator.
+__global__ void __launch_bounds__(kThreads)
+    owner_accumulate_kernel(const uint8_t* __restrict__ codes, const uint8_t* __restrict__ scales,
+                            int64_t count, int64_t G, int bits, bool first, float* __restrict__ m) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float dq = __fmul_rn(static_cast<float>(load_code(codes, i, bits)),
+                               load_f32_bytes(scales + 4 * (i / G)));
+    m[i] = __fadd_rn(first ? 0.0f : m[i], dq);
+  }
+}
+
+// Owner step, general path: m = m / N (+ es).
+__global__ void __launch_bounds__(kThreads)
+    owner_mean_kernel(float* __restrict__ m, int64_t count, float fn,
+                      const float* __restrict__ es) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = __fdiv_rn(m[i], fn);
+    if (es) v = __fadd_rn(v, es[i]);
+    m[i] = v;
+  }
+}
+
+// Owner step, general path, last pass: out = Q(m) dequantized; es_next = m - out. m aliases
+// es_next, or out when there is no es_next (then only out is written).
+__global__ void __launch_bounds__(kThreads)
+    owner_epilogue_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ scales,
+                          int64_t count, int64_t G, int bits, const float* m, float* out,
+                          float* es_next) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float dq = dequantize_value(load_code(codes, i, bits), scales[i / G]);
+    if (es_next) es_next[i] = __fsub_rn(m[i], dq);
+    out[i] = dq;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    binary_kernel(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
+                  int64_t count, bool subtract) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = subtract ? __fsub_rn(a[i], b[i]) : __fadd_rn(a[i], b[i]);
+}
+
+__global__ void __launch_bounds__(kThreads) div_kernel(float* x, int64_t count, float divisor) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] = __fdiv_rn(x[i], divisor);
+}
+
+__device__ int64_t load_i64_bytes(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int b = 7; b >= 0; --b) v = (v << 8) | p[b];
+  return static_cast<int64_t>(v);
+}
+
+__device__ void store_bytes(uint8_t* dst, uint64_t v, int n) {
+  for (int b = 0; b < n; ++b) dst[b] = static_cast<uint8_t>(v >> (8 * b));
+}
+
+__global__ void sum_trailers_kernel(const uint8_t* first, size_t stride, int n,
+                                    const DeviceQuantStats* own, uint8_t* dst) {
+  int64_t clipped = 0, cnt = 0, nonfinite = 0;
+  float absmax = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const uint8_t* t = first + static_cast<size_t>(i) * stride;
+    clipped += load_i64_bytes(t);
+    cnt += load_i64_bytes(t + 8);
+    nonfinite += load_i64_bytes(t + 16);
+    absmax = fmaxf(absmax, load_f32_bytes(t + 24));
+  }
+  clipped += own->clipped;
+  cnt += own->count;
+  nonfinite += own->nonfinite;
+  absmax = fmaxf(absmax, own->absmax);
+  store_bytes(dst, static_cast<uint64_t>(clipped), 8);
+  store_bytes(dst + 8, static_cast<uint64_t>(cnt), 8);
+  store_bytes(dst + 16, static_cast<uint64_t>(nonfinite), 8);
+  store_bytes(dst + 24, __float_as_uint(absmax), 4);
+  store_bytes(dst + 28, 0, 4);
+}
+
+// ---- host side ----------------------------------------------------------------------------
+
+// Block shapes of the fused kernels: G -> (float4 groups per lane V, warps per scope). One table:
+// a G not in it takes the general path.
+struct FusedShape {
+  int64_t block_size;
+  int v, warps_per_scope;
+};
+// At most 8 warps per scope, so a scope fits one CUDA block of kThreads.
+constexpr FusedShape kFusedShapes[] = {{128, 1, 1},  {256, 2, 1},  {512, 4, 1},
+                                       {1024, 4, 2}, {2048, 4, 4}, {4096, 4, 8}};
+
+const FusedShape* fused_shape(int64_t block_size) {
+  for (const FusedShape& s : kFusedShapes)
+    if (s.block_size == block_size) return &s;
+  return nullptr;
+}
+
+bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+int sm_count() {
+  int dev = 0, n = 0;
+  INT4DDP_CUDA_CHECK(cudaGetDevice(&dev));
+  INT4DDP_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n;
+}
+
+// Grid of a grid-stride kernel: enough blocks to fill the device, at most `work` blocks.
+unsigned grid_for(int64_t work, int threads) {
+  const int64_t resident = static_cast<int64_t>(sm_count()) * (2048 / threads);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(work, resident)));
+}
+
+unsigned elementwise_grid(int64_t count) {
+  return grid_for((count + kThreads - 1) / kThreads, kThreads);
+}
+
+void check_launch() { INT4DDP_CUDA_CHECK(cudaGetLastError()); }
+
+void check_stats_ptr(const DeviceQuantStats* stats, const char* what) {
+  INT4DDP_CHECK(stats != nullptr, what, ": stats must point to device memory");
+  INT4DDP_CHECK(aligned(stats, alignof(DeviceQuantStats)), what, ": stats is misaligned");
+}
+
+template <int V>
+void launch_quantize_fused(const FusedShape& s, const float* x, int64_t count,
+                           const KernelQuant& kq, uint8_t* codes, float* scales,
+                           DeviceQuantStats* stats, cudaStream_t stream) {
+  const int threads = kThreads;
+  const int scopes_per_block = threads / kWarp / s.warps_per_scope;
+  const int64_t tiles = (num_scales(count, s.block_size) + scopes_per_block - 1) / scopes_per_block;
+  quantize_fused_kernel<V><<<grid_for(tiles, threads), threads, 0, stream>>>(
+      x, count, kq, s.warps_per_scope, codes, scales, stats);
+  check_launch();
+}
+
+template <int V, bool kAligned>
+void launch_owner_fused(const FusedShape& s, const OwnerMessages& msgs, const OwnerStepArgs& a,
+                        const KernelQuant& kq, cudaStream_t stream) {
+  const int threads = kThreads;
+  const int scopes_per_block = threads / kWarp / s.warps_per_scope;
+  const int64_t tiles =
+      (num_scales(a.count, s.block_size) + scopes_per_block - 1) / scopes_per_block;
+  owner_fused_kernel<V, kAligned><<<grid_for(tiles, threads), threads, 0, stream>>>(
+      msgs, a.ranks, a.count, kq, s.warps_per_scope, a.es, a.es_next, a.codes_out, a.scales_out,
+      a.out, a.stats);
+  check_launch();
+}
+
+template <bool kAligned>
+void dispatch_owner_fused(const FusedShape& s, const OwnerMessages& msgs, const OwnerStepArgs& a,
+                          const KernelQuant& kq, cudaStream_t stream) {
+  switch (s.v) {
+    case 1:
+      return launch_owner_fused<1, kAligned>(s, msgs, a, kq, stream);
+    case 2:
+      return launch_owner_fused<2, kAligned>(s, msgs, a, kq, stream);
+    case 4:
+      return launch_owner_fused<4, kAligned>(s, msgs, a, kq, stream);
+  }
+  INT4DDP_FAIL("owner step: no fused kernel for V = ", s.v);
+}
+
+// The general quantize path (any block size, per tensor, any alignment).
+void quantize_general(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
+                      float* scales, DeviceQuantStats* stats, cudaStream_t stream) {
+  const KernelQuant kq = kernel_quant(p);
+  const bool per_tensor = p.block_size == 0;
+  if (per_tensor) {
+    tensor_absmax_kernel<<<elementwise_grid(count), kThreads, 0, stream>>>(x, count, stats);
+  } else {
+    const int64_t warps_needed = num_scales(count, p.block_size);
+    scope_scales_kernel<<<grid_for((warps_needed + 7) / 8, kThreads), kThreads, 0, stream>>>(
+        x, count, p.block_size, kq, scales, stats);
+  }
+  check_launch();
+  const int64_t nbytes = packed_bytes(p.bits, count);
+  encode_kernel<<<elementwise_grid(nbytes), kThreads, 0, stream>>>(
+      x, count, per_tensor ? count : p.block_size, kq, per_tensor, codes, scales, stats);
+  check_launch();
+}
+
+}  // namespace
+
+bool device_available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the error state this probe left
+    return false;
+  }
+  return n > 0;
+}
+
+QuantStats to_quant_stats(const DeviceQuantStats& s) {
+  QuantStats q;
+  q.count = s.count;
+  q.clipped = s.clipped;
+  q.nonfinite = s.nonfinite;
+  q.absmax = s.absmax;
+  return q;
+}
+
+void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
+                    float* scales, DeviceQuantStats* stats, cudaStream_t stream) {
+  validate(p);
+  INT4DDP_CHECK(count >= 0, "cuda quantize: count = ", count, " is negative");
+  INT4DDP_CHECK(count == 0 || (x && codes && scales), "cuda quantize: null buffer for ", count,
+                " elements");
+  INT4DDP_CHECK(!scales || aligned(scales, alignof(float)), "cuda quantize: scales misaligned");
+  check_stats_ptr(stats, "cuda quantize");
+  init_stats_kernel<<<1, 1, 0, stream>>>(stats, count);
+  check_launch();
+  if (count == 0) {
+    // quantize_ref writes the one per-tensor scale of an empty tensor: 0.
+    if (p.block_size == 0 && scales)
+      INT4DDP_CUDA_CHECK(cudaMemsetAsync(scales, 0, sizeof(float), stream));
+    return;
+  }
+  const FusedShape* s = fused_shape(p.block_size);
+  if (s && aligned(x, 16) && aligned(codes, p.bits == 4 ? 2 : 4)) {
+    const KernelQuant kq = kernel_quant(p);
+    switch (s->v) {
+      case 1:
+        return launch_quantize_fused<1>(*s, x, count, kq, codes, scales, stats, stream);
+      case 2:
+        return launch_quantize_fused<2>(*s, x, count, kq, codes, scales, stats, stream);
+      case 4:
+        return launch_quantize_fused<4>(*s, x, count, kq, codes, scales, stats, stream);
+    }
+  }
+  quantize_general(x, count, p, codes, scales, stats, stream);
+}
+
+void dequantize_async(const uint8_t* codes, const float* scales, int64_t count, int bits,
+                      int64_t block_size, float* out, cudaStream_t stream) {
+  INT4DDP_CHECK(valid_bits(bits), "cuda dequantize: bits = ", bits, " is outside ", kMinBits, "..",
+                kMaxBits);
+  INT4DDP_CHECK(block_size >= 0, "cuda dequantize: block_size = ", block_size, " is negative");
+  INT4DDP_CHECK(count >= 0, "cuda dequantize: count = ", count, " is negative");
+  INT4DDP_CHECK(count == 0 || (out && codes && scales), "cuda dequantize: null buffer for ", count,
+                " elements");
+  if (count == 0) return;
+  INT4DDP_CHECK(aligned(scales, alignof(float)) && aligned(out, alignof(float)),
+                "cuda dequantize: scales and out must be float-aligned");
+  const int64_t scope = block_size == 0 ? count : block_size;
+  const bool vec = (block_size == 0 || block_size % 8 == 0) && aligned(out, 16) &&
+                   aligned(codes, bits == 4 ? 4 : 8);
+  const unsigned grid = grid_for(((count + 7) / 8 + kThreads - 1) / kThreads, kThreads);
+  if (vec)
+    dequantize_kernel<true><<<grid, kThreads, 0, stream>>>(codes, scales, count, bits, scope, out);
+  else
+    dequantize_kernel<false><<<grid, kThreads, 0, stream>>>(codes, scales, count, bits, scope, out);
+  check_launch();
+}
+
+QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
+                    float* scales, cudaStream_t stream) {
+  DeviceQuantStats* d_stats = nullptr;
+  INT4DDP_CUDA_CHECK(cudaMalloc(&d_stats, sizeof(DeviceQuantStats)));
+  DeviceQuantStats h{};
+  try {
+    quantize_async(x, count, p, codes, scales, d_stats, stream);
+    INT4DDP_CUDA_CHECK(cudaMemcpyAsync(&h, d_stats, sizeof(h), cudaMemcpyDeviceToHost, stream));
+    INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream));
+  } catch (...) {
+    cudaFree(d_stats);
+    throw;
+  }
+  INT4DDP_CUDA_CHECK(cudaFree(d_stats));
+  return to_quant_stats(h);
+}
+
+void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
+                int64_t block_size, float* out, cudaStream_t stream) {
+  dequantize_async(codes, scales, count, bits, block_size, out, stream);
+  INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream) {
+  const QuantParams& p = a.params;
+  validate(p);
+  INT4DDP_CHECK(p.block_size > 0, "owner step: block_size must be > 0 (per-block scales)");
+  INT4DDP_CHECK(a.ranks >= 1, "owner step: ranks = ", a.ranks, " must be >= 1");
+  INT4DDP_CHECK(a.count >= 0, "owner step: count = ", a.count, " is negative");
+  INT4DDP_CHECK((a.es == nullptr) == (a.es_next == nullptr),
+                "owner step: es and es_next go together");
+  INT4DDP_CHECK(a.es == nullptr || a.es != a.es_next, "owner step: es_next must not alias es");
+  check_stats_ptr(a.stats, "owner step");
+  INT4DDP_CHECK(a.count == 0 || (a.codes && a.scales && a.codes_out && a.scales_out && a.out),
+                "owner step: null buffer for ", a.count, " elements");
+  INT4DDP_CHECK(!a.scales_out || aligned(a.scales_out, alignof(float)),
+                "owner step: scales_out misaligned");
+  for (int r = 0; a.count > 0 && r < a.ranks; ++r)
+    INT4DDP_CHECK(a.codes[r] && a.scales[r], "owner step: null message of rank ", r);
+
+  const FusedShape* s = fused_shape(p.block_size);
+  const size_t code_align = p.bits == 4 ? 2 : 4;
+  if (a.count > 0 && s && a.ranks <= kMaxFusedRanks) {
+    OwnerMessages msgs{};
+    bool codes_aligned = aligned(a.codes_out, code_align);
+    for (int r = 0; r < a.ranks; ++r) {
+      msgs.codes[r] = a.codes[r];
+      msgs.scales[r] = a.scales[r];
+      codes_aligned = codes_aligned && aligned(a.codes[r], code_align);
+    }
+    const bool floats_aligned =
+        aligned(a.out, 16) && (!a.es || (aligned(a.es, 16) && aligned(a.es_next, 16)));
+    // encode_groups stores codes_out with vector stores: only the aligned variant may run when
+    // codes_out is aligned, and the unaligned one needs codes_out aligned too; otherwise general.
+    if (aligned(a.codes_out, code_align)) {
+      init_stats_kernel<<<1, 1, 0, stream>>>(a.stats, a.count);
+      check_launch();
+      const KernelQuant kq = kernel_quant(p);
+      if (codes_aligned && floats_aligned)
+        return dispatch_owner_fused<true>(*s, msgs, a, kq, stream);
+      return dispatch_owner_fused<false>(*s, msgs, a, kq, stream);
+    }
+  }
+
+  // General path: accumulate rank by rank into m (es_next, or out), then the codec, then the
+  // epilogue. Same operations, in the same order, as the fused kernel and the CPU.
+  if (a.count == 0) {
+    init_stats_kernel<<<1, 1, 0, stream>>>(a.stats, 0);
+    check_launch();
+    return;
+  }
+  float* m = a.es_next ? a.es_next : a.out;
+  const unsigned grid = elementwise_grid(a.count);
+  for (int r = 0; r < a.ranks; ++r) {
+    owner_accumulate_kernel<<<grid, kThreads, 0, stream>>>(a.codes[r], a.scales[r], a.count,
+                                                           p.block_size, p.bits, r == 0, m);
+    check_launch();
+  }
+  owner_mean_kernel<<<grid, kThreads, 0, stream>>>(m, a.count, static_cast<float>(a.ranks), a.es);
+  check_launch();
+  quantize_async(m, a.count, p, a.codes_out, a.scales_out, a.stats, stream);
+  owner_epilogue_kernel<<<grid, kThreads, 0, stream>>>(a.codes_out, a.scales_out, a.count,
+                                                       p.block_size, p.bits, m, a.out, a.es_next);
+  check_launch();
+}
+
+void add_async(const float* a, const float* b, float* out, int64_t count, cudaStream_t stream) {
+  if (count <= 0) return;
+  binary_kernel<<<elementwise_grid(count), kThreads, 0, stream>>>(a, b, out, count, false);
+  check_launch();
+}
+
+void sub_async(const float* a, const float* b, float* out, int64_t count, cudaStream_t stream) {
+  if (count <= 0) return;
+  binary_kernel<<<elementwise_grid(count), kThreads, 0, stream>>>(a, b, out, count, true);
+  check_launch();
+}
+
+void div_async(float* x, int64_t count, float divisor, cudaStream_t stream) {
+  if (count <= 0) return;
+  div_kernel<<<elementwise_grid(count), kThreads, 0, stream>>>(x, count, divisor);
+  check_launch();
+}
+
+void sum_trailers_async(const uint8_t* first, size_t stride, int n, const DeviceQuantStats* own,
+                        uint8_t* dst, cudaStream_t stream) {
+  INT4DDP_CHECK(n >= 0 && own && dst && (n == 0 || first), "sum_trailers: bad arguments");
+  sum_trailers_kernel<<<1, 1, 0, stream>>>(first, stride, n, own, dst);
+  check_launch();
+}
+
+}  // namespace int4ddp::quant::cuda

@@ -1,0 +1,101 @@
+// The CUDA codec: device versions of quant::quantize / quant::dequantize (kernels/quant/codec.h)
+// and the fused owner step of the two-shot all-reduce (comm/two_shot.h, step 5).
+//
+// Contract: for the same inputs, parameters and keys, every function here produces the same codes,
+// packed bytes, scales, stats and floats as the CPU reference (quantize_ref / dequantize_ref and
+// the CPU two-shot composition), bit for bit. The arithmetic is the scalar helpers of format.h
+// and philox.h compiled by nvcc with -fmad=false -prec-div=true -ftz=false (cmake/cuda.cmake),
+// matching the CPU build's -ffp-contract=off; the owner step spells its sums with __fadd_rn /
+// __fmul_rn / __fdiv_rn so no flag can change them.
+//
+// Every pointer argument is device memory (cudaMalloc, or managed) unless it says otherwise. The
+// *_async functions enqueue on `stream` and return at once; their stats land in device memory.
+// The plain wrappers wait for the stream and return host values. Bad arguments throw
+// int4ddp::Error before anything is enqueued; a failed CUDA call throws Error naming it
+// (cuda_check.h).
+//
+// Speed: per-block scales with a power-of-two block size 128..4096 (the communication default
+// G = 512) and aligned buffers take one fused pass that reads x once. Other block sizes, the
+// per-tensor scale (block_size 0: a device-wide absmax first) and misaligned buffers take a
+// general path with the same results.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/quant/codec.h"
+
+namespace int4ddp::quant::cuda {
+
+// Stats of one device quantization, in device memory. The layout is the two-shot wire trailer
+// (comm::StatsTrailer: clipped, count, nonfinite, absmax, reserved), so a message's trailer is a
+// plain copy of it.
+struct DeviceQuantStats {
+  int64_t clipped;    // finite elements with |x| > c of their scope
+  int64_t count;      // elements seen
+  int64_t nonfinite;  // NaN and +-Inf elements (coded 0)
+  float absmax;       // max |x| over finite elements (kept as its bits by atomicMax)
+  uint32_t reserved;  // 0
+};
+static_assert(sizeof(DeviceQuantStats) == 32, "DeviceQuantStats is the 32-byte wire trailer");
+
+// True when the CUDA runtime sees at least one device (never throws: false without a driver).
+bool device_available();
+
+QuantStats to_quant_stats(const DeviceQuantStats& s);
+
+// quantize: x (count floats) -> codes (packed_bytes(bits, count) bytes, any alignment), scales
+// (num_scales(count, block_size) floats), *stats (reset by this call). Philox element indices
+// count from x[0], exactly as quant::quantize.
+void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
+                    float* scales, DeviceQuantStats* stats, cudaStream_t stream);
+
+// dequantize: out[i] = code_i * scales[scope of i] (out: count floats).
+void dequantize_async(const uint8_t* codes, const float* scales, int64_t count, int bits,
+                      int64_t block_size, float* out, cudaStream_t stream);
+
+// Synchronous wrappers (device buffers, host stats).
+QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
+                    float* scales, cudaStream_t stream = nullptr);
+void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
+                int64_t block_size, float* out, cudaStream_t stream = nullptr);
+
+// --- the owner step of the two-shot all-reduce ------------------------------------------------
+// For one chunk of `count` elements received from `ranks` = N ranks as N messages (codes with
+// per-block scales, block size params.block_size > 0), computes in one pass, per element i:
+//   acc = 0; for r = 0..N-1: acc += codes_r[i] * scales_r[i / G]     (fp32, rank order)
+//   m = acc / N;  if es: m += es[i]
+//   requantize m with `params` (per-block scales, Philox index i relative to the chunk)
+//   out[i] = Q(m)[i]  (the dequantized requantization);  if es_next: es_next[i] = m - out[i]
+// which is exactly the CPU composition in comm/two_shot.cpp (dequantize, +=, /=, +=, quantize,
+// dequantize, -). Message pointers are device byte pointers of any alignment (the wire format
+// does not align them); the scales are the little-endian fp32 bytes of the message.
+struct OwnerStepArgs {
+  int ranks = 0;                           // N >= 1
+  const uint8_t* const* codes = nullptr;   // HOST array of N device pointers: packed codes
+  const uint8_t* const* scales = nullptr;  // HOST array of N device pointers: fp32 scale bytes
+  int64_t count = 0;                       // elements in the chunk
+  QuantParams params;                      // requantization: bits, rounding, gamma, G, key
+  const float* es = nullptr;               // (count) server error in, or null
+  float* es_next = nullptr;                // (count) server error out, or null; not == es
+  uint8_t* codes_out = nullptr;            // packed_bytes(bits, count), any alignment
+  float* scales_out = nullptr;             // num_scales(count, G) floats
+  float* out = nullptr;                    // (count) dequantized requantization
+  DeviceQuantStats* stats = nullptr;       // stats of the requantization (reset here)
+};
+void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream);
+
+// --- small element-wise pieces of the device two-shot (comm/two_shot_cuda.cpp) ----------------
+// out[i] = a[i] + b[i]; out[i] = a[i] - b[i]; x[i] = x[i] / divisor (IEEE, as the CPU loops).
+void add_async(const float* a, const float* b, float* out, int64_t count, cudaStream_t stream);
+void sub_async(const float* a, const float* b, float* out, int64_t count, cudaStream_t stream);
+void div_async(float* x, int64_t count, float divisor, cudaStream_t stream);
+
+// Sums n 32-byte stats trailers (at first + i * stride, device bytes of any alignment) and *own
+// (clipped, count, nonfinite added; absmax the max) into dst (device, any alignment), as the owner
+// of the CPU two-shot sums its received trailers and its own requantization.
+void sum_trailers_async(const uint8_t* first, size_t stride, int n, const DeviceQuantStats* own,
+                        uint8_t* dst, cudaStream_t stream);
+
+}  // namespace int4ddp::quant::cuda

@@ -1,0 +1,6 @@
+# CUDA tests (label cuda): built whenever CUDA is, skipped at run time without a GPU (each test
+# calls GTEST_SKIP when cudaGetDeviceCount finds no device), so CI compiles and passes them.
+if(INT4DDP_HAVE_CUDA)
+  int4ddp_test(test_cuda_codec LABEL cuda SOURCES test_cuda_codec.cpp)
+  int4ddp_test(test_cuda_two_shot LABEL cuda SOURCES test_cuda_two_shot.cpp)
+endif()

@@ -1,0 +1,356 @@
+// The CUDA codec against the CPU reference (kernels/quant/cuda/codec_cuda.h): codes, packed
+// bytes, scales and stats of quantize, the floats of dequantize, and the owner step against the
+// CPU two-shot composition, all bit for bit. Every test that needs a GPU skips without one.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/common/error.h"
+#include "kernels/quant/codec.h"
+#include "kernels/quant/cuda/codec_cuda.h"
+#include "kernels/quant/cuda/cuda_check.h"
+
+namespace int4ddp::quant {
+namespace {
+
+#define REQUIRE_GPU()                                                \
+  do {                                                               \
+    if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device"; \
+  } while (0)
+
+// A device allocation with an optional byte offset (to test misaligned buffers).
+template <typename T>
+class DeviceArray {
+ public:
+  explicit DeviceArray(size_t count, size_t offset_bytes = 0)
+      : count_(count), offset_(offset_bytes) {
+    INT4DDP_CUDA_CHECK(cudaMalloc(&base_, count * sizeof(T) + offset_bytes + 16));
+    INT4DDP_CUDA_CHECK(cudaMemset(base_, 0xAB, count * sizeof(T) + offset_bytes + 16));
+  }
+  ~DeviceArray() { cudaFree(base_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  T* get() { return reinterpret_cast<T*>(static_cast<uint8_t*>(base_) + offset_); }
+  void upload(const std::vector<T>& v) {
+    INT4DDP_CUDA_CHECK(cudaMemcpy(get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  // count_ elements plus `extra` guard elements past the end.
+  std::vector<T> download(size_t extra = 0) {
+    std::vector<T> v(count_ + extra);
+    INT4DDP_CUDA_CHECK(cudaMemcpy(v.data(), get(), v.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+
+ private:
+  void* base_ = nullptr;
+  size_t count_, offset_;
+};
+
+// Gaussian data with outliers, exact zeros, ties for rint, and optionally NaN/Inf (as test_codec).
+std::vector<float> make_input(int64_t n, uint64_t seed, bool nonfinite) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> pick(0, 99);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (float& v : x) {
+    const int k = pick(rng);
+    if (k < 3)
+      v = 0.0f;
+    else if (k < 5)
+      v = 50.0f * normal(rng);
+    else if (k < 7)
+      v = 0.5f * static_cast<float>(static_cast<int>(normal(rng) * 8));
+    else if (k < 8)
+      v = 1e-41f * static_cast<float>(static_cast<int>(normal(rng) * 8));  // denormals
+    else
+      v = normal(rng);
+  }
+  if (nonfinite && n > 3) {
+    x[static_cast<size_t>(n / 3)] = std::numeric_limits<float>::quiet_NaN();
+    x[static_cast<size_t>(n / 2)] = std::numeric_limits<float>::infinity();
+    x[static_cast<size_t>(n - 1)] = -std::numeric_limits<float>::infinity();
+  }
+  return x;
+}
+
+void expect_same_bits(const std::vector<float>& a, const std::vector<float>& b, const char* what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i) {
+    uint32_t ua, ub;
+    std::memcpy(&ua, &a[i], 4);
+    std::memcpy(&ub, &b[i], 4);
+    ASSERT_EQ(ua, ub) << what << " differs at " << i << ": " << a[i] << " vs " << b[i];
+  }
+}
+
+// quantize on the device (buffers offset by `misalign` bytes) against quantize_ref, then
+// dequantize of the reference codes against dequantize_ref.
+void check_against_reference(const std::vector<float>& x, const QuantParams& p, size_t misalign) {
+  const int64_t n = static_cast<int64_t>(x.size());
+  const size_t nbytes = static_cast<size_t>(packed_bytes(p.bits, n));
+  const size_t nsc = static_cast<size_t>(num_scales(n, p.block_size));
+  std::vector<uint8_t> ref_codes(nbytes + 1, 0xAB);
+  std::vector<float> ref_scales(nsc);
+  const QuantStats ref = quantize_ref(x.data(), n, p, ref_codes.data(), ref_scales.data());
+
+  DeviceArray<float> dx(x.size(), misalign * 4);
+  DeviceArray<uint8_t> dcodes(nbytes, misalign);
+  DeviceArray<float> dscales(nsc);
+  dx.upload(x);
+  const QuantStats got = cuda::quantize(dx.get(), n, p, dcodes.get(), dscales.get());
+  ASSERT_EQ(dcodes.download(1), ref_codes) << "codes (or the guard byte after them)";
+  expect_same_bits(dscales.download(), ref_scales, "scale");
+  EXPECT_EQ(got.count, ref.count);
+  EXPECT_EQ(got.clipped, ref.clipped);
+  EXPECT_EQ(got.nonfinite, ref.nonfinite);
+  EXPECT_EQ(got.absmax, ref.absmax);
+
+  std::vector<float> ref_out(x.size());
+  dequantize_ref(ref_codes.data(), ref_scales.data(), n, p.bits, p.block_size, ref_out.data());
+  DeviceArray<float> dout(x.size(), misalign * 4);
+  dcodes.upload(std::vector<uint8_t>(ref_codes.begin(), ref_codes.end() - 1));
+  dscales.upload(ref_scales);
+  cuda::dequantize(dcodes.get(), dscales.get(), n, p.bits, p.block_size, dout.get());
+  expect_same_bits(dout.download(), ref_out, "dequantized");
+}
+
+class CudaCodec : public testing::TestWithParam<int> {};
+
+// Every b, both roundings, the sizes and block sizes of the issue (0 = per tensor; 1, 2, 7, 64
+// take the general path; 128..4096 the fused one), clipping (gamma < 1) and NaN/Inf.
+TEST_P(CudaCodec, MatchesReference) {
+  REQUIRE_GPU();
+  const int bits = GetParam();
+  const int64_t sizes[] = {0, 1, 3, 511, 513, 4096 * 3 + 5, (int64_t{1} << 20) + 7};
+  const int64_t blocks[] = {0, 1, 2, 7, 64, 128, 256, 512, 1024, 4096};
+  for (int64_t n : sizes) {
+    const std::vector<float> x = make_input(n, 1000 + n, n % 2 == 1);
+    for (int64_t g : blocks) {
+      if (n > 100000 && (g == 1 || g == 2)) continue;  // CPU reference time; 7 covers odd G
+      for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
+        QuantParams p;
+        p.bits = bits;
+        p.rounding = r;
+        p.block_size = g;
+        p.gamma = g % 3 == 0 ? 0.37f : (g == 512 ? 0.8f : 1.0f);
+        p.key = RngKey{123456789u, 3, 100000, static_cast<uint32_t>(g)};
+        SCOPED_TRACE(testing::Message() << "bits=" << bits << " rounding=" << static_cast<int>(r)
+                                        << " G=" << g << " n=" << n);
+        check_against_reference(x, p, 0);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// Misaligned input and code buffers take the general path with the same results.
+TEST_P(CudaCodec, MisalignedBuffers) {
+  REQUIRE_GPU();
+  const std::vector<float> x = make_input(10001, 5, true);
+  for (int64_t g : {0, 512, 4096}) {
+    QuantParams p;
+    p.bits = GetParam();
+    p.rounding = Rounding::kStochastic;
+    p.block_size = g;
+    p.key = RngKey{1, 2, 3, 4};
+    SCOPED_TRACE(testing::Message() << "G=" << g);
+    check_against_reference(x, p, 1);
+    check_against_reference(x, p, 3);
+    if (HasFatalFailure()) return;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Bits, CudaCodec, testing::Range(kMinBits, kMaxBits + 1),
+                         [](const testing::TestParamInfo<int>& i) {
+                           return "int" + std::to_string(i.param);
+                         });
+
+// ---- owner step ------------------------------------------------------------------------------
+
+// The CPU composition of comm/two_shot.cpp step 5 for one chunk.
+struct OwnerRef {
+  std::vector<uint8_t> codes;
+  std::vector<float> scales, out, es_next;
+  QuantStats stats;
+};
+
+OwnerRef owner_reference(const std::vector<std::vector<uint8_t>>& codes,
+                         const std::vector<std::vector<float>>& scales, int64_t count,
+                         const QuantParams& p, const std::vector<float>* es) {
+  const int n = static_cast<int>(codes.size());
+  std::vector<float> acc(static_cast<size_t>(count), 0.0f), tmp(static_cast<size_t>(count));
+  for (int r = 0; r < n; ++r) {
+    dequantize_ref(codes[r].data(), scales[r].data(), count, p.bits, p.block_size, tmp.data());
+    for (int64_t k = 0; k < count; ++k) acc[k] += tmp[k];
+  }
+  const float fn = static_cast<float>(n);
+  for (int64_t k = 0; k < count; ++k) acc[k] /= fn;
+  if (es)
+    for (int64_t k = 0; k < count; ++k) acc[k] += (*es)[k];
+  OwnerRef ref;
+  ref.codes.assign(static_cast<size_t>(packed_bytes(p.bits, count)), 0);
+  ref.scales.assign(static_cast<size_t>(num_scales(count, p.block_size)), 0.0f);
+  ref.stats = quantize_ref(acc.data(), count, p, ref.codes.data(), ref.scales.data());
+  ref.out.resize(static_cast<size_t>(count));
+  dequantize_ref(ref.codes.data(), ref.scales.data(), count, p.bits, p.block_size, ref.out.data());
+  if (es) {
+    ref.es_next.resize(static_cast<size_t>(count));
+    for (int64_t k = 0; k < count; ++k) ref.es_next[k] = acc[k] - ref.out[k];
+  }
+  return ref;
+}
+
+struct OwnerCase {
+  int ranks;
+  int64_t count, block_size;
+  int bits;
+  bool server_ef;
+  bool packed_messages;  // messages back to back in one byte buffer (unaligned), as on the wire
+};
+
+void check_owner(const OwnerCase& c, Rounding rounding) {
+  SCOPED_TRACE(testing::Message() << "N=" << c.ranks << " n=" << c.count << " G=" << c.block_size
+                                  << " bits=" << c.bits << " es=" << c.server_ef
+                                  << " packed=" << c.packed_messages
+                                  << " rounding=" << static_cast<int>(rounding));
+  const int64_t n = c.count;
+  QuantParams p;
+  p.bits = c.bits;
+  p.rounding = rounding;
+  p.block_size = c.block_size;
+  p.gamma = 0.9f;
+  // The ranks' own messages, made by the CPU quantizer with the two-shot's worker keys.
+  std::vector<std::vector<uint8_t>> codes(c.ranks);
+  std::vector<std::vector<float>> scales(c.ranks);
+  for (int r = 0; r < c.ranks; ++r) {
+    const std::vector<float> v = make_input(n, 77 + r, false);
+    codes[r].assign(static_cast<size_t>(packed_bytes(p.bits, n)), 0);
+    scales[r].assign(static_cast<size_t>(num_scales(n, p.block_size)), 0.0f);
+    QuantParams pw = p;
+    pw.key = RngKey{11, 65536u * r + 1, 5, 6};
+    quantize_ref(v.data(), n, pw, codes[r].data(), scales[r].data());
+  }
+  std::vector<float> es = make_input(n, 999, false);
+  for (float& e : es) e *= 0.01f;
+  p.key = RngKey{11, 65536u + 1, 5, 7};
+  const OwnerRef ref = owner_reference(codes, scales, n, p, c.server_ef ? &es : nullptr);
+
+  // Device messages: codes then scale bytes, either each in its own allocation or packed with odd
+  // offsets.
+  const size_t code_bytes = static_cast<size_t>(packed_bytes(p.bits, n));
+  const size_t scale_bytes = scales[0].size() * 4;
+  const size_t msg_bytes = code_bytes + scale_bytes + 32;  // + the trailer, as on the wire
+  DeviceArray<uint8_t> wire(static_cast<size_t>(c.ranks) * msg_bytes + 1,
+                            c.packed_messages ? 1 : 0);
+  std::vector<std::unique_ptr<DeviceArray<uint8_t>>> own;
+  std::vector<const uint8_t*> dcodes(c.ranks), dscales(c.ranks);
+  for (int r = 0; r < c.ranks; ++r) {
+    uint8_t* base;
+    if (c.packed_messages) {
+      base = wire.get() + static_cast<size_t>(r) * msg_bytes;
+    } else {
+      own.push_back(std::make_unique<DeviceArray<uint8_t>>(code_bytes + scale_bytes));
+      base = own.back()->get();
+    }
+    if (code_bytes)
+      INT4DDP_CUDA_CHECK(cudaMemcpy(base, codes[r].data(), code_bytes, cudaMemcpyHostToDevice));
+    if (scale_bytes)
+      INT4DDP_CUDA_CHECK(
+          cudaMemcpy(base + code_bytes, scales[r].data(), scale_bytes, cudaMemcpyHostToDevice));
+    dcodes[r] = base;
+    dscales[r] = base + code_bytes;
+  }
+  DeviceArray<float> des(static_cast<size_t>(n)), des_next(static_cast<size_t>(n)),
+      dout(static_cast<size_t>(n)), dscales_out(scales[0].size());
+  DeviceArray<uint8_t> dcodes_out(code_bytes);
+  DeviceArray<cuda::DeviceQuantStats> dstats(1);
+  des.upload(es);
+  cuda::OwnerStepArgs a;
+  a.ranks = c.ranks;
+  a.codes = dcodes.data();
+  a.scales = dscales.data();
+  a.count = n;
+  a.params = p;
+  a.es = c.server_ef ? des.get() : nullptr;
+  a.es_next = c.server_ef ? des_next.get() : nullptr;
+  a.codes_out = dcodes_out.get();
+  a.scales_out = dscales_out.get();
+  a.out = dout.get();
+  a.stats = dstats.get();
+  cuda::owner_step_async(a, nullptr);
+  INT4DDP_CUDA_CHECK(cudaDeviceSynchronize());
+  ASSERT_EQ(dcodes_out.download(), ref.codes);
+  expect_same_bits(dscales_out.download(), ref.scales, "owner scales");
+  expect_same_bits(dout.download(), ref.out, "owner dequantized copy");
+  if (c.server_ef) expect_same_bits(des_next.download(), ref.es_next, "server error");
+  const QuantStats st = cuda::to_quant_stats(dstats.download()[0]);
+  EXPECT_EQ(st.count, ref.stats.count);
+  EXPECT_EQ(st.clipped, ref.stats.clipped);
+  EXPECT_EQ(st.nonfinite, ref.stats.nonfinite);
+  EXPECT_EQ(st.absmax, ref.stats.absmax);
+}
+
+TEST(CudaOwnerStep, MatchesCpuComposition) {
+  REQUIRE_GPU();
+  const OwnerCase cases[] = {
+      {1, 513, 512, 4, true, false},
+      {2, 512 * 9 + 3, 512, 4, true, false},
+      {2, 512 * 9 + 3, 512, 4, true, true},
+      {3, 1000, 128, 8, true, false},
+      {4, 4096 * 3 + 1, 4096, 4, false, false},
+      {8, 65536 + 17, 512, 4, true, true},
+      {8, 20000, 256, 2, true, false},
+      {5, 3001, 64, 4, true, false},  // general path (G)
+      {3, 777, 6, 3, false, true},
+      {70, 2049, 512, 4, true, false},  // N > fused maximum
+      {2, 0, 512, 4, true, false},
+      {4, 1, 512, 8, true, true},
+  };
+  for (const OwnerCase& c : cases)
+    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
+      check_owner(c, r);
+      if (HasFatalFailure()) return;
+    }
+}
+
+// ---- errors ------------------------------------------------------------------------------------
+
+// A failed CUDA call is an Error naming the call, file and rank (runs with or without a GPU: with
+// no device or driver, the call fails all the same).
+TEST(CudaErrors, FailedCallNamesCallFileAndRank) {
+  void* p = nullptr;
+  try {
+    INT4DDP_CUDA_CHECK(cudaMalloc(&p, size_t{1} << 62));  // 4 EiB: always fails
+    cudaFree(p);
+    FAIL() << "cudaMalloc of 4 EiB succeeded";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("cudaMalloc(&p, size_t{1} << 62)"), std::string::npos) << what;
+    EXPECT_NE(what.find("test_cuda_codec.cpp:"), std::string::npos) << what;
+    EXPECT_NE(what.find("on rank"), std::string::npos) << what;
+  }
+  (void)cudaGetLastError();
+}
+
+// Bad arguments are refused before anything is enqueued (no device needed).
+TEST(CudaErrors, BadArgumentsThrow) {
+  QuantParams p;
+  p.bits = 9;
+  float* x = nullptr;
+  EXPECT_THROW(cuda::quantize_async(x, 10, p, nullptr, nullptr, nullptr, nullptr), Error);
+  p.bits = 4;
+  EXPECT_THROW(cuda::quantize_async(x, 10, p, nullptr, nullptr, nullptr, nullptr), Error);
+  EXPECT_THROW(cuda::dequantize_async(nullptr, nullptr, 10, 1, 0, nullptr, nullptr), Error);
+  cuda::OwnerStepArgs a;
+  a.ranks = 0;
+  EXPECT_THROW(cuda::owner_step_async(a, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace int4ddp::quant
