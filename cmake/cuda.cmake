@@ -53,7 +53,7 @@ if(INT4DDP_HAVE_CUDA)
       HINTS ENV NCCL_HOME ENV NCCL_ROOT ${CUDAToolkit_INCLUDE_DIRS}
       PATHS /usr/local/cuda /usr/local/nccl /usr
       PATH_SUFFIXES include)
-    find_library(INT4DDP_NCCL_LIBRARY nccl
+    find_library(INT4DDP_NCCL_LIBRARY NAMES nccl libnccl.so.2
       HINTS ENV NCCL_HOME ENV NCCL_ROOT ${CUDAToolkit_LIBRARY_DIR}
       PATHS /usr/local/cuda /usr/local/nccl /usr
       PATH_SUFFIXES lib64 lib lib/x86_64-linux-gnu lib/aarch64-linux-gnu)

@@ -94,9 +94,14 @@ log "PyTorch baseline (background)"
 torch_pid=$!
 
 # ---- build -------------------------------------------------------------------------------------
+# NCCL: the CUDA toolkit's, the system's, or (if neither) a pip wheel's (nvidia-nccl-cu*).
+if [[ -z "${NCCL_HOME:-}" && ! -e /usr/local/cuda/include/nccl.h && ! -e /usr/include/nccl.h ]]; then
+  wheel=$(python3 -c 'import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null) \
+    && [[ -n "$wheel" ]] && export NCCL_HOME=$wheel && log "NCCL from the pip wheel at $wheel"
+fi
 log "configure"
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DINT4DDP_NATIVE=ON -DINT4DDP_CUDA=ON \
-  -DINT4DDP_NCCL=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DINT4DDP_BUILD_TESTS=ON \
+  -DINT4DDP_NCCL=AUTO -DCMAKE_CUDA_ARCHITECTURES=90 -DINT4DDP_BUILD_TESTS=ON \
   -DINT4DDP_BUILD_EXPERIMENTS=ON > "$OUT/configure.log" 2>&1 || fail "configure (see configure.log)"
 grep 'int4ddp:' "$OUT/configure.log"
 log "build"
