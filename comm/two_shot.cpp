@@ -20,6 +20,7 @@ double seconds_since(Clock::time_point t) {
 
 constexpr int kFp32Bits = 32;
 constexpr uint32_t kStreamsPerRank = 65536;  // stream = 65536 rank + chunk
+constexpr int64_t kTileFloats = 16384;       // tile of the fused passes (rounded to whole blocks)
 
 // Elementwise loops on non-aliasing arrays (so the compiler vectorises them).
 void add_arrays(float* __restrict out, const float* __restrict a, const float* __restrict b,
@@ -131,9 +132,15 @@ TwoShotAllreduce::TwoShotAllreduce(Communicator& comm, const CompressConfig& cfg
   send_.resize(send_layout_.total());
   recv_.resize(recv_layout_.total());
   gathered_.resize(gather_layout_.total());
-  v_.resize(static_cast<size_t>(count));
-  tmp_.resize(static_cast<size_t>(count));
-  acc_.resize(static_cast<size_t>(own.count()));
+  // Tiles of whole blocks, about 64 KiB of floats each (so v, the dequantized copy and the codes
+  // stay in L2 between the passes of one tile).
+  tile_ = std::max<int64_t>(cfg_.block_size, (kTileFloats / cfg_.block_size) * cfg_.block_size);
+  v_.resize(static_cast<size_t>(tile_));
+  tmp_.resize(static_cast<size_t>(tile_));
+  int64_t max_chunk = 0;
+  for (int j = 0; j < n; ++j) max_chunk = std::max(max_chunk, chunk_range(count, cfg_.block_size, n, j).count());
+  scale_tmp_.resize(static_cast<size_t>(std::max<int64_t>(1, (max_chunk + cfg_.block_size - 1) / cfg_.block_size)));
+  rank_scales_.resize(static_cast<size_t>(n) * static_cast<size_t>((own.count() + cfg_.block_size - 1) / cfg_.block_size));
   if (cfg_.worker_error_feedback) {
     ew_.assign(static_cast<size_t>(count), 0.0f);
     ew_next_.assign(static_cast<size_t>(count), 0.0f);
@@ -155,8 +162,8 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     comm_.allreduce_sum(x, count_);
     st.comm_seconds = seconds_since(t);
     t = Clock::now();
-    const float inv_n = static_cast<float>(n);
-    for (int64_t i = 0; i < count_; ++i) x[i] /= inv_n;
+    const float fn = static_cast<float>(n);
+    for (int64_t i = 0; i < count_; ++i) x[i] /= fn;
     st.quant_seconds = seconds_since(t);
     st.count = count_;
     st.wire_bytes = comm_.bytes_sent() - bytes0;
@@ -168,14 +175,6 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   const int64_t G = cfg_.block_size;
   const float gamma = policy_->gamma_for(nullptr, 0);
   st.gamma = gamma;
-
-  // 1. v = g + e_w
-  const float* v = x;
-  if (cfg_.worker_error_feedback) {
-    add_arrays(v_.data(), x, ew_.data(), count_);
-    v = v_.data();
-  }
-  // 2-3. quantize every chunk into its message; e_w <- v - Q(v)
   quant::QuantParams p;
   p.bits = bits;
   p.rounding = cfg_.rounding;
@@ -183,27 +182,39 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   p.block_size = G;
   p.key.seed = cfg_.seed;
   p.key.step = step;
+  float* vt = v_.data();   // tile: g + e_w, then the owner's mean
+  float* dqt = tmp_.data();  // tile: dequantized values
+  const int64_t T = tile_;
+
+  // 1-3. Per chunk j, in cache-sized tiles of whole blocks: v = g + e_w, quantize v into chunk j's
+  // message (element index relative to the chunk: index_offset), e_w <- v - Q(v). One pass over
+  // g and e_w instead of five.
   p.key.tensor_id = 2 * bucket_id_;
   for (int j = 0; j < n; ++j) {
     const ChunkRange c = chunk_range(count_, G, n, j);
     uint8_t* msg = send_.data() + send_layout_.displs[static_cast<size_t>(j)];
     const size_t code_bytes = static_cast<size_t>(quant::packed_bytes(bits, c.count()));
-    uint8_t* scales = msg + code_bytes;  // not float-aligned in general
-    p.key.stream = kStreamsPerRank * static_cast<uint32_t>(r) + static_cast<uint32_t>(j);
-    // Scales are written to an aligned temporary, then copied (the message is a byte stream).
     const int64_t nsc = c.count() > 0 ? (c.count() + G - 1) / G : 0;
-    std::vector<float>& sc = scale_tmp_;
-    sc.resize(static_cast<size_t>(std::max<int64_t>(nsc, 1)));
-    const quant::QuantStats qs =
-        c.count() > 0 ? quant::quantize(v + c.begin, c.count(), p, msg, sc.data())
-                      : quant::QuantStats{};
-    std::memcpy(scales, sc.data(), static_cast<size_t>(nsc) * sizeof(float));
-    const StatsTrailer tr = to_trailer(qs);
-    std::memcpy(msg + code_bytes + static_cast<size_t>(nsc) * sizeof(float), &tr, sizeof(tr));
-    if (cfg_.worker_error_feedback && c.count() > 0) {
-      quant::dequantize(msg, sc.data(), c.count(), bits, G, tmp_.data() + c.begin);
-      sub_arrays(ew_next_.data() + c.begin, v + c.begin, tmp_.data() + c.begin, c.count());
+    float* sc = scale_tmp_.data();  // aligned; copied into the (unaligned) message below
+    p.key.stream = kStreamsPerRank * static_cast<uint32_t>(r) + static_cast<uint32_t>(j);
+    StatsTrailer tr;
+    for (int64_t o = 0; o < c.count(); o += T) {
+      const int64_t len = std::min(T, c.count() - o);
+      const float* src = x + c.begin + o;
+      if (cfg_.worker_error_feedback) {
+        add_arrays(vt, src, ew_.data() + c.begin + o, len);
+        src = vt;
+      }
+      p.index_offset = o;
+      uint8_t* codes = msg + quant::packed_bytes(bits, o);
+      add(tr, to_trailer(quant::quantize(src, len, p, codes, sc + o / G)));
+      if (cfg_.worker_error_feedback) {
+        quant::dequantize(codes, sc + o / G, len, bits, G, dqt);
+        sub_arrays(ew_next_.data() + c.begin + o, src, dqt, len);
+      }
     }
+    std::memcpy(msg + code_bytes, sc, static_cast<size_t>(nsc) * sizeof(float));
+    std::memcpy(msg + code_bytes + static_cast<size_t>(nsc) * sizeof(float), &tr, sizeof(tr));
   }
   st.quant_seconds += seconds_since(t);
 
@@ -212,47 +223,55 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   comm_.alltoallv(send_.data(), send_layout_, recv_.data(), recv_layout_);
   st.comm_seconds += seconds_since(t);
 
-  // 5. owner: dequantize the N versions, sum in rank order, / N, + e_s, requantize once
+  // 5. owner, per tile: dequantize the N versions, sum in rank order, / N, + e_s, requantize once,
+  // e_s <- m - Q(m).
   t = Clock::now();
   const ChunkRange own = chunk_range(count_, G, n, r);
   const int64_t m = own.count();
   const size_t own_code_bytes = static_cast<size_t>(quant::packed_bytes(bits, m));
   const int64_t own_nsc = m > 0 ? (m + G - 1) / G : 0;
-  std::vector<float>& sc = scale_tmp_;
-  sc.resize(static_cast<size_t>(std::max<int64_t>(own_nsc, 1)));
+  const size_t own_scale_bytes = static_cast<size_t>(own_nsc) * sizeof(float);
   StatsTrailer sum;
-  std::fill(acc_.begin(), acc_.end(), 0.0f);
   for (int i = 0; i < n; ++i) {
     const uint8_t* msg = recv_.data() + recv_layout_.displs[static_cast<size_t>(i)];
-    add(sum, read_trailer(msg + own_code_bytes + static_cast<size_t>(own_nsc) * sizeof(float)));
-    if (m == 0) continue;
-    std::memcpy(sc.data(), msg + own_code_bytes, static_cast<size_t>(own_nsc) * sizeof(float));
-    quant::dequantize(msg, sc.data(), m, bits, G, tmp_.data());
-    accumulate(acc_.data(), tmp_.data(), m);
+    add(sum, read_trailer(msg + own_code_bytes + own_scale_bytes));
+    std::memcpy(rank_scales_.data() + static_cast<size_t>(i * own_nsc), msg + own_code_bytes,
+                own_scale_bytes);
   }
-  const float fn = static_cast<float>(n);
-  float* __restrict acc = acc_.data();
-  for (int64_t k = 0; k < m; ++k) acc[k] /= fn;
-  if (cfg_.server_error_feedback) accumulate(acc, es_.data(), m);
   uint8_t* own_msg = gathered_.data() + gather_layout_.displs[static_cast<size_t>(r)];
+  float* own_sc = scale_tmp_.data();
   p.key.stream = kStreamsPerRank * static_cast<uint32_t>(r) + static_cast<uint32_t>(r);
   p.key.tensor_id = 2 * bucket_id_ + 1;
-  const quant::QuantStats os =
-      m > 0 ? quant::quantize(acc_.data(), m, p, own_msg, sc.data()) : quant::QuantStats{};
-  std::memcpy(own_msg + own_code_bytes, sc.data(), static_cast<size_t>(own_nsc) * sizeof(float));
-  add(sum, to_trailer(os));
-  std::memcpy(own_msg + own_code_bytes + static_cast<size_t>(own_nsc) * sizeof(float), &sum,
-              sizeof(sum));
-  if (cfg_.server_error_feedback && m > 0) {
-    quant::dequantize(own_msg, sc.data(), m, bits, G, tmp_.data());
-    sub_arrays(es_next_.data(), acc_.data(), tmp_.data(), m);
+  const float fn = static_cast<float>(n);
+  for (int64_t o = 0; o < m; o += T) {
+    const int64_t len = std::min(T, m - o);
+    float* __restrict acc = vt;
+    std::fill(acc, acc + len, 0.0f);
+    for (int i = 0; i < n; ++i) {
+      const uint8_t* msg = recv_.data() + recv_layout_.displs[static_cast<size_t>(i)];
+      quant::dequantize(msg + quant::packed_bytes(bits, o),
+                        rank_scales_.data() + static_cast<size_t>(i * own_nsc) + o / G, len, bits, G,
+                        dqt);
+      accumulate(acc, dqt, len);
+    }
+    for (int64_t k = 0; k < len; ++k) acc[k] /= fn;
+    if (cfg_.server_error_feedback) accumulate(acc, es_.data() + o, len);
+    p.index_offset = o;
+    uint8_t* codes = own_msg + quant::packed_bytes(bits, o);
+    add(sum, to_trailer(quant::quantize(acc, len, p, codes, own_sc + o / G)));
+    if (cfg_.server_error_feedback) {
+      quant::dequantize(codes, own_sc + o / G, len, bits, G, dqt);
+      sub_arrays(es_next_.data() + o, acc, dqt, len);
+    }
   }
+  std::memcpy(own_msg + own_code_bytes, own_sc, own_scale_bytes);
+  std::memcpy(own_msg + own_code_bytes + own_scale_bytes, &sum, sizeof(sum));
   st.quant_seconds += seconds_since(t);
 
   // 6. all-gather the requantized chunks; everyone dequantizes everything (own chunk included, so
   // the result is the same function of the same bytes on every rank).
   t = Clock::now();
-  // MPI_Allgatherv with MPI_IN_PLACE semantics is not in the interface: send from a copy.
+  // The interface has no in-place all-gather: send from a copy of the own message.
   own_copy_.assign(own_msg, own_msg + gather_layout_.counts[static_cast<size_t>(r)]);
   comm_.allgatherv(own_copy_.data(), own_copy_.size(), gathered_.data(), gather_layout_);
   st.comm_seconds += seconds_since(t);
@@ -266,9 +285,8 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     const int64_t nsc = c.count() > 0 ? (c.count() + G - 1) / G : 0;
     add(global, read_trailer(msg + code_bytes + static_cast<size_t>(nsc) * sizeof(float)));
     if (c.count() == 0) continue;
-    sc.resize(static_cast<size_t>(nsc));
-    std::memcpy(sc.data(), msg + code_bytes, static_cast<size_t>(nsc) * sizeof(float));
-    quant::dequantize(msg, sc.data(), c.count(), bits, G, x + c.begin);
+    std::memcpy(scale_tmp_.data(), msg + code_bytes, static_cast<size_t>(nsc) * sizeof(float));
+    quant::dequantize(msg, scale_tmp_.data(), c.count(), bits, G, x + c.begin);
   }
   st.quant_seconds += seconds_since(t);
 

@@ -6,7 +6,7 @@
 //      relative to the chunk; e_w <- v - Q(v)
 //   4. all-to-all: chunk j's codes + scales (+ a 32-byte stats trailer) go to rank j
 //   5. owner r: dequantize the N versions of chunk r, sum in FP32 in rank order, divide by N, add
-//      its server error e_s, requantize once (key: stream = rank, tensor_id = 2 bucket + 1,
+//      its server error e_s, requantize once (key: stream = 65536 r + r, tensor_id = 2 bucket + 1,
 //      element index relative to the chunk), e_s <- m - Q(m)
 //   6. all-gather of the requantized chunks; every rank dequantizes all of them, so every rank
 //      holds bit-identical results.
@@ -109,9 +109,10 @@ class TwoShotAllreduce {
   std::unique_ptr<quant::IntervalPolicy> policy_;
   std::vector<float> ew_, ew_next_;  // worker error (count_)
   std::vector<float> es_, es_next_;  // server error (own chunk)
-  std::vector<float> v_;             // g + e_w
+  int64_t tile_ = 0;                 // elements per tile of the fused passes (whole blocks)
+  std::vector<float> v_;             // tile: g + e_w, then the owner's mean
   std::vector<uint8_t> send_, recv_, gathered_;
-  std::vector<float> acc_, tmp_, scale_tmp_;
+  std::vector<float> tmp_, scale_tmp_, rank_scales_;
   std::vector<uint8_t> own_copy_;
   ByteLayout send_layout_, recv_layout_, gather_layout_;
   bool pending_ = false;

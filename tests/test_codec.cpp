@@ -370,6 +370,43 @@ TEST(CodecReference, StochasticIsReproducibleAndKeyed) {
   }
 }
 
+// Quantizing a tensor in block-aligned pieces with index_offset = piece start gives the bytes and
+// scales of one call, for the reference and every ISA (the two-shot all-reduce relies on it).
+TEST(CodecMatchesReferenceEdges, IndexOffsetPiecesEqualOneCall) {
+  for (int bits : {4, 8, 3}) {
+    for (int64_t G : {6, 64, 512}) {
+      const int64_t n = 7 * G + 5;
+      const std::vector<float> x = make_input(n, 17, false);
+      QuantParams p;
+      p.bits = bits;
+      p.rounding = Rounding::kStochastic;
+      p.block_size = G;
+      p.gamma = 0.9f;
+      p.key = RngKey{3, 1, 2, 9};
+      const Encoded whole = encode_ref(x, p);
+      for (int variant = 0; variant < 1 + static_cast<int>(available_isas().size()); ++variant) {
+        std::vector<uint8_t> codes(packed_bytes(bits, n));
+        std::vector<float> scales(num_scales(n, G));
+        for (int64_t start = 0; start < n; start += 2 * G) {
+          const int64_t len = std::min(2 * G, n - start);
+          QuantParams q = p;
+          q.index_offset = start;
+          uint8_t* c = codes.data() + packed_bytes(bits, start);
+          float* sc = scales.data() + start / G;
+          if (variant == 0)
+            quantize_ref(x.data() + start, len, q, c, sc);
+          else
+            quantize_isa(available_isas()[variant - 1], x.data() + start, len, q, c, sc);
+        }
+        codes.push_back(0xAB);  // encode() leaves a guard byte after the codes
+        scales.push_back(-1.0f);
+        EXPECT_EQ(codes, whole.codes) << "bits " << bits << " G " << G << " variant " << variant;
+        EXPECT_EQ(scales, whole.scales) << "bits " << bits << " G " << G << " variant " << variant;
+      }
+    }
+  }
+}
+
 TEST(CodecErrors, BadParametersNameTheField) {
   const std::vector<float> x = {1.0f, 2.0f};
   uint8_t codes[2];

@@ -160,14 +160,14 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     scales[s] = seg.step;
     st.absmax = std::max(st.absmax, absmax);
     if (p.bits != 4) {
-      seg.first_index = begin;
+      seg.first_index = p.index_offset + begin;
       st.clipped +=
           k.quantize_segment(x + begin, end - begin, seg, reinterpret_cast<int8_t*>(codes) + begin);
       continue;
     }
     for (int64_t i = begin; i < end;) {
       const int64_t n = std::min(end - i, kTile - stage_len);
-      seg.first_index = i;
+      seg.first_index = p.index_offset + i;
       st.clipped += k.quantize_segment(x + i, n, seg, stage + stage_len);
       stage_len += n;
       i += n;

@@ -27,6 +27,9 @@ struct QuantParams {
   float gamma = 1.0f;                      // clip = gamma * max|x| over the scope, gamma in (0, 1]
   int64_t block_size = 0;                  // elements per scale; 0 = one scale per tensor
   RngKey key;                              // stochastic rounding stream
+  int64_t index_offset = 0;  // element i of this call is element index_offset + i of its stream
+                             // (the Philox counter): lets a caller quantize a long tensor in
+                             // block-aligned pieces with the keys of one call (CPU codec only)
 };
 
 struct QuantStats {

@@ -19,6 +19,7 @@ void validate(const QuantParams& p) {
   INT4DDP_CHECK(std::isfinite(p.gamma) && p.gamma > 0.0f && p.gamma <= 1.0f,
                 "quantizer: gamma = ", p.gamma, " is outside (0, 1]");
   INT4DDP_CHECK(p.block_size >= 0, "quantizer: block_size = ", p.block_size, " is negative");
+  INT4DDP_CHECK(p.index_offset >= 0, "quantizer: index_offset = ", p.index_offset, " is negative");
 }
 
 static void check_buffers(const void* x, int64_t count, const void* codes, const void* scales) {
@@ -53,7 +54,7 @@ QuantStats quantize_ref(const float* x, int64_t count, const QuantParams& p, uin
         if (std::fabs(x[i]) > clip) ++st.clipped;
         q = p.rounding == Rounding::kNearest
                 ? quantize_nearest(x[i], step, p.bits)
-                : quantize_stochastic(x[i], step, philox_uniform(p.key, i), p.bits);
+                : quantize_stochastic(x[i], step, philox_uniform(p.key, p.index_offset + i), p.bits);
       }
       if (p.bits != 4) {
         codes[i] = static_cast<uint8_t>(static_cast<int8_t>(q));

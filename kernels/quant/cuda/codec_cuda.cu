@@ -711,6 +711,8 @@ QuantStats to_quant_stats(const DeviceQuantStats& s) {
 void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
                     float* scales, DeviceQuantStats* stats, cudaStream_t stream) {
   validate(p);
+  INT4DDP_CHECK(p.index_offset == 0, "cuda quantize: index_offset = ", p.index_offset,
+                " is not supported by the CUDA codec (quantize the whole tensor in one call)");
   INT4DDP_CHECK(count >= 0, "cuda quantize: count = ", count, " is negative");
   INT4DDP_CHECK(count == 0 || (x && codes && scales), "cuda quantize: null buffer for ", count,
                 " elements");
@@ -787,6 +789,7 @@ void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bi
 void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream) {
   const QuantParams& p = a.params;
   validate(p);
+  INT4DDP_CHECK(p.index_offset == 0, "owner step: index_offset is not supported on CUDA");
   INT4DDP_CHECK(p.block_size > 0, "owner step: block_size must be > 0 (per-block scales)");
   INT4DDP_CHECK(a.ranks >= 1, "owner step: ranks = ", a.ranks, " must be >= 1");
   INT4DDP_CHECK(a.count >= 0, "owner step: count = ", a.count, " is negative");
