@@ -53,10 +53,23 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, float* g
   }
   flush();
   uint32_t id = 0;
+  const auto by_offset = [](const Segment& a, const Segment& c) { return a.offset < c.offset; };
   for (Bucket& b : buckets_) {
+    std::sort(b.compressed.begin(), b.compressed.end(), by_offset);
+    std::sort(b.plain.begin(), b.plain.end(), by_offset);
     if (b.ncompressed > 0) {
       b.two_shot = std::make_unique<TwoShotAllreduce>(comm_, cfg_.compress, b.ncompressed, id);
-      b.staging.resize(static_cast<size_t>(b.ncompressed));
+      // Staging holds the tensors in arena order; when they tile one arena range, the two-shot
+      // runs in place there instead (no staging copies, same element order, same result).
+      bool contiguous = true;
+      for (size_t i = 1; i < b.compressed.size(); ++i)
+        contiguous &= b.compressed[i].offset == b.compressed[i - 1].offset + b.compressed[i - 1].count;
+      const int64_t lo = b.compressed.front().offset;
+      if (contiguous) {
+        b.in_place = lo;
+      } else {
+        b.staging.resize(static_cast<size_t>(b.ncompressed));
+      }
     }
     b.plain_staging.resize(static_cast<size_t>(b.nplain));
     ++id;
@@ -119,6 +132,10 @@ void BucketEngine::enqueue_ready(int64_t offset) {
 }
 
 StepCommStats BucketEngine::finish() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    INT4DDP_CHECK(in_step_, "BucketEngine: finish() without begin_step()");
+  }
   const auto t0 = Clock::now();
   enqueue_ready(0);
   std::exception_ptr err;
@@ -186,7 +203,7 @@ void BucketEngine::run_bucket(Bucket& b) {
   const auto t0 = Clock::now();
   // Gather: the arena -> staging (the arena is written by backward elsewhere meanwhile).
   int64_t off = 0;
-  for (const Segment& s : b.compressed) {
+  for (const Segment& s : b.in_place >= 0 ? std::vector<Segment>{} : b.compressed) {
     std::memcpy(b.staging.data() + off, grads_ + s.offset, sizeof(float) * static_cast<size_t>(s.count));
     off += s.count;
   }
@@ -197,10 +214,8 @@ void BucketEngine::run_bucket(Bucket& b) {
     off += s.count;
   }
   double copy_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  if (b.two_shot) {
-    const BucketStats st = b.two_shot->run(b.staging.data(), step_);
-    b.stats = st;
-  }
+  if (b.two_shot)
+    b.stats = b.two_shot->run(b.in_place >= 0 ? grads_ + b.in_place : b.staging.data(), step_);
   if (b.nplain > 0) {
     const uint64_t bytes0 = comm_.bytes_sent();
     auto t = Clock::now();
@@ -215,7 +230,7 @@ void BucketEngine::run_bucket(Bucket& b) {
   // Scatter the means back into the arena.
   const auto t1 = Clock::now();
   off = 0;
-  for (const Segment& s : b.compressed) {
+  for (const Segment& s : b.in_place >= 0 ? std::vector<Segment>{} : b.compressed) {
     std::memcpy(grads_ + s.offset, b.staging.data() + off, sizeof(float) * static_cast<size_t>(s.count));
     off += s.count;
   }

@@ -5,7 +5,9 @@
 //   - Buckets are filled in reverse order (the last tensor first, as backward produces them) until
 //     they hold comm.bucket_mb MiB of fp32 gradient; a tensor is never split.
 //   - Inside a bucket, tensors with at least small_tensor_threshold elements travel compressed
-//     (TwoShotAllreduce, one per bucket); the smaller ones go uncompressed with an fp32 all-reduce.
+//     (TwoShotAllreduce, one per bucket, on those tensors concatenated in arena order: in place
+//     when they are contiguous in the arena, else through a staging copy); the smaller ones go
+//     uncompressed with an fp32 all-reduce.
 //     In fp32 mode everything is uncompressed.
 //   - The trainer calls ready_from(offset) during backward whenever every gradient at arena
 //     offset >= offset is final; each bucket that becomes complete is queued to one communication
@@ -83,6 +85,7 @@ class BucketEngine {
     std::vector<Segment> compressed, plain;
     int64_t ncompressed = 0, nplain = 0;
     std::unique_ptr<TwoShotAllreduce> two_shot;  // null when nothing is compressed
+    int64_t in_place = -1;  // arena offset when the compressed tensors are contiguous there
     std::vector<float> staging, plain_staging;
     BucketStats stats;
   };

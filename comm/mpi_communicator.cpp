@@ -185,7 +185,9 @@ class MpiCommunicator final : public Communicator {
 
   std::unique_ptr<Request> iallreduce_sum(float* buf, int64_t count) override {
     auto req = std::make_unique<MpiRequest>("MPI_Iallreduce");
-    MPI_CALL(MPI_Iallreduce(MPI_IN_PLACE, buf, to_int(static_cast<size_t>(count), "iallreduce"),
+    INT4DDP_CHECK(count >= 0 && count <= INT_MAX, "iallreduce_sum: ", count,
+                  " floats exceed MPI's int count; use smaller buckets (comm.bucket_mb)");
+    MPI_CALL(MPI_Iallreduce(MPI_IN_PLACE, buf, static_cast<int>(count),
                             MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, req->handle()));
     count_ring(count);
     return req;

@@ -968,8 +968,14 @@ StepCommStats backward_step(BucketEngine& e, std::vector<float>& arena, const Ar
   return e.finish();
 }
 
-TEST(BucketEngine, MatchesPerBucketTwoShotAndFp32Mean) {
-  const Arena a;
+// Both layouts of bucket 1: C1 C2 adjacent (the two-shot runs in place in the arena) and C1 D C2
+// (a plain tensor between them: the two-shot runs on a staging copy). Same result either way.
+class BucketEngineLayouts : public ::testing::TestWithParam<bool> {};
+
+TEST_P(BucketEngineLayouts, MatchesPerBucketTwoShotAndFp32Mean) {
+  Arena a;
+  if (GetParam()) a.segs = {{0, 3000}, {3000, 100}, {3110, 2000}, {5110, 50}, {5160, 1900}, {7060, 5000}};
+  const Segment c1 = a.segs[2], c2 = GetParam() ? a.segs[4] : a.segs[3];
   std::vector<float> arena(static_cast<size_t>(a.size));
   const BucketConfig cfg = bucket_config(true);
   BucketEngine engine(W(), cfg, arena.data(), a.segs);
@@ -977,9 +983,8 @@ TEST(BucketEngine, MatchesPerBucketTwoShotAndFp32Mean) {
   EXPECT_EQ(engine.num_compressed_buckets(), 3);
 
   // The reference: one TwoShot per bucket (same ids and config) on the concatenated compressed
-  // tensors in bucket order, and the exact mean of the plain ones.
-  const std::vector<std::vector<Segment>> compressed = {
-      {a.segs[5]}, {a.segs[3], a.segs[2]}, {a.segs[0]}};
+  // tensors of each bucket in arena order, and the exact mean of the plain ones.
+  const std::vector<std::vector<Segment>> compressed = {{a.segs[5]}, {c1, c2}, {a.segs[0]}};
   std::vector<std::unique_ptr<TwoShotAllreduce>> refs;
   for (uint32_t b = 0; b < 3; ++b) {
     int64_t count = 0;
@@ -1032,6 +1037,8 @@ TEST(BucketEngine, MatchesPerBucketTwoShotAndFp32Mean) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(InPlaceAndStaged, BucketEngineLayouts, ::testing::Values(false, true));
 
 TEST(BucketEngine, OverlapOnAndOffGiveTheSameResults) {
   const Arena a;
