@@ -12,24 +12,27 @@
 # global batch (128) and the number of steps equal the single-process default. About 4 minutes a
 # run on the 2-core development VM (4 ranks share 2 cores).
 #
-# Usage: experiments/dp_accuracy.sh [--quick] [--seed S] [--ranks N]
+# Usage: experiments/dp_accuracy.sh [--quick] [--seed S] [--ranks N] [--report]
+#   --report  rebuild the table from the runs already in runs/dp_accuracy (no training)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/common.sh"
 quick=0
 seed=0
 ranks=4
+report=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --seed) seed="$2"; shift ;;
         --ranks) ranks="$2"; shift ;;
-        *) echo "usage: experiments/dp_accuracy.sh [--quick] [--seed S] [--ranks N]" >&2; exit 2 ;;
+        --report) report=1 ;;
+        *) echo "usage: experiments/dp_accuracy.sh [--quick] [--seed S] [--ranks N] [--report]" >&2; exit 2 ;;
     esac
     shift
 done
 int4ddp_setup jq
-INT4DDP_TARGETS=int4ddp int4ddp_build >/dev/null
+[ "$report" = 1 ] || INT4DDP_TARGETS=int4ddp int4ddp_build >/dev/null
 out_dir="$ROOT/runs/dp_accuracy"
 [ "$quick" = 1 ] && out_dir="$ROOT/runs/dp_accuracy-quick"
 mkdir -p "$out_dir"
@@ -51,7 +54,6 @@ runs=("fp32|--set comm.mode=fp32"
 
 rows=()
 fp32_acc=""
-start_all=$(date +%s)
 i=0
 for r in "${runs[@]}"; do
     name="${r%%|*}"
@@ -59,12 +61,15 @@ for r in "${runs[@]}"; do
     tag="run$i"
     i=$((i + 1))
     echo "== $name ($ranks ranks)"
-    t0=$(date +%s)
-    "$ROOT/launch/mpirun.sh" -np "$ranks" -- int4ddp train --config "$ROOT/configs/default.yaml" \
-        "${common[@]}" "${sets[@]}" --set "log.metrics_path=$out_dir/$tag.jsonl" \
-        --set "train.checkpoint_dir=$out_dir/ck_$tag" > "$out_dir/$tag.log" 2>&1 ||
-        { echo "run '$name' failed; see $out_dir/$tag.log" >&2; tail -5 "$out_dir/$tag.log" >&2; exit 1; }
-    secs=$(( $(date +%s) - t0 ))
+    if [ "$report" = 0 ]; then
+        t0=$(date +%s)
+        "$ROOT/launch/mpirun.sh" -np "$ranks" -- int4ddp train --config "$ROOT/configs/default.yaml" \
+            "${common[@]}" "${sets[@]}" --set "log.metrics_path=$out_dir/$tag.jsonl" \
+            --set "train.checkpoint_dir=$out_dir/ck_$tag" > "$out_dir/$tag.log" 2>&1 ||
+            { echo "run '$name' failed; see $out_dir/$tag.log" >&2; tail -5 "$out_dir/$tag.log" >&2; exit 1; }
+        echo $(( $(date +%s) - t0 )) > "$out_dir/$tag.secs"
+    fi
+    secs=$(cat "$out_dir/$tag.secs")
     acc=$(jq -r 'select(.type=="final") | .test_accuracy * 100' "$out_dir/$tag.jsonl")
     gam=$(jq -r 'select(.type=="step" and .comm != null) | .comm.bucket_gamma | map(. * 1000 | round / 1000) | tostring' \
           "$out_dir/$tag.jsonl" | tail -1)
@@ -75,7 +80,8 @@ for r in "${runs[@]}"; do
     printf '   test accuracy %.2f%% (%s vs fp32), %s s\n' "$acc" "$delta" "$secs"
     rows+=("| $name | $(printf '%.2f' "$acc") | $delta | ${gam:-} | $bytes | $secs |")
 done
-total=$(( $(date +%s) - start_all ))
+total=0
+for f in "$out_dir"/run*.secs; do total=$((total + $(cat "$f"))); done
 
 table=$(cat <<EOF
 <!-- dp-accuracy:begin -->
