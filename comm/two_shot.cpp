@@ -41,7 +41,9 @@ StatsTrailer read_trailer(const uint8_t* p) {
   return t;
 }
 
-void add(StatsTrailer& a, const StatsTrailer& b) {
+}  // namespace
+
+void add_trailer(StatsTrailer& a, const StatsTrailer& b) {
   a.clipped += b.clipped;
   a.count += b.count;
   a.nonfinite += b.nonfinite;
@@ -57,7 +59,14 @@ StatsTrailer to_trailer(const quant::QuantStats& s) {
   return t;
 }
 
-}  // namespace
+quant::QuantStats to_quant_stats(const StatsTrailer& t) {
+  quant::QuantStats s;
+  s.count = t.count;
+  s.clipped = t.clipped;
+  s.nonfinite = t.nonfinite;
+  s.absmax = t.absmax;
+  return s;
+}
 
 void CompressConfig::validate() const {
   INT4DDP_CHECK(bits == kFp32Bits || (bits >= 2 && bits <= 8), "comm: bits = ", bits,
@@ -207,7 +216,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
       }
       p.index_offset = o;
       uint8_t* codes = msg + quant::packed_bytes(bits, o);
-      add(tr, to_trailer(quant::quantize(src, len, p, codes, sc + o / G)));
+      add_trailer(tr, to_trailer(quant::quantize(src, len, p, codes, sc + o / G)));
       if (cfg_.worker_error_feedback) {
         quant::dequantize(codes, sc + o / G, len, bits, G, dqt);
         sub_arrays(ew_next_.data() + c.begin + o, src, dqt, len);
@@ -234,7 +243,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   StatsTrailer sum;
   for (int i = 0; i < n; ++i) {
     const uint8_t* msg = recv_.data() + recv_layout_.displs[static_cast<size_t>(i)];
-    add(sum, read_trailer(msg + own_code_bytes + own_scale_bytes));
+    add_trailer(sum, read_trailer(msg + own_code_bytes + own_scale_bytes));
     std::memcpy(rank_scales_.data() + static_cast<size_t>(i * own_nsc), msg + own_code_bytes,
                 own_scale_bytes);
   }
@@ -258,7 +267,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     if (cfg_.server_error_feedback) accumulate(acc, es_.data() + o, len);
     p.index_offset = o;
     uint8_t* codes = own_msg + quant::packed_bytes(bits, o);
-    add(sum, to_trailer(quant::quantize(acc, len, p, codes, own_sc + o / G)));
+    add_trailer(sum, to_trailer(quant::quantize(acc, len, p, codes, own_sc + o / G)));
     if (cfg_.server_error_feedback) {
       quant::dequantize(codes, own_sc + o / G, len, bits, G, dqt);
       sub_arrays(es_next_.data() + o, acc, dqt, len);
@@ -283,7 +292,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     const uint8_t* msg = gathered_.data() + gather_layout_.displs[static_cast<size_t>(j)];
     const size_t code_bytes = static_cast<size_t>(quant::packed_bytes(bits, c.count()));
     const int64_t nsc = c.count() > 0 ? (c.count() + G - 1) / G : 0;
-    add(global, read_trailer(msg + code_bytes + static_cast<size_t>(nsc) * sizeof(float)));
+    add_trailer(global, read_trailer(msg + code_bytes + static_cast<size_t>(nsc) * sizeof(float)));
     if (c.count() == 0) continue;
     std::memcpy(scale_tmp_.data(), msg + code_bytes, static_cast<size_t>(nsc) * sizeof(float));
     quant::dequantize(msg, scale_tmp_.data(), c.count(), bits, G, x + c.begin);
@@ -294,11 +303,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   st.clipped = global.clipped;
   st.nonfinite = global.nonfinite;
   st.wire_bytes = comm_.bytes_sent() - bytes0;
-  pending_stats_ = quant::QuantStats{};
-  pending_stats_.count = global.count;
-  pending_stats_.clipped = global.clipped;
-  pending_stats_.nonfinite = global.nonfinite;
-  pending_stats_.absmax = global.absmax;
+  pending_stats_ = to_quant_stats(global);
   pending_ = true;
   return st;
 }
@@ -313,45 +318,55 @@ void TwoShotAllreduce::commit(bool apply) {
 }
 
 namespace {
-constexpr uint32_t kStateMagic = 0x53324934;  // "4I2S"
-}
+constexpr uint64_t kStateMagic = 0x53324934;  // "4I2S"
+constexpr size_t kStateHeader = 4 * sizeof(uint64_t);
+}  // namespace
 
-std::vector<uint8_t> TwoShotAllreduce::save_state() const {
+std::vector<uint8_t> pack_two_shot_state(int64_t count, const float* ew, size_t ew_n, const float* es,
+                                         size_t es_n, const quant::IntervalPolicy* policy) {
   std::vector<uint8_t> out;
-  auto put = [&out](const void* p, size_t n) { append_bytes(out, p, n); };
-  const uint64_t header[4] = {kStateMagic, static_cast<uint64_t>(count_), ew_.size(), es_.size()};
-  put(header, sizeof(header));
-  put(ew_.data(), ew_.size() * sizeof(float));
-  put(es_.data(), es_.size() * sizeof(float));
-  if (policy_) {
-    const std::vector<uint8_t> ps = policy_->save_state();
-    put(ps.data(), ps.size());
+  const uint64_t header[4] = {kStateMagic, static_cast<uint64_t>(count), ew_n, es_n};
+  append_bytes(out, header, sizeof(header));
+  append_bytes(out, ew, ew_n * sizeof(float));
+  append_bytes(out, es, es_n * sizeof(float));
+  if (policy) {
+    const std::vector<uint8_t> ps = policy->save_state();
+    append_bytes(out, ps.data(), ps.size());
   }
   return out;
 }
 
-void TwoShotAllreduce::load_state(const std::vector<uint8_t>& blob) {
+TwoShotStateView parse_two_shot_state(const std::vector<uint8_t>& blob, int64_t count, size_t ew_n,
+                                      size_t es_n, quant::IntervalPolicy* policy) {
   uint64_t header[4];
-  INT4DDP_CHECK(blob.size() >= sizeof(header), "two-shot state: truncated (", blob.size(),
-                " bytes)");
+  INT4DDP_CHECK(blob.size() >= kStateHeader, "two-shot state: truncated (", blob.size(), " bytes)");
   std::memcpy(header, blob.data(), sizeof(header));
-  INT4DDP_CHECK(header[0] == kStateMagic && header[1] == static_cast<uint64_t>(count_) &&
-                    header[2] == ew_.size() && header[3] == es_.size(),
+  INT4DDP_CHECK(header[0] == kStateMagic && header[1] == static_cast<uint64_t>(count) &&
+                    header[2] == ew_n && header[3] == es_n,
                 "two-shot state: saved for a bucket of ", header[1], " elements with ", header[2],
-                "/", header[3], " error-feedback values; this bucket has ", count_, " and ",
-                ew_.size(), "/", es_.size(), " (other ranks, bucket or error-feedback settings?)");
-  size_t off = sizeof(header);
-  const size_t ew_bytes = ew_.size() * sizeof(float), es_bytes = es_.size() * sizeof(float);
-  INT4DDP_CHECK(blob.size() >= off + ew_bytes + es_bytes, "two-shot state: truncated");
-  std::memcpy(ew_.data(), blob.data() + off, ew_bytes);
-  off += ew_bytes;
-  std::memcpy(es_.data(), blob.data() + off, es_bytes);
-  off += es_bytes;
-  if (policy_) {
-    policy_->load_state(blob.data() + off, blob.size() - off);
+                "/", header[3], " error-feedback values; this bucket has ", count, " and ", ew_n, "/",
+                es_n, " (other ranks, bucket or error-feedback settings?)");
+  const size_t ef_end = kStateHeader + (ew_n + es_n) * sizeof(float);
+  INT4DDP_CHECK(blob.size() >= ef_end, "two-shot state: truncated");
+  if (policy) {
+    policy->load_state(blob.data() + ef_end, blob.size() - ef_end);
   } else {
-    INT4DDP_CHECK(off == blob.size(), "two-shot state: trailing bytes for an fp32 bucket");
+    INT4DDP_CHECK(ef_end == blob.size(), "two-shot state: trailing bytes for an fp32 bucket");
   }
+  TwoShotStateView v;
+  v.ew = reinterpret_cast<const float*>(blob.data() + kStateHeader);
+  v.es = reinterpret_cast<const float*>(blob.data() + kStateHeader + ew_n * sizeof(float));
+  return v;
+}
+
+std::vector<uint8_t> TwoShotAllreduce::save_state() const {
+  return pack_two_shot_state(count_, ew_.data(), ew_.size(), es_.data(), es_.size(), policy_.get());
+}
+
+void TwoShotAllreduce::load_state(const std::vector<uint8_t>& blob) {
+  const TwoShotStateView v = parse_two_shot_state(blob, count_, ew_.size(), es_.size(), policy_.get());
+  if (!ew_.empty()) std::memcpy(ew_.data(), v.ew, ew_.size() * sizeof(float));
+  if (!es_.empty()) std::memcpy(es_.data(), v.es, es_.size() * sizeof(float));
   pending_ = false;
 }
 

@@ -65,6 +65,11 @@ struct StatsTrailer {
 };
 constexpr size_t kStatsTrailerBytes = sizeof(StatsTrailer);
 static_assert(kStatsTrailerBytes == 32, "the trailer is part of the wire format");
+
+// a <- a + b: counts add, absmax is the larger.
+void add_trailer(StatsTrailer& a, const StatsTrailer& b);
+StatsTrailer to_trailer(const quant::QuantStats& s);
+quant::QuantStats to_quant_stats(const StatsTrailer& t);
 size_t chunk_message_bytes(int bits, int64_t count, int64_t block_size);
 
 // Wire bytes per rank predicted by DESIGN.md for a bucket of n floats (without the trailers).
@@ -80,6 +85,20 @@ struct BucketStats {
   double comm_seconds = 0;  // time in the collectives
   double clip_fraction() const { return count ? static_cast<double>(clipped) / count : 0.0; }
 };
+
+// The per-bucket checkpoint blob, shared by the host and the CUDA two-shot (host byte order):
+//   u64 magic "4I2S" | u64 count | u64 |e_w| | u64 |e_s| | e_w floats | e_s floats | policy state
+// (no policy state in fp32 mode). pack_ copies from host arrays; parse_ checks the header against
+// what this bucket expects and returns where the pieces are.
+std::vector<uint8_t> pack_two_shot_state(int64_t count, const float* ew, size_t ew_n, const float* es,
+                                         size_t es_n, const quant::IntervalPolicy* policy);
+struct TwoShotStateView {
+  const float* ew = nullptr;  // ew_n floats (unaligned: memcpy them)
+  const float* es = nullptr;  // es_n floats
+};
+// Loads the policy state into `policy` (when not null) and returns the error-feedback pieces.
+TwoShotStateView parse_two_shot_state(const std::vector<uint8_t>& blob, int64_t count, size_t ew_n,
+                                      size_t es_n, quant::IntervalPolicy* policy);
 
 class TwoShotAllreduce {
  public:

@@ -34,7 +34,6 @@ double seconds_since(Clock::time_point t) {
 
 constexpr int kFp32Bits = 32;
 constexpr uint32_t kStreamsPerRank = 65536;   // stream = 65536 rank + chunk, as two_shot.cpp
-constexpr uint32_t kStateMagic = 0x53324934;  // "4I2S", the host version's blob
 
 // The device stats are the wire trailer: same fields at the same offsets.
 static_assert(sizeof(qc::DeviceQuantStats) == sizeof(StatsTrailer), "trailer size");
@@ -263,11 +262,7 @@ BucketStats TwoShotAllreduceCuda::run(float* x, uint32_t step) {
   sync();
   StatsTrailer global;
   for (int j = 0; j < n; ++j) {
-    const StatsTrailer& tr = trailers_h_[j];
-    global.clipped += tr.clipped;
-    global.count += tr.count;
-    global.nonfinite += tr.nonfinite;
-    global.absmax = std::max(global.absmax, tr.absmax);
+    add_trailer(global, trailers_h_[j]);
   }
   st.quant_seconds += seconds_since(t);
 
@@ -275,11 +270,7 @@ BucketStats TwoShotAllreduceCuda::run(float* x, uint32_t step) {
   st.clipped = global.clipped;
   st.nonfinite = global.nonfinite;
   st.wire_bytes = comm_.bytes_sent() - bytes0;
-  pending_stats_ = quant::QuantStats{};
-  pending_stats_.count = global.count;
-  pending_stats_.clipped = global.clipped;
-  pending_stats_.nonfinite = global.nonfinite;
-  pending_stats_.absmax = global.absmax;
+  pending_stats_ = to_quant_stats(global);
   pending_ = true;
   return st;
 }
@@ -296,51 +287,24 @@ void TwoShotAllreduceCuda::commit(bool apply) {
 std::vector<uint8_t> TwoShotAllreduceCuda::save_state() const {
   const size_t ew_n = ew_ ? static_cast<size_t>(count_) : 0;
   const size_t es_n = es_ ? static_cast<size_t>(own_.count()) : 0;
-  const uint64_t header[4] = {kStateMagic, static_cast<uint64_t>(count_), ew_n, es_n};
-  std::vector<uint8_t> out(sizeof(header) + (ew_n + es_n) * sizeof(float));
-  std::memcpy(out.data(), header, sizeof(header));
+  std::vector<float> ew(ew_n), es(es_n);
   INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream_));
   if (ew_n)
-    INT4DDP_CUDA_CHECK(
-        cudaMemcpy(out.data() + sizeof(header), ew_, ew_n * sizeof(float), cudaMemcpyDeviceToHost));
+    INT4DDP_CUDA_CHECK(cudaMemcpy(ew.data(), ew_, ew_n * sizeof(float), cudaMemcpyDeviceToHost));
   if (es_n)
-    INT4DDP_CUDA_CHECK(cudaMemcpy(out.data() + sizeof(header) + ew_n * sizeof(float), es_,
-                                  es_n * sizeof(float), cudaMemcpyDeviceToHost));
-  if (policy_) {
-    const std::vector<uint8_t> ps = policy_->save_state();
-    out.insert(out.end(), ps.begin(), ps.end());
-  }
-  return out;
+    INT4DDP_CUDA_CHECK(cudaMemcpy(es.data(), es_, es_n * sizeof(float), cudaMemcpyDeviceToHost));
+  return pack_two_shot_state(count_, ew.data(), ew_n, es.data(), es_n, policy_.get());
 }
 
 void TwoShotAllreduceCuda::load_state(const std::vector<uint8_t>& blob) {
   const size_t ew_n = ew_ ? static_cast<size_t>(count_) : 0;
   const size_t es_n = es_ ? static_cast<size_t>(own_.count()) : 0;
-  uint64_t header[4];
-  INT4DDP_CHECK(blob.size() >= sizeof(header), "two-shot state: truncated (", blob.size(),
-                " bytes)");
-  std::memcpy(header, blob.data(), sizeof(header));
-  INT4DDP_CHECK(header[0] == kStateMagic && header[1] == static_cast<uint64_t>(count_) &&
-                    header[2] == ew_n && header[3] == es_n,
-                "two-shot state: saved for a bucket of ", header[1], " elements with ", header[2],
-                "/", header[3], " error-feedback values; this bucket has ", count_, " and ", ew_n,
-                "/", es_n, " (other ranks, bucket or error-feedback settings?)");
-  size_t off = sizeof(header);
-  const size_t ew_bytes = ew_n * sizeof(float), es_bytes = es_n * sizeof(float);
-  INT4DDP_CHECK(blob.size() >= off + ew_bytes + es_bytes, "two-shot state: truncated");
-  if (policy_) {
-    policy_->load_state(blob.data() + off + ew_bytes + es_bytes,
-                        blob.size() - off - ew_bytes - es_bytes);
-  } else {
-    INT4DDP_CHECK(off + ew_bytes + es_bytes == blob.size(),
-                  "two-shot state: trailing bytes for an fp32 bucket");
-  }
+  const TwoShotStateView v = parse_two_shot_state(blob, count_, ew_n, es_n, policy_.get());
   INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream_));
   if (ew_n)
-    INT4DDP_CUDA_CHECK(cudaMemcpy(ew_, blob.data() + off, ew_bytes, cudaMemcpyHostToDevice));
-  off += ew_bytes;
+    INT4DDP_CUDA_CHECK(cudaMemcpy(ew_, v.ew, ew_n * sizeof(float), cudaMemcpyHostToDevice));
   if (es_n)
-    INT4DDP_CUDA_CHECK(cudaMemcpy(es_, blob.data() + off, es_bytes, cudaMemcpyHostToDevice));
+    INT4DDP_CUDA_CHECK(cudaMemcpy(es_, v.es, es_n * sizeof(float), cudaMemcpyHostToDevice));
   pending_ = false;
 }
 
