@@ -13,7 +13,7 @@
 #
 # Writes runs/scaling/results.jsonl (one object per run), a table and PNG plots
 # (experiments/plots/scaling_*.png), and the table into experiments/RESULTS.md between the scaling
-# markers. Needs root (network namespaces). About 15 minutes on the 2-core development VM, where 4
+# markers. Needs root (network namespaces). About 3 minutes on the 2-core development VM, where 4
 # ranks share 2 cores, so compute time per step grows with the rank count there.
 #
 # Usage: experiments/scaling.sh [--quick] [--rates "1gbit 10gbit"] [--ranks "1 2 4"]
