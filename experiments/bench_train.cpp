@@ -1,8 +1,8 @@
 // bench_train: training throughput (img/s) at batch 128 on 1x28x28 inputs, optimizer step
 // included, for mlp, cnn and resnet20 in fp32 and 4/4/4. One warm-up step (the 4/4/4 warm-up is
 // also the lbt calibration batch), then the best of --reps timed runs of --steps steps each.
-// Threads: --threads "1 2" (default) sets the GEMM thread count (Eigen + OpenMP); the other layers
-// run on one thread.
+// Threads: --threads T runs only T (default: 1 and 2); it sets the GEMM thread count (Eigen +
+// OpenMP); the other layers run on one thread. --bits 32 or 4 runs only fp32 or 4/4/4.
 // Ends with one JSON line {"bench":"train","rows":[{"model","bits","threads","img_per_s"},...]}.
 #include <algorithm>
 #include <chrono>
@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   int steps = 10, reps = 3;
   std::vector<std::string> models = {"mlp", "cnn", "resnet20"};
   std::vector<int> thread_counts = {1, 2};
+  std::vector<int> bit_widths = {32, 4};  // 32 = fp32, 4 = 4/4/4
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--steps" && i + 1 < argc)
@@ -30,14 +31,19 @@ int main(int argc, char** argv) {
       reps = std::atoi(argv[++i]);
     else if (a == "--model" && i + 1 < argc)
       models = {argv[++i]};
+    else if (a == "--threads" && i + 1 < argc)
+      thread_counts = {std::atoi(argv[++i])};
+    else if (a == "--bits" && i + 1 < argc)
+      bit_widths = {std::atoi(argv[++i])};
     else {
       std::fprintf(stderr,
-                   "usage: bench_train [--steps N] [--reps R] [--model mlp|cnn|resnet20]\n");
+                   "usage: bench_train [--steps N] [--reps R] [--model mlp|cnn|resnet20] "
+                   "[--threads T] [--bits 32|4]\n");
       return 2;
     }
   }
-  if (steps < 1 || reps < 1 || thread_counts[0] < 1) {
-    std::fprintf(stderr, "bench_train: --steps and --reps must be >= 1\n");
+  if (steps < 1 || reps < 1 || thread_counts[0] < 1 || (bit_widths[0] != 32 && bit_widths[0] != 4)) {
+    std::fprintf(stderr, "bench_train: --steps, --reps and --threads must be >= 1, --bits 32 or 4\n");
     return 2;
   }
   const int64_t batch = 128;
@@ -53,7 +59,7 @@ int main(int argc, char** argv) {
   bool first = true;
   for (const std::string& name : models)
     for (int threads : thread_counts)
-      for (int bits : {32, 4}) {
+      for (int bits : bit_widths) {
         math::set_num_threads(threads);
         nn::ModelSpec spec;
         spec.name = name;

@@ -140,17 +140,18 @@ TEST(QuantLayers, QLinearMatchesReference) {
   EXPECT_NE(l.act_step().grad[0], 0.0f);
 }
 
-TEST(QuantLayers, QConv2dMatchesDirectConvolution) {
+void check_qconv(int st, bool one_per_group) {
   QuantContext ctx;
-  const int64_t n = 2, ci = 3, co = 4, h = 5, w = 6;
-  QConv2d c("conv", ci, co, 3, 2, 1, test_spec(), 2, &ctx);
+  const int64_t n = 3, ci = 3, co = 4, h = 5, w = 6;
+  QConv2d c("conv", ci, co, 3, st, 1, test_spec(), 2, &ctx);
+  if (one_per_group) c.set_column_bytes(1);
   fill(c.weight().value, 5, -0.5f, 0.5f);
   Tensor x({n, ci, h, w}), y, dx;
   fill(x, 6, -0.1f, 1.0f);
   c.forward(x, y, true);
   const int64_t ho = y.dim(2), wo = y.dim(3);
-  ASSERT_EQ(ho, 3);
-  ASSERT_EQ(wo, 3);
+  ASSERT_EQ(ho, st == 2 ? 3 : 5);
+  ASSERT_EQ(wo, st == 2 ? 3 : 6);
   const float s = c.weight_step().value[0], u = c.act_step().value[0];
   const auto wh = fake_weights(c.weight(), s, 4);
   const auto xh = fake_acts(x, u, 4);
@@ -166,7 +167,7 @@ TEST(QuantLayers, QConv2dMatchesDirectConvolution) {
             for (int ky = 0; ky < 3; ++ky)
               for (int kx = 0; kx < 3; ++kx)
                 acc += wh[((o * ci + ch) * 3 + ky) * 3 + kx] *
-                       xat(b, ch, oy * 2 - 1 + ky, ox * 2 - 1 + kx);
+                       xat(b, ch, oy * st - 1 + ky, ox * st - 1 + kx);
           EXPECT_NEAR(y[((b * co + o) * ho + oy) * wo + ox], acc, kTol);
         }
   Tensor dy(y.shape());
@@ -184,7 +185,7 @@ TEST(QuantLayers, QConv2dMatchesDirectConvolution) {
           for (int64_t ch = 0; ch < ci; ++ch)
             for (int ky = 0; ky < 3; ++ky)
               for (int kx = 0; kx < 3; ++kx) {
-                const int64_t iy = oy * 2 - 1 + ky, ix = ox * 2 - 1 + kx;
+                const int64_t iy = oy * st - 1 + ky, ix = ox * st - 1 + kx;
                 if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
                 const size_t wi = static_cast<size_t>(((o * ci + ch) * 3 + ky) * 3 + kx);
                 const size_t xi = static_cast<size_t>(((b * ci + ch) * h + iy) * w + ix);
@@ -200,6 +201,16 @@ TEST(QuantLayers, QConv2dMatchesDirectConvolution) {
     const float v = x[i] / u;
     EXPECT_NEAR(dx[i], (v >= 0 && v <= 1) ? dxh[i] : 0.0, kTol) << "dX " << i;
   }
+}
+
+// Stride 2 (dx through col2im) and stride 1 (dx as the transposed convolution), with the default
+// column budget (one group) and with one sample per group.
+TEST(QuantLayers, QConv2dMatchesDirectConvolution) {
+  for (int st : {2, 1})
+    for (bool one_per_group : {false, true}) {
+      SCOPED_TRACE(testing::Message() << "stride " << st << " one_per_group " << one_per_group);
+      check_qconv(st, one_per_group);
+    }
 }
 
 TEST(QuantLayers, GradientQuantizerDefersThePolicyUpdateAndCountsNonFinite) {

@@ -52,7 +52,8 @@ class Linear : public Layer {
   Param weight_, bias_;
 };
 
-// 2-D convolution, square kernel, im2col + GEMM per sample. W (out, in, k, k), optional bias.
+// 2-D convolution, square kernel, im2col + GEMM over groups of samples (see layers.cpp).
+// W (out, in, k, k), optional bias.
 class Conv2d : public Layer {
  public:
   Conv2d(std::string name, int64_t in, int64_t out, int kernel, int stride, int pad,
@@ -63,18 +64,42 @@ class Conv2d : public Layer {
   std::vector<Param*> params() override;
   Param& weight() { return weight_; }
   int64_t out_size(int64_t in_size) const { return (in_size + 2 * pad_ - kernel_) / stride_ + 1; }
+  // Bytes of im2col columns per group of samples (default 512 KiB); results do not depend on it
+  // beyond float rounding. Tests set it small to cover several groups and a partial last one.
+  void set_column_bytes(int64_t bytes);
 
  protected:
-  // col (in*k*k, ho*wo) of sample image (in, h, w); and its adjoint, accumulated into image.
-  void im2col(const float* image, int64_t h, int64_t w, float* col) const;
-  void col2im(const float* col, int64_t h, int64_t w, float* image) const;
+  // Samples per group for a (rows, cols)-per-sample column matrix: the group's columns fit the
+  // column-buffer budget; at least 1, at most n.
+  int64_t group_size(int64_t n, int64_t rows, int64_t cols) const;
+  // col (in*k*k, g*ho*wo) of samples s0..s0+g-1 of images (n, in, h, w), sample s at column offset
+  // s*ho*wo; and its adjoint, accumulated (+=) into images.
+  void im2col(const float* images, int64_t s0, int64_t g, int64_t h, int64_t w, float* col) const;
+  void col2im(const float* col, int64_t s0, int64_t g, int64_t h, int64_t w, float* images) const;
+  // dx can be computed as a convolution of dy (stride 1 and pad <= k - 1): then dx_g (in, g*h*w)
+  // = flip_weight(W) (in, out*k*k) dy_im2col(dy) (out*k*k, g*h*w); h, w are the INPUT's size.
+  bool dx_by_transposed_conv() const;
+  void dy_im2col(const float* dy, int64_t s0, int64_t g, int64_t h, int64_t w, float* col) const;
+  // wt (in, out, k, k)[c, o, k-1-ky, k-1-kx] = w (out, in, k, k)[o, c, ky, kx].
+  void flip_weight(const float* w, float* wt) const;
+  // Between a group's (rows, g*hw) matrix and samples s0..s0+g-1 of an (n, rows, hw) tensor.
+  static void gather_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw,
+                           float* dst);
+  static void scatter_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw,
+                            float* dst);
 
   std::string name_;
   int64_t in_, out_;
   int kernel_, stride_, pad_;
   bool has_bias_;
+  int64_t column_bytes_;
   Param weight_, bias_;
-  std::vector<float> col_, dcol_;  // per-sample scratch
+  // Per-group scratch, reused across calls (a fresh buffer per step page-faults).
+  std::vector<float> col_;      // (in*k*k, g*ho*wo) im2col of x
+  std::vector<float> dcol_;     // (in*k*k, g*ho*wo) W^T dy, or (out*k*k, g*h*w) im2col of dy
+  std::vector<float> out_buf_;  // (out, g*ho*wo) a group's y or dy
+  std::vector<float> in_buf_;   // (in, g*h*w) a group's dx
+  std::vector<float> wt_;       // (in, out*k*k) flipped weights
 };
 
 // Batch normalisation over (n, h, w) per channel c of an (n, c, h, w) or (n, c) tensor.
@@ -176,7 +201,7 @@ class ResidualBlock : public Layer {
   Sequential body_;
   int64_t in_channels_, out_channels_;
   int stride_;
-  Tensor body_out_, dbody_in_, dsum_;
+  Tensor body_out_, dsum_;
 };
 
 // Mean softmax cross-entropy over the batch; logits (n, classes), labels in 0..classes-1.

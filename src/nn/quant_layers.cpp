@@ -252,28 +252,70 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
   const float scale = quantize_operands(x, weight_, train);
   const Grid g = grid();
   y.resize({n, out_, ho, wo});
-  xcol_.resize(static_cast<size_t>(n * ckk * hw));
-  for (int64_t s = 0; s < n; ++s) {
-    float* col = xcol_.data() + s * ckk * hw;
-    im2col(xq_.data() + s * in_ * h * w, h, w, col);  // zero padding is code 0
-    int_gemm(Trans::kNo, Trans::kNo, out_, hw, ckk, wq_.data(), ckk, g.qw, col, hw, g.qa, scale,
-             false, y.data() + s * out_ * hw, hw);
+  const int64_t gmax = group_size(n, ckk, hw);
+  col_.resize(static_cast<size_t>(ckk * gmax * hw));
+  out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
+  for (int64_t s0 = 0; s0 < n; s0 += gmax) {
+    const int64_t gs = std::min(gmax, n - s0), cols = gs * hw;
+    im2col(xq_.data(), s0, gs, h, w, col_.data());  // zero padding is code 0
+    float* yg = gs == 1 ? y.data() + s0 * out_ * hw : out_buf_.data();  // one sample: in place
+    int_gemm(Trans::kNo, Trans::kNo, out_, cols, ckk, wq_.data(), ckk, g.qw, col_.data(), cols,
+             g.qa, scale, false, yg, cols);
+    if (gs > 1) scatter_group(yg, s0, gs, out_, hw, y.data());
   }
 }
 
 void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
   const int64_t ho = y.dim(2), wo = y.dim(3), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
+  const int64_t okk = out_ * kernel_ * kernel_;
   const float dg = quantize_grad(dy, &gq_);
   const Grid g = grid();
-  // dW^ (out, ckk) = sum_s G_s (out, hw) col_s^T (hw, ckk): each sample's product is an exact
-  // integer (int_gemm with unit scale), summed exactly in double, then scaled once.
+  const bool transposed = dx_by_transposed_conv();
+  const int64_t gmax = std::min(group_size(n, ckk, hw), group_size(n, okk, h * w));
+  col_.resize(static_cast<size_t>(ckk * gmax * hw));
+  out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
+  scratch_.resize(static_cast<size_t>(out_ * ckk));
   dw_acc_.assign(static_cast<size_t>(out_ * ckk), 0.0);
-  scratch_.resize(static_cast<size_t>(std::max(out_ * ckk, ckk * hw)));
-  for (int64_t s = 0; s < n; ++s) {
-    int_gemm(Trans::kNo, Trans::kYes, out_, ckk, hw, gq_.data() + s * out_ * hw, hw, g.qg,
-             xcol_.data() + s * ckk * hw, hw, g.qa, 1.0f, false, scratch_.data(), ckk);
+  // dX^ (the input's shape): u_A's gradient needs it even without dx.
+  Tensor& dxhat = dxhat_;  // reused across steps: a fresh 1-10 MB buffer per step page-faults
+  dxhat.resize(x.shape());
+  if (transposed) {
+    wt_.resize(static_cast<size_t>(in_ * okk));
+    flip_weight(wq_.data(), wt_.data());
+    dcol_.resize(static_cast<size_t>(okk * gmax * h * w));
+    in_buf_.resize(static_cast<size_t>(in_ * gmax * h * w));
+  } else {
+    dxhat.zero();
+    dcol_.resize(col_.size());
+  }
+  for (int64_t s0 = 0; s0 < n; s0 += gmax) {
+    const int64_t gs = std::min(gmax, n - s0), cols = gs * hw;
+    im2col(xq_.data(), s0, gs, h, w, col_.data());
+    const float* gg = gq_.data() + s0 * out_ * hw;
+    if (gs > 1) {
+      gather_group(gq_.data(), s0, gs, out_, hw, out_buf_.data());
+      gg = out_buf_.data();
+    }
+    // dW^ (out, ckk) = sum_groups G_g (out, cols) col_g^T (cols, ckk): each group's product is an
+    // exact integer (int_gemm with unit scale), summed exactly in double, then scaled once.
+    int_gemm(Trans::kNo, Trans::kYes, out_, ckk, cols, gg, cols, g.qg, col_.data(), cols, g.qa,
+             1.0f, false, scratch_.data(), ckk);
     for (int64_t i = 0; i < out_ * ckk; ++i) dw_acc_[static_cast<size_t>(i)] += scratch_[i];
+    if (transposed) {
+      // dX^_g (in, g*h*w) = flip(W^) (in, out*k*k) im2col(G_g): exact integers, one rescale.
+      const int64_t icols = gs * h * w;
+      dy_im2col(gq_.data(), s0, gs, h, w, dcol_.data());
+      float* dxg = gs == 1 ? dxhat.data() + s0 * in_ * h * w : in_buf_.data();
+      int_gemm(Trans::kNo, Trans::kNo, in_, icols, okk, wt_.data(), okk, g.qw, dcol_.data(), icols,
+               g.qg, dg * g.sw, false, dxg, icols);
+      if (gs > 1) scatter_group(dxg, s0, gs, in_, h * w, dxhat.data());
+    } else {
+      // dcol (ckk, cols) = W^T (ckk, out) G_g (out, cols), scattered back by col2im.
+      int_gemm(Trans::kYes, Trans::kNo, ckk, cols, out_, wq_.data(), ckk, g.qw, gg, cols, g.qg,
+               dg * g.sw, false, dcol_.data(), cols);
+      col2im(dcol_.data(), s0, gs, h, w, dxhat.data());
+    }
   }
   std::vector<float> dwhat(static_cast<size_t>(out_ * ckk));
   const float wscale = dg * g.sa;
@@ -281,15 +323,6 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   s_w_.grad[0] += static_cast<float>(weight_quant_backward(weight_.value.data(), out_ * ckk,
                                                            s_w_.value[0], spec_.weight_bits,
                                                            dwhat.data(), weight_.grad.data()));
-  // dX^ per sample: dcol (ckk, hw) = W^T (ckk, out) G_s (out, hw), scattered back by col2im.
-  Tensor& dxhat = dxhat_;  // reused across steps: a fresh 1-10 MB buffer per step page-faults
-  dxhat.resize(x.shape());
-  dxhat.zero();
-  for (int64_t s = 0; s < n; ++s) {
-    int_gemm(Trans::kYes, Trans::kNo, ckk, hw, out_, wq_.data(), ckk, g.qw,
-             gq_.data() + s * out_ * hw, hw, g.qg, dg * g.sw, false, scratch_.data(), hw);
-    col2im(scratch_.data(), h, w, dxhat.data() + s * in_ * h * w);
-  }
   act_backward(x, dxhat.data(), dx);
 }
 

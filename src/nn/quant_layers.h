@@ -129,7 +129,6 @@ class QConv2d : public Conv2d, public QuantizedOp {
   std::vector<Param*> params() override;
 
  private:
-  std::vector<float> xcol_;     // im2col of the activation codes of every sample (forward cache)
   std::vector<double> dw_acc_;  // exact integer accumulation of dW^ over samples
   Tensor dxhat_;                // dL/dX^ scratch
 };
