@@ -77,11 +77,16 @@ class Conv2d : public Layer {
   void im2col(const float* images, int64_t s0, int64_t g, int64_t h, int64_t w, float* col) const;
   void col2im(const float* col, int64_t s0, int64_t g, int64_t h, int64_t w, float* images) const;
   // dx can be computed as a convolution of dy (stride 1 and pad <= k - 1): then dx_g (in, g*h*w)
-  // = flip_weight(W) (in, out*k*k) dy_im2col(dy) (out*k*k, g*h*w); h, w are the INPUT's size.
+  // = flip_weight(W) (in, out*k*k) dy_im2col(dy) (out*k*k, g*h*w), and dW from the same columns:
+  // dWt (in, out*k*k) = x_g (in, g*h*w) dy_im2col(dy)^T, taps flipped. h, w are the INPUT's size.
   bool dx_by_transposed_conv() const;
   void dy_im2col(const float* dy, int64_t s0, int64_t g, int64_t h, int64_t w, float* col) const;
-  // wt (in, out, k, k)[c, o, k-1-ky, k-1-kx] = w (out, in, k, k)[o, c, ky, kx].
+  // wt (in, out, k, k)[c, o, k-1-ky, k-1-kx] = w (out, in, k, k)[o, c, ky, kx]; flipped_index is
+  // the flat index into wt of w's element (o, c, ky, kx).
   void flip_weight(const float* w, float* wt) const;
+  int64_t flipped_index(int64_t o, int64_t c, int ky, int kx) const {
+    return ((c * out_ + o) * kernel_ + (kernel_ - 1 - ky)) * kernel_ + (kernel_ - 1 - kx);
+  }
   // Between a group's (rows, g*hw) matrix and samples s0..s0+g-1 of an (n, rows, hw) tensor.
   static void gather_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw,
                            float* dst);
@@ -99,6 +104,8 @@ class Conv2d : public Layer {
   std::vector<float> dcol_;     // (in*k*k, g*ho*wo) W^T dy, or (out*k*k, g*h*w) im2col of dy
   std::vector<float> out_buf_;  // (out, g*ho*wo) a group's y or dy
   std::vector<float> in_buf_;   // (in, g*h*w) a group's dx
+  std::vector<float> x_buf_;    // (in, g*h*w) a group's x
+  std::vector<float> dwt_;      // (in, out*k*k) dW with flipped taps
   std::vector<float> wt_;       // (in, out*k*k) flipped weights
 };
 

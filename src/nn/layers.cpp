@@ -279,8 +279,7 @@ void Conv2d::flip_weight(const float* w, float* wt) const {
     for (int64_t c = 0; c < in_; ++c)
       for (int ky = 0; ky < k; ++ky)
         for (int kx = 0; kx < k; ++kx)
-          wt[((c * out_ + o) * k + (k - 1 - ky)) * k + (k - 1 - kx)] =
-              w[((o * in_ + c) * k + ky) * k + kx];
+          wt[flipped_index(o, c, ky, kx)] = w[((o * in_ + c) * k + ky) * k + kx];
 }
 
 void Conv2d::gather_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw,
@@ -330,28 +329,56 @@ void Conv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
   const int64_t ho = y.dim(2), wo = y.dim(3), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
   const int64_t okk = out_ * kernel_ * kernel_;
-  const bool transposed = dx && dx_by_transposed_conv();
-  const int64_t gmax = std::min(group_size(n, ckk, hw), group_size(n, okk, h * w));
-  col_.resize(static_cast<size_t>(ckk * gmax * hw));
-  out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
-  if (dx) {
-    dx->resize(x.shape());
-    if (transposed) {
-      wt_.resize(static_cast<size_t>(in_ * okk));
-      flip_weight(weight_.value.data(), wt_.data());
-      dcol_.resize(static_cast<size_t>(okk * gmax * h * w));
-      in_buf_.resize(static_cast<size_t>(in_ * gmax * h * w));
-    } else {
-      dx->zero();
-      dcol_.resize(col_.size());
-    }
-  }
   if (has_bias_)
     for (int64_t s = 0; s < n; ++s)
       for (int64_t o = 0; o < out_; ++o) {
         const float* d = dy.data() + (s * out_ + o) * hw;
         for (int64_t p = 0; p < hw; ++p) bias_.grad[o] += d[p];
       }
+  if (dx && dx_by_transposed_conv()) {
+    // Both products from one im2col of dy (out*k*k, g*h*w), none of x:
+    //   dx_g (in, g*h*w) = flip(W) (in, out*k*k) im2col(dy_g)
+    //   dWt (in, out*k*k) += x_g (in, g*h*w) im2col(dy_g)^T, dW = dWt with the taps unflipped.
+    const int64_t gmax = group_size(n, okk, h * w), ihw = h * w;
+    dx->resize(x.shape());
+    wt_.resize(static_cast<size_t>(in_ * okk));
+    flip_weight(weight_.value.data(), wt_.data());
+    dwt_.assign(static_cast<size_t>(in_ * okk), 0.0f);
+    dcol_.resize(static_cast<size_t>(okk * gmax * ihw));
+    in_buf_.resize(static_cast<size_t>(in_ * gmax * ihw));
+    x_buf_.resize(in_buf_.size());
+    for (int64_t s0 = 0; s0 < n; s0 += gmax) {
+      const int64_t g = std::min(gmax, n - s0), icols = g * ihw;
+      dy_im2col(dy.data(), s0, g, h, w, dcol_.data());
+      const float* xg = x.data() + s0 * in_ * ihw;
+      if (g > 1) {
+        gather_group(x.data(), s0, g, in_, ihw, x_buf_.data());
+        xg = x_buf_.data();
+      }
+      sgemm(Trans::kNo, Trans::kYes, in_, okk, icols, 1.0f, xg, icols, dcol_.data(), icols, 1.0f,
+            dwt_.data(), okk);
+      float* dxg = g == 1 ? dx->data() + s0 * in_ * ihw : in_buf_.data();
+      sgemm(Trans::kNo, Trans::kNo, in_, icols, okk, 1.0f, wt_.data(), okk, dcol_.data(), icols,
+            0.0f, dxg, icols);
+      if (g > 1) scatter_group(dxg, s0, g, in_, ihw, dx->data());
+    }
+    const int k = kernel_;
+    for (int64_t o = 0; o < out_; ++o)
+      for (int64_t c = 0; c < in_; ++c)
+        for (int ky = 0; ky < k; ++ky)
+          for (int kx = 0; kx < k; ++kx)
+            weight_.grad[((o * in_ + c) * k + ky) * k + kx] +=
+                dwt_[static_cast<size_t>(flipped_index(o, c, ky, kx))];
+    return;
+  }
+  const int64_t gmax = group_size(n, ckk, hw);
+  col_.resize(static_cast<size_t>(ckk * gmax * hw));
+  out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
+  if (dx) {
+    dx->resize(x.shape());
+    dx->zero();
+    dcol_.resize(col_.size());
+  }
   for (int64_t s0 = 0; s0 < n; s0 += gmax) {
     const int64_t g = std::min(gmax, n - s0), cols = g * hw;
     im2col(x.data(), s0, g, h, w, col_.data());
@@ -364,20 +391,10 @@ void Conv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor
     sgemm(Trans::kNo, Trans::kYes, out_, ckk, cols, 1.0f, dyg, cols, col_.data(), cols, 1.0f,
           weight_.grad.data(), ckk);
     if (!dx) continue;
-    if (transposed) {
-      // dx_g (in, g*h*w) = flip(W)^T (in, out*k*k) im2col(dy_g)
-      const int64_t icols = g * h * w;
-      dy_im2col(dy.data(), s0, g, h, w, dcol_.data());
-      float* dxg = g == 1 ? dx->data() + s0 * in_ * h * w : in_buf_.data();
-      sgemm(Trans::kNo, Trans::kNo, in_, icols, okk, 1.0f, wt_.data(), okk, dcol_.data(), icols,
-            0.0f, dxg, icols);
-      if (g > 1) scatter_group(dxg, s0, g, in_, h * w, dx->data());
-    } else {
-      // dcol (ckk, cols) = W^T (ckk, out) dy_g (out, cols), scattered back by col2im
-      sgemm(Trans::kYes, Trans::kNo, ckk, cols, out_, 1.0f, weight_.value.data(), ckk, dyg, cols,
-            0.0f, dcol_.data(), cols);
-      col2im(dcol_.data(), s0, g, h, w, dx->data());
-    }
+    // dcol (ckk, cols) = W^T (ckk, out) dy_g (out, cols), scattered back by col2im
+    sgemm(Trans::kYes, Trans::kNo, ckk, cols, out_, 1.0f, weight_.value.data(), ckk, dyg, cols,
+          0.0f, dcol_.data(), cols);
+    col2im(dcol_.data(), s0, g, h, w, dx->data());
   }
 }
 

@@ -268,58 +268,74 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
 void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
   const int64_t ho = y.dim(2), wo = y.dim(3), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
-  const int64_t okk = out_ * kernel_ * kernel_;
+  const int64_t okk = out_ * kernel_ * kernel_, ihw = h * w;
   const float dg = quantize_grad(dy, &gq_);
   const Grid g = grid();
-  const bool transposed = dx_by_transposed_conv();
-  const int64_t gmax = std::min(group_size(n, ckk, hw), group_size(n, okk, h * w));
-  col_.resize(static_cast<size_t>(ckk * gmax * hw));
-  out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
-  scratch_.resize(static_cast<size_t>(out_ * ckk));
+  // dW^ is summed over groups as exact integers (int_gemm with unit scale) in double, then scaled
+  // once; dX^ (the input's shape) is needed even without dx, for u_A's gradient.
   dw_acc_.assign(static_cast<size_t>(out_ * ckk), 0.0);
-  // dX^ (the input's shape): u_A's gradient needs it even without dx.
+  scratch_.resize(static_cast<size_t>(out_ * ckk));
   Tensor& dxhat = dxhat_;  // reused across steps: a fresh 1-10 MB buffer per step page-faults
   dxhat.resize(x.shape());
-  if (transposed) {
+  std::vector<float> dwhat(static_cast<size_t>(out_ * ckk));
+  const float wscale = dg * g.sa;
+  if (dx_by_transposed_conv()) {
+    // As Conv2d::backward: one im2col of the gradient codes G (out*k*k, g*h*w) for both products,
+    //   dX^_g (in, g*h*w) = flip(W^) im2col(G_g), dW^t (in, out*k*k) = X^_g im2col(G_g)^T.
+    const int64_t gmax = group_size(n, okk, ihw);
     wt_.resize(static_cast<size_t>(in_ * okk));
     flip_weight(wq_.data(), wt_.data());
-    dcol_.resize(static_cast<size_t>(okk * gmax * h * w));
-    in_buf_.resize(static_cast<size_t>(in_ * gmax * h * w));
-  } else {
-    dxhat.zero();
-    dcol_.resize(col_.size());
-  }
-  for (int64_t s0 = 0; s0 < n; s0 += gmax) {
-    const int64_t gs = std::min(gmax, n - s0), cols = gs * hw;
-    im2col(xq_.data(), s0, gs, h, w, col_.data());
-    const float* gg = gq_.data() + s0 * out_ * hw;
-    if (gs > 1) {
-      gather_group(gq_.data(), s0, gs, out_, hw, out_buf_.data());
-      gg = out_buf_.data();
-    }
-    // dW^ (out, ckk) = sum_groups G_g (out, cols) col_g^T (cols, ckk): each group's product is an
-    // exact integer (int_gemm with unit scale), summed exactly in double, then scaled once.
-    int_gemm(Trans::kNo, Trans::kYes, out_, ckk, cols, gg, cols, g.qg, col_.data(), cols, g.qa,
-             1.0f, false, scratch_.data(), ckk);
-    for (int64_t i = 0; i < out_ * ckk; ++i) dw_acc_[static_cast<size_t>(i)] += scratch_[i];
-    if (transposed) {
-      // dX^_g (in, g*h*w) = flip(W^) (in, out*k*k) im2col(G_g): exact integers, one rescale.
-      const int64_t icols = gs * h * w;
+    dcol_.resize(static_cast<size_t>(okk * gmax * ihw));
+    in_buf_.resize(static_cast<size_t>(in_ * gmax * ihw));
+    x_buf_.resize(in_buf_.size());
+    for (int64_t s0 = 0; s0 < n; s0 += gmax) {
+      const int64_t gs = std::min(gmax, n - s0), icols = gs * ihw;
       dy_im2col(gq_.data(), s0, gs, h, w, dcol_.data());
-      float* dxg = gs == 1 ? dxhat.data() + s0 * in_ * h * w : in_buf_.data();
+      const float* xg = xq_.data() + s0 * in_ * ihw;
+      if (gs > 1) {
+        gather_group(xq_.data(), s0, gs, in_, ihw, x_buf_.data());
+        xg = x_buf_.data();
+      }
+      int_gemm(Trans::kNo, Trans::kYes, in_, okk, icols, xg, icols, g.qa, dcol_.data(), icols,
+               g.qg, 1.0f, false, scratch_.data(), okk);
+      for (int64_t i = 0; i < in_ * okk; ++i) dw_acc_[static_cast<size_t>(i)] += scratch_[i];
+      float* dxg = gs == 1 ? dxhat.data() + s0 * in_ * ihw : in_buf_.data();
       int_gemm(Trans::kNo, Trans::kNo, in_, icols, okk, wt_.data(), okk, g.qw, dcol_.data(), icols,
                g.qg, dg * g.sw, false, dxg, icols);
-      if (gs > 1) scatter_group(dxg, s0, gs, in_, h * w, dxhat.data());
-    } else {
+      if (gs > 1) scatter_group(dxg, s0, gs, in_, ihw, dxhat.data());
+    }
+    const int k = kernel_;
+    for (int64_t o = 0; o < out_; ++o)
+      for (int64_t c = 0; c < in_; ++c)
+        for (int ky = 0; ky < k; ++ky)
+          for (int kx = 0; kx < k; ++kx)
+            dwhat[static_cast<size_t>(((o * in_ + c) * k + ky) * k + kx)] =
+                wscale * static_cast<float>(dw_acc_[static_cast<size_t>(flipped_index(o, c, ky, kx))]);
+  } else {
+    const int64_t gmax = group_size(n, ckk, hw);
+    col_.resize(static_cast<size_t>(ckk * gmax * hw));
+    out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
+    dcol_.resize(col_.size());
+    dxhat.zero();
+    for (int64_t s0 = 0; s0 < n; s0 += gmax) {
+      const int64_t gs = std::min(gmax, n - s0), cols = gs * hw;
+      im2col(xq_.data(), s0, gs, h, w, col_.data());
+      const float* gg = gq_.data() + s0 * out_ * hw;
+      if (gs > 1) {
+        gather_group(gq_.data(), s0, gs, out_, hw, out_buf_.data());
+        gg = out_buf_.data();
+      }
+      // dW^ (out, ckk) += G_g (out, cols) col_g^T (cols, ckk)
+      int_gemm(Trans::kNo, Trans::kYes, out_, ckk, cols, gg, cols, g.qg, col_.data(), cols, g.qa,
+               1.0f, false, scratch_.data(), ckk);
+      for (int64_t i = 0; i < out_ * ckk; ++i) dw_acc_[static_cast<size_t>(i)] += scratch_[i];
       // dcol (ckk, cols) = W^T (ckk, out) G_g (out, cols), scattered back by col2im.
       int_gemm(Trans::kYes, Trans::kNo, ckk, cols, out_, wq_.data(), ckk, g.qw, gg, cols, g.qg,
                dg * g.sw, false, dcol_.data(), cols);
       col2im(dcol_.data(), s0, gs, h, w, dxhat.data());
     }
+    for (size_t i = 0; i < dwhat.size(); ++i) dwhat[i] = wscale * static_cast<float>(dw_acc_[i]);
   }
-  std::vector<float> dwhat(static_cast<size_t>(out_ * ckk));
-  const float wscale = dg * g.sa;
-  for (size_t i = 0; i < dwhat.size(); ++i) dwhat[i] = wscale * static_cast<float>(dw_acc_[i]);
   s_w_.grad[0] += static_cast<float>(weight_quant_backward(weight_.value.data(), out_ * ckk,
                                                            s_w_.value[0], spec_.weight_bits,
                                                            dwhat.data(), weight_.grad.data()));
