@@ -60,18 +60,18 @@ void accumulate_moments(const float* x, int64_t n, float mean, Sums* s, Sums* s2
 // backward sums). Local lanes, so the compiler keeps them in registers and vectorises the loop.
 void accumulate_dy_moments(const float* d, const float* x, int64_t n, float mean, float invstd,
                            Sums* a, Sums* b) {
+  // Two simple loops over the (L1-resident) row vectorise; one loop with both sums did not.
   double la[kLanes], lb[kLanes];
   for (int l = 0; l < kLanes; ++l) la[l] = a->a[l], lb[l] = b->a[l];
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      la[l] += d[j + l];
+    for (int l = 0; l < kLanes; ++l) la[l] += d[j + l];
+  for (int l = 0; j < n; ++j, ++l) la[l] += d[j];
+  j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l)
       lb[l] += d[j + l] * static_cast<double>((x[j + l] - mean) * invstd);
-    }
-  for (int l = 0; j < n; ++j, ++l) {
-    la[l] += d[j];
-    lb[l] += d[j] * static_cast<double>((x[j] - mean) * invstd);
-  }
+  for (int l = 0; j < n; ++j, ++l) lb[l] += d[j] * static_cast<double>((x[j] - mean) * invstd);
   for (int l = 0; l < kLanes; ++l) a->a[l] = la[l], b->a[l] = lb[l];
 }
 
@@ -174,11 +174,12 @@ void im2col_group(const float* images, int64_t s0, int64_t g, int64_t channels, 
             std::fill(out, out + jlo, 0.0f);
             std::memcpy(out + jlo, plane + base + jlo, sizeof(float) * static_cast<size_t>(jhi - jlo));
             std::fill(out + jhi, out + len, 0.0f);
-            for (int64_t oy = y0; oy < y1; ++oy) {
-              float* o = row + oy * wo;
-              for (int64_t ox = 0; ox < x0; ++ox) o[ox] = 0.0f;
-              for (int64_t ox = x1; ox < wo; ++ox) o[ox] = 0.0f;
-            }
+            // Edge columns (at most pad of them on each side), walked down the rows: per-row
+            // loops of 0 or 1 element became a memset call per output row.
+            for (int64_t ox = 0; ox < x0; ++ox)
+              for (int64_t oy = y0; oy < y1; ++oy) row[oy * wo + ox] = 0.0f;
+            for (int64_t ox = x1; ox < wo; ++ox)
+              for (int64_t oy = y0; oy < y1; ++oy) row[oy * wo + ox] = 0.0f;
             continue;
           }
           for (int64_t oy = 0; oy < ho; ++oy) {

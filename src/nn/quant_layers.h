@@ -64,9 +64,13 @@ double weight_quant_backward(const float* w, int64_t n, float s, int bits, const
                              float* dw);
 // Activation codes: unsigned rint(clamp(x / u, 0, 1) * N) or signed rint(clamp(x / u, -1, 1) * L).
 void quantize_act_codes(const float* x, int64_t n, float u, int bits, bool is_signed, float* codes);
-// dx = dxhat inside the clip range (0 outside); returns d loss / d u.
+// dx = dxhat inside the clip range (0 outside); returns d loss / d u. The _ref version is the
+// definition (one running sum); act_quant_backward sums du in 8 lanes (same dx, du equal up to
+// summation order) and is the one the layers use.
 double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_signed,
                           const float* dxhat, float* dx);
+double act_quant_backward_ref(const float* x, int64_t n, float u, int bits, bool is_signed,
+                              const float* dxhat, float* dx);
 // Largest code magnitude of an activation grid.
 int act_qmax(int bits, bool is_signed);
 
