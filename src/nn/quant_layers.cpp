@@ -99,32 +99,47 @@ double act_quant_backward_ref(const float* x, int64_t n, float u, int bits, bool
   return du;
 }
 
-// As act_quant_backward_ref, with du summed in kDuLanes independent double lanes (fixed order, so
-// deterministic) instead of one latency-bound chain, and the division by q done once on the sum of
-// the in-range terms instead of per element (a double division per element was most of its time).
+// As act_quant_backward_ref, restructured so that it vectorises: per chunk, a float pass computes
+// dx and each element's rounding residual r_in (in range) or clip slope r_out (+1 above, -1 below
+// on the signed grid, 0 in range); then du is summed in kDuLanes double lanes (fixed order, so
+// deterministic) and divided by q once, instead of one latency-bound chain with a division per
+// element (6% of a 4/4/4 resnet20 step).
 double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_signed,
                           const float* dxhat, float* dx) {
   constexpr int kDuLanes = 8;
+  constexpr int64_t kChunk = 256;
   const float q = static_cast<float>(act_qmax(bits, is_signed));
   const float lo = is_signed ? -1.0f : 0.0f;
   const float ue = effective_step(u);
-  const float outside_low = is_signed ? -1.0f : 0.0f;  // du per unit dxhat below the range
+  const float below = is_signed ? -1.0f : 0.0f;  // du per unit dxhat below the range
   double in_lanes[kDuLanes] = {}, out_lanes[kDuLanes] = {};
-  auto step = [&](int64_t i, int l) {
-    const float v = x[i] / ue;
-    const bool inside = (v >= lo) & (v <= 1.0f);
-    dx[i] = inside ? dxhat[i] : 0.0f;
-    const double in_term = static_cast<double>(dxhat[i]) * (std::rint(v * q) - v * q);
-    const double out_term = static_cast<double>(v > 1.0f ? dxhat[i] : outside_low * dxhat[i]);
-    in_lanes[l] += inside ? in_term : 0.0;
-    out_lanes[l] += inside ? 0.0 : out_term;
-  };
-  int64_t i = 0;
-  for (; i + kDuLanes <= n; i += kDuLanes)
-    for (int l = 0; l < kDuLanes; ++l) step(i + l, l);
-  for (int l = 0; i < n; ++i, ++l) step(i, l);
-  auto total = [](const double* a) {
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  float r_in[kChunk], r_out[kChunk];
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - c0);
+    const float* __restrict xc = x + c0;
+    const float* __restrict gc = dxhat + c0;
+    float* __restrict dc = dx + c0;
+    for (int64_t j = 0; j < m; ++j) {
+      const float v = xc[j] / ue;
+      const bool inside = (v >= lo) & (v <= 1.0f);
+      const float resid = std::rint(v * q) - v * q;
+      dc[j] = inside ? gc[j] : 0.0f;
+      r_in[j] = inside ? resid : 0.0f;
+      r_out[j] = inside ? 0.0f : (v > 1.0f ? 1.0f : below);
+    }
+    int64_t j = 0;
+    for (; j + kDuLanes <= m; j += kDuLanes)
+      for (int l = 0; l < kDuLanes; ++l) {
+        in_lanes[l] += static_cast<double>(gc[j + l]) * r_in[j + l];
+        out_lanes[l] += static_cast<double>(gc[j + l] * r_out[j + l]);
+      }
+    for (int l = 0; j < m; ++j, ++l) {
+      in_lanes[l] += static_cast<double>(gc[j]) * r_in[j];
+      out_lanes[l] += static_cast<double>(gc[j] * r_out[j]);
+    }
+  }
+  auto total = [](const double* v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
   };
   return total(in_lanes) / q + total(out_lanes);
 }
