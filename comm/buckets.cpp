@@ -63,7 +63,8 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, float* g
       // runs in place there instead (no staging copies, same element order, same result).
       bool contiguous = true;
       for (size_t i = 1; i < b.compressed.size(); ++i)
-        contiguous &= b.compressed[i].offset == b.compressed[i - 1].offset + b.compressed[i - 1].count;
+        contiguous &=
+            b.compressed[i].offset == b.compressed[i - 1].offset + b.compressed[i - 1].count;
       const int64_t lo = b.compressed.front().offset;
       if (contiguous) {
         b.in_place = lo;
@@ -87,7 +88,8 @@ BucketEngine::~BucketEngine() {
   // that this rank will never join, and possibly our own thread too: take the whole job down
   // rather than hang.
   if (in_flight && comm_.size() > 1) {
-    std::fprintf(stderr, "int4ddp: rank %d: a gradient all-reduce was abandoned; aborting all ranks\n",
+    std::fprintf(stderr,
+                 "int4ddp: rank %d: a gradient all-reduce was abandoned; aborting all ranks\n",
                  comm_.rank());
     abort_world(1);
   }
@@ -204,7 +206,8 @@ void BucketEngine::run_bucket(Bucket& b) {
   // Gather: the arena -> staging (the arena is written by backward elsewhere meanwhile).
   int64_t off = 0;
   for (const Segment& s : b.in_place >= 0 ? std::vector<Segment>{} : b.compressed) {
-    std::memcpy(b.staging.data() + off, grads_ + s.offset, sizeof(float) * static_cast<size_t>(s.count));
+    std::memcpy(b.staging.data() + off, grads_ + s.offset,
+                sizeof(float) * static_cast<size_t>(s.count));
     off += s.count;
   }
   off = 0;
@@ -231,7 +234,8 @@ void BucketEngine::run_bucket(Bucket& b) {
   const auto t1 = Clock::now();
   off = 0;
   for (const Segment& s : b.in_place >= 0 ? std::vector<Segment>{} : b.compressed) {
-    std::memcpy(grads_ + s.offset, b.staging.data() + off, sizeof(float) * static_cast<size_t>(s.count));
+    std::memcpy(grads_ + s.offset, b.staging.data() + off,
+                sizeof(float) * static_cast<size_t>(s.count));
     off += s.count;
   }
   off = 0;
@@ -268,13 +272,15 @@ void BucketEngine::load_state(const std::vector<uint8_t>& blob) {
   };
   const uint64_t nb = read_u64("bucket count");
   INT4DDP_CHECK(nb == buckets_.size(), "bucket state: saved with ", nb, " buckets, this run has ",
-                buckets_.size(), " (comm.bucket_mb, comm.small_tensor_threshold or the model differ)");
+                buckets_.size(),
+                " (comm.bucket_mb, comm.small_tensor_threshold or the model differ)");
   for (Bucket& b : buckets_) {
     const uint64_t len = read_u64("bucket length");
     INT4DDP_CHECK(off + len <= blob.size(), "bucket state: truncated");
     if (b.two_shot) {
-      b.two_shot->load_state(std::vector<uint8_t>(blob.begin() + static_cast<std::ptrdiff_t>(off),
-                                                   blob.begin() + static_cast<std::ptrdiff_t>(off + len)));
+      b.two_shot->load_state(
+          std::vector<uint8_t>(blob.begin() + static_cast<std::ptrdiff_t>(off),
+                               blob.begin() + static_cast<std::ptrdiff_t>(off + len)));
     } else {
       INT4DDP_CHECK(len == 0, "bucket state: a compressed bucket where this run has none");
     }

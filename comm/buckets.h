@@ -55,7 +55,9 @@ struct StepCommStats {
   std::vector<float> gammas;           // per compressed bucket
   // fp32 ring all-reduce bytes of the same gradient / wire bytes (1 with one rank)
   double compression_ratio = 1.0;
-  double clip_fraction() const { return quantized ? static_cast<double>(clipped) / quantized : 0.0; }
+  double clip_fraction() const {
+    return quantized ? static_cast<double>(clipped) / quantized : 0.0;
+  }
 };
 
 class BucketEngine {
@@ -98,7 +100,7 @@ class BucketEngine {
   float* grads_;
   std::vector<Bucket> buckets_;  // in launch order (reverse layer order)
   uint32_t step_ = 0;
-  size_t next_to_queue_ = 0;     // main thread: buckets queued so far this step
+  size_t next_to_queue_ = 0;  // main thread: buckets queued so far this step
 
   std::mutex mu_;
   std::condition_variable cv_;

@@ -13,7 +13,9 @@
 
 namespace int4ddp::comm {
 
-size_t ByteLayout::total() const { return std::accumulate(counts.begin(), counts.end(), size_t{0}); }
+size_t ByteLayout::total() const {
+  return std::accumulate(counts.begin(), counts.end(), size_t{0});
+}
 
 ByteLayout ByteLayout::packed(std::vector<size_t> counts) {
   ByteLayout l;
@@ -120,8 +122,9 @@ void abort_world(int) {}
 std::unique_ptr<Communicator> make_communicator(const std::string& backend) {
   if (backend == "none") {
     int n = 1;
-    INT4DDP_CHECK(!launched_with_multiple_ranks(&n), "comm.backend = none, but this process is one of ",
-                  n, " ranks: set comm.backend = mpi (or nccl) for data-parallel training");
+    INT4DDP_CHECK(!launched_with_multiple_ranks(&n),
+                  "comm.backend = none, but this process is one of ", n,
+                  " ranks: set comm.backend = mpi (or nccl) for data-parallel training");
     return make_local_communicator();
   }
   if (backend == "mpi") return make_mpi_communicator();
@@ -129,7 +132,8 @@ std::unique_ptr<Communicator> make_communicator(const std::string& backend) {
 #ifdef INT4DDP_HAVE_NCCL
     return make_nccl_communicator();
 #else
-    INT4DDP_FAIL("comm.backend = nccl: this build has no NCCL (needs CUDA and NCCL at configure time)");
+    INT4DDP_FAIL(
+        "comm.backend = nccl: this build has no NCCL (needs CUDA and NCCL at configure time)");
 #endif
   }
   INT4DDP_FAIL("comm.backend = '", backend, "' is not one of none, mpi, nccl");

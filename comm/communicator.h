@@ -42,7 +42,7 @@ class Communicator {
 
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  virtual const char* backend() const = 0;   // "local", "mpi", "nccl"
+  virtual const char* backend() const = 0;               // "local", "mpi", "nccl"
   virtual bool device_buffers() const { return false; }  // true: pointers are CUDA device memory
 
   virtual void barrier() = 0;

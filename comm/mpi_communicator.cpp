@@ -34,9 +34,9 @@ int world_rank_or_minus1() {
                std::string(msg, static_cast<size_t>(len)));
 }
 
-#define MPI_CALL(call)                      \
-  do {                                      \
-    const int rc_ = (call);                 \
+#define MPI_CALL(call)                            \
+  do {                                            \
+    const int rc_ = (call);                       \
     if (rc_ != MPI_SUCCESS) mpi_fail(#call, rc_); \
   } while (0)
 
@@ -55,8 +55,7 @@ void ensure_initialized() {
   MPI_CALL(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   std::atexit(finalize_at_exit);
-  INT4DDP_CHECK(provided >= MPI_THREAD_SERIALIZED,
-                "MPI provides thread level ", provided,
+  INT4DDP_CHECK(provided >= MPI_THREAD_SERIALIZED, "MPI provides thread level ", provided,
                 " but int4ddp needs MPI_THREAD_SERIALIZED (its communication thread calls MPI)");
 }
 
@@ -71,10 +70,10 @@ struct IntLayout {
 };
 
 IntLayout to_int(const ByteLayout& l, int size, const char* what) {
-  INT4DDP_CHECK(static_cast<int>(l.counts.size()) == size &&
-                    static_cast<int>(l.displs.size()) == size,
-                what, ": layout has ", l.counts.size(), " counts and ", l.displs.size(),
-                " displacements for ", size, " ranks");
+  INT4DDP_CHECK(
+      static_cast<int>(l.counts.size()) == size && static_cast<int>(l.displs.size()) == size, what,
+      ": layout has ", l.counts.size(), " counts and ", l.displs.size(), " displacements for ",
+      size, " ranks");
   IntLayout r;
   for (int i = 0; i < size; ++i) {
     r.counts.push_back(to_int(l.counts[static_cast<size_t>(i)], what));
@@ -155,7 +154,8 @@ class MpiCommunicator final : public Communicator {
 
   void alltoallv(const void* send, const ByteLayout& sl, void* recv,
                  const ByteLayout& rl) override {
-    const IntLayout s = to_int(sl, size_, "alltoallv send"), r = to_int(rl, size_, "alltoallv recv");
+    const IntLayout s = to_int(sl, size_, "alltoallv send"),
+                    r = to_int(rl, size_, "alltoallv recv");
     MPI_CALL(MPI_Alltoallv(send, s.counts.data(), s.displs.data(), MPI_BYTE, recv, r.counts.data(),
                            r.displs.data(), MPI_BYTE, MPI_COMM_WORLD));
     count_alltoall(sl);
@@ -166,8 +166,8 @@ class MpiCommunicator final : public Communicator {
     INT4DDP_CHECK(rl.counts[static_cast<size_t>(rank_)] == bytes, "allgatherv: rank ", rank_,
                   " sends ", bytes, " bytes but the layout expects ",
                   rl.counts[static_cast<size_t>(rank_)]);
-    MPI_CALL(MPI_Allgatherv(send, to_int(bytes, "allgatherv send"), MPI_BYTE, recv,
-                            r.counts.data(), r.displs.data(), MPI_BYTE, MPI_COMM_WORLD));
+    MPI_CALL(MPI_Allgatherv(send, to_int(bytes, "allgatherv send"), MPI_BYTE, recv, r.counts.data(),
+                            r.displs.data(), MPI_BYTE, MPI_COMM_WORLD));
     count_allgather(rl);
   }
 
@@ -187,8 +187,8 @@ class MpiCommunicator final : public Communicator {
     auto req = std::make_unique<MpiRequest>("MPI_Iallreduce");
     INT4DDP_CHECK(count >= 0 && count <= INT_MAX, "iallreduce_sum: ", count,
                   " floats exceed MPI's int count; use smaller buckets (comm.bucket_mb)");
-    MPI_CALL(MPI_Iallreduce(MPI_IN_PLACE, buf, static_cast<int>(count),
-                            MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, req->handle()));
+    MPI_CALL(MPI_Iallreduce(MPI_IN_PLACE, buf, static_cast<int>(count), MPI_FLOAT, MPI_SUM,
+                            MPI_COMM_WORLD, req->handle()));
     count_ring(count);
     return req;
   }
@@ -206,7 +206,8 @@ class MpiCommunicator final : public Communicator {
 
   std::unique_ptr<Request> iallgatherv(const void* send, size_t bytes, void* recv,
                                        const ByteLayout& rl) override {
-    auto req = std::make_unique<MpiRequest>("MPI_Iallgatherv", to_int(rl, size_, "iallgatherv recv"));
+    auto req =
+        std::make_unique<MpiRequest>("MPI_Iallgatherv", to_int(rl, size_, "iallgatherv recv"));
     MPI_CALL(MPI_Iallgatherv(send, to_int(bytes, "iallgatherv send"), MPI_BYTE, recv,
                              req->a().counts.data(), req->a().displs.data(), MPI_BYTE,
                              MPI_COMM_WORLD, req->handle()));
@@ -229,7 +230,8 @@ class MpiCommunicator final : public Communicator {
       if (j != rank_) bytes_sent_ += sl.counts[static_cast<size_t>(j)];
   }
   void count_allgather(const ByteLayout& rl) {
-    bytes_sent_ += static_cast<uint64_t>(static_cast<double>(rl.total()) * (size_ - 1) / size_ + 0.5);
+    bytes_sent_ +=
+        static_cast<uint64_t>(static_cast<double>(rl.total()) * (size_ - 1) / size_ + 0.5);
   }
 
   int rank_ = 0, size_ = 1;

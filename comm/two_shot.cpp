@@ -103,10 +103,9 @@ size_t chunk_message_bytes(int bits, int64_t count, int64_t block_size) {
 }
 
 double predicted_wire_bytes(int bits, int64_t n, int64_t block_size, int ranks) {
-  const double payload = bits == kFp32Bits
-                             ? 4.0 * n
-                             : static_cast<double>(n) * bits / 8.0 +
-                                   4.0 * static_cast<double>(n) / block_size;
+  const double payload = bits == kFp32Bits ? 4.0 * n
+                                           : static_cast<double>(n) * bits / 8.0 +
+                                                 4.0 * static_cast<double>(n) / block_size;
   return 2.0 * (ranks - 1) / ranks * payload;
 }
 
@@ -147,9 +146,12 @@ TwoShotAllreduce::TwoShotAllreduce(Communicator& comm, const CompressConfig& cfg
   v_.resize(static_cast<size_t>(tile_));
   tmp_.resize(static_cast<size_t>(tile_));
   int64_t max_chunk = 0;
-  for (int j = 0; j < n; ++j) max_chunk = std::max(max_chunk, chunk_range(count, cfg_.block_size, n, j).count());
-  scale_tmp_.resize(static_cast<size_t>(std::max<int64_t>(1, (max_chunk + cfg_.block_size - 1) / cfg_.block_size)));
-  rank_scales_.resize(static_cast<size_t>(n) * static_cast<size_t>((own.count() + cfg_.block_size - 1) / cfg_.block_size));
+  for (int j = 0; j < n; ++j)
+    max_chunk = std::max(max_chunk, chunk_range(count, cfg_.block_size, n, j).count());
+  scale_tmp_.resize(static_cast<size_t>(
+      std::max<int64_t>(1, (max_chunk + cfg_.block_size - 1) / cfg_.block_size)));
+  rank_scales_.resize(static_cast<size_t>(n) *
+                      static_cast<size_t>((own.count() + cfg_.block_size - 1) / cfg_.block_size));
   if (cfg_.worker_error_feedback) {
     ew_.assign(static_cast<size_t>(count), 0.0f);
     ew_next_.assign(static_cast<size_t>(count), 0.0f);
@@ -191,7 +193,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   p.block_size = G;
   p.key.seed = cfg_.seed;
   p.key.step = step;
-  float* vt = v_.data();   // tile: g + e_w, then the owner's mean
+  float* vt = v_.data();     // tile: g + e_w, then the owner's mean
   float* dqt = tmp_.data();  // tile: dequantized values
   const int64_t T = tile_;
 
@@ -259,8 +261,8 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     for (int i = 0; i < n; ++i) {
       const uint8_t* msg = recv_.data() + recv_layout_.displs[static_cast<size_t>(i)];
       quant::dequantize(msg + quant::packed_bytes(bits, o),
-                        rank_scales_.data() + static_cast<size_t>(i * own_nsc) + o / G, len, bits, G,
-                        dqt);
+                        rank_scales_.data() + static_cast<size_t>(i * own_nsc) + o / G, len, bits,
+                        G, dqt);
       accumulate(acc, dqt, len);
     }
     for (int64_t k = 0; k < len; ++k) acc[k] /= fn;
@@ -322,8 +324,9 @@ constexpr uint64_t kStateMagic = 0x53324934;  // "4I2S"
 constexpr size_t kStateHeader = 4 * sizeof(uint64_t);
 }  // namespace
 
-std::vector<uint8_t> pack_two_shot_state(int64_t count, const float* ew, size_t ew_n, const float* es,
-                                         size_t es_n, const quant::IntervalPolicy* policy) {
+std::vector<uint8_t> pack_two_shot_state(int64_t count, const float* ew, size_t ew_n,
+                                         const float* es, size_t es_n,
+                                         const quant::IntervalPolicy* policy) {
   std::vector<uint8_t> out;
   const uint64_t header[4] = {kStateMagic, static_cast<uint64_t>(count), ew_n, es_n};
   append_bytes(out, header, sizeof(header));
@@ -344,8 +347,8 @@ TwoShotStateView parse_two_shot_state(const std::vector<uint8_t>& blob, int64_t 
   INT4DDP_CHECK(header[0] == kStateMagic && header[1] == static_cast<uint64_t>(count) &&
                     header[2] == ew_n && header[3] == es_n,
                 "two-shot state: saved for a bucket of ", header[1], " elements with ", header[2],
-                "/", header[3], " error-feedback values; this bucket has ", count, " and ", ew_n, "/",
-                es_n, " (other ranks, bucket or error-feedback settings?)");
+                "/", header[3], " error-feedback values; this bucket has ", count, " and ", ew_n,
+                "/", es_n, " (other ranks, bucket or error-feedback settings?)");
   const size_t ef_end = kStateHeader + (ew_n + es_n) * sizeof(float);
   INT4DDP_CHECK(blob.size() >= ef_end, "two-shot state: truncated");
   if (policy) {
@@ -364,7 +367,8 @@ std::vector<uint8_t> TwoShotAllreduce::save_state() const {
 }
 
 void TwoShotAllreduce::load_state(const std::vector<uint8_t>& blob) {
-  const TwoShotStateView v = parse_two_shot_state(blob, count_, ew_.size(), es_.size(), policy_.get());
+  const TwoShotStateView v =
+      parse_two_shot_state(blob, count_, ew_.size(), es_.size(), policy_.get());
   if (!ew_.empty()) std::memcpy(ew_.data(), v.ew, ew_.size() * sizeof(float));
   if (!es_.empty()) std::memcpy(es_.data(), v.es, es_.size() * sizeof(float));
   pending_ = false;

@@ -13,14 +13,15 @@
 // Each element is quantized exactly twice whatever N is. Bytes on the wire per rank:
 //   2 (N-1)/N (n b/8 + 4 n/G)  (+ 32 bytes of stats per message). At most 65536 ranks.
 //
-// The stats trailer (StatsTrailer) carries (clipped, count, nonfinite, absmax) of the quantization that made the message;
-// owners sum the worker trailers of their chunk and add their own requantization, so after the
-// all-gather every rank holds the same global clip fraction and non-finite count. The `lbt` gamma of
-// a bucket follows that global clip fraction and is therefore identical on every rank.
+// The stats trailer (StatsTrailer) carries (clipped, count, nonfinite, absmax) of the quantization
+// that made the message; owners sum the worker trailers of their chunk and add their own
+// requantization, so after the all-gather every rank holds the same global clip fraction and
+// non-finite count. The `lbt` gamma of a bucket follows that global clip fraction and is therefore
+// identical on every rank.
 //
 // A step is provisional until commit(): the error-feedback buffers and the interval policy move to
-// their new state only with commit(true) (the trainer skips steps with non-finite gradients on every
-// rank and then calls commit(false)).
+// their new state only with commit(true) (the trainer skips steps with non-finite gradients on
+// every rank and then calls commit(false)).
 //
 // Mode fp32 (bits = 32) is a plain allreduce_sum / N with no state.
 #pragma once
@@ -36,11 +37,11 @@
 namespace int4ddp::comm {
 
 struct CompressConfig {
-  int bits = 4;                                              // 4, 8 (any 2..8 works), 32 = fp32
-  int64_t block_size = 512;                                  // G, even, >= 2
-  quant::Rounding rounding = quant::Rounding::kStochastic;   //
-  bool worker_error_feedback = true;                         //
-  bool server_error_feedback = true;                         //
+  int bits = 4;                                             // 4, 8 (any 2..8 works), 32 = fp32
+  int64_t block_size = 512;                                 // G, even, >= 2
+  quant::Rounding rounding = quant::Rounding::kStochastic;  //
+  bool worker_error_feedback = true;                        //
+  bool server_error_feedback = true;                        //
   quant::PolicyConfig policy;  // kind minmax | fixed | lbt (bits is set from `bits`)
   uint32_t seed = 0;
 
@@ -76,13 +77,13 @@ size_t chunk_message_bytes(int bits, int64_t count, int64_t block_size);
 double predicted_wire_bytes(int bits, int64_t n, int64_t block_size, int ranks);
 
 struct BucketStats {
-  int64_t count = 0;        // elements quantized in steps 3 and 5, over all ranks
-  int64_t clipped = 0;      // of those, clipped
-  int64_t nonfinite = 0;    // NaN/Inf in any rank's input (the result is then not usable)
-  float gamma = 1.0f;       // the gamma used this step
-  uint64_t wire_bytes = 0;  // bytes this rank sent
-  double quant_seconds = 0; // time in quantize / dequantize / reduce on this rank
-  double comm_seconds = 0;  // time in the collectives
+  int64_t count = 0;         // elements quantized in steps 3 and 5, over all ranks
+  int64_t clipped = 0;       // of those, clipped
+  int64_t nonfinite = 0;     // NaN/Inf in any rank's input (the result is then not usable)
+  float gamma = 1.0f;        // the gamma used this step
+  uint64_t wire_bytes = 0;   // bytes this rank sent
+  double quant_seconds = 0;  // time in quantize / dequantize / reduce on this rank
+  double comm_seconds = 0;   // time in the collectives
   double clip_fraction() const { return count ? static_cast<double>(clipped) / count : 0.0; }
 };
 
@@ -90,8 +91,9 @@ struct BucketStats {
 //   u64 magic "4I2S" | u64 count | u64 |e_w| | u64 |e_s| | e_w floats | e_s floats | policy state
 // (no policy state in fp32 mode). pack_ copies from host arrays; parse_ checks the header against
 // what this bucket expects and returns where the pieces are.
-std::vector<uint8_t> pack_two_shot_state(int64_t count, const float* ew, size_t ew_n, const float* es,
-                                         size_t es_n, const quant::IntervalPolicy* policy);
+std::vector<uint8_t> pack_two_shot_state(int64_t count, const float* ew, size_t ew_n,
+                                         const float* es, size_t es_n,
+                                         const quant::IntervalPolicy* policy);
 struct TwoShotStateView {
   const float* ew = nullptr;  // ew_n floats (unaligned: memcpy them)
   const float* es = nullptr;  // es_n floats

@@ -33,7 +33,7 @@ double seconds_since(Clock::time_point t) {
 }
 
 constexpr int kFp32Bits = 32;
-constexpr uint32_t kStreamsPerRank = 65536;   // stream = 65536 rank + chunk, as two_shot.cpp
+constexpr uint32_t kStreamsPerRank = 65536;  // stream = 65536 rank + chunk, as two_shot.cpp
 
 // The device stats are the wire trailer: same fields at the same offsets.
 static_assert(sizeof(qc::DeviceQuantStats) == sizeof(StatsTrailer), "trailer size");
@@ -301,10 +301,8 @@ void TwoShotAllreduceCuda::load_state(const std::vector<uint8_t>& blob) {
   const size_t es_n = es_ ? static_cast<size_t>(own_.count()) : 0;
   const TwoShotStateView v = parse_two_shot_state(blob, count_, ew_n, es_n, policy_.get());
   INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  if (ew_n)
-    INT4DDP_CUDA_CHECK(cudaMemcpy(ew_, v.ew, ew_n * sizeof(float), cudaMemcpyHostToDevice));
-  if (es_n)
-    INT4DDP_CUDA_CHECK(cudaMemcpy(es_, v.es, es_n * sizeof(float), cudaMemcpyHostToDevice));
+  if (ew_n) INT4DDP_CUDA_CHECK(cudaMemcpy(ew_, v.ew, ew_n * sizeof(float), cudaMemcpyHostToDevice));
+  if (es_n) INT4DDP_CUDA_CHECK(cudaMemcpy(es_, v.es, es_n * sizeof(float), cudaMemcpyHostToDevice));
   pending_ = false;
 }
 

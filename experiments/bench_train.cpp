@@ -42,8 +42,10 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (steps < 1 || reps < 1 || thread_counts[0] < 1 || (bit_widths[0] != 32 && bit_widths[0] != 4)) {
-    std::fprintf(stderr, "bench_train: --steps, --reps and --threads must be >= 1, --bits 32 or 4\n");
+  if (steps < 1 || reps < 1 || thread_counts[0] < 1 ||
+      (bit_widths[0] != 32 && bit_widths[0] != 4)) {
+    std::fprintf(stderr,
+                 "bench_train: --steps, --reps and --threads must be >= 1, --bits 32 or 4\n");
     return 2;
   }
   const int64_t batch = 128;

@@ -974,7 +974,8 @@ class BucketEngineLayouts : public ::testing::TestWithParam<bool> {};
 
 TEST_P(BucketEngineLayouts, MatchesPerBucketTwoShotAndFp32Mean) {
   Arena a;
-  if (GetParam()) a.segs = {{0, 3000}, {3000, 100}, {3110, 2000}, {5110, 50}, {5160, 1900}, {7060, 5000}};
+  if (GetParam())
+    a.segs = {{0, 3000}, {3000, 100}, {3110, 2000}, {5110, 50}, {5160, 1900}, {7060, 5000}};
   const Segment c1 = a.segs[2], c2 = GetParam() ? a.segs[4] : a.segs[3];
   std::vector<float> arena(static_cast<size_t>(a.size));
   const BucketConfig cfg = bucket_config(true);

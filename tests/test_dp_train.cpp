@@ -41,8 +41,8 @@ std::string write_config(const std::string& dir, int bits, const std::string& mo
   std::ofstream f(path);
   f << "model: {name: mlp, mlp_hidden: [128, 128]}\n"
     << "data: {dataset: synthetic, synthetic_train_size: 4096, synthetic_test_size: 1024}\n"
-    << "quant: {weight_bits: " << bits << ", activation_bits: " << bits
-    << ", grad_bits: " << bits << "}\n"
+    << "quant: {weight_bits: " << bits << ", activation_bits: " << bits << ", grad_bits: " << bits
+    << "}\n"
     << "comm: {backend: mpi, mode: " << mode << ", bucket_mb: 0.25, block_size: 64}\n"
     << "optim: {lr: 0.05}\n"
     << "train: {epochs: 1, eval_batch_size: 512, checkpoint_every_epochs: 0, threads: 1}\n"
@@ -105,18 +105,18 @@ TEST(DataParallel, Fp32MatchesSingleProcessWithNTimesTheBatch) {
   const std::string dir = temp_dir("fp32");
   const std::string cfg = write_config(dir, 32, "fp32");
   const std::string common = "--set train.max_steps=25 --set optim.momentum=0.9";
-  Result single = run(train_cmd(cfg, dir, "single", common +
-                                " --set comm.backend=none --set train.batch_size=128"),
-                      dir + "/single.log");
+  Result single = run(
+      train_cmd(cfg, dir, "single", common + " --set comm.backend=none --set train.batch_size=128"),
+      dir + "/single.log");
   ASSERT_EQ(single.status, 0) << single.output;
   const auto ref = records(dir + "/single.jsonl", "step");
   ASSERT_EQ(ref.size(), 25u);
   for (int n : {2, 4}) {
     const std::string tag = "dp" + std::to_string(n);
-    Result dp = run(kMpirun + " -np " + std::to_string(n) + " " +
-                        train_cmd(cfg, dir, tag, common + " --set train.batch_size=" +
-                                                     std::to_string(128 / n)),
-                    dir + "/" + tag + ".log");
+    Result dp = run(
+        kMpirun + " -np " + std::to_string(n) + " " +
+            train_cmd(cfg, dir, tag, common + " --set train.batch_size=" + std::to_string(128 / n)),
+        dir + "/" + tag + ".log");
     ASSERT_EQ(dp.status, 0) << dp.output;
     const auto got = records(dir + "/" + tag + ".jsonl", "step");
     ASSERT_EQ(got.size(), ref.size()) << n << " ranks";
@@ -165,9 +165,9 @@ TEST(DataParallel, Int4TrainsAndResumesBitForBit) {
   for (size_t i = 0; i < b.size(); ++i) EXPECT_EQ(b[i], a[off + i]) << "line " << i;
 
   // The same checkpoint with one rank: refused, naming the rank counts.
-  Result one = run(train_cmd(cfg, dir, "one", sets + " --set train.resume=" + dir +
-                                                  "/ck_full/step_40.ckpt"),
-                   dir + "/one.log");
+  Result one =
+      run(train_cmd(cfg, dir, "one", sets + " --set train.resume=" + dir + "/ck_full/step_40.ckpt"),
+          dir + "/one.log");
   EXPECT_NE(one.status, 0);
   EXPECT_NE(one.output.find("written by 2 ranks"), std::string::npos) << one.output;
   fs::remove_all(dir);
@@ -191,8 +191,8 @@ TEST(DataParallel, KilledRankStopsTheJobInBoundedTime) {
   const std::string train = train_cmd(cfg, dir, "k", "--set train.epochs=1000");
   // Rank 1 is started by a shell that kills it with SIGKILL after 3 s of training.
   const std::string victim = "bash -c '" + train + " & p=$!; sleep 3; kill -9 $p; wait $p'";
-  Result r = run("timeout 120 " + kMpirun + " -np 1 " + train + " : -np 1 " + victim,
-                 dir + "/kill.log");
+  Result r =
+      run("timeout 120 " + kMpirun + " -np 1 " + train + " : -np 1 " + victim, dir + "/kill.log");
   EXPECT_NE(r.status, 0) << r.output;
   EXPECT_NE(r.status, 124) << "mpirun still running after 120 s: the surviving rank hung";
   EXPECT_LT(r.seconds, 60.0) << r.output;

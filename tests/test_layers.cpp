@@ -141,16 +141,23 @@ TEST(LayerGrad, Conv2dStridesAndPadding) {
 
 // The grouped im2col + GEMM convolution (and its transposed-convolution dx for stride 1) against
 // the plain definition, in double: every geometry path (same-width stride 1, general stride 1,
-// stride 2 and stride 1 with pad > k - 1 through col2im, 1x1), with groups of one sample, of two (a partial last group) and of all.
+// stride 2 and stride 1 with pad > k - 1 through col2im, 1x1), with groups of one sample, of two (a
+// partial last group) and of all.
 TEST(Conv2dFast, MatchesDirectConvolution) {
   // fp32 GEMMs of K <= 100 terms of O(1) values against double: 1e-4 covers the float rounding.
   constexpr double kTol = 1e-4;
   const int64_t n = 5, ci = 3, co = 4, h = 7, w = 6;
-  for (auto [k, st, pd] : {std::tuple<int, int, int>{3, 1, 1}, {3, 2, 1}, {5, 1, 0}, {1, 2, 0},
-                           {1, 1, 0}, {3, 1, 2}, {3, 2, 0}, {1, 1, 1}})
+  for (auto [k, st, pd] : {std::tuple<int, int, int>{3, 1, 1},
+                           {3, 2, 1},
+                           {5, 1, 0},
+                           {1, 2, 0},
+                           {1, 1, 0},
+                           {3, 1, 2},
+                           {3, 2, 0},
+                           {1, 1, 1}})
     for (int64_t samples_per_group : {1, 2, 0}) {  // 0: the default budget (one group)
-      SCOPED_TRACE(testing::Message() << "k=" << k << " s=" << st << " p=" << pd
-                                      << " group=" << samples_per_group);
+      SCOPED_TRACE(testing::Message()
+                   << "k=" << k << " s=" << st << " p=" << pd << " group=" << samples_per_group);
       Conv2d c("conv", ci, co, k, st, pd, /*bias=*/true);
       randomize_params(c, 40 + k + st + pd);
       const int64_t ho = c.out_size(h), wo = c.out_size(w);

@@ -64,10 +64,10 @@ TEST(FakeQuant, ActQuantBackwardMatchesReference) {
   for (int64_t i = 0; i < n; ++i) x[i] = d(rng), dxhat[i] = d(rng);
   for (bool is_signed : {false, true})
     for (int bits : {2, 4, 8}) {
-      const double du = act_quant_backward(x.data(), n, 1.3f, bits, is_signed, dxhat.data(),
-                                           dx.data());
-      const double du_ref = act_quant_backward_ref(x.data(), n, 1.3f, bits, is_signed,
-                                                   dxhat.data(), dx_ref.data());
+      const double du =
+          act_quant_backward(x.data(), n, 1.3f, bits, is_signed, dxhat.data(), dx.data());
+      const double du_ref =
+          act_quant_backward_ref(x.data(), n, 1.3f, bits, is_signed, dxhat.data(), dx_ref.data());
       EXPECT_NEAR(du, du_ref, 1e-9 * (1 + std::fabs(du_ref))) << bits << " " << is_signed;
       for (int64_t i = 0; i < n; ++i) ASSERT_EQ(dx[i], dx_ref[i]) << i;
     }

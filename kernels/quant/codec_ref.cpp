@@ -54,7 +54,8 @@ QuantStats quantize_ref(const float* x, int64_t count, const QuantParams& p, uin
         if (std::fabs(x[i]) > clip) ++st.clipped;
         q = p.rounding == Rounding::kNearest
                 ? quantize_nearest(x[i], step, p.bits)
-                : quantize_stochastic(x[i], step, philox_uniform(p.key, p.index_offset + i), p.bits);
+                : quantize_stochastic(x[i], step, philox_uniform(p.key, p.index_offset + i),
+                                      p.bits);
       }
       if (p.bits != 4) {
         codes[i] = static_cast<uint8_t>(static_cast<int8_t>(q));

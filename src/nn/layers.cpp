@@ -128,13 +128,12 @@ void Linear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* 
 
 namespace {
 
-// Default column-buffer budget of one group, well inside the 2 MiB per-core L2 of the machines we measure
-// (128 KiB to 1 MiB measured the same on resnet20; 2 MiB was 8% slower).
+// Default column-buffer budget of one group, well inside the 2 MiB per-core L2 of the machines we
+// measure (128 KiB to 1 MiB measured the same on resnet20; 2 MiB was 8% slower).
 constexpr int64_t kColumnBytes = int64_t{1} << 19;
 
 // The output columns [x0, x1) whose input column ox * stride - pad + kx lies in [0, w).
-void inside_columns(int64_t w, int64_t wo, int kx, int stride, int pad, int64_t* x0,
-                    int64_t* x1) {
+void inside_columns(int64_t w, int64_t wo, int kx, int stride, int pad, int64_t* x0, int64_t* x1) {
   int64_t lo = 0;
   while (lo < wo && lo * stride - pad + kx < 0) ++lo;
   int64_t hi = lo;
@@ -172,7 +171,8 @@ void im2col_group(const float* images, int64_t s0, int64_t g, int64_t channels, 
             const int64_t jhi = std::max(jlo, std::min(len, h * w - base));
             float* out = row + y0 * wo;
             std::fill(out, out + jlo, 0.0f);
-            std::memcpy(out + jlo, plane + base + jlo, sizeof(float) * static_cast<size_t>(jhi - jlo));
+            std::memcpy(out + jlo, plane + base + jlo,
+                        sizeof(float) * static_cast<size_t>(jhi - jlo));
             std::fill(out + jhi, out + len, 0.0f);
             // Edge columns (at most pad of them on each side), walked down the rows: per-row
             // loops of 0 or 1 element became a memset call per output row.

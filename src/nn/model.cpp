@@ -128,8 +128,7 @@ void Model::bind_arena(uint64_t seed) {
 
 std::vector<std::pair<int64_t, int64_t>> Model::param_segments() const {
   std::vector<std::pair<int64_t, int64_t>> segs;
-  for (const Param* p : params_)
-    segs.emplace_back(p->grad.data() - grads_.data(), p->grad.numel());
+  for (const Param* p : params_) segs.emplace_back(p->grad.data() - grads_.data(), p->grad.numel());
   return segs;
 }
 

@@ -9,8 +9,8 @@
 
 #include <functional>
 #include <memory>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "src/nn/layer.h"
@@ -73,7 +73,9 @@ class Model {
   std::vector<QuantizedOp*> qops_;
   uint32_t next_layer_id_ = 0;
   Tensor input_;
-  std::vector<int64_t> ready_offset_;  // per top-level layer: lowest arena offset of it and after  // copy of the last forward's input (the first layer's backward reads it)
+  std::vector<int64_t>
+      ready_offset_;  // per top-level layer: lowest arena offset of it and after  // copy of the
+                      // last forward's input (the first layer's backward reads it)
 };
 
 }  // namespace int4ddp::nn

@@ -302,7 +302,7 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
   out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
   for (int64_t s0 = 0; s0 < n; s0 += gmax) {
     const int64_t gs = std::min(gmax, n - s0), cols = gs * hw;
-    im2col(xq_.data(), s0, gs, h, w, col_.data());  // zero padding is code 0
+    im2col(xq_.data(), s0, gs, h, w, col_.data());                      // zero padding is code 0
     float* yg = gs == 1 ? y.data() + s0 * out_ * hw : out_buf_.data();  // one sample: in place
     int_gemm(Trans::kNo, Trans::kNo, out_, cols, ckk, wq_.data(), ckk, g.qw, col_.data(), cols,
              g.qa, scale, false, yg, cols);
@@ -341,8 +341,8 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
         gather_group(xq_.data(), s0, gs, in_, ihw, x_buf_.data());
         xg = x_buf_.data();
       }
-      int_gemm(Trans::kNo, Trans::kYes, in_, okk, icols, xg, icols, g.qa, dcol_.data(), icols,
-               g.qg, 1.0f, false, scratch_.data(), okk);
+      int_gemm(Trans::kNo, Trans::kYes, in_, okk, icols, xg, icols, g.qa, dcol_.data(), icols, g.qg,
+               1.0f, false, scratch_.data(), okk);
       for (int64_t i = 0; i < in_ * okk; ++i) dw_acc_[static_cast<size_t>(i)] += scratch_[i];
       float* dxg = gs == 1 ? dxhat.data() + s0 * in_ * ihw : in_buf_.data();
       int_gemm(Trans::kNo, Trans::kNo, in_, icols, okk, wt_.data(), okk, g.qw, dcol_.data(), icols,
@@ -355,7 +355,8 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
         for (int ky = 0; ky < k; ++ky)
           for (int kx = 0; kx < k; ++kx)
             dwhat[static_cast<size_t>(((o * in_ + c) * k + ky) * k + kx)] =
-                wscale * static_cast<float>(dw_acc_[static_cast<size_t>(flipped_index(o, c, ky, kx))]);
+                wscale *
+                static_cast<float>(dw_acc_[static_cast<size_t>(flipped_index(o, c, ky, kx))]);
   } else {
     const int64_t gmax = group_size(n, ckk, hw);
     col_.resize(static_cast<size_t>(ckk * gmax * hw));

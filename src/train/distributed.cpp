@@ -48,8 +48,7 @@ class PieceReader {
 
 }  // namespace
 
-DataParallel::DataParallel(const Config& cfg)
-    : comm_(comm::make_communicator(cfg.comm.backend)) {
+DataParallel::DataParallel(const Config& cfg) : comm_(comm::make_communicator(cfg.comm.backend)) {
   // One rank has nothing to all-reduce (and compressing its gradients would only add error).
   enabled_ = comm_->size() > 1;
   INT4DDP_CHECK(!comm_->device_buffers(), "comm.backend = ", cfg.comm.backend,
@@ -60,13 +59,15 @@ DataParallel::DataParallel(const Config& cfg)
   const uint64_t mine = config_hash(cfg);
   const int n = comm_->size();
   std::vector<uint64_t> all(static_cast<size_t>(n));
-  comm::ByteLayout layout = comm::ByteLayout::packed(std::vector<size_t>(static_cast<size_t>(n), 8));
+  comm::ByteLayout layout =
+      comm::ByteLayout::packed(std::vector<size_t>(static_cast<size_t>(n), 8));
   comm_->allgatherv(&mine, sizeof(mine), all.data(), layout);
   std::ostringstream bad;
   for (int r = 1; r < n; ++r)
     if (all[static_cast<size_t>(r)] != all[0]) bad << " " << r;
-  INT4DDP_CHECK(bad.str().empty(), "the resolved config differs between ranks: rank(s)", bad.str(),
-                " differ from rank 0 (same file, same --set overrides and same build on every rank?)");
+  INT4DDP_CHECK(
+      bad.str().empty(), "the resolved config differs between ranks: rank(s)", bad.str(),
+      " differ from rank 0 (same file, same --set overrides and same build on every rank?)");
 }
 
 void DataParallel::broadcast_model(nn::Model& model) {
@@ -109,7 +110,8 @@ void DataParallel::attach(nn::Model& model, const Config& cfg) {
 
 std::vector<uint8_t> DataParallel::save_local_state(nn::Model& model) const {
   std::vector<uint8_t> out;
-  for (std::vector<float>* b : model.buffers()) put_piece(out, b->data(), sizeof(float) * b->size());
+  for (std::vector<float>* b : model.buffers())
+    put_piece(out, b->data(), sizeof(float) * b->size());
   for (nn::QuantizedOp* q : model.quantized_ops()) {
     const auto pol = q->grad_state().policy->save_state();
     const auto tr = q->grad_state().tracker.save_state();

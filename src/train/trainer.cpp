@@ -184,7 +184,8 @@ void save_checkpoint(const std::string& path, const Config& cfg, nn::Model& mode
   Checkpoint ck;
   if (dp.enabled()) {
     ck.put_value<int64_t>("dp.world_size", dp.world());
-    for (size_t r = 0; r < ranks.size(); ++r) ck.put_vector("dp.rank." + std::to_string(r), ranks[r]);
+    for (size_t r = 0; r < ranks.size(); ++r)
+      ck.put_vector("dp.rank." + std::to_string(r), ranks[r]);
   }
   ck.put_string("config_yaml", config_to_yaml(cfg));
   ck.put_string("model_signature", model_signature(model));
@@ -257,14 +258,14 @@ void load_rank_state(const Checkpoint& ck, const std::string& path, DataParallel
   const int64_t saved = ck.has("dp.world_size") ? ck.get_value<int64_t>("dp.world_size") : 0;
   if (!dp.enabled()) {
     INT4DDP_CHECK(saved == 0, "checkpoint ", path, " was written by ", saved,
-                  " ranks (a data-parallel run); this run has 1: resume it under mpirun with ", saved,
-                  " ranks");
+                  " ranks (a data-parallel run); this run has 1: resume it under mpirun with ",
+                  saved, " ranks");
     return;
   }
   INT4DDP_CHECK(saved == dp.world(), "checkpoint ", path, " was written by ",
-                saved == 0 ? std::string("a single process")
-                           : std::to_string(saved) + " ranks",
-                "; this run has ", dp.world(), " ranks (the error feedback and the data shards are per rank)");
+                saved == 0 ? std::string("a single process") : std::to_string(saved) + " ranks",
+                "; this run has ", dp.world(),
+                " ranks (the error feedback and the data shards are per rank)");
   dp.load_local_state(model, ck.get_vector<uint8_t>("dp.rank." + std::to_string(dp.rank())));
 }
 
@@ -545,19 +546,20 @@ RunSummary run_training(const Config& cfg, std::ostream& out_all, std::ostream& 
             {{"type", "quant"}, {"batch", pr.global_batch}, {"layers", quant_diagnostics(model)}});
       const bool print = cfg.log.print_every > 0 && pr.global_batch % cfg.log.print_every == 0;
       if (print || calibrating)
-        metrics.write({{"type", "step"},
-                       {"epoch", pr.epoch + 1},
-                       {"batch", pr.global_batch},
-                       {"step", pr.steps},
-                       {"loss", loss},
-                       {"accuracy", static_cast<double>(correct) / static_cast<double>(global_batch)},
-                       {"lr", lr},
-                       {"img_per_s", ips},
-                       {"calibration", calibrating},
-                       {"skipped", pr.skipped},
-                       {"step_s", step_s},
-                       {"compute_s", compute_s},
-                       {"comm", comm_json(cs, rel_err, engine != nullptr)}});
+        metrics.write(
+            {{"type", "step"},
+             {"epoch", pr.epoch + 1},
+             {"batch", pr.global_batch},
+             {"step", pr.steps},
+             {"loss", loss},
+             {"accuracy", static_cast<double>(correct) / static_cast<double>(global_batch)},
+             {"lr", lr},
+             {"img_per_s", ips},
+             {"calibration", calibrating},
+             {"skipped", pr.skipped},
+             {"step_s", step_s},
+             {"compute_s", compute_s},
+             {"comm", comm_json(cs, rel_err, engine != nullptr)}});
       if (bar) {
         err << "\r[epoch " << pr.epoch + 1 << "/" << cfg.train.epochs << "] " << std::setw(5)
             << pr.batch_in_epoch + 1 << "/" << per_epoch << "  loss " << std::fixed
