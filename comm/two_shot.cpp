@@ -59,6 +59,12 @@ StatsTrailer to_trailer(const quant::QuantStats& s) {
   return t;
 }
 
+void set_global_stats(const StatsTrailer& global, BucketStats& st) {
+  st.count = global.count;
+  st.clipped = global.clipped;
+  st.nonfinite = global.nonfinite;
+}
+
 quant::QuantStats to_quant_stats(const StatsTrailer& t) {
   quant::QuantStats s;
   s.count = t.count;
@@ -270,17 +276,18 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     p.index_offset = o;
     uint8_t* codes = own_msg + quant::packed_bytes(bits, o);
     add_trailer(sum, to_trailer(quant::quantize(acc, len, p, codes, own_sc + o / G)));
-    if (cfg_.server_error_feedback) {
-      quant::dequantize(codes, own_sc + o / G, len, bits, G, dqt);
-      sub_arrays(es_next_.data() + o, acc, dqt, len);
-    }
+    // The own chunk's result, written now (x's own chunk is no longer read): the all-gather
+    // brings every other rank these same bytes, which they dequantize the same way.
+    float* result = x + own.begin + o;
+    quant::dequantize(codes, own_sc + o / G, len, bits, G, result);
+    if (cfg_.server_error_feedback) sub_arrays(es_next_.data() + o, acc, result, len);
   }
   std::memcpy(own_msg + own_code_bytes, own_sc, own_scale_bytes);
   std::memcpy(own_msg + own_code_bytes + own_scale_bytes, &sum, sizeof(sum));
   st.quant_seconds += seconds_since(t);
 
-  // 6. all-gather the requantized chunks; everyone dequantizes everything (own chunk included, so
-  // the result is the same function of the same bytes on every rank).
+  // 6. all-gather the requantized chunks; every rank dequantizes the others' chunks (its own is
+  // done above), so the result is the same function of the same bytes on every rank.
   t = Clock::now();
   // The interface has no in-place all-gather: send from a copy of the own message.
   own_copy_.assign(own_msg, own_msg + gather_layout_.counts[static_cast<size_t>(r)]);
@@ -295,15 +302,13 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     const size_t code_bytes = static_cast<size_t>(quant::packed_bytes(bits, c.count()));
     const int64_t nsc = c.count() > 0 ? (c.count() + G - 1) / G : 0;
     add_trailer(global, read_trailer(msg + code_bytes + static_cast<size_t>(nsc) * sizeof(float)));
-    if (c.count() == 0) continue;
+    if (j == r || c.count() == 0) continue;
     std::memcpy(scale_tmp_.data(), msg + code_bytes, static_cast<size_t>(nsc) * sizeof(float));
     quant::dequantize(msg, scale_tmp_.data(), c.count(), bits, G, x + c.begin);
   }
   st.quant_seconds += seconds_since(t);
 
-  st.count = global.count;
-  st.clipped = global.clipped;
-  st.nonfinite = global.nonfinite;
+  set_global_stats(global, st);
   st.wire_bytes = comm_.bytes_sent() - bytes0;
   pending_stats_ = to_quant_stats(global);
   pending_ = true;

@@ -71,6 +71,9 @@ static_assert(kStatsTrailerBytes == 32, "the trailer is part of the wire format"
 void add_trailer(StatsTrailer& a, const StatsTrailer& b);
 StatsTrailer to_trailer(const quant::QuantStats& s);
 quant::QuantStats to_quant_stats(const StatsTrailer& t);
+struct BucketStats;
+// st.count, clipped, nonfinite <- the step's global figures (the sum of the gathered trailers).
+void set_global_stats(const StatsTrailer& global, BucketStats& st);
 size_t chunk_message_bytes(int bits, int64_t count, int64_t block_size);
 
 // Wire bytes per rank predicted by DESIGN.md for a bucket of n floats (without the trailers).

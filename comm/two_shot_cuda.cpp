@@ -266,9 +266,7 @@ BucketStats TwoShotAllreduceCuda::run(float* x, uint32_t step) {
   }
   st.quant_seconds += seconds_since(t);
 
-  st.count = global.count;
-  st.clipped = global.clipped;
-  st.nonfinite = global.nonfinite;
+  set_global_stats(global, st);
   st.wire_bytes = comm_.bytes_sent() - bytes0;
   pending_stats_ = to_quant_stats(global);
   pending_ = true;
