@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <functional>
 
 #include "kernels/common/error.h"
 #include "kernels/quant/cuda/cuda_check.h"
@@ -125,32 +126,29 @@ void StagedCommunicator::allreduce_sum_i64(int64_t* buf, int64_t count) {
   account(before);
 }
 
-void StagedCommunicator::alltoallv(const void* send, const ByteLayout& sl, void* recv,
-                                   const ByteLayout& rl) {
+void StagedCommunicator::staged(const void* send, size_t send_bytes, void* recv, size_t recv_bytes,
+                                const std::function<void(uint8_t*, uint8_t*)>& host_op) {
   const uint64_t before = host_->bytes_sent();
-  const size_t send_bytes = extent(sl), recv_bytes = extent(rl);
   wait_for_compute();
   uint8_t* hs = host_send(std::max<size_t>(send_bytes, 1));
   uint8_t* hr = host_recv(std::max<size_t>(recv_bytes, 1));
   to_host(hs, send, send_bytes);
-  host_->alltoallv(hs, sl, hr, rl);
+  host_op(hs, hr);
   to_device(recv, hr, recv_bytes);
   finish();
   account(before);
 }
 
+void StagedCommunicator::alltoallv(const void* send, const ByteLayout& sl, void* recv,
+                                   const ByteLayout& rl) {
+  staged(send, extent(sl), recv, extent(rl),
+         [&](uint8_t* hs, uint8_t* hr) { host_->alltoallv(hs, sl, hr, rl); });
+}
+
 void StagedCommunicator::allgatherv(const void* send, size_t send_bytes, void* recv,
                                     const ByteLayout& rl) {
-  const uint64_t before = host_->bytes_sent();
-  const size_t recv_bytes = extent(rl);
-  wait_for_compute();
-  uint8_t* hs = host_send(std::max<size_t>(send_bytes, 1));
-  uint8_t* hr = host_recv(std::max<size_t>(recv_bytes, 1));
-  to_host(hs, send, send_bytes);
-  host_->allgatherv(hs, send_bytes, hr, rl);
-  to_device(recv, hr, recv_bytes);
-  finish();
-  account(before);
+  staged(send, send_bytes, recv, extent(rl),
+         [&](uint8_t* hs, uint8_t* hr) { host_->allgatherv(hs, send_bytes, hr, rl); });
 }
 
 void StagedCommunicator::gatherv(const void* send, size_t send_bytes, void* recv,

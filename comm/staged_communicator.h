@@ -12,6 +12,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <functional>
 #include <memory>
 
 #include "comm/communicator.h"
@@ -58,6 +59,9 @@ class StagedCommunicator final : public Communicator {
   void to_device(void* dst, const void* src, size_t bytes);
   void finish();  // wait for the copies to device
   void account(uint64_t host_bytes_before);
+  // Device send -> pinned host -> host_op(host send, host recv) -> device recv.
+  void staged(const void* send, size_t send_bytes, void* recv, size_t recv_bytes,
+              const std::function<void(uint8_t*, uint8_t*)>& host_op);
 
   std::unique_ptr<Communicator> host_;
   cudaStream_t stream_ = nullptr;
