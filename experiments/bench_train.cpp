@@ -1,9 +1,9 @@
 // bench_train: training throughput (img/s) at batch 128 on 1x28x28 inputs, optimizer step
 // included, for mlp, cnn and resnet20 in fp32 and 4/4/4. One warm-up step (the 4/4/4 warm-up is
 // also the lbt calibration batch), then the best of --reps timed runs of --steps steps each.
-// Threads: --threads T runs only T (default: 1 and 2); it sets the GEMM thread count (Eigen +
-// OpenMP); the other layers run on one thread. --bits 32 or 4 runs only fp32 or 4/4/4.
-// Ends with one JSON line {"bench":"train","rows":[{"model","bits","threads","img_per_s"},...]}.
+// Threads: --threads T runs only T (default: 1 and 2); it sets train.threads (the layers' loops
+// over the batch, kernels/common/parallel.h). --bits 32 or 4 runs only fp32 or 4/4/4. Ends with one
+// JSON line {"bench":"train","rows":[{"model","bits","threads","img_per_s"},...]}.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/math/gemm.h"
+#include "kernels/common/parallel.h"
 #include "src/data/dataset.h"
 #include "src/nn/model.h"
 #include "src/train/optim.h"
@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
   for (const std::string& name : models)
     for (int threads : thread_counts)
       for (int bits : bit_widths) {
-        math::set_num_threads(threads);
+        set_num_threads(threads);
         nn::ModelSpec spec;
         spec.name = name;
         spec.quantized = bits != 32;

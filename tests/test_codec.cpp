@@ -407,6 +407,53 @@ TEST(CodecMatchesReferenceEdges, IndexOffsetPiecesEqualOneCall) {
   }
 }
 
+// quantize_piece over uneven pieces, with the scale basis found piecewise, gives quantize()'s codes
+// and clip count for the whole tensor (what the quantized layers do on several threads).
+TEST(CodecPieces, PiecesWithAGivenAbsmaxEqualOneCall) {
+  for (int bits : {4, 8, 3})
+    for (Rounding rounding : {Rounding::kNearest, Rounding::kStochastic})
+      for (bool nonfinite : {false, true}) {
+        const int64_t n = 5003;
+        const std::vector<float> x = make_input(n, 29 + bits, nonfinite);
+        QuantParams p;
+        p.bits = bits;
+        p.rounding = rounding;
+        p.gamma = 0.7f;
+        p.key = RngKey{5, 2, 8, 4};
+        std::vector<uint8_t> packed(packed_bytes(bits, n));
+        float step = 0.0f;
+        const QuantStats st = quantize(x.data(), n, p, packed.data(), &step);
+        std::vector<float> whole(n);
+        const float unit = 1.0f;
+        dequantize(packed.data(), &unit, n, bits, 0, whole.data());
+
+        const std::vector<int64_t> cuts = {0, 1, 700, 701, 2048, 4999, n};
+        float absmax = 0.0f;
+        int64_t nf = 0;
+        for (size_t c = 0; c + 1 < cuts.size(); ++c)
+          absmax = std::max(absmax, finite_absmax(x.data() + cuts[c], cuts[c + 1] - cuts[c], &nf));
+        EXPECT_EQ(nf, st.nonfinite);
+        std::vector<int8_t> codes(n);
+        int64_t clipped = 0;
+        for (size_t c = 0; c + 1 < cuts.size(); ++c) {
+          QuantParams q = p;
+          q.index_offset = cuts[c];
+          clipped += quantize_piece(x.data() + cuts[c], cuts[c + 1] - cuts[c], q, absmax, nf == 0,
+                                    codes.data() + cuts[c]);
+        }
+        EXPECT_EQ(clipped, st.clipped);
+        EXPECT_EQ(step_for_clip(p.gamma * absmax, bits), step);
+        int64_t wrong = 0;
+        for (int64_t i = 0; i < n; ++i) wrong += static_cast<float>(codes[i]) != whole[i];
+        EXPECT_EQ(wrong, 0) << "bits " << bits << " nonfinite " << nonfinite;
+      }
+  QuantParams blocked;
+  blocked.block_size = 64;
+  int8_t code = 0;
+  const float one = 1.0f;
+  EXPECT_THROW(quantize_piece(&one, 1, blocked, 1.0f, true, &code), Error);
+}
+
 TEST(CodecErrors, BadParametersNameTheField) {
   const std::vector<float> x = {1.0f, 2.0f};
   uint8_t codes[2];

@@ -1,6 +1,8 @@
 // GEMMs: Eigen for fp32, and the exact integer GEMM on codes built on it (see gemm.h).
 #include "kernels/math/gemm.h"
 
+// Single-threaded Eigen (see gemm.h): the GEMMs must not depend on OpenMP's thread count.
+#define EIGEN_DONT_PARALLELIZE
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
@@ -39,13 +41,6 @@ void with_op(Trans t, const float* x, int64_t rows, int64_t cols, int64_t ld, F&
 }
 
 }  // namespace
-
-void set_num_threads(int threads) {
-  INT4DDP_CHECK(threads >= 1, "gemm: thread count ", threads, " must be >= 1");
-  Eigen::setNbThreads(threads);
-}
-
-int num_threads() { return Eigen::nbThreads(); }
 
 void sgemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {

@@ -9,6 +9,10 @@
 //              output.
 //   *_ref      plain loops, the definitions the tests compare against.
 // op(A) is M x K, op(B) is K x N, C is M x N; lda/ldb/ldc are the row strides of A, B, C as stored.
+// Every GEMM runs on the calling thread (Eigen's own threading is compiled out: its blocking
+// depends on its thread count, so results would too). Callers parallelise over fixed pieces of
+// their work with parallel_for (kernels/common/parallel.h) and may call these from several threads
+// at once.
 #pragma once
 
 #include <cstdint>
@@ -16,11 +20,6 @@
 namespace int4ddp::math {
 
 enum class Trans : uint8_t { kNo = 0, kYes = 1 };
-
-// Threads the GEMMs may use (Eigen's OpenMP-parallel product; 1 when built without OpenMP). Results
-// do not depend on the count: each output element is computed by one thread in one order.
-void set_num_threads(int threads);
-int num_threads();
 
 void sgemm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
            int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);

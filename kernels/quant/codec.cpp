@@ -179,6 +179,20 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
   return st;
 }
 
+int64_t quantize_piece(const float* x, int64_t count, const QuantParams& p, float absmax,
+                       bool all_finite, int8_t* codes) {
+  validate(p);
+  INT4DDP_CHECK(p.block_size == 0, "quantize_piece: block_size = ", p.block_size,
+                " (pieces are for per-tensor scales only)");
+  INT4DDP_CHECK(count >= 0, "quantizer: count = ", count, " is negative");
+  if (count == 0) return 0;
+  INT4DDP_CHECK(x && codes, "quantizer: null buffer for ", count, " elements");
+  const float clip = p.gamma * absmax;
+  const detail::SegmentQuant seg{
+      step_for_clip(clip, p.bits), clip, p.bits, p.rounding, p.key, p.index_offset, all_finite};
+  return kernels_for(current_isa()).quantize_segment(x, count, seg, codes);
+}
+
 void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t count, int bits,
                     int64_t block_size, float* out) {
   INT4DDP_CHECK(valid_bits(bits), "dequantize: bits = ", bits, " is outside ", kMinBits, "..",

@@ -63,6 +63,16 @@ void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bi
 // of NaN/Inf elements to *nonfinite when it is not null. Uses the same fast kernels as quantize().
 float finite_absmax(const float* x, int64_t count, int64_t* nonfinite = nullptr);
 
+// One piece of a per-tensor quantization (p.block_size must be 0) whose scale basis the caller
+// found beforehand over the WHOLE tensor: absmax = the max of finite_absmax over all pieces (a max
+// is exact in any order), all_finite = no piece holds NaN/Inf. Writes one int8 code per element
+// (no packing, so a piece may start anywhere) equal to the code quantize() gives element
+// p.index_offset + i of the whole tensor, and returns the piece's clipped count. Lets a caller
+// quantize one tensor in pieces on several threads; the tensor's step is
+// step_for_clip(p.gamma * absmax, p.bits).
+int64_t quantize_piece(const float* x, int64_t count, const QuantParams& p, float absmax,
+                       bool all_finite, int8_t* codes);
+
 // --- instruction-set dispatch ---------------------------------------------------------------
 enum class Isa : uint8_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 

@@ -83,7 +83,7 @@ struct Config {
     int64_t batch_size = 128;        // examples per step on each rank, 1..65536
     int64_t eval_batch_size = 1000;  // examples per evaluation batch, 1..65536
     int64_t seed = 0;                // seeds init, shuffling, augmentation and rounding, 0..2^32-1
-    int threads = 0;                 // GEMM threads per rank; 0 = automatic (1 today)
+    int threads = 0;                 // threads per rank, 0 = automatic (cores / ranks on the node)
     int64_t max_steps = 0;           // stop after this many optimizer steps; 0 = no limit
     int64_t checkpoint_every_steps = 0;  // write a checkpoint every N steps; 0 = never
     int checkpoint_every_epochs = 1;     // write a checkpoint every N epochs; 0 = never

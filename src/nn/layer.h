@@ -10,8 +10,15 @@
 //                             zeroes the gradient arena once per step.
 //   params()                  the layer's parameters, in a fixed order (the arena order).
 // Layers own their caches but not their inputs/outputs: the model keeps the activations.
+//
+// Threads: layers run their per-sample work with parallel_for (kernels/common/parallel.h) over the
+// batch's fixed parts (BatchParts), never over a split that depends on the thread count. Every
+// reduction over the batch (dW, BatchNorm sums, quantizer statistics) is either computed in one
+// fixed order by one thread (e.g. per channel) or kept as one partial per part and summed in part
+// order, so outputs and gradients are bit-identical for every train.threads.
 #pragma once
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>
@@ -20,6 +27,34 @@
 #include "src/core/tensor.h"
 
 namespace int4ddp::nn {
+
+// The fixed partition of a batch of n samples into parts of kSamples samples (the last one
+// shorter): the work items of the layers' parallel loops and the unit of their partial sums.
+struct BatchParts {
+  static constexpr int64_t kSamples = 8;
+  int64_t n;
+  int64_t count() const { return (n + kSamples - 1) / kSamples; }
+  int64_t begin(int64_t p) const { return p * kSamples; }
+  int64_t end(int64_t p) const { return std::min(n, (p + 1) * kSamples); }
+};
+
+// v's storage for at least n elements: grows, never shrinks, so reused scratch is not refilled.
+template <typename T>
+T* grow_scratch(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+// parts[j] = ((parts[j] + parts[size + j]) + parts[2 * size + j]) + ...: count partials of size
+// floats, summed in part order into the first one (elements in parallel).
+void sum_parts(float* parts, int64_t count, int64_t size);
+
+// body(s0, s1) for every part [s0, s1) of a batch of n samples (BatchParts), in parallel.
+void for_parts(int64_t n, const std::function<void(int64_t, int64_t)>& body);
+
+// body(j0, j1) for the fixed blocks [j0, j1) of a GEMM's feature dimension dim (a function of dim
+// only), in parallel: the work items of Linear and QLinear.
+void for_feature_blocks(int64_t dim, const std::function<void(int64_t, int64_t)>& body);
 
 class Layer {
  public:
@@ -93,20 +128,29 @@ class Conv2d : public Layer {
   static void scatter_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw,
                             float* dst);
 
+  // Per-thread scratch of one group (the column matrices and gathered group operands), shared by
+  // every convolution of the thread and kept across calls: a fresh buffer per step page-faults,
+  // and one set for all layers stays in cache. Only grows.
+  struct GroupScratch {
+    std::vector<float> col;   // (in*k*k, g*ho*wo) im2col of x
+    std::vector<float> dcol;  // (in*k*k, g*ho*wo) W^T dy, or (out*k*k, g*h*w) im2col of dy
+    std::vector<float> out;   // (out, g*ho*wo) a group's y or dy
+    std::vector<float> in;    // (in, g*h*w) a group's dx
+    std::vector<float> x;     // (in, g*h*w) a group's x
+    std::vector<float> dw;    // (weight size) a group's dW codes product (quantized layers)
+  };
+  static GroupScratch& group_scratch();
+  // Samples per group within a part of the batch (group_size capped at the part size).
+  int64_t part_group_size(int64_t n, int64_t rows, int64_t cols) const;
+
   std::string name_;
   int64_t in_, out_;
   int kernel_, stride_, pad_;
   bool has_bias_;
   int64_t column_bytes_;
   Param weight_, bias_;
-  // Per-group scratch, reused across calls (a fresh buffer per step page-faults).
-  std::vector<float> col_;      // (in*k*k, g*ho*wo) im2col of x
-  std::vector<float> dcol_;     // (in*k*k, g*ho*wo) W^T dy, or (out*k*k, g*h*w) im2col of dy
-  std::vector<float> out_buf_;  // (out, g*ho*wo) a group's y or dy
-  std::vector<float> in_buf_;   // (in, g*h*w) a group's dx
-  std::vector<float> x_buf_;    // (in, g*h*w) a group's x
-  std::vector<float> dwt_;      // (in, out*k*k) dW with flipped taps
-  std::vector<float> wt_;       // (in, out*k*k) flipped weights
+  std::vector<float> dw_parts_;  // (parts, weight size) dW (or dW with flipped taps) of each part
+  std::vector<float> wt_;        // (in, out*k*k) flipped weights
 };
 
 // Batch normalisation over (n, h, w) per channel c of an (n, c, h, w) or (n, c) tensor.

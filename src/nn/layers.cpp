@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 
+#include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
 #include "src/nn/layer.h"
 
@@ -77,6 +78,30 @@ void accumulate_dy_moments(const float* d, const float* x, int64_t n, float mean
 
 }  // namespace
 
+void sum_parts(float* parts, int64_t count, int64_t size) {
+  constexpr int64_t kBlock = 4096;  // elements per work item
+  parallel_for((size + kBlock - 1) / kBlock, [&](int64_t b) {
+    const int64_t j0 = b * kBlock, j1 = std::min(size, j0 + kBlock);
+    float* __restrict acc = parts;
+    for (int64_t p = 1; p < count; ++p) {
+      const float* __restrict part = parts + p * size;
+      for (int64_t j = j0; j < j1; ++j) acc[j] += part[j];
+    }
+  });
+}
+
+void for_parts(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+  const BatchParts parts{n};
+  parallel_for(parts.count(), [&](int64_t p) { body(parts.begin(p), parts.end(p)); });
+}
+
+void for_feature_blocks(int64_t dim, const std::function<void(int64_t, int64_t)>& body) {
+  // At least 64 features per block (narrower GEMMs lose speed), at most 16 blocks.
+  const int64_t block = std::max<int64_t>(64, ((dim + 15) / 16 + 15) / 16 * 16);
+  parallel_for((dim + block - 1) / block,
+               [&](int64_t b) { body(b * block, std::min(dim, (b + 1) * block)); });
+}
+
 // ---- Linear ---------------------------------------------------------------------------------
 
 Linear::Linear(std::string name, int64_t in, int64_t out, bool bias)
@@ -96,25 +121,33 @@ void Linear::forward(const Tensor& x, Tensor& y, bool) {
   INT4DDP_CHECK(features_of(x) == in_, name_, ": input ", shape_str(x.shape()), " has ",
                 features_of(x), " features, expected ", in_);
   y.resize({n, out_});
-  sgemm(Trans::kNo, Trans::kYes, n, out_, in_, 1.0f, x.data(), in_, weight_.value.data(), in_, 0.0f,
-        y.data(), out_);
-  if (has_bias_)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < out_; ++j) y[i * out_ + j] += bias_.value[j];
+  // y[:, j0:j1] = x W[j0:j1, :]^T per block of output features.
+  for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
+    sgemm(Trans::kNo, Trans::kYes, n, j1 - j0, in_, 1.0f, x.data(), in_,
+          weight_.value.data() + j0 * in_, in_, 0.0f, y.data() + j0, out_);
+    if (has_bias_)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = j0; j < j1; ++j) y[i * out_ + j] += bias_.value[j];
+  });
 }
 
 void Linear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {
   const int64_t n = x.dim(0);
-  // dW (out, in) += dy^T (out, n) x (n, in)
-  sgemm(Trans::kYes, Trans::kNo, out_, in_, n, 1.0f, dy.data(), out_, x.data(), in_, 1.0f,
-        weight_.grad.data(), in_);
-  if (has_bias_)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < out_; ++j) bias_.grad[j] += dy[i * out_ + j];
+  // dW[j0:j1, :] (+)= dy[:, j0:j1]^T x and the bias sums, per block of output features.
+  for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
+    sgemm(Trans::kYes, Trans::kNo, j1 - j0, in_, n, 1.0f, dy.data() + j0, out_, x.data(), in_, 1.0f,
+          weight_.grad.data() + j0 * in_, in_);
+    if (has_bias_)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = j0; j < j1; ++j) bias_.grad[j] += dy[i * out_ + j];
+  });
   if (dx) {
     dx->resize(x.shape());
-    sgemm(Trans::kNo, Trans::kNo, n, in_, out_, 1.0f, dy.data(), out_, weight_.value.data(), in_,
-          0.0f, dx->data(), in_);
+    // dx[:, c0:c1] = dy W[:, c0:c1] per block of input features.
+    for_feature_blocks(in_, [&](int64_t c0, int64_t c1) {
+      sgemm(Trans::kNo, Trans::kNo, n, c1 - c0, out_, 1.0f, dy.data(), out_,
+            weight_.value.data() + c0, in_, 0.0f, dx->data() + c0, in_);
+    });
   }
 }
 
@@ -299,6 +332,15 @@ void Conv2d::scatter_group(const float* src, int64_t s0, int64_t g, int64_t rows
                   sizeof(float) * static_cast<size_t>(hw));
 }
 
+Conv2d::GroupScratch& Conv2d::group_scratch() {
+  thread_local GroupScratch scratch;
+  return scratch;
+}
+
+int64_t Conv2d::part_group_size(int64_t n, int64_t rows, int64_t cols) const {
+  return group_size(std::min(n, BatchParts::kSamples), rows, cols);
+}
+
 void Conv2d::forward(const Tensor& x, Tensor& y, bool) {
   INT4DDP_CHECK(x.rank() == 4 && x.dim(1) == in_, name_, ": input ", shape_str(x.shape()),
                 " is not (n, ", in_, ", h, w)");
@@ -306,97 +348,119 @@ void Conv2d::forward(const Tensor& x, Tensor& y, bool) {
   const int64_t ho = out_size(h), wo = out_size(w), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
   INT4DDP_CHECK(ho > 0 && wo > 0, name_, ": input ", shape_str(x.shape()), " is too small");
   y.resize({n, out_, ho, wo});
-  const int64_t gmax = group_size(n, ckk, hw);
-  col_.resize(static_cast<size_t>(ckk * gmax * hw));
-  out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
-  for (int64_t s0 = 0; s0 < n; s0 += gmax) {
-    const int64_t g = std::min(gmax, n - s0), cols = g * hw;
-    im2col(x.data(), s0, g, h, w, col_.data());
-    // A group of one sample is already in y's layout: the GEMM writes it in place.
-    float* yg = g == 1 ? y.data() + s0 * out_ * hw : out_buf_.data();
-    sgemm(Trans::kNo, Trans::kNo, out_, cols, ckk, 1.0f, weight_.value.data(), ckk, col_.data(),
-          cols, 0.0f, yg, cols);
-    if (g > 1) scatter_group(yg, s0, g, out_, hw, y.data());
-  }
-  if (has_bias_)
-    for (int64_t s = 0; s < n; ++s)
-      for (int64_t o = 0; o < out_; ++o) {
-        float* ys = y.data() + (s * out_ + o) * hw;
-        for (int64_t p = 0; p < hw; ++p) ys[p] += bias_.value[o];
-      }
+  const int64_t gmax = part_group_size(n, ckk, hw);
+  const BatchParts parts{n};
+  parallel_for(parts.count(), [&](int64_t p) {
+    GroupScratch& sc = group_scratch();
+    float* col = grow_scratch(sc.col, ckk * gmax * hw);
+    float* buf = grow_scratch(sc.out, out_ * gmax * hw);
+    for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+      const int64_t g = std::min(gmax, parts.end(p) - s0), cols = g * hw;
+      im2col(x.data(), s0, g, h, w, col);
+      // A group of one sample is already in y's layout: the GEMM writes it in place.
+      float* yg = g == 1 ? y.data() + s0 * out_ * hw : buf;
+      sgemm(Trans::kNo, Trans::kNo, out_, cols, ckk, 1.0f, weight_.value.data(), ckk, col, cols,
+            0.0f, yg, cols);
+      if (g > 1) scatter_group(yg, s0, g, out_, hw, y.data());
+    }
+    if (has_bias_)
+      for (int64_t s = parts.begin(p); s < parts.end(p); ++s)
+        for (int64_t o = 0; o < out_; ++o) {
+          float* ys = y.data() + (s * out_ + o) * hw;
+          for (int64_t q = 0; q < hw; ++q) ys[q] += bias_.value[o];
+        }
+  });
 }
 
 void Conv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
   const int64_t ho = y.dim(2), wo = y.dim(3), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
-  const int64_t okk = out_ * kernel_ * kernel_;
-  if (has_bias_)
+  const int64_t okk = out_ * kernel_ * kernel_, wsize = out_ * ckk;
+  const BatchParts parts{n};
+  if (has_bias_)  // one thread, sample order: a fixed summation order
     for (int64_t s = 0; s < n; ++s)
       for (int64_t o = 0; o < out_; ++o) {
         const float* d = dy.data() + (s * out_ + o) * hw;
-        for (int64_t p = 0; p < hw; ++p) bias_.grad[o] += d[p];
+        for (int64_t q = 0; q < hw; ++q) bias_.grad[o] += d[q];
       }
+  // dW: one partial per part (groups accumulated in order within it), summed in part order below.
+  float* dw_parts = grow_scratch(dw_parts_, parts.count() * wsize);
   if (dx && dx_by_transposed_conv()) {
     // Both products from one im2col of dy (out*k*k, g*h*w), none of x:
     //   dx_g (in, g*h*w) = flip(W) (in, out*k*k) im2col(dy_g)
     //   dWt (in, out*k*k) += x_g (in, g*h*w) im2col(dy_g)^T, dW = dWt with the taps unflipped.
-    const int64_t gmax = group_size(n, okk, h * w), ihw = h * w;
+    const int64_t gmax = part_group_size(n, okk, h * w), ihw = h * w;
     dx->resize(x.shape());
-    wt_.resize(static_cast<size_t>(in_ * okk));
-    flip_weight(weight_.value.data(), wt_.data());
-    dwt_.assign(static_cast<size_t>(in_ * okk), 0.0f);
-    dcol_.resize(static_cast<size_t>(okk * gmax * ihw));
-    in_buf_.resize(static_cast<size_t>(in_ * gmax * ihw));
-    x_buf_.resize(in_buf_.size());
-    for (int64_t s0 = 0; s0 < n; s0 += gmax) {
-      const int64_t g = std::min(gmax, n - s0), icols = g * ihw;
-      dy_im2col(dy.data(), s0, g, h, w, dcol_.data());
-      const float* xg = x.data() + s0 * in_ * ihw;
-      if (g > 1) {
-        gather_group(x.data(), s0, g, in_, ihw, x_buf_.data());
-        xg = x_buf_.data();
+    flip_weight(weight_.value.data(), grow_scratch(wt_, in_ * okk));
+    parallel_for(parts.count(), [&](int64_t p) {
+      GroupScratch& sc = group_scratch();
+      float* dcol = grow_scratch(sc.dcol, okk * gmax * ihw);
+      float* in_buf = grow_scratch(sc.in, in_ * gmax * ihw);
+      float* x_buf = grow_scratch(sc.x, in_ * gmax * ihw);
+      float* dwt = dw_parts + p * wsize;
+      for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+        const int64_t g = std::min(gmax, parts.end(p) - s0), icols = g * ihw;
+        dy_im2col(dy.data(), s0, g, h, w, dcol);
+        const float* xg = x.data() + s0 * in_ * ihw;
+        if (g > 1) {
+          gather_group(x.data(), s0, g, in_, ihw, x_buf);
+          xg = x_buf;
+        }
+        sgemm(Trans::kNo, Trans::kYes, in_, okk, icols, 1.0f, xg, icols, dcol, icols,
+              s0 == parts.begin(p) ? 0.0f : 1.0f, dwt, okk);
+        float* dxg = g == 1 ? dx->data() + s0 * in_ * ihw : in_buf;
+        sgemm(Trans::kNo, Trans::kNo, in_, icols, okk, 1.0f, wt_.data(), okk, dcol, icols, 0.0f,
+              dxg, icols);
+        if (g > 1) scatter_group(dxg, s0, g, in_, ihw, dx->data());
       }
-      sgemm(Trans::kNo, Trans::kYes, in_, okk, icols, 1.0f, xg, icols, dcol_.data(), icols, 1.0f,
-            dwt_.data(), okk);
-      float* dxg = g == 1 ? dx->data() + s0 * in_ * ihw : in_buf_.data();
-      sgemm(Trans::kNo, Trans::kNo, in_, icols, okk, 1.0f, wt_.data(), okk, dcol_.data(), icols,
-            0.0f, dxg, icols);
-      if (g > 1) scatter_group(dxg, s0, g, in_, ihw, dx->data());
-    }
+    });
+    // dW[o, c, ky, kx] += (sum over parts of dWt)[c, o, k-1-ky, k-1-kx].
+    sum_parts(dw_parts, parts.count(), wsize);
     const int k = kernel_;
-    for (int64_t o = 0; o < out_; ++o)
-      for (int64_t c = 0; c < in_; ++c)
+    parallel_for(in_, [&](int64_t c) {
+      for (int64_t o = 0; o < out_; ++o)
         for (int ky = 0; ky < k; ++ky)
           for (int kx = 0; kx < k; ++kx)
             weight_.grad[((o * in_ + c) * k + ky) * k + kx] +=
-                dwt_[static_cast<size_t>(flipped_index(o, c, ky, kx))];
+                dw_parts[flipped_index(o, c, ky, kx)];
+    });
     return;
   }
-  const int64_t gmax = group_size(n, ckk, hw);
-  col_.resize(static_cast<size_t>(ckk * gmax * hw));
-  out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
-  if (dx) {
-    dx->resize(x.shape());
-    dx->zero();
-    dcol_.resize(col_.size());
-  }
-  for (int64_t s0 = 0; s0 < n; s0 += gmax) {
-    const int64_t g = std::min(gmax, n - s0), cols = g * hw;
-    im2col(x.data(), s0, g, h, w, col_.data());
-    const float* dyg = dy.data() + s0 * out_ * hw;
-    if (g > 1) {
-      gather_group(dy.data(), s0, g, out_, hw, out_buf_.data());
-      dyg = out_buf_.data();
+  const int64_t gmax = part_group_size(n, ckk, hw);
+  if (dx) dx->resize(x.shape());
+  parallel_for(parts.count(), [&](int64_t p) {
+    GroupScratch& sc = group_scratch();
+    float* col = grow_scratch(sc.col, ckk * gmax * hw);
+    float* buf = grow_scratch(sc.out, out_ * gmax * hw);
+    float* dcol = dx ? grow_scratch(sc.dcol, ckk * gmax * hw) : nullptr;
+    float* dwp = dw_parts + p * wsize;
+    if (dx) {
+      const int64_t per_sample = in_ * h * w;
+      std::fill(dx->data() + parts.begin(p) * per_sample, dx->data() + parts.end(p) * per_sample,
+                0.0f);
     }
-    // dW (out, ckk) += dy_g (out, cols) col^T (cols, ckk)
-    sgemm(Trans::kNo, Trans::kYes, out_, ckk, cols, 1.0f, dyg, cols, col_.data(), cols, 1.0f,
-          weight_.grad.data(), ckk);
-    if (!dx) continue;
-    // dcol (ckk, cols) = W^T (ckk, out) dy_g (out, cols), scattered back by col2im
-    sgemm(Trans::kYes, Trans::kNo, ckk, cols, out_, 1.0f, weight_.value.data(), ckk, dyg, cols,
-          0.0f, dcol_.data(), cols);
-    col2im(dcol_.data(), s0, g, h, w, dx->data());
-  }
+    for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+      const int64_t g = std::min(gmax, parts.end(p) - s0), cols = g * hw;
+      im2col(x.data(), s0, g, h, w, col);
+      const float* dyg = dy.data() + s0 * out_ * hw;
+      if (g > 1) {
+        gather_group(dy.data(), s0, g, out_, hw, buf);
+        dyg = buf;
+      }
+      // dW_part (out, ckk) (+)= dy_g (out, cols) col^T (cols, ckk)
+      sgemm(Trans::kNo, Trans::kYes, out_, ckk, cols, 1.0f, dyg, cols, col, cols,
+            s0 == parts.begin(p) ? 0.0f : 1.0f, dwp, ckk);
+      if (!dx) continue;
+      // dcol (ckk, cols) = W^T (ckk, out) dy_g (out, cols), scattered back by col2im
+      sgemm(Trans::kYes, Trans::kNo, ckk, cols, out_, 1.0f, weight_.value.data(), ckk, dyg, cols,
+            0.0f, dcol, cols);
+      col2im(dcol, s0, g, h, w, dx->data());
+    }
+  });
+  sum_parts(dw_parts, parts.count(), wsize);
+  parallel_for(out_, [&](int64_t o) {
+    for (int64_t j = o * ckk; j < (o + 1) * ckk; ++j) weight_.grad[j] += dw_parts[j];
+  });
 }
 
 // ---- BatchNorm ------------------------------------------------------------------------------
@@ -420,7 +484,9 @@ void BatchNorm::forward(const Tensor& x, Tensor& y, bool train) {
   mean_.assign(static_cast<size_t>(c), 0.0f);
   invstd_.assign(static_cast<size_t>(c), 0.0f);
   const double count = static_cast<double>(n * hw);
-  for (int64_t ch = 0; ch < c; ++ch) {
+  // Channels in parallel: each channel's sums run on one thread in sample order (thread-count
+  // independent, and the same as a one-thread loop).
+  parallel_for(c, [&](int64_t ch) {
     float mean, var;
     if (train) {
       Sums sum, sum2;
@@ -448,14 +514,14 @@ void BatchNorm::forward(const Tensor& x, Tensor& y, bool train) {
       float* q = y.data() + (i * c + ch) * hw;
       for (int64_t j = 0; j < hw; ++j) q[j] = p[j] * g + b;
     }
-  }
+  });
 }
 
 void BatchNorm::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {
   const int64_t n = x.dim(0), c = channels_, hw = x.numel() / (n * c);
   const double count = static_cast<double>(n * hw);
   if (dx) dx->resize(x.shape());
-  for (int64_t ch = 0; ch < c; ++ch) {
+  parallel_for(c, [&](int64_t ch) {
     const float mean = mean_[ch], invstd = invstd_[ch];
     Sums a, b;
     for (int64_t i = 0; i < n; ++i) {
@@ -466,7 +532,7 @@ void BatchNorm::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tenso
     const double sdy = a.total(), sdy_xhat = b.total();
     gamma_.grad[ch] += static_cast<float>(sdy_xhat);
     beta_.grad[ch] += static_cast<float>(sdy);
-    if (!dx) continue;
+    if (!dx) return;
     // Training-mode gradient: dx = g * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
     const float g = gamma_.value[ch] * invstd;
     const float mdy = static_cast<float>(sdy / count), mdyx = static_cast<float>(sdy_xhat / count);
@@ -476,81 +542,93 @@ void BatchNorm::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tenso
       float* q = dx->data() + (i * c + ch) * hw;
       for (int64_t j = 0; j < hw; ++j) q[j] = g * (d[j] - mdy - (p[j] - mean) * invstd * mdyx);
     }
-  }
+  });
 }
 
 // ---- ReLU, pooling --------------------------------------------------------------------------
 
 void ReLU::forward(const Tensor& x, Tensor& y, bool) {
   y.resize(x.shape());
-  const float* __restrict in = x.data();
-  float* __restrict out = y.data();
-  const int64_t n = x.numel();
-  for (int64_t i = 0; i < n; ++i) out[i] = in[i] > 0.0f ? in[i] : 0.0f;
+  const int64_t per = x.numel() / std::max<int64_t>(1, x.dim(0));
+  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
+    const float* __restrict in = x.data();
+    float* __restrict out = y.data();
+    for (int64_t i = s0 * per; i < s1 * per; ++i) out[i] = in[i] > 0.0f ? in[i] : 0.0f;
+  });
 }
 
 void ReLU::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {
   if (!dx) return;
   dx->resize(x.shape());
-  const float* __restrict in = x.data();
-  const float* __restrict g = dy.data();
-  float* __restrict out = dx->data();
-  const int64_t n = x.numel();
-  for (int64_t i = 0; i < n; ++i) out[i] = in[i] > 0.0f ? g[i] : 0.0f;
+  const int64_t per = x.numel() / std::max<int64_t>(1, x.dim(0));
+  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
+    const float* __restrict in = x.data();
+    const float* __restrict g = dy.data();
+    float* __restrict out = dx->data();
+    for (int64_t i = s0 * per; i < s1 * per; ++i) out[i] = in[i] > 0.0f ? g[i] : 0.0f;
+  });
 }
 
 void MaxPool2d::forward(const Tensor& x, Tensor& y, bool) {
   INT4DDP_CHECK(x.rank() == 4, name_, ": input ", shape_str(x.shape()), " is not NCHW");
-  const int64_t nc = x.dim(0) * x.dim(1), h = x.dim(2), w = x.dim(3);
+  const int64_t c = x.dim(1), h = x.dim(2), w = x.dim(3);
   const int64_t ho = h / window_, wo = w / window_;
   INT4DDP_CHECK(ho > 0 && wo > 0, name_, ": input ", shape_str(x.shape()), " is too small");
   y.resize({x.dim(0), x.dim(1), ho, wo});
-  argmax_.resize(static_cast<size_t>(nc * ho * wo));
-  for (int64_t p = 0; p < nc; ++p)
-    for (int64_t oy = 0; oy < ho; ++oy)
-      for (int64_t ox = 0; ox < wo; ++ox) {
-        float best = -std::numeric_limits<float>::infinity();
-        int32_t arg = static_cast<int32_t>((oy * window_) * w + ox * window_);
-        for (int dy = 0; dy < window_; ++dy)
-          for (int dx = 0; dx < window_; ++dx) {
-            const int32_t idx = static_cast<int32_t>((oy * window_ + dy) * w + ox * window_ + dx);
-            const float v = x[p * h * w + idx];
-            if (v > best) best = v, arg = idx;
-          }
-        y[(p * ho + oy) * wo + ox] = best;
-        argmax_[static_cast<size_t>((p * ho + oy) * wo + ox)] = arg;
-      }
+  argmax_.resize(static_cast<size_t>(x.dim(0) * c * ho * wo));
+  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
+    for (int64_t p = s0 * c; p < s1 * c; ++p)
+      for (int64_t oy = 0; oy < ho; ++oy)
+        for (int64_t ox = 0; ox < wo; ++ox) {
+          float best = -std::numeric_limits<float>::infinity();
+          int32_t arg = static_cast<int32_t>((oy * window_) * w + ox * window_);
+          for (int dy = 0; dy < window_; ++dy)
+            for (int dx = 0; dx < window_; ++dx) {
+              const int32_t idx = static_cast<int32_t>((oy * window_ + dy) * w + ox * window_ + dx);
+              const float v = x[p * h * w + idx];
+              if (v > best) best = v, arg = idx;
+            }
+          y[(p * ho + oy) * wo + ox] = best;
+          argmax_[static_cast<size_t>((p * ho + oy) * wo + ox)] = arg;
+        }
+  });
 }
 
 void MaxPool2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   if (!dx) return;
-  const int64_t nc = x.dim(0) * x.dim(1), hw = x.dim(2) * x.dim(3);
+  const int64_t c = x.dim(1), hw = x.dim(2) * x.dim(3);
   const int64_t howo = y.dim(2) * y.dim(3);
   dx->resize(x.shape());
-  dx->zero();
-  for (int64_t p = 0; p < nc; ++p)
-    for (int64_t o = 0; o < howo; ++o)
-      (*dx)[p * hw + argmax_[static_cast<size_t>(p * howo + o)]] += dy[p * howo + o];
+  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
+    std::fill(dx->data() + s0 * c * hw, dx->data() + s1 * c * hw, 0.0f);
+    for (int64_t p = s0 * c; p < s1 * c; ++p)
+      for (int64_t o = 0; o < howo; ++o)
+        (*dx)[p * hw + argmax_[static_cast<size_t>(p * howo + o)]] += dy[p * howo + o];
+  });
 }
 
 void GlobalAvgPool::forward(const Tensor& x, Tensor& y, bool) {
   INT4DDP_CHECK(x.rank() == 4, name_, ": input ", shape_str(x.shape()), " is not NCHW");
-  const int64_t nc = x.dim(0) * x.dim(1), hw = x.dim(2) * x.dim(3);
+  const int64_t c = x.dim(1), hw = x.dim(2) * x.dim(3);
   y.resize({x.dim(0), x.dim(1)});
-  for (int64_t p = 0; p < nc; ++p) {
-    double s = 0.0;
-    for (int64_t j = 0; j < hw; ++j) s += x[p * hw + j];
-    y[p] = static_cast<float>(s / static_cast<double>(hw));
-  }
+  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
+    for (int64_t p = s0 * c; p < s1 * c; ++p) {
+      double s = 0.0;
+      for (int64_t j = 0; j < hw; ++j) s += x[p * hw + j];
+      y[p] = static_cast<float>(s / static_cast<double>(hw));
+    }
+  });
 }
 
 void GlobalAvgPool::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {
   if (!dx) return;
-  const int64_t nc = x.dim(0) * x.dim(1), hw = x.dim(2) * x.dim(3);
+  const int64_t c = x.dim(1), hw = x.dim(2) * x.dim(3);
   dx->resize(x.shape());
   const float inv = 1.0f / static_cast<float>(hw);
-  for (int64_t p = 0; p < nc; ++p)
-    for (int64_t j = 0; j < hw; ++j) (*dx)[p * hw + j] = dy[p] * inv;
+  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
+    for (int64_t p = s0 * c; p < s1 * c; ++p)
+      for (int64_t j = 0; j < hw; ++j) (*dx)[p * hw + j] = dy[p] * inv;
+  });
 }
 
 // ---- Sequential -----------------------------------------------------------------------------
@@ -630,28 +708,30 @@ void ResidualBlock::forward(const Tensor& x, Tensor& y, bool train) {
   y.resize(body_out_.shape());
   // Shortcut: channel c < in_channels takes x[c] subsampled by stride; the rest are zero.
   const int64_t hw = ho * wo;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < out_channels_; ++c) {
-      const float* __restrict b = body_out_.data() + (i * out_channels_ + c) * hw;
-      float* __restrict q = y.data() + (i * out_channels_ + c) * hw;
-      if (c >= in_channels_) {
-        for (int64_t p = 0; p < hw; ++p) q[p] = b[p] > 0.0f ? b[p] : 0.0f;
-        continue;
-      }
-      const float* __restrict xs = x.data() + (i * in_channels_ + c) * h * w;
-      if (stride_ == 1) {
-        for (int64_t p = 0; p < hw; ++p) {
-          const float v = b[p] + xs[p];
-          q[p] = v > 0.0f ? v : 0.0f;
+  for_parts(n, [&](int64_t s0, int64_t s1) {
+    for (int64_t i = s0; i < s1; ++i)
+      for (int64_t c = 0; c < out_channels_; ++c) {
+        const float* __restrict b = body_out_.data() + (i * out_channels_ + c) * hw;
+        float* __restrict q = y.data() + (i * out_channels_ + c) * hw;
+        if (c >= in_channels_) {
+          for (int64_t p = 0; p < hw; ++p) q[p] = b[p] > 0.0f ? b[p] : 0.0f;
+          continue;
         }
-        continue;
-      }
-      for (int64_t oy = 0; oy < ho; ++oy)
-        for (int64_t ox = 0; ox < wo; ++ox) {
-          const float v = b[oy * wo + ox] + xs[(oy * stride_) * w + ox * stride_];
-          q[oy * wo + ox] = v > 0.0f ? v : 0.0f;
+        const float* __restrict xs = x.data() + (i * in_channels_ + c) * h * w;
+        if (stride_ == 1) {
+          for (int64_t p = 0; p < hw; ++p) {
+            const float v = b[p] + xs[p];
+            q[p] = v > 0.0f ? v : 0.0f;
+          }
+          continue;
         }
-    }
+        for (int64_t oy = 0; oy < ho; ++oy)
+          for (int64_t ox = 0; ox < wo; ++ox) {
+            const float v = b[oy * wo + ox] + xs[(oy * stride_) * w + ox * stride_];
+            q[oy * wo + ox] = v > 0.0f ? v : 0.0f;
+          }
+      }
+  });
 }
 
 void ResidualBlock::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
@@ -659,25 +739,30 @@ void ResidualBlock::backward(const Tensor& x, const Tensor& y, const Tensor& dy,
   const int64_t ho = y.dim(2), wo = y.dim(3), hw = ho * wo;
   Tensor& dsum = dsum_;  // reused: a fresh buffer per step page-faults
   dsum.resize(y.shape());
-  const int64_t total = y.numel();
-  const float* __restrict yp = y.data();
-  const float* __restrict gp = dy.data();
-  float* __restrict sp = dsum.data();
-  for (int64_t i = 0; i < total; ++i) sp[i] = yp[i] > 0.0f ? gp[i] : 0.0f;
+  const int64_t per = out_channels_ * hw;
+  for_parts(n, [&](int64_t s0, int64_t s1) {
+    const float* __restrict yp = y.data();
+    const float* __restrict gp = dy.data();
+    float* __restrict sp = dsum.data();
+    for (int64_t i = s0 * per; i < s1 * per; ++i) sp[i] = yp[i] > 0.0f ? gp[i] : 0.0f;
+  });
   // dx = the body's dx, plus the shortcut's gradient added in place.
   body_.backward(x, body_out_, dsum, dx);
   if (!dx) return;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < in_channels_; ++c) {
-      const float* __restrict d = dsum.data() + (i * out_channels_ + c) * hw;
-      float* __restrict q = dx->data() + (i * in_channels_ + c) * h * w;
-      if (stride_ == 1) {
-        for (int64_t p = 0; p < hw; ++p) q[p] += d[p];
-        continue;
+  for_parts(n, [&](int64_t s0, int64_t s1) {
+    for (int64_t i = s0; i < s1; ++i)
+      for (int64_t c = 0; c < in_channels_; ++c) {
+        const float* __restrict d = dsum.data() + (i * out_channels_ + c) * hw;
+        float* __restrict q = dx->data() + (i * in_channels_ + c) * h * w;
+        if (stride_ == 1) {
+          for (int64_t p = 0; p < hw; ++p) q[p] += d[p];
+          continue;
+        }
+        for (int64_t oy = 0; oy < ho; ++oy)
+          for (int64_t ox = 0; ox < wo; ++ox)
+            q[(oy * stride_) * w + ox * stride_] += d[oy * wo + ox];
       }
-      for (int64_t oy = 0; oy < ho; ++oy)
-        for (int64_t ox = 0; ox < wo; ++ox) q[(oy * stride_) * w + ox * stride_] += d[oy * wo + ox];
-    }
+  });
 }
 
 // ---- loss -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
 
 namespace int4ddp::nn {
@@ -178,13 +179,37 @@ float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
   p.gamma = grad_.policy->gamma_for(dy.data(), n);
   p.block_size = 0;
   p.key = quant::RngKey{ctx_->seed, ctx_->stream, ctx_->step, layer_id_};
-  packed_.resize(static_cast<size_t>(quant::packed_bytes(p.bits, n)));
-  float step = 0.0f;
-  const quant::QuantStats st = quant::quantize(dy.data(), n, p, packed_.data(), &step);
-  // Codes as integer-valued floats: dequantize with a unit step.
+  // One per-tensor quantization done in pieces on the threads: the max and the counts are exact
+  // in any order and the stochastic rounding is keyed by element index, so the codes and stats
+  // are those of one quantize() call whatever the pieces and threads.
+  constexpr int64_t kPiece = 16384;
+  const int64_t pieces = (n + kPiece - 1) / kPiece;
+  piece_max_.assign(static_cast<size_t>(pieces), 0.0f);
+  piece_count_.assign(static_cast<size_t>(pieces), 0);
+  parallel_for(pieces, [&](int64_t b) {
+    const int64_t i0 = b * kPiece, len = std::min(kPiece, n - i0);
+    piece_max_[static_cast<size_t>(b)] =
+        quant::finite_absmax(dy.data() + i0, len, &piece_count_[static_cast<size_t>(b)]);
+  });
+  quant::QuantStats st;
+  st.count = n;
+  for (int64_t b = 0; b < pieces; ++b) {
+    st.absmax = std::max(st.absmax, piece_max_[static_cast<size_t>(b)]);
+    st.nonfinite += piece_count_[static_cast<size_t>(b)];
+  }
   codes->resize(static_cast<size_t>(n));
-  const float unit = 1.0f;
-  quant::dequantize(packed_.data(), &unit, n, p.bits, 0, codes->data());
+  parallel_for(pieces, [&](int64_t b) {
+    const int64_t i0 = b * kPiece, len = std::min(kPiece, n - i0);
+    int8_t q[kPiece];
+    quant::QuantParams pp = p;
+    pp.index_offset = i0;
+    piece_count_[static_cast<size_t>(b)] =
+        quant::quantize_piece(dy.data() + i0, len, pp, st.absmax, st.nonfinite == 0, q);
+    float* out = codes->data() + i0;  // codes as integer-valued floats
+    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(q[i]);
+  });
+  for (int64_t c : piece_count_) st.clipped += c;
+  const float step = quant::step_for_clip(p.gamma * st.absmax, p.bits);
   grad_.pending = st;
   grad_.has_pending = true;
   grad_.last_gamma = p.gamma;
@@ -211,8 +236,11 @@ float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train
   if (!initialized_ && train) init_steps(x, w);
   xq_.resize(static_cast<size_t>(x.numel()));
   wq_.resize(static_cast<size_t>(w.value.numel()));
-  quantize_act_codes(x.data(), x.numel(), u_a_.value[0], spec_.act_bits, spec_.signed_input,
-                     xq_.data());
+  const int64_t per = x.numel() / std::max<int64_t>(1, x.dim(0));
+  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
+    quantize_act_codes(x.data() + s0 * per, (s1 - s0) * per, u_a_.value[0], spec_.act_bits,
+                       spec_.signed_input, xq_.data() + s0 * per);
+  });
   quantize_weight_codes(w.value.data(), w.value.numel(), s_w_.value[0], spec_.weight_bits,
                         wq_.data());
   const Grid g = grid();
@@ -222,8 +250,18 @@ float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train
 void QuantizedOp::act_backward(const Tensor& x, const float* dxhat, Tensor* dx) {
   Tensor* out = dx ? dx : &dx_unused_;  // u_A needs the pass even when dx is not wanted
   out->resize(x.shape());
-  u_a_.grad[0] += static_cast<float>(act_quant_backward(
-      x.data(), x.numel(), u_a_.value[0], spec_.act_bits, spec_.signed_input, dxhat, out->data()));
+  const int64_t n = x.dim(0), per = x.numel() / std::max<int64_t>(1, n);
+  const BatchParts parts{n};
+  du_parts_.resize(static_cast<size_t>(parts.count()));
+  parallel_for(parts.count(), [&](int64_t p) {
+    const int64_t off = parts.begin(p) * per;
+    du_parts_[static_cast<size_t>(p)] =
+        act_quant_backward(x.data() + off, (parts.end(p) - parts.begin(p)) * per, u_a_.value[0],
+                           spec_.act_bits, spec_.signed_input, dxhat + off, out->data() + off);
+  });
+  double du = 0.0;  // part order
+  for (double v : du_parts_) du += v;
+  u_a_.grad[0] += static_cast<float>(du);
 }
 
 void QuantizedOp::commit_step(bool apply) {
@@ -251,11 +289,13 @@ void QLinear::forward(const Tensor& x, Tensor& y, bool train) {
   const float scale = quantize_operands(x, weight_, train);
   const Grid g = grid();
   y.resize({n, out_});
-  int_gemm(Trans::kNo, Trans::kYes, n, out_, in_, xq_.data(), in_, g.qa, wq_.data(), in_, g.qw,
-           scale, false, y.data(), out_);
-  if (has_bias_)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < out_; ++j) y[i * out_ + j] += bias_.value[j];
+  for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
+    int_gemm(Trans::kNo, Trans::kYes, n, j1 - j0, in_, xq_.data(), in_, g.qa, wq_.data() + j0 * in_,
+             in_, g.qw, scale, false, y.data() + j0, out_);
+    if (has_bias_)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = j0; j < j1; ++j) y[i * out_ + j] += bias_.value[j];
+  });
 }
 
 void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {
@@ -263,9 +303,11 @@ void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor*
   const float dg = quantize_grad(dy, &gq_);
   const Grid g = grid();
   // dW^ (out, in) = G^T (out, n) X^ (n, in)
-  scratch_.assign(static_cast<size_t>(out_ * in_), 0.0f);
-  int_gemm(Trans::kYes, Trans::kNo, out_, in_, n, gq_.data(), out_, g.qg, xq_.data(), in_, g.qa,
-           dg * g.sa, false, scratch_.data(), in_);
+  scratch_.resize(static_cast<size_t>(std::max(out_, n) * in_));
+  for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
+    int_gemm(Trans::kYes, Trans::kNo, j1 - j0, in_, n, gq_.data() + j0, out_, g.qg, xq_.data(), in_,
+             g.qa, dg * g.sa, false, scratch_.data() + j0 * in_, in_);
+  });
   s_w_.grad[0] += static_cast<float>(weight_quant_backward(weight_.value.data(), out_ * in_,
                                                            s_w_.value[0], spec_.weight_bits,
                                                            scratch_.data(), weight_.grad.data()));
@@ -274,9 +316,10 @@ void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor*
       for (int64_t j = 0; j < out_; ++j)
         bias_.grad[j] += gq_[static_cast<size_t>(i * out_ + j)] * dg;
   // dX^ (n, in) = G^ (n, out) W^ (out, in); u_A's gradient needs it even without dx.
-  scratch_.assign(static_cast<size_t>(n * in_), 0.0f);
-  int_gemm(Trans::kNo, Trans::kNo, n, in_, out_, gq_.data(), out_, g.qg, wq_.data(), in_, g.qw,
-           dg * g.sw, false, scratch_.data(), in_);
+  for_feature_blocks(in_, [&](int64_t c0, int64_t c1) {
+    int_gemm(Trans::kNo, Trans::kNo, n, c1 - c0, out_, gq_.data(), out_, g.qg, wq_.data() + c0, in_,
+             g.qw, dg * g.sw, false, scratch_.data() + c0, in_);
+  });
   act_backward(x, scratch_.data(), dx);
 }
 
@@ -297,58 +340,97 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
   const float scale = quantize_operands(x, weight_, train);
   const Grid g = grid();
   y.resize({n, out_, ho, wo});
-  const int64_t gmax = group_size(n, ckk, hw);
-  col_.resize(static_cast<size_t>(ckk * gmax * hw));
-  out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
-  for (int64_t s0 = 0; s0 < n; s0 += gmax) {
-    const int64_t gs = std::min(gmax, n - s0), cols = gs * hw;
-    im2col(xq_.data(), s0, gs, h, w, col_.data());                      // zero padding is code 0
-    float* yg = gs == 1 ? y.data() + s0 * out_ * hw : out_buf_.data();  // one sample: in place
-    int_gemm(Trans::kNo, Trans::kNo, out_, cols, ckk, wq_.data(), ckk, g.qw, col_.data(), cols,
-             g.qa, scale, false, yg, cols);
-    if (gs > 1) scatter_group(yg, s0, gs, out_, hw, y.data());
-  }
+  const int64_t gmax = part_group_size(n, ckk, hw);
+  const BatchParts parts{n};
+  parallel_for(parts.count(), [&](int64_t p) {
+    GroupScratch& sc = group_scratch();
+    float* col = grow_scratch(sc.col, ckk * gmax * hw);
+    float* buf = grow_scratch(sc.out, out_ * gmax * hw);
+    for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+      const int64_t gs = std::min(gmax, parts.end(p) - s0), cols = gs * hw;
+      im2col(xq_.data(), s0, gs, h, w, col);                  // zero padding is code 0
+      float* yg = gs == 1 ? y.data() + s0 * out_ * hw : buf;  // one sample: in place
+      int_gemm(Trans::kNo, Trans::kNo, out_, cols, ckk, wq_.data(), ckk, g.qw, col, cols, g.qa,
+               scale, false, yg, cols);
+      if (gs > 1) scatter_group(yg, s0, gs, out_, hw, y.data());
+    }
+  });
 }
 
 void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
   const int64_t ho = y.dim(2), wo = y.dim(3), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
-  const int64_t okk = out_ * kernel_ * kernel_, ihw = h * w;
+  const int64_t okk = out_ * kernel_ * kernel_, ihw = h * w, wsize = out_ * ckk;
   const float dg = quantize_grad(dy, &gq_);
   const Grid g = grid();
   // dW^ is summed over groups as exact integers (int_gemm with unit scale) in double, then scaled
   // once; dX^ (the input's shape) is needed even without dx, for u_A's gradient.
-  dw_acc_.assign(static_cast<size_t>(out_ * ckk), 0.0);
-  scratch_.resize(static_cast<size_t>(out_ * ckk));
+  dw_acc_.resize(static_cast<size_t>(num_threads()));
+  for (auto& acc : dw_acc_) acc.assign(static_cast<size_t>(wsize), 0.0);
   Tensor& dxhat = dxhat_;  // reused across steps: a fresh 1-10 MB buffer per step page-faults
   dxhat.resize(x.shape());
-  std::vector<float> dwhat(static_cast<size_t>(out_ * ckk));
+  std::vector<float> dwhat(static_cast<size_t>(wsize));
   const float wscale = dg * g.sa;
-  if (dx_by_transposed_conv()) {
-    // As Conv2d::backward: one im2col of the gradient codes G (out*k*k, g*h*w) for both products,
-    //   dX^_g (in, g*h*w) = flip(W^) im2col(G_g), dW^t (in, out*k*k) = X^_g im2col(G_g)^T.
-    const int64_t gmax = group_size(n, okk, ihw);
-    wt_.resize(static_cast<size_t>(in_ * okk));
-    flip_weight(wq_.data(), wt_.data());
-    dcol_.resize(static_cast<size_t>(okk * gmax * ihw));
-    in_buf_.resize(static_cast<size_t>(in_ * gmax * ihw));
-    x_buf_.resize(in_buf_.size());
-    for (int64_t s0 = 0; s0 < n; s0 += gmax) {
-      const int64_t gs = std::min(gmax, n - s0), icols = gs * ihw;
-      dy_im2col(gq_.data(), s0, gs, h, w, dcol_.data());
-      const float* xg = xq_.data() + s0 * in_ * ihw;
-      if (gs > 1) {
-        gather_group(xq_.data(), s0, gs, in_, ihw, x_buf_.data());
-        xg = x_buf_.data();
+  const BatchParts parts{n};
+  const bool transposed = dx_by_transposed_conv();
+  // As Conv2d::backward. Transposed: one im2col of the gradient codes G (out*k*k, g*h*w) for both
+  // products, dX^_g (in, g*h*w) = flip(W^) im2col(G_g), dW^t (in, out*k*k) = X^_g im2col(G_g)^T.
+  // Otherwise dW^ (out, ckk) from im2col(X^) and dX^ by col2im of W^T G_g.
+  const int64_t gmax = transposed ? part_group_size(n, okk, ihw) : part_group_size(n, ckk, hw);
+  if (transposed) flip_weight(wq_.data(), grow_scratch(wt_, in_ * okk));
+  parallel_for(parts.count(), [&](int64_t p) {
+    GroupScratch& sc = group_scratch();
+    double* acc = dw_acc_[static_cast<size_t>(thread_index())].data();
+    float* dwg = grow_scratch(sc.dw, wsize);
+    if (transposed) {
+      float* dcol = grow_scratch(sc.dcol, okk * gmax * ihw);
+      float* in_buf = grow_scratch(sc.in, in_ * gmax * ihw);
+      float* x_buf = grow_scratch(sc.x, in_ * gmax * ihw);
+      for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+        const int64_t gs = std::min(gmax, parts.end(p) - s0), icols = gs * ihw;
+        dy_im2col(gq_.data(), s0, gs, h, w, dcol);
+        const float* xg = xq_.data() + s0 * in_ * ihw;
+        if (gs > 1) {
+          gather_group(xq_.data(), s0, gs, in_, ihw, x_buf);
+          xg = x_buf;
+        }
+        int_gemm(Trans::kNo, Trans::kYes, in_, okk, icols, xg, icols, g.qa, dcol, icols, g.qg, 1.0f,
+                 false, dwg, okk);
+        for (int64_t i = 0; i < wsize; ++i) acc[i] += dwg[i];
+        float* dxg = gs == 1 ? dxhat.data() + s0 * in_ * ihw : in_buf;
+        int_gemm(Trans::kNo, Trans::kNo, in_, icols, okk, wt_.data(), okk, g.qw, dcol, icols, g.qg,
+                 dg * g.sw, false, dxg, icols);
+        if (gs > 1) scatter_group(dxg, s0, gs, in_, ihw, dxhat.data());
       }
-      int_gemm(Trans::kNo, Trans::kYes, in_, okk, icols, xg, icols, g.qa, dcol_.data(), icols, g.qg,
-               1.0f, false, scratch_.data(), okk);
-      for (int64_t i = 0; i < in_ * okk; ++i) dw_acc_[static_cast<size_t>(i)] += scratch_[i];
-      float* dxg = gs == 1 ? dxhat.data() + s0 * in_ * ihw : in_buf_.data();
-      int_gemm(Trans::kNo, Trans::kNo, in_, icols, okk, wt_.data(), okk, g.qw, dcol_.data(), icols,
-               g.qg, dg * g.sw, false, dxg, icols);
-      if (gs > 1) scatter_group(dxg, s0, gs, in_, ihw, dxhat.data());
+      return;
     }
+    float* col = grow_scratch(sc.col, ckk * gmax * hw);
+    float* buf = grow_scratch(sc.out, out_ * gmax * hw);
+    float* dcol = grow_scratch(sc.dcol, ckk * gmax * hw);
+    std::fill(dxhat.data() + parts.begin(p) * in_ * ihw, dxhat.data() + parts.end(p) * in_ * ihw,
+              0.0f);
+    for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+      const int64_t gs = std::min(gmax, parts.end(p) - s0), cols = gs * hw;
+      im2col(xq_.data(), s0, gs, h, w, col);
+      const float* gg = gq_.data() + s0 * out_ * hw;
+      if (gs > 1) {
+        gather_group(gq_.data(), s0, gs, out_, hw, buf);
+        gg = buf;
+      }
+      // dW^ (out, ckk) += G_g (out, cols) col_g^T (cols, ckk)
+      int_gemm(Trans::kNo, Trans::kYes, out_, ckk, cols, gg, cols, g.qg, col, cols, g.qa, 1.0f,
+               false, dwg, ckk);
+      for (int64_t i = 0; i < wsize; ++i) acc[i] += dwg[i];
+      // dcol (ckk, cols) = W^T (ckk, out) G_g (out, cols), scattered back by col2im.
+      int_gemm(Trans::kYes, Trans::kNo, ckk, cols, out_, wq_.data(), ckk, g.qw, gg, cols, g.qg,
+               dg * g.sw, false, dcol, cols);
+      col2im(dcol, s0, gs, h, w, dxhat.data());
+    }
+  });
+  std::vector<double>& total = dw_acc_[0];
+  for (size_t t = 1; t < dw_acc_.size(); ++t)
+    for (int64_t i = 0; i < wsize; ++i) total[static_cast<size_t>(i)] += dw_acc_[t][i];
+  if (transposed) {
     const int k = kernel_;
     for (int64_t o = 0; o < out_; ++o)
       for (int64_t c = 0; c < in_; ++c)
@@ -356,31 +438,9 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
           for (int kx = 0; kx < k; ++kx)
             dwhat[static_cast<size_t>(((o * in_ + c) * k + ky) * k + kx)] =
                 wscale *
-                static_cast<float>(dw_acc_[static_cast<size_t>(flipped_index(o, c, ky, kx))]);
+                static_cast<float>(total[static_cast<size_t>(flipped_index(o, c, ky, kx))]);
   } else {
-    const int64_t gmax = group_size(n, ckk, hw);
-    col_.resize(static_cast<size_t>(ckk * gmax * hw));
-    out_buf_.resize(static_cast<size_t>(out_ * gmax * hw));
-    dcol_.resize(col_.size());
-    dxhat.zero();
-    for (int64_t s0 = 0; s0 < n; s0 += gmax) {
-      const int64_t gs = std::min(gmax, n - s0), cols = gs * hw;
-      im2col(xq_.data(), s0, gs, h, w, col_.data());
-      const float* gg = gq_.data() + s0 * out_ * hw;
-      if (gs > 1) {
-        gather_group(gq_.data(), s0, gs, out_, hw, out_buf_.data());
-        gg = out_buf_.data();
-      }
-      // dW^ (out, ckk) += G_g (out, cols) col_g^T (cols, ckk)
-      int_gemm(Trans::kNo, Trans::kYes, out_, ckk, cols, gg, cols, g.qg, col_.data(), cols, g.qa,
-               1.0f, false, scratch_.data(), ckk);
-      for (int64_t i = 0; i < out_ * ckk; ++i) dw_acc_[static_cast<size_t>(i)] += scratch_[i];
-      // dcol (ckk, cols) = W^T (ckk, out) G_g (out, cols), scattered back by col2im.
-      int_gemm(Trans::kYes, Trans::kNo, ckk, cols, out_, wq_.data(), ckk, g.qw, gg, cols, g.qg,
-               dg * g.sw, false, dcol_.data(), cols);
-      col2im(dcol_.data(), s0, gs, h, w, dxhat.data());
-    }
-    for (size_t i = 0; i < dwhat.size(); ++i) dwhat[i] = wscale * static_cast<float>(dw_acc_[i]);
+    for (size_t i = 0; i < dwhat.size(); ++i) dwhat[i] = wscale * static_cast<float>(total[i]);
   }
   s_w_.grad[0] += static_cast<float>(weight_quant_backward(weight_.value.data(), out_ * ckk,
                                                            s_w_.value[0], spec_.weight_bits,

@@ -111,8 +111,10 @@ class QuantizedOp {
   bool initialized_ = false;
   GradQuantizerState grad_;
   std::vector<float> xq_, wq_, gq_, scratch_;
-  std::vector<uint8_t> packed_;
-  Tensor dx_unused_;  // act_backward's output when the caller wants no dx
+  std::vector<float> piece_max_;      // (pieces) max |dy| of each piece of quantize_grad
+  std::vector<int64_t> piece_count_;  // (pieces) non-finite, then clipped, counts of each piece
+  std::vector<double> du_parts_;      // (batch parts) u_A's gradient of each part
+  Tensor dx_unused_;                  // act_backward's output when the caller wants no dx
 };
 
 class QLinear : public Linear, public QuantizedOp {
@@ -133,8 +135,10 @@ class QConv2d : public Conv2d, public QuantizedOp {
   std::vector<Param*> params() override;
 
  private:
-  std::vector<double> dw_acc_;  // exact integer accumulation of dW^ over samples
-  Tensor dxhat_;                // dL/dX^ scratch
+  // (threads, weight size) exact integer sums of dW^ codes products, one per thread slot: sums of
+  // integers below 2^53 are exact in any order, so which thread summed which part is invisible.
+  std::vector<std::vector<double>> dw_acc_;
+  Tensor dxhat_;  // dL/dX^ scratch
 };
 
 }  // namespace int4ddp::nn

@@ -14,11 +14,12 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "comm/buckets.h"
 #include "comm/communicator.h"
 #include "kernels/common/error.h"
-#include "kernels/math/gemm.h"
+#include "kernels/common/parallel.h"
 #include "src/data/dataset.h"
 #include "src/nn/model.h"
 #include "src/train/checkpoint.h"
@@ -347,6 +348,23 @@ class MetricsLog {
   std::ofstream f_;
 };
 
+// train.threads = 0: the cores this process may use, shared among the ranks of this node. A rank
+// that mpirun bound to a subset of the machine's cores (its affinity mask is smaller than the
+// machine) gets its mask; an unbound one divides the machine by the ranks on the node, read from
+// OMPI_COMM_WORLD_LOCAL_SIZE (Open MPI) or MPI_LOCALNRANKS (MPICH); without either, 1 rank.
+int automatic_threads() {
+  const int cores = available_cores();
+  const unsigned machine = std::thread::hardware_concurrency();
+  if (machine > 0 && cores < static_cast<int>(machine)) return cores;
+  int local = 1;
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"})
+    if (const char* v = std::getenv(var)) {
+      local = std::max(1, std::atoi(v));
+      break;
+    }
+  return std::max(1, cores / local);
+}
+
 json quant_diagnostics(nn::Model& model) {
   json layers = json::array();
   const auto& qops = model.quantized_ops();
@@ -370,10 +388,11 @@ RunSummary run_training(const Config& cfg, std::ostream& out_all, std::ostream& 
   const int rank = dp.rank(), world = dp.world();
   std::ostream null_stream(nullptr);  // what ranks other than 0 print goes nowhere
   std::ostream& out = rank == 0 ? out_all : null_stream;
-  // train.threads = 0 (automatic) means one thread today: only the GEMMs are threaded, and on the
-  // per-sample convolution GEMMs two threads were measured slower (experiments/RESULTS.md).
-  math::set_num_threads(cfg.train.threads > 0 ? cfg.train.threads : 1);
+  // Results do not depend on the thread count (src/nn/layer.h), so automatic may differ by machine.
+  const int threads = cfg.train.threads > 0 ? cfg.train.threads : automatic_threads();
+  set_num_threads(threads);
   out << "int4ddp train: resolved config\n" << config_table(cfg) << std::flush;
+  if (cfg.train.threads == 0) out << "train.threads: 0 (automatic) -> " << threads << "\n";
   if (dp.enabled())
     out << "data parallel: " << world << " rank(s), backend " << dp.comm().backend()
         << ", gradients " << cfg.comm.mode << "\n";

@@ -4,7 +4,8 @@
 // The first batch of a run with `lbt` calibration calibrates the gradient quantizers and updates no
 // weights. A step whose loss or gradients hold NaN/Inf is skipped (no weight, optimizer or gamma
 // update), counted, and the run stops with an Error after train.max_consecutive_skips in a row.
-// A run resumed from a checkpoint continues bit for bit (same machine and thread count).
+// A run resumed from a checkpoint continues bit for bit (same machine, any train.threads: results
+// do not depend on the thread count).
 #pragma once
 
 #include <ostream>
