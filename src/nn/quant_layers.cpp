@@ -369,7 +369,8 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   for (auto& acc : dw_acc_) acc.assign(static_cast<size_t>(wsize), 0.0);
   Tensor& dxhat = dxhat_;  // reused across steps: a fresh 1-10 MB buffer per step page-faults
   dxhat.resize(x.shape());
-  std::vector<float> dwhat(static_cast<size_t>(wsize));
+  std::vector<float>& dwhat = dwhat_;  // reused: a fresh buffer per call page-faults
+  dwhat.resize(static_cast<size_t>(wsize));
   const float wscale = dg * g.sa;
   const BatchParts parts{n};
   const bool transposed = dx_by_transposed_conv();

@@ -138,7 +138,8 @@ class QConv2d : public Conv2d, public QuantizedOp {
   // (threads, weight size) exact integer sums of dW^ codes products, one per thread slot: sums of
   // integers below 2^53 are exact in any order, so which thread summed which part is invisible.
   std::vector<std::vector<double>> dw_acc_;
-  Tensor dxhat_;  // dL/dX^ scratch
+  Tensor dxhat_;              // dL/dX^ scratch
+  std::vector<float> dwhat_;  // (weight size) dL/dW^ scratch
 };
 
 }  // namespace int4ddp::nn
