@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/common/parallel.h"
 #include "src/core/rng.h"
 
 namespace int4ddp::nn {
@@ -145,7 +146,13 @@ void Model::backward(const Tensor& dlogits, const std::function<void(int64_t)>& 
   net_.set_backward_hook({});
 }
 
-void Model::zero_grad() { std::fill(grads_.begin(), grads_.end(), 0.0f); }
+void Model::zero_grad() {
+  constexpr int64_t kBlock = 65536;
+  const int64_t n = static_cast<int64_t>(grads_.size());
+  parallel_for((n + kBlock - 1) / kBlock, [&](int64_t b) {
+    std::fill(grads_.data() + b * kBlock, grads_.data() + std::min(n, (b + 1) * kBlock), 0.0f);
+  });
+}
 
 void Model::commit_quant_step(bool apply) {
   for (QuantizedOp* q : qops_) q->commit_step(apply);

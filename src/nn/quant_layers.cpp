@@ -17,6 +17,9 @@ using math::Trans;
 namespace {
 
 constexpr float kMinStep = 1e-12f;  // s_W and u_A are used as max(|value|, kMinStep)
+// Work items over a weight tensor: fixed blocks; s_W's gradient is summed per block, then in block
+// order (thread-count independent).
+constexpr int64_t kWeightBlock = 16384;
 
 float effective_step(float v) { return std::max(std::fabs(v), kMinStep); }
 
@@ -241,8 +244,12 @@ float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train
     quantize_act_codes(x.data() + s0 * per, (s1 - s0) * per, u_a_.value[0], spec_.act_bits,
                        spec_.signed_input, xq_.data() + s0 * per);
   });
-  quantize_weight_codes(w.value.data(), w.value.numel(), s_w_.value[0], spec_.weight_bits,
-                        wq_.data());
+  const int64_t nw = w.value.numel();
+  parallel_for((nw + kWeightBlock - 1) / kWeightBlock, [&](int64_t b) {
+    const int64_t i0 = b * kWeightBlock;
+    quantize_weight_codes(w.value.data() + i0, std::min(kWeightBlock, nw - i0), s_w_.value[0],
+                          spec_.weight_bits, wq_.data() + i0);
+  });
   const Grid g = grid();
   return g.sa * g.sw;
 }
@@ -262,6 +269,20 @@ void QuantizedOp::act_backward(const Tensor& x, const float* dxhat, Tensor* dx) 
   double du = 0.0;  // part order
   for (double v : du_parts_) du += v;
   u_a_.grad[0] += static_cast<float>(du);
+}
+
+void QuantizedOp::weight_backward(Param& w, const float* dwhat) {
+  const int64_t n = w.value.numel(), blocks = (n + kWeightBlock - 1) / kWeightBlock;
+  ds_parts_.resize(static_cast<size_t>(blocks));
+  parallel_for(blocks, [&](int64_t b) {
+    const int64_t i0 = b * kWeightBlock;
+    ds_parts_[static_cast<size_t>(b)] =
+        weight_quant_backward(w.value.data() + i0, std::min(kWeightBlock, n - i0), s_w_.value[0],
+                              spec_.weight_bits, dwhat + i0, w.grad.data() + i0);
+  });
+  double ds = 0.0;  // block order
+  for (double v : ds_parts_) ds += v;
+  s_w_.grad[0] += static_cast<float>(ds);
 }
 
 void QuantizedOp::commit_step(bool apply) {
@@ -308,9 +329,7 @@ void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor*
     int_gemm(Trans::kYes, Trans::kNo, j1 - j0, in_, n, gq_.data() + j0, out_, g.qg, xq_.data(), in_,
              g.qa, dg * g.sa, false, scratch_.data() + j0 * in_, in_);
   });
-  s_w_.grad[0] += static_cast<float>(weight_quant_backward(weight_.value.data(), out_ * in_,
-                                                           s_w_.value[0], spec_.weight_bits,
-                                                           scratch_.data(), weight_.grad.data()));
+  weight_backward(weight_, scratch_.data());
   if (has_bias_)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < out_; ++j)
@@ -443,9 +462,7 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   } else {
     for (size_t i = 0; i < dwhat.size(); ++i) dwhat[i] = wscale * static_cast<float>(total[i]);
   }
-  s_w_.grad[0] += static_cast<float>(weight_quant_backward(weight_.value.data(), out_ * ckk,
-                                                           s_w_.value[0], spec_.weight_bits,
-                                                           dwhat.data(), weight_.grad.data()));
+  weight_backward(weight_, dwhat.data());
   act_backward(x, dxhat.data(), dx);
 }
 

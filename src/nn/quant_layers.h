@@ -103,6 +103,8 @@ class QuantizedOp {
   // From dL/dX^ (x's shape): dx (straight-through inside the clip range) and u_A's gradient.
   void act_backward(const Tensor& x, const float* dxhat, Tensor* dx);
   void init_steps(const Tensor& x, const Param& w);
+  // From dL/dW^ (w's shape): w.grad += straight-through dW, and s_W's gradient.
+  void weight_backward(Param& w, const float* dwhat);
 
   QuantSpec spec_;
   uint32_t layer_id_;
@@ -114,6 +116,7 @@ class QuantizedOp {
   std::vector<float> piece_max_;      // (pieces) max |dy| of each piece of quantize_grad
   std::vector<int64_t> piece_count_;  // (pieces) non-finite, then clipped, counts of each piece
   std::vector<double> du_parts_;      // (batch parts) u_A's gradient of each part
+  std::vector<double> ds_parts_;      // (weight blocks) s_W's gradient of each block
   Tensor dx_unused_;                  // act_backward's output when the caller wants no dx
 };
 

@@ -1,11 +1,18 @@
 // SGD + Adam over the parameter arena, and the learning-rate schedules.
 #include "src/train/optim.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/common/error.h"
+#include "kernels/common/parallel.h"
 
 namespace int4ddp::train {
+namespace {
+
+constexpr int64_t kBlock = 16384;  // elements per work item of step()
+
+}  // namespace
 
 Optimizer::Optimizer(const OptimConfig& cfg, const std::vector<Param*>& params, float* values,
                      float* grads, int64_t n)
@@ -16,6 +23,8 @@ Optimizer::Optimizer(const OptimConfig& cfg, const std::vector<Param*>& params, 
                   " is not in the arena");
     ranges_.push_back({off, p->value.numel(), p->group, p->decay});
   }
+  for (size_t r = 0; r < ranges_.size(); ++r)
+    for (int64_t i0 = 0; i0 < ranges_[r].count; i0 += kBlock) blocks_.push_back({r, i0});
   momentum_.assign(static_cast<size_t>(n), 0.0f);
   adam_m_.assign(static_cast<size_t>(n), 0.0f);
   adam_v_.assign(static_cast<size_t>(n), 0.0f);
@@ -30,27 +39,31 @@ void Optimizer::step(double lr) {
   const float alr = static_cast<float>(cfg_.quant_lr / c1);
   const float inv_c2 = static_cast<float>(1.0 / c2), eps = static_cast<float>(cfg_.adam_eps);
   const float slr = static_cast<float>(lr);
-  for (const Range& r : ranges_) {
-    float* w = values_ + r.offset;
-    const float* g = grads_ + r.offset;
+  // Elementwise, so any split gives the same result: blocks of every range, on the threads.
+  parallel_for(static_cast<int64_t>(blocks_.size()), [&](int64_t b) {
+    const Range& r = ranges_[blocks_[static_cast<size_t>(b)].first];
+    const int64_t i0 = blocks_[static_cast<size_t>(b)].second;
+    const int64_t off = r.offset + i0, count = std::min(kBlock, r.count - i0);
+    float* w = values_ + off;
+    const float* g = grads_ + off;
     if (r.group == ParamGroup::kWeights) {
-      float* v = momentum_.data() + r.offset;
+      float* v = momentum_.data() + off;
       const float decay = r.decay ? wd : 0.0f;
-      for (int64_t i = 0; i < r.count; ++i) {
+      for (int64_t i = 0; i < count; ++i) {
         const float gi = g[i] + decay * w[i];
         v[i] = mu * v[i] + gi;
         w[i] -= slr * (cfg_.nesterov ? gi + mu * v[i] : v[i]);
       }
     } else {
-      float* m = adam_m_.data() + r.offset;
-      float* s = adam_v_.data() + r.offset;
-      for (int64_t i = 0; i < r.count; ++i) {
+      float* m = adam_m_.data() + off;
+      float* s = adam_v_.data() + off;
+      for (int64_t i = 0; i < count; ++i) {
         m[i] = b1 * m[i] + (1.0f - b1) * g[i];
         s[i] = b2 * s[i] + (1.0f - b2) * g[i] * g[i];
         w[i] -= alr * m[i] / (std::sqrt(s[i] * inv_c2) + eps);
       }
     }
-  }
+  });
 }
 
 double scheduled_lr(const ScheduleConfig& s, double base_lr, int64_t step, int64_t total_steps) {

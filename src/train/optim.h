@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "src/core/tensor.h"
@@ -44,6 +45,7 @@ class Optimizer {
   };
   OptimConfig cfg_;
   std::vector<Range> ranges_;
+  std::vector<std::pair<size_t, int64_t>> blocks_;  // step()'s work items: (range, first element)
   float* values_;
   float* grads_;
   std::vector<float> momentum_, adam_m_, adam_v_;
