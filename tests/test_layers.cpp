@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <tuple>
@@ -217,6 +218,41 @@ TEST(LayerGrad, BatchNorm2dAnd1d) {
   Tensor x1({6, 5});
   fill_normal(x1, 44);
   check_layer(bn1, x1, 45);
+}
+
+TEST(LayerGrad, BatchNormWithRelu) {
+  auto bn = BatchNorm::with_relu("bnrelu", 3);
+  randomize_params(*bn, 47);
+  Tensor x({4, 3, 3, 2});
+  fill_normal(x, 48, 2.0f);
+  check_layer(*bn, x, 49);
+}
+
+// The fused layer is the two layers, bit for bit: outputs, dx, and the gamma/beta gradients.
+TEST(BatchNormWithRelu, BitIdenticalToBatchNormThenReLU) {
+  Tensor x({5, 4, 3, 3}), r({5, 4, 3, 3});
+  fill_normal(x, 60, 2.0f);
+  fill_normal(r, 61);
+  auto fused = BatchNorm::with_relu("bn", 4);
+  BatchNorm plain("bn", 4);
+  ReLU relu("relu");
+  randomize_params(*fused, 62);
+  randomize_params(plain, 62);
+  for (Param* p : fused->params()) p->grad.zero();
+  for (Param* p : plain.params()) p->grad.zero();
+  Tensor y, dx, t, y2, dt, dx2;
+  fused->forward(x, y, true);
+  fused->backward(x, y, r, &dx);
+  plain.forward(x, t, true);
+  relu.forward(t, y2, true);
+  relu.backward(t, y2, r, &dt);
+  plain.backward(x, t, dt, &dx2);
+  ASSERT_EQ(y.numel(), y2.numel());
+  EXPECT_EQ(0, std::memcmp(y.data(), y2.data(), sizeof(float) * y.numel()));
+  EXPECT_EQ(0, std::memcmp(dx.data(), dx2.data(), sizeof(float) * dx.numel()));
+  for (size_t k = 0; k < 2; ++k)
+    EXPECT_EQ(0, std::memcmp(fused->params()[k]->grad.data(), plain.params()[k]->grad.data(),
+                             sizeof(float) * 4));
 }
 
 TEST(LayerGrad, BatchNormEvalUsesRunningStatistics) {

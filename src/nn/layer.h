@@ -157,6 +157,9 @@ class Conv2d : public Layer {
 class BatchNorm : public Layer {
  public:
   BatchNorm(std::string name, int64_t channels, float momentum = 0.1f, float eps = 1e-5f);
+  // BatchNorm followed by ReLU as one layer, y = max(0, BN(x)): bit-identical to the two layers,
+  // without the ReLU's pass over the activations (and its tensor) in forward and backward.
+  static std::unique_ptr<BatchNorm> with_relu(std::string name, int64_t channels);
   std::string name() const override { return name_; }
   void forward(const Tensor& x, Tensor& y, bool train) override;
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
@@ -169,6 +172,7 @@ class BatchNorm : public Layer {
   std::string name_;
   int64_t channels_;
   float momentum_, eps_;
+  bool relu_ = false;  // fused ReLU (with_relu)
   Param gamma_, beta_;
   std::vector<float> running_mean_, running_var_;
   std::vector<float> mean_, invstd_;  // batch statistics of the last training forward

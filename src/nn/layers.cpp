@@ -474,6 +474,12 @@ BatchNorm::BatchNorm(std::string name, int64_t channels, float momentum, float e
   running_var_.assign(static_cast<size_t>(channels), 1.0f);
 }
 
+std::unique_ptr<BatchNorm> BatchNorm::with_relu(std::string name, int64_t channels) {
+  auto bn = std::make_unique<BatchNorm>(std::move(name), channels);
+  bn->relu_ = true;
+  return bn;
+}
+
 std::vector<Param*> BatchNorm::params() { return {&gamma_, &beta_}; }
 
 void BatchNorm::forward(const Tensor& x, Tensor& y, bool train) {
@@ -510,23 +516,38 @@ void BatchNorm::forward(const Tensor& x, Tensor& y, bool train) {
     invstd_[ch] = invstd;
     const float g = gamma_.value[ch] * invstd, b = beta_.value[ch] - mean * g;
     for (int64_t i = 0; i < n; ++i) {
-      const float* p = x.data() + (i * c + ch) * hw;
-      float* q = y.data() + (i * c + ch) * hw;
-      for (int64_t j = 0; j < hw; ++j) q[j] = p[j] * g + b;
+      const float* __restrict p = x.data() + (i * c + ch) * hw;
+      float* __restrict q = y.data() + (i * c + ch) * hw;
+      if (relu_)
+        for (int64_t j = 0; j < hw; ++j) {
+          const float v = p[j] * g + b;
+          q[j] = v > 0.0f ? v : 0.0f;
+        }
+      else
+        for (int64_t j = 0; j < hw; ++j) q[j] = p[j] * g + b;
     }
   });
 }
 
-void BatchNorm::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {
+void BatchNorm::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   const int64_t n = x.dim(0), c = channels_, hw = x.numel() / (n * c);
   const double count = static_cast<double>(n * hw);
   if (dx) dx->resize(x.shape());
   parallel_for(c, [&](int64_t ch) {
     const float mean = mean_[ch], invstd = invstd_[ch];
+    // With the fused ReLU the gradient reaching BN is dy where y > 0, else 0 (as the ReLU layer
+    // would pass it): masked row by row into L1-resident scratch for the sums, inline below.
+    thread_local std::vector<float> masked;
+    if (relu_) grow_scratch(masked, hw);
     Sums a, b;
     for (int64_t i = 0; i < n; ++i) {
       const float* p = x.data() + (i * c + ch) * hw;
       const float* d = dy.data() + (i * c + ch) * hw;
+      if (relu_) {
+        const float* yr = y.data() + (i * c + ch) * hw;
+        for (int64_t j = 0; j < hw; ++j) masked[j] = yr[j] > 0.0f ? d[j] : 0.0f;
+        d = masked.data();
+      }
       accumulate_dy_moments(d, p, hw, mean, invstd, &a, &b);
     }
     const double sdy = a.total(), sdy_xhat = b.total();
@@ -537,10 +558,18 @@ void BatchNorm::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tenso
     const float g = gamma_.value[ch] * invstd;
     const float mdy = static_cast<float>(sdy / count), mdyx = static_cast<float>(sdy_xhat / count);
     for (int64_t i = 0; i < n; ++i) {
-      const float* p = x.data() + (i * c + ch) * hw;
-      const float* d = dy.data() + (i * c + ch) * hw;
-      float* q = dx->data() + (i * c + ch) * hw;
-      for (int64_t j = 0; j < hw; ++j) q[j] = g * (d[j] - mdy - (p[j] - mean) * invstd * mdyx);
+      const float* __restrict p = x.data() + (i * c + ch) * hw;
+      const float* __restrict d = dy.data() + (i * c + ch) * hw;
+      float* __restrict q = dx->data() + (i * c + ch) * hw;
+      if (relu_) {
+        const float* __restrict yr = y.data() + (i * c + ch) * hw;
+        for (int64_t j = 0; j < hw; ++j) {
+          const float dj = yr[j] > 0.0f ? d[j] : 0.0f;
+          q[j] = g * (dj - mdy - (p[j] - mean) * invstd * mdyx);
+        }
+      } else {
+        for (int64_t j = 0; j < hw; ++j) q[j] = g * (d[j] - mdy - (p[j] - mean) * invstd * mdyx);
+      }
     }
   });
 }
@@ -689,8 +718,7 @@ ResidualBlock::ResidualBlock(std::string name, std::unique_ptr<Layer> conv1, int
   INT4DDP_CHECK(stride == 1 || stride == 2, name_, ": stride must be 1 or 2");
   INT4DDP_CHECK(out_channels >= in_channels, name_, ": option-A shortcut cannot drop channels");
   body_.add(std::move(conv1));
-  body_.add(std::make_unique<BatchNorm>(name + ".bn1", mid_channels));
-  body_.add(std::make_unique<ReLU>(name + ".relu1"));
+  body_.add(BatchNorm::with_relu(name + ".bn1", mid_channels));  // + relu1
   body_.add(std::move(conv2));
   body_.add(std::make_unique<BatchNorm>(name + ".bn2", out_channels));
 }

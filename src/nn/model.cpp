@@ -59,12 +59,10 @@ void Model::build_cnn() {
   INT4DDP_CHECK(spec_.height % 4 == 0 && spec_.width % 4 == 0,
                 "model cnn: input height and width must be multiples of 4");
   net_.add(conv("conv1", spec_.channels, 32, 3, 1, 1, spec_.fp32_first));
-  net_.add(std::make_unique<BatchNorm>("bn1", 32));
-  net_.add(std::make_unique<ReLU>("relu1"));
+  net_.add(BatchNorm::with_relu("bn1", 32));  // + relu1
   net_.add(std::make_unique<MaxPool2d>("pool1", 2));
   net_.add(conv("conv2", 32, 64, 3, 1, 1, false));
-  net_.add(std::make_unique<BatchNorm>("bn2", 64));
-  net_.add(std::make_unique<ReLU>("relu2"));
+  net_.add(BatchNorm::with_relu("bn2", 64));  // + relu2
   net_.add(std::make_unique<MaxPool2d>("pool2", 2));
   net_.add(linear("fc1", 64 * (spec_.height / 4) * (spec_.width / 4), 256, false));
   net_.add(std::make_unique<ReLU>("relu3"));
@@ -73,8 +71,7 @@ void Model::build_cnn() {
 
 void Model::build_resnet20() {
   net_.add(conv("conv1", spec_.channels, 16, 3, 1, 1, spec_.fp32_first));
-  net_.add(std::make_unique<BatchNorm>("bn1", 16));
-  net_.add(std::make_unique<ReLU>("relu1"));
+  net_.add(BatchNorm::with_relu("bn1", 16));  // + relu1
   int64_t in = 16;
   for (int stage = 0; stage < 3; ++stage) {
     const int64_t out = 16 << stage;
