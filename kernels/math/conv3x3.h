@@ -1,0 +1,137 @@
+// Direct 3x3 convolution, stride 1, pad 1, on NCHW fp32 tensors: no im2col, no GEMM packing.
+//
+//   forward          y  (n, k, h, w) (=, or +=) scale * conv(x (n, c, h, w), W (k, c, 3, 3))
+//   backward_data    dx (n, c, h, w) (=, or +=) scale * conv(dy (n, k, h, w), W^T flipped)
+//                    (the adjoint of forward: dx[c,i,j] = sum_{o,ky,kx} W[o,c,ky,kx]
+//                     dy[o, i+1-ky, j+1-kx])
+//   backward_weight  dW (k, c, 3, 3) (=, or +=) scale * sum over the chunk's samples of
+//                    sum_{i,j} dy[o,i,j] x[c, i+ky-1, j+kx-1]
+//   *_ref            plain loops (double accumulation; int64 for codes): the definitions.
+//
+// Every function handles one chunk of samples and is single-threaded and reentrant: a caller
+// threads over sample chunks, each thread with its own Conv3x3Workspace, and sums dW partials in a
+// fixed order. Weights are repacked once per weight update into a Conv3x3Weights.
+//
+// Integer codes (the quantized layers, DESIGN.md section 3): with Conv3x3Codes set, the operands
+// hold integers stored as floats, |a| <= qmax_a and |b| <= qmax_b (qmax <= 255, so an unsigned
+// 8-bit activation grid fits). The result is then EXACT: out = scale * float(T) (and out + that for
+// +=), T the exact integer sum, rounded to float once, the same formula as math::int_gemm_ref. An
+// fp32 FMA chain on integers is exact while every partial sum stays below 2^24; the kernels
+// guarantee it by splitting every reduction into pieces of at most floor((2^24 - 1) / (qmax_a *
+// qmax_b)) terms and adding the pieces (exact integers) in int64 or double:
+//   forward / backward_data: 9 * channels terms per output (576 at 64 channels). One piece while
+//     9 * channels * qmax_a * qmax_b < 2^24: always for 4-bit codes (576 * 15 * 7 = 60480), and for
+//     8-bit signed ones (576 * 127 * 127 = 9.3e6); unsigned 8-bit activations against 8-bit weights
+//     (576 * 255 * 127 = 1.87e7) are split into channel pieces.
+//   backward_weight: n * h * w terms per weight (784 per 28x28 sample: 8-bit codes exceed 2^24
+//     within ONE sample, 4-bit ones after about 200 samples). The sum over pixels is split into row
+//     pieces and accumulated in double; backward_weight_exact hands the exact integer totals out.
+//
+// Instruction sets: an AVX-512 path (compiled with per-file target flags, used after a run-time
+// CPU check) and a portable path. Conv3x3Isa::kAuto picks AVX-512 when available unless the
+// environment sets INT4DDP_ISA=portable (the variable the codec honours too). Both give exact
+// results on codes; on fp32 they differ only by float rounding (AVX-512 uses FMAs).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace int4ddp::math {
+
+enum class Conv3x3Isa : uint8_t { kAuto = 0, kPortable = 1, kAvx512 = 2 };
+
+const char* conv3x3_isa_name(Conv3x3Isa isa);
+bool conv3x3_isa_available(Conv3x3Isa isa);  // compiled in and supported by this CPU (kAuto: true)
+Conv3x3Isa conv3x3_resolve(Conv3x3Isa isa);  // kAuto -> what it runs; others checked, returned
+
+struct Conv3x3Shape {
+  int64_t n = 0;  // samples in the chunk
+  int64_t c = 0;  // input channels
+  int64_t k = 0;  // output channels
+  int64_t h = 0;  // image height (input and output)
+  int64_t w = 0;  // image width (input and output)
+};
+
+// Integer-code operands: {0, 0} = plain fp32. For forward, a = x and b = W; for backward_data,
+// a = dy and b = W; for backward_weight, a = x and b = dy.
+struct Conv3x3Codes {
+  int qmax_a = 0;
+  int qmax_b = 0;
+  bool enabled() const { return qmax_a > 0 || qmax_b > 0; }
+};
+
+// W (k, c, 3, 3) repacked for the kernels: the forward layout (output-channel blocks) and the
+// backward-data layout (transposed, taps flipped). Pack once per weight update, read by any number
+// of threads.
+class Conv3x3Weights {
+ public:
+  Conv3x3Weights() = default;
+  Conv3x3Weights(const float* w, int64_t k, int64_t c) { pack(w, k, c); }
+  void pack(const float* w, int64_t k, int64_t c);
+  int64_t k() const { return k_; }
+  int64_t c() const { return c_; }
+  // Internal layouts (conv3x3.cpp): blocks of kBlock output channels, block b at b * kBlock * c * 9
+  // holding [c][tap][j < min(kBlock, k - b * kBlock)].
+  static constexpr int kBlock = 8;
+  const float* forward_packed() const { return fwd_.data(); }   // (k, c, 9) blocked
+  const float* backward_packed() const { return bwd_.data(); }  // (c, k, 9) blocked, flipped
+  const float* plain() const { return plain_.data(); }          // (k, c, 3, 3) as given
+
+ private:
+  int64_t k_ = 0, c_ = 0;
+  std::vector<float> fwd_, bwd_, plain_;
+};
+
+// Per-thread scratch (padded planes, transposes, accumulators), grown on demand and reused: keep
+// one per thread for the lifetime of the layer. Never shared by two concurrent calls.
+class Conv3x3Workspace {
+ public:
+  Conv3x3Workspace();
+  ~Conv3x3Workspace();
+  Conv3x3Workspace(const Conv3x3Workspace&) = delete;
+  Conv3x3Workspace& operator=(const Conv3x3Workspace&) = delete;
+  struct Buffers;  // conv3x3.cpp
+  Buffers& buffers() { return *b_; }
+  int64_t bytes() const;  // currently allocated
+
+ private:
+  Buffers* b_;
+};
+
+// The options every product takes. accumulate: out += result (out's previous contents are read);
+// otherwise out = result and out's contents are never read.
+struct Conv3x3Options {
+  float scale = 1.0f;
+  bool accumulate = false;
+  Conv3x3Codes codes;
+  Conv3x3Isa isa = Conv3x3Isa::kAuto;
+};
+
+// ws == nullptr uses a thread_local workspace.
+void conv3x3_forward(const Conv3x3Shape& s, const float* x, const Conv3x3Weights& w, float* y,
+                     const Conv3x3Options& opt = {}, Conv3x3Workspace* ws = nullptr);
+void conv3x3_backward_data(const Conv3x3Shape& s, const float* dy, const Conv3x3Weights& w,
+                           float* dx, const Conv3x3Options& opt = {},
+                           Conv3x3Workspace* ws = nullptr);
+// dW (k, c, 3, 3) from x (n, c, h, w) and dy (n, k, h, w).
+void conv3x3_backward_weight(const Conv3x3Shape& s, const float* x, const float* dy, float* dw,
+                             const Conv3x3Options& opt = {}, Conv3x3Workspace* ws = nullptr);
+// Codes only: dw_sum (k, c, 3, 3) += the exact integer sums (as doubles, exact below 2^53), for a
+// caller that adds chunk partials and rescales once. opt.scale and opt.accumulate are ignored.
+void conv3x3_backward_weight_exact(const Conv3x3Shape& s, const float* x, const float* dy,
+                                   double* dw_sum, const Conv3x3Options& opt,
+                                   Conv3x3Workspace* ws = nullptr);
+
+// Definitions. fp32: double accumulation, out = scale * float(sum) (+ out). Codes (codes.enabled):
+// int64 accumulation, out = scale * float(T) (+ out) exactly as documented above.
+void conv3x3_forward_ref(const Conv3x3Shape& s, const float* x, const float* w, float* y,
+                         const Conv3x3Options& opt = {});
+void conv3x3_backward_data_ref(const Conv3x3Shape& s, const float* dy, const float* w, float* dx,
+                               const Conv3x3Options& opt = {});
+void conv3x3_backward_weight_ref(const Conv3x3Shape& s, const float* x, const float* dy, float* dw,
+                                 const Conv3x3Options& opt = {});
+
+// Largest number of terms an exact fp32 sum of code products may have (see above).
+int64_t conv3x3_exact_terms(const Conv3x3Codes& codes);
+
+}  // namespace int4ddp::math

@@ -1,0 +1,289 @@
+// AVX-512F kernels of the direct 3x3 convolution (plane layout: conv3x3_kernels.h). Compiled with
+// -mavx512f for this file only and called only after a run-time CPU check (conv3x3.cpp).
+//
+// spatial (forward and backward data): 16 consecutive flat output positions per zmm, a tile of NK
+//   output channels x NV vectors (8 x 3 = 24 accumulators) summed over input channels and taps with
+//   broadcast weights; each tap is one unaligned load at a constant offset of the padded plane. The
+//   valid lanes of an accumulator are consecutive NCHW elements: compress + one masked store.
+// wgrad (backward weight): input channels in the lanes (the input transposed to padded NHWC), a
+// tile
+//   of NO output channels x 9 taps accumulators; dy is broadcast from NCHW, so no junk positions
+//   and no horizontal sums. The tile's fp32 sum over a piece of rows is added to the caller's
+//   float or double accumulator.
+// All arithmetic on codes is exact: FMAs of integers whose partial sums stay below 2^24 (the
+// driver bounds the pieces), then float -> double adds.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/math/conv3x3_kernels.h"
+
+namespace int4ddp::math::detail {
+namespace {
+
+constexpr int kBlock = 8;  // output channels per packed weight block (Conv3x3Weights::kBlock)
+constexpr int kMaxNV = 3;  // output vectors per spatial tile
+
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// ---- pad ----------------------------------------------------------------------------------------
+
+void pad_avx512(const float* src, int64_t channels, const Conv3x3Plane& g, float* planes) {
+  const int64_t h = g.h, w = g.w, row = g.row;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t c = 0; c < channels; ++c) {
+    float* p = planes + c * g.stride;
+    const float* s = src + c * h * w;
+    for (int64_t i = 0; i < row + 1; i += 16)
+      _mm512_mask_storeu_ps(p + i, tail_mask(row + 1 - i), zero);
+    // Image row y and its right pad: row floats from (y + 1) * row + 1, the last one 0.
+    for (int64_t y = 0; y < h; ++y) {
+      float* d = p + (y + 1) * row + 1;
+      const float* r = s + y * w;
+      for (int64_t x = 0; x < row; x += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(w - x), r + x);
+        _mm512_mask_storeu_ps(d + x, tail_mask(row - x), v);
+      }
+    }
+    for (int64_t i = (h + 1) * row + 1; i < g.stride; i += 16)
+      _mm512_mask_storeu_ps(p + i, tail_mask(g.stride - i), zero);
+  }
+}
+
+// ---- spatial ------------------------------------------------------------------------------------
+
+// Where the valid lanes of output vector j go: compress mask, store mask, NCHW offset.
+struct VecStore {
+  __mmask16 valid;  // lanes with x < w and p < outputs
+  __mmask16 store;  // the first popcount(valid) lanes
+  int64_t offset;   // NCHW index (y * w + x) of the first valid lane
+};
+
+VecStore vec_store(const Conv3x3Plane& g, int64_t j) {
+  VecStore s{0, 0, 0};
+  int count = 0;
+  for (int l = 0; l < 16; ++l) {
+    const int64_t p = j * 16 + l, y = p / g.row, x = p - y * g.row;
+    if (p >= g.outputs || x >= g.w) continue;
+    if (count == 0) s.offset = y * g.w + x;
+    s.valid = static_cast<__mmask16>(s.valid | (1u << l));
+    ++count;
+  }
+  s.store = tail_mask(count);
+  return s;
+}
+
+template <int NK, int NV>
+void spatial_tile(const float* base, int64_t stride, int64_t row, int64_t nc, const float* wp,
+                  float scale, bool accumulate, const VecStore* vs, float* out, int64_t hw) {
+  __m512 acc[NK][NV];
+#pragma GCC unroll 8
+  for (int k = 0; k < NK; ++k)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nc; ++c, base += stride) {
+#pragma GCC unroll 3
+    for (int ky = 0; ky < 3; ++ky) {
+      const float* r = base + ky * row;
+#pragma GCC unroll 3
+      for (int kx = 0; kx < 3; ++kx, wp += NK) {
+        __m512 xv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_ps(r + kx + 16 * v);
+#pragma GCC unroll 8
+        for (int k = 0; k < NK; ++k) {
+          const __m512 wv = _mm512_set1_ps(wp[k]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[k][v] = _mm512_fmadd_ps(wv, xv[v], acc[k][v]);
+        }
+      }
+    }
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int k = 0; k < NK; ++k)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if (vs[v].valid == 0) continue;
+      __m512 r = _mm512_mul_ps(sv, acc[k][v]);
+      if (vs[v].valid != 0xFFFF) r = _mm512_maskz_compress_ps(vs[v].valid, r);
+      float* d = out + k * hw + vs[v].offset;
+      if (accumulate) r = _mm512_add_ps(_mm512_maskz_loadu_ps(vs[v].store, d), r);
+      _mm512_mask_storeu_ps(d, vs[v].store, r);
+    }
+}
+
+using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float, bool,
+                        const VecStore*, float*, int64_t);
+
+template <int NK>
+constexpr TileFn tile_for(int nv) {
+  return nv == 1 ? spatial_tile<NK, 1> : nv == 2 ? spatial_tile<NK, 2> : spatial_tile<NK, 3>;
+}
+
+TileFn select_tile(int nk, int nv) {
+  switch (nk) {
+    case 8:
+      return tile_for<8>(nv);
+    case 7:
+      return tile_for<7>(nv);
+    case 6:
+      return tile_for<6>(nv);
+    case 5:
+      return tile_for<5>(nv);
+    case 4:
+      return tile_for<4>(nv);
+    case 3:
+      return tile_for<3>(nv);
+    case 2:
+      return tile_for<2>(nv);
+    default:
+      return tile_for<1>(nv);
+  }
+}
+
+void spatial_avx512(const float* planes, const Conv3x3Plane& g, int64_t c_total, int64_t c0,
+                    int64_t c1, int64_t k, const float* packed, float scale, bool accumulate,
+                    float* out) {
+  const int64_t hw = g.h * g.w;
+  // Vectors split into blocks of at most kMaxNV, as even as possible (4 -> 2 + 2, 14 -> 3*4 + 2).
+  const int64_t blocks = (g.vecs + kMaxNV - 1) / kMaxNV;
+  const int64_t base_nv = g.vecs / blocks, extra = g.vecs % blocks;
+  int64_t v0 = 0;
+  for (int64_t bi = 0; bi < blocks; ++bi) {
+    const int nv = static_cast<int>(base_nv + (bi < extra ? 1 : 0));
+    VecStore vs[kMaxNV];
+    for (int v = 0; v < nv; ++v) vs[v] = vec_store(g, v0 + v);
+    const float* base = planes + c0 * g.stride + v0 * 16;
+    for (int64_t kb = 0; kb < k; kb += kBlock) {
+      const int nk = static_cast<int>(std::min<int64_t>(kBlock, k - kb));
+      const float* wp = packed + kb * c_total * 9 + c0 * 9 * nk;
+      select_tile(nk, nv)(base, g.stride, g.row, c1 - c0, wp, scale, accumulate, vs, out + kb * hw,
+                          hw);
+    }
+    v0 += nv;
+  }
+}
+
+// ---- transpose ----------------------------------------------------------------------------------
+
+// r[i] (16 rows of 16) -> r[i] = column i.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+void transpose_avx512(const float* src, int64_t c, const Conv3x3Plane& g, float* xt) {
+  const int64_t h = g.h, w = g.w, row = g.row, hw = h * w;
+  auto zero_positions = [&](int64_t q0, int64_t q1) {
+    std::memset(xt + q0 * c, 0, sizeof(float) * static_cast<size_t>((q1 - q0) * c));
+  };
+  zero_positions(0, row + 1);
+  for (int64_t y = 0; y < h; ++y) zero_positions((y + 2) * row, (y + 2) * row + 1);
+  zero_positions((h + 1) * row + 1, g.qcount);
+  __m512 r[16];
+  for (int64_t y = 0; y < h; ++y)
+    for (int64_t x0 = 0; x0 < w; x0 += 16) {
+      const int64_t nx = std::min<int64_t>(16, w - x0);
+      const __mmask16 xm = tail_mask(nx);
+      for (int64_t cb = 0; cb < c; cb += 16) {
+        const int64_t ncb = std::min<int64_t>(16, c - cb);
+        for (int i = 0; i < 16; ++i)
+          r[i] = i < ncb ? _mm512_maskz_loadu_ps(xm, src + (cb + i) * hw + y * w + x0)
+                         : _mm512_setzero_ps();
+        transpose16(r);
+        const __mmask16 cm = tail_mask(ncb);
+        float* d = xt + ((y + 1) * row + x0 + 1) * c + cb;
+        for (int64_t i = 0; i < nx; ++i) _mm512_mask_storeu_ps(d + i * c, cm, r[i]);
+      }
+    }
+}
+
+// ---- wgrad --------------------------------------------------------------------------------------
+
+inline void add_to(float* p, __m512 v) {
+  _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), v));
+}
+
+inline void add_to(double* p, __m512 v) {
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  const __m512d hi =
+      _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), lo));
+  _mm512_storeu_pd(p + 8, _mm512_add_pd(_mm512_loadu_pd(p + 8), hi));
+}
+
+// Output channels [o0, o0 + NO), input channels [cv, cv + 16), rows [y0, y1).
+template <int NO, typename Acc>
+void wgrad_tile(const float* xt, const float* dy, const Conv3x3Plane& g, int64_t c, int64_t cv,
+                int64_t o0, int64_t y0, int64_t y1, Acc* acc) {
+  const int64_t hw = g.h * g.w, rowc = g.row * c;
+  __m512 a[NO][9];
+#pragma GCC unroll 4
+  for (int o = 0; o < NO; ++o)
+#pragma GCC unroll 9
+    for (int t = 0; t < 9; ++t) a[o][t] = _mm512_setzero_ps();
+  for (int64_t y = y0; y < y1; ++y) {
+    const float* x0 = xt + y * rowc + cv;
+    const float* d = dy + o0 * hw + y * g.w;
+    for (int64_t x = 0; x < g.w; ++x, x0 += c) {
+      __m512 dv[NO];
+#pragma GCC unroll 4
+      for (int o = 0; o < NO; ++o) dv[o] = _mm512_set1_ps(d[o * hw + x]);
+#pragma GCC unroll 3
+      for (int ky = 0; ky < 3; ++ky)
+#pragma GCC unroll 3
+        for (int kx = 0; kx < 3; ++kx) {
+          const __m512 xv = _mm512_loadu_ps(x0 + ky * rowc + kx * c);
+#pragma GCC unroll 4
+          for (int o = 0; o < NO; ++o)
+            a[o][ky * 3 + kx] = _mm512_fmadd_ps(dv[o], xv, a[o][ky * 3 + kx]);
+        }
+    }
+  }
+#pragma GCC unroll 4
+  for (int o = 0; o < NO; ++o)
+#pragma GCC unroll 9
+    for (int t = 0; t < 9; ++t) add_to(acc + ((o0 + o) * 9 + t) * c + cv, a[o][t]);
+}
+
+template <typename Acc>
+void wgrad_avx512(const float* xt, const float* dy, const Conv3x3Plane& g, int64_t c, int64_t k,
+                  int64_t y0, int64_t y1, Acc* acc, float*) {
+  for (int64_t cv = 0; cv < c; cv += 16) {
+    int64_t o = 0;
+    for (; o + 2 <= k; o += 2) wgrad_tile<2>(xt, dy, g, c, cv, o, y0, y1, acc);
+    if (o < k) wgrad_tile<1>(xt, dy, g, c, cv, o, y0, y1, acc);
+  }
+}
+
+}  // namespace
+
+const Conv3x3Kernels kConv3x3Avx512 = {pad_avx512,          spatial_avx512,       transpose_avx512,
+                                       wgrad_avx512<float>, wgrad_avx512<double>, 16};
+
+}  // namespace int4ddp::math::detail
