@@ -259,6 +259,45 @@ TEST(Conv3x3, CodesAreExactAtTheSplitBounds) {
   check_codes({3, 64, 64, 7, 7}, 4, true, true, 5, &ws);
 }
 
+// Conv3x3WeightGrad fed one sample at a time (as a caller streaming sample chunks does) gives the
+// chunk's dW: exactly on codes, within the tolerance on fp32.
+TEST(Conv3x3, WeightGradStreamsSamples) {
+  Conv3x3Workspace ws;
+  for (const Conv3x3Shape& s : {Conv3x3Shape{3, 1, 16, 28, 28}, Conv3x3Shape{3, 16, 16, 28, 28},
+                                Conv3x3Shape{3, 64, 64, 7, 7}, Conv3x3Shape{3, 3, 5, 14, 14}})
+    for (bool use_codes : {false, true})
+      for (Conv3x3Isa isa : isas()) {
+        const int64_t hw = s.h * s.w, count = s.k * s.c * 9;
+        const Operands a = use_codes ? Operands{codes(s.n * s.c * hw, 0, 255, 1),
+                                                codes(s.k * s.c * 9, -127, 127, 2),
+                                                codes(s.n * s.k * hw, -127, 127, 3)}
+                                     : Operands{normal(s.n * s.c * hw, 1), normal(s.k * s.c * 9, 2),
+                                                normal(s.n * s.k * hw, 3)};
+        Conv3x3Options opt;
+        opt.scale = 0.5f;
+        if (use_codes) opt.codes = {255, 127};
+        std::vector<float> ref(static_cast<size_t>(count)), bound(ref.size());
+        conv3x3_backward_weight_ref(s, a.x.data(), a.dy.data(), ref.data(), opt);
+        const Operands mag = abs_of(a);
+        conv3x3_backward_weight_ref(s, mag.x.data(), mag.dy.data(), bound.data(), {});
+        Conv3x3WeightGrad grad;
+        grad.reset(s.k, s.c, opt.codes, isa);
+        for (int64_t n = 0; n < s.n; ++n)
+          grad.add({1, s.c, s.k, s.h, s.w}, a.x.data() + n * s.c * hw, a.dy.data() + n * s.k * hw,
+                   &ws);
+        std::vector<float> got(ref.size(), std::nanf(""));
+        grad.finish(opt.scale, false, got.data());
+        for (int64_t i = 0; i < count; ++i) {
+          if (use_codes)
+            ASSERT_EQ(got[i], ref[i])
+                << describe(s, Op::kBackwardWeight, isa, false) << " at " << i;
+          else
+            ASSERT_NEAR(got[i], ref[i], kMaxRelError * 0.5 * bound[i])
+                << describe(s, Op::kBackwardWeight, isa, false) << " at " << i;
+        }
+      }
+}
+
 TEST(Conv3x3, ExactBound) {
   EXPECT_EQ(conv3x3_exact_terms({7, 7}), ((1 << 24) - 1) / 49);
   EXPECT_EQ(conv3x3_exact_terms({255, 127}), 518);

@@ -69,8 +69,7 @@ struct Conv3x3Workspace::Buffers {
   AlignedBuf<float> xt;       // (qcount, c) transposed padded input of one sample (dW)
   AlignedBuf<float> part;     // exact pieces / kernel scratch
   AlignedBuf<int64_t> total;  // exact totals of the split forward / backward_data
-  AlignedBuf<float> accf;     // (k, 9, c) fp32 dW accumulator
-  AlignedBuf<double> accd;    // (k, 9, c) dW accumulator of exact integers
+  Conv3x3WeightGrad grad;     // the one-call conv3x3_backward_weight's sum
 };
 
 namespace {
@@ -163,36 +162,7 @@ void check_weights(const Conv3x3Shape& s, const Conv3x3Weights& w, const char* w
                 ", c=", w.c(), ") but the shape has k=", s.k, " c=", s.c);
 }
 
-// acc (k, 9, c) += the sums over the samples of the chunk; Acc = float (fp32) or double (codes).
-template <typename Acc>
-void wgrad_accumulate(const Conv3x3Shape& s, const float* x, const float* dy,
-                      const Conv3x3Options& opt, Conv3x3Workspace::Buffers& b, Acc* acc) {
-  const Conv3x3Kernels* kern = &kernels_for(opt.isa);
-  if (s.c % kern->wgrad_c_multiple != 0) kern = &detail::kConv3x3Portable;
-  const Conv3x3Plane g = detail::make_plane(s.h, s.w);
-  float* xt = b.xt.get(g.qcount * s.c);
-  float* scratch = b.part.get(s.k * 9 * s.c);
-  int64_t rows;
-  if (opt.codes.enabled()) {
-    rows = conv3x3_exact_terms(opt.codes) / s.w;  // >= 1: checked by the caller
-  } else {
-    // fp32: rows whose transposed input (plus the two halo rows) stays in about 24 KiB of L1.
-    rows = std::max<int64_t>(1, (int64_t{24} << 10) / (g.row * s.c * 4) - 2);
-  }
-  const int64_t hw = s.h * s.w;
-  for (int64_t n = 0; n < s.n; ++n) {
-    kern->transpose(x + n * s.c * hw, s.c, g, xt);
-    for (int64_t y0 = 0; y0 < s.h; y0 += rows) {
-      const int64_t y1 = std::min(s.h, y0 + rows);
-      if constexpr (std::is_same_v<Acc, double>)
-        kern->wgrad_d(xt, dy + n * s.k * hw, g, s.c, s.k, y0, y1, acc, scratch);
-      else
-        kern->wgrad_f(xt, dy + n * s.k * hw, g, s.c, s.k, y0, y1, acc, scratch);
-    }
-  }
-}
-
-// The exact int64 dW sum of one weight (the reference's loop).
+// The exact int64 dW sum of one weight over a chunk (the reference's loop).
 int64_t wgrad_ref_sum(const Conv3x3Shape& s, const float* x, const float* dy, int64_t o, int64_t ch,
                       int t) {
   const int64_t hw = s.h * s.w;
@@ -209,11 +179,6 @@ int64_t wgrad_ref_sum(const Conv3x3Shape& s, const float* x, const float* dy, in
   return sum;
 }
 
-// Whether the exact dW path can split the pixel sum into whole image rows.
-bool wgrad_rows_fit(const Conv3x3Shape& s, const Conv3x3Options& opt) {
-  return !opt.codes.enabled() || s.w <= conv3x3_exact_terms(opt.codes);
-}
-
 }  // namespace
 
 // ---- Workspace and weights -------------------------------------------------------------------
@@ -221,8 +186,7 @@ bool wgrad_rows_fit(const Conv3x3Shape& s, const Conv3x3Options& opt) {
 Conv3x3Workspace::Conv3x3Workspace() : b_(new Buffers) {}
 Conv3x3Workspace::~Conv3x3Workspace() { delete b_; }
 int64_t Conv3x3Workspace::bytes() const {
-  return b_->planes.bytes() + b_->xt.bytes() + b_->part.bytes() + b_->total.bytes() +
-         b_->accf.bytes() + b_->accd.bytes();
+  return b_->planes.bytes() + b_->xt.bytes() + b_->part.bytes() + b_->total.bytes();
 }
 
 void Conv3x3Weights::pack(const float* w, int64_t k, int64_t c) {
@@ -319,38 +283,140 @@ void conv3x3_backward_data(const Conv3x3Shape& s, const float* dy, const Conv3x3
   spatial_conv(s, s.k, s.c, dy, w.backward_packed(), dx, opt, ws, "conv3x3_backward_data");
 }
 
+// ---- Weight gradient ---------------------------------------------------------------------------
+
+void Conv3x3WeightGrad::reset(int64_t k, int64_t c, const Conv3x3Codes& codes, Conv3x3Isa isa) {
+  INT4DDP_CHECK(k >= 0 && c >= 0, "conv3x3 weight gradient: negative shape k=", k, " c=", c);
+  INT4DDP_CHECK(!codes.enabled() || (codes.qmax_a >= 1 && codes.qmax_a <= kMaxCode &&
+                                     codes.qmax_b >= 1 && codes.qmax_b <= kMaxCode),
+                "conv3x3 weight gradient: code bounds (", codes.qmax_a, ", ", codes.qmax_b,
+                ") must both lie in 1..", kMaxCode);
+  k_ = k;
+  c_ = c;
+  codes_ = codes;
+  isa_ = conv3x3_resolve(isa);
+  const Conv3x3Kernels& kern = kernels_for(isa_);
+  // Input channels in the lanes when the ISA kernel takes them; else output channels in the lanes
+  // when it can (the first conv: c = 1, k = 16); else the portable kernel (any c).
+  k_lanes_ = c % kern.wgrad_c_multiple != 0 && kern.wgrad_k_f && k % 16 == 0;
+  const size_t count = static_cast<size_t>(k * c * 9);
+  if (codes.enabled()) {
+    accd_.assign(count, 0.0);
+    accf_.clear();
+  } else {
+    accf_.assign(count, 0.0f);
+    accd_.clear();
+  }
+}
+
+template <typename Acc>
+void Conv3x3WeightGrad::add_to(const Conv3x3Shape& s, const float* x, const float* dy,
+                               Conv3x3Workspace* ws, Acc* acc) {
+  thread_local Conv3x3Workspace local;
+  Conv3x3Workspace::Buffers& b = (ws ? ws : &local)->buffers();
+  const Conv3x3Kernels* kern = &kernels_for(isa_);
+  if (!k_lanes_ && s.c % kern->wgrad_c_multiple != 0) kern = &detail::kConv3x3Portable;
+  const Conv3x3Plane g = detail::make_plane(s.h, s.w);
+  // Rows per fp32 piece: the exact bound for codes; for fp32, rows whose transposed input (plus the
+  // two halo rows) stays in about 24 KiB of L1.
+  const int64_t lanes = k_lanes_ ? s.k : s.c;
+  const int64_t rows = codes_.enabled()
+                           ? conv3x3_exact_terms(codes_) / s.w
+                           : std::max<int64_t>(1, (int64_t{24} << 10) / (g.row * lanes * 4) - 2);
+  const int64_t hw = s.h * s.w;
+  float* xt = b.xt.get(g.qcount * lanes);
+  float* planes = k_lanes_ ? b.planes.get(s.c * g.stride) : nullptr;
+  float* scratch = k_lanes_ ? nullptr : b.part.get(s.k * 9 * s.c);
+  for (int64_t n = 0; n < s.n; ++n) {
+    const float* xn = x + n * s.c * hw;
+    const float* dyn = dy + n * s.k * hw;
+    if (k_lanes_) {
+      kern->pad(xn, s.c, g, planes);
+      kern->transpose(dyn, s.k, g, xt);
+    } else {
+      kern->transpose(xn, s.c, g, xt);
+    }
+    for (int64_t y0 = 0; y0 < s.h; y0 += rows) {
+      const int64_t y1 = std::min(s.h, y0 + rows);
+      if constexpr (std::is_same_v<Acc, double>) {
+        if (k_lanes_)
+          kern->wgrad_k_d(planes, xt, g, s.c, s.k, y0, y1, acc);
+        else
+          kern->wgrad_d(xt, dyn, g, s.c, s.k, y0, y1, acc, scratch);
+      } else {
+        if (k_lanes_)
+          kern->wgrad_k_f(planes, xt, g, s.c, s.k, y0, y1, acc);
+        else
+          kern->wgrad_f(xt, dyn, g, s.c, s.k, y0, y1, acc, scratch);
+      }
+    }
+  }
+}
+
+void Conv3x3WeightGrad::add(const Conv3x3Shape& s, const float* x, const float* dy,
+                            Conv3x3Workspace* ws) {
+  INT4DDP_CHECK(s.n >= 0 && s.h >= 0 && s.w >= 0, "conv3x3 weight gradient: negative size n=", s.n,
+                " h=", s.h, " w=", s.w);
+  INT4DDP_CHECK(s.k == k_ && s.c == c_, "conv3x3 weight gradient: reset for (k=", k_, ", c=", c_,
+                ") but the chunk has k=", s.k, " c=", s.c);
+  if (empty(s)) return;
+  INT4DDP_CHECK(x && dy, "conv3x3 weight gradient: null tensor");
+  if (codes_.enabled() && s.w > conv3x3_exact_terms(codes_)) {
+    // Image rows too long to sum exactly in fp32 (never at these sizes): the int64 loop.
+    for (int64_t o = 0; o < k_; ++o)
+      for (int64_t ch = 0; ch < c_; ++ch)
+        for (int t = 0; t < 9; ++t)
+          accd_[static_cast<size_t>(k_lanes_ ? (ch * 9 + t) * k_ + o : (o * 9 + t) * c_ + ch)] +=
+              static_cast<double>(wgrad_ref_sum(s, x, dy, o, ch, t));
+    return;
+  }
+  if (codes_.enabled())
+    add_to(s, x, dy, ws, accd_.data());
+  else
+    add_to(s, x, dy, ws, accf_.data());
+}
+
+void Conv3x3WeightGrad::finish(float scale, bool accumulate, float* dw) const {
+  const int64_t count = k_ * c_ * 9;
+  if (count == 0) return;
+  INT4DDP_CHECK(dw, "conv3x3 weight gradient: null dW");
+  auto out = [&](const auto* acc) {
+    for (int64_t o = 0; o < k_; ++o)
+      for (int64_t ch = 0; ch < c_; ++ch)
+        for (int t = 0; t < 9; ++t) {
+          const auto sum = acc[k_lanes_ ? (ch * 9 + t) * k_ + o : (o * 9 + t) * c_ + ch];
+          const float v = scale * static_cast<float>(sum);
+          float& d = dw[(o * c_ + ch) * 9 + t];
+          d = accumulate ? d + v : v;
+        }
+  };
+  if (codes_.enabled())
+    out(accd_.data());
+  else
+    out(accf_.data());
+}
+
+void Conv3x3WeightGrad::finish_exact(double* dw_sum) const {
+  INT4DDP_CHECK(codes_.enabled(), "conv3x3 weight gradient: finish_exact needs code bounds");
+  const int64_t count = k_ * c_ * 9;
+  if (count == 0) return;
+  INT4DDP_CHECK(dw_sum, "conv3x3 weight gradient: null dW sum");
+  for (int64_t o = 0; o < k_; ++o)
+    for (int64_t ch = 0; ch < c_; ++ch)
+      for (int t = 0; t < 9; ++t)
+        dw_sum[(o * c_ + ch) * 9 + t] +=
+            accd_[static_cast<size_t>(k_lanes_ ? (ch * 9 + t) * k_ + o : (o * 9 + t) * c_ + ch)];
+}
+
 void conv3x3_backward_weight(const Conv3x3Shape& s, const float* x, const float* dy, float* dw,
                              const Conv3x3Options& opt, Conv3x3Workspace* ws) {
   check_common(s, opt, "conv3x3_backward_weight");
-  const int64_t count = s.k * s.c * 9;
-  if (count == 0) return;
-  INT4DDP_CHECK(dw, "conv3x3_backward_weight: null dW");
-  if (empty(s)) return store_zero(count, opt.accumulate, dw);
-  INT4DDP_CHECK(x && dy, "conv3x3_backward_weight: null tensor");
-  if (!wgrad_rows_fit(s, opt)) return conv3x3_backward_weight_ref(s, x, dy, dw, opt);
   thread_local Conv3x3Workspace local;
-  Conv3x3Workspace::Buffers& b = (ws ? ws : &local)->buffers();
-  auto finish = [&](const auto* acc) {
-    // acc (k, 9, c) -> dw (k, c, 3, 3)
-    for (int64_t o = 0; o < s.k; ++o)
-      for (int64_t ch = 0; ch < s.c; ++ch)
-        for (int t = 0; t < 9; ++t) {
-          const float v = opt.scale * static_cast<float>(acc[(o * 9 + t) * s.c + ch]);
-          float& d = dw[(o * s.c + ch) * 9 + t];
-          d = opt.accumulate ? d + v : v;
-        }
-  };
-  if (opt.codes.enabled()) {
-    double* acc = b.accd.get(count);
-    std::fill(acc, acc + count, 0.0);
-    wgrad_accumulate(s, x, dy, opt, b, acc);
-    finish(acc);
-  } else {
-    float* acc = b.accf.get(count);
-    std::fill(acc, acc + count, 0.0f);
-    wgrad_accumulate(s, x, dy, opt, b, acc);
-    finish(acc);
-  }
+  Conv3x3Workspace* w = ws ? ws : &local;
+  Conv3x3WeightGrad& grad = w->buffers().grad;
+  grad.reset(s.k, s.c, opt.codes, opt.isa);
+  grad.add(s, x, dy, w);
+  grad.finish(opt.scale, opt.accumulate, dw);
 }
 
 void conv3x3_backward_weight_exact(const Conv3x3Shape& s, const float* x, const float* dy,
@@ -358,25 +424,12 @@ void conv3x3_backward_weight_exact(const Conv3x3Shape& s, const float* x, const 
                                    Conv3x3Workspace* ws) {
   check_common(s, opt, "conv3x3_backward_weight_exact");
   INT4DDP_CHECK(opt.codes.enabled(), "conv3x3_backward_weight_exact: needs code bounds");
-  const int64_t count = s.k * s.c * 9;
-  if (count == 0 || empty(s)) return;
-  INT4DDP_CHECK(x && dy && dw_sum, "conv3x3_backward_weight_exact: null tensor");
   thread_local Conv3x3Workspace local;
-  Conv3x3Workspace::Buffers& b = (ws ? ws : &local)->buffers();
-  double* acc = b.accd.get(count);
-  if (!wgrad_rows_fit(s, opt)) {
-    // Image rows too long to sum exactly in fp32 (never at these sizes): the int64 reference.
-    for (int64_t o = 0; o < s.k; ++o)
-      for (int64_t ch = 0; ch < s.c; ++ch)
-        for (int t = 0; t < 9; ++t)
-          dw_sum[(o * s.c + ch) * 9 + t] += static_cast<double>(wgrad_ref_sum(s, x, dy, o, ch, t));
-    return;
-  }
-  std::fill(acc, acc + count, 0.0);
-  wgrad_accumulate(s, x, dy, opt, b, acc);
-  for (int64_t o = 0; o < s.k; ++o)
-    for (int64_t ch = 0; ch < s.c; ++ch)
-      for (int t = 0; t < 9; ++t) dw_sum[(o * s.c + ch) * 9 + t] += acc[(o * 9 + t) * s.c + ch];
+  Conv3x3Workspace* w = ws ? ws : &local;
+  Conv3x3WeightGrad& grad = w->buffers().grad;
+  grad.reset(s.k, s.c, opt.codes, opt.isa);
+  grad.add(s, x, dy, w);
+  grad.finish_exact(dw_sum);
 }
 
 // ---- References ------------------------------------------------------------------------------

@@ -107,13 +107,41 @@ struct Conv3x3Options {
   Conv3x3Isa isa = Conv3x3Isa::kAuto;
 };
 
+// dW summed over any number of sample chunks in the kernels' own layout and written out once:
+// reset, add per chunk, finish. A caller threading over samples keeps one per thread and sums the
+// finished partials in a fixed order; calling add per sample costs no more than one call per chunk
+// (the layout change and rescale happen once, in finish). add is single-threaded.
+class Conv3x3WeightGrad {
+ public:
+  // Starts an empty sum for W (k, c, 3, 3). codes: integer-code operands (a = x, b = dy).
+  void reset(int64_t k, int64_t c, const Conv3x3Codes& codes = {},
+             Conv3x3Isa isa = Conv3x3Isa::kAuto);
+  // += the chunk's sum over its samples: x (s.n, c, h, w), dy (s.n, k, h, w); s.k, s.c as reset.
+  void add(const Conv3x3Shape& s, const float* x, const float* dy, Conv3x3Workspace* ws = nullptr);
+  // dw (k, c, 3, 3) (=, or += when accumulate) scale * the sum. Codes: scale * float(T) exactly.
+  void finish(float scale, bool accumulate, float* dw) const;
+  // Codes only: dw_sum (k, c, 3, 3) += the exact integer totals T (doubles, exact below 2^53).
+  void finish_exact(double* dw_sum) const;
+
+ private:
+  template <typename Acc>
+  void add_to(const Conv3x3Shape& s, const float* x, const float* dy, Conv3x3Workspace* ws,
+              Acc* acc);
+  int64_t k_ = 0, c_ = 0;
+  Conv3x3Codes codes_;
+  Conv3x3Isa isa_ = Conv3x3Isa::kPortable;  // resolved
+  bool k_lanes_ = false;                    // layout (c, 9, k) instead of (k, 9, c)
+  std::vector<float> accf_;                 // fp32 sums
+  std::vector<double> accd_;                // exact integer sums (codes)
+};
+
 // ws == nullptr uses a thread_local workspace.
 void conv3x3_forward(const Conv3x3Shape& s, const float* x, const Conv3x3Weights& w, float* y,
                      const Conv3x3Options& opt = {}, Conv3x3Workspace* ws = nullptr);
 void conv3x3_backward_data(const Conv3x3Shape& s, const float* dy, const Conv3x3Weights& w,
                            float* dx, const Conv3x3Options& opt = {},
                            Conv3x3Workspace* ws = nullptr);
-// dW (k, c, 3, 3) from x (n, c, h, w) and dy (n, k, h, w).
+// dW (k, c, 3, 3) from x (n, c, h, w) and dy (n, k, h, w): Conv3x3WeightGrad reset + add + finish.
 void conv3x3_backward_weight(const Conv3x3Shape& s, const float* x, const float* dy, float* dw,
                              const Conv3x3Options& opt = {}, Conv3x3Workspace* ws = nullptr);
 // Codes only: dw_sum (k, c, 3, 3) += the exact integer sums (as doubles, exact below 2^53), for a

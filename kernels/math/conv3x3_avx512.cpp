@@ -36,20 +36,34 @@ inline __mmask16 tail_mask(int64_t n) {
 void pad_avx512(const float* src, int64_t channels, const Conv3x3Plane& g, float* planes) {
   const int64_t h = g.h, w = g.w, row = g.row;
   const __m512 zero = _mm512_setzero_ps();
+  // Image row y and its right pad: row floats from (y + 1) * row + 1, the last one 0. The masks of
+  // the 16-wide pieces are the same for every row.
+  constexpr int kMaxPieces = 8;
+  const int64_t pieces = (row + 15) / 16;
+  if (pieces > kMaxPieces) {
+    for (int64_t c = 0; c < channels; ++c) {
+      float* p = planes + c * g.stride;
+      std::memset(p, 0, sizeof(float) * static_cast<size_t>(g.stride));
+      for (int64_t y = 0; y < h; ++y)
+        std::memcpy(p + (y + 1) * row + 1, src + (c * h + y) * w, sizeof(float) * size_t(w));
+    }
+    return;
+  }
+  __mmask16 load_mask[kMaxPieces], store_mask[kMaxPieces];
+  for (int64_t i = 0; i < pieces; ++i) {
+    load_mask[i] = tail_mask(w - 16 * i);
+    store_mask[i] = tail_mask(row - 16 * i);
+  }
   for (int64_t c = 0; c < channels; ++c) {
     float* p = planes + c * g.stride;
     const float* s = src + c * h * w;
     for (int64_t i = 0; i < row + 1; i += 16)
       _mm512_mask_storeu_ps(p + i, tail_mask(row + 1 - i), zero);
-    // Image row y and its right pad: row floats from (y + 1) * row + 1, the last one 0.
-    for (int64_t y = 0; y < h; ++y) {
-      float* d = p + (y + 1) * row + 1;
-      const float* r = s + y * w;
-      for (int64_t x = 0; x < row; x += 16) {
-        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(w - x), r + x);
-        _mm512_mask_storeu_ps(d + x, tail_mask(row - x), v);
-      }
-    }
+    float* d = p + row + 1;
+    for (int64_t y = 0; y < h; ++y, d += row, s += w)
+      for (int64_t i = 0; i < pieces; ++i)
+        _mm512_mask_storeu_ps(d + 16 * i, store_mask[i],
+                              _mm512_maskz_loadu_ps(load_mask[i], s + 16 * i));
     for (int64_t i = (h + 1) * row + 1; i < g.stride; i += 16)
       _mm512_mask_storeu_ps(p + i, tail_mask(g.stride - i), zero);
   }
@@ -281,9 +295,61 @@ void wgrad_avx512(const float* xt, const float* dy, const Conv3x3Plane& g, int64
   }
 }
 
+// Input channel ch, output channels [kv, kv + 16 * NKV), rows [y0, y1): the output channels in the
+// lanes (dy transposed), the input broadcast from its padded plane.
+template <int NKV, typename Acc>
+void wgrad_k_tile(const float* planes, const float* dyt, const Conv3x3Plane& g, int64_t k,
+                  int64_t kv, int64_t ch, int64_t y0, int64_t y1, Acc* acc) {
+  const int64_t row = g.row;
+  const float* plane = planes + ch * g.stride;
+  __m512 a[9][NKV];
+#pragma GCC unroll 9
+  for (int t = 0; t < 9; ++t)
+#pragma GCC unroll 4
+    for (int j = 0; j < NKV; ++j) a[t][j] = _mm512_setzero_ps();
+  for (int64_t y = y0; y < y1; ++y) {
+    const float* dp = dyt + ((y + 1) * row + 1) * k + kv;
+    const float* xp = plane + y * row;
+    for (int64_t x = 0; x < g.w; ++x, dp += k, ++xp) {
+      __m512 d[NKV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NKV; ++j) d[j] = _mm512_loadu_ps(dp + 16 * j);
+#pragma GCC unroll 3
+      for (int ky = 0; ky < 3; ++ky)
+#pragma GCC unroll 3
+        for (int kx = 0; kx < 3; ++kx) {
+          const __m512 b = _mm512_set1_ps(xp[ky * row + kx]);
+#pragma GCC unroll 4
+          for (int j = 0; j < NKV; ++j)
+            a[ky * 3 + kx][j] = _mm512_fmadd_ps(b, d[j], a[ky * 3 + kx][j]);
+        }
+    }
+  }
+#pragma GCC unroll 9
+  for (int t = 0; t < 9; ++t)
+#pragma GCC unroll 4
+    for (int j = 0; j < NKV; ++j) add_to(acc + (ch * 9 + t) * k + kv + 16 * j, a[t][j]);
+}
+
+template <typename Acc>
+void wgrad_k_avx512(const float* planes, const float* dyt, const Conv3x3Plane& g, int64_t c,
+                    int64_t k, int64_t y0, int64_t y1, Acc* acc) {
+  for (int64_t ch = 0; ch < c; ++ch) {
+    int64_t kv = 0;
+    for (; kv + 32 <= k; kv += 32) wgrad_k_tile<2>(planes, dyt, g, k, kv, ch, y0, y1, acc);
+    if (kv < k) wgrad_k_tile<1>(planes, dyt, g, k, kv, ch, y0, y1, acc);
+  }
+}
+
 }  // namespace
 
-const Conv3x3Kernels kConv3x3Avx512 = {pad_avx512,          spatial_avx512,       transpose_avx512,
-                                       wgrad_avx512<float>, wgrad_avx512<double>, 16};
+const Conv3x3Kernels kConv3x3Avx512 = {pad_avx512,
+                                       spatial_avx512,
+                                       transpose_avx512,
+                                       wgrad_avx512<float>,
+                                       wgrad_avx512<double>,
+                                       16,
+                                       wgrad_k_avx512<float>,
+                                       wgrad_k_avx512<double>};
 
 }  // namespace int4ddp::math::detail

@@ -49,6 +49,14 @@ struct Conv3x3Kernels {
                   int64_t y0, int64_t y1, double* acc, float* scratch);
   // wgrad_* take only c % wgrad_c_multiple == 0 (the driver falls back to the portable table).
   int wgrad_c_multiple;
+  // The same sums with the OUTPUT channels in the lanes, for few input channels (the first conv):
+  //   acc[(ch * 9 + tap) * k + o] += sum over rows [y0, y1) and x < w of
+  //   planes[ch * g.stride + (y + ky) * row + x + kx] * dyt[((y + 1) * row + x + 1) * k + o],
+  // planes from pad(x), dyt from transpose(dy). Null where not provided; k % 16 == 0.
+  void (*wgrad_k_f)(const float* planes, const float* dyt, const Conv3x3Plane& g, int64_t c,
+                    int64_t k, int64_t y0, int64_t y1, float* acc);
+  void (*wgrad_k_d)(const float* planes, const float* dyt, const Conv3x3Plane& g, int64_t c,
+                    int64_t k, int64_t y0, int64_t y1, double* acc);
 };
 
 extern const Conv3x3Kernels kConv3x3Portable;

@@ -135,8 +135,13 @@ void wgrad_portable(const float* xt, const float* dy, const Conv3x3Plane& g, int
 
 }  // namespace
 
-const Conv3x3Kernels kConv3x3Portable = {pad_portable,           spatial_portable,
-                                         transpose_portable,     wgrad_portable<float>,
-                                         wgrad_portable<double>, 1};
+const Conv3x3Kernels kConv3x3Portable = {pad_portable,
+                                         spatial_portable,
+                                         transpose_portable,
+                                         wgrad_portable<float>,
+                                         wgrad_portable<double>,
+                                         1,
+                                         nullptr,
+                                         nullptr};
 
 }  // namespace int4ddp::math::detail
