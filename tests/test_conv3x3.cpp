@@ -40,6 +40,22 @@ std::vector<Conv3x3Isa> isas() {
   return v;
 }
 
+// Every implementation: the portable path, and on AVX-512 both tilings of forward / backward data
+// (kChannels applies where the output channels are a multiple of 16, else it is kSpatial).
+struct Variant {
+  Conv3x3Isa isa;
+  Conv3x3Algo algo;
+};
+
+std::vector<Variant> variants() {
+  std::vector<Variant> v = {{Conv3x3Isa::kPortable, Conv3x3Algo::kAuto}};
+  if (conv3x3_isa_available(Conv3x3Isa::kAvx512)) {
+    v.push_back({Conv3x3Isa::kAvx512, Conv3x3Algo::kSpatial});
+    v.push_back({Conv3x3Isa::kAvx512, Conv3x3Algo::kChannels});
+  }
+  return v;
+}
+
 std::vector<float> normal(int64_t count, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> d(0.0f, 1.0f);
@@ -56,10 +72,14 @@ std::vector<float> codes(int64_t count, int lo, int hi, uint64_t seed) {
   return v;
 }
 
-std::string describe(const Conv3x3Shape& s, Op op, Conv3x3Isa isa, bool acc) {
-  return std::string(op_name(op)) + " " + conv3x3_isa_name(isa) + " n=" + std::to_string(s.n) +
-         " c=" + std::to_string(s.c) + " k=" + std::to_string(s.k) + " h=" + std::to_string(s.h) +
-         " w=" + std::to_string(s.w) + (acc ? " +=" : " =");
+std::string describe(const Conv3x3Shape& s, Op op, Conv3x3Isa isa, bool acc,
+                     Conv3x3Algo algo = Conv3x3Algo::kAuto) {
+  const char* algo_name = algo == Conv3x3Algo::kSpatial    ? " spatial"
+                          : algo == Conv3x3Algo::kChannels ? " channels"
+                                                           : "";
+  return std::string(op_name(op)) + " " + conv3x3_isa_name(isa) + algo_name +
+         " n=" + std::to_string(s.n) + " c=" + std::to_string(s.c) + " k=" + std::to_string(s.k) +
+         " h=" + std::to_string(s.h) + " w=" + std::to_string(s.w) + (acc ? " +=" : " =");
 }
 
 // Output size of an op.
@@ -127,15 +147,17 @@ void check_fp32(const Conv3x3Shape& s, uint64_t seed, Conv3x3Workspace* ws) {
       const std::vector<float> prev = normal(count, seed + 3);
       std::vector<float> ref = prev;
       run_ref(s, op, a, opt, ref.data());
-      for (Conv3x3Isa isa : isas()) {
-        opt.isa = isa;
+      for (const Variant& var : variants()) {
+        opt.isa = var.isa;
+        opt.algo = var.algo;
         // Without +=, start from NaN: the output must be written, never read.
         std::vector<float> got = acc ? prev : std::vector<float>(prev.size(), std::nanf(""));
         run_fast(s, op, a, opt, ws, got.data());
         for (int64_t i = 0; i < count; ++i) {
           const double tol =
               kMaxRelError * (0.75 * bound[i] + (acc ? std::fabs(prev[i]) : 0.0)) + 1e-30;
-          ASSERT_NEAR(got[i], ref[i], tol) << describe(s, op, isa, acc) << " at " << i;
+          ASSERT_NEAR(got[i], ref[i], tol)
+              << describe(s, op, var.isa, acc, var.algo) << " at " << i;
         }
       }
     }
@@ -179,12 +201,13 @@ void check_codes(const Conv3x3Shape& s, int bits, bool unsigned_act, bool extrem
       const std::vector<float> prev = normal(count, seed + 5);
       std::vector<float> ref = prev;
       run_ref(s, op, a, opt, ref.data());
-      for (Conv3x3Isa isa : isas()) {
-        opt.isa = isa;
+      for (const Variant& var : variants()) {
+        opt.isa = var.isa;
+        opt.algo = var.algo;
         std::vector<float> got = acc ? prev : std::vector<float>(prev.size(), std::nanf(""));
         run_fast(s, op, a, opt, ws, got.data());
         for (int64_t i = 0; i < count; ++i)
-          ASSERT_EQ(got[i], ref[i]) << describe(s, op, isa, acc) << " bits=" << bits
+          ASSERT_EQ(got[i], ref[i]) << describe(s, op, var.isa, acc, var.algo) << " bits=" << bits
                                     << (unsigned_act ? " unsigned" : " signed")
                                     << (extreme ? " extreme" : "") << " at " << i;
       }

@@ -124,8 +124,8 @@ void store_zero(int64_t count, bool accumulate, float* out) {
 // forward and backward_data share everything but the packed weights: out (n, co, h, w) from
 // in (n, ci, h, w).
 void spatial_conv(const Conv3x3Shape& s, int64_t ci, int64_t co, const float* in,
-                  const float* packed, float* out, const Conv3x3Options& opt, Conv3x3Workspace* ws,
-                  const char* what) {
+                  const float* packed_spatial, const float* packed_lanes, float* out,
+                  const Conv3x3Options& opt, Conv3x3Workspace* ws, const char* what) {
   const int64_t hw = s.h * s.w;
   if (s.n == 0 || co == 0 || hw == 0) return;
   INT4DDP_CHECK(out, what, ": null output");
@@ -136,6 +136,11 @@ void spatial_conv(const Conv3x3Shape& s, int64_t ci, int64_t co, const float* in
   const Conv3x3Kernels& kern = kernels_for(opt.isa);
   const Conv3x3Plane g = detail::make_plane(s.h, s.w);
   float* planes = b.planes.get(ci * g.stride);
+  const bool lanes_ok = kern.spatial_cl && co % 16 == 0;
+  const bool lanes = lanes_ok && (opt.algo == Conv3x3Algo::kChannels ||
+                                  (opt.algo == Conv3x3Algo::kAuto && s.w <= 14 && co >= 32));
+  const auto spatial = lanes ? kern.spatial_cl : kern.spatial;
+  const float* packed = lanes ? packed_lanes : packed_spatial;
   // Input channels per exact piece (all of them for fp32).
   const int64_t piece =
       opt.codes.enabled() ? std::max<int64_t>(1, conv3x3_exact_terms(opt.codes) / 9) : ci;
@@ -143,14 +148,14 @@ void spatial_conv(const Conv3x3Shape& s, int64_t ci, int64_t co, const float* in
     kern.pad(in + n * ci * hw, ci, g, planes);
     float* o = out + n * co * hw;
     if (piece >= ci) {
-      kern.spatial(planes, g, ci, 0, ci, co, packed, opt.scale, opt.accumulate, o);
+      spatial(planes, g, ci, 0, ci, co, packed, opt.scale, opt.accumulate, o);
       continue;
     }
     float* part = b.part.get(co * hw);
     int64_t* total = b.total.get(co * hw);
     std::fill(total, total + co * hw, int64_t{0});
     for (int64_t c0 = 0; c0 < ci; c0 += piece) {
-      kern.spatial(planes, g, ci, c0, std::min(ci, c0 + piece), co, packed, 1.0f, false, part);
+      spatial(planes, g, ci, c0, std::min(ci, c0 + piece), co, packed, 1.0f, false, part);
       for (int64_t i = 0; i < co * hw; ++i) total[i] += static_cast<int64_t>(part[i]);
     }
     store_exact(total, co * hw, opt.scale, opt.accumulate, o);
@@ -198,6 +203,15 @@ void Conv3x3Weights::pack(const float* w, int64_t k, int64_t c) {
   plain_.assign(w, w + count);
   fwd_.resize(count);
   bwd_.resize(count);
+  fwd_cl_.resize(count);
+  bwd_cl_.resize(count);
+  for (int64_t o = 0; o < k; ++o)
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int t = 0; t < 9; ++t) {
+        const float v = w[(o * c + ch) * 9 + t];
+        fwd_cl_[static_cast<size_t>((ch * 9 + t) * k + o)] = v;
+        bwd_cl_[static_cast<size_t>((o * 9 + (8 - t)) * c + ch)] = v;
+      }
   // Forward: output channel o = kb + j, input channel ch, tap t.
   for (int64_t kb = 0; kb < k; kb += kBlock) {
     const int64_t nk = std::min<int64_t>(kBlock, k - kb);
@@ -273,14 +287,16 @@ void conv3x3_forward(const Conv3x3Shape& s, const float* x, const Conv3x3Weights
                      const Conv3x3Options& opt, Conv3x3Workspace* ws) {
   check_common(s, opt, "conv3x3_forward");
   check_weights(s, w, "conv3x3_forward");
-  spatial_conv(s, s.c, s.k, x, w.forward_packed(), y, opt, ws, "conv3x3_forward");
+  spatial_conv(s, s.c, s.k, x, w.forward_packed(), w.forward_lanes(), y, opt, ws,
+               "conv3x3_forward");
 }
 
 void conv3x3_backward_data(const Conv3x3Shape& s, const float* dy, const Conv3x3Weights& w,
                            float* dx, const Conv3x3Options& opt, Conv3x3Workspace* ws) {
   check_common(s, opt, "conv3x3_backward_data");
   check_weights(s, w, "conv3x3_backward_data");
-  spatial_conv(s, s.k, s.c, dy, w.backward_packed(), dx, opt, ws, "conv3x3_backward_data");
+  spatial_conv(s, s.k, s.c, dy, w.backward_packed(), w.backward_lanes(), dx, opt, ws,
+               "conv3x3_backward_data");
 }
 
 // ---- Weight gradient ---------------------------------------------------------------------------
@@ -301,10 +317,10 @@ void Conv3x3WeightGrad::reset(int64_t k, int64_t c, const Conv3x3Codes& codes, C
   k_lanes_ = c % kern.wgrad_c_multiple != 0 && kern.wgrad_k_f && k % 16 == 0;
   const size_t count = static_cast<size_t>(k * c * 9);
   if (codes.enabled()) {
-    accd_.assign(count, 0.0);
+    accd_.assign(count + 8, 0.0);
     accf_.clear();
   } else {
-    accf_.assign(count, 0.0f);
+    accf_.assign(count + 16, 0.0f);
     accd_.clear();
   }
 }
@@ -366,14 +382,14 @@ void Conv3x3WeightGrad::add(const Conv3x3Shape& s, const float* x, const float* 
     for (int64_t o = 0; o < k_; ++o)
       for (int64_t ch = 0; ch < c_; ++ch)
         for (int t = 0; t < 9; ++t)
-          accd_[static_cast<size_t>(k_lanes_ ? (ch * 9 + t) * k_ + o : (o * 9 + t) * c_ + ch)] +=
+          accd()[k_lanes_ ? (ch * 9 + t) * k_ + o : (o * 9 + t) * c_ + ch] +=
               static_cast<double>(wgrad_ref_sum(s, x, dy, o, ch, t));
     return;
   }
   if (codes_.enabled())
-    add_to(s, x, dy, ws, accd_.data());
+    add_to(s, x, dy, ws, accd());
   else
-    add_to(s, x, dy, ws, accf_.data());
+    add_to(s, x, dy, ws, accf());
 }
 
 void Conv3x3WeightGrad::finish(float scale, bool accumulate, float* dw) const {
@@ -391,9 +407,9 @@ void Conv3x3WeightGrad::finish(float scale, bool accumulate, float* dw) const {
         }
   };
   if (codes_.enabled())
-    out(accd_.data());
+    out(accd());
   else
-    out(accf_.data());
+    out(accf());
 }
 
 void Conv3x3WeightGrad::finish_exact(double* dw_sum) const {
@@ -405,7 +421,7 @@ void Conv3x3WeightGrad::finish_exact(double* dw_sum) const {
     for (int64_t ch = 0; ch < c_; ++ch)
       for (int t = 0; t < 9; ++t)
         dw_sum[(o * c_ + ch) * 9 + t] +=
-            accd_[static_cast<size_t>(k_lanes_ ? (ch * 9 + t) * k_ + o : (o * 9 + t) * c_ + ch)];
+            accd()[k_lanes_ ? (ch * 9 + t) * k_ + o : (o * 9 + t) * c_ + ch];
 }
 
 void conv3x3_backward_weight(const Conv3x3Shape& s, const float* x, const float* dy, float* dw,

@@ -40,6 +40,15 @@ namespace int4ddp::math {
 
 enum class Conv3x3Isa : uint8_t { kAuto = 0, kPortable = 1, kAvx512 = 2 };
 
+// How forward / backward_data lay out a tile (AVX-512; the portable path is always kSpatial):
+//   kSpatial   16 consecutive flat output positions per vector (row stride w + 1, so one junk lane
+//              per image row and a partial last vector: 96% of the lanes useful at 28x28, 88% at
+//              14x14, 77% at 7x7);
+//   kChannels  16 output channels per vector, a segment of one image row per tile, every lane
+//              useful; needs a multiple of 16 output channels; scattered stores.
+//   kAuto      kChannels for images at most 14 wide with >= 32 output channels, else kSpatial.
+enum class Conv3x3Algo : uint8_t { kAuto = 0, kSpatial = 1, kChannels = 2 };
+
 const char* conv3x3_isa_name(Conv3x3Isa isa);
 bool conv3x3_isa_available(Conv3x3Isa isa);  // compiled in and supported by this CPU (kAuto: true)
 Conv3x3Isa conv3x3_resolve(Conv3x3Isa isa);  // kAuto -> what it runs; others checked, returned
@@ -73,13 +82,15 @@ class Conv3x3Weights {
   // Internal layouts (conv3x3.cpp): blocks of kBlock output channels, block b at b * kBlock * c * 9
   // holding [c][tap][j < min(kBlock, k - b * kBlock)].
   static constexpr int kBlock = 8;
-  const float* forward_packed() const { return fwd_.data(); }   // (k, c, 9) blocked
-  const float* backward_packed() const { return bwd_.data(); }  // (c, k, 9) blocked, flipped
-  const float* plain() const { return plain_.data(); }          // (k, c, 3, 3) as given
+  const float* forward_packed() const { return fwd_.data(); }     // (k, c, 9) blocked
+  const float* backward_packed() const { return bwd_.data(); }    // (c, k, 9) blocked, flipped
+  const float* forward_lanes() const { return fwd_cl_.data(); }   // (c, 9, k)
+  const float* backward_lanes() const { return bwd_cl_.data(); }  // (k, 9, c), flipped
+  const float* plain() const { return plain_.data(); }            // (k, c, 3, 3) as given
 
  private:
   int64_t k_ = 0, c_ = 0;
-  std::vector<float> fwd_, bwd_, plain_;
+  std::vector<float> fwd_, bwd_, fwd_cl_, bwd_cl_, plain_;
 };
 
 // Per-thread scratch (padded planes, transposes, accumulators), grown on demand and reused: keep
@@ -105,6 +116,7 @@ struct Conv3x3Options {
   bool accumulate = false;
   Conv3x3Codes codes;
   Conv3x3Isa isa = Conv3x3Isa::kAuto;
+  Conv3x3Algo algo = Conv3x3Algo::kAuto;  // forward / backward_data tiling (results agree)
 };
 
 // dW summed over any number of sample chunks in the kernels' own layout and written out once:
@@ -131,8 +143,17 @@ class Conv3x3WeightGrad {
   Conv3x3Codes codes_;
   Conv3x3Isa isa_ = Conv3x3Isa::kPortable;  // resolved
   bool k_lanes_ = false;                    // layout (c, 9, k) instead of (k, 9, c)
-  std::vector<float> accf_;                 // fp32 sums
-  std::vector<double> accd_;                // exact integer sums (codes)
+  // The sums, 64-byte aligned inside the vectors (the kernels update them a cache line at a time).
+  float* accf() { return align64(accf_.data()); }
+  const float* accf() const { return align64(accf_.data()); }
+  double* accd() { return align64(accd_.data()); }
+  const double* accd() const { return align64(accd_.data()); }
+  template <typename T>
+  static T* align64(T* p) {
+    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+  }
+  std::vector<float> accf_;   // fp32 sums (+ 16 floats of alignment slack)
+  std::vector<double> accd_;  // exact integer sums, codes (+ 8 doubles of slack)
 };
 
 // ws == nullptr uses a thread_local workspace.

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "kernels/math/conv3x3_kernels.h"
 
@@ -30,6 +31,10 @@ constexpr int kMaxNV = 3;  // output vectors per spatial tile
 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
+
+// GCC folds a load used by several FMAs into each of them (one load per FMA, which makes the dW
+// tile load-bound); an empty asm that "modifies" the register makes it load once.
+inline void keep_in_register(__m512& v) { __asm__("" : "+v"(v)); }
 
 // ---- pad ----------------------------------------------------------------------------------------
 
@@ -184,6 +189,92 @@ void spatial_avx512(const float* planes, const Conv3x3Plane& g, int64_t c_total,
   }
 }
 
+// ---- spatial, output channels in the lanes ----------------------------------------------------
+
+// Output pixels [x0, x0 + NP) of one image row (planes points at their flat position y * row + x0)
+// and output channels [kv, kv + 16 * NKV) (wp points at input channel 0, tap 0, channel kv of the
+// (c, 9, k) weights; out at channel kv, pixel (y, x0)).
+template <int NP, int NKV>
+void cl_tile(const float* planes, int64_t stride, int64_t row, int64_t nc, const float* wp,
+             int64_t k, float scale, bool accumulate, __m512i idx, float* out, int64_t hw) {
+  __m512 acc[NP][NKV];
+#pragma GCC unroll 16
+  for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 4
+    for (int j = 0; j < NKV; ++j) acc[p][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nc; ++c, planes += stride) {
+#pragma GCC unroll 3
+    for (int ky = 0; ky < 3; ++ky) {
+      const float* r = planes + ky * row;
+#pragma GCC unroll 3
+      for (int kx = 0; kx < 3; ++kx, wp += k) {
+        __m512 wv[NKV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NKV; ++j) {
+          wv[j] = _mm512_loadu_ps(wp + 16 * j);
+          keep_in_register(wv[j]);
+        }
+#pragma GCC unroll 16
+        for (int p = 0; p < NP; ++p) {
+          const __m512 b = _mm512_set1_ps(r[p + kx]);
+#pragma GCC unroll 4
+          for (int j = 0; j < NKV; ++j) acc[p][j] = _mm512_fmadd_ps(b, wv[j], acc[p][j]);
+        }
+      }
+    }
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
+  for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 4
+    for (int j = 0; j < NKV; ++j) {
+      float* d = out + 16 * j * hw + p;
+      __m512 v = _mm512_mul_ps(sv, acc[p][j]);
+      if (accumulate) v = _mm512_add_ps(_mm512_i32gather_ps(idx, d, 4), v);
+      _mm512_i32scatter_ps(d, idx, v, 4);
+    }
+}
+
+using ClTileFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float,
+                          bool, __m512i, float*, int64_t);
+
+template <int NKV, int... NP>
+constexpr ClTileFn cl_tile_for(int np, std::integer_sequence<int, NP...>) {
+  ClTileFn f = nullptr;
+  ((f = np == NP + 1 ? cl_tile<NP + 1, NKV> : f), ...);
+  return f;
+}
+
+constexpr int kMaxClPixels = 12;  // pixels per tile (x 2 vectors of channels: 24 accumulators)
+
+void spatial_cl_avx512(const float* planes, const Conv3x3Plane& g, int64_t c_total, int64_t c0,
+                       int64_t c1, int64_t k, const float* packed, float scale, bool accumulate,
+                       float* out) {
+  const int64_t hw = g.h * g.w;
+  const __m512i idx =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int>(hw)));
+  // Each image row in equal segments of at most kMaxClPixels (7 -> 7, 14 -> 7 + 7, 28 -> 10+9+9).
+  const int64_t segs = (g.w + kMaxClPixels - 1) / kMaxClPixels;
+  const int64_t base_np = g.w / segs, extra = g.w % segs;
+  const float* wbase = packed + c0 * 9 * k;
+  for (int64_t kv = 0; kv < k; kv += 32) {
+    const bool two = kv + 32 <= k;
+    for (int64_t y = 0; y < g.h; ++y) {
+      int64_t x0 = 0;
+      for (int64_t si = 0; si < segs; ++si) {
+        const int np = static_cast<int>(base_np + (si < extra ? 1 : 0));
+        const ClTileFn f =
+            two ? cl_tile_for<2>(np, std::make_integer_sequence<int, kMaxClPixels>())
+                : cl_tile_for<1>(np, std::make_integer_sequence<int, kMaxClPixels>());
+        f(planes + c0 * g.stride + y * g.row + x0, g.stride, g.row, c1 - c0, wbase + kv, k, scale,
+          accumulate, idx, out + kv * hw + y * g.w + x0, hw);
+        x0 += np;
+      }
+    }
+  }
+}
+
 // ---- transpose ----------------------------------------------------------------------------------
 
 // r[i] (16 rows of 16) -> r[i] = column i.
@@ -272,7 +363,8 @@ void wgrad_tile(const float* xt, const float* dy, const Conv3x3Plane& g, int64_t
       for (int ky = 0; ky < 3; ++ky)
 #pragma GCC unroll 3
         for (int kx = 0; kx < 3; ++kx) {
-          const __m512 xv = _mm512_loadu_ps(x0 + ky * rowc + kx * c);
+          __m512 xv = _mm512_loadu_ps(x0 + ky * rowc + kx * c);
+          keep_in_register(xv);
 #pragma GCC unroll 4
           for (int o = 0; o < NO; ++o)
             a[o][ky * 3 + kx] = _mm512_fmadd_ps(dv[o], xv, a[o][ky * 3 + kx]);
@@ -345,6 +437,7 @@ void wgrad_k_avx512(const float* planes, const float* dyt, const Conv3x3Plane& g
 
 const Conv3x3Kernels kConv3x3Avx512 = {pad_avx512,
                                        spatial_avx512,
+                                       spatial_cl_avx512,
                                        transpose_avx512,
                                        wgrad_avx512<float>,
                                        wgrad_avx512<double>,

@@ -36,6 +36,11 @@ struct Conv3x3Kernels {
   void (*spatial)(const float* planes, const Conv3x3Plane& g, int64_t c_total, int64_t c0,
                   int64_t c1, int64_t k, const float* packed, float scale, bool accumulate,
                   float* out);
+  // The same product with output channels in the lanes (Conv3x3Algo::kChannels): packed is the
+  // (c_total, 9, k) layout, k % 16 == 0. Null where not provided.
+  void (*spatial_cl)(const float* planes, const Conv3x3Plane& g, int64_t c_total, int64_t c0,
+                     int64_t c1, int64_t k, const float* packed, float scale, bool accumulate,
+                     float* out);
   // xt (g.qcount, c) <- src (c, h, w): the padded plane layout transposed (channel fastest), every
   // element written (pads as 0).
   void (*transpose)(const float* src, int64_t c, const Conv3x3Plane& g, float* xt);

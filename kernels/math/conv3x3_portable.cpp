@@ -137,6 +137,7 @@ void wgrad_portable(const float* xt, const float* dy, const Conv3x3Plane& g, int
 
 const Conv3x3Kernels kConv3x3Portable = {pad_portable,
                                          spatial_portable,
+                                         nullptr,
                                          transpose_portable,
                                          wgrad_portable<float>,
                                          wgrad_portable<double>,
