@@ -86,12 +86,14 @@ struct VecStore {
 VecStore vec_store(const Conv3x3Plane& g, int64_t j) {
   VecStore s{0, 0, 0};
   int count = 0;
-  for (int l = 0; l < 16; ++l) {
-    const int64_t p = j * 16 + l, y = p / g.row, x = p - y * g.row;
-    if (p >= g.outputs || x >= g.w) continue;
-    if (count == 0) s.offset = y * g.w + x;
-    s.valid = static_cast<__mmask16>(s.valid | (1u << l));
-    ++count;
+  int64_t p = j * 16, y = p / g.row, x = p - y * g.row;  // one division per vector, not per lane
+  for (int l = 0; l < 16; ++l, ++p) {
+    if (p < g.outputs && x < g.w) {
+      if (count == 0) s.offset = y * g.w + x;
+      s.valid = static_cast<__mmask16>(s.valid | (1u << l));
+      ++count;
+    }
+    if (++x == g.row) x = 0, ++y;
   }
   s.store = tail_mask(count);
   return s;
