@@ -6,11 +6,15 @@
 //     Conv3x3WeightGrad, written out once).
 // fp32 and 4-bit codes (the quantized layers: int_gemm against the exact direct kernels).
 // Per layer and op: median ms over --reps timed runs (the two paths alternate, after one warm-up
-// each) and GFLOP/s at the nominal 2 * n * k * c * 9 * h * w. Also an estimate of the convolution
+// each), GFLOP/s of the median at the nominal 2 * n * k * c * 9 * h * w, and the minimum ms (on a
+// shared machine the median is bimodal: a run that shares its core with another process takes
+// twice as long). "max diff": largest |direct - gemm| relative to max |gemm| (0 on codes: both
+// exact). Also an estimate of the convolution
 // time of one resnet20 training step (stride-1 3x3 convs only: 1 x conv1 fwd + dW, 6 x 16-16 at
 // 28x28, 5 x 32-32 at 14x14, 5 x 64-64 at 7x7, each fwd + dx + dW).
 // Ends with one JSON line {"bench":"conv", "rows":[{"layer","mode","op","gemm_ms","direct_ms",
-// "speedup"}...], "step_gemm_ms", "step_direct_ms", ...}.
+// "speedup","gemm_best_ms","direct_best_ms"}...], "step_gemm_ms_MODE", "step_direct_ms_MODE"} with
+// MODE fp32 / codes4 (the step estimates use the medians).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -132,9 +136,12 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-// Alternating runs of two functions after one warm-up each; medians in ms.
-void time_pair(int reps, const std::function<void()>& a, const std::function<void()>& b,
-               double* ms_a, double* ms_b) {
+// Alternating runs of two functions after one warm-up each: medians and minima in ms.
+struct PairTimes {
+  double median_a, median_b, best_a, best_b;
+};
+
+PairTimes time_pair(int reps, const std::function<void()>& a, const std::function<void()>& b) {
   a();
   b();
   std::vector<double> ta, tb;
@@ -146,8 +153,8 @@ void time_pair(int reps, const std::function<void()>& a, const std::function<voi
     b();
     tb.push_back(now() - t0);
   }
-  *ms_a = 1e3 * median(ta);
-  *ms_b = 1e3 * median(tb);
+  return {1e3 * median(ta), 1e3 * median(tb), 1e3 * *std::min_element(ta.begin(), ta.end()),
+          1e3 * *std::min_element(tb.begin(), tb.end())};
 }
 
 double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
@@ -198,8 +205,9 @@ int main(int argc, char** argv) {
       "direct isa %s\n",
       static_cast<long long>(batch), static_cast<long long>(chunk), reps,
       conv3x3_isa_name(conv3x3_resolve(Conv3x3Isa::kAuto)));
-  std::printf("%-18s %-5s %-4s %10s %8s %10s %8s %8s %9s\n", "layer", "mode", "op", "gemm ms",
-              "GFLOP/s", "direct ms", "GFLOP/s", "speedup", "max diff");
+  std::printf("%-18s %-5s %-4s %10s %8s %10s %8s %8s %9s %9s %9s\n", "layer", "mode", "op",
+              "gemm ms", "GFLOP/s", "direct ms", "GFLOP/s", "speedup", "gemm min", "dir. min",
+              "max diff");
   std::string json = "{\"bench\":\"conv\",\"batch\":" + std::to_string(batch) +
                      ",\"chunk\":" + std::to_string(chunk) + ",\"rows\":[";
   bool first_row = true;
@@ -358,22 +366,24 @@ int main(int argc, char** argv) {
                        nullptr, nullptr, 2 * flops});
       double layer_a = 0.0, layer_b = 0.0;
       for (const OpRow& op : ops) {
-        double ms_a, ms_b;
-        time_pair(reps, op.a, op.b, &ms_a, &ms_b);
+        const PairTimes pt = time_pair(reps, op.a, op.b);
+        const double ms_a = pt.median_a, ms_b = pt.median_b;
         const double diff = op.ra ? max_rel_diff(*op.rb, *op.ra) : 0.0;
         if (std::string(op.op) == "fwd" || std::string(op.op) == "bwd" ||
             (L.first && std::string(op.op) == "dW")) {
           layer_a += ms_a;
           layer_b += ms_b;
         }
-        std::printf("%-18s %-5s %-4s %10.2f %8.1f %10.2f %8.1f %7.2fx %9.1e\n", L.name,
-                    codes ? "int4" : "fp32", op.op, ms_a, op.flops / ms_a * 1e-6, ms_b,
-                    op.flops / ms_b * 1e-6, ms_a / ms_b, diff);
+        std::printf("%-18s %-5s %-4s %10.2f %8.1f %10.2f %8.1f %7.2fx %9.2f %9.2f %9.1e\n",
+                    L.name, codes ? "int4" : "fp32", op.op, ms_a, op.flops / ms_a * 1e-6, ms_b,
+                    op.flops / ms_b * 1e-6, ms_a / ms_b, pt.best_a, pt.best_b, diff);
         char row[256];
         std::snprintf(row, sizeof row,
                       "%s{\"layer\":\"%s\",\"mode\":\"%s\",\"op\":\"%s\",\"gemm_ms\":%.3f,"
-                      "\"direct_ms\":%.3f,\"speedup\":%.3f}",
-                      first_row ? "" : ",", L.name, mode.c_str(), op.op, ms_a, ms_b, ms_a / ms_b);
+                      "\"direct_ms\":%.3f,\"speedup\":%.3f,\"gemm_best_ms\":%.3f,"
+                      "\"direct_best_ms\":%.3f}",
+                      first_row ? "" : ",", L.name, mode.c_str(), op.op, ms_a, ms_b, ms_a / ms_b,
+                      pt.best_a, pt.best_b);
         json += row;
         first_row = false;
       }

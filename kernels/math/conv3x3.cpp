@@ -333,12 +333,11 @@ void Conv3x3WeightGrad::add_to(const Conv3x3Shape& s, const float* x, const floa
   const Conv3x3Kernels* kern = &kernels_for(isa_);
   if (!k_lanes_ && s.c % kern->wgrad_c_multiple != 0) kern = &detail::kConv3x3Portable;
   const Conv3x3Plane g = detail::make_plane(s.h, s.w);
-  // Rows per fp32 piece: the exact bound for codes; for fp32, rows whose transposed input (plus the
-  // two halo rows) stays in about 24 KiB of L1.
+  // Rows per fp32 piece: rows whose transposed input (plus the two halo rows) stays in about
+  // 24 KiB of L1, and for codes at most the exact bound (>= 1 row: add() checked it).
   const int64_t lanes = k_lanes_ ? s.k : s.c;
-  const int64_t rows = codes_.enabled()
-                           ? conv3x3_exact_terms(codes_) / s.w
-                           : std::max<int64_t>(1, (int64_t{24} << 10) / (g.row * lanes * 4) - 2);
+  int64_t rows = std::max<int64_t>(1, (int64_t{24} << 10) / (g.row * lanes * 4) - 2);
+  if (codes_.enabled()) rows = std::min(rows, conv3x3_exact_terms(codes_) / s.w);
   const int64_t hw = s.h * s.w;
   float* xt = b.xt.get(g.qcount * lanes);
   float* planes = k_lanes_ ? b.planes.get(s.c * g.stride) : nullptr;

@@ -10,7 +10,10 @@
 //
 // Every function handles one chunk of samples and is single-threaded and reentrant: a caller
 // threads over sample chunks, each thread with its own Conv3x3Workspace, and sums dW partials in a
-// fixed order. Weights are repacked once per weight update into a Conv3x3Weights.
+// fixed order (Conv3x3WeightGrad: one per thread, add per chunk, finish in thread order). Weights
+// are repacked once per weight update into a Conv3x3Weights (read-only afterwards, shared).
+// Scratch: a Conv3x3Workspace per thread, grown on demand and reused (one sample's padded planes
+// and transpose, under 200 KB for the resnet20 shapes); nullptr uses a thread_local one.
 //
 // Integer codes (the quantized layers, DESIGN.md section 3): with Conv3x3Codes set, the operands
 // hold integers stored as floats, |a| <= qmax_a and |b| <= qmax_b (qmax <= 255, so an unsigned
@@ -24,8 +27,11 @@
 //     8-bit signed ones (576 * 127 * 127 = 9.3e6); unsigned 8-bit activations against 8-bit weights
 //     (576 * 255 * 127 = 1.87e7) are split into channel pieces.
 //   backward_weight: n * h * w terms per weight (784 per 28x28 sample: 8-bit codes exceed 2^24
-//     within ONE sample, 4-bit ones after about 200 samples). The sum over pixels is split into row
-//     pieces and accumulated in double; backward_weight_exact hands the exact integer totals out.
+//     within ONE sample, 784 * 255 * 127 = 2.5e7; 4-bit ones, 784 * 15 * 7 = 82320 per sample,
+//     after about 200 samples). The sum is formed per sample in pieces of whole image rows, at
+//     most floor(bound / w) rows (18 at 28x28 for 8-bit, the whole image for 4-bit), each exact
+//     in fp32, and the pieces are accumulated in double (exact below 2^53). finish_exact hands
+//     the exact integer totals out, for a caller that sums chunks and rescales once.
 //
 // Instruction sets: an AVX-512 path (compiled with per-file target flags, used after a run-time
 // CPU check) and a portable path. Conv3x3Isa::kAuto picks AVX-512 when available unless the
