@@ -4,6 +4,7 @@
 #include "kernels/math/conv3x3.h"
 
 #include <algorithm>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -333,36 +334,49 @@ void Conv3x3WeightGrad::add_to(const Conv3x3Shape& s, const float* x, const floa
   const Conv3x3Kernels* kern = &kernels_for(isa_);
   if (!k_lanes_ && s.c % kern->wgrad_c_multiple != 0) kern = &detail::kConv3x3Portable;
   const Conv3x3Plane g = detail::make_plane(s.h, s.w);
-  // Rows per fp32 piece: rows whose transposed input (plus the two halo rows) stays in about
-  // 24 KiB of L1, and for codes at most the exact bound (>= 1 row: add() checked it).
+  // Blocking: a kernel tile sweeps one 16-lane slice of the transposed operand over a piece of rows
+  // of a group of samples, for every pair of output (or input) channels in turn, so that slice
+  // should stay in L1: about 24 KiB. Small images: whole images, several samples per group (fewer
+  // tile flushes); large ones: one sample, a piece of rows. Codes: every piece (samples x rows x w
+  // terms) within the exact bound as well.
+  constexpr int64_t kSliceBytes = int64_t{24} << 10;
+  const int64_t row_bytes = g.row * 16 * int64_t{sizeof(float)};
+  const int64_t exact = codes_.enabled() ? conv3x3_exact_terms(codes_) : INT64_MAX;
+  int64_t rows = std::min(s.h, std::max<int64_t>(1, kSliceBytes / row_bytes - 2));
+  rows = std::min(rows, exact / s.w);  // >= 1: add() checked w against the bound
+  int64_t group = 1;
+  if (rows == s.h)
+    group = std::clamp<int64_t>(
+        std::min(kSliceBytes / ((s.h + 2) * row_bytes), exact / (s.h * s.w)), 1, s.n);
   const int64_t lanes = k_lanes_ ? s.k : s.c;
-  int64_t rows = std::max<int64_t>(1, (int64_t{24} << 10) / (g.row * lanes * 4) - 2);
-  if (codes_.enabled()) rows = std::min(rows, conv3x3_exact_terms(codes_) / s.w);
   const int64_t hw = s.h * s.w;
-  float* xt = b.xt.get(g.qcount * lanes);
-  float* planes = k_lanes_ ? b.planes.get(s.c * g.stride) : nullptr;
+  const int64_t xt_stride = g.qcount * lanes, planes_stride = s.c * g.stride;
+  float* xt = b.xt.get(group * xt_stride);
+  float* planes = k_lanes_ ? b.planes.get(group * planes_stride) : nullptr;
   float* scratch = k_lanes_ ? nullptr : b.part.get(s.k * 9 * s.c);
-  for (int64_t n = 0; n < s.n; ++n) {
-    const float* xn = x + n * s.c * hw;
-    const float* dyn = dy + n * s.k * hw;
-    if (k_lanes_) {
-      kern->pad(xn, s.c, g, planes);
-      kern->transpose(dyn, s.k, g, xt);
-    } else {
-      kern->transpose(xn, s.c, g, xt);
+  for (int64_t n0 = 0; n0 < s.n; n0 += group) {
+    const int64_t ns = std::min(group, s.n - n0);
+    const float* dyn = dy + n0 * s.k * hw;
+    for (int64_t j = 0; j < ns; ++j) {
+      if (k_lanes_) {
+        kern->pad(x + (n0 + j) * s.c * hw, s.c, g, planes + j * planes_stride);
+        kern->transpose(dyn + j * s.k * hw, s.k, g, xt + j * xt_stride);
+      } else {
+        kern->transpose(x + (n0 + j) * s.c * hw, s.c, g, xt + j * xt_stride);
+      }
     }
     for (int64_t y0 = 0; y0 < s.h; y0 += rows) {
       const int64_t y1 = std::min(s.h, y0 + rows);
       if constexpr (std::is_same_v<Acc, double>) {
         if (k_lanes_)
-          kern->wgrad_k_d(planes, xt, g, s.c, s.k, y0, y1, acc);
+          kern->wgrad_k_d(planes, xt, g, s.c, s.k, y0, y1, ns, planes_stride, xt_stride, acc);
         else
-          kern->wgrad_d(xt, dyn, g, s.c, s.k, y0, y1, acc, scratch);
+          kern->wgrad_d(xt, dyn, g, s.c, s.k, y0, y1, ns, xt_stride, s.k * hw, acc, scratch);
       } else {
         if (k_lanes_)
-          kern->wgrad_k_f(planes, xt, g, s.c, s.k, y0, y1, acc);
+          kern->wgrad_k_f(planes, xt, g, s.c, s.k, y0, y1, ns, planes_stride, xt_stride, acc);
         else
-          kern->wgrad_f(xt, dyn, g, s.c, s.k, y0, y1, acc, scratch);
+          kern->wgrad_f(xt, dyn, g, s.c, s.k, y0, y1, ns, xt_stride, s.k * hw, acc, scratch);
       }
     }
   }

@@ -44,24 +44,30 @@ struct Conv3x3Kernels {
   // xt (g.qcount, c) <- src (c, h, w): the padded plane layout transposed (channel fastest), every
   // element written (pads as 0).
   void (*transpose)(const float* src, int64_t c, const Conv3x3Plane& g, float* xt);
-  // acc[(o * 9 + tap) * c + ch] += sum over image rows [y0, y1) and x < w of
-  //   dy[o * h * w + y * w + x] * xt[((y + ky) * row + x + kx) * c + ch], tap = ky * 3 + kx.
-  // The sum over the rows is formed in fp32 first (exact for codes when (y1 - y0) * w terms stay
-  // below the exact bound), then added to acc. scratch: k * 9 * c floats the kernel may use.
+  // acc[(o * 9 + tap) * c + ch] += sum over samples s < nsamp, image rows [y0, y1) and x < w of
+  //   dy_s[o * h * w + y * w + x] * xt_s[((y + ky) * row + x + kx) * c + ch], tap = ky * 3 + kx,
+  // with xt_s = xt + s * xt_stride and dy_s = dy + s * dy_stride. The sum is formed in fp32 first
+  // (exact for codes when nsamp * (y1 - y0) * w terms stay below the exact bound), then added to
+  // acc. scratch: k * 9 * c floats the kernel may use.
   void (*wgrad_f)(const float* xt, const float* dy, const Conv3x3Plane& g, int64_t c, int64_t k,
-                  int64_t y0, int64_t y1, float* acc, float* scratch);
+                  int64_t y0, int64_t y1, int64_t nsamp, int64_t xt_stride, int64_t dy_stride,
+                  float* acc, float* scratch);
   void (*wgrad_d)(const float* xt, const float* dy, const Conv3x3Plane& g, int64_t c, int64_t k,
-                  int64_t y0, int64_t y1, double* acc, float* scratch);
+                  int64_t y0, int64_t y1, int64_t nsamp, int64_t xt_stride, int64_t dy_stride,
+                  double* acc, float* scratch);
   // wgrad_* take only c % wgrad_c_multiple == 0 (the driver falls back to the portable table).
   int wgrad_c_multiple;
   // The same sums with the OUTPUT channels in the lanes, for few input channels (the first conv):
-  //   acc[(ch * 9 + tap) * k + o] += sum over rows [y0, y1) and x < w of
-  //   planes[ch * g.stride + (y + ky) * row + x + kx] * dyt[((y + 1) * row + x + 1) * k + o],
-  // planes from pad(x), dyt from transpose(dy). Null where not provided; k % 16 == 0.
+  //   acc[(ch * 9 + tap) * k + o] += sum over samples, rows [y0, y1) and x < w of
+  //   planes_s[ch * g.stride + (y + ky) * row + x + kx] * dyt_s[((y + 1) * row + x + 1) * k + o],
+  // planes_s = planes + s * planes_stride from pad(x), dyt_s = dyt + s * dyt_stride from
+  // transpose(dy). Null where not provided; k % 16 == 0.
   void (*wgrad_k_f)(const float* planes, const float* dyt, const Conv3x3Plane& g, int64_t c,
-                    int64_t k, int64_t y0, int64_t y1, float* acc);
+                    int64_t k, int64_t y0, int64_t y1, int64_t nsamp, int64_t planes_stride,
+                    int64_t dyt_stride, float* acc);
   void (*wgrad_k_d)(const float* planes, const float* dyt, const Conv3x3Plane& g, int64_t c,
-                    int64_t k, int64_t y0, int64_t y1, double* acc);
+                    int64_t k, int64_t y0, int64_t y1, int64_t nsamp, int64_t planes_stride,
+                    int64_t dyt_stride, double* acc);
 };
 
 extern const Conv3x3Kernels kConv3x3Portable;

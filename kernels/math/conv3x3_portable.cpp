@@ -109,27 +109,30 @@ void transpose_portable(const float* src, int64_t c, const Conv3x3Plane& g, floa
         xt[((y + 1) * g.row + x + 1) * c + ch] = src[(ch * g.h + y) * g.w + x];
 }
 
-// piece[(o * 9 + tap) * c + ch] = the fp32 sum over rows [y0, y1).
+// piece[(o * 9 + tap) * c + ch] = the fp32 sum over the samples and rows [y0, y1).
 void wgrad_piece(const float* xt, const float* dy, const Conv3x3Plane& g, int64_t c, int64_t k,
-                 int64_t y0, int64_t y1, float* piece) {
+                 int64_t y0, int64_t y1, int64_t nsamp, int64_t xt_stride, int64_t dy_stride,
+                 float* piece) {
   std::fill(piece, piece + k * 9 * c, 0.0f);
   const int64_t hw = g.h * g.w;
-  for (int64_t o = 0; o < k; ++o)
-    for (int64_t y = y0; y < y1; ++y)
-      for (int64_t x = 0; x < g.w; ++x) {
-        const float d = dy[o * hw + y * g.w + x];
-        for (int tap = 0; tap < 9; ++tap) {
-          const float* xs = xt + ((y + tap / 3) * g.row + x + tap % 3) * c;
-          float* a = piece + (o * 9 + tap) * c;
-          for (int64_t ch = 0; ch < c; ++ch) a[ch] += d * xs[ch];
+  for (int64_t s = 0; s < nsamp; ++s)
+    for (int64_t o = 0; o < k; ++o)
+      for (int64_t y = y0; y < y1; ++y)
+        for (int64_t x = 0; x < g.w; ++x) {
+          const float d = dy[s * dy_stride + o * hw + y * g.w + x];
+          for (int tap = 0; tap < 9; ++tap) {
+            const float* xs = xt + s * xt_stride + ((y + tap / 3) * g.row + x + tap % 3) * c;
+            float* a = piece + (o * 9 + tap) * c;
+            for (int64_t ch = 0; ch < c; ++ch) a[ch] += d * xs[ch];
+          }
         }
-      }
 }
 
 template <typename Acc>
 void wgrad_portable(const float* xt, const float* dy, const Conv3x3Plane& g, int64_t c, int64_t k,
-                    int64_t y0, int64_t y1, Acc* acc, float* scratch) {
-  wgrad_piece(xt, dy, g, c, k, y0, y1, scratch);
+                    int64_t y0, int64_t y1, int64_t nsamp, int64_t xt_stride, int64_t dy_stride,
+                    Acc* acc, float* scratch) {
+  wgrad_piece(xt, dy, g, c, k, y0, y1, nsamp, xt_stride, dy_stride, scratch);
   for (int64_t i = 0; i < k * 9 * c; ++i) acc[i] += static_cast<Acc>(scratch[i]);
 }
 
