@@ -13,8 +13,9 @@
 // time of one resnet20 training step (stride-1 3x3 convs only: 1 x conv1 fwd + dW, 6 x 16-16 at
 // 28x28, 5 x 32-32 at 14x14, 5 x 64-64 at 7x7, each fwd + dx + dW).
 // Ends with one JSON line {"bench":"conv", "rows":[{"layer","mode","op","gemm_ms","direct_ms",
-// "speedup","gemm_best_ms","direct_best_ms"}...], "step_gemm_ms_MODE", "step_direct_ms_MODE"} with
-// MODE fp32 / codes4 (the step estimates use the medians).
+// "speedup","gemm_best_ms","direct_best_ms"}...], "step_gemm_ms_MODE", "step_direct_ms_MODE",
+// "step_gemm_best_ms_MODE", "step_direct_best_ms_MODE"} with MODE fp32 / codes4 (step estimates
+// from the medians and from the minima).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -218,7 +219,7 @@ int main(int argc, char** argv) {
   for (const std::string& mode : mode_list) {
     const bool codes = mode == "codes4";
     const int qa = 15, qw = 7, qg = 7;  // 4-bit: unsigned activations, signed weights / grads
-    double step_gemm = 0.0, step_direct = 0.0;
+    double step_gemm = 0.0, step_direct = 0.0, step_gemm_best = 0.0, step_direct_best = 0.0;
     for (const Layer& L : layers) {
       if (!only.empty() && std::string(L.name).find(only) == std::string::npos) continue;
       const int64_t n = batch, c = L.c, k = L.k, h = L.h, w = L.w, hw = h * w;
@@ -364,7 +365,7 @@ int main(int argc, char** argv) {
                          dw_b_fn();
                        },
                        nullptr, nullptr, 2 * flops});
-      double layer_a = 0.0, layer_b = 0.0;
+      double layer_a = 0.0, layer_b = 0.0, layer_a_best = 0.0, layer_b_best = 0.0;
       for (const OpRow& op : ops) {
         const PairTimes pt = time_pair(reps, op.a, op.b);
         const double ms_a = pt.median_a, ms_b = pt.median_b;
@@ -373,9 +374,11 @@ int main(int argc, char** argv) {
             (L.first && std::string(op.op) == "dW")) {
           layer_a += ms_a;
           layer_b += ms_b;
+          layer_a_best += pt.best_a;
+          layer_b_best += pt.best_b;
         }
-        std::printf("%-18s %-5s %-4s %10.2f %8.1f %10.2f %8.1f %7.2fx %9.2f %9.2f %9.1e\n",
-                    L.name, codes ? "int4" : "fp32", op.op, ms_a, op.flops / ms_a * 1e-6, ms_b,
+        std::printf("%-18s %-5s %-4s %10.2f %8.1f %10.2f %8.1f %7.2fx %9.2f %9.2f %9.1e\n", L.name,
+                    codes ? "int4" : "fp32", op.op, ms_a, op.flops / ms_a * 1e-6, ms_b,
                     op.flops / ms_b * 1e-6, ms_a / ms_b, pt.best_a, pt.best_b, diff);
         char row[256];
         std::snprintf(row, sizeof row,
@@ -389,13 +392,19 @@ int main(int argc, char** argv) {
       }
       step_gemm += L.count * layer_a;
       step_direct += L.count * layer_b;
+      step_gemm_best += L.count * layer_a_best;
+      step_direct_best += L.count * layer_b_best;
     }
-    std::printf("%-18s %-5s %-4s %10.1f %8s %10.1f %8s %7.2fx\n", "resnet20 step est.",
+    std::printf("%-18s %-5s %-4s %10.1f %8s %10.1f %8s %7.2fx %9.1f %9.1f\n", "resnet20 step est.",
                 codes ? "int4" : "fp32", "all", step_gemm, "", step_direct, "",
-                step_gemm / step_direct);
-    char s[200];
-    std::snprintf(s, sizeof s, ",\"step_gemm_ms_%s\":%.2f,\"step_direct_ms_%s\":%.2f", mode.c_str(),
-                  step_gemm, mode.c_str(), step_direct);
+                step_gemm / step_direct, step_gemm_best, step_direct_best);
+    char s[300];
+    std::snprintf(
+        s, sizeof s,
+        ",\"step_gemm_ms_%s\":%.2f,\"step_direct_ms_%s\":%.2f,\"step_gemm_best_ms_%s\":%.2f,"
+        "\"step_direct_best_ms_%s\":%.2f",
+        mode.c_str(), step_gemm, mode.c_str(), step_direct, mode.c_str(), step_gemm_best,
+        mode.c_str(), step_direct_best);
     step_json += s;
   }
   json += "]" + step_json + "}";
