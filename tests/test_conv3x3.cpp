@@ -7,6 +7,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/common/error.h"
@@ -319,6 +320,43 @@ TEST(Conv3x3, WeightGradStreamsSamples) {
                 << describe(s, Op::kBackwardWeight, isa, false) << " at " << i;
         }
       }
+}
+
+// Reentrancy: threads over sample chunks with one shared Conv3x3Weights and a workspace and a
+// Conv3x3WeightGrad each give the same forward / backward_data outputs as one call, and dW partials
+// whose fixed-order sum is the one-call dW (exactly, on codes).
+TEST(Conv3x3, ThreadsOverSampleChunks) {
+  const Conv3x3Shape s{8, 32, 32, 14, 14};
+  const int64_t hw = s.h * s.w;
+  const Operands a{codes(s.n * s.c * hw, 0, 15, 1), codes(s.k * s.c * 9, -7, 7, 2),
+                   codes(s.n * s.k * hw, -7, 7, 3)};
+  Conv3x3Options opt;
+  opt.codes = {15, 7};
+  const Conv3x3Weights packed(a.w.data(), s.k, s.c);
+  std::vector<float> y1(static_cast<size_t>(s.n * s.k * hw)), dx1(a.x.size()), dw1(a.w.size());
+  conv3x3_forward(s, a.x.data(), packed, y1.data(), opt);
+  conv3x3_backward_data(s, a.dy.data(), packed, dx1.data(), opt);
+  conv3x3_backward_weight(s, a.x.data(), a.dy.data(), dw1.data(), opt);
+  constexpr int kThreads = 4;
+  std::vector<float> y(y1.size()), dx(dx1.size()), dw(dw1.size(), 0.0f);
+  Conv3x3WeightGrad grads[kThreads];
+  std::vector<std::thread> pool;
+  for (int t = 0; t < kThreads; ++t)
+    pool.emplace_back([&, t] {
+      Conv3x3Workspace ws;
+      const int64_t n0 = s.n * t / kThreads, n1 = s.n * (t + 1) / kThreads;
+      const Conv3x3Shape part{n1 - n0, s.c, s.k, s.h, s.w};
+      conv3x3_forward(part, a.x.data() + n0 * s.c * hw, packed, y.data() + n0 * s.k * hw, opt, &ws);
+      conv3x3_backward_data(part, a.dy.data() + n0 * s.k * hw, packed, dx.data() + n0 * s.c * hw,
+                            opt, &ws);
+      grads[t].reset(s.k, s.c, opt.codes);
+      grads[t].add(part, a.x.data() + n0 * s.c * hw, a.dy.data() + n0 * s.k * hw, &ws);
+    });
+  for (auto& th : pool) th.join();
+  for (int t = 0; t < kThreads; ++t) grads[t].finish(1.0f, true, dw.data());
+  EXPECT_EQ(y, y1);
+  EXPECT_EQ(dx, dx1);
+  EXPECT_EQ(dw, dw1);
 }
 
 TEST(Conv3x3, ExactBound) {
