@@ -75,9 +75,10 @@ struct Conv3x3Workspace::Buffers {
 
 namespace {
 
+// INT4DDP_ISA (the codec's override) = portable or avx2 rules AVX-512 out; there is no AVX2 path.
 bool env_forces_portable() {
   const char* env = std::getenv("INT4DDP_ISA");
-  return env && std::string(env) == "portable";
+  return env && (std::string(env) == "portable" || std::string(env) == "avx2");
 }
 
 const Conv3x3Kernels& kernels_for(Conv3x3Isa isa) {
