@@ -359,6 +359,24 @@ TEST(Conv3x3, ThreadsOverSampleChunks) {
   EXPECT_EQ(dw, dw1);
 }
 
+// Image rows longer than the exact bound (255 * 255 codes: 258 terms < a 300-pixel row): dW falls
+// back to int64 sums, still exact.
+TEST(Conv3x3, CodesAreExactForRowsLongerThanTheBound) {
+  const Conv3x3Shape s{2, 2, 16, 2, 300};
+  const int64_t hw = s.h * s.w;
+  const auto x = codes(s.n * s.c * hw, 0, 255, 1), dy = codes(s.n * s.k * hw, -255, 255, 2);
+  Conv3x3Options opt;
+  opt.codes = {255, 255};
+  opt.scale = 0.0371f;
+  std::vector<float> ref(static_cast<size_t>(s.k * s.c * 9)), got(ref.size());
+  conv3x3_backward_weight_ref(s, x.data(), dy.data(), ref.data(), opt);
+  for (Conv3x3Isa isa : isas()) {
+    opt.isa = isa;
+    conv3x3_backward_weight(s, x.data(), dy.data(), got.data(), opt);
+    EXPECT_EQ(got, ref) << conv3x3_isa_name(isa);
+  }
+}
+
 TEST(Conv3x3, ExactBound) {
   EXPECT_EQ(conv3x3_exact_terms({7, 7}), ((1 << 24) - 1) / 49);
   EXPECT_EQ(conv3x3_exact_terms({255, 127}), 518);

@@ -138,7 +138,8 @@ void spatial_conv(const Conv3x3Shape& s, int64_t ci, int64_t co, const float* in
   const Conv3x3Kernels& kern = kernels_for(opt.isa);
   const Conv3x3Plane g = detail::make_plane(s.h, s.w);
   float* planes = b.planes.get(ci * g.stride);
-  const bool lanes_ok = kern.spatial_cl && co % 16 == 0;
+  // (the channels tiling addresses a vector of 16 output channels with int32 offsets c * h * w)
+  const bool lanes_ok = kern.spatial_cl && co % 16 == 0 && hw <= (int64_t{1} << 26);
   const bool lanes = lanes_ok && (opt.algo == Conv3x3Algo::kChannels ||
                                   (opt.algo == Conv3x3Algo::kAuto && s.w <= 14 && co >= 32));
   const auto spatial = lanes ? kern.spatial_cl : kern.spatial;
