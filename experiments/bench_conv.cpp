@@ -170,7 +170,7 @@ double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
 int main(int argc, char** argv) {
   int reps = 11;
   int64_t batch = 128, chunk = 1;
-  std::string modes = "both", only;
+  std::string modes = "both", only, algo_name = "auto";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--reps" && i + 1 < argc)
@@ -183,13 +183,22 @@ int main(int argc, char** argv) {
       modes = argv[++i];
     else if (a == "--layer" && i + 1 < argc)
       only = argv[++i];
+    else if (a == "--algo" && i + 1 < argc)
+      algo_name = argv[++i];
     else {
       std::fprintf(stderr,
                    "usage: bench_conv [--reps R] [--batch N] [--chunk S] [--mode fp32|codes|both] "
-                   "[--layer SUBSTRING]\n");
+                   "[--layer SUBSTRING] [--algo auto|spatial|channels]\n");
       return 2;
     }
   }
+  Conv3x3Algo algo = Conv3x3Algo::kAuto;
+  if (algo_name == "spatial")
+    algo = Conv3x3Algo::kSpatial;
+  else if (algo_name == "channels")
+    algo = Conv3x3Algo::kChannels;
+  else if (algo_name != "auto")
+    reps = 0;  // rejected below
   if (reps < 1 || batch < 1 || chunk < 1 ||
       (modes != "fp32" && modes != "codes" && modes != "both")) {
     std::fprintf(stderr,
@@ -318,6 +327,7 @@ int main(int argc, char** argv) {
       Conv3x3Workspace ws;
       std::vector<float> y_b(y_a.size()), dx_b(dx_a.size()), dw_b(dw_a.size());
       Conv3x3Options fo, bo, wo;
+      fo.algo = bo.algo = algo;
       if (codes) {
         fo.codes = {qa, qw};
         bo.codes = {qg, qw};
