@@ -66,9 +66,9 @@ class AlignedBuf {
 }  // namespace
 
 struct Conv3x3Workspace::Buffers {
-  AlignedBuf<float> planes;   // (channels, stride) padded input planes of one sample
-  AlignedBuf<float> xt;       // (qcount, c) transposed padded input of one sample (dW)
-  AlignedBuf<float> part;     // exact pieces / kernel scratch
+  AlignedBuf<float> planes;   // (channels, stride) padded planes of one sample (dW: a group)
+  AlignedBuf<float> xt;       // (qcount, lanes) transposed padded operand of a group of samples
+  AlignedBuf<float> part;     // a split forward's exact piece, or the portable dW's scratch
   AlignedBuf<int64_t> total;  // exact totals of the split forward / backward_data
   Conv3x3WeightGrad grad;     // the one-call conv3x3_backward_weight's sum
 };
