@@ -1,15 +1,19 @@
 // AVX-512F kernels of the direct 3x3 convolution (plane layout: conv3x3_kernels.h). Compiled with
 // -mavx512f for this file only and called only after a run-time CPU check (conv3x3.cpp).
 //
-// spatial (forward and backward data): 16 consecutive flat output positions per zmm, a tile of NK
-//   output channels x NV vectors (8 x 3 = 24 accumulators) summed over input channels and taps with
-//   broadcast weights; each tap is one unaligned load at a constant offset of the padded plane. The
-//   valid lanes of an accumulator are consecutive NCHW elements: compress + one masked store.
+// spatial (forward and backward data, Conv3x3Algo::kSpatial): 16 consecutive flat output
+//   positions per zmm, a tile of NK output channels x NV vectors (8 x 3 = 24 accumulators) summed
+//   over input channels and taps with broadcast weights; each tap is one unaligned load at a
+//   constant offset of the padded plane. The valid lanes of an accumulator are consecutive NCHW
+//   elements: compress + one masked store.
+// spatial_cl (Conv3x3Algo::kChannels): 16 output channels per zmm, a tile of up to 12 pixels of
+//   one image row x 2 vectors of channels; inputs broadcast, weights loaded; no idle lanes,
+//   scattered stores (a channel vector is 16 planes apart in NCHW).
 // wgrad (backward weight): input channels in the lanes (the input transposed to padded NHWC), a
-// tile
-//   of NO output channels x 9 taps accumulators; dy is broadcast from NCHW, so no junk positions
-//   and no horizontal sums. The tile's fp32 sum over a piece of rows is added to the caller's
-//   float or double accumulator.
+//   tile of NO output channels x 9 taps accumulators; dy is broadcast from NCHW, so no junk
+//   positions and no horizontal sums. The tile's fp32 sum over a piece of rows (of a group of
+//   samples) is added to the caller's float or double accumulator. wgrad_k: the same with output
+//   channels in the lanes, for the 1-channel first conv.
 // All arithmetic on codes is exact: FMAs of integers whose partial sums stay below 2^24 (the
 // driver bounds the pieces), then float -> double adds.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
