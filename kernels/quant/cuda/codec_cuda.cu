@@ -39,6 +39,14 @@ constexpr int kWarp = 32;           //
 constexpr int kMaxFusedRanks = 64;  // owner messages passed by value to the fused kernel
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Minimum resident blocks per SM asked of ptxas for the fused quantize and owner kernels (a
+// register budget: 3 -> 80 registers, 4 -> 64). On an H200, 4 was 4% faster for quantize+pack
+// (despite 52 bytes of spills) and 6-7% for the owner step with 4 and 8 ranks than 3
+// (experiments/RESULTS.md). Overridable at build time (-DINT4DDP_FUSED_MIN_BLOCKS=N) to compare.
+#ifndef INT4DDP_FUSED_MIN_BLOCKS
+#define INT4DDP_FUSED_MIN_BLOCKS 4
+#endif
+
 // What a kernel needs of QuantParams.
 struct KernelQuant {
   int bits;
@@ -212,7 +220,7 @@ __device__ __forceinline__ void encode_groups(const float (&val)[V][4], int64_t 
 // quantize, per-block scales, G = 128 V wps. Requires x 16-byte aligned, codes 2-byte (INT4) or
 // 4-byte aligned. Called by quantize_async.
 template <int V>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     quantize_fused_kernel(const float* __restrict__ x, int64_t count, KernelQuant kq, int wps,
                           uint8_t* __restrict__ codes, float* __restrict__ scales,
                           DeviceQuantStats* stats) {
@@ -263,7 +271,7 @@ struct OwnerMessages {
 };
 
 template <int V, bool kAligned>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     owner_fused_kernel(OwnerMessages msgs, int ranks, int64_t count, KernelQuant kq, int wps,
                        const float* __restrict__ es, float* __restrict__ es_next,
                        uint8_t* __restrict__ codes_out, float* __restrict__ scales_out,
