@@ -39,6 +39,14 @@ constexpr int kWarp = 32;           //
 constexpr int kMaxFusedRanks = 64;  // owner messages passed by value to the fused kernel
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Minimum resident blocks per SM asked of ptxas for the fused quantize and owner kernels (a
+// register budget: 3 -> 80 registers, 4 -> 64). On an H200, 4 was 4% faster for quantize+pack
+// (despite 52 bytes of spills) and 6-7% for the owner step with 4 and 8 ranks than 3
+// (experiments/RESULTS.md). Overridable at build time (-DINT4DDP_FUSED_MIN_BLOCKS=N) to compare.
+#ifndef INT4DDP_FUSED_MIN_BLOCKS
+#define INT4DDP_FUSED_MIN_BLOCKS 4
+#endif
+
 // What a kernel needs of QuantParams.
 struct KernelQuant {
   int bits;
@@ -212,7 +220,7 @@ __device__ __forceinline__ void encode_groups(const float (&val)[V][4], int64_t 
 // quantize, per-block scales, G = 128 V wps. Requires x 16-byte aligned, codes 2-byte (INT4) or
 // 4-byte aligned. Called by quantize_async.
 template <int V>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     quantize_fused_kernel(const float* __restrict__ x, int64_t count, KernelQuant kq, int wps,
                           uint8_t* __restrict__ codes, float* __restrict__ scales,
                           DeviceQuantStats* stats) {
@@ -263,7 +271,7 @@ struct OwnerMessages {
 };
 
 template <int V, bool kAligned>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     owner_fused_kernel(OwnerMessages msgs, int ranks, int64_t count, KernelQuant kq, int wps,
                        const float* __restrict__ es, float* __restrict__ es_next,
                        uint8_t* __restrict__ codes_out, float* __restrict__ scales_out,
@@ -619,6 +627,17 @@ unsigned grid_for(int64_t work, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(work, resident)));
 }
 
+// As grid_for, for a kernel whose registers allow fewer than 2048 / threads blocks per SM (the
+// fused quantize and owner kernels fit 3 of 256 threads): one full wave of resident blocks, so
+// the grid-stride loop has no partial last wave (ncu on an H200 estimated up to 33% lost to it).
+template <typename Kernel>
+unsigned grid_for_kernel(Kernel kernel, int64_t work, int threads) {
+  int per_sm = 0;
+  INT4DDP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  const int64_t resident = static_cast<int64_t>(sm_count()) * std::max(per_sm, 1);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(work, resident)));
+}
+
 unsigned elementwise_grid(int64_t count) {
   return grid_for((count + kThreads - 1) / kThreads, kThreads);
 }
@@ -637,7 +656,8 @@ void launch_quantize_fused(const FusedShape& s, const float* x, int64_t count,
   const int threads = kThreads;
   const int scopes_per_block = threads / kWarp / s.warps_per_scope;
   const int64_t tiles = (num_scales(count, s.block_size) + scopes_per_block - 1) / scopes_per_block;
-  quantize_fused_kernel<V><<<grid_for(tiles, threads), threads, 0, stream>>>(
+  quantize_fused_kernel<V><<<grid_for_kernel(quantize_fused_kernel<V>, tiles, threads), threads, 0,
+                             stream>>>(
       x, count, kq, s.warps_per_scope, codes, scales, stats);
   check_launch();
 }
@@ -649,7 +669,8 @@ void launch_owner_fused(const FusedShape& s, const OwnerMessages& msgs, const Ow
   const int scopes_per_block = threads / kWarp / s.warps_per_scope;
   const int64_t tiles =
       (num_scales(a.count, s.block_size) + scopes_per_block - 1) / scopes_per_block;
-  owner_fused_kernel<V, kAligned><<<grid_for(tiles, threads), threads, 0, stream>>>(
+  owner_fused_kernel<V, kAligned>
+      <<<grid_for_kernel(owner_fused_kernel<V, kAligned>, tiles, threads), threads, 0, stream>>>(
       msgs, a.ranks, a.count, kq, s.warps_per_scope, a.es, a.es_next, a.codes_out, a.scales_out,
       a.out, a.stats);
   check_launch();
@@ -755,11 +776,13 @@ void dequantize_async(const uint8_t* codes, const float* scales, int64_t count, 
   const int64_t scope = block_size == 0 ? count : block_size;
   const bool vec = (block_size == 0 || block_size % 8 == 0) && aligned(out, 16) &&
                    aligned(codes, bits == 4 ? 4 : 8);
-  const unsigned grid = grid_for(((count + 7) / 8 + kThreads - 1) / kThreads, kThreads);
+  const int64_t work = ((count + 7) / 8 + kThreads - 1) / kThreads;
   if (vec)
-    dequantize_kernel<true><<<grid, kThreads, 0, stream>>>(codes, scales, count, bits, scope, out);
+    dequantize_kernel<true><<<grid_for_kernel(dequantize_kernel<true>, work, kThreads), kThreads, 0,
+                              stream>>>(codes, scales, count, bits, scope, out);
   else
-    dequantize_kernel<false><<<grid, kThreads, 0, stream>>>(codes, scales, count, bits, scope, out);
+    dequantize_kernel<false><<<grid_for_kernel(dequantize_kernel<false>, work, kThreads), kThreads,
+                               0, stream>>>(codes, scales, count, bits, scope, out);
   check_launch();
 }
 
