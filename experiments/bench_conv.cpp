@@ -205,7 +205,7 @@ int main(int argc, char** argv) {
                  "bench_conv: --reps, --batch, --chunk must be >= 1; --mode fp32|codes|both\n");
     return 2;
   }
-  set_num_threads(1);
+  // Every math:: GEMM runs on the calling thread (no Eigen threading): one thread throughout.
   const Layer layers[] = {{"conv1 1-16 28x28", 1, 16, 28, 28, 1, true},
                           {"16-16 28x28", 16, 16, 28, 28, 6, false},
                           {"32-32 14x14", 32, 32, 14, 14, 5, false},

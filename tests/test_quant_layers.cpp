@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -160,11 +161,12 @@ TEST(QuantLayers, QLinearMatchesReference) {
   EXPECT_NE(l.act_step().grad[0], 0.0f);
 }
 
-void check_qconv(int st, bool one_per_group) {
+void check_qconv(int st, bool one_per_group, bool direct) {
   QuantContext ctx;
   const int64_t n = 3, ci = 3, co = 4, h = 5, w = 6;
   QConv2d c("conv", ci, co, 3, st, 1, test_spec(), 2, &ctx);
   if (one_per_group) c.set_column_bytes(1);
+  c.set_direct_conv(direct);
   fill(c.weight().value, 5, -0.5f, 0.5f);
   Tensor x({n, ci, h, w}), y, dx;
   fill(x, 6, -0.1f, 1.0f);
@@ -227,10 +229,48 @@ void check_qconv(int st, bool one_per_group) {
 // column budget (one group) and with one sample per group.
 TEST(QuantLayers, QConv2dMatchesDirectConvolution) {
   for (int st : {2, 1})
-    for (bool one_per_group : {false, true}) {
-      SCOPED_TRACE(testing::Message() << "stride " << st << " one_per_group " << one_per_group);
-      check_qconv(st, one_per_group);
-    }
+    for (bool one_per_group : {false, true})
+      for (bool direct : {true, false}) {  // stride 1: the direct 3x3 kernels, or im2col + GEMM
+        SCOPED_TRACE(testing::Message() << "stride " << st << " one_per_group " << one_per_group
+                                        << " direct " << direct);
+        check_qconv(st, one_per_group, direct);
+      }
+}
+
+// The direct 3x3 kernels and the im2col + integer GEMM path compute the same exact integer sums
+// and rescale them once: outputs, dX and every gradient must agree bit for bit, over a batch of
+// several parts (BatchParts) and the resnet20 channel counts.
+TEST(QuantLayers, QConv2dDirectEqualsGemmBitForBit) {
+  for (int64_t ch : {16, 32}) {
+    SCOPED_TRACE(testing::Message() << "channels " << ch);
+    const int64_t n = 19, h = 7, w = 9;
+    QuantContext ctx_a, ctx_b;
+    QConv2d a("conv", ch, ch, 3, 1, 1, test_spec(), 2, &ctx_a);
+    QConv2d b("conv", ch, ch, 3, 1, 1, test_spec(), 2, &ctx_b);
+    a.set_direct_conv(true);
+    b.set_direct_conv(false);
+    fill(a.weight().value, 11, -0.5f, 0.5f);
+    fill(b.weight().value, 11, -0.5f, 0.5f);
+    Tensor x({n, ch, h, w}), ya, yb, dxa, dxb;
+    fill(x, 12, -0.1f, 1.0f);
+    a.forward(x, ya, true);
+    b.forward(x, yb, true);
+    ASSERT_EQ(ya.numel(), yb.numel());
+    EXPECT_EQ(std::memcmp(ya.data(), yb.data(), sizeof(float) * ya.numel()), 0) << "y";
+    Tensor dy(ya.shape());
+    fill(dy, 13, -1.0f, 1.0f);
+    for (Param* p : a.params()) p->grad.zero();
+    for (Param* p : b.params()) p->grad.zero();
+    a.backward(x, ya, dy, &dxa);
+    b.backward(x, yb, dy, &dxb);
+    EXPECT_EQ(std::memcmp(dxa.data(), dxb.data(), sizeof(float) * dxa.numel()), 0) << "dX";
+    const auto pa = a.params(), pb = b.params();
+    for (size_t i = 0; i < pa.size(); ++i)
+      EXPECT_EQ(
+          std::memcmp(pa[i]->grad.data(), pb[i]->grad.data(), sizeof(float) * pa[i]->grad.numel()),
+          0)
+          << pa[i]->name;
+  }
 }
 
 TEST(QuantLayers, GradientQuantizerDefersThePolicyUpdateAndCountsNonFinite) {

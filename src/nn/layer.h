@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/math/conv3x3.h"
 #include "src/core/tensor.h"
 
 namespace int4ddp::nn {
@@ -102,8 +103,12 @@ class Conv2d : public Layer {
   // Bytes of im2col columns per group of samples (default 512 KiB); results do not depend on it
   // beyond float rounding. Tests set it small to cover several groups and a partial last one.
   void set_column_bytes(int64_t bytes);
+  // The direct 3x3 convolution (kernels/math/conv3x3.h) for kernel 3, stride 1, pad 1 where its
+  // AVX-512 path runs (on by default; tests turn it off to cover the im2col + GEMM path).
+  void set_direct_conv(bool on) { direct_conv_ = on; }
 
  protected:
+  bool direct3x3() const;
   // Samples per group for a (rows, cols)-per-sample column matrix: the group's columns fit the
   // column-buffer budget; at least 1, at most n.
   int64_t group_size(int64_t n, int64_t rows, int64_t cols) const;
@@ -151,6 +156,9 @@ class Conv2d : public Layer {
   Param weight_, bias_;
   std::vector<float> dw_parts_;  // (parts, weight size) dW (or dW with flipped taps) of each part
   std::vector<float> wt_;        // (in, out*k*k) flipped weights
+  bool direct_conv_ = true;
+  math::Conv3x3Weights w3_;                  // direct path: the weights (or codes) packed
+  std::vector<math::Conv3x3WeightGrad> g3_;  // direct path: dW sum of each batch part
 };
 
 // Batch normalisation over (n, h, w) per channel c of an (n, c, h, w) or (n, c) tensor.

@@ -341,6 +341,11 @@ int64_t Conv2d::part_group_size(int64_t n, int64_t rows, int64_t cols) const {
   return group_size(std::min(n, BatchParts::kSamples), rows, cols);
 }
 
+bool Conv2d::direct3x3() const {
+  return direct_conv_ && kernel_ == 3 && stride_ == 1 && pad_ == 1 &&
+         math::conv3x3_resolve(math::Conv3x3Isa::kAuto) == math::Conv3x3Isa::kAvx512;
+}
+
 void Conv2d::forward(const Tensor& x, Tensor& y, bool) {
   INT4DDP_CHECK(x.rank() == 4 && x.dim(1) == in_, name_, ": input ", shape_str(x.shape()),
                 " is not (n, ", in_, ", h, w)");
@@ -350,11 +355,18 @@ void Conv2d::forward(const Tensor& x, Tensor& y, bool) {
   y.resize({n, out_, ho, wo});
   const int64_t gmax = part_group_size(n, ckk, hw);
   const BatchParts parts{n};
+  const bool direct = direct3x3();
+  if (direct) w3_.pack(weight_.value.data(), out_, in_);
   parallel_for(parts.count(), [&](int64_t p) {
+    if (direct) {
+      const int64_t s0 = parts.begin(p);
+      math::conv3x3_forward({parts.end(p) - s0, in_, out_, h, w}, x.data() + s0 * in_ * hw, w3_,
+                            y.data() + s0 * out_ * hw);
+    }
     GroupScratch& sc = group_scratch();
-    float* col = grow_scratch(sc.col, ckk * gmax * hw);
-    float* buf = grow_scratch(sc.out, out_ * gmax * hw);
-    for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+    float* col = direct ? nullptr : grow_scratch(sc.col, ckk * gmax * hw);
+    float* buf = direct ? nullptr : grow_scratch(sc.out, out_ * gmax * hw);
+    for (int64_t s0 = parts.begin(p); !direct && s0 < parts.end(p); s0 += gmax) {
       const int64_t g = std::min(gmax, parts.end(p) - s0), cols = g * hw;
       im2col(x.data(), s0, g, h, w, col);
       // A group of one sample is already in y's layout: the GEMM writes it in place.
@@ -385,6 +397,29 @@ void Conv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor
       }
   // dW: one partial per part (groups accumulated in order within it), summed in part order below.
   float* dw_parts = grow_scratch(dw_parts_, parts.count() * wsize);
+  if (direct3x3()) {
+    // Direct 3x3 (stride 1, pad 1: h, w are also the output's size). The weights are packed again
+    // rather than taken from forward, so backward never depends on what ran in between.
+    w3_.pack(weight_.value.data(), out_, in_);
+    if (dx) dx->resize(x.shape());
+    if (static_cast<int64_t>(g3_.size()) < parts.count())
+      g3_.resize(static_cast<size_t>(parts.count()));
+    parallel_for(parts.count(), [&](int64_t p) {
+      const int64_t s0 = parts.begin(p);
+      const math::Conv3x3Shape sh{parts.end(p) - s0, in_, out_, h, w};
+      const float* dyp = dy.data() + s0 * out_ * hw;
+      if (dx) math::conv3x3_backward_data(sh, dyp, w3_, dx->data() + s0 * in_ * hw);
+      math::Conv3x3WeightGrad& g3 = g3_[static_cast<size_t>(p)];
+      g3.reset(out_, in_);
+      g3.add(sh, x.data() + s0 * in_ * hw, dyp);
+      g3.finish(1.0f, false, dw_parts + p * wsize);
+    });
+    sum_parts(dw_parts, parts.count(), wsize);
+    parallel_for(out_, [&](int64_t o) {
+      for (int64_t j = o * ckk; j < (o + 1) * ckk; ++j) weight_.grad[j] += dw_parts[j];
+    });
+    return;
+  }
   if (dx && dx_by_transposed_conv()) {
     // Both products from one im2col of dy (out*k*k, g*h*w), none of x:
     //   dx_g (in, g*h*w) = flip(W) (in, out*k*k) im2col(dy_g)

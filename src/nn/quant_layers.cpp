@@ -361,6 +361,18 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
   y.resize({n, out_, ho, wo});
   const int64_t gmax = part_group_size(n, ckk, hw);
   const BatchParts parts{n};
+  if (direct3x3()) {  // exact on the codes, the same scale * float(T) as int_gemm
+    w3_.pack(wq_.data(), out_, in_);
+    math::Conv3x3Options o;
+    o.scale = scale;
+    o.codes = {g.qa, g.qw};
+    parallel_for(parts.count(), [&](int64_t p) {
+      const int64_t s0 = parts.begin(p);
+      math::conv3x3_forward({parts.end(p) - s0, in_, out_, h, w}, xq_.data() + s0 * in_ * hw, w3_,
+                            y.data() + s0 * out_ * hw, o);
+    });
+    return;
+  }
   parallel_for(parts.count(), [&](int64_t p) {
     GroupScratch& sc = group_scratch();
     float* col = grow_scratch(sc.col, ckk * gmax * hw);
@@ -392,13 +404,33 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   dwhat.resize(static_cast<size_t>(wsize));
   const float wscale = dg * g.sa;
   const BatchParts parts{n};
-  const bool transposed = dx_by_transposed_conv();
+  if (direct3x3()) {
+    // Direct 3x3: dX^ per part, dW^ as exact integer sums (doubles) into the thread's accumulator,
+    // which no summation order can change.
+    w3_.pack(wq_.data(), out_, in_);
+    math::Conv3x3Options o;
+    o.scale = dg * g.sw;
+    o.codes = {g.qg, g.qw};
+    if (static_cast<int64_t>(g3_.size()) < parts.count())
+      g3_.resize(static_cast<size_t>(parts.count()));
+    parallel_for(parts.count(), [&](int64_t p) {
+      const int64_t s0 = parts.begin(p);
+      const math::Conv3x3Shape sh{parts.end(p) - s0, in_, out_, h, w};
+      const float* gp = gq_.data() + s0 * out_ * hw;
+      math::conv3x3_backward_data(sh, gp, w3_, dxhat.data() + s0 * in_ * ihw, o);
+      math::Conv3x3WeightGrad& g3 = g3_[static_cast<size_t>(p)];
+      g3.reset(out_, in_, {g.qa, g.qg});
+      g3.add(sh, xq_.data() + s0 * in_ * ihw, gp);
+      g3.finish_exact(dw_acc_[static_cast<size_t>(thread_index())].data());
+    });
+  }
+  const bool transposed = !direct3x3() && dx_by_transposed_conv();
   // As Conv2d::backward. Transposed: one im2col of the gradient codes G (out*k*k, g*h*w) for both
   // products, dX^_g (in, g*h*w) = flip(W^) im2col(G_g), dW^t (in, out*k*k) = X^_g im2col(G_g)^T.
   // Otherwise dW^ (out, ckk) from im2col(X^) and dX^ by col2im of W^T G_g.
   const int64_t gmax = transposed ? part_group_size(n, okk, ihw) : part_group_size(n, ckk, hw);
   if (transposed) flip_weight(wq_.data(), grow_scratch(wt_, in_ * okk));
-  parallel_for(parts.count(), [&](int64_t p) {
+  parallel_for(direct3x3() ? 0 : parts.count(), [&](int64_t p) {
     GroupScratch& sc = group_scratch();
     double* acc = dw_acc_[static_cast<size_t>(thread_index())].data();
     float* dwg = grow_scratch(sc.dw, wsize);
