@@ -9,7 +9,7 @@
 #   * --allow-run-as-root when run as root.
 #   * --oversubscribe when N is more than this machine's cores and no hostfile/host list is given
 #     (and not inside a SLURM job, whose allocation sets the slots).
-#   * --bind-to none: a rank runs its GEMM threads (train.threads) and a communication thread, and
+#   * --bind-to none: a rank runs its worker threads (train.threads) and a communication thread, and
 #     OpenMPI's default for N <= 2 (bind to one core) would put them all on one core. Give --bind-to
 #     (e.g. `--map-by ppr:1:node --bind-to none`, or `--bind-to socket`) to choose yourself.
 # Everything else is passed to mpirun unchanged. Without `--`, the program starts at the first word

@@ -3,7 +3,7 @@
 # default config (configs/default.yaml: cnn, W/A/G 4/4/4, lbt, Fashion-MNIST) and prints the final
 # test accuracy. Metrics and checkpoints go to runs/default/. Extra arguments are passed to
 # `int4ddp train`, e.g. launch/run.sh --set train.epochs=1
-# Data parallel: INT4DDP_RANKS ranks (default 2) under mpirun, one GEMM thread each.
+# Data parallel: INT4DDP_RANKS ranks (default 2) under mpirun, one compute thread each.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 int4ddp_setup dataset-fashion-mnist

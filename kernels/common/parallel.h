@@ -1,9 +1,9 @@
 // Thread-level parallelism of the trainer (train.threads): parallel_for over a FIXED set of work
-// items, one OpenMP team per call, and nothing else threaded (the Eigen GEMMs always run on the
-// calling thread).
+// items on one persistent pool of num_threads() - 1 workers plus the calling thread, and nothing
+// else threaded (the Eigen GEMMs always run on the calling thread).
 //
 // Invariant that keeps results independent of the thread count: callers split their work into items
-// whose boundaries depend only on the problem (e.g. parts of kPartSamples samples of a batch),
+// whose boundaries depend only on the problem (e.g. BatchParts of src/nn/layer.h),
 // never on num_threads(); each item writes disjoint outputs, and a reduction keeps one partial per
 // item and combines the partials in item order afterwards. Which thread runs which item, and in
 // what order, is then invisible in the results.

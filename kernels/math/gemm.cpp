@@ -1,7 +1,8 @@
 // GEMMs: Eigen for fp32, and the exact integer GEMM on codes built on it (see gemm.h).
 #include "kernels/math/gemm.h"
 
-// Single-threaded Eigen (see gemm.h): the GEMMs must not depend on OpenMP's thread count.
+// Single-threaded Eigen (see gemm.h): its blocking, hence its rounding, depends on its thread
+// count.
 #define EIGEN_DONT_PARALLELIZE
 #include <Eigen/Core>
 #include <algorithm>
