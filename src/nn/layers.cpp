@@ -47,14 +47,17 @@ typedef float Floats8 __attribute__((vector_size(kLanes * sizeof(float))));
 
 // s += x[j] - shift and s2 += (x[j] - shift)^2 in double: BatchNorm's batch moments in one pass
 // over x. The shift (a value of the channel) keeps s2 - s^2 / count well conditioned when
-// |mean| >> std; the subtraction is exact in double.
-void accumulate_moments(const float* x, int64_t n, double shift, Sums* s, Sums* s2) {
+// |mean| >> std; the subtraction is exact in double. next: the row read after this one, prefetched
+// (a channel's rows are c * hw floats apart, so the hardware prefetcher restarts on each).
+void accumulate_moments(const float* x, const float* next, int64_t n, double shift, Sums* s,
+                        Sums* s2) {
   Doubles8 ls, ls2;
   std::memcpy(&ls, s->a, sizeof ls);
   std::memcpy(&ls2, s2->a, sizeof ls2);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     Floats8 xf;
+    __builtin_prefetch(next + j);
     std::memcpy(&xf, x + j, sizeof xf);
     const Doubles8 d = __builtin_convertvector(xf, Doubles8) - shift;
     ls += d;
@@ -72,16 +75,19 @@ void accumulate_moments(const float* x, int64_t n, double shift, Sums* s, Sums* 
 // a += d[j] and b += d[j] * (x[j] - mean) in double (BatchNorm's backward sums, one pass over d
 // and x; sum(d * xhat) = invstd * b). With kRelu, d[j] counts only where x[j] * scale + shift > 0:
 // the fused ReLU's mask, recomputed from x with the forward's own float expression (no FMA
-// contraction in this project), so it is exactly y > 0 without reading y.
+// contraction in this project), so it is exactly y > 0 without reading y. dnext, xnext: the rows
+// read after these, prefetched (as in accumulate_moments).
 template <bool kRelu>
-void accumulate_dy_moments(const float* d, const float* x, int64_t n, double mean, float scale,
-                           float shift, Sums* a, Sums* b) {
+void accumulate_dy_moments(const float* d, const float* x, const float* dnext, const float* xnext,
+                           int64_t n, double mean, float scale, float shift, Sums* a, Sums* b) {
   Doubles8 la, lb;
   std::memcpy(&la, a->a, sizeof la);
   std::memcpy(&lb, b->a, sizeof lb);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     Floats8 xf, df;
+    __builtin_prefetch(xnext + j);
+    __builtin_prefetch(dnext + j);
     std::memcpy(&xf, x + j, sizeof xf);
     std::memcpy(&df, d + j, sizeof df);
     if (kRelu) df = xf * scale + shift > 0.0f ? df : Floats8{};
@@ -558,7 +564,9 @@ void BatchNorm::forward(const Tensor& x, Tensor& y, bool train) {
       const double origin = n * hw > 0 ? static_cast<double>(x.data()[ch * hw]) : 0.0;
       Sums sum, sum2;
       for (int64_t i = 0; i < n; ++i)
-        accumulate_moments(x.data() + (i * c + ch) * hw, hw, origin, &sum, &sum2);
+        accumulate_moments(x.data() + (i * c + ch) * hw,
+                           x.data() + (std::min(i + 1, n - 1) * c + ch) * hw, hw, origin, &sum,
+                           &sum2);
       const double s = sum.total(), s2 = sum2.total();
       const double m = s / count;                   // mean - origin
       const double ss = std::max(0.0, s2 - s * m);  // sum of (x - mean)^2
@@ -580,6 +588,9 @@ void BatchNorm::forward(const Tensor& x, Tensor& y, bool train) {
     for (int64_t i = 0; i < n; ++i) {
       const float* __restrict p = x.data() + (i * c + ch) * hw;
       float* __restrict q = y.data() + (i * c + ch) * hw;
+      // The next output row, prefetched for writing (x's rows come from L2 after the sums).
+      const float* next = y.data() + (std::min(i + 1, n - 1) * c + ch) * hw;
+      for (int64_t j = 0; j < hw; j += 16) __builtin_prefetch(next + j, 1);
       if (relu_)
         for (int64_t j = 0; j < hw; ++j) {
           const float v = p[j] * g + b;
@@ -605,10 +616,13 @@ void BatchNorm::backward(const Tensor& x, const Tensor& /*y*/, const Tensor& dy,
     for (int64_t i = 0; i < n; ++i) {
       const float* p = x.data() + (i * c + ch) * hw;
       const float* d = dy.data() + (i * c + ch) * hw;
+      const int64_t o = (std::min(i + 1, n - 1) * c + ch) * hw;
       if (relu_)
-        accumulate_dy_moments<true>(d, p, hw, mean, fwd_scale, fwd_shift, &a, &b);
+        accumulate_dy_moments<true>(d, p, dy.data() + o, x.data() + o, hw, mean, fwd_scale,
+                                    fwd_shift, &a, &b);
       else
-        accumulate_dy_moments<false>(d, p, hw, mean, fwd_scale, fwd_shift, &a, &b);
+        accumulate_dy_moments<false>(d, p, dy.data() + o, x.data() + o, hw, mean, fwd_scale,
+                                     fwd_shift, &a, &b);
     }
     const double sdy = a.total(), sdy_xhat = invstd * b.total();
     gamma_.grad[ch] += static_cast<float>(sdy_xhat);
@@ -623,6 +637,9 @@ void BatchNorm::backward(const Tensor& x, const Tensor& /*y*/, const Tensor& dy,
       const float* __restrict p = x.data() + (i * c + ch) * hw;
       const float* __restrict d = dy.data() + (i * c + ch) * hw;
       float* __restrict q = dx->data() + (i * c + ch) * hw;
+      // The next output row, prefetched for writing (as in forward).
+      const float* next = dx->data() + (std::min(i + 1, n - 1) * c + ch) * hw;
+      for (int64_t j = 0; j < hw; j += 16) __builtin_prefetch(next + j, 1);
       if (relu_) {
         for (int64_t j = 0; j < hw; ++j) {
           const float dj = p[j] * fwd_scale + fwd_shift > 0.0f ? d[j] : 0.0f;
