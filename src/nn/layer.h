@@ -183,7 +183,9 @@ class BatchNorm : public Layer {
   bool relu_ = false;  // fused ReLU (with_relu)
   Param gamma_, beta_;
   std::vector<float> running_mean_, running_var_;
-  std::vector<float> mean_, invstd_;  // batch statistics of the last training forward
+  // (channels) each, of the last forward: its statistics (batch or running), and its scale and
+  // shift, y = x * scale + shift (then max(0, .) with the fused ReLU).
+  std::vector<float> mean_, invstd_, scale_, shift_;
 };
 
 class ReLU : public Layer {
