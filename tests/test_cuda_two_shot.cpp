@@ -110,8 +110,8 @@ void compare(Communicator& host, Communicator& device, const Case& c, int steps)
     std::vector<float> got(n);
     if (n) INT4DDP_CUDA_CHECK(cudaMemcpy(got.data(), dx, n * 4, cudaMemcpyDeviceToHost));
     const int64_t bad = first_difference(got, x);
-    ASSERT_EQ(bad, -1) << "results differ at " << bad << ": device " << got[static_cast<size_t>(bad)]
-                       << ", host " << x[static_cast<size_t>(bad)];
+    ASSERT_EQ(bad, -1) << "results differ at " << bad << ": device "
+                       << got[static_cast<size_t>(bad)] << ", host " << x[static_cast<size_t>(bad)];
     EXPECT_EQ(ds.count, hs.count);
     EXPECT_EQ(ds.clipped, hs.clipped);
     EXPECT_EQ(ds.nonfinite, hs.nonfinite);

@@ -656,9 +656,9 @@ void launch_quantize_fused(const FusedShape& s, const float* x, int64_t count,
   const int threads = kThreads;
   const int scopes_per_block = threads / kWarp / s.warps_per_scope;
   const int64_t tiles = (num_scales(count, s.block_size) + scopes_per_block - 1) / scopes_per_block;
-  quantize_fused_kernel<V><<<grid_for_kernel(quantize_fused_kernel<V>, tiles, threads), threads, 0,
-                             stream>>>(
-      x, count, kq, s.warps_per_scope, codes, scales, stats);
+  quantize_fused_kernel<V>
+      <<<grid_for_kernel(quantize_fused_kernel<V>, tiles, threads), threads, 0, stream>>>(
+          x, count, kq, s.warps_per_scope, codes, scales, stats);
   check_launch();
 }
 
@@ -671,8 +671,8 @@ void launch_owner_fused(const FusedShape& s, const OwnerMessages& msgs, const Ow
       (num_scales(a.count, s.block_size) + scopes_per_block - 1) / scopes_per_block;
   owner_fused_kernel<V, kAligned>
       <<<grid_for_kernel(owner_fused_kernel<V, kAligned>, tiles, threads), threads, 0, stream>>>(
-      msgs, a.ranks, a.count, kq, s.warps_per_scope, a.es, a.es_next, a.codes_out, a.scales_out,
-      a.out, a.stats);
+          msgs, a.ranks, a.count, kq, s.warps_per_scope, a.es, a.es_next, a.codes_out, a.scales_out,
+          a.out, a.stats);
   check_launch();
 }
 
@@ -778,11 +778,13 @@ void dequantize_async(const uint8_t* codes, const float* scales, int64_t count, 
                    aligned(codes, bits == 4 ? 4 : 8);
   const int64_t work = ((count + 7) / 8 + kThreads - 1) / kThreads;
   if (vec)
-    dequantize_kernel<true><<<grid_for_kernel(dequantize_kernel<true>, work, kThreads), kThreads, 0,
-                              stream>>>(codes, scales, count, bits, scope, out);
+    dequantize_kernel<true>
+        <<<grid_for_kernel(dequantize_kernel<true>, work, kThreads), kThreads, 0, stream>>>(
+            codes, scales, count, bits, scope, out);
   else
-    dequantize_kernel<false><<<grid_for_kernel(dequantize_kernel<false>, work, kThreads), kThreads,
-                               0, stream>>>(codes, scales, count, bits, scope, out);
+    dequantize_kernel<false>
+        <<<grid_for_kernel(dequantize_kernel<false>, work, kThreads), kThreads, 0, stream>>>(
+            codes, scales, count, bits, scope, out);
   check_launch();
 }
 
