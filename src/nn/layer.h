@@ -109,6 +109,9 @@ class Conv2d : public Layer {
 
  protected:
   bool direct3x3() const;
+  // weight grad += the sum, in part order, of the first `count` (out, in*k*k) partials of
+  // dw_parts_ (the dW of each batch part).
+  void add_dw_parts(int64_t count);
   // Samples per group for a (rows, cols)-per-sample column matrix: the group's columns fit the
   // column-buffer budget; at least 1, at most n.
   int64_t group_size(int64_t n, int64_t rows, int64_t cols) const;

@@ -390,18 +390,19 @@ void Conv2d::forward(const Tensor& x, Tensor& y, bool) {
       const int64_t s0 = parts.begin(p);
       math::conv3x3_forward({parts.end(p) - s0, in_, out_, h, w}, x.data() + s0 * in_ * hw, w3_,
                             y.data() + s0 * out_ * hw);
-    }
-    GroupScratch& sc = group_scratch();
-    float* col = direct ? nullptr : grow_scratch(sc.col, ckk * gmax * hw);
-    float* buf = direct ? nullptr : grow_scratch(sc.out, out_ * gmax * hw);
-    for (int64_t s0 = parts.begin(p); !direct && s0 < parts.end(p); s0 += gmax) {
-      const int64_t g = std::min(gmax, parts.end(p) - s0), cols = g * hw;
-      im2col(x.data(), s0, g, h, w, col);
-      // A group of one sample is already in y's layout: the GEMM writes it in place.
-      float* yg = g == 1 ? y.data() + s0 * out_ * hw : buf;
-      sgemm(Trans::kNo, Trans::kNo, out_, cols, ckk, 1.0f, weight_.value.data(), ckk, col, cols,
-            0.0f, yg, cols);
-      if (g > 1) scatter_group(yg, s0, g, out_, hw, y.data());
+    } else {
+      GroupScratch& sc = group_scratch();
+      float* col = grow_scratch(sc.col, ckk * gmax * hw);
+      float* buf = grow_scratch(sc.out, out_ * gmax * hw);
+      for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+        const int64_t g = std::min(gmax, parts.end(p) - s0), cols = g * hw;
+        im2col(x.data(), s0, g, h, w, col);
+        // A group of one sample is already in y's layout: the GEMM writes it in place.
+        float* yg = g == 1 ? y.data() + s0 * out_ * hw : buf;
+        sgemm(Trans::kNo, Trans::kNo, out_, cols, ckk, 1.0f, weight_.value.data(), ckk, col, cols,
+              0.0f, yg, cols);
+        if (g > 1) scatter_group(yg, s0, g, out_, hw, y.data());
+      }
     }
     if (has_bias_)
       for (int64_t s = parts.begin(p); s < parts.end(p); ++s)
@@ -442,10 +443,7 @@ void Conv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor
       g3.add(sh, x.data() + s0 * in_ * hw, dyp);
       g3.finish(1.0f, false, dw_parts + p * wsize);
     });
-    sum_parts(dw_parts, parts.count(), wsize);
-    parallel_for(out_, [&](int64_t o) {
-      for (int64_t j = o * ckk; j < (o + 1) * ckk; ++j) weight_.grad[j] += dw_parts[j];
-    });
+    add_dw_parts(parts.count());
     return;
   }
   if (dx && dx_by_transposed_conv()) {
@@ -520,9 +518,14 @@ void Conv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor
       col2im(dcol, s0, g, h, w, dx->data());
     }
   });
-  sum_parts(dw_parts, parts.count(), wsize);
+  add_dw_parts(parts.count());
+}
+
+void Conv2d::add_dw_parts(int64_t count) {
+  const int64_t wsize = weight_.value.numel(), per_out = wsize / out_;
+  sum_parts(dw_parts_.data(), count, wsize);
   parallel_for(out_, [&](int64_t o) {
-    for (int64_t j = o * ckk; j < (o + 1) * ckk; ++j) weight_.grad[j] += dw_parts[j];
+    for (int64_t j = o * per_out; j < (o + 1) * per_out; ++j) weight_.grad[j] += dw_parts_[j];
   });
 }
 

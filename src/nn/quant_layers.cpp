@@ -404,10 +404,11 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   dwhat.resize(static_cast<size_t>(wsize));
   const float wscale = dg * g.sa;
   const BatchParts parts{n};
-  if (direct3x3()) {
+  const bool direct = direct3x3();
+  if (direct) {
     // Direct 3x3: dX^ per part, dW^ as exact integer sums (doubles) into the thread's accumulator,
-    // which no summation order can change.
-    w3_.pack(wq_.data(), out_, in_);
+    // which no summation order can change. w3_ holds wq_ packed by forward (the GEMM path reads
+    // the same wq_ of forward).
     math::Conv3x3Options o;
     o.scale = dg * g.sw;
     o.codes = {g.qg, g.qw};
@@ -424,61 +425,63 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
       g3.finish_exact(dw_acc_[static_cast<size_t>(thread_index())].data());
     });
   }
-  const bool transposed = !direct3x3() && dx_by_transposed_conv();
-  // As Conv2d::backward. Transposed: one im2col of the gradient codes G (out*k*k, g*h*w) for both
-  // products, dX^_g (in, g*h*w) = flip(W^) im2col(G_g), dW^t (in, out*k*k) = X^_g im2col(G_g)^T.
-  // Otherwise dW^ (out, ckk) from im2col(X^) and dX^ by col2im of W^T G_g.
-  const int64_t gmax = transposed ? part_group_size(n, okk, ihw) : part_group_size(n, ckk, hw);
-  if (transposed) flip_weight(wq_.data(), grow_scratch(wt_, in_ * okk));
-  parallel_for(direct3x3() ? 0 : parts.count(), [&](int64_t p) {
-    GroupScratch& sc = group_scratch();
-    double* acc = dw_acc_[static_cast<size_t>(thread_index())].data();
-    float* dwg = grow_scratch(sc.dw, wsize);
-    if (transposed) {
-      float* dcol = grow_scratch(sc.dcol, okk * gmax * ihw);
-      float* in_buf = grow_scratch(sc.in, in_ * gmax * ihw);
-      float* x_buf = grow_scratch(sc.x, in_ * gmax * ihw);
-      for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
-        const int64_t gs = std::min(gmax, parts.end(p) - s0), icols = gs * ihw;
-        dy_im2col(gq_.data(), s0, gs, h, w, dcol);
-        const float* xg = xq_.data() + s0 * in_ * ihw;
-        if (gs > 1) {
-          gather_group(xq_.data(), s0, gs, in_, ihw, x_buf);
-          xg = x_buf;
+  const bool transposed = !direct && dx_by_transposed_conv();
+  if (!direct) {
+    // As Conv2d::backward. Transposed: one im2col of the gradient codes G (out*k*k, g*h*w) for both
+    // products, dX^_g (in, g*h*w) = flip(W^) im2col(G_g), dW^t (in, out*k*k) = X^_g im2col(G_g)^T.
+    // Otherwise dW^ (out, ckk) from im2col(X^) and dX^ by col2im of W^T G_g.
+    const int64_t gmax = transposed ? part_group_size(n, okk, ihw) : part_group_size(n, ckk, hw);
+    if (transposed) flip_weight(wq_.data(), grow_scratch(wt_, in_ * okk));
+    parallel_for(parts.count(), [&](int64_t p) {
+      GroupScratch& sc = group_scratch();
+      double* acc = dw_acc_[static_cast<size_t>(thread_index())].data();
+      float* dwg = grow_scratch(sc.dw, wsize);
+      if (transposed) {
+        float* dcol = grow_scratch(sc.dcol, okk * gmax * ihw);
+        float* in_buf = grow_scratch(sc.in, in_ * gmax * ihw);
+        float* x_buf = grow_scratch(sc.x, in_ * gmax * ihw);
+        for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+          const int64_t gs = std::min(gmax, parts.end(p) - s0), icols = gs * ihw;
+          dy_im2col(gq_.data(), s0, gs, h, w, dcol);
+          const float* xg = xq_.data() + s0 * in_ * ihw;
+          if (gs > 1) {
+            gather_group(xq_.data(), s0, gs, in_, ihw, x_buf);
+            xg = x_buf;
+          }
+          int_gemm(Trans::kNo, Trans::kYes, in_, okk, icols, xg, icols, g.qa, dcol, icols, g.qg,
+                   1.0f, false, dwg, okk);
+          for (int64_t i = 0; i < wsize; ++i) acc[i] += dwg[i];
+          float* dxg = gs == 1 ? dxhat.data() + s0 * in_ * ihw : in_buf;
+          int_gemm(Trans::kNo, Trans::kNo, in_, icols, okk, wt_.data(), okk, g.qw, dcol, icols,
+                   g.qg, dg * g.sw, false, dxg, icols);
+          if (gs > 1) scatter_group(dxg, s0, gs, in_, ihw, dxhat.data());
         }
-        int_gemm(Trans::kNo, Trans::kYes, in_, okk, icols, xg, icols, g.qa, dcol, icols, g.qg, 1.0f,
-                 false, dwg, okk);
+        return;
+      }
+      float* col = grow_scratch(sc.col, ckk * gmax * hw);
+      float* buf = grow_scratch(sc.out, out_ * gmax * hw);
+      float* dcol = grow_scratch(sc.dcol, ckk * gmax * hw);
+      std::fill(dxhat.data() + parts.begin(p) * in_ * ihw, dxhat.data() + parts.end(p) * in_ * ihw,
+                0.0f);
+      for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+        const int64_t gs = std::min(gmax, parts.end(p) - s0), cols = gs * hw;
+        im2col(xq_.data(), s0, gs, h, w, col);
+        const float* gg = gq_.data() + s0 * out_ * hw;
+        if (gs > 1) {
+          gather_group(gq_.data(), s0, gs, out_, hw, buf);
+          gg = buf;
+        }
+        // dW^ (out, ckk) += G_g (out, cols) col_g^T (cols, ckk)
+        int_gemm(Trans::kNo, Trans::kYes, out_, ckk, cols, gg, cols, g.qg, col, cols, g.qa, 1.0f,
+                 false, dwg, ckk);
         for (int64_t i = 0; i < wsize; ++i) acc[i] += dwg[i];
-        float* dxg = gs == 1 ? dxhat.data() + s0 * in_ * ihw : in_buf;
-        int_gemm(Trans::kNo, Trans::kNo, in_, icols, okk, wt_.data(), okk, g.qw, dcol, icols, g.qg,
-                 dg * g.sw, false, dxg, icols);
-        if (gs > 1) scatter_group(dxg, s0, gs, in_, ihw, dxhat.data());
+        // dcol (ckk, cols) = W^T (ckk, out) G_g (out, cols), scattered back by col2im.
+        int_gemm(Trans::kYes, Trans::kNo, ckk, cols, out_, wq_.data(), ckk, g.qw, gg, cols, g.qg,
+                 dg * g.sw, false, dcol, cols);
+        col2im(dcol, s0, gs, h, w, dxhat.data());
       }
-      return;
-    }
-    float* col = grow_scratch(sc.col, ckk * gmax * hw);
-    float* buf = grow_scratch(sc.out, out_ * gmax * hw);
-    float* dcol = grow_scratch(sc.dcol, ckk * gmax * hw);
-    std::fill(dxhat.data() + parts.begin(p) * in_ * ihw, dxhat.data() + parts.end(p) * in_ * ihw,
-              0.0f);
-    for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
-      const int64_t gs = std::min(gmax, parts.end(p) - s0), cols = gs * hw;
-      im2col(xq_.data(), s0, gs, h, w, col);
-      const float* gg = gq_.data() + s0 * out_ * hw;
-      if (gs > 1) {
-        gather_group(gq_.data(), s0, gs, out_, hw, buf);
-        gg = buf;
-      }
-      // dW^ (out, ckk) += G_g (out, cols) col_g^T (cols, ckk)
-      int_gemm(Trans::kNo, Trans::kYes, out_, ckk, cols, gg, cols, g.qg, col, cols, g.qa, 1.0f,
-               false, dwg, ckk);
-      for (int64_t i = 0; i < wsize; ++i) acc[i] += dwg[i];
-      // dcol (ckk, cols) = W^T (ckk, out) G_g (out, cols), scattered back by col2im.
-      int_gemm(Trans::kYes, Trans::kNo, ckk, cols, out_, wq_.data(), ckk, g.qw, gg, cols, g.qg,
-               dg * g.sw, false, dcol, cols);
-      col2im(dcol, s0, gs, h, w, dxhat.data());
-    }
-  });
+    });
+  }
   std::vector<double>& total = dw_acc_[0];
   for (size_t t = 1; t < dw_acc_.size(); ++t)
     for (int64_t i = 0; i < wsize; ++i) total[static_cast<size_t>(i)] += dw_acc_[t][i];
