@@ -1,6 +1,7 @@
 // bench_conv: the 3x3 stride-1 convolutions of resnet20 (1x28x28 inputs) at batch 128, one thread:
 // (a) the current path of src/nn (grouped im2col + Eigen sgemm, dx of the transposed convolution
-//     from an im2col of dy, dW from the same columns; replicated here from the public GEMM) beside
+//     from an im2col of dy, dW from the same columns; Conv2d's own im2col, the GEMMs of math::)
+//     beside
 // (b) the direct kernels of kernels/math/conv3x3.h, called per chunk of --chunk samples (default
 //     1, as a caller threading over samples would; dW summed over the chunks by one
 //     Conv3x3WeightGrad, written out once).
@@ -30,76 +31,31 @@
 #include "kernels/common/error.h"
 #include "kernels/math/conv3x3.h"
 #include "kernels/math/gemm.h"
+#include "src/nn/layer.h"
 
 using namespace int4ddp;
 using namespace int4ddp::math;
 
 namespace {
 
-// ---- the current path (a copy of src/nn/layers.cpp's im2col, k = 3, stride 1, pad 1) ----------
+// ---- the current path: src/nn's own im2col pieces (k = 3, stride 1, pad 1) -------------------
 
-constexpr int64_t kColumnBytes = int64_t{1} << 19;  // Conv2d's default column budget
-
-void inside_columns(int64_t w, int64_t wo, int kx, int pad, int64_t* x0, int64_t* x1) {
-  int64_t lo = 0;
-  while (lo < wo && lo - pad + kx < 0) ++lo;
-  int64_t hi = lo;
-  while (hi < wo && hi - pad + kx < w) ++hi;
-  *x0 = lo;
-  *x1 = hi;
-}
-
-// col (channels*9, g*h*w) of samples s0..s0+g-1; the same-width block-copy im2col of layers.cpp.
-void im2col_group(const float* images, int64_t s0, int64_t g, int64_t channels, int64_t h,
-                  int64_t w, float* col) {
-  const int k = 3, pad = 1;
-  const int64_t hw = h * w, ld = g * hw;
-  for (int64_t s = 0; s < g; ++s) {
-    const float* image = images + (s0 + s) * channels * h * w;
-    for (int64_t c = 0; c < channels; ++c)
-      for (int ky = 0; ky < k; ++ky)
-        for (int kx = 0; kx < k; ++kx) {
-          float* row = col + ((c * k + ky) * k + kx) * ld + s * hw;
-          const float* plane = image + c * h * w;
-          int64_t x0, x1, y0, y1;
-          inside_columns(w, w, kx, pad, &x0, &x1);
-          inside_columns(h, h, ky, pad, &y0, &y1);
-          std::fill(row, row + y0 * w, 0.0f);
-          std::fill(row + y1 * w, row + hw, 0.0f);
-          const int64_t base = (y0 - pad + ky) * w + kx - pad, len = (y1 - y0) * w;
-          const int64_t jlo = std::max<int64_t>(0, -base);
-          const int64_t jhi = std::max(jlo, std::min(len, h * w - base));
-          float* out = row + y0 * w;
-          std::fill(out, out + jlo, 0.0f);
-          std::memcpy(out + jlo, plane + base + jlo,
-                      sizeof(float) * static_cast<size_t>(jhi - jlo));
-          std::fill(out + jhi, out + len, 0.0f);
-          for (int64_t ox = 0; ox < x0; ++ox)
-            for (int64_t oy = y0; oy < y1; ++oy) row[oy * w + ox] = 0.0f;
-          for (int64_t ox = x1; ox < w; ++ox)
-            for (int64_t oy = y0; oy < y1; ++oy) row[oy * w + ox] = 0.0f;
-        }
+// nn::Conv2d's grouped im2col, column budget and group gather/scatter, exposed so that the GEMM
+// path is timed op by op with the code the layer runs. For dy (the transposed convolution's
+// columns) an instance over the output channels: at k = 3, pad 1 its im2col is Conv2d::dy_im2col.
+class Im2col : public nn::Conv2d {
+ public:
+  explicit Im2col(int64_t channels) : Conv2d("bench", channels, 1, 3, 1, 1, false) {}
+  using Conv2d::gather_group;
+  using Conv2d::scatter_group;
+  // col (channels*9, g*h*w) of samples s0..s0+g-1 of images (n, channels, h, w).
+  void operator()(const float* images, int64_t s0, int64_t g, int64_t h, int64_t w,
+                  float* col) const {
+    im2col(images, s0, g, h, w, col);
   }
-}
-
-void gather_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw, float* dst) {
-  for (int64_t s = 0; s < g; ++s)
-    for (int64_t r = 0; r < rows; ++r)
-      std::memcpy(dst + r * g * hw + s * hw, src + ((s0 + s) * rows + r) * hw,
-                  sizeof(float) * static_cast<size_t>(hw));
-}
-
-void scatter_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw, float* dst) {
-  for (int64_t s = 0; s < g; ++s)
-    for (int64_t r = 0; r < rows; ++r)
-      std::memcpy(dst + ((s0 + s) * rows + r) * hw, src + r * g * hw + s * hw,
-                  sizeof(float) * static_cast<size_t>(hw));
-}
-
-int64_t group_size(int64_t n, int64_t rows, int64_t cols) {
-  const int64_t per_sample = std::max<int64_t>(1, rows * cols * int64_t{sizeof(float)});
-  return std::clamp<int64_t>(kColumnBytes / per_sample, 1, std::max<int64_t>(n, 1));
-}
+  // Samples per group under Conv2d's default column budget.
+  int64_t group(int64_t n, int64_t rows, int64_t cols) const { return group_size(n, rows, cols); }
+};
 
 // The GEMM of the current path: sgemm (fp32) or int_gemm (codes, scale 1).
 struct Gemm {
@@ -233,6 +189,7 @@ int main(int argc, char** argv) {
       if (!only.empty() && std::string(L.name).find(only) == std::string::npos) continue;
       const int64_t n = batch, c = L.c, k = L.k, h = L.h, w = L.w, hw = h * w;
       const int64_t ckk = c * 9, okk = k * 9;
+      const Im2col im2col_x(c), im2col_dy(k);
       std::mt19937_64 rng(42);
       std::normal_distribution<float> nd(0.0f, 1.0f);
       auto fill = [&](std::vector<float>& v, int64_t count, int q) {
@@ -257,32 +214,32 @@ int main(int argc, char** argv) {
           for (int t9 = 0; t9 < 9; ++t9)
             wt[static_cast<size_t>((ch * k + o) * 9 + (8 - t9))] = t.w[(o * c + ch) * 9 + t9];
       auto fwd_a = [&] {
-        const int64_t g = group_size(n, ckk, hw);
+        const int64_t g = im2col_x.group(n, ckk, hw);
         col.resize(static_cast<size_t>(ckk * g * hw));
         ybuf.resize(static_cast<size_t>(k * g * hw));
         for (int64_t s0 = 0; s0 < n; s0 += g) {
           const int64_t gs = std::min(g, n - s0), cols = gs * hw;
-          im2col_group(t.x.data(), s0, gs, c, h, w, col.data());
+          im2col_x(t.x.data(), s0, gs, h, w, col.data());
           float* yg = gs == 1 ? y_a.data() + s0 * k * hw : ybuf.data();
           Gemm{codes, qw, qa}(Trans::kNo, Trans::kNo, k, cols, ckk, t.w.data(), ckk, col.data(),
                               cols, false, yg, cols);
-          if (gs > 1) scatter_group(yg, s0, gs, k, hw, y_a.data());
+          if (gs > 1) Im2col::scatter_group(yg, s0, gs, k, hw, y_a.data());
         }
       };
       // Backward of the current path, with_dx / with_dw selecting the products (they share the
       // im2col of dy). The first layer: dW from the im2col of x (no dx).
       auto bwd_a = [&](bool with_dx, bool with_dw) {
         if (L.first) {
-          const int64_t g = group_size(n, ckk, hw);
+          const int64_t g = im2col_x.group(n, ckk, hw);
           col.resize(static_cast<size_t>(ckk * g * hw));
           ybuf.resize(static_cast<size_t>(k * g * hw));
           std::fill(dw_a.begin(), dw_a.end(), 0.0f);
           for (int64_t s0 = 0; s0 < n; s0 += g) {
             const int64_t gs = std::min(g, n - s0), cols = gs * hw;
-            im2col_group(t.x.data(), s0, gs, c, h, w, col.data());
+            im2col_x(t.x.data(), s0, gs, h, w, col.data());
             const float* dyg = t.dy.data() + s0 * k * hw;
             if (gs > 1) {
-              gather_group(t.dy.data(), s0, gs, k, hw, ybuf.data());
+              Im2col::gather_group(t.dy.data(), s0, gs, k, hw, ybuf.data());
               dyg = ybuf.data();
             }
             Gemm{codes, qg, qa}(Trans::kNo, Trans::kYes, k, ckk, cols, dyg, cols, col.data(), cols,
@@ -290,18 +247,18 @@ int main(int argc, char** argv) {
           }
           return;
         }
-        const int64_t g = group_size(n, okk, hw);
+        const int64_t g = im2col_x.group(n, okk, hw);
         dcol.resize(static_cast<size_t>(okk * g * hw));
         inbuf.resize(static_cast<size_t>(c * g * hw));
         xbuf.resize(inbuf.size());
         std::fill(dwt.begin(), dwt.end(), 0.0f);
         for (int64_t s0 = 0; s0 < n; s0 += g) {
           const int64_t gs = std::min(g, n - s0), cols = gs * hw;
-          im2col_group(t.dy.data(), s0, gs, k, h, w, dcol.data());
+          im2col_dy(t.dy.data(), s0, gs, h, w, dcol.data());
           if (with_dw) {
             const float* xg = t.x.data() + s0 * c * hw;
             if (gs > 1) {
-              gather_group(t.x.data(), s0, gs, c, hw, xbuf.data());
+              Im2col::gather_group(t.x.data(), s0, gs, c, hw, xbuf.data());
               xg = xbuf.data();
             }
             Gemm{codes, qa, qg}(Trans::kNo, Trans::kYes, c, okk, cols, xg, cols, dcol.data(), cols,
@@ -311,7 +268,7 @@ int main(int argc, char** argv) {
             float* dxg = gs == 1 ? dx_a.data() + s0 * c * hw : inbuf.data();
             Gemm{codes, qw, qg}(Trans::kNo, Trans::kNo, c, cols, okk, wt.data(), okk, dcol.data(),
                                 cols, false, dxg, cols);
-            if (gs > 1) scatter_group(dxg, s0, gs, c, hw, dx_a.data());
+            if (gs > 1) Im2col::scatter_group(dxg, s0, gs, c, hw, dx_a.data());
           }
         }
         if (with_dw)
