@@ -219,13 +219,22 @@ TEST_P(CudaIntGemmPaths, UnsignedActivationCodesBitExact) {
   }
 }
 
+std::string path_name(const testing::TestParamInfo<IntGemmPath>& p) {
+  switch (p.param) {
+    case IntGemmPath::kCublasLt:
+      return "CublasLt";
+    case IntGemmPath::kFallback:
+      return "Fallback";
+    default:
+      return "Auto";
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Paths, CudaIntGemmPaths,
                          testing::Values(IntGemmPath::kCublasLt, IntGemmPath::kFallback,
                                          IntGemmPath::kAuto),
-                         [](const testing::TestParamInfo<IntGemmPath>& info) {
-                           const char* names[] = {"Auto", "CublasLt", "Fallback"};
-                           return std::string(names[static_cast<int>(info.param)]);
-                         });
+                         path_name);
+});
 
 // The raw int32 sums at the largest K the guard allows for 8-bit codes (every product at the
 // extreme): no overflow, exactly the int64 sum.
