@@ -234,7 +234,6 @@ INSTANTIATE_TEST_SUITE_P(Paths, CudaIntGemmPaths,
                          testing::Values(IntGemmPath::kCublasLt, IntGemmPath::kFallback,
                                          IntGemmPath::kAuto),
                          path_name);
-});
 
 // The raw int32 sums at the largest K the guard allows for 8-bit codes (every product at the
 // extreme): no overflow, exactly the int64 sum.
