@@ -19,9 +19,9 @@ namespace int4ddp::cuda_detail {
 
 }  // namespace int4ddp::cuda_detail
 
-#define INT4DDP_CUBLAS_CHECK(call)                                                     \
-  do {                                                                                 \
-    const cublasStatus_t rc_ = (call);                                                 \
-    if (rc_ != CUBLAS_STATUS_SUCCESS)                                                  \
-      ::int4ddp::cuda_detail::cublas_fail(rc_, #call, __FILE__, __LINE__);             \
+#define INT4DDP_CUBLAS_CHECK(call)                                         \
+  do {                                                                     \
+    const cublasStatus_t rc_ = (call);                                     \
+    if (rc_ != CUBLAS_STATUS_SUCCESS)                                      \
+      ::int4ddp::cuda_detail::cublas_fail(rc_, #call, __FILE__, __LINE__); \
   } while (0)

@@ -321,8 +321,8 @@ void check_operand(const IntOperand& x, const char* name, int64_t rows, int64_t 
 
 // Where an operand comes from in the cuBLASLt call: as it is, or packed into the workspace.
 struct LtOperand {
-  bool direct;     // used in place (K contiguous int8 codes, aligned, no offset)
-  bool offset;     // packed as code - 128
+  bool direct;  // used in place (K contiguous int8 codes, aligned, no offset)
+  bool offset;  // packed as code - 128
   const int8_t* ptr;
   int64_t ld;
 };
@@ -429,9 +429,8 @@ bool lt_gemm(GemmContext::Impl& s, int64_t m, int64_t n, int64_t k, const IntOpe
     row_corr = corr;
   }
   const int32_t one = 1, zero = 0;
-  INT4DDP_CUBLAS_CHECK(cublasLtMatmul(s.lt, d.op, &one, b_ptr, d.la, a_ptr, d.lb, &zero, sums,
-                                      d.lc, sums, d.lc, &heur.algo, s.lt_ws, kLtWorkspaceBytes,
-                                      stream));
+  INT4DDP_CUBLAS_CHECK(cublasLtMatmul(s.lt, d.op, &one, b_ptr, d.la, a_ptr, d.lb, &zero, sums, d.lc,
+                                      sums, d.lc, &heur.algo, s.lt_ws, kLtWorkspaceBytes, stream));
   EpilogueArgs e{sums, np, row_corr, col_corr, m, n, scale, accumulate, c, ldc};
   if (c32)
     epilogue_kernel<false><<<blocks_for(m * n, 256), 256, 0, stream>>>(e);
@@ -456,8 +455,8 @@ void fallback_gemm(int64_t m, int64_t n, int64_t k, const IntOperand& a, const I
 }
 
 void int_gemm_any(GemmContext& ctx, int64_t m, int64_t n, int64_t k, const IntOperand& a,
-                  const IntOperand& b, float scale, bool accumulate, void* c, bool c32,
-                  int64_t ldc, cudaStream_t stream, IntGemmPath path) {
+                  const IntOperand& b, float scale, bool accumulate, void* c, bool c32, int64_t ldc,
+                  cudaStream_t stream, IntGemmPath path) {
   INT4DDP_CHECK(m >= 0 && n >= 0 && k >= 0, "int_gemm (cuda): negative size m=", m, " n=", n,
                 " k=", k);
   if (m == 0 || n == 0) return;

@@ -17,7 +17,8 @@
 #include "kernels/quant/cuda/cuda_check.h"
 
 #if defined(__USE_FAST_MATH__)
-#error "the layer kernels must not be built with --use_fast_math: their results must equal the CPU's"
+#error \
+    "the layer kernels must not be built with --use_fast_math: their results must equal the CPU's"
 #endif
 
 namespace int4ddp::math::cuda {
@@ -27,7 +28,9 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kBnSlice = 8192;  // elements of one channel summed by one CUDA block
 
-unsigned blocks_for(int64_t count) { return static_cast<unsigned>((count + kThreads - 1) / kThreads); }
+unsigned blocks_for(int64_t count) {
+  return static_cast<unsigned>((count + kThreads - 1) / kThreads);
+}
 
 void check_launch() { INT4DDP_CUDA_CHECK(cudaGetLastError()); }
 
@@ -104,9 +107,9 @@ __global__ void col2im_kernel(const float* __restrict__ col, int64_t s0, int64_t
 void check_geometry(const ConvGeometry& geo, int64_t s0, int64_t g) {
   INT4DDP_CHECK(geo.channels > 0 && geo.h > 0 && geo.w > 0 && geo.kernel > 0 && geo.stride > 0 &&
                     geo.pad >= 0 && s0 >= 0 && g >= 0,
-                "im2col (cuda): bad geometry channels=", geo.channels, " h=", geo.h,
-                " w=", geo.w, " kernel=", geo.kernel, " stride=", geo.stride, " pad=", geo.pad,
-                " s0=", s0, " g=", g);
+                "im2col (cuda): bad geometry channels=", geo.channels, " h=", geo.h, " w=", geo.w,
+                " kernel=", geo.kernel, " stride=", geo.stride, " pad=", geo.pad, " s0=", s0,
+                " g=", g);
   INT4DDP_CHECK(geo.out_h() > 0 && geo.out_w() > 0, "im2col (cuda): input ", geo.h, "x", geo.w,
                 " is too small for kernel ", geo.kernel, " pad ", geo.pad);
 }
@@ -190,7 +193,8 @@ __global__ void bn_finish_forward_kernel(BatchNormShape s, const float* __restri
     var = static_cast<float>(__ddiv_rn(ss, count));
     const float unbiased = count > 1 ? static_cast<float>(__ddiv_rn(ss, count - 1)) : var;
     const float keep = __fsub_rn(1.0f, p.momentum);
-    p.running_mean[ch] = __fadd_rn(__fmul_rn(keep, p.running_mean[ch]), __fmul_rn(p.momentum, mean));
+    p.running_mean[ch] =
+        __fadd_rn(__fmul_rn(keep, p.running_mean[ch]), __fmul_rn(p.momentum, mean));
     p.running_var[ch] =
         __fadd_rn(__fmul_rn(keep, p.running_var[ch]), __fmul_rn(p.momentum, unbiased));
   } else {
@@ -277,8 +281,8 @@ __global__ void bn_dx_kernel(BatchNormShape s, const float* __restrict__ x,
   const float g = static_cast<float>(coef[ch * 3]), k = static_cast<float>(coef[ch * 3 + 1]);
   const float gmdy = static_cast<float>(coef[ch * 3 + 2]);
   const float d = bn_masked_dy(x[idx], dy[idx], p.save_scale[ch], p.save_shift[ch], p.relu);
-  dx[idx] = __fsub_rn(
-      __fsub_rn(__fmul_rn(g, d), __fmul_rn(__fsub_rn(x[idx], p.save_mean[ch]), k)), gmdy);
+  dx[idx] =
+      __fsub_rn(__fsub_rn(__fmul_rn(g, d), __fmul_rn(__fsub_rn(x[idx], p.save_mean[ch]), k)), gmdy);
 }
 
 void check_bn(const BatchNormShape& s, const BatchNormParams& p, const void* x, const void* ws) {
@@ -481,8 +485,8 @@ __global__ void adam_kernel(float* __restrict__ w, const float* __restrict__ g,
   if (i >= count) return;
   const float gi = g[i];
   const float mi = __fadd_rn(__fmul_rn(a.beta1, m[i]), __fmul_rn(__fsub_rn(1.0f, a.beta1), gi));
-  const float si = __fadd_rn(__fmul_rn(a.beta2, s[i]),
-                             __fmul_rn(__fmul_rn(__fsub_rn(1.0f, a.beta2), gi), gi));
+  const float si =
+      __fadd_rn(__fmul_rn(a.beta2, s[i]), __fmul_rn(__fmul_rn(__fsub_rn(1.0f, a.beta2), gi), gi));
   m[i] = mi;
   s[i] = si;
   const float denom = __fadd_rn(__fsqrt_rn(__fmul_rn(si, a.inv_c2)), a.eps);
@@ -494,26 +498,26 @@ __global__ void adam_kernel(float* __restrict__ w, const float* __restrict__ g,
 // ---- im2col / col2im ----------------------------------------------------------------------------
 
 template <typename T>
-void im2col_async(const T* images, int64_t s0, int64_t g, const ConvGeometry& geo,
-                  bool transposed, T* col, cudaStream_t stream) {
+void im2col_async(const T* images, int64_t s0, int64_t g, const ConvGeometry& geo, bool transposed,
+                  T* col, cudaStream_t stream) {
   check_geometry(geo, s0, g);
   const ColGeometry c = col_geometry(geo, g);
   if (c.rows * c.cols == 0) return;
   INT4DDP_CHECK(images && col, "im2col (cuda): null buffer");
-  im2col_kernel<T><<<blocks_for(c.rows * c.cols), kThreads, 0, stream>>>(images, s0, c, transposed,
-                                                                         col);
+  im2col_kernel<T>
+      <<<blocks_for(c.rows * c.cols), kThreads, 0, stream>>>(images, s0, c, transposed, col);
   check_launch();
 }
 
-template void im2col_async<float>(const float*, int64_t, int64_t, const ConvGeometry&, bool,
-                                  float*, cudaStream_t);
+template void im2col_async<float>(const float*, int64_t, int64_t, const ConvGeometry&, bool, float*,
+                                  cudaStream_t);
 template void im2col_async<int8_t>(const int8_t*, int64_t, int64_t, const ConvGeometry&, bool,
                                    int8_t*, cudaStream_t);
 template void im2col_async<uint8_t>(const uint8_t*, int64_t, int64_t, const ConvGeometry&, bool,
                                     uint8_t*, cudaStream_t);
 
-void col2im_async(const float* col, int64_t s0, int64_t g, const ConvGeometry& geo,
-                  bool transposed, float* images, cudaStream_t stream) {
+void col2im_async(const float* col, int64_t s0, int64_t g, const ConvGeometry& geo, bool transposed,
+                  float* images, cudaStream_t stream) {
   check_geometry(geo, s0, g);
   const ColGeometry c = col_geometry(geo, g);
   const int64_t count = g * geo.channels * geo.h * geo.w;
@@ -541,7 +545,7 @@ void batchnorm_forward_async(const BatchNormShape& s, const float* x, float* y, 
     check_launch();
   }
   bn_finish_forward_kernel<<<blocks_for(s.channels), kThreads, 0, stream>>>(s, x, train, p, slices,
-                                                                           workspace);
+                                                                            workspace);
   check_launch();
   bn_apply_kernel<<<blocks_for(s.n * s.channels * s.hw), kThreads, 0, stream>>>(
       s, x, p.save_scale, p.save_shift, p.relu, y);
@@ -566,7 +570,8 @@ void batchnorm_backward_async(const BatchNormShape& s, const float* x, const flo
   check_launch();
 }
 
-// ---- element-wise ----------------------------------------------------------------------------------
+// ---- element-wise
+// ----------------------------------------------------------------------------------
 
 void relu_forward_async(const float* x, float* y, int64_t count, cudaStream_t stream) {
   check_count(count, "relu (cuda)");
@@ -599,7 +604,8 @@ void bias_grad_rows_async(const float* dy, int64_t rows, int64_t cols, float* gr
   check_launch();
 }
 
-// ---- pooling ---------------------------------------------------------------------------------------
+// ---- pooling
+// ---------------------------------------------------------------------------------------
 
 void maxpool_forward_async(const float* x, int64_t n, int64_t c, int64_t h, int64_t w, int window,
                            float* y, int32_t* argmax, cudaStream_t stream) {
@@ -609,19 +615,19 @@ void maxpool_forward_async(const float* x, int64_t n, int64_t c, int64_t h, int6
   const int64_t count = n * c * (h / window) * (w / window);
   if (count == 0) return;
   maxpool_forward_kernel<<<blocks_for(count), kThreads, 0, stream>>>(x, n * c, h, w, window, y,
-                                                                    argmax);
+                                                                     argmax);
   check_launch();
 }
 
-void maxpool_backward_async(const float* dy, const int32_t* argmax, int64_t n, int64_t c,
-                            int64_t h, int64_t w, int window, float* dx, cudaStream_t stream) {
+void maxpool_backward_async(const float* dy, const int32_t* argmax, int64_t n, int64_t c, int64_t h,
+                            int64_t w, int window, float* dx, cudaStream_t stream) {
   INT4DDP_CHECK(n >= 0 && c > 0 && window > 0 && h / window > 0 && w / window > 0,
                 "maxpool backward (cuda): input ", n, "x", c, "x", h, "x", w,
                 " too small for window ", window);
   const int64_t count = n * c * h * w;
   if (count == 0) return;
   maxpool_backward_kernel<<<blocks_for(count), kThreads, 0, stream>>>(dy, argmax, n * c, h, w,
-                                                                     window, dx);
+                                                                      window, dx);
   check_launch();
 }
 
@@ -643,7 +649,8 @@ void global_avgpool_backward_async(const float* dy, int64_t n, int64_t c, int64_
   check_launch();
 }
 
-// ---- shortcut --------------------------------------------------------------------------------------
+// ---- shortcut
+// --------------------------------------------------------------------------------------
 
 void residual_forward_async(const ShortcutShape& s, const float* body, const float* x, float* y,
                             cudaStream_t stream) {
@@ -669,7 +676,8 @@ void shortcut_backward_add_async(const ShortcutShape& s, const float* dsum, floa
   check_launch();
 }
 
-// ---- loss ----------------------------------------------------------------------------------------
+// ---- loss
+// ----------------------------------------------------------------------------------------
 
 int64_t cross_entropy_workspace_count(int64_t n) { return 2 * std::max<int64_t>(n, 1); }
 
@@ -681,7 +689,7 @@ void softmax_cross_entropy_async(const float* logits, const int32_t* labels, int
                 "cross-entropy (cuda): null buffer");
   if (n > 0) {
     xent_sample_kernel<<<blocks_for(n), kThreads, 0, stream>>>(logits, labels, n, k, dlogits,
-                                                              workspace);
+                                                               workspace);
     check_launch();
   }
   xent_finish_kernel<<<1, 1, 0, stream>>>(labels, n, workspace, result);
@@ -699,8 +707,7 @@ CrossEntropyResult softmax_cross_entropy(const float* logits, const int32_t* lab
     INT4DDP_CUDA_CHECK(
         cudaMallocAsync(reinterpret_cast<void**>(&dres), sizeof(CrossEntropyResult), stream));
     softmax_cross_entropy_async(logits, labels, n, k, dlogits, ws, dres, stream);
-    INT4DDP_CUDA_CHECK(
-        cudaMemcpyAsync(&r, dres, sizeof r, cudaMemcpyDeviceToHost, stream));
+    INT4DDP_CUDA_CHECK(cudaMemcpyAsync(&r, dres, sizeof r, cudaMemcpyDeviceToHost, stream));
     INT4DDP_CUDA_CHECK(cudaFreeAsync(dres, stream));
     INT4DDP_CUDA_CHECK(cudaFreeAsync(ws, stream));
     INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream));

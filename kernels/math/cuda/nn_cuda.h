@@ -43,14 +43,14 @@ struct ConvGeometry {
 // transposed = true writes col^T instead, (g*ho*wo, channels*k*k) row-major: K contiguous, the
 // integer GEMM's native B operand (gemm_cuda.h). T: float, int8_t, uint8_t (codes).
 template <typename T>
-void im2col_async(const T* images, int64_t s0, int64_t g, const ConvGeometry& geo,
-                  bool transposed, T* col, cudaStream_t stream);
+void im2col_async(const T* images, int64_t s0, int64_t g, const ConvGeometry& geo, bool transposed,
+                  T* col, cudaStream_t stream);
 
 // The adjoint, accumulated: images[samples s0..s0+g-1] += col2im(col), col in either layout. Each
 // image element gathers its contributions and adds them in (ky, kx) order: the CPU scatter's
 // order, so the result is bit-identical to Conv2d::col2im on the same input.
-void col2im_async(const float* col, int64_t s0, int64_t g, const ConvGeometry& geo,
-                  bool transposed, float* images, cudaStream_t stream);
+void col2im_async(const float* col, int64_t s0, int64_t g, const ConvGeometry& geo, bool transposed,
+                  float* images, cudaStream_t stream);
 
 // ---- BatchNorm (over (n, hw) per channel of an (n, c, hw) tensor, hw = 1 for (n, c)) ------------
 
@@ -59,8 +59,8 @@ struct BatchNormShape {
 };
 
 struct BatchNormParams {
-  const float* gamma = nullptr;  // (channels)
-  const float* beta = nullptr;   // (channels)
+  const float* gamma = nullptr;   // (channels)
+  const float* beta = nullptr;    // (channels)
   float* running_mean = nullptr;  // (channels) updated by a training forward
   float* running_var = nullptr;   // (channels) updated by a training forward (unbiased variance)
   // Written by forward, read by the backward of the same step: the statistics used (batch or
@@ -89,7 +89,8 @@ void batchnorm_backward_async(const BatchNormShape& s, const float* x, const flo
                               float* gamma_grad, float* beta_grad, const BatchNormParams& p,
                               double* workspace, cudaStream_t stream);
 
-// ---- element-wise ----------------------------------------------------------------------------------
+// ---- element-wise
+// ----------------------------------------------------------------------------------
 
 // y = x > 0 ? x : 0;  dx = x > 0 ? dy : 0 (count elements).
 void relu_forward_async(const float* x, float* y, int64_t count, cudaStream_t stream);
@@ -103,7 +104,8 @@ void bias_add_rows_async(float* y, const float* bias, int64_t rows, int64_t cols
 void bias_grad_rows_async(const float* dy, int64_t rows, int64_t cols, float* grad,
                           cudaStream_t stream);
 
-// ---- pooling ---------------------------------------------------------------------------------------
+// ---- pooling
+// ---------------------------------------------------------------------------------------
 
 // MaxPool2d: square window, stride = window, no padding, ho = h / window. argmax (n*c*ho*wo)
 // holds the index within the (h, w) plane of each output's first maximum (strict >, from the
@@ -111,8 +113,8 @@ void bias_grad_rows_async(const float* dy, int64_t rows, int64_t cols, float* gr
 void maxpool_forward_async(const float* x, int64_t n, int64_t c, int64_t h, int64_t w, int window,
                            float* y, int32_t* argmax, cudaStream_t stream);
 // dx (n, c, h, w) written whole: dy at each output's argmax, 0 elsewhere.
-void maxpool_backward_async(const float* dy, const int32_t* argmax, int64_t n, int64_t c,
-                            int64_t h, int64_t w, int window, float* dx, cudaStream_t stream);
+void maxpool_backward_async(const float* dy, const int32_t* argmax, int64_t n, int64_t c, int64_t h,
+                            int64_t w, int window, float* dx, cudaStream_t stream);
 
 // GlobalAvgPool: y (n, c) = mean over hw (double sum in element order); dx = dy / hw.
 void global_avgpool_forward_async(const float* x, int64_t n, int64_t c, int64_t hw, float* y,
@@ -120,7 +122,8 @@ void global_avgpool_forward_async(const float* x, int64_t n, int64_t c, int64_t 
 void global_avgpool_backward_async(const float* dy, int64_t n, int64_t c, int64_t hw, float* dx,
                                    cudaStream_t stream);
 
-// ---- the residual block's option-A shortcut --------------------------------------------------------
+// ---- the residual block's option-A shortcut
+// --------------------------------------------------------
 
 // x (n, in_channels, h, w); body and y (n, out_channels, ho, wo) with ho = ceil(h / stride). The
 // shortcut is x subsampled by stride for channels < in_channels and zero for the rest.
@@ -138,14 +141,15 @@ void residual_backward_async(const ShortcutShape& s, const float* y, const float
 void shortcut_backward_add_async(const ShortcutShape& s, const float* dsum, float* dx,
                                  cudaStream_t stream);
 
-// ---- loss ----------------------------------------------------------------------------------------
+// ---- loss
+// ----------------------------------------------------------------------------------------
 
 // Mean softmax cross-entropy over n samples of k logits (nn::softmax_cross_entropy).
 struct CrossEntropyResult {
-  float loss = 0.0f;       // mean loss
-  int64_t correct = 0;     // samples whose first maximum logit is the label
+  float loss = 0.0f;        // mean loss
+  int64_t correct = 0;      // samples whose first maximum logit is the label
   int64_t bad_sample = -1;  // first sample whose label is outside 0..k-1, or -1
-  int32_t bad_label = 0;   // its label
+  int32_t bad_label = 0;    // its label
 };
 // Doubles of workspace softmax_cross_entropy_async needs.
 int64_t cross_entropy_workspace_count(int64_t n);
@@ -158,7 +162,8 @@ void softmax_cross_entropy_async(const float* logits, const int32_t* labels, int
 CrossEntropyResult softmax_cross_entropy(const float* logits, const int32_t* labels, int64_t n,
                                          int64_t k, float* dlogits, cudaStream_t stream);
 
-// ---- optimizers (train::Optimizer::step) -----------------------------------------------------------
+// ---- optimizers (train::Optimizer::step)
+// -----------------------------------------------------------
 
 // v <- mu v + (g + wd w); w <- w - lr v (nesterov: w <- w - lr ((g + wd w) + mu v)). weight_decay
 // is 0 for parameters without decay.
