@@ -4,7 +4,8 @@
 #   INT4DDP_CUDA = AUTO  enables CUDA when a CUDA compiler is found (ON: required, OFF: never).
 #   INT4DDP_NCCL = AUTO  enables the NCCL backend with CUDA when nccl.h and libnccl are found and
 #                        MPI is on (the NCCL unique id travels by MPI_Bcast).
-# With CUDA:  int4ddp_cuda (kernels/quant/cuda/*.cu), linked into int4ddp_comm, which gains the
+# With CUDA:  int4ddp_cuda_math (kernels/math/cuda: cuBLAS/cuBLASLt GEMMs, layer kernels) and
+#             int4ddp_cuda (kernels/quant/cuda/*.cu), linked into int4ddp_comm, which gains the
 #             device two-shot all-reduce and the pinned-host staging communicator; compile
 #             definition INT4DDP_HAVE_CUDA (PUBLIC). Architectures default to 80;90 (A100, H100/H200)
 #             unless CMAKE_CUDA_ARCHITECTURES is given.
@@ -98,6 +99,22 @@ if(INT4DDP_HAVE_CUDA)
   target_link_libraries(int4ddp_cuda PUBLIC int4ddp_kernels CUDA::cudart PRIVATE int4ddp_warnings)
   target_compile_definitions(int4ddp_cuda PUBLIC INT4DDP_HAVE_CUDA)
 
+  # ---- int4ddp_cuda_math: GPU GEMMs (cuBLAS, cuBLASLt IMMA) and layer kernels ------------------
+  # kernels/math/cuda: the math the GPU engine calls. Same no-FMA, IEEE flags as the codec (its
+  # integer GEMM and layer kernels promise the CPU's bits where their headers say so).
+  add_library(int4ddp_cuda_math STATIC
+    kernels/math/cuda/gemm_cuda.cu
+    kernels/math/cuda/nn_cuda.cu
+  )
+  set_target_properties(int4ddp_cuda_math PROPERTIES
+    CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON CUDA_RUNTIME_LIBRARY Shared
+    POSITION_INDEPENDENT_CODE ON)
+  target_compile_options(int4ddp_cuda_math PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:-fmad=false -prec-div=true -prec-sqrt=true -ftz=false
+                               -Xcompiler=-ffp-contract=off>)
+  target_link_libraries(int4ddp_cuda_math PUBLIC int4ddp_kernels CUDA::cudart CUDA::cublas
+                        CUDA::cublasLt PRIVATE int4ddp_warnings)
+
   # ---- comm/: device two-shot, staging over a host transport, NCCL -----------------------------
   target_sources(int4ddp_comm PRIVATE comm/two_shot_cuda.cpp comm/staged_communicator.cpp)
   target_link_libraries(int4ddp_comm PUBLIC int4ddp_cuda)
@@ -107,11 +124,15 @@ if(INT4DDP_HAVE_CUDA)
     target_compile_definitions(int4ddp_comm PUBLIC INT4DDP_HAVE_NCCL)
   endif()
 
-  # ---- experiments/bench_gpu ------------------------------------------------------------------
+  # ---- experiments/bench_gpu, bench_gpu_math ---------------------------------------------------
   if(INT4DDP_BUILD_EXPERIMENTS)
     add_executable(bench_gpu experiments/bench_gpu.cpp)
     target_link_libraries(bench_gpu PRIVATE int4ddp_comm int4ddp_warnings)
     set_target_properties(bench_gpu PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/experiments)
+    add_executable(bench_gpu_math experiments/bench_gpu_math.cpp)
+    target_link_libraries(bench_gpu_math PRIVATE int4ddp_cuda_math int4ddp_cuda int4ddp_warnings)
+    set_target_properties(bench_gpu_math PROPERTIES
+      RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/experiments)
   endif()
 endif()
 
