@@ -10,6 +10,7 @@
 // tmpfs (read-only, or of a few pages) inside a private mount namespace of a forked child; where
 // mounting is not allowed (no CAP_SYS_ADMIN) they skip, and a non-root run tests chmod instead.
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sched.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
@@ -22,7 +23,6 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <gtest/gtest.h>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -51,9 +51,9 @@ using json = nlohmann::json;
 // A fresh directory for one test.
 std::string temp_dir() {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  const fs::path p = fs::temp_directory_path() / ("int4ddp_test_run_safety_" +
-                                                  std::string(info->name()) + "_" +
-                                                  std::to_string(::getpid()));
+  const fs::path p =
+      fs::temp_directory_path() /
+      ("int4ddp_test_run_safety_" + std::string(info->name()) + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
   fs::create_directories(p);
   return p.string();
@@ -116,7 +116,8 @@ std::optional<std::string> on_tmpfs(const std::string& dir, int size_kb, bool re
   ::close(fds[1]);
   std::string out;
   char buf[4096];
-  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;)
+    out.append(buf, static_cast<size_t>(n));
   ::close(fds[0]);
   int status = 0;
   ::waitpid(pid, &status, 0);
@@ -124,7 +125,8 @@ std::optional<std::string> on_tmpfs(const std::string& dir, int size_kb, bool re
   return out;
 }
 
-// ---- 1. output locations --------------------------------------------------------------------------
+// ---- 1. output locations
+// --------------------------------------------------------------------------
 
 TEST(OutputLocations, CreatesMissingParentsAndLeavesNoProbeFiles) {
   const std::string d = temp_dir();
@@ -153,8 +155,8 @@ TEST(OutputLocations, PathUnderARegularFileNamesKeyPathAndReason) {
   EXPECT_TRUE(Contains(m_msg, "log.metrics_path = '" + d + "/file/sub/metrics.jsonl'"));
   EXPECT_TRUE(Contains(m_msg, "Not a directory"));
   // The checkpoint directory is a regular file itself.
-  EXPECT_TRUE(Contains(error_of([&] { check_output_locations(d + "/file", ""); }),
-              "train.checkpoint_dir"));
+  EXPECT_TRUE(
+      Contains(error_of([&] { check_output_locations(d + "/file", ""); }), "train.checkpoint_dir"));
 }
 
 TEST(OutputLocations, ProcRefusesEvenRoot) {
@@ -167,12 +169,12 @@ TEST(OutputLocations, ProcRefusesEvenRoot) {
 TEST(OutputLocations, MetricsPathThatIsADirectory) {
   const std::string d = temp_dir();
   fs::create_directories(d + "/m.jsonl");
-  EXPECT_TRUE(Contains(error_of([&] { check_output_locations(d + "/ck", d + "/m.jsonl"); }),
-              "log.metrics_path = '" + d + "/m.jsonl': '" + d +
-                        "/m.jsonl' is a directory"));
+  EXPECT_TRUE(
+      Contains(error_of([&] { check_output_locations(d + "/ck", d + "/m.jsonl"); }),
+               "log.metrics_path = '" + d + "/m.jsonl': '" + d + "/m.jsonl' is a directory"));
   fs::create_directories(d + "/n.jsonl.config.json");
   EXPECT_TRUE(Contains(error_of([&] { check_output_locations(d + "/ck", d + "/n.jsonl"); }),
-              "n.jsonl.config.json' is a directory"));
+                       "n.jsonl.config.json' is a directory"));
 }
 
 TEST(OutputLocations, ReadOnlyFileSystem) {
@@ -190,10 +192,14 @@ TEST(OutputLocations, ReadOnlyFileSystem) {
         return r;
       });
   if (!out) GTEST_SKIP() << "this machine does not allow mounting a tmpfs";
-  EXPECT_TRUE(Contains(*out, "train.checkpoint_dir = '" + ro + "/ck': cannot create a file in "
-                              "directory '" + ro + "/ck': Read-only file system"));
-  EXPECT_TRUE(Contains(*out, "train.checkpoint_dir = '" + ro + "/new/ck': cannot create "
-                              "directory '" + ro + "/new/ck': Read-only file system"));
+  EXPECT_TRUE(Contains(*out, "train.checkpoint_dir = '" + ro +
+                                 "/ck': cannot create a file in "
+                                 "directory '" +
+                                 ro + "/ck': Read-only file system"));
+  EXPECT_TRUE(Contains(*out, "train.checkpoint_dir = '" + ro +
+                                 "/new/ck': cannot create "
+                                 "directory '" +
+                                 ro + "/new/ck': Read-only file system"));
   EXPECT_TRUE(Contains(*out, "log.metrics_path = '" + ro + "/metrics.jsonl'"));
 }
 
@@ -202,8 +208,8 @@ TEST(OutputLocations, UnwritableDirectoryForNonRoot) {
   const std::string d = temp_dir();
   fs::create_directories(d + "/ck");
   fs::permissions(d + "/ck", fs::perms::owner_read | fs::perms::owner_exec);
-  EXPECT_TRUE(Contains(error_of([&] { check_output_locations(d + "/ck", ""); }),
-              "Permission denied"));
+  EXPECT_TRUE(
+      Contains(error_of([&] { check_output_locations(d + "/ck", ""); }), "Permission denied"));
   fs::permissions(d + "/ck", fs::perms::owner_all);
 }
 
@@ -219,23 +225,21 @@ TEST(MetricsWriter, WritesCompleteLinesAppendsAndTruncates) {
     w.sync();
     w.close();
   }
-  EXPECT_EQ(read_file(path),
-            "{\"batch\":1,\"type\":\"step\"}\n{\"type\":\"step\",\"batch\":2}\n");
+  EXPECT_EQ(read_file(path), "{\"batch\":1,\"type\":\"step\"}\n{\"type\":\"step\",\"batch\":2}\n");
   {
     MetricsWriter w(path, MetricsWriter::Mode::kAppend);
     w.write({{"type", "final"}});
   }
-  EXPECT_EQ(read_file(path), "{\"batch\":1,\"type\":\"step\"}\n{\"type\":\"step\",\"batch\":2}\n"
-                             "{\"type\":\"final\"}\n");
-  {
-    MetricsWriter w(path, MetricsWriter::Mode::kTruncate);
-  }
+  EXPECT_EQ(read_file(path),
+            "{\"batch\":1,\"type\":\"step\"}\n{\"type\":\"step\",\"batch\":2}\n"
+            "{\"type\":\"final\"}\n");
+  { MetricsWriter w(path, MetricsWriter::Mode::kTruncate); }
   EXPECT_EQ(read_file(path), "");
   EXPECT_TRUE(Contains(error_of([&] {
-                MetricsWriter w(path, MetricsWriter::Mode::kAppend);
-                w.write_line("a\nb");
-              }),
-              "one line"));
+                         MetricsWriter w(path, MetricsWriter::Mode::kAppend);
+                         w.write_line("a\nb");
+                       }),
+                       "one line"));
   MetricsWriter off;  // log.metrics_path = "": nothing is written, nothing fails
   EXPECT_FALSE(off.enabled());
   EXPECT_NO_THROW(off.write({{"type", "step"}}));
@@ -298,7 +302,8 @@ TEST(WriteFileAtomically, ReplacesAndFailsNamingTheKey) {
   EXPECT_TRUE(Contains(msg, "Not a directory"));
 }
 
-// ---- 3. resumed metrics --------------------------------------------------------------------------
+// ---- 3. resumed metrics
+// --------------------------------------------------------------------------
 
 json step_record(int64_t batch, int epoch) {
   return {{"type", "step"}, {"epoch", epoch}, {"batch", batch}, {"step", batch}, {"loss", 0.5}};
@@ -365,8 +370,9 @@ TEST(RewindMetrics, EpochAndFinalRecords) {
   EXPECT_FALSE(r.torn_tail);
   // Resumed from a step checkpoint at batch 15 inside epoch 2: epoch 2's record is dropped.
   rewind_metrics(path, 15, 1);
-  EXPECT_EQ(read_file(path), "{\"batch\":10,\"epoch\":1,\"loss\":0.5,\"step\":10,\"type\":\"step\"}\n"
-                             "{\"epoch\":1,\"type\":\"epoch\"}\n");
+  EXPECT_EQ(read_file(path),
+            "{\"batch\":10,\"epoch\":1,\"loss\":0.5,\"step\":10,\"type\":\"step\"}\n"
+            "{\"epoch\":1,\"type\":\"epoch\"}\n");
 }
 
 TEST(RewindMetrics, CompleteLastLineWithoutNewlineIsKept) {
@@ -394,7 +400,8 @@ TEST(RewindMetrics, BrokenLineInTheMiddleIsAnErrorAndMissingFileIsFine) {
   EXPECT_FALSE(fs::exists(d + "/absent.jsonl"));
 }
 
-// ---- 6. fresh run over an existing run ------------------------------------------------------------
+// ---- 6. fresh run over an existing run
+// ------------------------------------------------------------
 
 TEST(FreshRun, RefusesAnExistingRunUnlessOverwrite) {
   const std::string d = temp_dir();
@@ -428,21 +435,22 @@ TEST(FreshRun, RefusesAnExistingRunUnlessOverwrite) {
   EXPECT_TRUE(Contains(notice, ck));
 }
 
-// ---- 7. resume with a changed config --------------------------------------------------------------
+// ---- 7. resume with a changed config (keys set through apply_override, the config's public API)
+// --------------------------------------------------------------
 
 TEST(ResumeConfig, SameConfigAndResumeKeyAreNoChange) {
   Config a;
   Config b = a;
-  b.train.resume = "runs/checkpoints/last.ckpt";
+  apply_override(b, "train.resume=runs/checkpoints/last.ckpt");
   EXPECT_EQ(check_resume_config(config_to_json(a), config_to_json(b), "x.ckpt"), "");
 }
 
 TEST(ResumeConfig, AllowedChangesArePrintedWithTheScheduleNote) {
   Config a;
   Config b = a;
-  b.train.epochs = 40;
-  b.log.print_every = 7;
-  b.data.path = "/elsewhere";
+  apply_override(b, "train.epochs=40");
+  apply_override(b, "log.print_every=7");
+  apply_override(b, "data.path=/elsewhere");
   std::string text;
   EXPECT_NO_THROW(text = check_resume_config(config_to_json(a), config_to_json(b), "x.ckpt"));
   EXPECT_TRUE(Contains(text, "x.ckpt"));
@@ -456,9 +464,9 @@ TEST(ResumeConfig, AllowedChangesArePrintedWithTheScheduleNote) {
 TEST(ResumeConfig, TrainingKeysAreRefusedListingEveryChange) {
   Config a;
   Config b = a;
-  b.optim.lr = 0.2;
-  b.quant.grad_policy = "minmax";
-  b.train.epochs = 30;
+  apply_override(b, "optim.lr=0.2");
+  apply_override(b, "quant.grad_policy=minmax");
+  apply_override(b, "train.epochs=30");
   const std::string msg =
       error_of([&] { check_resume_config(config_to_json(a), config_to_json(b), "x.ckpt"); });
   EXPECT_TRUE(Contains(msg, "optim.lr: 0.1 -> 0.2  (may not change on resume)"));
@@ -473,9 +481,9 @@ TEST(ResumeConfig, ReadsTheCheckpointsEmbeddedConfig) {
   ck.put_string("config_yaml", config_to_yaml(a));
   Config b = a;
   EXPECT_EQ(check_resume_config(ck, "x.ckpt", b), "");
-  b.model.name = "mlp";
+  apply_override(b, "model.name=mlp");
   EXPECT_TRUE(Contains(error_of([&] { check_resume_config(ck, "x.ckpt", b); }),
-              "model.name: \"cnn\" -> \"mlp\""));
+                       "model.name: \"cnn\" -> \"mlp\""));
 }
 
 TEST(ResumeConfig, KeysOnOneSideOnly) {
@@ -572,10 +580,10 @@ TEST(Preempt, DecisionIsTheSameWhateverRankVoted) {
 TEST(Preempt, MessageAndResumeCommand) {
   EXPECT_EQ(preempt_exit_code(SIGTERM), 143);
   EXPECT_EQ(preempt_exit_code(SIGINT), 130);
-  EXPECT_EQ(resume_command({"./build/int4ddp", "train", "--config", "configs/cnn.yaml", "--resume",
-                            "old.ckpt", "--set", "log.metrics_path=my runs/m.jsonl", "--set",
-                            "train.resume=older.ckpt"},
-                           "runs/ck/last.ckpt", 2),
+  EXPECT_EQ(resume_command(
+                {"./build/int4ddp", "train", "--config", "configs/cnn.yaml", "--resume", "old.ckpt",
+                 "--set", "log.metrics_path=my runs/m.jsonl", "--set", "train.resume=older.ckpt"},
+                "runs/ck/last.ckpt", 2),
             "mpirun -np 2 ./build/int4ddp train --config configs/cnn.yaml --set "
             "'log.metrics_path=my runs/m.jsonl' --resume runs/ck/last.ckpt");
   EXPECT_EQ(resume_command({"int4ddp", "train", "-c", "it's.yaml", "--resume=a.ckpt"}, "b.ckpt", 1),

@@ -1,6 +1,7 @@
 // Graceful preemption under mpirun (label mpi, 1-4 ranks): only one rank gets the signal, and
 // stop_requested() makes every rank stop after the same step, without a hang. The last rank (rank
 // 1 of 2) is the one signalled, so the signal never starts on rank 0.
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <unistd.h>
 

@@ -16,7 +16,7 @@ namespace int4ddp::train {
 namespace {
 
 static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lock-free");
-std::atomic<int> g_caught{0};         // the first signal caught, 0 if none
+std::atomic<int> g_caught{0};          // the first signal caught, 0 if none
 std::atomic<bool> g_installed{false};  // a PreemptGuard is alive
 struct sigaction g_previous[kStopVotes];
 
@@ -141,7 +141,8 @@ std::string resume_command(const std::vector<std::string>& argv, const std::stri
   std::vector<std::string> kept;
   for (size_t i = 0; i < argv.size(); ++i) {
     const std::string& a = argv[i];
-    const bool next_is_resume_set = i + 1 < argv.size() && starts_with(argv[i + 1], "train.resume=");
+    const bool next_is_resume_set =
+        i + 1 < argv.size() && starts_with(argv[i + 1], "train.resume=");
     if (a == "--resume" || (a == "--set" && next_is_resume_set)) {
       ++i;  // the option and its value
       continue;

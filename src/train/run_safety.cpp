@@ -70,9 +70,10 @@ std::string where(const std::string& key, const std::string& value) {
 void ensure_directory(const std::string& key, const std::string& value, const fs::path& dir) {
   std::error_code ec;
   fs::create_directories(dir, ec);
-  if (!ec && !fs::is_directory(dir, ec) && !ec) ec = std::make_error_code(std::errc::not_a_directory);
-  INT4DDP_CHECK(!ec, where(key, value), "cannot create directory '", dir.string(), "': ",
-                ec.message());
+  if (!ec && !fs::is_directory(dir, ec) && !ec)
+    ec = std::make_error_code(std::errc::not_a_directory);
+  INT4DDP_CHECK(!ec, where(key, value), "cannot create directory '", dir.string(),
+                "': ", ec.message());
 }
 
 // Creates, writes and removes a small file in dir: proves that files can be created there (a
@@ -103,8 +104,8 @@ void check_existing_file(const std::string& key, const std::string& value, const
   struct stat st;
   if (::stat(file.c_str(), &st) != 0) {
     const int err = errno;
-    INT4DDP_CHECK(err == ENOENT, where(key, value), "cannot inspect '", file.string(), "': ",
-                  os_reason(err));
+    INT4DDP_CHECK(err == ENOENT, where(key, value), "cannot inspect '", file.string(),
+                  "': ", os_reason(err));
     return;
   }
   INT4DDP_CHECK(!S_ISDIR(st.st_mode), where(key, value), "'", file.string(),
@@ -262,8 +263,8 @@ MetricsRewind rewind_metrics(const std::string& path, int64_t global_batch,
   std::error_code ec;
   if (!fs::exists(path, ec)) return result;
   std::ifstream f(path, std::ios::binary);
-  INT4DDP_CHECK(f.is_open(), where("log.metrics_path", path), "cannot read the file: ",
-                os_reason(errno));
+  INT4DDP_CHECK(f.is_open(), where("log.metrics_path", path),
+                "cannot read the file: ", os_reason(errno));
   const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   INT4DDP_CHECK(!f.bad(), where("log.metrics_path", path), "reading the file failed");
 
@@ -326,8 +327,7 @@ std::string check_fresh_run(const std::string& checkpoint_dir, const std::string
   });
   if (!ckpts.empty()) {
     std::string names;
-    for (size_t i = 0; i < ckpts.size() && i < 3; ++i)
-      names += (i ? ", " : "") + ckpts[i].second;
+    for (size_t i = 0; i < ckpts.size() && i < 3; ++i) names += (i ? ", " : "") + ckpts[i].second;
     if (ckpts.size() > 3) names += ", ...";
     found.push_back(where("train.checkpoint_dir", checkpoint_dir) + "holds " +
                     std::to_string(ckpts.size()) + " checkpoint(s) (" + names + ")");
@@ -335,7 +335,8 @@ std::string check_fresh_run(const std::string& checkpoint_dir, const std::string
   if (found.empty()) return "";
   std::string what;
   for (const std::string& s : found) what += (what.empty() ? "" : "; ") + s;
-  if (overwrite) return "train.overwrite: true: this fresh run replaces an earlier run's output: " + what;
+  if (overwrite)
+    return "train.overwrite: true: this fresh run replaces an earlier run's output: " + what;
 
   // Resume from last.ckpt when there is one (written after every epoch checkpoint), else from
   // the newest.
@@ -354,12 +355,19 @@ std::string check_fresh_run(const std::string& checkpoint_dir, const std::string
 // ---- 7 -----------------------------------------------------------------------------------------
 
 bool may_change_on_resume(const std::string& key) {
-  static const char* const kAllowed[] = {
-      "train.epochs",           "train.max_steps",         "train.checkpoint_every_steps",
-      "train.checkpoint_every_epochs", "train.checkpoint_dir", "train.keep_checkpoints",
-      "train.overwrite",        "train.threads",           "train.eval_every_epochs",
-      "train.eval_batch_size",  "train.max_consecutive_skips", "train.resume",
-      "data.path"};
+  static const char* const kAllowed[] = {"train.epochs",
+                                         "train.max_steps",
+                                         "train.checkpoint_every_steps",
+                                         "train.checkpoint_every_epochs",
+                                         "train.checkpoint_dir",
+                                         "train.keep_checkpoints",
+                                         "train.overwrite",
+                                         "train.threads",
+                                         "train.eval_every_epochs",
+                                         "train.eval_batch_size",
+                                         "train.max_consecutive_skips",
+                                         "train.resume",
+                                         "data.path"};
   if (key.rfind("log.", 0) == 0) return true;
   return std::find(std::begin(kAllowed), std::end(kAllowed), key) != std::end(kAllowed);
 }
@@ -379,7 +387,8 @@ std::vector<std::pair<std::string, std::string>> flatten(const std::string& conf
       out.emplace_back(section, body.dump());
       continue;
     }
-    for (const auto& [name, value] : body.items()) out.emplace_back(section + "." + name, value.dump());
+    for (const auto& [name, value] : body.items())
+      out.emplace_back(section + "." + name, value.dump());
   }
   return out;
 }
@@ -424,9 +433,8 @@ std::string check_resume_config(const std::string& stored_json, const std::strin
     }
     list << "\n";
   }
-  const std::string head = "resume: the config differs from the one checkpoint " +
-                           checkpoint_path + " was trained with in " +
-                           std::to_string(changes.size()) + " key(s):\n";
+  const std::string head = "resume: the config differs from the one checkpoint " + checkpoint_path +
+                           " was trained with in " + std::to_string(changes.size()) + " key(s):\n";
   INT4DDP_CHECK(refused.empty(), head, list.str(), "refusing to resume: ", refused,
                 " would change the training itself; set them back to the checkpoint's values "
                 "(its config_yaml record), or start a fresh run");

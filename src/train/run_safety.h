@@ -163,7 +163,8 @@ std::string check_resume_config(const std::string& stored_json, const std::strin
 std::string check_resume_config(const Checkpoint& ck, const std::string& checkpoint_path,
                                 const Config& current);
 
-// ---- 8. Metrics values ---------------------------------------------------------------------------
+// ---- 8. Metrics values
+// ---------------------------------------------------------------------------
 
 // v as a JSON number, or null when v is NaN or infinite (a skipped step's loss is logged as null,
 // not as a sentinel like -1 that a plot would draw as a real loss).
