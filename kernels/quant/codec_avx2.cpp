@@ -77,14 +77,13 @@ struct PhiloxKeys {
   }
 };
 
-// 16-bit uniforms of the 32 * B elements 8 * group .. 8 * group + 32B - 1, in element order:
-// u[4b + k] holds elements 32b + 8k .. 32b + 8k + 7 (Philox instance group + 4b + k). B independent
-// chains of four instances (one per 64-bit lane) hide the multiply latency; the high halves of the
-// products are swapped down with vpshufd (ports 1/5) rather than shifted. The four words of an
-// instance, read as memory, are its eight 16-bit halves in element order, so a 128-bit lane of
-// words widens straight into eight floats.
+// The Philox words of the 32 * B elements 8 * group .. 8 * group + 32B - 1, stored in element
+// order: words[4j .. 4j + 3] are the four words of instance group + j, which, read as 16-bit
+// halves, are the uniforms of elements 8j .. 8j + 7 (the layout of philox.h). B independent chains
+// of four instances (one per 64-bit lane: instance group + 4b + k) hide the multiply latency; the
+// high halves of the products are swapped down with vpshufd rather than shifted.
 template <int B>
-inline void philox_uniform16(const PhiloxKeys& pk, uint64_t group, __m256* u) {
+inline void philox_words(const PhiloxKeys& pk, uint64_t group, uint32_t* words) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
   __m256i x0[B], x1[B], x2[B], x3[B];
   for (int b = 0; b < B; ++b) {
@@ -105,20 +104,21 @@ inline void philox_uniform16(const PhiloxKeys& pk, uint64_t group, __m256* u) {
       x3[b] = p0;
     }
   }
-  const __m256 scale = _mm256_set1_ps(1.52587890625e-5f);  // 2^-16
-  auto widen = [&](__m128i w) {
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(w)), scale);
-  };
   for (int b = 0; b < B; ++b) {
     const __m256i lo = _mm256_blend_epi32(x0[b], _mm256_slli_epi64(x1[b], 32), 0xAA);  // v0 v1
     const __m256i hi = _mm256_blend_epi32(x2[b], _mm256_slli_epi64(x3[b], 32), 0xAA);  // v2 v3
     const __m256i i02 = _mm256_unpacklo_epi64(lo, hi);  // instances 0 | 2
     const __m256i i13 = _mm256_unpackhi_epi64(lo, hi);  // instances 1 | 3
-    u[4 * b] = widen(_mm256_castsi256_si128(i02));
-    u[4 * b + 1] = widen(_mm256_castsi256_si128(i13));
-    u[4 * b + 2] = widen(_mm256_extracti128_si256(i02, 1));
-    u[4 * b + 3] = widen(_mm256_extracti128_si256(i13, 1));
+    __m256i* out = reinterpret_cast<__m256i*>(words + 16 * b);
+    _mm256_store_si256(out, _mm256_permute2x128_si256(i02, i13, 0x20));      // instances 0, 1
+    _mm256_store_si256(out + 1, _mm256_permute2x128_si256(i02, i13, 0x31));  // instances 2, 3
   }
+}
+
+// u = h * 2^-16 of the eight elements whose Philox words are words[0 .. 3].
+inline __m256 uniforms8(const uint32_t* words) {
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(words)));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(h), _mm256_set1_ps(1.52587890625e-5f));  // 2^-16
 }
 
 struct QuantConsts {
@@ -157,11 +157,14 @@ inline void store_codes32(__m256i a, __m256i b, __m256i c, __m256i d, int8_t* co
 }
 
 #ifndef INT4DDP_AVX2_PHILOX_CHAINS
-#define INT4DDP_AVX2_PHILOX_CHAINS 2
+#define INT4DDP_AVX2_PHILOX_CHAINS 4
 #endif
-constexpr int kChains = INT4DDP_AVX2_PHILOX_CHAINS;  // Philox chains per stochastic body step
+constexpr int kChains = INT4DDP_AVX2_PHILOX_CHAINS;  // Philox chains per philox_words call
+constexpr int64_t kRngChunk = 512;  // elements whose Philox words are made ahead of quantizing
 
-// n is a multiple of kVec; for stochastic rounding q.first_index is a multiple of 8.
+// n is a multiple of kVec; for stochastic rounding q.first_index is a multiple of 8. Stochastic:
+// the Philox words of a chunk are made first (kChains independent chains, which the quantize loop's
+// register pressure would not allow), into an L1-resident buffer, then the chunk is quantized.
 template <bool kStochastic, bool kAllFinite>
 void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantConsts& c,
                 int8_t* codes, __m256i* count) {
@@ -171,20 +174,20 @@ void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantCon
   if constexpr (kStochastic) {
     const PhiloxKeys pk(q.key);
     const uint64_t group0 = static_cast<uint64_t>(q.first_index) / 8;
-    int64_t i = 0;
-    for (; i + kVec * kChains <= n; i += kVec * kChains) {
-      __m256 u[4 * kChains];
-      philox_uniform16<kChains>(pk, group0 + static_cast<uint64_t>(i) / 8, u);
-      for (int b = 0; b < kChains; ++b) {
-        const int64_t j = i + kVec * b;
-        store_codes32(q8(j, u[4 * b]), q8(j + 8, u[4 * b + 1]), q8(j + 16, u[4 * b + 2]),
-                      q8(j + 24, u[4 * b + 3]), codes + j);
+    alignas(32) uint32_t words[kRngChunk / 2];  // 4 words per 8 elements
+    for (int64_t c0 = 0; c0 < n; c0 += kRngChunk) {
+      const int64_t m = std::min(kRngChunk, n - c0);  // a multiple of kVec
+      int64_t i = 0;
+      for (; i + kVec * kChains <= m; i += kVec * kChains)
+        philox_words<kChains>(pk, group0 + static_cast<uint64_t>(c0 + i) / 8, words + i / 2);
+      for (; i < m; i += kVec)
+        philox_words<1>(pk, group0 + static_cast<uint64_t>(c0 + i) / 8, words + i / 2);
+      for (i = 0; i < m; i += kVec) {
+        const uint32_t* w = words + i / 2;
+        const int64_t j = c0 + i;
+        store_codes32(q8(j, uniforms8(w)), q8(j + 8, uniforms8(w + 4)),
+                      q8(j + 16, uniforms8(w + 8)), q8(j + 24, uniforms8(w + 12)), codes + j);
       }
-    }
-    for (; i < n; i += kVec) {
-      __m256 u[4];
-      philox_uniform16<1>(pk, group0 + static_cast<uint64_t>(i) / 8, u);
-      store_codes32(q8(i, u[0]), q8(i + 8, u[1]), q8(i + 16, u[2]), q8(i + 24, u[3]), codes + i);
     }
   } else {
     const __m256 z = _mm256_setzero_ps();
