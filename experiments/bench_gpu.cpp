@@ -2,10 +2,15 @@
 //
 //   bench_gpu kernels [--log2n 28] [--reps 20] [--torch-eager-ms X] [--torch-compile-ms Y]
 //                     [--torch-compile-dequant-ms Z] [--torch-eager-dequant-ms W]
-//     On 2^log2n floats (INT4, per-block G = 512, stochastic rounding): a device-to-device
-//     cudaMemcpy, quantize+pack, unpack+dequantize, and the owner step for N = 2, 4, 8. The PyTorch
-//     figures are measured by gpu_check.sh in the same run and passed in (negative: not measured,
-//     printed as null). Ends with one JSON line {"bench":"gpu",...}.
+//                     [--torch-compile-tensor-ms T] [--torch-eager-tensor-ms U]
+//     On 2^log2n floats (INT4): a device-to-device cudaMemcpy; quantize+pack with per-block
+//     G = 512 (stochastic and nearest); unpack+dequantize; per-tensor quantize+pack (the compute
+//     path: two passes, global absmax then quantize; stochastic and nearest); and the owner step
+//     for N = 2, 4, 8. Every figure is also a fraction of the copy measured in the same run. The
+//     PyTorch figures (the same operations, eager and torch.compile) are measured by gpu_check.sh
+//     in the same run and passed in (negative: not measured, printed as null). The codes, scales
+//     and floats of what was timed are checked against the CPU codec on a prefix (per-tensor: a
+//     2^20-element tensor); #wrong > 0 exits 1. Ends with one JSON line {"bench":"gpu",...}.
 //
 //   bench_gpu allreduce --backend nccl|mpi [--log2n-max 24] [--reps 5]
 //     The device two-shot all-reduce (TwoShotAllreduceCuda) at a few sizes, nccl-tests style, and
@@ -16,6 +21,9 @@
 // Bytes counted (GB/s = bytes / best time of --reps after a warm-up):
 //   copy           8 n        (4 n read + 4 n written, as bench_quant counts memcpy)
 //   quantize       4.5 n      (4 n read, n/2 of codes written; the 4n/G of scales ignored)
+//                  per tensor: the same 4.5 n (the logical bytes); its "traffic" column counts the
+//                  8.5 n the two passes move (x read twice), so at most 4.5 / 8.5 = 53% of copy
+//                  in the logical column when x does not fit in L2.
 //   dequantize     4.5 n      (n/2 read, 4 n written)
 //   owner step     n (N (1/2 + 4/G) + 4 + 1/2 + 4/G + 4 + 4): the N messages' codes and scales
 //                  read, the server error read, the requantized codes and scales written, the
@@ -124,6 +132,7 @@ int run_kernels(int argc, char** argv) {
   int64_t log2n = 28;
   int reps = 20;
   double torch_eager = -1, torch_compile = -1, torch_eager_dq = -1, torch_compile_dq = -1;
+  double torch_eager_tensor = -1, torch_compile_tensor = -1;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -142,6 +151,10 @@ int run_kernels(int argc, char** argv) {
       torch_eager_dq = std::atof(next());
     else if (a == "--torch-compile-dequant-ms")
       torch_compile_dq = std::atof(next());
+    else if (a == "--torch-eager-tensor-ms")
+      torch_eager_tensor = std::atof(next());
+    else if (a == "--torch-compile-tensor-ms")
+      torch_compile_tensor = std::atof(next());
     else
       INT4DDP_FAIL("bench_gpu kernels: unknown argument ", a);
   }
@@ -161,9 +174,18 @@ int run_kernels(int argc, char** argv) {
   p.gamma = 0.9f;
   p.key = quant::RngKey{1234, 0, 7, 3};
 
+  quant::QuantParams p_near = p;
+  p_near.rounding = quant::Rounding::kNearest;
+  quant::QuantParams p_tensor = p;  // the compute path: one scale, stochastic
+  p_tensor.block_size = 0;
+  quant::QuantParams p_tensor_near = p_tensor;
+  p_tensor_near.rounding = quant::Rounding::kNearest;
+
   struct Row {
     std::string op;
     double seconds, bytes;
+    double traffic;   // bytes the algorithm moves (two-pass per tensor: x read twice)
+    double torch_ms;  // torch.compile of the same operation, or -1
     double gbps() const { return bytes / seconds / 1e9; }
   };
   std::vector<Row> rows;
@@ -172,42 +194,71 @@ int run_kernels(int argc, char** argv) {
        best_seconds(
            reps,
            [&] { INT4DDP_CUDA_CHECK(cudaMemcpyAsync(y.p, x.p, n * 4, cudaMemcpyDeviceToDevice)); }),
-       8.0 * nb});
-  rows.push_back({"quantize+pack int4 G=512 stoch",
-                  best_seconds(reps,
-                               [&] {
-                                 qc::quantize_async(x.as<float>(), n, p, codes.as<uint8_t>(),
-                                                    scales.as<float>(),
-                                                    stats.as<qc::DeviceQuantStats>(), nullptr);
-                               }),
-                  4.5 * nb});
+       8.0 * nb, 8.0 * nb, -1});
+  auto time_quantize = [&](const char* op, const quant::QuantParams& qp, double traffic,
+                           double torch_ms) {
+    rows.push_back({op,
+                    best_seconds(reps,
+                                 [&] {
+                                   qc::quantize_async(x.as<float>(), n, qp, codes.as<uint8_t>(),
+                                                      scales.as<float>(),
+                                                      stats.as<qc::DeviceQuantStats>(), nullptr);
+                                 }),
+                    4.5 * nb, traffic, torch_ms});
+    return rows.size() - 1;
+  };
+  const size_t row_quant =
+      time_quantize("quantize+pack int4 G=512 stoch", p, 4.5 * nb, torch_compile);
+  const size_t row_quant_near =
+      time_quantize("quantize+pack int4 G=512 nearest", p_near, 4.5 * nb, -1);
+  const size_t row_tensor =
+      time_quantize("quantize+pack int4 tensor stoch", p_tensor, 8.5 * nb, torch_compile_tensor);
+  const size_t row_tensor_near =
+      time_quantize("quantize+pack int4 tensor nearest", p_tensor_near, 8.5 * nb, -1);
+  qc::quantize_async(x.as<float>(), n, p, codes.as<uint8_t>(), scales.as<float>(),
+                     stats.as<qc::DeviceQuantStats>(), nullptr);
   rows.push_back({"unpack+dequantize int4 G=512",
                   best_seconds(reps,
                                [&] {
                                  qc::dequantize_async(codes.as<uint8_t>(), scales.as<float>(), n, 4,
                                                       kG, y.as<float>(), nullptr);
                                }),
-                  4.5 * nb});
+                  4.5 * nb, 4.5 * nb, torch_compile_dq});
+  const size_t row_dequant = rows.size() - 1;
 
   // Correctness of what was timed, on a prefix (blocks are aligned, keys are by index): the CPU
-  // codec must produce the same codes, scales and floats.
+  // codec must produce the same codes, scales and floats. Per tensor: a 2^20-element tensor (the
+  // prefix of x) through the same kernels.
   int64_t wrong = 0;
   {
     const int64_t m = std::min<int64_t>(n, int64_t{1} << 20);
     std::vector<float> hx(m), hy(m), ref_y(m), hs(m / kG), ref_s(m / kG);
     std::vector<uint8_t> hc(m / 2), ref_c(m / 2);
-    qc::quantize_async(x.as<float>(), n, p, codes.as<uint8_t>(), scales.as<float>(),
-                       stats.as<qc::DeviceQuantStats>(), nullptr);
-    qc::dequantize_async(codes.as<uint8_t>(), scales.as<float>(), n, 4, kG, y.as<float>(), nullptr);
     INT4DDP_CUDA_CHECK(cudaMemcpy(hx.data(), x.p, m * 4, cudaMemcpyDeviceToHost));
-    INT4DDP_CUDA_CHECK(cudaMemcpy(hy.data(), y.p, m * 4, cudaMemcpyDeviceToHost));
-    INT4DDP_CUDA_CHECK(cudaMemcpy(hc.data(), codes.p, m / 2, cudaMemcpyDeviceToHost));
-    INT4DDP_CUDA_CHECK(cudaMemcpy(hs.data(), scales.p, (m / kG) * 4, cudaMemcpyDeviceToHost));
-    quant::quantize(hx.data(), m, p, ref_c.data(), ref_s.data());
-    quant::dequantize(ref_c.data(), ref_s.data(), m, 4, kG, ref_y.data());
-    for (int64_t i = 0; i < m / 2; ++i) wrong += hc[i] != ref_c[i];
-    for (int64_t i = 0; i < m / kG; ++i) wrong += std::memcmp(&hs[i], &ref_s[i], 4) != 0;
-    for (int64_t i = 0; i < m; ++i) wrong += std::memcmp(&hy[i], &ref_y[i], 4) != 0;
+    for (const quant::QuantParams& qp : {p, p_near}) {
+      qc::quantize_async(x.as<float>(), n, qp, codes.as<uint8_t>(), scales.as<float>(),
+                         stats.as<qc::DeviceQuantStats>(), nullptr);
+      qc::dequantize_async(codes.as<uint8_t>(), scales.as<float>(), n, 4, kG, y.as<float>(),
+                           nullptr);
+      INT4DDP_CUDA_CHECK(cudaMemcpy(hy.data(), y.p, m * 4, cudaMemcpyDeviceToHost));
+      INT4DDP_CUDA_CHECK(cudaMemcpy(hc.data(), codes.p, m / 2, cudaMemcpyDeviceToHost));
+      INT4DDP_CUDA_CHECK(cudaMemcpy(hs.data(), scales.p, (m / kG) * 4, cudaMemcpyDeviceToHost));
+      quant::quantize(hx.data(), m, qp, ref_c.data(), ref_s.data());
+      quant::dequantize(ref_c.data(), ref_s.data(), m, 4, kG, ref_y.data());
+      for (int64_t i = 0; i < m / 2; ++i) wrong += hc[i] != ref_c[i];
+      for (int64_t i = 0; i < m / kG; ++i) wrong += std::memcmp(&hs[i], &ref_s[i], 4) != 0;
+      for (int64_t i = 0; i < m; ++i) wrong += std::memcmp(&hy[i], &ref_y[i], 4) != 0;
+    }
+    for (const quant::QuantParams& qp : {p_tensor, p_tensor_near}) {
+      float hs0 = 0.0f, ref_s0 = 0.0f;
+      qc::quantize_async(x.as<float>(), m, qp, codes.as<uint8_t>(), scales.as<float>(),
+                         stats.as<qc::DeviceQuantStats>(), nullptr);
+      INT4DDP_CUDA_CHECK(cudaMemcpy(hc.data(), codes.p, m / 2, cudaMemcpyDeviceToHost));
+      INT4DDP_CUDA_CHECK(cudaMemcpy(&hs0, scales.p, 4, cudaMemcpyDeviceToHost));
+      quant::quantize(hx.data(), m, qp, ref_c.data(), &ref_s0);
+      for (int64_t i = 0; i < m / 2; ++i) wrong += hc[i] != ref_c[i];
+      wrong += std::memcmp(&hs0, &ref_s0, 4) != 0;
+    }
   }
 
   // Owner step: N messages made by quantizing x with N keys; server error feedback on.
@@ -246,18 +297,28 @@ int run_kernels(int argc, char** argv) {
       a.stats = stats.as<qc::DeviceQuantStats>();
       const double bytes = nb * (N * (0.5 + 4.0 / kG) + 4.0 + 0.5 + 4.0 / kG + 4.0 + 4.0);
       rows.push_back({"owner step N=" + std::to_string(N),
-                      best_seconds(reps, [&] { qc::owner_step_async(a, nullptr); }), bytes});
+                      best_seconds(reps, [&] { qc::owner_step_async(a, nullptr); }), bytes, bytes,
+                      -1});
       owner_gbps[k] = rows.back().gbps();
     }
   }
 
   const double copy = rows[0].gbps();
+  auto pct = [&](size_t r) { return 100.0 * rows[r].gbps() / copy; };
   std::printf("bench_gpu kernels: %s, n = 2^%lld floats, best of %d\n", gpu_name().c_str(),
               static_cast<long long>(log2n), reps);
-  std::printf("%-34s %10s %12s %10s %9s\n", "op", "time_ms", "bytes", "GB/s", "%copy");
-  for (const Row& r : rows)
-    std::printf("%-34s %10.4f %12.4g %10.1f %8.1f%%\n", r.op.c_str(), r.seconds * 1e3, r.bytes,
-                r.gbps(), 100.0 * r.gbps() / copy);
+  std::printf(
+      "# %%copy: logical bytes / time vs the copy's 8 n; traffic: bytes moved / time vs copy; "
+      "x torch: torch.compile time / ours\n");
+  std::printf("%-34s %10s %12s %10s %9s %9s %9s %9s\n", "op", "time_ms", "bytes", "GB/s", "%copy",
+              "%traffic", "torch_ms", "x_torch");
+  for (const Row& r : rows) {
+    const double traffic_pct = 100.0 * r.traffic / r.seconds / 1e9 / copy;
+    std::printf("%-34s %10.4f %12.4g %10.1f %8.1f%% %8.1f%% %9s %9s\n", r.op.c_str(),
+                r.seconds * 1e3, r.bytes, r.gbps(), 100.0 * r.gbps() / copy, traffic_pct,
+                json_number(r.torch_ms).c_str(),
+                json_number(r.torch_ms > 0 ? r.torch_ms / (r.seconds * 1e3) : -1).c_str());
+  }
   std::printf("%-34s %10s\n", "pytorch int4 quantize+pack eager", json_number(torch_eager).c_str());
   std::printf("%-34s %10s\n", "pytorch int4 quantize+pack compile",
               json_number(torch_compile).c_str());
@@ -265,23 +326,42 @@ int run_kernels(int argc, char** argv) {
               json_number(torch_eager_dq).c_str());
   std::printf("%-34s %10s\n", "pytorch unpack+dequantize compile",
               json_number(torch_compile_dq).c_str());
-  std::printf("#wrong (prefix of 2^20 against the CPU codec): %lld\n",
+  std::printf("%-34s %10s\n", "pytorch per-tensor quantize eager",
+              json_number(torch_eager_tensor).c_str());
+  std::printf("%-34s %10s\n", "pytorch per-tensor quantize compile",
+              json_number(torch_compile_tensor).c_str());
+  std::printf("#wrong (prefix of 2^20 / a 2^20 tensor against the CPU codec): %lld\n",
               static_cast<long long>(wrong));
+  const size_t row_owner8 = rows.size() - 1;
+  auto vs_torch = [&](double torch_ms, size_t r) {
+    return json_number(torch_ms > 0 ? torch_ms / (rows[r].seconds * 1e3) : -1);
+  };
   std::printf(
       "{\"bench\":\"gpu\",\"gpu\":\"%s\",\"n\":%lld,\"copy_GBps\":%s,\"quant_GBps\":%s,"
       "\"dequant_GBps\":%s,\"owner_GBps\":{\"2\":%s,\"4\":%s,\"8\":%s},"
       "\"torch_compile_quant_ms\":%s,\"torch_eager_quant_ms\":%s,\"torch_compile_dequant_ms\":%s,"
-      "\"torch_eager_dequant_ms\":%s,\"quant_ms\":%s,\"dequant_ms\":%s,\"quant_pct_copy\":%s,"
-      "\"dequant_pct_copy\":%s,\"owner8_pct_copy\":%s,\"wrong\":%lld}\n",
+      "\"torch_eager_dequant_ms\":%s,\"torch_compile_tensor_ms\":%s,\"torch_eager_tensor_ms\":%s,"
+      "\"quant_ms\":%s,\"dequant_ms\":%s,\"tensor_quant_ms\":%s,\"quant_pct_copy\":%s,"
+      "\"quant_nearest_pct_copy\":%s,\"dequant_pct_copy\":%s,\"tensor_quant_pct_copy\":%s,"
+      "\"tensor_quant_nearest_pct_copy\":%s,\"tensor_quant_pct_copy_traffic\":%s,"
+      "\"owner2_pct_copy\":%s,\"owner4_pct_copy\":%s,\"owner8_pct_copy\":%s,"
+      "\"quant_x_torch_compile\":%s,\"dequant_x_torch_compile\":%s,"
+      "\"tensor_quant_x_torch_compile\":%s,\"wrong\":%lld}\n",
       gpu_name().c_str(), static_cast<long long>(n), json_number(copy).c_str(),
-      json_number(rows[1].gbps()).c_str(), json_number(rows[2].gbps()).c_str(),
+      json_number(rows[row_quant].gbps()).c_str(), json_number(rows[row_dequant].gbps()).c_str(),
       json_number(owner_gbps[0]).c_str(), json_number(owner_gbps[1]).c_str(),
       json_number(owner_gbps[2]).c_str(), json_number(torch_compile).c_str(),
       json_number(torch_eager).c_str(), json_number(torch_compile_dq).c_str(),
-      json_number(torch_eager_dq).c_str(), json_number(rows[1].seconds * 1e3).c_str(),
-      json_number(rows[2].seconds * 1e3).c_str(), json_number(100 * rows[1].gbps() / copy).c_str(),
-      json_number(100 * rows[2].gbps() / copy).c_str(),
-      json_number(100 * owner_gbps[2] / copy).c_str(), static_cast<long long>(wrong));
+      json_number(torch_eager_dq).c_str(), json_number(torch_compile_tensor).c_str(),
+      json_number(torch_eager_tensor).c_str(), json_number(rows[row_quant].seconds * 1e3).c_str(),
+      json_number(rows[row_dequant].seconds * 1e3).c_str(),
+      json_number(rows[row_tensor].seconds * 1e3).c_str(), json_number(pct(row_quant)).c_str(),
+      json_number(pct(row_quant_near)).c_str(), json_number(pct(row_dequant)).c_str(),
+      json_number(pct(row_tensor)).c_str(), json_number(pct(row_tensor_near)).c_str(),
+      json_number(pct(row_tensor) * 8.5 / 4.5).c_str(), json_number(pct(row_owner8 - 2)).c_str(),
+      json_number(pct(row_owner8 - 1)).c_str(), json_number(pct(row_owner8)).c_str(),
+      vs_torch(torch_compile, row_quant).c_str(), vs_torch(torch_compile_dq, row_dequant).c_str(),
+      vs_torch(torch_compile_tensor, row_tensor).c_str(), static_cast<long long>(wrong));
   return wrong == 0 ? 0 : 1;
 }
 

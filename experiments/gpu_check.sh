@@ -3,16 +3,21 @@
 # minutes on the lent H100/H200 machine:
 #   1. configure + build (Release, -DINT4DDP_NATIVE=ON, sm_90, only the targets needed, -j16),
 #      with the PyTorch baseline (eager and torch.compile INT4 quantize+pack and unpack+dequantize
-#      of 2^28 floats, per-block G = 512) running meanwhile (CPU-bound compile, GPU otherwise idle);
-#   2. ctest -L cuda (codec vs CPU reference, owner step, device all-reduce vs host, errors);
+#      of 2^28 floats, per-block G = 512, and per-tensor quantize+pack) running meanwhile
+#      (CPU-bound compile, GPU otherwise idle);
+#   2. ctest -L cuda (codec vs CPU reference, owner step, device all-reduce vs host, errors), and
+#      the CPU codec tests on this machine's CPU (its AVX-512 codec, which the dev machines lack);
 #   3. the device all-reduce vs the host one under mpirun with 2 and 4 ranks sharing the GPU
 #      (MPI staged through pinned host memory), and NCCL with one rank, as tests and as benchmarks;
-#   4. bench_gpu kernels: copy, quantize+pack, unpack+dequantize, owner step N = 2, 4, 8 on 2^28
-#      floats, beside the PyTorch figures of step 1.
+#   4. bench_gpu kernels: copy, quantize+pack (G = 512 stochastic and nearest; per tensor, two
+#      passes), unpack+dequantize, owner step N = 2, 4, 8 on 2^28 floats, each as a fraction of
+#      the copy in the same run, beside the PyTorch figures of step 1.
 # Everything goes under $OUT (default ./gpu_out): gpu_check.log (this output), per-step logs,
 # torch.json, gpu.json. The last line of the output is the JSON line of bench_gpu kernels:
 #   {"bench":"gpu","gpu":..,"copy_GBps":..,"quant_GBps":..,"dequant_GBps":..,
-#    "owner_GBps":{"2":..,"4":..,"8":..},"torch_compile_quant_ms":..,"quant_ms":..,...}
+#    "owner_GBps":{"2":..,"4":..,"8":..},"torch_compile_quant_ms":..,"quant_ms":..,
+#    "quant_pct_copy":..,"dequant_pct_copy":..,"tensor_quant_pct_copy":..,"owner8_pct_copy":..,
+#    "quant_x_torch_compile":..,"dequant_x_torch_compile":..,...}
 # Exit status: non-zero when a step failed (the remaining steps still run and log).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -38,11 +43,13 @@ cmake --version | head -1
 # ---- PyTorch baseline, in the background during the build -------------------------------------
 cat > "$OUT/torch_baseline.py" <<'PY'
 # INT4 per-block (G = 512) quantize+pack and unpack+dequantize of 2^28 floats in PyTorch, eager and
-# torch.compile: the baseline of DESIGN.md section 7. Prints one JSON object; null where torch or
-# CUDA is missing or a variant failed.
+# torch.compile, and per-tensor quantize+pack (one scale): the baseline of DESIGN.md section 7, the
+# same operations as bench_gpu's rows (multiply by r = L / c, stochastic rounding). Prints one JSON
+# object; null where torch or CUDA is missing or a variant failed.
 import json, sys
 res = {"torch": None, "eager_quant_ms": None, "compile_quant_ms": None,
-       "eager_dequant_ms": None, "compile_dequant_ms": None, "error": None}
+       "eager_dequant_ms": None, "compile_dequant_ms": None,
+       "eager_tensor_ms": None, "compile_tensor_ms": None, "error": None}
 try:
     import torch
     res["torch"] = torch.__version__
@@ -51,10 +58,16 @@ try:
 
     def quant(x):
         xb = x.view(-1, G)
-        d = xb.abs().amax(dim=1, keepdim=True) / L
-        q = torch.floor(xb / d + torch.rand_like(xb)).clamp_(-L, L).to(torch.int8).view(-1, 2)
+        c = xb.abs().amax(dim=1, keepdim=True)
+        q = torch.floor(xb * (L / c) + torch.rand_like(xb)).clamp_(-L, L).to(torch.int8).view(-1, 2)
         packed = ((q[:, 0] & 0xF) | ((q[:, 1] & 0xF) << 4)).to(torch.uint8)
-        return packed, d
+        return packed, c / L
+
+    def quant_tensor(x):
+        c = x.abs().amax()
+        q = torch.floor(x * (L / c) + torch.rand_like(x)).clamp_(-L, L).to(torch.int8).view(-1, 2)
+        packed = ((q[:, 0] & 0xF) | ((q[:, 1] & 0xF) << 4)).to(torch.uint8)
+        return packed, c / L
 
     def dequant(packed, d):
         p = packed.to(torch.int16)
@@ -78,10 +91,12 @@ try:
         res["eager_quant_ms"] = best_ms(quant, x)
         packed, d = quant(x)
         res["eager_dequant_ms"] = best_ms(dequant, packed, d)
+        res["eager_tensor_ms"] = best_ms(quant_tensor, x)
         try:
             cq, cd = torch.compile(quant), torch.compile(dequant)
             res["compile_quant_ms"] = best_ms(cq, x)
             res["compile_dequant_ms"] = best_ms(cd, packed, d)
+            res["compile_tensor_ms"] = best_ms(torch.compile(quant_tensor), x)
         except Exception as e:  # compile toolchain missing: keep the eager figures
             res["error"] = "torch.compile: %s" % (str(e).splitlines() or [""])[0][:300]
 except Exception as e:
@@ -106,6 +121,7 @@ cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DINT4DDP_NATIVE=ON -DINT4DDP_
 grep 'int4ddp:' "$OUT/configure.log"
 log "build"
 timeout 420 cmake --build "$BUILD" -j16 --target test_cuda_codec test_cuda_two_shot bench_gpu \
+  test_codec test_codec_definition \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; fail "build (see build.log)"; }
 log "waiting for the PyTorch baseline"
 wait "$torch_pid"
@@ -122,6 +138,14 @@ log "ctest -L cuda"
 ( cd "$BUILD" && timeout 240 ctest -L cuda --output-on-failure -j4 ) > "$OUT/ctest_cuda.log" 2>&1 \
   || fail "ctest -L cuda (see ctest_cuda.log)"
 grep -E 'tests passed|tests failed|\(Failed\)|Not Run|Timeout' "$OUT/ctest_cuda.log" | head -20
+# The CPU codec on this machine's CPU (often the only AVX-512 one a session gets): every ISA it
+# has against the reference and the DESIGN.md text.
+log "CPU codec tests (AVX-512 where this CPU has it)"
+grep -o -m1 -w 'avx512f' /proc/cpuinfo || echo "no avx512f on this CPU"
+for t in test_codec test_codec_definition; do
+  timeout 120 "$BUILD/tests/$t" --gtest_color=no > "$OUT/$t.log" 2>&1 || fail "$t (see $t.log)"
+  grep -E '^\[  (PASSED|FAILED) ' "$OUT/$t.log"
+done
 for np in 2 4; do
   log "mpirun -np $np: device two-shot (MPI staged) vs host"
   timeout 150 "${MPIRUN[@]}" -np "$np" "$BUILD/tests/test_cuda_two_shot" \
@@ -147,7 +171,9 @@ log "kernels, 2^28 floats"
 timeout 150 "$BUILD/experiments/bench_gpu" kernels --log2n 28 --reps 20 \
   --torch-eager-ms "$(torch_field eager_quant_ms)" --torch-compile-ms "$(torch_field compile_quant_ms)" \
   --torch-eager-dequant-ms "$(torch_field eager_dequant_ms)" \
-  --torch-compile-dequant-ms "$(torch_field compile_dequant_ms)" > "$OUT/bench_kernels.log" 2>&1 \
+  --torch-compile-dequant-ms "$(torch_field compile_dequant_ms)" \
+  --torch-eager-tensor-ms "$(torch_field eager_tensor_ms)" \
+  --torch-compile-tensor-ms "$(torch_field compile_tensor_ms)" > "$OUT/bench_kernels.log" 2>&1 \
   || fail "bench_gpu kernels"
 log "done in $(( $(date +%s) - t_start )) s, status $status"
 grep -v '^{' "$OUT/bench_kernels.log"

@@ -149,20 +149,27 @@ TEST_P(CudaCodec, MatchesReference) {
   }
 }
 
-// Misaligned input and code buffers take the general path with the same results.
+// Misaligned input and code buffers take the general or scalar paths with the same results. An
+// offset of `misalign` elements puts x at 4 * misalign bytes and the codes at misalign bytes: 1 and
+// 3 misalign both; 4 keeps x 16-byte aligned with codes 4-byte aligned (INT4 vector stores, the
+// 8-per-thread dequantize); 8 gives 8-byte aligned codes (INT8 vector stores).
 TEST_P(CudaCodec, MisalignedBuffers) {
   REQUIRE_GPU();
   const std::vector<float> x = make_input(10001, 5, true);
-  for (int64_t g : {0, 512, 4096}) {
-    QuantParams p;
-    p.bits = GetParam();
-    p.rounding = Rounding::kStochastic;
-    p.block_size = g;
-    p.key = RngKey{1, 2, 3, 4};
-    SCOPED_TRACE(testing::Message() << "G=" << g);
-    check_against_reference(x, p, 1);
-    check_against_reference(x, p, 3);
-    if (HasFatalFailure()) return;
+  for (int64_t g : {0, 7, 512, 4096}) {
+    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
+      QuantParams p;
+      p.bits = GetParam();
+      p.rounding = r;
+      p.block_size = g;
+      p.key = RngKey{1, 2, 3, 4};
+      for (size_t misalign : {1, 3, 4, 8}) {
+        SCOPED_TRACE(testing::Message() << "G=" << g << " rounding=" << static_cast<int>(r)
+                                        << " misalign=" << misalign);
+        check_against_reference(x, p, misalign);
+        if (HasFatalFailure()) return;
+      }
+    }
   }
 }
 

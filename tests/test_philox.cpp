@@ -40,14 +40,35 @@ TEST(Philox, KeyingPutsIndexStepAndTensorInTheCounter) {
   const Philox4 a = philox_block(key, group);
   const Philox4 b = philox4x32_10(Philox4{{9, 2, 11, 5}}, 7, 3);
   for (int w = 0; w < 4; ++w) EXPECT_EQ(a.v[w], b.v[w]);
-  // element 4g + w takes word w
-  EXPECT_EQ(philox_uniform(key, 4 * group + 2), uniform_from_bits(a.v[2]));
+  // element 8g + 2w + h takes half h (0 low, 1 high) of word w
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t word = a.v[j / 2];
+    const uint32_t h = j % 2 ? word >> 16 : word & 0xFFFFu;
+    EXPECT_EQ(philox_uniform(key, 8 * group + j), static_cast<float>(h) / 65536.0f) << j;
+  }
+}
+
+// A pinned vector computed by hand from the Random123 known answer above: key (0, 0), counter
+// (0, 0, 0, 0) gives words 0x6627e8d5 0xe169c58d 0xbc57ac4c 0x9b00dbd8, so elements 0..7 of the
+// stream (seed 0, stream 0, step 0, tensor 0) take the 16-bit halves e8d5 6627 c58d e169 ac4c bc57
+// dbd8 9b00, each divided by 65536.
+TEST(Philox, SixteenBitLayoutPinned) {
+  const RngKey key{0, 0, 0, 0};
+  const uint32_t halves[8] = {0xe8d5, 0x6627, 0xc58d, 0xe169, 0xac4c, 0xbc57, 0xdbd8, 0x9b00};
+  for (int i = 0; i < 8; ++i)
+    EXPECT_EQ(philox_uniform(key, i), static_cast<float>(halves[i]) * 0x1p-16f) << "element " << i;
+  // Element 8 starts the next call (counter 1), not a new half of the same one.
+  EXPECT_EQ(
+      philox_uniform(key, 8),
+      static_cast<float>(philox4x32_10(Philox4{{1, 0, 0, 0}}, 0, 0).v[0] & 0xFFFFu) * 0x1p-16f);
 }
 
 TEST(Philox, UniformIsInUnitIntervalAndDistinctAcrossKeys) {
-  EXPECT_EQ(uniform_from_bits(0), 0.0f);
-  EXPECT_LT(uniform_from_bits(0xffffffffu), 1.0f);
-  EXPECT_EQ(uniform_from_bits(0xffffffffu), 1.0f - 5.9604644775390625e-8f);
+  EXPECT_EQ(uniform_from_half(0, 0), 0.0f);
+  EXPECT_EQ(uniform_from_half(0xffff0000u, 0), 0.0f);
+  EXPECT_EQ(uniform_from_half(0xffffffffu, 1), 1.0f - 0x1p-16f);
+  EXPECT_EQ(uniform_from_half(0x00010000u, 1), 0x1p-16f);
+  EXPECT_EQ(uniform_from_half(0x00000001u, 2), 0x1p-16f);
   // Each key field changes the stream.
   const RngKey base{1, 2, 3, 4};
   RngKey keys[5] = {base, base, base, base, base};

@@ -156,8 +156,8 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     const float absmax = k.absmax(x + begin, end - begin, &st.nonfinite);
     seg.all_finite = st.nonfinite == nonfinite_before;
     seg.clip = p.gamma * absmax;
-    seg.step = step_for_clip(seg.clip, p.bits);
-    scales[s] = seg.step;
+    seg.inv_step = inv_step_for_clip(seg.clip, p.bits);
+    scales[s] = step_for_clip(seg.clip, p.bits);
     st.absmax = std::max(st.absmax, absmax);
     if (p.bits != 4) {
       seg.first_index = p.index_offset + begin;
@@ -189,7 +189,7 @@ int64_t quantize_piece(const float* x, int64_t count, const QuantParams& p, floa
   INT4DDP_CHECK(x && codes, "quantizer: null buffer for ", count, " elements");
   const float clip = p.gamma * absmax;
   const detail::SegmentQuant seg{
-      step_for_clip(clip, p.bits), clip, p.bits, p.rounding, p.key, p.index_offset, all_finite};
+      inv_step_for_clip(clip, p.bits), clip, p.bits, p.rounding, p.key, p.index_offset, all_finite};
   return kernels_for(current_isa()).quantize_segment(x, count, seg, codes);
 }
 

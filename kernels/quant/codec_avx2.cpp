@@ -1,6 +1,7 @@
 // AVX2 + FMA kernels for the fast codec driver (CPUs without AVX-512). Same contract and structure
-// as codec_avx512.cpp: bit-identical to format.h, 32 elements per body step, scalar head and tail.
-// Philox runs 4 instances in the 64-bit lanes of a ymm; two body halves of 16 elements each.
+// as codec_avx512.cpp: bit-identical to format.h (z = x * r, no division), 32 elements per body
+// step, scalar head and tail. Philox runs 4 instances in the 64-bit lanes of a ymm; one instance
+// serves 8 elements (16-bit uniforms), so one ymm chain covers 32 elements.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -76,11 +77,13 @@ struct PhiloxKeys {
   }
 };
 
-// Uniforms for the 16*B elements 4*group .. 4*group + 16B - 1 in element order (u[2b], u[2b+1]
-// hold elements 16b .. 16b+15). B independent chains hide the multiply latency; the high halves
-// are swapped down with vpshufd (ports 1/5) rather than shifted.
+// The Philox words of the 32 * B elements 8 * group .. 8 * group + 32B - 1, stored in element
+// order: words[4j .. 4j + 3] are the four words of instance group + j, which, read as 16-bit
+// halves, are the uniforms of elements 8j .. 8j + 7 (the layout of philox.h). B independent chains
+// of four instances (one per 64-bit lane: instance group + 4b + k) hide the multiply latency; the
+// high halves of the products are swapped down with vpshufd rather than shifted.
 template <int B>
-inline void philox_uniform(const PhiloxKeys& pk, uint64_t group, __m256* u) {
+inline void philox_words(const PhiloxKeys& pk, uint64_t group, uint32_t* words) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
   __m256i x0[B], x1[B], x2[B], x3[B];
   for (int b = 0; b < B; ++b) {
@@ -101,26 +104,31 @@ inline void philox_uniform(const PhiloxKeys& pk, uint64_t group, __m256* u) {
       x3[b] = p0;
     }
   }
-  const __m256 scale = _mm256_set1_ps(5.9604644775390625e-8f);  // 2^-24
   for (int b = 0; b < B; ++b) {
-    const __m256i lo = _mm256_blend_epi32(x0[b], _mm256_slli_epi64(x1[b], 32), 0xAA);  // 4j, 4j+1
-    const __m256i hi = _mm256_blend_epi32(x2[b], _mm256_slli_epi64(x3[b], 32), 0xAA);  // 4j+2, +3
+    const __m256i lo = _mm256_blend_epi32(x0[b], _mm256_slli_epi64(x1[b], 32), 0xAA);  // v0 v1
+    const __m256i hi = _mm256_blend_epi32(x2[b], _mm256_slli_epi64(x3[b], 32), 0xAA);  // v2 v3
     const __m256i i02 = _mm256_unpacklo_epi64(lo, hi);  // instances 0 | 2
     const __m256i i13 = _mm256_unpackhi_epi64(lo, hi);  // instances 1 | 3
-    const __m256i w0 = _mm256_permute2x128_si256(i02, i13, 0x20);
-    const __m256i w1 = _mm256_permute2x128_si256(i02, i13, 0x31);
-    u[2 * b] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 8)), scale);
-    u[2 * b + 1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 8)), scale);
+    __m256i* out = reinterpret_cast<__m256i*>(words + 16 * b);
+    _mm256_store_si256(out, _mm256_permute2x128_si256(i02, i13, 0x20));      // instances 0, 1
+    _mm256_store_si256(out + 1, _mm256_permute2x128_si256(i02, i13, 0x31));  // instances 2, 3
   }
 }
 
+// u = h * 2^-16 of the eight elements whose Philox words are words[0 .. 3].
+inline __m256 uniforms8(const uint32_t* words) {
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(words)));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(h), _mm256_set1_ps(1.52587890625e-5f));  // 2^-16
+}
+
 struct QuantConsts {
-  __m256 step, inv, clip, lo, hi, margin, fmax;
+  __m256 inv, clip, lo, hi, fmax;
 };
 
-// int32 codes of 8 elements (non-finite lanes 0); subtracts -1 from clip_count per clipped lane.
-// The reciprocal fast path with its boundary check is explained in codec_avx512.cpp (quant16).
-template <bool kStochastic, bool kRecip, bool kAllFinite>
+// int32 codes of 8 elements (non-finite lanes 0), z = x * r then the rounding and the clamp of
+// format.h; subtracts -1 from clip_count per clipped lane. NaN and Inf lanes make no NaN code
+// (max/min return the bound for a NaN first operand) and are zeroed by the finite mask.
+template <bool kStochastic, bool kAllFinite>
 inline __m256i quant8(const float* x, const QuantConsts& c, __m256 u, __m256i* clip_count) {
   constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   constexpr int kFloor = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
@@ -131,36 +139,10 @@ inline __m256i quant8(const float* x, const QuantConsts& c, __m256 u, __m256i* c
   __m256 clipped = _mm256_cmp_ps(a, c.clip, _CMP_GT_OQ);
   if (!kAllFinite) clipped = _mm256_and_ps(fin, clipped);
   *clip_count = _mm256_sub_epi32(*clip_count, _mm256_castps_si256(clipped));
-  auto round_clamped = [&](__m256 t) {
-    if constexpr (kStochastic)
-      return _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, u), c.lo), c.hi), kFloor);
-    else
-      return _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(t, c.lo), c.hi), kNear);
-  };
-  __m256 r;
-  if constexpr (kRecip) {
-    const __m256 t = _mm256_mul_ps(v, c.inv);
-    __m256 risky;
-    if constexpr (kStochastic) {
-      const __m256 s = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, u), c.lo), c.hi);
-      r = _mm256_round_ps(s, kFloor);
-      const __m256 f = _mm256_sub_ps(s, r);
-      risky =
-          _mm256_or_ps(_mm256_cmp_ps(f, c.margin, _CMP_LE_OQ),
-                       _mm256_cmp_ps(_mm256_sub_ps(_mm256_set1_ps(1.0f), f), c.margin, _CMP_LE_OQ));
-    } else {
-      const __m256 tc = _mm256_min_ps(_mm256_max_ps(t, c.lo), c.hi);
-      r = _mm256_round_ps(tc, kNear);
-      const __m256 gap = _mm256_sub_ps(_mm256_set1_ps(0.5f), abs_ps(_mm256_sub_ps(tc, r)));
-      risky = _mm256_cmp_ps(gap, c.margin, _CMP_LE_OQ);
-    }
-    if (!kAllFinite) risky = _mm256_and_ps(risky, fin);
-    if (__builtin_expect(_mm256_movemask_ps(risky) != 0, 0))
-      r = round_clamped(_mm256_div_ps(v, c.step));
-  } else {
-    r = round_clamped(_mm256_div_ps(v, c.step));
-  }
-  const __m256i q = _mm256_cvtps_epi32(r);
+  const __m256 z = _mm256_mul_ps(v, c.inv);
+  const __m256 r =
+      kStochastic ? _mm256_round_ps(_mm256_add_ps(z, u), kFloor) : _mm256_round_ps(z, kNear);
+  const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, c.lo), c.hi));
   return kAllFinite ? q : _mm256_and_si256(q, _mm256_castps_si256(fin));
 }
 
@@ -174,18 +156,38 @@ inline void store_codes32(__m256i a, __m256i b, __m256i c, __m256i d, int8_t* co
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), ordered);
 }
 
-template <bool kStochastic, bool kRecip, bool kAllFinite>
+#ifndef INT4DDP_AVX2_PHILOX_CHAINS
+#define INT4DDP_AVX2_PHILOX_CHAINS 4
+#endif
+constexpr int kChains = INT4DDP_AVX2_PHILOX_CHAINS;  // Philox chains per philox_words call
+constexpr int64_t kRngChunk = 512;  // elements whose Philox words are made ahead of quantizing
+
+// n is a multiple of kVec; for stochastic rounding q.first_index is a multiple of 8. Stochastic:
+// the Philox words of a chunk are made first (kChains independent chains, which the quantize loop's
+// register pressure would not allow), into an L1-resident buffer, then the chunk is quantized.
+template <bool kStochastic, bool kAllFinite>
 void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantConsts& c,
                 int8_t* codes, __m256i* count) {
   auto q8 = [&](int64_t i, __m256 u) {
-    return quant8<kStochastic, kRecip, kAllFinite>(x + i, c, u, count);
+    return quant8<kStochastic, kAllFinite>(x + i, c, u, count);
   };
   if constexpr (kStochastic) {
     const PhiloxKeys pk(q.key);
-    for (int64_t i = 0; i + kVec <= n; i += kVec) {
-      __m256 u[4];
-      philox_uniform<2>(pk, static_cast<uint64_t>(q.first_index + i) / 4, u);
-      store_codes32(q8(i, u[0]), q8(i + 8, u[1]), q8(i + 16, u[2]), q8(i + 24, u[3]), codes + i);
+    const uint64_t group0 = static_cast<uint64_t>(q.first_index) / 8;
+    alignas(32) uint32_t words[kRngChunk / 2];  // 4 words per 8 elements
+    for (int64_t c0 = 0; c0 < n; c0 += kRngChunk) {
+      const int64_t m = std::min(kRngChunk, n - c0);  // a multiple of kVec
+      int64_t i = 0;
+      for (; i + kVec * kChains <= m; i += kVec * kChains)
+        philox_words<kChains>(pk, group0 + static_cast<uint64_t>(c0 + i) / 8, words + i / 2);
+      for (; i < m; i += kVec)
+        philox_words<1>(pk, group0 + static_cast<uint64_t>(c0 + i) / 8, words + i / 2);
+      for (i = 0; i < m; i += kVec) {
+        const uint32_t* w = words + i / 2;
+        const int64_t j = c0 + i;
+        store_codes32(q8(j, uniforms8(w)), q8(j + 8, uniforms8(w + 4)),
+                      q8(j + 16, uniforms8(w + 8)), q8(j + 24, uniforms8(w + 12)), codes + j);
+      }
     }
   } else {
     const __m256 z = _mm256_setzero_ps();
@@ -196,36 +198,24 @@ void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantCon
 
 using QuantBodyFn = void (*)(const float*, int64_t, const SegmentQuant&, const QuantConsts&,
                              int8_t*, __m256i*);
-// [stochastic][recip][all_finite]
-constexpr QuantBodyFn kQuantBodies[2][2][2] = {
-    {{quant_body<false, false, false>, quant_body<false, false, true>},
-     {quant_body<false, true, false>, quant_body<false, true, true>}},
-    {{quant_body<true, false, false>, quant_body<true, false, true>},
-     {quant_body<true, true, false>, quant_body<true, true, true>}}};
+// [stochastic][all_finite]
+constexpr QuantBodyFn kQuantBodies[2][2] = {{quant_body<false, false>, quant_body<false, true>},
+                                            {quant_body<true, false>, quant_body<true, true>}};
 
 int64_t quantize_segment_avx2(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
-  if (q.step == 0.0f) return quantize_segment_scalar(x, n, q, codes);
   const bool stoch = q.rounding == Rounding::kStochastic;
   int64_t head = 0;
-  if (stoch) head = std::min<int64_t>(n, (4 - q.first_index % 4) % 4);
+  if (stoch) head = std::min<int64_t>(n, (8 - q.first_index % 8) % 8);
   int64_t clipped = 0;
   if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
   const float lim = static_cast<float>(levels(q.bits));
-  const float inv = 1.0f / q.step;
-  const float margin = stoch ? (lim + 2.0f) * 0x1p-19f : (lim + 1.0f) * 0x1p-20f;
-  const QuantConsts c{_mm256_set1_ps(q.step),
-                      _mm256_set1_ps(inv),
-                      _mm256_set1_ps(q.clip),
-                      _mm256_set1_ps(stoch ? 0.5f - lim : -lim),
-                      _mm256_set1_ps(stoch ? lim + 0.5f : lim),
-                      _mm256_set1_ps(margin),
-                      _mm256_set1_ps(FLT_MAX)};
-  const bool recip = std::isnormal(q.step) && std::isnormal(inv);
+  const QuantConsts c{_mm256_set1_ps(q.inv_step), _mm256_set1_ps(q.clip), _mm256_set1_ps(-lim),
+                      _mm256_set1_ps(lim), _mm256_set1_ps(FLT_MAX)};
   const int64_t body = (n - head) / kVec * kVec;
   __m256i count = _mm256_setzero_si256();
   SegmentQuant bq = q;
   bq.first_index = q.first_index + head;
-  kQuantBodies[stoch][recip][q.all_finite](x + head, body, bq, c, codes + head, &count);
+  kQuantBodies[stoch][q.all_finite](x + head, body, bq, c, codes + head, &count);
   clipped += hsum_epi32(count);
   const int64_t i = head + body;
   if (i < n) {

@@ -1,11 +1,12 @@
 // AVX-512 (F, BW, VL, DQ) kernels for the fast codec driver. Compiled with AVX-512 flags and only
 // called after a run-time CPU check (codec.cpp). Must match format.h / the reference bit for bit:
-// the same IEEE division x / d, the same rounding (rint = round half even, floor), the same clamp.
+// the same IEEE product z = x * r, the same rounding (rint = round half even, floor), the same
+// clamp.
 //
 // Stochastic rounding: 8 Philox4x32-10 instances run in the 64-bit lanes of a zmm (the 32-bit
-// multiplies map onto vpmuludq), giving the 32 random words of 32 consecutive elements; a two-step
-// permute puts them in element order. The body therefore steps 32 elements whose first global index
-// is a multiple of 4; a scalar head and tail handle the rest.
+// multiplies map onto vpmuludq), giving the 32 random words, i.e. the 64 16-bit uniforms, of 64
+// consecutive elements; a permute puts them in element order. The body therefore steps 64 elements
+// whose first global index is a multiple of 8; a scalar head and tail handle the rest.
 // GCC 12 warns about the intentionally undefined pass-through operands inside its own AVX-512
 // headers (_mm512_undefined_*); the warnings are false positives.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -21,8 +22,8 @@
 namespace int4ddp::quant::detail {
 namespace {
 
-constexpr int kVec = 32;           // elements per body iteration
-constexpr int kPhiloxBatches = 4;  // interleaved Philox chains (32 elements each)
+constexpr int kVec = 64;           // elements per body iteration (one Philox chain's worth)
+constexpr int kPhiloxBatches = 4;  // interleaved Philox chains (64 elements each)
 
 inline __m512 abs_ps(__m512 v) {
   return _mm512_castsi512_ps(
@@ -72,13 +73,15 @@ struct PhiloxKeys {
   }
 };
 
-// Uniforms u in [0,1) for the 32*B elements 4*group .. 4*group + 32B - 1, in element order:
-// u[2b] and u[2b+1] hold elements 32b .. 32b+31. B independent Philox chains are interleaved so the
-// 10-round dependency chain (multiply latency 5) does not serialise the loop. The high half of each
-// 64-bit word is swapped down with vpshufd (port 5) rather than shifted (port 0, where the
-// multiplies run).
+// 16-bit uniforms u in [0,1) for the 64*B elements 8*group .. 8*group + 64B - 1, in element order:
+// u[4b + k] holds elements 64b + 16k .. 64b + 16k + 15. B independent Philox chains (8 instances
+// each, one per 64-bit lane: instance group + 8b + j) are interleaved so the 10-round dependency
+// chain (multiply latency 5) does not serialise the loop. The high half of each 64-bit word is
+// swapped down with vpshufd (port 5) rather than shifted (port 0, where the multiplies run). The
+// four words of an instance, read as memory, are its eight 16-bit halves in element order, so
+// putting the instances' words side by side and widening the 16-bit halves gives the uniforms.
 template <int B>
-inline void philox_uniform(const PhiloxKeys& pk, uint64_t group, __m512* u) {
+inline void philox_uniform16(const PhiloxKeys& pk, uint64_t group, __m512* u) {
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
   __m512i x0[B], x1[B], x2[B], x3[B];
   for (int b = 0; b < B; ++b) {
@@ -103,36 +106,35 @@ inline void philox_uniform(const PhiloxKeys& pk, uint64_t group, __m512* u) {
       x3[b] = p0;
     }
   }
-  const __m512 scale = _mm512_set1_ps(5.9604644775390625e-8f);  // 2^-24
+  const __m512 scale = _mm512_set1_ps(1.52587890625e-5f);  // 2^-16
+  auto widen = [&](__m256i w) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(w)), scale);
+  };
   for (int b = 0; b < B; ++b) {
-    // Lane j of lo holds words 0, 1 of instance j (elements 4j, 4j+1); hi holds 4j+2, 4j+3.
+    // Lane j of lo holds words 0, 1 of instance j; hi holds words 2, 3.
     const __m512i lo = _mm512_mask_blend_epi32(0xAAAA, x0[b], _mm512_slli_epi64(x1[b], 32));
     const __m512i hi = _mm512_mask_blend_epi32(0xAAAA, x2[b], _mm512_slli_epi64(x3[b], 32));
+    // w0: instances 0..3 (elements 0..31), w1: instances 4..7 (elements 32..63).
     const __m512i w0 =
         _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), hi);
     const __m512i w1 =
         _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), hi);
-    u[2 * b] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w0, 8)), scale);
-    u[2 * b + 1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w1, 8)), scale);
+    u[4 * b] = widen(_mm512_castsi512_si256(w0));
+    u[4 * b + 1] = widen(_mm512_extracti64x4_epi64(w0, 1));
+    u[4 * b + 2] = widen(_mm512_castsi512_si256(w1));
+    u[4 * b + 3] = widen(_mm512_extracti64x4_epi64(w1, 1));
   }
 }
 
 struct QuantConsts {
-  __m512 step, inv, clip, lo, hi, margin, fmax;
+  __m512 inv, clip, lo, hi, fmax;
 };
 
-// Codes of 16 elements (u unused for nearest). Adds clipped lanes to *clip_count.
-//
-// The contract is rint(x / d) (or floor(x / d + u)) with an IEEE division, but a zmm division costs
-// ~10 cycles, so t' = x * (1/d) is used: |t' - RN(x / d)| < |t'| 2^-22 (two roundings of 2^-24
-// relative each, plus the half ulp of RN(x / d)). rint/floor of t' (or t' + u) can differ from the
-// exact one only when it lies that close to a rounding boundary; such vectors (about 1 in 10^3 on
-// random data, always for exact ties) are recomputed with the division. The value is clamped before
-// rounding, to [-L, L] for nearest and [-L + 1/2, L + 1/2] for floor, which gives the same codes as
-// clamping after it and keeps saturated lanes away from boundaries.
-// kRecip = false always divides (1/d not a normal float); kAllFinite skips the non-finite masking
-// when the scope's absmax pass found none.
-template <bool kStochastic, bool kRecip, bool kAllFinite>
+// Codes of 16 elements (u unused for nearest): z = x * r, then the rounding and the clamp of
+// format.h. Adds clipped lanes to *clip_count. NaN lanes make no NaN code (max/min return the
+// bound for a NaN first operand) and non-finite lanes are zeroed by the conversion's mask;
+// kAllFinite skips that masking when the scope's absmax pass found none.
+template <bool kStochastic, bool kAllFinite>
 inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* codes,
                     __m512i* clip_count) {
   constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -142,101 +144,65 @@ inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* code
   const __mmask16 fin = kAllFinite ? __mmask16(0xFFFF) : _mm512_cmp_ps_mask(a, c.fmax, _CMP_LE_OQ);
   const __mmask16 clipped = _mm512_mask_cmp_ps_mask(fin, a, c.clip, _CMP_GT_OQ);
   *clip_count = _mm512_mask_add_epi32(*clip_count, clipped, *clip_count, _mm512_set1_epi32(1));
-  auto round_clamped = [&](__m512 t) {
-    if constexpr (kStochastic)
-      return _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(t, u), c.lo), c.hi),
-                                  kFloor);
-    else
-      return _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(t, c.lo), c.hi), kNear);
-  };
-  __m512 r;
-  if constexpr (kRecip) {
-    const __m512 t = _mm512_mul_ps(v, c.inv);
-    __mmask16 risky;
-    if constexpr (kStochastic) {
-      const __m512 s = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(t, u), c.lo), c.hi);
-      r = _mm512_roundscale_ps(s, kFloor);
-      const __m512 f = _mm512_sub_ps(s, r);  // in [0, 1); 1/2 for saturated lanes
-      risky = _mm512_cmp_ps_mask(f, c.margin, _CMP_LE_OQ) |
-              _mm512_cmp_ps_mask(_mm512_sub_ps(_mm512_set1_ps(1.0f), f), c.margin, _CMP_LE_OQ);
-    } else {
-      const __m512 tc = _mm512_min_ps(_mm512_max_ps(t, c.lo), c.hi);
-      r = _mm512_roundscale_ps(tc, kNear);
-      const __m512 gap = _mm512_sub_ps(_mm512_set1_ps(0.5f), abs_ps(_mm512_sub_ps(tc, r)));
-      risky = _mm512_cmp_ps_mask(gap, c.margin, _CMP_LE_OQ);
-    }
-    if (!kAllFinite) risky &= fin;
-    if (__builtin_expect(risky != 0, 0)) r = round_clamped(_mm512_div_ps(v, c.step));
-  } else {
-    r = round_clamped(_mm512_div_ps(v, c.step));
-  }
-  const __m512i q = kAllFinite ? _mm512_cvtps_epi32(r) : _mm512_maskz_cvtps_epi32(fin, r);
+  const __m512 z = _mm512_mul_ps(v, c.inv);
+  const __m512 r = kStochastic ? _mm512_roundscale_ps(_mm512_add_ps(z, u), kFloor)
+                               : _mm512_roundscale_ps(z, kNear);
+  const __m512 rc = _mm512_min_ps(_mm512_max_ps(r, c.lo), c.hi);
+  const __m512i q = kAllFinite ? _mm512_cvtps_epi32(rc) : _mm512_maskz_cvtps_epi32(fin, rc);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(q));
 }
 
-template <bool kStochastic, bool kRecip, bool kAllFinite>
+// n is a multiple of kVec; for stochastic rounding q.first_index is a multiple of 8.
+template <bool kStochastic, bool kAllFinite>
 void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantConsts& c,
                 int8_t* codes, __m512i* count) {
   if constexpr (kStochastic) {
     const PhiloxKeys pk(q.key);
+    const uint64_t group0 = static_cast<uint64_t>(q.first_index) / 8;
     int64_t i = 0;
     for (; i + kPhiloxBatches * kVec <= n; i += kPhiloxBatches * kVec) {
-      __m512 u[2 * kPhiloxBatches];
-      philox_uniform<kPhiloxBatches>(pk, static_cast<uint64_t>(q.first_index + i) / 4, u);
-      for (int v = 0; v < 2 * kPhiloxBatches; ++v)
-        quant16<true, kRecip, kAllFinite>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
+      __m512 u[4 * kPhiloxBatches];
+      philox_uniform16<kPhiloxBatches>(pk, group0 + static_cast<uint64_t>(i) / 8, u);
+      for (int v = 0; v < 4 * kPhiloxBatches; ++v)
+        quant16<true, kAllFinite>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
     }
     for (; i + kVec <= n; i += kVec) {
-      __m512 u[2];
-      philox_uniform<1>(pk, static_cast<uint64_t>(q.first_index + i) / 4, u);
-      quant16<true, kRecip, kAllFinite>(x + i, c, u[0], codes + i, count);
-      quant16<true, kRecip, kAllFinite>(x + i + 16, c, u[1], codes + i + 16, count);
+      __m512 u[4];
+      philox_uniform16<1>(pk, group0 + static_cast<uint64_t>(i) / 8, u);
+      for (int v = 0; v < 4; ++v)
+        quant16<true, kAllFinite>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
     }
   } else {
     const __m512 zero = _mm512_setzero_ps();
-    for (int64_t i = 0; i + kVec <= n; i += kVec) {
-      quant16<false, kRecip, kAllFinite>(x + i, c, zero, codes + i, count);
-      quant16<false, kRecip, kAllFinite>(x + i + 16, c, zero, codes + i + 16, count);
-    }
+    for (int64_t i = 0; i + kVec <= n; i += kVec)
+      for (int v = 0; v < 4; ++v)
+        quant16<false, kAllFinite>(x + i + 16 * v, c, zero, codes + i + 16 * v, count);
   }
 }
 
 using QuantBodyFn = void (*)(const float*, int64_t, const SegmentQuant&, const QuantConsts&,
                              int8_t*, __m512i*);
-// [stochastic][recip][all_finite]
-constexpr QuantBodyFn kQuantBodies[2][2][2] = {
-    {{quant_body<false, false, false>, quant_body<false, false, true>},
-     {quant_body<false, true, false>, quant_body<false, true, true>}},
-    {{quant_body<true, false, false>, quant_body<true, false, true>},
-     {quant_body<true, true, false>, quant_body<true, true, true>}}};
+// [stochastic][all_finite]
+constexpr QuantBodyFn kQuantBodies[2][2] = {{quant_body<false, false>, quant_body<false, true>},
+                                            {quant_body<true, false>, quant_body<true, true>}};
 
 int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
-  if (q.step == 0.0f) return quantize_segment_scalar(x, n, q, codes);  // degenerate scope
+  const bool stoch = q.rounding == Rounding::kStochastic;
   int64_t head = 0;
-  if (q.rounding == Rounding::kStochastic) {
-    head = (4 - q.first_index % 4) % 4;
+  if (stoch) {
+    head = (8 - q.first_index % 8) % 8;
     if (head > n) head = n;
   }
   int64_t clipped = 0;
   if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
-  const bool stoch = q.rounding == Rounding::kStochastic;
   const float lim = static_cast<float>(levels(q.bits));
-  const float inv = 1.0f / q.step;
-  // Boundary margins: 4x the bound on |t' - t| (nearest) or |t' + u - (t + u)| (floor).
-  const float margin = stoch ? (lim + 2.0f) * 0x1p-19f : (lim + 1.0f) * 0x1p-20f;
-  const QuantConsts c{_mm512_set1_ps(q.step),
-                      _mm512_set1_ps(inv),
-                      _mm512_set1_ps(q.clip),
-                      _mm512_set1_ps(stoch ? 0.5f - lim : -lim),
-                      _mm512_set1_ps(stoch ? lim + 0.5f : lim),
-                      _mm512_set1_ps(margin),
-                      _mm512_set1_ps(FLT_MAX)};
-  const bool recip = std::isnormal(q.step) && std::isnormal(inv);
+  const QuantConsts c{_mm512_set1_ps(q.inv_step), _mm512_set1_ps(q.clip), _mm512_set1_ps(-lim),
+                      _mm512_set1_ps(lim), _mm512_set1_ps(FLT_MAX)};
   const int64_t body = (n - head) / kVec * kVec;
   __m512i count = _mm512_setzero_si512();
   SegmentQuant bq = q;
   bq.first_index = q.first_index + head;
-  kQuantBodies[stoch][recip][q.all_finite](x + head, body, bq, c, codes + head, &count);
+  kQuantBodies[stoch][q.all_finite](x + head, body, bq, c, codes + head, &count);
   int64_t i = head + body;
   clipped += _mm512_reduce_add_epi32(count);
   if (i < n) {

@@ -12,9 +12,9 @@
 namespace int4ddp::quant::detail {
 
 struct SegmentQuant {
-  float step;  // d of the scope (0: all codes 0)
-  float clip;  // c of the scope: |x| > clip counts as clipped
-  int bits;    //
+  float inv_step;  // r = inv_step_for_clip(clip, bits) of the scope (0: all codes 0)
+  float clip;      // c of the scope: |x| > clip counts as clipped
+  int bits;        //
   Rounding rounding;
   RngKey key;
   int64_t first_index;  // global index of the segment's first element

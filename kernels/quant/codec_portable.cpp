@@ -26,12 +26,13 @@ int64_t quantize_segment_scalar(const float* x, int64_t n, const SegmentQuant& q
   for (int64_t i = 0; i < n; ++i) {
     const uint64_t gi = static_cast<uint64_t>(q.first_index + i);
     const bool stochastic = q.rounding == Rounding::kStochastic;
-    if (stochastic && (i == 0 || gi % 4 == 0)) r = philox_block(q.key, gi / 4);
+    if (stochastic && (i == 0 || gi % 8 == 0)) r = philox_block(q.key, gi / 8);
     int code = 0;
     if (is_finite_value(x[i])) {
       clipped += std::fabs(x[i]) > q.clip;
-      code = stochastic ? quantize_stochastic(x[i], q.step, uniform_from_bits(r.v[gi % 4]), q.bits)
-                        : quantize_nearest(x[i], q.step, q.bits);
+      code = stochastic ? quantize_stochastic(x[i], q.inv_step,
+                                              uniform_from_half(r.v[gi % 8 / 2], gi), q.bits)
+                        : quantize_nearest(x[i], q.inv_step, q.bits);
     }
     codes[i] = static_cast<int8_t>(code);
   }

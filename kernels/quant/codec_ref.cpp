@@ -43,7 +43,8 @@ QuantStats quantize_ref(const float* x, int64_t count, const QuantParams& p, uin
     for (int64_t i = begin; i < end; ++i)
       if (is_finite_value(x[i])) absmax = std::max(absmax, std::fabs(x[i]));
     const float clip = p.gamma * absmax;
-    const float step = step_for_clip(clip, p.bits);
+    const float step = step_for_clip(clip, p.bits);          // d, stored
+    const float inv_step = inv_step_for_clip(clip, p.bits);  // r, quantizes
     scales[s] = step;
     st.absmax = std::max(st.absmax, absmax);
     for (int64_t i = begin; i < end; ++i) {
@@ -53,8 +54,8 @@ QuantStats quantize_ref(const float* x, int64_t count, const QuantParams& p, uin
       } else {
         if (std::fabs(x[i]) > clip) ++st.clipped;
         q = p.rounding == Rounding::kNearest
-                ? quantize_nearest(x[i], step, p.bits)
-                : quantize_stochastic(x[i], step, philox_uniform(p.key, p.index_offset + i),
+                ? quantize_nearest(x[i], inv_step, p.bits)
+                : quantize_stochastic(x[i], inv_step, philox_uniform(p.key, p.index_offset + i),
                                       p.bits);
       }
       if (p.bits != 4) {

@@ -2,11 +2,17 @@
 // (compute and communication). See shared/DESIGN.md section 2.
 //
 // Bit-width b in 2..8, L = 2^(b-1) - 1 positive levels: codes -L..L (b = 4: -7..7; -8 is never
-// produced). Clip c > 0, step d = c / L.
-//   nearest:    q = clamp(rint(x / d), -L, L)            (round half to even)
-//   stochastic: q = clamp(floor(x / d + u), -L, L)       u = (philox_bits >> 8) * 2^-24 in [0, 1)
+// produced). Clip c > 0 over the scope. Two fp32 scalars per scope, each one IEEE operation:
+//   d = fl(c / L)   the step, stored in the scales array and used to dequantize;
+//   r = fl(L / c)   the inverse step, used to quantize (saturated to FLT_MAX when L / c overflows,
+//                   i.e. for c < L / FLT_MAX, so that z below is never NaN).
+// Per element z = fl(x * r), a multiply (never a division):
+//   nearest:    q = clamp(rint(z), -L, L)                (round half to even)
+//   stochastic: q = clamp(floor(fl(z + u)), -L, L)       u = h * 2^-16, h a 16-bit Philox half-word
 //   dequantize: x^ = q * d
-// d == 0 (all-zero scope) gives code 0. Non-finite inputs get code 0 and are counted by the caller.
+// c == 0 (all-zero scope) gives d = r = 0 and code 0. Non-finite inputs get code 0 and are counted
+// by the caller. Uniforms (philox.h): one Philox4x32-10 call per 8 elements; element i takes word
+// (i % 8) / 2 of the call for group i / 8, its low 16 bits when i is even, high 16 bits when odd.
 //
 // INT4 packing: byte k holds element 2k in its LOW nibble and element 2k+1 in its HIGH nibble, each
 // as 4-bit two's complement (q & 0xF); an odd tail leaves the last high nibble 0. Other bit-widths
@@ -50,17 +56,27 @@ static_assert(levels(2) == 1, "INT2 has codes -1..1");
 static_assert(packed_bytes(4, 3) == 2, "odd INT4 tail takes a whole byte");
 static_assert(packed_bytes(8, 3) == 3, "INT8 is one byte per code");
 
-// Step for a scope whose clip is c: d = c / L. Returns 0 for c <= 0 (all-zero scope).
+// Step for a scope whose clip is c: d = fl(c / L). Returns 0 for c <= 0 (all-zero scope).
 INT4DDP_HD float step_for_clip(float clip, int bits) {
   return clip > 0.0f ? clip / static_cast<float>(levels(bits)) : 0.0f;
+}
+
+// Inverse step for a scope whose clip is c: r = fl(L / c), saturated to FLT_MAX. Returns 0 for
+// c <= 0 (all-zero scope), which makes every finite x code 0.
+INT4DDP_HD float inv_step_for_clip(float clip, int bits) {
+  if (!(clip > 0.0f)) return 0.0f;
+  const float r = static_cast<float>(levels(bits)) / clip;
+  return r <= 3.40282347e+38f ? r : 3.40282347e+38f;
 }
 
 // Finite test used by every implementation: |x| <= FLT_MAX (false for NaN and +-Inf).
 INT4DDP_HD bool is_finite_value(float x) { return fabsf(x) <= 3.40282347e+38f; }
 
-// u in [0, 1) from 32 random bits: the top 24 bits, exactly representable.
-INT4DDP_HD float uniform_from_bits(uint32_t bits) {
-  return static_cast<float>(bits >> 8) * 5.9604644775390625e-8f;  // 2^-24
+// u in [0, 1) from the 16-bit half of a random word that element `index` takes: the low half for
+// an even index, the high half for an odd one. u = h * 2^-16 is exact.
+INT4DDP_HD float uniform_from_half(uint32_t word, uint64_t index) {
+  const uint32_t h = (index & 1u) ? (word >> 16) : (word & 0xFFFFu);
+  return static_cast<float>(h) * 1.52587890625e-5f;  // 2^-16
 }
 
 // clamp(t, -lim, lim) for non-NaN t. Written with comparisons rather than fminf/fmaxf: the result
@@ -68,18 +84,18 @@ INT4DDP_HD float uniform_from_bits(uint32_t bits) {
 // calling libm (a libm call per element was measured 25x slower in AVX-512 builds).
 INT4DDP_HD float clamp_levels(float t, float lim) { return t < -lim ? -lim : (t > lim ? lim : t); }
 
-// One code, nearest rounding. Requires x finite; d == 0 gives 0.
-INT4DDP_HD int quantize_nearest(float x, float d, int bits) {
-  if (d == 0.0f) return 0;
+// One code, nearest rounding, from x and the scope's inverse step r. Requires x finite (then z is
+// never NaN); r == 0 gives 0.
+INT4DDP_HD int quantize_nearest(float x, float inv_step, int bits) {
   const float lim = static_cast<float>(levels(bits));
-  return static_cast<int>(clamp_levels(rintf(x / d), lim));
+  return static_cast<int>(clamp_levels(rintf(x * inv_step), lim));
 }
 
-// One code, stochastic rounding with u in [0, 1). Requires x finite; d == 0 gives 0.
-INT4DDP_HD int quantize_stochastic(float x, float d, float u, int bits) {
-  if (d == 0.0f) return 0;
+// One code, stochastic rounding with u in [0, 1) from x and the scope's inverse step r. Requires x
+// finite; r == 0 gives 0.
+INT4DDP_HD int quantize_stochastic(float x, float inv_step, float u, int bits) {
   const float lim = static_cast<float>(levels(bits));
-  return static_cast<int>(clamp_levels(floorf(x / d + u), lim));
+  return static_cast<int>(clamp_levels(floorf(x * inv_step + u), lim));
 }
 
 INT4DDP_HD float dequantize_value(int q, float d) { return static_cast<float>(q) * d; }

@@ -4,8 +4,10 @@
 //
 // Keying used by int4ddp (DESIGN.md section 2):
 //   key     = (seed, stream)
-//   counter = (element_index / 4 low 32 bits, element_index / 4 high 32 bits, step, tensor_id)
-//   element i takes output word i % 4 of the block with counter i / 4.
+//   counter = (low and high 32 bits of i / 8, step, tensor_id)        (i: the element index)
+//   element i takes output word (i % 8) / 2 of that call, its low 16 bits when i is even and its
+//   high 16 bits when i is odd (format.h, uniform_from_half). Read as little-endian memory, the
+//   four words of a call are the eight 16-bit uniforms of elements 8g .. 8g + 7 in order.
 #pragma once
 
 #include <cstdint>
@@ -47,7 +49,9 @@ INT4DDP_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
-// The four random words for elements 4*group .. 4*group+3 of the tensor keyed by `key`.
+constexpr int kElementsPerPhilox = 8;  // one Philox4x32-10 call serves 8 consecutive elements
+
+// The four random words for elements 8*group .. 8*group+7 of the tensor keyed by `key`.
 INT4DDP_HD Philox4 philox_block(const RngKey& key, uint64_t group) {
   Philox4 ctr{
       {static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), key.step, key.tensor_id}};
@@ -56,7 +60,7 @@ INT4DDP_HD Philox4 philox_block(const RngKey& key, uint64_t group) {
 
 // u in [0, 1) for element `index`.
 INT4DDP_HD float philox_uniform(const RngKey& key, uint64_t index) {
-  return uniform_from_bits(philox_block(key, index / 4).v[index % 4]);
+  return uniform_from_half(philox_block(key, index / 8).v[(index % 8) / 2], index);
 }
 
 }  // namespace int4ddp::quant

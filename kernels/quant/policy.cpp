@@ -356,11 +356,12 @@ std::optional<float> mse_gamma(const float* x, int64_t n, int bits, int iteratio
 // cos(x, Q(x)) given the tensor's finite max|x| (computed once by dsgc_gamma).
 static double cosine_at(const float* x, int64_t n, int bits, float gamma, float absmax) {
   const float step = step_for_clip(gamma * absmax, bits);
+  const float inv_step = inv_step_for_clip(gamma * absmax, bits);
   double dot = 0.0, xx = 0.0, qq = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     if (!is_finite_value(x[i])) continue;
     const double v = x[i];
-    const double q = dequantize_value(quantize_nearest(x[i], step, bits), step);
+    const double q = dequantize_value(quantize_nearest(x[i], inv_step, bits), step);
     dot += v * q;
     xx += v * v;
     qq += q * q;

@@ -1,7 +1,8 @@
 // The CUDA codec (see codec_cuda.h for the contract). Every code, scale and float comes from the
 // scalar helpers of format.h / philox.h, the same functions the CPU reference calls, so equality
 // with quantize_ref is a matter of doing the same IEEE operations in the same order:
-//   clip = gamma * absmax; d = clip / L; q = clamp(rint(x / d)) or clamp(floor(x / d + u)).
+//   clip = gamma * absmax; d = clip / L; r = L / clip (once per scope);
+//   q = clamp(rint(x * r)) or clamp(floor(x * r + u)), u a 16-bit uniform, one Philox call per 8.
 // absmax is a max (exact in any order) and the counters are integers, so the parallel reductions
 // need no fixed order. This file is compiled with -fmad=false -prec-div=true -ftz=false
 // (cmake/cuda.cmake): without them nvcc may contract a*b+c into an FMA, or divide approximately.
@@ -12,10 +13,16 @@
 //                             registers, so x is read once. The fast path for G = 512.
 //   owner_fused_kernel<V,A>   the same tile walk for the owner step: N messages are dequantized and
 //                             summed in registers, requantized, and the own copy written.
-//   scope_scales_kernel, tensor_absmax_kernel, encode_kernel
-//                             the general path: scales (and stats) first, then one byte per thread
-//                             (INT4: two elements that may straddle a scope boundary).
-//   dequantize_kernel<Vec>    eight elements per thread, vectorised when aligned.
+//   tensor_absmax_kernel, encode_kernel
+//                             per-tensor scale: two passes, the global absmax (an integer atomicMax
+//                             on the bit pattern, order-independent) then quantize+pack, eight
+//                             elements (one Philox call) per thread, 16-byte loads when aligned.
+//   scope_clips_kernel, encode_kernel, clips_to_steps_kernel
+//                             the general per-block path (any G, any alignment): clips (and stats)
+//                             into the scales array, then the codes (eight elements per thread;
+//                             INT4 bytes may straddle a scope boundary), then the clips become
+//                             steps.
+//   dequantize_kernel<Per>    Per = 8 or 32 elements per thread, vectorised when aligned.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -104,11 +111,19 @@ __device__ void flush_stats(unsigned long long clipped, unsigned long long nonfi
   }
 }
 
-// One code of a finite or non-finite value (non-finite: 0), exactly as quantize_ref.
-__device__ __forceinline__ int code_of(float v, float step, float u, const KernelQuant& q) {
+// One code of a finite or non-finite value (non-finite: 0), exactly as quantize_ref; inv_step is
+// the scope's r = inv_step_for_clip(clip, bits).
+__device__ __forceinline__ int code_of(float v, float inv_step, float u, const KernelQuant& q) {
   if (!is_finite_value(v)) return 0;
-  return q.rounding == Rounding::kNearest ? quantize_nearest(v, step, q.bits)
-                                          : quantize_stochastic(v, step, u, q.bits);
+  return q.rounding == Rounding::kNearest ? quantize_nearest(v, inv_step, q.bits)
+                                          : quantize_stochastic(v, inv_step, u, q.bits);
+}
+
+// The 16-bit uniforms of elements 8g .. 8g + 7 (one Philox call), in element order.
+__device__ __forceinline__ void uniforms8(const RngKey& key, uint64_t g, float (&u)[8]) {
+  const Philox4 r = philox_block(key, g);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) u[j] = uniform_from_half(r.v[j / 2], j);
 }
 
 __device__ __forceinline__ float load_f32_bytes(const uint8_t* p) {
@@ -127,8 +142,10 @@ __device__ __forceinline__ int load_code(const uint8_t* codes, int64_t i, int bi
 // ---- the fused tile walk (quantize and owner) ------------------------------------------------
 // A scope (scale block) of G = 128 V wps elements is covered by wps warps; lane l of warp w holds
 // V groups of four consecutive elements, group k at scope_begin + 128 V w + 128 k + 4 l, so each
-// load instruction of a warp reads 512 contiguous bytes. Groups start at multiples of 4: one
-// Philox call gives the four uniforms of a group.
+// load instruction of a warp reads 512 contiguous bytes (16 bytes per lane). A Philox call serves
+// eight elements, the groups of lanes 2m and 2m + 1: for V >= 2 the even lane runs the call of its
+// group k and the odd lane that of its group k + 1, and the two swap the words the other needs
+// (two shuffles per call), so no call is made twice.
 
 struct TileGeometry {
   int64_t scope;        // scale block index of this warp
@@ -165,31 +182,58 @@ __device__ __forceinline__ float scope_max(float lane_max, int wps) {
   return m;
 }
 
+// The 16-bit uniforms of the lane's V groups of four (elements base + 128 k + j). Every lane of the
+// warp must call it (it shuffles).
+template <int V>
+__device__ __forceinline__ void lane_uniforms(const RngKey& key, int64_t base, float (&u)[V][4]) {
+  const bool odd = threadIdx.x & 1;  // the lane's half of its 8-element Philox group
+  auto fill = [&](int k, uint32_t a, uint32_t b) {
+    u[k][0] = uniform_from_half(a, 0);
+    u[k][1] = uniform_from_half(a, 1);
+    u[k][2] = uniform_from_half(b, 0);
+    u[k][3] = uniform_from_half(b, 1);
+  };
+  if constexpr (V == 1) {
+    const Philox4 r = philox_block(key, static_cast<uint64_t>(base) / 8);
+    fill(0, odd ? r.v[2] : r.v[0], odd ? r.v[3] : r.v[1]);
+  } else {
+    static_assert(V % 2 == 0, "lanes pair their Philox calls over groups k, k + 1");
+#pragma unroll
+    for (int k = 0; k < V; k += 2) {
+      // even lane: call of group k, keeps words 0, 1 and sends 2, 3 (the odd lane's half);
+      // odd lane: call of group k + 1, keeps words 2, 3 and sends 0, 1.
+      const Philox4 r = philox_block(key, static_cast<uint64_t>(base + 128 * (k + odd)) / 8);
+      const uint32_t keep0 = odd ? r.v[2] : r.v[0], keep1 = odd ? r.v[3] : r.v[1];
+      const uint32_t recv0 = __shfl_xor_sync(kFullMask, odd ? r.v[0] : r.v[2], 1);
+      const uint32_t recv1 = __shfl_xor_sync(kFullMask, odd ? r.v[1] : r.v[3], 1);
+      fill(k, odd ? recv0 : keep0, odd ? recv1 : keep1);
+      fill(k + 1, odd ? keep0 : recv0, odd ? keep1 : recv1);
+    }
+  }
+}
+
 // Codes of the lane's V groups from registers; stores them, counts clipped elements and hands each
-// group's codes to epilogue(k, e, q) (the owner step dequantizes them there).
+// group's codes to epilogue(k, e, q) (the owner step dequantizes them there). Every lane of the
+// warp must call it.
 struct NoEpilogue {
   __device__ void operator()(int, int64_t, const int (&)[4]) const {}
 };
 
 template <int V, typename Epilogue>
 __device__ __forceinline__ void encode_groups(const float (&val)[V][4], int64_t base, int64_t count,
-                                              float step, float clip, const KernelQuant& kq,
+                                              float inv_step, float clip, const KernelQuant& kq,
                                               uint8_t* codes, unsigned long long& clipped,
                                               const Epilogue& epilogue) {
+  float u[V][4] = {};
+  if (kq.rounding == Rounding::kStochastic) lane_uniforms<V>(kq.key, base, u);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const int64_t e = base + 128 * k;
     int q[4];
-    float u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (kq.rounding == Rounding::kStochastic && e < count) {
-      const Philox4 r = philox_block(kq.key, static_cast<uint64_t>(e) / 4);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) u[j] = uniform_from_bits(r.v[j]);
-    }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const float v = val[k][j];
-      q[j] = code_of(v, step, u[j], kq);
+      q[j] = code_of(v, inv_step, u[k][j], kq);
       // Padding past count is 0.0f: finite and never above clip, so it counts nowhere.
       if (is_finite_value(v) && fabsf(v) > clip) ++clipped;
     }
@@ -255,9 +299,9 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     m = scope_max(m, wps);
     absmax_all = fmaxf(absmax_all, m);
     const float clip = kq.gamma * m;
-    const float step = step_for_clip(clip, kq.bits);
-    if (t.first_in_scope && t.scope < nscopes) scales[t.scope] = step;
-    encode_groups<V>(val, t.base, count, step, clip, kq, codes, clipped, NoEpilogue{});
+    if (t.first_in_scope && t.scope < nscopes) scales[t.scope] = step_for_clip(clip, kq.bits);
+    encode_groups<V>(val, t.base, count, inv_step_for_clip(clip, kq.bits), clip, kq, codes, clipped,
+                     NoEpilogue{});
   }
   flush_stats(clipped, nonfinite, absmax_all, stats);
 }
@@ -372,7 +416,8 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
         }
       }
     };
-    encode_groups<V>(val, t.base, count, step, clip, kq, codes_out, clipped, epilogue);
+    encode_groups<V>(val, t.base, count, inv_step_for_clip(clip, kq.bits), clip, kq, codes_out,
+                     clipped, epilogue);
   }
   flush_stats(clipped, nonfinite, absmax_all, stats);
 }
@@ -387,11 +432,13 @@ __global__ void init_stats_kernel(DeviceQuantStats* stats, int64_t count) {
   stats->reserved = 0;
 }
 
-// Per-block scales (block_size > 0): one warp per scope computes absmax, the step (written to
-// scales) and the scope's clipped and non-finite counts. Called by quantize_async.
+// Per-block scales (block_size > 0), general path pass 1: one warp per scope computes absmax, the
+// clip c = gamma * absmax (written to scales[scope]; clips_to_steps_kernel turns it into the step
+// once encode_kernel has derived r from it) and the scope's clipped and non-finite counts. Called
+// by quantize_general.
 __global__ void __launch_bounds__(kThreads)
-    scope_scales_kernel(const float* __restrict__ x, int64_t count, int64_t G, KernelQuant kq,
-                        float* __restrict__ scales, DeviceQuantStats* stats) {
+    scope_clips_kernel(const float* __restrict__ x, int64_t count, int64_t G, KernelQuant kq,
+                       float* __restrict__ clips, DeviceQuantStats* stats) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
   const int64_t nscopes = (count + G - 1) / G;
@@ -411,7 +458,7 @@ __global__ void __launch_bounds__(kThreads)
     m = warp_max(m);
     absmax_all = fmaxf(absmax_all, m);
     const float clip = kq.gamma * m;
-    if (lane == 0) scales[s] = step_for_clip(clip, kq.bits);
+    if (lane == 0) clips[s] = clip;
     for (int64_t i = begin + lane; i < end; i += kWarp) {
       const float v = x[i];
       if (is_finite_value(v) && fabsf(v) > clip) ++clipped;
@@ -420,90 +467,170 @@ __global__ void __launch_bounds__(kThreads)
   flush_stats(clipped, nonfinite, absmax_all, stats);
 }
 
-// Per-tensor scale, pass 1: absmax and non-finite count of the whole tensor into *stats.
+// General per-block path, pass 3: scales[s] = step_for_clip(clip of s).
+__global__ void __launch_bounds__(kThreads)
+    clips_to_steps_kernel(float* scales, int64_t nscopes, int bits) {
+  for (int64_t s = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; s < nscopes;
+       s += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    scales[s] = step_for_clip(scales[s], bits);
+}
+
+// Loads elements e .. e + 7 (past count: 0.0f, finite and never clipped). kVec: x 16-byte aligned.
+template <bool kVec>
+__device__ __forceinline__ void load8(const float* __restrict__ x, int64_t e, int64_t count,
+                                      float (&v)[8]) {
+  if (kVec && e + 8 <= count) {
+    const float4 a = __ldcs(reinterpret_cast<const float4*>(x + e));
+    const float4 b = __ldcs(reinterpret_cast<const float4*>(x + e) + 1);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = e + j < count ? x[e + j] : 0.0f;
+  }
+}
+
+// Per-tensor scale, pass 1: absmax and non-finite count of the whole tensor into *stats (absmax by
+// an integer atomicMax on the bit pattern: a max is exact in any order). kVec: x 16-byte aligned;
+// each thread keeps two 8-element loads in flight.
+template <bool kVec>
 __global__ void __launch_bounds__(kThreads)
     tensor_absmax_kernel(const float* __restrict__ x, int64_t count, DeviceQuantStats* stats) {
   unsigned long long nonfinite = 0;
   float m = 0.0f;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float v = x[i];
-    if (is_finite_value(v))
-      m = fmaxf(m, fabsf(v));
-    else
-      ++nonfinite;
+  const int64_t ngroups = (count + 7) / 8;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < ngroups;
+       g += 2 * stride) {
+    float v[2][8];
+    load8<kVec>(x, 8 * g, count, v[0]);
+    load8<kVec>(x, 8 * (g + stride), g + stride < ngroups ? count : 0, v[1]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (is_finite_value(v[h][j]))
+          m = fmaxf(m, fabsf(v[h][j]));
+        else
+          ++nonfinite;
+      }
   }
   flush_stats(0, nonfinite, m, stats);
 }
 
-// Codes, one byte per thread (INT4: elements 2k and 2k+1, whose scopes may differ). per_tensor:
-// the step comes from stats->absmax (pass 1), scales[0] is written here, and clipped elements are
-// counted here; otherwise steps come from scales (scope_scales_kernel counted already).
+// Codes, eight elements (one Philox call) per thread; INT4 bytes may hold two scopes. per_tensor:
+// the clip comes from stats->absmax (pass 1), scales[0] gets the step here, and clipped elements
+// are counted here; otherwise scales holds each scope's clip (scope_clips_kernel counted already)
+// and r is derived from it once per scope change. kVec: x 16-byte aligned and codes 4-byte (INT4)
+// or 8-byte aligned.
+template <bool kVec>
 __global__ void __launch_bounds__(kThreads)
     encode_kernel(const float* __restrict__ x, int64_t count, int64_t G, KernelQuant kq,
-                  bool per_tensor, uint8_t* __restrict__ codes, float* __restrict__ scales,
-                  DeviceQuantStats* stats) {
-  float tensor_clip = 0.0f, tensor_step = 0.0f;
+                  bool per_tensor, uint8_t* __restrict__ codes, const float* __restrict__ clips,
+                  float* __restrict__ tensor_scale, DeviceQuantStats* stats) {
+  float tensor_clip = 0.0f, tensor_inv = 0.0f;
   if (per_tensor) {
     tensor_clip = kq.gamma * stats->absmax;
-    tensor_step = step_for_clip(tensor_clip, kq.bits);
-    if (blockIdx.x == 0 && threadIdx.x == 0) scales[0] = tensor_step;
+    tensor_inv = inv_step_for_clip(tensor_clip, kq.bits);
+    if (blockIdx.x == 0 && threadIdx.x == 0) *tensor_scale = step_for_clip(tensor_clip, kq.bits);
   }
-  const int per_byte = kq.bits == 4 ? 2 : 1;
-  const int64_t nbytes = packed_bytes(kq.bits, count);
+  const int64_t ngroups = (count + 7) / 8;
   unsigned long long clipped = 0;
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < nbytes;
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int q[2] = {0, 0};
-    for (int h = 0; h < per_byte; ++h) {
-      const int64_t i = b * per_byte + h;
-      if (i >= count) break;
-      const float v = x[i];
-      const float step = per_tensor ? tensor_step : scales[i / G];
-      const float u = kq.rounding == Rounding::kStochastic
-                          ? philox_uniform(kq.key, static_cast<uint64_t>(i))
-                          : 0.0f;
-      q[h] = code_of(v, step, u, kq);
-      if (per_tensor && is_finite_value(v) && fabsf(v) > tensor_clip) ++clipped;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < ngroups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = 8 * g;
+    float v[8], u[8] = {};
+    load8<kVec>(x, e, count, v);
+    if (kq.rounding == Rounding::kStochastic) uniforms8(kq.key, static_cast<uint64_t>(g), u);
+    int q[8];
+    int64_t scope = -1;
+    float inv = tensor_inv;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (!per_tensor && e + j < count && (e + j) / G != scope) {
+        scope = (e + j) / G;
+        inv = inv_step_for_clip(clips[scope], kq.bits);
+      }
+      q[j] = code_of(v[j], inv, u[j], kq);
+      if (per_tensor && is_finite_value(v[j]) && fabsf(v[j]) > tensor_clip) ++clipped;
     }
-    codes[b] =
-        kq.bits == 4 ? pack_nibbles(q[0], q[1]) : static_cast<uint8_t>(static_cast<int8_t>(q[0]));
+    if (kVec && e + 8 <= count) {
+      if (kq.bits == 4) {
+        uint32_t w = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) w |= static_cast<uint32_t>(q[j] & 0xF) << (4 * j);
+        *reinterpret_cast<uint32_t*>(codes + e / 2) = w;
+      } else {
+        uint2 w{0u, 0u};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          w.x |= (static_cast<uint32_t>(q[j]) & 0xFFu) << (8 * j);
+          w.y |= (static_cast<uint32_t>(q[4 + j]) & 0xFFu) << (8 * j);
+        }
+        *reinterpret_cast<uint2*>(codes + e) = w;
+      }
+    } else if (kq.bits == 4) {
+      // Past count the codes are 0, so an odd tail leaves the last high nibble 0.
+      for (int k = 0; k < 4 && e + 2 * k < count; ++k)
+        codes[e / 2 + k] = pack_nibbles(q[2 * k], e + 2 * k + 1 < count ? q[2 * k + 1] : 0);
+    } else {
+      for (int j = 0; j < 8 && e + j < count; ++j)
+        codes[e + j] = static_cast<uint8_t>(static_cast<int8_t>(q[j]));
+    }
   }
   flush_stats(clipped, 0, 0.0f, stats);
 }
 
-// out[i] = code_i * scale; eight elements per thread. kVec: G % 8 == 0 (or per tensor), out
-// 16-byte and codes 4-byte (INT4) / 8-byte aligned.
-template <bool kVec>
+// out[i] = code_i * scale; kPer elements per thread (8 or 32), in sub-groups of eight that share a
+// scale. kVec: G % 8 == 0 (or per tensor), out 16-byte aligned and the codes of kPer elements
+// aligned to their size (INT4: kPer / 2 bytes, INT8: kPer bytes), so they load in 4-, 8- or 16-byte
+// words.
+template <int kPer, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     dequantize_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ scales,
                       int64_t count, int bits, int64_t scope, float* __restrict__ out) {
-  const int64_t ngroups = (count + 7) / 8;
+  static_assert(kPer == 8 || kPer == 32, "8 or 32 elements per thread");
+  const int64_t ngroups = (count + kPer - 1) / kPer;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < ngroups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = 8 * g;
-    if (kVec && e + 8 <= count) {
-      const float d = scales[e / scope];
-      int q[8];
+    const int64_t e0 = int64_t{kPer} * g;
+    if (kVec && e0 + kPer <= count) {
+      // kPer / 8 words of eight codes each: INT4 32-bit words, INT8 pairs of 32-bit words.
+      uint32_t w[kPer / 4];
       if (bits == 4) {
-        const uint32_t w = __ldcs(reinterpret_cast<const unsigned int*>(codes + e / 2));
-#pragma unroll
-        for (int j = 0; j < 8; ++j) q[j] = nibble_to_int(w >> (4 * j));
+        if constexpr (kPer == 32) {
+          const uint4 v = __ldcs(reinterpret_cast<const uint4*>(codes + e0 / 2));
+          w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+        } else {
+          w[0] = __ldcs(reinterpret_cast<const unsigned int*>(codes + e0 / 2));
+        }
       } else {
-        const uint2 w = __ldcs(reinterpret_cast<const uint2*>(codes + e));
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          q[j] = static_cast<int8_t>((w.x >> (8 * j)) & 0xFFu);
-          q[4 + j] = static_cast<int8_t>((w.y >> (8 * j)) & 0xFFu);
+        if constexpr (kPer == 32) {
+          const uint4 a = __ldcs(reinterpret_cast<const uint4*>(codes + e0));
+          const uint4 b = __ldcs(reinterpret_cast<const uint4*>(codes + e0) + 1);
+          w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z,
+          w[7] = b.w;
+        } else {
+          const uint2 a = __ldcs(reinterpret_cast<const uint2*>(codes + e0));
+          w[0] = a.x, w[1] = a.y;
         }
       }
-      float4* o = reinterpret_cast<float4*>(out + e);
-      __stcs(o, make_float4(dequantize_value(q[0], d), dequantize_value(q[1], d),
-                            dequantize_value(q[2], d), dequantize_value(q[3], d)));
-      __stcs(o + 1, make_float4(dequantize_value(q[4], d), dequantize_value(q[5], d),
-                                dequantize_value(q[6], d), dequantize_value(q[7], d)));
+#pragma unroll
+      for (int s = 0; s < kPer / 8; ++s) {
+        const int64_t e = e0 + 8 * s;
+        const float d = scales[e / scope];
+        int q[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          q[j] = bits == 4 ? nibble_to_int(w[s] >> (4 * j))
+                           : static_cast<int8_t>((w[2 * s + j / 4] >> (8 * (j % 4))) & 0xFFu);
+        float4* o = reinterpret_cast<float4*>(out + e);
+        __stcs(o, make_float4(dequantize_value(q[0], d), dequantize_value(q[1], d),
+                              dequantize_value(q[2], d), dequantize_value(q[3], d)));
+        __stcs(o + 1, make_float4(dequantize_value(q[4], d), dequantize_value(q[5], d),
+                                  dequantize_value(q[6], d), dequantize_value(q[7], d)));
+      }
     } else {
-      for (int64_t i = e; i < e + 8 && i < count; ++i)
+      for (int64_t i = e0; i < e0 + kPer && i < count; ++i)
         out[i] = dequantize_value(load_code(codes, i, bits), scales[i / scope]);
     }
   }
@@ -690,22 +817,56 @@ void dispatch_owner_fused(const FusedShape& s, const OwnerMessages& msgs, const 
   INT4DDP_FAIL("owner step: no fused kernel for V = ", s.v);
 }
 
-// The general quantize path (any block size, per tensor, any alignment).
+// The per-tensor path (two passes) and the general per-block path (three passes: clips, codes,
+// steps), any block size and alignment.
 void quantize_general(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
                       float* scales, DeviceQuantStats* stats, cudaStream_t stream) {
   const KernelQuant kq = kernel_quant(p);
   const bool per_tensor = p.block_size == 0;
+  const bool vec = aligned(x, 16) && aligned(codes, p.bits == 4 ? 4 : 8);
+  const int64_t groups = (count + 7) / 8;
   if (per_tensor) {
-    tensor_absmax_kernel<<<elementwise_grid(count), kThreads, 0, stream>>>(x, count, stats);
+    const int64_t work = (groups + 2 * kThreads - 1) / (2 * kThreads);
+    if (aligned(x, 16))
+      tensor_absmax_kernel<true>
+          <<<grid_for_kernel(tensor_absmax_kernel<true>, work, kThreads), kThreads, 0, stream>>>(
+              x, count, stats);
+    else
+      tensor_absmax_kernel<false>
+          <<<grid_for_kernel(tensor_absmax_kernel<false>, work, kThreads), kThreads, 0, stream>>>(
+              x, count, stats);
   } else {
     const int64_t warps_needed = num_scales(count, p.block_size);
-    scope_scales_kernel<<<grid_for((warps_needed + 7) / 8, kThreads), kThreads, 0, stream>>>(
+    scope_clips_kernel<<<grid_for((warps_needed + 7) / 8, kThreads), kThreads, 0, stream>>>(
         x, count, p.block_size, kq, scales, stats);
   }
   check_launch();
-  const int64_t nbytes = packed_bytes(p.bits, count);
-  encode_kernel<<<elementwise_grid(nbytes), kThreads, 0, stream>>>(
-      x, count, per_tensor ? count : p.block_size, kq, per_tensor, codes, scales, stats);
+  const int64_t G = per_tensor ? count : p.block_size;
+  const int64_t work = (groups + kThreads - 1) / kThreads;
+  if (vec)
+    encode_kernel<true>
+        <<<grid_for_kernel(encode_kernel<true>, work, kThreads), kThreads, 0, stream>>>(
+            x, count, G, kq, per_tensor, codes, scales, scales, stats);
+  else
+    encode_kernel<false>
+        <<<grid_for_kernel(encode_kernel<false>, work, kThreads), kThreads, 0, stream>>>(
+            x, count, G, kq, per_tensor, codes, scales, scales, stats);
+  check_launch();
+  if (!per_tensor) {
+    const int64_t nscopes = num_scales(count, p.block_size);
+    clips_to_steps_kernel<<<grid_for((nscopes + kThreads - 1) / kThreads, kThreads), kThreads, 0,
+                            stream>>>(scales, nscopes, p.bits);
+    check_launch();
+  }
+}
+
+template <int kPer, bool kVec>
+void launch_dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
+                       int64_t scope, float* out, cudaStream_t stream) {
+  const int64_t work = ((count + kPer - 1) / kPer + kThreads - 1) / kThreads;
+  dequantize_kernel<kPer, kVec>
+      <<<grid_for_kernel(dequantize_kernel<kPer, kVec>, work, kThreads), kThreads, 0, stream>>>(
+          codes, scales, count, bits, scope, out);
   check_launch();
 }
 
@@ -774,18 +935,13 @@ void dequantize_async(const uint8_t* codes, const float* scales, int64_t count, 
   INT4DDP_CHECK(aligned(scales, alignof(float)) && aligned(out, alignof(float)),
                 "cuda dequantize: scales and out must be float-aligned");
   const int64_t scope = block_size == 0 ? count : block_size;
-  const bool vec = (block_size == 0 || block_size % 8 == 0) && aligned(out, 16) &&
-                   aligned(codes, bits == 4 ? 4 : 8);
-  const int64_t work = ((count + 7) / 8 + kThreads - 1) / kThreads;
-  if (vec)
-    dequantize_kernel<true>
-        <<<grid_for_kernel(dequantize_kernel<true>, work, kThreads), kThreads, 0, stream>>>(
-            codes, scales, count, bits, scope, out);
-  else
-    dequantize_kernel<false>
-        <<<grid_for_kernel(dequantize_kernel<false>, work, kThreads), kThreads, 0, stream>>>(
-            codes, scales, count, bits, scope, out);
-  check_launch();
+  const bool vec = (block_size == 0 || block_size % 8 == 0) && aligned(out, 16);
+  // 32 elements per thread (16-byte code loads) when the codes allow it, else 8.
+  if (vec && aligned(codes, 16))
+    return launch_dequantize<32, true>(codes, scales, count, bits, scope, out, stream);
+  if (vec && aligned(codes, bits == 4 ? 4 : 8))
+    return launch_dequantize<8, true>(codes, scales, count, bits, scope, out, stream);
+  launch_dequantize<8, false>(codes, scales, count, bits, scope, out, stream);
 }
 
 QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
