@@ -39,6 +39,7 @@
 
 #include "comm/communicator.h"
 #include "comm/two_shot.h"
+#include "kernels/common/clock.h"
 #include "kernels/common/error.h"
 #include "kernels/quant/codec.h"
 #include "kernels/quant/format.h"
@@ -49,8 +50,6 @@ using namespace int4ddp::comm;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-constexpr int kFp32Bits = 32;
 
 // ---- inputs: a hash of (seed, rank, index), so every rank can regenerate every rank's input ----
 uint64_t splitmix64(uint64_t x) {
@@ -191,7 +190,7 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
   row.mode = mode.name;
   row.bytes = static_cast<uint64_t>(n) * sizeof(float);
   row.count = n;
-  row.predicted = predicted_wire_bytes(mode.bits, n, o.block_size, N);
+  row.predicted = modelled_wire_bytes(mode.bits, n, o.block_size, N);
 
   std::vector<double> times, quant_times, comm_times;
   uint64_t wire = 0;
@@ -200,7 +199,7 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
     comm.barrier();
     const auto t0 = Clock::now();
     const BucketStats st = ts.run(work.data(), static_cast<uint32_t>(it));
-    const double t = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double t = seconds_since(t0);
     ts.commit(false);
     if (it >= o.warmup) {
       times.push_back(t);

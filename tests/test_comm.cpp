@@ -448,13 +448,22 @@ TEST(ChunkRange, CoversEverythingAlignedAndBalanced) {
   EXPECT_THROW(chunk_range(10, 2, 0, 0), Error);
 }
 
-TEST(ChunkRange, MessageBytesAndPrediction) {
-  EXPECT_EQ(chunk_message_bytes(4, 0, 64), kStatsTrailerBytes);
-  EXPECT_EQ(chunk_message_bytes(4, 65, 64), 33u + 2 * 4 + kStatsTrailerBytes);
-  EXPECT_EQ(chunk_message_bytes(8, 65, 64), 65u + 2 * 4 + kStatsTrailerBytes);
-  EXPECT_DOUBLE_EQ(predicted_wire_bytes(4, 1 << 20, 512, 4), 1.5 * ((1 << 19) + 4.0 * (1 << 11)));
-  EXPECT_DOUBLE_EQ(predicted_wire_bytes(32, 1000, 512, 2), 4000.0);
-  EXPECT_DOUBLE_EQ(predicted_wire_bytes(4, 1000, 512, 1), 0.0);
+TEST(ChunkRange, MessageLayoutAndModelledWireBytes) {
+  constexpr size_t kStats = sizeof(quant::QuantStats);
+  EXPECT_EQ(kStats, 32u);  // part of the wire format
+  const MessageLayout empty = message_layout(4, 0, 64);  // an empty chunk: the stats record only
+  EXPECT_EQ(empty.num_scales, 0);
+  EXPECT_EQ(empty.stats_at, 0u);
+  EXPECT_EQ(empty.bytes, kStats);
+  const MessageLayout m4 = message_layout(4, 65, 64);
+  EXPECT_EQ(m4.scales_at, 33u);
+  EXPECT_EQ(m4.num_scales, 2);
+  EXPECT_EQ(m4.stats_at, 33u + 2 * 4);
+  EXPECT_EQ(m4.bytes, 33u + 2 * 4 + kStats);
+  EXPECT_EQ(message_layout(8, 65, 64).bytes, 65u + 2 * 4 + kStats);
+  EXPECT_DOUBLE_EQ(modelled_wire_bytes(4, 1 << 20, 512, 4), 1.5 * ((1 << 19) + 4.0 * (1 << 11)));
+  EXPECT_DOUBLE_EQ(modelled_wire_bytes(32, 1000, 512, 2), 4000.0);
+  EXPECT_DOUBLE_EQ(modelled_wire_bytes(4, 1000, 512, 1), 0.0);
 }
 
 // =================================================================================================
@@ -525,10 +534,10 @@ TEST(TwoShot, FewerBlocksThanRanksAndWireBytes) {
     // Rank 0 sends its chunk 0 to no one but itself (alltoall) ... and everyone the owner's chunk.
     uint64_t a2a = 0;
     for (int j = 0; j < R(); ++j)
-      if (j != me()) a2a += chunk_message_bytes(4, chunk_range(n, 64, R(), j).count(), 64);
+      if (j != me()) a2a += message_layout(4, chunk_range(n, 64, R(), j).count(), 64).bytes;
     uint64_t gathered = 0;
     for (int j = 0; j < R(); ++j)
-      gathered += chunk_message_bytes(4, chunk_range(n, 64, R(), j).count(), 64);
+      gathered += message_layout(4, chunk_range(n, 64, R(), j).count(), 64).bytes;
     EXPECT_EQ(st.wire_bytes,
               a2a + static_cast<uint64_t>(static_cast<double>(gathered) * (R() - 1) / R() + 0.5));
   }
@@ -546,7 +555,7 @@ TEST(TwoShot, WireBytesMatchThePrediction) {
     const BucketStats st = ts.run(x.data(), 0);
     EXPECT_EQ(W().bytes_sent(), st.wire_bytes);
     const double predicted =
-        predicted_wire_bytes(bits, n, G, R()) + 2.0 * (R() - 1) * kStatsTrailerBytes;
+        modelled_wire_bytes(bits, n, G, R()) + 2.0 * (R() - 1) * sizeof(quant::QuantStats);
     EXPECT_NEAR(static_cast<double>(st.wire_bytes), predicted, 1.0) << "bits " << bits;
   }
 }
