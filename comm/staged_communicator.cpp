@@ -47,7 +47,7 @@ StagedCommunicator::~StagedCommunicator() {
 }
 
 void StagedCommunicator::wait_for_compute() {
-  INT4DDP_CUDA_CHECK(cudaEventRecord(ready_, compute_));
+  INT4DDP_CUDA_CHECK(cudaEventRecord(ready_, nullptr));
   INT4DDP_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
 }
 
@@ -173,10 +173,6 @@ std::unique_ptr<Request> StagedCommunicator::iallgatherv(const void* send, size_
                                                          void* recv, const ByteLayout& rl) {
   allgatherv(send, send_bytes, recv, rl);
   return std::make_unique<DoneRequest>();
-}
-
-std::unique_ptr<Communicator> make_staged_mpi_communicator() {
-  return std::make_unique<StagedCommunicator>(make_mpi_communicator());
 }
 
 }  // namespace int4ddp::comm
