@@ -51,4 +51,5 @@ function(int4ddp_mpi_test name)
   endforeach()
 endfunction()
 
-int4ddp_mpi_test(test_comm SOURCES test_comm.cpp)
+int4ddp_mpi_test(test_comm SOURCES test_comm_communicator.cpp test_comm_two_shot.cpp
+                 test_comm_buckets.cpp)
