@@ -70,6 +70,47 @@ TEST(ChunkRange, MessageLayoutAndModelledWireBytes) {
   EXPECT_DOUBLE_EQ(modelled_wire_bytes(4, 1000, 512, 1), 0.0);
 }
 
+TEST(TwoShotPlan, ChunksLayoutsKeysAndCommit) {
+  // 3 G + 5 elements of G = 64 over 3 ranks, seen from rank 1: blocks 2 + 1 + 1.
+  const int64_t n = 3 * 64 + 5;
+  TwoShotPlan plan(exact_config(4, 64, quant::Rounding::kNearest), n, 7, 3, 1);
+  EXPECT_EQ(plan.chunk(0).count(), 128);
+  EXPECT_EQ(plan.own().begin, 128);
+  EXPECT_EQ(plan.own().end, 192);
+  EXPECT_EQ(plan.chunk(2).count(), 5);
+  for (int j = 0; j < 3; ++j) {
+    EXPECT_EQ(plan.send_layout().counts[static_cast<size_t>(j)], plan.message(j).bytes);
+    EXPECT_EQ(plan.recv_layout().counts[static_cast<size_t>(j)], plan.own_message().bytes);
+  }
+  EXPECT_EQ(plan.scale_offset(1), 2);
+  EXPECT_EQ(plan.scale_offset(2), 3);
+  EXPECT_EQ(plan.total_scales(), 4);
+  EXPECT_EQ(plan.worker_ef_size(), static_cast<size_t>(n));
+  EXPECT_EQ(plan.server_ef_size(), 64u);
+
+  const quant::QuantParams p = plan.step_params(9);
+  EXPECT_EQ(p.key.step, 9u);
+  EXPECT_EQ(p.gamma, 1.0f);
+  EXPECT_EQ(plan.worker_params(p, 2).key.stream, kStreamsPerRank + 2);
+  EXPECT_EQ(plan.worker_params(p, 2).key.tensor_id, 14u);
+  EXPECT_EQ(plan.owner_params(p).key.stream, kStreamsPerRank + 1);
+  EXPECT_EQ(plan.owner_params(p).key.tensor_id, 15u);
+
+  EXPECT_FALSE(plan.commit(true));  // nothing pending
+  quant::QuantStats global;
+  global.count = 600;
+  global.clipped = 3;
+  BucketStats st;
+  plan.finish_run(global, 1234, st);
+  EXPECT_EQ(st.count, 600);
+  EXPECT_EQ(st.clipped, 3);
+  EXPECT_EQ(st.wire_bytes, 1234u);
+  EXPECT_TRUE(plan.commit(true));  // adopt the new error feedback
+  EXPECT_FALSE(plan.commit(true));
+  plan.finish_run(global, 0, st);
+  EXPECT_FALSE(plan.commit(false));  // dropped
+}
+
 // =================================================================================================
 // Two-shot: exact results on grid-valued inputs
 // =================================================================================================
