@@ -651,8 +651,8 @@ void check_stats_ptr(const QuantStats* stats, const char* what) {
 
 template <int V>
 void launch_quantize_fused(const FusedShape& s, const float* x, int64_t count,
-                           const KernelQuant& kq, uint8_t* codes, float* scales,
-                           QuantStats* stats, cudaStream_t stream) {
+                           const KernelQuant& kq, uint8_t* codes, float* scales, QuantStats* stats,
+                           cudaStream_t stream) {
   const int threads = kThreads;
   const int scopes_per_block = threads / kWarp / s.warps_per_scope;
   const int64_t tiles = (num_scales(count, s.block_size) + scopes_per_block - 1) / scopes_per_block;
