@@ -2,17 +2,15 @@
 #include "comm/buckets.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 
 #include "comm/bytes.h"
+#include "kernels/common/clock.h"
 #include "kernels/common/error.h"
 
 namespace int4ddp::comm {
 namespace {
-using Clock = std::chrono::steady_clock;
-constexpr int kFp32Bits = 32;
 constexpr double kBytesPerMiB = 1048576.0;
 }  // namespace
 
@@ -150,7 +148,7 @@ StepCommStats BucketEngine::finish() {
   }
   if (err) std::rethrow_exception(err);
   StepCommStats s;
-  s.wait_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  s.wait_seconds = seconds_since(t0);
   double fp32_ring = 0;
   const int n = comm_.size();
   for (const Bucket& b : buckets_) {
@@ -216,19 +214,19 @@ void BucketEngine::run_bucket(Bucket& b) {
                 sizeof(float) * static_cast<size_t>(s.count));
     off += s.count;
   }
-  double copy_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  double copy_seconds = seconds_since(t0);
   if (b.two_shot)
     b.stats = b.two_shot->run(b.in_place >= 0 ? grads_ + b.in_place : b.staging.data(), step_);
   if (b.nplain > 0) {
     const uint64_t bytes0 = comm_.bytes_sent();
     auto t = Clock::now();
     comm_.allreduce_sum(b.plain_staging.data(), b.nplain);
-    b.stats.comm_seconds += std::chrono::duration<double>(Clock::now() - t).count();
+    b.stats.comm_seconds += seconds_since(t);
     b.stats.wire_bytes += comm_.bytes_sent() - bytes0;
     t = Clock::now();
     const float fn = static_cast<float>(comm_.size());
     for (float& v : b.plain_staging) v /= fn;
-    copy_seconds += std::chrono::duration<double>(Clock::now() - t).count();
+    copy_seconds += seconds_since(t);
   }
   // Scatter the means back into the arena.
   const auto t1 = Clock::now();
@@ -244,7 +242,7 @@ void BucketEngine::run_bucket(Bucket& b) {
                 sizeof(float) * static_cast<size_t>(s.count));
     off += s.count;
   }
-  copy_seconds += std::chrono::duration<double>(Clock::now() - t1).count();
+  copy_seconds += seconds_since(t1);
   b.stats.quant_seconds += copy_seconds;
 }
 

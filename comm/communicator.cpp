@@ -1,15 +1,10 @@
-// The local (single-process) communicator and the backend factory (see communicator.h).
+// ByteLayout, the local (single-process) communicator and the launch check (see communicator.h).
 #include "comm/communicator.h"
 
-#include <cstdlib>
 #include <cstring>
 #include <numeric>
 
 #include "kernels/common/error.h"
-
-#ifdef INT4DDP_HAVE_NCCL
-#include "comm/nccl_communicator.h"
-#endif
 
 namespace int4ddp::comm {
 
@@ -101,42 +96,9 @@ std::unique_ptr<Communicator> make_local_communicator() {
 }
 
 bool launched_with_multiple_ranks(int* world_size) {
-  int n = 1;
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"}) {
-    if (const char* v = std::getenv(var)) {
-      n = std::max(n, std::atoi(v));
-      break;
-    }
-  }
+  const int n = launcher_world_size();
   if (world_size) *world_size = n;
   return n > 1;
-}
-
-#ifndef INT4DDP_HAVE_MPI
-std::unique_ptr<Communicator> make_mpi_communicator() {
-  INT4DDP_FAIL("comm.backend = mpi: this build has no MPI (configure with -DINT4DDP_MPI=ON)");
-}
-void abort_world(int) {}
-#endif
-
-std::unique_ptr<Communicator> make_communicator(const std::string& backend) {
-  if (backend == "none") {
-    int n = 1;
-    INT4DDP_CHECK(!launched_with_multiple_ranks(&n),
-                  "comm.backend = none, but this process is one of ", n,
-                  " ranks: set comm.backend = mpi (or nccl) for data-parallel training");
-    return make_local_communicator();
-  }
-  if (backend == "mpi") return make_mpi_communicator();
-  if (backend == "nccl") {
-#ifdef INT4DDP_HAVE_NCCL
-    return make_nccl_communicator();
-#else
-    INT4DDP_FAIL(
-        "comm.backend = nccl: this build has no NCCL (needs CUDA and NCCL at configure time)");
-#endif
-  }
-  INT4DDP_FAIL("comm.backend = '", backend, "' is not one of none, mpi, nccl");
 }
 
 }  // namespace int4ddp::comm

@@ -89,8 +89,13 @@ std::unique_ptr<Communicator> make_local_communicator();
 // Throws Error when the build has no MPI.
 std::unique_ptr<Communicator> make_mpi_communicator();
 
-// True when this process was started by mpirun/srun with more than one rank (environment only;
-// does not initialise MPI). *world_size gets the size it found (1 when none).
+// The ranks of MPI_COMM_WORLD that share this node's memory (MPI_COMM_TYPE_SHARED), ranked in world
+// order: host buffers, collective over MPI_COMM_WORLD. Throws Error when the build has no MPI.
+std::unique_ptr<Communicator> make_mpi_node_communicator();
+
+// True when this process was started by mpirun/srun with more than one rank (the launcher's
+// environment, kernels/common/error.h; does not initialise MPI). *world_size gets the size it
+// found (1 when none).
 bool launched_with_multiple_ranks(int* world_size = nullptr);
 
 // After a fatal error on this rank: if MPI is initialised with more than one rank, MPI_Abort so the
@@ -98,7 +103,7 @@ bool launched_with_multiple_ranks(int* world_size = nullptr);
 void abort_world(int code);
 
 // Builds the transport named by comm.backend: "none" -> local, "mpi" -> MPI, "nccl" -> NCCL
-// (device buffers; throws when the build has no NCCL).
+// (device buffers; throws when the build has no NCCL). In comm/make_communicator.cpp.
 std::unique_ptr<Communicator> make_communicator(const std::string& backend);
 
 }  // namespace int4ddp::comm

@@ -1,44 +1,21 @@
-// The MPI Communicator on MPI_COMM_WORLD (host buffers).
+// The MPI Communicator on MPI_COMM_WORLD, or on the ranks of this node (host buffers).
 //
 // MPI is initialised on first use with MPI_THREAD_SERIALIZED (the trainer's communication thread
 // and its main thread never call MPI at the same time) and finalised at process exit. Errors come
 // back as return codes (MPI_ERRORS_RETURN) and become int4ddp::Error naming the call and the rank.
 // MPI counts are int: a message of 2^31 bytes or more is refused with a clear error (a bucket of
 // the largest configurable size, 4096 MiB, compresses to 512 MiB of INT4 codes).
-#include <mpi.h>
-
 #include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/mpi_check.h"
 #include "kernels/common/error.h"
 
 namespace int4ddp::comm {
 namespace {
-
-int world_rank_or_minus1() {
-  int init = 0, fin = 0, r = -1;
-  MPI_Initialized(&init);
-  MPI_Finalized(&fin);
-  if (init && !fin) MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-
-[[noreturn]] void mpi_fail(const char* call, int rc) {
-  char msg[MPI_MAX_ERROR_STRING] = {0};
-  int len = 0;
-  MPI_Error_string(rc, msg, &len);
-  INT4DDP_FAIL("MPI error in ", call, " on rank ", world_rank_or_minus1(), ": ",
-               std::string(msg, static_cast<size_t>(len)));
-}
-
-#define MPI_CALL(call)                            \
-  do {                                            \
-    const int rc_ = (call);                       \
-    if (rc_ != MPI_SUCCESS) mpi_fail(#call, rc_); \
-  } while (0)
 
 void finalize_at_exit() {
   int init = 0, fin = 0;
@@ -52,7 +29,7 @@ void ensure_initialized() {
   MPI_Initialized(&init);
   if (init) return;
   int provided = 0;
-  MPI_CALL(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
+  INT4DDP_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   std::atexit(finalize_at_exit);
   INT4DDP_CHECK(provided >= MPI_THREAD_SERIALIZED, "MPI provides thread level ", provided,
@@ -85,21 +62,18 @@ IntLayout to_int(const ByteLayout& l, int size, const char* what) {
 class MpiRequest final : public Request {
  public:
   // Keeps the int layouts alive for as long as MPI may read them.
-  MpiRequest(const char* what, IntLayout a = {}, IntLayout b = {})
-      : what_(what), a_(std::move(a)), b_(std::move(b)) {}
+  explicit MpiRequest(IntLayout a = {}, IntLayout b = {}) : a_(std::move(a)), b_(std::move(b)) {}
   ~MpiRequest() override {
     if (req_ != MPI_REQUEST_NULL) MPI_Wait(&req_, MPI_STATUS_IGNORE);
   }
   void wait() override {
     if (req_ == MPI_REQUEST_NULL) return;
-    const int rc = MPI_Wait(&req_, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) mpi_fail(what_, rc);
+    INT4DDP_MPI_CHECK(MPI_Wait(&req_, MPI_STATUS_IGNORE));
   }
   bool test() override {
     if (req_ == MPI_REQUEST_NULL) return true;
     int done = 0;
-    const int rc = MPI_Test(&req_, &done, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) mpi_fail(what_, rc);
+    INT4DDP_MPI_CHECK(MPI_Test(&req_, &done, MPI_STATUS_IGNORE));
     return done != 0;
   }
   MPI_Request* handle() { return &req_; }
@@ -107,23 +81,29 @@ class MpiRequest final : public Request {
   IntLayout& b() { return b_; }
 
  private:
-  const char* what_;
   IntLayout a_, b_;
   MPI_Request req_ = MPI_REQUEST_NULL;
 };
 
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator() {
-    ensure_initialized();
-    MPI_CALL(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
-    MPI_CALL(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+  // comm: MPI_COMM_WORLD, or a communicator this object owns (freed by the destructor).
+  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+    INT4DDP_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    INT4DDP_MPI_CHECK(MPI_Comm_size(comm_, &size_));
   }
+  ~MpiCommunicator() override {
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (comm_ != MPI_COMM_WORLD && !fin) MPI_Comm_free(&comm_);
+  }
+  MpiCommunicator(const MpiCommunicator&) = delete;
+  MpiCommunicator& operator=(const MpiCommunicator&) = delete;
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   const char* backend() const override { return "mpi"; }
 
-  void barrier() override { MPI_CALL(MPI_Barrier(MPI_COMM_WORLD)); }
+  void barrier() override { INT4DDP_MPI_CHECK(MPI_Barrier(comm_)); }
 
   void broadcast(void* buf, size_t bytes, int root) override {
     check_root(root, "broadcast");
@@ -131,7 +111,7 @@ class MpiCommunicator final : public Communicator {
     auto* p = static_cast<uint8_t*>(buf);
     for (size_t off = 0; off < bytes;) {
       const size_t n = std::min<size_t>(bytes - off, size_t{1} << 30);
-      MPI_CALL(MPI_Bcast(p + off, static_cast<int>(n), MPI_BYTE, root, MPI_COMM_WORLD));
+      INT4DDP_MPI_CHECK(MPI_Bcast(p + off, static_cast<int>(n), MPI_BYTE, root, comm_));
       off += n;
     }
     if (rank_ == root) bytes_sent_ += bytes;  // a tree sends about this much per rank
@@ -140,24 +120,25 @@ class MpiCommunicator final : public Communicator {
   void allreduce_sum(float* buf, int64_t count) override {
     for (int64_t off = 0; off < count;) {
       const int64_t n = std::min<int64_t>(count - off, int64_t{1} << 28);
-      MPI_CALL(MPI_Allreduce(MPI_IN_PLACE, buf + off, static_cast<int>(n), MPI_FLOAT, MPI_SUM,
-                             MPI_COMM_WORLD));
+      INT4DDP_MPI_CHECK(
+          MPI_Allreduce(MPI_IN_PLACE, buf + off, static_cast<int>(n), MPI_FLOAT, MPI_SUM, comm_));
       off += n;
     }
     count_ring(count);
   }
 
   void allreduce_sum_i64(int64_t* buf, int64_t count) override {
-    MPI_CALL(MPI_Allreduce(MPI_IN_PLACE, buf, to_int(static_cast<size_t>(count), "allreduce_i64"),
-                           MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD));
+    INT4DDP_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf,
+                                    to_int(static_cast<size_t>(count), "allreduce_i64"),
+                                    MPI_INT64_T, MPI_SUM, comm_));
   }
 
   void alltoallv(const void* send, const ByteLayout& sl, void* recv,
                  const ByteLayout& rl) override {
     const IntLayout s = to_int(sl, size_, "alltoallv send"),
                     r = to_int(rl, size_, "alltoallv recv");
-    MPI_CALL(MPI_Alltoallv(send, s.counts.data(), s.displs.data(), MPI_BYTE, recv, r.counts.data(),
-                           r.displs.data(), MPI_BYTE, MPI_COMM_WORLD));
+    INT4DDP_MPI_CHECK(MPI_Alltoallv(send, s.counts.data(), s.displs.data(), MPI_BYTE, recv,
+                                    r.counts.data(), r.displs.data(), MPI_BYTE, comm_));
     count_alltoall(sl);
   }
 
@@ -166,8 +147,8 @@ class MpiCommunicator final : public Communicator {
     INT4DDP_CHECK(rl.counts[static_cast<size_t>(rank_)] == bytes, "allgatherv: rank ", rank_,
                   " sends ", bytes, " bytes but the layout expects ",
                   rl.counts[static_cast<size_t>(rank_)]);
-    MPI_CALL(MPI_Allgatherv(send, to_int(bytes, "allgatherv send"), MPI_BYTE, recv, r.counts.data(),
-                            r.displs.data(), MPI_BYTE, MPI_COMM_WORLD));
+    INT4DDP_MPI_CHECK(MPI_Allgatherv(send, to_int(bytes, "allgatherv send"), MPI_BYTE, recv,
+                                     r.counts.data(), r.displs.data(), MPI_BYTE, comm_));
     count_allgather(rl);
   }
 
@@ -176,41 +157,40 @@ class MpiCommunicator final : public Communicator {
     check_root(root, "gatherv");
     IntLayout r;
     if (rank_ == root) r = to_int(rl, size_, "gatherv recv");
-    MPI_CALL(MPI_Gatherv(send, to_int(bytes, "gatherv send"), MPI_BYTE, recv,
-                         rank_ == root ? r.counts.data() : nullptr,
-                         rank_ == root ? r.displs.data() : nullptr, MPI_BYTE, root,
-                         MPI_COMM_WORLD));
+    INT4DDP_MPI_CHECK(MPI_Gatherv(send, to_int(bytes, "gatherv send"), MPI_BYTE, recv,
+                                  rank_ == root ? r.counts.data() : nullptr,
+                                  rank_ == root ? r.displs.data() : nullptr, MPI_BYTE, root,
+                                  comm_));
     if (rank_ != root) bytes_sent_ += bytes;
   }
 
   std::unique_ptr<Request> iallreduce_sum(float* buf, int64_t count) override {
-    auto req = std::make_unique<MpiRequest>("MPI_Iallreduce");
+    auto req = std::make_unique<MpiRequest>();
     INT4DDP_CHECK(count >= 0 && count <= INT_MAX, "iallreduce_sum: ", count,
                   " floats exceed MPI's int count; use smaller buckets (comm.bucket_mb)");
-    MPI_CALL(MPI_Iallreduce(MPI_IN_PLACE, buf, static_cast<int>(count), MPI_FLOAT, MPI_SUM,
-                            MPI_COMM_WORLD, req->handle()));
+    INT4DDP_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf, static_cast<int>(count), MPI_FLOAT, MPI_SUM,
+                                     comm_, req->handle()));
     count_ring(count);
     return req;
   }
 
   std::unique_ptr<Request> ialltoallv(const void* send, const ByteLayout& sl, void* recv,
                                       const ByteLayout& rl) override {
-    auto req = std::make_unique<MpiRequest>("MPI_Ialltoallv", to_int(sl, size_, "ialltoallv send"),
+    auto req = std::make_unique<MpiRequest>(to_int(sl, size_, "ialltoallv send"),
                                             to_int(rl, size_, "ialltoallv recv"));
-    MPI_CALL(MPI_Ialltoallv(send, req->a().counts.data(), req->a().displs.data(), MPI_BYTE, recv,
-                            req->b().counts.data(), req->b().displs.data(), MPI_BYTE,
-                            MPI_COMM_WORLD, req->handle()));
+    INT4DDP_MPI_CHECK(MPI_Ialltoallv(send, req->a().counts.data(), req->a().displs.data(), MPI_BYTE,
+                                     recv, req->b().counts.data(), req->b().displs.data(), MPI_BYTE,
+                                     comm_, req->handle()));
     count_alltoall(sl);
     return req;
   }
 
   std::unique_ptr<Request> iallgatherv(const void* send, size_t bytes, void* recv,
                                        const ByteLayout& rl) override {
-    auto req =
-        std::make_unique<MpiRequest>("MPI_Iallgatherv", to_int(rl, size_, "iallgatherv recv"));
-    MPI_CALL(MPI_Iallgatherv(send, to_int(bytes, "iallgatherv send"), MPI_BYTE, recv,
-                             req->a().counts.data(), req->a().displs.data(), MPI_BYTE,
-                             MPI_COMM_WORLD, req->handle()));
+    auto req = std::make_unique<MpiRequest>(to_int(rl, size_, "iallgatherv recv"));
+    INT4DDP_MPI_CHECK(MPI_Iallgatherv(send, to_int(bytes, "iallgatherv send"), MPI_BYTE, recv,
+                                      req->a().counts.data(), req->a().displs.data(), MPI_BYTE,
+                                      comm_, req->handle()));
     count_allgather(rl);
     return req;
   }
@@ -234,13 +214,31 @@ class MpiCommunicator final : public Communicator {
         static_cast<uint64_t>(static_cast<double>(rl.total()) * (size_ - 1) / size_ + 0.5);
   }
 
+  MPI_Comm comm_;
   int rank_ = 0, size_ = 1;
 };
 
 }  // namespace
 
 std::unique_ptr<Communicator> make_mpi_communicator() {
-  return std::make_unique<MpiCommunicator>();
+  ensure_initialized();
+  return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
+}
+
+std::unique_ptr<Communicator> make_mpi_node_communicator() {
+  ensure_initialized();
+  int world_rank = 0;
+  INT4DDP_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank));
+  MPI_Comm node = MPI_COMM_NULL;
+  INT4DDP_MPI_CHECK(
+      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank, MPI_INFO_NULL, &node));
+  MPI_Comm_set_errhandler(node, MPI_ERRORS_RETURN);
+  try {
+    return std::make_unique<MpiCommunicator>(node);
+  } catch (...) {
+    MPI_Comm_free(&node);
+    throw;
+  }
 }
 
 void abort_world(int code) {

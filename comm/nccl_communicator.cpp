@@ -1,8 +1,8 @@
-// The NCCL Communicator (see nccl_communicator.h). The only file that calls NCCL.
+// The NCCL Communicator (see nccl_communicator.h). The only file that calls NCCL; it calls NCCL
+// and CUDA only (MPI through the Communicator interface).
 #include "comm/nccl_communicator.h"
 
 #include <cuda_runtime.h>
-#include <mpi.h>
 
 #include <algorithm>
 #include <cstring>
@@ -10,35 +10,77 @@
 #include <vector>
 
 #include "kernels/common/error.h"
+#include "kernels/quant/cuda/cuda_check.h"
 
-namespace int4ddp::comm {
+namespace int4ddp {
 
-namespace nccl_detail {
+namespace detail {
 
-void nccl_fail(ncclResult_t rc, ncclComm_t comm, const char* call, const char* file, int line) {
+std::string nccl_error_text(ncclResult_t rc, ncclComm_t comm) {
   std::string what = ncclGetErrorString(rc);
   const char* last = ncclGetLastError(comm);
   if (last && *last) what += std::string(" (") + last + ")";
-  ::int4ddp::cuda_detail::fail_call("NCCL", call, file, line, what);
+  return what;
 }
 
-}  // namespace nccl_detail
+}  // namespace detail
 
+namespace comm {
 namespace {
 
-// With the comm handle: NCCL's last-error text of that communicator.
-#define NCCL_CALL(comm, call)                                                             \
-  do {                                                                                    \
-    const ncclResult_t rc_ = (call);                                                      \
-    if (rc_ != ncclSuccess) nccl_detail::nccl_fail(rc_, comm, #call, __FILE__, __LINE__); \
+// NCCL reports failures of work already queued (a peer gone, a network error) asynchronously: a
+// check after waiting for the work, reporting the caller's file:line.
+#define INT4DDP_NCCL_CHECK_ASYNC(comm, what)                                          \
+  do {                                                                                \
+    ncclResult_t async_ = ncclSuccess;                                                \
+    INT4DDP_NCCL_CHECK_COMM(comm, ncclCommGetAsyncError(comm, &async_));              \
+    if (async_ != ncclSuccess)                                                        \
+      ::int4ddp::detail::fail_call("NCCL", what, __FILE__, __LINE__,                  \
+                                   ::int4ddp::detail::nccl_error_text(async_, comm)); \
   } while (0)
 
-// NCCL reports failures of work already queued (a peer gone, a network error) asynchronously.
-void check_async(ncclComm_t comm, const char* what) {
-  ncclResult_t async = ncclSuccess;
-  NCCL_CALL(comm, ncclCommGetAsyncError(comm, &async));
-  if (async != ncclSuccess) nccl_detail::nccl_fail(async, comm, what, __FILE__, __LINE__);
-}
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator();  // collective over MPI_COMM_WORLD
+  ~NcclCommunicator() override;
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const char* backend() const override { return "nccl"; }
+  bool device_buffers() const override { return true; }
+
+  void barrier() override;
+  void broadcast(void* buf, size_t bytes, int root) override;
+  void allreduce_sum(float* buf, int64_t count) override;
+  void allreduce_sum_i64(int64_t* buf, int64_t count) override;  // host memory (MPI)
+  void alltoallv(const void* send, const ByteLayout& send_layout, void* recv,
+                 const ByteLayout& recv_layout) override;
+  void allgatherv(const void* send, size_t send_bytes, void* recv,
+                  const ByteLayout& recv_layout) override;
+  void gatherv(const void* send, size_t send_bytes, void* recv, const ByteLayout& recv_layout,
+               int root) override;  // host memory (MPI)
+  std::unique_ptr<Request> iallreduce_sum(float* buf, int64_t count) override;
+  std::unique_ptr<Request> ialltoallv(const void* send, const ByteLayout& send_layout, void* recv,
+                                      const ByteLayout& recv_layout) override;
+  std::unique_ptr<Request> iallgatherv(const void* send, size_t send_bytes, void* recv,
+                                       const ByteLayout& recv_layout) override;
+
+ private:
+  void begin();                                        // hand-off from the default stream
+  void sync();                                         // wait for the NCCL stream, check errors
+  std::unique_ptr<Request> request(const char* what);  // event marking the queued work
+  void enqueue_alltoallv(const void* send, const ByteLayout& sl, void* recv, const ByteLayout& rl);
+  void enqueue_allgatherv(const void* send, size_t bytes, void* recv, const ByteLayout& rl);
+  void check_layout(const ByteLayout& l, const char* what) const;
+
+  std::unique_ptr<Communicator> mpi_;  // rendezvous and host-memory calls
+  int rank_ = 0, size_ = 1, device_ = 0;
+  ncclComm_t comm_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t ready_ = nullptr;
+};
 
 class NcclRequest final : public Request {
  public:
@@ -54,16 +96,16 @@ class NcclRequest final : public Request {
   }
   void wait() override {
     INT4DDP_CUDA_CHECK(cudaEventSynchronize(done_));
-    check_async(comm_, what_);
+    INT4DDP_NCCL_CHECK_ASYNC(comm_, what_);
   }
   bool test() override {
     const cudaError_t rc = cudaEventQuery(done_);
     if (rc == cudaErrorNotReady) {
-      check_async(comm_, what_);
+      INT4DDP_NCCL_CHECK_ASYNC(comm_, what_);
       return false;
     }
     INT4DDP_CUDA_CHECK(rc);
-    check_async(comm_, what_);
+    INT4DDP_NCCL_CHECK_ASYNC(comm_, what_);
     return true;
   }
 
@@ -72,23 +114,6 @@ class NcclRequest final : public Request {
   const char* what_;
   cudaEvent_t done_ = nullptr;
 };
-
-void mpi_check(int rc, const char* call) {
-  if (rc == MPI_SUCCESS) return;
-  char msg[MPI_MAX_ERROR_STRING] = {0};
-  int len = 0;
-  MPI_Error_string(rc, msg, &len);
-  ::int4ddp::cuda_detail::fail_call("MPI", call, __FILE__, __LINE__, std::string(msg, len));
-}
-
-// The node-local rank and size (ranks sharing memory with this one).
-void node_rank(int world_rank, MPI_Comm* node, int* local_rank, int* local_size) {
-  mpi_check(
-      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank, MPI_INFO_NULL, node),
-      "MPI_Comm_split_type");
-  mpi_check(MPI_Comm_rank(*node, local_rank), "MPI_Comm_rank");
-  mpi_check(MPI_Comm_size(*node, local_size), "MPI_Comm_size");
-}
 
 }  // namespace
 
@@ -99,27 +124,24 @@ NcclCommunicator::NcclCommunicator() : mpi_(make_mpi_communicator()) {
   // One GPU per rank: local rank i takes device i % count, and NCCL's "Duplicate GPU" failure is
   // turned into a message that says what to do. Every rank of the node sees the same bus ids, so
   // either all of them throw or none does.
-  MPI_Comm node = MPI_COMM_NULL;
-  int local_rank = 0, local_size = 1, ndev = 0;
-  node_rank(rank_, &node, &local_rank, &local_size);
+  const std::unique_ptr<Communicator> node = make_mpi_node_communicator();
+  const int local_rank = node->rank(), local_size = node->size();
+  int ndev = 0;
   const cudaError_t dc = cudaGetDeviceCount(&ndev);
   if (dc != cudaSuccess) ndev = 0;
-  int any_without = ndev == 0 ? 1 : 0;
-  mpi_check(MPI_Allreduce(MPI_IN_PLACE, &any_without, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD),
-            "MPI_Allreduce");
-  if (any_without) {
-    MPI_Comm_free(&node);
-    INT4DDP_FAIL("comm.backend = nccl: rank ", rank_, (ndev == 0 ? " sees" : ": some rank sees"),
-                 " no CUDA device (", cudaGetErrorString(dc), ")");
-  }
+  int64_t ranks_without = ndev == 0 ? 1 : 0;
+  mpi_->allreduce_sum_i64(&ranks_without, 1);
+  INT4DDP_CHECK(ranks_without == 0, "comm.backend = nccl: rank ", rank_,
+                (ndev == 0 ? " sees" : ": some rank sees"), " no CUDA device (",
+                cudaGetErrorString(dc), ")");
   device_ = local_rank % ndev;
   INT4DDP_CUDA_CHECK(cudaSetDevice(device_));
   char bus[32] = {0};
   INT4DDP_CUDA_CHECK(cudaDeviceGetPCIBusId(bus, sizeof(bus) - 1, device_));
   std::vector<char> all(static_cast<size_t>(local_size) * sizeof(bus));
-  mpi_check(MPI_Allgather(bus, sizeof(bus), MPI_CHAR, all.data(), sizeof(bus), MPI_CHAR, node),
-            "MPI_Allgather");
-  MPI_Comm_free(&node);
+  node->allgatherv(
+      bus, sizeof(bus), all.data(),
+      ByteLayout::packed(std::vector<size_t>(static_cast<size_t>(local_size), sizeof(bus))));
   std::set<std::string> distinct;
   for (int i = 0; i < local_size; ++i) distinct.insert(std::string(&all[i * sizeof(bus)]));
   INT4DDP_CHECK(static_cast<int>(distinct.size()) == local_size,
@@ -147,22 +169,17 @@ NcclCommunicator::~NcclCommunicator() {
 
 void NcclCommunicator::begin() {
   INT4DDP_CUDA_CHECK(cudaSetDevice(device_));
-  INT4DDP_CUDA_CHECK(cudaEventRecord(ready_, compute_));
+  INT4DDP_CUDA_CHECK(cudaEventRecord(ready_, nullptr));
   INT4DDP_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
 }
 
 void NcclCommunicator::sync() {
   INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  check_async(comm_, "ncclCommGetAsyncError after a collective");
+  INT4DDP_NCCL_CHECK_ASYNC(comm_, "a queued collective");
 }
 
 std::unique_ptr<Request> NcclCommunicator::request(const char* what) {
   return std::make_unique<NcclRequest>(comm_, stream_, what);
-}
-
-void NcclCommunicator::wait_on(cudaStream_t stream) {
-  INT4DDP_CUDA_CHECK(cudaEventRecord(ready_, stream_));
-  INT4DDP_CUDA_CHECK(cudaStreamWaitEvent(stream, ready_, 0));
 }
 
 void NcclCommunicator::check_layout(const ByteLayout& l, const char* what) const {
@@ -181,7 +198,8 @@ void NcclCommunicator::broadcast(void* buf, size_t bytes, int root) {
   INT4DDP_CHECK(root >= 0 && root < size_, "broadcast: root ", root, " out of range (", size_,
                 " ranks)");
   begin();
-  if (bytes > 0) NCCL_CALL(comm_, ncclBroadcast(buf, buf, bytes, ncclUint8, root, comm_, stream_));
+  if (bytes > 0)
+    INT4DDP_NCCL_CHECK_COMM(comm_, ncclBroadcast(buf, buf, bytes, ncclUint8, root, comm_, stream_));
   sync();
   if (rank_ == root) bytes_sent_ += bytes;
 }
@@ -194,8 +212,8 @@ std::unique_ptr<Request> NcclCommunicator::iallreduce_sum(float* buf, int64_t co
   INT4DDP_CHECK(count >= 0, "allreduce_sum: negative count ", count);
   begin();
   if (count > 0)
-    NCCL_CALL(comm_, ncclAllReduce(buf, buf, static_cast<size_t>(count), ncclFloat32, ncclSum,
-                                   comm_, stream_));
+    INT4DDP_NCCL_CHECK_COMM(comm_, ncclAllReduce(buf, buf, static_cast<size_t>(count), ncclFloat32,
+                                                 ncclSum, comm_, stream_));
   bytes_sent_ += static_cast<uint64_t>(2.0 * (size_ - 1) / size_ * 4.0 * count + 0.5);
   return request("ncclAllReduce");
 }
@@ -226,17 +244,19 @@ void NcclCommunicator::enqueue_alltoallv(const void* send, const ByteLayout& sl,
   if (sl.counts[me] > 0 && s + sl.displs[me] != r + rl.displs[me])
     INT4DDP_CUDA_CHECK(cudaMemcpyAsync(r + rl.displs[me], s + sl.displs[me], sl.counts[me],
                                        cudaMemcpyDeviceToDevice, stream_));
-  NCCL_CALL(comm_, ncclGroupStart());
+  INT4DDP_NCCL_CHECK_COMM(comm_, ncclGroupStart());
   for (int j = 0; j < size_; ++j) {
     if (j == rank_) continue;
     const size_t jj = static_cast<size_t>(j);
     if (sl.counts[jj] > 0)
-      NCCL_CALL(comm_, ncclSend(s + sl.displs[jj], sl.counts[jj], ncclUint8, j, comm_, stream_));
+      INT4DDP_NCCL_CHECK_COMM(
+          comm_, ncclSend(s + sl.displs[jj], sl.counts[jj], ncclUint8, j, comm_, stream_));
     if (rl.counts[jj] > 0)
-      NCCL_CALL(comm_, ncclRecv(r + rl.displs[jj], rl.counts[jj], ncclUint8, j, comm_, stream_));
+      INT4DDP_NCCL_CHECK_COMM(
+          comm_, ncclRecv(r + rl.displs[jj], rl.counts[jj], ncclUint8, j, comm_, stream_));
     if (j != rank_) bytes_sent_ += sl.counts[jj];
   }
-  NCCL_CALL(comm_, ncclGroupEnd());
+  INT4DDP_NCCL_CHECK_COMM(comm_, ncclGroupEnd());
 }
 
 void NcclCommunicator::alltoallv(const void* send, const ByteLayout& sl, void* recv,
@@ -265,20 +285,23 @@ void NcclCommunicator::enqueue_allgatherv(const void* send, size_t bytes, void* 
   begin();
   if (uniform) {
     // ncclAllGather takes the per-rank count; send may be recv + rank * bytes (in place).
-    if (bytes > 0) NCCL_CALL(comm_, ncclAllGather(send, recv, bytes, ncclUint8, comm_, stream_));
+    if (bytes > 0)
+      INT4DDP_NCCL_CHECK_COMM(comm_, ncclAllGather(send, recv, bytes, ncclUint8, comm_, stream_));
   } else {
     if (bytes > 0 && r + rl.displs[me] != send)
       INT4DDP_CUDA_CHECK(
           cudaMemcpyAsync(r + rl.displs[me], send, bytes, cudaMemcpyDeviceToDevice, stream_));
-    NCCL_CALL(comm_, ncclGroupStart());
+    INT4DDP_NCCL_CHECK_COMM(comm_, ncclGroupStart());
     for (int j = 0; j < size_; ++j) {
       if (j == rank_) continue;
       const size_t jj = static_cast<size_t>(j);
-      if (bytes > 0) NCCL_CALL(comm_, ncclSend(send, bytes, ncclUint8, j, comm_, stream_));
+      if (bytes > 0)
+        INT4DDP_NCCL_CHECK_COMM(comm_, ncclSend(send, bytes, ncclUint8, j, comm_, stream_));
       if (rl.counts[jj] > 0)
-        NCCL_CALL(comm_, ncclRecv(r + rl.displs[jj], rl.counts[jj], ncclUint8, j, comm_, stream_));
+        INT4DDP_NCCL_CHECK_COMM(
+            comm_, ncclRecv(r + rl.displs[jj], rl.counts[jj], ncclUint8, j, comm_, stream_));
     }
-    NCCL_CALL(comm_, ncclGroupEnd());
+    INT4DDP_NCCL_CHECK_COMM(comm_, ncclGroupEnd());
   }
   // As the MPI backend counts it: (N-1)/N of the gathered total.
   bytes_sent_ += static_cast<uint64_t>(static_cast<double>(rl.total()) * (size_ - 1) / size_ + 0.5);
@@ -300,4 +323,5 @@ std::unique_ptr<Communicator> make_nccl_communicator() {
   return std::make_unique<NcclCommunicator>();
 }
 
-}  // namespace int4ddp::comm
+}  // namespace comm
+}  // namespace int4ddp

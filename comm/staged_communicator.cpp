@@ -26,6 +26,18 @@ size_t extent(const ByteLayout& l) {
   return e;
 }
 
+// buf (pinned, cap bytes) grown to at least `bytes`; its contents are not kept.
+uint8_t* grow_pinned(uint8_t*& buf, size_t& cap, size_t bytes) {
+  if (bytes > cap) {
+    if (buf) INT4DDP_CUDA_CHECK(cudaFreeHost(buf));
+    buf = nullptr;
+    cap = 0;
+    INT4DDP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&buf), bytes, cudaHostAllocDefault));
+    cap = bytes;
+  }
+  return buf;
+}
+
 }  // namespace
 
 StagedCommunicator::StagedCommunicator(std::unique_ptr<Communicator> host)
@@ -47,32 +59,16 @@ StagedCommunicator::~StagedCommunicator() {
 }
 
 void StagedCommunicator::wait_for_compute() {
-  INT4DDP_CUDA_CHECK(cudaEventRecord(ready_, compute_));
+  INT4DDP_CUDA_CHECK(cudaEventRecord(ready_, nullptr));
   INT4DDP_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
 }
 
 uint8_t* StagedCommunicator::host_send(size_t bytes) {
-  if (bytes > send_cap_) {
-    if (send_h_) INT4DDP_CUDA_CHECK(cudaFreeHost(send_h_));
-    send_h_ = nullptr;
-    send_cap_ = 0;
-    INT4DDP_CUDA_CHECK(
-        cudaHostAlloc(reinterpret_cast<void**>(&send_h_), bytes, cudaHostAllocDefault));
-    send_cap_ = bytes;
-  }
-  return send_h_;
+  return grow_pinned(send_h_, send_cap_, bytes);
 }
 
 uint8_t* StagedCommunicator::host_recv(size_t bytes) {
-  if (bytes > recv_cap_) {
-    if (recv_h_) INT4DDP_CUDA_CHECK(cudaFreeHost(recv_h_));
-    recv_h_ = nullptr;
-    recv_cap_ = 0;
-    INT4DDP_CUDA_CHECK(
-        cudaHostAlloc(reinterpret_cast<void**>(&recv_h_), bytes, cudaHostAllocDefault));
-    recv_cap_ = bytes;
-  }
-  return recv_h_;
+  return grow_pinned(recv_h_, recv_cap_, bytes);
 }
 
 void StagedCommunicator::to_host(void* dst, const void* src, size_t bytes) {
@@ -173,10 +169,6 @@ std::unique_ptr<Request> StagedCommunicator::iallgatherv(const void* send, size_
                                                          void* recv, const ByteLayout& rl) {
   allgatherv(send, send_bytes, recv, rl);
   return std::make_unique<DoneRequest>();
-}
-
-std::unique_ptr<Communicator> make_staged_mpi_communicator() {
-  return std::make_unique<StagedCommunicator>(make_mpi_communicator());
 }
 
 }  // namespace int4ddp::comm

@@ -5,9 +5,8 @@
 // stream, runs the host transport's collective there, and copies the result back; it returns when
 // the result is in device memory (the nonblocking variants complete before they return). The
 // host-memory calls (allreduce_sum_i64, gatherv) and barrier go straight to the host transport.
-// Ordering with the caller's kernels: the copies wait for an event recorded on the compute stream
-// (set_compute_stream; by default the legacy default stream), so work queued there before a call
-// is visible to it.
+// Ordering with the caller's kernels: the copies wait for an event recorded on the legacy default
+// stream, so work queued there before a call is visible to it.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -47,10 +46,6 @@ class StagedCommunicator final : public Communicator {
   std::unique_ptr<Request> iallgatherv(const void* send, size_t send_bytes, void* recv,
                                        const ByteLayout& recv_layout) override;
 
-  // The stream whose queued work every staged call waits for (nullptr: legacy default stream).
-  void set_compute_stream(cudaStream_t stream) { compute_ = stream; }
-  Communicator& host() { return *host_; }
-
  private:
   void wait_for_compute();
   uint8_t* host_send(size_t bytes);  // pinned staging buffers, grown on demand
@@ -65,14 +60,10 @@ class StagedCommunicator final : public Communicator {
 
   std::unique_ptr<Communicator> host_;
   cudaStream_t stream_ = nullptr;
-  cudaStream_t compute_ = nullptr;
   cudaEvent_t ready_ = nullptr;
   uint8_t* send_h_ = nullptr;
   uint8_t* recv_h_ = nullptr;
   size_t send_cap_ = 0, recv_cap_ = 0;
 };
-
-// The staging adapter over MPI_COMM_WORLD (make_mpi_communicator()).
-std::unique_ptr<Communicator> make_staged_mpi_communicator();
 
 }  // namespace int4ddp::comm

@@ -4,7 +4,7 @@
 //   3. quantize each chunk j of v with per-block scales (c = gamma * max|block|), stochastic
 //      rounding keyed (seed, stream = 65536 rank + j, step, tensor_id = 2 bucket), element index
 //      relative to the chunk; e_w <- v - Q(v)
-//   4. all-to-all: chunk j's codes + scales (+ a 32-byte stats trailer) go to rank j
+//   4. all-to-all: chunk j's message (MessageLayout: codes, scales, stats) goes to rank j
 //   5. owner r: dequantize the N versions of chunk r, sum in FP32 in rank order, divide by N, add
 //      its server error e_s, requantize once (key: stream = 65536 r + r, tensor_id = 2 bucket + 1,
 //      element index relative to the chunk), e_s <- m - Q(m)
@@ -13,17 +13,22 @@
 // Each element is quantized exactly twice whatever N is. Bytes on the wire per rank:
 //   2 (N-1)/N (n b/8 + 4 n/G)  (+ 32 bytes of stats per message). At most 65536 ranks.
 //
-// The stats trailer (StatsTrailer) carries (clipped, count, nonfinite, absmax) of the quantization
-// that made the message; owners sum the worker trailers of their chunk and add their own
-// requantization, so after the all-gather every rank holds the same global clip fraction and
-// non-finite count. The `lbt` gamma of a bucket follows that global clip fraction and is therefore
-// identical on every rank.
+// The stats trailer (a quant::QuantStats record, 32 bytes) carries (clipped, count, nonfinite,
+// absmax) of the quantization that made the message; owners sum the worker trailers of their chunk
+// and add their own requantization, so after the all-gather every rank holds the same global clip
+// fraction and non-finite count. The `lbt` gamma of a bucket follows that global clip fraction and
+// is therefore identical on every rank.
 //
 // A step is provisional until commit(): the error-feedback buffers and the interval policy move to
 // their new state only with commit(true) (the trainer skips steps with non-finite gradients on
 // every rank and then calls commit(false)).
 //
 // Mode fp32 (bits = 32) is a plain allreduce_sum / N with no state.
+//
+// TwoShotPlan holds what the host (TwoShotAllreduce, here) and the device (TwoShotAllreduceCuda,
+// comm/two_shot_cuda.h) versions share: chunking, message layouts, Philox keys, the interval
+// policy, the pending stats of a step and its commit, and the checkpoint blob. The two versions
+// differ only in their loops or kernels and in where their buffers live.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +40,9 @@
 #include "kernels/quant/policy.h"
 
 namespace int4ddp::comm {
+
+constexpr int kFp32Bits = 32;                // CompressConfig::bits of the uncompressed mode
+constexpr uint32_t kStreamsPerRank = 65536;  // Philox stream = kStreamsPerRank * rank + chunk
 
 struct CompressConfig {
   int bits = 4;                                             // 4, 8 (any 2..8 works), 32 = fp32
@@ -57,55 +65,124 @@ struct ChunkRange {
 };
 ChunkRange chunk_range(int64_t n, int64_t block_size, int ranks, int r);
 
-// Message of one chunk: packed codes, then fp32 scales (one per block), then this trailer (copied
-// with memcpy: the message is not aligned).
-struct StatsTrailer {
-  int64_t clipped = 0, count = 0, nonfinite = 0;
-  float absmax = 0.0f;
-  uint32_t reserved = 0;
+// The message of one chunk of `count` elements, a byte stream with no alignment:
+//   packed codes (quant::packed_bytes) | fp32 scales, one per block | QuantStats (32 bytes)
+// The codes of the chunk's elements from o on (o a multiple of G, so even) start at byte
+// quant::packed_bytes(bits, o). Copy the scales and the stats with memcpy.
+struct MessageLayout {
+  int64_t count = 0;       // elements
+  int64_t num_scales = 0;  // quant::num_scales(count, G); 0 for an empty chunk
+  size_t scales_at = 0;    // byte offset of the scales (= the code bytes)
+  size_t stats_at = 0;     // byte offset of the stats record
+  size_t bytes = 0;        // the whole message
+  size_t scale_bytes() const { return static_cast<size_t>(num_scales) * sizeof(float); }
 };
-constexpr size_t kStatsTrailerBytes = sizeof(StatsTrailer);
-static_assert(kStatsTrailerBytes == 32, "the trailer is part of the wire format");
+MessageLayout message_layout(int bits, int64_t count, int64_t block_size);
 
-// a <- a + b: counts add, absmax is the larger.
-void add_trailer(StatsTrailer& a, const StatsTrailer& b);
-StatsTrailer to_trailer(const quant::QuantStats& s);
-quant::QuantStats to_quant_stats(const StatsTrailer& t);
-struct BucketStats;
-// st.count, clipped, nonfinite <- the step's global figures (the sum of the gathered trailers).
-void set_global_stats(const StatsTrailer& global, BucketStats& st);
-size_t chunk_message_bytes(int bits, int64_t count, int64_t block_size);
-
-// Wire bytes per rank predicted by DESIGN.md for a bucket of n floats (without the trailers).
-double predicted_wire_bytes(int bits, int64_t n, int64_t block_size, int ranks);
+// Wire bytes per rank modelled by DESIGN.md for a bucket of n floats (without the stats records):
+// 2 (N-1)/N (n b/8 + 4 n/G), or the ring's 2 (N-1)/N 4n in fp32 mode.
+double modelled_wire_bytes(int bits, int64_t n, int64_t block_size, int ranks);
 
 struct BucketStats {
   int64_t count = 0;         // elements quantized in steps 3 and 5, over all ranks
   int64_t clipped = 0;       // of those, clipped
   int64_t nonfinite = 0;     // NaN/Inf in any rank's input (the result is then not usable)
   float gamma = 1.0f;        // the gamma used this step
-  uint64_t wire_bytes = 0;   // bytes this rank sent
+  uint64_t wire_bytes = 0;   // bytes this rank sent (Communicator::bytes_sent)
   double quant_seconds = 0;  // time in quantize / dequantize / reduce on this rank
   double comm_seconds = 0;   // time in the collectives
   double clip_fraction() const { return count ? static_cast<double>(clipped) / count : 0.0; }
 };
 
-// The per-bucket checkpoint blob, shared by the host and the CUDA two-shot (host byte order):
-//   u64 magic "4I2S" | u64 count | u64 |e_w| | u64 |e_s| | e_w floats | e_s floats | policy state
-// (no policy state in fp32 mode). pack_ copies from host arrays; parse_ checks the header against
-// what this bucket expects and returns where the pieces are.
-std::vector<uint8_t> pack_two_shot_state(int64_t count, const float* ew, size_t ew_n,
-                                         const float* es, size_t es_n,
-                                         const quant::IntervalPolicy* policy);
+// Where the error-feedback floats of a checkpoint blob are (unaligned: memcpy them).
 struct TwoShotStateView {
-  const float* ew = nullptr;  // ew_n floats (unaligned: memcpy them)
-  const float* es = nullptr;  // es_n floats
+  const float* ew = nullptr;  // worker_ef_size() floats
+  const float* es = nullptr;  // server_ef_size() floats
 };
-// Loads the policy state into `policy` (when not null) and returns the error-feedback pieces.
-TwoShotStateView parse_two_shot_state(const std::vector<uint8_t>& blob, int64_t count, size_t ew_n,
-                                      size_t es_n, quant::IntervalPolicy* policy);
 
-class TwoShotAllreduce {
+// The shared part of the host and device two-shot of one bucket on one rank.
+class TwoShotPlan {
+ public:
+  // Validates cfg; throws Error for a negative count or more than kStreamsPerRank ranks.
+  TwoShotPlan(const CompressConfig& cfg, int64_t count, uint32_t bucket_id, int ranks, int rank);
+
+  const CompressConfig& config() const { return cfg_; }
+  bool fp32() const { return cfg_.bits == kFp32Bits; }
+  int64_t count() const { return count_; }
+  int ranks() const { return ranks_; }
+  int rank() const { return rank_; }
+
+  // Chunk j (elements of the bucket) and its message; own() is this rank's chunk.
+  const ChunkRange& chunk(int j) const { return chunks_[static_cast<size_t>(j)]; }
+  const ChunkRange& own() const { return chunk(rank_); }
+  const MessageLayout& message(int j) const { return messages_[static_cast<size_t>(j)]; }
+  const MessageLayout& own_message() const { return message(rank_); }
+  // All-to-all: chunk j's message to rank j; every rank's message of the own chunk. All-gather:
+  // every chunk's requantized message.
+  const ByteLayout& send_layout() const { return send_layout_; }
+  const ByteLayout& recv_layout() const { return recv_layout_; }
+  const ByteLayout& gather_layout() const { return send_layout_; }
+  // Chunk j's scales in an aligned array of every chunk's scales (total_scales() floats).
+  int64_t scale_offset(int j) const { return scale_offsets_[static_cast<size_t>(j)]; }
+  int64_t total_scales() const { return scale_offsets_.back(); }
+  // Error-feedback floats kept by this rank (0 when switched off or in fp32 mode).
+  size_t worker_ef_size() const;
+  size_t server_ef_size() const;
+
+  float gamma() const { return policy_ ? policy_->gamma() : 1.0f; }
+  // The quantizer of one run(): bits, rounding, this step's gamma, G, seed and step.
+  quant::QuantParams step_params(uint32_t step) const;
+  // p keyed for step 3 (quantize chunk j of this rank's v) and step 5 (the owner's requantization).
+  quant::QuantParams worker_params(quant::QuantParams p, int j) const;
+  quant::QuantParams owner_params(quant::QuantParams p) const;
+
+  // End of a run(): st.count, clipped, nonfinite <- the global stats (the sum of the gathered
+  // trailers; fp32 mode: count only), kept for commit(); st.wire_bytes <- wire_bytes.
+  void finish_run(const quant::QuantStats& global, uint64_t wire_bytes, BucketStats& st);
+  // Accept (true) or drop (false) the last run's updates: returns true when the caller must adopt
+  // the run's new error-feedback buffers; the interval policy observes the step here.
+  bool commit(bool apply);
+
+  // The per-bucket checkpoint blob (host byte order):
+  //   u64 magic "4I2S" | u64 count | u64 |e_w| | u64 |e_s| | e_w floats | e_s floats | policy state
+  // (no policy state in fp32 mode). ew, es: host arrays of worker_ef_size(), server_ef_size().
+  std::vector<uint8_t> save_state(const float* ew, const float* es) const;
+  // Checks the blob against this bucket (throws Error on a mismatch), loads the policy state,
+  // drops a pending step and returns where the error-feedback floats are.
+  TwoShotStateView load_state(const std::vector<uint8_t>& blob);
+
+ private:
+  CompressConfig cfg_;
+  int64_t count_;
+  uint32_t bucket_id_;
+  int ranks_, rank_;
+  std::unique_ptr<quant::IntervalPolicy> policy_;  // null in fp32 mode
+  std::vector<ChunkRange> chunks_;
+  std::vector<MessageLayout> messages_;
+  std::vector<int64_t> scale_offsets_;  // ranks + 1 prefix sums
+  ByteLayout send_layout_, recv_layout_;
+  bool pending_ = false;
+  quant::QuantStats pending_stats_;  // global stats of the last run(), for the policy
+};
+
+// What the host and the device two-shot of one bucket have in common: the communicator and the
+// plan, and the accessors that read them.
+class TwoShotBase {
+ public:
+  int64_t count() const { return plan_.count(); }
+  float gamma() const { return plan_.gamma(); }
+  const CompressConfig& config() const { return plan_.config(); }
+
+ protected:
+  TwoShotBase(Communicator& comm, const CompressConfig& cfg, int64_t count, uint32_t bucket_id)
+      : comm_(comm), plan_(cfg, count, bucket_id, comm.size(), comm.rank()) {}
+  ~TwoShotBase() = default;
+
+  Communicator& comm_;
+  TwoShotPlan plan_;
+};
+
+class TwoShotAllreduce final : public TwoShotBase {
  public:
   // A bucket of `count` floats with id bucket_id (keys the rounding). Allocates its buffers once.
   TwoShotAllreduce(Communicator& comm, const CompressConfig& cfg, int64_t count,
@@ -113,34 +190,21 @@ class TwoShotAllreduce {
 
   // In place: x <- the compressed mean over ranks of x (count floats, host memory).
   BucketStats run(float* x, uint32_t step);
-
   // Accept (true) or drop (false) the error-feedback and gamma updates of the last run().
   void commit(bool apply);
-
-  int64_t count() const { return count_; }
-  float gamma() const;
-  const CompressConfig& config() const { return cfg_; }
-
   // Error-feedback buffers and policy state, for checkpoints (per rank).
   std::vector<uint8_t> save_state() const;
   void load_state(const std::vector<uint8_t>& blob);  // throws Error on a mismatched blob
 
  private:
-  Communicator& comm_;
-  CompressConfig cfg_;
-  int64_t count_;
-  uint32_t bucket_id_;
-  std::unique_ptr<quant::IntervalPolicy> policy_;
-  std::vector<float> ew_, ew_next_;  // worker error (count_)
+  std::vector<float> ew_, ew_next_;  // worker error (count)
   std::vector<float> es_, es_next_;  // server error (own chunk)
   int64_t tile_ = 0;                 // elements per tile of the fused passes (whole blocks)
-  std::vector<float> v_;             // tile: g + e_w, then the owner's mean
-  std::vector<uint8_t> send_, recv_, gathered_;
-  std::vector<float> tmp_, scale_tmp_, rank_scales_;
-  std::vector<uint8_t> own_copy_;
-  ByteLayout send_layout_, recv_layout_, gather_layout_;
-  bool pending_ = false;
-  quant::QuantStats pending_stats_;  // global stats of the last run(), for the policy
+  std::vector<float> v_;             // (tile) g + e_w, then the owner's mean
+  std::vector<float> tmp_;           // (tile) dequantized values
+  std::vector<float> scales_;        // (plan_.total_scales()) aligned scales of every chunk
+  std::vector<float> rank_scales_;   // (N x own scales) aligned scales of the received messages
+  std::vector<uint8_t> send_, recv_, gathered_, own_copy_;  // the plan's byte layouts
 };
 
 }  // namespace int4ddp::comm

@@ -1,10 +1,10 @@
-// The two-shot compressed all-reduce on DEVICE buffers: the algorithm, keys, chunking, wire format
-// and state of comm/two_shot.h (TwoShotAllreduce), with the quantizer on the GPU
+// The two-shot compressed all-reduce on DEVICE buffers: the plan of comm/two_shot.h (TwoShotPlan:
+// algorithm, keys, chunking, wire format and state), with the quantizer on the GPU
 // (kernels/quant/cuda/codec_cuda.h). For the same inputs, keys and state every rank ends with the
 // same bits as the host version, and save_state() blobs are interchangeable with it.
 //
-// Transport: any Communicator with device_buffers(): NCCL (NcclCommunicator), or MPI staged
-// through pinned host memory (StagedCommunicator, make_staged_mpi_communicator()).
+// Transport: any Communicator with device_buffers(): NCCL (make_nccl_communicator()), or MPI
+// staged through pinned host memory (StagedCommunicator over make_mpi_communicator()).
 //
 // Streams: run() enqueues on `stream` (the constructor's; nullptr is the legacy default stream),
 // so x may be produced by kernels queued there. It waits for the stream before each collective
@@ -21,11 +21,10 @@
 #include "comm/communicator.h"
 #include "comm/two_shot.h"
 #include "kernels/quant/cuda/codec_cuda.h"
-#include "kernels/quant/policy.h"
 
 namespace int4ddp::comm {
 
-class TwoShotAllreduceCuda {
+class TwoShotAllreduceCuda final : public TwoShotBase {
  public:
   TwoShotAllreduceCuda(Communicator& comm, const CompressConfig& cfg, int64_t count,
                        uint32_t bucket_id, cudaStream_t stream = nullptr);
@@ -38,10 +37,6 @@ class TwoShotAllreduceCuda {
   // Accept (true) or drop (false) the error-feedback and gamma updates of the last run().
   void commit(bool apply);
 
-  int64_t count() const { return count_; }
-  float gamma() const;
-  const CompressConfig& config() const { return cfg_; }
-
   // The host version's blob format (header, e_w, e_s, policy state).
   std::vector<uint8_t> save_state() const;
   void load_state(const std::vector<uint8_t>& blob);
@@ -51,32 +46,22 @@ class TwoShotAllreduceCuda {
   T* device_alloc(size_t count);
   void sync();
 
-  Communicator& comm_;
-  CompressConfig cfg_;
-  int64_t count_;
-  uint32_t bucket_id_;
   cudaStream_t stream_;
-  std::unique_ptr<quant::IntervalPolicy> policy_;
-  ChunkRange own_;
-  ByteLayout send_layout_, recv_layout_, gather_layout_;
-  std::vector<int64_t> scale_offsets_;  // first scale of chunk j in scales_ (aligned scratch)
   // Device buffers (sizes in elements of their type).
-  float* ew_ = nullptr;          // (count) worker error, when worker_error_feedback
-  float* ew_next_ = nullptr;     // (count)
-  float* es_ = nullptr;          // (own chunk) server error, when server_error_feedback
-  float* es_next_ = nullptr;     // (own chunk)
-  float* v_ = nullptr;           // (count) g + e_w
-  float* tmp_ = nullptr;         // (count) dequantized worker messages
-  float* scales_ = nullptr;      // (num scales of the bucket) aligned scale scratch
-  uint8_t* send_ = nullptr;      // (send_layout_.total()) worker messages
-  uint8_t* recv_ = nullptr;      // (recv_layout_.total()) messages of the own chunk
-  uint8_t* gathered_ = nullptr;  // (gather_layout_.total()) requantized chunks
-  uint8_t* own_copy_ = nullptr;  // (own message) all-gather send buffer
-  quant::cuda::DeviceQuantStats* stats_ = nullptr;  // (N + 1): worker chunks, owner
-  StatsTrailer* trailers_h_ = nullptr;  // (N) pinned host copies of the gathered trailers
+  float* ew_ = nullptr;                      // (count) worker error, when worker_error_feedback
+  float* ew_next_ = nullptr;                 // (count)
+  float* es_ = nullptr;                      // (own chunk) server error, when server_error_feedback
+  float* es_next_ = nullptr;                 // (own chunk)
+  float* v_ = nullptr;                       // (count) g + e_w
+  float* tmp_ = nullptr;                     // (count) dequantized worker messages
+  float* scales_ = nullptr;                  // (plan_.total_scales()) aligned scales of every chunk
+  uint8_t* send_ = nullptr;                  // (send_layout().total()) worker messages
+  uint8_t* recv_ = nullptr;                  // (recv_layout().total()) messages of the own chunk
+  uint8_t* gathered_ = nullptr;              // (gather_layout().total()) requantized chunks
+  uint8_t* own_copy_ = nullptr;              // (own message) all-gather send buffer
+  quant::QuantStats* stats_ = nullptr;       // (N + 1): worker chunks, owner
+  quant::QuantStats* gathered_h_ = nullptr;  // (N) pinned host copies of the gathered stats
   std::vector<void*> allocations_;
-  bool pending_ = false;
-  quant::QuantStats pending_stats_;
 };
 
 }  // namespace int4ddp::comm

@@ -7,25 +7,31 @@
 //
 // Timing: every iteration restores the input (untimed), passes a barrier, and times run() on each
 // rank; an iteration's time is the maximum over ranks and `time` is the median over iterations.
-// algbw_eff = 4 n / time (logical fp32 bytes), busbw_eff = algbw_eff * 2 (N-1) / N. Each iteration
-// is an independent first step: commit(false) keeps the error-feedback buffers zero and gamma at 1
+// algbw_eff = 4 n / time (logical fp32 bytes), busbw_eff = algbw_eff * 2 (N-1) / N. With --policy
+// lbt every iteration commits its step, as training does: gamma follows the sign rule and the
+// error feedback carries over (the row prints the gamma reached). With minmax and fixed each
+// iteration is an independent first step: commit(false) keeps the error-feedback buffers zero
 // (the quantize and error-feedback work is done and timed all the same).
 //
 // quant / coll: the part of a run() spent quantizing, dequantizing and reducing (error feedback
 // included) and the part inside collectives (median over iterations, slowest rank).
 //
-// Wire bytes: what this rank put on the wire during run() (Communicator::bytes_sent; maximum over
-// ranks) beside predicted_wire_bytes() = 2 (N-1)/N (n b/8 + 4 n/G) and their difference in %.
+// Wire bytes, both MODELLED (nothing here measures an interface): wire_mod = what this rank handed
+// to the collectives during run() as Communicator::bytes_sent counts it (all-to-all payload to
+// other ranks, (N-1)/N of an all-gather, 2 (N-1)/N of a ring all-reduce; maximum over ranks),
+// beside formula_mod = modelled_wire_bytes() = 2 (N-1)/N (n b/8 + 4 n/G), and their difference
+// in %.
 //
 // Checks (on by default): rel_err = ||out - mean|| / ||mean|| on the random timing data against the
 // exact mean (accumulated in double from every rank's input, which every rank can regenerate:
 // inputs are a hash of (seed, rank, index)); #wrong = elements (summed over ranks) that differ from
-// the exact mean on grid-valued inputs whose compressed mean is exact by construction (the
-// construction of tests/test_comm.cpp), plus one per rank whose compressed output differs from
-// rank 0's. Any #wrong > 0 makes the exit status non-zero.
+// the exact mean on grid-valued inputs whose compressed mean is exact by construction
+// (tests/verifiable.h; run on a fresh bucket: gamma 1, no error feedback yet), plus one per rank
+// whose compressed output differs from rank 0's. Any #wrong > 0 makes the exit status non-zero.
 //
 // Output on rank 0 only: a table, then one JSON line
-//   {"bench":"allreduce","ranks":N,"rows":[{"mode","bytes","time_s","wire_bytes","rel_err","wrong"},...]}
+//   {"bench":"allreduce","ranks":N,"block_size":G,"policy":P,"rows":[{"mode","bytes","time_s",
+//    "gamma","wire_bytes_modelled","formula_wire_bytes_modelled","rel_err","wrong"},...]}
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -39,68 +45,28 @@
 
 #include "comm/communicator.h"
 #include "comm/two_shot.h"
+#include "kernels/common/clock.h"
 #include "kernels/common/error.h"
 #include "kernels/quant/codec.h"
 #include "kernels/quant/format.h"
 #include "kernels/quant/policy.h"
+#include "tests/verifiable.h"
 
 using namespace int4ddp;
 using namespace int4ddp::comm;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-constexpr int kFp32Bits = 32;
-
-// ---- inputs: a hash of (seed, rank, index), so every rank can regenerate every rank's input ----
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-uint64_t hash3(uint64_t seed, int rank, int64_t i) {
-  return splitmix64(seed ^
-                    splitmix64((static_cast<uint64_t>(rank) << 44) ^ static_cast<uint64_t>(i)));
-}
-
+// ---- inputs (tests/verifiable.h): every rank can regenerate every rank's input ----------------
 // Gradient-like: uniform in [-1, 1) times a scale that changes every 512 elements (2^-6 .. 2^2).
 float random_value(uint64_t seed, int rank, int64_t i) {
-  const uint64_t h = hash3(seed, rank, i);
-  const float u = static_cast<float>(static_cast<double>(h >> 11) * 0x1.0p-52 - 1.0);
-  return std::ldexp(u, static_cast<int>((i / 512) % 9) - 6);
+  return std::ldexp(test::uniform(seed, rank, i), static_cast<int>((i / 512) % 9) - 6);
 }
 
-// Grid-valued inputs (see tests/test_comm.cpp, grid_mean): the exact mean is k_i d_b with a
-// power-of-two step per block of G, the block's first element the largest code; rank r holds
-// c_r k_i d_b with c_r = 1 + (2r - (N-1)) / 32 (sum N). Stochastic rounding keeps the codes
-// {-1, 0, L} (floor(k + u) is exact in float only for those); nearest uses all of -L..L.
+// The exact grid-valued mean (tests/verifiable.h); fp32 mode uses the int8 grid (any small dyadic
+// values are exact).
 float grid_mean_value(uint64_t seed, int64_t i, int64_t G, int bits, bool stochastic) {
-  if (bits == kFp32Bits) bits = 8;  // fp32: any small dyadic values are exact
-  const int L = quant::levels(bits);
-  const int64_t b = i / G;
-  const float d = std::ldexp(1.0f, static_cast<int>(b % 7) - 4);
-  int code;
-  if (b % 5 == 4) {
-    code = 0;
-  } else if (i % G == 0) {
-    code = stochastic ? L : ((b % 2) ? -L : L);
-  } else {
-    const uint64_t h = hash3(seed, 999, i);
-    code = stochastic ? (h % 3 == 0 ? -1 : (h % 3 == 1 ? 0 : L))
-                      : static_cast<int>(h % static_cast<uint64_t>(2 * L + 1)) - L;
-  }
-  return static_cast<float>(code) * d;
-}
-float rank_factor(int r, int ranks) {
-  return 1.0f + static_cast<float>(2 * r - (ranks - 1)) / 32.0f;
-}
-
-uint64_t fnv1a(const void* p, size_t n) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  const auto* b = static_cast<const uint8_t*>(p);
-  for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ull;
-  return h;
+  return test::grid_mean_value(seed, i, G, bits == kFp32Bits ? 8 : bits, stochastic);
 }
 
 // ---- small collectives on top of the Communicator --------------------------------------------
@@ -158,8 +124,9 @@ struct Row {
   int64_t count = 0;
   double time_s = 0;
   double quant_s = 0, comm_s = 0;  // median over iterations, maximum over ranks
-  uint64_t wire_bytes = 0;
-  double predicted = 0;
+  float gamma = 1.0f;              // after the timed iterations
+  uint64_t wire_bytes = 0;         // modelled: Communicator::bytes_sent, maximum over ranks
+  double predicted = 0;            // modelled: modelled_wire_bytes()
   double rel_err = -1;
   int64_t wrong = -1;
 };
@@ -186,12 +153,13 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
   cfg.policy.kind = quant::parse_policy_kind(o.policy);
   cfg.seed = static_cast<uint32_t>(o.seed);
   TwoShotAllreduce ts(comm, cfg, n, 0);
+  const bool commit_steps = cfg.policy.kind == quant::PolicyKind::kLbt;
 
   Row row;
   row.mode = mode.name;
   row.bytes = static_cast<uint64_t>(n) * sizeof(float);
   row.count = n;
-  row.predicted = predicted_wire_bytes(mode.bits, n, o.block_size, N);
+  row.predicted = modelled_wire_bytes(mode.bits, n, o.block_size, N);
 
   std::vector<double> times, quant_times, comm_times;
   uint64_t wire = 0;
@@ -200,8 +168,8 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
     comm.barrier();
     const auto t0 = Clock::now();
     const BucketStats st = ts.run(work.data(), static_cast<uint32_t>(it));
-    const double t = std::chrono::duration<double>(Clock::now() - t0).count();
-    ts.commit(false);
+    const double t = seconds_since(t0);
+    ts.commit(commit_steps);
     if (it >= o.warmup) {
       times.push_back(t);
       quant_times.push_back(st.quant_seconds);
@@ -221,6 +189,7 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
     }
   const std::vector<uint64_t> wires = allgather_u64(comm, wire);
   row.wire_bytes = *std::max_element(wires.begin(), wires.end());
+  row.gamma = ts.gamma();
   if (me == 0 && !times.empty()) {
     std::vector<double> slowest(times.size(), 0.0);
     for (int r = 0; r < N; ++r)
@@ -234,7 +203,7 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
   // ranks (compressed modes must be bit-identical), so each rank checks a slice.
   int64_t wrong = 0;
   const std::vector<uint64_t> hashes =
-      allgather_u64(comm, fnv1a(work.data(), static_cast<size_t>(n) * sizeof(float)));
+      allgather_u64(comm, test::fnv1a(work.data(), static_cast<size_t>(n) * sizeof(float)));
   if (mode.bits != kFp32Bits) wrong += hashes[static_cast<size_t>(me)] != hashes[0];
   std::vector<double> sums(2, 0.0);  // ||out - mean||^2, ||mean||^2 over this rank's slice
   const int64_t lo = n * me / N, hi = n * (me + 1) / N;
@@ -256,19 +225,20 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
     row.rel_err = m2 > 0 ? std::sqrt(e2 / m2) : 0.0;
   }
 
-  // #wrong on grid-valued inputs (exact only with gamma = 1: not under --policy fixed).
-  if (cfg.bits != kFp32Bits && ts.gamma() != 1.0f) {
+  // #wrong on grid-valued inputs, on a fresh bucket (exact only with gamma = 1 and no error
+  // feedback yet: not under --policy fixed).
+  TwoShotAllreduce fresh(comm, cfg, n, 0);
+  if (cfg.bits != kFp32Bits && fresh.gamma() != 1.0f) {
     comm.allreduce_sum_i64(&wrong, 1);
     row.wrong = wrong > 0 ? wrong : -1;
     return row;
   }
   const bool stochastic = cfg.rounding == quant::Rounding::kStochastic;
-  const float c = rank_factor(me, N);
+  const float c = test::rank_factor(me, N);
   for (int64_t i = 0; i < n; ++i)
     work[static_cast<size_t>(i)] =
         c * grid_mean_value(o.seed, i, o.block_size, mode.bits, stochastic);
-  ts.run(work.data(), 0);
-  ts.commit(false);
+  fresh.run(work.data(), 0);
   for (int64_t i = 0; i < n; ++i) {
     const float want = grid_mean_value(o.seed, i, o.block_size, mode.bits, stochastic);
     wrong += std::memcmp(&want, &work[static_cast<size_t>(i)], sizeof want) != 0;
@@ -334,12 +304,13 @@ int main(int argc, char** argv) {
           "algbw = 4n/t, busbw = algbw * 2(N-1)/N\n",
           o.iters, o.warmup);
       std::printf(
-          "# wire: bytes sent per rank (max over ranks), predicted = 2(N-1)/N (n b/8 + 4n/G)\n");
-      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %12s %12s %7s %10s %7s\n", "size",
+          "# wire bytes per rank are MODELLED, not measured: wire_mod = Communicator::bytes_sent "
+          "(max over ranks), formula_mod = 2(N-1)/N (n b/8 + 4n/G)\n");
+      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %7s %12s %12s %7s %10s %7s\n", "size",
                   "count", "mode", "time(us)", "algbw", "busbw", "x_fp32", "quant(us)", "coll(us)",
-                  "wire(B)", "predicted", "diff%", "rel_err", "#wrong");
-      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %12s %12s %7s %10s %7s\n", "(B)",
-                  "(floats)", "", "", "(GB/s)", "(GB/s)", "", "", "", "", "", "", "", "");
+                  "gamma", "wire_mod", "formula_mod", "diff%", "rel_err", "#wrong");
+      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %7s %12s %12s %7s %10s %7s\n", "(B)",
+                  "(floats)", "", "", "(GB/s)", "(GB/s)", "", "", "", "", "(B)", "(B)", "", "", "");
       std::fflush(stdout);
     }
 
@@ -370,9 +341,10 @@ int main(int argc, char** argv) {
           if (row.wrong >= 0)
             std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(row.wrong));
           std::printf(
-              "%10s %11lld %5s %11.1f %10.3f %10.3f %7s %11.1f %11.1f %12llu %12.0f %7s %10s %7s\n",
+              "%10s %11lld %5s %11.1f %10.3f %10.3f %7s %11.1f %11.1f %7.4f %12llu %12.0f %7s %10s "
+              "%7s\n",
               human_bytes(bytes).c_str(), static_cast<long long>(n), m.name.c_str(),
-              row.time_s * 1e6, algbw, busbw, speed, row.quant_s * 1e6, row.comm_s * 1e6,
+              row.time_s * 1e6, algbw, busbw, speed, row.quant_s * 1e6, row.comm_s * 1e6, row.gamma,
               static_cast<unsigned long long>(row.wire_bytes), row.predicted, diff, rel, wrong);
           std::fflush(stdout);
         }
@@ -383,8 +355,10 @@ int main(int argc, char** argv) {
     }
 
     if (root) {
-      std::printf("{\"bench\":\"allreduce\",\"ranks\":%d,\"block_size\":%lld,\"rows\":[", N,
-                  static_cast<long long>(o.block_size));
+      std::printf(
+          "{\"bench\":\"allreduce\",\"ranks\":%d,\"block_size\":%lld,\"policy\":\"%s\","
+          "\"rows\":[",
+          N, static_cast<long long>(o.block_size), o.policy.c_str());
       for (size_t k = 0; k < rows.size(); ++k) {
         const Row& r = rows[k];
         char rel[32] = "null", wrong[32] = "null";
@@ -392,10 +366,11 @@ int main(int argc, char** argv) {
         if (r.wrong >= 0)
           std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(r.wrong));
         std::printf(
-            "%s{\"mode\":\"%s\",\"bytes\":%llu,\"time_s\":%.9g,\"wire_bytes\":%llu,"
-            "\"predicted_wire_bytes\":%.0f,\"rel_err\":%s,\"wrong\":%s}",
+            "%s{\"mode\":\"%s\",\"bytes\":%llu,\"time_s\":%.9g,\"gamma\":%.6g,"
+            "\"wire_bytes_modelled\":%llu,\"formula_wire_bytes_modelled\":%.0f,\"rel_err\":%s,"
+            "\"wrong\":%s}",
             k ? "," : "", r.mode.c_str(), static_cast<unsigned long long>(r.bytes), r.time_s,
-            static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel, wrong);
+            r.gamma, static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel, wrong);
       }
       std::printf("]}\n");
       std::fflush(stdout);

@@ -164,7 +164,7 @@ int run_kernels(int argc, char** argv) {
   const double nb = static_cast<double>(n);
   const int64_t nsc = quant::num_scales(n, kG);
 
-  DeviceMem x(n * 4), y(n * 4), codes(n / 2), scales(nsc * 4), stats(sizeof(qc::DeviceQuantStats));
+  DeviceMem x(n * 4), y(n * 4), codes(n / 2), scales(nsc * 4), stats(sizeof(quant::QuantStats));
   fill_normal(x.as<float>(), n, 1);
 
   quant::QuantParams p;
@@ -202,7 +202,7 @@ int run_kernels(int argc, char** argv) {
                                  [&] {
                                    qc::quantize_async(x.as<float>(), n, qp, codes.as<uint8_t>(),
                                                       scales.as<float>(),
-                                                      stats.as<qc::DeviceQuantStats>(), nullptr);
+                                                      stats.as<quant::QuantStats>(), nullptr);
                                  }),
                     4.5 * nb, traffic, torch_ms});
     return rows.size() - 1;
@@ -216,7 +216,7 @@ int run_kernels(int argc, char** argv) {
   const size_t row_tensor_near =
       time_quantize("quantize+pack int4 tensor nearest", p_tensor_near, 8.5 * nb, -1);
   qc::quantize_async(x.as<float>(), n, p, codes.as<uint8_t>(), scales.as<float>(),
-                     stats.as<qc::DeviceQuantStats>(), nullptr);
+                     stats.as<quant::QuantStats>(), nullptr);
   rows.push_back({"unpack+dequantize int4 G=512",
                   best_seconds(reps,
                                [&] {
@@ -237,7 +237,7 @@ int run_kernels(int argc, char** argv) {
     INT4DDP_CUDA_CHECK(cudaMemcpy(hx.data(), x.p, m * 4, cudaMemcpyDeviceToHost));
     for (const quant::QuantParams& qp : {p, p_near}) {
       qc::quantize_async(x.as<float>(), n, qp, codes.as<uint8_t>(), scales.as<float>(),
-                         stats.as<qc::DeviceQuantStats>(), nullptr);
+                         stats.as<quant::QuantStats>(), nullptr);
       qc::dequantize_async(codes.as<uint8_t>(), scales.as<float>(), n, 4, kG, y.as<float>(),
                            nullptr);
       INT4DDP_CUDA_CHECK(cudaMemcpy(hy.data(), y.p, m * 4, cudaMemcpyDeviceToHost));
@@ -252,7 +252,7 @@ int run_kernels(int argc, char** argv) {
     for (const quant::QuantParams& qp : {p_tensor, p_tensor_near}) {
       float hs0 = 0.0f, ref_s0 = 0.0f;
       qc::quantize_async(x.as<float>(), m, qp, codes.as<uint8_t>(), scales.as<float>(),
-                         stats.as<qc::DeviceQuantStats>(), nullptr);
+                         stats.as<quant::QuantStats>(), nullptr);
       INT4DDP_CUDA_CHECK(cudaMemcpy(hc.data(), codes.p, m / 2, cudaMemcpyDeviceToHost));
       INT4DDP_CUDA_CHECK(cudaMemcpy(&hs0, scales.p, 4, cudaMemcpyDeviceToHost));
       quant::quantize(hx.data(), m, qp, ref_c.data(), &ref_s0);
@@ -274,7 +274,7 @@ int run_kernels(int argc, char** argv) {
       quant::QuantParams pr = p;
       pr.key.stream = 65536u * r;
       qc::quantize_async(x.as<float>(), n, pr, msg_codes.back()->as<uint8_t>(),
-                         msg_scales.back()->as<float>(), stats.as<qc::DeviceQuantStats>(), nullptr);
+                         msg_scales.back()->as<float>(), stats.as<quant::QuantStats>(), nullptr);
     }
     std::vector<const uint8_t*> c(8), s(8);
     for (int r = 0; r < 8; ++r) {
@@ -294,7 +294,7 @@ int run_kernels(int argc, char** argv) {
       a.codes_out = codes_out.as<uint8_t>();
       a.scales_out = scales_out.as<float>();
       a.out = y.as<float>();
-      a.stats = stats.as<qc::DeviceQuantStats>();
+      a.stats = stats.as<quant::QuantStats>();
       const double bytes = nb * (N * (0.5 + 4.0 / kG) + 4.0 + 0.5 + 4.0 / kG + 4.0 + 4.0);
       rows.push_back({"owner step N=" + std::to_string(N),
                       best_seconds(reps, [&] { qc::owner_step_async(a, nullptr); }), bytes, bytes,

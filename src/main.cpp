@@ -19,11 +19,9 @@ constexpr int kExitError = 2;  // bad command line, options or input
 
 // "rank R: " when this process is one of several MPI ranks.
 std::string rank_prefix() {
-  int n = 1;
-  if (!int4ddp::comm::launched_with_multiple_ranks(&n)) return "";
-  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"})
-    if (const char* v = std::getenv(var)) return std::string("rank ") + v + ": ";
-  return "";
+  const int rank = int4ddp::launcher_rank();
+  if (!int4ddp::comm::launched_with_multiple_ranks() || rank < 0) return "";
+  return "rank " + std::to_string(rank) + ": ";
 }
 }  // namespace
 

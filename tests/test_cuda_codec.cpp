@@ -276,7 +276,7 @@ void check_owner(const OwnerCase& c, Rounding rounding) {
   DeviceArray<float> des(static_cast<size_t>(n)), des_next(static_cast<size_t>(n)),
       dout(static_cast<size_t>(n)), dscales_out(scales[0].size());
   DeviceArray<uint8_t> dcodes_out(code_bytes);
-  DeviceArray<cuda::DeviceQuantStats> dstats(1);
+  DeviceArray<QuantStats> dstats(1);
   des.upload(es);
   cuda::OwnerStepArgs a;
   a.ranks = c.ranks;
@@ -296,7 +296,7 @@ void check_owner(const OwnerCase& c, Rounding rounding) {
   expect_same_bits(dscales_out.download(), ref.scales, "owner scales");
   expect_same_bits(dout.download(), ref.out, "owner dequantized copy");
   if (c.server_ef) expect_same_bits(des_next.download(), ref.es_next, "server error");
-  const QuantStats st = cuda::to_quant_stats(dstats.download()[0]);
+  const QuantStats st = dstats.download()[0];
   EXPECT_EQ(st.count, ref.stats.count);
   EXPECT_EQ(st.clipped, ref.stats.clipped);
   EXPECT_EQ(st.nonfinite, ref.stats.nonfinite);

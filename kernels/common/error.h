@@ -1,9 +1,13 @@
-// int4ddp::Error and the check macros every library layer uses.
+// int4ddp::Error, the check macros every library layer uses, and the one generator of library-call
+// errors behind INT4DDP_CUDA_CHECK (kernels/quant/cuda/cuda_check.h), INT4DDP_NCCL_CHECK
+// (comm/nccl_communicator.h) and INT4DDP_MPI_CHECK (comm/mpi_check.h).
 //
 // Library code throws int4ddp::Error; only main() turns it into a message and a non-zero exit, so
 // every failure path can be unit-tested with EXPECT_THROW. The message always names what was wrong.
 #pragma once
 
+#include <algorithm>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -21,6 +25,42 @@ std::string concat(const Args&... args) {
   std::ostringstream os;
   (os << ... << args);
   return os.str();
+}
+}  // namespace detail
+
+// The environment variables by which launchers (Open MPI's mpirun, PMI, PMIx, SLURM's srun) tell
+// a process its rank and the number of ranks; the first one set wins. Read without MPI, so
+// kernels/ and error messages can name the rank.
+struct LauncherVars {
+  const char* rank;
+  const char* size;
+};
+inline constexpr LauncherVars kLauncherVars[] = {{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"},
+                                                 {"PMI_RANK", "PMI_SIZE"},
+                                                 {"PMIX_RANK", "PMIX_SIZE"},
+                                                 {"SLURM_PROCID", "SLURM_NTASKS"}};
+
+// This process's rank from the launcher's environment; -1 when no launcher set one.
+inline int launcher_rank() {
+  for (const LauncherVars& v : kLauncherVars)
+    if (const char* s = std::getenv(v.rank)) return std::atoi(s);
+  return -1;
+}
+
+// The number of ranks from the launcher's environment; 1 when no launcher set it.
+inline int launcher_world_size() {
+  for (const LauncherVars& v : kLauncherVars)
+    if (const char* s = std::getenv(v.size)) return std::max(1, std::atoi(s));
+  return 1;
+}
+
+namespace detail {
+// The message of every failed library call: "<library> error in <call> at <file>:<line> on rank
+// <r>: <what>", with file:line of the check macro's caller.
+[[noreturn]] inline void fail_call(const char* library, const char* call, const char* file,
+                                   int line, const std::string& what) {
+  throw Error(concat(library, " error in ", call, " at ", file, ":", line, " on rank ",
+                     launcher_rank(), ": ", what));
 }
 }  // namespace detail
 

@@ -13,6 +13,7 @@
 // to do (the trainer skips the step). Clipped elements (|x| > c) are counted in the same pass.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -32,14 +33,31 @@ struct QuantParams {
                              // block-aligned pieces with the keys of one call (CPU codec only)
 };
 
+// Stats of one quantization, one 32-byte record for every use: the CPU codec returns it, the CUDA
+// codec writes it to device memory (atomics on clipped, nonfinite and absmax's bits), and the
+// two-shot all-reduce sends it as the trailer of every message (comm/two_shot.h), so its layout
+// (little-endian, the field order below) is part of the wire format.
 struct QuantStats {
-  int64_t count = 0;      // elements seen
   int64_t clipped = 0;    // finite elements with |x| > c of their scope (R = clipped / count)
+  int64_t count = 0;      // elements seen
   int64_t nonfinite = 0;  // NaN and +-Inf elements (coded 0)
   float absmax = 0.0f;    // max |x| over all finite elements
+  uint32_t reserved = 0;  // 0
 
   double clip_fraction() const { return count > 0 ? static_cast<double>(clipped) / count : 0.0; }
 };
+static_assert(sizeof(QuantStats) == 32 && offsetof(QuantStats, clipped) == 0 &&
+                  offsetof(QuantStats, count) == 8 && offsetof(QuantStats, nonfinite) == 16 &&
+                  offsetof(QuantStats, absmax) == 24 && offsetof(QuantStats, reserved) == 28,
+              "QuantStats is the 32-byte two-shot wire trailer");
+
+// a <- a + b: the counts add, absmax is the larger.
+inline void add_stats(QuantStats& a, const QuantStats& b) {
+  a.clipped += b.clipped;
+  a.count += b.count;
+  a.nonfinite += b.nonfinite;
+  a.absmax = a.absmax < b.absmax ? b.absmax : a.absmax;
+}
 
 // Number of scales for `count` elements: 1 for per-tensor (block_size 0; also for count 0),
 // ceil(count / block_size) otherwise.

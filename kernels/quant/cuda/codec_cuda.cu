@@ -84,7 +84,7 @@ __device__ __forceinline__ unsigned long long warp_sum(unsigned long long v) {
 // block must call it (it synchronises). absmax >= 0 and finite: non-negative floats order as their
 // bit patterns, so the float max is an unsigned-int max.
 __device__ void flush_stats(unsigned long long clipped, unsigned long long nonfinite, float absmax,
-                            DeviceQuantStats* stats) {
+                            QuantStats* stats) {
   __shared__ unsigned long long s_clipped[32], s_nonfinite[32];
   __shared__ float s_absmax[32];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -267,7 +267,7 @@ template <int V>
 __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     quantize_fused_kernel(const float* __restrict__ x, int64_t count, KernelQuant kq, int wps,
                           uint8_t* __restrict__ codes, float* __restrict__ scales,
-                          DeviceQuantStats* stats) {
+                          QuantStats* stats) {
   const int64_t G = int64_t{128} * V * wps;
   const int64_t nscopes = (count + G - 1) / G;
   const int scopes_per_block = blockDim.x / kWarp / wps;
@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     owner_fused_kernel(OwnerMessages msgs, int ranks, int64_t count, KernelQuant kq, int wps,
                        const float* __restrict__ es, float* __restrict__ es_next,
                        uint8_t* __restrict__ codes_out, float* __restrict__ scales_out,
-                       float* __restrict__ out, DeviceQuantStats* stats) {
+                       float* __restrict__ out, QuantStats* stats) {
   const int64_t G = int64_t{128} * V * wps;
   const int64_t nscopes = (count + G - 1) / G;
   const int scopes_per_block = blockDim.x / kWarp / wps;
@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
 
 // ---- the general path --------------------------------------------------------------------
 
-__global__ void init_stats_kernel(DeviceQuantStats* stats, int64_t count) {
+__global__ void init_stats_kernel(QuantStats* stats, int64_t count) {
   stats->clipped = 0;
   stats->count = count;
   stats->nonfinite = 0;
@@ -438,7 +438,7 @@ __global__ void init_stats_kernel(DeviceQuantStats* stats, int64_t count) {
 // by quantize_general.
 __global__ void __launch_bounds__(kThreads)
     scope_clips_kernel(const float* __restrict__ x, int64_t count, int64_t G, KernelQuant kq,
-                       float* __restrict__ clips, DeviceQuantStats* stats) {
+                       float* __restrict__ clips, QuantStats* stats) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
   const int64_t nscopes = (count + G - 1) / G;
@@ -494,7 +494,7 @@ __device__ __forceinline__ void load8(const float* __restrict__ x, int64_t e, in
 // each thread keeps two 8-element loads in flight.
 template <bool kVec>
 __global__ void __launch_bounds__(kThreads)
-    tensor_absmax_kernel(const float* __restrict__ x, int64_t count, DeviceQuantStats* stats) {
+    tensor_absmax_kernel(const float* __restrict__ x, int64_t count, QuantStats* stats) {
   unsigned long long nonfinite = 0;
   float m = 0.0f;
   const int64_t ngroups = (count + 7) / 8;
@@ -526,7 +526,7 @@ template <bool kVec>
 __global__ void __launch_bounds__(kThreads)
     encode_kernel(const float* __restrict__ x, int64_t count, int64_t G, KernelQuant kq,
                   bool per_tensor, uint8_t* __restrict__ codes, const float* __restrict__ clips,
-                  float* __restrict__ tensor_scale, DeviceQuantStats* stats) {
+                  float* __restrict__ tensor_scale, QuantStats* stats) {
   float tensor_clip = 0.0f, tensor_inv = 0.0f;
   if (per_tensor) {
     tensor_clip = kq.gamma * stats->absmax;
@@ -700,25 +700,25 @@ __device__ void store_bytes(uint8_t* dst, uint64_t v, int n) {
 }
 
 __global__ void sum_trailers_kernel(const uint8_t* first, size_t stride, int n,
-                                    const DeviceQuantStats* own, uint8_t* dst) {
+                                    const QuantStats* own, uint8_t* dst) {
   int64_t clipped = 0, cnt = 0, nonfinite = 0;
   float absmax = 0.0f;
   for (int i = 0; i < n; ++i) {
     const uint8_t* t = first + static_cast<size_t>(i) * stride;
-    clipped += load_i64_bytes(t);
-    cnt += load_i64_bytes(t + 8);
-    nonfinite += load_i64_bytes(t + 16);
-    absmax = fmaxf(absmax, load_f32_bytes(t + 24));
+    clipped += load_i64_bytes(t + offsetof(QuantStats, clipped));
+    cnt += load_i64_bytes(t + offsetof(QuantStats, count));
+    nonfinite += load_i64_bytes(t + offsetof(QuantStats, nonfinite));
+    absmax = fmaxf(absmax, load_f32_bytes(t + offsetof(QuantStats, absmax)));
   }
   clipped += own->clipped;
   cnt += own->count;
   nonfinite += own->nonfinite;
   absmax = fmaxf(absmax, own->absmax);
-  store_bytes(dst, static_cast<uint64_t>(clipped), 8);
-  store_bytes(dst + 8, static_cast<uint64_t>(cnt), 8);
-  store_bytes(dst + 16, static_cast<uint64_t>(nonfinite), 8);
-  store_bytes(dst + 24, __float_as_uint(absmax), 4);
-  store_bytes(dst + 28, 0, 4);
+  store_bytes(dst + offsetof(QuantStats, clipped), static_cast<uint64_t>(clipped), 8);
+  store_bytes(dst + offsetof(QuantStats, count), static_cast<uint64_t>(cnt), 8);
+  store_bytes(dst + offsetof(QuantStats, nonfinite), static_cast<uint64_t>(nonfinite), 8);
+  store_bytes(dst + offsetof(QuantStats, absmax), __float_as_uint(absmax), 4);
+  store_bytes(dst + offsetof(QuantStats, reserved), 0, 4);
 }
 
 // ---- host side ----------------------------------------------------------------------------
@@ -771,15 +771,15 @@ unsigned elementwise_grid(int64_t count) {
 
 void check_launch() { INT4DDP_CUDA_CHECK(cudaGetLastError()); }
 
-void check_stats_ptr(const DeviceQuantStats* stats, const char* what) {
+void check_stats_ptr(const QuantStats* stats, const char* what) {
   INT4DDP_CHECK(stats != nullptr, what, ": stats must point to device memory");
-  INT4DDP_CHECK(aligned(stats, alignof(DeviceQuantStats)), what, ": stats is misaligned");
+  INT4DDP_CHECK(aligned(stats, alignof(QuantStats)), what, ": stats is misaligned");
 }
 
 template <int V>
 void launch_quantize_fused(const FusedShape& s, const float* x, int64_t count,
-                           const KernelQuant& kq, uint8_t* codes, float* scales,
-                           DeviceQuantStats* stats, cudaStream_t stream) {
+                           const KernelQuant& kq, uint8_t* codes, float* scales, QuantStats* stats,
+                           cudaStream_t stream) {
   const int threads = kThreads;
   const int scopes_per_block = threads / kWarp / s.warps_per_scope;
   const int64_t tiles = (num_scales(count, s.block_size) + scopes_per_block - 1) / scopes_per_block;
@@ -820,7 +820,7 @@ void dispatch_owner_fused(const FusedShape& s, const OwnerMessages& msgs, const 
 // The per-tensor path (two passes) and the general per-block path (three passes: clips, codes,
 // steps), any block size and alignment.
 void quantize_general(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
-                      float* scales, DeviceQuantStats* stats, cudaStream_t stream) {
+                      float* scales, QuantStats* stats, cudaStream_t stream) {
   const KernelQuant kq = kernel_quant(p);
   const bool per_tensor = p.block_size == 0;
   const bool vec = aligned(x, 16) && aligned(codes, p.bits == 4 ? 4 : 8);
@@ -881,17 +881,8 @@ bool device_available() {
   return n > 0;
 }
 
-QuantStats to_quant_stats(const DeviceQuantStats& s) {
-  QuantStats q;
-  q.count = s.count;
-  q.clipped = s.clipped;
-  q.nonfinite = s.nonfinite;
-  q.absmax = s.absmax;
-  return q;
-}
-
 void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
-                    float* scales, DeviceQuantStats* stats, cudaStream_t stream) {
+                    float* scales, QuantStats* stats, cudaStream_t stream) {
   validate(p);
   INT4DDP_CHECK(p.index_offset == 0, "cuda quantize: index_offset = ", p.index_offset,
                 " is not supported by the CUDA codec (quantize the whole tensor in one call)");
@@ -946,9 +937,9 @@ void dequantize_async(const uint8_t* codes, const float* scales, int64_t count, 
 
 QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
                     float* scales, cudaStream_t stream) {
-  DeviceQuantStats* d_stats = nullptr;
-  INT4DDP_CUDA_CHECK(cudaMalloc(&d_stats, sizeof(DeviceQuantStats)));
-  DeviceQuantStats h{};
+  QuantStats* d_stats = nullptr;
+  INT4DDP_CUDA_CHECK(cudaMalloc(&d_stats, sizeof(QuantStats)));
+  QuantStats h;
   try {
     quantize_async(x, count, p, codes, scales, d_stats, stream);
     INT4DDP_CUDA_CHECK(cudaMemcpyAsync(&h, d_stats, sizeof(h), cudaMemcpyDeviceToHost, stream));
@@ -958,7 +949,7 @@ QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t
     throw;
   }
   INT4DDP_CUDA_CHECK(cudaFree(d_stats));
-  return to_quant_stats(h);
+  return h;
 }
 
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
@@ -1049,7 +1040,7 @@ void div_async(float* x, int64_t count, float divisor, cudaStream_t stream) {
   check_launch();
 }
 
-void sum_trailers_async(const uint8_t* first, size_t stride, int n, const DeviceQuantStats* own,
+void sum_trailers_async(const uint8_t* first, size_t stride, int n, const QuantStats* own,
                         uint8_t* dst, cudaStream_t stream) {
   INT4DDP_CHECK(n >= 0 && own && dst && (n == 0 || first), "sum_trailers: bad arguments");
   sum_trailers_kernel<<<1, 1, 0, stream>>>(first, stride, n, own, dst);

@@ -28,28 +28,14 @@
 
 namespace int4ddp::quant::cuda {
 
-// Stats of one device quantization, in device memory. The layout is the two-shot wire trailer
-// (comm::StatsTrailer: clipped, count, nonfinite, absmax, reserved), so a message's trailer is a
-// plain copy of it.
-struct DeviceQuantStats {
-  int64_t clipped;    // finite elements with |x| > c of their scope
-  int64_t count;      // elements seen
-  int64_t nonfinite;  // NaN and +-Inf elements (coded 0)
-  float absmax;       // max |x| over finite elements (kept as its bits by atomicMax)
-  uint32_t reserved;  // 0
-};
-static_assert(sizeof(DeviceQuantStats) == 32, "DeviceQuantStats is the 32-byte wire trailer");
-
 // True when the CUDA runtime sees at least one device (never throws: false without a driver).
 bool device_available();
 
-QuantStats to_quant_stats(const DeviceQuantStats& s);
-
 // quantize: x (count floats) -> codes (packed_bytes(bits, count) bytes, any alignment), scales
-// (num_scales(count, block_size) floats), *stats (reset by this call). Philox element indices
-// count from x[0], exactly as quant::quantize.
+// (num_scales(count, block_size) floats), *stats (device memory, reset by this call). Philox
+// element indices count from x[0], exactly as quant::quantize.
 void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
-                    float* scales, DeviceQuantStats* stats, cudaStream_t stream);
+                    float* scales, QuantStats* stats, cudaStream_t stream);
 
 // dequantize: out[i] = code_i * scales[scope of i] (out: count floats).
 void dequantize_async(const uint8_t* codes, const float* scales, int64_t count, int bits,
@@ -82,7 +68,7 @@ struct OwnerStepArgs {
   uint8_t* codes_out = nullptr;            // packed_bytes(bits, count), any alignment
   float* scales_out = nullptr;             // num_scales(count, G) floats
   float* out = nullptr;                    // (count) dequantized requantization
-  DeviceQuantStats* stats = nullptr;       // stats of the requantization (reset here)
+  QuantStats* stats = nullptr;             // stats of the requantization (reset here)
 };
 void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream);
 
@@ -95,7 +81,7 @@ void div_async(float* x, int64_t count, float divisor, cudaStream_t stream);
 // Sums n 32-byte stats trailers (at first + i * stride, device bytes of any alignment) and *own
 // (clipped, count, nonfinite added; absmax the max) into dst (device, any alignment), as the owner
 // of the CPU two-shot sums its received trailers and its own requantization.
-void sum_trailers_async(const uint8_t* first, size_t stride, int n, const DeviceQuantStats* own,
+void sum_trailers_async(const uint8_t* first, size_t stride, int n, const QuantStats* own,
                         uint8_t* dst, cudaStream_t stream);
 
 }  // namespace int4ddp::quant::cuda

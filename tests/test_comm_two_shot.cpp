@@ -1,0 +1,570 @@
+// The two-shot compressed all-reduce under mpirun (label mpi, 1-4 ranks): chunking and message
+// layout, exact results on grid-valued inputs (tests/verifiable.h), error bounds on random data
+// (separate tests, bounds derived from the step sizes), error feedback, commit and checkpoint
+// state, lbt, non-finite inputs, fp32 mode and config errors.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm/two_shot.h"
+#include "comm_test.h"
+#include "kernels/common/error.h"
+#include "kernels/quant/format.h"
+#include "kernels/quant/policy.h"
+
+namespace int4ddp::comm {
+namespace {
+
+// =================================================================================================
+// chunk_range and the wire format
+// =================================================================================================
+
+TEST(ChunkRange, CoversEverythingAlignedAndBalanced) {
+  for (int ranks = 1; ranks <= 9; ++ranks)
+    for (int64_t G : {2, 64, 512})
+      for (int64_t n :
+           {int64_t{0}, int64_t{1}, int64_t{7}, G - 1, G, G + 1, 3 * G + 5, int64_t{10007}}) {
+        int64_t at = 0, min_blocks = std::numeric_limits<int64_t>::max(), max_blocks = 0;
+        for (int r = 0; r < ranks; ++r) {
+          const ChunkRange c = chunk_range(n, G, ranks, r);
+          EXPECT_EQ(c.begin, at) << n << " " << G << " " << ranks << " " << r;
+          EXPECT_GE(c.count(), 0);
+          EXPECT_TRUE(c.begin % G == 0 || c.begin == n);
+          at = c.end;
+          const int64_t blocks = (c.count() + G - 1) / G;
+          min_blocks = std::min(min_blocks, blocks);
+          max_blocks = std::max(max_blocks, blocks);
+        }
+        EXPECT_EQ(at, n);
+        EXPECT_LE(max_blocks - min_blocks, 1);
+      }
+  EXPECT_THROW(chunk_range(10, 2, 2, 2), Error);
+  EXPECT_THROW(chunk_range(10, 2, 0, 0), Error);
+}
+
+TEST(ChunkRange, MessageLayoutAndModelledWireBytes) {
+  constexpr size_t kStats = sizeof(quant::QuantStats);
+  EXPECT_EQ(kStats, 32u);                                // part of the wire format
+  const MessageLayout empty = message_layout(4, 0, 64);  // an empty chunk: the stats record only
+  EXPECT_EQ(empty.num_scales, 0);
+  EXPECT_EQ(empty.stats_at, 0u);
+  EXPECT_EQ(empty.bytes, kStats);
+  const MessageLayout m4 = message_layout(4, 65, 64);
+  EXPECT_EQ(m4.scales_at, 33u);
+  EXPECT_EQ(m4.num_scales, 2);
+  EXPECT_EQ(m4.stats_at, 33u + 2 * 4);
+  EXPECT_EQ(m4.bytes, 33u + 2 * 4 + kStats);
+  EXPECT_EQ(message_layout(8, 65, 64).bytes, 65u + 2 * 4 + kStats);
+  EXPECT_DOUBLE_EQ(modelled_wire_bytes(4, 1 << 20, 512, 4), 1.5 * ((1 << 19) + 4.0 * (1 << 11)));
+  EXPECT_DOUBLE_EQ(modelled_wire_bytes(32, 1000, 512, 2), 4000.0);
+  EXPECT_DOUBLE_EQ(modelled_wire_bytes(4, 1000, 512, 1), 0.0);
+}
+
+TEST(TwoShotPlan, ChunksLayoutsKeysAndCommit) {
+  // 3 G + 5 elements of G = 64 over 3 ranks, seen from rank 1: blocks 2 + 1 + 1.
+  const int64_t n = 3 * 64 + 5;
+  TwoShotPlan plan(exact_config(4, 64, quant::Rounding::kNearest), n, 7, 3, 1);
+  EXPECT_EQ(plan.chunk(0).count(), 128);
+  EXPECT_EQ(plan.own().begin, 128);
+  EXPECT_EQ(plan.own().end, 192);
+  EXPECT_EQ(plan.chunk(2).count(), 5);
+  for (int j = 0; j < 3; ++j) {
+    EXPECT_EQ(plan.send_layout().counts[static_cast<size_t>(j)], plan.message(j).bytes);
+    EXPECT_EQ(plan.recv_layout().counts[static_cast<size_t>(j)], plan.own_message().bytes);
+  }
+  EXPECT_EQ(plan.scale_offset(1), 2);
+  EXPECT_EQ(plan.scale_offset(2), 3);
+  EXPECT_EQ(plan.total_scales(), 4);
+  EXPECT_EQ(plan.worker_ef_size(), static_cast<size_t>(n));
+  EXPECT_EQ(plan.server_ef_size(), 64u);
+
+  const quant::QuantParams p = plan.step_params(9);
+  EXPECT_EQ(p.key.step, 9u);
+  EXPECT_EQ(p.gamma, 1.0f);
+  EXPECT_EQ(plan.worker_params(p, 2).key.stream, kStreamsPerRank + 2);
+  EXPECT_EQ(plan.worker_params(p, 2).key.tensor_id, 14u);
+  EXPECT_EQ(plan.owner_params(p).key.stream, kStreamsPerRank + 1);
+  EXPECT_EQ(plan.owner_params(p).key.tensor_id, 15u);
+
+  EXPECT_FALSE(plan.commit(true));  // nothing pending
+  quant::QuantStats global;
+  global.count = 600;
+  global.clipped = 3;
+  BucketStats st;
+  plan.finish_run(global, 1234, st);
+  EXPECT_EQ(st.count, 600);
+  EXPECT_EQ(st.clipped, 3);
+  EXPECT_EQ(st.wire_bytes, 1234u);
+  EXPECT_TRUE(plan.commit(true));  // adopt the new error feedback
+  EXPECT_FALSE(plan.commit(true));
+  plan.finish_run(global, 0, st);
+  EXPECT_FALSE(plan.commit(false));  // dropped
+}
+
+// =================================================================================================
+// Two-shot: exact results on grid-valued inputs
+// =================================================================================================
+
+struct ExactCase {
+  int bits;
+  quant::Rounding rounding;
+  int64_t G, n;
+  std::string name() const {
+    return "bits " + std::to_string(bits) +
+           (rounding == quant::Rounding::kStochastic ? " stochastic" : " nearest") + " G " +
+           std::to_string(G) + " n " + std::to_string(n);
+  }
+};
+
+std::vector<ExactCase> exact_cases() {
+  std::vector<ExactCase> cases;
+  for (int bits : {4, 8})
+    for (auto rounding : {quant::Rounding::kNearest, quant::Rounding::kStochastic})
+      for (int64_t G : {64, 512})
+        for (int64_t n :
+             {int64_t{0}, int64_t{1}, int64_t{7}, G - 1, G + 1, 3 * G + 5, int64_t{10007}})
+          cases.push_back({bits, rounding, G, n});
+  return cases;
+}
+
+TEST(TwoShot, ExactOnGridValuedInputs) {
+  for (const ExactCase& c : exact_cases()) {
+    SCOPED_TRACE(c.name());
+    const bool stoch = c.rounding == quant::Rounding::kStochastic;
+    TwoShotAllreduce ts(W(), exact_config(c.bits, c.G, c.rounding), c.n, 3);
+    for (uint32_t step = 0; step < 2; ++step) {  // error feedback stays zero: step 2 exact too
+      const std::vector<float> mean = grid_mean(c.n, c.G, c.bits, stoch, kGridSeed + step);
+      std::vector<float> x = grid_input(mean, me(), R());
+      const BucketStats st = ts.run(x.data(), step);
+      ts.commit(true);
+      EXPECT_EQ(count_wrong(x, mean), 0) << "step " << step;
+      EXPECT_TRUE(same_on_all_ranks(x.data(), x.size() * sizeof(float)));
+      EXPECT_EQ(st.nonfinite, 0);
+      EXPECT_EQ(st.clipped, 0);
+      EXPECT_EQ(st.count, c.n * (R() + 1));  // every element quantized by every rank, then once
+    }
+  }
+}
+
+TEST(TwoShot, ExactWithDefaultConfigFirstStep) {
+  // Defaults: INT4, G = 512, stochastic, both error feedbacks, lbt (gamma 1 on the first step).
+  const int64_t n = 3 * 512 + 5;
+  CompressConfig cfg;
+  TwoShotAllreduce ts(W(), cfg, n, 0);
+  EXPECT_EQ(ts.gamma(), 1.0f);
+  const std::vector<float> mean = grid_mean(n, 512, 4, true, kGridSeed);
+  std::vector<float> x = grid_input(mean, me(), R());
+  ts.run(x.data(), 0);
+  EXPECT_EQ(count_wrong(x, mean), 0);
+}
+
+TEST(TwoShot, FewerBlocksThanRanksAndWireBytes) {
+  // n = 1 and n = G: one block, chunks of ranks >= 1 are empty; their messages are trailers only.
+  for (int64_t n : {int64_t{1}, int64_t{64}}) {
+    const std::vector<float> mean = grid_mean(n, 64, 4, false, kGridSeed);
+    std::vector<float> x = grid_input(mean, me(), R());
+    TwoShotAllreduce ts(W(), exact_config(4, 64, quant::Rounding::kNearest), n, 0);
+    const BucketStats st = ts.run(x.data(), 0);
+    EXPECT_EQ(count_wrong(x, mean), 0) << n;
+    // Rank 0 sends its chunk 0 to no one but itself (alltoall) ... and everyone the owner's chunk.
+    uint64_t a2a = 0;
+    for (int j = 0; j < R(); ++j)
+      if (j != me()) a2a += message_layout(4, chunk_range(n, 64, R(), j).count(), 64).bytes;
+    uint64_t gathered = 0;
+    for (int j = 0; j < R(); ++j)
+      gathered += message_layout(4, chunk_range(n, 64, R(), j).count(), 64).bytes;
+    EXPECT_EQ(st.wire_bytes,
+              a2a + static_cast<uint64_t>(static_cast<double>(gathered) * (R() - 1) / R() + 0.5));
+  }
+}
+
+TEST(TwoShot, WireBytesMatchThePrediction) {
+  // n divisible by N G: every chunk equal, so wire bytes = prediction + 2 (N-1) trailers exactly
+  // (up to the rounding of the all-gather's (N-1)/N share).
+  for (int bits : {4, 8}) {
+    const int64_t G = 512, n = int64_t{R()} * G * 8;
+    std::vector<float> x(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] = random_grad(5, me(), i, G);
+    TwoShotAllreduce ts(W(), exact_config(bits, G, quant::Rounding::kStochastic), n, 0);
+    W().reset_bytes_sent();
+    const BucketStats st = ts.run(x.data(), 0);
+    EXPECT_EQ(W().bytes_sent(), st.wire_bytes);
+    const double predicted =
+        modelled_wire_bytes(bits, n, G, R()) + 2.0 * (R() - 1) * sizeof(quant::QuantStats);
+    EXPECT_NEAR(static_cast<double>(st.wire_bytes), predicted, 1.0) << "bits " << bits;
+  }
+}
+
+// =================================================================================================
+// Two-shot: error bounds on random data, identical results on every rank
+// =================================================================================================
+
+// Per-element bound on |two-shot mean - exact mean| with gamma = 1 (no clipping): rank r's
+// quantization errs by less than its block step d_r (stochastic) or at most d_r / 2 (nearest); the
+// owner's requantization by its step d' = max|block of the dequantized mean| / L, which is at most
+// (max|exact mean over the block| + the worker part) / L. kSlack (relative to the bound) covers
+// FP32 rounding of the steps, of x / d + u, of the sums and of the division by N (a few ulps).
+constexpr double kSlack = 1e-5;
+
+TEST(TwoShot, ErrorBoundOnRandomData) {
+  for (int bits : {4, 8})
+    for (auto rounding : {quant::Rounding::kNearest, quant::Rounding::kStochastic})
+      for (int64_t G : {64, 512})
+        for (int64_t n : {G + 1, int64_t{10007}}) {
+          SCOPED_TRACE((ExactCase{bits, rounding, G, n}.name()));
+          const uint64_t seed = 100 + static_cast<uint64_t>(bits * 7 + G + n);
+          const double L = quant::levels(bits);
+          const double per_quant = rounding == quant::Rounding::kStochastic ? 1.0 : 0.5;
+          std::vector<std::vector<float>> inputs(static_cast<size_t>(R()));
+          for (int r = 0; r < R(); ++r) {
+            inputs[static_cast<size_t>(r)].resize(static_cast<size_t>(n));
+            for (int64_t i = 0; i < n; ++i)
+              inputs[static_cast<size_t>(r)][static_cast<size_t>(i)] = random_grad(seed, r, i, G);
+          }
+          std::vector<double> mean(static_cast<size_t>(n), 0.0);
+          for (int r = 0; r < R(); ++r)
+            for (int64_t i = 0; i < n; ++i)
+              mean[static_cast<size_t>(i)] +=
+                  inputs[static_cast<size_t>(r)][static_cast<size_t>(i)];
+          for (double& m : mean) m /= R();
+
+          std::vector<float> x = inputs[static_cast<size_t>(me())];
+          TwoShotAllreduce ts(W(), exact_config(bits, G, rounding), n, 1);
+          ts.run(x.data(), 7);
+          int64_t over = 0;
+          double err2 = 0, ref2 = 0, worst = 0;
+          for (int64_t b0 = 0; b0 < n; b0 += G) {
+            const int64_t b1 = std::min(n, b0 + G);
+            double worker = 0, mean_max = 0;
+            for (int r = 0; r < R(); ++r) {
+              double mx = 0;
+              for (int64_t i = b0; i < b1; ++i)
+                mx = std::max(
+                    mx, std::fabs(double{inputs[static_cast<size_t>(r)][static_cast<size_t>(i)]}));
+              worker += per_quant * mx / L;
+            }
+            worker /= R();
+            for (int64_t i = b0; i < b1; ++i)
+              mean_max = std::max(mean_max, std::fabs(mean[static_cast<size_t>(i)]));
+            const double bound = (worker + per_quant * (mean_max + worker) / L) * (1.0 + kSlack);
+            for (int64_t i = b0; i < b1; ++i) {
+              const double e = std::fabs(x[static_cast<size_t>(i)] - mean[static_cast<size_t>(i)]);
+              over += e > bound;
+              worst = std::max(worst, e / bound);
+              err2 += e * e;
+              ref2 += mean[static_cast<size_t>(i)] * mean[static_cast<size_t>(i)];
+            }
+          }
+          EXPECT_EQ(over, 0) << "worst error / bound " << worst;
+          EXPECT_TRUE(same_on_all_ranks(x.data(), x.size() * sizeof(float)));
+          // Gross-failure check of the norm: well below 1 even for INT4 with outlier blocks.
+          EXPECT_LT(std::sqrt(err2 / ref2), 0.5);
+        }
+}
+
+TEST(TwoShot, StochasticRoundingDependsOnRankStepAndBucket) {
+  // Different keys give different codes for off-grid data; the same keys the same codes.
+  const int64_t n = 4096;
+  std::vector<float> base(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    base[static_cast<size_t>(i)] = random_grad(77, 0, i, 512);  // same on every rank
+  auto run = [&](uint32_t bucket, uint32_t step) {
+    std::vector<float> x = base;
+    CompressConfig cfg = exact_config(4, 512, quant::Rounding::kStochastic);
+    cfg.worker_error_feedback = cfg.server_error_feedback = false;
+    TwoShotAllreduce ts(W(), cfg, n, bucket);
+    ts.run(x.data(), step);
+    return x;
+  };
+  const std::vector<float> a = run(0, 0), b = run(0, 0), c = run(1, 0), d = run(0, 1);
+  EXPECT_EQ(count_wrong(a, b), 0);
+  EXPECT_GT(count_wrong(a, c), n / 10);
+  EXPECT_GT(count_wrong(a, d), n / 10);
+}
+
+// =================================================================================================
+// Two-shot: error feedback removes the accumulated bias
+// =================================================================================================
+
+// Runs T steps of the same input with nearest rounding and returns, for every element, the
+// average of the outputs over the steps (double).
+std::vector<double> average_output(const std::vector<float>& input, bool worker_ef, bool server_ef,
+                                   int T) {
+  CompressConfig cfg = exact_config(4, 64, quant::Rounding::kNearest);
+  cfg.worker_error_feedback = worker_ef;
+  cfg.server_error_feedback = server_ef;
+  TwoShotAllreduce ts(W(), cfg, static_cast<int64_t>(input.size()), 5);
+  std::vector<double> avg(input.size(), 0.0);
+  for (int t = 0; t < T; ++t) {
+    std::vector<float> x = input;
+    ts.run(x.data(), static_cast<uint32_t>(t));
+    ts.commit(true);
+    for (size_t i = 0; i < x.size(); ++i) avg[i] += x[i];
+  }
+  for (double& a : avg) a /= T;
+  return avg;
+}
+
+// INT4, G = 64, n = 3G + 5: the first element of every block is kPin = 7 d (exact, pins every
+// block's step at d = 1/8 on every rank and at the owner); the others are off the grid.
+constexpr float kPin = 0.875f;
+constexpr double kStep = 0.125;
+constexpr int64_t kEfCount = 3 * 64 + 5;
+constexpr int kEfSteps = 50;
+
+double max_error(const std::vector<double>& avg, const std::vector<double>& mean) {
+  double worst = 0;
+  for (size_t i = 0; i < avg.size(); ++i) worst = std::max(worst, std::fabs(avg[i] - mean[i]));
+  return worst;
+}
+double min_error_off_pin(const std::vector<double>& avg, const std::vector<double>& mean) {
+  double least = 1e30;
+  for (size_t i = 0; i < avg.size(); ++i)
+    if (i % 64 != 0) least = std::min(least, std::fabs(avg[i] - mean[i]));
+  return least;
+}
+
+// Sum over T steps telescopes: sum_t out_t = T mean + mean_r(e_w,0 - e_w,T) + e_s,0 - e_s,T, so the
+// average is off by at most (|e_w| + |e_s|) / T <= (d/2 + d/2) / T with nearest rounding.
+// kEfFloat: FP32 rounding of v = g + e over T steps (a few ulps of 0.3 each).
+constexpr double kEfFloat = 1e-5;
+
+TEST(TwoShotErrorFeedback, BothRemoveTheBiasOfRankDependentInputs) {
+  // Rank r: (0.3 + 0.01 r + 0.001 (i % 7)) * kPin -> code 2 on every rank (2.1 .. 2.35 steps):
+  // without error feedback the mean is 2 d, a bias of at least 0.1 d.
+  auto value = [](int r, int64_t i) {
+    return i % 64 == 0 ? kPin : static_cast<float>((0.3 + 0.01 * r + 0.001 * (i % 7)) * kPin);
+  };
+  std::vector<float> input(kEfCount);
+  std::vector<double> mean(kEfCount, 0.0);
+  for (int64_t i = 0; i < kEfCount; ++i) {
+    input[static_cast<size_t>(i)] = value(me(), i);
+    for (int r = 0; r < R(); ++r) mean[static_cast<size_t>(i)] += double{value(r, i)} / R();
+  }
+  const std::vector<double> with = average_output(input, true, true, kEfSteps);
+  const std::vector<double> without = average_output(input, false, false, kEfSteps);
+  EXPECT_LE(max_error(with, mean), kStep / kEfSteps + kEfFloat);
+  EXPECT_GE(min_error_off_pin(without, mean), 0.09 * kStep);
+}
+
+TEST(TwoShotErrorFeedback, WorkerSideAloneRemovesTheWorkerBias) {
+  // The same off-grid input on every rank: all ranks send the same codes, so the owner's mean is on
+  // the grid and requantizes exactly; only the worker's rounding biases the result.
+  std::vector<float> input(kEfCount);
+  std::vector<double> mean(kEfCount);
+  for (int64_t i = 0; i < kEfCount; ++i) {
+    input[static_cast<size_t>(i)] =
+        i % 64 == 0 ? kPin : static_cast<float>((0.3 + 0.001 * (i % 7)) * kPin);
+    mean[static_cast<size_t>(i)] = input[static_cast<size_t>(i)];
+  }
+  const std::vector<double> worker = average_output(input, true, false, kEfSteps);
+  const std::vector<double> none = average_output(input, false, false, kEfSteps);
+  EXPECT_LE(max_error(worker, mean), 0.5 * kStep / kEfSteps + kEfFloat);
+  EXPECT_GE(min_error_off_pin(none, mean), 0.09 * kStep);
+}
+
+TEST(TwoShotErrorFeedback, ServerSideAloneRemovesTheOwnersBias) {
+  // Inputs on the worker grid (codes 3 on rank 0, 2 elsewhere): the workers are exact, the mean
+  // (2 + 1/N) d is off the grid for N >= 2 and the owner's nearest requantization gives 2 d.
+  std::vector<float> input(kEfCount);
+  std::vector<double> mean(kEfCount);
+  for (int64_t i = 0; i < kEfCount; ++i) {
+    const bool pin = i % 64 == 0;
+    input[static_cast<size_t>(i)] = pin ? kPin : static_cast<float>((me() == 0 ? 3 : 2) * kStep);
+    mean[static_cast<size_t>(i)] = pin ? kPin : (2.0 + 1.0 / R()) * kStep;
+  }
+  const std::vector<double> server = average_output(input, false, true, kEfSteps);
+  const std::vector<double> none = average_output(input, false, false, kEfSteps);
+  EXPECT_LE(max_error(server, mean), 0.5 * kStep / kEfSteps + kEfFloat);
+  if (R() > 1) {
+    EXPECT_GE(min_error_off_pin(none, mean), 0.2 * kStep);
+  } else {
+    EXPECT_EQ(max_error(none, mean), 0.0);  // one rank: the mean is the (exact) input
+  }
+}
+
+TEST(TwoShotErrorFeedback, SwitchesDecideWhatIsSaved) {
+  const int64_t n = 1000;
+  for (int w = 0; w < 2; ++w)
+    for (int s = 0; s < 2; ++s) {
+      CompressConfig cfg = exact_config(4, 64, quant::Rounding::kNearest);
+      cfg.worker_error_feedback = w;
+      cfg.server_error_feedback = s;
+      TwoShotAllreduce ts(W(), cfg, n, 0);
+      const std::vector<uint8_t> blob = ts.save_state();
+      uint64_t header[4];
+      std::memcpy(header, blob.data(), sizeof header);
+      EXPECT_EQ(header[2], w ? static_cast<uint64_t>(n) : 0u);
+      EXPECT_EQ(header[3], s ? static_cast<uint64_t>(chunk_range(n, 64, R(), me()).count()) : 0u);
+    }
+}
+
+// =================================================================================================
+// Two-shot: commit, state, lbt, non-finite input, fp32 mode
+// =================================================================================================
+
+std::vector<float> random_input(uint64_t seed, int64_t n, int64_t G) {
+  std::vector<float> x(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] = random_grad(seed, me(), i, G);
+  return x;
+}
+
+TEST(TwoShotState, CommitFalseLeavesErrorFeedbackAndGammaUnchanged) {
+  const int64_t n = 5000;
+  CompressConfig cfg;  // lbt, stochastic, both error feedbacks
+  cfg.block_size = 64;
+  TwoShotAllreduce ts(W(), cfg, n, 2);
+  std::vector<float> x = random_input(1, n, 64);
+  ts.run(x.data(), 0);
+  ts.commit(true);
+  const std::vector<uint8_t> s1 = ts.save_state();
+  const float g1 = ts.gamma();
+  EXPECT_LT(g1, 1.0f);  // nothing clipped at gamma 1: the sign rule lowered it
+
+  x = random_input(2, n, 64);
+  ts.run(x.data(), 1);
+  ts.commit(false);
+  EXPECT_EQ(ts.save_state(), s1);
+  EXPECT_EQ(ts.gamma(), g1);
+
+  x = random_input(2, n, 64);
+  ts.run(x.data(), 1);
+  ts.commit(true);
+  EXPECT_NE(ts.save_state(), s1);
+  ts.commit(true);  // a second commit without a run changes nothing
+  EXPECT_TRUE(same_on_all_ranks(&g1, sizeof g1));
+}
+
+TEST(TwoShotState, SaveLoadRoundTripContinuesIdentically) {
+  const int64_t n = 3000;
+  CompressConfig cfg;
+  cfg.block_size = 64;
+  TwoShotAllreduce a(W(), cfg, n, 4), b(W(), cfg, n, 4);
+  for (uint32_t step = 0; step < 3; ++step) {
+    std::vector<float> x = random_input(10 + step, n, 64);
+    a.run(x.data(), step);
+    a.commit(true);
+  }
+  b.load_state(a.save_state());
+  EXPECT_EQ(b.gamma(), a.gamma());
+  std::vector<float> xa = random_input(20, n, 64), xb = xa;
+  a.run(xa.data(), 3);
+  b.run(xb.data(), 3);
+  a.commit(true);
+  b.commit(true);
+  EXPECT_EQ(count_wrong(xa, xb), 0);
+  EXPECT_EQ(a.save_state(), b.save_state());
+
+  // Mismatched blobs are refused.
+  TwoShotAllreduce other_count(W(), cfg, n + 1, 4);
+  EXPECT_THROW(other_count.load_state(a.save_state()), Error);
+  CompressConfig no_ef = cfg;
+  no_ef.worker_error_feedback = false;
+  TwoShotAllreduce other_ef(W(), no_ef, n, 4);
+  EXPECT_THROW(other_ef.load_state(a.save_state()), Error);
+  std::vector<uint8_t> truncated = a.save_state();
+  truncated.resize(truncated.size() - 3);
+  EXPECT_THROW(b.load_state(truncated), Error);
+  EXPECT_THROW(b.load_state({1, 2, 3}), Error);
+}
+
+TEST(TwoShotState, LbtGammaIsIdenticalOnEveryRankAndFollowsTheSignRule) {
+  const int64_t n = 4096;
+  CompressConfig cfg;
+  cfg.block_size = 64;
+  cfg.policy.eta = 0.25f;  // big steps: gamma 1 -> 0.75 (nothing clipped) -> 1 (many clipped)
+  TwoShotAllreduce ts(W(), cfg, n, 0);
+  const double target = quant::lbt_target(4, cfg.policy.alpha);
+  int ups = 0, downs = 0;
+  for (uint32_t step = 0; step < 6; ++step) {
+    std::vector<float> x = random_input(30 + step, n, 64);
+    const float before = ts.gamma();
+    const BucketStats st = ts.run(x.data(), step);
+    EXPECT_EQ(st.gamma, before);
+    ts.commit(true);
+    const double R_clip = st.clip_fraction();
+    const int s = (R_clip > target) - (R_clip < target);
+    const float expect = std::clamp(before + cfg.policy.eta * static_cast<float>(s),
+                                    quant::kMinGamma, quant::kMaxGamma);
+    EXPECT_EQ(ts.gamma(), expect) << "step " << step << " R " << R_clip;
+    ups += ts.gamma() > before;
+    downs += ts.gamma() < before;
+    const float g = ts.gamma();
+    EXPECT_TRUE(same_on_all_ranks(&g, sizeof g));
+    EXPECT_TRUE(same_on_all_ranks(&st.clipped, sizeof st.clipped));
+  }
+  EXPECT_GT(ups, 0);
+  EXPECT_GT(downs, 0);
+}
+
+TEST(TwoShotState, NonFiniteInOneRankIsSeenByEveryRank) {
+  const int64_t n = 2000;
+  CompressConfig cfg;
+  cfg.block_size = 64;
+  TwoShotAllreduce ts(W(), cfg, n, 0);
+  const std::vector<uint8_t> before = ts.save_state();
+  std::vector<float> x = random_input(3, n, 64);
+  if (me() == R() - 1) x[5] = std::numeric_limits<float>::quiet_NaN();
+  if (me() == 0) x[1500] = std::numeric_limits<float>::infinity();
+  const BucketStats st = ts.run(x.data(), 0);
+  EXPECT_EQ(st.nonfinite, 2);
+  ts.commit(false);
+  EXPECT_EQ(ts.save_state(), before);
+  // A clean step afterwards works.
+  x = random_input(4, n, 64);
+  EXPECT_EQ(ts.run(x.data(), 1).nonfinite, 0);
+  ts.commit(true);
+}
+
+TEST(TwoShotFp32, ExactMeanOfIntegerInputs) {
+  for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{10007}}) {
+    CompressConfig cfg;
+    cfg.bits = 32;
+    TwoShotAllreduce ts(W(), cfg, n, 0);
+    std::vector<float> x(static_cast<size_t>(n)), want(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      x[static_cast<size_t>(i)] = static_cast<float>(i % 17 - 8 + me());
+      int64_t sum = 0;
+      for (int r = 0; r < R(); ++r) sum += i % 17 - 8 + r;
+      want[static_cast<size_t>(i)] = static_cast<float>(sum) / static_cast<float>(R());
+    }
+    W().reset_bytes_sent();
+    const BucketStats st = ts.run(x.data(), 0);
+    ts.commit(true);
+    EXPECT_EQ(count_wrong(x, want), 0) << n;
+    EXPECT_EQ(st.wire_bytes, static_cast<uint64_t>(2.0 * (R() - 1) / R() * 4.0 * n + 0.5));
+    EXPECT_EQ(ts.gamma(), 1.0f);
+  }
+}
+
+TEST(TwoShotConfig, BadConfigsAreRefused) {
+  auto make = [](auto edit) {
+    CompressConfig c;
+    edit(c);
+    return TwoShotAllreduce(W(), c, 100, 0);
+  };
+  EXPECT_THROW(make([](CompressConfig& c) { c.bits = 1; }), Error);
+  EXPECT_THROW(make([](CompressConfig& c) { c.bits = 16; }), Error);
+  EXPECT_THROW(make([](CompressConfig& c) { c.block_size = 63; }), Error);
+  EXPECT_THROW(make([](CompressConfig& c) { c.block_size = 0; }), Error);
+  EXPECT_THROW(make([](CompressConfig& c) { c.policy.kind = quant::PolicyKind::kMse; }), Error);
+  EXPECT_THROW(make([](CompressConfig& c) {
+                 c.policy.fixed_gamma = 0.0f;
+                 c.policy.kind = quant::PolicyKind::kFixed;
+               }),
+               Error);
+  EXPECT_NO_THROW(make([](CompressConfig& c) { c.bits = 8; }));
+}
+
+}  // namespace
+}  // namespace int4ddp::comm
