@@ -26,16 +26,16 @@ std::string temp_dir(const std::string& name) {
   return p.string();
 }
 
-Config small_config(const std::string& dir, const std::string& model, int bits) {
+Config small_config(const std::string& dir, ModelKind model, int bits) {
   Config c;
   c.model.name = model;
   c.model.mlp_hidden = {128, 128};
-  c.data.dataset = "synthetic";
+  c.data.dataset = DatasetKind::kSynthetic;
   c.data.synthetic_train_size = 4096;
   c.data.synthetic_test_size = 1024;
   c.quant.weight_bits = c.quant.activation_bits = c.quant.grad_bits = bits;
-  c.comm.backend = "none";
-  c.comm.mode = "fp32";
+  c.comm.backend = CommBackend::kNone;
+  c.comm.mode = CommMode::kFp32;
   c.optim.lr = 0.05;
   c.train.epochs = 1;
   c.train.batch_size = 64;
@@ -43,7 +43,7 @@ Config small_config(const std::string& dir, const std::string& model, int bits) 
   c.train.checkpoint_every_epochs = 0;
   c.train.checkpoint_dir = dir + "/ck";
   c.log.metrics_path = dir + "/metrics.jsonl";
-  c.log.progress = "off";
+  c.log.progress = ProgressBar::kOff;
   c.log.print_every = 1;
   c.log.diagnostics_every = 10;
   return c;
@@ -74,7 +74,7 @@ std::vector<nlohmann::json> metrics_without_timing(const std::string& path) {
 TEST(Train, SmokeMlpReachesStatedAccuracy) {
   for (int bits : {32, 4}) {
     const std::string dir = temp_dir("smoke" + std::to_string(bits));
-    Config c = small_config(dir, "mlp", bits);
+    Config c = small_config(dir, ModelKind::kMlp, bits);
     c.train.epochs = 5;
     c.train.max_steps = 300;
     const RunSummary s = run(c);
@@ -86,7 +86,7 @@ TEST(Train, SmokeMlpReachesStatedAccuracy) {
 
 TEST(Train, SmallCnnQuantizedLearns) {
   const std::string dir = temp_dir("cnn");
-  Config c = small_config(dir, "cnn", 4);
+  Config c = small_config(dir, ModelKind::kCnn, 4);
   c.data.synthetic_train_size = 2048;
   c.train.batch_size = 32;
   c.train.max_steps = 40;
@@ -97,7 +97,7 @@ TEST(Train, SmallCnnQuantizedLearns) {
 
 TEST(Train, ResumeContinuesBitForBit) {
   const std::string dir = temp_dir("resume");
-  Config c = small_config(dir, "mlp", 4);
+  Config c = small_config(dir, ModelKind::kMlp, 4);
   c.train.epochs = 2;
   c.train.batch_size = 128;  // 32 batches per epoch
   c.train.checkpoint_every_steps = 20;
@@ -122,7 +122,7 @@ TEST(Train, ResumeContinuesBitForBit) {
 
 TEST(Train, CheckpointOfAnotherModelOrDamagedIsRefused) {
   const std::string dir = temp_dir("ckerr");
-  Config c = small_config(dir, "mlp", 4);
+  Config c = small_config(dir, ModelKind::kMlp, 4);
   c.train.max_steps = 5;
   c.train.checkpoint_every_steps = 5;
   run(c);
@@ -161,7 +161,7 @@ TEST(Train, CheckpointOfAnotherModelOrDamagedIsRefused) {
 
 TEST(Train, NonFiniteStepsAreSkippedThenTheRunStops) {
   const std::string dir = temp_dir("nan");
-  Config c = small_config(dir, "mlp", 32);
+  Config c = small_config(dir, ModelKind::kMlp, 32);
   c.optim.lr = 100.0;  // diverges to Inf/NaN within a few steps
   c.optim.momentum = 0.9;
   c.train.max_consecutive_skips = 3;
@@ -180,8 +180,8 @@ TEST(Train, NonFiniteStepsAreSkippedThenTheRunStops) {
 
 TEST(Train, BadDatasetPathFailsBeforeTraining) {
   const std::string dir = temp_dir("badpath");
-  Config c = small_config(dir, "mlp", 4);
-  c.data.dataset = "fashion_mnist";
+  Config c = small_config(dir, ModelKind::kMlp, 4);
+  c.data.dataset = DatasetKind::kFashionMnist;
   c.data.path = dir + "/nowhere";
   EXPECT_THROW(run(c), Error);
   EXPECT_FALSE(fs::exists(c.log.metrics_path)) << "metrics written before the data was checked";

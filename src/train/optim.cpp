@@ -70,13 +70,16 @@ double scheduled_lr(const ScheduleConfig& s, double base_lr, int64_t step, int64
   INT4DDP_CHECK(total_steps > 0, "schedule: total steps must be positive");
   const double t = static_cast<double>(step) / static_cast<double>(total_steps);
   double lr = base_lr;
-  if (s.kind == "multistep") {
-    for (double m : s.milestones)
-      if (t >= m) lr *= s.factor;
-  } else if (s.kind == "cosine") {
-    lr = s.min_lr + 0.5 * (base_lr - s.min_lr) * (1.0 + std::cos(M_PI * std::min(1.0, t)));
-  } else {
-    INT4DDP_FAIL("schedule.kind = '", s.kind, "' is not one of multistep, cosine");
+  switch (s.kind) {
+    case ScheduleKind::kMultistep:
+      for (double m : s.milestones)
+        if (t >= m) lr *= s.factor;
+      break;
+    case ScheduleKind::kCosine:
+      lr = s.min_lr + 0.5 * (base_lr - s.min_lr) * (1.0 + std::cos(M_PI * std::min(1.0, t)));
+      break;
+    default:
+      INT4DDP_FAIL("schedule.kind = ", static_cast<int>(s.kind), " is not a schedule");
   }
   if (s.warmup_fraction > 0 && t < s.warmup_fraction) lr *= t / s.warmup_fraction;
   return lr;

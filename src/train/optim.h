@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "src/config/config.h"
 #include "src/core/tensor.h"
 
 namespace int4ddp::train {
@@ -54,7 +55,7 @@ class Optimizer {
 
 // Learning-rate schedule over the whole run, evaluated per step.
 struct ScheduleConfig {
-  std::string kind = "multistep";                // multistep | cosine
+  ScheduleKind kind = ScheduleKind::kMultistep;  // multistep | cosine
   std::vector<double> milestones = {0.5, 0.75};  // fractions of the total steps (multistep)
   double factor = 0.1;                           // multistep: lr *= factor at each milestone
   double min_lr = 0.0;                           // cosine: the final learning rate
