@@ -72,10 +72,8 @@ class Model {
   std::vector<float> values_, grads_;
   std::vector<QuantizedOp*> qops_;
   uint32_t next_layer_id_ = 0;
-  Tensor input_;
-  std::vector<int64_t>
-      ready_offset_;  // per top-level layer: lowest arena offset of it and after  // copy of the
-                      // last forward's input (the first layer's backward reads it)
+  Tensor input_;  // copy of the last forward's input (the first layer's backward reads it)
+  std::vector<int64_t> ready_offset_;  // per top-level layer: lowest arena offset of it and after
 };
 
 }  // namespace int4ddp::nn
