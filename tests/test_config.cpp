@@ -364,6 +364,21 @@ TEST(Config, ValidateChecksKeysAgainstEachOther) {
   c.schedule.min_lr = 1;
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "schedule.min_lr");
   c = Config{};
+  c.comm.backend = CommBackend::kNccl;  // until the trainer's layers run on the GPU
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.backend = \"nccl\": ");
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "use comm.backend = mpi");
+  c = Config{};
+  c.model.name = ModelKind::kMlp;
+  c.model.mlp_hidden = {256};  // fc1 and fc_out, the first and the last layer: both stay fp32
+  std::string msg = error_of([&] { validate(c); });
+  EXPECT_CONTAINS(msg, "model.mlp_hidden = [256]: ");
+  EXPECT_CONTAINS(msg, "no layer qualifies");
+  c.quant.last_layer_fp32 = false;
+  EXPECT_NO_THROW(validate(c));
+  c.quant.last_layer_fp32 = true;
+  c.quant.weight_bits = c.quant.activation_bits = c.quant.grad_bits = kFp32Bits;
+  EXPECT_NO_THROW(validate(c));
+  c = Config{};
   c.train.checkpoint_dir = "";
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "train.checkpoint_dir");
   c.train.checkpoint_every_epochs = 0;

@@ -11,6 +11,8 @@
 
 #include "kernels/common/error.h"
 #include "src/config/config.h"
+#include "src/core/tensor.h"
+#include "src/train/optim.h"
 #include "src/train/trainer.h"
 
 namespace int4ddp::train {
@@ -24,6 +26,15 @@ std::string temp_dir(const std::string& name) {
   fs::remove_all(p);
   fs::create_directories(p);
   return p.string();
+}
+
+Param nn_param(const std::string& name, ParamGroup group) {
+  Param p;
+  p.name = name;
+  p.shape = {1};
+  p.group = group;
+  p.decay = false;
+  return p;
 }
 
 Config small_config(const std::string& dir, ModelKind model, int bits) {
@@ -71,6 +82,26 @@ std::vector<nlohmann::json> metrics_without_timing(const std::string& path) {
 // 300 steps (about 5 epochs of 4096 / 64) of the mlp on the synthetic set, whose nearest-centroid
 // accuracy is 0.87: the fp32 and 4/4/4 mlps reached 0.990 and 0.991 when this was written (g++ 12,
 // x86-64); 0.9 leaves room for other compilers and fails a model that does not learn (chance 0.1).
+TEST(Optimizer, QuantizerStepsFollowTheLearningRateSchedule) {
+  // One weight (SGD) and one quantizer step (Adam), both with gradient 1.
+  Param w = nn_param("w", ParamGroup::kWeights), s = nn_param("s", ParamGroup::kQuantizer);
+  std::vector<float> values = {1.0f, 1.0f}, grads = {1.0f, 1.0f};
+  w.value = Tensor::view(values.data(), {1});
+  w.grad = Tensor::view(grads.data(), {1});
+  s.value = Tensor::view(values.data() + 1, {1});
+  s.grad = Tensor::view(grads.data() + 1, {1});
+  OptimConfig oc;
+  oc.lr = 0.1;
+  oc.momentum = 0.0;
+  oc.weight_decay = 0.0;
+  oc.quant_lr = 1e-3;
+  Optimizer opt(oc, {&w, &s}, values.data(), grads.data(), 2);
+  opt.step(0.01);  // the schedule is at a tenth of optim.lr
+  EXPECT_FLOAT_EQ(values[0], 1.0f - 0.01f);
+  // Adam's first step moves by its rate times m / sqrt(v) = 1: the scheduled rate 1e-4.
+  EXPECT_NEAR(values[1], 1.0f - 1e-4f, 1e-7f);
+}
+
 TEST(Train, SmokeMlpReachesStatedAccuracy) {
   for (int bits : {32, 4}) {
     const std::string dir = temp_dir("smoke" + std::to_string(bits));
@@ -129,7 +160,7 @@ TEST(Train, CheckpointOfAnotherModelOrDamagedIsRefused) {
   const std::string ck = dir + "/ck/step_5.ckpt";
   ASSERT_TRUE(fs::exists(ck));
   Config other = c;
-  other.model.mlp_hidden = {64};
+  other.model.mlp_hidden = {64, 64};
   other.train.resume = ck;
   try {
     run(other);

@@ -308,6 +308,21 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
          "must not exceed a bucket of comm.bucket_mb = " + format_double(c.comm.bucket_mb) +
              " MiB (" + format_double(bucket_elements) + " fp32 elements)");
   }
+  if (c.comm.backend == CommBackend::kNccl) {
+    fail("comm.backend",
+         "the trainer's layers run on the CPU, so its gradients live in host memory; use "
+         "comm.backend = mpi (GPU training layers are not implemented yet)");
+  }
+  const bool quantized = c.quant.weight_bits != kFp32Bits || c.quant.activation_bits != kFp32Bits ||
+                         c.quant.grad_bits != kFp32Bits;
+  if (quantized && c.model.name == ModelKind::kMlp && c.model.mlp_hidden.size() == 1 &&
+      c.quant.first_layer_fp32 && c.quant.last_layer_fp32) {
+    fail("model.mlp_hidden",
+         "quantization is requested (quant.*_bits below 32) but no layer qualifies: an mlp with "
+         "one hidden layer has only its first and its last Linear, and both stay fp32 "
+         "(quant.first_layer_fp32 and quant.last_layer_fp32 are true); add a hidden layer or set "
+         "one of those keys to false");
+  }
   if (c.optim.nesterov && c.optim.momentum == 0) {
     fail("optim.nesterov", "needs optim.momentum > 0");
   }

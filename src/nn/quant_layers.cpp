@@ -153,7 +153,8 @@ double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_
 
 QuantizedOp::QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_t layer_id,
                          QuantContext* ctx)
-    : spec_(spec),
+    : op_name_(name),
+      spec_(spec),
       layer_id_(layer_id),
       ctx_(ctx),
       s_w_(make_scalar_param(name + ".s_w")),
@@ -169,18 +170,33 @@ QuantizedOp::QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_
 void QuantizedOp::init_steps(const Tensor& x, const Param& w) {
   const double sw = 3.0 * population_std(w.value.data(), w.value.numel());
   s_w_.value[0] = sw > 0 ? static_cast<float>(sw) : 1.0f;
-  const double ua = 3.0 * population_std(x.data(), x.numel()) / std::sqrt(1.0 - 2.0 / M_PI);
+  // 3 std on the signed grid; on the unsigned one (inputs after a ReLU) the std of the half-normal
+  // |X| is sqrt(1 - 2/pi) times that of X.
+  const double ua = spec_.signed_input
+                        ? 3.0 * population_std(x.data(), x.numel())
+                        : 3.0 * population_std(x.data(), x.numel()) / std::sqrt(1.0 - 2.0 / M_PI);
   u_a_.value[0] = ua > 0 ? static_cast<float>(ua) : 1.0f;
   initialized_ = true;
 }
 
 float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
   const int64_t n = dy.numel();
-  if (grad_.policy->needs_calibration()) grad_.policy->calibrate(dy.data(), n);
   quant::QuantParams p;
   p.bits = spec_.grad_bits;
   p.rounding = spec_.grad_rounding;
-  p.gamma = grad_.policy->gamma_for(dy.data(), n);
+  if (grad_.policy->needs_calibration()) {
+    // The calibration batch: gamma from this full-precision dL/dY; the batch itself is quantized
+    // with gamma = 1, so the layers below calibrate on gradients no calibrated gamma has shaped.
+    if (!grad_.policy->calibrate(dy.data(), n) && ++calibration_failures_ >= kMaxCalibrationTries) {
+      grad_.policy->skip_calibration();
+      ctx_->warnings.push_back(op_name_ + ": the lbt calibration found an all-zero or non-finite " +
+                               "output gradient on " + std::to_string(calibration_failures_) +
+                               " batches; gamma starts at 1 instead");
+    }
+    p.gamma = 1.0f;
+  } else {
+    p.gamma = grad_.policy->gamma_for(dy.data(), n);
+  }
   p.block_size = 0;
   p.key = quant::RngKey{ctx_->seed, ctx_->stream, ctx_->step, layer_id_};
   // One per-tensor quantization done in pieces on the threads: the max and the counts are exact

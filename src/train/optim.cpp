@@ -36,7 +36,8 @@ void Optimizer::step(double lr) {
   const float b1 = static_cast<float>(cfg_.adam_beta1), b2 = static_cast<float>(cfg_.adam_beta2);
   const double c1 = 1.0 - std::pow(cfg_.adam_beta1, static_cast<double>(steps_));
   const double c2 = 1.0 - std::pow(cfg_.adam_beta2, static_cast<double>(steps_));
-  const float alr = static_cast<float>(cfg_.quant_lr / c1);
+  const double quant_lr = cfg_.quant_lr * (lr / cfg_.lr);  // the schedule's factor
+  const float alr = static_cast<float>(quant_lr / c1);
   const float inv_c2 = static_cast<float>(1.0 / c2), eps = static_cast<float>(cfg_.adam_eps);
   const float slr = static_cast<float>(lr);
   // Elementwise, so any split gives the same result: blocks of every range, on the threads.

@@ -69,6 +69,7 @@ nn::ModelSpec model_spec(const Config& cfg, const data::Dataset& d) {
   s.width = d.width;
   s.num_classes = cfg.model.num_classes;
   s.mlp_hidden.assign(cfg.model.mlp_hidden.begin(), cfg.model.mlp_hidden.end());
+  s.signed_input = d.normalized();  // raw pixels are in [0, 1]
   const auto& q = cfg.quant;
   const int fp32 =
       (q.weight_bits == kFp32Bits) + (q.activation_bits == kFp32Bits) + (q.grad_bits == kFp32Bits);

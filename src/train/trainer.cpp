@@ -85,17 +85,18 @@ OptimConfig optimizer_of(const Config& cfg) {
 
 // What one training step did. All but the timings and nonfinite_grads agree on every rank.
 struct StepResult {
-  float loss = 0.0f;            // training loss, mean over the ranks' batches
-  int64_t correct = 0;          // correct predictions, summed over the ranks
-  bool calibration = false;     // the gradient quantizers calibrated on this batch: no update
-  bool skipped = false;         // a non-finite loss or gradient on some rank: no update
-  bool diagnostics = false;     // the quantized layers computed E(G), E(G_L) this step
-  double lr = 0.0;              // the schedule's SGD learning rate (0 when skipped)
-  int64_t nonfinite_grads = 0;  // this rank's NaN/Inf count in quantized output gradients
-  double compute_s = 0.0;       // forward + backward on this rank
-  double step_s = 0.0;          // the whole step on this rank
-  comm::StepCommStats comm;     // the gradient all-reduce (data parallelism only)
-  double rel_err = -1.0;        // sampled error of the compressed mean; < 0: not sampled
+  float loss = 0.0f;                  // training loss, mean over the ranks' batches
+  int64_t correct = 0;                // correct predictions, summed over the ranks
+  bool calibration = false;           // the gradient quantizers calibrated on this batch: no update
+  bool skipped = false;               // a non-finite loss or gradient on some rank: no update
+  bool diagnostics = false;           // the quantized layers computed E(G), E(G_L) this step
+  double lr = 0.0;                    // the schedule's SGD learning rate (0 when skipped)
+  int64_t nonfinite_grads = 0;        // this rank's NaN/Inf count in quantized output gradients
+  double compute_s = 0.0;             // forward + backward on this rank
+  double step_s = 0.0;                // the whole step on this rank
+  comm::StepCommStats comm;           // the gradient all-reduce (data parallelism only)
+  double rel_err = -1.0;              // sampled error of the compressed mean; < 0: not sampled
+  std::vector<std::string> warnings;  // this rank's quantized layers' warnings
 };
 
 class Trainer {
@@ -283,6 +284,7 @@ StepResult Trainer::train_step() {
                                       [engine](int64_t off) { engine->ready_from(off); })
                                 : std::function<void(int64_t)>());
   r.compute_s = seconds_since(t_step);
+  r.warnings.swap(qctx.warnings);
 
   // Wait for the all-reduce.
   if (engine_) {
@@ -339,6 +341,9 @@ StepResult Trainer::train_step() {
 }
 
 void Trainer::log_step(const StepResult& r) {
+  for (const std::string& w : r.warnings)
+    err_ << "int4ddp: warning: " << (world_ > 1 ? "rank " + std::to_string(rank_) + ": " : "") << w
+         << "\n";
   if (r.skipped) {
     metrics_->write({{"type", "skip"},
                      {"batch", pr_.global_batch},
