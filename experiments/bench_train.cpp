@@ -1,11 +1,14 @@
 // bench_train: training throughput (img/s) at batch 128 on 1x28x28 inputs, optimizer step
 // included, for mlp, cnn and resnet20 in fp32 and 4/4/4. One warm-up step (the 4/4/4 warm-up is
-// also the lbt calibration batch), then the best of --reps timed runs of --steps steps each.
+// also the lbt calibration batch, which updates no weights, as in training), then the best of
+// --reps timed runs of --steps steps each. Every step's loss must be finite: a non-finite one ends
+// the benchmark with exit status 1 (a speed of a diverged run means nothing).
 // Threads: --threads T runs only T (default: 1 and 2); it sets train.threads (the layers' loops
 // over the batch, kernels/common/parallel.h). --bits 32 or 4 runs only fp32 or 4/4/4. Ends with one
 // JSON line {"bench":"train","rows":[{"model","bits","threads","img_per_s"},...]}.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -49,6 +52,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const int64_t batch = 128;
+  const double kLr = train::OptimConfig{}.lr;  // the schedule at its start
   data::SyntheticConfig sc;
   sc.train_count = batch * 8;
   sc.test_count = batch;
@@ -77,11 +81,21 @@ int main(int argc, char** argv) {
           data::assemble_batch(ds, idx.data(), batch, data::AugmentConfig{}, 0, 0, x.data(),
                                labels.data());
           model.quant_context().step = static_cast<uint32_t>(s);
+          const bool calibrating = model.needs_calibration();
           model.zero_grad();
           model.forward(x, logits, true);
-          nn::softmax_cross_entropy(logits, labels.data(), &dl, nullptr);
+          const float loss = nn::softmax_cross_entropy(logits, labels.data(), &dl, nullptr);
           model.backward(dl);
-          opt.step(0.01);
+          if (!std::isfinite(loss)) {
+            std::fprintf(stderr, "bench_train: %s %s: step %d has a non-finite loss\n",
+                         name.c_str(), bits == 32 ? "fp32" : "4/4/4", s);
+            std::exit(1);
+          }
+          if (calibrating) {  // the calibration batch: no update, as the trainer does
+            model.commit_quant_step(false);
+            return;
+          }
+          opt.step(kLr);
           model.commit_quant_step(true);
         };
         one_step(0);

@@ -1,5 +1,5 @@
-// The int4ddp executable: one CLI11 app, one subcommand per tool (quantize now; train, eval and
-// bench join the same way: an add_*_command that registers options, a run_* that does the work).
+// The int4ddp executable: one CLI11 app, one subcommand per tool (quantize, train, eval), each an
+// add_*_command that registers its options and a run_* that does the work.
 // This is the only place where an int4ddp::Error becomes a message and a non-zero exit.
 #include <CLI/CLI.hpp>
 #include <cstdlib>

@@ -75,7 +75,7 @@ std::string override_error(const std::string& text) {
 TEST(Config, DefaultsValidateAndFollowThePaperRecipe) {
   const Config c;
   EXPECT_NO_THROW(validate(c));
-  EXPECT_EQ(c.model.name, "cnn");
+  EXPECT_EQ(c.model.name, ModelKind::kCnn);
   EXPECT_EQ(c.train.batch_size, 128);
   EXPECT_DOUBLE_EQ(c.optim.lr, 0.1);
   EXPECT_DOUBLE_EQ(c.optim.momentum, 0.9);
@@ -85,7 +85,7 @@ TEST(Config, DefaultsValidateAndFollowThePaperRecipe) {
   EXPECT_EQ(c.quant.weight_bits, 4);
   EXPECT_EQ(c.quant.activation_bits, 4);
   EXPECT_EQ(c.quant.grad_bits, 4);
-  EXPECT_EQ(c.quant.grad_policy, "lbt");
+  EXPECT_EQ(c.quant.grad_policy, quant::PolicyKind::kLbt);
   EXPECT_DOUBLE_EQ(c.quant.alpha, 1e-3);
   EXPECT_DOUBLE_EQ(c.quant.eta, 1e-3);
   EXPECT_DOUBLE_EQ(c.quant.scale_lr, 1e-5);
@@ -117,22 +117,23 @@ TEST(Config, EveryFileInConfigsLoadsAndValidates) {
   }
 
   const Config d = load_config(std::string(INT4DDP_CONFIG_DIR) + "/default.yaml");
-  EXPECT_EQ(d.model.name, "cnn");
+  EXPECT_EQ(d.model.name, ModelKind::kCnn);
   EXPECT_EQ(d.quant.weight_bits, 4);
   EXPECT_EQ(d.quant.activation_bits, 4);
   EXPECT_EQ(d.quant.grad_bits, 4);
-  EXPECT_EQ(d.quant.grad_policy, "lbt");
-  EXPECT_EQ(d.data.dataset, "fashion_mnist");
-  EXPECT_EQ(load_config(std::string(INT4DDP_CONFIG_DIR) + "/mlp.yaml").model.name, "mlp");
-  EXPECT_EQ(load_config(std::string(INT4DDP_CONFIG_DIR) + "/resnet20.yaml").model.name, "resnet20");
+  EXPECT_EQ(d.quant.grad_policy, quant::PolicyKind::kLbt);
+  EXPECT_EQ(d.data.dataset, DatasetKind::kFashionMnist);
+  EXPECT_EQ(load_config(std::string(INT4DDP_CONFIG_DIR) + "/mlp.yaml").model.name, ModelKind::kMlp);
+  EXPECT_EQ(load_config(std::string(INT4DDP_CONFIG_DIR) + "/resnet20.yaml").model.name,
+            ModelKind::kResNet20);
   const Config fp32 = load_config(std::string(INT4DDP_CONFIG_DIR) + "/cnn_fp32.yaml");
   EXPECT_EQ(fp32.quant.weight_bits, kFp32Bits);
-  EXPECT_EQ(fp32.comm.mode, "fp32");
+  EXPECT_EQ(fp32.comm.mode, CommMode::kFp32);
 }
 
 TEST(Config, YamlRoundTripKeepsEveryValue) {
   Config c;
-  c.model.name = "mlp";
+  c.model.name = ModelKind::kMlp;
   c.model.mlp_hidden = {2048, 1024, 7};
   c.data.path = "/tmp/a dir/with \"quotes\" and \\ and: colon # not a comment";
   c.data.random_flip = true;
@@ -142,12 +143,12 @@ TEST(Config, YamlRoundTripKeepsEveryValue) {
   c.comm.bucket_mb = 0.5;
   c.comm.block_size = 4096;
   c.optim.lr = 0.05;
-  c.schedule.kind = "cosine";
+  c.schedule.kind = ScheduleKind::kCosine;
   c.schedule.milestones = {};
   c.schedule.min_lr = 1e-7;
   c.train.seed = 4294967295;
   c.train.resume = "";
-  c.log.progress = "off";
+  c.log.progress = ProgressBar::kOff;
   ASSERT_NO_THROW(validate(c));
 
   const std::string yaml = config_to_yaml(c);
@@ -221,8 +222,8 @@ TEST(Config, OverridesSetScalarsSequencesAndStrings) {
   EXPECT_EQ(c.schedule.milestones, (std::vector<double>{0.3, 0.6, 0.9}));
   EXPECT_EQ(c.model.mlp_hidden, (std::vector<int>{2048}));
   EXPECT_EQ(c.data.path, "/data/fashion mnist");
-  EXPECT_EQ(c.comm.mode, "int8");
-  EXPECT_EQ(c.log.progress, "off");
+  EXPECT_EQ(c.comm.mode, CommMode::kInt8);
+  EXPECT_EQ(c.log.progress, ProgressBar::kOff);
   EXPECT_EQ(c.train.seed, 16);
   EXPECT_NO_THROW(validate(c));
 
@@ -284,6 +285,61 @@ TEST(Config, OverrideErrorsNameTheKey) {
   EXPECT_DOUBLE_EQ(c.optim.lr, 0.3);
 }
 
+TEST(Config, EnumeratedKeysParseEverySpellingAndNothingElse) {
+  // Every spelling of every enumerated key reads into its value and prints back the same.
+  const std::vector<std::pair<std::string, std::vector<std::string>>> keys = {
+      {"model.name", {"mlp", "cnn", "resnet20"}},
+      {"data.dataset", {"fashion_mnist", "synthetic", "cifar10"}},
+      {"quant.grad_policy", {"minmax", "fixed", "lbt", "mse", "dsgc"}},
+      {"quant.grad_rounding", {"nearest", "stochastic"}},
+      {"comm.backend", {"none", "mpi", "nccl"}},
+      {"comm.mode", {"fp32", "int4", "int8"}},
+      {"comm.grad_policy", {"minmax", "fixed", "lbt"}},
+      {"comm.rounding", {"nearest", "stochastic"}},
+      {"schedule.kind", {"multistep", "cosine"}},
+      {"log.progress", {"auto", "on", "off"}}};
+  for (const auto& [key, names] : keys) {
+    std::string all;
+    for (const std::string& n : names) all += (all.empty() ? "" : ", ") + n;
+    for (const std::string& n : names) {
+      Config c;
+      apply_override(c, key + "=" + n);
+      const std::string line = "  " + key.substr(key.find('.') + 1) + ": \"" + n + "\"\n";
+      EXPECT_CONTAINS(config_to_yaml(c), line);
+    }
+    // Anything else is an error naming the key and the spellings it accepts; nothing falls back
+    // to a default.
+    for (const std::string& bad : {std::string("int16"), std::string("LBT"), std::string("")}) {
+      EXPECT_CONTAINS(override_error(key + "=" + bad),
+                      key + " = \"" + bad + "\": must be one of " + all);
+    }
+  }
+  EXPECT_CONTAINS(override_error("comm.grad_policy=mse"),
+                  "comm.grad_policy = \"mse\": must be one of minmax, fixed, lbt");
+  Config c;
+  apply_override(c, "comm.mode=int8");
+  apply_override(c, "quant.grad_rounding=nearest");
+  EXPECT_EQ(c.comm.mode, CommMode::kInt8);
+  EXPECT_EQ(c.quant.grad_rounding, quant::Rounding::kNearest);
+  EXPECT_STREQ(spelling(c.comm.mode), "int8");
+  EXPECT_STREQ(spelling(quant::PolicyKind::kDsgc), "dsgc");
+  // A value set in code is validated as well.
+  c = Config{};
+  c.comm.grad_policy = quant::PolicyKind::kMse;
+  EXPECT_CONTAINS(error_of([&] { validate(c); }),
+                  "comm.grad_policy = \"mse\": must be one of minmax, fixed, lbt");
+  c = Config{};
+  c.comm.mode = static_cast<CommMode>(9);
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.mode = \"?\": must be one of fp32");
+
+  // From a file: the key and its line.
+  TempDir dir;
+  const std::string path = dir.write("mode.yaml", "comm:\n  backend: mpi\n  mode: int3\n");
+  const std::string msg = error_of([&] { load_config(path); });
+  EXPECT_CONTAINS(msg, path + " line 3");
+  EXPECT_CONTAINS(msg, "comm.mode = \"int3\": must be one of fp32, int4, int8");
+}
+
 TEST(Config, ValidateChecksKeysAgainstEachOther) {
   Config c;
   c.optim.lr = 0;
@@ -295,7 +351,7 @@ TEST(Config, ValidateChecksKeysAgainstEachOther) {
   c = Config{};
   c.model.num_classes = 5;
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "model.num_classes = 5: must be 10");
-  c.data.dataset = "synthetic";
+  c.data.dataset = DatasetKind::kSynthetic;
   EXPECT_NO_THROW(validate(c));
   c = Config{};
   c.comm.bucket_mb = 0.001;  // 262 elements < block_size 512
@@ -307,6 +363,21 @@ TEST(Config, ValidateChecksKeysAgainstEachOther) {
   c = Config{};
   c.schedule.min_lr = 1;
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "schedule.min_lr");
+  c = Config{};
+  c.comm.backend = CommBackend::kNccl;  // until the trainer's layers run on the GPU
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.backend = \"nccl\": ");
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "use comm.backend = mpi");
+  c = Config{};
+  c.model.name = ModelKind::kMlp;
+  c.model.mlp_hidden = {256};  // fc1 and fc_out, the first and the last layer: both stay fp32
+  std::string msg = error_of([&] { validate(c); });
+  EXPECT_CONTAINS(msg, "model.mlp_hidden = [256]: ");
+  EXPECT_CONTAINS(msg, "no layer qualifies");
+  c.quant.last_layer_fp32 = false;
+  EXPECT_NO_THROW(validate(c));
+  c.quant.last_layer_fp32 = true;
+  c.quant.weight_bits = c.quant.activation_bits = c.quant.grad_bits = kFp32Bits;
+  EXPECT_NO_THROW(validate(c));
   c = Config{};
   c.train.checkpoint_dir = "";
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "train.checkpoint_dir");

@@ -1,14 +1,20 @@
-// Quantized layers: the fake-quantizer gradients against hand-derived values, and QLinear / QConv2d
+// Quantized layers: the fake-quantizer gradients against hand-derived values, QLinear / QConv2d
 // forward and backward against a plain reference built from the definitions (fake-quantized
-// tensors in double, straight-through masks, the reference codec for the output gradient).
+// tensors in double, straight-through masks, the reference codec for the output gradient), the lbt
+// calibration batch, and which inputs a model quantizes on the signed grid.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "kernels/common/error.h"
 #include "kernels/quant/codec.h"
+#include "kernels/quant/policy.h"
+#include "src/nn/model.h"
 #include "src/nn/quant_layers.h"
 
 namespace int4ddp::nn {
@@ -295,6 +301,140 @@ TEST(QuantLayers, GradientQuantizerDefersThePolicyUpdateAndCountsNonFinite) {
   ctx.nonfinite = 0;
   l.backward(x, y, dy, &dx);
   EXPECT_EQ(ctx.nonfinite, 1);
+}
+
+QuantSpec lbt_spec() {
+  QuantSpec spec = test_spec();
+  spec.grad_bits = 4;
+  spec.grad_policy.kind = quant::PolicyKind::kLbt;
+  spec.grad_rounding = quant::Rounding::kStochastic;
+  return spec;
+}
+
+TEST(QuantLayers, CalibrationBatchIsQuantizedWithGammaOneAndCalibratesOnItsOwnGradient) {
+  QuantContext ctx;
+  const QuantSpec spec = lbt_spec();
+  QLinear l("fc", 8, 8, false, spec, 3, &ctx);
+  fill(l.weight().value, 8, -0.5f, 0.5f);
+  Tensor x({16, 8}), y, dy({16, 8}), dx;
+  fill(x, 9, 0.0f, 1.0f);
+  fill(dy, 10, -1.0f, 1.0f);
+  l.forward(x, y, true);
+  ASSERT_TRUE(l.grad_state().policy->needs_calibration());
+  l.backward(x, y, dy, &dx);
+  // gamma from the full-precision dL/dY, but this batch quantized with gamma = 1.
+  const std::optional<float> want =
+      quant::calibrate_lbt(dy.data(), dy.numel(), quant::lbt_target(4, spec.grad_policy.alpha));
+  ASSERT_TRUE(want.has_value());
+  ASSERT_LT(*want, 1.0f);
+  EXPECT_FALSE(l.grad_state().policy->needs_calibration());
+  EXPECT_EQ(l.grad_state().policy->gamma(), *want);
+  EXPECT_EQ(l.grad_state().last_gamma, 1.0f);
+  // The next batch uses the calibrated gamma.
+  l.commit_step(false);
+  l.backward(x, y, dy, &dx);
+  EXPECT_EQ(l.grad_state().last_gamma, *want);
+}
+
+TEST(QuantLayers, AllZeroGradientsEndTheCalibrationAtGammaOneWithAWarning) {
+  QuantContext ctx;
+  QLinear l("fc7", 8, 8, false, lbt_spec(), 3, &ctx);
+  fill(l.weight().value, 8, -0.5f, 0.5f);
+  Tensor x({16, 8}), y, dy({16, 8}), dx;
+  fill(x, 9, 0.0f, 1.0f);
+  l.forward(x, y, true);
+  for (int i = 1; i < QuantizedOp::kMaxCalibrationTries; ++i) {
+    l.backward(x, y, dy, &dx);  // dy is all zero: nothing to calibrate on
+    l.commit_step(false);
+    EXPECT_TRUE(l.grad_state().policy->needs_calibration()) << "try " << i;
+    EXPECT_TRUE(ctx.warnings.empty());
+  }
+  l.backward(x, y, dy, &dx);
+  l.commit_step(false);
+  EXPECT_FALSE(l.grad_state().policy->needs_calibration()) << "still calibrating";
+  EXPECT_EQ(l.grad_state().policy->gamma(), 1.0f);
+  ASSERT_EQ(ctx.warnings.size(), 1u);
+  EXPECT_NE(ctx.warnings[0].find("fc7"), std::string::npos) << ctx.warnings[0];
+  // From now on the sign rule moves gamma.
+  fill(dy, 10, -1.0f, 1.0f);
+  l.backward(x, y, dy, &dx);
+  l.commit_step(true);
+  EXPECT_LT(l.grad_state().policy->gamma(), 1.0f);
+}
+
+TEST(QuantLayers, SignedInputStartsAtThreeStd) {
+  QuantContext ctx;
+  QuantSpec spec = test_spec();
+  spec.signed_input = true;
+  QLinear l("fc", 64, 4, false, spec, 0, &ctx);
+  Tensor x({32, 64}), y;
+  fill(x, 11, -2.0f, 1.0f);
+  l.forward(x, y, true);
+  double s = 0, s2 = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) s += x[i];
+  const double mean = s / static_cast<double>(x.numel());
+  for (int64_t i = 0; i < x.numel(); ++i) s2 += (x[i] - mean) * (x[i] - mean);
+  EXPECT_FLOAT_EQ(l.act_step().value[0],
+                  static_cast<float>(3.0 * std::sqrt(s2 / static_cast<double>(x.numel()))));
+}
+
+// logits of a freshly built model for input x (a training forward: the scales initialise on it).
+std::vector<float> logits_of(const ModelSpec& spec, const Tensor& x) {
+  Model m(spec, 5);
+  Tensor logits;
+  m.forward(x, logits, true);
+  return std::vector<float>(logits.data(), logits.data() + logits.numel());
+}
+
+TEST(QuantModel, QuantizedFirstLayerKeepsNegativeInputs) {
+  ModelSpec spec;
+  spec.name = "mlp";
+  spec.height = spec.width = 4;
+  spec.mlp_hidden = {16, 16};
+  spec.fp32_first = false;  // the first layer sees the (normalised, signed) data
+  Tensor a({8, 1, 4, 4}), b({8, 1, 4, 4});
+  fill(a, 12, -1.0f, -0.1f);
+  fill(b, 13, -1.0f, -0.1f);
+  // On the unsigned grid every negative input is code 0, so both batches would give the same
+  // logits; on the signed grid they differ.
+  EXPECT_NE(logits_of(spec, a), logits_of(spec, b));
+}
+
+TEST(QuantModel, SignedGridExactlyWhereTheInputCanBeNegative) {
+  auto signs = [](const std::string& name, bool first_fp32, bool last_fp32, bool signed_data) {
+    ModelSpec spec;
+    spec.name = name;
+    spec.fp32_first = first_fp32;
+    spec.fp32_last = last_fp32;
+    spec.signed_input = signed_data;
+    Model m(spec, 1);
+    std::string s;
+    for (const QuantizedOp* q : m.quantized_ops()) s += q->signed_input() ? "s" : "u";
+    return s;
+  };
+  EXPECT_EQ(signs("mlp", false, false, true), "suu");  // fc1 takes the data, the rest a ReLU
+  EXPECT_EQ(signs("mlp", false, true, false), "uu");   // raw pixels in [0, 1]
+  EXPECT_EQ(signs("cnn", false, false, true), "suuu");
+  EXPECT_EQ(signs("cnn", true, true, true), "uu");
+  const std::string resnet = signs("resnet20", true, false, true);  // fc follows bn_final
+  EXPECT_EQ(resnet, std::string(18, 'u') + "s");
+}
+
+TEST(QuantModel, QuantizationWithNoQualifyingLayerIsAnError) {
+  ModelSpec spec;
+  spec.name = "mlp";
+  spec.mlp_hidden = {32};  // fc1 and fc_out only: the first and the last layer, both fp32
+  try {
+    Model m(spec, 1);
+    ADD_FAILURE() << "built an unquantized model although quantization was requested";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no layer qualifies"), std::string::npos) << e.what();
+  }
+  spec.fp32_last = false;
+  EXPECT_NO_THROW(Model(spec, 1));
+  spec.fp32_last = true;
+  spec.quantized = false;
+  EXPECT_NO_THROW(Model(spec, 1));
 }
 
 }  // namespace

@@ -39,12 +39,7 @@
 // override; there is no AVX2 convolution). Both give exact results on codes; on fp32 they differ
 // only by float rounding (AVX-512 uses FMAs). The portable path is a correct fallback, not a fast
 // one (slower than im2col + Eigen): callers should keep their GEMM path when
-// conv3x3_resolve(Conv3x3Isa::kAuto) is not kAvx512.
-//
-// Measured (experiments/bench_conv, batch 128 in per-sample calls, 1 thread, this VM's AVX-512
-// core, ~180 GFLOP/s FMA peak): 130-160 GFLOP/s for forward, backward data and backward weight of
-// the 16/32/64-channel resnet20 layers, 1.6-2.2x the im2col + Eigen sgemm path on a quiet machine;
-// the 1-channel first conv 50-55 GFLOP/s (2x).
+// conv3x3_resolve(Conv3x3Isa::kAuto) is not kAvx512. experiments/bench_conv times both paths.
 #pragma once
 
 #include <cstdint>
@@ -61,8 +56,8 @@ enum class Conv3x3Isa : uint8_t { kAuto = 0, kPortable = 1, kAvx512 = 2 };
 //   kChannels  16 output channels per vector, a segment of one image row per tile, every lane
 //              useful; needs a multiple of 16 output channels; scattered stores.
 //   kAuto      kChannels where kSpatial would leave more than 15% of its lanes idle (7x7) and there
-//              are >= 32 output channels, else kSpatial (measured: kChannels 10-15% faster at
-//              7x7, 5-10% slower at 14x14).
+//              are >= 32 output channels, else kSpatial (the faster one of the two in
+//              experiments/bench_conv at each size).
 enum class Conv3x3Algo : uint8_t { kAuto = 0, kSpatial = 1, kChannels = 2 };
 
 const char* conv3x3_isa_name(Conv3x3Isa isa);

@@ -79,6 +79,10 @@ class IntervalPolicy {
   // batch). The other policies have nothing to calibrate and return false.
   virtual bool calibrate(const float* g, int64_t count) { return false; }
 
+  // lbt: stop calibrating (e.g. after batches whose gradient was all zero) and keep gamma = 1,
+  // updated by the sign rule from the next step on, as a calibrated state. The others: nothing.
+  virtual void skip_calibration() {}
+
   // Binary state (host byte order, i.e. little-endian on every supported target):
   //   "I4PS" magic, u8 kind, u8 version, u16 payload bytes, payload.
   // load_state throws Error for a blob of another kind, another version or the wrong length.

@@ -4,27 +4,52 @@
 //
 // Invariant: every key is listed once, in config.cpp's field table; parsing, overrides, validation,
 // the table, YAML, JSON and the hash all walk that table, so a key added there (and here) is
-// everywhere at once. Keys are `section.name`, snake_case. Enumerated values are lower-case strings
-// (checked against a fixed list by validate()). Bit-widths use 32 for "not quantized (fp32)".
+// everywhere at once. Keys are `section.name`, snake_case. Enumerated keys are enums here, parsed
+// once from their lower-case YAML spelling (an unknown spelling is an error naming the key), so the
+// code that reads them switches over every value and never compares strings; spelling() gives the
+// YAML text back (the table, YAML, JSON and hash print exactly that). Bit-widths use 32 for "not
+// quantized (fp32)".
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "kernels/quant/format.h"
+#include "kernels/quant/policy.h"
+
 namespace int4ddp {
 
 // quant.*_bits value meaning "keep this operand in fp32".
 constexpr int kFp32Bits = 32;
 
+// The enumerated keys. quant.grad_policy and comm.grad_policy are quant::PolicyKind,
+// quant.grad_rounding and comm.rounding quant::Rounding.
+enum class ModelKind : uint8_t { kMlp, kCnn, kResNet20 };                  // model.name
+enum class DatasetKind : uint8_t { kFashionMnist, kSynthetic, kCifar10 };  // data.dataset
+enum class CommBackend : uint8_t { kNone, kMpi, kNccl };                   // comm.backend
+enum class CommMode : uint8_t { kFp32, kInt4, kInt8 };                     // comm.mode
+enum class ScheduleKind : uint8_t { kMultistep, kCosine };                 // schedule.kind
+enum class ProgressBar : uint8_t { kAuto, kOn, kOff };                     // log.progress
+
+// The YAML spelling of a value: "resnet20", "fashion_mnist", "int4", "lbt", "stochastic", ...
+const char* spelling(ModelKind v);
+const char* spelling(DatasetKind v);
+const char* spelling(CommBackend v);
+const char* spelling(CommMode v);
+const char* spelling(ScheduleKind v);
+const char* spelling(ProgressBar v);
+const char* spelling(quant::PolicyKind v);
+const char* spelling(quant::Rounding v);
+
 struct Config {
   struct Model {
-    std::string name = "cnn";                  // mlp | cnn | resnet20
+    ModelKind name = ModelKind::kCnn;          // mlp | cnn | resnet20
     std::vector<int> mlp_hidden = {256, 256};  // mlp: hidden layer widths, 1..16 layers of 1..65536
     int num_classes = 10;  // classifier outputs, 2..100000 (10 for fashion_mnist, cifar10)
   };
   struct Data {
-    std::string dataset = "fashion_mnist";                   // fashion_mnist | synthetic | cifar10
+    DatasetKind dataset = DatasetKind::kFashionMnist;        // fashion_mnist | synthetic | cifar10
     std::string path = "/usr/share/datasets/fashion-mnist";  // directory of the dataset files
     bool normalize = true;     // subtract the training-set mean, divide by its std
     int random_crop_pad = 0;   // train augmentation: zero-pad by this many pixels, random crop
@@ -36,32 +61,35 @@ struct Config {
     int64_t max_test_examples = 0;        // use only the first N test examples; 0 = all
   };
   struct Quant {
-    int weight_bits = 4;              // W bit-width: 2..8, or 32 = fp32
-    int activation_bits = 4;          // A bit-width: 2..8, or 32 = fp32
-    int grad_bits = 4;                // G bit-width (dL/dY of quantized layers): 2..8, or 32 = fp32
-    std::string grad_policy = "lbt";  // gradient interval: minmax | fixed | lbt | mse | dsgc
-    double fixed_gamma = 0.8;         // fixed: clip = gamma * max|g|, in (0, 1]
-    double alpha = 1e-3;              // lbt: fraction of "large" gradients, in (0, 1)
-    double eta = 1e-3;                // lbt: gamma step per training step, in (0, 1]
-    bool lbt_calibrate = true;        // lbt: calibrate gamma on the first batch (no update on it)
-    std::string grad_rounding = "stochastic";  // gradient rounding: nearest | stochastic
-    bool first_layer_fp32 = true;              // keep the first conv/linear in fp32
-    bool last_layer_fp32 = true;               // keep the last linear (classifier) in fp32
-    double scale_lr = 1e-5;  // Adam lr of the quantizer scales s_W, u_A, in (0, 1]
+    int weight_bits = 4;      // W bit-width: 2..8, or 32 = fp32
+    int activation_bits = 4;  // A bit-width: 2..8, or 32 = fp32
+    int grad_bits = 4;        // G bit-width (dL/dY of quantized layers): 2..8, or 32 = fp32
+    quant::PolicyKind grad_policy = quant::PolicyKind::kLbt;  // gradient interval: minmax | fixed |
+                                                              // lbt | mse | dsgc
+    double fixed_gamma = 0.8;   // fixed: clip = gamma * max|g|, in (0, 1]
+    double alpha = 1e-3;        // lbt: fraction of "large" gradients, in (0, 1)
+    double eta = 1e-3;          // lbt: gamma step per training step, in (0, 1]
+    bool lbt_calibrate = true;  // lbt: calibrate gamma on the first batch (no update on it)
+    quant::Rounding grad_rounding = quant::Rounding::kStochastic;  // nearest | stochastic
+    bool first_layer_fp32 = true;  // keep the first conv/linear in fp32
+    bool last_layer_fp32 = true;   // keep the last linear (classifier) in fp32
+    double scale_lr = 1e-5;        // Adam lr of the quantizer scales s_W, u_A, in (0, 1]
   };
   struct Comm {
-    std::string backend = "mpi";  // none (single process) | mpi | nccl
-    std::string mode = "int4";    // gradient all-reduce: fp32 | int4 | int8 (two-shot, compressed)
-    double bucket_mb = 25.0;      // bucket size in MiB (2^20 bytes) of fp32 gradient, (0, 4096]
-    int64_t block_size = 512;     // G: elements per scale in compressed buckets, even, 2..2^24
+    CommBackend backend = CommBackend::kMpi;  // none (single process) | mpi | nccl (refused until
+                                              // the trainer's layers run on the GPU)
+    CommMode mode = CommMode::kInt4;          // gradient all-reduce: fp32 | int4 | int8 (two-shot)
+    double bucket_mb = 25.0;   // bucket size in MiB (2^20 bytes) of fp32 gradient, (0, 4096]
+    int64_t block_size = 512;  // G: elements per scale in compressed buckets, even, 2..2^24
     int64_t small_tensor_threshold = 4096;  // tensors with fewer elements go uncompressed (fp32)
     bool worker_error_feedback = true;      // keep e = v - Q(v) on each worker, add it next step
     bool server_error_feedback = true;      // keep the owner's requantization error likewise
-    std::string grad_policy = "lbt";        // bucket interval: minmax | fixed | lbt
-    double fixed_gamma = 0.8;               // fixed: bucket clip = gamma * max|block|, (0, 1]
-    double alpha = 1e-3;                    // lbt: fraction of "large" gradients, in (0, 1)
-    double eta = 1e-3;                      // lbt: gamma step per training step, in (0, 1]
-    std::string rounding = "stochastic";    // nearest | stochastic
+    quant::PolicyKind grad_policy = quant::PolicyKind::kLbt;  // bucket interval: minmax | fixed |
+                                                              // lbt
+    double fixed_gamma = 0.8;  // fixed: bucket clip = gamma * max|block|, (0, 1]
+    double alpha = 1e-3;       // lbt: fraction of "large" gradients, in (0, 1)
+    double eta = 1e-3;         // lbt: gamma step per training step, in (0, 1]
+    quant::Rounding rounding = quant::Rounding::kStochastic;  // nearest | stochastic
     bool overlap = true;  // launch buckets during backward (false: all after backward)
   };
   struct Optim {
@@ -71,7 +99,7 @@ struct Config {
     bool nesterov = false;       // Nesterov momentum
   };
   struct Schedule {
-    std::string kind = "multistep";                // multistep | cosine
+    ScheduleKind kind = ScheduleKind::kMultistep;  // multistep | cosine
     std::vector<double> milestones = {0.5, 0.75};  // multistep: fractions of train.epochs, strictly
                                                    // increasing, each in (0, 1); may be empty
     double gamma = 0.1;                            // multistep: lr factor at each milestone, (0, 1]
@@ -94,9 +122,9 @@ struct Config {
   };
   struct Log {
     std::string metrics_path = "runs/metrics.jsonl";  // JSON-lines metrics; "" = none
-    std::string progress = "auto";  // progress bar: auto (if stderr is a terminal) | on | off
-    int print_every = 50;           // plain progress line every N steps; 0 = per epoch only
-    int diagnostics_every = 50;     // per-layer gamma, R, E(G), E(G_L) every N steps; 0 = never
+    ProgressBar progress = ProgressBar::kAuto;        // auto (if stderr is a terminal) | on | off
+    int print_every = 50;        // plain progress line every N steps; 0 = per epoch only
+    int diagnostics_every = 50;  // per-layer gamma, R, E(G), E(G_L) every N steps; 0 = never
   };
 
   Model model;

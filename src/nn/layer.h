@@ -4,10 +4,9 @@
 //   forward(x, y, train)      y is resized by the layer; train selects batch statistics (BN) and
 //                             caches what backward needs.
 //   backward(x, y, dy, dx)    x and y are the tensors of the last forward; dx is resized by the
-//   layer
-//                             (skipped when dx == nullptr: the model's first layer); parameter
-//                             gradients are ACCUMULATED (+=) into Param::grad, so the trainer
-//                             zeroes the gradient arena once per step.
+//                             layer (skipped when dx == nullptr: the model's first layer);
+//                             parameter gradients are ACCUMULATED (+=) into Param::grad, so the
+//                             trainer zeroes the gradient arena once per step.
 //   params()                  the layer's parameters, in a fixed order (the arena order).
 // Layers own their caches but not their inputs/outputs: the model keeps the activations.
 //
@@ -57,6 +56,9 @@ void for_parts(int64_t n, const std::function<void(int64_t, int64_t)>& body);
 // only), in parallel: the work items of Linear and QLinear.
 void for_feature_blocks(int64_t dim, const std::function<void(int64_t, int64_t)>& body);
 
+// A parameter of the given shape, value and gradient zero (Param::decay: weight decay applies).
+Param make_param(const std::string& name, Shape shape, bool decay);
+
 class Layer {
  public:
   virtual ~Layer() = default;
@@ -88,7 +90,7 @@ class Linear : public Layer {
   Param weight_, bias_;
 };
 
-// 2-D convolution, square kernel, im2col + GEMM over groups of samples (see layers.cpp).
+// 2-D convolution, square kernel, im2col + GEMM over groups of samples (see conv2d.cpp).
 // W (out, in, k, k), optional bias.
 class Conv2d : public Layer {
  public:
@@ -109,6 +111,15 @@ class Conv2d : public Layer {
 
  protected:
   bool direct3x3() const;
+  // The im2col + GEMM path of backward over groups of samples, shared by Conv2d and QConv2d
+  // (defined in conv2d_groups.h, which documents Products). x (n, in, h, w), dy (n, out, ho, wo)
+  // and weights (out, in, k, k) are fp32 values or integer codes; dx (n, in, h, w) is written when
+  // not null. Products computes the GEMMs and sums each batch part's dW. Returns true when dW came
+  // with its taps flipped (the transposed form, dx_by_transposed_conv(): dWt (in, out*k*k), see
+  // flipped_index), false for dW (out, in*k*k).
+  template <typename Products>
+  bool backward_by_groups(int64_t n, int64_t h, int64_t w, const float* x, const float* dy,
+                          const float* weights, float* dx, Products& products);
   // weight grad += the sum, in part order, of the first `count` (out, in*k*k) partials of
   // dw_parts_ (the dW of each batch part).
   void add_dw_parts(int64_t count);

@@ -21,23 +21,34 @@ Model::Model(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
     build_resnet20();
   else
     INT4DDP_FAIL("model.name = '", spec.name, "' is not one of mlp, cnn, resnet20");
+  INT4DDP_CHECK(!spec.quantized || !qops_.empty(), "model ", spec.name,
+                ": quantization is requested but no layer qualifies (the first and the last "
+                "layer stay fp32: fp32_first = ",
+                spec.fp32_first, ", fp32_last = ", spec.fp32_last, ")");
   bind_arena(seed);
 }
 
+QuantSpec Model::quant_spec(bool signed_input) const {
+  QuantSpec q = spec_.quant;
+  q.signed_input = signed_input;
+  return q;
+}
+
 std::unique_ptr<Layer> Model::conv(const std::string& name, int64_t in, int64_t out, int k,
-                                   int stride, int pad, bool keep_fp32) {
+                                   int stride, int pad, bool keep_fp32, bool signed_input) {
   if (!spec_.quantized || keep_fp32)
     return std::make_unique<Conv2d>(name, in, out, k, stride, pad, false);
-  auto q = std::make_unique<QConv2d>(name, in, out, k, stride, pad, spec_.quant, next_layer_id_++,
-                                     &ctx_);
+  auto q = std::make_unique<QConv2d>(name, in, out, k, stride, pad, quant_spec(signed_input),
+                                     next_layer_id_++, &ctx_);
   qops_.push_back(q.get());
   return q;
 }
 
 std::unique_ptr<Layer> Model::linear(const std::string& name, int64_t in, int64_t out,
-                                     bool keep_fp32) {
+                                     bool keep_fp32, bool signed_input) {
   if (!spec_.quantized || keep_fp32) return std::make_unique<Linear>(name, in, out, true);
-  auto q = std::make_unique<QLinear>(name, in, out, true, spec_.quant, next_layer_id_++, &ctx_);
+  auto q = std::make_unique<QLinear>(name, in, out, true, quant_spec(signed_input),
+                                     next_layer_id_++, &ctx_);
   qops_.push_back(q.get());
   return q;
 }
@@ -48,7 +59,8 @@ void Model::build_mlp() {
   for (size_t i = 0; i < spec_.mlp_hidden.size(); ++i) {
     const int64_t h = spec_.mlp_hidden[i];
     INT4DDP_CHECK(h > 0, "model.mlp_hidden[", i, "] = ", h, " must be positive");
-    net_.add(linear("fc" + std::to_string(i + 1), in, h, i == 0 && spec_.fp32_first));
+    net_.add(linear("fc" + std::to_string(i + 1), in, h, i == 0 && spec_.fp32_first,
+                    i == 0 && spec_.signed_input));
     net_.add(std::make_unique<ReLU>("relu" + std::to_string(i + 1)));
     in = h;
   }
@@ -58,7 +70,7 @@ void Model::build_mlp() {
 void Model::build_cnn() {
   INT4DDP_CHECK(spec_.height % 4 == 0 && spec_.width % 4 == 0,
                 "model cnn: input height and width must be multiples of 4");
-  net_.add(conv("conv1", spec_.channels, 32, 3, 1, 1, spec_.fp32_first));
+  net_.add(conv("conv1", spec_.channels, 32, 3, 1, 1, spec_.fp32_first, spec_.signed_input));
   net_.add(BatchNorm::with_relu("bn1", 32));  // + relu1
   net_.add(std::make_unique<MaxPool2d>("pool1", 2));
   net_.add(conv("conv2", 32, 64, 3, 1, 1, false));
@@ -70,7 +82,7 @@ void Model::build_cnn() {
 }
 
 void Model::build_resnet20() {
-  net_.add(conv("conv1", spec_.channels, 16, 3, 1, 1, spec_.fp32_first));
+  net_.add(conv("conv1", spec_.channels, 16, 3, 1, 1, spec_.fp32_first, spec_.signed_input));
   net_.add(BatchNorm::with_relu("bn1", 16));  // + relu1
   int64_t in = 16;
   for (int stage = 0; stage < 3; ++stage) {
@@ -87,7 +99,7 @@ void Model::build_resnet20() {
   }
   net_.add(std::make_unique<GlobalAvgPool>("pool"));
   net_.add(std::make_unique<BatchNorm>("bn_final", 64));
-  net_.add(linear("fc", 64, spec_.num_classes, spec_.fp32_last));
+  net_.add(linear("fc", 64, spec_.num_classes, spec_.fp32_last, /*signed_input=*/true));
 }
 
 void Model::bind_arena(uint64_t seed) {

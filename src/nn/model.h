@@ -1,7 +1,9 @@
 // Models (DESIGN.md section 3): mlp, cnn (2 conv + 2 fc) and CIFAR ResNet-20 (option-A shortcuts,
 // BatchNorm1d before the classifier), for 1x28x28 inputs by default. Every Conv2d and Linear is
 // quantized except the first conv / first linear and the last linear, which stay fp32 unless the
-// spec says otherwise; BN, ReLU, pooling and residual adds stay fp32.
+// spec says otherwise; BN, ReLU, pooling and residual adds stay fp32. A quantized layer whose input
+// follows a ReLU quantizes it on the unsigned grid; one whose input can be negative (the normalised
+// data, resnet20's bn_final output) on the signed grid.
 //
 // All parameters live in two flat arenas (values, gradients), in forward layer order, with per-
 // parameter views; a gradient bucket is therefore a contiguous span (reverse order = from the end).
@@ -23,10 +25,12 @@ struct ModelSpec {
   int64_t channels = 1, height = 28, width = 28;
   int64_t num_classes = 10;
   std::vector<int64_t> mlp_hidden = {512, 512};
-  bool quantized = true;   // false: every layer fp32
-  bool fp32_first = true;  // keep the first conv / linear fp32
-  bool fp32_last = true;   // keep the classifier fp32
-  QuantSpec quant;
+  bool quantized = true;     // false: every layer fp32
+  bool fp32_first = true;    // keep the first conv / linear fp32
+  bool fp32_last = true;     // keep the classifier fp32
+  bool signed_input = true;  // the input can be negative (normalised data): a quantized first
+                             // layer quantizes it on the signed grid
+  QuantSpec quant;           // every quantized layer's (signed_input is set per layer)
 };
 
 class Model {
@@ -57,9 +61,13 @@ class Model {
   std::vector<std::vector<float>*> buffers() { return net_.buffers(); }
 
  private:
+  // A layer, quantized unless the spec says fp32 or keep_fp32; signed_input: its input can be
+  // negative (the data, or a BatchNorm output without ReLU).
   std::unique_ptr<Layer> conv(const std::string& name, int64_t in, int64_t out, int k, int stride,
-                              int pad, bool keep_fp32);
-  std::unique_ptr<Layer> linear(const std::string& name, int64_t in, int64_t out, bool keep_fp32);
+                              int pad, bool keep_fp32, bool signed_input = false);
+  std::unique_ptr<Layer> linear(const std::string& name, int64_t in, int64_t out, bool keep_fp32,
+                                bool signed_input = false);
+  QuantSpec quant_spec(bool signed_input) const;
   void build_mlp();
   void build_cnn();
   void build_resnet20();
@@ -72,10 +80,8 @@ class Model {
   std::vector<float> values_, grads_;
   std::vector<QuantizedOp*> qops_;
   uint32_t next_layer_id_ = 0;
-  Tensor input_;
-  std::vector<int64_t>
-      ready_offset_;  // per top-level layer: lowest arena offset of it and after  // copy of the
-                      // last forward's input (the first layer's backward reads it)
+  Tensor input_;  // copy of the last forward's input (the first layer's backward reads it)
+  std::vector<int64_t> ready_offset_;  // per top-level layer: lowest arena offset of it and after
 };
 
 }  // namespace int4ddp::nn

@@ -8,6 +8,7 @@
 
 #include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
+#include "src/nn/conv2d_groups.h"
 
 namespace int4ddp::nn {
 
@@ -107,7 +108,7 @@ double act_quant_backward_ref(const float* x, int64_t n, float u, int bits, bool
 // dx and each element's rounding residual r_in (in range) or clip slope r_out (+1 above, -1 below
 // on the signed grid, 0 in range); then du is summed in kDuLanes double lanes (fixed order, so
 // deterministic) and divided by q once, instead of one latency-bound chain with a division per
-// element (6% of a 4/4/4 resnet20 step).
+// element.
 double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_signed,
                           const float* dxhat, float* dx) {
   constexpr int kDuLanes = 8;
@@ -152,7 +153,8 @@ double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_
 
 QuantizedOp::QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_t layer_id,
                          QuantContext* ctx)
-    : spec_(spec),
+    : op_name_(name),
+      spec_(spec),
       layer_id_(layer_id),
       ctx_(ctx),
       s_w_(make_scalar_param(name + ".s_w")),
@@ -168,18 +170,33 @@ QuantizedOp::QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_
 void QuantizedOp::init_steps(const Tensor& x, const Param& w) {
   const double sw = 3.0 * population_std(w.value.data(), w.value.numel());
   s_w_.value[0] = sw > 0 ? static_cast<float>(sw) : 1.0f;
-  const double ua = 3.0 * population_std(x.data(), x.numel()) / std::sqrt(1.0 - 2.0 / M_PI);
+  // 3 std on the signed grid; on the unsigned one (inputs after a ReLU) the std of the half-normal
+  // |X| is sqrt(1 - 2/pi) times that of X.
+  const double ua = spec_.signed_input
+                        ? 3.0 * population_std(x.data(), x.numel())
+                        : 3.0 * population_std(x.data(), x.numel()) / std::sqrt(1.0 - 2.0 / M_PI);
   u_a_.value[0] = ua > 0 ? static_cast<float>(ua) : 1.0f;
   initialized_ = true;
 }
 
 float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
   const int64_t n = dy.numel();
-  if (grad_.policy->needs_calibration()) grad_.policy->calibrate(dy.data(), n);
   quant::QuantParams p;
   p.bits = spec_.grad_bits;
   p.rounding = spec_.grad_rounding;
-  p.gamma = grad_.policy->gamma_for(dy.data(), n);
+  if (grad_.policy->needs_calibration()) {
+    // The calibration batch: gamma from this full-precision dL/dY; the batch itself is quantized
+    // with gamma = 1, so the layers below calibrate on gradients no calibrated gamma has shaped.
+    if (!grad_.policy->calibrate(dy.data(), n) && ++calibration_failures_ >= kMaxCalibrationTries) {
+      grad_.policy->skip_calibration();
+      ctx_->warnings.push_back(op_name_ + ": the lbt calibration found an all-zero or non-finite " +
+                               "output gradient on " + std::to_string(calibration_failures_) +
+                               " batches; gamma starts at 1 instead");
+    }
+    p.gamma = 1.0f;
+  } else {
+    p.gamma = grad_.policy->gamma_for(dy.data(), n);
+  }
   p.block_size = 0;
   p.key = quant::RngKey{ctx_->seed, ctx_->stream, ctx_->step, layer_id_};
   // One per-tensor quantization done in pieces on the threads: the max and the counts are exact
@@ -390,8 +407,7 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
 
 void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
-  const int64_t ho = y.dim(2), wo = y.dim(3), ckk = in_ * kernel_ * kernel_, hw = ho * wo;
-  const int64_t okk = out_ * kernel_ * kernel_, ihw = h * w, wsize = out_ * ckk;
+  const int64_t hw = y.dim(2) * y.dim(3), ihw = h * w, wsize = weight_.value.numel();
   const float dg = quantize_grad(dy, &gq_);
   const Grid g = grid();
   // dW^ is summed over groups as exact integers (int_gemm with unit scale) in double, then scaled
@@ -404,8 +420,8 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   dwhat.resize(static_cast<size_t>(wsize));
   const float wscale = dg * g.sa;
   const BatchParts parts{n};
-  const bool direct = direct3x3();
-  if (direct) {
+  bool transposed = false;  // dW^ came with its taps flipped (see Conv2d::backward_by_groups)
+  if (direct3x3()) {
     // Direct 3x3: dX^ per part, dW^ as exact integer sums (doubles) into the thread's accumulator,
     // which no summation order can change. w3_ holds wq_ packed by forward (the GEMM path reads
     // the same wq_ of forward).
@@ -424,63 +440,30 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
       g3.add(sh, xq_.data() + s0 * in_ * ihw, gp);
       g3.finish_exact(dw_acc_[static_cast<size_t>(thread_index())].data());
     });
-  }
-  const bool transposed = !direct && dx_by_transposed_conv();
-  if (!direct) {
-    // As Conv2d::backward. Transposed: one im2col of the gradient codes G (out*k*k, g*h*w) for both
-    // products, dX^_g (in, g*h*w) = flip(W^) im2col(G_g), dW^t (in, out*k*k) = X^_g im2col(G_g)^T.
-    // Otherwise dW^ (out, ckk) from im2col(X^) and dX^ by col2im of W^T G_g.
-    const int64_t gmax = transposed ? part_group_size(n, okk, ihw) : part_group_size(n, ckk, hw);
-    if (transposed) flip_weight(wq_.data(), grow_scratch(wt_, in_ * okk));
-    parallel_for(parts.count(), [&](int64_t p) {
-      GroupScratch& sc = group_scratch();
-      double* acc = dw_acc_[static_cast<size_t>(thread_index())].data();
-      float* dwg = grow_scratch(sc.dw, wsize);
-      if (transposed) {
-        float* dcol = grow_scratch(sc.dcol, okk * gmax * ihw);
-        float* in_buf = grow_scratch(sc.in, in_ * gmax * ihw);
-        float* x_buf = grow_scratch(sc.x, in_ * gmax * ihw);
-        for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
-          const int64_t gs = std::min(gmax, parts.end(p) - s0), icols = gs * ihw;
-          dy_im2col(gq_.data(), s0, gs, h, w, dcol);
-          const float* xg = xq_.data() + s0 * in_ * ihw;
-          if (gs > 1) {
-            gather_group(xq_.data(), s0, gs, in_, ihw, x_buf);
-            xg = x_buf;
-          }
-          int_gemm(Trans::kNo, Trans::kYes, in_, okk, icols, xg, icols, g.qa, dcol, icols, g.qg,
-                   1.0f, false, dwg, okk);
-          for (int64_t i = 0; i < wsize; ++i) acc[i] += dwg[i];
-          float* dxg = gs == 1 ? dxhat.data() + s0 * in_ * ihw : in_buf;
-          int_gemm(Trans::kNo, Trans::kNo, in_, icols, okk, wt_.data(), okk, g.qw, dcol, icols,
-                   g.qg, dg * g.sw, false, dxg, icols);
-          if (gs > 1) scatter_group(dxg, s0, gs, in_, ihw, dxhat.data());
-        }
-        return;
+  } else {
+    // As Conv2d::backward, on the codes: each group's dW^ product is an exact integer sum (unit
+    // scale), added into the thread's double accumulator; dX^ products carry dg * sw.
+    struct CodeProducts {
+      int qx, qw, qdy;
+      float dx_scale;
+      int64_t wsize;
+      std::vector<std::vector<double>>* acc;  // (threads, wsize) exact dW^ sums
+      void weight_product(int64_t, bool, int64_t m, int64_t n, int64_t k, const float* a, int qa,
+                          const float* b, int qb) {
+        float* dwg = grow_scratch(group_scratch().dw, wsize);
+        int_gemm(Trans::kNo, Trans::kYes, m, n, k, a, k, qa, b, k, qb, 1.0f, false, dwg, n);
+        double* sum = (*acc)[static_cast<size_t>(thread_index())].data();
+        for (int64_t i = 0; i < wsize; ++i) sum[i] += dwg[i];
       }
-      float* col = grow_scratch(sc.col, ckk * gmax * hw);
-      float* buf = grow_scratch(sc.out, out_ * gmax * hw);
-      float* dcol = grow_scratch(sc.dcol, ckk * gmax * hw);
-      std::fill(dxhat.data() + parts.begin(p) * in_ * ihw, dxhat.data() + parts.end(p) * in_ * ihw,
-                0.0f);
-      for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
-        const int64_t gs = std::min(gmax, parts.end(p) - s0), cols = gs * hw;
-        im2col(xq_.data(), s0, gs, h, w, col);
-        const float* gg = gq_.data() + s0 * out_ * hw;
-        if (gs > 1) {
-          gather_group(gq_.data(), s0, gs, out_, hw, buf);
-          gg = buf;
-        }
-        // dW^ (out, ckk) += G_g (out, cols) col_g^T (cols, ckk)
-        int_gemm(Trans::kNo, Trans::kYes, out_, ckk, cols, gg, cols, g.qg, col, cols, g.qa, 1.0f,
-                 false, dwg, ckk);
-        for (int64_t i = 0; i < wsize; ++i) acc[i] += dwg[i];
-        // dcol (ckk, cols) = W^T (ckk, out) G_g (out, cols), scattered back by col2im.
-        int_gemm(Trans::kYes, Trans::kNo, ckk, cols, out_, wq_.data(), ckk, g.qw, gg, cols, g.qg,
-                 dg * g.sw, false, dcol, cols);
-        col2im(dcol, s0, gs, h, w, dxhat.data());
+      void data_product(Trans tw, int64_t m, int64_t n, int64_t k, const float* w, const float* d,
+                        float* c) const {
+        int_gemm(tw, Trans::kNo, m, n, k, w, tw == Trans::kNo ? k : m, qw, d, n, qdy, dx_scale,
+                 false, c, n);
       }
-    });
+    };
+    CodeProducts products{g.qa, g.qw, g.qg, dg * g.sw, wsize, &dw_acc_};
+    transposed =
+        backward_by_groups(n, h, w, xq_.data(), gq_.data(), wq_.data(), dxhat.data(), products);
   }
   std::vector<double>& total = dw_acc_[0];
   for (size_t t = 1; t < dw_acc_.size(); ++t)

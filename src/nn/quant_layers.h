@@ -13,11 +13,14 @@
 //
 // The gradient quantizer's interval-policy update is deferred: backward records the step's clip
 // statistics and commit_step() applies them once the trainer has accepted the step, so a skipped
-// (non-finite) step changes no gamma. The first backward calibrates `lbt` (the trainer does not
-// update weights on that batch).
+// (non-finite) step changes no gamma. The first backward calibrates `lbt` from its full-precision
+// dL/dY and quantizes that batch with gamma = 1 (the trainer does not update weights on it). A
+// layer whose dL/dY cannot calibrate (all zero or non-finite) on kMaxCalibrationTries batches
+// starts at gamma = 1 instead, with a warning in QuantContext::warnings.
 #pragma once
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "kernels/quant/codec.h"
@@ -34,6 +37,7 @@ struct QuantContext {
   uint32_t step = 0;         // training step (Philox counter word)
   int64_t nonfinite = 0;     // NaN/Inf seen in output gradients this step
   bool diagnostics = false;  // compute E(G), E(G_L) this step (costs a dequantize per layer)
+  std::vector<std::string> warnings;  // for the trainer to print (it clears them)
 };
 
 struct QuantSpec {
@@ -77,6 +81,8 @@ int act_qmax(int bits, bool is_signed);
 // Common machinery of QConv2d and QLinear.
 class QuantizedOp {
  public:
+  static constexpr int kMaxCalibrationTries = 3;  // lbt calibration batches before gamma = 1
+
   QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_t layer_id, QuantContext* ctx);
   // End of step: apply the deferred interval-policy update (apply = false discards it, e.g. for a
   // calibration batch or a skipped step).
@@ -87,6 +93,7 @@ class QuantizedOp {
   const GradQuantizerState& grad_state() const { return grad_; }
   Param& weight_step() { return s_w_; }
   Param& act_step() { return u_a_; }
+  bool signed_input() const { return spec_.signed_input; }  // activations on the signed grid
 
  protected:
   // Code bounds and steps of the three operands.
@@ -106,11 +113,13 @@ class QuantizedOp {
   // From dL/dW^ (w's shape): w.grad += straight-through dW, and s_W's gradient.
   void weight_backward(Param& w, const float* dwhat);
 
+  std::string op_name_;
   QuantSpec spec_;
   uint32_t layer_id_;
   QuantContext* ctx_;
   Param s_w_, u_a_;
   bool initialized_ = false;
+  int calibration_failures_ = 0;  // lbt calibration batches whose dL/dY could not calibrate
   GradQuantizerState grad_;
   std::vector<float> xq_, wq_, gq_, scratch_;
   std::vector<float> piece_max_;      // (pieces) max |dy| of each piece of quantize_grad

@@ -10,12 +10,16 @@
 namespace int4ddp::train {
 namespace {
 
-quant::PolicyKind comm_policy(const std::string& name) { return quant::parse_policy_kind(name); }
-
-int comm_bits(const std::string& mode) {
-  if (mode == "int4") return 4;
-  if (mode == "int8") return 8;
-  return 32;
+int comm_bits(CommMode mode) {
+  switch (mode) {
+    case CommMode::kFp32:
+      return kFp32Bits;
+    case CommMode::kInt4:
+      return 4;
+    case CommMode::kInt8:
+      return 8;
+  }
+  INT4DDP_FAIL("comm.mode = ", static_cast<int>(mode), " is not a mode");
 }
 
 // Length-prefixed pieces of a local-state blob.
@@ -48,10 +52,11 @@ class PieceReader {
 
 }  // namespace
 
-DataParallel::DataParallel(const Config& cfg) : comm_(comm::make_communicator(cfg.comm.backend)) {
+DataParallel::DataParallel(const Config& cfg)
+    : comm_(comm::make_communicator(spelling(cfg.comm.backend))) {
   // One rank has nothing to all-reduce (and compressing its gradients would only add error).
   enabled_ = comm_->size() > 1;
-  INT4DDP_CHECK(!comm_->device_buffers(), "comm.backend = ", cfg.comm.backend,
+  INT4DDP_CHECK(!comm_->device_buffers(), "comm.backend = ", spelling(cfg.comm.backend),
                 ": the trainer's layers run on the CPU, so its gradients live in host memory; use "
                 "comm.backend = mpi (GPU training layers are not implemented yet)");
   if (comm_->size() == 1) return;
@@ -94,11 +99,10 @@ void DataParallel::attach(nn::Model& model, const Config& cfg) {
   bc.overlap = cfg.comm.overlap;
   bc.compress.bits = comm_bits(cfg.comm.mode);
   bc.compress.block_size = cfg.comm.block_size;
-  bc.compress.rounding =
-      cfg.comm.rounding == "nearest" ? quant::Rounding::kNearest : quant::Rounding::kStochastic;
+  bc.compress.rounding = cfg.comm.rounding;
   bc.compress.worker_error_feedback = cfg.comm.worker_error_feedback;
   bc.compress.server_error_feedback = cfg.comm.server_error_feedback;
-  bc.compress.policy.kind = comm_policy(cfg.comm.grad_policy);
+  bc.compress.policy.kind = cfg.comm.grad_policy;
   bc.compress.policy.fixed_gamma = static_cast<float>(cfg.comm.fixed_gamma);
   bc.compress.policy.alpha = cfg.comm.alpha;
   bc.compress.policy.eta = static_cast<float>(cfg.comm.eta);

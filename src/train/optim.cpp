@@ -36,7 +36,8 @@ void Optimizer::step(double lr) {
   const float b1 = static_cast<float>(cfg_.adam_beta1), b2 = static_cast<float>(cfg_.adam_beta2);
   const double c1 = 1.0 - std::pow(cfg_.adam_beta1, static_cast<double>(steps_));
   const double c2 = 1.0 - std::pow(cfg_.adam_beta2, static_cast<double>(steps_));
-  const float alr = static_cast<float>(cfg_.quant_lr / c1);
+  const double quant_lr = cfg_.quant_lr * (lr / cfg_.lr);  // the schedule's factor
+  const float alr = static_cast<float>(quant_lr / c1);
   const float inv_c2 = static_cast<float>(1.0 / c2), eps = static_cast<float>(cfg_.adam_eps);
   const float slr = static_cast<float>(lr);
   // Elementwise, so any split gives the same result: blocks of every range, on the threads.
@@ -70,13 +71,16 @@ double scheduled_lr(const ScheduleConfig& s, double base_lr, int64_t step, int64
   INT4DDP_CHECK(total_steps > 0, "schedule: total steps must be positive");
   const double t = static_cast<double>(step) / static_cast<double>(total_steps);
   double lr = base_lr;
-  if (s.kind == "multistep") {
-    for (double m : s.milestones)
-      if (t >= m) lr *= s.factor;
-  } else if (s.kind == "cosine") {
-    lr = s.min_lr + 0.5 * (base_lr - s.min_lr) * (1.0 + std::cos(M_PI * std::min(1.0, t)));
-  } else {
-    INT4DDP_FAIL("schedule.kind = '", s.kind, "' is not one of multistep, cosine");
+  switch (s.kind) {
+    case ScheduleKind::kMultistep:
+      for (double m : s.milestones)
+        if (t >= m) lr *= s.factor;
+      break;
+    case ScheduleKind::kCosine:
+      lr = s.min_lr + 0.5 * (base_lr - s.min_lr) * (1.0 + std::cos(M_PI * std::min(1.0, t)));
+      break;
+    default:
+      INT4DDP_FAIL("schedule.kind = ", static_cast<int>(s.kind), " is not a schedule");
   }
   if (s.warmup_fraction > 0 && t < s.warmup_fraction) lr *= t / s.warmup_fraction;
   return lr;

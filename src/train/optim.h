@@ -1,7 +1,8 @@
 // Optimizers over a model's flat parameter arena (DESIGN.md section 3): network weights by SGD with
 // momentum and weight decay (PyTorch semantics: v <- mu v + (g + wd w), w <- w - lr v), the
-// quantizer step sizes s_W, u_A by Adam (lr 1e-5, no decay). Both keep their state in flat arrays
-// aligned with the arena so a checkpoint can store them as they are.
+// quantizer step sizes s_W, u_A by Adam (lr 1e-5, no decay), both scaled by the lr schedule. Both
+// keep their state in flat arrays aligned with the arena so a checkpoint can store them as they
+// are.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "src/config/config.h"
 #include "src/core/tensor.h"
 
 namespace int4ddp::train {
@@ -18,7 +20,7 @@ struct OptimConfig {
   double momentum = 0.9;
   bool nesterov = false;       // w <- w - lr (g' + mu v) with g' = g + wd w
   double weight_decay = 1e-4;  // applied to Param::decay parameters
-  double quant_lr = 1e-5;      // Adam learning rate for the quantizer steps (not scheduled)
+  double quant_lr = 1e-5;      // Adam learning rate for the quantizer steps, at lr (scheduled)
   double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_eps = 1e-8;
 };
 
@@ -27,7 +29,8 @@ class Optimizer {
   // params: views into the arena starting at `values` (n elements); grads likewise.
   Optimizer(const OptimConfig& cfg, const std::vector<Param*>& params, float* values, float* grads,
             int64_t n);
-  // One update with the SGD learning rate lr (the schedule's value for this step).
+  // One update with the SGD learning rate lr (the schedule's value for this step); the quantizer
+  // steps' Adam rate follows the same schedule: quant_lr * lr / OptimConfig::lr.
   void step(double lr);
   int64_t steps() const { return steps_; }
 
@@ -54,7 +57,7 @@ class Optimizer {
 
 // Learning-rate schedule over the whole run, evaluated per step.
 struct ScheduleConfig {
-  std::string kind = "multistep";                // multistep | cosine
+  ScheduleKind kind = ScheduleKind::kMultistep;  // multistep | cosine
   std::vector<double> milestones = {0.5, 0.75};  // fractions of the total steps (multistep)
   double factor = 0.1;                           // multistep: lr *= factor at each milestone
   double min_lr = 0.0;                           // cosine: the final learning rate

@@ -1,6 +1,7 @@
-// The training loop (DESIGN.md sections 3 and 5), read top to bottom in run_training():
-//   batch -> forward -> loss -> backward -> non-finite check -> update (SGD + Adam) -> commit the
-//   quantizers' interval policies -> metrics -> checkpoint; evaluation every N epochs.
+// The training loop (DESIGN.md sections 3 and 5): per batch, train_step() runs forward -> loss ->
+// backward (gradient buckets all-reduced as they fill) -> wait -> non-finite check -> update (SGD +
+// Adam) -> commit the quantizers' interval policies, then log_step() writes metrics and progress
+// and a checkpoint follows every N steps; evaluation and checkpoints every N epochs (trainer.cpp).
 // The first batch of a run with `lbt` calibration calibrates the gradient quantizers and updates no
 // weights. A step whose loss or gradients hold NaN/Inf is skipped (no weight, optimizer or gamma
 // update), counted, and the run stops with an Error after train.max_consecutive_skips in a row.

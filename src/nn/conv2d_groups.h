@@ -1,0 +1,90 @@
+// Conv2d::backward_by_groups, the im2col + GEMM backward of Conv2d and QConv2d (see layer.h),
+// included by conv2d.cpp and quant_layers.cpp. The loop over batch parts and groups of samples, the
+// column matrices and the group gather/scatter are this one template; what differs between fp32
+// values and integer codes (the GEMM, how dW is summed) is its Products argument:
+//
+//   struct Products {
+//     int qx, qdy;  // largest |code| of x and dy (0 for fp32 values)
+//     // C (m, n) = A (m, k) B (n, k)^T, the dW product of one group, summed into batch part
+//     // `part`'s dW; first: the part's first group. qa, qb: the code bounds of a and b.
+//     void weight_product(int64_t part, bool first, int64_t m, int64_t n, int64_t k,
+//                         const float* a, int qa, const float* b, int qb);
+//     // C (m, n) = op(W) (m, k) D (k, n), a dx product (W the weights, or their flipped
+//     // transpose; D a group's dy or its im2col), overwriting c.
+//     void data_product(math::Trans tw, int64_t m, int64_t n, int64_t k, const float* w,
+//                       const float* d, float* c);
+//   };
+#pragma once
+
+#include <algorithm>
+
+#include "kernels/common/parallel.h"
+#include "kernels/math/gemm.h"
+#include "src/nn/layer.h"
+
+namespace int4ddp::nn {
+
+template <typename Products>
+bool Conv2d::backward_by_groups(int64_t n, int64_t h, int64_t w, const float* x, const float* dy,
+                                const float* weights, float* dx, Products& products) {
+  using math::Trans;
+  const int64_t ckk = in_ * kernel_ * kernel_, okk = out_ * kernel_ * kernel_;
+  const int64_t hw = out_size(h) * out_size(w), ihw = h * w;
+  const BatchParts parts{n};
+  if (dx && dx_by_transposed_conv()) {
+    // Both products from one im2col of dy (out*k*k, g*h*w), none of x:
+    //   dWt_g (in, out*k*k) = x_g (in, g*h*w) im2col(dy_g)^T   (dW with its taps flipped)
+    //   dx_g (in, g*h*w) = flip(W) (in, out*k*k) im2col(dy_g)
+    const int64_t gmax = part_group_size(n, okk, ihw);
+    flip_weight(weights, grow_scratch(wt_, in_ * okk));
+    parallel_for(parts.count(), [&](int64_t p) {
+      GroupScratch& sc = group_scratch();
+      float* dcol = grow_scratch(sc.dcol, okk * gmax * ihw);
+      float* in_buf = grow_scratch(sc.in, in_ * gmax * ihw);
+      float* x_buf = grow_scratch(sc.x, in_ * gmax * ihw);
+      for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+        const int64_t g = std::min(gmax, parts.end(p) - s0), icols = g * ihw;
+        dy_im2col(dy, s0, g, h, w, dcol);
+        const float* xg = x + s0 * in_ * ihw;
+        if (g > 1) {
+          gather_group(x, s0, g, in_, ihw, x_buf);
+          xg = x_buf;
+        }
+        products.weight_product(p, s0 == parts.begin(p), in_, okk, icols, xg, products.qx, dcol,
+                                products.qdy);
+        // A group of one sample is already in dx's layout: the product writes it in place.
+        float* dxg = g == 1 ? dx + s0 * in_ * ihw : in_buf;
+        products.data_product(Trans::kNo, in_, icols, okk, wt_.data(), dcol, dxg);
+        if (g > 1) scatter_group(dxg, s0, g, in_, ihw, dx);
+      }
+    });
+    return true;
+  }
+  // dW_g (out, in*k*k) = dy_g (out, g*ho*wo) im2col(x_g)^T; dx (when wanted) by col2im of
+  // dcol (in*k*k, g*ho*wo) = W^T (in*k*k, out) dy_g.
+  const int64_t gmax = part_group_size(n, ckk, hw);
+  parallel_for(parts.count(), [&](int64_t p) {
+    GroupScratch& sc = group_scratch();
+    float* col = grow_scratch(sc.col, ckk * gmax * hw);
+    float* buf = grow_scratch(sc.out, out_ * gmax * hw);
+    float* dcol = dx ? grow_scratch(sc.dcol, ckk * gmax * hw) : nullptr;
+    if (dx) std::fill(dx + parts.begin(p) * in_ * ihw, dx + parts.end(p) * in_ * ihw, 0.0f);
+    for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
+      const int64_t g = std::min(gmax, parts.end(p) - s0), cols = g * hw;
+      im2col(x, s0, g, h, w, col);
+      const float* dyg = dy + s0 * out_ * hw;
+      if (g > 1) {
+        gather_group(dy, s0, g, out_, hw, buf);
+        dyg = buf;
+      }
+      products.weight_product(p, s0 == parts.begin(p), out_, ckk, cols, dyg, products.qdy, col,
+                              products.qx);
+      if (!dx) continue;
+      products.data_product(Trans::kYes, ckk, cols, out_, weights, dyg, dcol);
+      col2im(dcol, s0, g, h, w, dx);
+    }
+  });
+  return false;
+}
+
+}  // namespace int4ddp::nn
