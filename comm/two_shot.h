@@ -41,7 +41,7 @@
 
 namespace int4ddp::comm {
 
-constexpr int kFp32Bits = 32;                // CompressConfig::bits of the uncompressed mode
+using quant::kFp32Bits;                      // CompressConfig::bits of the uncompressed mode
 constexpr uint32_t kStreamsPerRank = 65536;  // Philox stream = kStreamsPerRank * rank + chunk
 
 struct CompressConfig {

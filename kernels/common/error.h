@@ -28,17 +28,20 @@ std::string concat(const Args&... args) {
 }
 }  // namespace detail
 
-// The environment variables by which launchers (Open MPI's mpirun, PMI, PMIx, SLURM's srun) tell
-// a process its rank and the number of ranks; the first one set wins. Read without MPI, so
-// kernels/ and error messages can name the rank.
+// The environment variables by which launchers (Open MPI's mpirun, MPICH's PMI, PMIx, SLURM's
+// srun) tell a process its rank, the number of ranks and the number of ranks on its node; the
+// first one set wins (nullptr: that launcher has none). Read without MPI, so kernels/, error
+// messages and the thread count can use them.
 struct LauncherVars {
   const char* rank;
   const char* size;
+  const char* local_size;
 };
-inline constexpr LauncherVars kLauncherVars[] = {{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"},
-                                                 {"PMI_RANK", "PMI_SIZE"},
-                                                 {"PMIX_RANK", "PMIX_SIZE"},
-                                                 {"SLURM_PROCID", "SLURM_NTASKS"}};
+inline constexpr LauncherVars kLauncherVars[] = {
+    {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"},
+    {"PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS"},
+    {"PMIX_RANK", "PMIX_SIZE", nullptr},
+    {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE"}};
 
 // This process's rank from the launcher's environment; -1 when no launcher set one.
 inline int launcher_rank() {
@@ -51,6 +54,14 @@ inline int launcher_rank() {
 inline int launcher_world_size() {
   for (const LauncherVars& v : kLauncherVars)
     if (const char* s = std::getenv(v.size)) return std::max(1, std::atoi(s));
+  return 1;
+}
+
+// The number of ranks on this node from the launcher's environment; 1 when no launcher set it.
+inline int launcher_local_size() {
+  for (const LauncherVars& v : kLauncherVars)
+    if (v.local_size != nullptr)
+      if (const char* s = std::getenv(v.local_size)) return std::max(1, std::atoi(s));
   return 1;
 }
 

@@ -36,6 +36,9 @@ namespace int4ddp::quant {
 constexpr int kMinBits = 2;
 constexpr int kMaxBits = 8;
 constexpr int64_t kDefaultBlockSize = 512;  // communication-path block G
+// The bit-width that means "not quantized": fp32 layers (quant.*_bits) and the uncompressed
+// all-reduce (comm mode fp32).
+constexpr int kFp32Bits = 32;
 
 enum class Rounding : uint8_t { kNearest = 0, kStochastic = 1 };
 

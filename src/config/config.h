@@ -20,8 +20,8 @@
 
 namespace int4ddp {
 
-// quant.*_bits value meaning "keep this operand in fp32".
-constexpr int kFp32Bits = 32;
+// quant.*_bits value meaning "keep this operand in fp32" (defined with the quantizer's format).
+using quant::kFp32Bits;
 
 // The enumerated keys. quant.grad_policy and comm.grad_policy are quant::PolicyKind,
 // quant.grad_rounding and comm.rounding quant::Rounding.

@@ -96,13 +96,7 @@ int resolve_threads(const Config& cfg) {
   const int cores = available_cores();
   const unsigned machine = std::thread::hardware_concurrency();
   if (machine > 0 && cores < static_cast<int>(machine)) return cores;
-  int local = 1;
-  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"})
-    if (const char* v = std::getenv(var)) {
-      local = std::max(1, std::atoi(v));
-      break;
-    }
-  return std::max(1, cores / local);
+  return std::max(1, cores / launcher_local_size());
 }
 
 EvalResult evaluate(nn::Model& model, const data::Dataset& d, int64_t batch,

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "comm/buckets.h"
+#include "kernels/common/clock.h"
 #include "kernels/common/error.h"
 #include "kernels/common/parallel.h"
 #include "src/nn/model.h"
@@ -35,12 +36,6 @@
 
 namespace int4ddp::train {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
 
 bool all_finite(const float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
