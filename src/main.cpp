@@ -12,6 +12,7 @@
 #include "kernels/common/error.h"
 #include "src/config/config.h"
 #include "src/quantize_tool.h"
+#include "src/train/preempt.h"
 #include "src/train/trainer.h"
 
 namespace {
@@ -54,7 +55,19 @@ int main(int argc, char** argv) {
     if (train->parsed()) {
       if (!resume.empty()) overrides.push_back("train.resume=" + resume);
       const int4ddp::Config cfg = int4ddp::load_config(config_path, overrides);
-      int4ddp::train::run_training(cfg, std::cout, std::cerr);
+      const int4ddp::train::RunSummary run =
+          int4ddp::train::run_training(cfg, std::cout, std::cerr);
+      if (run.stop_signal != 0) {
+        // Preempted: the checkpoint is written; say where and how to go on, exit non-zero so a
+        // scheduler (and a script) sees the run did not finish.
+        if (int4ddp::launcher_rank() <= 0)
+          std::cerr << int4ddp::train::preempt_message(
+                           run.stop_signal, run.steps, run.checkpoint,
+                           int4ddp::train::resume_command({argv, argv + argc}, run.checkpoint,
+                                                          int4ddp::launcher_world_size()))
+                    << std::flush;
+        return int4ddp::train::preempt_exit_code(run.stop_signal);
+      }
     }
     if (eval->parsed()) int4ddp::train::run_eval(checkpoint, overrides, std::cout);
     return 0;

@@ -331,6 +331,7 @@ std::vector<Field> make_fields(Config& c) {
        integer(&t.checkpoint_every_epochs, 0)},
       {"train.checkpoint_dir", &t.checkpoint_dir, nullptr},
       {"train.resume", &t.resume, nullptr},
+      {"train.overwrite", &t.overwrite, nullptr},
       {"train.max_consecutive_skips", &t.max_consecutive_skips,
        integer(&t.max_consecutive_skips, 1, 1000000)},
       {"train.eval_every_epochs", &t.eval_every_epochs, integer(&t.eval_every_epochs, 0)},

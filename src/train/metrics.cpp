@@ -2,23 +2,10 @@
 #include "src/train/metrics.h"
 
 #include <algorithm>
-#include <filesystem>
 
 #include "kernels/common/error.h"
 
 namespace int4ddp::train {
-
-MetricsLog::MetricsLog(const std::string& path, bool append) {
-  if (path.empty()) return;
-  const std::filesystem::path p(path);
-  if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path());
-  f_.open(path, append ? std::ios::app : std::ios::trunc);
-  INT4DDP_CHECK(f_.good(), "log.metrics_path: cannot write ", path);
-}
-
-void MetricsLog::write(const json& j) {
-  if (f_.is_open()) f_ << j.dump() << "\n" << std::flush;
-}
 
 void StepTimes::add(double step, double compute, const comm::StepCommStats& cs) {
   ++steps;

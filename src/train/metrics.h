@@ -1,9 +1,9 @@
-// The trainer's metrics (internal to src/train): the JSON-lines file of log.metrics_path and the
-// pieces of its records (README "Training": step, skip, quant, epoch and final records).
+// The trainer's metrics (internal to src/train): the pieces of the records of log.metrics_path
+// (README "Training": step, skip, quant, epoch and final records). The file itself is written by
+// MetricsWriter (src/train/run_safety.h), which checks every write.
 #pragma once
 
 #include <cstdint>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -13,18 +13,6 @@
 namespace int4ddp::train {
 
 using json = nlohmann::json;
-
-// One JSON object per line, flushed after each. An empty path writes nothing.
-class MetricsLog {
- public:
-  // Creates the parent directory; append keeps what a resumed run's file holds. Throws Error
-  // (naming log.metrics_path) when the file cannot be opened for writing.
-  MetricsLog(const std::string& path, bool append);
-  void write(const json& j);
-
- private:
-  std::ofstream f_;
-};
 
 // Per-epoch sums of the step-time breakdown (this rank), for the epoch record.
 struct StepTimes {

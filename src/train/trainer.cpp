@@ -31,6 +31,8 @@
 #include "src/train/distributed.h"
 #include "src/train/metrics.h"
 #include "src/train/optim.h"
+#include "src/train/preempt.h"
+#include "src/train/run_safety.h"
 #include "src/train/setup.h"
 #include "src/train/train_state.h"
 
@@ -91,6 +93,7 @@ struct StepResult {
   double step_s = 0.0;                // the whole step on this rank
   comm::StepCommStats comm;           // the gradient all-reduce (data parallelism only)
   double rel_err = -1.0;              // sampled error of the compressed mean; < 0: not sampled
+  StopDecision stop;                  // a preemption signal reached some rank: stop after this step
   std::vector<std::string> warnings;  // this rank's quantized layers' warnings
 };
 
@@ -110,6 +113,7 @@ class Trainer {
   void log_step(const StepResult& r);
   void check_skips() const;
   void checkpoint_step(const StepResult& r);
+  void checkpoint_and_stop(const StepResult& r);
   void end_epoch();
   RunSummary finish();
 
@@ -130,7 +134,7 @@ class Trainer {
   int64_t total_batches_ = 0;  // batches of the whole run (the schedule's length)
   Progress pr_;
   bool resumed_ = false;
-  std::unique_ptr<MetricsLog> metrics_;
+  std::unique_ptr<MetricsWriter> metrics_;
   bool bar_ = false;  // progress bar on stderr (rank 0)
 
   // The batch, its activations' ends and scratch of a step.
@@ -147,7 +151,9 @@ class Trainer {
   StepTimes epoch_time_;
   EvalResult last_eval_;
   bool evaluated_last_ = false;
-  bool stopped_ = false;  // train.max_steps reached
+  bool stopped_ = false;         // train.max_steps reached
+  int stop_signal_ = 0;          // the preemption signal the run stopped on; 0 = none
+  std::string stop_checkpoint_;  // where that stop's checkpoint went
 };
 
 Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
@@ -178,20 +184,42 @@ Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
   per_epoch_ = shard / batch_;
   total_batches_ = per_epoch_ * cfg.train.epochs;
 
+  // Outputs are checked before the first step (rank 0 writes the checkpoints and the metrics): a
+  // fresh run never replaces another run's files unless train.overwrite says so, and an unwritable
+  // location fails now rather than after an epoch of training.
   resumed_ = !cfg.train.resume.empty();
+  const std::string& metrics_path = cfg.log.metrics_path;
+  if (rank_ == 0 && !resumed_) {
+    const std::string notice =
+        check_fresh_run(cfg.train.checkpoint_dir, metrics_path, cfg.train.overwrite);
+    if (!notice.empty()) err_ << "int4ddp: " << notice << "\n";
+  }
+  if (rank_ == 0) check_output_locations(cfg.train.checkpoint_dir, metrics_path);
   if (resumed_) {
     const Checkpoint ck = Checkpoint::read(cfg.train.resume);
+    // Every rank reads the same checkpoint, so every rank takes the same decision.
+    const std::string changes = check_resume_config(ck, cfg.train.resume, cfg);
+    if (!changes.empty()) out_ << changes << "\n";
     pr_ = load_checkpoint(ck, cfg.train.resume, model_, &opt_);
     load_rank_state(ck, cfg.train.resume, dp_, model_);
     out_ << "resumed from " << cfg.train.resume << " at epoch " << pr_.epoch + 1 << ", batch "
          << pr_.batch_in_epoch << "\n";
+    // The metrics file continues from the checkpoint's step: records of steps after it (written
+    // before a crash or preemption) go, so the file reads as one run.
+    if (rank_ == 0 && !metrics_path.empty()) {
+      const MetricsRewind rw = rewind_metrics(metrics_path, pr_.global_batch, pr_.epoch);
+      if (rw.dropped > 0 || rw.torn_tail)
+        out_ << "metrics: kept " << rw.kept << " records of " << metrics_path << ", dropped "
+             << rw.dropped << " written after the checkpoint"
+             << (rw.torn_tail ? " and a torn last line" : "") << "\n";
+    }
   }
-  metrics_ =
-      std::make_unique<MetricsLog>(rank_ == 0 ? cfg.log.metrics_path : std::string(), resumed_);
-  if (rank_ == 0 && !cfg.log.metrics_path.empty() && !resumed_) {
-    std::ofstream cj(cfg.log.metrics_path + ".config.json", std::ios::trunc);
-    cj << config_to_json(cfg) << "\n";
-  }
+  metrics_ = std::make_unique<MetricsWriter>(
+      rank_ == 0 ? metrics_path : std::string(),
+      resumed_ ? MetricsWriter::Mode::kAppend : MetricsWriter::Mode::kTruncate);
+  if (rank_ == 0 && !metrics_path.empty() && !resumed_)
+    write_file_atomically(metrics_path + ".config.json", config_to_json(cfg) + "\n",
+                          "log.metrics_path");
   bar_ = rank_ == 0 && (cfg.log.progress == ProgressBar::kOn ||
                         (cfg.log.progress == ProgressBar::kAuto && ::isatty(2)));
 
@@ -212,6 +240,10 @@ RunSummary Trainer::run() {
       log_step(step);
       check_skips();
       checkpoint_step(step);
+      if (step.stop.stop) {
+        checkpoint_and_stop(step);
+        return finish();
+      }
     }
     end_epoch();
     if (stopped_) break;
@@ -293,13 +325,18 @@ StepResult Trainer::train_step() {
   // is one on any rank. The votes and the correct counts are summed over the ranks.
   const bool finite = std::isfinite(loss) && qctx.nonfinite == 0 && r.comm.nonfinite == 0 &&
                       all_finite(model_.grads(), model_.num_params());
-  int64_t votes[3] = {calibrating ? 1 : 0, finite ? 0 : 1, correct};
-  dp_.sum(votes, 3);
+  // The preemption votes ride along: a signal caught by any rank stops every rank after this
+  // step. The calibration batch is not a place to stop (its quantizer state is not checkpointed
+  // mid-calibration): the vote is taken again on the next batch.
+  int64_t votes[3 + kStopVotes] = {calibrating ? 1 : 0, finite ? 0 : 1, correct};
+  stop_votes(votes + 3);
+  dp_.sum(votes, 3 + kStopVotes);
   dp_.sum(&loss, 1);
   r.loss = loss / static_cast<float>(world_);
   r.calibration = votes[0] > 0;
   r.skipped = votes[1] > 0;
   r.correct = votes[2];
+  if (!r.calibration) r.stop = decide_stop(votes + 3);
   r.nonfinite_grads = qctx.nonfinite;
 
   // Update: weights and quantizer scales, then the interval policies (the buckets' and the
@@ -342,7 +379,7 @@ void Trainer::log_step(const StepResult& r) {
   if (r.skipped) {
     metrics_->write({{"type", "skip"},
                      {"batch", pr_.global_batch},
-                     {"loss", std::isfinite(r.loss) ? r.loss : -1.0f},
+                     {"loss", finite_or_null(r.loss)},
                      {"nonfinite_grads", r.nonfinite_grads}});
     if (rank_ == 0)
       err_ << "int4ddp: warning: batch " << pr_.global_batch
@@ -398,6 +435,20 @@ void Trainer::checkpoint_step(const StepResult& r) {
   ++next.batch_in_epoch;
   save_checkpoint(cfg_.train.checkpoint_dir + "/step_" + std::to_string(pr_.steps) + ".ckpt", cfg_,
                   model_, opt_, next, dp_);
+  metrics_->sync();  // the metrics on disk cover at least what the checkpoint does
+}
+
+// After a preemption signal: every rank has finished the same step; the state after it goes to
+// last.ckpt (collective), the metrics are synced, and the run ends without evaluation (the time
+// before the hard kill is short). main prints where the checkpoint is and how to resume.
+void Trainer::checkpoint_and_stop(const StepResult& r) {
+  if (bar_) err_ << "\n";
+  Progress next = pr_;  // the checkpoint resumes after this batch
+  ++next.batch_in_epoch;
+  stop_checkpoint_ = cfg_.train.checkpoint_dir + "/last.ckpt";
+  save_checkpoint(stop_checkpoint_, cfg_, model_, opt_, next, dp_);
+  metrics_->sync();
+  stop_signal_ = r.stop.signal;
 }
 
 void Trainer::end_epoch() {
@@ -438,10 +489,21 @@ void Trainer::end_epoch() {
     save_checkpoint(dir + "/epoch_" + std::to_string(pr_.epoch + 1) + ".ckpt", cfg_, model_, opt_,
                     next, dp_);
     save_checkpoint(dir + "/last.ckpt", cfg_, model_, opt_, next, dp_);
+    metrics_->sync();
   }
 }
 
 RunSummary Trainer::finish() {
+  if (stop_signal_ != 0) {
+    RunSummary summary;
+    summary.seconds = seconds_since(t_start_);
+    summary.steps = pr_.steps;
+    summary.skipped = pr_.skipped;
+    summary.img_per_s = images_done_ / std::max(summary.seconds, 1e-9);
+    summary.stop_signal = stop_signal_;
+    summary.checkpoint = stop_checkpoint_;
+    return summary;
+  }
   if (!evaluated_last_)
     last_eval_ = evaluate(model_, ds_.test, cfg_.train.eval_batch_size, &dp_.comm());
   RunSummary summary;
@@ -470,6 +532,9 @@ RunSummary Trainer::finish() {
 
 RunSummary run_training(const Config& cfg, std::ostream& out, std::ostream& err) {
   validate(cfg);
+  // From here on SIGTERM / SIGINT / SIGUSR1 end the run gracefully after the current step; a
+  // second signal ends it at once.
+  PreemptGuard preempt;
   Trainer trainer(cfg, out, err);
   return trainer.run();
 }

@@ -24,6 +24,8 @@ struct RunSummary {
   int64_t skipped = 0;     // non-finite steps skipped
   double seconds = 0.0;    // wall time of the training loop
   double img_per_s = 0.0;  // training throughput
+  int stop_signal = 0;     // a preemption signal stopped the run after a checkpoint; 0 = none
+  std::string checkpoint;  // that checkpoint (when stop_signal != 0)
 };
 
 // Trains as configured. `out` gets the config table, progress and the final result.

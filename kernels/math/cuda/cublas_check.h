@@ -9,11 +9,11 @@
 
 #include "kernels/common/error.h"
 
-#define INT4DDP_CUBLAS_CHECK(call)                                                    \
-  do {                                                                                \
-    const cublasStatus_t rc_ = (call);                                                \
-    if (rc_ != CUBLAS_STATUS_SUCCESS)                                                 \
-      ::int4ddp::detail::fail_call("cuBLAS", #call, __FILE__, __LINE__,               \
-                                   std::string(cublasGetStatusName(rc_)) + " (" +     \
-                                       cublasGetStatusString(rc_) + ")");             \
+#define INT4DDP_CUBLAS_CHECK(call)                                                          \
+  do {                                                                                      \
+    const cublasStatus_t rc_ = (call);                                                      \
+    if (rc_ != CUBLAS_STATUS_SUCCESS)                                                       \
+      ::int4ddp::detail::fail_call(                                                         \
+          "cuBLAS", #call, __FILE__, __LINE__,                                              \
+          std::string(cublasGetStatusName(rc_)) + " (" + cublasGetStatusString(rc_) + ")"); \
   } while (0)
