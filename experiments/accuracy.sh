@@ -62,7 +62,7 @@ for r in "${runs[@]}"; do
     name="${model}_${label//\//-}_${policy}"
     args=(train --config "$ROOT/configs/$model.yaml" "${common[@]}"
           --set "quant.weight_bits=$bits" --set "quant.activation_bits=$bits" --set "quant.grad_bits=$bits"
-          --set "log.metrics_path=$out_dir/$name/metrics.jsonl")
+          --set train.overwrite=true --set "log.metrics_path=$out_dir/$name/metrics.jsonl")
     case "$policy" in
         fixed*) args+=(--set quant.grad_policy=fixed --set "quant.fixed_gamma=${policy#fixed}") ;;
         none) ;;

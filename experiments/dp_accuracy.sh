@@ -64,7 +64,7 @@ for r in "${runs[@]}"; do
     if [ "$report" = 0 ]; then
         t0=$(date +%s)
         "$ROOT/launch/mpirun.sh" -np "$ranks" -- int4ddp train --config "$ROOT/configs/default.yaml" \
-            "${common[@]}" "${sets[@]}" --set "log.metrics_path=$out_dir/$tag.jsonl" \
+            "${common[@]}" "${sets[@]}" --set train.overwrite=true --set "log.metrics_path=$out_dir/$tag.jsonl" \
             --set "train.checkpoint_dir=$out_dir/ck_$tag" > "$out_dir/$tag.log" 2>&1 ||
             { echo "run '$name' failed; see $out_dir/$tag.log" >&2; tail -5 "$out_dir/$tag.log" >&2; exit 1; }
         echo $(( $(date +%s) - t0 )) > "$out_dir/$tag.secs"

@@ -74,7 +74,7 @@ for rate in $rates; do
                     --set data.synthetic_test_size=256 --set "train.max_steps=$steps" \
                     --set train.threads=1 --set train.checkpoint_every_epochs=0 \
                     --set log.progress=off --set log.print_every=1 --set log.diagnostics_every=0 \
-                    --set "log.metrics_path=$out_dir/$tag.jsonl" \
+                    --set train.overwrite=true --set "log.metrics_path=$out_dir/$tag.jsonl" \
                     --set "train.checkpoint_dir=$out_dir/ck" > "$out_dir/$tag.log" 2>&1 ||
                     { echo "run $tag failed; see $out_dir/$tag.log" >&2; tail -5 "$out_dir/$tag.log" >&2; exit 1; }
                 jq -s -c --arg model "$model" --arg mode "$mode" --arg rate "$rate" \

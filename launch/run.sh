@@ -9,4 +9,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 int4ddp_setup dataset-fashion-mnist
 INT4DDP_TARGETS=int4ddp int4ddp_build
 cd "$INT4DDP_ROOT"
-exec launch/mpirun.sh -np "${INT4DDP_RANKS:-2}" -- int4ddp train --config configs/default.yaml "$@"
+exec launch/mpirun.sh -np "${INT4DDP_RANKS:-2}" -- int4ddp train --config configs/default.yaml \
+    --set train.overwrite=true "$@"
