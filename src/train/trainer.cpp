@@ -207,6 +207,7 @@ void save_checkpoint(const std::string& path, const Config& cfg, nn::Model& mode
     ck.put_value<uint8_t>(k + ".initialized", qops[i]->initialized() ? 1 : 0);
   }
   ck.write(path);
+  prune_checkpoints(std::filesystem::path(path).parent_path().string(), cfg.train.keep_checkpoints);
 }
 
 // Restores model (and optimizer) state from ck, read from path (named in errors).
@@ -445,6 +446,9 @@ RunSummary run_training(const Config& cfg, std::ostream& out_all, std::ostream& 
   const bool bar =
       rank == 0 && (cfg.log.progress == "on" || (cfg.log.progress == "auto" && ::isatty(2)));
   const std::string ckdir = cfg.train.checkpoint_dir;
+  for (const std::string& f :
+       rank == 0 ? remove_stale_temp_files(ckdir) : std::vector<std::string>{})
+    err << "int4ddp: removed " << f << ", left by a checkpoint writer that is gone\n";
 
   Tensor x({batch, ds.train.channels, ds.train.height, ds.train.width}), logits, dlogits;
   std::vector<int32_t> labels(static_cast<size_t>(batch));
