@@ -88,9 +88,8 @@ struct Config {
     int64_t checkpoint_every_steps = 0;  // write a checkpoint every N steps; 0 = never
     int checkpoint_every_epochs = 1;     // write a checkpoint every N epochs; 0 = never
     std::string checkpoint_dir = "runs/checkpoints";  // where checkpoints go
-    int keep_checkpoints = 5;  // keep the newest N step_* and N epoch_* files (last.ckpt always);
-                               // 0 = keep all
-    std::string resume;        // checkpoint file to resume from; "" = start fresh
+    int keep_checkpoints = 5;        // keep the newest N step_*, N epoch_* (and last); 0 = all
+    std::string resume;              // checkpoint file to resume from; "" = start fresh
     int max_consecutive_skips = 10;  // stop after this many NaN/Inf steps in a row, 1..10^6
     int eval_every_epochs = 1;       // evaluate every N epochs; 0 = only after the last one
   };
