@@ -5,10 +5,12 @@
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <climits>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <string>
 #include <vector>
@@ -182,4 +184,29 @@ TEST(Checkpoint, RetentionKeepsExactlyTheNewestK) {
   EXPECT_FALSE(fs::exists(dir / "step_20.ckpt"));
   EXPECT_FALSE(fs::exists(dir / "epoch_3.ckpt"));
   EXPECT_THROW(prune_checkpoints(dir.path().string(), -1), Error);
+}
+
+// A record length near 2^64 (with a correct CRC) once wrapped the bounds check (off + length) and
+// reached std::vector's length_error; found by fuzz_checkpoint.
+TEST(Checkpoint, HugeRecordLengthIsMalformed) {
+  std::vector<uint8_t> payload;
+  const uint32_t name_bytes = 1;
+  const uint64_t data_bytes = ~uint64_t{0} - 2;
+  payload.insert(payload.end(), reinterpret_cast<const uint8_t*>(&name_bytes),
+                 reinterpret_cast<const uint8_t*>(&name_bytes) + 4);
+  payload.push_back('v');
+  payload.insert(payload.end(), reinterpret_cast<const uint8_t*>(&data_bytes),
+                 reinterpret_cast<const uint8_t*>(&data_bytes) + 8);
+  payload.insert(payload.end(), 4, 0);
+  std::vector<uint8_t> file = {'I', '4', 'C', 'K', 1, 0, 0, 0};
+  const uint64_t size = payload.size();
+  const auto crc = static_cast<uint32_t>(
+      crc32(crc32(0L, Z_NULL, 0), payload.data(), static_cast<uInt>(payload.size())));
+  file.insert(file.end(), reinterpret_cast<const uint8_t*>(&size),
+              reinterpret_cast<const uint8_t*>(&size) + 8);
+  file.insert(file.end(), reinterpret_cast<const uint8_t*>(&crc),
+              reinterpret_cast<const uint8_t*>(&crc) + 4);
+  file.insert(file.end(), payload.begin(), payload.end());
+  const std::string msg = error_of([&] { Checkpoint::parse(file, "huge.ckpt"); });
+  EXPECT_NE(msg.find("huge.ckpt: malformed record table"), std::string::npos) << msg;
 }

@@ -243,8 +243,9 @@ Checkpoint Checkpoint::parse(const std::vector<uint8_t>& bytes, const std::strin
   Checkpoint ck;
   ck.source_ = "checkpoint " + path;
   size_t off = 0;
-  auto need = [&](size_t n) {
-    INT4DDP_CHECK(off + n <= payload.size(), "checkpoint ", path, ": malformed record table");
+  // n is a length from the file (up to 2^64 - 1): compare it with what is left, never off + n.
+  auto need = [&](uint64_t n) {
+    INT4DDP_CHECK(n <= payload.size() - off, "checkpoint ", path, ": malformed record table");
   };
   while (off < payload.size()) {
     uint32_t nlen;
