@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -222,7 +223,10 @@ void run_quantize(const QuantizeOptions& opts, std::ostream& out, std::ostream& 
 
   std::unique_ptr<quant::IntervalPolicy> policy = quant::make_policy(cfg);
   quant::LargeGradientTracker tracker(cfg.alpha);
-  const int64_t nscales = quant::num_scales(count, opts.block_size);
+  // A block longer than the tensor is the whole tensor (one scale); clamped so that the codec's
+  // block arithmetic (count + block_size - 1) cannot overflow.
+  const int64_t block_size = std::min(opts.block_size, count);
+  const int64_t nscales = quant::num_scales(count, block_size);
   std::vector<float> x(static_cast<size_t>(count)), xhat(static_cast<size_t>(count));
   std::vector<float> scales(static_cast<size_t>(nscales));
   std::vector<uint8_t> codes(static_cast<size_t>(quant::packed_bytes(opts.bits, count)));
@@ -252,7 +256,7 @@ void run_quantize(const QuantizeOptions& opts, std::ostream& out, std::ostream& 
     p.bits = opts.bits;
     p.rounding = rounding;
     p.gamma = policy->gamma_for(x.data(), count);
-    p.block_size = opts.block_size;
+    p.block_size = block_size;
     p.key = quant::RngKey{opts.seed, 0, static_cast<uint32_t>(step), 0};
     const QuantStats stats = quant::quantize(x.data(), count, p, codes.data(), scales.data());
     quant::dequantize(codes.data(), scales.data(), count, p.bits, p.block_size, xhat.data());

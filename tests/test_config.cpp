@@ -498,5 +498,15 @@ TEST(Config, HashIsEqualForEqualConfigsOnly) {
   }
 }
 
+// yaml-cpp 0.7's LoadAll never returned on a ',' at the top level (its parser repeats an empty
+// document forever); found by tests/fuzz/fuzz_config.
+TEST(Config, TopLevelCommaIsASyntaxErrorNotAHang) {
+  for (const char* text : {",a", ",n:\n? ?", "a: 1\n---\n,"}) {
+    EXPECT_CONTAINS(error_of([&] { parse_config(text, "comma.yaml"); }), "comma.yaml line");
+  }
+  EXPECT_CONTAINS(error_of([&] { parse_config("a: 1\n---\nb: 2\n", "two.yaml"); }),
+                  "2 YAML documents");
+}
+
 }  // namespace
 }  // namespace int4ddp

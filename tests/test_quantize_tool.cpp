@@ -330,5 +330,20 @@ TEST_F(QuantizeTool, HelpDocumentsTheCodesLayout) {
   EXPECT_NE(r.out.find("--fail-on-nonfinite"), std::string::npos) << r.out;
 }
 
+// A block longer than the tensor is one block, however long: --block-size 2^63-1 once overflowed
+// the codec's block count (found by tests/fuzz/fuzz_quantize).
+TEST_F(QuantizeTool, BlockLongerThanTheTensorIsOneBlock) {
+  write_floats(path("in.f32"), laplace(1000, 5));
+  const std::string in = "quantize -i " + path("in.f32") + " --rounding nearest ";
+  const RunResult whole =
+      run(in + "-o " + path("a.f32") + " --codes " + path("a.bin") + " --block-size 1000");
+  const RunResult huge = run(in + "-o " + path("b.f32") + " --codes " + path("b.bin") +
+                             " --block-size 9223372036854775807");
+  ASSERT_EQ(whole.code, 0) << whole.err;
+  ASSERT_EQ(huge.code, 0) << huge.err;
+  EXPECT_EQ(slurp(path("a.f32")), slurp(path("b.f32")));
+  EXPECT_EQ(slurp(path("a.bin")), slurp(path("b.bin")));
+}
+
 }  // namespace
 }  // namespace int4ddp

@@ -8,6 +8,7 @@
 // when the config came from a file, that key's line.
 #include "src/config/config.h"
 
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -341,6 +342,36 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
   }
 }
 
+// Counts the documents of a YAML stream. Not YAML::LoadAll: on some malformed input (a ',' at
+// the top level) yaml-cpp's parser hands out empty documents forever without moving, and LoadAll
+// never returns; here a document that starts where the previous one did is a syntax error.
+size_t count_documents(const std::string& text) {
+  struct Counter : YAML::EventHandler {
+    std::vector<YAML::Mark> starts;
+    void OnDocumentStart(const YAML::Mark& mark) override {
+      if (!starts.empty() && mark.pos == starts.back().pos)
+        throw YAML::ParserException(mark, "unexpected content (the parser cannot go on)");
+      starts.push_back(mark);
+    }
+    void OnDocumentEnd() override {}
+    void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+    void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                  const std::string&) override {}
+    void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                         YAML::EmitterStyle::value) override {}
+    void OnSequenceEnd() override {}
+    void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                    YAML::EmitterStyle::value) override {}
+    void OnMapEnd() override {}
+  } counter;
+  std::istringstream in(text);
+  YAML::Parser parser(in);
+  while (parser.HandleNextDocument(counter)) {
+  }
+  return counter.starts.size();
+}
+
 }  // namespace
 
 // --- public API
@@ -349,19 +380,18 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
 Config parse_config(const std::string& yaml_text, const std::string& source_name,
                     const std::vector<std::string>& overrides) {
   const Source src{source_name.empty() ? "<config>" : source_name, ""};
-  std::vector<YAML::Node> documents;
+  size_t documents = 0;
+  YAML::Node document;
   try {
-    documents = YAML::LoadAll(yaml_text);
+    documents = count_documents(yaml_text);
+    document = YAML::Load(yaml_text);
   } catch (const YAML::Exception& e) {
     INT4DDP_FAIL(src.where(e.mark), ": YAML syntax error: ", e.msg);
   }
-  INT4DDP_CHECK(documents.size() <= 1, src.file, ": holds ", documents.size(),
-                " YAML documents, expected one");
+  INT4DDP_CHECK(documents <= 1, src.file, ": holds ", documents, " YAML documents, expected one");
   Config config;
   Loader loader(config);
-  if (!documents.empty()) {
-    loader.assign("", documents.front(), YAML::Mark::null_mark(), src);
-  }
+  if (documents == 1) loader.assign("", document, YAML::Mark::null_mark(), src);
   for (const std::string& o : overrides) loader.apply_override(o);
   validate_with_origins(config, &loader.origins());
   return config;

@@ -116,8 +116,9 @@ struct Config {
     int64_t checkpoint_every_steps = 0;  // write a checkpoint every N steps; 0 = never
     int checkpoint_every_epochs = 1;     // write a checkpoint every N epochs; 0 = never
     std::string checkpoint_dir = "runs/checkpoints";  // where checkpoints go
-    std::string resume;      // checkpoint file to resume from; "" = start fresh
-    bool overwrite = false;  // a fresh run may replace an earlier run's metrics and checkpoints
+    int keep_checkpoints = 5;  // keep the newest N step_*, N epoch_* (and last); 0 = all
+    std::string resume;        // checkpoint file to resume from; "" = start fresh
+    bool overwrite = false;    // a fresh run may replace an earlier run's metrics and checkpoints
     int max_consecutive_skips = 10;  // stop after this many NaN/Inf steps in a row, 1..10^6
     int eval_every_epochs = 1;       // evaluate every N epochs; 0 = only after the last one
   };

@@ -330,6 +330,7 @@ std::vector<Field> make_fields(Config& c) {
       {"train.checkpoint_every_epochs", &t.checkpoint_every_epochs,
        integer(&t.checkpoint_every_epochs, 0)},
       {"train.checkpoint_dir", &t.checkpoint_dir, nullptr},
+      {"train.keep_checkpoints", &t.keep_checkpoints, integer(&t.keep_checkpoints, 0)},
       {"train.resume", &t.resume, nullptr},
       {"train.overwrite", &t.overwrite, nullptr},
       {"train.max_consecutive_skips", &t.max_consecutive_skips,

@@ -1,18 +1,25 @@
 // Checkpoint container (see checkpoint.h).
 #include "src/train/checkpoint.h"
 
+#include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <utility>
 
 #include "kernels/common/error.h"
 
 namespace int4ddp::train {
 namespace {
+
+namespace fs = std::filesystem;
 
 constexpr char kMagic[4] = {'I', '4', 'C', 'K'};
 constexpr uint32_t kVersion = 1;
@@ -33,6 +40,44 @@ template <typename T>
 void append(std::vector<uint8_t>& out, T v) {
   const auto* p = reinterpret_cast<const uint8_t*>(&v);
   out.insert(out.end(), p, p + sizeof v);
+}
+
+// This host's name, as it appears in temporary file names ("unknown-host" if it has none).
+std::string host_name() {
+  char buf[HOST_NAME_MAX + 1] = {};
+  if (::gethostname(buf, sizeof buf - 1) != 0 || buf[0] == '\0') return "unknown-host";
+  return buf;
+}
+
+// write(2) until every byte is out; false (errno set) on the first failure.
+bool write_all(int fd, const std::vector<uint8_t>& bytes) {
+  size_t off = 0;
+  while (off < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;
+      return false;
+    }
+    off += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// fsync of a directory, so that a rename inside it is durable.
+void sync_directory(const std::string& dir, const std::string& path) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    INT4DDP_FAIL("checkpoint ", path, ": cannot open its directory ", dir,
+                 " to sync it: ", std::strerror(err));
+  }
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  // Some file systems cannot sync a directory (EINVAL); the file itself is synced already.
+  INT4DDP_CHECK(rc == 0 || err == EINVAL, "checkpoint ", path, ": syncing the directory ", dir,
+                " failed: ", std::strerror(err));
 }
 
 }  // namespace
@@ -76,33 +121,111 @@ void Checkpoint::write(const std::string& path) const {
   append<uint64_t>(header, payload.size());
   append<uint32_t>(header, crc_of(payload));
 
-  const std::filesystem::path target(path);
-  if (target.has_parent_path()) std::filesystem::create_directories(target.parent_path());
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    INT4DDP_CHECK(f.good(), "checkpoint: cannot write ", tmp);
-    f.write(reinterpret_cast<const char*>(header.data()),
-            static_cast<std::streamsize>(header.size()));
-    f.write(reinterpret_cast<const char*>(payload.data()),
-            static_cast<std::streamsize>(payload.size()));
-    f.flush();
-    if (!f.good()) {
-      std::remove(tmp.c_str());
-      INT4DDP_FAIL("checkpoint: writing ", tmp, " failed (disk full?)");
-    }
+  const fs::path target(path);
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  INT4DDP_CHECK(!ec, "checkpoint ", path, ": cannot create the directory ", dir.string(), ": ",
+                ec.message());
+  const std::string tmp = path + ".tmp." + host_name() + "." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    const int err = errno;
+    INT4DDP_FAIL("checkpoint ", path, ": cannot create ", tmp, ": ", std::strerror(err));
+  }
+  // The data reaches the disk before the rename makes it the checkpoint, and the rename reaches
+  // the disk (the directory is synced) before write() returns: after a crash or power loss the
+  // path holds the old checkpoint or the complete new one.
+  const char* failed = nullptr;
+  int err = 0;
+  if (!write_all(fd, header) || !write_all(fd, payload)) {
+    failed = "writing";
+    err = errno;
+  } else if (::fsync(fd) != 0) {
+    failed = "syncing";
+    err = errno;
+  }
+  if (::close(fd) != 0 && failed == nullptr) {
+    failed = "closing";
+    err = errno;
+  }
+  if (failed != nullptr) {
+    ::unlink(tmp.c_str());
+    INT4DDP_FAIL("checkpoint ", path, ": ", failed, " ", tmp, " failed: ", std::strerror(err),
+                 " (disk full?); the previous checkpoint, if any, is unchanged");
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    std::remove(tmp.c_str());
-    INT4DDP_FAIL("checkpoint: cannot rename ", tmp, " to ", path, ": ", std::strerror(err));
+    const int rename_err = errno;
+    ::unlink(tmp.c_str());
+    INT4DDP_FAIL("checkpoint ", path, ": cannot rename ", tmp,
+                 " to it: ", std::strerror(rename_err));
   }
+  sync_directory(dir.string(), path);
+}
+
+std::vector<std::string> remove_stale_temp_files(const std::string& dir) {
+  std::vector<std::string> removed;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return removed;
+  const std::string host_marker = ".tmp." + host_name() + ".";
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    const size_t at = name.rfind(host_marker);
+    if (at == std::string::npos || name.find(".ckpt") == std::string::npos) continue;
+    const std::string pid_text = name.substr(at + host_marker.size());
+    if (pid_text.empty() || pid_text.size() > 9 ||
+        pid_text.find_first_not_of("0123456789") != std::string::npos)
+      continue;
+    const auto pid = static_cast<pid_t>(std::stol(pid_text));
+    // kill(pid, 0) fails with ESRCH only if no such process exists; EPERM means it is alive.
+    if (pid <= 0 || ::kill(pid, 0) == 0 || errno != ESRCH) continue;
+    if (fs::remove(entry.path(), ec)) removed.push_back(entry.path().string());
+  }
+  return removed;
+}
+
+std::vector<std::string> prune_checkpoints(const std::string& dir, int keep) {
+  INT4DDP_CHECK(keep >= 0, "prune_checkpoints: keep = ", keep, " is negative");
+  std::vector<std::string> removed;
+  std::error_code ec;
+  if (keep == 0 || !fs::is_directory(dir, ec)) return removed;
+  // series ("step_" or "epoch_") -> (number, path), newest last after sorting
+  std::map<std::string, std::vector<std::pair<uint64_t, fs::path>>> series;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    for (const char* prefix : {"step_", "epoch_"}) {
+      const size_t plen = std::strlen(prefix);
+      if (name.size() <= plen + 5 || name.compare(0, plen, prefix) != 0 ||
+          name.compare(name.size() - 5, 5, ".ckpt") != 0)
+        continue;
+      const std::string digits = name.substr(plen, name.size() - plen - 5);
+      if (digits.size() > 18 || digits.find_first_not_of("0123456789") != std::string::npos)
+        continue;
+      series[prefix].emplace_back(std::stoull(digits), entry.path());
+    }
+  }
+  for (auto& [prefix, files] : series) {
+    if (files.size() <= static_cast<size_t>(keep)) continue;
+    std::sort(files.begin(), files.end());
+    for (size_t i = 0; i + static_cast<size_t>(keep) < files.size(); ++i) {
+      if (fs::remove(files[i].second, ec)) removed.push_back(files[i].second.string());
+    }
+  }
+  return removed;
 }
 
 Checkpoint Checkpoint::read(const std::string& path) {
+  std::error_code ec;
+  INT4DDP_CHECK(!std::filesystem::is_directory(path, ec), "checkpoint ", path,
+                ": is a directory, not a checkpoint file");
   std::ifstream f(path, std::ios::binary);
   INT4DDP_CHECK(f.good(), "checkpoint ", path, ": cannot open");
   std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  INT4DDP_CHECK(!f.bad(), "checkpoint ", path, ": read error");
+  return parse(bytes, path);
+}
+
+Checkpoint Checkpoint::parse(const std::vector<uint8_t>& bytes, const std::string& path) {
   INT4DDP_CHECK(bytes.size() >= kHeaderBytes && std::memcmp(bytes.data(), kMagic, 4) == 0,
                 "checkpoint ", path, ": not an int4ddp checkpoint (bad magic or too short)");
   uint32_t version, crc;
@@ -119,8 +242,9 @@ Checkpoint Checkpoint::read(const std::string& path) {
   Checkpoint ck;
   ck.source_ = "checkpoint " + path;
   size_t off = 0;
-  auto need = [&](size_t n) {
-    INT4DDP_CHECK(off + n <= payload.size(), "checkpoint ", path, ": malformed record table");
+  // n is a length from the file (up to 2^64 - 1): compare it with what is left, never off + n.
+  auto need = [&](uint64_t n) {
+    INT4DDP_CHECK(n <= payload.size() - off, "checkpoint ", path, ": malformed record table");
   };
   while (off < payload.size()) {
     uint32_t nlen;

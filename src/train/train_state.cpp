@@ -2,6 +2,7 @@
 #include "src/train/train_state.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <sstream>
 #include <vector>
 
@@ -50,6 +51,7 @@ void save_checkpoint(const std::string& path, const Config& cfg, nn::Model& mode
     ck.put_value<uint8_t>(k + ".initialized", qops[i]->initialized() ? 1 : 0);
   }
   ck.write(path);
+  prune_checkpoints(std::filesystem::path(path).parent_path().string(), cfg.train.keep_checkpoints);
 }
 
 Progress load_checkpoint(const Checkpoint& ck, const std::string& path, nn::Model& model,

@@ -194,7 +194,11 @@ Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
         check_fresh_run(cfg.train.checkpoint_dir, metrics_path, cfg.train.overwrite);
     if (!notice.empty()) err_ << "int4ddp: " << notice << "\n";
   }
-  if (rank_ == 0) check_output_locations(cfg.train.checkpoint_dir, metrics_path);
+  if (rank_ == 0) {
+    check_output_locations(cfg.train.checkpoint_dir, metrics_path);
+    for (const std::string& f : remove_stale_temp_files(cfg.train.checkpoint_dir))
+      err_ << "int4ddp: removed " << f << ", left by a checkpoint writer that is gone\n";
+  }
   if (resumed_) {
     const Checkpoint ck = Checkpoint::read(cfg.train.resume);
     // Every rank reads the same checkpoint, so every rank takes the same decision.
