@@ -46,6 +46,7 @@
 #include "comm/staged_communicator.h"
 #include "comm/two_shot.h"
 #include "comm/two_shot_cuda.h"
+#include "experiments/cuda_bench.h"
 #include "kernels/common/error.h"
 #include "kernels/quant/codec.h"
 #include "kernels/quant/cuda/codec_cuda.h"
@@ -59,21 +60,9 @@ namespace qc = int4ddp::quant::cuda;
 
 namespace {
 
-constexpr int64_t kG = 512;
+using bench::DeviceMem;
 
-struct DeviceMem {
-  void* p = nullptr;
-  explicit DeviceMem(size_t bytes) {
-    INT4DDP_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 1)));
-  }
-  ~DeviceMem() { cudaFree(p); }
-  DeviceMem(const DeviceMem&) = delete;
-  DeviceMem& operator=(const DeviceMem&) = delete;
-  template <typename T>
-  T* as() {
-    return static_cast<T*>(p);
-  }
-};
+constexpr int64_t kG = 512;
 
 // Best time in seconds of `reps` runs of f() (enqueued on the legacy stream) after one warm-up.
 template <typename F>

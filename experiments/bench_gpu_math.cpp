@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "experiments/cuda_bench.h"
 #include "kernels/common/error.h"
 #include "kernels/math/cuda/gemm_cuda.h"
 #include "kernels/quant/cuda/codec_cuda.h"
@@ -34,19 +35,7 @@ namespace mc = int4ddp::math::cuda;
 
 namespace {
 
-struct DeviceMem {
-  void* p = nullptr;
-  explicit DeviceMem(size_t bytes) {
-    INT4DDP_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 1)));
-  }
-  ~DeviceMem() { cudaFree(p); }
-  DeviceMem(const DeviceMem&) = delete;
-  DeviceMem& operator=(const DeviceMem&) = delete;
-  template <typename T>
-  T* as() {
-    return static_cast<T*>(p);
-  }
-};
+using bench::DeviceMem;
 
 // Best time in ms of `reps` runs of f after one warm-up, by CUDA events on the default stream.
 double best_ms(const std::function<void()>& f, int reps) {
