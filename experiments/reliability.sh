@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# fm/cifar below print "--set" arguments that are split on purpose (the temp dir has no spaces).
+# shellcheck disable=SC2046
 # Reliability matrix: runs bad-input and fault cases against a built int4ddp and prints a markdown
 # table (category, case, command, expected, observed exit code, first error line, PASS/FAIL) and a
 # last JSON line {"cases":N,"passed":M}.
@@ -496,7 +498,7 @@ tcase quantize "output under a regular file" 2 "afile" "$BIN" quantize -i "$G" -
 # kill_resume CASE RANKS: start a long run, SIGKILL (rank 1 if RANKS > 1) after batch 130, check the
 # job ends without a hang and every checkpoint left loads, resume from last.ckpt with max_steps.
 kill_resume() {
-  local name=$1 ranks=$2 launch=() rc verdict=PASS reason="" root tries
+  local name=$1 ranks=$2 launch=() rc verdict=PASS reason="" root
   newcase
   [ "$ranks" -gt 1 ] && launch=("${MPIRUN[@]}" -np "$ranks")
   timeout -k 5 "$CASE_TIMEOUT" "${launch[@]}" "$BIN" train -c "$B" "${LONG[@]}" > out.txt 2> err.txt &
