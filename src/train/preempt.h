@@ -7,11 +7,12 @@
 // ranks agree, with one small all-reduce per step, on the step after which they stop. A rank that
 // got the signal first therefore never leaves the others waiting in a collective.
 //
-// SIGUSR1 is there for mpirun: Open MPI's mpirun answers SIGTERM and SIGINT by sending SIGTERM to
-// every rank and SIGKILL one second later (MCA odls_base_sigkill_timeout, default 1), too soon for
-// a step and a checkpoint, but it forwards SIGUSR1 to every rank unchanged. Under mpirun, preempt
-// with SIGUSR1 (sbatch --signal=B:USR1@120 with a batch script that runs mpirun, or
-// scancel --signal=USR1); srun and a single process get SIGTERM directly.
+// SIGUSR1 is there for mpirun: Open MPI 4's mpirun answers SIGTERM and SIGINT by aborting the job
+// (it stops forwarding output, sends every rank SIGCONT, waits odls_base_sigkill_timeout seconds,
+// default 1, sends SIGTERM, waits as long again, then SIGKILL, and exits 1 whatever the ranks
+// did), but it forwards SIGUSR1 to every rank unchanged and reports their exit code. Under mpirun,
+// preempt with SIGUSR1 (launch/slurm.sbatch passes the signal SLURM gives its batch shell on as
+// SIGUSR1; by hand, kill -USR1 the mpirun); srun and a single process take SIGTERM directly.
 //
 // Exit code convention: 128 + the signal number (143 SIGTERM, 130 SIGINT, 138 SIGUSR1), what a
 // shell reports for a process killed by that signal, so job scripts see "stopped by a signal" and

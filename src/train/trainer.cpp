@@ -452,6 +452,9 @@ void Trainer::checkpoint_and_stop(const StepResult& r) {
   stop_checkpoint_ = cfg_.train.checkpoint_dir + "/last.ckpt";
   save_checkpoint(stop_checkpoint_, cfg_, model_, opt_, next, dp_);
   metrics_->sync();
+  // No rank exits before rank 0 has the checkpoint on disk: a launcher takes the first non-zero
+  // exit as a failure and kills the ranks still running.
+  if (dp_.enabled()) dp_.comm().barrier();
   stop_signal_ = r.stop.signal;
 }
 
