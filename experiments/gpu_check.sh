@@ -9,7 +9,9 @@
 #      the CPU codec tests on this machine's CPU (its AVX-512 codec, which the dev machines lack);
 #   3. the device all-reduce vs the host one under mpirun with 2 and 4 ranks sharing the GPU
 #      (MPI staged through pinned host memory), and NCCL with one rank, as tests and as benchmarks;
-#   4. bench_gpu kernels: copy, quantize+pack (G = 512 stochastic and nearest; per tensor, two
+#   4. experiments/gpu_math_check.sh: the GPU math of the training engine (kernels/math/cuda)
+#      against the CPU, and the int8 tensor-core GEMM beside fp32/TF32 at resnet18's shapes;
+#   5. bench_gpu kernels: copy, quantize+pack (G = 512 stochastic and nearest; per tensor, two
 #      passes), unpack+dequantize, owner step N = 2, 4, 8 on 2^28 floats, each as a fraction of
 #      the copy in the same run, beside the PyTorch figures of step 1.
 # Everything goes under $OUT (default ./gpu_out): gpu_check.log (this output), per-step logs,
@@ -121,7 +123,7 @@ cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DINT4DDP_NATIVE=ON -DINT4DDP_
 grep 'int4ddp:' "$OUT/configure.log"
 log "build"
 timeout 420 cmake --build "$BUILD" -j16 --target test_cuda_codec test_cuda_two_shot bench_gpu \
-  test_codec test_codec_definition \
+  test_codec test_codec_definition test_cuda_math bench_gpu_math \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; fail "build (see build.log)"; }
 log "waiting for the PyTorch baseline"
 wait "$torch_pid"
@@ -165,6 +167,13 @@ for np in 2 4; do
     --log2n-max 24 > "$OUT/allreduce_mpi_np$np.log" 2>&1 || fail "bench_gpu allreduce mpi np $np"
   cat "$OUT/allreduce_mpi_np$np.log"
 done
+
+# ---- the GPU math of the training engine (kernels/math/cuda): its tests ran in ctest -L cuda;
+# gpu_math_check.sh reruns them with "no skip allowed" and times the int8 tensor-core GEMM ----------
+log "GPU math: experiments/gpu_math_check.sh"
+BUILD="$BUILD" OUT="$OUT" timeout 240 bash experiments/gpu_math_check.sh > "$OUT/gpu_math_stdout.log" 2>&1 \
+  || fail "gpu_math_check.sh (see gpu_math_check.log)"
+tail -1 "$OUT/gpu_math_stdout.log"
 
 # ---- kernel benchmarks (last: its JSON line ends the output) ------------------------------------
 log "kernels, 2^28 floats"
