@@ -24,14 +24,18 @@
 //
 // Checks (on by default): rel_err = ||out - mean|| / ||mean|| on the random timing data against the
 // exact mean (accumulated in double from every rank's input, which every rank can regenerate:
-// inputs are a hash of (seed, rank, index)); #wrong = elements (summed over ranks) that differ from
-// the exact mean on grid-valued inputs whose compressed mean is exact by construction
-// (tests/verifiable.h; run on a fresh bucket: gamma 1, no error feedback yet), plus one per rank
-// whose compressed output differs from rank 0's. Any #wrong > 0 makes the exit status non-zero.
+// inputs are a hash of (seed, rank, index)), for the first step (rel_err1: a fresh bucket, no error
+// feedback yet, the error of one compressed all-reduce) and the last one (rel_err: with --policy
+// lbt it includes the error feedback carried over from the previous steps on the same input, so it
+// is not the one-shot error and is larger than rel_err1 by design); #wrong = elements (summed over
+// ranks) that differ from the exact mean on grid-valued inputs whose compressed mean is exact by
+// construction (tests/verifiable.h; run on a fresh bucket: gamma 1, no error feedback yet), plus
+// one per rank whose compressed output differs from rank 0's. Any #wrong > 0 makes the exit status
+// non-zero.
 //
 // Output on rank 0 only: a table, then one JSON line
 //   {"bench":"allreduce","ranks":N,"block_size":G,"policy":P,"rows":[{"mode","bytes","time_s",
-//    "gamma","wire_bytes_modelled","formula_wire_bytes_modelled","rel_err","wrong"},...]}
+//    "gamma","wire_bytes_modelled","formula_wire_bytes_modelled","rel_err_first","rel_err","wrong"},...]}
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -127,7 +131,8 @@ struct Row {
   float gamma = 1.0f;              // after the timed iterations
   uint64_t wire_bytes = 0;         // modelled: Communicator::bytes_sent, maximum over ranks
   double predicted = 0;            // modelled: modelled_wire_bytes()
-  double rel_err = -1;
+  double rel_err_first = -1;       // of the first step (fresh bucket)
+  double rel_err = -1;             // of the last step
   int64_t wrong = -1;
 };
 
@@ -162,6 +167,7 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
   row.predicted = modelled_wire_bytes(mode.bits, n, o.block_size, N);
 
   std::vector<double> times, quant_times, comm_times;
+  std::vector<float> first_out;  // the first step's output, for rel_err_first
   uint64_t wire = 0;
   for (int it = 0; it < o.warmup + o.iters; ++it) {
     std::memcpy(work.data(), input.data(), static_cast<size_t>(n) * sizeof(float));
@@ -170,6 +176,7 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
     const BucketStats st = ts.run(work.data(), static_cast<uint32_t>(it));
     const double t = seconds_since(t0);
     ts.commit(commit_steps);
+    if (it == 0 && o.check) first_out = work;
     if (it >= o.warmup) {
       times.push_back(t);
       quant_times.push_back(st.quant_seconds);
@@ -199,31 +206,34 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
   }
   if (!o.check) return row;
 
-  // rel_err of the last timed output against the exact mean; the outputs are compared across
-  // ranks (compressed modes must be bit-identical), so each rank checks a slice.
+  // The outputs are compared across ranks (compressed modes must be bit-identical); rel_err of
+  // the first and the last output against the exact mean, each rank summing a slice.
   int64_t wrong = 0;
   const std::vector<uint64_t> hashes =
       allgather_u64(comm, test::fnv1a(work.data(), static_cast<size_t>(n) * sizeof(float)));
   if (mode.bits != kFp32Bits) wrong += hashes[static_cast<size_t>(me)] != hashes[0];
-  std::vector<double> sums(2, 0.0);  // ||out - mean||^2, ||mean||^2 over this rank's slice
   const int64_t lo = n * me / N, hi = n * (me + 1) / N;
-  for (int64_t i = lo; i < hi; ++i) {
-    double mean = 0;
-    for (int r = 0; r < N; ++r) mean += random_value(o.seed, r, i);
-    mean /= N;
-    const double e = work[static_cast<size_t>(i)] - mean;
-    sums[0] += e * e;
-    sums[1] += mean * mean;
-  }
-  const std::vector<double> all_sums = gather_to_root(comm, sums);
-  if (me == 0) {
-    double e2 = 0, m2 = 0;
-    for (int r = 0; r < N; ++r) {
-      e2 += all_sums[2 * static_cast<size_t>(r)];
-      m2 += all_sums[2 * static_cast<size_t>(r) + 1];
+  auto rel_err_of = [&](const std::vector<float>& out) {
+    std::vector<double> sums(2, 0.0);  // ||out - mean||^2, ||mean||^2 over this rank's slice
+    for (int64_t i = lo; i < hi; ++i) {
+      double mean = 0;
+      for (int r = 0; r < N; ++r) mean += random_value(o.seed, r, i);
+      mean /= N;
+      const double e = out[static_cast<size_t>(i)] - mean;
+      sums[0] += e * e;
+      sums[1] += mean * mean;
     }
-    row.rel_err = m2 > 0 ? std::sqrt(e2 / m2) : 0.0;
-  }
+    const std::vector<double> all_sums = gather_to_root(comm, sums);
+    double e2 = 0, m2 = 0;
+    if (me == 0)
+      for (int r = 0; r < N; ++r) {
+        e2 += all_sums[2 * static_cast<size_t>(r)];
+        m2 += all_sums[2 * static_cast<size_t>(r) + 1];
+      }
+    return m2 > 0 ? std::sqrt(e2 / m2) : 0.0;
+  };
+  row.rel_err_first = rel_err_of(first_out);
+  row.rel_err = rel_err_of(work);
 
   // #wrong on grid-valued inputs, on a fresh bucket (exact only with gamma = 1 and no error
   // feedback yet: not under --policy fixed).
@@ -306,11 +316,13 @@ int main(int argc, char** argv) {
       std::printf(
           "# wire bytes per rank are MODELLED, not measured: wire_mod = Communicator::bytes_sent "
           "(max over ranks), formula_mod = 2(N-1)/N (n b/8 + 4n/G)\n");
-      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %7s %12s %12s %7s %10s %7s\n", "size",
-                  "count", "mode", "time(us)", "algbw", "busbw", "x_fp32", "quant(us)", "coll(us)",
-                  "gamma", "wire_mod", "formula_mod", "diff%", "rel_err", "#wrong");
-      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %7s %12s %12s %7s %10s %7s\n", "(B)",
-                  "(floats)", "", "", "(GB/s)", "(GB/s)", "", "", "", "", "(B)", "(B)", "", "", "");
+      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
+                  "size", "count", "mode", "time(us)", "algbw", "busbw", "x_fp32", "quant(us)",
+                  "coll(us)", "gamma", "wire_mod", "formula_mod", "diff%", "rel_err1", "rel_err",
+                  "#wrong");
+      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
+                  "(B)", "(floats)", "", "", "(GB/s)", "(GB/s)", "", "", "", "", "(B)", "(B)", "",
+                  "", "", "");
       std::fflush(stdout);
     }
 
@@ -331,21 +343,23 @@ int main(int argc, char** argv) {
         if (root) {
           const double algbw = row.time_s > 0 ? 4.0 * n / row.time_s / 1e9 : 0.0;
           const double busbw = algbw * 2.0 * (N - 1) / N;
-          char speed[16] = "-", diff[16] = "-", rel[16] = "-", wrong[24] = "-";
+          char speed[16] = "-", diff[16] = "-", rel1[16] = "-", rel[16] = "-", wrong[24] = "-";
           if (fp32_time > 0 && row.time_s > 0)
             std::snprintf(speed, sizeof speed, "%.2f", fp32_time / row.time_s);
           if (row.predicted > 0)
             std::snprintf(diff, sizeof diff, "%+.2f",
                           100.0 * (row.wire_bytes - row.predicted) / row.predicted);
+          if (row.rel_err_first >= 0) std::snprintf(rel1, sizeof rel1, "%.3e", row.rel_err_first);
           if (row.rel_err >= 0) std::snprintf(rel, sizeof rel, "%.3e", row.rel_err);
           if (row.wrong >= 0)
             std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(row.wrong));
           std::printf(
               "%10s %11lld %5s %11.1f %10.3f %10.3f %7s %11.1f %11.1f %7.4f %12llu %12.0f %7s %10s "
-              "%7s\n",
+              "%10s %7s\n",
               human_bytes(bytes).c_str(), static_cast<long long>(n), m.name.c_str(),
               row.time_s * 1e6, algbw, busbw, speed, row.quant_s * 1e6, row.comm_s * 1e6, row.gamma,
-              static_cast<unsigned long long>(row.wire_bytes), row.predicted, diff, rel, wrong);
+              static_cast<unsigned long long>(row.wire_bytes), row.predicted, diff, rel1, rel,
+              wrong);
           std::fflush(stdout);
         }
         rows.push_back(row);
@@ -361,16 +375,18 @@ int main(int argc, char** argv) {
           N, static_cast<long long>(o.block_size), o.policy.c_str());
       for (size_t k = 0; k < rows.size(); ++k) {
         const Row& r = rows[k];
-        char rel[32] = "null", wrong[32] = "null";
+        char rel1[32] = "null", rel[32] = "null", wrong[32] = "null";
+        if (r.rel_err_first >= 0) std::snprintf(rel1, sizeof rel1, "%.6e", r.rel_err_first);
         if (r.rel_err >= 0) std::snprintf(rel, sizeof rel, "%.6e", r.rel_err);
         if (r.wrong >= 0)
           std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(r.wrong));
         std::printf(
             "%s{\"mode\":\"%s\",\"bytes\":%llu,\"time_s\":%.9g,\"gamma\":%.6g,"
-            "\"wire_bytes_modelled\":%llu,\"formula_wire_bytes_modelled\":%.0f,\"rel_err\":%s,"
+            "\"wire_bytes_modelled\":%llu,\"formula_wire_bytes_modelled\":%.0f,"
+            "\"rel_err_first\":%s,\"rel_err\":%s,"
             "\"wrong\":%s}",
             k ? "," : "", r.mode.c_str(), static_cast<unsigned long long>(r.bytes), r.time_s,
-            r.gamma, static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel, wrong);
+            r.gamma, static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel1, rel, wrong);
       }
       std::printf("]}\n");
       std::fflush(stdout);
