@@ -83,35 +83,29 @@ if(INT4DDP_HAVE_CUDA)
     target_link_libraries(int4ddp_nccl INTERFACE ${INT4DDP_NCCL_LIBRARY})
   endif()
 
+  # A static library of CUDA kernels that promise the CPU build's bits (-ffp-contract=off there): no
+  # FMA contraction, IEEE division and square root, denormals kept. --use_fast_math is refused by
+  # an #error in the codec's source.
+  function(int4ddp_bit_exact_cuda_library name)
+    add_library(${name} STATIC ${ARGN})
+    set_target_properties(${name} PROPERTIES
+      CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON CUDA_RUNTIME_LIBRARY Shared
+      POSITION_INDEPENDENT_CODE ON)
+    target_compile_options(${name} PRIVATE
+      $<$<COMPILE_LANGUAGE:CUDA>:-fmad=false -prec-div=true -prec-sqrt=true -ftz=false
+                                 -Xcompiler=-ffp-contract=off>)
+  endfunction()
+
   # ---- int4ddp_cuda: the CUDA codec ------------------------------------------------------------
-  add_library(int4ddp_cuda STATIC
-    kernels/quant/cuda/codec_cuda.cu
-  )
-  set_target_properties(int4ddp_cuda PROPERTIES
-    CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON CUDA_RUNTIME_LIBRARY Shared
-    POSITION_INDEPENDENT_CODE ON)
-  # The codec's contract is bit-exact equality with the CPU build (-ffp-contract=off): no FMA
-  # contraction, IEEE division and square root, denormals kept. --use_fast_math is refused by an
-  # #error in the source.
-  target_compile_options(int4ddp_cuda PRIVATE
-    $<$<COMPILE_LANGUAGE:CUDA>:-fmad=false -prec-div=true -prec-sqrt=true -ftz=false
-                               -Xcompiler=-ffp-contract=off>)
+  int4ddp_bit_exact_cuda_library(int4ddp_cuda kernels/quant/cuda/codec_cuda.cu)
   target_link_libraries(int4ddp_cuda PUBLIC int4ddp_kernels CUDA::cudart PRIVATE int4ddp_warnings)
   target_compile_definitions(int4ddp_cuda PUBLIC INT4DDP_HAVE_CUDA)
 
   # ---- int4ddp_cuda_math: GPU GEMMs (cuBLAS, cuBLASLt IMMA) and layer kernels ------------------
-  # kernels/math/cuda: the math the GPU engine calls. Same no-FMA, IEEE flags as the codec (its
-  # integer GEMM and layer kernels promise the CPU's bits where their headers say so).
-  add_library(int4ddp_cuda_math STATIC
-    kernels/math/cuda/gemm_cuda.cu
-    kernels/math/cuda/nn_cuda.cu
-  )
-  set_target_properties(int4ddp_cuda_math PROPERTIES
-    CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON CUDA_RUNTIME_LIBRARY Shared
-    POSITION_INDEPENDENT_CODE ON)
-  target_compile_options(int4ddp_cuda_math PRIVATE
-    $<$<COMPILE_LANGUAGE:CUDA>:-fmad=false -prec-div=true -prec-sqrt=true -ftz=false
-                               -Xcompiler=-ffp-contract=off>)
+  # kernels/math/cuda: the math the GPU engine calls (its integer GEMM and layer kernels promise the
+  # CPU's bits where their headers say so).
+  int4ddp_bit_exact_cuda_library(int4ddp_cuda_math kernels/math/cuda/gemm_cuda.cu
+                                 kernels/math/cuda/nn_cuda.cu)
   target_link_libraries(int4ddp_cuda_math PUBLIC int4ddp_kernels CUDA::cudart CUDA::cublas
                         CUDA::cublasLt PRIVATE int4ddp_warnings)
 
