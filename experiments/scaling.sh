@@ -24,6 +24,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/common.sh"
+source "$ROOT/experiments/cluster_train_args.sh"
 rates="1gbit 10gbit"
 ranks_list="1 2 4"
 models="mlp2048 resnet20"
@@ -69,17 +70,11 @@ for rate in $rates; do
             for mode in fp32 int4; do
                 tag="${model}_${mode}_${n}_${rate}"
                 echo "== $model, $mode all-reduce, $n rank(s), $rate"
+                cluster_train_args "$(config_for "$model")" "$mode" "$steps" "$out_dir/$tag.jsonl" \
+                    "$out_dir/ck"
                 INT4DDP_NETNS_COUNTERS="$out_dir/$tag.counters.json" \
-                "$ROOT/launch/netns_cluster.sh" mpirun --ranks "$n" --rate "$rate" -- \
-                    int4ddp train --config "$(config_for "$model")" \
-                    --set comm.backend=mpi --set "comm.mode=$mode" --set train.batch_size=64 \
-                    --set quant.weight_bits=32 --set quant.activation_bits=32 --set quant.grad_bits=32 \
-                    --set data.dataset=synthetic --set data.synthetic_train_size=16384 \
-                    --set data.synthetic_test_size=256 --set "train.max_steps=$steps" \
-                    --set train.threads=1 --set train.checkpoint_every_epochs=0 \
-                    --set log.progress=off --set log.print_every=1 --set log.diagnostics_every=0 \
-                    --set train.overwrite=true --set "log.metrics_path=$out_dir/$tag.jsonl" \
-                    --set "train.checkpoint_dir=$out_dir/ck" > "$out_dir/$tag.log" 2>&1 ||
+                    "$ROOT/launch/netns_cluster.sh" mpirun --ranks "$n" --rate "$rate" -- \
+                    int4ddp "${TRAIN_ARGS[@]}" > "$out_dir/$tag.log" 2>&1 ||
                     { echo "run $tag failed; see $out_dir/$tag.log" >&2; tail -5 "$out_dir/$tag.log" >&2; exit 1; }
                 jq -s -c --arg model "$model" --arg mode "$mode" --arg rate "$rate" \
                     --argjson n "$n" --argjson warmup "$warmup" \

@@ -21,6 +21,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${INT4DDP_BUILD:-$ROOT/build}"
+source "$ROOT/experiments/cluster_train_args.sh"
 cases="bench train"
 modes="int4 fp32"
 while [ $# -gt 0 ]; do
@@ -58,15 +59,8 @@ bench() {  # mode reps
 }
 
 train() {  # mode steps
-    cluster "train_${1}_$2" int4ddp train --config "$ROOT/configs/mlp2048.yaml" \
-        --set comm.backend=mpi --set "comm.mode=$1" --set train.batch_size=64 \
-        --set quant.weight_bits=32 --set quant.activation_bits=32 --set quant.grad_bits=32 \
-        --set data.dataset=synthetic --set data.synthetic_train_size=16384 \
-        --set data.synthetic_test_size=256 --set "train.max_steps=$2" \
-        --set train.threads=1 --set train.checkpoint_every_epochs=0 \
-        --set log.progress=off --set log.print_every=1 --set log.diagnostics_every=0 \
-        --set train.overwrite=true --set "log.metrics_path=$out/train_${1}_$2.jsonl" \
-        --set "train.checkpoint_dir=$out/ck"
+    cluster_train_args "$ROOT/configs/mlp2048.yaml" "$1" "$2" "$out/train_${1}_$2.jsonl" "$out/ck"
+    cluster "train_${1}_$2" int4ddp "${TRAIN_ARGS[@]}"
     cp "$out/train_${1}_$2.jsonl" "$out/train_${1}_$2.model.json"
 }
 
