@@ -7,7 +7,10 @@
 # STEPS steps with 64 images per rank on the synthetic set (same shapes as Fashion-MNIST) and takes
 # the median over the steps after the first WARMUP of: step time, compute (forward + backward on the
 # main thread), comm wait (main thread blocked on the last buckets), quantize and collective time
-# on the communication thread, bytes sent. img/s = ranks * 64 / median step time.
+# on the communication thread, bytes sent (modelled: Communicator::bytes_sent). img/s = ranks * 64 /
+# median step time. "measured" = the run's link counters (launch/netns_cluster.sh: tx bytes per
+# rank, mean over ranks) divided by its steps: start-up and the initial weight broadcast included,
+# so it is above the per-step figure; experiments/wire_bytes.sh separates them by differencing.
 # The layers are fp32 in both models so that only the all-reduce differs between the fp32 and
 # int4 rows (as in the PyTorch DDP reference of the issue).
 #
@@ -21,6 +24,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/common.sh"
+source "$ROOT/experiments/cluster_train_args.sh"
 rates="1gbit 10gbit"
 ranks_list="1 2 4"
 models="mlp2048 resnet20"
@@ -66,28 +70,25 @@ for rate in $rates; do
             for mode in fp32 int4; do
                 tag="${model}_${mode}_${n}_${rate}"
                 echo "== $model, $mode all-reduce, $n rank(s), $rate"
-                "$ROOT/launch/netns_cluster.sh" mpirun --ranks "$n" --rate "$rate" -- \
-                    int4ddp train --config "$(config_for "$model")" \
-                    --set comm.backend=mpi --set "comm.mode=$mode" --set train.batch_size=64 \
-                    --set quant.weight_bits=32 --set quant.activation_bits=32 --set quant.grad_bits=32 \
-                    --set data.dataset=synthetic --set data.synthetic_train_size=16384 \
-                    --set data.synthetic_test_size=256 --set "train.max_steps=$steps" \
-                    --set train.threads=1 --set train.checkpoint_every_epochs=0 \
-                    --set log.progress=off --set log.print_every=1 --set log.diagnostics_every=0 \
-                    --set train.overwrite=true --set "log.metrics_path=$out_dir/$tag.jsonl" \
-                    --set "train.checkpoint_dir=$out_dir/ck" > "$out_dir/$tag.log" 2>&1 ||
+                cluster_train_args "$(config_for "$model")" "$mode" "$steps" "$out_dir/$tag.jsonl" \
+                    "$out_dir/ck"
+                INT4DDP_NETNS_COUNTERS="$out_dir/$tag.counters.json" \
+                    "$ROOT/launch/netns_cluster.sh" mpirun --ranks "$n" --rate "$rate" -- \
+                    int4ddp "${TRAIN_ARGS[@]}" > "$out_dir/$tag.log" 2>&1 ||
                     { echo "run $tag failed; see $out_dir/$tag.log" >&2; tail -5 "$out_dir/$tag.log" >&2; exit 1; }
                 jq -s -c --arg model "$model" --arg mode "$mode" --arg rate "$rate" \
-                    --argjson n "$n" --argjson warmup "$warmup" '
+                    --argjson n "$n" --argjson warmup "$warmup" \
+                    --argjson tx "$(jq '[.netns_bytes[].tx] | add / length' "$out_dir/$tag.counters.json")" '
                     def median: sort | if length == 0 then 0 else .[(length / 2 | floor)] end;
-                    [.[] | select(.type == "step")] | .[$warmup:] as $s |
+                    [.[] | select(.type == "step")] | (length) as $all | .[$warmup:] as $s |
                     {model: $model, mode: $mode, rate: $rate, ranks: $n, steps: ($s | length),
                      step_s: ($s | map(.step_s) | median),
                      compute_s: ($s | map(.compute_s) | median),
                      comm_wait_s: ($s | map(.comm.comm_wait_s // 0) | median),
                      quant_s: ($s | map(.comm.quant_s // 0) | median),
                      comm_s: ($s | map(.comm.comm_s // 0) | median),
-                     bytes_sent: ($s | map(.comm.bytes_sent // 0) | median)} |
+                     bytes_sent: ($s | map(.comm.bytes_sent // 0) | median),
+                     measured_tx_per_step: (if $all > 0 then $tx / $all else 0 end)} |
                     . + {img_per_s: ($n * 64 / .step_s)}' "$out_dir/$tag.jsonl" | tee -a "$results"
             done
         done
@@ -98,8 +99,8 @@ done
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 plots, quick = sys.argv[2], sys.argv[3] == "1"
-print("| model | link | ranks | all-reduce | img/s | step ms | compute ms | comm wait ms | quantize ms | collectives ms | MB sent/rank | int4 speed-up |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| model | link | ranks | all-reduce | img/s | step ms | compute ms | comm wait ms | quantize ms | collectives ms | MB sent/rank (modelled) | MB tx/rank/step (measured, run / steps) | int4 speed-up |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 key = lambda r: (r["model"], r["rate"], r["ranks"])
 by = {(key(r), r["mode"]): r for r in rows}
 for r in rows:
@@ -107,7 +108,8 @@ for r in rows:
     up = f'{fp["step_s"] / r["step_s"]:.2f}x' if r["mode"] == "int4" and fp else ""
     print(f'| {r["model"]} | {r["rate"]} | {r["ranks"]} | {r["mode"]} | {r["img_per_s"]:.0f} | '
           f'{1e3*r["step_s"]:.1f} | {1e3*r["compute_s"]:.1f} | {1e3*r["comm_wait_s"]:.1f} | '
-          f'{1e3*r["quant_s"]:.1f} | {1e3*r["comm_s"]:.1f} | {r["bytes_sent"]/1e6:.2f} | {up} |')
+          f'{1e3*r["quant_s"]:.1f} | {1e3*r["comm_s"]:.1f} | {r["bytes_sent"]/1e6:.2f} | '
+          f'{r.get("measured_tx_per_step", 0)/1e6:.2f} | {up} |')
 try:
     import matplotlib
     matplotlib.use("Agg")

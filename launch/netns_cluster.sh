@@ -25,7 +25,16 @@
 #
 # Environment: INT4DDP_NETNS_PREFIX (default i4d, names i4d0.., i4dbr0, i4dv0..),
 # INT4DDP_NETNS_SUBNET (default 10.213.0.0/24; must be a /24 that collides with nothing here),
-# INT4DDP_BUILD (build dir; a PROG of `int4ddp` means $INT4DDP_BUILD/int4ddp, default build/).
+# INT4DDP_BUILD (build dir; a PROG of `int4ddp` means $INT4DDP_BUILD/int4ddp, default build/),
+# INT4DDP_NETNS_COUNTERS (a file: `run` and `mpirun` also write the link counter JSON line there).
+#
+# Link counters: `run` and `mpirun` read every rank's interface counters (tx/rx bytes and packets of
+# the veth end inside its namespace, so Ethernet, IP and TCP headers, ACKs, retransmissions and the
+# PMIx/start-up traffic are all included) before and after the command, and print the differences
+# on stderr as a per-rank table and one JSON line
+#   {"netns_bytes":[{"rank":r,"tx":B,"rx":B,"tx_packets":P,"rx_packets":P},...]}
+# (also on failure of the command, as long as the counters could be read). veth passes GSO
+# super-packets whole, so a packet here can carry up to 64 KiB and one set of headers.
 set -euo pipefail
 
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -381,6 +390,45 @@ run_forwarding_signals() {
 }
 
 # ---------------------------------------------------------------------------------------------------
+# Link counters
+
+kCounterFields="tx_bytes rx_bytes tx_packets rx_packets"
+
+# read_counters: one line per rank "r tx_bytes rx_bytes tx_packets rx_packets" of the veth end inside
+# rank r's namespace (/sys/class/net there is the namespace's own).
+read_counters() {
+    local r ns f line
+    for ((r = 0; r < RANKS; r++)); do
+        ns="${PREFIX}$r" line="$r"
+        for f in $kCounterFields; do
+            line+=" $(ip netns exec "$ns" cat "/sys/class/net/${PREFIX}p$r/statistics/$f")" || return 1
+        done
+        echo "$line"
+    done
+}
+
+# report_counters BEFORE AFTER: the per-rank differences as a table and a JSON line on stderr, and
+# the JSON line into $INT4DDP_NETNS_COUNTERS if set.
+report_counters() {
+    local json
+    json="$(awk 'NR == FNR { b[$1] = $0; next }
+        { split(b[$1], o, " "); printf "%s{\"rank\":%d,\"tx\":%.0f,\"rx\":%.0f,\"tx_packets\":%.0f,\"rx_packets\":%.0f}",
+          (FNR > 1 ? "," : ""), $1, $2 - o[2], $3 - o[3], $4 - o[4], $5 - o[5] }
+        ' <(echo "$1") <(echo "$2"))"
+    json="{\"netns_bytes\":[$json]}"
+    awk 'NR == FNR { b[$1] = $0; next }
+        FNR == 1 { printf "netns_cluster: link counters during the command (veth end inside each rank namespace)\n"
+                   printf "netns_cluster: %4s %14s %14s %11s %11s\n", "rank", "tx bytes", "rx bytes", "tx pkts", "rx pkts" }
+        { split(b[$1], o, " ")
+          printf "netns_cluster: %4d %14.0f %14.0f %11.0f %11.0f\n", $1, $2 - o[2], $3 - o[3], $4 - o[4], $5 - o[5] }' \
+        <(echo "$1") <(echo "$2") >&2
+    echo "$json" >&2
+    if [ -n "${INT4DDP_NETNS_COUNTERS:-}" ]; then
+        echo "$json" >"${INT4DDP_NETNS_COUNTERS}.tmp" && mv "${INT4DDP_NETNS_COUNTERS}.tmp" "$INT4DDP_NETNS_COUNTERS"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------------
 
 main() {
     [ $# -ge 1 ] || usage
@@ -420,7 +468,16 @@ main() {
             ensure_up
             [ "$BROUGHT_UP" = 1 ] && [ "$KEEP" = 0 ] && trap 'cluster_down' EXIT
             [ "$cmd" = mpirun ] && log "${REST[*]}"
-            run_forwarding_signals "${REST[@]}" ;;
+            local before after rc=0
+            [ -z "${INT4DDP_NETNS_COUNTERS:-}" ] || rm -f "$INT4DDP_NETNS_COUNTERS"
+            before="$(read_counters)" || die "cannot read the link counters of the rank namespaces"
+            run_forwarding_signals "${REST[@]}" || rc=$?
+            if after="$(read_counters)"; then
+                report_counters "$before" "$after"
+            else
+                log "cannot read the link counters after the command"
+            fi
+            return "$rc" ;;
         mpirun-cmd)
             parse_cluster_opts "$@"
             RATE="${RATE:-1gbit}"
