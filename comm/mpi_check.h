@@ -11,16 +11,13 @@
 #include "kernels/common/error.h"
 
 namespace int4ddp::detail {
-[[noreturn]] inline void mpi_fail(int rc, const char* call, const char* file, int line) {
+inline std::string mpi_error_text(int rc) {
   char msg[MPI_MAX_ERROR_STRING] = {0};
   int len = 0;
   MPI_Error_string(rc, msg, &len);
-  fail_call("MPI", call, file, line, std::string(msg, static_cast<size_t>(len)));
+  return std::string(msg, static_cast<size_t>(len));
 }
 }  // namespace int4ddp::detail
 
-#define INT4DDP_MPI_CHECK(call)                                                          \
-  do {                                                                                   \
-    const int rc_ = (call);                                                              \
-    if (rc_ != MPI_SUCCESS) ::int4ddp::detail::mpi_fail(rc_, #call, __FILE__, __LINE__); \
-  } while (0)
+#define INT4DDP_MPI_CHECK(call) \
+  INT4DDP_LIBRARY_CHECK("MPI", call, #call, MPI_SUCCESS, ::int4ddp::detail::mpi_error_text)

@@ -32,13 +32,10 @@ std::string nccl_error_text(ncclResult_t rc, ncclComm_t comm);
 // INT4DDP_NCCL_CHECK(call): throws int4ddp::Error naming the call, the caller's file:line, the rank
 // and NCCL's error string when call does not return ncclSuccess. INT4DDP_NCCL_CHECK_COMM(comm,
 // call) adds the last-error text of that communicator.
-#define INT4DDP_NCCL_CHECK_COMM(comm, call)                                        \
-  do {                                                                             \
-    const ncclResult_t rc_ = (call);                                               \
-    if (rc_ != ncclSuccess)                                                        \
-      ::int4ddp::detail::fail_call("NCCL", #call, __FILE__, __LINE__,              \
-                                   ::int4ddp::detail::nccl_error_text(rc_, comm)); \
-  } while (0)
+#define INT4DDP_NCCL_CHECK_COMM(comm, call)                                            \
+  INT4DDP_LIBRARY_CHECK("NCCL", call, #call, ncclSuccess, [&](ncclResult_t nccl_rc_) { \
+    return ::int4ddp::detail::nccl_error_text(nccl_rc_, comm);                         \
+  })
 #define INT4DDP_NCCL_CHECK(call) INT4DDP_NCCL_CHECK_COMM(nullptr, call)
 
 namespace int4ddp::comm {

@@ -279,12 +279,17 @@ TEST(QuantLayers, QConv2dDirectEqualsGemmBitForBit) {
   }
 }
 
-TEST(QuantLayers, GradientQuantizerDefersThePolicyUpdateAndCountsNonFinite) {
-  QuantContext ctx;
+QuantSpec lbt_spec() {
   QuantSpec spec = test_spec();
   spec.grad_bits = 4;
   spec.grad_policy.kind = quant::PolicyKind::kLbt;
   spec.grad_rounding = quant::Rounding::kStochastic;
+  return spec;
+}
+
+TEST(QuantLayers, GradientQuantizerDefersThePolicyUpdateAndCountsNonFinite) {
+  QuantContext ctx;
+  const QuantSpec spec = lbt_spec();
   QLinear l("fc", 8, 8, false, spec, 3, &ctx);
   fill(l.weight().value, 8, -0.5f, 0.5f);
   Tensor x({16, 8}), y, dy({16, 8}), dx;
@@ -301,14 +306,6 @@ TEST(QuantLayers, GradientQuantizerDefersThePolicyUpdateAndCountsNonFinite) {
   ctx.nonfinite = 0;
   l.backward(x, y, dy, &dx);
   EXPECT_EQ(ctx.nonfinite, 1);
-}
-
-QuantSpec lbt_spec() {
-  QuantSpec spec = test_spec();
-  spec.grad_bits = 4;
-  spec.grad_policy.kind = quant::PolicyKind::kLbt;
-  spec.grad_rounding = quant::Rounding::kStochastic;
-  return spec;
 }
 
 TEST(QuantLayers, CalibrationBatchIsQuantizedWithGammaOneAndCalibratesOnItsOwnGradient) {

@@ -85,3 +85,14 @@ namespace detail {
   } while (0)
 
 #define INT4DDP_FAIL(...) throw ::int4ddp::Error(::int4ddp::detail::concat(__VA_ARGS__))
+
+// The generator of every library check (CUDA, cuBLAS, NCCL, MPI): evaluates call once and, when
+// its status is not ok, throws through fail_call() naming the library, the call as written
+// (call_text: the check macro's #call, stringized before any macro in the call is expanded), the
+// caller's file:line and the rank, with error_text(status) as the library's own message.
+#define INT4DDP_LIBRARY_CHECK(library, call, call_text, ok, error_text)                      \
+  do {                                                                                       \
+    const auto rc_ = (call);                                                                 \
+    if (rc_ != (ok))                                                                         \
+      ::int4ddp::detail::fail_call(library, call_text, __FILE__, __LINE__, error_text(rc_)); \
+  } while (0)

@@ -3,9 +3,9 @@
 // and the run exits with a message and a non-zero code; a second signal exits at once.
 //
 // Invariant: the signal handler only records the signal (a lock-free atomic) and writes a fixed
-// line to stderr; everything else happens in the training loop, where stop_requested() makes all
-// ranks agree, with one small all-reduce per step, on the step after which they stop. A rank that
-// got the signal first therefore never leaves the others waiting in a collective.
+// line to stderr; everything else happens in the training loop, where the summed votes make all
+// ranks agree, in the all-reduce each step already does, on the step after which they stop. A rank
+// that got the signal first therefore never leaves the others waiting in a collective.
 //
 // SIGUSR1 is there for mpirun: Open MPI 4's mpirun answers SIGTERM and SIGINT by aborting the job
 // (it stops forwarding output, sends every rank SIGCONT, waits odls_base_sigkill_timeout seconds,
@@ -20,8 +20,10 @@
 //
 // Where the trainer calls it (run_training()):
 //   before the first step:        PreemptGuard guard;   (lives until run_training returns)
-//   after every step, all ranks:  if (const StopDecision d = stop_requested(dp.comm()); d.stop)
-//                                 -> checkpoint, print preempt_message(), return the signal
+//   every step, all ranks:        stop_votes() ride in the step's existing all-reduce of its
+//                                 flags; decide_stop() on the sums (not on the calibration batch)
+//                                 -> checkpoint, barrier, return the signal
+//   (stop_requested() is the same agreement as a collective of its own, for callers without one)
 //   main():                       exit with preempt_exit_code(signal)
 #pragma once
 

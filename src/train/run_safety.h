@@ -11,7 +11,7 @@
 //   before the first step, fresh run:  check_fresh_run(), then check_output_locations()
 //   before the first step, resume:     check_resume_config(), check_output_locations(),
 //                                      rewind_metrics() (after the checkpoint is loaded)
-//   every metrics record:              MetricsWriter::write() (replaces trainer.cpp's MetricsLog)
+//   every metrics record:              MetricsWriter::write()
 //   the .config.json next to metrics:  write_file_atomically()
 //   a skipped step's loss:             finite_or_null()
 #pragma once

@@ -9,11 +9,12 @@
 
 #include "kernels/common/error.h"
 
-#define INT4DDP_CUBLAS_CHECK(call)                                                          \
-  do {                                                                                      \
-    const cublasStatus_t rc_ = (call);                                                      \
-    if (rc_ != CUBLAS_STATUS_SUCCESS)                                                       \
-      ::int4ddp::detail::fail_call(                                                         \
-          "cuBLAS", #call, __FILE__, __LINE__,                                              \
-          std::string(cublasGetStatusName(rc_)) + " (" + cublasGetStatusString(rc_) + ")"); \
-  } while (0)
+namespace int4ddp::detail {
+inline std::string cublas_error_text(cublasStatus_t rc) {
+  return std::string(cublasGetStatusName(rc)) + " (" + cublasGetStatusString(rc) + ")";
+}
+}  // namespace int4ddp::detail
+
+#define INT4DDP_CUBLAS_CHECK(call)                                    \
+  INT4DDP_LIBRARY_CHECK("cuBLAS", call, #call, CUBLAS_STATUS_SUCCESS, \
+                        ::int4ddp::detail::cublas_error_text)

@@ -12,11 +12,11 @@
 
 #include "kernels/common/error.h"
 
-#define INT4DDP_CUDA_CHECK(call)                                                      \
-  do {                                                                                \
-    const cudaError_t rc_ = (call);                                                   \
-    if (rc_ != cudaSuccess)                                                           \
-      ::int4ddp::detail::fail_call(                                                   \
-          "CUDA", #call, __FILE__, __LINE__,                                          \
-          std::string(cudaGetErrorName(rc_)) + " (" + cudaGetErrorString(rc_) + ")"); \
-  } while (0)
+namespace int4ddp::detail {
+inline std::string cuda_error_text(cudaError_t rc) {
+  return std::string(cudaGetErrorName(rc)) + " (" + cudaGetErrorString(rc) + ")";
+}
+}  // namespace int4ddp::detail
+
+#define INT4DDP_CUDA_CHECK(call) \
+  INT4DDP_LIBRARY_CHECK("CUDA", call, #call, cudaSuccess, ::int4ddp::detail::cuda_error_text)
