@@ -44,13 +44,13 @@ Hierarchy::Hierarchy(Communicator& world, HierarchyMode mode, int ranks_per_node
       mode == HierarchyMode::kAuto || mode == HierarchyMode::kFlat || mode == HierarchyMode::kNode,
       "comm.hierarchy: unknown mode ", static_cast<int>(mode));
   const int n = world.size(), r = world.rank();
+  INT4DDP_CHECK(ranks_per_node >= 0 && ranks_per_node <= n,
+                "hierarchy: ranks_per_node = ", ranks_per_node, " must be in 0..", n);
   ranks_per_node_ = n;
   if (mode == HierarchyMode::kFlat || n == 1) {
     description_ = mode == HierarchyMode::kFlat ? "flat (comm.hierarchy = flat)" : "flat (1 rank)";
     return;
   }
-  INT4DDP_CHECK(ranks_per_node >= 0 && ranks_per_node <= n,
-                "hierarchy: ranks_per_node = ", ranks_per_node, " must be in 0..", n);
   const int forced = ranks_per_node > 0 ? ranks_per_node : ranks_per_node_from_env(n);
   std::unique_ptr<Communicator> node =
       forced > 0 ? world.split(r / forced, r) : world.split_node(r);
