@@ -102,6 +102,22 @@ std::vector<json> untimed(const std::string& path) {
   return out;
 }
 
+// Resumes the run tagged "full" in dir from its step-40 checkpoint (launcher: the mpirun prefix)
+// and expects the resumed metrics to equal the tail of the full run's, line for line.
+void expect_resume_continues_bit_for_bit(const std::string& launcher, const std::string& cfg,
+                                         const std::string& dir, const std::string& sets) {
+  Result resumed =
+      run(launcher + train_cmd(cfg, dir, "resumed",
+                               sets + " --set train.resume=" + dir + "/ck_full/step_40.ckpt"),
+          dir + "/resumed.log");
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  const auto a = untimed(dir + "/full.jsonl"), b = untimed(dir + "/resumed.jsonl");
+  ASSERT_GT(b.size(), 20u);
+  ASSERT_LE(b.size(), a.size());
+  const size_t off = a.size() - b.size();
+  for (size_t i = 0; i < b.size(); ++i) EXPECT_EQ(b[i], a[off + i]) << "line " << i;
+}
+
 TEST(DataParallel, Fp32MatchesSingleProcessWithNTimesTheBatch) {
   const std::string dir = temp_dir("fp32");
   const std::string cfg = write_config(dir, 32, "fp32");
@@ -154,16 +170,7 @@ TEST(DataParallel, Int4TrainsAndResumesBitForBit) {
   EXPECT_GT(c["bytes_sent"].get<double>(), 0);
   EXPECT_GT(c["compression_ratio"].get<double>(), 4.0);  // INT4 + scales vs fp32, 2 ranks
 
-  Result resumed = run(kMpirun + " -np 2 " +
-                           train_cmd(cfg, dir, "resumed",
-                                     sets + " --set train.resume=" + dir + "/ck_full/step_40.ckpt"),
-                       dir + "/resumed.log");
-  ASSERT_EQ(resumed.status, 0) << resumed.output;
-  const auto a = untimed(dir + "/full.jsonl"), b = untimed(dir + "/resumed.jsonl");
-  ASSERT_GT(b.size(), 20u);
-  ASSERT_LE(b.size(), a.size());
-  const size_t off = a.size() - b.size();
-  for (size_t i = 0; i < b.size(); ++i) EXPECT_EQ(b[i], a[off + i]) << "line " << i;
+  expect_resume_continues_bit_for_bit(kMpirun + " -np 2 ", cfg, dir, sets);
 
   // The same checkpoint with one rank: refused, naming the rank counts.
   Result one =
@@ -189,16 +196,7 @@ TEST(DataParallel, HierarchicalInt4TrainsAndResumesBitForBit) {
   EXPECT_NE(full.output.find("comm.hierarchy: node -> node (2 nodes x 2 ranks"), std::string::npos)
       << full.output;
   EXPECT_GT(records(dir + "/full.jsonl", "final")[0]["test_accuracy"].get<double>(), 0.8);
-  Result resumed =
-      run(mpirun + train_cmd(cfg, dir, "resumed",
-                             sets + " --set train.resume=" + dir + "/ck_full/step_40.ckpt"),
-          dir + "/resumed.log");
-  ASSERT_EQ(resumed.status, 0) << resumed.output;
-  const auto a = untimed(dir + "/full.jsonl"), b = untimed(dir + "/resumed.jsonl");
-  ASSERT_GT(b.size(), 20u);
-  ASSERT_LE(b.size(), a.size());
-  const size_t off = a.size() - b.size();
-  for (size_t i = 0; i < b.size(); ++i) EXPECT_EQ(b[i], a[off + i]) << "line " << i;
+  expect_resume_continues_bit_for_bit(mpirun, cfg, dir, sets);
   fs::remove_all(dir);
 }
 
