@@ -181,6 +181,14 @@ void BucketAllreduce::commit(bool apply) { two_shot_->commit(apply); }
 
 std::vector<uint8_t> BucketAllreduce::save_state() const { return two_shot_->save_state(); }
 
-void BucketAllreduce::load_state(const std::vector<uint8_t>& blob) { two_shot_->load_state(blob); }
+void BucketAllreduce::load_state(const std::vector<uint8_t>& blob) {
+  try {
+    two_shot_->load_state(blob);
+  } catch (const Error& e) {
+    // A checkpoint of another hierarchy holds state for other shares: say which this run uses.
+    INT4DDP_FAIL(e.what(), "; this run's all-reduce is ", h_.description(),
+                 ", and comm.hierarchy and the node layout must be the checkpoint's");
+  }
+}
 
 }  // namespace int4ddp::comm

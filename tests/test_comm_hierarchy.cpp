@@ -270,7 +270,12 @@ TEST(HierarchicalAllreduce, StateCommitAndNonFiniteAcrossTheNode) {
   EXPECT_EQ(a.save_state(), b.save_state());
   // A flat bucket's state (the whole bucket) does not fit the share.
   TwoShotAllreduce flat(W(), cfg, n, 4);
-  EXPECT_THROW(a.load_state(flat.save_state()), Error);
+  try {
+    a.load_state(flat.save_state());
+    ADD_FAILURE() << "a flat bucket's state was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("node (2 nodes x 2 ranks"), std::string::npos) << e.what();
+  }
 }
 
 TEST(HierarchicalAllreduce, BucketEngineUsesTheConfiguredHierarchy) {
