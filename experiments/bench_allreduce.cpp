@@ -7,11 +7,11 @@
 //          [--hierarchy flat,node]
 //
 // --hierarchy: each mode once per listed comm.hierarchy (comm/hierarchy.h): flat, node or auto.
-// The node grouping is MPI's (MPI_COMM_TYPE_SHARED), or rank / K with INT4DDP_RANKS_PER_NODE=K
-// (launch/netns_cluster.sh --ranks-per-node K sets it). The column `hier` says what ran (flat, or
-// node MxK); x_flat = the first listed hierarchy's time of the same mode and size / this time.
-// Under the hierarchy wire_mod counts only the bytes that cross nodes, and formula_mod is the
-// two-shot's formula for the largest share (n/K) over the M nodes.
+// The node grouping is MPI's (MPI_COMM_TYPE_SHARED: on launch/netns_cluster.sh --ranks-per-node K
+// the K ranks of each simulated node), or rank / K with INT4DDP_RANKS_PER_NODE=K. The column `hier`
+// says what ran (flat, or node MxK); x_flat = the first listed hierarchy's time of the same mode
+// and size / this time. Under the hierarchy wire_mod counts only the bytes that cross nodes, and
+// formula_mod is the two-shot's formula for the largest share (n/K) over the M nodes.
 //
 // Timing: every iteration restores the input (untimed), passes a barrier, and times run() on each
 // rank; an iteration's time is the maximum over ranks and `time` is the median over iterations.
