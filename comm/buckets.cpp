@@ -20,6 +20,7 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, float* g
   INT4DDP_CHECK(cfg.bucket_mb > 0, "comm.bucket_mb = ", cfg.bucket_mb, " must be positive");
   INT4DDP_CHECK(cfg.small_tensor_threshold >= 0, "comm.small_tensor_threshold must be >= 0");
   cfg_.compress.validate();
+  hierarchy_ = std::make_unique<Hierarchy>(comm_, cfg.hierarchy);
   const bool fp32 = cfg_.compress.bits == kFp32Bits;
   const double cap = cfg.bucket_mb * kBytesPerMiB / sizeof(float);
   INT4DDP_CHECK(fp32 || static_cast<double>(cfg_.compress.block_size) <= cap,
@@ -56,7 +57,7 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, float* g
     std::sort(b.compressed.begin(), b.compressed.end(), by_offset);
     std::sort(b.plain.begin(), b.plain.end(), by_offset);
     if (b.ncompressed > 0) {
-      b.two_shot = std::make_unique<TwoShotAllreduce>(comm_, cfg_.compress, b.ncompressed, id);
+      b.two_shot = std::make_unique<BucketAllreduce>(*hierarchy_, cfg_.compress, b.ncompressed, id);
       // Staging holds the tensors in arena order; when they tile one arena range, the two-shot
       // runs in place there instead (no staging copies, same element order, same result).
       bool contiguous = true;

@@ -5,9 +5,10 @@
 //   - Buckets are filled in reverse order (the last tensor first, as backward produces them) until
 //     they hold comm.bucket_mb MiB of fp32 gradient; a tensor is never split.
 //   - Inside a bucket, tensors with at least small_tensor_threshold elements travel compressed
-//     (TwoShotAllreduce, one per bucket, on those tensors concatenated in arena order: in place
-//     when they are contiguous in the arena, else through a staging copy); the smaller ones go
-//     uncompressed with an fp32 all-reduce.
+//     (BucketAllreduce, one per bucket: the two-shot, flat or under the node hierarchy of
+//     comm/hierarchy.h, on those tensors concatenated in arena order: in place when they are
+//     contiguous in the arena, else through a staging copy); the smaller ones go uncompressed
+//     with an fp32 all-reduce.
 //     In fp32 mode everything is uncompressed.
 //   - The trainer calls ready_from(offset) during backward whenever every gradient at arena
 //     offset >= offset is final; each bucket that becomes complete is queued to one communication
@@ -24,10 +25,12 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/hierarchy.h"
 #include "comm/two_shot.h"
 
 namespace int4ddp::comm {
@@ -37,10 +40,11 @@ struct Segment {
 };
 
 struct BucketConfig {
-  double bucket_mb = 25.0;                // MiB of fp32 gradient per bucket, > 0
-  int64_t small_tensor_threshold = 4096;  // tensors with fewer elements go uncompressed
-  bool overlap = true;                    // launch buckets during backward
-  CompressConfig compress;                // bits 32 = fp32 mode
+  double bucket_mb = 25.0;                         // MiB of fp32 gradient per bucket, > 0
+  int64_t small_tensor_threshold = 4096;           // tensors with fewer elements go uncompressed
+  bool overlap = true;                             // launch buckets during backward
+  HierarchyMode hierarchy = HierarchyMode::kAuto;  // of the compressed all-reduce
+  CompressConfig compress;                         // bits 32 = fp32 mode
 };
 
 // Per-step totals over all buckets (this rank).
@@ -76,6 +80,8 @@ class BucketEngine {
 
   int num_buckets() const { return static_cast<int>(buckets_.size()); }
   int num_compressed_buckets() const;
+  // The resolved comm.hierarchy and why, e.g. "node (2 nodes x 2 ranks)".
+  const std::string& hierarchy() const { return hierarchy_->description(); }
 
   // Per-rank state (error feedback, gammas) for checkpoints.
   std::vector<uint8_t> save_state() const;
@@ -86,7 +92,7 @@ class BucketEngine {
     int64_t begin = 0;  // lowest arena offset of its tensors (ready when ready_from(<= begin))
     std::vector<Segment> compressed, plain;
     int64_t ncompressed = 0, nplain = 0;
-    std::unique_ptr<TwoShotAllreduce> two_shot;  // null when nothing is compressed
+    std::unique_ptr<BucketAllreduce> two_shot;  // null when nothing is compressed
     int64_t in_place = -1;  // arena offset when the compressed tensors are contiguous there
     std::vector<float> staging, plain_staging;
     BucketStats stats;
@@ -98,7 +104,8 @@ class BucketEngine {
   Communicator& comm_;
   BucketConfig cfg_;
   float* grads_;
-  std::vector<Bucket> buckets_;  // in launch order (reverse layer order)
+  std::unique_ptr<Hierarchy> hierarchy_;  // made before the buckets (collective)
+  std::vector<Bucket> buckets_;           // in launch order (reverse layer order)
   uint32_t step_ = 0;
   size_t next_to_queue_ = 0;  // main thread: buckets queued so far this step
 

@@ -24,6 +24,9 @@ ByteLayout ByteLayout::packed(std::vector<size_t> counts) {
   return l;
 }
 
+std::unique_ptr<Communicator> Communicator::split(int, int) { return nullptr; }
+std::unique_ptr<Communicator> Communicator::split_node(int) { return nullptr; }
+
 namespace {
 
 class DoneRequest final : public Request {
@@ -74,6 +77,13 @@ class LocalCommunicator final : public Communicator {
                                        const ByteLayout& rl) override {
     allgatherv(send, bytes, recv, rl);
     return std::make_unique<DoneRequest>();
+  }
+  std::unique_ptr<Communicator> split(int color, int) override {
+    INT4DDP_CHECK(color >= 0, "split: color ", color, " must be >= 0");
+    return std::make_unique<LocalCommunicator>();
+  }
+  std::unique_ptr<Communicator> split_node(int) override {
+    return std::make_unique<LocalCommunicator>();
   }
 
  private:

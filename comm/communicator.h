@@ -72,6 +72,13 @@ class Communicator {
   virtual std::unique_ptr<Request> iallgatherv(const void* send, size_t send_bytes, void* recv,
                                                const ByteLayout& recv_layout) = 0;
 
+  // Sub-communicators (collective; same buffer kind as this one). split: the ranks that passed the
+  // same color (>= 0), ranked by key, then by rank here. split_node: the ranks that share this
+  // node's memory (MPI_COMM_TYPE_SHARED), ranked by key. Both return null where the backend cannot
+  // split (the default).
+  virtual std::unique_ptr<Communicator> split(int color, int key);
+  virtual std::unique_ptr<Communicator> split_node(int key);
+
   // Bytes this rank has put on the wire (sent to other ranks) since construction or the last
   // reset: the payload of the collectives above, counted by the layout (fp32 all-reduce counted
   // as a ring: 2 (N-1)/N * 4 count).

@@ -195,7 +195,30 @@ class MpiCommunicator final : public Communicator {
     return req;
   }
 
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    INT4DDP_CHECK(color >= 0, "split: color ", color, " must be >= 0");
+    MPI_Comm sub = MPI_COMM_NULL;
+    INT4DDP_MPI_CHECK(MPI_Comm_split(comm_, color, key, &sub));
+    return adopt(sub);
+  }
+
+  std::unique_ptr<Communicator> split_node(int key) override {
+    MPI_Comm sub = MPI_COMM_NULL;
+    INT4DDP_MPI_CHECK(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, key, MPI_INFO_NULL, &sub));
+    return adopt(sub);
+  }
+
  private:
+  // A communicator this process made: errors come back as codes, and the new object frees it.
+  static std::unique_ptr<Communicator> adopt(MPI_Comm sub) {
+    MPI_Comm_set_errhandler(sub, MPI_ERRORS_RETURN);
+    try {
+      return std::make_unique<MpiCommunicator>(sub);
+    } catch (...) {
+      MPI_Comm_free(&sub);
+      throw;
+    }
+  }
   void check_root(int root, const char* what) const {
     INT4DDP_CHECK(root >= 0 && root < size_, what, ": root ", root, " out of range (", size_,
                   " ranks)");
@@ -229,16 +252,8 @@ std::unique_ptr<Communicator> make_mpi_node_communicator() {
   ensure_initialized();
   int world_rank = 0;
   INT4DDP_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank));
-  MPI_Comm node = MPI_COMM_NULL;
-  INT4DDP_MPI_CHECK(
-      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world_rank, MPI_INFO_NULL, &node));
-  MPI_Comm_set_errhandler(node, MPI_ERRORS_RETURN);
-  try {
-    return std::make_unique<MpiCommunicator>(node);
-  } catch (...) {
-    MPI_Comm_free(&node);
-    throw;
-  }
+  MpiCommunicator world(MPI_COMM_WORLD);
+  return world.split_node(world_rank);
 }
 
 void abort_world(int code) {

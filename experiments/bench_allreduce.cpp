@@ -4,6 +4,14 @@
 //
 //   mpirun -np 4 bench_allreduce [--min-bytes 4K] [--max-bytes 256M] [--step-factor 4]
 //          [--iters 20] [--warmup 3] [--modes fp32,int4,int8] [--block-size 512] [--no-check]
+//          [--hierarchy flat,node]
+//
+// --hierarchy: each mode once per listed comm.hierarchy (comm/hierarchy.h): flat, node or auto.
+// The node grouping is MPI's (MPI_COMM_TYPE_SHARED: on launch/netns_cluster.sh --ranks-per-node K
+// the K ranks of each simulated node), or rank / K with INT4DDP_RANKS_PER_NODE=K. The column `hier`
+// says what ran (flat, or node MxK); x_flat = the first listed hierarchy's time of the same mode
+// and size / this time. Under the hierarchy wire_mod counts only the bytes that cross nodes, and
+// formula_mod is the two-shot's formula for the largest share (n/K) over the M nodes.
 //
 // Timing: every iteration restores the input (untimed), passes a barrier, and times run() on each
 // rank; an iteration's time is the maximum over ranks and `time` is the median over iterations.
@@ -48,6 +56,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/hierarchy.h"
 #include "comm/two_shot.h"
 #include "kernels/common/clock.h"
 #include "kernels/common/error.h"
@@ -101,6 +110,7 @@ double median(std::vector<double> v) {
 struct Mode {
   std::string name;
   int bits;
+  size_t hierarchy = 0;  // index into --hierarchy
 };
 
 Mode parse_mode(const std::string& s) {
@@ -124,6 +134,8 @@ std::string human_bytes(uint64_t b) {
 
 struct Row {
   std::string mode;
+  std::string hierarchy = "flat";  // flat, or "node MxK"
+  double x_flat = 0;               // the first listed hierarchy's time / this time
   uint64_t bytes = 0;
   int64_t count = 0;
   double time_s = 0;
@@ -143,12 +155,14 @@ struct Options {
   int64_t block_size = quant::kDefaultBlockSize;
   bool check = true, error_feedback = true;
   std::string rounding = "stochastic", policy = "lbt";
+  std::string hierarchy = "flat";
   uint64_t seed = 1;
 };
 
 // One (size, mode) cell: warm-up, timed iterations, then the checks.
-Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
+Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
               std::vector<float>& input, std::vector<float>& work) {
+  Communicator& comm = hier.world();
   const int N = comm.size(), me = comm.rank();
   CompressConfig cfg;
   cfg.bits = mode.bits;
@@ -157,7 +171,7 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
   cfg.worker_error_feedback = cfg.server_error_feedback = o.error_feedback;
   cfg.policy.kind = quant::parse_policy_kind(o.policy);
   cfg.seed = static_cast<uint32_t>(o.seed);
-  TwoShotAllreduce ts(comm, cfg, n, 0);
+  BucketAllreduce ts(hier, cfg, n, 0);
   const bool commit_steps = cfg.policy.kind == quant::PolicyKind::kLbt;
 
   Row row;
@@ -165,6 +179,13 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
   row.bytes = static_cast<uint64_t>(n) * sizeof(float);
   row.count = n;
   row.predicted = modelled_wire_bytes(mode.bits, n, o.block_size, N);
+  if (hier.active()) {
+    const int K = hier.ranks_per_node(), M = hier.nodes();
+    row.hierarchy = "node " + std::to_string(M) + "x" + std::to_string(K);
+    const int64_t G = mode.bits == kFp32Bits ? 2 : o.block_size;  // as BucketAllreduce splits
+    row.predicted =
+        modelled_wire_bytes(mode.bits, chunk_range(n, G, K, 0).count(), o.block_size, M);
+  }
 
   std::vector<double> times, quant_times, comm_times;
   std::vector<float> first_out;  // the first step's output, for rel_err_first
@@ -237,7 +258,7 @@ Row bench_one(Communicator& comm, const Options& o, const Mode& mode, int64_t n,
 
   // #wrong on grid-valued inputs, on a fresh bucket (exact only with gamma = 1 and no error
   // feedback yet: not under --policy fixed).
-  TwoShotAllreduce fresh(comm, cfg, n, 0);
+  BucketAllreduce fresh(hier, cfg, n, 0);
   if (cfg.bits != kFp32Bits && fresh.gamma() != 1.0f) {
     comm.allreduce_sum_i64(&wrong, 1);
     row.wrong = wrong > 0 ? wrong : -1;
@@ -281,6 +302,8 @@ int main(int argc, char** argv) {
   app.add_option("--policy", o.policy, "minmax, fixed or lbt")
       ->check(CLI::IsMember({"minmax", "fixed", "lbt"}));
   app.add_option("--seed", o.seed, "input and rounding seed");
+  app.add_option("--hierarchy", o.hierarchy,
+                 "comma-separated comm.hierarchy values to run each mode under: flat, node, auto");
   CLI11_PARSE(app, argc, argv);
 
   std::unique_ptr<Communicator> comm;
@@ -294,6 +317,22 @@ int main(int argc, char** argv) {
     for (std::string m; std::getline(ss, m, ',');)
       if (!m.empty()) modes.push_back(parse_mode(m));
     INT4DDP_CHECK(!modes.empty(), "--modes is empty");
+    std::vector<HierarchyMode> hier_modes;
+    std::stringstream hs(o.hierarchy);
+    for (std::string h; std::getline(hs, h, ',');) {
+      if (h.empty()) continue;
+      bool known = false;
+      for (HierarchyMode m : {HierarchyMode::kAuto, HierarchyMode::kFlat, HierarchyMode::kNode})
+        if (h == hierarchy_mode_name(m)) hier_modes.push_back(m), known = true;
+      INT4DDP_CHECK(known, "--hierarchy: '", h, "' is not one of auto, flat, node");
+    }
+    INT4DDP_CHECK(!hier_modes.empty(), "--hierarchy is empty");
+    {  // every mode under every hierarchy, the hierarchies of one mode together
+      std::vector<Mode> cells;
+      for (const Mode& m : modes)
+        for (size_t h = 0; h < hier_modes.size(); ++h) cells.push_back({m.name, m.bits, h});
+      modes = cells;
+    }
     {
       CompressConfig probe;
       probe.block_size = o.block_size;
@@ -303,6 +342,8 @@ int main(int argc, char** argv) {
     comm = make_mpi_communicator();
     const int N = comm->size();
     const bool root = comm->rank() == 0;
+    std::vector<std::unique_ptr<Hierarchy>> hierarchies;  // collective to make: all up front
+    for (HierarchyMode m : hier_modes) hierarchies.push_back(std::make_unique<Hierarchy>(*comm, m));
     if (root) {
       std::printf(
           "# bench_allreduce: %d rank(s), block %lld, %s rounding, policy %s, error feedback %s, "
@@ -313,16 +354,21 @@ int main(int argc, char** argv) {
           "# time: median over %d iterations (after %d warm-up) of the slowest rank; "
           "algbw = 4n/t, busbw = algbw * 2(N-1)/N\n",
           o.iters, o.warmup);
+      for (size_t h = 0; h < hierarchies.size(); ++h)
+        std::printf("# hierarchy %s: %s\n", hierarchy_mode_name(hier_modes[h]),
+                    hierarchies[h]->description().c_str());
       std::printf(
           "# wire bytes per rank are MODELLED, not measured: wire_mod = Communicator::bytes_sent "
           "(max over ranks), formula_mod = 2(N-1)/N (n b/8 + 4n/G)\n");
-      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
-                  "size", "count", "mode", "time(us)", "algbw", "busbw", "x_fp32", "quant(us)",
-                  "coll(us)", "gamma", "wire_mod", "formula_mod", "diff%", "rel_err1", "rel_err",
-                  "#wrong");
-      std::printf("%10s %11s %5s %11s %10s %10s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
-                  "(B)", "(floats)", "", "", "(GB/s)", "(GB/s)", "", "", "", "", "(B)", "(B)", "",
-                  "", "", "");
+      std::printf(
+          "%10s %11s %5s %9s %11s %10s %10s %7s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
+          "size", "count", "mode", "hier", "time(us)", "algbw", "busbw", "x_fp32", "x_flat",
+          "quant(us)", "coll(us)", "gamma", "wire_mod", "formula_mod", "diff%", "rel_err1",
+          "rel_err", "#wrong");
+      std::printf(
+          "%10s %11s %5s %9s %11s %10s %10s %7s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
+          "(B)", "(floats)", "", "", "", "(GB/s)", "(GB/s)", "", "", "", "", "", "(B)", "(B)", "",
+          "", "", "");
       std::fflush(stdout);
     }
 
@@ -335,17 +381,22 @@ int main(int argc, char** argv) {
       work.resize(static_cast<size_t>(n));
       for (int64_t i = 0; i < n; ++i)
         input[static_cast<size_t>(i)] = random_value(o.seed, comm->rank(), i);
-      double fp32_time = 0;
+      double fp32_time = 0, flat_time = 0;
       for (const Mode& m : modes) {
-        const Row row = bench_one(*comm, o, m, n, input, work);
-        if (m.bits == kFp32Bits) fp32_time = row.time_s;
+        Row row = bench_one(*hierarchies[m.hierarchy], o, m, n, input, work);
+        if (m.bits == kFp32Bits && fp32_time == 0) fp32_time = row.time_s;
+        if (m.hierarchy == 0) flat_time = row.time_s;
+        if (row.time_s > 0) row.x_flat = flat_time / row.time_s;
         any_wrong = any_wrong || row.wrong > 0;
         if (root) {
           const double algbw = row.time_s > 0 ? 4.0 * n / row.time_s / 1e9 : 0.0;
           const double busbw = algbw * 2.0 * (N - 1) / N;
           char speed[16] = "-", diff[16] = "-", rel1[16] = "-", rel[16] = "-", wrong[24] = "-";
+          char x_flat[16] = "-";
           if (fp32_time > 0 && row.time_s > 0)
             std::snprintf(speed, sizeof speed, "%.2f", fp32_time / row.time_s);
+          if (m.hierarchy > 0 && row.x_flat > 0)
+            std::snprintf(x_flat, sizeof x_flat, "%.2f", row.x_flat);
           if (row.predicted > 0)
             std::snprintf(diff, sizeof diff, "%+.2f",
                           100.0 * (row.wire_bytes - row.predicted) / row.predicted);
@@ -354,10 +405,11 @@ int main(int argc, char** argv) {
           if (row.wrong >= 0)
             std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(row.wrong));
           std::printf(
-              "%10s %11lld %5s %11.1f %10.3f %10.3f %7s %11.1f %11.1f %7.4f %12llu %12.0f %7s %10s "
-              "%10s %7s\n",
+              "%10s %11lld %5s %9s %11.1f %10.3f %10.3f %7s %7s %11.1f %11.1f %7.4f %12llu %12.0f "
+              "%7s %10s %10s %7s\n",
               human_bytes(bytes).c_str(), static_cast<long long>(n), m.name.c_str(),
-              row.time_s * 1e6, algbw, busbw, speed, row.quant_s * 1e6, row.comm_s * 1e6, row.gamma,
+              row.hierarchy.c_str(), row.time_s * 1e6, algbw, busbw, speed, x_flat,
+              row.quant_s * 1e6, row.comm_s * 1e6, row.gamma,
               static_cast<unsigned long long>(row.wire_bytes), row.predicted, diff, rel1, rel,
               wrong);
           std::fflush(stdout);
@@ -381,12 +433,14 @@ int main(int argc, char** argv) {
         if (r.wrong >= 0)
           std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(r.wrong));
         std::printf(
-            "%s{\"mode\":\"%s\",\"bytes\":%llu,\"time_s\":%.9g,\"gamma\":%.6g,"
+            "%s{\"mode\":\"%s\",\"hierarchy\":\"%s\",\"x_flat\":%.4g,\"bytes\":%llu,"
+            "\"time_s\":%.9g,\"gamma\":%.6g,"
             "\"wire_bytes_modelled\":%llu,\"formula_wire_bytes_modelled\":%.0f,"
             "\"rel_err_first\":%s,\"rel_err\":%s,"
             "\"wrong\":%s}",
-            k ? "," : "", r.mode.c_str(), static_cast<unsigned long long>(r.bytes), r.time_s,
-            r.gamma, static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel1, rel, wrong);
+            k ? "," : "", r.mode.c_str(), r.hierarchy.c_str(), r.x_flat,
+            static_cast<unsigned long long>(r.bytes), r.time_s, r.gamma,
+            static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel1, rel, wrong);
       }
       std::printf("]}\n");
       std::fflush(stdout);

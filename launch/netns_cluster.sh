@@ -6,16 +6,24 @@
 # per node on a switch; an optional netem delay is added on the namespace side only, so the one-way
 # rank-to-rank latency is --delay and the round trip is twice that.
 #
+# --ranks-per-node K (default 1) makes nodes of K ranks: N/K namespaces (i4d0 .. i4d(N/K-1)), each
+# with one shaped link shared by its K ranks. mpirun then starts one Open MPI daemon per node
+# inside its namespace, under its own host name i4dn<j> (launch/netns_rsh.sh is mpirun's remote
+# shell: `ip netns exec` plus a UTS namespace), so Open MPI sees N/K hosts: MPI_COMM_TYPE_SHARED
+# groups the ranks of a node, and ranks of one node talk through shared memory (btl vader) while
+# ranks of different nodes use TCP over the shaped links.
+#
 # Invariant: this script only ever deletes objects it recorded in its state file when it made them
 # ($STATE_DIR/<prefix>.state), and refuses to start if a name it would create already exists.
 #
-#   launch/netns_cluster.sh up     --ranks N --rate R [--delay D] [--burst B]
+#   launch/netns_cluster.sh up     --ranks N --rate R [--ranks-per-node K] [--delay D] [--burst B]
 #   launch/netns_cluster.sh down
 #   launch/netns_cluster.sh status
-#   launch/netns_cluster.sh run    --ranks N --rate R [--delay D] [--burst B] [--keep] -- CMD...
-#   launch/netns_cluster.sh mpirun --ranks N --rate R [--delay D] [--burst B] [--keep] \
-#                                  -- [MPIRUN_OPTS... --] PROG ARGS...
-#   launch/netns_cluster.sh mpirun-cmd --ranks N -- [MPIRUN_OPTS... --] PROG ARGS...
+#   launch/netns_cluster.sh run    --ranks N --rate R [--ranks-per-node K] [--delay D] [--burst B]
+#                                  [--keep] -- CMD...
+#   launch/netns_cluster.sh mpirun --ranks N --rate R [--ranks-per-node K] [--delay D] [--burst B]
+#                                  [--keep] -- [MPIRUN_OPTS... --] PROG ARGS...
+#   launch/netns_cluster.sh mpirun-cmd --ranks N [--ranks-per-node K] -- [MPIRUN_OPTS... --] PROG ARGS...
 #
 # `run` and `mpirun` bring the cluster up unless it is already up with the same settings, and tear it
 # down afterwards (also on failure or Ctrl-C) if they brought it up, unless --keep. `mpirun-cmd`
@@ -28,11 +36,13 @@
 # INT4DDP_BUILD (build dir; a PROG of `int4ddp` means $INT4DDP_BUILD/int4ddp, default build/),
 # INT4DDP_NETNS_COUNTERS (a file: `run` and `mpirun` also write the link counter JSON line there).
 #
-# Link counters: `run` and `mpirun` read every rank's interface counters (tx/rx bytes and packets of
-# the veth end inside its namespace, so Ethernet, IP and TCP headers, ACKs, retransmissions and the
+# Link counters: `run` and `mpirun` read every namespace's interface counters (tx/rx bytes and
+# packets of the veth end inside it, so Ethernet, IP and TCP headers, ACKs, retransmissions and the
 # PMIx/start-up traffic are all included) before and after the command, and print the differences
 # on stderr as a per-rank table and one JSON line
 #   {"netns_bytes":[{"rank":r,"tx":B,"rx":B,"tx_packets":P,"rx_packets":P},...]}
+# (with --ranks-per-node K > 1, one entry per node, "node":j instead of "rank":r; traffic between
+# the ranks of one node does not cross the link and is not counted)
 # (also on failure of the command, as long as the counters could be read). veth passes GSO
 # super-packets whole, so a packet here can carry up to 64 KiB and one set of headers.
 set -euo pipefail
@@ -140,14 +150,15 @@ check_subnet() {
 # ---------------------------------------------------------------------------------------------------
 # Settings
 
-RANKS="" RATE="" DELAY="" BURST="" KEEP=0
+RANKS="" RATE="" DELAY="" BURST="" KEEP=0 RPN=1 NODES=""
 
-parse_cluster_opts() {  # sets RANKS RATE DELAY BURST KEEP; leaves the rest in REST
+parse_cluster_opts() {  # sets RANKS RATE DELAY BURST KEEP RPN; leaves the rest in REST
     REST=()
     while [ $# -gt 0 ]; do
         case "$1" in
             --ranks|-n) RANKS="${2:?--ranks needs a value}"; shift 2 ;;
             --rate) RATE="${2:?--rate needs a value}"; shift 2 ;;
+            --ranks-per-node) RPN="${2:?--ranks-per-node needs a value}"; shift 2 ;;
             --delay) DELAY="${2:?--delay needs a value}"; shift 2 ;;
             --burst) BURST="${2:?--burst needs a value}"; shift 2 ;;
             --keep) KEEP=1; shift ;;
@@ -164,6 +175,10 @@ validate_settings() {
     if ! [[ "$RANKS" =~ ^[0-9]+$ ]] || [ "$RANKS" -lt 1 ] || [ "$RANKS" -gt $kMaxRanks ]; then
         die "--ranks must be 1..$kMaxRanks (got '${RANKS}')"
     fi
+    if ! [[ "$RPN" =~ ^[0-9]+$ ]] || [ "$RPN" -lt 1 ] || [ $((RANKS % RPN)) -ne 0 ]; then
+        die "--ranks-per-node must divide --ranks $RANKS (got '${RPN}')"
+    fi
+    NODES=$((RANKS / RPN))  # namespaces: one per node (one per rank with the default K = 1)
     [[ "$RATE" =~ ^[0-9]+(\.[0-9]+)?(bit|kbit|mbit|gbit|tbit)$ ]] ||
         die "--rate must be like 100mbit, 1gbit or 10gbit (got '${RATE}')"
     [ -z "$DELAY" ] || [[ "$DELAY" =~ ^[0-9]+(\.[0-9]+)?(us|ms|s)$ ]] ||
@@ -188,9 +203,10 @@ record() { echo "$1" >>"$STATE_FILE"; }  # record "obj=KIND NAME" as soon as it 
 is_up_with_settings() {
     [ -f "$STATE_FILE" ] && [ "$(state_get complete)" = 1 ] &&
         [ "$(state_get ranks)" = "$RANKS" ] && [ "$(state_get rate)" = "$RATE" ] &&
+        [ "$(state_get ranks_per_node)" = "$RPN" ] &&
         [ "$(state_get delay)" = "$DELAY" ] && [ "$(state_get burst)" = "$BURST" ] &&
         [ "$(state_get subnet)" = "$SUBNET" ] && ip link show "$BRIDGE" >/dev/null 2>&1 &&
-        ns_exists "${PREFIX}$((RANKS - 1))"
+        ns_exists "${PREFIX}$((NODES - 1))"
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,7 +244,7 @@ shape() {  # shape NETNS_OR_EMPTY DEV WITH_DELAY
 
 cluster_up() {
     local r ns host peer
-    for ((r = 0; r < RANKS; r++)); do
+    for ((r = 0; r < NODES; r++)); do
         ! ns_exists "${PREFIX}$r" ||
             die "namespace ${PREFIX}$r exists but is not ours; remove it or set INT4DDP_NETNS_PREFIX"
         ! ip link show "${PREFIX}v$r" >/dev/null 2>&1 ||
@@ -239,7 +255,7 @@ cluster_up() {
     ! ip link show "$BRIDGE" >/dev/null 2>&1 || die "bridge $BRIDGE exists but is not ours"
 
     {
-        echo "ranks=$RANKS"; echo "rate=$RATE"; echo "delay=$DELAY"; echo "burst=$BURST"
+        echo "ranks=$RANKS"; echo "ranks_per_node=$RPN"; echo "nodes=$NODES"; echo "rate=$RATE"; echo "delay=$DELAY"; echo "burst=$BURST"
         echo "subnet=$SUBNET"; echo "complete=0"
     } >"$STATE_FILE"
     # Any failure from here on exits (set -e); the EXIT trap removes what was already made.
@@ -250,7 +266,7 @@ cluster_up() {
     ip addr add "${SUBNET%.0/24}.254/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
 
-    for ((r = 0; r < RANKS; r++)); do
+    for ((r = 0; r < NODES; r++)); do
         ns="${PREFIX}$r" host="${PREFIX}v$r" peer="${PREFIX}p$r"
         ip netns add "$ns"
         record "obj=netns $ns"
@@ -267,7 +283,7 @@ cluster_up() {
     done
     trap - EXIT
     sed -i 's/^complete=0$/complete=1/' "$STATE_FILE"
-    log "up: $RANKS ranks on $SUBNET (root ${SUBNET%.0/24}.254 on $BRIDGE), rate $RATE," \
+    log "up: $RANKS ranks ($NODES node(s) of $RPN) on $SUBNET (root ${SUBNET%.0/24}.254 on $BRIDGE), rate $RATE," \
         "burst $BURST${DELAY:+, delay $DELAY}"
 }
 
@@ -293,12 +309,14 @@ cluster_status() {
         echo "no cluster (no $STATE_FILE)"
         return 1
     fi
-    local ranks r ns
+    local ranks nodes r ns
     ranks="$(state_get ranks)"
-    echo "ranks=$ranks rate=$(state_get rate) burst=$(state_get burst)" \
+    nodes="$(state_get nodes)"
+    nodes="${nodes:-$ranks}"
+    echo "ranks=$ranks nodes=$nodes rate=$(state_get rate) burst=$(state_get burst)" \
         "delay=$(state_get delay) subnet=$(state_get subnet) complete=$(state_get complete)"
     ip -br addr show dev "$BRIDGE" 2>/dev/null || echo "$BRIDGE missing"
-    for ((r = 0; r < ranks; r++)); do
+    for ((r = 0; r < nodes; r++)); do
         ns="${PREFIX}$r"
         if ! ns_exists "$ns"; then
             echo "$ns missing"
@@ -358,13 +376,27 @@ mpirun_cmd() {
     # --oversubscribe: the cluster has more ranks than this machine has cores. --bind-to none: ranks
     # share the cores, as the simulated nodes would each have their own. pml ob1 + btl tcp,self keep
     # every byte on the shaped veth links (ucx, vader and the shared-memory collectives would not).
-    # shellcheck disable=SC2054  # "tcp,self" is one mpirun value
-    MPI_CMD+=(--oversubscribe --bind-to none
-              --mca pml ob1 --mca btl tcp,self --mca coll ^sm,han
+    # han (hierarchical collectives) stays off too, so that MPI's own all-reduce is flat.
+    # shellcheck disable=SC2054  # "^sm,han" is one mpirun value
+    MPI_CMD+=(--oversubscribe --bind-to none --mca pml ob1 --mca coll ^sm,han
               --mca btl_tcp_if_include "$SUBNET" --mca oob_tcp_if_include "$SUBNET"
               -x PMIX_MCA_ptl_tcp_remote_connections -x PMIX_MCA_ptl_tcp_if_include
               -x INT4DDP_NETNS_PREFIX)
-    MPI_CMD+=("${extra[@]}" "$WRAPPER" "$prog" "$@")
+    if [ "$RPN" -eq 1 ]; then
+        # shellcheck disable=SC2054  # "tcp,self" is one mpirun value
+        MPI_CMD+=(--mca btl tcp,self "${extra[@]}" "$WRAPPER" "$prog" "$@")
+        return 0
+    fi
+    # Nodes of K ranks: one daemon per node, started in its namespace under the host name
+    # <prefix>n<j> by netns_rsh.sh (Open MPI's remote shell), so the ranks of a node are one host to
+    # Open MPI: vader (shared memory) between them, tcp between nodes. No tree spawn: every daemon
+    # is started from the root namespace.
+    local hosts="" j
+    for ((j = 0; j < NODES; j++)); do hosts+="${hosts:+,}${PREFIX}n$j:$RPN"; done
+    # shellcheck disable=SC2054  # "vader,tcp,self" is one mpirun value
+    MPI_CMD+=(--mca btl vader,tcp,self --host "$hosts"
+              --mca plm_rsh_agent "$LAUNCH_DIR/netns_rsh.sh" --mca plm_rsh_no_tree_spawn 1
+              "${extra[@]}" "$prog" "$@")
 }
 
 # The PMIx server inside mpirun runs in the root namespace: it must listen on the bridge address and
@@ -394,11 +426,11 @@ run_forwarding_signals() {
 
 kCounterFields="tx_bytes rx_bytes tx_packets rx_packets"
 
-# read_counters: one line per rank "r tx_bytes rx_bytes tx_packets rx_packets" of the veth end inside
-# rank r's namespace (/sys/class/net there is the namespace's own).
+# read_counters: one line per namespace "r tx_bytes rx_bytes tx_packets rx_packets" of the veth end
+# inside namespace r (/sys/class/net there is the namespace's own): rank r, or node r.
 read_counters() {
     local r ns f line
-    for ((r = 0; r < RANKS; r++)); do
+    for ((r = 0; r < NODES; r++)); do
         ns="${PREFIX}$r" line="$r"
         for f in $kCounterFields; do
             line+=" $(ip netns exec "$ns" cat "/sys/class/net/${PREFIX}p$r/statistics/$f")" || return 1
@@ -410,15 +442,16 @@ read_counters() {
 # report_counters BEFORE AFTER: the per-rank differences as a table and a JSON line on stderr, and
 # the JSON line into $INT4DDP_NETNS_COUNTERS if set.
 report_counters() {
-    local json
-    json="$(awk 'NR == FNR { b[$1] = $0; next }
-        { split(b[$1], o, " "); printf "%s{\"rank\":%d,\"tx\":%.0f,\"rx\":%.0f,\"tx_packets\":%.0f,\"rx_packets\":%.0f}",
-          (FNR > 1 ? "," : ""), $1, $2 - o[2], $3 - o[3], $4 - o[4], $5 - o[5] }
+    local json unit=rank
+    [ "$RPN" -eq 1 ] || unit=node
+    json="$(awk -v unit="$unit" 'NR == FNR { b[$1] = $0; next }
+        { split(b[$1], o, " "); printf "%s{\"%s\":%d,\"tx\":%.0f,\"rx\":%.0f,\"tx_packets\":%.0f,\"rx_packets\":%.0f}",
+          (FNR > 1 ? "," : ""), unit, $1, $2 - o[2], $3 - o[3], $4 - o[4], $5 - o[5] }
         ' <(echo "$1") <(echo "$2"))"
     json="{\"netns_bytes\":[$json]}"
-    awk 'NR == FNR { b[$1] = $0; next }
-        FNR == 1 { printf "netns_cluster: link counters during the command (veth end inside each rank namespace)\n"
-                   printf "netns_cluster: %4s %14s %14s %11s %11s\n", "rank", "tx bytes", "rx bytes", "tx pkts", "rx pkts" }
+    awk -v unit="$unit" 'NR == FNR { b[$1] = $0; next }
+        FNR == 1 { printf "netns_cluster: link counters during the command (veth end inside each %s namespace)\n", unit
+                   printf "netns_cluster: %4s %14s %14s %11s %11s\n", unit, "tx bytes", "rx bytes", "tx pkts", "rx pkts" }
         { split(b[$1], o, " ")
           printf "netns_cluster: %4d %14.0f %14.0f %11.0f %11.0f\n", $1, $2 - o[2], $3 - o[3], $4 - o[4], $5 - o[5] }' \
         <(echo "$1") <(echo "$2") >&2

@@ -296,6 +296,7 @@ TEST(Config, EnumeratedKeysParseEverySpellingAndNothingElse) {
       {"comm.mode", {"fp32", "int4", "int8"}},
       {"comm.grad_policy", {"minmax", "fixed", "lbt"}},
       {"comm.rounding", {"nearest", "stochastic"}},
+      {"comm.hierarchy", {"auto", "flat", "node"}},
       {"schedule.kind", {"multistep", "cosine"}},
       {"log.progress", {"auto", "on", "off"}}};
   for (const auto& [key, names] : keys) {
@@ -489,9 +490,10 @@ TEST(Config, HashIsEqualForEqualConfigsOnly) {
   EXPECT_EQ(config_hash(a), config_hash(parse_config("optim:\n  lr: 1e-1\n", "same value")));
 
   std::set<uint64_t> seen = {config_hash(a)};
-  for (const char* o : {"optim.lr=0.10000000000000002", "train.seed=1", "comm.mode=fp32",
-                        "data.path=/usr/share/datasets/fashion-mnist/", "quant.lbt_calibrate=false",
-                        "schedule.milestones=[0.5]", "model.mlp_hidden=[256, 256, 256]"}) {
+  for (const char* o :
+       {"optim.lr=0.10000000000000002", "train.seed=1", "comm.mode=fp32", "comm.hierarchy=node",
+        "data.path=/usr/share/datasets/fashion-mnist/", "quant.lbt_calibrate=false",
+        "schedule.milestones=[0.5]", "model.mlp_hidden=[256, 256, 256]"}) {
     Config c;
     apply_override(c, o);
     EXPECT_TRUE(seen.insert(config_hash(c)).second) << o << " did not change the hash";

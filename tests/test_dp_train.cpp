@@ -1,7 +1,8 @@
 // Data-parallel training end to end: the int4ddp binary under mpirun (label mpi).
 //   - fp32 all-reduce on N ranks with batch B follows single-process training with batch N*B
 //     step for step (same examples per global batch; only the float summation order differs);
-//   - the INT4 two-shot trains, and a resumed 2-rank run continues bit for bit;
+//   - the INT4 two-shot trains, and a resumed 2-rank run continues bit for bit; so does the
+//     hierarchical all-reduce on 4 ranks grouped as 2 nodes of 2 (INT4DDP_RANKS_PER_NODE=2);
 //   - mismatched configs are refused, a killed rank takes the job down instead of hanging, and a
 //     checkpoint is refused by a run with another number of ranks.
 #include <gtest/gtest.h>
@@ -101,6 +102,22 @@ std::vector<json> untimed(const std::string& path) {
   return out;
 }
 
+// Resumes the run tagged "full" in dir from its step-40 checkpoint (launcher: the mpirun prefix)
+// and expects the resumed metrics to equal the tail of the full run's, line for line.
+void expect_resume_continues_bit_for_bit(const std::string& launcher, const std::string& cfg,
+                                         const std::string& dir, const std::string& sets) {
+  Result resumed =
+      run(launcher + train_cmd(cfg, dir, "resumed",
+                               sets + " --set train.resume=" + dir + "/ck_full/step_40.ckpt"),
+          dir + "/resumed.log");
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  const auto a = untimed(dir + "/full.jsonl"), b = untimed(dir + "/resumed.jsonl");
+  ASSERT_GT(b.size(), 20u);
+  ASSERT_LE(b.size(), a.size());
+  const size_t off = a.size() - b.size();
+  for (size_t i = 0; i < b.size(); ++i) EXPECT_EQ(b[i], a[off + i]) << "line " << i;
+}
+
 TEST(DataParallel, Fp32MatchesSingleProcessWithNTimesTheBatch) {
   const std::string dir = temp_dir("fp32");
   const std::string cfg = write_config(dir, 32, "fp32");
@@ -153,16 +170,7 @@ TEST(DataParallel, Int4TrainsAndResumesBitForBit) {
   EXPECT_GT(c["bytes_sent"].get<double>(), 0);
   EXPECT_GT(c["compression_ratio"].get<double>(), 4.0);  // INT4 + scales vs fp32, 2 ranks
 
-  Result resumed = run(kMpirun + " -np 2 " +
-                           train_cmd(cfg, dir, "resumed",
-                                     sets + " --set train.resume=" + dir + "/ck_full/step_40.ckpt"),
-                       dir + "/resumed.log");
-  ASSERT_EQ(resumed.status, 0) << resumed.output;
-  const auto a = untimed(dir + "/full.jsonl"), b = untimed(dir + "/resumed.jsonl");
-  ASSERT_GT(b.size(), 20u);
-  ASSERT_LE(b.size(), a.size());
-  const size_t off = a.size() - b.size();
-  for (size_t i = 0; i < b.size(); ++i) EXPECT_EQ(b[i], a[off + i]) << "line " << i;
+  expect_resume_continues_bit_for_bit(kMpirun + " -np 2 ", cfg, dir, sets);
 
   // The same checkpoint with one rank: refused, naming the rank counts.
   Result one =
@@ -170,6 +178,25 @@ TEST(DataParallel, Int4TrainsAndResumesBitForBit) {
           dir + "/one.log");
   EXPECT_NE(one.status, 0);
   EXPECT_NE(one.output.find("written by 2 ranks"), std::string::npos) << one.output;
+  fs::remove_all(dir);
+}
+
+// The hierarchy (comm/hierarchy.h) under the trainer: 2 nodes x 2 ranks (all ranks share this
+// machine, so the grouping is forced), trains, and resumes bit for bit (error feedback and gammas
+// of each rank's share are in the checkpoint).
+TEST(DataParallel, HierarchicalInt4TrainsAndResumesBitForBit) {
+  const std::string dir = temp_dir("hier");
+  const std::string cfg = write_config(dir, 4, "int4");
+  const std::string sets =
+      "--set train.epochs=3 --set train.batch_size=32 --set train.checkpoint_every_steps=40 "
+      "--set comm.hierarchy=node";
+  const std::string mpirun = kMpirun + " -np 4 -x INT4DDP_RANKS_PER_NODE=2 ";
+  Result full = run(mpirun + train_cmd(cfg, dir, "full", sets), dir + "/full.log");
+  ASSERT_EQ(full.status, 0) << full.output;
+  EXPECT_NE(full.output.find("comm.hierarchy: node -> node (2 nodes x 2 ranks"), std::string::npos)
+      << full.output;
+  EXPECT_GT(records(dir + "/full.jsonl", "final")[0]["test_accuracy"].get<double>(), 0.8);
+  expect_resume_continues_bit_for_bit(mpirun, cfg, dir, sets);
   fs::remove_all(dir);
 }
 

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/hierarchy.h"
 #include "kernels/quant/format.h"
 #include "kernels/quant/policy.h"
 
@@ -24,7 +25,7 @@ namespace int4ddp {
 using quant::kFp32Bits;
 
 // The enumerated keys. quant.grad_policy and comm.grad_policy are quant::PolicyKind,
-// quant.grad_rounding and comm.rounding quant::Rounding.
+// quant.grad_rounding and comm.rounding quant::Rounding, comm.hierarchy comm::HierarchyMode.
 enum class ModelKind : uint8_t { kMlp, kCnn, kResNet20 };                  // model.name
 enum class DatasetKind : uint8_t { kFashionMnist, kSynthetic, kCifar10 };  // data.dataset
 enum class CommBackend : uint8_t { kNone, kMpi, kNccl };                   // comm.backend
@@ -41,6 +42,7 @@ const char* spelling(ScheduleKind v);
 const char* spelling(ProgressBar v);
 const char* spelling(quant::PolicyKind v);
 const char* spelling(quant::Rounding v);
+const char* spelling(comm::HierarchyMode v);
 
 struct Config {
   struct Model {
@@ -91,6 +93,8 @@ struct Config {
     double eta = 1e-3;         // lbt: gamma step per training step, in (0, 1]
     quant::Rounding rounding = quant::Rounding::kStochastic;  // nearest | stochastic
     bool overlap = true;  // launch buckets during backward (false: all after backward)
+    comm::HierarchyMode hierarchy = comm::HierarchyMode::kAuto;  // auto | flat | node: reduce
+                                                                 // within nodes first
   };
   struct Optim {
     double lr = 0.1;             // SGD base learning rate, (0, 100]

@@ -59,6 +59,17 @@ const Spellings<quant::Rounding>& spellings(quant::Rounding) {
   return s;
 }
 
+const Spellings<comm::HierarchyMode>& spellings(comm::HierarchyMode) {
+  using comm::HierarchyMode;
+  static const Spellings<HierarchyMode> s = [] {
+    Spellings<HierarchyMode> v;
+    for (HierarchyMode m : {HierarchyMode::kAuto, HierarchyMode::kFlat, HierarchyMode::kNode})
+      v.emplace_back(m, comm::hierarchy_mode_name(m));  // the comm layer's own names
+    return v;
+  }();
+  return s;
+}
+
 std::string must_be_one_of(const std::vector<std::string>& choices) {
   std::string s = "must be one of ";
   for (size_t i = 0; i < choices.size(); ++i) s += (i > 0 ? ", " : "") + choices[i];
@@ -307,6 +318,7 @@ std::vector<Field> make_fields(Config& c) {
       {"comm.eta", &k.eta, real(&k.eta, 0, 1, true, false)},
       choice("comm.rounding", &k.rounding),
       {"comm.overlap", &k.overlap, nullptr},
+      choice("comm.hierarchy", &k.hierarchy),
 
       {"optim.lr", &o.lr, real(&o.lr, 0, 100, true, false)},
       {"optim.momentum", &o.momentum, real(&o.momentum, 0, 1, false, true)},
@@ -361,5 +373,6 @@ const char* spelling(ScheduleKind v) { return fields::spelling_of(v); }
 const char* spelling(ProgressBar v) { return fields::spelling_of(v); }
 const char* spelling(quant::PolicyKind v) { return fields::spelling_of(v); }
 const char* spelling(quant::Rounding v) { return fields::spelling_of(v); }
+const char* spelling(comm::HierarchyMode v) { return fields::spelling_of(v); }
 
 }  // namespace int4ddp

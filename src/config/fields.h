@@ -15,9 +15,10 @@ namespace int4ddp::fields {
 
 using IntList = std::vector<int>;
 using RealList = std::vector<double>;
-using ValuePtr = std::variant<bool*, int*, int64_t*, double*, std::string*, IntList*, RealList*,
-                              ModelKind*, DatasetKind*, CommBackend*, CommMode*, ScheduleKind*,
-                              ProgressBar*, quant::PolicyKind*, quant::Rounding*>;
+using ValuePtr =
+    std::variant<bool*, int*, int64_t*, double*, std::string*, IntList*, RealList*, ModelKind*,
+                 DatasetKind*, CommBackend*, CommMode*, ScheduleKind*, ProgressBar*,
+                 quant::PolicyKind*, quant::Rounding*, comm::HierarchyMode*>;
 // What is wrong with the field's current value ("must be in (0, 1]"), or "" when it is valid.
 using Check = std::function<std::string()>;
 
@@ -39,6 +40,7 @@ const Spellings<ScheduleKind>& spellings(ScheduleKind);
 const Spellings<ProgressBar>& spellings(ProgressBar);
 const Spellings<quant::PolicyKind>& spellings(quant::PolicyKind);
 const Spellings<quant::Rounding>& spellings(quant::Rounding);
+const Spellings<comm::HierarchyMode>& spellings(comm::HierarchyMode);
 
 template <typename E>
 const char* spelling_of(E v) {

@@ -97,6 +97,7 @@ void DataParallel::attach(nn::Model& model, const Config& cfg) {
   bc.bucket_mb = cfg.comm.bucket_mb;
   bc.small_tensor_threshold = cfg.comm.small_tensor_threshold;
   bc.overlap = cfg.comm.overlap;
+  bc.hierarchy = cfg.comm.hierarchy;
   bc.compress.bits = comm_bits(cfg.comm.mode);
   bc.compress.block_size = cfg.comm.block_size;
   bc.compress.rounding = cfg.comm.rounding;

@@ -176,6 +176,9 @@ Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
   dp_.broadcast_model(model_);
   dp_.attach(model_, cfg);
   engine_ = dp_.engine();
+  if (engine_)
+    out_ << "comm.hierarchy: " << spelling(cfg.comm.hierarchy) << " -> " << engine_->hierarchy()
+         << "\n";
 
   // Each rank takes an equal shard of every epoch's permutation; the remainder is dropped.
   const int64_t shard = data::shard_size(ds_.train.count, world_);

@@ -1,0 +1,100 @@
+// The hierarchical all-reduce (DESIGN.md section 4, "Hierarchy"): ranks that share a node reduce in
+// fp32 over the node's fast path first, each node-local index then runs the two-shot across nodes
+// on its share of the bucket, and an all-gather inside the node completes it. With k ranks on each
+// of M nodes, for a bucket of n floats:
+//   1. node reduce-scatter in fp32: share l = chunk_range(n, G, k, l) (whole blocks) of every local
+//      rank goes to local rank l (an all-to-all over the node communicator), which sums the k
+//      versions in local-rank order and divides by k: the node mean of share l;
+//   2. local rank l runs the two-shot (TwoShotAllreduce, comm/two_shot.h) on that share over the
+//      communicator of the ranks with local index l, one per node: the mean over nodes, which is
+//      the mean over all ranks since every node has k ranks;
+//   3. node all-gather of the k shares.
+// Invariants: every rank ends with bit-identical results (step 2 makes share l identical on every
+// node, step 3 copies bytes), and the shares' blocks are the bucket's blocks (shares start at
+// multiples of G). Only step 2 crosses nodes: each rank sends 2 (M-1)/M (n/k b/8 + 4 n/(k G)) bytes
+// between nodes, so a node sends what one rank of a flat M-rank two-shot would.
+//
+// Error feedback and the interval policy live in the two-shot of each rank's share (state per rank,
+// checkpointed as the flat two-shot's, for a bucket of the share's size). The stats of a run
+// (count, clipped, nonfinite) are summed over the node, so every rank of the world holds the same
+// totals and agrees on skipping a step with non-finite gradients.
+//
+// Node grouping: MPI_COMM_TYPE_SHARED (Communicator::split_node), or rank / K when
+// INT4DDP_RANKS_PER_NODE=K is set (simulated clusters and tests, where every rank is on one machine
+// as far as MPI knows) or a Hierarchy is made with ranks_per_node = K.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "comm/two_shot.h"
+
+namespace int4ddp::comm {
+
+// comm.hierarchy: auto = node when there is more than one node and more than one rank per node,
+// else flat; flat = the two-shot over all ranks; node = the hierarchy (an error where the node
+// layout cannot have one; flat where it would be the identity: one node, or one rank per node).
+enum class HierarchyMode : uint8_t { kAuto, kFlat, kNode };
+const char* hierarchy_mode_name(HierarchyMode m);  // "auto", "flat", "node"
+
+// The environment variable that overrides the node grouping (node = rank / K).
+constexpr const char* kRanksPerNodeEnv = "INT4DDP_RANKS_PER_NODE";
+
+// The resolved hierarchy of one communicator (collective to make: every rank must make it at the
+// same point, with the same mode). Holds the node and the cross-node communicators when active.
+class Hierarchy {
+ public:
+  // ranks_per_node > 0 forces node = rank / ranks_per_node; 0 reads INT4DDP_RANKS_PER_NODE, and
+  // without it asks the backend (split_node). Throws Error for mode node on a layout that cannot
+  // have one (backend cannot split, nodes of different sizes) and for a bad override.
+  Hierarchy(Communicator& world, HierarchyMode mode, int ranks_per_node = 0);
+
+  bool active() const { return node_ != nullptr; }  // false: flat
+  int nodes() const { return nodes_; }
+  int ranks_per_node() const { return ranks_per_node_; }  // 0 when nodes differ in size
+  // What was chosen and why, e.g. "node (2 nodes x 2 ranks)", "flat (one node of 4 ranks)".
+  const std::string& description() const { return description_; }
+
+  Communicator& world() { return world_; }
+  // Active only: the ranks of this node, and the ranks with this local index (one per node).
+  Communicator& node() { return *node_; }
+  Communicator& cross() { return *cross_; }
+
+ private:
+  Communicator& world_;
+  std::unique_ptr<Communicator> node_, cross_;
+  int nodes_ = 1, ranks_per_node_ = 1;
+  std::string description_;
+};
+
+// The all-reduce (mean) of one bucket: the flat two-shot over hierarchy->world(), or, when the
+// hierarchy is active, the three steps above. The same interface as TwoShotAllreduce.
+class BucketAllreduce {
+ public:
+  BucketAllreduce(Hierarchy& hierarchy, const CompressConfig& cfg, int64_t count,
+                  uint32_t bucket_id);
+
+  int64_t count() const { return count_; }
+  float gamma() const { return two_shot_->gamma(); }  // of this rank's share
+
+  // In place: x <- the compressed mean over all ranks (count floats, host memory).
+  // st.wire_bytes: bytes this rank sent across nodes (the flat two-shot: all it sent).
+  BucketStats run(float* x, uint32_t step);
+  void commit(bool apply);
+  std::vector<uint8_t> save_state() const;
+  void load_state(const std::vector<uint8_t>& blob);
+
+ private:
+  Hierarchy& h_;
+  int64_t count_;
+  ChunkRange share_;  // this rank's share (the whole bucket when flat)
+  ByteLayout scatter_send_, scatter_recv_, gather_;  // node level, in bytes
+  std::vector<float> received_;                 // (k x share) the node's versions of the own share
+  std::vector<float> mean_;                     // (share) the node mean, then the all-reduced share
+  std::unique_ptr<TwoShotAllreduce> two_shot_;  // over cross() (active) or world()
+};
+
+}  // namespace int4ddp::comm
