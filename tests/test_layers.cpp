@@ -403,33 +403,28 @@ TEST(MaxPool2d, MatchesPlainDefinition) {
   EXPECT_THROW(pool.forward(tiny, y, true), Error);
 }
 
-TEST(LayerGrad, ResidualBlockIdentityAndDownsample) {
-  for (auto [in, out, stride] : {std::tuple<int64_t, int64_t, int>{4, 4, 1}, {3, 6, 2}}) {
-    ResidualBlock block("block", std::make_unique<Conv2d>("c1", in, out, 3, stride, 1), out,
-                        std::make_unique<Conv2d>("c2", out, out, 3, 1, 1), in, out, stride);
-    randomize_params(block, 60 + stride);
-    Tensor x({3, in, 6, 6});
+// Option A (resnet20's: identity, or subsample and zero-pad) and option B (resnet18's: a 1x1
+// projection + BN where the shape changes, by stride 2 or by channels alone).
+TEST(LayerGrad, ResidualBlockShortcuts) {
+  for (auto [in, out, stride, projection] :
+       {std::tuple<int64_t, int64_t, int, bool>{4, 4, 1, false},
+        {3, 6, 2, false},
+        {3, 6, 2, true},
+        {4, 6, 1, true},
+        {6, 4, 2, true}}) {
+    ResidualBlock block(
+        "block", std::make_unique<Conv2d>("c1", in, out, 3, stride, 1), out,
+        std::make_unique<Conv2d>("c2", out, out, 3, 1, 1), in, out, stride,
+        projection ? std::make_unique<Conv2d>("proj", in, out, 1, stride, 0) : nullptr);
+    ASSERT_EQ(block.has_projection(), projection);
+    // c1, bn1 (2), c2, bn2 (2), and proj, shortcut.bn (2)
+    ASSERT_EQ(block.params().size(), projection ? 9u : 6u);
+    randomize_params(block, 60 + stride + 30 * projection);
+    Tensor x({3, in, projection ? 7 : 6, 6});
     fill_normal(x, 61);
-    SCOPED_TRACE(testing::Message() << "in=" << in << " out=" << out << " stride=" << stride);
+    SCOPED_TRACE(testing::Message() << "in=" << in << " out=" << out << " stride=" << stride
+                                    << " projection=" << projection);
     check_layer(block, x, 62);
-  }
-}
-
-// Option-B blocks (resnet18's): a 1x1 projection + BN shortcut where the shape changes, by
-// stride 2 or by channels alone.
-TEST(LayerGrad, ResidualBlockProjectionShortcut) {
-  for (auto [in, out, stride] :
-       {std::tuple<int64_t, int64_t, int>{3, 6, 2}, {4, 6, 1}, {6, 4, 2}}) {
-    ResidualBlock block("block", std::make_unique<Conv2d>("c1", in, out, 3, stride, 1), out,
-                        std::make_unique<Conv2d>("c2", out, out, 3, 1, 1), in, out, stride,
-                        std::make_unique<Conv2d>("proj", in, out, 1, stride, 0));
-    ASSERT_TRUE(block.has_projection());
-    ASSERT_EQ(block.params().size(), 9u);  // c1, bn1 (2), c2, bn2 (2), proj, shortcut.bn (2)
-    randomize_params(block, 90 + stride);
-    Tensor x({3, in, 7, 6});
-    fill_normal(x, 91);
-    SCOPED_TRACE(testing::Message() << "in=" << in << " out=" << out << " stride=" << stride);
-    check_layer(block, x, 92);
   }
 }
 
