@@ -232,8 +232,8 @@ class MaxPool2d : public Layer {
  private:
   std::string name_;
   int window_, stride_, pad_;
-  std::vector<int32_t>
-      argmax_;  // (n, c, ho, wo) index of each output's maximum in its (h, w) plane
+  // (n, c, ho, wo): the index of each output's maximum in its (h, w) input plane.
+  std::vector<int32_t> argmax_;
 };
 
 // (n, c, h, w) -> (n, c): mean over h, w.

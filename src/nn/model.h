@@ -3,11 +3,11 @@
 // BasicBlocks [2, 2, 2, 2] of widths 64-128-256-512, option-B projection shortcuts, global average
 // pool, fc) whose stem follows the input: CIFAR-style (3x3 conv, stride 1, no max pool) up to
 // 64x64 (3x32x32, 1x28x28), ImageNet-style (7x7 conv stride 2 + BN + ReLU + 3x3 max pool stride 2)
-// above (3x224x224). Every Conv2d and Linear is
-// quantized except the first conv / first linear and the last linear, which stay fp32 unless the
-// spec says otherwise; BN, ReLU, pooling and residual adds stay fp32. A quantized layer whose input
-// follows a ReLU quantizes it on the unsigned grid; one whose input can be negative (the normalised
-// data, resnet20's bn_final output) on the signed grid.
+// above (3x224x224). Every Conv2d and Linear is quantized except the first conv / first linear and
+// the last linear, which stay fp32 unless the spec says otherwise; BN, ReLU, pooling and residual
+// adds stay fp32. A quantized layer whose input follows a ReLU quantizes it on the unsigned grid;
+// one whose input can be negative (the normalised data, resnet20's bn_final output) on the signed
+// grid.
 //
 // All parameters live in two flat arenas (values, gradients), in forward layer order, with per-
 // parameter views; a gradient bucket is therefore a contiguous span (reverse order = from the end).
