@@ -1,11 +1,14 @@
-// bench_train: training throughput (img/s) at batch 128 on 1x28x28 inputs, optimizer step
-// included, for mlp, cnn and resnet20 in fp32 and 4/4/4. One warm-up step (the 4/4/4 warm-up is
-// also the lbt calibration batch, which updates no weights, as in training), then the best of
-// --reps timed runs of --steps steps each. Every step's loss must be finite: a non-finite one ends
-// the benchmark with exit status 1 (a speed of a diverged run means nothing).
+// bench_train: training throughput (img/s), optimizer step included, for mlp, cnn, resnet20 and
+// resnet18 in fp32 and 4/4/4, on the synthetic set (normalised) at batch 128 and 1x28x28 by
+// default; --batch N and --input CxHxW change both (resnet18's stem follows the input: CIFAR-style
+// up to 64x64, e.g. --input 3x32x32, ImageNet-style above, e.g. --input 3x224x224). One warm-up
+// step (the 4/4/4 warm-up is also the lbt calibration batch, which updates no weights, as in
+// training), then the best of --reps timed runs of --steps steps each. Every step's loss must be
+// finite: a non-finite one ends the benchmark with exit status 1 (a speed of a diverged run means
+// nothing).
 // Threads: --threads T runs only T (default: 1 and 2); it sets train.threads (the layers' loops
 // over the batch, kernels/common/parallel.h). --bits 32 or 4 runs only fp32 or 4/4/4. Ends with one
-// JSON line {"bench":"train","rows":[{"model","bits","threads","img_per_s"},...]}.
+// JSON line {"bench":"train","rows":[{"model","bits","threads","img_per_s","batch","input"},...]}.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -14,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/common/error.h"
 #include "kernels/common/parallel.h"
 #include "src/data/dataset.h"
 #include "src/nn/model.h"
@@ -21,8 +25,28 @@
 
 using namespace int4ddp;
 
-int main(int argc, char** argv) {
+namespace {
+
+// "CxHxW" (e.g. 3x32x32) into c, h, w; false if it is not three positive integers.
+bool parse_input_shape(const std::string& text, int* c, int* h, int* w) {
+  char tail = 0;
+  return std::sscanf(text.c_str(), "%dx%dx%d%c", c, h, w, &tail) == 3 && *c > 0 && *h > 0 && *w > 0;
+}
+
+// Synthetic examples to cycle through: 8 batches' worth, at most 256 MiB of images, at least one
+// batch (a 3x224x224 set of 8 batches of 256 would take 1.2 GB).
+int64_t synthetic_count(int64_t batch, int64_t image_numel) {
+  constexpr int64_t kMaxImageBytes = int64_t{256} << 20;
+  const int64_t fit = kMaxImageBytes / (image_numel * int64_t{sizeof(float)});
+  return std::max(batch, std::min(batch * 8, fit));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
   int steps = 10, reps = 3;
+  int64_t batch = 128;
+  int channels = 1, height = 28, width = 28;
   std::vector<std::string> models = {"mlp", "cnn", "resnet20"};
   std::vector<int> thread_counts = {1, 2};
   std::vector<int> bit_widths = {32, 4};  // 32 = fp32, 4 = 4/4/4
@@ -38,28 +62,40 @@ int main(int argc, char** argv) {
       thread_counts = {std::atoi(argv[++i])};
     else if (a == "--bits" && i + 1 < argc)
       bit_widths = {std::atoi(argv[++i])};
-    else {
+    else if (a == "--batch" && i + 1 < argc)
+      batch = std::atoll(argv[++i]);
+    else if (a == "--input" && i + 1 < argc) {
+      if (!parse_input_shape(argv[++i], &channels, &height, &width)) {
+        std::fprintf(stderr, "bench_train: --input %s is not CxHxW (e.g. 3x32x32)\n", argv[i]);
+        return 2;
+      }
+    } else {
       std::fprintf(stderr,
-                   "usage: bench_train [--steps N] [--reps R] [--model mlp|cnn|resnet20] "
-                   "[--threads T] [--bits 32|4]\n");
+                   "usage: bench_train [--steps N] [--reps R] [--model mlp|cnn|resnet20|resnet18] "
+                   "[--threads T] [--bits 32|4] [--batch N] [--input CxHxW]\n");
       return 2;
     }
   }
-  if (steps < 1 || reps < 1 || thread_counts[0] < 1 ||
+  if (steps < 1 || reps < 1 || thread_counts[0] < 1 || batch < 1 ||
       (bit_widths[0] != 32 && bit_widths[0] != 4)) {
     std::fprintf(stderr,
-                 "bench_train: --steps, --reps and --threads must be >= 1, --bits 32 or 4\n");
+                 "bench_train: --steps, --reps, --threads and --batch must be >= 1, --bits 32 or "
+                 "4\n");
     return 2;
   }
-  const int64_t batch = 128;
   const double kLr = train::OptimConfig{}.lr;  // the schedule at its start
-  data::SyntheticConfig sc;
-  sc.train_count = batch * 8;
-  sc.test_count = batch;
+  data::SyntheticConfig sc;  // validates the input shape (channels 1..16, sides 8..1024)
+  sc.channels = channels;
+  sc.height = height;
+  sc.width = width;
+  sc.train_count = synthetic_count(batch, int64_t{channels} * height * width);
+  sc.test_count = 1;
   data::Dataset ds = data::make_synthetic(sc, "train");
   data::normalize(ds, data::compute_channel_stats(ds));
-  std::printf("# bench_train: batch %lld, 1x28x28, SGD step included, best of %d x %d steps\n",
-              static_cast<long long>(batch), reps, steps);
+  const std::string input =
+      std::to_string(channels) + "x" + std::to_string(height) + "x" + std::to_string(width);
+  std::printf("# bench_train: batch %lld, %s, SGD step included, best of %d x %d steps\n",
+              static_cast<long long>(batch), input.c_str(), reps, steps);
   std::printf("%-10s %-6s %8s %12s %12s\n", "model", "bits", "threads", "ms/step", "img/s");
   std::string json = "{\"bench\":\"train\",\"rows\":[";
   bool first = true;
@@ -69,11 +105,14 @@ int main(int argc, char** argv) {
         set_num_threads(threads);
         nn::ModelSpec spec;
         spec.name = name;
+        spec.channels = channels;
+        spec.height = height;
+        spec.width = width;
         spec.quantized = bits != 32;
         nn::Model model(spec, 1);
         train::Optimizer opt(train::OptimConfig{}, model.params(), model.values(), model.grads(),
                              model.num_params());
-        Tensor x({batch, 1, 28, 28}), logits, dl;
+        Tensor x({batch, channels, height, width}), logits, dl;
         std::vector<int32_t> labels(batch);
         std::vector<int64_t> idx(batch);
         auto one_step = [&](int s) {
@@ -110,14 +149,19 @@ int main(int argc, char** argv) {
         const char* label = bits == 32 ? "fp32" : "4/4/4";
         std::printf("%-10s %-6s %8d %12.1f %12.1f\n", name.c_str(), label, threads,
                     1e3 * best / steps, ips);
-        char row[160];
+        char row[256];
         std::snprintf(row, sizeof row,
-                      "%s{\"model\":\"%s\",\"bits\":\"%s\",\"threads\":%d,\"img_per_s\":%.1f}",
-                      first ? "" : ",", name.c_str(), label, threads, ips);
+                      "%s{\"model\":\"%s\",\"bits\":\"%s\",\"threads\":%d,\"img_per_s\":%.1f,"
+                      "\"batch\":%lld,\"input\":\"%s\"}",
+                      first ? "" : ",", name.c_str(), label, threads, ips,
+                      static_cast<long long>(batch), input.c_str());
         json += row;
         first = false;
       }
   json += "]}";
   std::printf("%s\n", json.c_str());
   return 0;
+} catch (const Error& e) {  // a bad model name or input shape
+  std::fprintf(stderr, "bench_train: %s\n", e.what());
+  return 2;
 }

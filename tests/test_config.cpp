@@ -111,8 +111,8 @@ TEST(Config, EveryFileInConfigsLoadsAndValidates) {
     // And each survives its own round trip.
     EXPECT_EQ(config_hash(parse_config(config_to_yaml(c), "round trip")), config_hash(c));
   }
-  for (const char* want :
-       {"default.yaml", "mlp.yaml", "cnn.yaml", "resnet20.yaml", "cnn_fp32.yaml"}) {
+  for (const char* want : {"default.yaml", "mlp.yaml", "cnn.yaml", "resnet20.yaml", "cnn_fp32.yaml",
+                           "resnet18_cifar.yaml"}) {
     EXPECT_EQ(names.count(want), 1u) << want << " is missing from configs/";
   }
 
@@ -126,6 +126,9 @@ TEST(Config, EveryFileInConfigsLoadsAndValidates) {
   EXPECT_EQ(load_config(std::string(INT4DDP_CONFIG_DIR) + "/mlp.yaml").model.name, ModelKind::kMlp);
   EXPECT_EQ(load_config(std::string(INT4DDP_CONFIG_DIR) + "/resnet20.yaml").model.name,
             ModelKind::kResNet20);
+  const Config r18 = load_config(std::string(INT4DDP_CONFIG_DIR) + "/resnet18_cifar.yaml");
+  EXPECT_EQ(r18.model.name, ModelKind::kResNet18);
+  EXPECT_EQ(r18.data.dataset, DatasetKind::kCifar10);
   const Config fp32 = load_config(std::string(INT4DDP_CONFIG_DIR) + "/cnn_fp32.yaml");
   EXPECT_EQ(fp32.quant.weight_bits, kFp32Bits);
   EXPECT_EQ(fp32.comm.mode, CommMode::kFp32);
@@ -288,7 +291,7 @@ TEST(Config, OverrideErrorsNameTheKey) {
 TEST(Config, EnumeratedKeysParseEverySpellingAndNothingElse) {
   // Every spelling of every enumerated key reads into its value and prints back the same.
   const std::vector<std::pair<std::string, std::vector<std::string>>> keys = {
-      {"model.name", {"mlp", "cnn", "resnet20"}},
+      {"model.name", {"mlp", "cnn", "resnet20", "resnet18"}},
       {"data.dataset", {"fashion_mnist", "synthetic", "cifar10"}},
       {"quant.grad_policy", {"minmax", "fixed", "lbt", "mse", "dsgc"}},
       {"quant.grad_rounding", {"nearest", "stochastic"}},

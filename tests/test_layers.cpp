@@ -11,10 +11,12 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <random>
 #include <tuple>
 #include <vector>
 
+#include "kernels/common/error.h"
 #include "src/nn/layer.h"
 
 namespace int4ddp::nn {
@@ -130,7 +132,8 @@ TEST(LayerGrad, LinearFlattensNCHW) {
 }
 
 TEST(LayerGrad, Conv2dStridesAndPadding) {
-  for (auto [k, s, p] : {std::tuple<int, int, int>{3, 1, 1}, {3, 2, 1}, {5, 1, 0}, {1, 2, 0}}) {
+  for (auto [k, s, p] :
+       {std::tuple<int, int, int>{3, 1, 1}, {3, 2, 1}, {5, 1, 0}, {1, 2, 0}, {7, 2, 3}}) {
     Conv2d c("conv", 3, 4, k, s, p, /*bias=*/true);
     randomize_params(c, 30 + k + s);
     Tensor x({2, 3, 7, 6});
@@ -155,7 +158,8 @@ TEST(Conv2dFast, MatchesDirectConvolution) {
                            {1, 1, 0},
                            {3, 1, 2},
                            {3, 2, 0},
-                           {1, 1, 1}})
+                           {1, 1, 1},
+                           {7, 2, 3}})           // the ImageNet stem (resnet18 above 64x64)
     for (int64_t samples_per_group : {1, 2, 0})  // 0: the default budget (one group)
       for (bool direct : {true, false}) {  // k3 s1 p1: the direct 3x3 kernels, or im2col + GEMM
         SCOPED_TRACE(testing::Message() << "k=" << k << " s=" << st << " p=" << pd
@@ -338,16 +342,139 @@ TEST(LayerGrad, ReLUAndPooling) {
   check_layer(gap, x, 55);
 }
 
-TEST(LayerGrad, ResidualBlockIdentityAndDownsample) {
-  for (auto [in, out, stride] : {std::tuple<int64_t, int64_t, int>{4, 4, 1}, {3, 6, 2}}) {
-    ResidualBlock block("block", std::make_unique<Conv2d>("c1", in, out, 3, stride, 1), out,
-                        std::make_unique<Conv2d>("c2", out, out, 3, 1, 1), in, out, stride);
-    randomize_params(block, 60 + stride);
-    Tensor x({3, in, 6, 6});
+TEST(LayerGrad, OverlappingPaddedMaxPool) {
+  // resnet18's ImageNet-stem pool (3, stride 2, pad 1), on even and odd sides, and a 2-stride-1.
+  for (auto [k, s, p] : {std::tuple<int, int, int>{3, 2, 1}, {2, 1, 0}, {3, 1, 1}}) {
+    SCOPED_TRACE(testing::Message() << "k=" << k << " s=" << s << " p=" << p);
+    MaxPool2d pool("pool", k, s, p);
+    check_layer(pool, separated_input({2, 3, 7, 6}, 56 + k), 57);
+  }
+}
+
+// MaxPool2d against the plain definition: y = max over the window of x padded with -inf (NaN
+// wins), dx[i] = the sum of dy over the outputs whose first maximum is i. Exact: no arithmetic but
+// sums of at most four terms, which the reference adds in the same (output) order.
+TEST(MaxPool2d, MatchesPlainDefinition) {
+  const int64_t n = 2, c = 3;
+  for (auto [k, s, p] : {std::tuple<int, int, int>{3, 2, 1}, {2, 2, 0}, {3, 1, 1}, {4, 3, 2}})
+    for (auto [h, w] : {std::pair<int64_t, int64_t>{7, 6}, {8, 9}, {2, 3}}) {
+      if (h + 2 * p < k || w + 2 * p < k) continue;
+      SCOPED_TRACE(testing::Message()
+                   << "k=" << k << " s=" << s << " p=" << p << " h=" << h << " w=" << w);
+      MaxPool2d pool("pool", k, s, p);
+      Tensor x({n, c, h, w}), y, dx;
+      fill_normal(x, 80);
+      x[5] = x[7];  // a tie: the first in row-major order wins
+      x[20] = std::numeric_limits<float>::quiet_NaN();
+      pool.forward(x, y, true);
+      const int64_t ho = (h + 2 * p - k) / s + 1, wo = (w + 2 * p - k) / s + 1;
+      ASSERT_EQ(y.shape(), (Shape{n, c, ho, wo}));
+      Tensor dy(y.shape());
+      fill_normal(dy, 81);
+      pool.backward(x, y, dy, &dx);
+      std::vector<float> dref(static_cast<size_t>(x.numel()), 0.0f);
+      for (int64_t pl = 0; pl < n * c; ++pl)
+        for (int64_t oy = 0; oy < ho; ++oy)
+          for (int64_t ox = 0; ox < wo; ++ox) {
+            float best = -std::numeric_limits<float>::infinity();
+            int64_t arg = -1;
+            for (int ky = 0; ky < k; ++ky)
+              for (int kx = 0; kx < k; ++kx) {
+                const int64_t iy = oy * s - p + ky, ix = ox * s - p + kx;
+                if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;  // -inf padding
+                const int64_t i = (pl * h + iy) * w + ix;
+                if (std::isnan(best)) continue;
+                if (arg < 0 || x[i] > best || std::isnan(x[i])) best = x[i], arg = i;
+              }
+            ASSERT_GE(arg, 0) << "a window without input";
+            const int64_t o = (pl * ho + oy) * wo + ox;
+            if (std::isnan(best))
+              EXPECT_TRUE(std::isnan(y[o])) << "y " << o;
+            else
+              EXPECT_EQ(y[o], best) << "y " << o;
+            dref[static_cast<size_t>(arg)] += dy[o];
+          }
+      for (int64_t i = 0; i < x.numel(); ++i) EXPECT_EQ(dx[i], dref[i]) << "dx " << i;
+    }
+  EXPECT_THROW(MaxPool2d("pool", 3, 2, 2), Error);  // pad > window / 2: an empty window
+  EXPECT_THROW(MaxPool2d("pool", 3, 0, 1), Error);
+  MaxPool2d pool("pool", 3, 2, 0);
+  Tensor tiny({1, 1, 2, 5}), y;
+  EXPECT_THROW(pool.forward(tiny, y, true), Error);
+}
+
+// Option A (resnet20's: identity, or subsample and zero-pad) and option B (resnet18's: a 1x1
+// projection + BN where the shape changes, by stride 2 or by channels alone).
+TEST(LayerGrad, ResidualBlockShortcuts) {
+  for (auto [in, out, stride, projection] :
+       {std::tuple<int64_t, int64_t, int, bool>{4, 4, 1, false},
+        {3, 6, 2, false},
+        {3, 6, 2, true},
+        {4, 6, 1, true},
+        {6, 4, 2, true}}) {
+    ResidualBlock block(
+        "block", std::make_unique<Conv2d>("c1", in, out, 3, stride, 1), out,
+        std::make_unique<Conv2d>("c2", out, out, 3, 1, 1), in, out, stride,
+        projection ? std::make_unique<Conv2d>("proj", in, out, 1, stride, 0) : nullptr);
+    ASSERT_EQ(block.has_projection(), projection);
+    // c1, bn1 (2), c2, bn2 (2), and proj, shortcut.bn (2)
+    ASSERT_EQ(block.params().size(), projection ? 9u : 6u);
+    randomize_params(block, 60 + stride + 30 * projection);
+    Tensor x({3, in, projection ? 7 : 6, 6});
     fill_normal(x, 61);
-    SCOPED_TRACE(testing::Message() << "in=" << in << " out=" << out << " stride=" << stride);
+    SCOPED_TRACE(testing::Message() << "in=" << in << " out=" << out << " stride=" << stride
+                                    << " projection=" << projection);
     check_layer(block, x, 62);
   }
+}
+
+// The projection block's forward is relu(body(x) + bn_s(proj(x))), bit for bit with the layers run
+// one by one, and its running statistics include the shortcut BN's (checkpoints save buffers()).
+TEST(ResidualBlock, ProjectionForwardIsBodyPlusShortcut) {
+  const int64_t in = 3, out = 5;
+  auto make = [&] {
+    auto b =
+        std::make_unique<ResidualBlock>("block", std::make_unique<Conv2d>("c1", in, out, 3, 2, 1),
+                                        out, std::make_unique<Conv2d>("c2", out, out, 3, 1, 1), in,
+                                        out, 2, std::make_unique<Conv2d>("proj", in, out, 1, 2, 0));
+    randomize_params(*b, 95);
+    return b;
+  };
+  auto block = make();
+  Conv2d c1("c1", in, out, 3, 2, 1), c2("c2", out, out, 3, 1, 1), proj("proj", in, out, 1, 2, 0);
+  auto bn1 = BatchNorm::with_relu("bn1", out);
+  BatchNorm bn2("bn2", out), bns("bns", out);
+  std::vector<Layer*> parts = {&c1, bn1.get(), &c2, &bn2, &proj, &bns};
+  std::vector<Param*> mine;
+  for (Layer* l : parts)
+    for (Param* p : l->params()) mine.push_back(p);
+  const std::vector<Param*> theirs = block->params();
+  ASSERT_EQ(mine.size(), theirs.size());
+  for (size_t i = 0; i < mine.size(); ++i) {
+    ASSERT_EQ(mine[i]->value.numel(), theirs[i]->value.numel()) << theirs[i]->name;
+    std::memcpy(mine[i]->value.data(), theirs[i]->value.data(),
+                sizeof(float) * static_cast<size_t>(mine[i]->value.numel()));
+  }
+  Tensor x({4, in, 8, 7}), y;
+  fill_normal(x, 96);
+  block->forward(x, y, true);
+  Tensor a, b, cc, d, e, f;
+  c1.forward(x, a, true);
+  bn1->forward(a, b, true);
+  c2.forward(b, cc, true);
+  bn2.forward(cc, d, true);
+  proj.forward(x, e, true);
+  bns.forward(e, f, true);
+  ASSERT_EQ(y.shape(), d.shape());
+  ASSERT_EQ(y.shape(), (Shape{4, out, 4, 4}));
+  for (int64_t i = 0; i < y.numel(); ++i) {
+    const float v = d[i] + f[i];
+    EXPECT_EQ(y[i], v > 0.0f ? v : 0.0f) << i;
+  }
+  const auto buffers = block->buffers();
+  ASSERT_EQ(buffers.size(), 6u);  // bn1, bn2, shortcut.bn: running mean and variance each
+  EXPECT_EQ(*buffers[4], bns.running_mean());
+  EXPECT_EQ(*buffers[5], bns.running_var());
 }
 
 TEST(LayerGrad, SmallCnnEndToEnd) {

@@ -143,6 +143,8 @@ TEST(ThreadCount, Resnet20QuantizedStepsAreBitIdentical) { expect_bit_identical(
 TEST(ThreadCount, CnnFp32StepsAreBitIdentical) { expect_bit_identical("cnn", false); }
 TEST(ThreadCount, CnnQuantizedStepsAreBitIdentical) { expect_bit_identical("cnn", true); }
 TEST(ThreadCount, MlpQuantizedStepsAreBitIdentical) { expect_bit_identical("mlp", true); }
+// resnet18 adds the projection shortcuts (1x1 stride-2 convolutions, their BatchNorms, the add).
+TEST(ThreadCount, Resnet18QuantizedStepsAreBitIdentical) { expect_bit_identical("resnet18", true); }
 
 }  // namespace
 }  // namespace int4ddp

@@ -126,6 +126,26 @@ TEST(Train, SmallCnnQuantizedLearns) {
   fs::remove_all(dir);
 }
 
+// Runs c (which writes step checkpoints into dir/ck), then resumes it from dir/ck/step_<from>.ckpt
+// into another metrics file: the resumed run's metrics (at least min_lines of them) must equal the
+// tail of the uninterrupted run's.
+void expect_resume_bit_for_bit(const Config& c, const std::string& dir, int from,
+                               size_t min_lines) {
+  run(c);
+  const auto full = metrics_without_timing(c.log.metrics_path);
+  Config r = c;
+  r.train.resume = dir + "/ck/step_" + std::to_string(from) + ".ckpt";
+  r.log.metrics_path = dir + "/resumed.jsonl";
+  r.train.checkpoint_dir = dir + "/ck2";
+  run(r);
+  const auto resumed = metrics_without_timing(r.log.metrics_path);
+  ASSERT_GT(resumed.size(), min_lines) << "the resumed run logged too little to compare";
+  ASSERT_LE(resumed.size(), full.size());
+  const size_t off = full.size() - resumed.size();
+  for (size_t i = 0; i < resumed.size(); ++i)
+    EXPECT_EQ(resumed[i], full[off + i]) << "line " << i << " of the resumed run";
+}
+
 TEST(Train, ResumeContinuesBitForBit) {
   const std::string dir = temp_dir("resume");
   Config c = small_config(dir, ModelKind::kMlp, 4);
@@ -133,21 +153,26 @@ TEST(Train, ResumeContinuesBitForBit) {
   c.train.batch_size = 128;  // 32 batches per epoch
   c.train.checkpoint_every_steps = 20;
   c.train.checkpoint_every_epochs = 1;
-  run(c);
-  const auto full = metrics_without_timing(c.log.metrics_path);
   // Resume from step 40: mid-epoch 2 (batch 32 was the calibration batch of epoch 1).
-  Config r = c;
-  r.train.resume = dir + "/ck/step_40.ckpt";
-  r.log.metrics_path = dir + "/resumed.jsonl";
-  r.train.checkpoint_dir = dir + "/ck2";
-  run(r);
-  const auto resumed = metrics_without_timing(r.log.metrics_path);
-  ASSERT_GT(resumed.size(), 20u) << "the resumed run logged too little to compare";
-  // The resumed metrics must equal the tail of the uninterrupted run's.
-  ASSERT_LE(resumed.size(), full.size());
-  const size_t off = full.size() - resumed.size();
-  for (size_t i = 0; i < resumed.size(); ++i)
-    EXPECT_EQ(resumed[i], full[off + i]) << "line " << i << " of the resumed run";
+  expect_resume_bit_for_bit(c, dir, 40, 20);
+  fs::remove_all(dir);
+}
+
+// resnet18 4/4/4 (1x28x28 synthetic, CIFAR stem) resumed mid-epoch 2: its checkpoint must hold the
+// projection shortcuts' state too (conv weights, quantizer steps and gammas, their BatchNorms'
+// running statistics, which the epoch-end evaluation reads). Batch 2 keeps it cheap.
+TEST(Train, Resnet18ResumeContinuesBitForBit) {
+  const std::string dir = temp_dir("resume18");
+  Config c = small_config(dir, ModelKind::kResNet18, 4);
+  c.data.synthetic_train_size = 16;  // 8 batches per epoch
+  c.data.synthetic_test_size = 8;
+  c.train.epochs = 2;
+  c.train.batch_size = 2;
+  c.train.eval_batch_size = 8;
+  c.optim.lr = 0.01;
+  c.train.checkpoint_every_steps = 8;  // a checkpoint holds ~180 MB: write few
+  c.log.diagnostics_every = 2;
+  expect_resume_bit_for_bit(c, dir, 8, 4);
   fs::remove_all(dir);
 }
 

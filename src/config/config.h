@@ -26,7 +26,7 @@ using quant::kFp32Bits;
 
 // The enumerated keys. quant.grad_policy and comm.grad_policy are quant::PolicyKind,
 // quant.grad_rounding and comm.rounding quant::Rounding, comm.hierarchy comm::HierarchyMode.
-enum class ModelKind : uint8_t { kMlp, kCnn, kResNet20 };                  // model.name
+enum class ModelKind : uint8_t { kMlp, kCnn, kResNet20, kResNet18 };       // model.name
 enum class DatasetKind : uint8_t { kFashionMnist, kSynthetic, kCifar10 };  // data.dataset
 enum class CommBackend : uint8_t { kNone, kMpi, kNccl };                   // comm.backend
 enum class CommMode : uint8_t { kFp32, kInt4, kInt8 };                     // comm.mode
@@ -46,7 +46,7 @@ const char* spelling(comm::HierarchyMode v);
 
 struct Config {
   struct Model {
-    ModelKind name = ModelKind::kCnn;          // mlp | cnn | resnet20
+    ModelKind name = ModelKind::kCnn;          // mlp | cnn | resnet20 | resnet18
     std::vector<int> mlp_hidden = {256, 256};  // mlp: hidden layer widths, 1..16 layers of 1..65536
     int num_classes = 10;  // classifier outputs, 2..100000 (10 for fashion_mnist, cifar10)
   };

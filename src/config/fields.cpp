@@ -12,8 +12,10 @@
 namespace int4ddp::fields {
 
 const Spellings<ModelKind>& spellings(ModelKind) {
-  static const Spellings<ModelKind> s = {
-      {ModelKind::kMlp, "mlp"}, {ModelKind::kCnn, "cnn"}, {ModelKind::kResNet20, "resnet20"}};
+  static const Spellings<ModelKind> s = {{ModelKind::kMlp, "mlp"},
+                                         {ModelKind::kCnn, "cnn"},
+                                         {ModelKind::kResNet20, "resnet20"},
+                                         {ModelKind::kResNet18, "resnet18"}};
   return s;
 }
 const Spellings<DatasetKind>& spellings(DatasetKind) {

@@ -213,17 +213,26 @@ class ReLU : public Layer {
   std::string name_;
 };
 
-// Max pooling, square window, stride = window (no padding); the argmax is cached for backward.
+// Max pooling, square window: output size (h + 2 pad - window) / stride + 1 (floor, as PyTorch's
+// default ceil_mode = false); padding never wins (it counts as -inf) and a NaN in a window is its
+// maximum (propagated, not dropped). The first maximum of each window wins ties; its index is
+// cached for backward, which adds dy to it (overlapping windows, stride < window, add in a fixed
+// order).
 class MaxPool2d : public Layer {
  public:
-  MaxPool2d(std::string name, int window) : name_(std::move(name)), window_(window) {}
+  // stride = window, no padding.
+  MaxPool2d(std::string name, int window) : MaxPool2d(std::move(name), window, window, 0) {}
+  // pad <= window / 2 (so every window holds an input element), stride >= 1.
+  MaxPool2d(std::string name, int window, int stride, int pad);
   std::string name() const override { return name_; }
   void forward(const Tensor& x, Tensor& y, bool train) override;
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+  int64_t out_size(int64_t in_size) const { return (in_size + 2 * pad_ - window_) / stride_ + 1; }
 
  private:
   std::string name_;
-  int window_;
+  int window_, stride_, pad_;
+  // (n, c, ho, wo): the index of each output's maximum in its (h, w) input plane.
   std::vector<int32_t> argmax_;
 };
 
@@ -261,26 +270,32 @@ class Sequential : public Layer {
   std::vector<Tensor> grads_;  // scratch gradients
 };
 
-// CIFAR ResNet basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)). The option-A
-// shortcut is the identity, or for stride 2 / more channels: subsample by 2 and zero-pad the extra
-// channels (no parameters).
+// ResNet basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)). Without a projection
+// the shortcut is option A (CIFAR ResNet): the identity, or for stride 2 / more channels: subsample
+// by 2 and zero-pad the extra channels (no parameters). With a projection (option B, torchvision's
+// downsample) the shortcut is bn_s(projection(x)), projection a 1x1 convolution with the block's
+// stride from in_channels to out_channels; its BatchNorm is made here (name.shortcut.bn).
 class ResidualBlock : public Layer {
  public:
   ResidualBlock(std::string name, std::unique_ptr<Layer> conv1, int64_t mid_channels,
-                std::unique_ptr<Layer> conv2, int64_t in_channels, int64_t out_channels,
-                int stride);
+                std::unique_ptr<Layer> conv2, int64_t in_channels, int64_t out_channels, int stride,
+                std::unique_ptr<Layer> projection = nullptr);
   std::string name() const override { return name_; }
   void forward(const Tensor& x, Tensor& y, bool train) override;
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
+  // The body's, then the projection shortcut's (if any).
   std::vector<Param*> params() override;
-  std::vector<std::vector<float>*> buffers() override { return body_.buffers(); }
+  std::vector<std::vector<float>*> buffers() override;
+  bool has_projection() const { return !shortcut_.layers().empty(); }
 
  private:
   std::string name_;
   Sequential body_;
+  Sequential shortcut_;  // empty: option A
   int64_t in_channels_, out_channels_;
   int stride_;
   Tensor body_out_, dsum_;
+  Tensor shortcut_out_, dshortcut_;  // projection shortcut: its output, and its dx
 };
 
 // Mean softmax cross-entropy over the batch; logits (n, classes), labels in 0..classes-1.

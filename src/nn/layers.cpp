@@ -128,28 +128,47 @@ void ReLU::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx
   });
 }
 
+MaxPool2d::MaxPool2d(std::string name, int window, int stride, int pad)
+    : name_(std::move(name)), window_(window), stride_(stride), pad_(pad) {
+  INT4DDP_CHECK(window >= 1 && stride >= 1 && pad >= 0 && 2 * pad <= window, name_,
+                ": bad pooling geometry (window ", window, ", stride ", stride, ", pad ", pad,
+                "): needs window >= 1, stride >= 1 and 0 <= pad <= window / 2");
+}
+
 void MaxPool2d::forward(const Tensor& x, Tensor& y, bool) {
   INT4DDP_CHECK(x.rank() == 4, name_, ": input ", shape_str(x.shape()), " is not NCHW");
   const int64_t c = x.dim(1), h = x.dim(2), w = x.dim(3);
-  const int64_t ho = h / window_, wo = w / window_;
-  INT4DDP_CHECK(ho > 0 && wo > 0, name_, ": input ", shape_str(x.shape()), " is too small");
-  y.resize({x.dim(0), x.dim(1), ho, wo});
+  INT4DDP_CHECK(h + 2 * pad_ >= window_ && w + 2 * pad_ >= window_, name_, ": input ",
+                shape_str(x.shape()), " is too small for a window of ", window_);
+  INT4DDP_CHECK(h * w <= std::numeric_limits<int32_t>::max(), name_, ": input ",
+                shape_str(x.shape()), " has planes too large for int32 argmax indices");
+  const int64_t ho = out_size(h), wo = out_size(w);
+  y.resize({x.dim(0), c, ho, wo});
   argmax_.resize(static_cast<size_t>(x.dim(0) * c * ho * wo));
   for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
-    for (int64_t p = s0 * c; p < s1 * c; ++p)
-      for (int64_t oy = 0; oy < ho; ++oy)
+    for (int64_t p = s0 * c; p < s1 * c; ++p) {
+      const float* plane = x.data() + p * h * w;
+      for (int64_t oy = 0; oy < ho; ++oy) {
+        // The window clipped to the plane: padding never wins, so it is simply not visited (pad <=
+        // window / 2 keeps every clipped window non-empty).
+        const int64_t y0 = std::max<int64_t>(0, oy * stride_ - pad_);
+        const int64_t y1 = std::min<int64_t>(h, oy * stride_ - pad_ + window_);
         for (int64_t ox = 0; ox < wo; ++ox) {
-          float best = -std::numeric_limits<float>::infinity();
-          int32_t arg = static_cast<int32_t>((oy * window_) * w + ox * window_);
-          for (int dy = 0; dy < window_; ++dy)
-            for (int dx = 0; dx < window_; ++dx) {
-              const int32_t idx = static_cast<int32_t>((oy * window_ + dy) * w + ox * window_ + dx);
-              const float v = x[p * h * w + idx];
-              if (v > best) best = v, arg = idx;
+          const int64_t x0 = std::max<int64_t>(0, ox * stride_ - pad_);
+          const int64_t x1 = std::min<int64_t>(w, ox * stride_ - pad_ + window_);
+          float best = plane[y0 * w + x0];
+          int64_t arg = y0 * w + x0;
+          // Row-major scan, strict > : the first maximum wins; the first NaN wins over numbers.
+          for (int64_t iy = y0; iy < y1; ++iy)
+            for (int64_t ix = x0; ix < x1; ++ix) {
+              const float v = plane[iy * w + ix];
+              if (v > best || (std::isnan(v) && !std::isnan(best))) best = v, arg = iy * w + ix;
             }
           y[(p * ho + oy) * wo + ox] = best;
-          argmax_[static_cast<size_t>((p * ho + oy) * wo + ox)] = arg;
+          argmax_[static_cast<size_t>((p * ho + oy) * wo + ox)] = static_cast<int32_t>(arg);
         }
+      }
+    }
   });
 }
 
@@ -158,6 +177,8 @@ void MaxPool2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Ten
   const int64_t c = x.dim(1), hw = x.dim(2) * x.dim(3);
   const int64_t howo = y.dim(2) * y.dim(3);
   dx->resize(x.shape());
+  // Overlapping windows (stride < window) add into the same element: each plane is one thread's,
+  // in output order, so the sums do not depend on the thread count.
   for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
     std::fill(dx->data() + s0 * c * hw, dx->data() + s1 * c * hw, 0.0f);
     for (int64_t p = s0 * c; p < s1 * c; ++p)
@@ -239,21 +260,37 @@ void Sequential::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tens
 
 ResidualBlock::ResidualBlock(std::string name, std::unique_ptr<Layer> conv1, int64_t mid_channels,
                              std::unique_ptr<Layer> conv2, int64_t in_channels,
-                             int64_t out_channels, int stride)
+                             int64_t out_channels, int stride, std::unique_ptr<Layer> projection)
     : name_(name),
       body_(name + ".body"),
+      shortcut_(name + ".shortcut"),
       in_channels_(in_channels),
       out_channels_(out_channels),
       stride_(stride) {
   INT4DDP_CHECK(stride == 1 || stride == 2, name_, ": stride must be 1 or 2");
-  INT4DDP_CHECK(out_channels >= in_channels, name_, ": option-A shortcut cannot drop channels");
+  if (projection) {
+    shortcut_.add(std::move(projection));
+    shortcut_.add(std::make_unique<BatchNorm>(name + ".shortcut.bn", out_channels));
+  } else {
+    INT4DDP_CHECK(out_channels >= in_channels, name_, ": option-A shortcut cannot drop channels");
+  }
   body_.add(std::move(conv1));
   body_.add(BatchNorm::with_relu(name + ".bn1", mid_channels));  // + relu1
   body_.add(std::move(conv2));
   body_.add(std::make_unique<BatchNorm>(name + ".bn2", out_channels));
 }
 
-std::vector<Param*> ResidualBlock::params() { return body_.params(); }
+std::vector<Param*> ResidualBlock::params() {
+  std::vector<Param*> out = body_.params();
+  for (Param* p : shortcut_.params()) out.push_back(p);
+  return out;
+}
+
+std::vector<std::vector<float>*> ResidualBlock::buffers() {
+  std::vector<std::vector<float>*> out = body_.buffers();
+  for (std::vector<float>* b : shortcut_.buffers()) out.push_back(b);
+  return out;
+}
 
 void ResidualBlock::forward(const Tensor& x, Tensor& y, bool train) {
   body_.forward(x, body_out_, train);
@@ -264,8 +301,25 @@ void ResidualBlock::forward(const Tensor& x, Tensor& y, bool train) {
                 name_, ": body output ", shape_str(body_out_.shape()), " does not match stride ",
                 stride_, " of input ", shape_str(x.shape()));
   y.resize(body_out_.shape());
-  // Shortcut: channel c < in_channels takes x[c] subsampled by stride; the rest are zero.
   const int64_t hw = ho * wo;
+  if (has_projection()) {
+    shortcut_.forward(x, shortcut_out_, train);
+    INT4DDP_CHECK(shortcut_out_.shape() == body_out_.shape(), name_, ": projection output ",
+                  shape_str(shortcut_out_.shape()), " does not match the body output ",
+                  shape_str(body_out_.shape()));
+    const int64_t per = out_channels_ * hw;
+    for_parts(n, [&](int64_t s0, int64_t s1) {
+      const float* __restrict b = body_out_.data();
+      const float* __restrict sc = shortcut_out_.data();
+      float* __restrict q = y.data();
+      for (int64_t i = s0 * per; i < s1 * per; ++i) {
+        const float v = b[i] + sc[i];
+        q[i] = v > 0.0f ? v : 0.0f;
+      }
+    });
+    return;
+  }
+  // Option A: channel c < in_channels takes x[c] subsampled by stride; the rest are zero.
   for_parts(n, [&](int64_t s0, int64_t s1) {
     for (int64_t i = s0; i < s1; ++i)
       for (int64_t c = 0; c < out_channels_; ++c) {
@@ -306,6 +360,17 @@ void ResidualBlock::backward(const Tensor& x, const Tensor& y, const Tensor& dy,
   });
   // dx = the body's dx, plus the shortcut's gradient added in place.
   body_.backward(x, body_out_, dsum, dx);
+  if (has_projection()) {
+    shortcut_.backward(x, shortcut_out_, dsum, dx ? &dshortcut_ : nullptr);
+    if (!dx) return;
+    const int64_t in_per = in_channels_ * h * w;
+    for_parts(n, [&](int64_t s0, int64_t s1) {
+      const float* __restrict d = dshortcut_.data();
+      float* __restrict q = dx->data();
+      for (int64_t i = s0 * in_per; i < s1 * in_per; ++i) q[i] += d[i];
+    });
+    return;
+  }
   if (!dx) return;
   for_parts(n, [&](int64_t s0, int64_t s1) {
     for (int64_t i = s0; i < s1; ++i)

@@ -19,8 +19,10 @@ Model::Model(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
     build_cnn();
   else if (spec.name == "resnet20")
     build_resnet20();
+  else if (spec.name == "resnet18")
+    build_resnet18();
   else
-    INT4DDP_FAIL("model.name = '", spec.name, "' is not one of mlp, cnn, resnet20");
+    INT4DDP_FAIL("model.name = '", spec.name, "' is not one of mlp, cnn, resnet20, resnet18");
   INT4DDP_CHECK(!spec.quantized || !qops_.empty(), "model ", spec.name,
                 ": quantization is requested but no layer qualifies (the first and the last "
                 "layer stay fp32: fp32_first = ",
@@ -100,6 +102,38 @@ void Model::build_resnet20() {
   net_.add(std::make_unique<GlobalAvgPool>("pool"));
   net_.add(std::make_unique<BatchNorm>("bn_final", 64));
   net_.add(linear("fc", 64, spec_.num_classes, spec_.fp32_last, /*signed_input=*/true));
+}
+
+void Model::build_resnet18() {
+  // Every layer's input follows a ReLU (or a max pool of one) except the stem conv's (the data):
+  // the quantized layers use the unsigned grid, and the classifier too (a mean of ReLU outputs).
+  if (std::max(spec_.height, spec_.width) <= kResNet18CifarStemMaxSide) {
+    net_.add(conv("conv1", spec_.channels, 64, 3, 1, 1, spec_.fp32_first, spec_.signed_input));
+    net_.add(BatchNorm::with_relu("bn1", 64));  // + relu
+  } else {
+    net_.add(conv("conv1", spec_.channels, 64, 7, 2, 3, spec_.fp32_first, spec_.signed_input));
+    net_.add(BatchNorm::with_relu("bn1", 64));  // + relu
+    net_.add(std::make_unique<MaxPool2d>("maxpool", 3, 2, 1));
+  }
+  int64_t in = 64;
+  for (int stage = 0; stage < 4; ++stage) {
+    const int64_t out = int64_t{64} << stage;
+    for (int b = 0; b < 2; ++b) {
+      const int stride = (stage > 0 && b == 0) ? 2 : 1;
+      const std::string name = "layer" + std::to_string(stage + 1) + "." + std::to_string(b);
+      auto conv1 = conv(name + ".conv1", in, out, 3, stride, 1, false);
+      auto conv2 = conv(name + ".conv2", out, out, 3, 1, 1, false);
+      // Option B: a 1x1 projection (+ BN, made by the block) wherever the shape changes.
+      auto projection = (stride != 1 || in != out)
+                            ? conv(name + ".shortcut.conv", in, out, 1, stride, 0, false)
+                            : nullptr;
+      net_.add(std::make_unique<ResidualBlock>(name, std::move(conv1), out, std::move(conv2), in,
+                                               out, stride, std::move(projection)));
+      in = out;
+    }
+  }
+  net_.add(std::make_unique<GlobalAvgPool>("avgpool"));
+  net_.add(linear("fc", 512, spec_.num_classes, spec_.fp32_last));
 }
 
 void Model::bind_arena(uint64_t seed) {

@@ -1,9 +1,13 @@
-// Models (DESIGN.md section 3): mlp, cnn (2 conv + 2 fc) and CIFAR ResNet-20 (option-A shortcuts,
-// BatchNorm1d before the classifier), for 1x28x28 inputs by default. Every Conv2d and Linear is
-// quantized except the first conv / first linear and the last linear, which stay fp32 unless the
-// spec says otherwise; BN, ReLU, pooling and residual adds stay fp32. A quantized layer whose input
-// follows a ReLU quantizes it on the unsigned grid; one whose input can be negative (the normalised
-// data, resnet20's bn_final output) on the signed grid.
+// Models (DESIGN.md section 3): mlp, cnn (2 conv + 2 fc), CIFAR ResNet-20 (option-A shortcuts,
+// BatchNorm1d before the classifier), for 1x28x28 inputs by default, and ResNet-18 (torchvision's:
+// BasicBlocks [2, 2, 2, 2] of widths 64-128-256-512, option-B projection shortcuts, global average
+// pool, fc) whose stem follows the input: CIFAR-style (3x3 conv, stride 1, no max pool) up to
+// 64x64 (3x32x32, 1x28x28), ImageNet-style (7x7 conv stride 2 + BN + ReLU + 3x3 max pool stride 2)
+// above (3x224x224). Every Conv2d and Linear is quantized except the first conv / first linear and
+// the last linear, which stay fp32 unless the spec says otherwise; BN, ReLU, pooling and residual
+// adds stay fp32. A quantized layer whose input follows a ReLU quantizes it on the unsigned grid;
+// one whose input can be negative (the normalised data, resnet20's bn_final output) on the signed
+// grid.
 //
 // All parameters live in two flat arenas (values, gradients), in forward layer order, with per-
 // parameter views; a gradient bucket is therefore a contiguous span (reverse order = from the end).
@@ -21,7 +25,7 @@
 namespace int4ddp::nn {
 
 struct ModelSpec {
-  std::string name = "cnn";  // mlp | cnn | resnet20
+  std::string name = "cnn";  // mlp | cnn | resnet20 | resnet18
   int64_t channels = 1, height = 28, width = 28;
   int64_t num_classes = 10;
   std::vector<int64_t> mlp_hidden = {512, 512};
@@ -59,6 +63,10 @@ class Model {
   bool needs_calibration() const;
   // BN running statistics, part of the model state (checkpoints) but not trainable.
   std::vector<std::vector<float>*> buffers() { return net_.buffers(); }
+  // The top-level layers in forward order (tests walk them to check intermediate shapes).
+  const Sequential& network() const { return net_; }
+  // Largest input side (height or width) that resnet18 builds with the CIFAR-style stem.
+  static constexpr int64_t kResNet18CifarStemMaxSide = 64;
 
  private:
   // A layer, quantized unless the spec says fp32 or keep_fp32; signed_input: its input can be
@@ -71,6 +79,7 @@ class Model {
   void build_mlp();
   void build_cnn();
   void build_resnet20();
+  void build_resnet18();
   void bind_arena(uint64_t seed);
 
   ModelSpec spec_;
