@@ -55,6 +55,6 @@ static void dequantize_segment_portable(const int8_t* codes, int64_t n, float st
 
 extern const CodecKernels kPortableKernels = {absmax_portable, quantize_segment_scalar,
                                               pack_int4_portable, unpack_int4_portable,
-                                              dequantize_segment_portable};
+                                              dequantize_segment_portable, nullptr, nullptr};
 
 }  // namespace int4ddp::quant::detail
