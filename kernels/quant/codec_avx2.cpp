@@ -94,18 +94,41 @@ float absmax_avx2(const float* x, int64_t n, int64_t* nonfinite) {
   return r;
 }
 
+// Round keys and counter words of one RngKey, broadcast, and the scalars the first two rounds fold.
 struct PhiloxKeys {
   __m256i k0[kPhiloxRounds], k1[kPhiloxRounds];
   __m256i x2, x3;
-  explicit PhiloxKeys(const RngKey& key) {
-    uint32_t a = key.seed, b = key.stream;
+  RngKey key;
+  explicit PhiloxKeys(const RngKey& k) : key(k) {
+    uint32_t a = k.seed, b = k.stream;
     for (int r = 0; r < kPhiloxRounds; ++r) {
       if (r > 0) a += kPhiloxW0, b += kPhiloxW1;
       k0[r] = _mm256_set1_epi64x(a);
       k1[r] = _mm256_set1_epi64x(b);
     }
-    x2 = _mm256_set1_epi64x(key.step);
-    x3 = _mm256_set1_epi64x(key.tensor_id);
+    x2 = _mm256_set1_epi64x(k.step);
+    x3 = _mm256_set1_epi64x(k.tensor_id);
+  }
+};
+
+// The first two rounds of groups that share the high counter word: counter words 1, 2, 3 are then
+// the same for every instance, so round 1 has one varying product (M0 * word 0) and round 2 one
+// (M1 * word 2); the rest of those rounds is constants, computed here once per batch in scalar
+// arithmetic (the same operations as philox4x32_10, only reordered: xor is associative).
+struct PhiloxHead {
+  __m256i c;  // round 1: word 2 = hi(M0 * w0) ^ c
+  __m256i e;  // round 2: word 0 = hi(M1 * word 2) ^ e
+  __m256i f;  // round 2: word 2 = (round-1 word 3) ^ f
+  __m256i g;  // round 3: word 2 = hi(M0 * word 0) ^ g (word 3 of round 2 is a constant)
+  PhiloxHead(const RngKey& k, uint32_t group_hi) {
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * k.step;
+    const uint32_t w0 = static_cast<uint32_t>(p1 >> 32) ^ group_hi ^ k.seed;  // round-1 word 0
+    const uint32_t w1 = static_cast<uint32_t>(p1);                            // round-1 word 1
+    const uint64_t d = static_cast<uint64_t>(kPhiloxM0) * w0;                 // round-2 M0 product
+    c = _mm256_set1_epi64x(k.tensor_id ^ k.stream);
+    e = _mm256_set1_epi64x(w1 ^ (k.seed + kPhiloxW0));
+    f = _mm256_set1_epi64x(static_cast<uint32_t>(d >> 32) ^ (k.stream + kPhiloxW1));
+    g = _mm256_set1_epi64x(static_cast<uint32_t>(d) ^ (k.stream + 2 * kPhiloxW1));
   }
 };
 
@@ -113,29 +136,46 @@ struct PhiloxKeys {
 // order: words[4j .. 4j + 3] are the four words of instance group + j, which, read as 16-bit
 // halves, are the uniforms of elements 8j .. 8j + 7 (the layout of philox.h). B independent chains
 // of four instances (one per 64-bit lane: instance group + 4b + k) hide the multiply latency; the
-// high halves of the products are swapped down with vpshufd rather than shifted.
+// high halves of the products are swapped down with vpshufd rather than shifted, and the state
+// words keep the garbage upper halves that vpmuludq ignores. All instances must share group >> 32
+// (head: the folded first two rounds for that high word).
 template <int B>
-inline void philox_words(const PhiloxKeys& pk, uint64_t group, uint32_t* words) {
+inline void philox_words(const PhiloxKeys& pk, const PhiloxHead& head, uint64_t group,
+                         uint32_t* words) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  auto swap = [](__m256i p) { return _mm256_shuffle_epi32(p, 0xB1); };  // hi half to lo
   __m256i x0[B], x1[B], x2[B], x3[B];
-  for (int b = 0; b < B; ++b) {
-    x0[b] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(group + 4 * b)),
-                             _mm256_set_epi64x(3, 2, 1, 0));
-    x1[b] = _mm256_srli_epi64(x0[b], 32);
-    x2[b] = pk.x2;
-    x3[b] = pk.x3;
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {  // rounds 1 and 2
+    const __m256i w0 = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(group + 4 * b)),
+                                        _mm256_set_epi64x(3, 2, 1, 0));
+    const __m256i p0 = _mm256_mul_epu32(w0, m0);
+    const __m256i p1 = _mm256_mul_epu32(_mm256_xor_si256(swap(p0), head.c), m1);
+    x0[b] = _mm256_xor_si256(swap(p1), head.e);
+    x1[b] = p1;
+    x2[b] = _mm256_xor_si256(p0, head.f);
   }
-  for (int r = 0; r < kPhiloxRounds; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {  // round 3
+    const __m256i p0 = _mm256_mul_epu32(x0[b], m0);
+    const __m256i p1 = _mm256_mul_epu32(x2[b], m1);
+    x0[b] = _mm256_xor_si256(swap(p1), _mm256_xor_si256(x1[b], pk.k0[2]));
+    x1[b] = p1;
+    x2[b] = _mm256_xor_si256(swap(p0), head.g);
+    x3[b] = p0;
+  }
+  for (int r = 3; r < kPhiloxRounds; ++r) {
+#pragma GCC unroll 8
     for (int b = 0; b < B; ++b) {
       const __m256i p0 = _mm256_mul_epu32(x0[b], m0);
       const __m256i p1 = _mm256_mul_epu32(x2[b], m1);
-      x0[b] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p1, 0xB1), x1[b]), pk.k0[r]);
+      x0[b] = _mm256_xor_si256(swap(p1), _mm256_xor_si256(x1[b], pk.k0[r]));
       x1[b] = p1;
-      x2[b] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p0, 0xB1), x3[b]), pk.k1[r]);
+      x2[b] = _mm256_xor_si256(swap(p0), _mm256_xor_si256(x3[b], pk.k1[r]));
       x3[b] = p0;
     }
   }
+#pragma GCC unroll 8
   for (int b = 0; b < B; ++b) {
     const __m256i lo = _mm256_blend_epi32(x0[b], _mm256_slli_epi64(x1[b], 32), 0xAA);  // v0 v1
     const __m256i hi = _mm256_blend_epi32(x2[b], _mm256_slli_epi64(x3[b], 32), 0xAA);  // v2 v3
@@ -148,16 +188,27 @@ inline void philox_words(const PhiloxKeys& pk, uint64_t group, uint32_t* words) 
 }
 
 #ifndef INT4DDP_AVX2_PHILOX_CHAINS
-#define INT4DDP_AVX2_PHILOX_CHAINS 4
+#define INT4DDP_AVX2_PHILOX_CHAINS 3
 #endif
 constexpr int kChains = INT4DDP_AVX2_PHILOX_CHAINS;  // Philox chains per philox_words call
 
-// The words of instances group .. group + count - 1 (count a multiple of 4) into words[4 * count].
+// The words of instances group .. group + count - 1 (count a multiple of 4) into words[4 * count];
+// where group >> 32 changes inside, up to 3 more instances past the end are written.
 inline void philox_range(const PhiloxKeys& pk, uint64_t group, int64_t count, uint32_t* words) {
+  const uint64_t last = group + static_cast<uint64_t>(count) - 1;
+  if ((group >> 32) != (last >> 32)) {  // the high counter word changes inside: split there
+    const int64_t first_part = static_cast<int64_t>((last >> 32 << 32) - group);
+    philox_range(pk, group, first_part, words);
+    philox_range(pk, group + static_cast<uint64_t>(first_part), count - first_part,
+                 words + 4 * first_part);
+    return;
+  }
+  const PhiloxHead head(pk.key, static_cast<uint32_t>(group >> 32));
   int64_t j = 0;
   for (; j + 4 * kChains <= count; j += 4 * kChains)
-    philox_words<kChains>(pk, group + static_cast<uint64_t>(j), words + 4 * j);
-  for (; j < count; j += 4) philox_words<1>(pk, group + static_cast<uint64_t>(j), words + 4 * j);
+    philox_words<kChains>(pk, head, group + static_cast<uint64_t>(j), words + 4 * j);
+  for (; j < count; j += 4)
+    philox_words<1>(pk, head, group + static_cast<uint64_t>(j), words + 4 * j);
 }
 
 struct QuantConsts {
@@ -275,7 +326,8 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
   if constexpr (kStochastic) {
     const PhiloxKeys pk(q.key);
     const uint64_t first = static_cast<uint64_t>(q.first_index);
-    alignas(32) uint32_t words[4 * (kRngChunk / 8 + 4)];  // 4 words per 8 elements, + misalignment
+    // 4 words per 8 elements, + misalignment and the rounding up to whole batches of 4 instances
+    alignas(32) uint32_t words[4 * (kRngChunk / 8 + 8)];
     const uint16_t* h = reinterpret_cast<const uint16_t*>(words) + first % 8;
     for (int64_t c0 = 0; c0 < nv; c0 += kRngChunk) {
       const int64_t m = std::min(kRngChunk, nv - c0);
