@@ -182,8 +182,8 @@ inline void philox_words(const PhiloxKeys& pk, const PhiloxHead& head, uint64_t 
     const __m256i i02 = _mm256_unpacklo_epi64(lo, hi);  // instances 0 | 2
     const __m256i i13 = _mm256_unpackhi_epi64(lo, hi);  // instances 1 | 3
     __m256i* out = reinterpret_cast<__m256i*>(words + 16 * b);
-    _mm256_store_si256(out, _mm256_permute2x128_si256(i02, i13, 0x20));      // instances 0, 1
-    _mm256_store_si256(out + 1, _mm256_permute2x128_si256(i02, i13, 0x31));  // instances 2, 3
+    _mm256_storeu_si256(out, _mm256_permute2x128_si256(i02, i13, 0x20));      // instances 0, 1
+    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(i02, i13, 0x31));  // instances 2, 3
   }
 }
 
