@@ -188,7 +188,7 @@ inline void philox_words(const PhiloxKeys& pk, const PhiloxHead& head, uint64_t 
 }
 
 #ifndef INT4DDP_AVX2_PHILOX_CHAINS
-#define INT4DDP_AVX2_PHILOX_CHAINS 3
+#define INT4DDP_AVX2_PHILOX_CHAINS 2
 #endif
 constexpr int kChains = INT4DDP_AVX2_PHILOX_CHAINS;  // Philox chains per philox_words call
 
@@ -310,34 +310,58 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
     const __m256i a = q8(0), b = q8(1), cc = q8(2), d = q8(3);
     return codes_to_bytes(a, b, cc, d, c.lo8);
   };
-  // Body over [c0, c0 + m), m a multiple of 32; h: the uniforms of element c0 on.
-  auto body = [&](int64_t c0, int64_t m, const uint16_t* h) {
+  // Body over [c0, c0 + m), m a multiple of 32; h: the uniforms of element c0 on; between(): called
+  // once per step (the next chunk's Philox work, interleaved so that the out-of-order core runs the
+  // integer Philox and the floating-point quantizing side by side).
+  auto body = [&](int64_t c0, int64_t m, const uint16_t* h, auto&& between) {
     int64_t i = 0;
     if constexpr (kPack) {
       for (; i + 64 <= m; i += 64) {
+        between();
         const __m256i b0 = step32(c0 + i, h + i);
         const __m256i b1 = step32(c0 + i + 32, h + i + 32);
         emit64_packed(b0, b1, out_at(c0 + i));
       }
     }
-    for (; i < m; i += 32) emit32<kPack>(step32(c0 + i, h + i), out_at(c0 + i));
+    for (; i < m; i += 32) {
+      between();
+      emit32<kPack>(step32(c0 + i, h + i), out_at(c0 + i));
+    }
   };
   const int64_t nv = n / 32 * 32;
   if constexpr (kStochastic) {
     const PhiloxKeys pk(q.key);
     const uint64_t first = static_cast<uint64_t>(q.first_index);
-    // 4 words per 8 elements, + misalignment and the rounding up to whole batches of 4 instances
-    alignas(32) uint32_t words[4 * (kRngChunk / 8 + 8)];
-    const uint16_t* h = reinterpret_cast<const uint16_t*>(words) + first % 8;
-    for (int64_t c0 = 0; c0 < nv; c0 += kRngChunk) {
+    // Two chunks of words (double buffer): 4 words per 8 elements, + misalignment and the rounding
+    // up to whole batches of 4 instances.
+    constexpr int64_t kWords = 4 * (kRngChunk / 8 + 8);
+    alignas(32) uint32_t words[2][kWords];
+    // First group and group count (a multiple of 4) of the chunk at c0.
+    auto groups = [&](int64_t c0, uint64_t* g0) {
       const int64_t m = std::min(kRngChunk, nv - c0);
-      const uint64_t g0 = (first + static_cast<uint64_t>(c0)) / 8;
+      *g0 = (first + static_cast<uint64_t>(c0)) / 8;
       const uint64_t g1 = (first + static_cast<uint64_t>(c0 + m) - 1) / 8;
-      philox_range(pk, g0, static_cast<int64_t>((g1 - g0 + 4) / 4 * 4), words);
-      body(c0, m, h);
+      return static_cast<int64_t>((g1 - *g0 + 4) / 4 * 4);
+    };
+    uint64_t g0;
+    if (nv > 0) philox_range(pk, g0, groups(0, &g0), words[0]);
+    int buf = 0;
+    for (int64_t c0 = 0; c0 < nv; c0 += kRngChunk, buf ^= 1) {
+      int64_t count = 0, done = 0;
+      if (c0 + kRngChunk < nv) count = groups(c0 + kRngChunk, &g0);
+      uint32_t* next = words[buf ^ 1];
+      auto make_next = [&] {
+        if (done >= count) return;
+        const int64_t k = std::min<int64_t>(4 * kChains, count - done);
+        philox_range(pk, g0 + static_cast<uint64_t>(done), k, next + 4 * done);
+        done += k;
+      };
+      body(c0, std::min(kRngChunk, nv - c0),
+           reinterpret_cast<const uint16_t*>(words[buf]) + first % 8, make_next);
+      while (done < count) make_next();
     }
   } else {
-    body(0, nv, nullptr);
+    body(0, nv, nullptr, [] {});
   }
   int64_t clipped = hsum_epi32(count);
   if (nv < n) {
