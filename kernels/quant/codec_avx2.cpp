@@ -337,28 +337,31 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
     constexpr int64_t kWords = 4 * (kRngChunk / 8 + 8);
     alignas(32) uint32_t words[2][kWords];
     // First group and group count (a multiple of 4) of the chunk at c0.
-    auto groups = [&](int64_t c0, uint64_t* g0) {
+    auto groups = [&](int64_t c0, uint64_t* first_group) {
       const int64_t m = std::min(kRngChunk, nv - c0);
-      *g0 = (first + static_cast<uint64_t>(c0)) / 8;
-      const uint64_t g1 = (first + static_cast<uint64_t>(c0 + m) - 1) / 8;
-      return static_cast<int64_t>((g1 - *g0 + 4) / 4 * 4);
+      *first_group = (first + static_cast<uint64_t>(c0)) / 8;
+      const uint64_t last_group = (first + static_cast<uint64_t>(c0 + m) - 1) / 8;
+      return static_cast<int64_t>((last_group - *first_group + 4) / 4 * 4);
     };
-    uint64_t g0;
-    if (nv > 0) philox_range(pk, g0, groups(0, &g0), words[0]);
+    uint64_t g0 = 0;
+    if (nv > 0) {
+      const int64_t ngroups = groups(0, &g0);
+      philox_range(pk, g0, ngroups, words[0]);
+    }
     int buf = 0;
     for (int64_t c0 = 0; c0 < nv; c0 += kRngChunk, buf ^= 1) {
-      int64_t count = 0, done = 0;
-      if (c0 + kRngChunk < nv) count = groups(c0 + kRngChunk, &g0);
+      int64_t ngroups = 0, done = 0;
+      if (c0 + kRngChunk < nv) ngroups = groups(c0 + kRngChunk, &g0);
       uint32_t* next = words[buf ^ 1];
       auto make_next = [&] {
-        if (done >= count) return;
-        const int64_t k = std::min<int64_t>(4 * kChains, count - done);
+        if (done >= ngroups) return;
+        const int64_t k = std::min<int64_t>(4 * kChains, ngroups - done);
         philox_range(pk, g0 + static_cast<uint64_t>(done), k, next + 4 * done);
         done += k;
       };
       body(c0, std::min(kRngChunk, nv - c0),
            reinterpret_cast<const uint16_t*>(words[buf]) + first % 8, make_next);
-      while (done < count) make_next();
+      while (done < ngroups) make_next();
     }
   } else {
     body(0, nv, nullptr, [] {});
