@@ -1,7 +1,11 @@
-// AVX2 + FMA kernels for the fast codec driver (CPUs without AVX-512). Same contract and structure
-// as codec_avx512.cpp: bit-identical to format.h (z = x * r, no division), 32 elements per body
-// step, scalar head and tail. Philox runs 4 instances in the 64-bit lanes of a ymm; one instance
-// serves 8 elements (16-bit uniforms), so one ymm chain covers 32 elements.
+// AVX2 + FMA kernels for the fast codec driver (CPUs without AVX-512). Bit-identical to format.h
+// (z = x * r, no division). Quantize: 64- and 32-element steps and a scalar tail; rounding clamps
+// at +L in float and converts, and the saturating packs to int8 plus one max_epi8 clamp at -L
+// (never a per-element branch). INT4 has fused kernels: quantize straight into nibbles, and
+// unpack + dequantize from the packed bytes (no int8 staging). Stochastic: Philox runs 4
+// instances in the 64-bit lanes of a ymm, 2 chains; one instance serves 8 elements (16-bit
+// uniforms); the words of the next 512-element chunk are made between the quantize steps of the
+// current one and read back from each element's own half-word (any first index, no scalar head).
 #include <immintrin.h>
 
 #include <algorithm>
