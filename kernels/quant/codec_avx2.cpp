@@ -98,23 +98,6 @@ float absmax_avx2(const float* x, int64_t n, int64_t* nonfinite) {
   return r;
 }
 
-// Round keys and counter words of one RngKey, broadcast, and the scalars the first two rounds fold.
-struct PhiloxKeys {
-  __m256i k0[kPhiloxRounds], k1[kPhiloxRounds];
-  __m256i x2, x3;
-  RngKey key;
-  explicit PhiloxKeys(const RngKey& k) : key(k) {
-    uint32_t a = k.seed, b = k.stream;
-    for (int r = 0; r < kPhiloxRounds; ++r) {
-      if (r > 0) a += kPhiloxW0, b += kPhiloxW1;
-      k0[r] = _mm256_set1_epi64x(a);
-      k1[r] = _mm256_set1_epi64x(b);
-    }
-    x2 = _mm256_set1_epi64x(k.step);
-    x3 = _mm256_set1_epi64x(k.tensor_id);
-  }
-};
-
 // The first two rounds of groups that share the high counter word: counter words 1, 2, 3 are then
 // the same for every instance, so round 1 has one varying product (M0 * word 0) and round 2 one
 // (M1 * word 2); the rest of those rounds is constants, computed here once per batch in scalar
@@ -133,6 +116,30 @@ struct PhiloxHead {
     e = _mm256_set1_epi64x(w1 ^ (k.seed + kPhiloxW0));
     f = _mm256_set1_epi64x(static_cast<uint32_t>(d >> 32) ^ (k.stream + kPhiloxW1));
     g = _mm256_set1_epi64x(static_cast<uint32_t>(d) ^ (k.stream + 2 * kPhiloxW1));
+  }
+};
+
+// Round keys of one RngKey, broadcast, and the folded first rounds for the high counter word in
+// use (recomputed only when it changes, i.e. practically never).
+struct PhiloxKeys {
+  __m256i k0[kPhiloxRounds], k1[kPhiloxRounds];
+  RngKey key;
+  uint32_t head_hi = 0;
+  PhiloxHead head;
+  explicit PhiloxKeys(const RngKey& k) : key(k), head(k, 0) {
+    uint32_t a = k.seed, b = k.stream;
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      if (r > 0) a += kPhiloxW0, b += kPhiloxW1;
+      k0[r] = _mm256_set1_epi64x(a);
+      k1[r] = _mm256_set1_epi64x(b);
+    }
+  }
+  const PhiloxHead& head_for(uint32_t group_hi) {
+    if (group_hi != head_hi) {
+      head = PhiloxHead(key, group_hi);
+      head_hi = group_hi;
+    }
+    return head;
   }
 };
 
@@ -198,7 +205,7 @@ constexpr int kChains = INT4DDP_AVX2_PHILOX_CHAINS;  // Philox chains per philox
 
 // The words of instances group .. group + count - 1 (count a multiple of 4) into words[4 * count];
 // where group >> 32 changes inside, up to 3 more instances past the end are written.
-inline void philox_range(const PhiloxKeys& pk, uint64_t group, int64_t count, uint32_t* words) {
+inline void philox_range(PhiloxKeys& pk, uint64_t group, int64_t count, uint32_t* words) {
   const uint64_t last = group + static_cast<uint64_t>(count) - 1;
   if ((group >> 32) != (last >> 32)) {  // the high counter word changes inside: split there
     const int64_t first_part = static_cast<int64_t>((last >> 32 << 32) - group);
@@ -207,7 +214,7 @@ inline void philox_range(const PhiloxKeys& pk, uint64_t group, int64_t count, ui
                  words + 4 * first_part);
     return;
   }
-  const PhiloxHead head(pk.key, static_cast<uint32_t>(group >> 32));
+  const PhiloxHead& head = pk.head_for(static_cast<uint32_t>(group >> 32));
   int64_t j = 0;
   for (; j + 4 * kChains <= count; j += 4 * kChains)
     philox_words<kChains>(pk, head, group + static_cast<uint64_t>(j), words + 4 * j);
@@ -334,7 +341,7 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
   };
   const int64_t nv = n / 32 * 32;
   if constexpr (kStochastic) {
-    const PhiloxKeys pk(q.key);
+    PhiloxKeys pk(q.key);
     const uint64_t first = static_cast<uint64_t>(q.first_index);
     // Two chunks of words (double buffer): 4 words per 8 elements, + misalignment and the rounding
     // up to whole batches of 4 instances.
