@@ -100,7 +100,7 @@ float absmax_avx2(const float* x, int64_t n, int64_t* nonfinite) {
 
 // The first two rounds of groups that share the high counter word: counter words 1, 2, 3 are then
 // the same for every instance, so round 1 has one varying product (M0 * word 0) and round 2 one
-// (M1 * word 2); the rest of those rounds is constants, computed here once per batch in scalar
+// (M1 * word 2); the rest of those rounds is constants, computed here once per high word in scalar
 // arithmetic (the same operations as philox4x32_10, only reordered: xor is associative).
 struct PhiloxHead {
   __m256i c;  // round 1: word 2 = hi(M0 * w0) ^ c
