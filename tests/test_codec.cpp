@@ -370,6 +370,47 @@ TEST(CodecReference, StochasticIsReproducibleAndKeyed) {
   }
 }
 
+// Element indices whose Philox group crosses 2^32 (the counter's high word changes inside a batch
+// of instances the vector codecs make together), at offsets that are not a multiple of 8 or even.
+TEST(CodecMatchesReferenceEdges, IndexOffsetsAcrossTheHighCounterWord) {
+  const int64_t boundary = int64_t{8} << 32;  // element index of group 2^32
+  for (int64_t offset : {boundary - 40, boundary - 37, boundary - 3, boundary - 1000, int64_t{5}})
+    for (int64_t n : {200, 1000, 4100})
+      for (int bits : {4, 8}) {
+        const std::vector<float> x = make_input(n, 31 + n, false);
+        for (int64_t g : {0, 7, 64, 512}) {
+          QuantParams p;
+          p.bits = bits;
+          p.rounding = Rounding::kStochastic;
+          p.block_size = g;
+          p.index_offset = offset;
+          p.key = RngKey{11, 2, 3, 4};
+          check_all_isas(x, p);
+          if (HasFatalFailure()) return;
+        }
+      }
+}
+
+// A clip far below the data (gamma 1e-30): x * r overflows the int32 range and, for the largest
+// inputs, to Inf; the codes must still saturate at +-L with the right sign.
+TEST(CodecMatchesReferenceEdges, ScaledValuesBeyondInt32AndInfinity) {
+  std::vector<float> x = make_input(4100, 5, false);
+  for (size_t i = 0; i < x.size(); i += 17) x[i] = (i % 2 ? 1e30f : -1e30f);
+  for (size_t i = 5; i < x.size(); i += 23) x[i] = (i % 2 ? 1e-31f : -3e-31f);
+  for (int bits = kMinBits; bits <= kMaxBits; ++bits)
+    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic})
+      for (int64_t g : {0, 512, 33}) {
+        QuantParams p;
+        p.bits = bits;
+        p.rounding = r;
+        p.block_size = g;
+        p.gamma = 1e-30f;
+        p.key = RngKey{1, 2, 3, 4};
+        check_all_isas(x, p);
+        if (HasFatalFailure()) return;
+      }
+}
+
 // Quantizing a tensor in block-aligned pieces with index_offset = piece start gives the bytes and
 // scales of one call, for the reference and every ISA (the two-shot all-reduce relies on it).
 TEST(CodecMatchesReferenceEdges, IndexOffsetPiecesEqualOneCall) {

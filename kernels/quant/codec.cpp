@@ -1,7 +1,8 @@
 // The fast codec driver and the ISA dispatch. The driver walks the scopes of the tensor, finds each
 // scope's absmax, then quantizes the scope in tiles. INT4 codes go through a small int8 staging
 // tile (L1-resident) and are packed from there, so scope boundaries may fall anywhere, even
-// mid-byte. For b != 4 the int8 codes are the output.
+// mid-byte. ISAs with fused INT4 kernels skip the staging tile when every scope starts at an even
+// element (an even block size, or one scope). For b != 4 the int8 codes are the output.
 #include "kernels/quant/codec.h"
 
 #include <algorithm>
@@ -144,6 +145,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     stage_len -= m;
   };
 
+  const bool fused = k.quantize_pack_int4 != nullptr && p.block_size % 2 == 0;
   detail::SegmentQuant seg{0.0f, 0.0f, p.bits, p.rounding, p.key, 0, true};
   for (int64_t s = 0; s < nscales; ++s) {
     const int64_t begin = s * scope;
@@ -163,6 +165,11 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
       seg.first_index = p.index_offset + begin;
       st.clipped +=
           k.quantize_segment(x + begin, end - begin, seg, reinterpret_cast<int8_t*>(codes) + begin);
+      continue;
+    }
+    if (fused) {  // every scope starts at an even element: its codes start at a byte boundary
+      seg.first_index = p.index_offset + begin;
+      st.clipped += k.quantize_pack_int4(x + begin, end - begin, seg, codes + begin / 2);
       continue;
     }
     for (int64_t i = begin; i < end;) {
@@ -211,6 +218,10 @@ void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t 
     if (bits != 4) {
       k.dequantize_segment(reinterpret_cast<const int8_t*>(codes) + begin, end - begin, scales[s],
                            out + begin);
+      continue;
+    }
+    if (k.unpack_dequantize_int4) {
+      k.unpack_dequantize_int4(codes + begin / 2, begin % 2, end - begin, scales[s], out + begin);
       continue;
     }
     for (int64_t i = begin; i < end;) {

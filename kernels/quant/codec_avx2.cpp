@@ -1,19 +1,22 @@
-// AVX2 + FMA kernels for the fast codec driver (CPUs without AVX-512). Same contract and structure
-// as codec_avx512.cpp: bit-identical to format.h (z = x * r, no division), 32 elements per body
-// step, scalar head and tail. Philox runs 4 instances in the 64-bit lanes of a ymm; one instance
-// serves 8 elements (16-bit uniforms), so one ymm chain covers 32 elements.
+// AVX2 + FMA kernels for the fast codec driver (CPUs without AVX-512). Bit-identical to format.h
+// (z = x * r, no division). Quantize: 64- and 32-element steps and a scalar tail; rounding clamps
+// at +L in float and converts, and the saturating packs to int8 plus one max_epi8 clamp at -L
+// (never a per-element branch). INT4 has fused kernels: quantize straight into nibbles, and
+// unpack + dequantize from the packed bytes (no int8 staging). Stochastic: Philox runs 4
+// instances in the 64-bit lanes of a ymm, 2 chains; one instance serves 8 elements (16-bit
+// uniforms); the words of the next 512-element chunk are made between the quantize steps of the
+// current one and read back from each element's own half-word (any first index, no scalar head).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 
 #include "kernels/quant/codec_kernels.h"
 
 namespace int4ddp::quant::detail {
 namespace {
-
-constexpr int kVec = 32;
 
 inline __m256 abs_ps(__m256 v) {
   return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
@@ -34,7 +37,8 @@ inline int64_t hsum_epi32(__m256i v) {
   return s;
 }
 
-float absmax_avx2(const float* x, int64_t n, int64_t* nonfinite) {
+// max |x| with the finite test: the careful scan, used when the fast one below saw NaN or Inf.
+float absmax_checked(const float* x, int64_t n, int64_t* nonfinite) {
   const __m256 kMax = _mm256_set1_ps(FLT_MAX);
   __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
   int64_t bad = 0;
@@ -46,10 +50,8 @@ float absmax_avx2(const float* x, int64_t n, int64_t* nonfinite) {
     const __m256 fb = _mm256_cmp_ps(b, kMax, _CMP_LE_OQ);
     m0 = _mm256_max_ps(m0, _mm256_and_ps(a, fa));  // non-finite lanes contribute 0
     m1 = _mm256_max_ps(m1, _mm256_and_ps(b, fb));
-    const int ok = _mm256_movemask_ps(_mm256_and_ps(fa, fb));
-    if (__builtin_expect(ok != 0xFF, 0))
-      bad += 16 - __builtin_popcount(_mm256_movemask_ps(fa)) -
-             __builtin_popcount(_mm256_movemask_ps(fb));
+    bad += 16 - __builtin_popcount(_mm256_movemask_ps(fa)) -
+           __builtin_popcount(_mm256_movemask_ps(fb));
   }
   float m = hmax(_mm256_max_ps(m0, m1));
   for (; i < n; ++i) {
@@ -62,18 +64,82 @@ float absmax_avx2(const float* x, int64_t n, int64_t* nonfinite) {
   return m;
 }
 
+// max |x| as the integer maximum of the sign-cleared bit patterns: for non-negative floats the
+// integer order is the float order, and Inf/NaN patterns (> FLT_MAX's) win, so one compare at the
+// end tells whether the scope is all finite (two operations per 8 elements instead of four).
+float absmax_avx2(const float* x, int64_t n, int64_t* nonfinite) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  __m256i m0 = _mm256_setzero_si256(), m1 = m0, m2 = m0, m3 = m0;
+  auto bits = [&](int64_t i) {
+    return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), abs_mask);
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    m0 = _mm256_max_epi32(m0, bits(i));
+    m1 = _mm256_max_epi32(m1, bits(i + 8));
+    m2 = _mm256_max_epi32(m2, bits(i + 16));
+    m3 = _mm256_max_epi32(m3, bits(i + 24));
+  }
+  for (; i + 8 <= n; i += 8) m0 = _mm256_max_epi32(m0, bits(i));
+  m0 = _mm256_max_epi32(_mm256_max_epi32(m0, m1), _mm256_max_epi32(m2, m3));
+  __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m0), _mm256_extracti128_si256(m0, 1));
+  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+  uint32_t m = static_cast<uint32_t>(_mm_cvtsi128_si32(h));
+  for (; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    b &= 0x7fffffffu;
+    m = m > b ? m : b;
+  }
+  if (m > 0x7f7fffffu) return absmax_checked(x, n, nonfinite);  // a NaN or an Inf
+  float r;
+  std::memcpy(&r, &m, 4);
+  return r;
+}
+
+// The first two rounds of groups that share the high counter word: counter words 1, 2, 3 are then
+// the same for every instance, so round 1 has one varying product (M0 * word 0) and round 2 one
+// (M1 * word 2); the rest of those rounds is constants, computed here once per high word in scalar
+// arithmetic (the same operations as philox4x32_10, only reordered: xor is associative).
+struct PhiloxHead {
+  __m256i c;  // round 1: word 2 = hi(M0 * w0) ^ c
+  __m256i e;  // round 2: word 0 = hi(M1 * word 2) ^ e
+  __m256i f;  // round 2: word 2 = (round-1 word 3) ^ f
+  __m256i g;  // round 3: word 2 = hi(M0 * word 0) ^ g (word 3 of round 2 is a constant)
+  PhiloxHead(const RngKey& k, uint32_t group_hi) {
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * k.step;
+    const uint32_t w0 = static_cast<uint32_t>(p1 >> 32) ^ group_hi ^ k.seed;  // round-1 word 0
+    const uint32_t w1 = static_cast<uint32_t>(p1);                            // round-1 word 1
+    const uint64_t d = static_cast<uint64_t>(kPhiloxM0) * w0;                 // round-2 M0 product
+    c = _mm256_set1_epi64x(k.tensor_id ^ k.stream);
+    e = _mm256_set1_epi64x(w1 ^ (k.seed + kPhiloxW0));
+    f = _mm256_set1_epi64x(static_cast<uint32_t>(d >> 32) ^ (k.stream + kPhiloxW1));
+    g = _mm256_set1_epi64x(static_cast<uint32_t>(d) ^ (k.stream + 2 * kPhiloxW1));
+  }
+};
+
+// Round keys of one RngKey, broadcast, and the folded first rounds for the high counter word in
+// use (recomputed only when it changes, i.e. practically never).
 struct PhiloxKeys {
   __m256i k0[kPhiloxRounds], k1[kPhiloxRounds];
-  __m256i x2, x3;
-  explicit PhiloxKeys(const RngKey& key) {
-    uint32_t a = key.seed, b = key.stream;
+  RngKey key;
+  uint32_t head_hi = 0;
+  PhiloxHead head;
+  explicit PhiloxKeys(const RngKey& k) : key(k), head(k, 0) {
+    uint32_t a = k.seed, b = k.stream;
     for (int r = 0; r < kPhiloxRounds; ++r) {
       if (r > 0) a += kPhiloxW0, b += kPhiloxW1;
       k0[r] = _mm256_set1_epi64x(a);
       k1[r] = _mm256_set1_epi64x(b);
     }
-    x2 = _mm256_set1_epi64x(key.step);
-    x3 = _mm256_set1_epi64x(key.tensor_id);
+  }
+  const PhiloxHead& head_for(uint32_t group_hi) {
+    if (group_hi != head_hi) {
+      head = PhiloxHead(key, group_hi);
+      head_hi = group_hi;
+    }
+    return head;
   }
 };
 
@@ -81,149 +147,266 @@ struct PhiloxKeys {
 // order: words[4j .. 4j + 3] are the four words of instance group + j, which, read as 16-bit
 // halves, are the uniforms of elements 8j .. 8j + 7 (the layout of philox.h). B independent chains
 // of four instances (one per 64-bit lane: instance group + 4b + k) hide the multiply latency; the
-// high halves of the products are swapped down with vpshufd rather than shifted.
+// high halves of the products are swapped down with vpshufd rather than shifted, and the state
+// words keep the garbage upper halves that vpmuludq ignores. All instances must share group >> 32
+// (head: the folded first two rounds for that high word).
 template <int B>
-inline void philox_words(const PhiloxKeys& pk, uint64_t group, uint32_t* words) {
+inline void philox_words(const PhiloxKeys& pk, const PhiloxHead& head, uint64_t group,
+                         uint32_t* words) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  auto swap = [](__m256i p) { return _mm256_shuffle_epi32(p, 0xB1); };  // hi half to lo
   __m256i x0[B], x1[B], x2[B], x3[B];
-  for (int b = 0; b < B; ++b) {
-    x0[b] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(group + 4 * b)),
-                             _mm256_set_epi64x(3, 2, 1, 0));
-    x1[b] = _mm256_srli_epi64(x0[b], 32);
-    x2[b] = pk.x2;
-    x3[b] = pk.x3;
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {  // rounds 1 and 2
+    const __m256i w0 = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(group + 4 * b)),
+                                        _mm256_set_epi64x(3, 2, 1, 0));
+    const __m256i p0 = _mm256_mul_epu32(w0, m0);
+    const __m256i p1 = _mm256_mul_epu32(_mm256_xor_si256(swap(p0), head.c), m1);
+    x0[b] = _mm256_xor_si256(swap(p1), head.e);
+    x1[b] = p1;
+    x2[b] = _mm256_xor_si256(p0, head.f);
   }
-  for (int r = 0; r < kPhiloxRounds; ++r) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {  // round 3
+    const __m256i p0 = _mm256_mul_epu32(x0[b], m0);
+    const __m256i p1 = _mm256_mul_epu32(x2[b], m1);
+    x0[b] = _mm256_xor_si256(swap(p1), _mm256_xor_si256(x1[b], pk.k0[2]));
+    x1[b] = p1;
+    x2[b] = _mm256_xor_si256(swap(p0), head.g);
+    x3[b] = p0;
+  }
+  for (int r = 3; r < kPhiloxRounds; ++r) {
+#pragma GCC unroll 8
     for (int b = 0; b < B; ++b) {
       const __m256i p0 = _mm256_mul_epu32(x0[b], m0);
       const __m256i p1 = _mm256_mul_epu32(x2[b], m1);
-      x0[b] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p1, 0xB1), x1[b]), pk.k0[r]);
+      x0[b] = _mm256_xor_si256(swap(p1), _mm256_xor_si256(x1[b], pk.k0[r]));
       x1[b] = p1;
-      x2[b] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p0, 0xB1), x3[b]), pk.k1[r]);
+      x2[b] = _mm256_xor_si256(swap(p0), _mm256_xor_si256(x3[b], pk.k1[r]));
       x3[b] = p0;
     }
   }
+#pragma GCC unroll 8
   for (int b = 0; b < B; ++b) {
     const __m256i lo = _mm256_blend_epi32(x0[b], _mm256_slli_epi64(x1[b], 32), 0xAA);  // v0 v1
     const __m256i hi = _mm256_blend_epi32(x2[b], _mm256_slli_epi64(x3[b], 32), 0xAA);  // v2 v3
     const __m256i i02 = _mm256_unpacklo_epi64(lo, hi);  // instances 0 | 2
     const __m256i i13 = _mm256_unpackhi_epi64(lo, hi);  // instances 1 | 3
     __m256i* out = reinterpret_cast<__m256i*>(words + 16 * b);
-    _mm256_store_si256(out, _mm256_permute2x128_si256(i02, i13, 0x20));      // instances 0, 1
-    _mm256_store_si256(out + 1, _mm256_permute2x128_si256(i02, i13, 0x31));  // instances 2, 3
+    _mm256_storeu_si256(out, _mm256_permute2x128_si256(i02, i13, 0x20));      // instances 0, 1
+    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(i02, i13, 0x31));  // instances 2, 3
   }
-}
-
-// u = h * 2^-16 of the eight elements whose Philox words are words[0 .. 3].
-inline __m256 uniforms8(const uint32_t* words) {
-  const __m256i h = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(words)));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(h), _mm256_set1_ps(1.52587890625e-5f));  // 2^-16
-}
-
-struct QuantConsts {
-  __m256 inv, clip, lo, hi, fmax;
-};
-
-// int32 codes of 8 elements (non-finite lanes 0), z = x * r then the rounding and the clamp of
-// format.h; subtracts -1 from clip_count per clipped lane. NaN and Inf lanes make no NaN code
-// (max/min return the bound for a NaN first operand) and are zeroed by the finite mask.
-template <bool kStochastic, bool kAllFinite>
-inline __m256i quant8(const float* x, const QuantConsts& c, __m256 u, __m256i* clip_count) {
-  constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  constexpr int kFloor = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
-  const __m256 v = _mm256_loadu_ps(x);
-  const __m256 a = abs_ps(v);
-  const __m256 fin = kAllFinite ? _mm256_castsi256_ps(_mm256_set1_epi32(-1))
-                                : _mm256_cmp_ps(a, c.fmax, _CMP_LE_OQ);
-  __m256 clipped = _mm256_cmp_ps(a, c.clip, _CMP_GT_OQ);
-  if (!kAllFinite) clipped = _mm256_and_ps(fin, clipped);
-  *clip_count = _mm256_sub_epi32(*clip_count, _mm256_castps_si256(clipped));
-  const __m256 z = _mm256_mul_ps(v, c.inv);
-  const __m256 r =
-      kStochastic ? _mm256_round_ps(_mm256_add_ps(z, u), kFloor) : _mm256_round_ps(z, kNear);
-  const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, c.lo), c.hi));
-  return kAllFinite ? q : _mm256_and_si256(q, _mm256_castps_si256(fin));
-}
-
-// Store 32 int32 codes (a: elements 0-7, b: 8-15, c: 16-23, d: 24-31) as int8.
-inline void store_codes32(__m256i a, __m256i b, __m256i c, __m256i d, int8_t* codes) {
-  const __m256i ab = _mm256_packs_epi32(a, b);  // a0-3 b0-3 | a4-7 b4-7
-  const __m256i cd = _mm256_packs_epi32(c, d);
-  const __m256i bytes = _mm256_packs_epi16(ab, cd);  // a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7
-  const __m256i ordered =
-      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), ordered);
 }
 
 #ifndef INT4DDP_AVX2_PHILOX_CHAINS
-#define INT4DDP_AVX2_PHILOX_CHAINS 4
+#define INT4DDP_AVX2_PHILOX_CHAINS 2
 #endif
 constexpr int kChains = INT4DDP_AVX2_PHILOX_CHAINS;  // Philox chains per philox_words call
-constexpr int64_t kRngChunk = 512;  // elements whose Philox words are made ahead of quantizing
 
-// n is a multiple of kVec; for stochastic rounding q.first_index is a multiple of 8. Stochastic:
-// the Philox words of a chunk are made first (kChains independent chains, which the quantize loop's
-// register pressure would not allow), into an L1-resident buffer, then the chunk is quantized.
+// The words of instances group .. group + count - 1 (count a multiple of 4) into words[4 * count];
+// where group >> 32 changes inside, up to 3 more instances past the end are written.
+inline void philox_range(PhiloxKeys& pk, uint64_t group, int64_t count, uint32_t* words) {
+  const uint64_t last = group + static_cast<uint64_t>(count) - 1;
+  if ((group >> 32) != (last >> 32)) {  // the high counter word changes inside: split there
+    const int64_t first_part = static_cast<int64_t>((last >> 32 << 32) - group);
+    philox_range(pk, group, first_part, words);
+    philox_range(pk, group + static_cast<uint64_t>(first_part), count - first_part,
+                 words + 4 * first_part);
+    return;
+  }
+  const PhiloxHead& head = pk.head_for(static_cast<uint32_t>(group >> 32));
+  int64_t j = 0;
+  for (; j + 4 * kChains <= count; j += 4 * kChains)
+    philox_words<kChains>(pk, head, group + static_cast<uint64_t>(j), words + 4 * j);
+  for (; j < count; j += 4)
+    philox_words<1>(pk, head, group + static_cast<uint64_t>(j), words + 4 * j);
+}
+
+struct QuantConsts {
+  __m256 inv, clip, hi, fmax;
+  __m256i lo8;  // -L in every byte
+};
+
+// int32 codes of 8 elements (non-finite lanes 0), z = x * r then the rounding of format.h, clamped
+// above at L only: the caller's saturating packs to int8 and max_epi8(-L) clamp below (z < -2^31
+// converts to INT_MIN, which saturates the same way). Clamping before rounding gives the same code
+// because L is an integer. Nearest rounds with cvtps in the current (default nearest-even) mode,
+// as rintf does. h: the eight 16-bit uniforms (stochastic). Subtracts -1 from clip_count per
+// clipped lane. NaN and Inf lanes never make a NaN code (min returns L for a NaN first operand)
+// and are zeroed by the finite mask.
 template <bool kStochastic, bool kAllFinite>
-void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantConsts& c,
-                int8_t* codes, __m256i* count) {
-  auto q8 = [&](int64_t i, __m256 u) {
-    return quant8<kStochastic, kAllFinite>(x + i, c, u, count);
-  };
+inline __m256i quant8(const float* x, const QuantConsts& c, const uint16_t* h,
+                      __m256i* clip_count) {
+  const __m256 v = _mm256_loadu_ps(x);
+  const __m256 a = abs_ps(v);
+  __m256 clipped = _mm256_cmp_ps(a, c.clip, _CMP_GT_OQ);
+  __m256 fin;
+  if (!kAllFinite) {
+    fin = _mm256_cmp_ps(a, c.fmax, _CMP_LE_OQ);
+    clipped = _mm256_and_ps(fin, clipped);
+  }
+  *clip_count = _mm256_sub_epi32(*clip_count, _mm256_castps_si256(clipped));
+  const __m256 z = _mm256_mul_ps(v, c.inv);
+  __m256i q;
   if constexpr (kStochastic) {
-    const PhiloxKeys pk(q.key);
-    const uint64_t group0 = static_cast<uint64_t>(q.first_index) / 8;
-    alignas(32) uint32_t words[kRngChunk / 2];  // 4 words per 8 elements
-    for (int64_t c0 = 0; c0 < n; c0 += kRngChunk) {
-      const int64_t m = std::min(kRngChunk, n - c0);  // a multiple of kVec
-      int64_t i = 0;
-      for (; i + kVec * kChains <= m; i += kVec * kChains)
-        philox_words<kChains>(pk, group0 + static_cast<uint64_t>(c0 + i) / 8, words + i / 2);
-      for (; i < m; i += kVec)
-        philox_words<1>(pk, group0 + static_cast<uint64_t>(c0 + i) / 8, words + i / 2);
-      for (i = 0; i < m; i += kVec) {
-        const uint32_t* w = words + i / 2;
-        const int64_t j = c0 + i;
-        store_codes32(q8(j, uniforms8(w)), q8(j + 8, uniforms8(w + 4)),
-                      q8(j + 16, uniforms8(w + 8)), q8(j + 24, uniforms8(w + 12)), codes + j);
-      }
-    }
+    const __m256i hw = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(hw), _mm256_set1_ps(1.52587890625e-5f));
+    const __m256 t = _mm256_min_ps(_mm256_add_ps(z, u), c.hi);
+    q = _mm256_cvtps_epi32(_mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
   } else {
-    const __m256 z = _mm256_setzero_ps();
-    for (int64_t i = 0; i + kVec <= n; i += kVec)
-      store_codes32(q8(i, z), q8(i + 8, z), q8(i + 16, z), q8(i + 24, z), codes + i);
+    q = _mm256_cvtps_epi32(_mm256_min_ps(z, c.hi));
+  }
+  if (!kAllFinite) q = _mm256_and_si256(q, _mm256_castps_si256(fin));
+  return q;
+}
+
+// 32 int32 codes (a: elements 0-7, b: 8-15, c: 16-23, d: 24-31) as clamped int8, in the lane
+// order of the packs: a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7.
+inline __m256i codes_to_bytes(__m256i a, __m256i b, __m256i c, __m256i d, __m256i lo8) {
+  return _mm256_max_epi8(_mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)),
+                         lo8);
+}
+
+// Bytes of codes_to_bytes to 16-bit words holding the packed byte of each adjacent pair
+// (low nibble the even element): A01 A23 B01 B23 C01 C23 D01 D23 | A45 A67 B45 ... D67.
+inline __m256i nibble_words(__m256i bytes) {
+  return _mm256_maddubs_epi16(_mm256_and_si256(bytes, _mm256_set1_epi8(0x0F)),
+                              _mm256_set1_epi16(0x1001));  // lo * 1 + hi * 16
+}
+
+// Writes the results of one 32-element step: packed (16 bytes) or int8 codes (32 bytes).
+template <bool kPack>
+inline void emit32(__m256i bytes, void* out) {
+  if constexpr (kPack) {
+    const __m256i p = _mm256_packus_epi16(nibble_words(bytes), _mm256_setzero_si256());
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                     _mm_unpacklo_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+  } else {
+    _mm256_storeu_si256(
+        reinterpret_cast<__m256i*>(out),
+        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
   }
 }
 
-using QuantBodyFn = void (*)(const float*, int64_t, const SegmentQuant&, const QuantConsts&,
-                             int8_t*, __m256i*);
-// [stochastic][all_finite]
-constexpr QuantBodyFn kQuantBodies[2][2] = {{quant_body<false, false>, quant_body<false, true>},
-                                            {quant_body<true, false>, quant_body<true, true>}};
+// Writes two 32-element steps as 32 packed bytes: one packus, one permq and one pshufb for 64
+// elements.
+inline void emit64_packed(__m256i bytes0, __m256i bytes1, uint8_t* out) {
+  const __m256i p = _mm256_permute4x64_epi64(
+      _mm256_packus_epi16(nibble_words(bytes0), nibble_words(bytes1)), 0xD8);
+  const __m256i order = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1,
+                                         8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_shuffle_epi8(p, order));
+}
 
-int64_t quantize_segment_avx2(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
-  const bool stoch = q.rounding == Rounding::kStochastic;
-  int64_t head = 0;
-  if (stoch) head = std::min<int64_t>(n, (8 - q.first_index % 8) % 8);
-  int64_t clipped = 0;
-  if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
+constexpr int64_t kRngChunk = 512;  // elements whose Philox words are made ahead of quantizing
+
+// The whole segment: the vector body in 64- and 32-element steps, a scalar tail of < 32. kPack:
+// out is packed INT4 (segment starting at a low nibble), else int8 codes. Stochastic: the Philox
+// words of each chunk are made first (kChains independent chains, which the quantize loop's
+// register pressure would not allow) into an L1-resident buffer and read back as 16-bit uniforms
+// from the element's own half-word, so any first_index works without a scalar head.
+template <bool kStochastic, bool kAllFinite, bool kPack>
+int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* out) {
   const float lim = static_cast<float>(levels(q.bits));
-  const QuantConsts c{_mm256_set1_ps(q.inv_step), _mm256_set1_ps(q.clip), _mm256_set1_ps(-lim),
-                      _mm256_set1_ps(lim), _mm256_set1_ps(FLT_MAX)};
-  const int64_t body = (n - head) / kVec * kVec;
+  const QuantConsts c{_mm256_set1_ps(q.inv_step), _mm256_set1_ps(q.clip), _mm256_set1_ps(lim),
+                      _mm256_set1_ps(FLT_MAX),
+                      _mm256_set1_epi8(static_cast<char>(-levels(q.bits)))};
+  uint8_t* const bytes_out = static_cast<uint8_t*>(out);
+  auto out_at = [&](int64_t i) { return bytes_out + (kPack ? i / 2 : i); };
   __m256i count = _mm256_setzero_si256();
-  SegmentQuant bq = q;
-  bq.first_index = q.first_index + head;
-  kQuantBodies[stoch][q.all_finite](x + head, body, bq, c, codes + head, &count);
-  clipped += hsum_epi32(count);
-  const int64_t i = head + body;
-  if (i < n) {
+  auto step32 = [&](int64_t i, const uint16_t* h) {
+    auto q8 = [&](int k) {
+      return quant8<kStochastic, kAllFinite>(x + i + 8 * k, c, h + 8 * k, &count);
+    };
+    const __m256i a = q8(0), b = q8(1), cc = q8(2), d = q8(3);
+    return codes_to_bytes(a, b, cc, d, c.lo8);
+  };
+  // Body over [c0, c0 + m), m a multiple of 32; h: the uniforms of element c0 on; between(): called
+  // once per step (the next chunk's Philox work, interleaved so that the out-of-order core runs the
+  // integer Philox and the floating-point quantizing side by side).
+  auto body = [&](int64_t c0, int64_t m, const uint16_t* h, auto&& between) {
+    int64_t i = 0;
+    if constexpr (kPack) {
+      for (; i + 64 <= m; i += 64) {
+        between();
+        const __m256i b0 = step32(c0 + i, h + i);
+        const __m256i b1 = step32(c0 + i + 32, h + i + 32);
+        emit64_packed(b0, b1, out_at(c0 + i));
+      }
+    }
+    for (; i < m; i += 32) {
+      between();
+      emit32<kPack>(step32(c0 + i, h + i), out_at(c0 + i));
+    }
+  };
+  const int64_t nv = n / 32 * 32;
+  if constexpr (kStochastic) {
+    PhiloxKeys pk(q.key);
+    const uint64_t first = static_cast<uint64_t>(q.first_index);
+    // Two chunks of words (double buffer): 4 words per 8 elements, + misalignment and the rounding
+    // up to whole batches of 4 instances.
+    constexpr int64_t kWords = 4 * (kRngChunk / 8 + 8);
+    alignas(32) uint32_t words[2][kWords];
+    // First group and group count (a multiple of 4) of the chunk at c0.
+    auto groups = [&](int64_t c0, uint64_t* first_group) {
+      const int64_t m = std::min(kRngChunk, nv - c0);
+      *first_group = (first + static_cast<uint64_t>(c0)) / 8;
+      const uint64_t last_group = (first + static_cast<uint64_t>(c0 + m) - 1) / 8;
+      return static_cast<int64_t>((last_group - *first_group + 4) / 4 * 4);
+    };
+    uint64_t g0 = 0;
+    if (nv > 0) {
+      const int64_t ngroups = groups(0, &g0);
+      philox_range(pk, g0, ngroups, words[0]);
+    }
+    int buf = 0;
+    for (int64_t c0 = 0; c0 < nv; c0 += kRngChunk, buf ^= 1) {
+      int64_t ngroups = 0, done = 0;
+      if (c0 + kRngChunk < nv) ngroups = groups(c0 + kRngChunk, &g0);
+      uint32_t* next = words[buf ^ 1];
+      auto make_next = [&] {
+        if (done >= ngroups) return;
+        const int64_t k = std::min<int64_t>(4 * kChains, ngroups - done);
+        philox_range(pk, g0 + static_cast<uint64_t>(done), k, next + 4 * done);
+        done += k;
+      };
+      body(c0, std::min(kRngChunk, nv - c0),
+           reinterpret_cast<const uint16_t*>(words[buf]) + first % 8, make_next);
+      while (done < ngroups) make_next();
+    }
+  } else {
+    body(0, nv, nullptr, [] {});
+  }
+  int64_t clipped = hsum_epi32(count);
+  if (nv < n) {
     SegmentQuant tail = q;
-    tail.first_index = q.first_index + i;
-    clipped += quantize_segment_scalar(x + i, n - i, tail, codes + i);
+    tail.first_index = q.first_index + nv;
+    int8_t codes[32];
+    clipped += quantize_segment_scalar(x + nv, n - nv, tail,
+                                       kPack ? codes : static_cast<int8_t*>(out) + nv);
+    if constexpr (kPack) {
+      uint8_t* o = out_at(nv);
+      const int64_t t = n - nv;
+      for (int64_t k = 0; k < t; k += 2)
+        o[k / 2] = pack_nibbles(codes[k], k + 1 < t ? codes[k + 1] : 0);
+    }
   }
   return clipped;
+}
+
+using QuantSegmentFn = int64_t (*)(const float*, int64_t, const SegmentQuant&, void*);
+// [stochastic][all_finite]
+template <bool kPack>
+constexpr QuantSegmentFn kQuantSegments[2][2] = {
+    {quant_segment<false, false, kPack>, quant_segment<false, true, kPack>},
+    {quant_segment<true, false, kPack>, quant_segment<true, true, kPack>}};
+
+int64_t quantize_segment_avx2(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
+  return kQuantSegments<false>[q.rounding == Rounding::kStochastic][q.all_finite](x, n, q, codes);
+}
+
+int64_t quantize_pack_int4_avx2(const float* x, int64_t n, const SegmentQuant& q, uint8_t* out) {
+  return kQuantSegments<true>[q.rounding == Rounding::kStochastic][q.all_finite](x, n, q, out);
 }
 
 void pack_int4_avx2(const int8_t* codes, int64_t n, uint8_t* out) {
@@ -271,9 +454,47 @@ void dequantize_segment_avx2(const int8_t* codes, int64_t n, float step, float* 
   for (; i < n; ++i) out[i] = dequantize_value(codes[i], step);
 }
 
+// 8 elements from the 4 bytes at in: broadcast, shift nibble e to the top of lane e, arithmetic
+// shift back down (the sign extension of the 4-bit two's complement), convert, times the step.
+inline __m256 unpack_dequant8(const uint8_t* in, __m256i shifts, __m256 d) {
+  int32_t w;
+  std::memcpy(&w, in, 4);
+  const __m256i q = _mm256_srai_epi32(_mm256_sllv_epi32(_mm256_set1_epi32(w), shifts), 28);
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+}
+
+void unpack_dequantize_int4_avx2(const uint8_t* in, int64_t lead, int64_t n, float step,
+                                 float* out) {
+  if (lead && n > 0) {
+    *out++ = dequantize_value(unpack_hi(*in++), step);
+    --n;
+  }
+  const __m256i shifts = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+  const __m256 d = _mm256_set1_ps(step);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256 a = unpack_dequant8(in + i / 2, shifts, d);
+    const __m256 b = unpack_dequant8(in + i / 2 + 4, shifts, d);
+    const __m256 c = unpack_dequant8(in + i / 2 + 8, shifts, d);
+    const __m256 e = unpack_dequant8(in + i / 2 + 12, shifts, d);
+    _mm256_storeu_ps(out + i, a);
+    _mm256_storeu_ps(out + i + 8, b);
+    _mm256_storeu_ps(out + i + 16, c);
+    _mm256_storeu_ps(out + i + 24, e);
+  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, unpack_dequant8(in + i / 2, shifts, d));
+  for (; i < n; ++i)
+    out[i] = dequantize_value(i % 2 == 0 ? unpack_lo(in[i / 2]) : unpack_hi(in[i / 2]), step);
+}
+
 }  // namespace
 
-extern const CodecKernels kAvx2Kernels = {absmax_avx2, quantize_segment_avx2, pack_int4_avx2,
-                                          unpack_int4_avx2, dequantize_segment_avx2};
+extern const CodecKernels kAvx2Kernels = {absmax_avx2,
+                                          quantize_segment_avx2,
+                                          pack_int4_avx2,
+                                          unpack_int4_avx2,
+                                          dequantize_segment_avx2,
+                                          quantize_pack_int4_avx2,
+                                          unpack_dequantize_int4_avx2};
 
 }  // namespace int4ddp::quant::detail

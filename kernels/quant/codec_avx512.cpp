@@ -258,8 +258,12 @@ void dequantize_segment_avx512(const int8_t* codes, int64_t n, float step, float
 
 }  // namespace
 
-extern const CodecKernels kAvx512Kernels = {absmax_avx512, quantize_segment_avx512,
-                                            pack_int4_avx512, unpack_int4_avx512,
-                                            dequantize_segment_avx512};
+extern const CodecKernels kAvx512Kernels = {absmax_avx512,
+                                            quantize_segment_avx512,
+                                            pack_int4_avx512,
+                                            unpack_int4_avx512,
+                                            dequantize_segment_avx512,
+                                            nullptr,
+                                            nullptr};
 
 }  // namespace int4ddp::quant::detail

@@ -53,8 +53,12 @@ static void dequantize_segment_portable(const int8_t* codes, int64_t n, float st
   for (int64_t i = 0; i < n; ++i) out[i] = dequantize_value(codes[i], step);
 }
 
-extern const CodecKernels kPortableKernels = {absmax_portable, quantize_segment_scalar,
-                                              pack_int4_portable, unpack_int4_portable,
-                                              dequantize_segment_portable};
+extern const CodecKernels kPortableKernels = {absmax_portable,
+                                              quantize_segment_scalar,
+                                              pack_int4_portable,
+                                              unpack_int4_portable,
+                                              dequantize_segment_portable,
+                                              nullptr,
+                                              nullptr};
 
 }  // namespace int4ddp::quant::detail
