@@ -3,11 +3,13 @@
 #include "kernels/math/igemm.h"
 
 #include <cpuid.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/common/error.h"
@@ -118,16 +120,63 @@ const detail::IgemmKernels& kernels_for(IgemmIsa isa) {
   INT4DDP_FAIL("igemm: no micro-kernel for ", igemm_isa_name(isa));
 }
 
+// Packing. Every ISA with a micro-kernel implies AVX2, so the packers use it (function targets);
+// contiguous 16-code runs go through SIMD, the rest (edges, strided reads) through scalar loops.
+
+// 16 consecutive codes as int16 lanes.
+template <typename T>
+__attribute__((target("avx2"))) inline __m256i load16_i16(const T* p) {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (std::is_same_v<T, uint8_t>) {
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    const __m256i lo = _mm256_cvtps_epi32(_mm256_loadu_ps(p));
+    const __m256i hi = _mm256_cvtps_epi32(_mm256_loadu_ps(p + 8));
+    return _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+  }
+}
+// ... as 16 signed bytes (|code| <= 127), or as 16 unsigned bytes after adding the offset.
+template <typename T>
+__attribute__((target("avx2"))) inline __m128i load16_s8(const T* p) {
+  const __m256i x = load16_i16(p);
+  return _mm_packs_epi16(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+}
+template <typename T>
+__attribute__((target("avx2"))) inline __m128i load16_u8(const T* p, int offset) {
+  const __m256i x =
+      _mm256_add_epi16(load16_i16(p), _mm256_set1_epi16(static_cast<int16_t>(offset)));
+  return _mm_packus_epi16(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+}
+
 // s8 panel of columns [j0, j0 + nj) (see igemm_kernels.h), groups padded to kq_pad.
 template <typename T>
-void pack_s(const View& v, int64_t k, int64_t j0, int64_t nj, int nr, int64_t kq_pad, int8_t* out) {
+__attribute__((target("avx2"))) void pack_s(const View& v, int64_t k, int64_t j0, int64_t nj,
+                                            int nr, int64_t kq_pad, int8_t* out) {
   std::memset(out, 0, static_cast<size_t>(kq_pad * nr * 4));
   const T* d = static_cast<const T*>(v.data);
   if (v.cs == 1) {
+    const int64_t k4 = k / 4 * 4, j16 = nj / 16 * 16;
+    for (int64_t p = 0; p < k4; p += 4) {  // 4 rows x 16 columns -> 16 columns x 4 bytes
+      const T* r = d + p * v.rs + j0;
+      int8_t* o = out + (p >> 2) * nr * 4;
+      for (int64_t j = 0; j < j16; j += 16) {
+        const __m128i r0 = load16_s8(r + j), r1 = load16_s8(r + v.rs + j);
+        const __m128i r2 = load16_s8(r + 2 * v.rs + j), r3 = load16_s8(r + 3 * v.rs + j);
+        const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+        const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+        __m128i* oj = reinterpret_cast<__m128i*>(o + j * 4);
+        _mm_storeu_si128(oj, _mm_unpacklo_epi16(t0, t2));
+        _mm_storeu_si128(oj + 1, _mm_unpackhi_epi16(t0, t2));
+        _mm_storeu_si128(oj + 2, _mm_unpacklo_epi16(t1, t3));
+        _mm_storeu_si128(oj + 3, _mm_unpackhi_epi16(t1, t3));
+      }
+    }
     for (int64_t p = 0; p < k; ++p) {
       const T* row = d + p * v.rs + j0;
       int8_t* o = out + (p >> 2) * nr * 4 + (p & 3);
-      for (int64_t j = 0; j < nj; ++j) o[j * 4] = static_cast<int8_t>(static_cast<int>(row[j]));
+      for (int64_t j = p < k4 ? j16 : 0; j < nj; ++j)
+        o[j * 4] = static_cast<int8_t>(static_cast<int>(row[j]));
     }
   } else {
     for (int64_t j = 0; j < nj; ++j) {
@@ -141,23 +190,37 @@ void pack_s(const View& v, int64_t k, int64_t j0, int64_t nj, int nr, int64_t kq
 
 // u8 panel of rows [i0, i0 + ni) with the offset added, groups padded to kq_pad.
 template <typename T>
-void pack_u(const View& v, int64_t k, int64_t i0, int64_t ni, int mr, int64_t kq_pad,
-            bool row_major, int offset, uint8_t* out) {
+__attribute__((target("avx2"))) void pack_u(const View& v, int64_t k, int64_t i0, int64_t ni,
+                                            int mr, int64_t kq_pad, bool row_major, int offset,
+                                            uint8_t* out) {
   std::memset(out, 0, static_cast<size_t>(kq_pad * mr * 4));
   const T* d = static_cast<const T*>(v.data);
-  auto at = [&](int64_t i, int64_t p) -> uint8_t& {
-    return row_major ? out[i * kq_pad * 4 + p] : out[((p >> 2) * mr + i) * 4 + (p & 3)];
-  };
+  // Byte (i, p): row-major rows of kq_pad * 4, or 4-byte groups of mr rows.
+  const int64_t row_step = row_major ? kq_pad * 4 : 4, group_step = row_major ? 4 : mr * 4;
   if (v.cs == 1) {
+    const int64_t k16 = k / 16 * 16;
     for (int64_t i = 0; i < ni; ++i) {
       const T* row = d + (i0 + i) * v.rs;
-      for (int64_t p = 0; p < k; ++p)
-        at(i, p) = static_cast<uint8_t>(static_cast<int>(row[p]) + offset);
+      uint8_t* o = out + i * row_step;
+      for (int64_t p = 0; p < k16; p += 16) {
+        const __m128i x = load16_u8(row + p, offset);
+        if (row_major) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + p), x);
+        } else {
+          alignas(16) int32_t w[4];
+          _mm_store_si128(reinterpret_cast<__m128i*>(w), x);
+          for (int q = 0; q < 4; ++q) std::memcpy(o + (p / 4 + q) * group_step, &w[q], 4);
+        }
+      }
+      for (int64_t p = k16; p < k; ++p)
+        o[(p >> 2) * group_step + (p & 3)] =
+            static_cast<uint8_t>(static_cast<int>(row[p]) + offset);
     }
   } else {
     for (int64_t p = 0; p < k; ++p)
       for (int64_t i = 0; i < ni; ++i)
-        at(i, p) = static_cast<uint8_t>(code_at<T>(v, i0 + i, p) + offset);
+        out[i * row_step + (p >> 2) * group_step + (p & 3)] =
+            static_cast<uint8_t>(code_at<T>(v, i0 + i, p) + offset);
   }
 }
 
@@ -182,7 +245,8 @@ struct Output {
 struct Buffers {
   std::vector<int8_t> s;
   std::vector<uint8_t> u;
-  std::vector<int64_t> colsum;
+  std::vector<int64_t> colsum;    // (cols) sum over K of each s8-side column
+  std::vector<int32_t> colsum32;  // the same as int32 (|sum| <= K * qs fits under the guard)
   std::vector<int32_t> tile;
   std::vector<int64_t> tile64;
 };
@@ -222,6 +286,7 @@ void run_kernels(const Plan& pl, int64_t rows, int64_t cols, int64_t k, IgemmIsa
           for (int q = 0; q < 4; ++q)
             buf.colsum[static_cast<size_t>(jp * nr + j)] += sp[(g * nr + j) * 4 + q];
     }
+  buf.colsum32.assign(buf.colsum.begin(), buf.colsum.end());
   const int64_t u_stride = kq_pad * 4;  // row-major u8 panel
   for (int64_t i0 = 0; i0 < rows; i0 += mr) {
     const int64_t ni = std::min<int64_t>(mr, rows - i0);
@@ -243,10 +308,37 @@ void run_kernels(const Plan& pl, int64_t rows, int64_t cols, int64_t k, IgemmIsa
         if (!one_chunk)
           for (int x = 0; x < mr * nr; ++x) t64[x] += t32[x];
       }
+      if (one_chunk) {
+        // T fits int32 (the guard), and so does the corrected value; row-wise for the
+        // non-transposed float output so the conversion and rescale vectorise.
+        const int32_t* cs32 = buf.colsum32.data() + j0;
+        for (int64_t i = 0; i < ni; ++i) {
+          const int32_t* t = t32 + i * nr;
+          if (out.cf && !pl.swapped) {
+            float* o = out.cf + (i0 + i) * out.ldc + j0;
+            const float sc = out.scale;
+            if (out.accumulate)
+              for (int64_t j = 0; j < nj; ++j)
+                o[j] = o[j] + sc * static_cast<float>(t[j] - pl.offset * cs32[j]);
+            else
+              for (int64_t j = 0; j < nj; ++j)
+                o[j] = sc * static_cast<float>(t[j] - pl.offset * cs32[j]);
+            continue;
+          }
+          for (int64_t j = 0; j < nj; ++j) {
+            const int64_t v = t[j] - pl.offset * cs32[j];
+            if (pl.swapped)
+              out.put(j0 + j, i0 + i, v);
+            else
+              out.put(i0 + i, j0 + j, v);
+          }
+        }
+        continue;
+      }
       for (int64_t i = 0; i < ni; ++i)
         for (int64_t j = 0; j < nj; ++j) {
-          const int64_t t = one_chunk ? int64_t{t32[i * nr + j]} : t64[i * nr + j];
-          const int64_t v = t - int64_t{pl.offset} * buf.colsum[static_cast<size_t>(j0 + j)];
+          const int64_t v =
+              t64[i * nr + j] - int64_t{pl.offset} * buf.colsum[static_cast<size_t>(j0 + j)];
           if (pl.swapped)
             out.put(j0 + j, i0 + i, v);
           else
