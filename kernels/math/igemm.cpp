@@ -178,6 +178,18 @@ __attribute__((target("avx2"))) void pack_s(const View& v, int64_t k, int64_t j0
       for (int64_t j = p < k4 ? j16 : 0; j < nj; ++j)
         o[j * 4] = static_cast<int8_t>(static_cast<int>(row[j]));
     }
+  } else if (v.rs == 1) {  // columns contiguous along k: 16 codes -> 4 groups of one column
+    const int64_t k16 = k / 16 * 16;
+    for (int64_t j = 0; j < nj; ++j) {
+      const T* col = d + (j0 + j) * v.cs;
+      for (int64_t p = 0; p < k16; p += 16) {
+        alignas(16) int32_t w[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(w), load16_s8(col + p));
+        for (int q = 0; q < 4; ++q) std::memcpy(out + ((p / 4 + q) * nr + j) * 4, &w[q], 4);
+      }
+      for (int64_t p = k16; p < k; ++p)
+        out[((p >> 2) * nr + j) * 4 + (p & 3)] = static_cast<int8_t>(static_cast<int>(col[p]));
+    }
   } else {
     for (int64_t j = 0; j < nj; ++j) {
       const T* col = d + (j0 + j) * v.cs;
