@@ -172,12 +172,13 @@ __attribute__((target("avx2"))) void pack_s(const View& v, int64_t k, int64_t j0
         _mm_storeu_si128(oj + 3, _mm_unpackhi_epi16(t1, t3));
       }
     }
-    for (int64_t p = 0; p < k; ++p) {
-      const T* row = d + p * v.rs + j0;
-      int8_t* o = out + (p >> 2) * nr * 4 + (p & 3);
-      for (int64_t j = p < k4 ? j16 : 0; j < nj; ++j)
-        o[j * 4] = static_cast<int8_t>(static_cast<int>(row[j]));
-    }
+    if (j16 < nj || k4 < k)  // the edges: columns past j16, rows past k4
+      for (int64_t p = 0; p < k; ++p) {
+        const T* row = d + p * v.rs + j0;
+        int8_t* o = out + (p >> 2) * nr * 4 + (p & 3);
+        for (int64_t j = p < k4 ? j16 : 0; j < nj; ++j)
+          o[j * 4] = static_cast<int8_t>(static_cast<int>(row[j]));
+      }
   } else if (v.rs == 1) {  // columns contiguous along k: 16 codes -> 4 groups of one column
     const int64_t k16 = k / 16 * 16;
     for (int64_t j = 0; j < nj; ++j) {
