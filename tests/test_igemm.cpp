@@ -14,6 +14,7 @@
 #include "kernels/common/error.h"
 #include "kernels/math/gemm.h"
 #include "kernels/math/igemm.h"
+#include "kernels/math/igemm_kernels.h"
 
 namespace int4ddp::math {
 namespace {
@@ -193,6 +194,53 @@ TEST(Igemm, LongKSumsChunksExactlyPastTheInt32Guard) {
     std::vector<int32_t> c32(6);
     EXPECT_THROW(igemm_s32(2, 3, k, am, bm, c32.data(), 3, isa), Error);
   }
+}
+
+// Scalar models of the VNNI (8 x 32, group-interleaved u8 panel) and AMX (16 x 16, row-major u8
+// panel, 16-group steps) micro-kernels: the same sums in plain loops over the documented panel
+// layouts. They run the driver's packing, padding and correction for those layouts on any CPU;
+// the intrinsics themselves run only where the CPU has them (EveryIsaMatchesReferenceBitForBit).
+bool g_misaligned_groups = false;
+template <int kMr, int kNr, bool kRowMajor, int kAlign>
+void scalar_micro(const uint8_t* u, int64_t u_stride, const int8_t* s, int64_t groups, int,
+                  int32_t* tile) {
+  if (groups % kAlign != 0) g_misaligned_groups = true;
+  for (int i = 0; i < kMr; ++i)
+    for (int j = 0; j < kNr; ++j) {
+      int32_t t = 0;
+      for (int64_t g = 0; g < groups; ++g)
+        for (int q = 0; q < 4; ++q) {
+          const int uv = kRowMajor ? u[i * u_stride + g * 4 + q] : u[(g * kMr + i) * 4 + q];
+          t += uv * s[(g * kNr + j) * 4 + q];
+        }
+      tile[i * kNr + j] = t;
+    }
+}
+
+TEST(Igemm, DriverLayoutsOfVnniAndAmxMatchReference) {
+  const detail::IgemmKernels vnni_model = {8, 32, 1, false, scalar_micro<8, 32, false, 1>};
+  const detail::IgemmKernels amx_model = {16, 16, 16, true, scalar_micro<16, 16, true, 16>};
+  uint64_t seed = 5000;
+  for (const detail::IgemmKernels* kn : {&vnni_model, &amx_model})
+    for (int bits : {2, 4, 7, 8})
+      for (const auto& [m, n, k] : kEdgeShapes)
+        for (bool act_left : {true, false}) {
+          const int qa = (1 << bits) - 1, qs = (1 << (bits - 1)) - 1;
+          // activations x weights, or gradients (signed, offset on the u8 side) x activations
+          const Codes a = act_left
+                              ? make_codes(m, k + 1, qa, true, CodeType::kU8, Trans::kNo, ++seed)
+                              : make_codes(m, k + 1, qs, false, CodeType::kS8, Trans::kNo, ++seed);
+          const Codes b = act_left
+                              ? make_codes(n, k, qs, false, CodeType::kF32, Trans::kYes, ++seed)
+                              : make_codes(k, n, qa, true, CodeType::kU8, Trans::kNo, ++seed);
+          std::vector<float> ref(static_cast<size_t>(m * n) + 1), c(ref.size());
+          igemm_ref(m, n, k, a.view, b.view, 0.25f, false, ref.data(), n);
+          detail::igemm_with_kernels(*kn, m, n, k, a.view, b.view, 0.25f, false, c.data(), n);
+          ASSERT_EQ(std::memcmp(c.data(), ref.data(), c.size() * sizeof(float)), 0)
+              << "mr " << kn->mr << " bits " << bits << " m=" << m << " n=" << n << " k=" << k
+              << " act_left " << act_left;
+        }
+  EXPECT_FALSE(g_misaligned_groups);
 }
 
 TEST(Igemm, GuardValues) {

@@ -264,9 +264,8 @@ struct Buffers {
   std::vector<int64_t> tile64;
 };
 
-void run_kernels(const Plan& pl, int64_t rows, int64_t cols, int64_t k, IgemmIsa isa,
-                 const Output& out) {
-  const detail::IgemmKernels& kn = kernels_for(isa);
+void run_kernels(const Plan& pl, int64_t rows, int64_t cols, int64_t k,
+                 const detail::IgemmKernels& kn, const Output& out) {
   const int mr = kn.mr, nr = kn.nr;
   const int64_t kq = (k + 3) / 4;
   const int64_t kq_pad = (kq + kn.group_align - 1) / kn.group_align * kn.group_align;
@@ -361,15 +360,14 @@ void run_kernels(const Plan& pl, int64_t rows, int64_t cols, int64_t k, IgemmIsa
   }
 }
 
+// kn == nullptr: the reference loops.
 void igemm_run(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,
-               IgemmIsa isa, const Output& out) {
+               const detail::IgemmKernels* kn, const Output& out) {
   const Plan pl = make_plan(a, b);
-  INT4DDP_CHECK(igemm_isa_available(isa), "igemm: instruction set ", igemm_isa_name(isa),
-                " is not available on this CPU, build or kernel");
   if (out.ci)
     INT4DDP_CHECK(k <= pl.max_k, "igemm_s32: k = ", k, " exceeds the int32 guard ", pl.max_k);
   if (m == 0 || n == 0) return;
-  if (isa == IgemmIsa::kRef || k == 0) {
+  if (!kn || k == 0) {
     // The definition (also the k == 0 case: T = 0 everywhere).
     const View av = op_view(a), bv = op_view(b);
     with_type(a.type, [&](auto ta) {
@@ -388,9 +386,15 @@ void igemm_run(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeM
     return;
   }
   if (pl.swapped)
-    run_kernels(pl, n, m, k, isa, out);
+    run_kernels(pl, n, m, k, *kn, out);
   else
-    run_kernels(pl, m, n, k, isa, out);
+    run_kernels(pl, m, n, k, *kn, out);
+}
+
+const detail::IgemmKernels* checked_kernels(IgemmIsa isa) {
+  INT4DDP_CHECK(igemm_isa_available(isa), "igemm: instruction set ", igemm_isa_name(isa),
+                " is not available on this CPU, build or kernel");
+  return isa == IgemmIsa::kRef ? nullptr : &kernels_for(isa);
 }
 
 bool cpu_has_amx() {
@@ -465,7 +469,7 @@ void igemm(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatri
   out.ldc = ldc;
   out.scale = scale;
   out.accumulate = accumulate;
-  igemm_run(m, n, k, a, b, isa, out);
+  igemm_run(m, n, k, a, b, checked_kernels(isa), out);
 }
 
 void igemm_s32(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,
@@ -474,7 +478,7 @@ void igemm_s32(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeM
   Output out;
   out.ci = c;
   out.ldc = ldc;
-  igemm_run(m, n, k, a, b, isa, out);
+  igemm_run(m, n, k, a, b, checked_kernels(isa), out);
 }
 
 void igemm_ref(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,
@@ -482,4 +486,19 @@ void igemm_ref(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeM
   igemm(m, n, k, a, b, scale, accumulate, c, ldc, IgemmIsa::kRef);
 }
 
+namespace detail {
+
+void igemm_with_kernels(const IgemmKernels& kn, int64_t m, int64_t n, int64_t k,
+                        const CodeMatrix& a, const CodeMatrix& b, float scale, bool accumulate,
+                        float* c, int64_t ldc) {
+  check_sizes(m, n, k, a, b, c);
+  Output out;
+  out.cf = c;
+  out.ldc = ldc;
+  out.scale = scale;
+  out.accumulate = accumulate;
+  igemm_run(m, n, k, a, b, &kn, out);
+}
+
+}  // namespace detail
 }  // namespace int4ddp::math

@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "kernels/math/igemm.h"
+
 namespace int4ddp::math::detail {
 
 struct IgemmKernels {
@@ -29,6 +31,12 @@ struct IgemmKernels {
 extern const IgemmKernels kIgemmAvx2;
 extern const IgemmKernels kIgemmAvx512Vnni;
 extern const IgemmKernels kIgemmAmx;
+
+// igemm (float output) through an explicit table: tests drive the driver's packing for the VNNI
+// and AMX layouts with scalar models of those micro-kernels on CPUs that lack them.
+void igemm_with_kernels(const IgemmKernels& kn, int64_t m, int64_t n, int64_t k,
+                        const CodeMatrix& a, const CodeMatrix& b, float scale, bool accumulate,
+                        float* c, int64_t ldc);
 
 // Linux: ask once per process for the AMX tile-data state; false when the kernel refuses.
 bool amx_permitted();
