@@ -244,44 +244,9 @@ TEST(QuantLayers, QConv2dMatchesDirectConvolution) {
       }
 }
 
-// The direct 3x3 kernels and the im2col + integer GEMM path compute the same exact integer sums
-// and rescale them once: outputs, dX and every gradient must agree bit for bit, over a batch of
-// several parts (BatchParts) and the resnet20 channel counts.
-TEST(QuantLayers, QConv2dDirectEqualsGemmBitForBit) {
-  for (int64_t ch : {16, 32}) {
-    SCOPED_TRACE(testing::Message() << "channels " << ch);
-    const int64_t n = 19, h = 7, w = 9;
-    QuantContext ctx_a, ctx_b;
-    QConv2d a("conv", ch, ch, 3, 1, 1, test_spec(), 2, &ctx_a);
-    QConv2d b("conv", ch, ch, 3, 1, 1, test_spec(), 2, &ctx_b);
-    a.set_direct_conv(true);
-    b.set_direct_conv(false);
-    fill(a.weight().value, 11, -0.5f, 0.5f);
-    fill(b.weight().value, 11, -0.5f, 0.5f);
-    Tensor x({n, ch, h, w}), ya, yb, dxa, dxb;
-    fill(x, 12, -0.1f, 1.0f);
-    a.forward(x, ya, true);
-    b.forward(x, yb, true);
-    ASSERT_EQ(ya.numel(), yb.numel());
-    EXPECT_EQ(std::memcmp(ya.data(), yb.data(), sizeof(float) * ya.numel()), 0) << "y";
-    Tensor dy(ya.shape());
-    fill(dy, 13, -1.0f, 1.0f);
-    for (Param* p : a.params()) p->grad.zero();
-    for (Param* p : b.params()) p->grad.zero();
-    a.backward(x, ya, dy, &dxa);
-    b.backward(x, yb, dy, &dxb);
-    EXPECT_EQ(std::memcmp(dxa.data(), dxb.data(), sizeof(float) * dxa.numel()), 0) << "dX";
-    const auto pa = a.params(), pb = b.params();
-    for (size_t i = 0; i < pa.size(); ++i)
-      EXPECT_EQ(
-          std::memcmp(pa[i]->grad.data(), pb[i]->grad.data(), sizeof(float) * pa[i]->grad.numel()),
-          0)
-          << pa[i]->name;
-  }
-}
-
-// Two copies of a layer on the same input, one per integer-GEMM instruction set: outputs, dX and
-// every gradient must agree bit for bit (the GEMMs are exact; kRef is the fp32 int_gemm path).
+// Two copies of a layer on the same input (differing in how they compute: direct or GEMM
+// convolution, integer-GEMM instruction set): outputs, dX and every gradient must agree bit for
+// bit, since every path is exact.
 template <typename Layer>
 void expect_same_training_step(Layer& a, Layer& b, const Tensor& x, uint64_t seed) {
   Tensor ya, yb, dxa, dxb;
@@ -301,6 +266,26 @@ void expect_same_training_step(Layer& a, Layer& b, const Tensor& x, uint64_t see
     EXPECT_EQ(
         std::memcmp(pa[i]->grad.data(), pb[i]->grad.data(), sizeof(float) * pa[i]->grad.numel()), 0)
         << pa[i]->name;
+}
+
+// The direct 3x3 kernels and the im2col + integer GEMM path compute the same exact integer sums
+// and rescale them once: outputs, dX and every gradient must agree bit for bit, over a batch of
+// several parts (BatchParts) and the resnet20 channel counts.
+TEST(QuantLayers, QConv2dDirectEqualsGemmBitForBit) {
+  for (int64_t ch : {16, 32}) {
+    SCOPED_TRACE(testing::Message() << "channels " << ch);
+    const int64_t n = 19, h = 7, w = 9;
+    QuantContext ctx_a, ctx_b;
+    QConv2d a("conv", ch, ch, 3, 1, 1, test_spec(), 2, &ctx_a);
+    QConv2d b("conv", ch, ch, 3, 1, 1, test_spec(), 2, &ctx_b);
+    a.set_direct_conv(true);
+    b.set_direct_conv(false);
+    fill(a.weight().value, 11, -0.5f, 0.5f);
+    fill(b.weight().value, 11, -0.5f, 0.5f);
+    Tensor x({n, ch, h, w});
+    fill(x, 12, -0.1f, 1.0f);
+    expect_same_training_step(a, b, x, 13);
+  }
 }
 
 // Every integer-GEMM ISA present against the exact fp32 path, through QConv2d's im2col + GEMM

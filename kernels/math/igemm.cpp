@@ -255,6 +255,15 @@ struct Output {
   }
 };
 
+Output float_output(float scale, bool accumulate, float* c, int64_t ldc) {
+  Output out;
+  out.cf = c;
+  out.ldc = ldc;
+  out.scale = scale;
+  out.accumulate = accumulate;
+  return out;
+}
+
 struct Buffers {
   std::vector<int8_t> s;
   std::vector<uint8_t> u;
@@ -464,11 +473,7 @@ int64_t igemm_max_k(const CodeMatrix& a, const CodeMatrix& b) { return make_plan
 void igemm(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b, float scale,
            bool accumulate, float* c, int64_t ldc, IgemmIsa isa) {
   check_sizes(m, n, k, a, b, c);
-  Output out;
-  out.cf = c;
-  out.ldc = ldc;
-  out.scale = scale;
-  out.accumulate = accumulate;
+  const Output out = float_output(scale, accumulate, c, ldc);
   igemm_run(m, n, k, a, b, checked_kernels(isa), out);
 }
 
@@ -492,11 +497,7 @@ void igemm_with_kernels(const IgemmKernels& kn, int64_t m, int64_t n, int64_t k,
                         const CodeMatrix& a, const CodeMatrix& b, float scale, bool accumulate,
                         float* c, int64_t ldc) {
   check_sizes(m, n, k, a, b, c);
-  Output out;
-  out.cf = c;
-  out.ldc = ldc;
-  out.scale = scale;
-  out.accumulate = accumulate;
+  const Output out = float_output(scale, accumulate, c, ldc);
   igemm_run(m, n, k, a, b, &kn, out);
 }
 
