@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/common/error.h"
+#include "kernels/math/igemm.h"
 #include "kernels/quant/codec.h"
 #include "kernels/quant/policy.h"
 #include "src/nn/model.h"
@@ -243,6 +244,30 @@ TEST(QuantLayers, QConv2dMatchesDirectConvolution) {
       }
 }
 
+// Two copies of a layer on the same input (differing in how they compute: direct or GEMM
+// convolution, integer-GEMM instruction set): outputs, dX and every gradient must agree bit for
+// bit, since every path is exact.
+template <typename Layer>
+void expect_same_training_step(Layer& a, Layer& b, const Tensor& x, uint64_t seed) {
+  Tensor ya, yb, dxa, dxb;
+  a.forward(x, ya, true);
+  b.forward(x, yb, true);
+  ASSERT_EQ(ya.numel(), yb.numel());
+  EXPECT_EQ(std::memcmp(ya.data(), yb.data(), sizeof(float) * ya.numel()), 0) << "y";
+  Tensor dy(ya.shape());
+  fill(dy, seed, -1.0f, 1.0f);
+  for (Param* p : a.params()) p->grad.zero();
+  for (Param* p : b.params()) p->grad.zero();
+  a.backward(x, ya, dy, &dxa);
+  b.backward(x, yb, dy, &dxb);
+  EXPECT_EQ(std::memcmp(dxa.data(), dxb.data(), sizeof(float) * dxa.numel()), 0) << "dX";
+  const auto pa = a.params(), pb = b.params();
+  for (size_t i = 0; i < pa.size(); ++i)
+    EXPECT_EQ(
+        std::memcmp(pa[i]->grad.data(), pb[i]->grad.data(), sizeof(float) * pa[i]->grad.numel()), 0)
+        << pa[i]->name;
+}
+
 // The direct 3x3 kernels and the im2col + integer GEMM path compute the same exact integer sums
 // and rescale them once: outputs, dX and every gradient must agree bit for bit, over a batch of
 // several parts (BatchParts) and the resnet20 channel counts.
@@ -257,25 +282,61 @@ TEST(QuantLayers, QConv2dDirectEqualsGemmBitForBit) {
     b.set_direct_conv(false);
     fill(a.weight().value, 11, -0.5f, 0.5f);
     fill(b.weight().value, 11, -0.5f, 0.5f);
-    Tensor x({n, ch, h, w}), ya, yb, dxa, dxb;
+    Tensor x({n, ch, h, w});
     fill(x, 12, -0.1f, 1.0f);
-    a.forward(x, ya, true);
-    b.forward(x, yb, true);
-    ASSERT_EQ(ya.numel(), yb.numel());
-    EXPECT_EQ(std::memcmp(ya.data(), yb.data(), sizeof(float) * ya.numel()), 0) << "y";
-    Tensor dy(ya.shape());
-    fill(dy, 13, -1.0f, 1.0f);
-    for (Param* p : a.params()) p->grad.zero();
-    for (Param* p : b.params()) p->grad.zero();
-    a.backward(x, ya, dy, &dxa);
-    b.backward(x, yb, dy, &dxb);
-    EXPECT_EQ(std::memcmp(dxa.data(), dxb.data(), sizeof(float) * dxa.numel()), 0) << "dX";
-    const auto pa = a.params(), pb = b.params();
-    for (size_t i = 0; i < pa.size(); ++i)
-      EXPECT_EQ(
-          std::memcmp(pa[i]->grad.data(), pb[i]->grad.data(), sizeof(float) * pa[i]->grad.numel()),
-          0)
-          << pa[i]->name;
+    expect_same_training_step(a, b, x, 13);
+  }
+}
+
+// Every integer-GEMM ISA present against the exact fp32 path, through QConv2d's im2col + GEMM
+// path (stride 1 and 2, one group and one sample per group) and QLinear, at 2, 4 and 8 bits, mixed
+// widths and the signed activation grid. ISAs this CPU lacks are skipped (and say so).
+TEST(QuantLayers, EveryGemmIsaEqualsTheFp32PathBitForBit) {
+  struct Bits {
+    int w, a, g;
+  };
+  for (math::IgemmIsa isa : math::kIgemmIsas) {
+    if (isa == math::IgemmIsa::kRef) continue;
+    if (!math::igemm_isa_available(isa)) {
+      std::printf("[  SKIP    ] GEMM ISA %s: not present on this CPU\n", math::igemm_isa_name(isa));
+      continue;
+    }
+    for (Bits bits : {Bits{4, 4, 4}, Bits{2, 2, 2}, Bits{8, 8, 8}, Bits{4, 8, 6}})
+      for (bool signed_input : {false, true}) {
+        SCOPED_TRACE(testing::Message() << math::igemm_isa_name(isa) << " bits " << bits.w << "/"
+                                        << bits.a << "/" << bits.g << " signed " << signed_input);
+        QuantSpec spec = test_spec();
+        spec.weight_bits = bits.w;
+        spec.act_bits = bits.a;
+        spec.grad_bits = bits.g;
+        spec.signed_input = signed_input;
+        const float lo = signed_input ? -1.0f : -0.1f;
+        for (int st : {1, 2})
+          for (bool one_per_group : {false, true}) {
+            QuantContext ctx_a, ctx_b;
+            QConv2d a("conv", 5, 7, 3, st, 1, spec, 2, &ctx_a);
+            QConv2d b("conv", 5, 7, 3, st, 1, spec, 2, &ctx_b);
+            for (QConv2d* c : {&a, &b}) {
+              c->set_direct_conv(false);
+              if (one_per_group) c->set_column_bytes(1);
+              fill(c->weight().value, 21, -0.5f, 0.5f);
+            }
+            a.set_gemm_isa(math::IgemmIsa::kRef);
+            b.set_gemm_isa(isa);
+            Tensor x({9, 5, 7, 6});
+            fill(x, 22, lo, 1.0f);
+            expect_same_training_step(a, b, x, 23);
+          }
+        QuantContext ctx_a, ctx_b;
+        QLinear a("fc", 37, 19, true, spec, 3, &ctx_a), b("fc", 37, 19, true, spec, 3, &ctx_b);
+        fill(a.weight().value, 24, -0.5f, 0.5f);
+        fill(b.weight().value, 24, -0.5f, 0.5f);
+        a.set_gemm_isa(math::IgemmIsa::kRef);
+        b.set_gemm_isa(isa);
+        Tensor x({11, 37});
+        fill(x, 25, lo, 1.0f);
+        expect_same_training_step(a, b, x, 26);
+      }
   }
 }
 

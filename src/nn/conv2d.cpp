@@ -118,11 +118,10 @@ void col2im_group(const float* col, int64_t s0, int64_t g, int64_t channels, int
 // The fp32 products of backward_by_groups: each batch part's dW in its own partial of dw_parts
 // (the part's groups accumulated in order), dx products straight from sgemm.
 struct FloatGroupProducts {
-  static constexpr int qx = 0, qdy = 0;  // fp32 operands: no code bounds
-  float* dw_parts;                       // (parts, wsize) fp32
+  float* dw_parts;  // (parts, wsize) fp32
   int64_t wsize;
   void weight_product(int64_t part, bool first, int64_t m, int64_t n, int64_t k, const float* a,
-                      int, const float* b, int) const {
+                      const float* b, bool) const {
     sgemm(Trans::kNo, Trans::kYes, m, n, k, 1.0f, a, k, b, k, first ? 0.0f : 1.0f,
           dw_parts + part * wsize, n);
   }

@@ -4,11 +4,11 @@
 // values and integer codes (the GEMM, how dW is summed) is its Products argument:
 //
 //   struct Products {
-//     int qx, qdy;  // largest |code| of x and dy (0 for fp32 values)
 //     // C (m, n) = A (m, k) B (n, k)^T, the dW product of one group, summed into batch part
-//     // `part`'s dW; first: the part's first group. qa, qb: the code bounds of a and b.
+//     // `part`'s dW; first: the part's first group. a_is_x: A holds x's values (B dy's), else
+//     // A holds dy's (B x's).
 //     void weight_product(int64_t part, bool first, int64_t m, int64_t n, int64_t k,
-//                         const float* a, int qa, const float* b, int qb);
+//                         const float* a, const float* b, bool a_is_x);
 //     // C (m, n) = op(W) (m, k) D (k, n), a dx product (W the weights, or their flipped
 //     // transpose; D a group's dy or its im2col), overwriting c.
 //     void data_product(math::Trans tw, int64_t m, int64_t n, int64_t k, const float* w,
@@ -50,8 +50,8 @@ bool Conv2d::backward_by_groups(int64_t n, int64_t h, int64_t w, const float* x,
           gather_group(x, s0, g, in_, ihw, x_buf);
           xg = x_buf;
         }
-        products.weight_product(p, s0 == parts.begin(p), in_, okk, icols, xg, products.qx, dcol,
-                                products.qdy);
+        products.weight_product(p, s0 == parts.begin(p), in_, okk, icols, xg, dcol,
+                                /*a_is_x=*/true);
         // A group of one sample is already in dx's layout: the product writes it in place.
         float* dxg = g == 1 ? dx + s0 * in_ * ihw : in_buf;
         products.data_product(Trans::kNo, in_, icols, okk, wt_.data(), dcol, dxg);
@@ -77,8 +77,8 @@ bool Conv2d::backward_by_groups(int64_t n, int64_t h, int64_t w, const float* x,
         gather_group(dy, s0, g, out_, hw, buf);
         dyg = buf;
       }
-      products.weight_product(p, s0 == parts.begin(p), out_, ckk, cols, dyg, products.qdy, col,
-                              products.qx);
+      products.weight_product(p, s0 == parts.begin(p), out_, ckk, cols, dyg, col,
+                              /*a_is_x=*/false);
       if (!dx) continue;
       products.data_product(Trans::kYes, ckk, cols, out_, weights, dyg, dcol);
       col2im(dcol, s0, g, h, w, dx);

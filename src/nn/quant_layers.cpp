@@ -1,5 +1,7 @@
 // Quantized Conv2d / Linear (see quant_layers.h). Every GEMM takes integer codes stored as floats
-// and runs through math::int_gemm, which is exact; scales are applied once per output.
+// and runs through code_gemm: the int8 kernels of math::igemm where the CPU has one, else the exact
+// fp32 math::int_gemm. Both are exact (scale * float(T), one rescale per output), so which one ran
+// changes no bit.
 #include "src/nn/quant_layers.h"
 
 #include <algorithm>
@@ -8,6 +10,7 @@
 
 #include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
+#include "kernels/math/igemm.h"
 #include "src/nn/conv2d_groups.h"
 
 namespace int4ddp::nn {
@@ -23,6 +26,31 @@ constexpr float kMinStep = 1e-12f;  // s_W and u_A are used as max(|value|, kMin
 constexpr int64_t kWeightBlock = 16384;
 
 float effective_step(float v) { return std::max(std::fabs(v), kMinStep); }
+
+// One operand of a code GEMM: integer codes stored as floats, |code| <= qmax, 0..qmax when
+// unsigned (activations after a ReLU).
+struct Codes {
+  const float* data;
+  int64_t ld;
+  int qmax;
+  bool is_unsigned;
+};
+
+// C (m, n) = scale * (op(A) op(B)) exactly (accumulate: +=): igemm's int8 kernels of `isa`, or for
+// IgemmIsa::kRef (INT4DDP_GEMM_ISA=ref, or a CPU without AVX2) the exact fp32 int_gemm, the
+// portable path.
+void code_gemm(math::IgemmIsa isa, Trans ta, Trans tb, int64_t m, int64_t n, int64_t k,
+               const Codes& a, const Codes& b, float scale, bool accumulate, float* c,
+               int64_t ldc) {
+  if (isa == math::IgemmIsa::kRef) {
+    int_gemm(ta, tb, m, n, k, a.data, a.ld, a.qmax, b.data, b.ld, b.qmax, scale, accumulate, c,
+             ldc);
+    return;
+  }
+  math::igemm(m, n, k, math::codes_f32(a.data, a.ld, a.qmax, a.is_unsigned, ta),
+              math::codes_f32(b.data, b.ld, b.qmax, b.is_unsigned, tb), scale, accumulate, c, ldc,
+              isa);
+}
 
 Param make_scalar_param(const std::string& name) {
   Param p;
@@ -158,7 +186,8 @@ QuantizedOp::QuantizedOp(const std::string& name, const QuantSpec& spec, uint32_
       layer_id_(layer_id),
       ctx_(ctx),
       s_w_(make_scalar_param(name + ".s_w")),
-      u_a_(make_scalar_param(name + ".u_a")) {
+      u_a_(make_scalar_param(name + ".u_a")),
+      gemm_isa_(math::igemm_default_isa()) {
   INT4DDP_CHECK(ctx_ != nullptr, name, ": quantized layer needs a QuantContext");
   for (int b : {spec.weight_bits, spec.act_bits, spec.grad_bits})
     INT4DDP_CHECK(quant::valid_bits(b), name, ": bit-width ", b, " is outside 2..8");
@@ -302,6 +331,12 @@ void QuantizedOp::weight_backward(Param& w, const float* dwhat) {
   s_w_.grad[0] += static_cast<float>(ds);
 }
 
+void QuantizedOp::set_gemm_isa(math::IgemmIsa isa) {
+  INT4DDP_CHECK(math::igemm_isa_available(isa), op_name_, ": integer GEMM instruction set ",
+                math::igemm_isa_name(isa), " is not available on this CPU");
+  gemm_isa_ = isa;
+}
+
 void QuantizedOp::commit_step(bool apply) {
   if (grad_.has_pending && apply) grad_.policy->observe(grad_.pending);
   grad_.has_pending = false;
@@ -328,8 +363,9 @@ void QLinear::forward(const Tensor& x, Tensor& y, bool train) {
   const Grid g = grid();
   y.resize({n, out_});
   for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
-    int_gemm(Trans::kNo, Trans::kYes, n, j1 - j0, in_, xq_.data(), in_, g.qa, wq_.data() + j0 * in_,
-             in_, g.qw, scale, false, y.data() + j0, out_);
+    code_gemm(gemm_isa_, Trans::kNo, Trans::kYes, n, j1 - j0, in_,
+              {xq_.data(), in_, g.qa, !signed_input()}, {wq_.data() + j0 * in_, in_, g.qw, false},
+              scale, false, y.data() + j0, out_);
     if (has_bias_)
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = j0; j < j1; ++j) y[i * out_ + j] += bias_.value[j];
@@ -343,8 +379,9 @@ void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor*
   // dW^ (out, in) = G^T (out, n) X^ (n, in)
   scratch_.resize(static_cast<size_t>(std::max(out_, n) * in_));
   for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
-    int_gemm(Trans::kYes, Trans::kNo, j1 - j0, in_, n, gq_.data() + j0, out_, g.qg, xq_.data(), in_,
-             g.qa, dg * g.sa, false, scratch_.data() + j0 * in_, in_);
+    code_gemm(gemm_isa_, Trans::kYes, Trans::kNo, j1 - j0, in_, n,
+              {gq_.data() + j0, out_, g.qg, false}, {xq_.data(), in_, g.qa, !signed_input()},
+              dg * g.sa, false, scratch_.data() + j0 * in_, in_);
   });
   weight_backward(weight_, scratch_.data());
   if (has_bias_)
@@ -353,8 +390,8 @@ void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor*
         bias_.grad[j] += gq_[static_cast<size_t>(i * out_ + j)] * dg;
   // dX^ (n, in) = G^ (n, out) W^ (out, in); u_A's gradient needs it even without dx.
   for_feature_blocks(in_, [&](int64_t c0, int64_t c1) {
-    int_gemm(Trans::kNo, Trans::kNo, n, c1 - c0, out_, gq_.data(), out_, g.qg, wq_.data() + c0, in_,
-             g.qw, dg * g.sw, false, scratch_.data() + c0, in_);
+    code_gemm(gemm_isa_, Trans::kNo, Trans::kNo, n, c1 - c0, out_, {gq_.data(), out_, g.qg, false},
+              {wq_.data() + c0, in_, g.qw, false}, dg * g.sw, false, scratch_.data() + c0, in_);
   });
   act_backward(x, scratch_.data(), dx);
 }
@@ -398,8 +435,8 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
       const int64_t gs = std::min(gmax, parts.end(p) - s0), cols = gs * hw;
       im2col(xq_.data(), s0, gs, h, w, col);                  // zero padding is code 0
       float* yg = gs == 1 ? y.data() + s0 * out_ * hw : buf;  // one sample: in place
-      int_gemm(Trans::kNo, Trans::kNo, out_, cols, ckk, wq_.data(), ckk, g.qw, col, cols, g.qa,
-               scale, false, yg, cols);
+      code_gemm(gemm_isa_, Trans::kNo, Trans::kNo, out_, cols, ckk, {wq_.data(), ckk, g.qw, false},
+                {col, cols, g.qa, !signed_input()}, scale, false, yg, cols);
       if (gs > 1) scatter_group(yg, s0, gs, out_, hw, y.data());
     }
   });
@@ -444,24 +481,28 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
     // As Conv2d::backward, on the codes: each group's dW^ product is an exact integer sum (unit
     // scale), added into the thread's double accumulator; dX^ products carry dg * sw.
     struct CodeProducts {
+      math::IgemmIsa isa;
       int qx, qw, qdy;
+      bool x_unsigned;
       float dx_scale;
       int64_t wsize;
       std::vector<std::vector<double>>* acc;  // (threads, wsize) exact dW^ sums
-      void weight_product(int64_t, bool, int64_t m, int64_t n, int64_t k, const float* a, int qa,
-                          const float* b, int qb) {
+      void weight_product(int64_t, bool, int64_t m, int64_t n, int64_t k, const float* a,
+                          const float* b, bool a_is_x) {
         float* dwg = grow_scratch(group_scratch().dw, wsize);
-        int_gemm(Trans::kNo, Trans::kYes, m, n, k, a, k, qa, b, k, qb, 1.0f, false, dwg, n);
+        const Codes x{a_is_x ? a : b, k, qx, x_unsigned}, dy{a_is_x ? b : a, k, qdy, false};
+        code_gemm(isa, Trans::kNo, Trans::kYes, m, n, k, a_is_x ? x : dy, a_is_x ? dy : x, 1.0f,
+                  false, dwg, n);
         double* sum = (*acc)[static_cast<size_t>(thread_index())].data();
         for (int64_t i = 0; i < wsize; ++i) sum[i] += dwg[i];
       }
       void data_product(Trans tw, int64_t m, int64_t n, int64_t k, const float* w, const float* d,
                         float* c) const {
-        int_gemm(tw, Trans::kNo, m, n, k, w, tw == Trans::kNo ? k : m, qw, d, n, qdy, dx_scale,
-                 false, c, n);
+        code_gemm(isa, tw, Trans::kNo, m, n, k, {w, tw == Trans::kNo ? k : m, qw, false},
+                  {d, n, qdy, false}, dx_scale, false, c, n);
       }
     };
-    CodeProducts products{g.qa, g.qw, g.qg, dg * g.sw, wsize, &dw_acc_};
+    CodeProducts products{gemm_isa_, g.qa, g.qw, g.qg, !signed_input(), dg * g.sw, wsize, &dw_acc_};
     transposed =
         backward_by_groups(n, h, w, xq_.data(), gq_.data(), wq_.data(), dxhat.data(), products);
   }

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/math/igemm.h"
 #include "kernels/quant/codec.h"
 #include "kernels/quant/diagnostics.h"
 #include "kernels/quant/policy.h"
@@ -94,6 +95,10 @@ class QuantizedOp {
   Param& weight_step() { return s_w_; }
   Param& act_step() { return u_a_; }
   bool signed_input() const { return spec_.signed_input; }  // activations on the signed grid
+  // The instruction set of the layer's integer GEMMs (default math::igemm_default_isa(); kRef runs
+  // the exact fp32 int_gemm). Every choice gives bit-identical results. Throws when absent.
+  void set_gemm_isa(math::IgemmIsa isa);
+  math::IgemmIsa gemm_isa() const { return gemm_isa_; }
 
  protected:
   // Code bounds and steps of the three operands.
@@ -121,6 +126,7 @@ class QuantizedOp {
   bool initialized_ = false;
   int calibration_failures_ = 0;  // lbt calibration batches whose dL/dY could not calibrate
   GradQuantizerState grad_;
+  math::IgemmIsa gemm_isa_;
   std::vector<float> xq_, wq_, gq_, scratch_;
   std::vector<float> piece_max_;      // (pieces) max |dy| of each piece of quantize_grad
   std::vector<int64_t> piece_count_;  // (pieces) non-finite, then clipped, counts of each piece

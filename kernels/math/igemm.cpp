@@ -1,0 +1,505 @@
+// The integer GEMM driver (see igemm.h): operand roles and offsets, the overflow guard, packing,
+// the tile loop over the ISA's micro-kernel, the exact int64 sum over K chunks and the rescale.
+#include "kernels/math/igemm.h"
+
+#include <cpuid.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "kernels/common/error.h"
+#include "kernels/math/igemm_kernels.h"
+
+namespace int4ddp::math {
+namespace {
+
+constexpr int64_t kInt32Max = 2147483647;
+constexpr int kInt16Max = 32767;
+
+// A matrix view over stored codes: element (r, c) at data[r * rs + c * cs].
+struct View {
+  const void* data;
+  CodeType type;
+  int64_t rs, cs;
+};
+
+View op_view(const CodeMatrix& x) {  // op(X)
+  return x.trans == Trans::kNo ? View{x.data, x.type, x.ld, 1} : View{x.data, x.type, 1, x.ld};
+}
+View op_t_view(const CodeMatrix& x) {  // op(X)^T
+  return x.trans == Trans::kNo ? View{x.data, x.type, 1, x.ld} : View{x.data, x.type, x.ld, 1};
+}
+
+template <typename T>
+inline int code_at(const View& v, int64_t r, int64_t c) {
+  return static_cast<int>(static_cast<const T*>(v.data)[r * v.rs + c * v.cs]);
+}
+
+// Calls f.template operator()<T>() with T the view's element type.
+template <typename F>
+void with_type(CodeType t, F&& f) {
+  switch (t) {
+    case CodeType::kS8:
+      f(int8_t{});
+      return;
+    case CodeType::kU8:
+      f(uint8_t{});
+      return;
+    case CodeType::kF32:
+      f(float{});
+      return;
+  }
+  INT4DDP_FAIL("igemm: unknown code type ", static_cast<int>(t));
+}
+
+void check_operand(const CodeMatrix& x, const char* name) {
+  const bool u = x.is_unsigned;
+  INT4DDP_CHECK(x.type != CodeType::kS8 || !u, "igemm: operand ", name, " is int8 but unsigned");
+  INT4DDP_CHECK(x.type != CodeType::kU8 || u, "igemm: operand ", name, " is uint8 but signed");
+  INT4DDP_CHECK(x.qmax >= 1 && x.qmax <= (u ? 255 : 127), "igemm: operand ", name, " qmax ", x.qmax,
+                " is outside 1..", u ? 255 : 127, " for ", u ? "unsigned" : "signed", " codes");
+}
+
+bool fits_s8(const CodeMatrix& x) { return !x.is_unsigned || x.qmax <= 127; }
+
+// Which operand goes on which side; the product P = U S is rows x cols, C = P or P^T.
+struct Plan {
+  View u, s;
+  bool swapped;  // P = C^T
+  int offset;    // added to every u8-side code (its qmax when that operand is signed)
+  int qu, qs;    // largest u8-side byte (with the offset) and largest |s8-side code|
+  int64_t max_k;
+};
+
+Plan make_plan(const CodeMatrix& a, const CodeMatrix& b) {
+  check_operand(a, "A");
+  check_operand(b, "B");
+  Plan p;
+  if (fits_s8(b)) {
+    p.swapped = false;
+    p.u = op_view(a);
+    p.s = op_view(b);
+  } else {
+    INT4DDP_CHECK(fits_s8(a), "igemm: both operands unsigned with codes above 127 (qmax ", a.qmax,
+                  " and ", b.qmax, "): one must fit int8");
+    p.swapped = true;
+    p.u = op_t_view(b);
+    p.s = op_t_view(a);
+  }
+  const CodeMatrix& um = p.swapped ? b : a;
+  const CodeMatrix& sm = p.swapped ? a : b;
+  p.offset = um.is_unsigned ? 0 : um.qmax;
+  p.qu = um.qmax + p.offset;
+  p.qs = sm.qmax;
+  p.max_k = kInt32Max / (int64_t{p.qu} * p.qs);
+  return p;
+}
+
+void check_sizes(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,
+                 const void* c) {
+  INT4DDP_CHECK(m >= 0 && n >= 0 && k >= 0, "igemm: negative size m=", m, " n=", n, " k=", k);
+  INT4DDP_CHECK((m == 0 || n == 0) || (c && (k == 0 || (a.data && b.data))), "igemm: null operand");
+}
+
+const detail::IgemmKernels& kernels_for(IgemmIsa isa) {
+  switch (isa) {
+    case IgemmIsa::kAvx2:
+      return detail::kIgemmAvx2;
+    case IgemmIsa::kAvx512Vnni:
+      return detail::kIgemmAvx512Vnni;
+    case IgemmIsa::kAmx:
+      return detail::kIgemmAmx;
+    case IgemmIsa::kRef:
+      break;
+  }
+  INT4DDP_FAIL("igemm: no micro-kernel for ", igemm_isa_name(isa));
+}
+
+// Packing. Every ISA with a micro-kernel implies AVX2, so the packers use it (function targets);
+// contiguous 16-code runs go through SIMD, the rest (edges, strided reads) through scalar loops.
+
+// 16 consecutive codes as int16 lanes.
+template <typename T>
+__attribute__((target("avx2"))) inline __m256i load16_i16(const T* p) {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (std::is_same_v<T, uint8_t>) {
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    const __m256i lo = _mm256_cvtps_epi32(_mm256_loadu_ps(p));
+    const __m256i hi = _mm256_cvtps_epi32(_mm256_loadu_ps(p + 8));
+    return _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+  }
+}
+// ... as 16 signed bytes (|code| <= 127), or as 16 unsigned bytes after adding the offset.
+template <typename T>
+__attribute__((target("avx2"))) inline __m128i load16_s8(const T* p) {
+  const __m256i x = load16_i16(p);
+  return _mm_packs_epi16(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+}
+template <typename T>
+__attribute__((target("avx2"))) inline __m128i load16_u8(const T* p, int offset) {
+  const __m256i x =
+      _mm256_add_epi16(load16_i16(p), _mm256_set1_epi16(static_cast<int16_t>(offset)));
+  return _mm_packus_epi16(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+}
+
+// s8 panel of columns [j0, j0 + nj) (see igemm_kernels.h), groups padded to kq_pad.
+template <typename T>
+__attribute__((target("avx2"))) void pack_s(const View& v, int64_t k, int64_t j0, int64_t nj,
+                                            int nr, int64_t kq_pad, int8_t* out) {
+  std::memset(out, 0, static_cast<size_t>(kq_pad * nr * 4));
+  const T* d = static_cast<const T*>(v.data);
+  if (v.cs == 1) {
+    const int64_t k4 = k / 4 * 4, j16 = nj / 16 * 16;
+    for (int64_t p = 0; p < k4; p += 4) {  // 4 rows x 16 columns -> 16 columns x 4 bytes
+      const T* r = d + p * v.rs + j0;
+      int8_t* o = out + (p >> 2) * nr * 4;
+      for (int64_t j = 0; j < j16; j += 16) {
+        const __m128i r0 = load16_s8(r + j), r1 = load16_s8(r + v.rs + j);
+        const __m128i r2 = load16_s8(r + 2 * v.rs + j), r3 = load16_s8(r + 3 * v.rs + j);
+        const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+        const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+        __m128i* oj = reinterpret_cast<__m128i*>(o + j * 4);
+        _mm_storeu_si128(oj, _mm_unpacklo_epi16(t0, t2));
+        _mm_storeu_si128(oj + 1, _mm_unpackhi_epi16(t0, t2));
+        _mm_storeu_si128(oj + 2, _mm_unpacklo_epi16(t1, t3));
+        _mm_storeu_si128(oj + 3, _mm_unpackhi_epi16(t1, t3));
+      }
+    }
+    if (j16 < nj || k4 < k)  // the edges: columns past j16, rows past k4
+      for (int64_t p = 0; p < k; ++p) {
+        const T* row = d + p * v.rs + j0;
+        int8_t* o = out + (p >> 2) * nr * 4 + (p & 3);
+        for (int64_t j = p < k4 ? j16 : 0; j < nj; ++j)
+          o[j * 4] = static_cast<int8_t>(static_cast<int>(row[j]));
+      }
+  } else if (v.rs == 1) {  // columns contiguous along k: 16 codes -> 4 groups of one column
+    const int64_t k16 = k / 16 * 16;
+    for (int64_t j = 0; j < nj; ++j) {
+      const T* col = d + (j0 + j) * v.cs;
+      for (int64_t p = 0; p < k16; p += 16) {
+        alignas(16) int32_t w[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(w), load16_s8(col + p));
+        for (int q = 0; q < 4; ++q) std::memcpy(out + ((p / 4 + q) * nr + j) * 4, &w[q], 4);
+      }
+      for (int64_t p = k16; p < k; ++p)
+        out[((p >> 2) * nr + j) * 4 + (p & 3)] = static_cast<int8_t>(static_cast<int>(col[p]));
+    }
+  } else {
+    for (int64_t j = 0; j < nj; ++j) {
+      const T* col = d + (j0 + j) * v.cs;
+      for (int64_t p = 0; p < k; ++p)
+        out[((p >> 2) * nr + j) * 4 + (p & 3)] =
+            static_cast<int8_t>(static_cast<int>(col[p * v.rs]));
+    }
+  }
+}
+
+// u8 panel of rows [i0, i0 + ni) with the offset added, groups padded to kq_pad.
+template <typename T>
+__attribute__((target("avx2"))) void pack_u(const View& v, int64_t k, int64_t i0, int64_t ni,
+                                            int mr, int64_t kq_pad, bool row_major, int offset,
+                                            uint8_t* out) {
+  std::memset(out, 0, static_cast<size_t>(kq_pad * mr * 4));
+  const T* d = static_cast<const T*>(v.data);
+  // Byte (i, p): row-major rows of kq_pad * 4, or 4-byte groups of mr rows.
+  const int64_t row_step = row_major ? kq_pad * 4 : 4, group_step = row_major ? 4 : mr * 4;
+  if (v.cs == 1) {
+    const int64_t k16 = k / 16 * 16;
+    for (int64_t i = 0; i < ni; ++i) {
+      const T* row = d + (i0 + i) * v.rs;
+      uint8_t* o = out + i * row_step;
+      for (int64_t p = 0; p < k16; p += 16) {
+        const __m128i x = load16_u8(row + p, offset);
+        if (row_major) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + p), x);
+        } else {
+          alignas(16) int32_t w[4];
+          _mm_store_si128(reinterpret_cast<__m128i*>(w), x);
+          for (int q = 0; q < 4; ++q) std::memcpy(o + (p / 4 + q) * group_step, &w[q], 4);
+        }
+      }
+      for (int64_t p = k16; p < k; ++p)
+        o[(p >> 2) * group_step + (p & 3)] =
+            static_cast<uint8_t>(static_cast<int>(row[p]) + offset);
+    }
+  } else {
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t i = 0; i < ni; ++i)
+        out[i * row_step + (p >> 2) * group_step + (p & 3)] =
+            static_cast<uint8_t>(code_at<T>(v, i0 + i, p) + offset);
+  }
+}
+
+// Where the exact integer results go.
+struct Output {
+  float* cf = nullptr;  // float output: cf = scale * float(T) (+ cf)
+  int32_t* ci = nullptr;
+  int64_t ldc = 0;
+  float scale = 1.0f;
+  bool accumulate = false;
+  void put(int64_t i, int64_t j, int64_t t) const {
+    if (ci) {
+      ci[i * ldc + j] = static_cast<int32_t>(t);
+      return;
+    }
+    const float v = scale * static_cast<float>(t);
+    float& o = cf[i * ldc + j];
+    o = accumulate ? o + v : v;
+  }
+};
+
+Output float_output(float scale, bool accumulate, float* c, int64_t ldc) {
+  Output out;
+  out.cf = c;
+  out.ldc = ldc;
+  out.scale = scale;
+  out.accumulate = accumulate;
+  return out;
+}
+
+struct Buffers {
+  std::vector<int8_t> s;
+  std::vector<uint8_t> u;
+  std::vector<int64_t> colsum;    // (cols) sum over K of each s8-side column
+  std::vector<int32_t> colsum32;  // the same as int32 (|sum| <= K * qs fits under the guard)
+  std::vector<int32_t> tile;
+  std::vector<int64_t> tile64;
+};
+
+void run_kernels(const Plan& pl, int64_t rows, int64_t cols, int64_t k,
+                 const detail::IgemmKernels& kn, const Output& out) {
+  const int mr = kn.mr, nr = kn.nr;
+  const int64_t kq = (k + 3) / 4;
+  const int64_t kq_pad = (kq + kn.group_align - 1) / kn.group_align * kn.group_align;
+  // Groups per int32 chunk: the guard, rounded down to the kernel's alignment.
+  const int64_t chunk =
+      std::max<int64_t>(kn.group_align, pl.max_k / 4 / kn.group_align * kn.group_align);
+  // maddubs pair sums: 2 * qu * qs per group and lane; int16 holds i16 groups of them.
+  const int64_t pair = 2 * int64_t{pl.qu} * pl.qs;
+  const int i16 =
+      pair > kInt16Max ? 0 : static_cast<int>(std::min<int64_t>(kInt16Max / pair, 1 << 20));
+  const int64_t npan = (cols + nr - 1) / nr;
+  const int64_t panel_bytes = kq_pad * nr * 4;
+  thread_local Buffers buf;
+  buf.s.resize(static_cast<size_t>(npan * panel_bytes));
+  buf.u.resize(static_cast<size_t>(kq_pad * mr * 4));
+  buf.tile.resize(static_cast<size_t>(mr * nr));
+  buf.tile64.resize(static_cast<size_t>(mr * nr));
+  buf.colsum.assign(static_cast<size_t>(npan * nr), 0);
+  with_type(pl.s.type, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t jp = 0; jp < npan; ++jp)
+      pack_s<T>(pl.s, k, jp * nr, std::min<int64_t>(nr, cols - jp * nr), nr, kq_pad,
+                buf.s.data() + jp * panel_bytes);
+  });
+  if (pl.offset != 0)
+    for (int64_t jp = 0; jp < npan; ++jp) {
+      const int8_t* sp = buf.s.data() + jp * panel_bytes;
+      for (int64_t g = 0; g < kq; ++g)
+        for (int j = 0; j < nr; ++j)
+          for (int q = 0; q < 4; ++q)
+            buf.colsum[static_cast<size_t>(jp * nr + j)] += sp[(g * nr + j) * 4 + q];
+    }
+  buf.colsum32.assign(buf.colsum.begin(), buf.colsum.end());
+  const int64_t u_stride = kq_pad * 4;  // row-major u8 panel
+  for (int64_t i0 = 0; i0 < rows; i0 += mr) {
+    const int64_t ni = std::min<int64_t>(mr, rows - i0);
+    with_type(pl.u.type, [&](auto tag) {
+      using T = decltype(tag);
+      pack_u<T>(pl.u, k, i0, ni, mr, kq_pad, kn.u_row_major, pl.offset, buf.u.data());
+    });
+    for (int64_t jp = 0; jp < npan; ++jp) {
+      const int64_t j0 = jp * nr, nj = std::min<int64_t>(nr, cols - j0);
+      const int8_t* sp = buf.s.data() + jp * panel_bytes;
+      int32_t* t32 = buf.tile.data();
+      int64_t* t64 = buf.tile64.data();
+      const bool one_chunk = kq_pad <= chunk;
+      if (!one_chunk) std::fill(buf.tile64.begin(), buf.tile64.end(), 0);
+      for (int64_t g0 = 0; g0 < kq_pad; g0 += chunk) {
+        const int64_t gn = std::min(chunk, kq_pad - g0);
+        const uint8_t* up = kn.u_row_major ? buf.u.data() + g0 * 4 : buf.u.data() + g0 * mr * 4;
+        kn.micro(up, u_stride, sp + g0 * nr * 4, gn, i16, t32);
+        if (!one_chunk)
+          for (int x = 0; x < mr * nr; ++x) t64[x] += t32[x];
+      }
+      if (one_chunk) {
+        // T fits int32 (the guard), and so does the corrected value; row-wise for the
+        // non-transposed float output so the conversion and rescale vectorise.
+        const int32_t* cs32 = buf.colsum32.data() + j0;
+        for (int64_t i = 0; i < ni; ++i) {
+          const int32_t* t = t32 + i * nr;
+          if (out.cf && !pl.swapped) {
+            float* o = out.cf + (i0 + i) * out.ldc + j0;
+            const float sc = out.scale;
+            if (out.accumulate)
+              for (int64_t j = 0; j < nj; ++j)
+                o[j] = o[j] + sc * static_cast<float>(t[j] - pl.offset * cs32[j]);
+            else
+              for (int64_t j = 0; j < nj; ++j)
+                o[j] = sc * static_cast<float>(t[j] - pl.offset * cs32[j]);
+            continue;
+          }
+          for (int64_t j = 0; j < nj; ++j) {
+            const int64_t v = t[j] - pl.offset * cs32[j];
+            if (pl.swapped)
+              out.put(j0 + j, i0 + i, v);
+            else
+              out.put(i0 + i, j0 + j, v);
+          }
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < ni; ++i)
+        for (int64_t j = 0; j < nj; ++j) {
+          const int64_t v =
+              t64[i * nr + j] - int64_t{pl.offset} * buf.colsum[static_cast<size_t>(j0 + j)];
+          if (pl.swapped)
+            out.put(j0 + j, i0 + i, v);
+          else
+            out.put(i0 + i, j0 + j, v);
+        }
+    }
+  }
+}
+
+// kn == nullptr: the reference loops.
+void igemm_run(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,
+               const detail::IgemmKernels* kn, const Output& out) {
+  const Plan pl = make_plan(a, b);
+  if (out.ci)
+    INT4DDP_CHECK(k <= pl.max_k, "igemm_s32: k = ", k, " exceeds the int32 guard ", pl.max_k);
+  if (m == 0 || n == 0) return;
+  if (!kn || k == 0) {
+    // The definition (also the k == 0 case: T = 0 everywhere).
+    const View av = op_view(a), bv = op_view(b);
+    with_type(a.type, [&](auto ta) {
+      with_type(b.type, [&](auto tb) {
+        using TA = decltype(ta);
+        using TB = decltype(tb);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            int64_t t = 0;
+            for (int64_t p = 0; p < k; ++p)
+              t += int64_t{code_at<TA>(av, i, p)} * code_at<TB>(bv, p, j);
+            out.put(i, j, t);
+          }
+      });
+    });
+    return;
+  }
+  if (pl.swapped)
+    run_kernels(pl, n, m, k, *kn, out);
+  else
+    run_kernels(pl, m, n, k, *kn, out);
+}
+
+const detail::IgemmKernels* checked_kernels(IgemmIsa isa) {
+  INT4DDP_CHECK(igemm_isa_available(isa), "igemm: instruction set ", igemm_isa_name(isa),
+                " is not available on this CPU, build or kernel");
+  return isa == IgemmIsa::kRef ? nullptr : &kernels_for(isa);
+}
+
+bool cpu_has_amx() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool tile = (edx >> 24) & 1, int8 = (edx >> 25) & 1;
+  return tile && int8;
+}
+
+IgemmIsa isa_from_env() {
+  const char* env = std::getenv("INT4DDP_GEMM_ISA");
+  if (!env || !*env) return igemm_best_isa();
+  const std::string s(env);
+  for (IgemmIsa isa : kIgemmIsas)
+    if (s == igemm_isa_name(isa)) {
+      INT4DDP_CHECK(igemm_isa_available(isa), "INT4DDP_GEMM_ISA = ", s,
+                    " is not available on this CPU or kernel");
+      return isa;
+    }
+  INT4DDP_FAIL("INT4DDP_GEMM_ISA = '", s, "' is not one of ref, avx2, avx512vnni, amx");
+}
+
+}  // namespace
+
+const char* igemm_isa_name(IgemmIsa isa) {
+  switch (isa) {
+    case IgemmIsa::kRef:
+      return "ref";
+    case IgemmIsa::kAvx2:
+      return "avx2";
+    case IgemmIsa::kAvx512Vnni:
+      return "avx512vnni";
+    case IgemmIsa::kAmx:
+      return "amx";
+  }
+  return "unknown";
+}
+
+bool igemm_isa_available(IgemmIsa isa) {
+  switch (isa) {
+    case IgemmIsa::kRef:
+      return true;
+    case IgemmIsa::kAvx2:
+      return __builtin_cpu_supports("avx2");
+    case IgemmIsa::kAvx512Vnni:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vnni");
+    case IgemmIsa::kAmx:
+      return cpu_has_amx() && detail::amx_permitted();
+  }
+  return false;
+}
+
+IgemmIsa igemm_best_isa() {
+  for (IgemmIsa isa : {IgemmIsa::kAmx, IgemmIsa::kAvx512Vnni, IgemmIsa::kAvx2})
+    if (igemm_isa_available(isa)) return isa;
+  return IgemmIsa::kRef;
+}
+
+IgemmIsa igemm_default_isa() {
+  static const IgemmIsa isa = isa_from_env();
+  return isa;
+}
+
+int64_t igemm_max_k(const CodeMatrix& a, const CodeMatrix& b) { return make_plan(a, b).max_k; }
+
+void igemm(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b, float scale,
+           bool accumulate, float* c, int64_t ldc, IgemmIsa isa) {
+  check_sizes(m, n, k, a, b, c);
+  const Output out = float_output(scale, accumulate, c, ldc);
+  igemm_run(m, n, k, a, b, checked_kernels(isa), out);
+}
+
+void igemm_s32(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,
+               int32_t* c, int64_t ldc, IgemmIsa isa) {
+  check_sizes(m, n, k, a, b, c);
+  Output out;
+  out.ci = c;
+  out.ldc = ldc;
+  igemm_run(m, n, k, a, b, checked_kernels(isa), out);
+}
+
+void igemm_ref(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,
+               float scale, bool accumulate, float* c, int64_t ldc) {
+  igemm(m, n, k, a, b, scale, accumulate, c, ldc, IgemmIsa::kRef);
+}
+
+namespace detail {
+
+void igemm_with_kernels(const IgemmKernels& kn, int64_t m, int64_t n, int64_t k,
+                        const CodeMatrix& a, const CodeMatrix& b, float scale, bool accumulate,
+                        float* c, int64_t ldc) {
+  check_sizes(m, n, k, a, b, c);
+  const Output out = float_output(scale, accumulate, c, ldc);
+  igemm_run(m, n, k, a, b, &kn, out);
+}
+
+}  // namespace detail
+}  // namespace int4ddp::math

@@ -1,0 +1,44 @@
+// Internal: the per-ISA micro-kernels of the integer GEMM driver (igemm.cpp). Each ISA file fills
+// one table; its functions carry their own target attributes, so every file compiles without
+// per-file ISA flags and the driver calls a table only after igemm_isa_available() said yes.
+//
+// Packed panels (built by the driver, shared by every ISA):
+//   s8 side  an NR-column panel: for each group g of 4 k, NR columns of 4 signed bytes,
+//            s[(g * nr + j) * 4 + q] = S(4g + q, j); padded k and columns are 0.
+//   u8 side  an MR-row panel: for each group, MR rows of 4 unsigned bytes,
+//            u[(g * mr + i) * 4 + q] = U(i, 4g + q) (u_row_major = false), or row-major,
+//            u[i * u_stride + 4g + q] (u_row_major = true, the AMX A-tile layout).
+// A micro-kernel computes the MR x NR int32 tile (row-major, nr per row, overwritten)
+//   tile[i][j] = sum over `groups` groups of sum_q u(i, 4g + q) * s(4g + q, j).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/math/igemm.h"
+
+namespace int4ddp::math::detail {
+
+struct IgemmKernels {
+  int mr, nr;        // tile rows (u8 side) and columns (s8 side)
+  int group_align;   // groups per call are a multiple of this (AMX: 16); panels padded
+  bool u_row_major;  // u8-side panel layout (see above)
+  // i16_groups: > 0 allows summing that many groups of maddubs pairs in int16 (no saturation,
+  // proven by the driver); 0 = operands too large for int16 pair sums (AVX2 only; others ignore).
+  void (*micro)(const uint8_t* u, int64_t u_stride, const int8_t* s, int64_t groups, int i16_groups,
+                int32_t* tile);
+};
+
+extern const IgemmKernels kIgemmAvx2;
+extern const IgemmKernels kIgemmAvx512Vnni;
+extern const IgemmKernels kIgemmAmx;
+
+// igemm (float output) through an explicit table: tests drive the driver's packing for the VNNI
+// and AMX layouts with scalar models of those micro-kernels on CPUs that lack them.
+void igemm_with_kernels(const IgemmKernels& kn, int64_t m, int64_t n, int64_t k,
+                        const CodeMatrix& a, const CodeMatrix& b, float scale, bool accumulate,
+                        float* c, int64_t ldc);
+
+// Linux: ask once per process for the AMX tile-data state; false when the kernel refuses.
+bool amx_permitted();
+
+}  // namespace int4ddp::math::detail
