@@ -10,6 +10,7 @@
 #include "comm/auto_mode.h"
 #include "comm/communicator.h"
 #include "kernels/common/error.h"
+#include "src/config/config.h"
 
 namespace int4ddp::comm {
 namespace {
@@ -89,6 +90,13 @@ TEST(AutoMode, MeasurementOnOneRankTimesTheCodecOnly) {
   EXPECT_GT(m.decode_floats_per_s, 0.0);
   EXPECT_TRUE(std::isfinite(m.encode_floats_per_s));
   EXPECT_THROW(measure_bandwidth(*local, 0, 4, kG), Error);
+}
+
+TEST(AutoMode, ConfigAcceptsAuto) {
+  Config c;
+  apply_override(c, "comm.mode=auto");
+  EXPECT_EQ(c.comm.mode, CommMode::kAuto);
+  EXPECT_THROW(apply_override(c, "comm.mode=automatic"), Error);
 }
 
 }  // namespace
