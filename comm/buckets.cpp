@@ -54,6 +54,12 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, float* g
   uint32_t id = 0;
   const auto by_offset = [](const Segment& a, const Segment& c) { return a.offset < c.offset; };
   for (Bucket& b : buckets_) {
+    if (cfg_.choose_bits && b.ncompressed > 0 && cfg_.choose_bits(b.ncompressed) == kFp32Bits) {
+      b.plain.insert(b.plain.end(), b.compressed.begin(), b.compressed.end());
+      b.nplain += b.ncompressed;
+      b.compressed.clear();
+      b.ncompressed = 0;
+    }
     std::sort(b.compressed.begin(), b.compressed.end(), by_offset);
     std::sort(b.plain.begin(), b.plain.end(), by_offset);
     if (b.ncompressed > 0) {

@@ -23,6 +23,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -45,6 +46,10 @@ struct BucketConfig {
   bool overlap = true;                             // launch buckets during backward
   HierarchyMode hierarchy = HierarchyMode::kAuto;  // of the compressed all-reduce
   CompressConfig compress;                         // bits 32 = fp32 mode
+  // comm.mode auto: called once per bucket while the engine is built, with the bucket's
+  // compressible element count; kFp32Bits sends that bucket uncompressed, anything else compressed
+  // at compress.bits. Must decide the same on every rank. Empty: compress.bits for every bucket.
+  std::function<int(int64_t count)> choose_bits;
 };
 
 // Per-step totals over all buckets (this rank).

@@ -27,6 +27,14 @@ ByteLayout ByteLayout::packed(std::vector<size_t> counts) {
 std::unique_ptr<Communicator> Communicator::split(int, int) { return nullptr; }
 std::unique_ptr<Communicator> Communicator::split_node(int) { return nullptr; }
 
+std::unique_ptr<Request> Communicator::isend(const void*, size_t, int, int) {
+  INT4DDP_FAIL("the ", backend(), " communicator has no point-to-point send");
+}
+
+std::unique_ptr<Request> Communicator::irecv(void*, size_t, int, int) {
+  INT4DDP_FAIL("the ", backend(), " communicator has no point-to-point receive");
+}
+
 namespace {
 
 class DoneRequest final : public Request {

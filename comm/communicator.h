@@ -79,14 +79,31 @@ class Communicator {
   virtual std::unique_ptr<Communicator> split(int color, int key);
   virtual std::unique_ptr<Communicator> split_node(int key);
 
+  // Point-to-point, nonblocking, host memory: bytes from buf to rank dest / from rank source into
+  // buf. Messages between one pair of ranks with one tag match in posting order. Not collective.
+  // Backends without point-to-point (local, nccl) throw Error.
+  virtual std::unique_ptr<Request> isend(const void* buf, size_t bytes, int dest, int tag);
+  virtual std::unique_ptr<Request> irecv(void* buf, size_t bytes, int source, int tag);
+
+  // The algorithm behind allreduce_sum on the MPI backend: kRing (default) is the pipelined
+  // reduce-scatter + all-gather ring of comm/ring_allreduce.h, bandwidth-optimal and
+  // deterministic (every rank gets the same bits); kLibrary is the MPI library's MPI_Allreduce,
+  // kept as the reference it is measured against. Other backends ignore it (NCCL's is already a
+  // ring).
+  enum class AllreduceAlgorithm { kRing, kLibrary };
+  void set_allreduce_algorithm(AllreduceAlgorithm a) { allreduce_algorithm_ = a; }
+  AllreduceAlgorithm allreduce_algorithm() const { return allreduce_algorithm_; }
+
   // Bytes this rank has put on the wire (sent to other ranks) since construction or the last
-  // reset: the payload of the collectives above, counted by the layout (fp32 all-reduce counted
-  // as a ring: 2 (N-1)/N * 4 count).
+  // reset: the payload of the collectives above, counted by the layout (point-to-point: the bytes
+  // sent; the ring fp32 all-reduce therefore counts what it sends, about 2 (N-1)/N * 4 count; the
+  // library all-reduce is counted as a ring: 2 (N-1)/N * 4 count).
   uint64_t bytes_sent() const { return bytes_sent_; }
   void reset_bytes_sent() { bytes_sent_ = 0; }
 
  protected:
   uint64_t bytes_sent_ = 0;
+  AllreduceAlgorithm allreduce_algorithm_ = AllreduceAlgorithm::kRing;
 };
 
 // A single process (size 1): every collective is a copy or nothing. Always available.

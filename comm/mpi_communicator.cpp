@@ -12,6 +12,7 @@
 
 #include "comm/communicator.h"
 #include "comm/mpi_check.h"
+#include "comm/ring_allreduce.h"
 #include "kernels/common/error.h"
 
 namespace int4ddp::comm {
@@ -118,6 +119,10 @@ class MpiCommunicator final : public Communicator {
   }
 
   void allreduce_sum(float* buf, int64_t count) override {
+    if (allreduce_algorithm_ == AllreduceAlgorithm::kRing) {
+      ring_allreduce_sum(*this, buf, count, ring_scratch_);  // isend counts its bytes
+      return;
+    }
     for (int64_t off = 0; off < count;) {
       const int64_t n = std::min<int64_t>(count - off, int64_t{1} << 28);
       INT4DDP_MPI_CHECK(
@@ -164,6 +169,25 @@ class MpiCommunicator final : public Communicator {
     if (rank_ != root) bytes_sent_ += bytes;
   }
 
+  std::unique_ptr<Request> isend(const void* buf, size_t bytes, int dest, int tag) override {
+    check_rank(dest, "isend", "destination");
+    auto req = std::make_unique<MpiRequest>();
+    INT4DDP_MPI_CHECK(
+        MPI_Isend(buf, to_int(bytes, "isend"), MPI_BYTE, dest, tag, comm_, req->handle()));
+    if (dest != rank_) bytes_sent_ += bytes;
+    return req;
+  }
+
+  std::unique_ptr<Request> irecv(void* buf, size_t bytes, int source, int tag) override {
+    check_rank(source, "irecv", "source");
+    auto req = std::make_unique<MpiRequest>();
+    INT4DDP_MPI_CHECK(
+        MPI_Irecv(buf, to_int(bytes, "irecv"), MPI_BYTE, source, tag, comm_, req->handle()));
+    return req;
+  }
+
+  // Nonblocking: always the library's MPI_Iallreduce (allreduce_algorithm() applies to the
+  // blocking call, which is what the buckets use).
   std::unique_ptr<Request> iallreduce_sum(float* buf, int64_t count) override {
     auto req = std::make_unique<MpiRequest>();
     INT4DDP_CHECK(count >= 0 && count <= INT_MAX, "iallreduce_sum: ", count,
@@ -219,8 +243,9 @@ class MpiCommunicator final : public Communicator {
       throw;
     }
   }
-  void check_root(int root, const char* what) const {
-    INT4DDP_CHECK(root >= 0 && root < size_, what, ": root ", root, " out of range (", size_,
+  void check_root(int root, const char* what) const { check_rank(root, what, "root"); }
+  void check_rank(int rank, const char* what, const char* role) const {
+    INT4DDP_CHECK(rank >= 0 && rank < size_, what, ": ", role, " ", rank, " out of range (", size_,
                   " ranks)");
   }
   // Wire bytes as the algorithms move them: a ring all-reduce sends 2 (N-1)/N of the buffer, an
@@ -239,6 +264,7 @@ class MpiCommunicator final : public Communicator {
 
   MPI_Comm comm_;
   int rank_ = 0, size_ = 1;
+  std::vector<float> ring_scratch_;  // (2 ceil(count / size)) fp32 receive space of the ring
 };
 
 }  // namespace

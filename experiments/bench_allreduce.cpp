@@ -1,10 +1,13 @@
 // bench_allreduce: the all-reduce (mean) of an fp32 gradient across the ranks of mpirun, in the
-// manner of nccl-tests: fp32 (MPI_Allreduce through the Communicator, then / N) beside the two-shot
-// compressed all-reduce (int4, int8), from --min-bytes to --max-bytes of fp32 gradient.
+// manner of nccl-tests: fp32 (the Communicator's pipelined ring reduce-scatter + all-gather,
+// comm/ring_allreduce.h, then / N: what comm.mode fp32 runs), fp32-mpi (the MPI library's
+// MPI_Allreduce, the reference the ring is measured against) and the two-shot compressed
+// all-reduce (int4, int8), from --min-bytes to --max-bytes of fp32 gradient. x_fp32 is the speed-up
+// over the fp32 (ring) row of the same size.
 //
 //   mpirun -np 4 bench_allreduce [--min-bytes 4K] [--max-bytes 256M] [--step-factor 4]
-//          [--iters 20] [--warmup 3] [--modes fp32,int4,int8] [--block-size 512] [--no-check]
-//          [--hierarchy flat,node]
+//          [--iters 20] [--warmup 3] [--modes fp32,fp32-mpi,int4,int8] [--block-size 512]
+//          [--no-check] [--hierarchy flat,node]
 //
 // --hierarchy: each mode once per listed comm.hierarchy (comm/hierarchy.h): flat, node or auto.
 // The node grouping is MPI's (MPI_COMM_TYPE_SHARED: on launch/netns_cluster.sh --ranks-per-node K
@@ -38,7 +41,8 @@
 // is not the one-shot error and is larger than rel_err1 by design); #wrong = elements (summed over
 // ranks) that differ from the exact mean on grid-valued inputs whose compressed mean is exact by
 // construction (tests/verifiable.h; run on a fresh bucket: gamma 1, no error feedback yet), plus
-// one per rank whose compressed output differs from rank 0's. Any #wrong > 0 makes the exit status
+// one per rank whose output differs from rank 0's (every mode but fp32-mpi, whose library
+// algorithm promises no identical bits). Any #wrong > 0 makes the exit status
 // non-zero.
 //
 // Output on rank 0 only: a table, then one JSON line
@@ -110,13 +114,15 @@ double median(std::vector<double> v) {
 struct Mode {
   std::string name;
   int bits;
-  size_t hierarchy = 0;  // index into --hierarchy
+  bool library_allreduce = false;  // fp32 through MPI_Allreduce instead of the ring
+  size_t hierarchy = 0;            // index into --hierarchy
 };
 
 Mode parse_mode(const std::string& s) {
   if (s == "fp32") return {s, kFp32Bits};
+  if (s == "fp32-mpi") return {s, kFp32Bits, true};
   if (s.size() == 4 && s.rfind("int", 0) == 0 && s[3] >= '2' && s[3] <= '8') return {s, s[3] - '0'};
-  INT4DDP_FAIL("--modes: '", s, "' is not one of fp32, int2 .. int8");
+  INT4DDP_FAIL("--modes: '", s, "' is not one of fp32, fp32-mpi, int2 .. int8");
 }
 
 std::string human_bytes(uint64_t b) {
@@ -151,7 +157,7 @@ struct Row {
 struct Options {
   uint64_t min_bytes = 4096, max_bytes = uint64_t{256} << 20;
   int step_factor = 4, iters = 20, warmup = 3;
-  std::string modes = "fp32,int4,int8";
+  std::string modes = "fp32,fp32-mpi,int4,int8";
   int64_t block_size = quant::kDefaultBlockSize;
   bool check = true, error_feedback = true;
   std::string rounding = "stochastic", policy = "lbt";
@@ -164,6 +170,13 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
               std::vector<float>& input, std::vector<float>& work) {
   Communicator& comm = hier.world();
   const int N = comm.size(), me = comm.rank();
+  // The fp32 algorithm of this row, restored on the way out.
+  struct AlgorithmScope {
+    Communicator& c;
+    ~AlgorithmScope() { c.set_allreduce_algorithm(Communicator::AllreduceAlgorithm::kRing); }
+  } scope{comm};
+  comm.set_allreduce_algorithm(mode.library_allreduce ? Communicator::AllreduceAlgorithm::kLibrary
+                                                      : Communicator::AllreduceAlgorithm::kRing);
   CompressConfig cfg;
   cfg.bits = mode.bits;
   cfg.block_size = o.block_size;
@@ -232,7 +245,7 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
   int64_t wrong = 0;
   const std::vector<uint64_t> hashes =
       allgather_u64(comm, test::fnv1a(work.data(), static_cast<size_t>(n) * sizeof(float)));
-  if (mode.bits != kFp32Bits) wrong += hashes[static_cast<size_t>(me)] != hashes[0];
+  if (!mode.library_allreduce) wrong += hashes[static_cast<size_t>(me)] != hashes[0];
   const int64_t lo = n * me / N, hi = n * (me + 1) / N;
   auto rel_err_of = [&](const std::vector<float>& out) {
     std::vector<double> sums(2, 0.0);  // ||out - mean||^2, ||mean||^2 over this rank's slice
@@ -283,7 +296,8 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
 
 int main(int argc, char** argv) {
   Options o;
-  CLI::App app{"bench_allreduce: fp32 MPI all-reduce vs the two-shot INT4/INT8 all-reduce"};
+  CLI::App app{
+      "bench_allreduce: fp32 ring and MPI all-reduce vs the two-shot INT4/INT8 all-reduce"};
   app.add_option("--min-bytes", o.min_bytes, "smallest fp32 gradient (bytes; K, M, G suffixes)")
       ->transform(CLI::AsSizeValue(false));
   app.add_option("--max-bytes", o.max_bytes, "largest fp32 gradient (bytes; K, M, G suffixes)")
@@ -292,7 +306,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(2, 1024));
   app.add_option("--iters", o.iters, "timed iterations per cell")->check(CLI::Range(1, 100000));
   app.add_option("--warmup", o.warmup, "untimed iterations per cell")->check(CLI::Range(0, 100000));
-  app.add_option("--modes", o.modes, "comma-separated: fp32, int4, int8 (int2..int8)");
+  app.add_option("--modes", o.modes,
+                 "comma-separated: fp32 (ring), fp32-mpi (MPI_Allreduce), int4, int8 (int2..int8)");
   app.add_option("--block-size", o.block_size, "G, elements per scale (even)");
   app.add_flag("--check,!--no-check", o.check, "compute rel_err and #wrong (default on)");
   app.add_flag("--error-feedback,!--no-error-feedback", o.error_feedback,
@@ -330,7 +345,8 @@ int main(int argc, char** argv) {
     {  // every mode under every hierarchy, the hierarchies of one mode together
       std::vector<Mode> cells;
       for (const Mode& m : modes)
-        for (size_t h = 0; h < hier_modes.size(); ++h) cells.push_back({m.name, m.bits, h});
+        for (size_t h = 0; h < hier_modes.size(); ++h)
+          cells.push_back({m.name, m.bits, m.library_allreduce, h});
       modes = cells;
     }
     {
@@ -361,12 +377,12 @@ int main(int argc, char** argv) {
           "# wire bytes per rank are MODELLED, not measured: wire_mod = Communicator::bytes_sent "
           "(max over ranks), formula_mod = 2(N-1)/N (n b/8 + 4n/G)\n");
       std::printf(
-          "%10s %11s %5s %9s %11s %10s %10s %7s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
+          "%10s %11s %8s %9s %11s %10s %10s %7s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
           "size", "count", "mode", "hier", "time(us)", "algbw", "busbw", "x_fp32", "x_flat",
           "quant(us)", "coll(us)", "gamma", "wire_mod", "formula_mod", "diff%", "rel_err1",
           "rel_err", "#wrong");
       std::printf(
-          "%10s %11s %5s %9s %11s %10s %10s %7s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
+          "%10s %11s %8s %9s %11s %10s %10s %7s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
           "(B)", "(floats)", "", "", "", "(GB/s)", "(GB/s)", "", "", "", "", "", "(B)", "(B)", "",
           "", "", "");
       std::fflush(stdout);
@@ -384,7 +400,7 @@ int main(int argc, char** argv) {
       double fp32_time = 0, flat_time = 0;
       for (const Mode& m : modes) {
         Row row = bench_one(*hierarchies[m.hierarchy], o, m, n, input, work);
-        if (m.bits == kFp32Bits && fp32_time == 0) fp32_time = row.time_s;
+        if (m.name == "fp32" && fp32_time == 0) fp32_time = row.time_s;
         if (m.hierarchy == 0) flat_time = row.time_s;
         if (row.time_s > 0) row.x_flat = flat_time / row.time_s;
         any_wrong = any_wrong || row.wrong > 0;
@@ -405,7 +421,7 @@ int main(int argc, char** argv) {
           if (row.wrong >= 0)
             std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(row.wrong));
           std::printf(
-              "%10s %11lld %5s %9s %11.1f %10.3f %10.3f %7s %7s %11.1f %11.1f %7.4f %12llu %12.0f "
+              "%10s %11lld %8s %9s %11.1f %10.3f %10.3f %7s %7s %11.1f %11.1f %7.4f %12llu %12.0f "
               "%7s %10s %10s %7s\n",
               human_bytes(bytes).c_str(), static_cast<long long>(n), m.name.c_str(),
               row.hierarchy.c_str(), row.time_s * 1e6, algbw, busbw, speed, x_flat,

@@ -12,11 +12,23 @@
 # rank, mean over ranks) divided by its steps: start-up and the initial weight broadcast included,
 # so it is above the per-step figure; experiments/wire_bytes.sh separates them by differencing.
 # The layers are fp32 in both models so that only the all-reduce differs between the fp32 and
-# int4 rows (as in the PyTorch DDP reference of the issue).
+# int4 rows (as in the PyTorch DDP reference of the issue). The fp32 all-reduce is the Communicator's
+# pipelined ring (comm/ring_allreduce.h).
+#
+# External reference, same run: for mlp2048 at every rate and rank count, PyTorch DDP over gloo
+# (experiments/ddp_torch.py under the same mpirun on the same cluster: same model, 64 images per
+# rank, steps, warm-up and thread count) with its fp32 all-reduce (torch-fp32) and with its fp16
+# compression hook (torch-fp16); compute = its steps under no_sync(). Without torch (Debian:
+# apt-get install python3-torch, with libopenblas0-pthread for a fast BLAS) the table says
+# "skipped: no torch" in its place and the script still succeeds. The columns "x torch fp32" and
+# "x torch fp16" are the torch row's step time over ours.
 #
 # Writes runs/scaling/results.jsonl (one object per run), a table and PNG plots
 # (experiments/plots/scaling_*.png), and the table into experiments/RESULTS.md between the scaling
-# markers. Needs root (network namespaces). About 3 minutes on the 2-core development VM, where 4
+# markers, and ends with one JSON line of the headline figures (mlp2048, 4 ranks, 1gbit):
+#   {"experiment":"scaling","int4_step_s","fp32_step_s","torch_fp32_step_s","torch_fp16_step_s",
+#    "int4_x_torch_fp32","int4_x_torch_fp16","fp32_x_torch_fp32"} (null where not run).
+# Needs root (network namespaces). About 3 minutes on the 2-core development VM, where 4
 # ranks share 2 cores, so compute time per step grows with the rank count there.
 #
 # Usage: experiments/scaling.sh [--quick] [--rates "1gbit 10gbit"] [--ranks "1 2 4"]
@@ -50,6 +62,42 @@ out_dir="$ROOT/runs/scaling"
 mkdir -p "$out_dir" "$ROOT/experiments/plots"
 results="$out_dir/results.jsonl"
 : > "$results"
+have_torch=1
+"$py" -c "import torch" 2>/dev/null || {
+    have_torch=0
+    echo "scaling.sh: PyTorch DDP reference skipped: no torch for $py (apt-get install python3-torch)" >&2
+}
+subnet="${INT4DDP_NETNS_SUBNET:-10.213.0.0/24}"
+prefix="${INT4DDP_NETNS_PREFIX:-i4d}"
+
+# torch_ddp MODEL RATE N STEPS WARMUP: the PyTorch DDP reference rows (fp32, fp16 hook) for one cell.
+torch_ddp() {
+    local model="$1" rate="$2" n="$3" steps="$4" warmup="$5" hook tag
+    if [ "$have_torch" = 0 ]; then
+        jq -n -c --arg model "$model" --arg rate "$rate" --argjson n "$n" \
+            '{model: $model, mode: "torch", rate: $rate, ranks: $n, skipped: "no torch"}' |
+            tee -a "$results"
+        return
+    fi
+    for hook in none fp16; do
+        mode="torch-fp32"
+        [ "$hook" = fp16 ] && mode="torch-fp16"
+        tag="${model}_${mode}_${n}_${rate}"
+        echo "== $model, PyTorch DDP gloo ($mode), $n rank(s), $rate"
+        INT4DDP_NETNS_COUNTERS="$out_dir/$tag.counters.json" \
+            "$ROOT/launch/netns_cluster.sh" mpirun --ranks "$n" --rate "$rate" -- \
+            "$py" "$ROOT/experiments/ddp_torch.py" --hook "$hook" --steps "$steps" \
+            --warmup "$warmup" --threads 1 --batch 64 --master-addr "${subnet%.0/24}.1" \
+            --ifname "${prefix}p{rank}" > "$out_dir/$tag.log" 2>&1 ||
+            { echo "run $tag failed; see $out_dir/$tag.log" >&2; tail -5 "$out_dir/$tag.log" >&2; exit 1; }
+        grep '^{"bench": "ddp_torch"' "$out_dir/$tag.log" | tail -n 1 |
+            jq -c --arg mode "$mode" --arg rate "$rate" \
+                --argjson tx "$(jq '[.netns_bytes[].tx] | add / length' "$out_dir/$tag.counters.json")" '
+                {model, mode: $mode, rate: $rate, ranks, steps: (.steps - .warmup), step_s,
+                 compute_s, measured_tx_per_step: ($tx / .steps), img_per_s: (.ranks * .batch / .step_s),
+                 torch: .torch}' | tee -a "$results"
+    done
+}
 
 steps_for() {  # model -> steps, warmup
     if [ "$quick" = 1 ]; then echo "4 1"; return; fi
@@ -91,6 +139,7 @@ for rate in $rates; do
                      measured_tx_per_step: (if $all > 0 then $tx / $all else 0 end)} |
                     . + {img_per_s: ($n * 64 / .step_s)}' "$out_dir/$tag.jsonl" | tee -a "$results"
             done
+            if [ "$model" = mlp2048 ]; then torch_ddp "$model" "$rate" "$n" "$steps" "$warmup"; fi
         done
     done
 done
@@ -99,17 +148,32 @@ done
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 plots, quick = sys.argv[2], sys.argv[3] == "1"
-print("| model | link | ranks | all-reduce | img/s | step ms | compute ms | comm wait ms | quantize ms | collectives ms | MB sent/rank (modelled) | MB tx/rank/step (measured, run / steps) | int4 speed-up |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| model | link | ranks | all-reduce | img/s | step ms | compute ms | comm wait ms | quantize ms | collectives ms | MB sent/rank (modelled) | MB tx/rank/step (measured, run / steps) | int4 speed-up | x torch fp32 | x torch fp16 |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 key = lambda r: (r["model"], r["rate"], r["ranks"])
 by = {(key(r), r["mode"]): r for r in rows}
+def ms(r, k):
+    return f'{1e3 * r[k]:.1f}' if k in r else "-"
+def ratio(ref, r):
+    return f'{ref["step_s"] / r["step_s"]:.2f}x' if ref and "step_s" in ref else ""
 for r in rows:
-    fp = by.get((key(r), "fp32"))
-    up = f'{fp["step_s"] / r["step_s"]:.2f}x' if r["mode"] == "int4" and fp else ""
+    if "skipped" in r:
+        print(f'| {r["model"]} | {r["rate"]} | {r["ranks"]} | {r["mode"]} | skipped: {r["skipped"]} |'
+              + " |" * 10)
+        continue
+    ours = not r["mode"].startswith("torch")
+    up = ratio(by.get((key(r), "fp32")), r) if r["mode"] == "int4" else ""
+    tf = ratio(by.get((key(r), "torch-fp32")), r) if ours else ""
+    th = ratio(by.get((key(r), "torch-fp16")), r) if ours else ""
+    mb = f'{r["bytes_sent"]/1e6:.2f}' if "bytes_sent" in r else "-"
     print(f'| {r["model"]} | {r["rate"]} | {r["ranks"]} | {r["mode"]} | {r["img_per_s"]:.0f} | '
-          f'{1e3*r["step_s"]:.1f} | {1e3*r["compute_s"]:.1f} | {1e3*r["comm_wait_s"]:.1f} | '
-          f'{1e3*r["quant_s"]:.1f} | {1e3*r["comm_s"]:.1f} | {r["bytes_sent"]/1e6:.2f} | '
-          f'{r.get("measured_tx_per_step", 0)/1e6:.2f} | {up} |')
+          f'{ms(r, "step_s")} | {ms(r, "compute_s")} | {ms(r, "comm_wait_s")} | '
+          f'{ms(r, "quant_s")} | {ms(r, "comm_s")} | {mb} | '
+          f'{r.get("measured_tx_per_step", 0)/1e6:.2f} | {up} | {tf} | {th} |')
+if any(r["mode"].startswith("torch") and "torch" in r for r in rows):
+    v = next(r["torch"] for r in rows if "torch" in r)
+    print(f"\ntorch-fp32 / torch-fp16: PyTorch {v} DDP over gloo (experiments/ddp_torch.py), fp32 "
+          "all-reduce / fp16 compression hook; compute = its steps under no_sync().")
 try:
     import matplotlib
     matplotlib.use("Agg")
@@ -121,18 +185,20 @@ suffix = "_quick" if quick else ""
 for model in sorted({r["model"] for r in rows}):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for rate in sorted({r["rate"] for r in rows}):
-        for mode, style in (("fp32", "--"), ("int4", "-")):
+        for mode, style in (("fp32", "--"), ("int4", "-"), ("torch-fp32", ":"),
+                            ("torch-fp16", "-.")):
             pts = sorted((r["ranks"], r["img_per_s"]) for r in rows
-                         if r["model"] == model and r["rate"] == rate and r["mode"] == mode)
+                         if "skipped" not in r and r["model"] == model and r["rate"] == rate and r["mode"] == mode)
             if pts:
                 axes[0].plot(*zip(*pts), style, marker="o", label=f"{mode}, {rate}")
     axes[0].set_xlabel("ranks"); axes[0].set_ylabel("img/s (64 images per rank)")
     axes[0].set_title(f"{model}: weak scaling"); axes[0].legend(); axes[0].grid(alpha=0.3)
-    sel = [r for r in rows if r["model"] == model]
+    sel = [r for r in rows if r["model"] == model and "skipped" not in r]
     labels = [f'{r["mode"]}\n{r["ranks"]}r {r["rate"].replace("gbit", "G")}' for r in sel]
     bottom = [0.0] * len(sel)
     for part, name in (("compute_s", "compute"), ("comm_wait_s", "comm wait")):
-        vals = [1e3 * r[part] for r in sel]
+        # torch rows: comm wait = step - compute (no_sync steps)
+        vals = [1e3 * r.get(part, r["step_s"] - r["compute_s"]) for r in sel]
         axes[1].bar(range(len(sel)), vals, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, vals)]
     axes[1].set_xticks(range(len(sel))); axes[1].set_xticklabels(labels, fontsize=6)
@@ -141,7 +207,17 @@ for model in sorted({r["model"] for r in rows}):
     fig.savefig(f"{plots}/scaling_{model}{suffix}.png", dpi=110)
 PY
 cat "$out_dir/table.md"
-[ "$quick" = 1 ] && exit 0
+# The headline figures: mlp2048, 4 ranks, 1gbit (nulls where a row was not run).
+headline=$(jq -s -c '
+    def step(m): (map(select(.model == "mlp2048" and .rate == "1gbit" and .ranks == 4 and
+                             .mode == m and .step_s != null)) | first | .step_s) // null;
+    def ratio(a; b): if a != null and b != null then a / b else null end;
+    {experiment: "scaling", int4_step_s: step("int4"), fp32_step_s: step("fp32"),
+     torch_fp32_step_s: step("torch-fp32"), torch_fp16_step_s: step("torch-fp16")} |
+    . + {int4_x_torch_fp32: ratio(.torch_fp32_step_s; .int4_step_s),
+         int4_x_torch_fp16: ratio(.torch_fp16_step_s; .int4_step_s),
+         fp32_x_torch_fp32: ratio(.torch_fp32_step_s; .fp32_step_s)}' "$results")
+if [ "$quick" = 1 ]; then echo "$headline"; exit 0; fi
 block=$(printf '<!-- scaling:begin -->\nCommand: `experiments/scaling.sh` (%s, %s cores; results in runs/scaling/results.jsonl; plots experiments/plots/scaling_*.png)\n\n%s\n<!-- scaling:end -->' \
         "$(date -u +%Y-%m-%d)" "$(nproc)" "$(cat "$out_dir/table.md")")
 res="$ROOT/experiments/RESULTS.md"
@@ -156,3 +232,4 @@ PY
 else
     printf '\n%s\n' "$block" >> "$res"
 fi
+echo "$headline"

@@ -52,7 +52,7 @@ function(int4ddp_mpi_test name)
 endfunction()
 
 int4ddp_mpi_test(test_comm SOURCES test_comm_communicator.cpp test_comm_two_shot.cpp
-                 test_comm_buckets.cpp test_comm_hierarchy.cpp)
+                 test_comm_buckets.cpp test_comm_hierarchy.cpp test_comm_ring.cpp test_comm_auto_mode.cpp)
 # Graceful preemption: one rank gets the signal, every rank stops after the same step.
 int4ddp_mpi_test(test_run_safety_mpi SOURCES test_run_safety_mpi.cpp)
 target_link_libraries(test_run_safety_mpi PRIVATE int4ddp_core)

@@ -29,7 +29,7 @@ using quant::kFp32Bits;
 enum class ModelKind : uint8_t { kMlp, kCnn, kResNet20, kResNet18 };       // model.name
 enum class DatasetKind : uint8_t { kFashionMnist, kSynthetic, kCifar10 };  // data.dataset
 enum class CommBackend : uint8_t { kNone, kMpi, kNccl };                   // comm.backend
-enum class CommMode : uint8_t { kFp32, kInt4, kInt8 };                     // comm.mode
+enum class CommMode : uint8_t { kFp32, kInt4, kInt8, kAuto };              // comm.mode
 enum class ScheduleKind : uint8_t { kMultistep, kCosine };                 // schedule.kind
 enum class ProgressBar : uint8_t { kAuto, kOn, kOff };                     // log.progress
 
@@ -81,6 +81,7 @@ struct Config {
     CommBackend backend = CommBackend::kMpi;  // none (single process) | mpi | nccl (refused until
                                               // the trainer's layers run on the GPU)
     CommMode mode = CommMode::kInt4;          // gradient all-reduce: fp32 | int4 | int8 (two-shot)
+                                              // | auto (per bucket fp32 or int4, measured)
     double bucket_mb = 25.0;   // bucket size in MiB (2^20 bytes) of fp32 gradient, (0, 4096]
     int64_t block_size = 512;  // G: elements per scale in compressed buckets, even, 2..2^24
     int64_t small_tensor_threshold = 4096;  // tensors with fewer elements go uncompressed (fp32)

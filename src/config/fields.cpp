@@ -30,8 +30,10 @@ const Spellings<CommBackend>& spellings(CommBackend) {
   return s;
 }
 const Spellings<CommMode>& spellings(CommMode) {
-  static const Spellings<CommMode> s = {
-      {CommMode::kFp32, "fp32"}, {CommMode::kInt4, "int4"}, {CommMode::kInt8, "int8"}};
+  static const Spellings<CommMode> s = {{CommMode::kFp32, "fp32"},
+                                        {CommMode::kInt4, "int4"},
+                                        {CommMode::kInt8, "int8"},
+                                        {CommMode::kAuto, "auto"}};
   return s;
 }
 const Spellings<ScheduleKind>& spellings(ScheduleKind) {

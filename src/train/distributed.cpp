@@ -2,8 +2,10 @@
 #include "src/train/distributed.h"
 
 #include <cstring>
+#include <ostream>
 #include <sstream>
 
+#include "comm/auto_mode.h"
 #include "comm/bytes.h"
 #include "kernels/common/error.h"
 
@@ -18,6 +20,8 @@ int comm_bits(CommMode mode) {
       return 4;
     case CommMode::kInt8:
       return 8;
+    case CommMode::kAuto:  // per bucket: this or fp32 (DataParallel::attach)
+      return 4;
   }
   INT4DDP_FAIL("comm.mode = ", static_cast<int>(mode), " is not a mode");
 }
@@ -91,7 +95,7 @@ void DataParallel::average_buffers(nn::Model& model) {
   }
 }
 
-void DataParallel::attach(nn::Model& model, const Config& cfg) {
+void DataParallel::attach(nn::Model& model, const Config& cfg, std::ostream& log) {
   if (!enabled_) return;
   comm::BucketConfig bc;
   bc.bucket_mb = cfg.comm.bucket_mb;
@@ -108,6 +112,18 @@ void DataParallel::attach(nn::Model& model, const Config& cfg) {
   bc.compress.policy.alpha = cfg.comm.alpha;
   bc.compress.policy.eta = static_cast<float>(cfg.comm.eta);
   bc.compress.seed = static_cast<uint32_t>(cfg.train.seed);
+  if (cfg.comm.mode == CommMode::kAuto) {
+    // A 4 MiB ring exchange and encode: tens of milliseconds on a 1 Gbit/s link.
+    constexpr int64_t kProbeFloats = int64_t{1} << 20;
+    const comm::MeasuredBandwidth m =
+        comm::measure_bandwidth(*comm_, kProbeFloats, bc.compress.bits, cfg.comm.block_size);
+    bc.choose_bits = [m, &log, ranks = comm_->size(), G = cfg.comm.block_size,
+                      bits = bc.compress.bits, bucket = 0](int64_t count) mutable {
+      const comm::ModeChoice c = comm::choose_bucket_mode(m, count, ranks, G, bits);
+      log << "comm.mode auto: bucket " << bucket++ << ": " << c.reason << "\n";
+      return c.bits;
+    };
+  }
   std::vector<comm::Segment> segs;
   for (const auto& [off, count] : model.param_segments()) segs.push_back({off, count});
   engine_ = std::make_unique<comm::BucketEngine>(*comm_, bc, model.grads(), std::move(segs));

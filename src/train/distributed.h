@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <iosfwd>
 #include <memory>
 #include <string>
 #include <vector>
@@ -32,8 +33,9 @@ class DataParallel {
   void average_buffers(nn::Model& model);
 
   // The gradient buckets over model's arena (after the model is built); null engine without
-  // data parallelism.
-  void attach(nn::Model& model, const Config& cfg);
+  // data parallelism. With comm.mode auto it measures the link and the codec first (collective)
+  // and writes each bucket's choice and its reason to log.
+  void attach(nn::Model& model, const Config& cfg, std::ostream& log);
   comm::BucketEngine* engine() { return engine_.get(); }
 
   // This rank's state that other ranks do not share: BN statistics, the gradient quantizers'

@@ -174,7 +174,7 @@ Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
   qctx.seed = static_cast<uint32_t>(cfg.train.seed);
   qctx.stream = static_cast<uint32_t>(rank_);
   dp_.broadcast_model(model_);
-  dp_.attach(model_, cfg);
+  dp_.attach(model_, cfg, out_);
   engine_ = dp_.engine();
   if (engine_)
     out_ << "comm.hierarchy: " << spelling(cfg.comm.hierarchy) << " -> " << engine_->hierarchy()

@@ -1,0 +1,46 @@
+// The bandwidth-optimal fp32 all-reduce (sum): a pipelined ring of reduce-scatter + all-gather on
+// a Communicator's point-to-point messages (DESIGN.md section 4, fp32 mode).
+//
+// The buffer of `count` floats is cut into N chunks (chunk j = [count j / N, count (j+1) / N)).
+// In 2 (N-1) steps every rank sends one chunk to rank + 1 and receives one from rank - 1: the
+// first N-1 steps add what arrives to the local chunk (reduce-scatter; afterwards rank r holds the
+// full sum of chunk r + 1), the last N-1 steps pass the finished chunks on (all-gather). Each rank
+// sends 4 (2 count - |chunk r+1| - |chunk r+2|) bytes, about 2 (N-1)/N of the buffer, the lower
+// bound for an all-reduce. Chunks travel in segments of segment_bytes, and a segment is forwarded
+// as soon as it has arrived and been added, so a large buffer streams through the ring instead of
+// waiting for whole chunks at every step.
+//
+// Reduction order is fixed: chunk j is summed as ((x_j + x_{j+1}) + x_{j+2}) + ... over ranks j,
+// j+1, ..., j+N-1 (mod N), whatever the timing, and the all-gather copies the finished sums, so the
+// result is deterministic and bit-identical on every rank (ring_reference_sum states it).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "comm/communicator.h"
+
+namespace int4ddp::comm {
+
+// Default pipelining segment: large enough that per-message overhead is small, small enough that
+// a bucket of a few MiB still fills the ring.
+constexpr size_t kRingSegmentBytes = size_t{1} << 20;
+
+// In place: buf <- sum over the ranks of comm of buf (count floats, host memory). Collective; uses
+// comm.isend / comm.irecv with tag kRingTag. scratch: receive space kept by the caller between
+// calls (resized to 2 ceil(count / N) floats). segment_bytes >= 4.
+void ring_allreduce_sum(Communicator& comm, float* buf, int64_t count, std::vector<float>& scratch,
+                        size_t segment_bytes = kRingSegmentBytes);
+
+// The message tag of the ring's point-to-point messages.
+constexpr int kRingTag = 0x5249;
+
+// Bytes that rank `rank` of `ranks` sends in ring_allreduce_sum of count floats.
+uint64_t ring_bytes_sent(int64_t count, int rank, int ranks);
+
+// The plain reference of the result: out[i] = the ring's sum of inputs[0..N-1][i] in its fixed
+// order (per chunk, starting at the chunk's own rank). inputs: N pointers to count floats.
+void ring_reference_sum(const std::vector<const float*>& inputs, int64_t count, float* out);
+
+}  // namespace int4ddp::comm

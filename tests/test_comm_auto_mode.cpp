@@ -1,0 +1,67 @@
+// comm.mode auto under mpirun (label mpi, 1-4 ranks): the start-up measurement gives every rank the
+// same figures, so every rank takes the same per-bucket decision; a bucket chosen fp32 travels
+// uncompressed and the others compressed.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "comm/auto_mode.h"
+#include "comm/buckets.h"
+#include "comm_test.h"
+
+namespace int4ddp::comm {
+namespace {
+
+TEST(AutoModeMeasurement, EveryRankGetsTheSameFiguresAndDecisions) {
+  const MeasuredBandwidth m = measure_bandwidth(W(), 1 << 16, 4, 512);
+  EXPECT_TRUE(same_on_all_ranks(&m, sizeof m));
+  EXPECT_GT(m.encode_floats_per_s, 0.0);
+  EXPECT_GT(m.decode_floats_per_s, 0.0);
+  if (R() > 1) {
+    EXPECT_GT(m.link_bytes_per_s, 0.0);
+    EXPECT_TRUE(std::isfinite(m.link_bytes_per_s));
+    EXPECT_GE(m.hop_latency_s, 0.0);
+  }
+  int bits[3];
+  for (int k = 0; k < 3; ++k)
+    bits[k] = choose_bucket_mode(m, int64_t{1000} << (5 * k), R(), 512).bits;
+  EXPECT_TRUE(same_on_all_ranks(bits, sizeof bits));
+}
+
+TEST(AutoModeBuckets, ABucketChosenFp32GoesUncompressed) {
+  // Two tensors, one bucket each (4096 floats per bucket, reverse order): bucket 0 = [3000, 8000),
+  // bucket 1 = [0, 3000). The chooser sends buckets of 4000 or more elements in fp32.
+  BucketConfig cfg;
+  cfg.bucket_mb = 4096.0 * 4 / 1048576.0;
+  cfg.small_tensor_threshold = 1000;
+  cfg.compress.block_size = 64;
+  std::vector<int64_t> asked;
+  cfg.choose_bits = [&](int64_t count) {
+    asked.push_back(count);
+    return count >= 4000 ? kFp32Bits : 4;
+  };
+  std::vector<float> arena(8000);
+  BucketEngine engine(W(), cfg, arena.data(), {{0, 3000}, {3000, 5000}});
+  EXPECT_EQ(asked, (std::vector<int64_t>{5000, 3000}));
+  EXPECT_EQ(engine.num_buckets(), 2);
+  EXPECT_EQ(engine.num_compressed_buckets(), 1);
+  auto value = [](int r, int64_t i) { return static_cast<float>((i * 7 + r) % 23 - 11); };
+  for (int64_t i = 0; i < 8000; ++i) arena[static_cast<size_t>(i)] = value(me(), i);
+  engine.begin_step(0);
+  engine.ready_from(0);
+  const StepCommStats st = engine.finish();
+  engine.commit(true);
+  EXPECT_EQ(st.plain_elements, 5000);
+  EXPECT_EQ(st.compressed_elements, 3000);
+  int64_t wrong = 0;  // the fp32 bucket: the exact mean, as the ring and / N give it
+  for (int64_t i = 3000; i < 8000; ++i) {
+    float sum = 0;
+    for (int r = 0; r < R(); ++r) sum += value(r, i);
+    wrong += !same_bits(arena[static_cast<size_t>(i)], sum / static_cast<float>(R()));
+  }
+  EXPECT_EQ(wrong, 0);
+}
+
+}  // namespace
+}  // namespace int4ddp::comm
