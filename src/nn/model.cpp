@@ -7,12 +7,17 @@
 
 #include "kernels/common/parallel.h"
 #include "src/core/rng.h"
+#include "src/nn/layers_cuda.h"
 
 namespace int4ddp::nn {
 
 Model::Model(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
   INT4DDP_CHECK(spec.channels > 0 && spec.height > 0 && spec.width > 0 && spec.num_classes > 1,
                 "model: bad input geometry or class count");
+  INT4DDP_CHECK(spec.device == Device::kCpu ||
+                    (!spec.quantized && (spec.name == "mlp" || spec.name == "cnn")),
+                "model ", spec.name, (spec.quantized ? " (quantized)" : ""),
+                ": no GPU layers yet (train.device = cuda runs fp32 mlp and cnn)");
   if (spec.name == "mlp")
     build_mlp();
   else if (spec.name == "cnn")
@@ -36,6 +41,7 @@ QuantSpec Model::quant_spec(bool signed_input) const {
 
 std::unique_ptr<Layer> Model::conv(const std::string& name, int64_t in, int64_t out, int k,
                                    int stride, int pad, bool keep_fp32, bool signed_input) {
+  if (spec_.device == Device::kCuda) return make_cuda_conv2d(name, in, out, k, stride, pad);
   if (!spec_.quantized || keep_fp32)
     return std::make_unique<Conv2d>(name, in, out, k, stride, pad, false);
   auto q = std::make_unique<QConv2d>(name, in, out, k, stride, pad, quant_spec(signed_input),
@@ -46,11 +52,29 @@ std::unique_ptr<Layer> Model::conv(const std::string& name, int64_t in, int64_t 
 
 std::unique_ptr<Layer> Model::linear(const std::string& name, int64_t in, int64_t out,
                                      bool keep_fp32, bool signed_input) {
+  if (spec_.device == Device::kCuda) return make_cuda_linear(name, in, out, true);
   if (!spec_.quantized || keep_fp32) return std::make_unique<Linear>(name, in, out, true);
   auto q = std::make_unique<QLinear>(name, in, out, true, quant_spec(signed_input),
                                      next_layer_id_++, &ctx_);
   qops_.push_back(q.get());
   return q;
+}
+
+std::unique_ptr<Layer> Model::relu(const std::string& name) const {
+  if (spec_.device == Device::kCuda) return make_cuda_relu(name);
+  return std::make_unique<ReLU>(name);
+}
+
+std::unique_ptr<Layer> Model::batchnorm(const std::string& name, int64_t channels,
+                                        bool relu) const {
+  if (spec_.device == Device::kCuda) return make_cuda_batchnorm(name, channels, relu);
+  if (relu) return BatchNorm::with_relu(name, channels);
+  return std::make_unique<BatchNorm>(name, channels);
+}
+
+std::unique_ptr<Layer> Model::maxpool(const std::string& name, int window) const {
+  if (spec_.device == Device::kCuda) return make_cuda_maxpool(name, window);
+  return std::make_unique<MaxPool2d>(name, window);
 }
 
 void Model::build_mlp() {
@@ -61,7 +85,7 @@ void Model::build_mlp() {
     INT4DDP_CHECK(h > 0, "model.mlp_hidden[", i, "] = ", h, " must be positive");
     net_.add(linear("fc" + std::to_string(i + 1), in, h, i == 0 && spec_.fp32_first,
                     i == 0 && spec_.signed_input));
-    net_.add(std::make_unique<ReLU>("relu" + std::to_string(i + 1)));
+    net_.add(relu("relu" + std::to_string(i + 1)));
     in = h;
   }
   net_.add(linear("fc_out", in, spec_.num_classes, spec_.fp32_last));
@@ -71,13 +95,13 @@ void Model::build_cnn() {
   INT4DDP_CHECK(spec_.height % 4 == 0 && spec_.width % 4 == 0,
                 "model cnn: input height and width must be multiples of 4");
   net_.add(conv("conv1", spec_.channels, 32, 3, 1, 1, spec_.fp32_first, spec_.signed_input));
-  net_.add(BatchNorm::with_relu("bn1", 32));  // + relu1
-  net_.add(std::make_unique<MaxPool2d>("pool1", 2));
+  net_.add(batchnorm("bn1", 32, true));  // + relu1
+  net_.add(maxpool("pool1", 2));
   net_.add(conv("conv2", 32, 64, 3, 1, 1, false));
-  net_.add(BatchNorm::with_relu("bn2", 64));  // + relu2
-  net_.add(std::make_unique<MaxPool2d>("pool2", 2));
+  net_.add(batchnorm("bn2", 64, true));  // + relu2
+  net_.add(maxpool("pool2", 2));
   net_.add(linear("fc1", 64 * (spec_.height / 4) * (spec_.width / 4), 256, false));
-  net_.add(std::make_unique<ReLU>("relu3"));
+  net_.add(relu("relu3"));
   net_.add(linear("fc2", 256, spec_.num_classes, spec_.fp32_last));
 }
 
@@ -134,6 +158,18 @@ void Model::bind_arena(uint64_t seed) {
       lowest = std::min<int64_t>(lowest, p->grad.data() - grads_.data());
     ready_offset_[i] = lowest;
   }
+  if (spec_.device == Device::kCuda) bind_device_arena();
+}
+
+void Model::bind_device_arena() {
+  const int64_t total = num_params();
+  device_values_.resize({total}, Device::kCuda);
+  device_grads_.resize({total}, Device::kCuda);
+  for (Param* p : params_) {
+    const int64_t off = p->value.data() - values_.data();
+    p->device_value = Tensor::view(device_values_.data() + off, p->shape, Device::kCuda);
+    p->device_grad = Tensor::view(device_grads_.data() + off, p->shape, Device::kCuda);
+  }
 }
 
 std::vector<std::pair<int64_t, int64_t>> Model::param_segments() const {
@@ -143,6 +179,14 @@ std::vector<std::pair<int64_t, int64_t>> Model::param_segments() const {
 }
 
 void Model::forward(const Tensor& x, Tensor& logits, bool train) {
+  if (spec_.device == Device::kCuda) {
+    // The host arena is the master copy (the optimizer steps it): upload it, then the input.
+    copy_floats(device_values_.data(), Device::kCuda, values_.data(), Device::kCpu, num_params());
+    if (input_.device() != Device::kCuda) input_ = Tensor({0}, Device::kCuda);
+    input_.copy_from(x);
+    net_.forward(input_, logits, train);
+    return;
+  }
   input_.resize(x.shape());
   std::memcpy(input_.data(), x.data(), sizeof(float) * static_cast<size_t>(x.numel()));
   net_.forward(input_, logits, train);
@@ -150,12 +194,31 @@ void Model::forward(const Tensor& x, Tensor& logits, bool train) {
 
 void Model::backward(const Tensor& dlogits, const std::function<void(int64_t)>& ready) {
   const Tensor unused;  // Sequential::backward reads activations it kept, not y
+  if (spec_.device == Device::kCuda) {
+    // Each layer's gradients come down to the host arena before ready() announces them.
+    int64_t on_host = num_params();  // grads_[on_host, num_params) are downloaded
+    auto download = [&](int64_t from) {
+      if (from >= on_host) return;
+      copy_floats(grads_.data() + from, Device::kCpu, device_grads_.data() + from, Device::kCuda,
+                  on_host - from);
+      on_host = from;
+    };
+    net_.set_backward_hook([&](size_t i) {
+      download(ready_offset_[i]);
+      if (ready) ready(ready_offset_[i]);
+    });
+    net_.backward(input_, unused, dlogits, nullptr);
+    net_.set_backward_hook({});
+    download(0);
+    return;
+  }
   if (ready) net_.set_backward_hook([&](size_t i) { ready(ready_offset_[i]); });
   net_.backward(input_, unused, dlogits, nullptr);
   net_.set_backward_hook({});
 }
 
 void Model::zero_grad() {
+  if (spec_.device == Device::kCuda) device_grads_.zero();
   constexpr int64_t kBlock = 65536;
   const int64_t n = static_cast<int64_t>(grads_.size());
   parallel_for((n + kBlock - 1) / kBlock, [&](int64_t b) {
