@@ -38,7 +38,7 @@ int select_gpu() {
     int count = 0;
     const cudaError_t rc = cudaGetDeviceCount(&count);
     INT4DDP_CHECK(rc == cudaSuccess && count > 0, "train.device = cuda: no CUDA device on rank ",
-                  launcher_rank(), " (cudaGetDeviceCount: ",
+                  std::max(0, launcher_rank()), " (cudaGetDeviceCount: ",
                   rc == cudaSuccess ? std::string("0 devices") : detail::cuda_error_text(rc), ")");
     device = node_local_rank() % count;
     INT4DDP_CUDA_CHECK(cudaSetDevice(device));
