@@ -156,7 +156,7 @@ LayerResult run_cpu(Layer& layer, const Tensor& x, const Tensor& dy, bool train 
   for (Param* p : layer.params()) p->grad.zero();
   layer.forward(x, r.y, train);
   if (train) layer.backward(x, r.y, dy, &r.dx);
-  for (Param* p : layer.params()) r.grads.push_back(p->grad);
+  for (Param* p : layer.params()) r.grads.push_back(to_host(p->grad));  // a copy, not a view
   return r;
 }
 

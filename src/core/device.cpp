@@ -47,6 +47,13 @@ int select_gpu() {
   return device;
 }
 
+std::string describe_gpu() {
+  const int device = select_gpu();
+  cudaDeviceProp prop;
+  INT4DDP_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return detail::concat("GPU ", device, ": ", prop.name, ", ", prop.totalGlobalMem >> 30, " GiB");
+}
+
 cudaStream_t compute_stream() {
   static cudaStream_t stream = [] {
     select_gpu();
@@ -123,6 +130,8 @@ namespace {
 }  // namespace
 
 int select_gpu() { no_cuda("select_gpu"); }
+
+std::string describe_gpu() { no_cuda("describe_gpu"); }
 
 std::shared_ptr<float> allocate_floats(Device device, bool pinned, int64_t count) {
   if (device == Device::kCuda || pinned) no_cuda("allocate_floats");

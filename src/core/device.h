@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 namespace int4ddp {
 
@@ -26,6 +27,9 @@ int node_local_rank();
 // rule), once; later calls return the same device. Throws Error naming the rank when there is no
 // GPU or CUDA is not built in.
 int select_gpu();
+
+// "GPU <index>: <name>, <GiB> GiB" of the selected GPU (selecting it), for the trainer's banner.
+std::string describe_gpu();
 
 // Storage of count floats: kCuda in device memory (cudaMalloc on the selected GPU), kCpu with
 // pinned = true in page-locked host memory (cudaMallocHost, for asynchronous copies), zeroed.

@@ -231,10 +231,12 @@ Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
   // On the GPU the batch is assembled in page-locked memory, so the model's copy of it to the
   // device is asynchronous on the compute stream.
   const Shape batch_shape = {batch_, ds_.train.channels, ds_.train.height, ds_.train.width};
-  if (model_.device() == Device::kCuda)
+  if (model_.device() == Device::kCuda) {
+    out_ << "train.device: cuda, rank 0 on " << describe_gpu() << "\n";
     x_.resize_pinned(batch_shape);
-  else
+  } else {
     x_.resize(batch_shape);
+  }
   labels_.resize(static_cast<size_t>(batch_));
   aug_.crop_pad = cfg.data.random_crop_pad;
   aug_.flip = cfg.data.random_flip;
