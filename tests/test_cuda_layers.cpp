@@ -189,7 +189,7 @@ void check_gemm_layer(Layer& cpu, Layer& abs_cpu, Layer& gpu, const Tensor& x, c
                   cpu.params()[i]->name + " grad");
 }
 
-TEST(CudaLayers, LinearMatchesCpuWithinDerivedBound) {
+TEST(GpuLayers, LinearMatchesCpuWithinDerivedBound) {
   REQUIRE_GPU();
   const int64_t n = 37, in = 300, out = 65;  // odd sizes: no tile divides them
   Linear cpu("fc", in, out), abs_cpu("fc", in, out);
@@ -199,7 +199,7 @@ TEST(CudaLayers, LinearMatchesCpuWithinDerivedBound) {
   check_gemm_layer(cpu, abs_cpu, *gpu, x, dy, in, n, out);
 }
 
-TEST(CudaLayers, Conv2dMatchesCpuWithinDerivedBound) {
+TEST(GpuLayers, Conv2dMatchesCpuWithinDerivedBound) {
   REQUIRE_GPU();
   struct Case {
     int64_t n, in, out, h, w;
@@ -221,7 +221,7 @@ TEST(CudaLayers, Conv2dMatchesCpuWithinDerivedBound) {
   }
 }
 
-TEST(CudaLayers, BatchNormMatchesCpu) {
+TEST(GpuLayers, BatchNormMatchesCpu) {
   REQUIRE_GPU();
   for (bool relu : {false, true})
     for (const Shape& shape : {Shape{16, 8, 5, 5}, Shape{64, 12}}) {
@@ -252,7 +252,7 @@ TEST(CudaLayers, BatchNormMatchesCpu) {
     }
 }
 
-TEST(CudaLayers, ReluAndPoolingBitForBit) {
+TEST(GpuLayers, ReluAndPoolingBitForBit) {
   REQUIRE_GPU();
   const Tensor x = random_tensor({6, 5, 8, 8}, 30), dy = random_tensor({6, 5, 8, 8}, 31);
   ReLU relu("relu");
@@ -278,7 +278,7 @@ TEST(CudaLayers, ReluAndPoolingBitForBit) {
   expect_bits(got.dx, want.dx, "global avgpool dx");
 }
 
-TEST(CudaLayers, SoftmaxCrossEntropyMatchesCpu) {
+TEST(GpuLayers, SoftmaxCrossEntropyMatchesCpu) {
   REQUIRE_GPU();
   const int64_t n = 50, k = 10;
   const Tensor logits = random_tensor({n, k}, 40, 3.0f);
@@ -299,7 +299,7 @@ TEST(CudaLayers, SoftmaxCrossEntropyMatchesCpu) {
 
 // ---- whole models and training ------------------------------------------------------------------
 
-TEST(CudaModel, MlpAndCnnMatchCpuForwardAndBackward) {
+TEST(GpuModel, MlpAndCnnMatchCpuForwardAndBackward) {
   REQUIRE_GPU();
   for (const char* name : {"mlp", "cnn"}) {
     SCOPED_TRACE(name);
@@ -392,7 +392,7 @@ std::vector<std::pair<int64_t, double>> step_losses(
   return out;
 }
 
-TEST(CudaTrain, HundredStepsFollowTheCpuLossCurve) {
+TEST(GpuTrain, HundredStepsFollowTheCpuLossCurve) {
   REQUIRE_GPU();
   for (ModelKind model : {ModelKind::kMlp, ModelKind::kCnn}) {
     SCOPED_TRACE(spelling(model));
@@ -415,7 +415,7 @@ TEST(CudaTrain, HundredStepsFollowTheCpuLossCurve) {
   }
 }
 
-TEST(CudaTrain, RerunAndResumeAreBitForBit) {
+TEST(GpuTrain, RerunAndResumeAreBitForBit) {
   REQUIRE_GPU();
   const std::string dir = temp_dir("resume");
   Config c = gpu_config(dir, ModelKind::kCnn, TrainDevice::kCuda);
@@ -456,7 +456,7 @@ std::string error_of(const std::function<void()>& f) {
   return "";
 }
 
-TEST(CudaErrors, HostTensorIntoACudaLayerIsRefusedNamingTheLayer) {
+TEST(GpuErrors, HostTensorIntoACudaLayerIsRefusedNamingTheLayer) {
   auto fc = make_cuda_linear("fc7", 4, 3, true);
   const Tensor x({2, 4});
   Tensor y;
@@ -464,7 +464,7 @@ TEST(CudaErrors, HostTensorIntoACudaLayerIsRefusedNamingTheLayer) {
             std::string::npos);
 }
 
-TEST(CudaErrors, ModelsWithoutGpuLayersAreRefused) {
+TEST(GpuErrors, ModelsWithoutGpuLayersAreRefused) {
   ModelSpec spec;
   spec.device = Device::kCuda;
   spec.name = "cnn";  // quantized by default
@@ -474,7 +474,7 @@ TEST(CudaErrors, ModelsWithoutGpuLayersAreRefused) {
   EXPECT_NE(error_of([&] { Model m(spec, 0); }).find("no GPU layers yet"), std::string::npos);
 }
 
-TEST(CudaErrors, NoGpuIsAClearErrorNamingTheRank) {
+TEST(GpuErrors, NoGpuIsAClearErrorNamingTheRank) {
   if (quant::cuda::device_available()) GTEST_SKIP() << "a GPU is present";
   const std::string msg = error_of([] { select_gpu(); });
   EXPECT_NE(msg.find("train.device = cuda: no CUDA device on rank 0"), std::string::npos) << msg;
