@@ -114,11 +114,11 @@ struct Config {
     int64_t eval_batch_size = 1000;  // examples per evaluation batch, 1..65536
     int64_t seed = 0;                // seeds init, shuffling, augmentation and rounding, 0..2^32-1
     int threads = 0;                 // threads per rank, 0 = automatic (cores / ranks on the node)
-    TrainDevice device = TrainDevice::kCpu;  // cpu | cuda (a CUDA build; rank r uses the GPU of
-                                             // its node-local rank)
-    int64_t max_steps = 0;                   // stop after this many optimizer steps; 0 = no limit
-    int64_t checkpoint_every_steps = 0;      // write a checkpoint every N steps; 0 = never
-    int checkpoint_every_epochs = 1;         // write a checkpoint every N epochs; 0 = never
+    // cpu | cuda (a CUDA build; rank r uses the GPU of its node-local rank)
+    TrainDevice device = TrainDevice::kCpu;
+    int64_t max_steps = 0;               // stop after this many optimizer steps; 0 = no limit
+    int64_t checkpoint_every_steps = 0;  // write a checkpoint every N steps; 0 = never
+    int checkpoint_every_epochs = 1;     // write a checkpoint every N epochs; 0 = never
     std::string checkpoint_dir = "runs/checkpoints";  // where checkpoints go
     int keep_checkpoints = 5;  // keep the newest N step_*, N epoch_* (and last); 0 = all
     std::string resume;        // checkpoint file to resume from; "" = start fresh
