@@ -327,8 +327,9 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
   }
   if (c.comm.backend == CommBackend::kNccl) {
     fail("comm.backend",
-         "the trainer's layers run on the CPU, so its gradients live in host memory; use "
-         "comm.backend = mpi (GPU training layers are not implemented yet)");
+         "the trainer's gradient buckets live in host memory (train.device = cuda copies the "
+         "gradients there); use comm.backend = mpi (device buckets over NCCL are not wired into "
+         "the trainer yet)");
   }
   if (quantized && c.model.name == ModelKind::kMlp && c.model.mlp_hidden.size() == 1 &&
       c.quant.first_layer_fp32 && c.quant.last_layer_fp32) {
