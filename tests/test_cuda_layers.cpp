@@ -298,11 +298,49 @@ TEST(GpuLayers, SoftmaxCrossEntropyMatchesCpu) {
                Error);
 }
 
+// ||got - want|| / ||want||: composite layers (BatchNorm after a GEMM) compared as a whole.
+double relative_l2(const Tensor& got, const Tensor& want) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    const double d = double{got[i]} - want[i];
+    num += d * d;
+    den += double{want[i]} * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+TEST(GpuLayers, ResidualBlockMatchesCpu) {
+  REQUIRE_GPU();
+  // Composite (two convolutions, two BatchNorms, the option-A shortcut): within 1e-4 relative L2,
+  // loose next to the per-layer bounds above, which the layers inside already meet.
+  for (int stride : {1, 2}) {
+    SCOPED_TRACE("stride " + std::to_string(stride));
+    const int64_t in = 4, out = stride == 2 ? 8 : 4, n = 6, h = 8;
+    auto c1 = std::make_unique<Conv2d>("b.conv1", in, out, 3, stride, 1);
+    auto c2 = std::make_unique<Conv2d>("b.conv2", out, out, 3, 1, 1);
+    c1->set_direct_conv(false);
+    c2->set_direct_conv(false);
+    ResidualBlock cpu("b", std::move(c1), out, std::move(c2), in, out, stride);
+    randomize(cpu, 60);
+    auto gpu =
+        make_cuda_residual_block("b", make_cuda_conv2d("b.conv1", in, out, 3, stride, 1), out,
+                                 make_cuda_conv2d("b.conv2", out, out, 3, 1, 1), in, out, stride);
+    share_params(cpu, *gpu);
+    const Tensor x = random_tensor({n, in, h, h}, 61);
+    const Tensor dy = random_tensor({n, out, h / stride, h / stride}, 62, 0.1f);
+    const LayerResult want = run_cpu(cpu, x, dy), got = run_gpu(*gpu, x, dy);
+    EXPECT_LT(relative_l2(got.y, want.y), 1e-4) << "forward";
+    EXPECT_LT(relative_l2(got.dx, want.dx), 1e-4) << "dx";
+    for (size_t i = 0; i < want.grads.size(); ++i)
+      EXPECT_LT(relative_l2(got.grads[i], want.grads[i]), 1e-4) << cpu.params()[i]->name;
+  }
+}
+
 // ---- whole models and training ------------------------------------------------------------------
 
-TEST(GpuModel, MlpAndCnnMatchCpuForwardAndBackward) {
+TEST(GpuModel, EveryModelMatchesCpuForwardAndBackward) {
   REQUIRE_GPU();
-  for (const char* name : {"mlp", "cnn"}) {
+  for (const char* name : {"mlp", "cnn", "resnet20"}) {
     SCOPED_TRACE(name);
     ModelSpec spec;
     spec.name = name;
@@ -332,13 +370,9 @@ TEST(GpuModel, MlpAndCnnMatchCpuForwardAndBackward) {
     gpu.backward(dg, [&](int64_t off) { last_ready = off; });
     EXPECT_EQ(last_ready, 0);  // every gradient announced, the host arena filled
     // The host gradient arena holds the GPU's gradients: close to the CPU's (loose, layered fp32).
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < cpu.num_params(); ++i) {
-      const double d = gpu.grads()[i] - cpu.grads()[i];
-      num += d * d;
-      den += double{cpu.grads()[i]} * cpu.grads()[i];
-    }
-    EXPECT_LT(std::sqrt(num / den), 1e-4) << "relative L2 difference of the gradients";
+    const int64_t np = cpu.num_params();
+    EXPECT_LT(relative_l2(Tensor::view(gpu.grads(), {np}), Tensor::view(cpu.grads(), {np})), 1e-4)
+        << "relative L2 difference of the gradients";
   }
 }
 
@@ -473,9 +507,6 @@ TEST(GpuErrors, ModelsWithoutGpuLayersAreRefused) {
   ModelSpec spec;
   spec.device = Device::kCuda;
   spec.name = "cnn";  // quantized by default
-  EXPECT_NE(error_of([&] { Model m(spec, 0); }).find("no GPU layers yet"), std::string::npos);
-  spec.quantized = false;
-  spec.name = "resnet20";
   EXPECT_NE(error_of([&] { Model m(spec, 0); }).find("no GPU layers yet"), std::string::npos);
 }
 

@@ -355,7 +355,75 @@ class CudaBatchNorm : public Layer {
   Tensor workspace_;                               // device doubles of the BN reductions
 };
 
+// ---- the residual block ------------------------------------------------------------------------
+
+class CudaResidualBlock : public Layer {
+ public:
+  CudaResidualBlock(std::string name, std::unique_ptr<Layer> conv1, int64_t mid_channels,
+                    std::unique_ptr<Layer> conv2, int64_t in_channels, int64_t out_channels,
+                    int stride)
+      : name_(name), body_(name + ".body") {
+    INT4DDP_CHECK(stride == 1 || stride == 2, name_, ": stride must be 1 or 2");
+    INT4DDP_CHECK(out_channels >= in_channels, name_, ": option-A shortcut cannot drop channels");
+    shape_.in_channels = in_channels;
+    shape_.out_channels = out_channels;
+    shape_.stride = stride;
+    body_.add(std::move(conv1));
+    body_.add(make_cuda_batchnorm(name + ".bn1", mid_channels, true));  // + relu1
+    body_.add(std::move(conv2));
+    body_.add(make_cuda_batchnorm(name + ".bn2", out_channels, false));
+  }
+  std::string name() const override { return name_; }
+  std::vector<Param*> params() override { return body_.params(); }
+  std::vector<std::vector<float>*> buffers() override { return body_.buffers(); }
+
+  void forward(const Tensor& x, Tensor& y, bool train) override {
+    check_on_gpu(x, name_, "input");
+    body_.forward(x, body_out_, train);
+    set_shape(x);
+    const int64_t ho = body_out_.dim(2), wo = body_out_.dim(3), s = shape_.stride;
+    INT4DDP_CHECK(body_out_.dim(1) == shape_.out_channels && (shape_.h + s - 1) / s == ho &&
+                      (shape_.w + s - 1) / s == wo,
+                  name_, ": body output ", shape_str(body_out_.shape()), " does not match stride ",
+                  s, " of input ", shape_str(x.shape()));
+    y.resize(body_out_.shape(), Device::kCuda);
+    mc::residual_forward_async(shape_, body_out_.data(), x.data(), y.data(), compute_stream());
+  }
+
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override {
+    check_on_gpu(dy, name_, "output gradient");
+    set_shape(x);
+    dsum_.resize(y.shape(), Device::kCuda);
+    mc::residual_backward_async(shape_, y.data(), dy.data(), dsum_.data(), compute_stream());
+    body_.backward(x, body_out_, dsum_, dx);  // dx = the body's dx ...
+    if (dx)                                   // ... plus the shortcut's gradient
+      mc::shortcut_backward_add_async(shape_, dsum_.data(), dx->data(), compute_stream());
+  }
+
+ private:
+  void set_shape(const Tensor& x) {
+    INT4DDP_CHECK(x.rank() == 4 && x.dim(1) == shape_.in_channels, name_, ": input ",
+                  shape_str(x.shape()), " is not (n, ", shape_.in_channels, ", h, w)");
+    shape_.n = x.dim(0);
+    shape_.h = x.dim(2);
+    shape_.w = x.dim(3);
+  }
+
+  std::string name_;
+  Sequential body_;
+  mc::ShortcutShape shape_;
+  Tensor body_out_, dsum_;  // device: the body's output, and dL/d(body + shortcut)
+};
+
 }  // namespace
+
+std::unique_ptr<Layer> make_cuda_residual_block(std::string name, std::unique_ptr<Layer> conv1,
+                                                int64_t mid_channels, std::unique_ptr<Layer> conv2,
+                                                int64_t in_channels, int64_t out_channels,
+                                                int stride) {
+  return std::make_unique<CudaResidualBlock>(std::move(name), std::move(conv1), mid_channels,
+                                             std::move(conv2), in_channels, out_channels, stride);
+}
 
 std::unique_ptr<Layer> make_cuda_linear(std::string name, int64_t in, int64_t out, bool bias) {
   return std::make_unique<CudaLinear>(std::move(name), in, out, bias);
@@ -412,6 +480,10 @@ std::unique_ptr<Layer> make_cuda_relu(std::string name) { no_cuda(name); }
 std::unique_ptr<Layer> make_cuda_batchnorm(std::string name, int64_t, bool) { no_cuda(name); }
 std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int) { no_cuda(name); }
 std::unique_ptr<Layer> make_cuda_global_avgpool(std::string name) { no_cuda(name); }
+std::unique_ptr<Layer> make_cuda_residual_block(std::string name, std::unique_ptr<Layer>, int64_t,
+                                                std::unique_ptr<Layer>, int64_t, int64_t, int) {
+  no_cuda(name);
+}
 
 float softmax_cross_entropy_any(const Tensor& logits, const int32_t* labels, Tensor* dlogits,
                                 int64_t* correct) {

@@ -36,6 +36,12 @@ std::unique_ptr<Layer> make_cuda_relu(std::string name);
 std::unique_ptr<Layer> make_cuda_batchnorm(std::string name, int64_t channels, bool relu);
 std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int window);
 std::unique_ptr<Layer> make_cuda_global_avgpool(std::string name);
+// The CIFAR ResNet basic block with the option-A shortcut (nn::ResidualBlock): conv1 and conv2 are
+// CUDA convolutions; the block adds its BatchNorms (bn1 with the fused ReLU, bn2) as the CPU does.
+std::unique_ptr<Layer> make_cuda_residual_block(std::string name, std::unique_ptr<Layer> conv1,
+                                                int64_t mid_channels, std::unique_ptr<Layer> conv2,
+                                                int64_t in_channels, int64_t out_channels,
+                                                int stride);
 
 // nn::softmax_cross_entropy on logits of either device: host logits take the CPU function as it
 // is; device logits take the CUDA kernel (labels are host memory, copied over), and dlogits is

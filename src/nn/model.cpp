@@ -15,9 +15,10 @@ Model::Model(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
   INT4DDP_CHECK(spec.channels > 0 && spec.height > 0 && spec.width > 0 && spec.num_classes > 1,
                 "model: bad input geometry or class count");
   INT4DDP_CHECK(spec.device == Device::kCpu ||
-                    (!spec.quantized && (spec.name == "mlp" || spec.name == "cnn")),
+                    (!spec.quantized &&
+                     (spec.name == "mlp" || spec.name == "cnn" || spec.name == "resnet20")),
                 "model ", spec.name, (spec.quantized ? " (quantized)" : ""),
-                ": no GPU layers yet (train.device = cuda runs fp32 mlp and cnn)");
+                ": no GPU layers yet (train.device = cuda runs fp32 mlp, cnn and resnet20)");
   if (spec.name == "mlp")
     build_mlp();
   else if (spec.name == "cnn")
@@ -77,6 +78,22 @@ std::unique_ptr<Layer> Model::maxpool(const std::string& name, int window) const
   return std::make_unique<MaxPool2d>(name, window);
 }
 
+std::unique_ptr<Layer> Model::global_avgpool(const std::string& name) const {
+  if (spec_.device == Device::kCuda) return make_cuda_global_avgpool(name);
+  return std::make_unique<GlobalAvgPool>(name);
+}
+
+std::unique_ptr<Layer> Model::residual_block(const std::string& name, std::unique_ptr<Layer> conv1,
+                                             int64_t mid_channels, std::unique_ptr<Layer> conv2,
+                                             int64_t in_channels, int64_t out_channels,
+                                             int stride) const {
+  if (spec_.device == Device::kCuda)
+    return make_cuda_residual_block(name, std::move(conv1), mid_channels, std::move(conv2),
+                                    in_channels, out_channels, stride);
+  return std::make_unique<ResidualBlock>(name, std::move(conv1), mid_channels, std::move(conv2),
+                                         in_channels, out_channels, stride);
+}
+
 void Model::build_mlp() {
   INT4DDP_CHECK(!spec_.mlp_hidden.empty(), "model.mlp_hidden: needs at least one hidden layer");
   int64_t in = spec_.channels * spec_.height * spec_.width;
@@ -107,22 +124,20 @@ void Model::build_cnn() {
 
 void Model::build_resnet20() {
   net_.add(conv("conv1", spec_.channels, 16, 3, 1, 1, spec_.fp32_first, spec_.signed_input));
-  net_.add(BatchNorm::with_relu("bn1", 16));  // + relu1
+  net_.add(batchnorm("bn1", 16, true));  // + relu1
   int64_t in = 16;
   for (int stage = 0; stage < 3; ++stage) {
     const int64_t out = 16 << stage;
     for (int b = 0; b < 3; ++b) {
       const int stride = (stage > 0 && b == 0) ? 2 : 1;
       const std::string name = "layer" + std::to_string(stage + 1) + "." + std::to_string(b);
-      auto block = std::make_unique<ResidualBlock>(
-          name, conv(name + ".conv1", in, out, 3, stride, 1, false), out,
-          conv(name + ".conv2", out, out, 3, 1, 1, false), in, out, stride);
-      net_.add(std::move(block));
+      net_.add(residual_block(name, conv(name + ".conv1", in, out, 3, stride, 1, false), out,
+                              conv(name + ".conv2", out, out, 3, 1, 1, false), in, out, stride));
       in = out;
     }
   }
-  net_.add(std::make_unique<GlobalAvgPool>("pool"));
-  net_.add(std::make_unique<BatchNorm>("bn_final", 64));
+  net_.add(global_avgpool("pool"));
+  net_.add(batchnorm("bn_final", 64, false));
   net_.add(linear("fc", 64, spec_.num_classes, spec_.fp32_last, /*signed_input=*/true));
 }
 

@@ -83,6 +83,11 @@ class Model {
   std::unique_ptr<Layer> relu(const std::string& name) const;
   std::unique_ptr<Layer> batchnorm(const std::string& name, int64_t channels, bool relu) const;
   std::unique_ptr<Layer> maxpool(const std::string& name, int window) const;
+  std::unique_ptr<Layer> global_avgpool(const std::string& name) const;
+  std::unique_ptr<Layer> residual_block(const std::string& name, std::unique_ptr<Layer> conv1,
+                                        int64_t mid_channels, std::unique_ptr<Layer> conv2,
+                                        int64_t in_channels, int64_t out_channels,
+                                        int stride) const;
   // A model on the GPU: the device arenas mirror values_ and grads_ (DESIGN.md section 3). The
   // host arenas stay the master copy the optimizer, checkpoints and the all-reduce use: forward
   // uploads the values, backward downloads the gradients.
