@@ -15,7 +15,8 @@
 #      CUDA layer against its CPU layer, 100-step GPU trainings against the CPU loss curves, GPU
 #      rerun and resume bit for bit), then cnn fp32 on Fashion-MNIST: 100 steps on the GPU and on
 #      the CPU (loss curves compared), 2 GPU epochs (test accuracy), and mpirun -np 2 GPU ranks
-#      sharing the GPU with the int4 all-reduce (MPI, gradients through host memory). Data: $FMNIST,
+#      sharing the GPU with the int4 all-reduce (MPI, gradients through host memory), and 200
+#      fp32 resnet20 steps on the GPU (img/s). Data: $FMNIST,
 #      else ./data/fashion-mnist (an ignored folder: copy the four .gz files there and carry it
 #      with the device call), else /usr/share/datasets/fashion-mnist. Results: gpu_train.json;
 #   6. bench_gpu kernels: copy, quantize+pack (G = 512 stochastic and nearest; per tensor, two
@@ -199,19 +200,24 @@ if [[ -z "$FMNIST" || ! -e "$FMNIST/train-images-idx3-ubyte.gz" ]]; then
   fail "no Fashion-MNIST (set FMNIST or carry data/fashion-mnist): GPU training skipped"
 else
   log "cnn fp32 on Fashion-MNIST ($FMNIST)"
-  train_cnn() {  # name device extra --set arguments...
-    local name=$1 device=$2
-    shift 2
-    timeout 200 "$BUILD/int4ddp" train --config configs/cnn_fp32.yaml --set "data.path=$FMNIST" \
+  train_run() {  # config name device extra --set arguments...
+    local config=$1 name=$2 device=$3
+    shift 3
+    timeout 200 "$BUILD/int4ddp" train --config "$config" --set "data.path=$FMNIST" \
       --set comm.backend=none --set train.checkpoint_every_epochs=0 --set log.progress=off \
       --set log.print_every=1 --set train.overwrite=true --set "train.device=$device" \
       --set "train.checkpoint_dir=$OUT/ck_$name" --set "log.metrics_path=$OUT/train_$name.jsonl" \
       "$@" > "$OUT/train_$name.log" 2>&1 || fail "training $name (see train_$name.log)"
     tail -1 "$OUT/train_$name.log"
   }
+  train_cnn() { train_run configs/cnn_fp32.yaml "$@"; }
   train_cnn cnn_gpu_100 cuda --set train.epochs=2 --set train.max_steps=100
   train_cnn cnn_cpu_100 cpu --set train.epochs=2 --set train.max_steps=100 --set train.threads=16
   train_cnn cnn_gpu_2ep cuda --set train.epochs=2
+  log "resnet20 fp32, 200 GPU steps (throughput of the first GPU engine)"
+  train_run configs/resnet20.yaml resnet20_gpu_200 cuda --set train.epochs=2 \
+    --set train.max_steps=200 --set quant.weight_bits=32 --set quant.activation_bits=32 \
+    --set quant.grad_bits=32 --set comm.mode=fp32
   log "mpirun -np 2: GPU ranks sharing the GPU, int4 all-reduce over MPI"
   timeout 200 "${MPIRUN[@]}" -np 2 "$BUILD/int4ddp" train --config configs/cnn_fp32.yaml \
     --set "data.path=$FMNIST" --set comm.backend=mpi --set comm.mode=int4 --set train.epochs=2 \
@@ -239,7 +245,8 @@ res = {"check": "gpu_train",
        "steps_compared": len(common),
        "max_abs_loss_diff_100": max((abs(lg[b] - lc[b]) for b in common), default=None),
        "gpu_100": final(g), "cpu_100": final(c),
-       "gpu_2ep": final(records("cnn_gpu_2ep")), "gpu_np2_int4_100": final(records("cnn_gpu_np2"))}
+       "gpu_2ep": final(records("cnn_gpu_2ep")), "gpu_np2_int4_100": final(records("cnn_gpu_np2")),
+       "resnet20_gpu_200": final(records("resnet20_gpu_200"))}
 print(json.dumps(res))
 PY
   cat "$OUT/gpu_train.json"
