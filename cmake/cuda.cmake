@@ -109,6 +109,10 @@ if(INT4DDP_HAVE_CUDA)
   target_link_libraries(int4ddp_cuda_math PUBLIC int4ddp_kernels CUDA::cudart CUDA::cublas
                         CUDA::cublasLt PRIVATE int4ddp_warnings)
 
+  # ---- src/: the CUDA layers of train.device = cuda (src/nn/layers_cuda.cpp, compiled in every
+  # build, calls kernels/math/cuda when INT4DDP_HAVE_CUDA is defined).
+  target_link_libraries(int4ddp_core PUBLIC int4ddp_cuda_math)
+
   # ---- comm/: device two-shot, staging over a host transport, NCCL -----------------------------
   target_sources(int4ddp_comm PRIVATE comm/two_shot_cuda.cpp comm/staged_communicator.cpp)
   target_link_libraries(int4ddp_comm PUBLIC int4ddp_cuda)

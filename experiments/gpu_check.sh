@@ -11,11 +11,19 @@
 #      (MPI staged through pinned host memory), and NCCL with one rank, as tests and as benchmarks;
 #   4. experiments/gpu_math_check.sh: the GPU math of the training engine (kernels/math/cuda)
 #      against the CPU, and the int8 tensor-core GEMM beside fp32/TF32 at resnet18's shapes;
-#   5. bench_gpu kernels: copy, quantize+pack (G = 512 stochastic and nearest; per tensor, two
+#   5. the GPU training engine (train.device = cuda): test_cuda_layers with no skip allowed (every
+#      CUDA layer against its CPU layer, 100-step GPU trainings against the CPU loss curves, GPU
+#      rerun and resume bit for bit), then cnn fp32 on Fashion-MNIST: 100 steps on the GPU and on
+#      the CPU (loss curves compared), 2 GPU epochs (test accuracy), and mpirun -np 2 GPU ranks
+#      sharing the GPU with the int4 all-reduce (MPI, gradients through host memory), and 200
+#      fp32 resnet20 steps on the GPU (img/s). Data: $FMNIST,
+#      else ./data/fashion-mnist (an ignored folder: copy the four .gz files there and carry it
+#      with the device call), else /usr/share/datasets/fashion-mnist. Results: gpu_train.json;
+#   6. bench_gpu kernels: copy, quantize+pack (G = 512 stochastic and nearest; per tensor, two
 #      passes), unpack+dequantize, owner step N = 2, 4, 8 on 2^28 floats, each as a fraction of
 #      the copy in the same run, beside the PyTorch figures of step 1.
 # Everything goes under $OUT (default ./gpu_out): gpu_check.log (this output), per-step logs,
-# torch.json, gpu.json. The last line of the output is the JSON line of bench_gpu kernels:
+# torch.json, gpu_train.json, gpu.json. The last line of the output is the JSON line of bench_gpu kernels:
 #   {"bench":"gpu","gpu":..,"copy_GBps":..,"quant_GBps":..,"dequant_GBps":..,
 #    "owner_GBps":{"2":..,"4":..,"8":..},"torch_compile_quant_ms":..,"quant_ms":..,
 #    "quant_pct_copy":..,"dequant_pct_copy":..,"tensor_quant_pct_copy":..,"owner8_pct_copy":..,
@@ -123,7 +131,7 @@ cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DINT4DDP_NATIVE=ON -DINT4DDP_
 grep 'int4ddp:' "$OUT/configure.log"
 log "build"
 timeout 420 cmake --build "$BUILD" -j16 --target test_cuda_codec test_cuda_two_shot bench_gpu \
-  test_codec test_codec_definition test_cuda_math bench_gpu_math \
+  test_codec test_codec_definition test_cuda_math bench_gpu_math test_cuda_layers int4ddp \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; fail "build (see build.log)"; }
 log "waiting for the PyTorch baseline"
 wait "$torch_pid"
@@ -136,8 +144,10 @@ print(-1 if v is None else v)' "$OUT/torch.json" "$1" 2>/dev/null || echo -1
 }
 
 # ---- tests -------------------------------------------------------------------------------------
-log "ctest -L cuda"
-( cd "$BUILD" && timeout 240 ctest -L cuda --output-on-failure -j4 ) > "$OUT/ctest_cuda.log" 2>&1 \
+# test_cuda_layers (suites Gpu*) runs once, on its own, in the training-engine step below.
+log "ctest -L cuda (but test_cuda_layers)"
+( cd "$BUILD" && timeout 240 ctest -L cuda -E '^Gpu(Layers|Model|Train|Errors)\.' --output-on-failure -j4 ) \
+  > "$OUT/ctest_cuda.log" 2>&1 \
   || fail "ctest -L cuda (see ctest_cuda.log)"
 grep -E 'tests passed|tests failed|\(Failed\)|Not Run|Timeout' "$OUT/ctest_cuda.log" | head -20
 # The CPU codec on this machine's CPU (often the only AVX-512 one a session gets): every ISA it
@@ -174,6 +184,73 @@ log "GPU math: experiments/gpu_math_check.sh"
 BUILD="$BUILD" OUT="$OUT" timeout 240 bash experiments/gpu_math_check.sh > "$OUT/gpu_math_stdout.log" 2>&1 \
   || fail "gpu_math_check.sh (see gpu_math_check.log)"
 tail -1 "$OUT/gpu_math_stdout.log"
+
+# ---- the GPU training engine (train.device = cuda) ----------------------------------------------
+log "GPU layers and trainings: test_cuda_layers (nothing may skip on the GPU machine)"
+# NoGpuIsAClearErrorNamingTheRank is the one test that skips where a GPU is present.
+timeout 240 "$BUILD/tests/test_cuda_layers" --gtest_color=no --gtest_filter='-GpuErrors.NoGpu*' \
+  > "$OUT/test_cuda_layers.log" 2>&1 || fail "test_cuda_layers (see test_cuda_layers.log)"
+grep -q '^\[  SKIPPED \]' "$OUT/test_cuda_layers.log" && fail "test_cuda_layers skipped tests on a GPU"
+grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/test_cuda_layers.log"
+FMNIST=${FMNIST:-}
+for d in "$FMNIST" ./data/fashion-mnist /usr/share/datasets/fashion-mnist; do
+  if [[ -n "$d" && -e "$d/train-images-idx3-ubyte.gz" ]]; then FMNIST=$(cd "$d" && pwd); break; fi
+done
+if [[ -z "$FMNIST" || ! -e "$FMNIST/train-images-idx3-ubyte.gz" ]]; then
+  fail "no Fashion-MNIST (set FMNIST or carry data/fashion-mnist): GPU training skipped"
+else
+  log "cnn fp32 on Fashion-MNIST ($FMNIST)"
+  train_run() {  # config name device extra --set arguments...
+    local config=$1 name=$2 device=$3
+    shift 3
+    timeout 200 "$BUILD/int4ddp" train --config "$config" --set "data.path=$FMNIST" \
+      --set comm.backend=none --set train.checkpoint_every_epochs=0 --set log.progress=off \
+      --set log.print_every=1 --set train.overwrite=true --set "train.device=$device" \
+      --set "train.checkpoint_dir=$OUT/ck_$name" --set "log.metrics_path=$OUT/train_$name.jsonl" \
+      "$@" > "$OUT/train_$name.log" 2>&1 || fail "training $name (see train_$name.log)"
+    tail -1 "$OUT/train_$name.log"
+  }
+  train_cnn() { train_run configs/cnn_fp32.yaml "$@"; }
+  train_cnn cnn_gpu_100 cuda --set train.epochs=2 --set train.max_steps=100
+  train_cnn cnn_cpu_100 cpu --set train.epochs=2 --set train.max_steps=100 --set train.threads=16
+  train_cnn cnn_gpu_2ep cuda --set train.epochs=2
+  log "resnet20 fp32, 200 GPU steps (throughput of the first GPU engine)"
+  train_run configs/resnet20.yaml resnet20_gpu_200 cuda --set train.epochs=2 \
+    --set train.max_steps=200 --set quant.weight_bits=32 --set quant.activation_bits=32 \
+    --set quant.grad_bits=32 --set comm.mode=fp32
+  log "mpirun -np 2: GPU ranks sharing the GPU, int4 all-reduce over MPI"
+  timeout 200 "${MPIRUN[@]}" -np 2 "$BUILD/int4ddp" train --config configs/cnn_fp32.yaml \
+    --set "data.path=$FMNIST" --set comm.backend=mpi --set comm.mode=int4 --set train.epochs=2 \
+    --set train.max_steps=100 --set train.checkpoint_every_epochs=0 --set log.progress=off \
+    --set train.overwrite=true --set train.device=cuda --set "train.checkpoint_dir=$OUT/ck_np2" \
+    --set "log.metrics_path=$OUT/train_cnn_gpu_np2.jsonl" > "$OUT/train_cnn_gpu_np2.log" 2>&1 \
+    || fail "mpirun -np 2 GPU training (see train_cnn_gpu_np2.log)"
+  tail -1 "$OUT/train_cnn_gpu_np2.log"
+  python3 - "$OUT" > "$OUT/gpu_train.json" <<'PY' || fail "gpu_train.json"
+# The GPU runs beside the CPU run: step losses of the first 100 steps, final accuracies, img/s.
+import json, os, sys
+out = sys.argv[1]
+def records(name):
+    path = os.path.join(out, "train_%s.jsonl" % name)
+    try:
+        return [json.loads(l) for l in open(path)]
+    except Exception:
+        return []
+def losses(r): return {x["batch"]: x["loss"] for x in r if x.get("type") == "step"}
+def final(r): return next((x for x in r if x.get("type") == "final"), {})
+g, c = records("cnn_gpu_100"), records("cnn_cpu_100")
+lg, lc = losses(g), losses(c)
+common = sorted(set(lg) & set(lc))
+res = {"check": "gpu_train",
+       "steps_compared": len(common),
+       "max_abs_loss_diff_100": max((abs(lg[b] - lc[b]) for b in common), default=None),
+       "gpu_100": final(g), "cpu_100": final(c),
+       "gpu_2ep": final(records("cnn_gpu_2ep")), "gpu_np2_int4_100": final(records("cnn_gpu_np2")),
+       "resnet20_gpu_200": final(records("resnet20_gpu_200"))}
+print(json.dumps(res))
+PY
+  cat "$OUT/gpu_train.json"
+fi
 
 # ---- kernel benchmarks (last: its JSON line ends the output) ------------------------------------
 log "kernels, 2^28 floats"

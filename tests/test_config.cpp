@@ -301,7 +301,8 @@ TEST(Config, EnumeratedKeysParseEverySpellingAndNothingElse) {
       {"comm.rounding", {"nearest", "stochastic"}},
       {"comm.hierarchy", {"auto", "flat", "node"}},
       {"schedule.kind", {"multistep", "cosine"}},
-      {"log.progress", {"auto", "on", "off"}}};
+      {"log.progress", {"auto", "on", "off"}},
+      {"train.device", {"cpu", "cuda"}}};
   for (const auto& [key, names] : keys) {
     std::string all;
     for (const std::string& n : names) all += (all.empty() ? "" : ", ") + n;
@@ -367,6 +368,19 @@ TEST(Config, ValidateChecksKeysAgainstEachOther) {
   c = Config{};
   c.schedule.min_lr = 1;
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "schedule.min_lr");
+  c = Config{};
+  c.train.device = TrainDevice::kCuda;  // a CPU-only build refuses it; a CUDA build refuses the
+                                        // combinations without GPU layers (quantized)
+#ifndef INT4DDP_HAVE_CUDA
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "train.device = \"cuda\": ");
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "built without CUDA");
+#else
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "quantized layers do not run on the GPU yet");
+  c.quant.weight_bits = c.quant.activation_bits = c.quant.grad_bits = kFp32Bits;
+  EXPECT_NO_THROW(validate(c));
+  c.model.name = ModelKind::kResNet20;
+  EXPECT_NO_THROW(validate(c));
+#endif
   c = Config{};
   c.comm.backend = CommBackend::kNccl;  // until the trainer's layers run on the GPU
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.backend = \"nccl\": ");

@@ -461,6 +461,21 @@ TEST(ResumeConfig, AllowedChangesArePrintedWithTheScheduleNote) {
   EXPECT_TRUE(Contains(text, "data.path: \"/usr/share/datasets/fashion-mnist\" -> \"/elsewhere\""));
 }
 
+TEST(ResumeConfig, DeviceMayChangeAndMayBeAbsentFromOldCheckpoints) {
+  // A CPU checkpoint resumes on the GPU and back (the bits then differ, DESIGN.md section 3), and
+  // a checkpoint written before train.device existed resumes.
+  Config a;
+  Config b = a;
+  b.train.device = TrainDevice::kCuda;
+  std::string text;
+  EXPECT_NO_THROW(text = check_resume_config(config_to_json(a), config_to_json(b), "x.ckpt"));
+  EXPECT_TRUE(Contains(text, "train.device: \"cpu\" -> \"cuda\""));
+  nlohmann::json old = nlohmann::json::parse(config_to_json(a));
+  old["train"].erase("device");
+  EXPECT_NO_THROW(text = check_resume_config(old.dump(), config_to_json(a), "x.ckpt"));
+  EXPECT_TRUE(Contains(text, "train.device: absent -> \"cpu\""));
+}
+
 TEST(ResumeConfig, TrainingKeysAreRefusedListingEveryChange) {
   Config a;
   Config b = a;

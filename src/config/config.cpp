@@ -309,13 +309,30 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
          "must not exceed a bucket of comm.bucket_mb = " + format_double(c.comm.bucket_mb) +
              " MiB (" + format_double(bucket_elements) + " fp32 elements)");
   }
-  if (c.comm.backend == CommBackend::kNccl) {
-    fail("comm.backend",
-         "the trainer's layers run on the CPU, so its gradients live in host memory; use "
-         "comm.backend = mpi (GPU training layers are not implemented yet)");
-  }
   const bool quantized = c.quant.weight_bits != kFp32Bits || c.quant.activation_bits != kFp32Bits ||
                          c.quant.grad_bits != kFp32Bits;
+  if (c.train.device == TrainDevice::kCuda) {
+#ifndef INT4DDP_HAVE_CUDA
+    fail("train.device",
+         "this int4ddp was built without CUDA; rebuild with nvcc on PATH (cmake "
+         "-DINT4DDP_CUDA=ON) or use train.device = cpu");
+#endif
+    if (quantized)
+      fail("train.device",
+           "quantized layers do not run on the GPU yet: set quant.weight_bits, "
+           "quant.activation_bits and quant.grad_bits to 32, or use train.device = cpu");
+    if (c.model.name != ModelKind::kMlp && c.model.name != ModelKind::kCnn &&
+        c.model.name != ModelKind::kResNet20)
+      fail("train.device", "model.name = " + std::string(spelling(c.model.name)) +
+                               " has no GPU layers yet (mlp, cnn and resnet20 do); use "
+                               "train.device = cpu");
+  }
+  if (c.comm.backend == CommBackend::kNccl) {
+    fail("comm.backend",
+         "the trainer's gradient buckets live in host memory (train.device = cuda copies the "
+         "gradients there); use comm.backend = mpi (device buckets over NCCL are not wired into "
+         "the trainer yet)");
+  }
   if (quantized && c.model.name == ModelKind::kMlp && c.model.mlp_hidden.size() == 1 &&
       c.quant.first_layer_fp32 && c.quant.last_layer_fp32) {
     fail("model.mlp_hidden",

@@ -32,6 +32,7 @@ enum class CommBackend : uint8_t { kNone, kMpi, kNccl };                   // co
 enum class CommMode : uint8_t { kFp32, kInt4, kInt8, kAuto };              // comm.mode
 enum class ScheduleKind : uint8_t { kMultistep, kCosine };                 // schedule.kind
 enum class ProgressBar : uint8_t { kAuto, kOn, kOff };                     // log.progress
+enum class TrainDevice : uint8_t { kCpu, kCuda };                          // train.device
 
 // The YAML spelling of a value: "resnet20", "fashion_mnist", "int4", "lbt", "stochastic", ...
 const char* spelling(ModelKind v);
@@ -40,6 +41,7 @@ const char* spelling(CommBackend v);
 const char* spelling(CommMode v);
 const char* spelling(ScheduleKind v);
 const char* spelling(ProgressBar v);
+const char* spelling(TrainDevice v);
 const char* spelling(quant::PolicyKind v);
 const char* spelling(quant::Rounding v);
 const char* spelling(comm::HierarchyMode v);
@@ -117,7 +119,9 @@ struct Config {
     int64_t eval_batch_size = 1000;  // examples per evaluation batch, 1..65536
     int64_t seed = 0;                // seeds init, shuffling, augmentation and rounding, 0..2^32-1
     int threads = 0;                 // threads per rank, 0 = automatic (cores / ranks on the node)
-    int64_t max_steps = 0;           // stop after this many optimizer steps; 0 = no limit
+    // cpu | cuda (a CUDA build; rank r uses the GPU of its node-local rank)
+    TrainDevice device = TrainDevice::kCpu;
+    int64_t max_steps = 0;               // stop after this many optimizer steps; 0 = no limit
     int64_t checkpoint_every_steps = 0;  // write a checkpoint every N steps; 0 = never
     int checkpoint_every_epochs = 1;     // write a checkpoint every N epochs; 0 = never
     std::string checkpoint_dir = "runs/checkpoints";  // where checkpoints go

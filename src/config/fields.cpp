@@ -46,6 +46,11 @@ const Spellings<ProgressBar>& spellings(ProgressBar) {
       {ProgressBar::kAuto, "auto"}, {ProgressBar::kOn, "on"}, {ProgressBar::kOff, "off"}};
   return s;
 }
+const Spellings<TrainDevice>& spellings(TrainDevice) {
+  static const Spellings<TrainDevice> s = {{TrainDevice::kCpu, "cpu"},
+                                           {TrainDevice::kCuda, "cuda"}};
+  return s;
+}
 const Spellings<quant::PolicyKind>& spellings(quant::PolicyKind) {
   using quant::PolicyKind;
   static const Spellings<PolicyKind> s = [] {
@@ -340,6 +345,7 @@ std::vector<Field> make_fields(Config& c) {
       {"train.eval_batch_size", &t.eval_batch_size, integer(&t.eval_batch_size, 1, kMaxBatch)},
       {"train.seed", &t.seed, integer(&t.seed, 0, kMaxSeed)},
       {"train.threads", &t.threads, integer(&t.threads, 0, 1024)},
+      choice("train.device", &t.device),
       {"train.max_steps", &t.max_steps, integer(&t.max_steps, 0)},
       {"train.checkpoint_every_steps", &t.checkpoint_every_steps,
        integer(&t.checkpoint_every_steps, 0)},
@@ -375,6 +381,7 @@ const char* spelling(CommBackend v) { return fields::spelling_of(v); }
 const char* spelling(CommMode v) { return fields::spelling_of(v); }
 const char* spelling(ScheduleKind v) { return fields::spelling_of(v); }
 const char* spelling(ProgressBar v) { return fields::spelling_of(v); }
+const char* spelling(TrainDevice v) { return fields::spelling_of(v); }
 const char* spelling(quant::PolicyKind v) { return fields::spelling_of(v); }
 const char* spelling(quant::Rounding v) { return fields::spelling_of(v); }
 const char* spelling(comm::HierarchyMode v) { return fields::spelling_of(v); }

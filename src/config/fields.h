@@ -17,7 +17,7 @@ using IntList = std::vector<int>;
 using RealList = std::vector<double>;
 using ValuePtr =
     std::variant<bool*, int*, int64_t*, double*, std::string*, IntList*, RealList*, ModelKind*,
-                 DatasetKind*, CommBackend*, CommMode*, ScheduleKind*, ProgressBar*,
+                 DatasetKind*, CommBackend*, CommMode*, ScheduleKind*, ProgressBar*, TrainDevice*,
                  quant::PolicyKind*, quant::Rounding*, comm::HierarchyMode*>;
 // What is wrong with the field's current value ("must be in (0, 1]"), or "" when it is valid.
 using Check = std::function<std::string()>;
@@ -38,6 +38,7 @@ const Spellings<CommBackend>& spellings(CommBackend);
 const Spellings<CommMode>& spellings(CommMode);
 const Spellings<ScheduleKind>& spellings(ScheduleKind);
 const Spellings<ProgressBar>& spellings(ProgressBar);
+const Spellings<TrainDevice>& spellings(TrainDevice);
 const Spellings<quant::PolicyKind>& spellings(quant::PolicyKind);
 const Spellings<quant::Rounding>& spellings(quant::Rounding);
 const Spellings<comm::HierarchyMode>& spellings(comm::HierarchyMode);

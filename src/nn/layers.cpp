@@ -240,8 +240,7 @@ void Sequential::forward(const Tensor& x, Tensor& y, bool train) {
     layers_[i]->forward(*in, acts_[i], train);
     in = &acts_[i];
   }
-  y.resize(acts_.back().shape());
-  std::memcpy(y.data(), acts_.back().data(), sizeof(float) * static_cast<size_t>(y.numel()));
+  y.copy_from(acts_.back());  // on the layers' device (host or GPU)
 }
 
 void Sequential::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {

@@ -7,12 +7,18 @@
 
 #include "kernels/common/parallel.h"
 #include "src/core/rng.h"
+#include "src/nn/layers_cuda.h"
 
 namespace int4ddp::nn {
 
 Model::Model(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
   INT4DDP_CHECK(spec.channels > 0 && spec.height > 0 && spec.width > 0 && spec.num_classes > 1,
                 "model: bad input geometry or class count");
+  INT4DDP_CHECK(spec.device == Device::kCpu ||
+                    (!spec.quantized &&
+                     (spec.name == "mlp" || spec.name == "cnn" || spec.name == "resnet20")),
+                "model ", spec.name, (spec.quantized ? " (quantized)" : ""),
+                ": no GPU layers yet (train.device = cuda runs fp32 mlp, cnn and resnet20)");
   if (spec.name == "mlp")
     build_mlp();
   else if (spec.name == "cnn")
@@ -38,6 +44,7 @@ QuantSpec Model::quant_spec(bool signed_input) const {
 
 std::unique_ptr<Layer> Model::conv(const std::string& name, int64_t in, int64_t out, int k,
                                    int stride, int pad, bool keep_fp32, bool signed_input) {
+  if (spec_.device == Device::kCuda) return make_cuda_conv2d(name, in, out, k, stride, pad);
   if (!spec_.quantized || keep_fp32)
     return std::make_unique<Conv2d>(name, in, out, k, stride, pad, false);
   auto q = std::make_unique<QConv2d>(name, in, out, k, stride, pad, quant_spec(signed_input),
@@ -48,11 +55,54 @@ std::unique_ptr<Layer> Model::conv(const std::string& name, int64_t in, int64_t 
 
 std::unique_ptr<Layer> Model::linear(const std::string& name, int64_t in, int64_t out,
                                      bool keep_fp32, bool signed_input) {
+  if (spec_.device == Device::kCuda) return make_cuda_linear(name, in, out, true);
   if (!spec_.quantized || keep_fp32) return std::make_unique<Linear>(name, in, out, true);
   auto q = std::make_unique<QLinear>(name, in, out, true, quant_spec(signed_input),
                                      next_layer_id_++, &ctx_);
   qops_.push_back(q.get());
   return q;
+}
+
+std::unique_ptr<Layer> Model::relu(const std::string& name) const {
+  if (spec_.device == Device::kCuda) return make_cuda_relu(name);
+  return std::make_unique<ReLU>(name);
+}
+
+std::unique_ptr<Layer> Model::batchnorm(const std::string& name, int64_t channels,
+                                        bool relu) const {
+  if (spec_.device == Device::kCuda) return make_cuda_batchnorm(name, channels, relu);
+  if (relu) return BatchNorm::with_relu(name, channels);
+  return std::make_unique<BatchNorm>(name, channels);
+}
+
+std::unique_ptr<Layer> Model::maxpool(const std::string& name, int window, int stride,
+                                      int pad) const {
+  if (stride == 0) stride = window;
+  if (spec_.device == Device::kCuda) {
+    INT4DDP_CHECK(stride == window && pad == 0, name,
+                  ": the CUDA max pool has stride = window and no padding (asked: window ", window,
+                  ", stride ", stride, ", pad ", pad, ")");
+    return make_cuda_maxpool(name, window);
+  }
+  return std::make_unique<MaxPool2d>(name, window, stride, pad);
+}
+
+std::unique_ptr<Layer> Model::global_avgpool(const std::string& name) const {
+  if (spec_.device == Device::kCuda) return make_cuda_global_avgpool(name);
+  return std::make_unique<GlobalAvgPool>(name);
+}
+
+std::unique_ptr<Layer> Model::residual_block(const std::string& name, std::unique_ptr<Layer> conv1,
+                                             int64_t mid_channels, std::unique_ptr<Layer> conv2,
+                                             int64_t in_channels, int64_t out_channels, int stride,
+                                             std::unique_ptr<Layer> projection) const {
+  if (spec_.device == Device::kCuda) {
+    INT4DDP_CHECK(!projection, name, ": the CUDA residual block has no projection shortcut yet");
+    return make_cuda_residual_block(name, std::move(conv1), mid_channels, std::move(conv2),
+                                    in_channels, out_channels, stride);
+  }
+  return std::make_unique<ResidualBlock>(name, std::move(conv1), mid_channels, std::move(conv2),
+                                         in_channels, out_channels, stride, std::move(projection));
 }
 
 void Model::build_mlp() {
@@ -63,7 +113,7 @@ void Model::build_mlp() {
     INT4DDP_CHECK(h > 0, "model.mlp_hidden[", i, "] = ", h, " must be positive");
     net_.add(linear("fc" + std::to_string(i + 1), in, h, i == 0 && spec_.fp32_first,
                     i == 0 && spec_.signed_input));
-    net_.add(std::make_unique<ReLU>("relu" + std::to_string(i + 1)));
+    net_.add(relu("relu" + std::to_string(i + 1)));
     in = h;
   }
   net_.add(linear("fc_out", in, spec_.num_classes, spec_.fp32_last));
@@ -73,34 +123,32 @@ void Model::build_cnn() {
   INT4DDP_CHECK(spec_.height % 4 == 0 && spec_.width % 4 == 0,
                 "model cnn: input height and width must be multiples of 4");
   net_.add(conv("conv1", spec_.channels, 32, 3, 1, 1, spec_.fp32_first, spec_.signed_input));
-  net_.add(BatchNorm::with_relu("bn1", 32));  // + relu1
-  net_.add(std::make_unique<MaxPool2d>("pool1", 2));
+  net_.add(batchnorm("bn1", 32, true));  // + relu1
+  net_.add(maxpool("pool1", 2));
   net_.add(conv("conv2", 32, 64, 3, 1, 1, false));
-  net_.add(BatchNorm::with_relu("bn2", 64));  // + relu2
-  net_.add(std::make_unique<MaxPool2d>("pool2", 2));
+  net_.add(batchnorm("bn2", 64, true));  // + relu2
+  net_.add(maxpool("pool2", 2));
   net_.add(linear("fc1", 64 * (spec_.height / 4) * (spec_.width / 4), 256, false));
-  net_.add(std::make_unique<ReLU>("relu3"));
+  net_.add(relu("relu3"));
   net_.add(linear("fc2", 256, spec_.num_classes, spec_.fp32_last));
 }
 
 void Model::build_resnet20() {
   net_.add(conv("conv1", spec_.channels, 16, 3, 1, 1, spec_.fp32_first, spec_.signed_input));
-  net_.add(BatchNorm::with_relu("bn1", 16));  // + relu1
+  net_.add(batchnorm("bn1", 16, true));  // + relu1
   int64_t in = 16;
   for (int stage = 0; stage < 3; ++stage) {
     const int64_t out = 16 << stage;
     for (int b = 0; b < 3; ++b) {
       const int stride = (stage > 0 && b == 0) ? 2 : 1;
       const std::string name = "layer" + std::to_string(stage + 1) + "." + std::to_string(b);
-      auto block = std::make_unique<ResidualBlock>(
-          name, conv(name + ".conv1", in, out, 3, stride, 1, false), out,
-          conv(name + ".conv2", out, out, 3, 1, 1, false), in, out, stride);
-      net_.add(std::move(block));
+      net_.add(residual_block(name, conv(name + ".conv1", in, out, 3, stride, 1, false), out,
+                              conv(name + ".conv2", out, out, 3, 1, 1, false), in, out, stride));
       in = out;
     }
   }
-  net_.add(std::make_unique<GlobalAvgPool>("pool"));
-  net_.add(std::make_unique<BatchNorm>("bn_final", 64));
+  net_.add(global_avgpool("pool"));
+  net_.add(batchnorm("bn_final", 64, false));
   net_.add(linear("fc", 64, spec_.num_classes, spec_.fp32_last, /*signed_input=*/true));
 }
 
@@ -109,11 +157,11 @@ void Model::build_resnet18() {
   // the quantized layers use the unsigned grid, and the classifier too (a mean of ReLU outputs).
   if (std::max(spec_.height, spec_.width) <= kResNet18CifarStemMaxSide) {
     net_.add(conv("conv1", spec_.channels, 64, 3, 1, 1, spec_.fp32_first, spec_.signed_input));
-    net_.add(BatchNorm::with_relu("bn1", 64));  // + relu
+    net_.add(batchnorm("bn1", 64, true));  // + relu
   } else {
     net_.add(conv("conv1", spec_.channels, 64, 7, 2, 3, spec_.fp32_first, spec_.signed_input));
-    net_.add(BatchNorm::with_relu("bn1", 64));  // + relu
-    net_.add(std::make_unique<MaxPool2d>("maxpool", 3, 2, 1));
+    net_.add(batchnorm("bn1", 64, true));  // + relu
+    net_.add(maxpool("maxpool", 3, 2, 1));
   }
   int64_t in = 64;
   for (int stage = 0; stage < 4; ++stage) {
@@ -127,12 +175,12 @@ void Model::build_resnet18() {
       auto projection = (stride != 1 || in != out)
                             ? conv(name + ".shortcut.conv", in, out, 1, stride, 0, false)
                             : nullptr;
-      net_.add(std::make_unique<ResidualBlock>(name, std::move(conv1), out, std::move(conv2), in,
-                                               out, stride, std::move(projection)));
+      net_.add(residual_block(name, std::move(conv1), out, std::move(conv2), in, out, stride,
+                              std::move(projection)));
       in = out;
     }
   }
-  net_.add(std::make_unique<GlobalAvgPool>("avgpool"));
+  net_.add(global_avgpool("avgpool"));
   net_.add(linear("fc", 512, spec_.num_classes, spec_.fp32_last));
 }
 
@@ -168,6 +216,18 @@ void Model::bind_arena(uint64_t seed) {
       lowest = std::min<int64_t>(lowest, p->grad.data() - grads_.data());
     ready_offset_[i] = lowest;
   }
+  if (spec_.device == Device::kCuda) bind_device_arena();
+}
+
+void Model::bind_device_arena() {
+  const int64_t total = num_params();
+  device_values_.resize({total}, Device::kCuda);
+  device_grads_.resize({total}, Device::kCuda);
+  for (Param* p : params_) {
+    const int64_t off = p->value.data() - values_.data();
+    p->device_value = Tensor::view(device_values_.data() + off, p->shape, Device::kCuda);
+    p->device_grad = Tensor::view(device_grads_.data() + off, p->shape, Device::kCuda);
+  }
 }
 
 std::vector<std::pair<int64_t, int64_t>> Model::param_segments() const {
@@ -177,6 +237,14 @@ std::vector<std::pair<int64_t, int64_t>> Model::param_segments() const {
 }
 
 void Model::forward(const Tensor& x, Tensor& logits, bool train) {
+  if (spec_.device == Device::kCuda) {
+    // The host arena is the master copy (the optimizer steps it): upload it, then the input.
+    copy_floats(device_values_.data(), Device::kCuda, values_.data(), Device::kCpu, num_params());
+    if (input_.device() != Device::kCuda) input_ = Tensor({0}, Device::kCuda);
+    input_.copy_from(x);
+    net_.forward(input_, logits, train);
+    return;
+  }
   input_.resize(x.shape());
   std::memcpy(input_.data(), x.data(), sizeof(float) * static_cast<size_t>(x.numel()));
   net_.forward(input_, logits, train);
@@ -184,12 +252,31 @@ void Model::forward(const Tensor& x, Tensor& logits, bool train) {
 
 void Model::backward(const Tensor& dlogits, const std::function<void(int64_t)>& ready) {
   const Tensor unused;  // Sequential::backward reads activations it kept, not y
+  if (spec_.device == Device::kCuda) {
+    // Each layer's gradients come down to the host arena before ready() announces them.
+    int64_t on_host = num_params();  // grads_[on_host, num_params) are downloaded
+    auto download = [&](int64_t from) {
+      if (from >= on_host) return;
+      copy_floats(grads_.data() + from, Device::kCpu, device_grads_.data() + from, Device::kCuda,
+                  on_host - from);
+      on_host = from;
+    };
+    net_.set_backward_hook([&](size_t i) {
+      download(ready_offset_[i]);
+      if (ready) ready(ready_offset_[i]);
+    });
+    net_.backward(input_, unused, dlogits, nullptr);
+    net_.set_backward_hook({});
+    download(0);
+    return;
+  }
   if (ready) net_.set_backward_hook([&](size_t i) { ready(ready_offset_[i]); });
   net_.backward(input_, unused, dlogits, nullptr);
   net_.set_backward_hook({});
 }
 
 void Model::zero_grad() {
+  if (spec_.device == Device::kCuda) device_grads_.zero();
   constexpr int64_t kBlock = 65536;
   const int64_t n = static_cast<int64_t>(grads_.size());
   parallel_for((n + kBlock - 1) / kBlock, [&](int64_t b) {

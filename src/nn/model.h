@@ -29,12 +29,13 @@ struct ModelSpec {
   int64_t channels = 1, height = 28, width = 28;
   int64_t num_classes = 10;
   std::vector<int64_t> mlp_hidden = {512, 512};
-  bool quantized = true;     // false: every layer fp32
-  bool fp32_first = true;    // keep the first conv / linear fp32
-  bool fp32_last = true;     // keep the classifier fp32
-  bool signed_input = true;  // the input can be negative (normalised data): a quantized first
-                             // layer quantizes it on the signed grid
-  QuantSpec quant;           // every quantized layer's (signed_input is set per layer)
+  bool quantized = true;         // false: every layer fp32
+  bool fp32_first = true;        // keep the first conv / linear fp32
+  bool fp32_last = true;         // keep the classifier fp32
+  bool signed_input = true;      // the input can be negative (normalised data): a quantized first
+                                 // layer quantizes it on the signed grid
+  QuantSpec quant;               // every quantized layer's (signed_input is set per layer)
+  Device device = Device::kCpu;  // kCuda: the CUDA layers (layers_cuda.h), fp32 mlp and cnn
 };
 
 class Model {
@@ -43,8 +44,12 @@ class Model {
   Model(const ModelSpec& spec, uint64_t seed);
 
   const ModelSpec& spec() const { return spec_; }
+  // x may be a host tensor on either device (a model on the GPU copies it over on its stream; a
+  // pinned x makes that copy asynchronous); logits are on the model's device.
   void forward(const Tensor& x, Tensor& logits, bool train);
   // Backward from dL/dlogits of the last forward; parameter gradients accumulate in the arena.
+  // On the GPU the host gradient arena receives each layer's gradients before ready() is called
+  // for them (and all of them before backward returns).
   // ready(offset), if given, is called during backward whenever every gradient at arena offset
   // >= offset is final (offsets descend; the last call has offset 0 or the first parameter's).
   void backward(const Tensor& dlogits, const std::function<void(int64_t)>& ready = {});
@@ -67,6 +72,7 @@ class Model {
   const Sequential& network() const { return net_; }
   // Largest input side (height or width) that resnet18 builds with the CIFAR-style stem.
   static constexpr int64_t kResNet18CifarStemMaxSide = 64;
+  Device device() const { return spec_.device; }
 
  private:
   // A layer, quantized unless the spec says fp32 or keep_fp32; signed_input: its input can be
@@ -81,12 +87,29 @@ class Model {
   void build_resnet20();
   void build_resnet18();
   void bind_arena(uint64_t seed);
+  // The builder's hook for layers without parameters of their own kind: the CPU layer, or its CUDA
+  // implementation for a model on the GPU.
+  std::unique_ptr<Layer> relu(const std::string& name) const;
+  std::unique_ptr<Layer> batchnorm(const std::string& name, int64_t channels, bool relu) const;
+  // stride 0: the window (non-overlapping, the only max pool the CUDA layer has).
+  std::unique_ptr<Layer> maxpool(const std::string& name, int window, int stride = 0,
+                                 int pad = 0) const;
+  std::unique_ptr<Layer> global_avgpool(const std::string& name) const;
+  std::unique_ptr<Layer> residual_block(const std::string& name, std::unique_ptr<Layer> conv1,
+                                        int64_t mid_channels, std::unique_ptr<Layer> conv2,
+                                        int64_t in_channels, int64_t out_channels, int stride,
+                                        std::unique_ptr<Layer> projection = nullptr) const;
+  // A model on the GPU: the device arenas mirror values_ and grads_ (DESIGN.md section 3). The
+  // host arenas stay the master copy the optimizer, checkpoints and the all-reduce use: forward
+  // uploads the values, backward downloads the gradients.
+  void bind_device_arena();
 
   ModelSpec spec_;
   QuantContext ctx_;
   Sequential net_{"model"};
   std::vector<Param*> params_;
   std::vector<float> values_, grads_;
+  Tensor device_values_, device_grads_;  // (num_params) fp32, device; empty on the CPU
   std::vector<QuantizedOp*> qops_;
   uint32_t next_layer_id_ = 0;
   Tensor input_;  // copy of the last forward's input (the first layer's backward reads it)

@@ -363,6 +363,7 @@ bool may_change_on_resume(const std::string& key) {
                                          "train.keep_checkpoints",
                                          "train.overwrite",
                                          "train.threads",
+                                         "train.device",
                                          "train.eval_every_epochs",
                                          "train.eval_batch_size",
                                          "train.max_consecutive_skips",

@@ -8,6 +8,7 @@
 
 #include "kernels/common/error.h"
 #include "kernels/common/parallel.h"
+#include "src/nn/layers_cuda.h"
 
 namespace int4ddp::train {
 namespace {
@@ -88,6 +89,7 @@ nn::ModelSpec model_spec(const Config& cfg, const data::Dataset& d) {
   s.quant.grad_policy.eta = static_cast<float>(q.eta);
   s.quant.grad_policy.lbt_calibrate = q.lbt_calibrate;
   s.quant.grad_rounding = q.grad_rounding;
+  s.device = cfg.train.device == TrainDevice::kCuda ? Device::kCuda : Device::kCpu;
   return s;
 }
 
@@ -117,7 +119,7 @@ EvalResult evaluate(nn::Model& model, const data::Dataset& d, int64_t batch,
     data::assemble_batch(d, idx.data(), b, data::AugmentConfig{}, 0, 0, x.data(), labels.data());
     model.forward(x, logits, /*train=*/false);
     int64_t correct = 0;
-    loss_sum += nn::softmax_cross_entropy(logits, labels.data(), nullptr, &correct) *
+    loss_sum += nn::softmax_cross_entropy_any(logits, labels.data(), nullptr, &correct) *
                 static_cast<double>(b);
     correct_sum += correct;
   }

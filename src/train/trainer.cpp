@@ -26,6 +26,7 @@
 #include "kernels/common/clock.h"
 #include "kernels/common/error.h"
 #include "kernels/common/parallel.h"
+#include "src/nn/layers_cuda.h"
 #include "src/nn/model.h"
 #include "src/train/checkpoint.h"
 #include "src/train/distributed.h"
@@ -230,7 +231,15 @@ Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
   bar_ = rank_ == 0 && (cfg.log.progress == ProgressBar::kOn ||
                         (cfg.log.progress == ProgressBar::kAuto && ::isatty(2)));
 
-  x_.resize({batch_, ds_.train.channels, ds_.train.height, ds_.train.width});
+  // On the GPU the batch is assembled in page-locked memory, so the model's copy of it to the
+  // device is asynchronous on the compute stream.
+  const Shape batch_shape = {batch_, ds_.train.channels, ds_.train.height, ds_.train.width};
+  if (model_.device() == Device::kCuda) {
+    out_ << "train.device: cuda, rank 0 on " << describe_gpu() << "\n";
+    x_.resize_pinned(batch_shape);
+  } else {
+    x_.resize(batch_shape);
+  }
   labels_.resize(static_cast<size_t>(batch_));
   aug_.crop_pad = cfg.data.random_crop_pad;
   aug_.flip = cfg.data.random_flip;
@@ -308,7 +317,7 @@ StepResult Trainer::train_step() {
   // Forward and loss.
   model_.forward(x_, logits_, /*train=*/true);
   int64_t correct = 0;
-  float loss = nn::softmax_cross_entropy(logits_, labels_.data(), &dlogits_, &correct);
+  float loss = nn::softmax_cross_entropy_any(logits_, labels_.data(), &dlogits_, &correct);
 
   // Backward; each bucket's all-reduce starts as soon as its gradients are final.
   if (engine_) engine_->begin_step(static_cast<uint32_t>(pr_.global_batch));

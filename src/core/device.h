@@ -1,0 +1,51 @@
+// Where a tensor's storage lives (train.device) and the few device operations the CPU-side code
+// needs: allocation, copies, zeroing, and the choice of this rank's GPU. Free of CUDA types, so
+// every file may include it; in a build without CUDA every kCuda operation throws int4ddp::Error.
+//
+// One compute stream per process (device_cuda.h): every device copy here and every CUDA layer
+// enqueues on it, so work on the GPU runs in program order without further synchronisation. A copy
+// whose destination is host memory returns once the host can read it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace int4ddp {
+
+enum class Device : uint8_t { kCpu = 0, kCuda = 1 };
+
+const char* device_name(Device d);  // "cpu", "cuda"
+
+// True when this int4ddp was built with CUDA (a GPU may still be absent).
+bool cuda_built();
+
+// The node-local rank the launcher gave this process (Open MPI, MPICH, SLURM), 0 without one.
+int node_local_rank();
+
+// Selects this process's GPU, node-local rank modulo the visible devices (the NCCL communicator's
+// rule), once; later calls return the same device. Throws Error naming the rank when there is no
+// GPU or CUDA is not built in.
+int select_gpu();
+
+// "GPU <index>: <name>, <GiB> GiB" of the selected GPU (selecting it), for the trainer's banner.
+std::string describe_gpu();
+
+// Storage of count floats: kCuda in device memory (cudaMalloc on the selected GPU), kCpu with
+// pinned = true in page-locked host memory (cudaMallocHost, for asynchronous copies), zeroed.
+// Too little memory throws Error naming the bytes asked for, the free memory and the rank.
+std::shared_ptr<float> allocate_floats(Device device, bool pinned, int64_t count);
+
+// dst <- src, count floats, on the compute stream. Returns when a host dst is readable; a copy
+// into device memory may still be in flight (later work on the stream sees it).
+void copy_floats(float* dst, Device dst_device, const float* src, Device src_device, int64_t count);
+// The same for raw bytes (labels, indices).
+void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, int64_t nbytes);
+
+// p[0..count) = 0 on the compute stream (device) or at once (host).
+void zero_floats(float* p, Device device, int64_t count);
+
+// Waits for everything enqueued on the compute stream (no-op without CUDA).
+void synchronize_device();
+
+}  // namespace int4ddp

@@ -1,0 +1,496 @@
+// The CUDA layers (see layers_cuda.h): thin wrappers that check shapes and devices on the host and
+// enqueue kernels/math/cuda on the compute stream. Compiled in every build; without CUDA only the
+// throwing factories remain.
+#include "src/nn/layers_cuda.h"
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "kernels/common/error.h"
+
+#ifdef INT4DDP_HAVE_CUDA
+#include "kernels/math/cuda/gemm_cuda.h"
+#include "kernels/math/cuda/nn_cuda.h"
+#include "src/core/device_cuda.h"
+#endif
+
+namespace int4ddp::nn {
+
+#ifdef INT4DDP_HAVE_CUDA
+namespace {
+
+namespace mc = math::cuda;
+using math::Trans;
+
+// The cuBLAS handles of this process's GPU, made after select_gpu().
+mc::GemmContext& gemm_context() {
+  static mc::GemmContext* ctx = [] {
+    select_gpu();
+    return new mc::GemmContext();  // lives as long as the CUDA context (never destroyed)
+  }();
+  return *ctx;
+}
+
+void check_on_gpu(const Tensor& t, const std::string& layer, const char* what) {
+  INT4DDP_CHECK(t.device() == Device::kCuda, layer, ": ", what, " ", shape_str(t.shape()),
+                " is in host memory; a CUDA layer needs a device tensor");
+}
+
+// The device view of a parameter, bound by the model (Model::bind_arena) or a test.
+float* dev_value(const Param& p) {
+  INT4DDP_CHECK(p.device_value.device() == Device::kCuda && p.device_value.data() != nullptr,
+                p.name, ": no device copy (the layer's model is not on the GPU)");
+  return const_cast<float*>(p.device_value.data());
+}
+float* dev_grad(const Param& p) {
+  INT4DDP_CHECK(p.device_grad.device() == Device::kCuda && p.device_grad.data() != nullptr, p.name,
+                ": no device gradient (the layer's model is not on the GPU)");
+  return const_cast<float*>(p.device_grad.data());
+}
+
+// count doubles of device workspace inside a float tensor (cudaMalloc aligns to 256 bytes).
+double* doubles(Tensor& t, int64_t count) {
+  t.resize({std::max<int64_t>(1, 2 * count)}, Device::kCuda);
+  return reinterpret_cast<double*>(t.data());
+}
+
+int64_t features_of(const Tensor& x) { return x.numel() / std::max<int64_t>(1, x.dim(0)); }
+
+// ---- Linear -------------------------------------------------------------------------------------
+
+class CudaLinear : public Layer {
+ public:
+  CudaLinear(std::string name, int64_t in, int64_t out, bool bias)
+      : name_(std::move(name)), in_(in), out_(out), has_bias_(bias) {
+    INT4DDP_CHECK(in > 0 && out > 0, name_, ": features must be positive");
+    weight_ = make_param(name_ + ".weight", {out, in}, true);
+    if (has_bias_) bias_ = make_param(name_ + ".bias", {out}, false);
+  }
+  std::string name() const override { return name_; }
+  std::vector<Param*> params() override {
+    if (has_bias_) return {&weight_, &bias_};
+    return {&weight_};
+  }
+
+  void forward(const Tensor& x, Tensor& y, bool) override {
+    check_on_gpu(x, name_, "input");
+    const int64_t n = x.dim(0);
+    INT4DDP_CHECK(features_of(x) == in_, name_, ": input ", shape_str(x.shape()), " has ",
+                  features_of(x), " features, expected ", in_);
+    y.resize({n, out_}, Device::kCuda);
+    cudaStream_t s = compute_stream();
+    mc::sgemm(gemm_context(), Trans::kNo, Trans::kYes, n, out_, in_, 1.0f, x.data(), in_,
+              dev_value(weight_), in_, 0.0f, y.data(), out_, s);
+    if (has_bias_) mc::bias_add_rows_async(y.data(), dev_value(bias_), n, out_, s);
+  }
+
+  void backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) override {
+    check_on_gpu(dy, name_, "output gradient");
+    const int64_t n = x.dim(0);
+    cudaStream_t s = compute_stream();
+    // dW (out, in) += dy^T x; db += column sums of dy; dx = dy W.
+    mc::sgemm(gemm_context(), Trans::kYes, Trans::kNo, out_, in_, n, 1.0f, dy.data(), out_,
+              x.data(), in_, 1.0f, dev_grad(weight_), in_, s);
+    if (has_bias_) mc::bias_grad_rows_async(dy.data(), n, out_, dev_grad(bias_), s);
+    if (dx) {
+      dx->resize(x.shape(), Device::kCuda);
+      mc::sgemm(gemm_context(), Trans::kNo, Trans::kNo, n, in_, out_, 1.0f, dy.data(), out_,
+                dev_value(weight_), in_, 0.0f, dx->data(), in_, s);
+    }
+  }
+
+ private:
+  std::string name_;
+  int64_t in_, out_;
+  bool has_bias_;
+  Param weight_, bias_;
+};
+
+// ---- Conv2d -------------------------------------------------------------------------------------
+
+// im2col over a group of samples at once, then one GEMM per sample reading its columns in place
+// (ld = the group's column count), so y and dx come out in NCHW without a transpose.
+class CudaConv2d : public Layer {
+ public:
+  // Bytes of im2col columns per group of samples.
+  static constexpr int64_t kColumnBytes = int64_t{256} << 20;
+
+  CudaConv2d(std::string name, int64_t in, int64_t out, int kernel, int stride, int pad)
+      : name_(std::move(name)), in_(in), out_(out) {
+    INT4DDP_CHECK(in > 0 && out > 0 && kernel > 0 && stride > 0 && pad >= 0, name_,
+                  ": bad convolution geometry");
+    geo_.channels = in;
+    geo_.kernel = kernel;
+    geo_.stride = stride;
+    geo_.pad = pad;
+    weight_ = make_param(name_ + ".weight", {out, in, kernel, kernel}, true);
+  }
+  std::string name() const override { return name_; }
+  std::vector<Param*> params() override { return {&weight_}; }
+
+  void forward(const Tensor& x, Tensor& y, bool) override {
+    check_on_gpu(x, name_, "input");
+    const int64_t n = set_geometry(x);
+    const int64_t ho = geo_.out_h(), wo = geo_.out_w(), hw = ho * wo, rows = geo_.rows();
+    y.resize({n, out_, ho, wo}, Device::kCuda);
+    cudaStream_t s = compute_stream();
+    const float* w = dev_value(weight_);
+    for (int64_t s0 = 0; s0 < n; s0 += group_) {
+      const int64_t g = std::min(group_, n - s0), ld = g * hw;
+      col_.resize({rows * ld}, Device::kCuda);
+      mc::im2col_async(x.data(), s0, g, geo_, false, col_.data(), s);
+      for (int64_t i = 0; i < g; ++i)  // y_s (out, hw) = W (out, rows) col_s (rows, hw)
+        mc::sgemm(gemm_context(), Trans::kNo, Trans::kNo, out_, hw, rows, 1.0f, w, rows,
+                  col_.data() + i * hw, ld, 0.0f, y.data() + (s0 + i) * out_ * hw, hw, s);
+    }
+  }
+
+  void backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) override {
+    check_on_gpu(dy, name_, "output gradient");
+    const int64_t n = set_geometry(x);
+    const int64_t hw = geo_.out_h() * geo_.out_w(), rows = geo_.rows();
+    cudaStream_t s = compute_stream();
+    const float* w = dev_value(weight_);
+    float* dw = dev_grad(weight_);
+    if (dx) {
+      dx->resize(x.shape(), Device::kCuda);
+      dx->zero();  // col2im accumulates
+    }
+    for (int64_t s0 = 0; s0 < n; s0 += group_) {
+      const int64_t g = std::min(group_, n - s0), ld = g * hw;
+      col_.resize({rows * ld}, Device::kCuda);
+      mc::im2col_async(x.data(), s0, g, geo_, false, col_.data(), s);
+      if (dx) dcol_.resize({rows * ld}, Device::kCuda);
+      for (int64_t i = 0; i < g; ++i) {
+        const float* dy_s = dy.data() + (s0 + i) * out_ * hw;
+        // dW (out, rows) += dy_s (out, hw) col_s^T (hw, rows), in sample order.
+        mc::sgemm(gemm_context(), Trans::kNo, Trans::kYes, out_, rows, hw, 1.0f, dy_s, hw,
+                  col_.data() + i * hw, ld, 1.0f, dw, rows, s);
+        // dcol_s (rows, hw) = W^T (rows, out) dy_s (out, hw).
+        if (dx)
+          mc::sgemm(gemm_context(), Trans::kYes, Trans::kNo, rows, hw, out_, 1.0f, w, rows, dy_s,
+                    hw, 0.0f, dcol_.data() + i * hw, ld, s);
+      }
+      if (dx) mc::col2im_async(dcol_.data(), s0, g, geo_, false, dx->data(), s);
+    }
+  }
+
+ private:
+  // Takes x's spatial size and returns its batch size; sets the samples per column group.
+  int64_t set_geometry(const Tensor& x) {
+    INT4DDP_CHECK(x.rank() == 4 && x.dim(1) == in_, name_, ": input ", shape_str(x.shape()),
+                  " is not (n, ", in_, ", h, w)");
+    geo_.h = x.dim(2);
+    geo_.w = x.dim(3);
+    INT4DDP_CHECK(geo_.out_h() > 0 && geo_.out_w() > 0, name_, ": input ", shape_str(x.shape()),
+                  " is smaller than the kernel");
+    const int64_t per_sample =
+        geo_.rows() * geo_.out_h() * geo_.out_w() * static_cast<int64_t>(sizeof(float));
+    group_ = std::max<int64_t>(1, std::min<int64_t>(x.dim(0), kColumnBytes / per_sample));
+    return x.dim(0);
+  }
+
+  std::string name_;
+  int64_t in_, out_;
+  mc::ConvGeometry geo_;
+  int64_t group_ = 1;
+  Param weight_;
+  Tensor col_, dcol_;  // (rows, group * ho * wo) device: the group's columns and their gradient
+};
+
+// ---- ReLU, pooling ------------------------------------------------------------------------------
+
+class CudaReLU : public Layer {
+ public:
+  explicit CudaReLU(std::string name) : name_(std::move(name)) {}
+  std::string name() const override { return name_; }
+  void forward(const Tensor& x, Tensor& y, bool) override {
+    check_on_gpu(x, name_, "input");
+    y.resize(x.shape(), Device::kCuda);
+    mc::relu_forward_async(x.data(), y.data(), x.numel(), compute_stream());
+  }
+  void backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) override {
+    if (!dx) return;
+    check_on_gpu(dy, name_, "output gradient");
+    dx->resize(x.shape(), Device::kCuda);
+    mc::relu_backward_async(x.data(), dy.data(), dx->data(), x.numel(), compute_stream());
+  }
+
+ private:
+  std::string name_;
+};
+
+class CudaMaxPool2d : public Layer {
+ public:
+  CudaMaxPool2d(std::string name, int window) : name_(std::move(name)), window_(window) {
+    INT4DDP_CHECK(window > 0, name_, ": window must be positive");
+  }
+  std::string name() const override { return name_; }
+  void forward(const Tensor& x, Tensor& y, bool) override {
+    check_on_gpu(x, name_, "input");
+    INT4DDP_CHECK(x.rank() == 4, name_, ": input ", shape_str(x.shape()), " is not (n, c, h, w)");
+    const int64_t n = x.dim(0), c = x.dim(1), h = x.dim(2), w = x.dim(3);
+    y.resize({n, c, h / window_, w / window_}, Device::kCuda);
+    argmax_.resize({y.numel()}, Device::kCuda);  // int32 indices in float-sized slots
+    mc::maxpool_forward_async(x.data(), n, c, h, w, window_, y.data(),
+                              reinterpret_cast<int32_t*>(argmax_.data()), compute_stream());
+  }
+  void backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) override {
+    if (!dx) return;
+    check_on_gpu(dy, name_, "output gradient");
+    dx->resize(x.shape(), Device::kCuda);
+    mc::maxpool_backward_async(dy.data(), reinterpret_cast<const int32_t*>(argmax_.data()),
+                               x.dim(0), x.dim(1), x.dim(2), x.dim(3), window_, dx->data(),
+                               compute_stream());
+  }
+
+ private:
+  std::string name_;
+  int window_;
+  Tensor argmax_;  // (n*c*ho*wo) int32 device
+};
+
+class CudaGlobalAvgPool : public Layer {
+ public:
+  explicit CudaGlobalAvgPool(std::string name) : name_(std::move(name)) {}
+  std::string name() const override { return name_; }
+  void forward(const Tensor& x, Tensor& y, bool) override {
+    check_on_gpu(x, name_, "input");
+    INT4DDP_CHECK(x.rank() == 4, name_, ": input ", shape_str(x.shape()), " is not (n, c, h, w)");
+    y.resize({x.dim(0), x.dim(1)}, Device::kCuda);
+    mc::global_avgpool_forward_async(x.data(), x.dim(0), x.dim(1), x.dim(2) * x.dim(3), y.data(),
+                                     compute_stream());
+  }
+  void backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) override {
+    if (!dx) return;
+    check_on_gpu(dy, name_, "output gradient");
+    dx->resize(x.shape(), Device::kCuda);
+    mc::global_avgpool_backward_async(dy.data(), x.dim(0), x.dim(1), x.dim(2) * x.dim(3),
+                                      dx->data(), compute_stream());
+  }
+
+ private:
+  std::string name_;
+};
+
+// ---- BatchNorm ----------------------------------------------------------------------------------
+
+class CudaBatchNorm : public Layer {
+ public:
+  CudaBatchNorm(std::string name, int64_t channels, bool relu)
+      : name_(std::move(name)), channels_(channels), relu_(relu) {
+    INT4DDP_CHECK(channels > 0, name_, ": channels must be positive");
+    // The CPU layer's parameters, names and initial values (BatchNorm's constructor).
+    gamma_ = make_param(name_ + ".gamma", {channels}, false);
+    beta_ = make_param(name_ + ".beta", {channels}, false);
+    std::fill(gamma_.value.data(), gamma_.value.data() + channels, 1.0f);
+    running_mean_.assign(static_cast<size_t>(channels), 0.0f);
+    running_var_.assign(static_cast<size_t>(channels), 1.0f);
+    state_.resize({6 * channels}, Device::kCuda);
+  }
+  std::string name() const override { return name_; }
+  std::vector<Param*> params() override { return {&gamma_, &beta_}; }
+  std::vector<std::vector<float>*> buffers() override { return {&running_mean_, &running_var_}; }
+
+  void forward(const Tensor& x, Tensor& y, bool train) override {
+    check_on_gpu(x, name_, "input");
+    const mc::BatchNormShape s = shape_of(x);
+    y.resize(x.shape(), Device::kCuda);
+    const mc::BatchNormParams p = params_of();
+    copy_floats(p.running_mean, Device::kCuda, running_mean_.data(), Device::kCpu, channels_);
+    copy_floats(p.running_var, Device::kCuda, running_var_.data(), Device::kCpu, channels_);
+    mc::batchnorm_forward_async(s, x.data(), y.data(), train, p,
+                                doubles(workspace_, mc::batchnorm_workspace_count(s)),
+                                compute_stream());
+    if (train) {  // the host copies stay the layer's state (checkpoints, averaging, restore)
+      copy_floats(running_mean_.data(), Device::kCpu, p.running_mean, Device::kCuda, channels_);
+      copy_floats(running_var_.data(), Device::kCpu, p.running_var, Device::kCuda, channels_);
+    }
+  }
+
+  void backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) override {
+    check_on_gpu(dy, name_, "output gradient");
+    const mc::BatchNormShape s = shape_of(x);
+    if (dx) dx->resize(x.shape(), Device::kCuda);
+    mc::batchnorm_backward_async(
+        s, x.data(), dy.data(), dx ? dx->data() : nullptr, dev_grad(gamma_), dev_grad(beta_),
+        params_of(), doubles(workspace_, mc::batchnorm_workspace_count(s)), compute_stream());
+  }
+
+ private:
+  mc::BatchNormShape shape_of(const Tensor& x) const {
+    INT4DDP_CHECK((x.rank() == 4 || x.rank() == 2) && x.dim(1) == channels_, name_, ": input ",
+                  shape_str(x.shape()), " is not (n, ", channels_, "[, h, w])");
+    mc::BatchNormShape s;
+    s.n = x.dim(0);
+    s.channels = channels_;
+    s.hw = x.rank() == 4 ? x.dim(2) * x.dim(3) : 1;
+    return s;
+  }
+  mc::BatchNormParams params_of() {
+    mc::BatchNormParams p;
+    p.gamma = dev_value(gamma_);
+    p.beta = dev_value(beta_);
+    float* st = state_.data();  // running mean, running var, then the forward's saved four
+    p.running_mean = st;
+    p.running_var = st + channels_;
+    p.save_mean = st + 2 * channels_;
+    p.save_invstd = st + 3 * channels_;
+    p.save_scale = st + 4 * channels_;
+    p.save_shift = st + 5 * channels_;
+    p.momentum = momentum_;
+    p.eps = eps_;
+    p.relu = relu_;
+    return p;
+  }
+
+  std::string name_;
+  int64_t channels_;
+  bool relu_;
+  float momentum_ = 0.1f, eps_ = 1e-5f;  // BatchNorm's defaults
+  Param gamma_, beta_;
+  std::vector<float> running_mean_, running_var_;  // (channels) host, the layer's state
+  Tensor state_;                                   // (6 * channels) device, see params_of
+  Tensor workspace_;                               // device doubles of the BN reductions
+};
+
+// ---- the residual block ------------------------------------------------------------------------
+
+class CudaResidualBlock : public Layer {
+ public:
+  CudaResidualBlock(std::string name, std::unique_ptr<Layer> conv1, int64_t mid_channels,
+                    std::unique_ptr<Layer> conv2, int64_t in_channels, int64_t out_channels,
+                    int stride)
+      : name_(name), body_(name + ".body") {
+    INT4DDP_CHECK(stride == 1 || stride == 2, name_, ": stride must be 1 or 2");
+    INT4DDP_CHECK(out_channels >= in_channels, name_, ": option-A shortcut cannot drop channels");
+    shape_.in_channels = in_channels;
+    shape_.out_channels = out_channels;
+    shape_.stride = stride;
+    body_.add(std::move(conv1));
+    body_.add(make_cuda_batchnorm(name + ".bn1", mid_channels, true));  // + relu1
+    body_.add(std::move(conv2));
+    body_.add(make_cuda_batchnorm(name + ".bn2", out_channels, false));
+  }
+  std::string name() const override { return name_; }
+  std::vector<Param*> params() override { return body_.params(); }
+  std::vector<std::vector<float>*> buffers() override { return body_.buffers(); }
+
+  void forward(const Tensor& x, Tensor& y, bool train) override {
+    check_on_gpu(x, name_, "input");
+    body_.forward(x, body_out_, train);
+    set_shape(x);
+    const int64_t ho = body_out_.dim(2), wo = body_out_.dim(3), s = shape_.stride;
+    INT4DDP_CHECK(body_out_.dim(1) == shape_.out_channels && (shape_.h + s - 1) / s == ho &&
+                      (shape_.w + s - 1) / s == wo,
+                  name_, ": body output ", shape_str(body_out_.shape()), " does not match stride ",
+                  s, " of input ", shape_str(x.shape()));
+    y.resize(body_out_.shape(), Device::kCuda);
+    mc::residual_forward_async(shape_, body_out_.data(), x.data(), y.data(), compute_stream());
+  }
+
+  void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override {
+    check_on_gpu(dy, name_, "output gradient");
+    set_shape(x);
+    dsum_.resize(y.shape(), Device::kCuda);
+    mc::residual_backward_async(shape_, y.data(), dy.data(), dsum_.data(), compute_stream());
+    body_.backward(x, body_out_, dsum_, dx);  // dx = the body's dx ...
+    if (dx)                                   // ... plus the shortcut's gradient
+      mc::shortcut_backward_add_async(shape_, dsum_.data(), dx->data(), compute_stream());
+  }
+
+ private:
+  void set_shape(const Tensor& x) {
+    INT4DDP_CHECK(x.rank() == 4 && x.dim(1) == shape_.in_channels, name_, ": input ",
+                  shape_str(x.shape()), " is not (n, ", shape_.in_channels, ", h, w)");
+    shape_.n = x.dim(0);
+    shape_.h = x.dim(2);
+    shape_.w = x.dim(3);
+  }
+
+  std::string name_;
+  Sequential body_;
+  mc::ShortcutShape shape_;
+  Tensor body_out_, dsum_;  // device: the body's output, and dL/d(body + shortcut)
+};
+
+}  // namespace
+
+std::unique_ptr<Layer> make_cuda_residual_block(std::string name, std::unique_ptr<Layer> conv1,
+                                                int64_t mid_channels, std::unique_ptr<Layer> conv2,
+                                                int64_t in_channels, int64_t out_channels,
+                                                int stride) {
+  return std::make_unique<CudaResidualBlock>(std::move(name), std::move(conv1), mid_channels,
+                                             std::move(conv2), in_channels, out_channels, stride);
+}
+
+std::unique_ptr<Layer> make_cuda_linear(std::string name, int64_t in, int64_t out, bool bias) {
+  return std::make_unique<CudaLinear>(std::move(name), in, out, bias);
+}
+std::unique_ptr<Layer> make_cuda_conv2d(std::string name, int64_t in, int64_t out, int kernel,
+                                        int stride, int pad) {
+  return std::make_unique<CudaConv2d>(std::move(name), in, out, kernel, stride, pad);
+}
+std::unique_ptr<Layer> make_cuda_relu(std::string name) {
+  return std::make_unique<CudaReLU>(std::move(name));
+}
+std::unique_ptr<Layer> make_cuda_batchnorm(std::string name, int64_t channels, bool relu) {
+  return std::make_unique<CudaBatchNorm>(std::move(name), channels, relu);
+}
+std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int window) {
+  return std::make_unique<CudaMaxPool2d>(std::move(name), window);
+}
+std::unique_ptr<Layer> make_cuda_global_avgpool(std::string name) {
+  return std::make_unique<CudaGlobalAvgPool>(std::move(name));
+}
+
+float softmax_cross_entropy_any(const Tensor& logits, const int32_t* labels, Tensor* dlogits,
+                                int64_t* correct) {
+  if (logits.device() == Device::kCpu)
+    return softmax_cross_entropy(logits, labels, dlogits, correct);
+  INT4DDP_CHECK(logits.rank() == 2, "cross-entropy: logits ", shape_str(logits.shape()),
+                " are not (n, classes)");
+  const int64_t n = logits.dim(0), k = logits.dim(1);
+  thread_local Tensor device_labels;  // (n) int32 in float-sized slots
+  device_labels.resize({n}, Device::kCuda);
+  copy_bytes(device_labels.data(), Device::kCuda, labels, Device::kCpu,
+             n * static_cast<int64_t>(sizeof(int32_t)));
+  if (dlogits) dlogits->resize(logits.shape(), Device::kCuda);
+  const mc::CrossEntropyResult r = mc::softmax_cross_entropy(
+      logits.data(), reinterpret_cast<const int32_t*>(device_labels.data()), n, k,
+      dlogits ? dlogits->data() : nullptr, compute_stream());
+  if (correct) *correct = r.correct;
+  return r.loss;
+}
+
+#else  // no CUDA: the factories refuse
+
+namespace {
+[[noreturn]] void no_cuda(const std::string& layer) {
+  INT4DDP_FAIL(layer, ": CUDA layers need a CUDA build (train.device = cuda)");
+}
+}  // namespace
+
+std::unique_ptr<Layer> make_cuda_linear(std::string name, int64_t, int64_t, bool) { no_cuda(name); }
+std::unique_ptr<Layer> make_cuda_conv2d(std::string name, int64_t, int64_t, int, int, int) {
+  no_cuda(name);
+}
+std::unique_ptr<Layer> make_cuda_relu(std::string name) { no_cuda(name); }
+std::unique_ptr<Layer> make_cuda_batchnorm(std::string name, int64_t, bool) { no_cuda(name); }
+std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int) { no_cuda(name); }
+std::unique_ptr<Layer> make_cuda_global_avgpool(std::string name) { no_cuda(name); }
+std::unique_ptr<Layer> make_cuda_residual_block(std::string name, std::unique_ptr<Layer>, int64_t,
+                                                std::unique_ptr<Layer>, int64_t, int64_t, int) {
+  no_cuda(name);
+}
+
+float softmax_cross_entropy_any(const Tensor& logits, const int32_t* labels, Tensor* dlogits,
+                                int64_t* correct) {
+  INT4DDP_CHECK(logits.device() == Device::kCpu, "cross-entropy: device logits need CUDA");
+  return softmax_cross_entropy(logits, labels, dlogits, correct);
+}
+
+#endif
+
+}  // namespace int4ddp::nn
