@@ -106,6 +106,7 @@ void DataParallel::attach(nn::Model& model, const Config& cfg) {
   bc.compress.policy.fixed_gamma = static_cast<float>(cfg.comm.fixed_gamma);
   bc.compress.policy.alpha = cfg.comm.alpha;
   bc.compress.policy.eta = static_cast<float>(cfg.comm.eta);
+  bc.compress.policy.topk = cfg.comm.topk;
   bc.compress.seed = static_cast<uint32_t>(cfg.train.seed);
   std::vector<comm::Segment> segs;
   for (const auto& [off, count] : model.param_segments()) segs.push_back({off, count});
