@@ -87,12 +87,14 @@ std::string dump_path(const std::string& dir, uint64_t step, int rank) {
 
 struct Errors {
   double step = 0, sum = 0, clip_fraction = 0;
+  std::vector<double> per_step, mean_norm;  // relative error and ||exact mean|| of each dump
 };
 
 // Plays every dump through fresh two-shots configured by cc (one per bucket). Rank 0 returns the
 // errors; exact[t] is the exact mean of dump t (rank 0 only).
 Errors replay(comm::Communicator& comm, const std::string& dir, const std::vector<uint64_t>& steps,
-              const comm::CompressConfig& cc, const std::vector<std::vector<double>>& exact) {
+              const comm::CompressConfig& cc, const std::vector<std::vector<double>>& exact,
+              size_t skip) {
   std::vector<std::unique_ptr<comm::TwoShotAllreduce>> shots;
   std::vector<double> err_sum, mean_sum;  // rank 0: running sums over the dumps
   Errors e;
@@ -117,7 +119,7 @@ Errors replay(comm::Communicator& comm, const std::string& dir, const std::vecto
       quantized += st.count;
       flat.insert(flat.end(), d.buckets[b].begin(), d.buckets[b].end());
     }
-    if (comm.rank() != 0) continue;
+    if (comm.rank() != 0 || t < skip) continue;  // warm-up dumps: state only, not scored
     const std::vector<double>& m = exact[t];
     if (err_sum.empty()) err_sum.assign(m.size(), 0.0), mean_sum.assign(m.size(), 0.0);
     double num = 0, den = 0;
@@ -128,7 +130,9 @@ Errors replay(comm::Communicator& comm, const std::string& dir, const std::vecto
       err_sum[i] += diff;
       mean_sum[i] += m[i];
     }
-    e.step += den > 0 ? std::sqrt(num / den) / static_cast<double>(steps.size()) : 0.0;
+    e.step += den > 0 ? std::sqrt(num / den) / static_cast<double>(steps.size() - skip) : 0.0;
+    e.per_step.push_back(den > 0 ? std::sqrt(num / den) : 0.0);
+    e.mean_norm.push_back(std::sqrt(den));
   }
   if (comm.rank() == 0) {
     double num = 0, den = 0;
@@ -151,12 +155,17 @@ int main(int argc, char** argv) {
       "lbt:0.0293:0.02,topk:1,topk:2,topk:4,topk:8,topk:16,mse";
   int bits = 4;
   int64_t block_size = 512;
+  bool per_step = false;
+  size_t skip = 0;
   CLI::App app{"replay_buckets: recorded gradient buckets through the two-shot, per policy"};
   app.add_option("--dir", dir, "folder of one training's bucket dumps")->required();
   app.add_option("--policies", policies,
                  "comma-separated: minmax, fixed:G, lbt[:ALPHA:ETA], mse, topk:K");
   app.add_option("--bits", bits, "2..8 (equal bytes for every policy)");
   app.add_option("--block-size", block_size, "G, elements per scale");
+  app.add_option("--skip", skip,
+                 "replay the first S dumps (error feedback warms up) without scoring them");
+  app.add_flag("--per-step", per_step, "also print each dump's relative error");
   CLI11_PARSE(app, argc, argv);
   try {
     std::vector<PolicySpec> specs;
@@ -167,14 +176,18 @@ int main(int argc, char** argv) {
     const int N = comm->size();
     const bool root = comm->rank() == 0;
     const std::vector<uint64_t> steps = dump_steps(dir, N);
-    INT4DDP_CHECK(!steps.empty(), "--dir '", dir, "': no step has a dump for each of ", N,
-                  " ranks (run with as many ranks as the training had)");
+    INT4DDP_CHECK(steps.size() > skip, "--dir '", dir, "': no step has a dump for each of ", N,
+                  " ranks beyond the --skip ", skip, " (run as many ranks as the training had)");
     // The exact means, in double, from every rank's dump (rank 0).
     std::vector<std::vector<double>> exact;
     std::string model;
     if (root) {
       for (uint64_t s : steps) {
         std::vector<double> m;
+        if (exact.size() < skip) {  // not scored
+          exact.push_back(std::move(m));
+          continue;
+        }
         for (int r = 0; r < N; ++r) {
           const train::BucketDump d = train::read_bucket_dump(dump_path(dir, s, r));
           INT4DDP_CHECK(static_cast<int>(d.ranks) == N, dump_path(dir, s, r), ": recorded with ",
@@ -201,7 +214,8 @@ int main(int argc, char** argv) {
     nlohmann::json out = {{"model", model},
                           {"ranks", N},
                           {"dumps", steps.size()},
-                          {"elements", root ? exact[0].size() : 0}};
+                          {"elements", root ? exact.back().size() : 0},
+                          {"skip", skip}};
     double base_ef = 0, base_noef = 0;
     for (const PolicySpec& spec : specs) {
       comm::CompressConfig cc;
@@ -209,10 +223,16 @@ int main(int argc, char** argv) {
       cc.block_size = block_size;
       cc.policy = spec.cfg;
       cc.seed = 0;
-      const Errors ef = replay(*comm, dir, steps, cc, exact);
+      const Errors ef = replay(*comm, dir, steps, cc, exact, skip);
       cc.worker_error_feedback = cc.server_error_feedback = false;
-      const Errors noef = replay(*comm, dir, steps, cc, exact);
+      const Errors noef = replay(*comm, dir, steps, cc, exact, skip);
       if (!root) continue;
+      if (per_step) {
+        std::printf("#   %s per dump (EF, noEF, ||mean||):", spec.name.c_str());
+        for (size_t t = 0; t < steps.size(); ++t)
+          std::printf(" %.3f/%.3f/%.3g", ef.per_step[t], noef.per_step[t], ef.mean_norm[t]);
+        std::printf("\n");
+      }
       if (spec.name == "minmax") base_ef = ef.step, base_noef = noef.step;
       std::printf("%-18s %10.5f %10.5f %10.5f %10.5f %9.3f %9.3f %8.4f\n", spec.name.c_str(),
                   ef.step, ef.sum, noef.step, noef.sum, base_ef > 0 ? ef.step / base_ef : 0.0,
