@@ -206,7 +206,7 @@ int main(int argc, char** argv) {
           "# replay_buckets: %s, %d ranks, %zu dumps (steps %llu..%llu), %zu elements per "
           "dump, int%d, G = %lld, stochastic rounding\n",
           model.c_str(), N, steps.size(), static_cast<unsigned long long>(steps.front()),
-          static_cast<unsigned long long>(steps.back()), exact[0].size(), bits,
+          static_cast<unsigned long long>(steps.back()), exact.back().size(), bits,
           static_cast<long long>(block_size));
       std::printf("%-18s %10s %10s %10s %10s %9s %9s %8s\n", "policy", "EF step", "EF sum",
                   "noEF step", "noEF sum", "EF/minmx", "noEF/mm", "clip%");
