@@ -158,7 +158,9 @@ float dsgc_grid_point(int k, int points, float gamma_min, float gamma_max);
 // saturate_blocks applies the clips: y = clamp(x, -c_b, c_b) per block (non-finite x copied), and
 // returns the number of finite elements with |x| > c_b. Quantizing y with gamma 1 then gives the
 // codes of x under the clip c_b exactly: max|y| = c_b (at least one element reaches it), and every
-// |x| > c_b codes as +-L either way. One definition for the host and the device two-shot.
+// |x| > c_b codes as +-L either way (nearest rounding: exactly; stochastic: as the block maximum
+// codes under minmax). The host two-shot calls these; the device two-shot refuses block rules
+// until it has a kernel tested against them.
 bool is_block_rule(PolicyKind kind);  // topk, mse
 float block_clip(const float* x, int64_t n, const PolicyConfig& cfg);
 int64_t saturate_blocks(const float* x, int64_t n, int64_t block_size, const PolicyConfig& cfg,

@@ -84,9 +84,10 @@ struct Config {
     int64_t small_tensor_threshold = 4096;  // tensors with fewer elements go uncompressed (fp32)
     bool worker_error_feedback = true;      // keep e = v - Q(v) on each worker, add it next step
     bool server_error_feedback = true;      // keep the owner's requantization error likewise
-    quant::PolicyKind grad_policy = quant::PolicyKind::kLbt;  // bucket interval: minmax | fixed |
-                                                              // lbt | mse (OCTAV per block) |
-                                                              // topk (quant/policy.h)
+    // Bucket interval: minmax | fixed | lbt | mse (OCTAV per block) | topk (each block clipped at
+    // its (topk+1)-th largest magnitude; kernels/quant/policy.h). topk is the default: the
+    // smallest error of the all-reduced mean on recorded gradients (experiments/replay_buckets.sh).
+    quant::PolicyKind grad_policy = quant::PolicyKind::kTopK;
     double fixed_gamma = 0.8;  // fixed: bucket clip = gamma * max|block|, (0, 1]
     double alpha = 1e-3;       // lbt: fraction of "large" gradients, in (0, 1)
     double eta = 1e-3;         // lbt: gamma step per training step, in (0, 1]
