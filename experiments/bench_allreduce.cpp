@@ -278,8 +278,8 @@ int main(int argc, char** argv) {
                "worker and server error feedback (default on)");
   app.add_option("--rounding", o.rounding, "stochastic or nearest")
       ->check(CLI::IsMember({"stochastic", "nearest"}));
-  app.add_option("--policy", o.policy, "minmax, fixed or lbt")
-      ->check(CLI::IsMember({"minmax", "fixed", "lbt"}));
+  app.add_option("--policy", o.policy, "minmax, fixed, lbt or topk (k = 4)")
+      ->check(CLI::IsMember({"minmax", "fixed", "lbt", "topk"}));
   app.add_option("--seed", o.seed, "input and rounding seed");
   CLI11_PARSE(app, argc, argv);
 
