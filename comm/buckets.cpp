@@ -112,6 +112,13 @@ int BucketEngine::num_compressed_buckets() const {
   return n;
 }
 
+std::vector<std::vector<Segment>> BucketEngine::compressed_segments() const {
+  std::vector<std::vector<Segment>> out;
+  for (const Bucket& b : buckets_)
+    if (b.two_shot) out.push_back(b.compressed);
+  return out;
+}
+
 void BucketEngine::begin_step(uint32_t step) {
   std::lock_guard<std::mutex> lk(mu_);
   INT4DDP_CHECK(!in_step_, "BucketEngine: begin_step() before finish() of the previous step");

@@ -87,6 +87,9 @@ class BucketEngine {
   int num_compressed_buckets() const;
   // The resolved comm.hierarchy and why, e.g. "node (2 nodes x 2 ranks)".
   const std::string& hierarchy() const { return hierarchy_->description(); }
+  // The arena segments each compressed bucket's two-shot sees, in its element order (one entry per
+  // bucket with a two-shot, in launch order): what a bucket dump records.
+  std::vector<std::vector<Segment>> compressed_segments() const;
 
   // Per-rank state (error feedback, gammas) for checkpoints.
   std::vector<uint8_t> save_state() const;

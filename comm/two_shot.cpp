@@ -43,11 +43,9 @@ void CompressConfig::validate() const {
   if (bits == kFp32Bits) return;
   INT4DDP_CHECK(block_size >= 2 && block_size % 2 == 0 && block_size <= (int64_t{1} << 24),
                 "comm.block_size = ", block_size, " must be even and in 2..2^24");
-  INT4DDP_CHECK(policy.kind == quant::PolicyKind::kMinMax ||
-                    policy.kind == quant::PolicyKind::kFixed ||
-                    policy.kind == quant::PolicyKind::kLbt,
+  INT4DDP_CHECK(policy.kind != quant::PolicyKind::kDsgc,
                 "comm.grad_policy = ", quant::policy_kind_name(policy.kind),
-                " is not one of minmax, fixed, lbt");
+                " is not one of minmax, fixed, lbt, mse, topk");
   quant::PolicyConfig p = policy;
   p.bits = bits;
   p.validate();
@@ -93,10 +91,10 @@ TwoShotPlan::TwoShotPlan(const CompressConfig& cfg, int64_t count, uint32_t buck
                 " ranks");
   scale_offsets_.push_back(0);
   if (fp32()) return;
-  quant::PolicyConfig pc = cfg_.policy;
-  pc.bits = cfg_.bits;
-  pc.lbt_calibrate = false;  // per-block clips: gamma starts at 1 and follows the sign rule
-  policy_ = quant::make_policy(pc);
+  policy_cfg_ = cfg_.policy;
+  policy_cfg_.bits = cfg_.bits;
+  policy_cfg_.lbt_calibrate = false;  // per-block clips: gamma starts at 1, follows the sign rule
+  policy_ = quant::make_policy(policy_cfg_);
 
   std::vector<size_t> send_counts;
   for (int j = 0; j < ranks; ++j) {
@@ -139,6 +137,10 @@ quant::QuantParams TwoShotPlan::owner_params(quant::QuantParams p) const {
   p.key.stream = kStreamsPerRank * static_cast<uint32_t>(rank_) + static_cast<uint32_t>(rank_);
   p.key.tensor_id = 2 * bucket_id_ + 1;
   return p;
+}
+
+int64_t TwoShotPlan::saturate(const float* x, int64_t n, float* y) const {
+  return quant::saturate_blocks(x, n, cfg_.block_size, policy_cfg_, y);
 }
 
 void TwoShotPlan::finish_run(const quant::QuantStats& global, uint64_t wire_bytes,
@@ -219,6 +221,7 @@ TwoShotAllreduce::TwoShotAllreduce(Communicator& comm, const CompressConfig& cfg
   tile_ = std::max<int64_t>(G, (kTileFloats / G) * G);
   v_.resize(static_cast<size_t>(tile_));
   tmp_.resize(static_cast<size_t>(tile_));
+  if (plan_.saturates()) sat_.resize(static_cast<size_t>(tile_));
   scales_.resize(static_cast<size_t>(std::max<int64_t>(1, plan_.total_scales())));
   rank_scales_.resize(static_cast<size_t>(plan_.ranks()) *
                       static_cast<size_t>(plan_.own_message().num_scales));
@@ -246,6 +249,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   }
 
   const bool worker_ef = !ew_.empty(), server_ef = !es_.empty();
+  const bool saturate = plan_.saturates();  // a block-scope policy (topk, mse)
   const int bits = plan_.config().bits;
   const int64_t G = plan_.config().block_size;
   const quant::QuantParams step_p = plan_.step_params(step);
@@ -271,9 +275,14 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
         add_arrays(vt, src, ew_.data() + c.begin + o, len);
         src = vt;
       }
+      const float* qin = src;  // what the codec sees: v, or v saturated at the block clips
+      if (saturate) {
+        stats.clipped += plan_.saturate(src, len, sat_.data());
+        qin = sat_.data();
+      }
       p.index_offset = o;
       uint8_t* codes = msg + quant::packed_bytes(bits, o);
-      quant::add_stats(stats, quant::quantize(src, len, p, codes, sc + o / G));
+      quant::add_stats(stats, quant::quantize(qin, len, p, codes, sc + o / G));
       if (worker_ef) {
         quant::dequantize(codes, sc + o / G, len, bits, G, dqt);
         sub_arrays(ew_next_.data() + c.begin + o, src, dqt, len);
@@ -318,9 +327,14 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     }
     for (int64_t k = 0; k < len; ++k) acc[k] /= fn;
     if (server_ef) accumulate(acc, es_.data() + o, len);
+    const float* qin = acc;
+    if (saturate) {
+      sum.clipped += plan_.saturate(acc, len, sat_.data());
+      qin = sat_.data();
+    }
     p.index_offset = o;
     uint8_t* codes = own_msg + quant::packed_bytes(bits, o);
-    quant::add_stats(sum, quant::quantize(acc, len, p, codes, own_sc + o / G));
+    quant::add_stats(sum, quant::quantize(qin, len, p, codes, own_sc + o / G));
     // The own chunk's result, written now (x's own chunk is no longer read): the all-gather
     // brings every other rank these same bytes, which they dequantize the same way.
     float* result = x + own.begin + o;

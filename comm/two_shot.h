@@ -50,7 +50,7 @@ struct CompressConfig {
   quant::Rounding rounding = quant::Rounding::kStochastic;  //
   bool worker_error_feedback = true;                        //
   bool server_error_feedback = true;                        //
-  quant::PolicyConfig policy;  // kind minmax | fixed | lbt (bits is set from `bits`)
+  quant::PolicyConfig policy;  // minmax | fixed | lbt | mse | topk (bits is set from `bits`)
   uint32_t seed = 0;
 
   void validate() const;  // throws Error naming the field
@@ -130,6 +130,12 @@ class TwoShotPlan {
   size_t server_ef_size() const;
 
   float gamma() const { return policy_ ? policy_->gamma() : 1.0f; }
+  // A block-scope policy (topk, mse: quant::is_block_rule): the codec quantizes
+  // y = saturate(v) with gamma 1 instead of v; error feedback keeps v - Q(y).
+  bool saturates() const { return !fp32() && quant::is_block_rule(policy_cfg_.kind); }
+  // y <- v clamped at each block's clip (blocks of G from x[0], as the chunks and tiles are);
+  // returns the number of elements clipped.
+  int64_t saturate(const float* x, int64_t n, float* y) const;
   // The quantizer of one run(): bits, rounding, this step's gamma, G, seed and step.
   quant::QuantParams step_params(uint32_t step) const;
   // p keyed for step 3 (quantize chunk j of this rank's v) and step 5 (the owner's requantization).
@@ -156,6 +162,7 @@ class TwoShotPlan {
   int64_t count_;
   uint32_t bucket_id_;
   int ranks_, rank_;
+  quant::PolicyConfig policy_cfg_;                 // cfg_.policy with bits set
   std::unique_ptr<quant::IntervalPolicy> policy_;  // null in fp32 mode
   std::vector<ChunkRange> chunks_;
   std::vector<MessageLayout> messages_;
@@ -202,6 +209,7 @@ class TwoShotAllreduce final : public TwoShotBase {
   int64_t tile_ = 0;                 // elements per tile of the fused passes (whole blocks)
   std::vector<float> v_;             // (tile) g + e_w, then the owner's mean
   std::vector<float> tmp_;           // (tile) dequantized values
+  std::vector<float> sat_;           // (tile) v saturated at the block clips (block policies)
   std::vector<float> scales_;        // (plan_.total_scales()) aligned scales of every chunk
   std::vector<float> rank_scales_;   // (N x own scales) aligned scales of the received messages
   std::vector<uint8_t> send_, recv_, gathered_, own_copy_;  // the plan's byte layouts

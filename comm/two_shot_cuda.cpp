@@ -38,6 +38,10 @@ TwoShotAllreduceCuda::TwoShotAllreduceCuda(Communicator& comm, const CompressCon
     : TwoShotBase(comm, cfg, count, bucket_id), stream_(stream) {
   INT4DDP_CHECK(comm.device_buffers(), "two-shot (cuda): communicator '", comm.backend(),
                 "' takes host buffers; use NCCL or wrap it in a StagedCommunicator");
+  INT4DDP_CHECK(!plan_.saturates(),
+                "two-shot (cuda): comm.grad_policy = ", quant::policy_kind_name(cfg.policy.kind),
+                " (a per-block clip) is implemented by the host two-shot only; use minmax, fixed "
+                "or lbt on the device");
   if (plan_.fp32()) return;
   const int n = plan_.ranks();
   try {

@@ -314,8 +314,8 @@ int main(int argc, char** argv) {
                "worker and server error feedback (default on)");
   app.add_option("--rounding", o.rounding, "stochastic or nearest")
       ->check(CLI::IsMember({"stochastic", "nearest"}));
-  app.add_option("--policy", o.policy, "minmax, fixed or lbt")
-      ->check(CLI::IsMember({"minmax", "fixed", "lbt"}));
+  app.add_option("--policy", o.policy, "minmax, fixed, lbt or topk (k = 4)")
+      ->check(CLI::IsMember({"minmax", "fixed", "lbt", "topk"}));
   app.add_option("--seed", o.seed, "input and rounding seed");
   app.add_option("--hierarchy", o.hierarchy,
                  "comma-separated comm.hierarchy values to run each mode under: flat, node, auto");

@@ -109,6 +109,9 @@ quant::PolicyConfig policy_config(const QuantizeOptions& o) {
   } catch (const Error& e) {
     INT4DDP_FAIL("--policy: ", e.what());
   }
+  INT4DDP_CHECK(cfg.kind != quant::PolicyKind::kTopK,
+                "--policy topk is a per-block rule of the communication path (comm.grad_policy); "
+                "use minmax, fixed, lbt, mse or dsgc");
   INT4DDP_CHECK(!o.gamma_given || cfg.kind == quant::PolicyKind::kFixed,
                 "--gamma is only used by --policy fixed (the policy is ", o.policy, ")");
   INT4DDP_CHECK(std::isfinite(o.gamma) && o.gamma > 0.0f && o.gamma <= 1.0f, "--gamma = ", o.gamma,

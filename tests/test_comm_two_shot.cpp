@@ -12,6 +12,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -271,6 +272,52 @@ TEST(TwoShot, ErrorBoundOnRandomData) {
           // Gross-failure check of the norm: well below 1 even for INT4 with outlier blocks.
           EXPECT_LT(std::sqrt(err2 / ref2), 0.5);
         }
+}
+
+// A block-scope policy (topk, mse) saturates each block at its clip before the codec: the result
+// is bit-identical on every rank and the clip counts are those of the block rule. (Which policy
+// gives the smaller error of the mean is measured on recorded gradients by replay_buckets: on
+// synthetic heavy tails without error feedback the clipped outliers can dominate the error.)
+TEST(TwoShot, BlockPoliciesSaturateIdenticallyOnEveryRank) {
+  const int64_t G = 512, n = 40 * G + 100;
+  std::vector<float> x0(static_cast<size_t>(n));
+  std::mt19937_64 rng(77 + static_cast<uint64_t>(me()));
+  std::student_t_distribution<double> student(2.0);  // heavy tails: outliers per block
+  for (float& v : x0) v = static_cast<float>(student(rng));
+  std::vector<float> mean = x0;
+  W().allreduce_sum(mean.data(), n);
+  for (float& v : mean) v /= static_cast<float>(R());
+  auto rel_err = [&](quant::PolicyKind kind, int64_t* clipped) {
+    CompressConfig c;
+    c.block_size = G;
+    c.policy.kind = kind;
+    c.policy.topk = 4;
+    c.worker_error_feedback = c.server_error_feedback = false;
+    TwoShotAllreduce ts(W(), c, n, 3);
+    std::vector<float> x = x0;
+    const BucketStats st = ts.run(x.data(), 5);
+    *clipped = st.clipped;
+    EXPECT_TRUE(same_on_all_ranks(x.data(), x.size() * sizeof(float)));
+    double e2 = 0, m2 = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      e2 += (double{x[i]} - mean[i]) * (double{x[i]} - mean[i]);
+      m2 += double{mean[i]} * mean[i];
+    }
+    return std::sqrt(e2 / m2);
+  };
+  int64_t clipped_minmax = 0, clipped_topk = 0, clipped_mse = 0;
+  const double e_minmax = rel_err(quant::PolicyKind::kMinMax, &clipped_minmax);
+  const double e_topk = rel_err(quant::PolicyKind::kTopK, &clipped_topk);
+  const double e_mse = rel_err(quant::PolicyKind::kMse, &clipped_mse);
+  EXPECT_EQ(clipped_minmax, 0);
+  // Every block of every worker quantization clips exactly 4 (continuous data: no ties; the 100
+  // elements of the last block are more than 4). The owners' requantizations clip at most 4 per
+  // block: the mean of dequantized values has ties at its top (1 rank: all at +-7 steps).
+  const int64_t blocks = (n + G - 1) / G;
+  EXPECT_GE(clipped_topk, 4 * blocks * R());
+  EXPECT_LE(clipped_topk, 4 * blocks * (R() + 1));
+  EXPECT_GT(clipped_mse, 0);
+  for (double e : {e_minmax, e_topk, e_mse}) EXPECT_LT(e, 1.0);  // gross failure only
 }
 
 TEST(TwoShot, StochasticRoundingDependsOnRankStepAndBucket) {
@@ -558,7 +605,12 @@ TEST(TwoShotConfig, BadConfigsAreRefused) {
   EXPECT_THROW(make([](CompressConfig& c) { c.bits = 16; }), Error);
   EXPECT_THROW(make([](CompressConfig& c) { c.block_size = 63; }), Error);
   EXPECT_THROW(make([](CompressConfig& c) { c.block_size = 0; }), Error);
-  EXPECT_THROW(make([](CompressConfig& c) { c.policy.kind = quant::PolicyKind::kMse; }), Error);
+  EXPECT_THROW(make([](CompressConfig& c) { c.policy.kind = quant::PolicyKind::kDsgc; }), Error);
+  EXPECT_THROW(make([](CompressConfig& c) {
+                 c.policy.kind = quant::PolicyKind::kTopK;
+                 c.policy.topk = 0;
+               }),
+               Error);
   EXPECT_THROW(make([](CompressConfig& c) {
                  c.policy.fixed_gamma = 0.0f;
                  c.policy.kind = quant::PolicyKind::kFixed;

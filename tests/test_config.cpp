@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -14,6 +15,7 @@
 
 #include "kernels/common/error.h"
 #include "src/config/config.h"
+#include "src/train/bucket_dump.h"
 
 namespace int4ddp {
 namespace {
@@ -93,6 +95,8 @@ TEST(Config, DefaultsValidateAndFollowThePaperRecipe) {
   EXPECT_TRUE(c.quant.last_layer_fp32);
   EXPECT_DOUBLE_EQ(c.comm.bucket_mb, 25.0);
   EXPECT_EQ(c.comm.block_size, 512);
+  EXPECT_EQ(c.comm.grad_policy, quant::PolicyKind::kLbt);
+  EXPECT_EQ(c.comm.topk, 4);
   EXPECT_EQ(c.data.path, "/usr/share/datasets/fashion-mnist");
 }
 
@@ -297,7 +301,7 @@ TEST(Config, EnumeratedKeysParseEverySpellingAndNothingElse) {
       {"quant.grad_rounding", {"nearest", "stochastic"}},
       {"comm.backend", {"none", "mpi", "nccl"}},
       {"comm.mode", {"fp32", "int4", "int8"}},
-      {"comm.grad_policy", {"minmax", "fixed", "lbt"}},
+      {"comm.grad_policy", {"minmax", "fixed", "lbt", "mse", "topk"}},
       {"comm.rounding", {"nearest", "stochastic"}},
       {"comm.hierarchy", {"auto", "flat", "node"}},
       {"schedule.kind", {"multistep", "cosine"}},
@@ -319,8 +323,10 @@ TEST(Config, EnumeratedKeysParseEverySpellingAndNothingElse) {
                       key + " = \"" + bad + "\": must be one of " + all);
     }
   }
-  EXPECT_CONTAINS(override_error("comm.grad_policy=mse"),
-                  "comm.grad_policy = \"mse\": must be one of minmax, fixed, lbt");
+  EXPECT_CONTAINS(override_error("comm.grad_policy=dsgc"),
+                  "comm.grad_policy = \"dsgc\": must be one of minmax, fixed, lbt, mse, topk");
+  EXPECT_CONTAINS(override_error("quant.grad_policy=topk"),
+                  "quant.grad_policy = \"topk\": must be one of minmax, fixed, lbt, mse, dsgc");
   Config c;
   apply_override(c, "comm.mode=int8");
   apply_override(c, "quant.grad_rounding=nearest");
@@ -330,9 +336,9 @@ TEST(Config, EnumeratedKeysParseEverySpellingAndNothingElse) {
   EXPECT_STREQ(spelling(quant::PolicyKind::kDsgc), "dsgc");
   // A value set in code is validated as well.
   c = Config{};
-  c.comm.grad_policy = quant::PolicyKind::kMse;
+  c.comm.grad_policy = quant::PolicyKind::kDsgc;
   EXPECT_CONTAINS(error_of([&] { validate(c); }),
-                  "comm.grad_policy = \"mse\": must be one of minmax, fixed, lbt");
+                  "comm.grad_policy = \"dsgc\": must be one of minmax, fixed, lbt, mse, topk");
   c = Config{};
   c.comm.mode = static_cast<CommMode>(9);
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.mode = \"?\": must be one of fp32");
@@ -525,6 +531,85 @@ TEST(Config, TopLevelCommaIsASyntaxErrorNotAHang) {
   }
   EXPECT_CONTAINS(error_of([&] { parse_config("a: 1\n---\nb: 2\n", "two.yaml"); }),
                   "2 YAML documents");
+}
+
+// --- comm.dump_buckets_every / comm.dump_buckets_dir and the dump files
+// ---------------------------
+
+TEST(Config, DumpBucketKeysAreValidated) {
+  Config c;
+  EXPECT_EQ(c.comm.dump_buckets_every, 0);  // off by default
+  EXPECT_CONTAINS(override_error("comm.dump_buckets_every=-1"), "comm.dump_buckets_every");
+  c.comm.dump_buckets_every = 5;
+  EXPECT_CONTAINS(error_of([&] { validate(c); }),
+                  "comm.dump_buckets_every = 5: needs comm.dump_buckets_dir");
+  c.comm.dump_buckets_dir = "runs/dumps";
+  EXPECT_NO_THROW(validate(c));
+  c.comm.mode = CommMode::kFp32;
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "needs comm.mode = int4 or int8");
+  c = Config{};
+  apply_override(c, "comm.grad_policy=topk");
+  apply_override(c, "comm.topk=512");
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.topk = 512: must be below comm.block_size");
+  EXPECT_CONTAINS(override_error("comm.topk=0"), "comm.topk");
+}
+
+TEST(BucketDump, WritesAtomicallyReadsBackAndRefusesForeignFiles) {
+  TempDir dir;
+  const std::string d = (dir.path() / "dumps").string();
+  train::prepare_bucket_dump_dir(d, false);  // creates it
+  std::vector<float> grads(100);
+  for (size_t i = 0; i < grads.size(); ++i) grads[i] = static_cast<float>(i) - 50.5f;
+  const std::vector<std::vector<comm::Segment>> buckets = {{{60, 40}}, {{0, 10}, {20, 5}}};
+  train::write_bucket_dump(d, "resnet20", 35, 2, 4, grads.data(), buckets);
+  const std::string file = (fs::path(d) / "step_35.rank_2.bkt").string();
+  EXPECT_EQ(train::bucket_dump_name(35, 2), "step_35.rank_2.bkt");
+  const train::BucketDump back = train::read_bucket_dump(file);
+  EXPECT_EQ(back.model, "resnet20");
+  EXPECT_EQ(back.step, 35u);
+  EXPECT_EQ(back.rank, 2u);
+  EXPECT_EQ(back.ranks, 4u);
+  ASSERT_EQ(back.buckets.size(), 2u);
+  EXPECT_EQ(back.buckets[0], std::vector<float>(grads.begin() + 60, grads.end()));
+  std::vector<float> b1(grads.begin(), grads.begin() + 10);
+  b1.insert(b1.end(), grads.begin() + 20, grads.begin() + 25);
+  EXPECT_EQ(back.buckets[1], b1);
+  for (const auto& e : fs::directory_iterator(d))  // no temp file left behind
+    EXPECT_EQ(e.path().extension(), ".bkt") << e.path();
+
+  // A cut or extended file and a foreign file are errors naming the file.
+  std::string bytes;
+  {
+    std::ifstream in(file, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const std::string cut = dir.write("cut.bkt", bytes.substr(0, bytes.size() - 4));
+  EXPECT_CONTAINS(error_of([&] { train::read_bucket_dump(cut); }), "truncated");
+  const std::string longer = dir.write("long.bkt", bytes + "x");
+  EXPECT_CONTAINS(error_of([&] { train::read_bucket_dump(longer); }), "trailing bytes");
+  const std::string foreign = dir.write("foreign.bkt", "model: cnn\n");
+  EXPECT_CONTAINS(error_of([&] { train::read_bucket_dump(foreign); }), "not a bucket dump");
+  EXPECT_CONTAINS(error_of([&] { train::read_bucket_dump(d + "/missing.bkt"); }), "missing.bkt");
+}
+
+TEST(BucketDump, AFreshRunRefusesANonEmptyDirUnlessOverwrite) {
+  TempDir dir;
+  const std::string d = (dir.path() / "dumps").string();
+  fs::create_directories(d);
+  std::vector<float> g(8, 1.0f);
+  train::write_bucket_dump(d, "cnn", 0, 0, 2, g.data(), {{{0, 8}}});
+  dir.write("dumps/notes.txt", "keep me\n");
+  const std::string msg = error_of([&] { train::prepare_bucket_dump_dir(d, false); });
+  EXPECT_CONTAINS(msg, "comm.dump_buckets_dir");
+  EXPECT_CONTAINS(msg, "train.overwrite");
+  EXPECT_TRUE(fs::exists(fs::path(d) / "step_0.rank_0.bkt"));  // untouched
+  train::prepare_bucket_dump_dir(d, true);  // overwrite: the earlier dumps go, nothing else
+  EXPECT_FALSE(fs::exists(fs::path(d) / "step_0.rank_0.bkt"));
+  EXPECT_TRUE(fs::exists(fs::path(d) / "notes.txt"));
+  // A path that is a file is refused with the key.
+  const std::string file = dir.write("plain", "x");
+  EXPECT_CONTAINS(error_of([&] { train::prepare_bucket_dump_dir(file, false); }),
+                  "comm.dump_buckets_dir");
 }
 
 }  // namespace

@@ -119,7 +119,7 @@ QuantStats quantize_stats(const std::vector<float>& x, int bits, float gamma, ui
 // --- names and config ----------------------------------------------------------------------------
 
 TEST(Policy, ParsesAndNamesEveryKind) {
-  for (const char* name : {"minmax", "fixed", "lbt", "mse", "dsgc"})
+  for (const char* name : {"minmax", "fixed", "lbt", "mse", "dsgc", "topk"})
     EXPECT_STREQ(policy_kind_name(parse_policy_kind(name)), name);
   try {
     parse_policy_kind("octave");
@@ -613,7 +613,7 @@ TEST(Policy, DataPoliciesIgnoreNonFiniteAndKeepGammaOnZeros) {
 
 TEST(Policy, EveryPolicySurvivesSaveAndRestore) {
   for (PolicyKind kind : {PolicyKind::kMinMax, PolicyKind::kFixed, PolicyKind::kLbt,
-                          PolicyKind::kMse, PolicyKind::kDsgc}) {
+                          PolicyKind::kMse, PolicyKind::kDsgc, PolicyKind::kTopK}) {
     PolicyConfig cfg;
     cfg.kind = kind;
     cfg.alpha = 1e-2;
@@ -696,6 +696,159 @@ TEST(Policy, LoadRejectsForeignOrDamagedBlobs) {
   std::memcpy(bad.data() + 8, &out_of_range, sizeof out_of_range);
   EXPECT_THROW(lbt->load_state(bad.data(), bad.size()), Error);
   EXPECT_EQ(lbt->gamma(), 1.0f) << "a failed load leaves the state alone";
+}
+
+// --- block-scope clips (topk, mse per block) ----------------------------------------------------
+
+PolicyConfig block_rule(PolicyKind kind, int k = 4) {
+  PolicyConfig cfg;
+  cfg.kind = kind;
+  cfg.topk = k;
+  return cfg;
+}
+
+// The (k+1)-th largest magnitude, by sorting: the definition topk's clip must match.
+float kth_largest(std::vector<float> x, int k) {
+  for (float& v : x) v = std::fabs(v);
+  std::sort(x.begin(), x.end(), std::greater<float>());
+  return x[static_cast<size_t>(k)];
+}
+
+TEST(BlockClip, TopKIsTheKPlusFirstLargestAndFallsAsKGrows) {
+  for (Dist d : {Dist::kGaussian, Dist::kStudentT, Dist::kTies, Dist::kUniform}) {
+    const std::vector<float> x = sample(d, 512, 11);
+    float last = absmax_of(x);
+    for (int k : {1, 2, 3, 4, 8, 16, 64, 100}) {
+      const float c = block_clip(x.data(), 512, block_rule(PolicyKind::kTopK, k));
+      EXPECT_EQ(c, kth_largest(x, k)) << dist_name(d) << " k " << k;
+      EXPECT_LE(c, last) << dist_name(d) << " k " << k;  // monotone: more clipped, lower clip
+      last = c;
+    }
+  }
+  // minmax, fixed and lbt have no block rule: the clip is the block's max (gamma 1).
+  const std::vector<float> x = sample(Dist::kStudentT, 512, 3);
+  for (PolicyKind kind : {PolicyKind::kMinMax, PolicyKind::kFixed, PolicyKind::kLbt}) {
+    EXPECT_FALSE(is_block_rule(kind));
+    EXPECT_EQ(block_clip(x.data(), 512, block_rule(kind)), absmax_of(x));
+  }
+  EXPECT_TRUE(is_block_rule(PolicyKind::kTopK));
+  EXPECT_TRUE(is_block_rule(PolicyKind::kMse));
+}
+
+TEST(BlockClip, SaturateClipsExactlyKPerBlockAndCountsThem) {
+  const int64_t G = 256, n = 10 * G + 77;                      // a short last block too
+  const std::vector<float> x = sample(Dist::kGaussian, n, 5);  // continuous: no ties
+  for (int k : {1, 4, 16}) {
+    std::vector<float> y(x.size());
+    const int64_t clipped =
+        saturate_blocks(x.data(), n, G, block_rule(PolicyKind::kTopK, k), y.data());
+    EXPECT_EQ(clipped, 11 * k) << "k " << k;
+    for (int64_t b = 0; b < n; b += G) {
+      const int64_t len = std::min(G, n - b);
+      const std::vector<float> blk(x.begin() + b, x.begin() + b + len);
+      const float c = kth_largest(blk, k);
+      int64_t over = 0;
+      float ymax = 0.0f;
+      for (int64_t i = b; i < b + len; ++i) {
+        const size_t u = static_cast<size_t>(i);
+        over += std::fabs(x[u]) > c;
+        ymax = std::fmax(ymax, std::fabs(y[u]));
+        EXPECT_EQ(y[u], std::fabs(x[u]) > c ? std::copysign(c, x[u]) : x[u]);
+      }
+      EXPECT_EQ(over, k);  // the clip fraction k / G is met in every block
+      EXPECT_EQ(ymax, c);  // the codec's gamma-1 clip of y is c exactly
+    }
+  }
+  // mse per block: a clip in (0, max] from OCTAV on the block, applied the same way.
+  std::vector<float> y(x.size());
+  const int64_t clipped = saturate_blocks(x.data(), n, G, block_rule(PolicyKind::kMse), y.data());
+  EXPECT_GT(clipped, 0);
+  const float c0 = block_clip(x.data(), G, block_rule(PolicyKind::kMse));
+  EXPECT_EQ(c0, *mse_gamma(x.data(), G, 4, 20) * absmax_of({x.begin(), x.begin() + G}));
+}
+
+TEST(BlockClip, DegenerateBlocksFallBackToGammaOne) {
+  const PolicyConfig top4 = block_rule(PolicyKind::kTopK, 4);
+  // Fewer than k + 1 elements.
+  const std::vector<float> few = {0.5f, -2.0f, 1.0f, 0.25f};
+  EXPECT_EQ(block_clip(few.data(), 4, top4), 2.0f);
+  // Fewer than k + 1 non-zero (sparse block): the (k+1)-th largest is 0.
+  std::vector<float> sparse(512, 0.0f);
+  sparse[7] = 3.0f;
+  sparse[100] = -1.0f;
+  EXPECT_EQ(block_clip(sparse.data(), 512, top4), 3.0f);
+  // All zero: clip 0, nothing clipped, y = x.
+  std::vector<float> zeros(512, 0.0f), y(512, 9.0f);
+  EXPECT_EQ(block_clip(zeros.data(), 512, top4), 0.0f);
+  EXPECT_EQ(saturate_blocks(zeros.data(), 512, 512, top4, y.data()), 0);
+  EXPECT_EQ(y, zeros);
+  EXPECT_EQ(block_clip(zeros.data(), 512, block_rule(PolicyKind::kMse)), 0.0f);
+  // Non-finite elements are copied, never counted, never picked as the clip.
+  std::vector<float> x = sample(Dist::kGaussian, 512, 9);
+  x[3] = std::numeric_limits<float>::quiet_NaN();
+  x[4] = std::numeric_limits<float>::infinity();
+  x[5] = -std::numeric_limits<float>::infinity();
+  std::vector<float> finite;
+  for (size_t i = 0; i < x.size(); ++i)
+    if (i < 3 || i > 5) finite.push_back(x[i]);
+  EXPECT_EQ(block_clip(x.data(), 512, top4), kth_largest(finite, 4));
+  std::vector<float> ys(512);
+  EXPECT_EQ(saturate_blocks(x.data(), 512, 512, top4, ys.data()), 4);
+  EXPECT_TRUE(std::isnan(ys[3]));
+  EXPECT_EQ(ys[4], x[4]);
+  EXPECT_EQ(ys[5], x[5]);
+}
+
+// Quantizing the saturated y with gamma 1 gives the codes and steps of x under the block clips c_b
+// (nearest rounding, every element from the format's scalar helpers), identically on the
+// reference loop and on every codec ISA of this machine.
+TEST(BlockClip, SaturatedCodesAreTheClipsCodesOnEveryHostPath) {
+  const int64_t G = 512, n = 8 * G + 33;
+  const std::vector<float> x = sample(Dist::kStudentT, n, 21);
+  for (const PolicyConfig& cfg : {block_rule(PolicyKind::kTopK, 1),
+                                  block_rule(PolicyKind::kTopK, 8), block_rule(PolicyKind::kMse)}) {
+    std::vector<float> y(x.size());
+    saturate_blocks(x.data(), n, G, cfg, y.data());
+    QuantParams p;
+    p.bits = 4;
+    p.rounding = Rounding::kNearest;
+    p.gamma = 1.0f;
+    p.block_size = G;
+    std::vector<uint8_t> want(static_cast<size_t>(packed_bytes(4, n)), 0);
+    std::vector<float> want_scales;
+    for (int64_t b = 0; b < n; b += G) {
+      const int64_t len = std::min(G, n - b);
+      const float c = block_clip(x.data() + b, len, cfg);
+      want_scales.push_back(step_for_clip(c, 4));
+      for (int64_t i = b; i < b + len; ++i) {
+        const int q = quantize_nearest(x[static_cast<size_t>(i)], inv_step_for_clip(c, 4), 4);
+        want[static_cast<size_t>(i / 2)] |= static_cast<uint8_t>((q & 0xF) << (4 * (i % 2)));
+      }
+    }
+    std::vector<uint8_t> codes(want.size());
+    std::vector<float> scales(want_scales.size());
+    quantize_ref(y.data(), n, p, codes.data(), scales.data());
+    EXPECT_EQ(codes, want) << policy_kind_name(cfg.kind) << " " << cfg.topk;
+    EXPECT_EQ(scales, want_scales);
+    for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+      if (!isa_available(isa)) continue;
+      std::vector<uint8_t> c2(want.size());
+      std::vector<float> s2(want_scales.size());
+      quantize_isa(isa, y.data(), n, p, c2.data(), s2.data());
+      EXPECT_EQ(c2, want) << isa_name(isa);
+      EXPECT_EQ(s2, want_scales) << isa_name(isa);
+    }
+  }
+}
+
+TEST(BlockClip, TopKIsValidated) {
+  PolicyConfig cfg = block_rule(PolicyKind::kTopK, 0);
+  EXPECT_THROW(cfg.validate(), Error);
+  cfg.topk = 1 << 24;
+  EXPECT_THROW(cfg.validate(), Error);
+  cfg.topk = 1;
+  EXPECT_NO_THROW(cfg.validate());
+  EXPECT_EQ(make_policy(cfg)->gamma(), 1.0f);  // the codec's gamma: the clip is per block
 }
 
 }  // namespace

@@ -66,7 +66,7 @@ float calibration_absmax(const float* g, int64_t n, double target) {
 }
 
 std::string kind_label(uint8_t tag) {
-  if (tag <= static_cast<uint8_t>(PolicyKind::kDsgc))
+  if (tag <= static_cast<uint8_t>(PolicyKind::kTopK))
     return policy_kind_name(static_cast<PolicyKind>(tag));
   return "kind " + std::to_string(int{tag});
 }
@@ -203,7 +203,9 @@ PolicyKind parse_policy_kind(const std::string& name) {
   if (name == "lbt") return PolicyKind::kLbt;
   if (name == "mse") return PolicyKind::kMse;
   if (name == "dsgc") return PolicyKind::kDsgc;
-  INT4DDP_FAIL("unknown interval policy '", name, "' (expected minmax, fixed, lbt, mse or dsgc)");
+  if (name == "topk") return PolicyKind::kTopK;
+  INT4DDP_FAIL("unknown interval policy '", name,
+               "' (expected minmax, fixed, lbt, mse, dsgc or topk)");
 }
 
 const char* policy_kind_name(PolicyKind kind) {
@@ -218,6 +220,8 @@ const char* policy_kind_name(PolicyKind kind) {
       return "mse";
     case PolicyKind::kDsgc:
       return "dsgc";
+    case PolicyKind::kTopK:
+      return "topk";
   }
   return "unknown";
 }
@@ -238,6 +242,7 @@ void PolicyConfig::validate() const {
                 "policy: dsgc_min = ", dsgc_min, " is outside [", kMinGamma, ", 1)");
   INT4DDP_CHECK(std::isfinite(dsgc_max) && dsgc_max > dsgc_min && dsgc_max <= 1.0f,
                 "policy: dsgc_max = ", dsgc_max, " is outside (dsgc_min = ", dsgc_min, ", 1]");
+  INT4DDP_CHECK(topk >= 1 && topk < (1 << 24), "policy: topk = ", topk, " is outside 1..2^24-1");
 }
 
 double lbt_target(int bits, double alpha) {
@@ -249,6 +254,7 @@ std::unique_ptr<IntervalPolicy> make_policy(const PolicyConfig& cfg) {
   cfg.validate();
   switch (cfg.kind) {
     case PolicyKind::kMinMax:
+    case PolicyKind::kTopK:  // the clip is per block (saturate_blocks); the codec's gamma is 1
       return std::make_unique<ConstantPolicy>(cfg.kind, 1.0f);
     case PolicyKind::kFixed:
       return std::make_unique<ConstantPolicy>(cfg.kind, cfg.fixed_gamma);
@@ -407,6 +413,59 @@ std::optional<float> dsgc_gamma(const float* x, int64_t n, int bits, int points,
     }
   }
   return best_gamma;
+}
+
+// --- block-scope clips ---------------------------------------------------------------------------
+
+bool is_block_rule(PolicyKind kind) {
+  return kind == PolicyKind::kTopK || kind == PolicyKind::kMse;
+}
+
+float block_clip(const float* x, int64_t n, const PolicyConfig& cfg) {
+  const float absmax = finite_absmax(x, n, nullptr);
+  if (!(absmax > 0.0f)) return absmax;
+  if (cfg.kind == PolicyKind::kMse) {
+    const std::optional<float> g = mse_gamma(x, n, cfg.bits, cfg.mse_iterations);
+    return g && *g < kMaxGamma ? *g * absmax : absmax;
+  }
+  if (cfg.kind != PolicyKind::kTopK || n <= cfg.topk) return absmax;
+  // The k + 1 largest magnitudes, descending (k is small: most elements fail the first test).
+  const int keep = cfg.topk + 1;
+  float top[64];
+  std::vector<float> heap_top;
+  float* t = top;
+  if (keep > 64) {
+    heap_top.resize(static_cast<size_t>(keep));
+    t = heap_top.data();
+  }
+  std::fill(t, t + keep, -1.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (!is_finite_value(x[i]) || !(a > t[keep - 1])) continue;
+    int j = keep - 1;
+    for (; j > 0 && t[j - 1] < a; --j) t[j] = t[j - 1];
+    t[j] = a;
+  }
+  const float c = t[keep - 1];
+  return c > 0.0f ? c : absmax;  // fewer than k + 1 finite values, or a sparse block: gamma 1
+}
+
+int64_t saturate_blocks(const float* x, int64_t n, int64_t block_size, const PolicyConfig& cfg,
+                        float* y) {
+  check_buffer(x, n, "saturate_blocks");
+  INT4DDP_CHECK(block_size >= 1, "saturate_blocks: block_size = ", block_size, " is below 1");
+  int64_t clipped = 0;
+  for (int64_t b = 0; b < n; b += block_size) {
+    const int64_t len = std::min(block_size, n - b);
+    const float c = block_clip(x + b, len, cfg);
+    for (int64_t i = b; i < b + len; ++i) {
+      const float v = x[i];
+      const bool over = is_finite_value(v) && std::fabs(v) > c;
+      clipped += over;
+      y[i] = over ? std::copysign(c, v) : v;
+    }
+  }
+  return clipped;
 }
 
 }  // namespace int4ddp::quant

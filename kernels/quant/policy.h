@@ -7,6 +7,11 @@
 //           R the step's clip fraction, t = alpha / (2^b - 1); calibrated on the first batch
 //   mse     OCTAV fixed-point iteration for the MSE-optimal clip of this tensor
 //   dsgc    the gamma of a grid that maximises cos(x, Q(x)) for this tensor
+//   topk    communication path only: each block of G elements is clipped at its own (k+1)-th
+//           largest magnitude (see "block-scope clips" below); the codec's gamma stays 1
+//
+// At block scope (the two-shot's per-block scales) the rule that adapts is a clip per block:
+// block_clip() below, applied by saturate_blocks(). comm.grad_policy = mse means OCTAV per block.
 //
 // Invariant: gamma is a float in [kMinGamma, kMaxGamma], and every update of it is float arithmetic
 // in a fixed order, so a run (and a run resumed from save_state()) is bit-for-bit reproducible.
@@ -28,9 +33,16 @@ namespace int4ddp::quant {
 constexpr float kMinGamma = 1e-3f;
 constexpr float kMaxGamma = 1.0f;
 
-enum class PolicyKind : uint8_t { kMinMax = 0, kFixed = 1, kLbt = 2, kMse = 3, kDsgc = 4 };
+enum class PolicyKind : uint8_t {
+  kMinMax = 0,
+  kFixed = 1,
+  kLbt = 2,
+  kMse = 3,
+  kDsgc = 4,
+  kTopK = 5
+};
 
-// "minmax", "fixed", "lbt", "mse", "dsgc"; anything else throws Error naming the string.
+// "minmax", "fixed", "lbt", "mse", "dsgc", "topk"; anything else throws Error naming the string.
 PolicyKind parse_policy_kind(const std::string& name);
 const char* policy_kind_name(PolicyKind kind);
 
@@ -45,6 +57,7 @@ struct PolicyConfig {
   int dsgc_points = 100;      // dsgc: grid size, >= 2
   float dsgc_min = 0.01f;     // dsgc: grid gamma_k = min + (max - min) * k / (points - 1)
   float dsgc_max = 1.0f;      //       0 < min < max <= 1
+  int topk = 4;               // topk: values clipped per block (k), 1..2^24 - 1
 
   // Throws Error naming the field that is out of range.
   void validate() const;
@@ -129,5 +142,28 @@ std::optional<float> dsgc_gamma(const float* x, int64_t n, int bits, int points,
                                 float gamma_max);
 // gamma_k of that grid, computed the way dsgc_gamma does.
 float dsgc_grid_point(int k, int points, float gamma_min, float gamma_max);
+
+// --- block-scope clips (the communication path's per-block scales) ----------------------------
+// With one scale per block of G elements, a per-bucket gamma < 1 clips the maximum of every block,
+// and the paper's target t = alpha / (2^b - 1) lies below 1/G, so its sign rule sits at gamma = 1
+// (DESIGN.md section 4). The rules that adapt there choose a clip per block:
+//   topk  c_b = the (k+1)-th largest |x| of the block's finite elements: the k largest values
+//         saturate at +-c_b. The paper's target restated at block scope: a clip fraction of
+//         exactly k/G >= 1/G in every block, so that the block's step follows its bulk, not its
+//         one or few outliers (error feedback carries what the clip removes).
+//   mse   c_b = gamma * max|block| with gamma = mse_gamma() of the block (OCTAV per block).
+// Degenerate blocks keep c_b = max|x| (gamma 1): fewer than k + 1 finite elements, a (k+1)-th
+// largest magnitude of 0 (a sparse block) or no finite non-zero element. Other kinds: c_b = max.
+//
+// saturate_blocks applies the clips: y = clamp(x, -c_b, c_b) per block (non-finite x copied), and
+// returns the number of finite elements with |x| > c_b. Quantizing y with gamma 1 then gives the
+// codes of x under the clip c_b exactly: max|y| = c_b (at least one element reaches it), and every
+// |x| > c_b codes as +-L either way (nearest rounding: exactly; stochastic: as the block maximum
+// codes under minmax). The host two-shot calls these; the device two-shot refuses block rules
+// until it has a kernel tested against them.
+bool is_block_rule(PolicyKind kind);  // topk, mse
+float block_clip(const float* x, int64_t n, const PolicyConfig& cfg);
+int64_t saturate_blocks(const float* x, int64_t n, int64_t block_size, const PolicyConfig& cfg,
+                        float* y);
 
 }  // namespace int4ddp::quant

@@ -309,6 +309,17 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
          "must not exceed a bucket of comm.bucket_mb = " + format_double(c.comm.bucket_mb) +
              " MiB (" + format_double(bucket_elements) + " fp32 elements)");
   }
+  if (c.comm.grad_policy == quant::PolicyKind::kTopK && c.comm.topk >= c.comm.block_size) {
+    fail("comm.topk", "must be below comm.block_size = " + std::to_string(c.comm.block_size) +
+                          " (the values per block that saturate)");
+  }
+  if (c.comm.dump_buckets_every > 0 && c.comm.dump_buckets_dir.empty()) {
+    fail("comm.dump_buckets_every", "needs comm.dump_buckets_dir (the directory of the dumps)");
+  }
+  if (c.comm.dump_buckets_every > 0 && c.comm.mode == CommMode::kFp32) {
+    fail("comm.dump_buckets_every",
+         "dumps the buckets the two-shot compresses: needs comm.mode = int4 or int8");
+  }
   const bool quantized = c.quant.weight_bits != kFp32Bits || c.quant.activation_bits != kFp32Bits ||
                          c.quant.grad_bits != kFp32Bits;
   if (c.train.device == TrainDevice::kCuda) {

@@ -89,15 +89,24 @@ struct Config {
     int64_t small_tensor_threshold = 4096;  // tensors with fewer elements go uncompressed (fp32)
     bool worker_error_feedback = true;      // keep e = v - Q(v) on each worker, add it next step
     bool server_error_feedback = true;      // keep the owner's requantization error likewise
-    quant::PolicyKind grad_policy = quant::PolicyKind::kLbt;  // bucket interval: minmax | fixed |
-                                                              // lbt
+    // Bucket interval: minmax | fixed | lbt | mse (OCTAV per block) | topk (each block clipped at
+    // its (topk+1)-th largest magnitude; kernels/quant/policy.h). topk gives the smallest error of
+    // the all-reduced mean on recorded gradients (experiments/replay_buckets.sh) but has not yet
+    // matched minmax's data-parallel accuracy, so lbt stays the default.
+    quant::PolicyKind grad_policy = quant::PolicyKind::kLbt;
     double fixed_gamma = 0.8;  // fixed: bucket clip = gamma * max|block|, (0, 1]
     double alpha = 1e-3;       // lbt: fraction of "large" gradients, in (0, 1)
     double eta = 1e-3;         // lbt: gamma step per training step, in (0, 1]
+    int topk = 4;  // topk: values per block that saturate (clip at the (k+1)-th largest), < G
     quant::Rounding rounding = quant::Rounding::kStochastic;  // nearest | stochastic
     bool overlap = true;  // launch buckets during backward (false: all after backward)
     comm::HierarchyMode hierarchy = comm::HierarchyMode::kAuto;  // auto | flat | node: reduce
                                                                  // within nodes first
+    int64_t dump_buckets_every = 0;  // every N steps each rank writes its compressed buckets'
+                                     // gradients (fp32, before compression) to dump_buckets_dir
+                                     // (src/train/bucket_dump.h); 0 = off
+    std::string dump_buckets_dir;    // where those dumps go; a fresh run refuses a non-empty one
+                                     // unless train.overwrite
   };
   struct Optim {
     double lr = 0.1;             // SGD base learning rate, (0, 100]

@@ -56,7 +56,7 @@ const Spellings<quant::PolicyKind>& spellings(quant::PolicyKind) {
   static const Spellings<PolicyKind> s = [] {
     Spellings<PolicyKind> v;
     for (PolicyKind k : {PolicyKind::kMinMax, PolicyKind::kFixed, PolicyKind::kLbt,
-                         PolicyKind::kMse, PolicyKind::kDsgc})
+                         PolicyKind::kMse, PolicyKind::kDsgc, PolicyKind::kTopK})
       v.emplace_back(k, quant::policy_kind_name(k));  // the quantizer's own names
     return v;
   }();
@@ -302,7 +302,9 @@ std::vector<Field> make_fields(Config& c) {
       {"quant.weight_bits", &q.weight_bits, bits(&q.weight_bits)},
       {"quant.activation_bits", &q.activation_bits, bits(&q.activation_bits)},
       {"quant.grad_bits", &q.grad_bits, bits(&q.grad_bits)},
-      choice("quant.grad_policy", &q.grad_policy),
+      choice("quant.grad_policy", &q.grad_policy,
+             {quant::PolicyKind::kMinMax, quant::PolicyKind::kFixed, quant::PolicyKind::kLbt,
+              quant::PolicyKind::kMse, quant::PolicyKind::kDsgc}),
       {"quant.fixed_gamma", &q.fixed_gamma, real(&q.fixed_gamma, 0, 1, true, false)},
       {"quant.alpha", &q.alpha, real(&q.alpha, 0, 1, true, true)},
       {"quant.eta", &q.eta, real(&q.eta, 0, 1, true, false)},
@@ -321,13 +323,17 @@ std::vector<Field> make_fields(Config& c) {
       {"comm.worker_error_feedback", &k.worker_error_feedback, nullptr},
       {"comm.server_error_feedback", &k.server_error_feedback, nullptr},
       choice("comm.grad_policy", &k.grad_policy,
-             {quant::PolicyKind::kMinMax, quant::PolicyKind::kFixed, quant::PolicyKind::kLbt}),
+             {quant::PolicyKind::kMinMax, quant::PolicyKind::kFixed, quant::PolicyKind::kLbt,
+              quant::PolicyKind::kMse, quant::PolicyKind::kTopK}),
       {"comm.fixed_gamma", &k.fixed_gamma, real(&k.fixed_gamma, 0, 1, true, false)},
       {"comm.alpha", &k.alpha, real(&k.alpha, 0, 1, true, true)},
       {"comm.eta", &k.eta, real(&k.eta, 0, 1, true, false)},
+      {"comm.topk", &k.topk, integer(&k.topk, 1, (1 << 24) - 1)},
       choice("comm.rounding", &k.rounding),
       {"comm.overlap", &k.overlap, nullptr},
       choice("comm.hierarchy", &k.hierarchy),
+      {"comm.dump_buckets_every", &k.dump_buckets_every, integer(&k.dump_buckets_every, 0)},
+      {"comm.dump_buckets_dir", &k.dump_buckets_dir, nullptr},
 
       {"optim.lr", &o.lr, real(&o.lr, 0, 100, true, false)},
       {"optim.momentum", &o.momentum, real(&o.momentum, 0, 1, false, true)},

@@ -111,6 +111,7 @@ void DataParallel::attach(nn::Model& model, const Config& cfg, std::ostream& log
   bc.compress.policy.fixed_gamma = static_cast<float>(cfg.comm.fixed_gamma);
   bc.compress.policy.alpha = cfg.comm.alpha;
   bc.compress.policy.eta = static_cast<float>(cfg.comm.eta);
+  bc.compress.policy.topk = cfg.comm.topk;
   bc.compress.seed = static_cast<uint32_t>(cfg.train.seed);
   if (cfg.comm.mode == CommMode::kAuto) {
     // A 4 MiB ring exchange and encode: tens of milliseconds on a 1 Gbit/s link.

@@ -28,6 +28,7 @@
 #include "kernels/common/parallel.h"
 #include "src/nn/layers_cuda.h"
 #include "src/nn/model.h"
+#include "src/train/bucket_dump.h"
 #include "src/train/checkpoint.h"
 #include "src/train/distributed.h"
 #include "src/train/metrics.h"
@@ -198,6 +199,12 @@ Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
         check_fresh_run(cfg.train.checkpoint_dir, metrics_path, cfg.train.overwrite);
     if (!notice.empty()) err_ << "int4ddp: " << notice << "\n";
   }
+  INT4DDP_CHECK(cfg.comm.dump_buckets_every == 0 || engine_,
+                "comm.dump_buckets_every = ", cfg.comm.dump_buckets_every,
+                ": a single process all-reduces nothing, so there are "
+                "no buckets to dump (run 2+ ranks under mpirun)");
+  if (rank_ == 0 && !resumed_ && cfg.comm.dump_buckets_every > 0)
+    prepare_bucket_dump_dir(cfg.comm.dump_buckets_dir, cfg.train.overwrite);
   if (rank_ == 0) {
     check_output_locations(cfg.train.checkpoint_dir, metrics_path);
     for (const std::string& f : remove_stale_temp_files(cfg.train.checkpoint_dir))
@@ -303,6 +310,9 @@ StepResult Trainer::train_step() {
   // Sampled steps compare the compressed mean with the exact fp32 mean (all buckets are then
   // launched after backward, from a copy of the local gradients).
   const bool sample_error = engine_ && cfg_.comm.mode != CommMode::kFp32 && qctx.diagnostics;
+  // Dump steps record this rank's buckets before the all-reduce (launched after backward too).
+  const bool dump = engine_ && cfg_.comm.dump_buckets_every > 0 &&
+                    pr_.global_batch % cfg_.comm.dump_buckets_every == 0;
   const auto t_step = Clock::now();
   model_.zero_grad();
   // BN running statistics change in a training forward; a skipped step must not keep them.
@@ -322,7 +332,7 @@ StepResult Trainer::train_step() {
   // Backward; each bucket's all-reduce starts as soon as its gradients are final.
   if (engine_) engine_->begin_step(static_cast<uint32_t>(pr_.global_batch));
   comm::BucketEngine* engine = engine_;
-  model_.backward(dlogits_, engine && !sample_error
+  model_.backward(dlogits_, engine && !sample_error && !dump
                                 ? std::function<void(int64_t)>(
                                       [engine](int64_t off) { engine->ready_from(off); })
                                 : std::function<void(int64_t)>());
@@ -332,6 +342,11 @@ StepResult Trainer::train_step() {
   // Wait for the all-reduce.
   if (engine_) {
     if (sample_error) raw_grads_.assign(model_.grads(), model_.grads() + model_.num_params());
+    if (dump)
+      write_bucket_dump(cfg_.comm.dump_buckets_dir, spelling(cfg_.model.name),
+                        static_cast<uint64_t>(pr_.global_batch), static_cast<uint32_t>(rank_),
+                        static_cast<uint32_t>(world_), model_.grads(),
+                        engine_->compressed_segments());
     r.comm = engine_->finish();
     if (sample_error) r.rel_err = compressed_mean_error(dp_, model_, raw_grads_);
   }
