@@ -60,9 +60,11 @@ DataParallel::DataParallel(const Config& cfg)
     : comm_(comm::make_communicator(spelling(cfg.comm.backend))) {
   // One rank has nothing to all-reduce (and compressing its gradients would only add error).
   enabled_ = comm_->size() > 1;
-  INT4DDP_CHECK(!comm_->device_buffers(), "comm.backend = ", spelling(cfg.comm.backend),
-                ": the trainer's layers run on the CPU, so its gradients live in host memory; use "
-                "comm.backend = mpi (GPU training layers are not implemented yet)");
+  INT4DDP_CHECK(
+      !comm_->device_buffers(), "comm.backend = ", spelling(cfg.comm.backend),
+      ": the trainer's gradient buckets live in host memory (train.device = cuda copies the "
+      "gradients there); use comm.backend = mpi (device buckets over NCCL are not wired "
+      "into the trainer yet)");
   if (comm_->size() == 1) return;
   // Every rank must train the same thing: compare config hashes.
   const uint64_t mine = config_hash(cfg);
