@@ -44,6 +44,7 @@
 #include "src/nn/layers_cuda.h"
 #include "src/nn/model.h"
 #include "src/train/trainer.h"
+#include "train_test.h"
 
 namespace int4ddp::nn {
 namespace {
@@ -385,32 +386,14 @@ std::string temp_dir(const std::string& name) {
 }
 
 Config gpu_config(const std::string& dir, ModelKind model, TrainDevice device) {
-  Config c;
-  c.model.name = model;
-  c.model.mlp_hidden = {128, 128};
-  c.data.dataset = DatasetKind::kSynthetic;
-  c.data.synthetic_train_size = 6400;
-  c.data.synthetic_test_size = 1024;
-  c.quant.weight_bits = c.quant.activation_bits = c.quant.grad_bits = kFp32Bits;
-  c.comm.backend = CommBackend::kNone;
-  c.comm.mode = CommMode::kFp32;
-  c.optim.lr = 0.05;
+  Config c = test::small_config(dir, model, kFp32Bits);
+  c.data.synthetic_train_size = 6400;  // 100 steps of 64
+  c.log.diagnostics_every = Config().log.diagnostics_every;
   c.train.device = device;
-  c.train.epochs = 1;
-  c.train.batch_size = 64;  // 100 steps
-  c.train.eval_batch_size = 512;
-  c.train.checkpoint_every_epochs = 0;
-  c.train.checkpoint_dir = dir + "/ck";
-  c.log.metrics_path = dir + "/metrics.jsonl";
-  c.log.progress = ProgressBar::kOff;
-  c.log.print_every = 1;
   return c;
 }
 
-train::RunSummary run(const Config& c) {
-  std::ostringstream out, err;
-  return train::run_training(c, out, err);
-}
+using test::run;
 
 // (batch, loss) of every step record; the whole records (timing removed) in `records`.
 std::vector<std::pair<int64_t, double>> step_losses(

@@ -14,6 +14,7 @@
 #include "src/core/tensor.h"
 #include "src/train/optim.h"
 #include "src/train/trainer.h"
+#include "train_test.h"
 
 namespace int4ddp::train {
 namespace {
@@ -37,33 +38,8 @@ Param nn_param(const std::string& name, ParamGroup group) {
   return p;
 }
 
-Config small_config(const std::string& dir, ModelKind model, int bits) {
-  Config c;
-  c.model.name = model;
-  c.model.mlp_hidden = {128, 128};
-  c.data.dataset = DatasetKind::kSynthetic;
-  c.data.synthetic_train_size = 4096;
-  c.data.synthetic_test_size = 1024;
-  c.quant.weight_bits = c.quant.activation_bits = c.quant.grad_bits = bits;
-  c.comm.backend = CommBackend::kNone;
-  c.comm.mode = CommMode::kFp32;
-  c.optim.lr = 0.05;
-  c.train.epochs = 1;
-  c.train.batch_size = 64;
-  c.train.eval_batch_size = 512;
-  c.train.checkpoint_every_epochs = 0;
-  c.train.checkpoint_dir = dir + "/ck";
-  c.log.metrics_path = dir + "/metrics.jsonl";
-  c.log.progress = ProgressBar::kOff;
-  c.log.print_every = 1;
-  c.log.diagnostics_every = 10;
-  return c;
-}
-
-RunSummary run(const Config& c) {
-  std::ostringstream out, err;
-  return run_training(c, out, err);
-}
+using test::run;
+using test::small_config;
 
 std::vector<nlohmann::json> metrics_without_timing(const std::string& path) {
   std::vector<nlohmann::json> out;
