@@ -427,7 +427,10 @@ class CudaResidualBlock : public Layer {
     check_on_gpu(dy, name_, "output gradient");
     set_shape(x);
     dsum_.resize(y.shape(), Device::kCuda);
-    mc::residual_backward_async(shape_, y.data(), dy.data(), dsum_.data(), compute_stream());
+    // The projection may drop channels (out < in), which option A's shape refuses.
+    const mc::ShortcutShape sum_shape =
+        has_projection() ? identity(shape_.out_channels, y.dim(2), y.dim(3)) : shape_;
+    mc::residual_backward_async(sum_shape, y.data(), dy.data(), dsum_.data(), compute_stream());
     body_.backward(x, body_out_, dsum_, dx);  // dx = the body's dx, plus the shortcut's gradient
     if (!has_projection()) {
       if (dx) mc::shortcut_backward_add_async(shape_, dsum_.data(), dx->data(), compute_stream());
