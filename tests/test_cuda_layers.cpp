@@ -295,7 +295,7 @@ TEST(GpuLayers, OverlappingPaddedMaxPoolBitForBit) {
                    " pad " + std::to_string(g.pad) + " side " + std::to_string(side));
       Tensor x = random_tensor({3, 4, side, side}, 34);
       for (int64_t i = 0; i < x.numel(); ++i) x[i] = std::round(x[i] * 2.0f) / 2.0f;
-      for (int64_t i = 0; i < side; ++i) x[i] = -INFINITY;  // the first plane's top row
+      for (int64_t i = 0; i < 2 * side; ++i) x[i] = -INFINITY;  // the first plane's top rows
       x[side * side + 5] = NAN;
       x[2 * side * side + side + 1] = NAN;
       MaxPool2d pool("pool", g.window, g.stride, g.pad);
@@ -306,8 +306,6 @@ TEST(GpuLayers, OverlappingPaddedMaxPoolBitForBit) {
       expect_bits(got.y, want.y, "maxpool forward");
       expect_bits(got.dx, want.dx, "maxpool dx");
     }
-  // A bad geometry is refused when the layer is made, naming it.
-  EXPECT_THROW(make_cuda_maxpool("pool", 2, 1, 2), Error);
 }
 
 TEST(GpuLayers, SoftmaxCrossEntropyMatchesCpu) {
@@ -567,6 +565,14 @@ TEST(GpuErrors, HostTensorIntoACudaLayerIsRefusedNamingTheLayer) {
   const Tensor x({2, 4});
   Tensor y;
   EXPECT_NE(error_of([&] { fc->forward(x, y, true); }).find("fc7: input (2, 4) is in host memory"),
+            std::string::npos);
+}
+
+TEST(GpuErrors, BadPoolGeometryIsRefusedNamingTheLayer) {
+  // pad 2 > window / 2: a window could hold padding only (as MaxPool2d refuses it).
+  EXPECT_NE(error_of([] {
+              make_cuda_maxpool("stem.pool", 2, 1, 2);
+            }).find("stem.pool: bad pooling geometry (window 2, stride 1, pad 2)"),
             std::string::npos);
 }
 
