@@ -384,8 +384,10 @@ TEST(Config, ValidateChecksKeysAgainstEachOther) {
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "quantized layers do not run on the GPU yet");
   c.quant.weight_bits = c.quant.activation_bits = c.quant.grad_bits = kFp32Bits;
   EXPECT_NO_THROW(validate(c));
-  c.model.name = ModelKind::kResNet20;
-  EXPECT_NO_THROW(validate(c));
+  for (ModelKind m : {ModelKind::kResNet20, ModelKind::kResNet18}) {  // every model has GPU layers
+    c.model.name = m;
+    EXPECT_NO_THROW(validate(c)) << spelling(m);
+  }
 #endif
   c = Config{};
   c.comm.backend = CommBackend::kNccl;  // until the trainer's layers run on the GPU

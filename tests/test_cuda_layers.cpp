@@ -115,7 +115,8 @@ void randomize(Layer& layer, uint64_t seed) {
 void expect_bits(const Tensor& got, const Tensor& want, const std::string& what) {
   ASSERT_EQ(got.shape(), want.shape()) << what;
   int64_t wrong = 0;
-  for (int64_t i = 0; i < got.numel(); ++i) wrong += got[i] != want[i];
+  for (int64_t i = 0; i < got.numel(); ++i)  // a NaN matches a NaN (max pooling propagates them)
+    wrong += got[i] != want[i] && !(std::isnan(got[i]) && std::isnan(want[i]));
   EXPECT_EQ(wrong, 0) << what << ": " << wrong << " of " << got.numel() << " differ";
 }
 
@@ -264,7 +265,7 @@ TEST(GpuLayers, ReluAndPoolingBitForBit) {
   expect_bits(got.dx, want.dx, "relu dx");
 
   MaxPool2d pool("pool", 2);
-  auto gpool = make_cuda_maxpool("pool", 2);
+  auto gpool = make_cuda_maxpool("pool", 2, 2, 0);
   const Tensor pdy = random_tensor({6, 5, 4, 4}, 32);
   want = run_cpu(pool, x, pdy);
   got = run_gpu(*gpool, x, pdy);
@@ -278,6 +279,33 @@ TEST(GpuLayers, ReluAndPoolingBitForBit) {
   got = run_gpu(*gavg, x, ady);
   expect_bits(got.y, want.y, "global avgpool forward");
   expect_bits(got.dx, want.dx, "global avgpool dx");
+}
+
+TEST(GpuLayers, OverlappingPaddedMaxPoolBitForBit) {
+  REQUIRE_GPU();
+  // resnet18's ImageNet stem (3, 2, 1) and two overlapping geometries, on odd and even sizes. The
+  // input is rounded to halves (many ties: the first maximum must win on both devices), holds -inf
+  // (a window of -inf only must still pick a real element, not the padding) and NaNs (they win).
+  struct Geometry {
+    int window, stride, pad;
+  };
+  for (const Geometry g : {Geometry{3, 2, 1}, Geometry{2, 1, 0}, Geometry{3, 1, 1}})
+    for (const int64_t side : {7, 8}) {
+      SCOPED_TRACE("window " + std::to_string(g.window) + " stride " + std::to_string(g.stride) +
+                   " pad " + std::to_string(g.pad) + " side " + std::to_string(side));
+      Tensor x = random_tensor({3, 4, side, side}, 34);
+      for (int64_t i = 0; i < x.numel(); ++i) x[i] = std::round(x[i] * 2.0f) / 2.0f;
+      for (int64_t i = 0; i < 2 * side; ++i) x[i] = -INFINITY;  // the first plane's top rows
+      x[side * side + 5] = NAN;
+      x[2 * side * side + side + 1] = NAN;
+      MaxPool2d pool("pool", g.window, g.stride, g.pad);
+      auto gpool = make_cuda_maxpool("pool", g.window, g.stride, g.pad);
+      const int64_t out = pool.out_size(side);
+      const Tensor dy = random_tensor({3, 4, out, out}, 35);
+      const LayerResult want = run_cpu(pool, x, dy), got = run_gpu(*gpool, x, dy);
+      expect_bits(got.y, want.y, "maxpool forward");
+      expect_bits(got.dx, want.dx, "maxpool dx");
+    }
 }
 
 TEST(GpuLayers, SoftmaxCrossEntropyMatchesCpu) {
@@ -337,24 +365,78 @@ TEST(GpuLayers, ResidualBlockMatchesCpu) {
   }
 }
 
+TEST(GpuLayers, ProjectionResidualBlockMatchesCpu) {
+  REQUIRE_GPU();
+  // Option B (resnet18's downsampling blocks): a 1x1 projection with the block's stride and its
+  // BatchNorm on the shortcut; the same composite bound as the option-A block above.
+  struct Case {
+    int64_t in, out;
+    int stride;
+  };
+  for (const Case k : {Case{4, 8, 2}, Case{4, 8, 1}, Case{8, 4, 1}}) {
+    SCOPED_TRACE("in " + std::to_string(k.in) + " out " + std::to_string(k.out) + " stride " +
+                 std::to_string(k.stride));
+    const int64_t n = 6, h = 8;
+    auto c1 = std::make_unique<Conv2d>("b.conv1", k.in, k.out, 3, k.stride, 1);
+    auto c2 = std::make_unique<Conv2d>("b.conv2", k.out, k.out, 3, 1, 1);
+    auto proj = std::make_unique<Conv2d>("b.shortcut.conv", k.in, k.out, 1, k.stride, 0);
+    c1->set_direct_conv(false);
+    c2->set_direct_conv(false);
+    proj->set_direct_conv(false);
+    ResidualBlock cpu("b", std::move(c1), k.out, std::move(c2), k.in, k.out, k.stride,
+                      std::move(proj));
+    randomize(cpu, 63);
+    auto gpu = make_cuda_residual_block(
+        "b", make_cuda_conv2d("b.conv1", k.in, k.out, 3, k.stride, 1), k.out,
+        make_cuda_conv2d("b.conv2", k.out, k.out, 3, 1, 1), k.in, k.out, k.stride,
+        make_cuda_conv2d("b.shortcut.conv", k.in, k.out, 1, k.stride, 0));
+    share_params(cpu, *gpu);
+    ASSERT_EQ(gpu->buffers().size(), cpu.buffers().size());  // shortcut.bn's running statistics
+    const Tensor x = random_tensor({n, k.in, h, h}, 64);
+    const Tensor dy = random_tensor({n, k.out, h / k.stride, h / k.stride}, 65, 0.1f);
+    const LayerResult want = run_cpu(cpu, x, dy), got = run_gpu(*gpu, x, dy);
+    EXPECT_LT(relative_l2(got.y, want.y), 1e-4) << "forward";
+    EXPECT_LT(relative_l2(got.dx, want.dx), 1e-4) << "dx";
+    for (size_t i = 0; i < want.grads.size(); ++i)
+      EXPECT_LT(relative_l2(got.grads[i], want.grads[i]), 1e-4) << cpu.params()[i]->name;
+  }
+}
+
 // ---- whole models and training ------------------------------------------------------------------
 
 TEST(GpuModel, EveryModelMatchesCpuForwardAndBackward) {
   REQUIRE_GPU();
-  for (const char* name : {"mlp", "cnn", "resnet20"}) {
-    SCOPED_TRACE(name);
+  // resnet18 at 3x32x32 takes the CIFAR stem, above kResNet18CifarStemMaxSide (here 3x80x80 while
+  // that is 64) the ImageNet one (7x7 stride-2 conv, the overlapping padded max pool, odd maps
+  // down the stages), with projection shortcuts in both.
+  const int64_t imagenet_side = Model::kResNet18CifarStemMaxSide + 16;
+  struct Case {
+    const char* name;
+    int64_t batch, channels, side;
+  };
+  for (const Case k : {Case{"mlp", 32, 1, 28}, Case{"cnn", 32, 1, 28}, Case{"resnet20", 32, 1, 28},
+                       Case{"resnet18", 8, 3, 32}, Case{"resnet18", 8, 3, imagenet_side}}) {
+    const std::string what = k.name + (" " + std::to_string(k.side));
+    SCOPED_TRACE(what);
     ModelSpec spec;
-    spec.name = name;
+    spec.name = k.name;
     spec.quantized = false;
     spec.mlp_hidden = {200, 100};
+    spec.channels = k.channels;
+    spec.height = spec.width = k.side;
     Model cpu(spec, 7);
     spec.device = Device::kCuda;
     Model gpu(spec, 7);
+    if (k.side > Model::kResNet18CifarStemMaxSide) {  // the ImageNet stem's max pool is on the GPU
+      bool pooled = false;
+      for (const auto& layer : gpu.network().layers()) pooled |= layer->name() == "maxpool";
+      ASSERT_TRUE(pooled);
+    }
     ASSERT_EQ(cpu.num_params(), gpu.num_params());
     // Same seed, same parameter order and shapes: the same initial values.
     for (int64_t i = 0; i < cpu.num_params(); ++i) ASSERT_EQ(cpu.values()[i], gpu.values()[i]);
-    const Tensor x = random_tensor({32, 1, 28, 28}, 50);
-    std::vector<int32_t> labels(32);
+    const Tensor x = random_tensor({k.batch, k.channels, k.side, k.side}, 50);
+    std::vector<int32_t> labels(static_cast<size_t>(k.batch));
     for (size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<int32_t>(i % 10);
     Tensor lc, lg, dc, dg;
     int64_t cc = 0, cg = 0;
@@ -483,6 +565,14 @@ TEST(GpuErrors, HostTensorIntoACudaLayerIsRefusedNamingTheLayer) {
   const Tensor x({2, 4});
   Tensor y;
   EXPECT_NE(error_of([&] { fc->forward(x, y, true); }).find("fc7: input (2, 4) is in host memory"),
+            std::string::npos);
+}
+
+TEST(GpuErrors, BadPoolGeometryIsRefusedNamingTheLayer) {
+  // pad 2 > window / 2: a window could hold padding only (as MaxPool2d refuses it).
+  EXPECT_NE(error_of([] {
+              make_cuda_maxpool("stem.pool", 2, 1, 2);
+            }).find("stem.pool: bad pooling geometry (window 2, stride 1, pad 2)"),
             std::string::npos);
 }
 

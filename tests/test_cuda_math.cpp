@@ -697,9 +697,10 @@ TEST(CudaLayers, PoolingBitExact) {
       pool.backward(x, y, dy, &dx);
       Dev<float> dxin(xv), dyout(static_cast<size_t>(y.numel())), ddy(dyv), ddx(xv.size());
       Dev<int32_t> arg(static_cast<size_t>(y.numel()));
-      maxpool_forward_async(dxin.get(), sh[0], sh[1], sh[2], sh[3], window, dyout.get(), arg.get(),
+      const PoolGeometry geo{window, window, 0};
+      maxpool_forward_async(dxin.get(), sh[0], sh[1], sh[2], sh[3], geo, dyout.get(), arg.get(),
                             nullptr);
-      maxpool_backward_async(ddy.get(), arg.get(), sh[0], sh[1], sh[2], sh[3], window, ddx.get(),
+      maxpool_backward_async(ddy.get(), arg.get(), sh[0], sh[1], sh[2], sh[3], geo, ddx.get(),
                              nullptr);
       const std::string what = "maxpool " + std::to_string(sh[2]) + "x" + std::to_string(sh[3]) +
                                " window " + std::to_string(window);

@@ -332,11 +332,6 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
       fail("train.device",
            "quantized layers do not run on the GPU yet: set quant.weight_bits, "
            "quant.activation_bits and quant.grad_bits to 32, or use train.device = cpu");
-    if (c.model.name != ModelKind::kMlp && c.model.name != ModelKind::kCnn &&
-        c.model.name != ModelKind::kResNet20)
-      fail("train.device", "model.name = " + std::string(spelling(c.model.name)) +
-                               " has no GPU layers yet (mlp, cnn and resnet20 do); use "
-                               "train.device = cpu");
   }
   if (c.comm.backend == CommBackend::kNccl) {
     fail("comm.backend",

@@ -223,17 +223,24 @@ class CudaReLU : public Layer {
 
 class CudaMaxPool2d : public Layer {
  public:
-  CudaMaxPool2d(std::string name, int window) : name_(std::move(name)), window_(window) {
-    INT4DDP_CHECK(window > 0, name_, ": window must be positive");
+  CudaMaxPool2d(std::string name, int window, int stride, int pad) : name_(std::move(name)) {
+    INT4DDP_CHECK(window >= 1 && stride >= 1 && pad >= 0 && 2 * pad <= window, name_,
+                  ": bad pooling geometry (window ", window, ", stride ", stride, ", pad ", pad,
+                  "): needs window >= 1, stride >= 1 and 0 <= pad <= window / 2");
+    geo_.window = window;
+    geo_.stride = stride;
+    geo_.pad = pad;
   }
   std::string name() const override { return name_; }
   void forward(const Tensor& x, Tensor& y, bool) override {
     check_on_gpu(x, name_, "input");
     INT4DDP_CHECK(x.rank() == 4, name_, ": input ", shape_str(x.shape()), " is not (n, c, h, w)");
     const int64_t n = x.dim(0), c = x.dim(1), h = x.dim(2), w = x.dim(3);
-    y.resize({n, c, h / window_, w / window_}, Device::kCuda);
+    INT4DDP_CHECK(h + 2 * geo_.pad >= geo_.window && w + 2 * geo_.pad >= geo_.window, name_,
+                  ": input ", shape_str(x.shape()), " is too small for a window of ", geo_.window);
+    y.resize({n, c, geo_.out_size(h), geo_.out_size(w)}, Device::kCuda);
     argmax_.resize({y.numel()}, Device::kCuda);  // int32 indices in float-sized slots
-    mc::maxpool_forward_async(x.data(), n, c, h, w, window_, y.data(),
+    mc::maxpool_forward_async(x.data(), n, c, h, w, geo_, y.data(),
                               reinterpret_cast<int32_t*>(argmax_.data()), compute_stream());
   }
   void backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) override {
@@ -241,13 +248,13 @@ class CudaMaxPool2d : public Layer {
     check_on_gpu(dy, name_, "output gradient");
     dx->resize(x.shape(), Device::kCuda);
     mc::maxpool_backward_async(dy.data(), reinterpret_cast<const int32_t*>(argmax_.data()),
-                               x.dim(0), x.dim(1), x.dim(2), x.dim(3), window_, dx->data(),
+                               x.dim(0), x.dim(1), x.dim(2), x.dim(3), geo_, dx->data(),
                                compute_stream());
   }
 
  private:
   std::string name_;
-  int window_;
+  mc::PoolGeometry geo_;
   Tensor argmax_;  // (n*c*ho*wo) int32 device
 };
 
@@ -357,14 +364,22 @@ class CudaBatchNorm : public Layer {
 
 // ---- the residual block ------------------------------------------------------------------------
 
+// The shortcut is option A (shortcut_*_async: x subsampled, extra channels zero) or, with a
+// projection, bn_s(projection(x)) as ResidualBlock's option B; its sum with the body and the sum
+// of the two input gradients then reuse the same kernels with an identity shortcut shape.
 class CudaResidualBlock : public Layer {
  public:
   CudaResidualBlock(std::string name, std::unique_ptr<Layer> conv1, int64_t mid_channels,
                     std::unique_ptr<Layer> conv2, int64_t in_channels, int64_t out_channels,
-                    int stride)
-      : name_(name), body_(name + ".body") {
+                    int stride, std::unique_ptr<Layer> projection)
+      : name_(name), body_(name + ".body"), shortcut_(name + ".shortcut") {
     INT4DDP_CHECK(stride == 1 || stride == 2, name_, ": stride must be 1 or 2");
-    INT4DDP_CHECK(out_channels >= in_channels, name_, ": option-A shortcut cannot drop channels");
+    if (projection) {
+      shortcut_.add(std::move(projection));
+      shortcut_.add(make_cuda_batchnorm(name + ".shortcut.bn", out_channels, false));
+    } else {
+      INT4DDP_CHECK(out_channels >= in_channels, name_, ": option-A shortcut cannot drop channels");
+    }
     shape_.in_channels = in_channels;
     shape_.out_channels = out_channels;
     shape_.stride = stride;
@@ -374,8 +389,17 @@ class CudaResidualBlock : public Layer {
     body_.add(make_cuda_batchnorm(name + ".bn2", out_channels, false));
   }
   std::string name() const override { return name_; }
-  std::vector<Param*> params() override { return body_.params(); }
-  std::vector<std::vector<float>*> buffers() override { return body_.buffers(); }
+  // The body's, then the projection shortcut's (if any), as ResidualBlock.
+  std::vector<Param*> params() override {
+    std::vector<Param*> out = body_.params();
+    for (Param* p : shortcut_.params()) out.push_back(p);
+    return out;
+  }
+  std::vector<std::vector<float>*> buffers() override {
+    std::vector<std::vector<float>*> out = body_.buffers();
+    for (std::vector<float>* b : shortcut_.buffers()) out.push_back(b);
+    return out;
+  }
 
   void forward(const Tensor& x, Tensor& y, bool train) override {
     check_on_gpu(x, name_, "input");
@@ -387,20 +411,39 @@ class CudaResidualBlock : public Layer {
                   name_, ": body output ", shape_str(body_out_.shape()), " does not match stride ",
                   s, " of input ", shape_str(x.shape()));
     y.resize(body_out_.shape(), Device::kCuda);
-    mc::residual_forward_async(shape_, body_out_.data(), x.data(), y.data(), compute_stream());
+    if (!has_projection()) {
+      mc::residual_forward_async(shape_, body_out_.data(), x.data(), y.data(), compute_stream());
+      return;
+    }
+    shortcut_.forward(x, shortcut_out_, train);
+    INT4DDP_CHECK(shortcut_out_.shape() == body_out_.shape(), name_, ": projection output ",
+                  shape_str(shortcut_out_.shape()), " does not match the body output ",
+                  shape_str(body_out_.shape()));
+    mc::residual_forward_async(identity(shape_.out_channels, ho, wo), body_out_.data(),
+                               shortcut_out_.data(), y.data(), compute_stream());
   }
 
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override {
     check_on_gpu(dy, name_, "output gradient");
     set_shape(x);
     dsum_.resize(y.shape(), Device::kCuda);
-    mc::residual_backward_async(shape_, y.data(), dy.data(), dsum_.data(), compute_stream());
-    body_.backward(x, body_out_, dsum_, dx);  // dx = the body's dx ...
-    if (dx)                                   // ... plus the shortcut's gradient
-      mc::shortcut_backward_add_async(shape_, dsum_.data(), dx->data(), compute_stream());
+    // The projection may drop channels (out < in), which option A's shape refuses.
+    const mc::ShortcutShape sum_shape =
+        has_projection() ? identity(shape_.out_channels, y.dim(2), y.dim(3)) : shape_;
+    mc::residual_backward_async(sum_shape, y.data(), dy.data(), dsum_.data(), compute_stream());
+    body_.backward(x, body_out_, dsum_, dx);  // dx = the body's dx, plus the shortcut's gradient
+    if (!has_projection()) {
+      if (dx) mc::shortcut_backward_add_async(shape_, dsum_.data(), dx->data(), compute_stream());
+      return;
+    }
+    shortcut_.backward(x, shortcut_out_, dsum_, dx ? &dshortcut_ : nullptr);
+    if (dx)
+      mc::shortcut_backward_add_async(identity(shape_.in_channels, shape_.h, shape_.w),
+                                      dshortcut_.data(), dx->data(), compute_stream());
   }
 
  private:
+  bool has_projection() const { return !shortcut_.layers().empty(); }
   void set_shape(const Tensor& x) {
     INT4DDP_CHECK(x.rank() == 4 && x.dim(1) == shape_.in_channels, name_, ": input ",
                   shape_str(x.shape()), " is not (n, ", shape_.in_channels, ", h, w)");
@@ -408,11 +451,24 @@ class CudaResidualBlock : public Layer {
     shape_.h = x.dim(2);
     shape_.w = x.dim(3);
   }
+  // A stride-1 shortcut of `channels` channels onto themselves: residual_forward_async adds two
+  // same-shaped tensors (then the ReLU), shortcut_backward_add_async adds one into the other.
+  mc::ShortcutShape identity(int64_t channels, int64_t h, int64_t w) const {
+    mc::ShortcutShape s;
+    s.n = shape_.n;
+    s.in_channels = s.out_channels = channels;
+    s.h = h;
+    s.w = w;
+    s.stride = 1;
+    return s;
+  }
 
   std::string name_;
   Sequential body_;
+  Sequential shortcut_;  // empty: option A
   mc::ShortcutShape shape_;
-  Tensor body_out_, dsum_;  // device: the body's output, and dL/d(body + shortcut)
+  Tensor body_out_, dsum_;           // device: the body's output, and dL/d(body + shortcut)
+  Tensor shortcut_out_, dshortcut_;  // device, projection shortcut: its output, and its dx
 };
 
 }  // namespace
@@ -420,9 +476,10 @@ class CudaResidualBlock : public Layer {
 std::unique_ptr<Layer> make_cuda_residual_block(std::string name, std::unique_ptr<Layer> conv1,
                                                 int64_t mid_channels, std::unique_ptr<Layer> conv2,
                                                 int64_t in_channels, int64_t out_channels,
-                                                int stride) {
+                                                int stride, std::unique_ptr<Layer> projection) {
   return std::make_unique<CudaResidualBlock>(std::move(name), std::move(conv1), mid_channels,
-                                             std::move(conv2), in_channels, out_channels, stride);
+                                             std::move(conv2), in_channels, out_channels, stride,
+                                             std::move(projection));
 }
 
 std::unique_ptr<Layer> make_cuda_linear(std::string name, int64_t in, int64_t out, bool bias) {
@@ -438,8 +495,8 @@ std::unique_ptr<Layer> make_cuda_relu(std::string name) {
 std::unique_ptr<Layer> make_cuda_batchnorm(std::string name, int64_t channels, bool relu) {
   return std::make_unique<CudaBatchNorm>(std::move(name), channels, relu);
 }
-std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int window) {
-  return std::make_unique<CudaMaxPool2d>(std::move(name), window);
+std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int window, int stride, int pad) {
+  return std::make_unique<CudaMaxPool2d>(std::move(name), window, stride, pad);
 }
 std::unique_ptr<Layer> make_cuda_global_avgpool(std::string name) {
   return std::make_unique<CudaGlobalAvgPool>(std::move(name));
@@ -478,10 +535,11 @@ std::unique_ptr<Layer> make_cuda_conv2d(std::string name, int64_t, int64_t, int,
 }
 std::unique_ptr<Layer> make_cuda_relu(std::string name) { no_cuda(name); }
 std::unique_ptr<Layer> make_cuda_batchnorm(std::string name, int64_t, bool) { no_cuda(name); }
-std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int) { no_cuda(name); }
+std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int, int, int) { no_cuda(name); }
 std::unique_ptr<Layer> make_cuda_global_avgpool(std::string name) { no_cuda(name); }
 std::unique_ptr<Layer> make_cuda_residual_block(std::string name, std::unique_ptr<Layer>, int64_t,
-                                                std::unique_ptr<Layer>, int64_t, int64_t, int) {
+                                                std::unique_ptr<Layer>, int64_t, int64_t, int,
+                                                std::unique_ptr<Layer>) {
   no_cuda(name);
 }
 

@@ -34,14 +34,18 @@ std::unique_ptr<Layer> make_cuda_relu(std::string name);
 // a skipped step's restore read and write them); forward uploads them and a training forward
 // downloads the updated values.
 std::unique_ptr<Layer> make_cuda_batchnorm(std::string name, int64_t channels, bool relu);
-std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int window);
+// Max pooling as nn::MaxPool2d (window, stride, pad; padding never wins).
+std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int window, int stride, int pad);
 std::unique_ptr<Layer> make_cuda_global_avgpool(std::string name);
-// The CIFAR ResNet basic block with the option-A shortcut (nn::ResidualBlock): conv1 and conv2 are
-// CUDA convolutions; the block adds its BatchNorms (bn1 with the fused ReLU, bn2) as the CPU does.
+// The ResNet basic block (nn::ResidualBlock): conv1 and conv2 are CUDA convolutions; the block
+// adds its BatchNorms (bn1 with the fused ReLU, bn2) as the CPU does. Without a projection the
+// shortcut is option A; with one (a CUDA 1x1 convolution with the block's stride) it is option B,
+// bn_s(projection(x)), its BatchNorm made here (name.shortcut.bn).
 std::unique_ptr<Layer> make_cuda_residual_block(std::string name, std::unique_ptr<Layer> conv1,
                                                 int64_t mid_channels, std::unique_ptr<Layer> conv2,
                                                 int64_t in_channels, int64_t out_channels,
-                                                int stride);
+                                                int stride,
+                                                std::unique_ptr<Layer> projection = nullptr);
 
 // nn::softmax_cross_entropy on logits of either device: host logits take the CPU function as it
 // is; device logits take the CUDA kernel (labels are host memory, copied over), and dlogits is

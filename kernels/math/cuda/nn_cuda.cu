@@ -324,39 +324,61 @@ __global__ void bias_grad_rows_kernel(const float* __restrict__ dy, int64_t rows
   grad[j] = acc;
 }
 
+// The output rows (or columns) whose clipped windows hold input index i: [first, last], empty when
+// first > last.
+__device__ inline void pool_outputs_of(int64_t i, int64_t out, const PoolGeometry& g,
+                                       int64_t* first, int64_t* last) {
+  // o * stride - pad <= i  and  i < o * stride - pad + window.
+  const int64_t lo = i + g.pad - g.window + 1;
+  *first = lo <= 0 ? 0 : (lo + g.stride - 1) / g.stride;
+  *last = min((i + g.pad) / g.stride, out - 1);
+}
+
 __global__ void maxpool_forward_kernel(const float* __restrict__ x, int64_t planes, int64_t h,
-                                       int64_t w, int window, float* __restrict__ y,
+                                       int64_t w, PoolGeometry g, float* __restrict__ y,
                                        int32_t* __restrict__ argmax) {
-  const int64_t ho = h / window, wo = w / window;
+  const int64_t ho = g.out_size(h), wo = g.out_size(w);
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= planes * ho * wo) return;
   const int64_t p = idx / (ho * wo), oy = (idx / wo) % ho, ox = idx % wo;
-  float best = -INFINITY;
-  int32_t arg = static_cast<int32_t>((oy * window) * w + ox * window);
-  for (int dy = 0; dy < window; ++dy)
-    for (int dx = 0; dx < window; ++dx) {
-      const int32_t i = static_cast<int32_t>((oy * window + dy) * w + ox * window + dx);
-      const float v = x[p * h * w + i];
-      if (v > best) best = v, arg = i;
+  const float* plane = x + p * h * w;
+  // The window clipped to the plane (padding never wins), scanned as MaxPool2d::forward does:
+  // row-major, strict >, the first NaN wins over numbers.
+  const int64_t y0 = max(int64_t{0}, oy * g.stride - g.pad);
+  const int64_t y1 = min(h, oy * g.stride - g.pad + g.window);
+  const int64_t x0 = max(int64_t{0}, ox * g.stride - g.pad);
+  const int64_t x1 = min(w, ox * g.stride - g.pad + g.window);
+  float best = plane[y0 * w + x0];
+  int64_t arg = y0 * w + x0;
+  for (int64_t iy = y0; iy < y1; ++iy)
+    for (int64_t ix = x0; ix < x1; ++ix) {
+      const float v = plane[iy * w + ix];
+      if (v > best || (isnan(v) && !isnan(best))) best = v, arg = iy * w + ix;
     }
   y[idx] = best;
-  argmax[idx] = arg;
+  argmax[idx] = static_cast<int32_t>(arg);
 }
 
+// One thread per input element gathers the dy of every output whose maximum it is, in output
+// order (MaxPool2d::backward's order of +=, starting from 0): deterministic, no atomics.
 __global__ void maxpool_backward_kernel(const float* __restrict__ dy,
                                         const int32_t* __restrict__ argmax, int64_t planes,
-                                        int64_t h, int64_t w, int window, float* __restrict__ dx) {
-  const int64_t ho = h / window, wo = w / window;
+                                        int64_t h, int64_t w, PoolGeometry g,
+                                        float* __restrict__ dx) {
+  const int64_t ho = g.out_size(h), wo = g.out_size(w);
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= planes * h * w) return;
   const int64_t p = idx / (h * w), iy = (idx / w) % h, ix = idx % w;
-  const int64_t oy = iy / window, ox = ix / window;
-  float v = 0.0f;
-  if (oy < ho && ox < wo) {
-    const int64_t o = (p * ho + oy) * wo + ox;
-    // 0 + dy as the CPU's zero fill and += (so a -0 gradient becomes +0 there too).
-    if (argmax[o] == iy * w + ix) v = __fadd_rn(0.0f, dy[o]);
-  }
+  const int32_t self = static_cast<int32_t>(iy * w + ix);
+  int64_t oy0, oy1, ox0, ox1;
+  pool_outputs_of(iy, ho, g, &oy0, &oy1);
+  pool_outputs_of(ix, wo, g, &ox0, &ox1);
+  float v = 0.0f;  // 0 + dy as the CPU's zero fill and += (a -0 gradient becomes +0 there too)
+  for (int64_t oy = oy0; oy <= oy1; ++oy)
+    for (int64_t ox = ox0; ox <= ox1; ++ox) {
+      const int64_t o = (p * ho + oy) * wo + ox;
+      if (argmax[o] == self) v = __fadd_rn(v, dy[o]);
+    }
   dx[idx] = v;
 }
 
@@ -607,27 +629,36 @@ void bias_grad_rows_async(const float* dy, int64_t rows, int64_t cols, float* gr
 // ---- pooling
 // ---------------------------------------------------------------------------------------
 
-void maxpool_forward_async(const float* x, int64_t n, int64_t c, int64_t h, int64_t w, int window,
-                           float* y, int32_t* argmax, cudaStream_t stream) {
-  INT4DDP_CHECK(n >= 0 && c > 0 && window > 0 && h / window > 0 && w / window > 0,
-                "maxpool (cuda): input ", n, "x", c, "x", h, "x", w, " too small for window ",
-                window);
-  const int64_t count = n * c * (h / window) * (w / window);
+// The geometry MaxPool2d's constructor and forward accept; h * w must fit the int32 argmax.
+void check_pool(const char* what, int64_t n, int64_t c, int64_t h, int64_t w,
+                const PoolGeometry& g) {
+  INT4DDP_CHECK(g.window >= 1 && g.stride >= 1 && g.pad >= 0 && 2 * g.pad <= g.window, what,
+                ": bad pooling geometry (window ", g.window, ", stride ", g.stride, ", pad ", g.pad,
+                "): needs window >= 1, stride >= 1 and 0 <= pad <= window / 2");
+  INT4DDP_CHECK(
+      n >= 0 && c > 0 && h > 0 && w > 0 && h + 2 * g.pad >= g.window && w + 2 * g.pad >= g.window,
+      what, ": input ", n, "x", c, "x", h, "x", w, " too small for window ", g.window, " (pad ",
+      g.pad, ")");
+  INT4DDP_CHECK(h * w <= std::numeric_limits<int32_t>::max(), what, ": input ", n, "x", c, "x", h,
+                "x", w, " has planes too large for int32 argmax indices");
+}
+
+void maxpool_forward_async(const float* x, int64_t n, int64_t c, int64_t h, int64_t w,
+                           const PoolGeometry& g, float* y, int32_t* argmax, cudaStream_t stream) {
+  check_pool("maxpool (cuda)", n, c, h, w, g);
+  const int64_t count = n * c * g.out_size(h) * g.out_size(w);
   if (count == 0) return;
-  maxpool_forward_kernel<<<blocks_for(count), kThreads, 0, stream>>>(x, n * c, h, w, window, y,
-                                                                     argmax);
+  maxpool_forward_kernel<<<blocks_for(count), kThreads, 0, stream>>>(x, n * c, h, w, g, y, argmax);
   check_launch();
 }
 
 void maxpool_backward_async(const float* dy, const int32_t* argmax, int64_t n, int64_t c, int64_t h,
-                            int64_t w, int window, float* dx, cudaStream_t stream) {
-  INT4DDP_CHECK(n >= 0 && c > 0 && window > 0 && h / window > 0 && w / window > 0,
-                "maxpool backward (cuda): input ", n, "x", c, "x", h, "x", w,
-                " too small for window ", window);
+                            int64_t w, const PoolGeometry& g, float* dx, cudaStream_t stream) {
+  check_pool("maxpool backward (cuda)", n, c, h, w, g);
   const int64_t count = n * c * h * w;
   if (count == 0) return;
-  maxpool_backward_kernel<<<blocks_for(count), kThreads, 0, stream>>>(dy, argmax, n * c, h, w,
-                                                                      window, dx);
+  maxpool_backward_kernel<<<blocks_for(count), kThreads, 0, stream>>>(dy, argmax, n * c, h, w, g,
+                                                                      dx);
   check_launch();
 }
 

@@ -107,14 +107,24 @@ void bias_grad_rows_async(const float* dy, int64_t rows, int64_t cols, float* gr
 // ---- pooling
 // ---------------------------------------------------------------------------------------
 
-// MaxPool2d: square window, stride = window, no padding, ho = h / window. argmax (n*c*ho*wo)
-// holds the index within the (h, w) plane of each output's first maximum (strict >, from the
-// window's top-left), as the CPU caches it.
-void maxpool_forward_async(const float* x, int64_t n, int64_t c, int64_t h, int64_t w, int window,
-                           float* y, int32_t* argmax, cudaStream_t stream);
-// dx (n, c, h, w) written whole: dy at each output's argmax, 0 elsewhere.
+// MaxPool2d (nn::MaxPool2d): square window, stride >= 1, 0 <= pad <= window / 2; output size
+// (h + 2 pad - window) / stride + 1. Padding never wins (each window is clipped to the plane); a
+// NaN in a window is its maximum.
+struct PoolGeometry {
+  int window = 2, stride = 2, pad = 0;
+  __host__ __device__ int64_t out_size(int64_t in) const {
+    return (in + 2 * pad - window) / stride + 1;
+  }
+};
+// argmax (n*c*ho*wo) holds the index within the (h, w) plane of each output's first maximum
+// (row-major scan of the clipped window, strict >, the first NaN), as the CPU caches it.
+void maxpool_forward_async(const float* x, int64_t n, int64_t c, int64_t h, int64_t w,
+                           const PoolGeometry& g, float* y, int32_t* argmax, cudaStream_t stream);
+// dx (n, c, h, w) written whole: each element is 0 plus the dy of every output whose argmax it is,
+// added in output order (overlapping windows, stride < window, sum in MaxPool2d::backward's order;
+// one thread per input element gathers, no atomics).
 void maxpool_backward_async(const float* dy, const int32_t* argmax, int64_t n, int64_t c, int64_t h,
-                            int64_t w, int window, float* dx, cudaStream_t stream);
+                            int64_t w, const PoolGeometry& g, float* dx, cudaStream_t stream);
 
 // GlobalAvgPool: y (n, c) = mean over hw (double sum in element order); dx = dy / hw.
 void global_avgpool_forward_async(const float* x, int64_t n, int64_t c, int64_t hw, float* y,
