@@ -338,6 +338,15 @@ double relative_l2(const Tensor& got, const Tensor& want) {
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
+// A residual block against its CPU twin: forward, dx and every parameter gradient within the
+// composite bound of the residual-block tests (1e-4 relative L2).
+void expect_block_close(Layer& cpu, const LayerResult& want, const LayerResult& got) {
+  EXPECT_LT(relative_l2(got.y, want.y), 1e-4) << "forward";
+  EXPECT_LT(relative_l2(got.dx, want.dx), 1e-4) << "dx";
+  for (size_t i = 0; i < want.grads.size(); ++i)
+    EXPECT_LT(relative_l2(got.grads[i], want.grads[i]), 1e-4) << cpu.params()[i]->name;
+}
+
 TEST(GpuLayers, ResidualBlockMatchesCpu) {
   REQUIRE_GPU();
   // Composite (two convolutions, two BatchNorms, the option-A shortcut): within 1e-4 relative L2,
@@ -357,11 +366,7 @@ TEST(GpuLayers, ResidualBlockMatchesCpu) {
     share_params(cpu, *gpu);
     const Tensor x = random_tensor({n, in, h, h}, 61);
     const Tensor dy = random_tensor({n, out, h / stride, h / stride}, 62, 0.1f);
-    const LayerResult want = run_cpu(cpu, x, dy), got = run_gpu(*gpu, x, dy);
-    EXPECT_LT(relative_l2(got.y, want.y), 1e-4) << "forward";
-    EXPECT_LT(relative_l2(got.dx, want.dx), 1e-4) << "dx";
-    for (size_t i = 0; i < want.grads.size(); ++i)
-      EXPECT_LT(relative_l2(got.grads[i], want.grads[i]), 1e-4) << cpu.params()[i]->name;
+    expect_block_close(cpu, run_cpu(cpu, x, dy), run_gpu(*gpu, x, dy));
   }
 }
 
@@ -394,11 +399,7 @@ TEST(GpuLayers, ProjectionResidualBlockMatchesCpu) {
     ASSERT_EQ(gpu->buffers().size(), cpu.buffers().size());  // shortcut.bn's running statistics
     const Tensor x = random_tensor({n, k.in, h, h}, 64);
     const Tensor dy = random_tensor({n, k.out, h / k.stride, h / k.stride}, 65, 0.1f);
-    const LayerResult want = run_cpu(cpu, x, dy), got = run_gpu(*gpu, x, dy);
-    EXPECT_LT(relative_l2(got.y, want.y), 1e-4) << "forward";
-    EXPECT_LT(relative_l2(got.dx, want.dx), 1e-4) << "dx";
-    for (size_t i = 0; i < want.grads.size(); ++i)
-      EXPECT_LT(relative_l2(got.grads[i], want.grads[i]), 1e-4) << cpu.params()[i]->name;
+    expect_block_close(cpu, run_cpu(cpu, x, dy), run_gpu(*gpu, x, dy));
   }
 }
 
