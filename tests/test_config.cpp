@@ -95,7 +95,7 @@ TEST(Config, DefaultsValidateAndFollowThePaperRecipe) {
   EXPECT_TRUE(c.quant.last_layer_fp32);
   EXPECT_DOUBLE_EQ(c.comm.bucket_mb, 25.0);
   EXPECT_EQ(c.comm.block_size, 512);
-  EXPECT_EQ(c.comm.grad_policy, quant::PolicyKind::kLbt);
+  EXPECT_EQ(c.comm.grad_policy, quant::PolicyKind::kTopK);
   EXPECT_EQ(c.comm.topk, 4);
   EXPECT_EQ(c.data.path, "/usr/share/datasets/fashion-mnist");
 }

@@ -90,10 +90,11 @@ struct Config {
     bool worker_error_feedback = true;      // keep e = v - Q(v) on each worker, add it next step
     bool server_error_feedback = true;      // keep the owner's requantization error likewise
     // Bucket interval: minmax | fixed | lbt | mse (OCTAV per block) | topk (each block clipped at
-    // its (topk+1)-th largest magnitude; kernels/quant/policy.h). topk gives the smallest error of
-    // the all-reduced mean on recorded gradients (experiments/replay_buckets.sh) but has not yet
-    // matched minmax's data-parallel accuracy, so lbt stays the default.
-    quant::PolicyKind grad_policy = quant::PolicyKind::kLbt;
+    // its (topk+1)-th largest magnitude; kernels/quant/policy.h). topk is the default: with error
+    // feedback it gives the smallest error of the all-reduced mean on recorded gradients
+    // (experiments/replay_buckets.sh) and data-parallel accuracy at least minmax's
+    // (experiments/dp_accuracy.sh; figures in experiments/RESULTS.md).
+    quant::PolicyKind grad_policy = quant::PolicyKind::kTopK;
     double fixed_gamma = 0.8;  // fixed: bucket clip = gamma * max|block|, (0, 1]
     double alpha = 1e-3;       // lbt: fraction of "large" gradients, in (0, 1)
     double eta = 1e-3;         // lbt: gamma step per training step, in (0, 1]
