@@ -29,19 +29,21 @@ std::string concat(const Args&... args) {
 }  // namespace detail
 
 // The environment variables by which launchers (Open MPI's mpirun, MPICH's PMI, PMIx, SLURM's
-// srun) tell a process its rank, the number of ranks and the number of ranks on its node; the
-// first one set wins (nullptr: that launcher has none). Read without MPI, so kernels/, error
-// messages and the thread count can use them.
+// srun) tell a process its rank, the number of ranks, the number of ranks on its node and its rank
+// on the node; the first one set wins (nullptr: that launcher has none). Read without MPI, so
+// kernels/, error messages and the thread count can use them.
 struct LauncherVars {
   const char* rank;
   const char* size;
   const char* local_size;
+  const char* local_rank;
 };
 inline constexpr LauncherVars kLauncherVars[] = {
-    {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"},
-    {"PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS"},
-    {"PMIX_RANK", "PMIX_SIZE", nullptr},
-    {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE"}};
+    {"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+     "OMPI_COMM_WORLD_LOCAL_RANK"},
+    {"PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS", "MPI_LOCALRANKID"},
+    {"PMIX_RANK", "PMIX_SIZE", nullptr, nullptr},
+    {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_LOCALID"}};
 
 // This process's rank from the launcher's environment; -1 when no launcher set one.
 inline int launcher_rank() {
@@ -63,6 +65,14 @@ inline int launcher_local_size() {
     if (v.local_size != nullptr)
       if (const char* s = std::getenv(v.local_size)) return std::max(1, std::atoi(s));
   return 1;
+}
+
+// This process's rank on its node from the launcher's environment; 0 when no launcher set it.
+inline int launcher_local_rank() {
+  for (const LauncherVars& v : kLauncherVars)
+    if (v.local_rank != nullptr)
+      if (const char* s = std::getenv(v.local_rank)) return std::max(0, std::atoi(s));
+  return 0;
 }
 
 namespace detail {

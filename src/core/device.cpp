@@ -21,12 +21,6 @@ namespace int4ddp {
 
 const char* device_name(Device d) { return d == Device::kCuda ? "cuda" : "cpu"; }
 
-int node_local_rank() {
-  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
-    if (const char* s = std::getenv(var)) return std::max(0, std::atoi(s));
-  return 0;
-}
-
 #ifdef INT4DDP_HAVE_CUDA
 
 bool cuda_built() { return true; }
@@ -40,7 +34,7 @@ int select_gpu() {
     INT4DDP_CHECK(rc == cudaSuccess && count > 0, "train.device = cuda: no CUDA device on rank ",
                   std::max(0, launcher_rank()), " (cudaGetDeviceCount: ",
                   rc == cudaSuccess ? std::string("0 devices") : detail::cuda_error_text(rc), ")");
-    device = node_local_rank() % count;
+    device = launcher_local_rank() % count;
     INT4DDP_CUDA_CHECK(cudaSetDevice(device));
   });
   INT4DDP_CUDA_CHECK(cudaSetDevice(device));  // this thread too

@@ -20,9 +20,6 @@ const char* device_name(Device d);  // "cpu", "cuda"
 // True when this int4ddp was built with CUDA (a GPU may still be absent).
 bool cuda_built();
 
-// The node-local rank the launcher gave this process (Open MPI, MPICH, SLURM), 0 without one.
-int node_local_rank();
-
 // Selects this process's GPU, node-local rank modulo the visible devices (the NCCL communicator's
 // rule), once; later calls return the same device. Throws Error naming the rank when there is no
 // GPU or CUDA is not built in.
