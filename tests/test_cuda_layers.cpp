@@ -577,7 +577,6 @@ TEST(GpuErrors, BadPoolGeometryIsRefusedNamingTheLayer) {
             std::string::npos);
 }
 
-
 TEST(GpuErrors, NoGpuIsAClearErrorNamingTheRank) {
   if (quant::cuda::device_available()) GTEST_SKIP() << "a GPU is present";
   const std::string msg = error_of([] { select_gpu(); });

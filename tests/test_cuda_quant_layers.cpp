@@ -67,6 +67,11 @@ Tensor to_host(const Tensor& d) {
   return h;
 }
 
+// Bytes from the device after the compute stream's work (the layers' kernels run there).
+void device_to_host(void* dst, const void* src, int64_t bytes) {
+  copy_bytes(dst, Device::kCpu, src, Device::kCuda, bytes);
+}
+
 void expect_bits(const Tensor& got, const Tensor& want, const std::string& what) {
   ASSERT_EQ(got.shape(), want.shape()) << what;
   int64_t wrong = 0, first = -1;
@@ -189,8 +194,7 @@ TEST(CudaQuantLayers, LinearMatchesCpu) {
       if (p->shape.size() > 1 || p->name.find("bias") != std::string::npos)
         p->value.copy_from(random_tensor(p->shape, 7, 0.1f));
     CudaQuantLayer g = make_cuda_qlinear("fc", 96, 40, spec_of(c), 3, &gctx);
-    compare_two_steps(cpu, cpu, cctx, *g.layer, *g.op, gctx, {33, 96},
-                      "qlinear " + case_name(c));
+    compare_two_steps(cpu, cpu, cctx, *g.layer, *g.op, gctx, {33, 96}, "qlinear " + case_name(c));
   }
 }
 
@@ -211,9 +215,9 @@ TEST(CudaQuantLayers, Conv2dMatchesCpu) {
       cpu.weight().value.copy_from(random_tensor(cpu.weight().shape, 9, 0.2f));
       CudaQuantLayer g =
           make_cuda_qconv2d("conv", ge.in, ge.out, ge.k, ge.stride, ge.pad, spec_of(c), 2, &gctx);
-      compare_two_steps(cpu, cpu, cctx, *g.layer, *g.op, gctx, {5, ge.in, ge.h, ge.h},
-                        "qconv k" + std::to_string(ge.k) + " s" + std::to_string(ge.stride) +
-                            " " + case_name(c));
+      compare_two_steps(
+          cpu, cpu, cctx, *g.layer, *g.op, gctx, {5, ge.in, ge.h, ge.h},
+          "qconv k" + std::to_string(ge.k) + " s" + std::to_string(ge.stride) + " " + case_name(c));
     }
 }
 
@@ -240,7 +244,7 @@ TEST(CudaQuantKernels, CodesAndStraightThroughMatchCpu) {
       auto* c8 = reinterpret_cast<int8_t*>(codes_dev.data());
       math::cuda::weight_codes_async(vd.data(), n, step, bits, c8, s);
       std::vector<int8_t> got(static_cast<size_t>(n));
-      INT4DDP_CUDA_CHECK(cudaMemcpy(got.data(), c8, n, cudaMemcpyDeviceToHost));
+      device_to_host(got.data(), c8, n);
       int64_t wrong = 0;
       for (int64_t i = 0; i < n; ++i) wrong += static_cast<float>(got[i]) != want[i];
       EXPECT_EQ(wrong, 0) << at << " weight codes";
@@ -251,7 +255,7 @@ TEST(CudaQuantKernels, CodesAndStraightThroughMatchCpu) {
       math::cuda::weight_quant_backward_async(vd.data(), n, step, bits, dvd.data(), dw_gpu.data(),
                                               result, red, s);
       double ds_gpu = 0;
-      INT4DDP_CUDA_CHECK(cudaMemcpy(&ds_gpu, result, sizeof(double), cudaMemcpyDeviceToHost));
+      device_to_host(&ds_gpu, result, sizeof(double));
       expect_bits(to_host(dw_gpu), dw_cpu, at + " dw");
       EXPECT_NEAR(ds_gpu, ds, 1e-9 * (std::fabs(ds) + n)) << at << " ds";
       // Activations, both grids.
@@ -259,7 +263,7 @@ TEST(CudaQuantKernels, CodesAndStraightThroughMatchCpu) {
         quantize_act_codes(v.data(), n, step, bits, is_signed, want.data());
         math::cuda::act_codes_async(vd.data(), n, step, bits, is_signed, codes_dev.data(), s);
         std::vector<uint8_t> bytes(static_cast<size_t>(n));
-        INT4DDP_CUDA_CHECK(cudaMemcpy(bytes.data(), codes_dev.data(), n, cudaMemcpyDeviceToHost));
+        device_to_host(bytes.data(), codes_dev.data(), n);
         wrong = 0;
         for (int64_t i = 0; i < n; ++i) {
           const int code = is_signed ? static_cast<int>(static_cast<int8_t>(bytes[i])) : bytes[i];
@@ -272,8 +276,7 @@ TEST(CudaQuantKernels, CodesAndStraightThroughMatchCpu) {
         math::cuda::act_quant_backward_async(vd.data(), n, step, bits, is_signed, dvd.data(),
                                              dx_gpu.data(), result + 1, red, s);
         double du_gpu = 0;
-        INT4DDP_CUDA_CHECK(
-            cudaMemcpy(&du_gpu, result + 1, sizeof(double), cudaMemcpyDeviceToHost));
+        device_to_host(&du_gpu, result + 1, sizeof(double));
         expect_bits(to_host(dx_gpu), dx_cpu, at + " dx");
         EXPECT_NEAR(du_gpu, du, 1e-9 * (std::fabs(du) + n)) << at << " du";
       }
@@ -290,10 +293,10 @@ TEST(CudaQuantKernels, StepGradientsAreDeterministic) {
   double* result = red + math::cuda::step_grad_scratch_count();
   double first = 0;
   for (int rep = 0; rep < 3; ++rep) {
-    math::cuda::act_quant_backward_async(vd.data(), n, 0.9f, 4, true, dvd.data(), dx.data(),
-                                         result, red, compute_stream());
+    math::cuda::act_quant_backward_async(vd.data(), n, 0.9f, 4, true, dvd.data(), dx.data(), result,
+                                         red, compute_stream());
     double du = 0;
-    INT4DDP_CUDA_CHECK(cudaMemcpy(&du, result, sizeof(double), cudaMemcpyDeviceToHost));
+    device_to_host(&du, result, sizeof(double));
     if (rep == 0) first = du;
     EXPECT_EQ(std::memcmp(&du, &first, sizeof(double)), 0) << "rerun " << rep;
   }

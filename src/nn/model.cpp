@@ -63,8 +63,8 @@ std::unique_ptr<Layer> Model::linear(const std::string& name, int64_t in, int64_
     return cuda ? make_cuda_linear(name, in, out, true)
                 : std::make_unique<Linear>(name, in, out, true);
   if (cuda) {
-    CudaQuantLayer q = make_cuda_qlinear(name, in, out, quant_spec(signed_input), next_layer_id_++,
-                                         &ctx_);
+    CudaQuantLayer q =
+        make_cuda_qlinear(name, in, out, quant_spec(signed_input), next_layer_id_++, &ctx_);
     qops_.push_back(q.op);
     return std::move(q.layer);
   }

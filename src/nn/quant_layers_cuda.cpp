@@ -64,10 +64,12 @@ float* device_grad_of(Param& p) {
   return p.device_grad.data();
 }
 
-void copy_bytes(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
-  cudaStream_t s = compute_stream();
-  INT4DDP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, s));
-  INT4DDP_CUDA_CHECK(cudaStreamSynchronize(s));
+// Copies on the compute stream (device.h's copy_bytes; waits for the stream when dst is host).
+void to_host_bytes(void* dst, const void* src, size_t bytes) {
+  copy_bytes(dst, Device::kCpu, src, Device::kCuda, static_cast<int64_t>(bytes));
+}
+void to_device_bytes(void* dst, const void* src, size_t bytes) {
+  copy_bytes(dst, Device::kCuda, src, Device::kCpu, static_cast<int64_t>(bytes));
 }
 
 Tensor host_copy(const Tensor& d) {
@@ -99,14 +101,14 @@ class CudaQuantOp : public QuantizedOp {
   float quantize_operands_device(const Tensor& x, Param& w, bool train) {
     require_device(x, op_name_, "the input");
     // The steps' values as the device holds them (the model's device arena), for the host math.
-    copy_bytes(s_w_.value.data(), device_value_of(s_w_), sizeof(float), cudaMemcpyDeviceToHost);
-    copy_bytes(u_a_.value.data(), device_value_of(u_a_), sizeof(float), cudaMemcpyDeviceToHost);
+    to_host_bytes(s_w_.value.data(), device_value_of(s_w_), sizeof(float));
+    to_host_bytes(u_a_.value.data(), device_value_of(u_a_), sizeof(float));
     if (!initialized() && train) {
       Param wh;
       wh.value = host_copy(w.device_value);
       init_steps(host_copy(x), wh);
-      copy_bytes(device_value_of(s_w_), s_w_.value.data(), sizeof(float), cudaMemcpyHostToDevice);
-      copy_bytes(device_value_of(u_a_), u_a_.value.data(), sizeof(float), cudaMemcpyHostToDevice);
+      to_device_bytes(device_value_of(s_w_), s_w_.value.data(), sizeof(float));
+      to_device_bytes(device_value_of(u_a_), u_a_.value.data(), sizeof(float));
     }
     grid_ = grid();
     sw_ = effective_quant_step(s_w_.value[0]);
@@ -129,8 +131,7 @@ class CudaQuantOp : public QuantizedOp {
     std::vector<float> host;  // dL/dY on the host, only where the policy or diagnostics read it
     if (grad_needs_values() || ctx_->diagnostics) {
       host.resize(static_cast<size_t>(n));
-      copy_bytes(host.data(), dy.data(), sizeof(float) * static_cast<size_t>(n),
-                 cudaMemcpyDeviceToHost);
+      to_host_bytes(host.data(), dy.data(), sizeof(float) * static_cast<size_t>(n));
     }
     const quant::QuantParams p = grad_quant_params(host.empty() ? nullptr : host.data(), n);
     uint8_t* packed = device_buffer<uint8_t>(gpacked_, quant::packed_bytes(p.bits, n));
@@ -144,14 +145,13 @@ class CudaQuantOp : public QuantizedOp {
       gc_ = reinterpret_cast<int8_t*>(packed);  // one int8 code per element already
     }
     quant::QuantStats st;
-    copy_bytes(&st, stats, sizeof(st), cudaMemcpyDeviceToHost);
+    to_host_bytes(&st, stats, sizeof(st));
     const float step = finish_grad_quant(st, p.gamma);
     if (ctx_->diagnostics && st.nonfinite == 0) {
       float* deq = device_buffer<float>(gdeq_, n);
       quant::cuda::dequantize_async(packed, scale, n, p.bits, 0, deq, s);
       std::vector<float> deq_host(static_cast<size_t>(n));
-      copy_bytes(deq_host.data(), deq, sizeof(float) * static_cast<size_t>(n),
-                 cudaMemcpyDeviceToHost);
+      to_host_bytes(deq_host.data(), deq, sizeof(float) * static_cast<size_t>(n));
       diagnose_grad(host.data(), deq_host.data(), n);
     }
     return step;
@@ -163,8 +163,8 @@ class CudaQuantOp : public QuantizedOp {
     cudaStream_t s = compute_stream();
     double* scratch = device_buffer<double>(reduce_, mc::step_grad_scratch_count() + 2);
     double* ds = scratch + mc::step_grad_scratch_count();
-    mc::weight_quant_backward_async(device_value_of(w), shape_numel(w.shape), sw_, spec_.weight_bits,
-                                    dwhat, device_grad_of(w), ds, scratch, s);
+    mc::weight_quant_backward_async(device_value_of(w), shape_numel(w.shape), sw_,
+                                    spec_.weight_bits, dwhat, device_grad_of(w), ds, scratch, s);
     mc::add_double_to_float_async(ds, device_grad_of(s_w_), s);
   }
 
@@ -185,9 +185,9 @@ class CudaQuantOp : public QuantizedOp {
 
   Grid grid_{};
   float sw_ = 1.0f, ua_ = 1.0f;  // effective steps of the last forward (the backward's too)
-  int8_t* wc_ = nullptr;   // weight codes (device)
-  uint8_t* xc_ = nullptr;  // activation codes (device; int8 bytes on the signed grid)
-  int8_t* gc_ = nullptr;   // gradient codes (device)
+  int8_t* wc_ = nullptr;         // weight codes (device)
+  uint8_t* xc_ = nullptr;        // activation codes (device; int8 bytes on the signed grid)
+  int8_t* gc_ = nullptr;         // gradient codes (device)
   Tensor wcodes_, xcodes_, gcodes_, gpacked_, gscale_, gstats_, gdeq_, reduce_;
 };
 
@@ -207,8 +207,8 @@ class CudaQLinear : public Layer, public CudaQuantOp {
 
   void forward(const Tensor& x, Tensor& y, bool train) override {
     const int64_t n = x.dim(0);
-    INT4DDP_CHECK(x.numel() == n * in_, name_, ": input ", shape_str(x.shape()),
-                  " does not have ", in_, " features");
+    INT4DDP_CHECK(x.numel() == n * in_, name_, ": input ", shape_str(x.shape()), " does not have ",
+                  in_, " features");
     const float scale = quantize_operands_device(x, weight_, train);
     y.resize({n, out_}, Device::kCuda);
     cudaStream_t s = compute_stream();
@@ -382,7 +382,8 @@ CudaQuantLayer make_cuda_qconv2d(std::string name, int64_t in, int64_t out, int 
 
 namespace {
 [[noreturn]] void no_cuda(const std::string& name) {
-  INT4DDP_FAIL(name, ": quantized CUDA layer requested, but this int4ddp was built without CUDA "
+  INT4DDP_FAIL(name,
+               ": quantized CUDA layer requested, but this int4ddp was built without CUDA "
                "(use train.device = cpu)");
 }
 }  // namespace

@@ -203,8 +203,8 @@ void act_codes_async(const float* x, int64_t n, float u, int bits, bool is_signe
   check_args(n, bits, "act_codes (cuda)");
   if (n == 0) return;
   const float q = static_cast<float>(is_signed ? quant::levels(bits) : (1 << bits) - 1);
-  act_codes_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
-      x, n, u, q, is_signed ? -1.0f : 0.0f, is_signed, static_cast<uint8_t*>(codes));
+  act_codes_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, u, q, is_signed ? -1.0f : 0.0f,
+                                                           is_signed, static_cast<uint8_t*>(codes));
   check_launch();
 }
 
@@ -256,9 +256,9 @@ void col2im_i32_scaled_async(const int32_t* col, int64_t s0, int64_t g, const Co
                 "col2im_i32 (cuda): bad geometry");
   const int64_t n = g * geo.channels * geo.h * geo.w;
   if (n == 0) return;
-  col2im_i32_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
-      col, s0, g, geo.channels, geo.h, geo.w, geo.out_h(), geo.out_w(), geo.kernel, geo.stride,
-      geo.pad, scale, images);
+  col2im_i32_kernel<<<blocks_for(n), kThreads, 0, stream>>>(col, s0, g, geo.channels, geo.h, geo.w,
+                                                            geo.out_h(), geo.out_w(), geo.kernel,
+                                                            geo.stride, geo.pad, scale, images);
   check_launch();
 }
 
