@@ -266,16 +266,19 @@ class CudaQConv2d : public Layer, public CudaQuantOp {
     const float scale = quantize_operands_device(x, weight_, train);
     y.resize({n, out_, ho, wo}, Device::kCuda);
     cudaStream_t s = compute_stream();
-    const int64_t group = group_size(n, rows * hw);
+    // Columns (1 byte) and the group's output (4 bytes) per sample.
+    const int64_t group = group_size(n, (rows + 4 * out_) * hw);
     for (int64_t s0 = 0; s0 < n; s0 += group) {
-      const int64_t g = std::min(group, n - s0);
+      const int64_t g = std::min(group, n - s0), cols = g * hw;
       // col^T (g*hw, rows), K contiguous; zero padding is code 0 on both grids.
-      uint8_t* col = device_buffer<uint8_t>(col_, rows * g * hw);
+      uint8_t* col = device_buffer<uint8_t>(col_, rows * cols);
       im2col_codes(s0, g, true, col);
-      for (int64_t i = 0; i < g; ++i)  // y_s (out, hw) = W^ (out, rows) col_s (rows, hw)
-        mc::int_gemm(qgemm_context(), out_, hw, rows, weight_operand(rows, Trans::kNo),
-                     act_operand(col + i * hw * rows, rows, Trans::kYes), scale, false,
-                     y.data() + (s0 + i) * out_ * hw, hw, s);
+      // y_g (out, g*hw) = W^ (out, rows) col (rows, g*hw): each output one exact sum rescaled
+      // once, whatever the grouping; one sample is already in y's layout.
+      float* yg = g == 1 ? y.data() + s0 * out_ * hw : device_buffer<float>(ygroup_, out_ * cols);
+      mc::int_gemm(qgemm_context(), out_, cols, rows, weight_operand(rows, Trans::kNo),
+                   act_operand(col, rows, Trans::kYes), scale, false, yg, cols, s);
+      if (g > 1) mc::planes_by_sample_async(yg, g, out_, hw, y.data() + s0 * out_ * hw, s);
     }
   }
 
@@ -357,7 +360,7 @@ class CudaQConv2d : public Layer, public CudaQuantOp {
   int64_t in_, out_;
   mc::ConvGeometry geo_;
   Param weight_;
-  Tensor col_, gt_, dcol_, dw32_, dw_acc_, dwhat_, dxhat_;
+  Tensor col_, ygroup_, gt_, dcol_, dw32_, dw_acc_, dwhat_, dxhat_;
 };
 
 }  // namespace

@@ -9,7 +9,7 @@
 //   forward   W and x to one-byte codes (kernels/math/cuda/qlayer_cuda.h: the CPU's definitions,
 //             bit for bit), y = sa * sw * (X^ W^T) through math::cuda::int_gemm (int8 tensor
 //             cores, exact int32 sums, one rescale per output: bit for bit the CPU's y; Conv2d
-//             through im2col of the codes, one GEMM per sample).
+//             through im2col of the codes, one GEMM per group of samples).
 //   backward  dL/dY through the CUDA codec (quant::cuda::quantize_async: per-tensor scale,
 //             stochastic rounding keyed (seed, rank, step, layer id) as on the CPU, the clip count
 //             in the same pass: the CPU's codes and stats bit for bit); dW^ and dX^ by int_gemm on

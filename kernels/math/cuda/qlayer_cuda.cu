@@ -138,6 +138,15 @@ __global__ void planes_by_channel_kernel(const int8_t* __restrict__ src, int64_t
   dst[idx] = src[(s * c + ch) * hw + p];
 }
 
+__global__ void planes_by_sample_kernel(const float* __restrict__ src, int64_t g, int64_t c,
+                                        int64_t hw, float* __restrict__ dst) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= g * c * hw) return;
+  // idx walks dst (g, c, hw) in order.
+  const int64_t s = idx / (c * hw), ch = (idx / hw) % c, p = idx % hw;
+  dst[idx] = src[(ch * g + s) * hw + p];
+}
+
 __global__ void col2im_i32_kernel(const int32_t* __restrict__ col, int64_t s0, int64_t g,
                                   int64_t channels, int64_t h, int64_t w, int64_t ho, int64_t wo,
                                   int k, int stride, int pad, float scale,
@@ -247,6 +256,15 @@ void planes_by_channel_async(const int8_t* src, int64_t g, int64_t c, int64_t hw
   const int64_t n = g * c * hw;
   if (n == 0) return;
   planes_by_channel_kernel<<<blocks_for(n), kThreads, 0, stream>>>(src, g, c, hw, dst);
+  check_launch();
+}
+
+void planes_by_sample_async(const float* src, int64_t g, int64_t c, int64_t hw, float* dst,
+                            cudaStream_t stream) {
+  INT4DDP_CHECK(g >= 0 && c >= 0 && hw >= 0, "planes_by_sample (cuda): negative size");
+  const int64_t n = g * c * hw;
+  if (n == 0) return;
+  planes_by_sample_kernel<<<blocks_for(n), kThreads, 0, stream>>>(src, g, c, hw, dst);
   check_launch();
 }
 

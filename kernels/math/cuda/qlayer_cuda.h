@@ -57,6 +57,11 @@ void bias_grad_codes_async(const int8_t* codes, int64_t rows, int64_t cols, floa
 void planes_by_channel_async(const int8_t* src, int64_t g, int64_t c, int64_t hw, int8_t* dst,
                              cudaStream_t stream);
 
+// dst (g, c, hw) = src (c, g * hw) for floats: the inverse layout, a group's GEMM output (channels
+// by columns) back to NCHW samples.
+void planes_by_sample_async(const float* src, int64_t g, int64_t c, int64_t hw, float* dst,
+                            cudaStream_t stream);
+
 // images (samples s0..s0+g-1, overwritten) = scale * float(T), T the exact int32 sum of the
 // column entries each image element receives (col (rows, g*ho*wo) as im2col_async's non-transposed
 // layout): the transposed-convolution form of dx, one rescale per element.
