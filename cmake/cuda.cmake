@@ -105,7 +105,7 @@ if(INT4DDP_HAVE_CUDA)
   # kernels/math/cuda: the math the GPU engine calls (its integer GEMM and layer kernels promise the
   # CPU's bits where their headers say so).
   int4ddp_bit_exact_cuda_library(int4ddp_cuda_math kernels/math/cuda/gemm_cuda.cu
-                                 kernels/math/cuda/nn_cuda.cu)
+                                 kernels/math/cuda/nn_cuda.cu kernels/math/cuda/qlayer_cuda.cu)
   target_link_libraries(int4ddp_cuda_math PUBLIC int4ddp_kernels CUDA::cudart CUDA::cublas
                         CUDA::cublasLt PRIVATE int4ddp_warnings)
 

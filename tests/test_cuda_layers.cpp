@@ -577,13 +577,6 @@ TEST(GpuErrors, BadPoolGeometryIsRefusedNamingTheLayer) {
             std::string::npos);
 }
 
-TEST(GpuErrors, ModelsWithoutGpuLayersAreRefused) {
-  ModelSpec spec;
-  spec.device = Device::kCuda;
-  spec.name = "cnn";  // quantized by default
-  EXPECT_NE(error_of([&] { Model m(spec, 0); }).find("no GPU layers yet"), std::string::npos);
-}
-
 TEST(GpuErrors, NoGpuIsAClearErrorNamingTheRank) {
   if (quant::cuda::device_available()) GTEST_SKIP() << "a GPU is present";
   const std::string msg = error_of([] { select_gpu(); });

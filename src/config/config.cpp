@@ -328,10 +328,6 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
          "this int4ddp was built without CUDA; rebuild with nvcc on PATH (cmake "
          "-DINT4DDP_CUDA=ON) or use train.device = cpu");
 #endif
-    if (quantized)
-      fail("train.device",
-           "quantized layers do not run on the GPU yet: set quant.weight_bits, "
-           "quant.activation_bits and quant.grad_bits to 32, or use train.device = cpu");
   }
   if (c.comm.backend == CommBackend::kNccl) {
     fail("comm.backend",

@@ -8,14 +8,13 @@
 #include "kernels/common/parallel.h"
 #include "src/core/rng.h"
 #include "src/nn/layers_cuda.h"
+#include "src/nn/quant_layers_cuda.h"
 
 namespace int4ddp::nn {
 
 Model::Model(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
   INT4DDP_CHECK(spec.channels > 0 && spec.height > 0 && spec.width > 0 && spec.num_classes > 1,
                 "model: bad input geometry or class count");
-  INT4DDP_CHECK(spec.device == Device::kCpu || !spec.quantized, "model ", spec.name,
-                " (quantized): no GPU layers yet (train.device = cuda runs the fp32 models)");
   if (spec.name == "mlp")
     build_mlp();
   else if (spec.name == "cnn")
@@ -41,9 +40,16 @@ QuantSpec Model::quant_spec(bool signed_input) const {
 
 std::unique_ptr<Layer> Model::conv(const std::string& name, int64_t in, int64_t out, int k,
                                    int stride, int pad, bool keep_fp32, bool signed_input) {
-  if (spec_.device == Device::kCuda) return make_cuda_conv2d(name, in, out, k, stride, pad);
+  const bool cuda = spec_.device == Device::kCuda;
   if (!spec_.quantized || keep_fp32)
-    return std::make_unique<Conv2d>(name, in, out, k, stride, pad, false);
+    return cuda ? make_cuda_conv2d(name, in, out, k, stride, pad)
+                : std::make_unique<Conv2d>(name, in, out, k, stride, pad, false);
+  if (cuda) {
+    CudaQuantLayer q = make_cuda_qconv2d(name, in, out, k, stride, pad, quant_spec(signed_input),
+                                         next_layer_id_++, &ctx_);
+    qops_.push_back(q.op);
+    return std::move(q.layer);
+  }
   auto q = std::make_unique<QConv2d>(name, in, out, k, stride, pad, quant_spec(signed_input),
                                      next_layer_id_++, &ctx_);
   qops_.push_back(q.get());
@@ -52,8 +58,16 @@ std::unique_ptr<Layer> Model::conv(const std::string& name, int64_t in, int64_t 
 
 std::unique_ptr<Layer> Model::linear(const std::string& name, int64_t in, int64_t out,
                                      bool keep_fp32, bool signed_input) {
-  if (spec_.device == Device::kCuda) return make_cuda_linear(name, in, out, true);
-  if (!spec_.quantized || keep_fp32) return std::make_unique<Linear>(name, in, out, true);
+  const bool cuda = spec_.device == Device::kCuda;
+  if (!spec_.quantized || keep_fp32)
+    return cuda ? make_cuda_linear(name, in, out, true)
+                : std::make_unique<Linear>(name, in, out, true);
+  if (cuda) {
+    CudaQuantLayer q =
+        make_cuda_qlinear(name, in, out, quant_spec(signed_input), next_layer_id_++, &ctx_);
+    qops_.push_back(q.op);
+    return std::move(q.layer);
+  }
   auto q = std::make_unique<QLinear>(name, in, out, true, quant_spec(signed_input),
                                      next_layer_id_++, &ctx_);
   qops_.push_back(q.get());

@@ -35,7 +35,7 @@ struct ModelSpec {
   bool signed_input = true;      // the input can be negative (normalised data): a quantized first
                                  // layer quantizes it on the signed grid
   QuantSpec quant;               // every quantized layer's (signed_input is set per layer)
-  Device device = Device::kCpu;  // kCuda: the CUDA layers (layers_cuda.h), fp32 models
+  Device device = Device::kCpu;  // kCuda: the CUDA layers (layers_cuda.h, quant_layers_cuda.h)
 };
 
 class Model {

@@ -100,6 +100,8 @@ double weight_quant_backward(const float* w, int64_t n, float s, int bits, const
   return ds;
 }
 
+float effective_quant_step(float v) { return effective_step(v); }
+
 int act_qmax(int bits, bool is_signed) { return is_signed ? quant::levels(bits) : (1 << bits) - 1; }
 
 void quantize_act_codes(const float* x, int64_t n, float u, int bits, bool is_signed,
@@ -208,15 +210,22 @@ void QuantizedOp::init_steps(const Tensor& x, const Param& w) {
   initialized_ = true;
 }
 
-float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
-  const int64_t n = dy.numel();
+bool QuantizedOp::grad_needs_values() const {
+  const quant::PolicyKind k = grad_.policy->kind();
+  return grad_.policy->needs_calibration() || k == quant::PolicyKind::kMse ||
+         k == quant::PolicyKind::kDsgc;
+}
+
+quant::QuantParams QuantizedOp::grad_quant_params(const float* dy, int64_t n) {
+  INT4DDP_CHECK(dy != nullptr || !grad_needs_values(), op_name_,
+                ": the gradient quantizer needs dL/dY's values this step");
   quant::QuantParams p;
   p.bits = spec_.grad_bits;
   p.rounding = spec_.grad_rounding;
   if (grad_.policy->needs_calibration()) {
     // The calibration batch: gamma from this full-precision dL/dY; the batch itself is quantized
     // with gamma = 1, so the layers below calibrate on gradients no calibrated gamma has shaped.
-    if (!grad_.policy->calibrate(dy.data(), n) && ++calibration_failures_ >= kMaxCalibrationTries) {
+    if (!grad_.policy->calibrate(dy, n) && ++calibration_failures_ >= kMaxCalibrationTries) {
       grad_.policy->skip_calibration();
       ctx_->warnings.push_back(op_name_ + ": the lbt calibration found an all-zero or non-finite " +
                                "output gradient on " + std::to_string(calibration_failures_) +
@@ -224,10 +233,28 @@ float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
     }
     p.gamma = 1.0f;
   } else {
-    p.gamma = grad_.policy->gamma_for(dy.data(), n);
+    p.gamma = grad_.policy->gamma_for(dy, n);
   }
   p.block_size = 0;
   p.key = quant::RngKey{ctx_->seed, ctx_->stream, ctx_->step, layer_id_};
+  return p;
+}
+
+float QuantizedOp::finish_grad_quant(const quant::QuantStats& st, float gamma) {
+  grad_.pending = st;
+  grad_.has_pending = true;
+  grad_.last_gamma = gamma;
+  ctx_->nonfinite += st.nonfinite;
+  return quant::step_for_clip(gamma * st.absmax, spec_.grad_bits);
+}
+
+void QuantizedOp::diagnose_grad(const float* dy, const float* dequantized, int64_t n) {
+  grad_.last_diag = quant::diagnose(dy, dequantized, n, grad_.pending, grad_.tracker);
+}
+
+float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
+  const int64_t n = dy.numel();
+  const quant::QuantParams p = grad_quant_params(dy.data(), n);
   // One per-tensor quantization done in pieces on the threads: the max and the counts are exact
   // in any order and the stochastic rounding is keyed by element index, so the codes and stats
   // are those of one quantize() call whatever the pieces and threads.
@@ -258,15 +285,11 @@ float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
     for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(q[i]);
   });
   for (int64_t c : piece_count_) st.clipped += c;
-  const float step = quant::step_for_clip(p.gamma * st.absmax, p.bits);
-  grad_.pending = st;
-  grad_.has_pending = true;
-  grad_.last_gamma = p.gamma;
-  ctx_->nonfinite += st.nonfinite;
+  const float step = finish_grad_quant(st, p.gamma);
   if (ctx_->diagnostics && st.nonfinite == 0) {
     scratch_.resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) scratch_[static_cast<size_t>(i)] = (*codes)[i] * step;
-    grad_.last_diag = quant::diagnose(dy.data(), scratch_.data(), n, st, grad_.tracker);
+    diagnose_grad(dy.data(), scratch_.data(), n);
   }
   return step;
 }

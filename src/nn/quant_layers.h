@@ -78,6 +78,8 @@ double act_quant_backward_ref(const float* x, int64_t n, float u, int bits, bool
                               const float* dxhat, float* dx);
 // Largest code magnitude of an activation grid.
 int act_qmax(int bits, bool is_signed);
+// The step the quantizers use for a learnable step's value v: max(|v|, 1e-12).
+float effective_quant_step(float v);
 
 // Common machinery of QConv2d and QLinear.
 class QuantizedOp {
@@ -112,6 +114,16 @@ class QuantizedOp {
   float quantize_operands(const Tensor& x, const Param& w, bool train);
   // Quantizes dy into integer-valued float codes; returns the step d_G.
   float quantize_grad(const Tensor& dy, std::vector<float>* codes);
+  // quantize_grad's scalar steps, shared with the CUDA layers (quant_layers_cuda.h), which
+  // quantize on the device: grad_needs_values() says whether grad_quant_params reads dL/dY's
+  // values this step (the lbt calibration batch, mse, dsgc; dy may be null otherwise);
+  // grad_quant_params gives this step's per-tensor QuantParams (running the calibration);
+  // finish_grad_quant records the quantization's stats for commit_step and the context and
+  // returns d_G; diagnose_grad fills the diagnostics from dy and its dequantized codes.
+  bool grad_needs_values() const;
+  quant::QuantParams grad_quant_params(const float* dy, int64_t n);
+  float finish_grad_quant(const quant::QuantStats& st, float gamma);
+  void diagnose_grad(const float* dy, const float* dequantized, int64_t n);
   // From dL/dX^ (x's shape): dx (straight-through inside the clip range) and u_A's gradient.
   void act_backward(const Tensor& x, const float* dxhat, Tensor* dx);
   void init_steps(const Tensor& x, const Param& w);
