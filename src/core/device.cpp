@@ -83,7 +83,14 @@ std::shared_ptr<float> allocate_floats(Device device, bool pinned, int64_t count
     INT4DDP_CUDA_CHECK(cudaMemsetAsync(p, 0, nbytes, compute_stream()));
     return std::shared_ptr<float>(static_cast<float*>(p), [](float* q) { cudaFree(q); });
   }
-  INT4DDP_CUDA_CHECK(cudaMallocHost(&p, nbytes));
+  const cudaError_t rc = cudaMallocHost(&p, nbytes);
+  if (rc == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    INT4DDP_FAIL("CUDA error in cudaMallocHost on rank ", launcher_rank(),
+                 ": out of page-locked host memory allocating ", nbytes,
+                 " bytes; use a smaller train.batch_size");
+  }
+  INT4DDP_CUDA_CHECK(rc);
   std::memset(p, 0, nbytes);
   return std::shared_ptr<float>(static_cast<float*>(p), [](float* q) { cudaFreeHost(q); });
 }
@@ -110,6 +117,27 @@ void zero_floats(float* p, Device device, int64_t count) {
 }
 
 void synchronize_device() { INT4DDP_CUDA_CHECK(cudaStreamSynchronize(compute_stream())); }
+
+StreamEvent::~StreamEvent() {
+  if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));  // no throw from a destructor
+}
+
+void StreamEvent::record() {
+  if (!event_) {
+    select_gpu();
+    cudaEvent_t e = nullptr;
+    INT4DDP_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    event_ = e;
+  }
+  INT4DDP_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event_), compute_stream()));
+  recorded_ = true;
+}
+
+void StreamEvent::wait() {
+  if (!recorded_) return;
+  select_gpu();  // this thread too (the batch loader's)
+  INT4DDP_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
+}
 
 #else  // no CUDA
 
@@ -146,6 +174,10 @@ void zero_floats(float* p, Device device, int64_t count) {
 }
 
 void synchronize_device() {}
+
+StreamEvent::~StreamEvent() = default;
+void StreamEvent::record() {}
+void StreamEvent::wait() {}
 
 #endif
 
