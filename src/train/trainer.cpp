@@ -17,7 +17,6 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
-#include <future>
 #include <iomanip>
 #include <memory>
 #include <string>
@@ -29,6 +28,7 @@
 #include "kernels/common/parallel.h"
 #include "src/nn/layers_cuda.h"
 #include "src/nn/model.h"
+#include "src/train/batch_pipeline.h"
 #include "src/train/bucket_dump.h"
 #include "src/train/checkpoint.h"
 #include "src/train/distributed.h"
@@ -76,78 +76,6 @@ OptimConfig optimizer_of(const Config& cfg) {
   oc.quant_lr = cfg.quant.scale_lr;
   return oc;
 }
-
-// The training batches of this rank. On the CPU one host buffer, assembled when a step asks for
-// it. On the GPU two page-locked buffers take turns: while step i runs, a host thread assembles
-// batch i+1 into the other one, after waiting for the copy of that buffer's previous batch to the
-// device (the event recorded after the forward that read it). assemble_batch is a pure function of
-// the indices, the seed and the epoch, so the batches, and the results, are those of the serial
-// order.
-class BatchPipeline {
- public:
-  struct Slot {
-    Tensor x;
-    std::vector<int32_t> labels;
-    std::vector<int64_t> indices;  // a prefetch's own copy of its indices
-    StreamEvent copied;            // after the forward that copied x to the device
-    int64_t epoch = -1, batch = -1;
-  };
-
-  BatchPipeline(const data::Dataset& d, const Shape& shape, const data::AugmentConfig& aug,
-                uint64_t seed, bool on_gpu)
-      : data_(d), aug_(aug), seed_(seed), double_buffered_(on_gpu) {
-    for (Slot& s : slots_) {
-      if (on_gpu)
-        s.x.resize_pinned(shape);
-      else
-        s.x.resize(shape);
-      s.labels.resize(static_cast<size_t>(shape[0]));
-      if (!on_gpu) break;  // the CPU uses slot 0 only
-    }
-  }
-  ~BatchPipeline() {
-    if (pending_.valid()) pending_.wait();  // its error, if any, dies with the run
-  }
-
-  // Batch `batch` of `epoch`, its examples `indices` (batch size entries): the prefetched slot
-  // when it holds that batch, else assembled now.
-  Slot& take(int64_t epoch, int64_t batch, const int64_t* indices) {
-    if (pending_.valid()) pending_.get();  // rethrows the prefetch's error
-    const int i = double_buffered_ ? 1 - current_ : 0;
-    Slot& s = slots_[i];
-    if (s.epoch != epoch || s.batch != batch) fill(s, epoch, batch, indices);
-    current_ = i;
-    return s;
-  }
-
-  // Starts assembling batch `batch` of `epoch` into the other buffer (GPU only).
-  void prefetch(int64_t epoch, int64_t batch, const int64_t* indices) {
-    if (!double_buffered_) return;
-    Slot& s = slots_[1 - current_];
-    s.indices.assign(indices, indices + s.labels.size());
-    s.epoch = s.batch = -1;
-    pending_ = std::async(std::launch::async,
-                          [this, &s, epoch, batch] { fill(s, epoch, batch, s.indices.data()); });
-  }
-
- private:
-  void fill(Slot& s, int64_t epoch, int64_t batch, const int64_t* indices) {
-    s.copied.wait();  // the buffer's previous batch has reached the device
-    s.epoch = s.batch = -1;
-    data::assemble_batch(data_, indices, static_cast<int64_t>(s.labels.size()), aug_, seed_, epoch,
-                         s.x.data(), s.labels.data());
-    s.epoch = epoch;
-    s.batch = batch;
-  }
-
-  const data::Dataset& data_;
-  const data::AugmentConfig aug_;
-  const uint64_t seed_;
-  const bool double_buffered_;
-  Slot slots_[2];
-  int current_ = 1;  // the slot of the last take(); the first take() uses slot 0
-  std::future<void> pending_;
-};
 
 data::AugmentConfig augment_of(const Config& cfg) {
   data::AugmentConfig aug;
@@ -322,7 +250,8 @@ Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
   if (on_gpu) out_ << "train.device: cuda, rank 0 on " << describe_gpu() << "\n";
   batches_ = std::make_unique<BatchPipeline>(
       ds_.train, Shape{batch_, ds_.train.channels, ds_.train.height, ds_.train.width},
-      augment_of(cfg), static_cast<uint64_t>(cfg.train.seed), on_gpu);
+      augment_of(cfg), static_cast<uint64_t>(cfg.train.seed), /*double_buffered=*/on_gpu,
+      /*pinned=*/on_gpu);
 }
 
 void Trainer::broadcast_model() {
@@ -405,7 +334,7 @@ StepResult Trainer::train_step() {
 
   // Forward and loss.
   model_.forward(batch_slot_->x, logits_, /*train=*/true);
-  batch_slot_->copied.record();  // the buffer may be refilled once the forward has read it
+  batches_->mark_copied(*batch_slot_);  // refilled once the forward has read it
   int64_t correct = 0;
   float loss =
       nn::softmax_cross_entropy_any(logits_, batch_slot_->labels.data(), &dlogits_, &correct);
