@@ -1,8 +1,10 @@
 // The GPU engine against the CPU one (train.device = cuda): every CUDA layer's forward and backward
-// against its CPU layer on the same inputs and parameters, the loss, short GPU trainings of mlp and
-// cnn against the CPU's loss curves, GPU determinism and GPU resume bit for bit. Tests that need a
-// GPU skip without one; the error paths that need none (host tensors into a CUDA layer, no GPU,
-// models without GPU layers) run everywhere CUDA is built.
+// against its CPU layer on the same inputs and parameters, the loss, the device-resident model
+// state and its host syncs, the optimizer's device loop against its host loop (bit for bit), short
+// GPU trainings of mlp and cnn against the CPU's loss curves, GPU determinism and GPU resume bit
+// for bit, a CPU checkpoint resumed on the GPU and back, device out-of-memory errors. Tests that
+// need a GPU skip without one; the error paths that need none (host tensors into a CUDA layer, no
+// GPU, models without GPU layers) run everywhere CUDA is built.
 //
 // Tolerances, derived:
 //   GEMM layers (Linear, Conv2d): the CPU and the GPU sum the same K products in different orders.
@@ -661,13 +663,19 @@ TEST(GpuTrain, HundredStepsFollowTheCpuLossCurve) {
   }
 }
 
+// The cnn for 2 epochs of 40 batches, a checkpoint every 30 steps.
+Config checkpointing_config(const std::string& dir, TrainDevice device) {
+  Config c = gpu_config(dir, ModelKind::kCnn, device);
+  c.train.epochs = 2;
+  c.data.synthetic_train_size = 2560;
+  c.train.checkpoint_every_steps = 30;
+  return c;
+}
+
 TEST(GpuTrain, RerunAndResumeAreBitForBit) {
   REQUIRE_GPU();
   const std::string dir = temp_dir("resume");
-  Config c = gpu_config(dir, ModelKind::kCnn, TrainDevice::kCuda);
-  c.train.epochs = 2;
-  c.data.synthetic_train_size = 2560;  // 40 batches per epoch
-  c.train.checkpoint_every_steps = 30;
+  const Config c = checkpointing_config(dir, TrainDevice::kCuda);
   run(c);
   std::vector<nlohmann::json> full, again, resumed;
   step_losses(c.log.metrics_path, &full);
@@ -698,10 +706,7 @@ TEST(GpuTrain, RerunAndResumeAreBitForBit) {
 TEST(GpuTrain, CpuCheckpointResumesOnGpuAndBack) {
   REQUIRE_GPU();
   const std::string dir = temp_dir("cross");
-  Config cpu = gpu_config(dir, ModelKind::kCnn, TrainDevice::kCpu);
-  cpu.train.epochs = 2;
-  cpu.data.synthetic_train_size = 2560;  // 40 batches per epoch
-  cpu.train.checkpoint_every_steps = 30;
+  const Config cpu = checkpointing_config(dir, TrainDevice::kCpu);
   run(cpu);
   const auto full = step_losses(cpu.log.metrics_path);
   ASSERT_EQ(full.size(), 80u);
