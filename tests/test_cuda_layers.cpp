@@ -1,8 +1,10 @@
 // The GPU engine against the CPU one (train.device = cuda): every CUDA layer's forward and backward
-// against its CPU layer on the same inputs and parameters, the loss, short GPU trainings of mlp and
-// cnn against the CPU's loss curves, GPU determinism and GPU resume bit for bit. Tests that need a
-// GPU skip without one; the error paths that need none (host tensors into a CUDA layer, no GPU,
-// models without GPU layers) run everywhere CUDA is built.
+// against its CPU layer on the same inputs and parameters, the loss, the device-resident model
+// state and its host syncs, the optimizer's device loop against its host loop (bit for bit), short
+// GPU trainings of mlp and cnn against the CPU's loss curves, GPU determinism and GPU resume bit
+// for bit, a CPU checkpoint resumed on the GPU and back, device out-of-memory errors. Tests that
+// need a GPU skip without one; the error paths that need none (host tensors into a CUDA layer, no
+// GPU, models without GPU layers) run everywhere CUDA is built.
 //
 // Tolerances, derived:
 //   GEMM layers (Linear, Conv2d): the CPU and the GPU sum the same K products in different orders.
@@ -28,6 +30,7 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -43,6 +46,7 @@
 #include "src/nn/layer.h"
 #include "src/nn/layers_cuda.h"
 #include "src/nn/model.h"
+#include "src/train/optim.h"
 #include "src/train/trainer.h"
 #include "train_test.h"
 
@@ -245,8 +249,14 @@ TEST(GpuLayers, BatchNormMatchesCpu) {
         for (size_t i = 0; i < got.grads.size(); ++i)
           expect_within(got.grads[i], want.grads[i], relative_tol(want.grads[i], kBnTol),
                         "bn param grad " + std::to_string(i));
-        // The running statistics (host state of both layers) after one training forward.
+        // The running statistics after one training forward (the GPU layer's live on the device:
+        // copied into its host vectors here).
         const auto bc = cpu->buffers(), bg = gpu->buffers();
+        const auto dg = gpu->device_buffers();
+        ASSERT_EQ(dg.size(), bg.size());
+        for (size_t b = 0; b < bg.size(); ++b)
+          copy_floats(bg[b]->data(), Device::kCpu, dg[b], Device::kCuda,
+                      static_cast<int64_t>(bg[b]->size()));
         for (size_t b = 0; b < bc.size(); ++b)
           for (size_t i = 0; i < bc[b]->size(); ++i)
             EXPECT_NEAR((*bg[b])[i], (*bc[b])[i], kBnTol * (1.0 + std::fabs((*bc[b])[i])))
@@ -460,6 +470,139 @@ TEST(GpuModel, EveryModelMatchesCpuForwardAndBackward) {
   }
 }
 
+// A model on the GPU keeps its state on the device: a training forward changes the BN statistics
+// there and not the host copies until buffers_to_host(); save_buffers/restore_buffers undo a
+// forward's change on the device; to_host/to_device carry values both ways; the device finiteness
+// check finds a NaN and an Inf anywhere in the gradient arena.
+TEST(GpuModel, StateIsDeviceResidentAndSyncsOnRequest) {
+  REQUIRE_GPU();
+  ModelSpec spec;
+  spec.name = "cnn";
+  spec.quantized = false;
+  spec.device = Device::kCuda;
+  Model m(spec, 9);
+  ASSERT_NE(m.device_values(), nullptr);
+  ASSERT_NE(m.device_grads(), nullptr);
+  const int64_t np = m.num_params();
+  const auto host_buffers = [&] {
+    std::vector<std::vector<float>> out;
+    for (const std::vector<float>* b : m.buffers()) out.push_back(*b);
+    return out;
+  };
+  const auto initial = host_buffers();
+  const Tensor x = random_tensor({16, 1, 28, 28}, 70);
+  Tensor logits;
+  m.save_buffers();
+  m.forward(x, logits, true);
+  synchronize_device();
+  EXPECT_EQ(host_buffers(), initial) << "a training forward downloaded the BN statistics";
+  m.buffers_to_host();
+  const auto trained = host_buffers();
+  EXPECT_NE(trained, initial) << "the forward did not update the BN statistics on the device";
+  m.restore_buffers();  // back to the statistics before the forward, on the device
+  m.buffers_to_host();
+  EXPECT_EQ(host_buffers(), initial);
+  // Values: host edits reach the device only through to_device, and come back with to_host.
+  std::vector<float> v(m.values(), m.values() + np);
+  for (int64_t i = 0; i < np; ++i) m.values()[i] = 0.5f;
+  m.to_host();  // the device still holds the initial values
+  EXPECT_EQ(std::vector<float>(m.values(), m.values() + np), v);
+  for (int64_t i = 0; i < np; ++i) m.values()[i] = v[static_cast<size_t>(i)] * 2.0f;
+  m.to_device();
+  for (int64_t i = 0; i < np; ++i) m.values()[i] = 0.0f;
+  m.to_host();
+  for (int64_t i = 0; i < np; ++i) ASSERT_EQ(m.values()[i], v[static_cast<size_t>(i)] * 2.0f);
+  // The gradients: zero on the device, then a NaN, then an Inf, found there.
+  m.zero_grad();
+  EXPECT_TRUE(m.grads_finite());
+  for (const float bad : {std::nanf(""), -std::numeric_limits<float>::infinity()})
+    for (const int64_t at : {int64_t{0}, np / 2, np - 1}) {
+      m.zero_grad();
+      m.grads_to_host();
+      m.grads()[at] = bad;
+      m.grads_to_device();
+      EXPECT_FALSE(m.grads_finite()) << bad << " at " << at;
+    }
+}
+
+// The optimizer's device loop (bind_device) against its host loop on the same gradients: SGD with
+// momentum and weight decay (plain and Nesterov) on weights with and without decay, Adam on
+// quantizer steps placed between them (so the device loop's merged runs are interrupted), the
+// learning rate changing per step; values and state bit for bit after every step, and the state
+// through to_host/to_device (a checkpoint's round trip) continuing identically.
+TEST(GpuOptim, DeviceLoopMatchesHostOptimizerBitForBit) {
+  REQUIRE_GPU();
+  for (bool nesterov : {false, true}) {
+    SCOPED_TRACE(nesterov ? "nesterov" : "plain momentum");
+    const std::vector<std::pair<ParamGroup, bool>> layout = {
+        {ParamGroup::kWeights, true},    {ParamGroup::kWeights, false},
+        {ParamGroup::kQuantizer, false}, {ParamGroup::kWeights, true},
+        {ParamGroup::kWeights, true},    {ParamGroup::kQuantizer, false}};
+    const std::vector<int64_t> sizes = {1000, 37, 1, 513, 20000, 1};
+    int64_t n = 0;
+    for (int64_t c : sizes) n += c;
+    const Tensor init = random_tensor({n}, 80, 0.5f);
+    std::vector<float> hv(init.data(), init.data() + n), hg(static_cast<size_t>(n));
+    std::vector<float> dv_host(hv), dg_host(static_cast<size_t>(n));
+    std::vector<Param> hp(sizes.size()), dp(sizes.size());
+    int64_t off = 0;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      for (auto* ps : {&hp, &dp}) {
+        Param& p = (*ps)[i];
+        p.name = "p" + std::to_string(i);
+        p.shape = {sizes[i]};
+        p.group = layout[i].first;
+        p.decay = layout[i].second;
+      }
+      hp[i].value = Tensor::view(hv.data() + off, {sizes[i]});
+      hp[i].grad = Tensor::view(hg.data() + off, {sizes[i]});
+      dp[i].value = Tensor::view(dv_host.data() + off, {sizes[i]});
+      dp[i].grad = Tensor::view(dg_host.data() + off, {sizes[i]});
+      off += sizes[i];
+    }
+    std::vector<Param*> hptr, dptr;
+    for (size_t i = 0; i < sizes.size(); ++i) hptr.push_back(&hp[i]), dptr.push_back(&dp[i]);
+    train::OptimConfig cfg;
+    cfg.nesterov = nesterov;
+    cfg.quant_lr = 1e-3;  // a visible Adam update
+    train::Optimizer host(cfg, hptr, hv.data(), hg.data(), n);
+    train::Optimizer dev(cfg, dptr, dv_host.data(), dg_host.data(), n);
+    Tensor dvalues({n}, Device::kCuda), dgrads({n}, Device::kCuda);
+    copy_floats(dvalues.data(), Device::kCuda, dv_host.data(), Device::kCpu, n);
+    dev.bind_device(dvalues.data(), dgrads.data());
+    ASSERT_TRUE(dev.on_device());
+    for (int step = 1; step <= 6; ++step) {
+      SCOPED_TRACE("step " + std::to_string(step));
+      const Tensor g = random_tensor({n}, 90 + static_cast<uint64_t>(step), 0.1f);
+      std::copy(g.data(), g.data() + n, hg.begin());
+      copy_floats(dgrads.data(), Device::kCuda, g.data(), Device::kCpu, n);
+      const double lr = 0.1 / step;
+      host.step(lr);
+      dev.step(lr);
+      EXPECT_EQ(dev.steps(), host.steps());
+      const Tensor got = to_host(dvalues);
+      expect_bits(got, Tensor::view(hv.data(), {n}), "values");
+      dev.to_host();
+      expect_bits(Tensor::view(dev.momentum().data(), {n}),
+                  Tensor::view(host.momentum().data(), {n}), "momentum");
+      expect_bits(Tensor::view(dev.adam_m().data(), {n}), Tensor::view(host.adam_m().data(), {n}),
+                  "adam m");
+      expect_bits(Tensor::view(dev.adam_v().data(), {n}), Tensor::view(host.adam_v().data(), {n}),
+                  "adam v");
+      if (step == 3) {  // a checkpoint's round trip: the host state back onto the device
+        for (auto* v : {&dev.momentum(), &dev.adam_m(), &dev.adam_v()})
+          std::fill(v->begin(), v->end(), 0.0f);
+        dev.to_device();
+        dev.momentum() = host.momentum();
+        dev.adam_m() = host.adam_m();
+        dev.adam_v() = host.adam_v();
+        dev.to_device();
+      }
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 std::string temp_dir(const std::string& name) {
   const fs::path p =
       fs::temp_directory_path() / ("int4ddp_test_cuda_" + name + "_" + std::to_string(::getpid()));
@@ -520,13 +663,19 @@ TEST(GpuTrain, HundredStepsFollowTheCpuLossCurve) {
   }
 }
 
+// The cnn for 2 epochs of 40 batches, a checkpoint every 30 steps.
+Config checkpointing_config(const std::string& dir, TrainDevice device) {
+  Config c = gpu_config(dir, ModelKind::kCnn, device);
+  c.train.epochs = 2;
+  c.data.synthetic_train_size = 2560;
+  c.train.checkpoint_every_steps = 30;
+  return c;
+}
+
 TEST(GpuTrain, RerunAndResumeAreBitForBit) {
   REQUIRE_GPU();
   const std::string dir = temp_dir("resume");
-  Config c = gpu_config(dir, ModelKind::kCnn, TrainDevice::kCuda);
-  c.train.epochs = 2;
-  c.data.synthetic_train_size = 2560;  // 40 batches per epoch
-  c.train.checkpoint_every_steps = 30;
+  const Config c = checkpointing_config(dir, TrainDevice::kCuda);
   run(c);
   std::vector<nlohmann::json> full, again, resumed;
   step_losses(c.log.metrics_path, &full);
@@ -547,6 +696,56 @@ TEST(GpuTrain, RerunAndResumeAreBitForBit) {
   const size_t off = full.size() - resumed.size();
   for (size_t i = 0; i < resumed.size(); ++i)
     EXPECT_EQ(resumed[i], full[off + i]) << "line " << i << " of the resumed run";
+  fs::remove_all(dir);
+}
+
+// The checkpoint format is the same on both devices: a CPU run's checkpoint resumes on the GPU,
+// and the GPU run's checkpoint resumes on the CPU; both continue the CPU run's loss curve within
+// kCurveTol (the bits differ across devices: other summation orders), and the GPU checkpoint
+// evaluates on the CPU as on the GPU.
+TEST(GpuTrain, CpuCheckpointResumesOnGpuAndBack) {
+  REQUIRE_GPU();
+  const std::string dir = temp_dir("cross");
+  const Config cpu = checkpointing_config(dir, TrainDevice::kCpu);
+  run(cpu);
+  const auto full = step_losses(cpu.log.metrics_path);
+  ASSERT_EQ(full.size(), 80u);
+  Config gpu = cpu;  // resumed on the GPU at step 30, checkpoints every 30 steps (60 comes)
+  gpu.train.device = TrainDevice::kCuda;
+  gpu.train.resume = dir + "/ck/step_30.ckpt";
+  gpu.train.checkpoint_dir = dir + "/ck_gpu";
+  gpu.log.metrics_path = dir + "/gpu.jsonl";
+  run(gpu);
+  Config back = cpu;  // and back on the CPU at step 60
+  back.train.resume = dir + "/ck_gpu/step_60.ckpt";
+  back.train.checkpoint_dir = dir + "/ck_back";
+  back.log.metrics_path = dir + "/back.jsonl";
+  run(back);
+  const auto on_gpu = step_losses(gpu.log.metrics_path),
+             on_cpu = step_losses(back.log.metrics_path);
+  ASSERT_EQ(on_gpu.size(), 50u);  // batches 31..80
+  ASSERT_EQ(on_cpu.size(), 20u);  // batches 61..80
+  double worst = 0;
+  for (const auto* part : {&on_gpu, &on_cpu})
+    for (size_t i = 0; i < part->size(); ++i) {
+      const auto& [batch, loss] = (*part)[i];
+      const auto& want = full[full.size() - part->size() + i];
+      EXPECT_EQ(batch, want.first);
+      worst = std::max(worst, std::fabs(loss - want.second));
+    }
+  std::cout << "cnn CPU -> GPU -> CPU resume: largest per-step loss difference from the CPU run "
+            << worst << " (tolerance " << kCurveTol << ")\n";
+  EXPECT_LE(worst, kCurveTol);
+  // The first resumed step on the GPU starts from the CPU's state: its loss is the CPU's within a
+  // few ulps of one step (the same tolerance as a forward, kLossTol, on a loss near 1).
+  EXPECT_NEAR(on_gpu.front().second, full[30].second, 1e-4);
+  std::ostringstream out;
+  const train::EvalSummary eg = train::run_eval(dir + "/ck_gpu/step_60.ckpt", {}, out);
+  const train::EvalSummary ec =
+      train::run_eval(dir + "/ck_gpu/step_60.ckpt", {"train.device=cpu"}, out);
+  EXPECT_EQ(eg.count, ec.count);
+  EXPECT_NEAR(eg.accuracy, ec.accuracy, 0.01);
+  EXPECT_NEAR(eg.loss, ec.loss, kCurveTol);
   fs::remove_all(dir);
 }
 
@@ -581,6 +780,20 @@ TEST(GpuErrors, NoGpuIsAClearErrorNamingTheRank) {
   if (quant::cuda::device_available()) GTEST_SKIP() << "a GPU is present";
   const std::string msg = error_of([] { select_gpu(); });
   EXPECT_NE(msg.find("train.device = cuda: no CUDA device on rank 0"), std::string::npos) << msg;
+}
+
+TEST(GpuErrors, TooLittleDeviceMemoryNamesTheCallTheRankAndTheSize) {
+  REQUIRE_GPU();
+  const int64_t floats = int64_t{1} << 42;  // 16 TiB
+  const std::string msg = error_of([&] { allocate_floats(Device::kCuda, false, floats); });
+  EXPECT_NE(msg.find("cudaMalloc on rank 0"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("out of device memory allocating " + std::to_string(floats * 4) + " bytes"),
+            std::string::npos)
+      << msg;
+  // The failure is not sticky: the GPU still works.
+  Tensor t({4}, Device::kCuda);
+  t.zero();
+  EXPECT_EQ(to_host(t)[3], 0.0f);
 }
 
 }  // namespace

@@ -4,14 +4,18 @@
 // data paths fail before training.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "kernels/common/error.h"
 #include "src/config/config.h"
 #include "src/core/tensor.h"
+#include "src/nn/model.h"
+#include "src/train/batch_pipeline.h"
 #include "src/train/optim.h"
 #include "src/train/trainer.h"
 #include "train_test.h"
@@ -219,6 +223,77 @@ TEST(Train, BadDatasetPathFailsBeforeTraining) {
   EXPECT_THROW(run(c), Error);
   EXPECT_FALSE(fs::exists(c.log.metrics_path)) << "metrics written before the data was checked";
   fs::remove_all(dir);
+}
+
+// The double-buffered batches (the GPU's, here in plain host memory) are the serial ones: every
+// batch of two epochs with crops and flips, prefetched while the previous one is in use, equals
+// assemble_batch's; a prefetched batch that is not asked for is replaced by the one asked for.
+TEST(BatchPipeline, DoubleBufferedBatchesAreTheSerialOnes) {
+  data::SyntheticConfig sc;
+  sc.train_count = 200;
+  const data::Dataset d = data::make_synthetic(sc, "train");
+  data::AugmentConfig aug;
+  aug.crop_pad = 2;
+  aug.flip = true;
+  const int64_t batch = 16, per_epoch = d.count / batch;
+  const Shape shape = {batch, d.channels, d.height, d.width};
+  const uint64_t seed = 5;
+  BatchPipeline serial(d, shape, aug, seed, false, false), piped(d, shape, aug, seed, true, false);
+  std::vector<float> want(static_cast<size_t>(shape_numel(shape)));
+  std::vector<int32_t> want_labels(static_cast<size_t>(batch));
+  const BatchPipeline::Slot* previous = nullptr;
+  for (int64_t epoch = 0; epoch < 2; ++epoch) {
+    const std::vector<int64_t> perm = data::epoch_permutation(d.count, seed, epoch);
+    for (int64_t b = 0; b < per_epoch; ++b) {
+      SCOPED_TRACE("epoch " + std::to_string(epoch) + " batch " + std::to_string(b));
+      const int64_t* idx = perm.data() + b * batch;
+      data::assemble_batch(d, idx, batch, aug, seed, epoch, want.data(), want_labels.data());
+      BatchPipeline::Slot& got = piped.take(epoch, b, idx);
+      EXPECT_NE(&got, previous) << "the two buffers take turns";
+      previous = &got;
+      // The next batch, or (in the middle of epoch 0) one that is never asked for.
+      if (b + 1 < per_epoch)
+        piped.prefetch(epoch, epoch == 0 && b == 5 ? b + 2 : b + 1, idx + batch);
+      ASSERT_EQ(got.labels, want_labels);
+      ASSERT_EQ(0, std::memcmp(got.x.data(), want.data(), sizeof(float) * want.size()));
+      BatchPipeline::Slot& one = serial.take(epoch, b, idx);
+      ASSERT_EQ(0, std::memcmp(one.x.data(), want.data(), sizeof(float) * want.size()));
+    }
+  }
+}
+
+// The host side of the model's device syncs on a CPU model: the syncs change nothing, the BN
+// statistics come back from save_buffers(), and a NaN or Inf gradient is found.
+TEST(ModelSyncs, CpuModelSavesBuffersAndFindsNonFiniteGradients) {
+  nn::ModelSpec spec;
+  spec.name = "cnn";
+  spec.quantized = false;
+  nn::Model m(spec, 3);
+  EXPECT_EQ(m.device_values(), nullptr);
+  EXPECT_EQ(m.device_grads(), nullptr);
+  const std::vector<float> v0(m.values(), m.values() + m.num_params());
+  m.to_host();
+  m.to_device();
+  m.grads_to_host();
+  m.grads_to_device();
+  m.buffers_to_host();
+  m.buffers_to_device();
+  EXPECT_EQ(std::vector<float>(m.values(), m.values() + m.num_params()), v0);
+  const auto buffers = m.buffers();
+  ASSERT_FALSE(buffers.empty());
+  std::vector<std::vector<float>> before;
+  for (const std::vector<float>* b : buffers) before.push_back(*b);
+  m.save_buffers();
+  for (std::vector<float>* b : buffers) std::fill(b->begin(), b->end(), 7.0f);
+  m.restore_buffers();
+  for (size_t i = 0; i < buffers.size(); ++i) EXPECT_EQ(*buffers[i], before[i]);
+  m.zero_grad();
+  EXPECT_TRUE(m.grads_finite());
+  m.grads()[m.num_params() - 1] = std::numeric_limits<float>::infinity();
+  EXPECT_FALSE(m.grads_finite());
+  m.grads()[m.num_params() - 1] = 0.0f;
+  m.grads()[0] = std::nanf("");
+  EXPECT_FALSE(m.grads_finite());
 }
 
 }  // namespace

@@ -23,6 +23,11 @@ const char* device_name(Device d) { return d == Device::kCuda ? "cuda" : "cpu"; 
 
 #ifdef INT4DDP_HAVE_CUDA
 
+namespace {
+// The rank errors name: the launcher's, 0 for a process started without one.
+int this_rank() { return std::max(0, launcher_rank()); }
+}  // namespace
+
 bool cuda_built() { return true; }
 
 int select_gpu() {
@@ -32,7 +37,7 @@ int select_gpu() {
     int count = 0;
     const cudaError_t rc = cudaGetDeviceCount(&count);
     INT4DDP_CHECK(rc == cudaSuccess && count > 0, "train.device = cuda: no CUDA device on rank ",
-                  std::max(0, launcher_rank()), " (cudaGetDeviceCount: ",
+                  this_rank(), " (cudaGetDeviceCount: ",
                   rc == cudaSuccess ? std::string("0 devices") : detail::cuda_error_text(rc), ")");
     device = launcher_local_rank() % count;
     INT4DDP_CUDA_CHECK(cudaSetDevice(device));
@@ -75,7 +80,7 @@ std::shared_ptr<float> allocate_floats(Device device, bool pinned, int64_t count
       (void)cudaGetLastError();  // an allocation failure is not sticky: clear it
       size_t free_bytes = 0, total_bytes = 0;
       cudaMemGetInfo(&free_bytes, &total_bytes);
-      INT4DDP_FAIL("CUDA error in cudaMalloc on rank ", launcher_rank(), ": out of device memory ",
+      INT4DDP_FAIL("CUDA error in cudaMalloc on rank ", this_rank(), ": out of device memory ",
                    "allocating ", nbytes, " bytes (", free_bytes, " of ", total_bytes,
                    " bytes free on GPU ", select_gpu(), "); use a smaller train.batch_size");
     }
@@ -83,7 +88,14 @@ std::shared_ptr<float> allocate_floats(Device device, bool pinned, int64_t count
     INT4DDP_CUDA_CHECK(cudaMemsetAsync(p, 0, nbytes, compute_stream()));
     return std::shared_ptr<float>(static_cast<float*>(p), [](float* q) { cudaFree(q); });
   }
-  INT4DDP_CUDA_CHECK(cudaMallocHost(&p, nbytes));
+  const cudaError_t rc = cudaMallocHost(&p, nbytes);
+  if (rc == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    INT4DDP_FAIL("CUDA error in cudaMallocHost on rank ", this_rank(),
+                 ": out of page-locked host memory allocating ", nbytes,
+                 " bytes; use a smaller train.batch_size");
+  }
+  INT4DDP_CUDA_CHECK(rc);
   std::memset(p, 0, nbytes);
   return std::shared_ptr<float>(static_cast<float*>(p), [](float* q) { cudaFreeHost(q); });
 }
@@ -110,6 +122,27 @@ void zero_floats(float* p, Device device, int64_t count) {
 }
 
 void synchronize_device() { INT4DDP_CUDA_CHECK(cudaStreamSynchronize(compute_stream())); }
+
+StreamEvent::~StreamEvent() {
+  if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));  // no throw from a destructor
+}
+
+void StreamEvent::record() {
+  if (!event_) {
+    select_gpu();
+    cudaEvent_t e = nullptr;
+    INT4DDP_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    event_ = e;
+  }
+  INT4DDP_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event_), compute_stream()));
+  recorded_ = true;
+}
+
+void StreamEvent::wait() {
+  if (!recorded_) return;
+  select_gpu();  // this thread too (the batch loader's)
+  INT4DDP_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
+}
 
 #else  // no CUDA
 
@@ -146,6 +179,10 @@ void zero_floats(float* p, Device device, int64_t count) {
 }
 
 void synchronize_device() {}
+
+StreamEvent::~StreamEvent() = default;
+void StreamEvent::record() {}
+void StreamEvent::wait() {}
 
 #endif
 

@@ -45,4 +45,22 @@ void zero_floats(float* p, Device device, int64_t count);
 // Waits for everything enqueued on the compute stream (no-op without CUDA).
 void synchronize_device();
 
+// A marker on the compute stream (a CUDA event): record() marks the work enqueued so far, wait()
+// blocks the calling thread until that work is done (at once when nothing was recorded). The
+// trainer's double-buffered batch loading waits on it before it overwrites a pinned buffer whose
+// copy to the GPU may still be in flight. Without CUDA both are no-ops.
+class StreamEvent {
+ public:
+  StreamEvent() = default;
+  ~StreamEvent();
+  StreamEvent(const StreamEvent&) = delete;
+  StreamEvent& operator=(const StreamEvent&) = delete;
+  void record();
+  void wait();
+
+ private:
+  void* event_ = nullptr;  // cudaEvent_t, created on the first record()
+  bool recorded_ = false;
+};
+
 }  // namespace int4ddp

@@ -103,9 +103,10 @@ struct Param {
   bool decay = true;  // weight decay applies (weights yes; biases, BN affine, quantizer steps no)
   Tensor value;       // view into the value arena once bound
   Tensor grad;        // view into the gradient arena once bound; accumulated with +=
-  // A model on the GPU (train.device = cuda): views into its device arenas, the copies its CUDA
-  // layers compute with (value and grad above stay the host arenas the optimizer, checkpoints and
-  // the all-reduce use; the Model moves data between them). Empty on the CPU.
+  // A model on the GPU (train.device = cuda): views into its device arenas, the state its CUDA
+  // layers and the optimizer work on (value and grad above are then host copies, synced by the
+  // Model where the host reads or writes them: checkpoints, broadcasts, host buckets). Empty on
+  // the CPU.
   Tensor device_value, device_grad;
 };
 

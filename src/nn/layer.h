@@ -68,6 +68,10 @@ class Layer {
   virtual std::vector<Param*> params() { return {}; }
   // Non-trainable state that belongs to the model (BatchNorm running statistics), in a fixed order.
   virtual std::vector<std::vector<float>*> buffers() { return {}; }
+  // A CUDA layer's device copies of buffers(), in the same order and sizes: the state it computes
+  // with. The model copies them to and from the host vectors where those are read or written
+  // (checkpoints, rank averaging). Empty for host layers.
+  virtual std::vector<float*> device_buffers() { return {}; }
 };
 
 // y = x W^T + b; x (n, in) or any (n, ...) flattened to in features; W (out, in).
@@ -258,6 +262,7 @@ class Sequential : public Layer {
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
   std::vector<Param*> params() override;
   std::vector<std::vector<float>*> buffers() override;
+  std::vector<float*> device_buffers() override;
   const std::vector<std::unique_ptr<Layer>>& layers() const { return layers_; }
   // Called after layers_[i]'s backward (i descending); empty = none.
   void set_backward_hook(std::function<void(size_t)> hook) { hook_ = std::move(hook); }

@@ -232,6 +232,13 @@ std::vector<std::vector<float>*> Sequential::buffers() {
   return out;
 }
 
+std::vector<float*> Sequential::device_buffers() {
+  std::vector<float*> out;
+  for (auto& l : layers_)
+    for (float* b : l->device_buffers()) out.push_back(b);
+  return out;
+}
+
 void Sequential::forward(const Tensor& x, Tensor& y, bool train) {
   INT4DDP_CHECK(!layers_.empty(), name_, ": no layers");
   acts_.resize(layers_.size());

@@ -295,25 +295,24 @@ class CudaBatchNorm : public Layer {
     running_mean_.assign(static_cast<size_t>(channels), 0.0f);
     running_var_.assign(static_cast<size_t>(channels), 1.0f);
     state_.resize({6 * channels}, Device::kCuda);
+    copy_floats(state_.data(), Device::kCuda, running_mean_.data(), Device::kCpu, channels);
+    copy_floats(state_.data() + channels, Device::kCuda, running_var_.data(), Device::kCpu,
+                channels);
   }
   std::string name() const override { return name_; }
   std::vector<Param*> params() override { return {&gamma_, &beta_}; }
   std::vector<std::vector<float>*> buffers() override { return {&running_mean_, &running_var_}; }
+  std::vector<float*> device_buffers() override {
+    return {state_.data(), state_.data() + channels_};
+  }
 
   void forward(const Tensor& x, Tensor& y, bool train) override {
     check_on_gpu(x, name_, "input");
     const mc::BatchNormShape s = shape_of(x);
     y.resize(x.shape(), Device::kCuda);
-    const mc::BatchNormParams p = params_of();
-    copy_floats(p.running_mean, Device::kCuda, running_mean_.data(), Device::kCpu, channels_);
-    copy_floats(p.running_var, Device::kCuda, running_var_.data(), Device::kCpu, channels_);
-    mc::batchnorm_forward_async(s, x.data(), y.data(), train, p,
+    mc::batchnorm_forward_async(s, x.data(), y.data(), train, params_of(),
                                 doubles(workspace_, mc::batchnorm_workspace_count(s)),
                                 compute_stream());
-    if (train) {  // the host copies stay the layer's state (checkpoints, averaging, restore)
-      copy_floats(running_mean_.data(), Device::kCpu, p.running_mean, Device::kCuda, channels_);
-      copy_floats(running_var_.data(), Device::kCpu, p.running_var, Device::kCuda, channels_);
-    }
   }
 
   void backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) override {
@@ -357,7 +356,11 @@ class CudaBatchNorm : public Layer {
   bool relu_;
   float momentum_ = 0.1f, eps_ = 1e-5f;  // BatchNorm's defaults
   Param gamma_, beta_;
-  std::vector<float> running_mean_, running_var_;  // (channels) host, the layer's state
+  // The running statistics: state_'s first 2 * channels floats are the layer's own (forward reads
+  // and updates them on the device); the host vectors are their copies for checkpoints, rank
+  // averaging and a skipped step's restore, synced by the model (Model::buffers_to_host,
+  // buffers_to_device).
+  std::vector<float> running_mean_, running_var_;  // (channels) host
   Tensor state_;                                   // (6 * channels) device, see params_of
   Tensor workspace_;                               // device doubles of the BN reductions
 };
@@ -398,6 +401,11 @@ class CudaResidualBlock : public Layer {
   std::vector<std::vector<float>*> buffers() override {
     std::vector<std::vector<float>*> out = body_.buffers();
     for (std::vector<float>* b : shortcut_.buffers()) out.push_back(b);
+    return out;
+  }
+  std::vector<float*> device_buffers() override {
+    std::vector<float*> out = body_.device_buffers();
+    for (float* b : shortcut_.device_buffers()) out.push_back(b);
     return out;
   }
 

@@ -30,9 +30,9 @@ std::unique_ptr<Layer> make_cuda_conv2d(std::string name, int64_t in, int64_t ou
                                         int stride, int pad);
 std::unique_ptr<Layer> make_cuda_relu(std::string name);
 // BatchNorm over (n, h, w) per channel, with the fused ReLU when relu (BatchNorm::with_relu). The
-// running statistics stay host vectors (buffers(), as on the CPU: checkpoints, rank averaging and
-// a skipped step's restore read and write them); forward uploads them and a training forward
-// downloads the updated values.
+// running statistics live on the device (device_buffers(): forward reads and updates them there);
+// buffers() are host copies that the model syncs where they are read or written (checkpoints,
+// rank averaging), never per step.
 std::unique_ptr<Layer> make_cuda_batchnorm(std::string name, int64_t channels, bool relu);
 // Max pooling as nn::MaxPool2d (window, stride, pad; padding never wins).
 std::unique_ptr<Layer> make_cuda_maxpool(std::string name, int window, int stride, int pad);

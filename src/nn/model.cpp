@@ -10,6 +10,11 @@
 #include "src/nn/layers_cuda.h"
 #include "src/nn/quant_layers_cuda.h"
 
+#ifdef INT4DDP_HAVE_CUDA
+#include "kernels/math/cuda/nn_cuda.h"
+#include "src/core/device_cuda.h"
+#endif
+
 namespace int4ddp::nn {
 
 Model::Model(const ModelSpec& spec, uint64_t seed) : spec_(spec) {
@@ -232,6 +237,109 @@ void Model::bind_device_arena() {
     p->device_value = Tensor::view(device_values_.data() + off, p->shape, Device::kCuda);
     p->device_grad = Tensor::view(device_grads_.data() + off, p->shape, Device::kCuda);
   }
+  to_device();
+}
+
+std::vector<std::pair<std::vector<float>*, float*>> Model::buffer_pairs() {
+  const std::vector<std::vector<float>*> host = net_.buffers();
+  const std::vector<float*> device = net_.device_buffers();
+  INT4DDP_CHECK(host.size() == device.size(), "model ", spec_.name, ": ", device.size(),
+                " device buffers for ", host.size(), " host buffers");
+  std::vector<std::pair<std::vector<float>*, float*>> out;
+  for (size_t i = 0; i < host.size(); ++i) out.emplace_back(host[i], device[i]);
+  return out;
+}
+
+void Model::to_host() {
+  if (spec_.device != Device::kCuda) return;
+  copy_floats(values_.data(), Device::kCpu, device_values_.data(), Device::kCuda, num_params());
+  buffers_to_host();
+}
+
+void Model::to_device() {
+  if (spec_.device != Device::kCuda) return;
+  copy_floats(device_values_.data(), Device::kCuda, values_.data(), Device::kCpu, num_params());
+  buffers_to_device();
+}
+
+void Model::buffers_to_host() {
+  if (spec_.device != Device::kCuda) return;
+  for (auto& [host, device] : buffer_pairs())
+    copy_floats(host->data(), Device::kCpu, device, Device::kCuda,
+                static_cast<int64_t>(host->size()));
+}
+
+void Model::buffers_to_device() {
+  if (spec_.device != Device::kCuda) return;
+  for (auto& [host, device] : buffer_pairs())
+    copy_floats(device, Device::kCuda, host->data(), Device::kCpu,
+                static_cast<int64_t>(host->size()));
+}
+
+void Model::grads_to_host() {
+  if (spec_.device != Device::kCuda) return;
+  copy_floats(grads_.data(), Device::kCpu, device_grads_.data(), Device::kCuda, num_params());
+}
+
+void Model::grads_to_device() {
+  if (spec_.device != Device::kCuda) return;
+  copy_floats(device_grads_.data(), Device::kCuda, grads_.data(), Device::kCpu, num_params());
+}
+
+bool Model::grads_finite() {
+  if (spec_.device != Device::kCuda) {
+    const float* g = grads_.data();
+    for (int64_t i = 0, n = num_params(); i < n; ++i)
+      if (!std::isfinite(g[i])) return false;
+    return true;
+  }
+#ifdef INT4DDP_HAVE_CUDA
+  nonfinite_flag_.resize({1}, Device::kCuda);
+  int32_t* flag = reinterpret_cast<int32_t*>(nonfinite_flag_.data());
+  zero_floats(nonfinite_flag_.data(), Device::kCuda, 1);
+  math::cuda::flag_nonfinite_async(device_grads_.data(), num_params(), flag, compute_stream());
+  int32_t found = 0;
+  copy_bytes(&found, Device::kCpu, flag, Device::kCuda, sizeof found);
+  return found == 0;
+#else
+  INT4DDP_FAIL("model ", spec_.name, ": a model on the GPU needs a CUDA build");
+#endif
+}
+
+void Model::save_buffers() {
+  if (spec_.device != Device::kCuda) {
+    saved_buffers_.clear();
+    for (std::vector<float>* b : net_.buffers()) saved_buffers_.push_back(*b);
+    return;
+  }
+  const auto pairs = buffer_pairs();
+  int64_t total = 0;
+  for (const auto& pr : pairs) total += static_cast<int64_t>(pr.first->size());
+  device_saved_buffers_.resize({total}, Device::kCuda);
+  int64_t off = 0;
+  for (const auto& [host, device] : pairs) {
+    const auto n = static_cast<int64_t>(host->size());
+    copy_floats(device_saved_buffers_.data() + off, Device::kCuda, device, Device::kCuda, n);
+    off += n;
+  }
+}
+
+void Model::restore_buffers() {
+  if (spec_.device != Device::kCuda) {
+    const auto buffers = net_.buffers();
+    INT4DDP_CHECK(saved_buffers_.size() == buffers.size(),
+                  "model: restore_buffers() without save_buffers()");
+    for (size_t i = 0; i < buffers.size(); ++i) *buffers[i] = saved_buffers_[i];
+    return;
+  }
+  int64_t off = 0;
+  for (const auto& [host, device] : buffer_pairs()) {
+    const auto n = static_cast<int64_t>(host->size());
+    INT4DDP_CHECK(off + n <= device_saved_buffers_.numel(),
+                  "model: restore_buffers() without save_buffers()");
+    copy_floats(device, Device::kCuda, device_saved_buffers_.data() + off, Device::kCuda, n);
+    off += n;
+  }
 }
 
 std::vector<std::pair<int64_t, int64_t>> Model::param_segments() const {
@@ -242,8 +350,7 @@ std::vector<std::pair<int64_t, int64_t>> Model::param_segments() const {
 
 void Model::forward(const Tensor& x, Tensor& logits, bool train) {
   if (spec_.device == Device::kCuda) {
-    // The host arena is the master copy (the optimizer steps it): upload it, then the input.
-    copy_floats(device_values_.data(), Device::kCuda, values_.data(), Device::kCpu, num_params());
+    // The parameters are already on the device (device-resident): only the input goes over.
     if (input_.device() != Device::kCuda) input_ = Tensor({0}, Device::kCuda);
     input_.copy_from(x);
     net_.forward(input_, logits, train);
@@ -256,8 +363,9 @@ void Model::forward(const Tensor& x, Tensor& logits, bool train) {
 
 void Model::backward(const Tensor& dlogits, const std::function<void(int64_t)>& ready) {
   const Tensor unused;  // Sequential::backward reads activations it kept, not y
-  if (spec_.device == Device::kCuda) {
-    // Each layer's gradients come down to the host arena before ready() announces them.
+  if (spec_.device == Device::kCuda && ready) {
+    // The host buckets' hand-off: each layer's gradients come down to the host arena before
+    // ready() announces them.
     int64_t on_host = num_params();  // grads_[on_host, num_params) are downloaded
     auto download = [&](int64_t from) {
       if (from >= on_host) return;
@@ -267,7 +375,7 @@ void Model::backward(const Tensor& dlogits, const std::function<void(int64_t)>& 
     };
     net_.set_backward_hook([&](size_t i) {
       download(ready_offset_[i]);
-      if (ready) ready(ready_offset_[i]);
+      ready(ready_offset_[i]);
     });
     net_.backward(input_, unused, dlogits, nullptr);
     net_.set_backward_hook({});
@@ -280,7 +388,10 @@ void Model::backward(const Tensor& dlogits, const std::function<void(int64_t)>& 
 }
 
 void Model::zero_grad() {
-  if (spec_.device == Device::kCuda) device_grads_.zero();
+  if (spec_.device == Device::kCuda) {
+    device_grads_.zero();
+    return;
+  }
   constexpr int64_t kBlock = 65536;
   const int64_t n = static_cast<int64_t>(grads_.size());
   parallel_for((n + kBlock - 1) / kBlock, [&](int64_t b) {

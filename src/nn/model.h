@@ -11,6 +11,14 @@
 //
 // All parameters live in two flat arenas (values, gradients), in forward layer order, with per-
 // parameter views; a gradient bucket is therefore a contiguous span (reverse order = from the end).
+//
+// A model on the GPU (train.device = cuda) is device-resident: its CUDA layers compute with device
+// arenas of the same layout (device_values(), device_grads()) and keep the BatchNorm running
+// statistics on the device, the optimizer steps the device arenas, and nothing moves between host
+// and device per step. The host arenas and buffers() are copies, refreshed only where the host
+// reads or writes them: to_host() before a checkpoint or a broadcast, to_device() after
+// initialisation, a loaded checkpoint or a broadcast, buffers_to_host/device around the ranks'
+// averaging. On the CPU every sync is a no-op.
 #pragma once
 
 #include <functional>
@@ -47,20 +55,41 @@ class Model {
   // x may be a host tensor on either device (a model on the GPU copies it over on its stream; a
   // pinned x makes that copy asynchronous); logits are on the model's device.
   void forward(const Tensor& x, Tensor& logits, bool train);
-  // Backward from dL/dlogits of the last forward; parameter gradients accumulate in the arena.
-  // On the GPU the host gradient arena receives each layer's gradients before ready() is called
-  // for them (and all of them before backward returns).
+  // Backward from dL/dlogits of the last forward; parameter gradients accumulate in the arena (on
+  // the GPU: the device arena).
   // ready(offset), if given, is called during backward whenever every gradient at arena offset
   // >= offset is final (offsets descend; the last call has offset 0 or the first parameter's).
+  // On the GPU a ready() callback means the host buckets consume the gradients (data parallelism
+  // with host buffers): each layer's gradients come down to the host arena before ready() announces
+  // them, and grads_to_device() sends the all-reduced host gradients back before the update. This
+  // is the one place that hands gradients from the device to the host engine.
   void backward(const Tensor& dlogits, const std::function<void(int64_t)>& ready = {});
   // Gradient tensors as (arena offset, count), in forward order.
   std::vector<std::pair<int64_t, int64_t>> param_segments() const;
 
   std::vector<Param*>& params() { return params_; }
   int64_t num_params() const { return static_cast<int64_t>(values_.size()); }
-  float* values() { return values_.data(); }  // (num_params) fp32, all parameters
-  float* grads() { return grads_.data(); }    // (num_params) fp32, all gradients
+  float* values() { return values_.data(); }  // (num_params) fp32, all parameters, host
+  float* grads() { return grads_.data(); }    // (num_params) fp32, all gradients, host
+  // The device arenas of a model on the GPU, same layout as values() and grads(); null on the CPU.
+  float* device_values() { return device_values_.data(); }
+  float* device_grads() { return device_grads_.data(); }
+  // Zeroes the gradients where the model computes them (the device arena on the GPU).
   void zero_grad();
+
+  // Host <-> device syncs of a model on the GPU (see the top of this file); no-ops on the CPU.
+  void to_host();            // parameter values and BN statistics, device -> host
+  void to_device();          // parameter values and BN statistics, host -> device
+  void buffers_to_host();    // BN statistics only
+  void buffers_to_device();  // BN statistics only
+  void grads_to_host();      // the whole gradient arena, device -> host
+  void grads_to_device();    // the whole gradient arena, host -> device
+  // True when no gradient is NaN or +-Inf (on the GPU checked there; one flag is read back).
+  bool grads_finite();
+  // A copy of the BN statistics (on the model's device), and its restore: a skipped step must not
+  // keep the statistics its training forward changed.
+  void save_buffers();
+  void restore_buffers();
 
   QuantContext& quant_context() { return ctx_; }
   const std::vector<QuantizedOp*>& quantized_ops() const { return qops_; }
@@ -99,17 +128,20 @@ class Model {
                                         int64_t mid_channels, std::unique_ptr<Layer> conv2,
                                         int64_t in_channels, int64_t out_channels, int stride,
                                         std::unique_ptr<Layer> projection = nullptr) const;
-  // A model on the GPU: the device arenas mirror values_ and grads_ (DESIGN.md section 3). The
-  // host arenas stay the master copy the optimizer, checkpoints and the all-reduce use: forward
-  // uploads the values, backward downloads the gradients.
+  // A model on the GPU: device arenas of values_'s and grads_'s layout, the values uploaded.
   void bind_device_arena();
+  // Every BN statistic as (host vector, device copy), in buffers() order.
+  std::vector<std::pair<std::vector<float>*, float*>> buffer_pairs();
 
   ModelSpec spec_;
   QuantContext ctx_;
   Sequential net_{"model"};
   std::vector<Param*> params_;
   std::vector<float> values_, grads_;
-  Tensor device_values_, device_grads_;  // (num_params) fp32, device; empty on the CPU
+  Tensor device_values_, device_grads_;            // (num_params) fp32, device; empty on the CPU
+  std::vector<std::vector<float>> saved_buffers_;  // save_buffers()'s copy, CPU
+  Tensor device_saved_buffers_;                    // save_buffers()'s copy, GPU (all, back to back)
+  Tensor nonfinite_flag_;                          // grads_finite()'s int32 flag, GPU
   std::vector<QuantizedOp*> qops_;
   uint32_t next_layer_id_ = 0;
   Tensor input_;  // copy of the last forward's input (the first layer's backward reads it)

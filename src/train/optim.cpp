@@ -7,6 +7,11 @@
 #include "kernels/common/error.h"
 #include "kernels/common/parallel.h"
 
+#ifdef INT4DDP_HAVE_CUDA
+#include "kernels/math/cuda/nn_cuda.h"
+#include "src/core/device_cuda.h"
+#endif
+
 namespace int4ddp::train {
 namespace {
 
@@ -30,13 +35,83 @@ Optimizer::Optimizer(const OptimConfig& cfg, const std::vector<Param*>& params, 
   adam_v_.assign(static_cast<size_t>(n), 0.0f);
 }
 
+void Optimizer::bind_device(float* device_values, float* device_grads) {
+  INT4DDP_CHECK(device_values && device_grads, "optimizer: bind_device needs the device arenas");
+  const auto n = static_cast<int64_t>(momentum_.size());
+  device_state_.resize({3 * n}, Device::kCuda);
+  device_values_ = device_values;
+  device_grads_ = device_grads;
+  device_runs_.clear();
+  for (const Range& r : ranges_) {
+    if (!device_runs_.empty()) {
+      Range& last = device_runs_.back();
+      if (last.offset + last.count == r.offset && last.group == r.group && last.decay == r.decay) {
+        last.count += r.count;
+        continue;
+      }
+    }
+    device_runs_.push_back(r);
+  }
+  to_device();
+}
+
+void Optimizer::to_host() {
+  if (!on_device()) return;
+  const auto n = static_cast<int64_t>(momentum_.size());
+  copy_floats(momentum_.data(), Device::kCpu, device_state_.data(), Device::kCuda, n);
+  copy_floats(adam_m_.data(), Device::kCpu, device_state_.data() + n, Device::kCuda, n);
+  copy_floats(adam_v_.data(), Device::kCpu, device_state_.data() + 2 * n, Device::kCuda, n);
+}
+
+void Optimizer::to_device() {
+  if (!on_device()) return;
+  const auto n = static_cast<int64_t>(momentum_.size());
+  copy_floats(device_state_.data(), Device::kCuda, momentum_.data(), Device::kCpu, n);
+  copy_floats(device_state_.data() + n, Device::kCuda, adam_m_.data(), Device::kCpu, n);
+  copy_floats(device_state_.data() + 2 * n, Device::kCuda, adam_v_.data(), Device::kCpu, n);
+}
+
+void Optimizer::step_device(double lr, double quant_lr) {
+#ifdef INT4DDP_HAVE_CUDA
+  namespace mc = math::cuda;
+  const int64_t n = static_cast<int64_t>(momentum_.size());
+  float* momentum = device_state_.data();
+  float* m = momentum + n;
+  float* v = momentum + 2 * n;
+  mc::SgdScalars sgd;
+  sgd.lr = static_cast<float>(lr);
+  sgd.momentum = static_cast<float>(cfg_.momentum);
+  sgd.nesterov = cfg_.nesterov;
+  const mc::AdamScalars adam =
+      mc::adam_scalars(quant_lr, cfg_.adam_beta1, cfg_.adam_beta2, cfg_.adam_eps, steps_);
+  cudaStream_t stream = compute_stream();
+  for (const Range& r : device_runs_) {
+    float* w = device_values_ + r.offset;
+    const float* g = device_grads_ + r.offset;
+    if (r.group == ParamGroup::kWeights) {
+      sgd.weight_decay = r.decay ? static_cast<float>(cfg_.weight_decay) : 0.0f;
+      mc::sgd_step_async(w, g, momentum + r.offset, r.count, sgd, stream);
+    } else {
+      mc::adam_step_async(w, g, m + r.offset, v + r.offset, r.count, adam, stream);
+    }
+  }
+#else
+  (void)lr, (void)quant_lr;
+  INT4DDP_FAIL("optimizer: a device step needs a CUDA build");
+#endif
+}
+
 void Optimizer::step(double lr) {
   ++steps_;
+  if (on_device()) {
+    step_device(lr, adam_lr(lr));
+    return;
+  }
   const float mu = static_cast<float>(cfg_.momentum), wd = static_cast<float>(cfg_.weight_decay);
   const float b1 = static_cast<float>(cfg_.adam_beta1), b2 = static_cast<float>(cfg_.adam_beta2);
   const double c1 = 1.0 - std::pow(cfg_.adam_beta1, static_cast<double>(steps_));
   const double c2 = 1.0 - std::pow(cfg_.adam_beta2, static_cast<double>(steps_));
-  const double quant_lr = cfg_.quant_lr * (lr / cfg_.lr);  // the schedule's factor
+  const double quant_lr = adam_lr(lr);
   const float alr = static_cast<float>(quant_lr / c1);
   const float inv_c2 = static_cast<float>(1.0 / c2), eps = static_cast<float>(cfg_.adam_eps);
   const float slr = static_cast<float>(lr);

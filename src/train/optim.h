@@ -2,7 +2,9 @@
 // momentum and weight decay (PyTorch semantics: v <- mu v + (g + wd w), w <- w - lr v), the
 // quantizer step sizes s_W, u_A by Adam (lr 1e-5, no decay), both scaled by the lr schedule. Both
 // keep their state in flat arrays aligned with the arena so a checkpoint can store them as they
-// are.
+// are. One Optimizer serves both devices: bound to a GPU model's device arenas (bind_device) it
+// keeps its state on the device and steps there with the same formula (nn_cuda.h's sgd and adam
+// kernels, bit for bit the host loop's float expressions).
 #pragma once
 
 #include <cstdint>
@@ -34,7 +36,18 @@ class Optimizer {
   void step(double lr);
   int64_t steps() const { return steps_; }
 
-  // Flat state for checkpoints: momentum (n), adam m (n), adam v (n), and the step count.
+  // From now on step() updates device_values (n floats, the layout of `values`) from device_grads
+  // on the GPU, with the momentum and Adam moments in device memory (uploaded from the host
+  // state now). Needs a CUDA build.
+  void bind_device(float* device_values, float* device_grads);
+  bool on_device() const { return device_values_ != nullptr; }
+  // Host <-> device syncs of the state (no-ops unless bound to the device): to_host() before the
+  // host state is read (a checkpoint), to_device() after it was written (a loaded checkpoint).
+  void to_host();
+  void to_device();
+
+  // Flat state for checkpoints: momentum (n), adam m (n), adam v (n), and the step count. On the
+  // device these are host copies (to_host, to_device).
   std::vector<float>& momentum() { return momentum_; }
   std::vector<float>& adam_m() { return adam_m_; }
   std::vector<float>& adam_v() { return adam_v_; }
@@ -51,8 +64,17 @@ class Optimizer {
   std::vector<std::pair<size_t, int64_t>> blocks_;  // step()'s work items: (range, first element)
   float* values_;
   float* grads_;
+  // The quantizer steps' Adam rate at SGD rate lr: quant_lr scaled by the schedule's factor.
+  double adam_lr(double lr) const { return cfg_.quant_lr * (lr / cfg_.lr); }
+  // step()'s device loop: one kernel launch per run of adjacent ranges of the same group and decay
+  // (elementwise, so merging them changes nothing).
+  void step_device(double lr, double quant_lr);
   std::vector<float> momentum_, adam_m_, adam_v_;
   int64_t steps_ = 0;
+  float* device_values_ = nullptr;  // bind_device: the model's device arenas
+  float* device_grads_ = nullptr;
+  std::vector<Range> device_runs_;
+  Tensor device_state_;  // (3 n) device: momentum, adam m, adam v
 };
 
 // Learning-rate schedule over the whole run, evaluated per step.

@@ -23,6 +23,9 @@ std::string model_signature(nn::Model& m) {
 
 void save_checkpoint(const std::string& path, const Config& cfg, nn::Model& model, Optimizer& opt,
                      const Progress& pr, DataParallel& dp) {
+  // A model on the GPU: the checkpoint reads the host copies (the same format on both devices).
+  model.to_host();
+  opt.to_host();
   const std::vector<std::vector<uint8_t>> ranks =
       dp.enabled() ? dp.gather_local_states(model) : std::vector<std::vector<uint8_t>>{};
   if (dp.rank() != 0) return;
@@ -94,6 +97,9 @@ Progress load_checkpoint(const Checkpoint& ck, const std::string& path, nn::Mode
     restore("adam_v", opt->adam_v());
     opt->set_steps(ck.get_value<int64_t>("optimizer_steps"));
   }
+  // A model on the GPU computes with its device copies: send the loaded state there.
+  model.to_device();
+  if (opt) opt->to_device();
   return ck.get_value<Progress>("progress");
 }
 
@@ -111,6 +117,7 @@ void load_rank_state(const Checkpoint& ck, const std::string& path, DataParallel
                 "; this run has ", dp.world(),
                 " ranks (the error feedback and the data shards are per rank)");
   dp.load_local_state(model, ck.get_vector<uint8_t>("dp.rank." + std::to_string(dp.rank())));
+  model.buffers_to_device();  // this rank's BN statistics, on a GPU model
 }
 
 }  // namespace int4ddp::train

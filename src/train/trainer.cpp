@@ -28,6 +28,7 @@
 #include "kernels/common/parallel.h"
 #include "src/nn/layers_cuda.h"
 #include "src/nn/model.h"
+#include "src/train/batch_pipeline.h"
 #include "src/train/bucket_dump.h"
 #include "src/train/checkpoint.h"
 #include "src/train/distributed.h"
@@ -40,12 +41,6 @@
 
 namespace int4ddp::train {
 namespace {
-
-bool all_finite(const float* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(v[i])) return false;
-  return true;
-}
 
 // ||compressed mean - exact fp32 mean|| / ||exact mean|| of this step's gradients, where raw holds
 // this rank's gradients before the all-reduce (collective: one extra fp32 all-reduce).
@@ -80,6 +75,13 @@ OptimConfig optimizer_of(const Config& cfg) {
   oc.weight_decay = cfg.optim.weight_decay;
   oc.quant_lr = cfg.quant.scale_lr;
   return oc;
+}
+
+data::AugmentConfig augment_of(const Config& cfg) {
+  data::AugmentConfig aug;
+  aug.crop_pad = cfg.data.random_crop_pad;
+  aug.flip = cfg.data.random_flip;
+  return aug;
 }
 
 // What one training step did. All but the timings and nonfinite_grads agree on every rank.
@@ -118,6 +120,8 @@ class Trainer {
   void checkpoint_and_stop(const StepResult& r);
   void end_epoch();
   RunSummary finish();
+  // Rank 0's parameters and BN statistics to every rank (through the host copies on the GPU).
+  void broadcast_model();
 
   const Config& cfg_;
   std::ostream& err_;
@@ -139,12 +143,11 @@ class Trainer {
   std::unique_ptr<MetricsWriter> metrics_;
   bool bar_ = false;  // progress bar on stderr (rank 0)
 
-  // The batch, its activations' ends and scratch of a step.
-  Tensor x_, logits_, dlogits_;
-  std::vector<int32_t> labels_;
-  data::AugmentConfig aug_;
-  std::vector<int64_t> perm_;                      // this rank's shard of the epoch's permutation
-  std::vector<std::vector<float>> saved_buffers_;  // BN statistics before the step
+  // The batches, the step's batch, its activations' ends and scratch of a step.
+  std::unique_ptr<BatchPipeline> batches_;
+  BatchPipeline::Slot* batch_slot_ = nullptr;
+  Tensor logits_, dlogits_;
+  std::vector<int64_t> perm_;     // this rank's shard of the epoch's permutation
   std::vector<float> raw_grads_;  // sampled steps: local gradients before the all-reduce
 
   // Timing and results.
@@ -175,7 +178,10 @@ Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
   nn::QuantContext& qctx = model_.quant_context();
   qctx.seed = static_cast<uint32_t>(cfg.train.seed);
   qctx.stream = static_cast<uint32_t>(rank_);
-  dp_.broadcast_model(model_);
+  // On the GPU the optimizer steps the device arenas, its state on the device too.
+  if (model_.device() == Device::kCuda)
+    opt_.bind_device(model_.device_values(), model_.device_grads());
+  broadcast_model();
   dp_.attach(model_, cfg, out_);
   engine_ = dp_.engine();
   if (engine_)
@@ -238,18 +244,21 @@ Trainer::Trainer(const Config& cfg, std::ostream& out, std::ostream& err)
   bar_ = rank_ == 0 && (cfg.log.progress == ProgressBar::kOn ||
                         (cfg.log.progress == ProgressBar::kAuto && ::isatty(2)));
 
-  // On the GPU the batch is assembled in page-locked memory, so the model's copy of it to the
-  // device is asynchronous on the compute stream.
-  const Shape batch_shape = {batch_, ds_.train.channels, ds_.train.height, ds_.train.width};
-  if (model_.device() == Device::kCuda) {
-    out_ << "train.device: cuda, rank 0 on " << describe_gpu() << "\n";
-    x_.resize_pinned(batch_shape);
-  } else {
-    x_.resize(batch_shape);
-  }
-  labels_.resize(static_cast<size_t>(batch_));
-  aug_.crop_pad = cfg.data.random_crop_pad;
-  aug_.flip = cfg.data.random_flip;
+  // On the GPU the batches are assembled in page-locked memory, so the model's copy of one to the
+  // device is asynchronous on the compute stream, and the next one is assembled meanwhile.
+  const bool on_gpu = model_.device() == Device::kCuda;
+  if (on_gpu) out_ << "train.device: cuda, rank 0 on " << describe_gpu() << "\n";
+  batches_ = std::make_unique<BatchPipeline>(
+      ds_.train, Shape{batch_, ds_.train.channels, ds_.train.height, ds_.train.width},
+      augment_of(cfg), static_cast<uint64_t>(cfg.train.seed), /*double_buffered=*/on_gpu,
+      /*pinned=*/on_gpu);
+}
+
+void Trainer::broadcast_model() {
+  if (!dp_.enabled()) return;
+  model_.to_host();
+  dp_.broadcast_model(model_);
+  model_.to_device();
 }
 
 RunSummary Trainer::run() {
@@ -294,9 +303,9 @@ void Trainer::begin_epoch() {
 }
 
 void Trainer::load_batch() {
-  data::assemble_batch(ds_.train, perm_.data() + pr_.batch_in_epoch * batch_, batch_, aug_,
-                       static_cast<uint64_t>(cfg_.train.seed), pr_.epoch, x_.data(),
-                       labels_.data());
+  const int64_t b = pr_.batch_in_epoch;
+  batch_slot_ = &batches_->take(pr_.epoch, b, perm_.data() + b * batch_);
+  if (b + 1 < per_epoch_) batches_->prefetch(pr_.epoch, b + 1, perm_.data() + (b + 1) * batch_);
 }
 
 StepResult Trainer::train_step() {
@@ -316,8 +325,7 @@ StepResult Trainer::train_step() {
   const auto t_step = Clock::now();
   model_.zero_grad();
   // BN running statistics change in a training forward; a skipped step must not keep them.
-  saved_buffers_.clear();
-  for (std::vector<float>* b : model_.buffers()) saved_buffers_.push_back(*b);
+  model_.save_buffers();
   const bool calibrating = model_.needs_calibration();
   // The quantizer scales s_W, u_A initialise from the first batch a layer sees, which differs
   // between ranks: rank 0's values are broadcast after that step (as at the start).
@@ -325,11 +333,15 @@ StepResult Trainer::train_step() {
   for (const nn::QuantizedOp* q : model_.quantized_ops()) initialising |= !q->initialized();
 
   // Forward and loss.
-  model_.forward(x_, logits_, /*train=*/true);
+  model_.forward(batch_slot_->x, logits_, /*train=*/true);
+  batches_->mark_copied(*batch_slot_);  // refilled once the forward has read it
   int64_t correct = 0;
-  float loss = nn::softmax_cross_entropy_any(logits_, labels_.data(), &dlogits_, &correct);
+  float loss =
+      nn::softmax_cross_entropy_any(logits_, batch_slot_->labels.data(), &dlogits_, &correct);
 
-  // Backward; each bucket's all-reduce starts as soon as its gradients are final.
+  // Backward; each bucket's all-reduce starts as soon as its gradients are final. The buckets are
+  // host memory: on the GPU the model hands each layer's gradients down before ready() (or all of
+  // them after backward, grads_to_host) and the averaged gradients go back up (grads_to_device).
   if (engine_) engine_->begin_step(static_cast<uint32_t>(pr_.global_batch));
   comm::BucketEngine* engine = engine_;
   model_.backward(dlogits_, engine && !sample_error && !dump
@@ -341,6 +353,7 @@ StepResult Trainer::train_step() {
 
   // Wait for the all-reduce.
   if (engine_) {
+    if (sample_error || dump) model_.grads_to_host();
     if (sample_error) raw_grads_.assign(model_.grads(), model_.grads() + model_.num_params());
     if (dump)
       write_bucket_dump(cfg_.comm.dump_buckets_dir, spelling(cfg_.model.name),
@@ -349,13 +362,14 @@ StepResult Trainer::train_step() {
                         engine_->compressed_segments());
     r.comm = engine_->finish();
     if (sample_error) r.rel_err = compressed_mean_error(dp_, model_, raw_grads_);
+    model_.grads_to_device();
   }
   ++pr_.global_batch;
 
   // Every rank must take the same decision: a batch is a calibration batch, or skipped, when it
   // is one on any rank. The votes and the correct counts are summed over the ranks.
-  const bool finite = std::isfinite(loss) && qctx.nonfinite == 0 && r.comm.nonfinite == 0 &&
-                      all_finite(model_.grads(), model_.num_params());
+  const bool finite =
+      std::isfinite(loss) && qctx.nonfinite == 0 && r.comm.nonfinite == 0 && model_.grads_finite();
   // The preemption votes ride along: a signal caught by any rank stops every rank after this
   // step. The calibration batch is not a place to stop (its quantizer state is not checkpointed
   // mid-calibration): the vote is taken again on the next batch.
@@ -375,9 +389,8 @@ StepResult Trainer::train_step() {
   if (r.skipped) {
     if (engine_) engine_->commit(false);
     model_.commit_quant_step(false);
-    const auto buffers = model_.buffers();
-    for (size_t i = 0; i < buffers.size(); ++i) *buffers[i] = saved_buffers_[i];
-    if (initialising) dp_.broadcast_model(model_);
+    model_.restore_buffers();
+    if (initialising) broadcast_model();
     ++pr_.skipped;
     ++pr_.consecutive_skips;
     return r;
@@ -393,7 +406,7 @@ StepResult Trainer::train_step() {
     if (engine_) engine_->commit(true);
     ++pr_.steps;
   }
-  if (initialising) dp_.broadcast_model(model_);
+  if (initialising) broadcast_model();
   const int64_t global_batch = batch_ * world_;
   pr_.epoch_loss_sum += r.loss * static_cast<double>(global_batch);
   pr_.epoch_correct += r.correct;
@@ -500,7 +513,11 @@ void Trainer::end_epoch() {
              {"skipped", pr_.skipped}};
   if (engine_) ej["time"] = epoch_time_.to_json();
   // Ranks saw different batches: evaluate and checkpoint the mean BN statistics.
-  dp_.average_buffers(model_);
+  if (dp_.enabled()) {
+    model_.buffers_to_host();
+    dp_.average_buffers(model_);
+    model_.buffers_to_device();
+  }
   if (eval_now) {
     last_eval_ = evaluate(model_, ds_.test, cfg_.train.eval_batch_size, &dp_.comm());
     evaluated_last_ = true;

@@ -515,6 +515,14 @@ __global__ void adam_kernel(float* __restrict__ w, const float* __restrict__ g,
   w[i] = __fsub_rn(w[i], __fdiv_rn(__fmul_rn(a.lr_t, mi), denom));
 }
 
+// ---- checks -----------------------------------------------------------------------------------
+
+__global__ void flag_nonfinite_kernel(const float* __restrict__ x, int64_t count,
+                                      int32_t* __restrict__ flag) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count && !(fabsf(x[i]) <= 3.40282347e+38f)) *flag = 1;
+}
+
 }  // namespace
 
 // ---- im2col / col2im ----------------------------------------------------------------------------
@@ -784,6 +792,14 @@ void adam_step_async(float* w, const float* g, float* m, float* s, int64_t count
   if (count == 0) return;
   INT4DDP_CHECK(w && g && m && s, "adam (cuda): null buffer");
   adam_kernel<<<blocks_for(count), kThreads, 0, stream>>>(w, g, m, s, count, a);
+  check_launch();
+}
+
+void flag_nonfinite_async(const float* x, int64_t count, int32_t* flag, cudaStream_t stream) {
+  check_count(count, "non-finite check (cuda)");
+  if (count == 0) return;
+  INT4DDP_CHECK(x && flag, "non-finite check (cuda): null buffer");
+  flag_nonfinite_kernel<<<blocks_for(count), kThreads, 0, stream>>>(x, count, flag);
   check_launch();
 }
 

@@ -196,4 +196,12 @@ AdamScalars adam_scalars(double lr, double beta1, double beta2, double eps, int6
 void adam_step_async(float* w, const float* g, float* m, float* s, int64_t count,
                      const AdamScalars& a, cudaStream_t stream);
 
+// ---- checks
+// ----------------------------------------------------------------------------------------
+
+// *flag (device int32) = 1 when some x[i] of count is NaN or +-Inf (|x| > FLT_MAX, the test of
+// std::isfinite); left as it is otherwise, so zero it first. Every thread that finds one stores
+// the same 1: no atomics, and the result does not depend on the order.
+void flag_nonfinite_async(const float* x, int64_t count, int32_t* flag, cudaStream_t stream);
+
 }  // namespace int4ddp::math::cuda
