@@ -60,6 +60,8 @@ class Model {
   int64_t num_params() const { return static_cast<int64_t>(values_.size()); }
   float* values() { return values_.data(); }  // (num_params) fp32, all parameters
   float* grads() { return grads_.data(); }    // (num_params) fp32, all gradients
+  // On the GPU: the device gradient arena (same offsets as grads()); null on the CPU.
+  float* device_grads() { return device_grads_.numel() > 0 ? device_grads_.data() : nullptr; }
   void zero_grad();
 
   QuantContext& quant_context() { return ctx_; }

@@ -280,7 +280,7 @@ void Trainer::announce() {
   // Results do not depend on the thread count (src/nn/layer.h), so automatic may differ by machine.
   if (cfg_.train.threads == 0) out_ << "train.threads: 0 (automatic) -> " << threads_ << "\n";
   if (dp_.enabled())
-    out_ << "data parallel: " << world_ << " rank(s), backend " << dp_.comm().backend()
+    out_ << "data parallel: " << world_ << " rank(s), backend " << dp_.bucket_backend()
          << ", gradients " << spelling(cfg_.comm.mode) << "\n";
 }
 
@@ -348,6 +348,11 @@ StepResult Trainer::train_step() {
                         static_cast<uint32_t>(world_), model_.grads(),
                         engine_->compressed_segments());
     r.comm = engine_->finish();
+    // On the GPU the buckets reduced the device arena: the host arena (the optimizer's) takes the
+    // means.
+    if (model_.device() == Device::kCuda)
+      copy_floats(model_.grads(), Device::kCpu, model_.device_grads(), Device::kCuda,
+                  model_.num_params());
     if (sample_error) r.rel_err = compressed_mean_error(dp_, model_, raw_grads_);
   }
   ++pr_.global_batch;
