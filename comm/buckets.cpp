@@ -59,7 +59,7 @@ std::vector<BucketPlan> plan_buckets(const BucketConfig& cfg, std::vector<Segmen
       cur.nplain += s.count;
     }
     if (cur_elems == 0) cur.end = s.offset + s.count;  // descending offsets: the first is the top
-    cur.begin = s.offset;                               // and the last one added the lowest
+    cur.begin = s.offset;                              // and the last one added the lowest
     cur_elems += s.count;
   }
   flush();

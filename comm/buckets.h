@@ -70,14 +70,15 @@ struct BucketConfig {
 // The gradient arena the engine reduces in place.
 struct GradArena {
   float* data = nullptr;
-  bool device = false;    // CUDA device memory (needs a CUDA build)
+  bool device = false;     // CUDA device memory (needs a CUDA build)
   void* stream = nullptr;  // device: the cudaStream_t backward writes gradients on (null: legacy
                            // default stream)
 };
 
 // One bucket of the plan: what every rank computes identically from the config and the tensors.
 struct BucketPlan {
-  int64_t begin = 0, end = 0;  // arena range of its tensors [begin, end); ready at ready_from(begin)
+  int64_t begin = 0,
+          end = 0;  // arena range of its tensors [begin, end); ready at ready_from(begin)
   std::vector<Segment> compressed, plain;  // each in arena order
   int64_t ncompressed = 0, nplain = 0;
   int64_t in_place = -1;  // arena offset when the compressed tensors tile one range there
@@ -154,7 +155,7 @@ class BucketEngine {
 
  private:
   struct Bucket : BucketPlan {
-    std::unique_ptr<BucketReducer> two_shot;  // null when nothing is compressed
+    std::unique_ptr<BucketReducer> two_shot;    // null when nothing is compressed
     std::vector<float> staging, plain_staging;  // host and staged paths
     BucketStats stats;
   };

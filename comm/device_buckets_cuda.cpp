@@ -35,8 +35,7 @@ class CudaBuckets final : public DeviceBuckets {
   void to_device(size_t i) override;
   std::unique_ptr<BucketReducer> make_reducer(const CompressConfig& cfg, int64_t count,
                                               uint32_t bucket_id) override {
-    return std::make_unique<ReducerOf<TwoShotAllreduceCuda>>(comm_, cfg, count, bucket_id,
-                                                             stream_);
+    return std::make_unique<ReducerOf<TwoShotAllreduceCuda>>(comm_, cfg, count, bucket_id, stream_);
   }
   BucketStats run(size_t i, BucketReducer* two_shot, uint32_t step) override;
 
@@ -46,7 +45,7 @@ class CudaBuckets final : public DeviceBuckets {
     float* plain = nullptr;    // (nplain)
   };
   float* device_floats(int64_t count);
-  void gather(const std::vector<Segment>& segs, float* dst);        // arena -> dst, packed
+  void gather(const std::vector<Segment>& segs, float* dst);         // arena -> dst, packed
   void scatter(const std::vector<Segment>& segs, const float* src);  // packed src -> arena
   void sync() { INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
   void release();  // no throwing: used by the destructor and after a failed construction

@@ -26,7 +26,7 @@ class DataParallel {
 
   int rank() const { return comm_->rank(); }
   int world() const { return comm_->size(); }
-  bool enabled() const { return enabled_; }  // more than one rank: gradients are all-reduced
+  bool enabled() const { return enabled_; }      // more than one rank: gradients are all-reduced
   comm::Communicator& comm() { return *comm_; }  // host buffers
   // The transport of the gradient buckets ("mpi", "nccl", "local").
   const char* bucket_backend() const { return (device_comm_ ? device_comm_ : comm_)->backend(); }
@@ -58,7 +58,7 @@ class DataParallel {
  private:
   std::unique_ptr<comm::Communicator> comm_;
   std::unique_ptr<comm::Communicator> device_comm_;  // comm.backend = nccl with 2+ ranks
-  std::unique_ptr<comm::BucketEngine> engine_;        // destroyed before the communicators
+  std::unique_ptr<comm::BucketEngine> engine_;       // destroyed before the communicators
   bool enabled_ = false;
 };
 
