@@ -334,6 +334,11 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
            "quant.activation_bits and quant.grad_bits to 32, or use train.device = cpu");
   }
   if (c.comm.backend == CommBackend::kNccl) {
+#ifndef INT4DDP_HAVE_NCCL
+    fail("comm.backend",
+         "this int4ddp was built without NCCL (it needs CUDA, MPI and NCCL at configure time); "
+         "use comm.backend = mpi, which stages device gradients through host memory");
+#endif
     if (c.train.device != TrainDevice::kCuda)
       fail("comm.backend",
            "nccl all-reduces gradients in GPU memory and needs train.device = cuda; with "
