@@ -187,48 +187,64 @@ std::string describe(const Setting& s, bool split) {
          (split ? " (staging copy)" : " (in place)");
 }
 
-TEST(CudaBuckets, StagedMatchesHostEngine) {
-  REQUIRE_GPU();
-  auto comm = world();
-  const Setting settings[] = {{4, quant::PolicyKind::kLbt},
-                              {4, quant::PolicyKind::kTopK},
-                              {8, quant::PolicyKind::kMinMax},
-                              {kFp32Bits, quant::PolicyKind::kMinMax}};
-  for (const Setting& s : settings)
+// Every setting, in place and through a staging copy: the host engine over `host` and the device
+// engine over `device` on the same gradients.
+void compare_settings(Communicator& host, Communicator& device, const std::vector<Setting>& all,
+                      BucketPath path) {
+  for (const Setting& s : all)
     for (bool split : {false, true}) {
       SCOPED_TRACE(describe(s, split));
       const std::vector<Segment> segs = tensors(split);
       std::vector<float> ha(static_cast<size_t>(kArena));
-      BucketEngine he(*comm, config(s.bits, s.policy), ha.data(), segs);
+      BucketEngine he(host, config(s.bits, s.policy), ha.data(), segs);
       DeviceArena da;
-      BucketEngine de(*comm, config(s.bits, s.policy), da.arena(), segs);
-      EXPECT_EQ(de.path(), BucketPath::kStaged);
+      BucketEngine de(device, config(s.bits, s.policy), da.arena(), segs);
+      EXPECT_EQ(de.path(), path);
       EXPECT_EQ(de.num_buckets(), he.num_buckets());
-      compare_engines(he, ha, de, da, segs, comm->rank(), 0, 5);
+      compare_engines(he, ha, de, da, segs, host.rank(), 0, 5);
     }
+}
+
+TEST(CudaBuckets, StagedMatchesHostEngine) {
+  REQUIRE_GPU();
+  auto comm = world();
+  compare_settings(*comm, *comm,
+                   {{4, quant::PolicyKind::kLbt},
+                    {4, quant::PolicyKind::kTopK},
+                    {8, quant::PolicyKind::kMinMax},
+                    {kFp32Bits, quant::PolicyKind::kMinMax}},
+                   BucketPath::kStaged);
+}
+
+// Two host steps, their state loaded into a device engine over `device` (host -> device), four
+// steps of both, then the device engine's state loaded into a fresh host engine (device -> host)
+// and three more steps of both: the same bits throughout.
+void checkpoint_round_trip(Communicator& host, Communicator& device, bool split, BucketPath path) {
+  const std::vector<Segment> segs = tensors(split);
+  const BucketConfig cfg = config(4, quant::PolicyKind::kLbt);
+  const int rank = host.rank();
+  std::vector<float> ha(static_cast<size_t>(kArena));
+  BucketEngine he(host, cfg, ha.data(), segs);
+  for (uint32_t t = 0; t < 2; ++t) {
+    host_step(he, segs, ha, gradients(segs, rank, t), t);
+    he.commit(true);
+  }
+  DeviceArena da;
+  BucketEngine de(device, cfg, da.arena(), segs);
+  EXPECT_EQ(de.path(), path);
+  de.load_state(he.save_state());
+  EXPECT_EQ(de.save_state(), he.save_state());
+  compare_engines(he, ha, de, da, segs, rank, 2, 4);
+  std::vector<float> ha2(static_cast<size_t>(kArena));
+  BucketEngine he2(host, cfg, ha2.data(), segs);
+  he2.load_state(de.save_state());
+  compare_engines(he2, ha2, de, da, segs, rank, 6, 3);
 }
 
 TEST(CudaBuckets, CheckpointBlobsMoveBetweenHostAndStaged) {
   REQUIRE_GPU();
   auto comm = world();
-  const std::vector<Segment> segs = tensors(false);
-  const BucketConfig cfg = config(4, quant::PolicyKind::kLbt);
-  std::vector<float> ha(static_cast<size_t>(kArena));
-  BucketEngine he(*comm, cfg, ha.data(), segs);
-  for (uint32_t t = 0; t < 2; ++t) {
-    host_step(he, segs, ha, gradients(segs, comm->rank(), t), t);
-    he.commit(true);
-  }
-  DeviceArena da;
-  BucketEngine de(*comm, cfg, da.arena(), segs);
-  de.load_state(he.save_state());  // host -> device
-  EXPECT_EQ(de.save_state(), he.save_state());
-  compare_engines(he, ha, de, da, segs, comm->rank(), 2, 4);
-  // device -> a fresh host engine, which then continues as the device one does
-  std::vector<float> ha2(static_cast<size_t>(kArena));
-  BucketEngine he2(*comm, cfg, ha2.data(), segs);
-  he2.load_state(de.save_state());
-  compare_engines(he2, ha2, de, da, segs, comm->rank(), 6, 3);
+  checkpoint_round_trip(*comm, *comm, false, BucketPath::kStaged);
 }
 
 #ifdef INT4DDP_HAVE_NCCL
@@ -237,22 +253,12 @@ TEST(CudaBuckets, NcclMatchesHostEngine) {
   if (launched_with_multiple_ranks()) GTEST_SKIP() << "NCCL is tested with one rank";
   auto host = make_local_communicator();
   auto nccl = make_nccl_communicator();
-  const Setting settings[] = {{4, quant::PolicyKind::kLbt},
-                              {4, quant::PolicyKind::kMinMax},
-                              {8, quant::PolicyKind::kFixed},
-                              {kFp32Bits, quant::PolicyKind::kMinMax}};
-  for (const Setting& s : settings)
-    for (bool split : {false, true}) {
-      SCOPED_TRACE(describe(s, split));
-      const std::vector<Segment> segs = tensors(split);
-      std::vector<float> ha(static_cast<size_t>(kArena));
-      BucketEngine he(*host, config(s.bits, s.policy), ha.data(), segs);
-      DeviceArena da;
-      BucketEngine de(*nccl, config(s.bits, s.policy), da.arena(), segs);
-      EXPECT_EQ(de.path(), BucketPath::kDevice);
-      compare_engines(he, ha, de, da, segs, 0, 0, 5);
-      if (HasFatalFailure()) return;
-    }
+  compare_settings(*host, *nccl,
+                   {{4, quant::PolicyKind::kLbt},
+                    {4, quant::PolicyKind::kMinMax},
+                    {8, quant::PolicyKind::kFixed},
+                    {kFp32Bits, quant::PolicyKind::kMinMax}},
+                   BucketPath::kDevice);
 }
 
 TEST(CudaBuckets, NcclCheckpointBlobsMoveBetweenHostAndDevice) {
@@ -260,23 +266,7 @@ TEST(CudaBuckets, NcclCheckpointBlobsMoveBetweenHostAndDevice) {
   if (launched_with_multiple_ranks()) GTEST_SKIP() << "NCCL is tested with one rank";
   auto host = make_local_communicator();
   auto nccl = make_nccl_communicator();
-  const std::vector<Segment> segs = tensors(true);
-  const BucketConfig cfg = config(4, quant::PolicyKind::kLbt);
-  std::vector<float> ha(static_cast<size_t>(kArena));
-  BucketEngine he(*host, cfg, ha.data(), segs);
-  for (uint32_t t = 0; t < 2; ++t) {
-    host_step(he, segs, ha, gradients(segs, 0, t), t);
-    he.commit(true);
-  }
-  DeviceArena da;
-  BucketEngine de(*nccl, cfg, da.arena(), segs);
-  de.load_state(he.save_state());
-  EXPECT_EQ(de.save_state(), he.save_state());
-  compare_engines(he, ha, de, da, segs, 0, 2, 4);
-  std::vector<float> ha2(static_cast<size_t>(kArena));
-  BucketEngine he2(*host, cfg, ha2.data(), segs);
-  he2.load_state(de.save_state());
-  compare_engines(he2, ha2, de, da, segs, 0, 6, 3);
+  checkpoint_round_trip(*host, *nccl, true, BucketPath::kDevice);
 }
 
 TEST(CudaBuckets, NcclRefusesBlockClipsAndHostArenas) {
