@@ -73,16 +73,18 @@ std::vector<BucketPlan> plan_buckets(const BucketConfig& cfg, std::vector<Segmen
     }
     std::sort(b.compressed.begin(), b.compressed.end(), by_offset);
     std::sort(b.plain.begin(), b.plain.end(), by_offset);
-    if (b.ncompressed == 0) continue;
     // Staging holds the tensors in arena order; when they tile one arena range, the two-shot runs
     // in place there instead (no staging copies, same element order, same result).
-    bool contiguous = true;
-    for (size_t i = 1; i < b.compressed.size(); ++i)
-      contiguous &=
-          b.compressed[i].offset == b.compressed[i - 1].offset + b.compressed[i - 1].count;
-    if (contiguous) b.in_place = b.compressed.front().offset;
+    b.in_place = tiled_offset(b.compressed);
   }
   return plan;
+}
+
+int64_t tiled_offset(const std::vector<Segment>& segs) {
+  if (segs.empty()) return -1;
+  for (size_t i = 1; i < segs.size(); ++i)
+    if (segs[i].offset != segs[i - 1].offset + segs[i - 1].count) return -1;
+  return segs.front().offset;
 }
 
 void BucketEngine::DeviceBucketsDeleter::operator()(DeviceBuckets* d) const { delete d; }

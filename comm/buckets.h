@@ -84,6 +84,9 @@ struct BucketPlan {
   int64_t in_place = -1;  // arena offset when the compressed tensors tile one range there
 };
 
+// The arena offset of segs (in arena order) when they tile one range, else -1 (also when empty).
+int64_t tiled_offset(const std::vector<Segment>& segs);
+
 // The buckets of tensors (any order, disjoint) in launch order, as described at the top; calls
 // cfg.choose_bits once per bucket with compressible elements. Throws Error for a bad config or
 // segment.

@@ -1,7 +1,7 @@
 // The device side of the BucketEngine (see device_buckets.h): one CUDA stream of its own, one event
 // per bucket (recorded on the arena's stream when the bucket's gradients are final), and the
 // buffers of the staged path (a pinned mirror of the arena) or of the device path (device staging
-// for buckets whose tensors do not tile one range, and for the uncompressed tensors).
+// for a bucket's compressed or uncompressed tensors when they do not tile one arena range).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -41,8 +41,9 @@ class CudaBuckets final : public DeviceBuckets {
 
  private:
   struct Buffers {
-    float* staging = nullptr;  // (ncompressed) when the compressed tensors are not contiguous
-    float* plain = nullptr;    // (nplain)
+    float* staging = nullptr;     // (ncompressed) when the compressed tensors are not contiguous
+    float* plain = nullptr;       // (nplain) when the plain tensors are not contiguous
+    int64_t plain_in_place = -1;  // arena offset when they are
   };
   float* device_floats(int64_t count);
   void gather(const std::vector<Segment>& segs, float* dst);         // arena -> dst, packed
@@ -86,7 +87,9 @@ CudaBuckets::CudaBuckets(Communicator& comm, const GradArena& arena, int64_t are
     for (size_t i = 0; i < plan_.size(); ++i) {
       const BucketPlan& b = plan_[i];
       if (b.ncompressed > 0 && b.in_place < 0) buffers_[i].staging = device_floats(b.ncompressed);
-      if (b.nplain > 0) buffers_[i].plain = device_floats(b.nplain);
+      buffers_[i].plain_in_place = tiled_offset(b.plain);
+      if (b.nplain > 0 && buffers_[i].plain_in_place < 0)
+        buffers_[i].plain = device_floats(b.nplain);
     }
   } catch (...) {
     release();
@@ -166,18 +169,20 @@ BucketStats CudaBuckets::run(size_t i, BucketReducer* two_shot, uint32_t step) {
     if (b.in_place < 0) scatter(b.compressed, x);
   }
   if (b.nplain > 0) {
-    gather(b.plain, buf.plain);
+    const bool in_place = buf.plain_in_place >= 0;
+    float* p = in_place ? arena_ + buf.plain_in_place : buf.plain;
+    if (!in_place) gather(b.plain, p);
     // The communicator orders its work after the legacy default stream only: finish ours first.
     sync();
     copy_seconds += seconds_since(t);
     const uint64_t bytes0 = comm_.bytes_sent();
     const auto tc = Clock::now();
-    comm_.allreduce_sum(buf.plain, b.nplain);
+    comm_.allreduce_sum(p, b.nplain);
     st.comm_seconds += seconds_since(tc);
     st.wire_bytes += comm_.bytes_sent() - bytes0;
     t = Clock::now();
-    quant::cuda::div_async(buf.plain, b.nplain, static_cast<float>(comm_.size()), stream_);
-    scatter(b.plain, buf.plain);
+    quant::cuda::div_async(p, b.nplain, static_cast<float>(comm_.size()), stream_);
+    if (!in_place) scatter(b.plain, p);
   }
   sync();
   copy_seconds += seconds_since(t);

@@ -98,6 +98,14 @@ TEST(BucketPlan, Fp32ModeAndAutoHookSendBucketsUncompressed) {
   EXPECT_EQ(p[0].ncompressed, 5000);
 }
 
+TEST(BucketPlan, TiledOffset) {
+  EXPECT_EQ(tiled_offset({}), -1);
+  EXPECT_EQ(tiled_offset({{7, 3}}), 7);
+  EXPECT_EQ(tiled_offset({{7, 3}, {10, 5}, {15, 1}}), 7);
+  EXPECT_EQ(tiled_offset({{7, 3}, {11, 5}}), -1);  // a gap
+  EXPECT_EQ(tiled_offset({{7, 3}, {9, 5}}), -1);   // an overlap
+}
+
 TEST(BucketPlan, BadInputNamesTheKey) {
   BucketConfig c = config();
   c.bucket_mb = 0;
