@@ -114,7 +114,8 @@ if(INT4DDP_HAVE_CUDA)
   target_link_libraries(int4ddp_core PUBLIC int4ddp_cuda_math)
 
   # ---- comm/: device two-shot, staging over a host transport, NCCL -----------------------------
-  target_sources(int4ddp_comm PRIVATE comm/two_shot_cuda.cpp comm/staged_communicator.cpp)
+  target_sources(int4ddp_comm PRIVATE comm/two_shot_cuda.cpp comm/staged_communicator.cpp
+                                      comm/device_buckets_cuda.cpp)
   target_link_libraries(int4ddp_comm PUBLIC int4ddp_cuda)
   if(INT4DDP_HAVE_NCCL)
     target_sources(int4ddp_comm PRIVATE comm/nccl_communicator.cpp)

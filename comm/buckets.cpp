@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "comm/bytes.h"
+#include "comm/device_buckets.h"
 #include "kernels/common/clock.h"
 #include "kernels/common/error.h"
 
@@ -14,26 +15,36 @@ namespace {
 constexpr double kBytesPerMiB = 1048576.0;
 }  // namespace
 
-BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, float* grads,
-                           std::vector<Segment> tensors)
-    : comm_(comm), cfg_(cfg), grads_(grads) {
+const char* bucket_path_name(BucketPath p) {
+  switch (p) {
+    case BucketPath::kHost:
+      return "host";
+    case BucketPath::kStaged:
+      return "staged";
+    case BucketPath::kDevice:
+      return "device";
+  }
+  return "?";
+}
+
+std::vector<BucketPlan> plan_buckets(const BucketConfig& cfg, std::vector<Segment> tensors) {
   INT4DDP_CHECK(cfg.bucket_mb > 0, "comm.bucket_mb = ", cfg.bucket_mb, " must be positive");
   INT4DDP_CHECK(cfg.small_tensor_threshold >= 0, "comm.small_tensor_threshold must be >= 0");
-  cfg_.compress.validate();
-  hierarchy_ = std::make_unique<Hierarchy>(comm_, cfg.hierarchy);
-  const bool fp32 = cfg_.compress.bits == kFp32Bits;
+  cfg.compress.validate();
+  const bool fp32 = cfg.compress.bits == kFp32Bits;
   const double cap = cfg.bucket_mb * kBytesPerMiB / sizeof(float);
-  INT4DDP_CHECK(fp32 || static_cast<double>(cfg_.compress.block_size) <= cap,
-                "comm.block_size = ", cfg_.compress.block_size,
+  INT4DDP_CHECK(fp32 || static_cast<double>(cfg.compress.block_size) <= cap,
+                "comm.block_size = ", cfg.compress.block_size,
                 " is larger than a bucket of comm.bucket_mb = ", cfg.bucket_mb, " MiB");
   std::sort(tensors.begin(), tensors.end(),
             [](const Segment& a, const Segment& b) { return a.offset > b.offset; });
-  Bucket cur;
+  std::vector<BucketPlan> plan;
+  BucketPlan cur;
   int64_t cur_elems = 0;
   auto flush = [&] {
     if (cur_elems == 0) return;
-    buckets_.push_back(std::move(cur));
-    cur = Bucket{};
+    plan.push_back(std::move(cur));
+    cur = BucketPlan{};
     cur_elems = 0;
   };
   for (const Segment& s : tensors) {
@@ -47,14 +58,14 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, float* g
       cur.plain.push_back(s);
       cur.nplain += s.count;
     }
-    cur.begin = s.offset;  // descending offsets: the last one added is the lowest
+    if (cur_elems == 0) cur.end = s.offset + s.count;  // descending offsets: the first is the top
+    cur.begin = s.offset;                              // and the last one added the lowest
     cur_elems += s.count;
   }
   flush();
-  uint32_t id = 0;
   const auto by_offset = [](const Segment& a, const Segment& c) { return a.offset < c.offset; };
-  for (Bucket& b : buckets_) {
-    if (cfg_.choose_bits && b.ncompressed > 0 && cfg_.choose_bits(b.ncompressed) == kFp32Bits) {
+  for (BucketPlan& b : plan) {
+    if (cfg.choose_bits && b.ncompressed > 0 && cfg.choose_bits(b.ncompressed) == kFp32Bits) {
       b.plain.insert(b.plain.end(), b.compressed.begin(), b.compressed.end());
       b.nplain += b.ncompressed;
       b.compressed.clear();
@@ -62,22 +73,58 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, float* g
     }
     std::sort(b.compressed.begin(), b.compressed.end(), by_offset);
     std::sort(b.plain.begin(), b.plain.end(), by_offset);
+    // Staging holds the tensors in arena order; when they tile one arena range, the two-shot runs
+    // in place there instead (no staging copies, same element order, same result).
+    b.in_place = tiled_offset(b.compressed);
+  }
+  return plan;
+}
+
+int64_t tiled_offset(const std::vector<Segment>& segs) {
+  if (segs.empty()) return -1;
+  for (size_t i = 1; i < segs.size(); ++i)
+    if (segs[i].offset != segs[i - 1].offset + segs[i - 1].count) return -1;
+  return segs.front().offset;
+}
+
+void BucketEngine::DeviceBucketsDeleter::operator()(DeviceBuckets* d) const { delete d; }
+
+BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, GradArena grads,
+                           std::vector<Segment> tensors)
+    : comm_(comm), cfg_(cfg), grads_(grads.data) {
+  if (grads.device) {
+    path_ = comm_.device_buffers() ? BucketPath::kDevice : BucketPath::kStaged;
+  } else {
+    INT4DDP_CHECK(!comm_.device_buffers(), "gradient buckets: communicator '", comm_.backend(),
+                  "' takes device buffers but the gradient arena is in host memory (use "
+                  "train.device = cuda, or comm.backend = mpi)");
+  }
+  int64_t arena_size = 0;
+  for (const Segment& s : tensors) arena_size = std::max(arena_size, s.offset + s.count);
+  std::vector<BucketPlan> plan = plan_buckets(cfg_, std::move(tensors));
+  hierarchy_ = std::make_unique<Hierarchy>(comm_, cfg.hierarchy);
+  INT4DDP_CHECK(path_ != BucketPath::kDevice || !hierarchy_->active(),
+                "comm.hierarchy: the node hierarchy needs host buffers; the ", comm_.backend(),
+                " buckets run flat (set comm.hierarchy = flat or auto)");
+  if (path_ != BucketPath::kHost) {
+    device_.reset(make_device_buckets(comm_, grads, arena_size, plan).release());
+    if (path_ == BucketPath::kStaged) grads_ = device_->host_mirror();
+  }
+  uint32_t id = 0;
+  for (BucketPlan& p : plan) {
+    Bucket b;
+    static_cast<BucketPlan&>(b) = std::move(p);
     if (b.ncompressed > 0) {
-      b.two_shot = std::make_unique<BucketAllreduce>(*hierarchy_, cfg_.compress, b.ncompressed, id);
-      // Staging holds the tensors in arena order; when they tile one arena range, the two-shot
-      // runs in place there instead (no staging copies, same element order, same result).
-      bool contiguous = true;
-      for (size_t i = 1; i < b.compressed.size(); ++i)
-        contiguous &=
-            b.compressed[i].offset == b.compressed[i - 1].offset + b.compressed[i - 1].count;
-      const int64_t lo = b.compressed.front().offset;
-      if (contiguous) {
-        b.in_place = lo;
+      if (path_ == BucketPath::kDevice) {
+        b.two_shot = device_->make_reducer(cfg_.compress, b.ncompressed, id);
       } else {
-        b.staging.resize(static_cast<size_t>(b.ncompressed));
+        b.two_shot = std::make_unique<ReducerOf<BucketAllreduce>>(*hierarchy_, cfg_.compress,
+                                                                  b.ncompressed, id);
+        if (b.in_place < 0) b.staging.resize(static_cast<size_t>(b.ncompressed));
       }
     }
-    b.plain_staging.resize(static_cast<size_t>(b.nplain));
+    if (path_ != BucketPath::kDevice) b.plain_staging.resize(static_cast<size_t>(b.nplain));
+    buckets_.push_back(std::move(b));
     ++id;
   }
   thread_ = std::thread([this] { worker(); });
@@ -91,11 +138,17 @@ BucketEngine::~BucketEngine() {
   }
   // A step abandoned mid-way (an error on this rank) leaves the other ranks inside a collective
   // that this rank will never join, and possibly our own thread too: take the whole job down
-  // rather than hang.
-  if (in_flight && comm_.size() > 1) {
-    std::fprintf(stderr,
-                 "int4ddp: rank %d: a gradient all-reduce was abandoned; aborting all ranks\n",
-                 comm_.rank());
+  // rather than hang. So does a failed all-reduce on the device: the communicator's stream may
+  // hold collectives that never complete, and tearing it down would wait for them.
+  if (comm_.size() > 1 && (in_flight || (failed_ && path_ == BucketPath::kDevice))) {
+    if (in_flight)
+      std::fprintf(stderr,
+                   "int4ddp: rank %d: a gradient all-reduce was abandoned; aborting all ranks\n",
+                   comm_.rank());
+    else
+      std::fprintf(stderr, "int4ddp: rank %d: error: %s; aborting all ranks\n", comm_.rank(),
+                   failure_.c_str());
+    std::fflush(stderr);
     abort_world(1);
   }
   {
@@ -137,6 +190,8 @@ void BucketEngine::enqueue_ready(int64_t offset) {
   size_t n = next_to_queue_;
   while (n < buckets_.size() && buckets_[n].begin >= offset) ++n;
   if (n == next_to_queue_) return;
+  if (device_)
+    for (size_t i = next_to_queue_; i < n; ++i) device_->mark_ready(i);
   next_to_queue_ = n;
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -160,7 +215,17 @@ StepCommStats BucketEngine::finish() {
     err = error_;
     in_step_ = false;
   }
-  if (err) std::rethrow_exception(err);
+  if (err) {
+    failed_ = true;
+    try {
+      std::rethrow_exception(err);
+    } catch (const std::exception& e) {
+      failure_ = e.what();
+    } catch (...) {
+      failure_ = "unknown error";
+    }
+    std::rethrow_exception(err);
+  }
   StepCommStats s;
   s.wait_seconds = seconds_since(t0);
   double fp32_ring = 0;
@@ -187,6 +252,14 @@ void BucketEngine::commit(bool apply) {
 }
 
 void BucketEngine::worker() {
+  std::exception_ptr bind_error;
+  if (device_) {
+    try {
+      device_->bind_thread();
+    } catch (...) {
+      bind_error = std::current_exception();
+    }
+  }
   for (;;) {
     size_t idx;
     {
@@ -196,9 +269,9 @@ void BucketEngine::worker() {
       idx = next_++;
       busy_ = true;
     }
-    std::exception_ptr err;
+    std::exception_ptr err = bind_error;
     try {
-      run_bucket(buckets_[idx]);
+      if (!err) run_bucket(idx);
     } catch (...) {
       err = std::current_exception();
     }
@@ -212,7 +285,30 @@ void BucketEngine::worker() {
   }
 }
 
-void BucketEngine::run_bucket(Bucket& b) {
+void BucketEngine::run_bucket(size_t index) {
+  Bucket& b = buckets_[index];
+  switch (path_) {
+    case BucketPath::kHost:
+      run_host(b);
+      return;
+    case BucketPath::kStaged: {
+      auto t = Clock::now();
+      device_->to_host(index);
+      double copy_seconds = seconds_since(t);
+      run_host(b);
+      t = Clock::now();
+      device_->to_device(index);
+      copy_seconds += seconds_since(t);
+      b.stats.quant_seconds += copy_seconds;
+      return;
+    }
+    case BucketPath::kDevice:
+      b.stats = device_->run(index, b.two_shot.get(), step_);
+      return;
+  }
+}
+
+void BucketEngine::run_host(Bucket& b) {
   b.stats = BucketStats{};
   const auto t0 = Clock::now();
   // Gather: the arena -> staging (the arena is written by backward elsewhere meanwhile).
@@ -300,5 +396,14 @@ void BucketEngine::load_state(const std::vector<uint8_t>& blob) {
   }
   INT4DDP_CHECK(off == blob.size(), "bucket state: trailing bytes");
 }
+
+#ifndef INT4DDP_HAVE_CUDA
+std::unique_ptr<DeviceBuckets> make_device_buckets(Communicator&, const GradArena&, int64_t,
+                                                   const std::vector<BucketPlan>&) {
+  INT4DDP_FAIL(
+      "gradient buckets in device memory: this int4ddp was built without CUDA (cmake "
+      "-DINT4DDP_CUDA=ON)");
+}
+#endif
 
 }  // namespace int4ddp::comm

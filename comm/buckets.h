@@ -18,6 +18,21 @@
 //   - commit(apply) moves the error-feedback and gamma state of every bucket to the new step or
 //     drops it (a skipped step).
 // Between begin_step() and finish() the Communicator belongs to the communication thread.
+//
+// Where the arena lives (GradArena) chooses how each bucket is all-reduced; the plan (buckets,
+// launch order, keys, error-feedback and gamma state, checkpoint blobs) is the same on every path:
+//   host arena, host communicator (MPI, local): the host two-shot on the arena, as above;
+//   device arena, host communicator ("staged"): the bucket's arena range is copied to a pinned
+//     host mirror of the arena, all-reduced there exactly as on the host path (same bits), and
+//     copied back;
+//   device arena, device communicator (NCCL): the device two-shot (comm/two_shot_cuda.h) on the
+//     engine's own CUDA stream, in place in the arena (or through a device staging copy), its error
+//     feedback in device memory; the uncompressed part by the communicator's fp32 all-reduce
+//     (ncclAllReduce). The hierarchy is flat there.
+// On the device, ready_from() records an event on the arena's stream (where backward writes the
+// gradients) for every bucket it completes; the communication thread makes its stream wait for
+// that event before it reads the bucket, so the hand-off needs no host synchronisation, and
+// finish() returns when every result is in the arena.
 #pragma once
 
 #include <condition_variable>
@@ -52,6 +67,47 @@ struct BucketConfig {
   std::function<int(int64_t count)> choose_bits;
 };
 
+// The gradient arena the engine reduces in place.
+struct GradArena {
+  float* data = nullptr;
+  bool device = false;     // CUDA device memory (needs a CUDA build)
+  void* stream = nullptr;  // device: the cudaStream_t backward writes gradients on (null: legacy
+                           // default stream)
+};
+
+// One bucket of the plan: what every rank computes identically from the config and the tensors.
+struct BucketPlan {
+  int64_t begin = 0,
+          end = 0;  // arena range of its tensors [begin, end); ready at ready_from(begin)
+  std::vector<Segment> compressed, plain;  // each in arena order
+  int64_t ncompressed = 0, nplain = 0;
+  int64_t in_place = -1;  // arena offset when the compressed tensors tile one range there
+};
+
+// The arena offset of segs (in arena order) when they tile one range, else -1 (also when empty).
+int64_t tiled_offset(const std::vector<Segment>& segs);
+
+// The buckets of tensors (any order, disjoint) in launch order, as described at the top; calls
+// cfg.choose_bits once per bucket with compressible elements. Throws Error for a bad config or
+// segment.
+std::vector<BucketPlan> plan_buckets(const BucketConfig& cfg, std::vector<Segment> tensors);
+
+// How a BucketEngine reaches its arena (see the top of this file).
+enum class BucketPath : uint8_t { kHost, kStaged, kDevice };
+const char* bucket_path_name(BucketPath p);  // "host", "staged", "device"
+
+// The all-reduce of one bucket's compressed tensors (host BucketAllreduce or the device two-shot).
+class BucketReducer {
+ public:
+  virtual ~BucketReducer() = default;
+  virtual BucketStats run(float* x, uint32_t step) = 0;
+  virtual void commit(bool apply) = 0;
+  virtual std::vector<uint8_t> save_state() const = 0;
+  virtual void load_state(const std::vector<uint8_t>& blob) = 0;
+};
+
+class DeviceBuckets;  // comm/device_buckets.h
+
 // Per-step totals over all buckets (this rank).
 struct StepCommStats {
   int64_t compressed_elements = 0, plain_elements = 0;
@@ -71,9 +127,13 @@ struct StepCommStats {
 
 class BucketEngine {
  public:
-  // grads: the arena (stays owned by the caller); tensors in forward order, disjoint.
-  BucketEngine(Communicator& comm, const BucketConfig& cfg, float* grads,
+  // grads: the arena (stays owned by the caller); tensors in forward order, disjoint. A device
+  // arena needs a CUDA build; a host arena needs a host communicator.
+  BucketEngine(Communicator& comm, const BucketConfig& cfg, GradArena grads,
                std::vector<Segment> tensors);
+  BucketEngine(Communicator& comm, const BucketConfig& cfg, float* grads,
+               std::vector<Segment> tensors)
+      : BucketEngine(comm, cfg, GradArena{grads, false, nullptr}, std::move(tensors)) {}
   ~BucketEngine();
   BucketEngine(const BucketEngine&) = delete;
   BucketEngine& operator=(const BucketEngine&) = delete;
@@ -84,6 +144,7 @@ class BucketEngine {
   void commit(bool apply);
 
   int num_buckets() const { return static_cast<int>(buckets_.size()); }
+  BucketPath path() const { return path_; }
   int num_compressed_buckets() const;
   // The resolved comm.hierarchy and why, e.g. "node (2 nodes x 2 ranks)".
   const std::string& hierarchy() const { return hierarchy_->description(); }
@@ -96,22 +157,24 @@ class BucketEngine {
   void load_state(const std::vector<uint8_t>& blob);
 
  private:
-  struct Bucket {
-    int64_t begin = 0;  // lowest arena offset of its tensors (ready when ready_from(<= begin))
-    std::vector<Segment> compressed, plain;
-    int64_t ncompressed = 0, nplain = 0;
-    std::unique_ptr<BucketAllreduce> two_shot;  // null when nothing is compressed
-    int64_t in_place = -1;  // arena offset when the compressed tensors are contiguous there
-    std::vector<float> staging, plain_staging;
+  struct Bucket : BucketPlan {
+    std::unique_ptr<BucketReducer> two_shot;    // null when nothing is compressed
+    std::vector<float> staging, plain_staging;  // host and staged paths
     BucketStats stats;
   };
   void enqueue_ready(int64_t offset);
   void worker();
-  void run_bucket(Bucket& b);
+  void run_bucket(size_t index);
+  void run_host(Bucket& b);  // on the host arena (the caller's or the pinned mirror)
 
   Communicator& comm_;
   BucketConfig cfg_;
-  float* grads_;
+  BucketPath path_ = BucketPath::kHost;
+  float* grads_;  // host arena: the caller's, or the staged path's pinned mirror; device: null
+  struct DeviceBucketsDeleter {
+    void operator()(DeviceBuckets* d) const;
+  };
+  std::unique_ptr<DeviceBuckets, DeviceBucketsDeleter> device_;  // staged and device paths
   std::unique_ptr<Hierarchy> hierarchy_;  // made before the buckets (collective)
   std::vector<Bucket> buckets_;           // in launch order (reverse layer order)
   uint32_t step_ = 0;
@@ -122,6 +185,8 @@ class BucketEngine {
   size_t queued_ = 0, done_ = 0, next_ = 0;  // guarded by mu_: queued, finished, taken
   bool stop_ = false, in_step_ = false, busy_ = false;
   std::exception_ptr error_;
+  bool failed_ = false;  // main thread: finish() rethrew a communication error
+  std::string failure_;  // its message
   std::thread thread_;
 };
 

@@ -3,6 +3,7 @@
 if(INT4DDP_HAVE_CUDA)
   int4ddp_test(test_cuda_codec LABEL cuda SOURCES test_cuda_codec.cpp)
   int4ddp_test(test_cuda_two_shot LABEL cuda SOURCES test_cuda_two_shot.cpp)
+  int4ddp_test(test_cuda_buckets LABEL cuda SOURCES test_cuda_buckets.cpp)
   int4ddp_test(test_cuda_math LABEL cuda SOURCES test_cuda_math.cpp)
   target_link_libraries(test_cuda_math PRIVATE int4ddp_cuda_math)
   int4ddp_test(test_cuda_layers LABEL cuda SOURCES test_cuda_layers.cpp)

@@ -390,9 +390,39 @@ TEST(Config, ValidateChecksKeysAgainstEachOther) {
   }
 #endif
   c = Config{};
-  c.comm.backend = CommBackend::kNccl;  // until the trainer's layers run on the GPU
+  c.comm.backend = CommBackend::kNccl;  // device buffers: only with train.device = cuda
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.backend = \"nccl\": ");
   EXPECT_CONTAINS(error_of([&] { validate(c); }), "use comm.backend = mpi");
+#ifndef INT4DDP_HAVE_NCCL
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "built without NCCL");
+#else
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "needs train.device = cuda");
+#endif
+#ifdef INT4DDP_HAVE_NCCL
+  c.train.device = TrainDevice::kCuda;
+  c.quant.weight_bits = c.quant.activation_bits = c.quant.grad_bits = kFp32Bits;
+  c.comm.grad_policy = quant::PolicyKind::kTopK;  // a block-scope clip: not on the device yet
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.grad_policy = \"topk\": ");
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "minmax, fixed or lbt");
+  c.comm.grad_policy = quant::PolicyKind::kMse;
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.grad_policy = \"mse\": ");
+  c.comm.mode = CommMode::kFp32;  // nothing is quantized: every policy goes
+  EXPECT_NO_THROW(validate(c));
+  c.comm.mode = CommMode::kInt4;
+  for (quant::PolicyKind p :
+       {quant::PolicyKind::kMinMax, quant::PolicyKind::kFixed, quant::PolicyKind::kLbt}) {
+    c.comm.grad_policy = p;
+    EXPECT_NO_THROW(validate(c)) << quant::policy_kind_name(p);
+  }
+  c.comm.mode = CommMode::kAuto;
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.mode = \"auto\": ");
+  c.comm.mode = CommMode::kInt4;
+  c.comm.hierarchy = comm::HierarchyMode::kNode;
+  EXPECT_CONTAINS(error_of([&] { validate(c); }), "comm.hierarchy = \"node\": ");
+  c.comm.backend = CommBackend::kMpi;  // staged through host memory: the host two-shot, any setting
+  c.comm.grad_policy = quant::PolicyKind::kTopK;
+  EXPECT_NO_THROW(validate(c));
+#endif
   c = Config{};
   c.model.name = ModelKind::kMlp;
   c.model.mlp_hidden = {256};  // fc1 and fc_out, the first and the last layer: both stay fp32

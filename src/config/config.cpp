@@ -330,10 +330,30 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
 #endif
   }
   if (c.comm.backend == CommBackend::kNccl) {
+#ifndef INT4DDP_HAVE_NCCL
     fail("comm.backend",
-         "the trainer's gradient buckets live in host memory (train.device = cuda copies the "
-         "gradients there); use comm.backend = mpi (device buckets over NCCL are not wired into "
-         "the trainer yet)");
+         "this int4ddp was built without NCCL (it needs CUDA, MPI and NCCL at configure time); "
+         "use comm.backend = mpi, which stages device gradients through host memory");
+#endif
+    if (c.train.device != TrainDevice::kCuda)
+      fail("comm.backend",
+           "nccl all-reduces gradients in GPU memory and needs train.device = cuda; with "
+           "train.device = cpu use comm.backend = mpi");
+    // The device two-shot has no block-scope clip yet (its codec takes a gamma, not a
+    // saturated input); the staged MPI path runs the host two-shot, which has every policy.
+    if (c.comm.mode != CommMode::kFp32 && quant::is_block_rule(c.comm.grad_policy))
+      fail("comm.grad_policy",
+           "a per-block clip, which the device two-shot of comm.backend = nccl does not "
+           "implement yet; set comm.grad_policy = minmax, fixed or lbt, or comm.backend = mpi "
+           "(buckets staged through host memory, every policy), or comm.mode = fp32");
+    if (c.comm.mode == CommMode::kAuto)
+      fail("comm.mode",
+           "auto measures the MPI link and the host codec; with comm.backend = nccl choose "
+           "comm.mode = int4, int8 or fp32 (or comm.backend = mpi)");
+    if (c.comm.hierarchy == comm::HierarchyMode::kNode)
+      fail("comm.hierarchy",
+           "node needs host buffers; the NCCL buckets run flat (set comm.hierarchy = auto or "
+           "flat, or comm.backend = mpi)");
   }
   if (quantized && c.model.name == ModelKind::kMlp && c.model.mlp_hidden.size() == 1 &&
       c.quant.first_layer_fp32 && c.quant.last_layer_fp32) {

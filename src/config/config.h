@@ -80,8 +80,8 @@ struct Config {
     double scale_lr = 1e-5;        // Adam lr of the quantizer scales s_W, u_A, in (0, 1]
   };
   struct Comm {
-    CommBackend backend = CommBackend::kMpi;  // none (single process) | mpi | nccl (refused until
-                                              // the trainer's layers run on the GPU)
+    CommBackend backend = CommBackend::kMpi;  // none (single process) | mpi | nccl (device
+                                              // gradient buckets: train.device = cuda)
     CommMode mode = CommMode::kInt4;          // gradient all-reduce: fp32 | int4 | int8 (two-shot)
                                               // | auto (per bucket fp32 or int4, measured)
     double bucket_mb = 25.0;   // bucket size in MiB (2^20 bytes) of fp32 gradient, (0, 4096]

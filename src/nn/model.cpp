@@ -363,25 +363,6 @@ void Model::forward(const Tensor& x, Tensor& logits, bool train) {
 
 void Model::backward(const Tensor& dlogits, const std::function<void(int64_t)>& ready) {
   const Tensor unused;  // Sequential::backward reads activations it kept, not y
-  if (spec_.device == Device::kCuda && ready) {
-    // The host buckets' hand-off: each layer's gradients come down to the host arena before
-    // ready() announces them.
-    int64_t on_host = num_params();  // grads_[on_host, num_params) are downloaded
-    auto download = [&](int64_t from) {
-      if (from >= on_host) return;
-      copy_floats(grads_.data() + from, Device::kCpu, device_grads_.data() + from, Device::kCuda,
-                  on_host - from);
-      on_host = from;
-    };
-    net_.set_backward_hook([&](size_t i) {
-      download(ready_offset_[i]);
-      ready(ready_offset_[i]);
-    });
-    net_.backward(input_, unused, dlogits, nullptr);
-    net_.set_backward_hook({});
-    download(0);
-    return;
-  }
   if (ready) net_.set_backward_hook([&](size_t i) { ready(ready_offset_[i]); });
   net_.backward(input_, unused, dlogits, nullptr);
   net_.set_backward_hook({});

@@ -59,10 +59,8 @@ class Model {
   // the GPU: the device arena).
   // ready(offset), if given, is called during backward whenever every gradient at arena offset
   // >= offset is final (offsets descend; the last call has offset 0 or the first parameter's).
-  // On the GPU a ready() callback means the host buckets consume the gradients (data parallelism
-  // with host buffers): each layer's gradients come down to the host arena before ready() announces
-  // them, and grads_to_device() sends the all-reduced host gradients back before the update. This
-  // is the one place that hands gradients from the device to the host engine.
+  // On the GPU the gradients are final on the compute stream when ready() is called: a consumer
+  // on another stream waits for an event recorded there (comm/device_buckets.h).
   void backward(const Tensor& dlogits, const std::function<void(int64_t)>& ready = {});
   // Gradient tensors as (arena offset, count), in forward order.
   std::vector<std::pair<int64_t, int64_t>> param_segments() const;
@@ -72,8 +70,8 @@ class Model {
   float* values() { return values_.data(); }  // (num_params) fp32, all parameters, host
   float* grads() { return grads_.data(); }    // (num_params) fp32, all gradients, host
   // The device arenas of a model on the GPU, same layout as values() and grads(); null on the CPU.
-  float* device_values() { return device_values_.data(); }
-  float* device_grads() { return device_grads_.data(); }
+  float* device_values() { return device_values_.numel() > 0 ? device_values_.data() : nullptr; }
+  float* device_grads() { return device_grads_.numel() > 0 ? device_grads_.data() : nullptr; }
   // Zeroes the gradients where the model computes them (the device arena on the GPU).
   void zero_grad();
 

@@ -8,6 +8,9 @@
 #include "comm/auto_mode.h"
 #include "comm/bytes.h"
 #include "kernels/common/error.h"
+#ifdef INT4DDP_HAVE_CUDA
+#include "src/core/device_cuda.h"
+#endif
 
 namespace int4ddp::train {
 namespace {
@@ -56,16 +59,17 @@ class PieceReader {
 
 }  // namespace
 
-DataParallel::DataParallel(const Config& cfg)
-    : comm_(comm::make_communicator(spelling(cfg.comm.backend))) {
+DataParallel::DataParallel(const Config& cfg) {
+  const bool nccl = cfg.comm.backend == CommBackend::kNccl;
+#ifndef INT4DDP_HAVE_NCCL
+  // Fails with the factory's message (this build has no NCCL).
+  if (nccl) comm::make_communicator("nccl");
+#endif
+  comm_ = comm::make_communicator(nccl ? std::string("mpi") : spelling(cfg.comm.backend));
   // One rank has nothing to all-reduce (and compressing its gradients would only add error).
   enabled_ = comm_->size() > 1;
-  INT4DDP_CHECK(
-      !comm_->device_buffers(), "comm.backend = ", spelling(cfg.comm.backend),
-      ": the trainer's gradient buckets live in host memory (train.device = cuda copies the "
-      "gradients there); use comm.backend = mpi (device buckets over NCCL are not wired "
-      "into the trainer yet)");
   if (comm_->size() == 1) return;
+  if (nccl) device_comm_ = comm::make_communicator("nccl");
   // Every rank must train the same thing: compare config hashes.
   const uint64_t mine = config_hash(cfg);
   const int n = comm_->size();
@@ -129,7 +133,20 @@ void DataParallel::attach(nn::Model& model, const Config& cfg, std::ostream& log
   }
   std::vector<comm::Segment> segs;
   for (const auto& [off, count] : model.param_segments()) segs.push_back({off, count});
-  engine_ = std::make_unique<comm::BucketEngine>(*comm_, bc, model.grads(), std::move(segs));
+  comm::GradArena arena{model.grads(), false, nullptr};
+  if (model.device() == Device::kCuda) {
+#ifdef INT4DDP_HAVE_CUDA
+    arena = comm::GradArena{model.device_grads(), true, compute_stream()};
+#endif
+  }
+  engine_ = std::make_unique<comm::BucketEngine>(device_comm_ ? *device_comm_ : *comm_, bc, arena,
+                                                 std::move(segs));
+  if (arena.device)
+    log << "gradient buckets: " << engine_->num_buckets() << " in device memory, all-reduced over "
+        << bucket_backend() << " ("
+        << (engine_->path() == comm::BucketPath::kDevice ? "device two-shot"
+                                                         : "staged through pinned host memory")
+        << ")\n";
 }
 
 std::vector<uint8_t> DataParallel::save_local_state(nn::Model& model) const {

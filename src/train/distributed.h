@@ -19,13 +19,17 @@ namespace int4ddp::train {
 class DataParallel {
  public:
   // Builds the communicator of cfg.comm.backend. Refuses (on every rank) a config whose hash
-  // differs between ranks, naming the ranks.
+  // differs between ranks, naming the ranks. comm.backend = nccl: the host-memory collectives
+  // (config hash, parameter broadcast, BN averages, sums, checkpoint gathers) go through MPI, the
+  // gradient buckets through NCCL.
   explicit DataParallel(const Config& cfg);
 
   int rank() const { return comm_->rank(); }
   int world() const { return comm_->size(); }
-  bool enabled() const { return enabled_; }  // more than one rank: gradients are all-reduced
-  comm::Communicator& comm() { return *comm_; }
+  bool enabled() const { return enabled_; }      // more than one rank: gradients are all-reduced
+  comm::Communicator& comm() { return *comm_; }  // host buffers
+  // The transport of the gradient buckets ("mpi", "nccl", "local").
+  const char* bucket_backend() const { return (device_comm_ ? device_comm_ : comm_)->backend(); }
 
   // Rank 0's parameters and BN statistics to every rank.
   void broadcast_model(nn::Model& model);
@@ -33,8 +37,10 @@ class DataParallel {
   void average_buffers(nn::Model& model);
 
   // The gradient buckets over model's arena (after the model is built); null engine without
-  // data parallelism. With comm.mode auto it measures the link and the codec first (collective)
-  // and writes each bucket's choice and its reason to log.
+  // data parallelism. A model on the GPU hands over its device arena: the buckets go through
+  // NCCL in device memory, or through pinned host memory over MPI (comm/buckets.h). With
+  // comm.mode auto it measures the link and the codec first (collective) and writes each bucket's
+  // choice and its reason to log.
   void attach(nn::Model& model, const Config& cfg, std::ostream& log);
   comm::BucketEngine* engine() { return engine_.get(); }
 
@@ -51,7 +57,8 @@ class DataParallel {
 
  private:
   std::unique_ptr<comm::Communicator> comm_;
-  std::unique_ptr<comm::BucketEngine> engine_;
+  std::unique_ptr<comm::Communicator> device_comm_;  // comm.backend = nccl with 2+ ranks
+  std::unique_ptr<comm::BucketEngine> engine_;       // destroyed before the communicators
   bool enabled_ = false;
 };
 

@@ -289,7 +289,7 @@ void Trainer::announce() {
   // Results do not depend on the thread count (src/nn/layer.h), so automatic may differ by machine.
   if (cfg_.train.threads == 0) out_ << "train.threads: 0 (automatic) -> " << threads_ << "\n";
   if (dp_.enabled())
-    out_ << "data parallel: " << world_ << " rank(s), backend " << dp_.comm().backend()
+    out_ << "data parallel: " << world_ << " rank(s), backend " << dp_.bucket_backend()
          << ", gradients " << spelling(cfg_.comm.mode) << "\n";
 }
 
@@ -339,9 +339,9 @@ StepResult Trainer::train_step() {
   float loss =
       nn::softmax_cross_entropy_any(logits_, batch_slot_->labels.data(), &dlogits_, &correct);
 
-  // Backward; each bucket's all-reduce starts as soon as its gradients are final. The buckets are
-  // host memory: on the GPU the model hands each layer's gradients down before ready() (or all of
-  // them after backward, grads_to_host) and the averaged gradients go back up (grads_to_device).
+  // Backward; each bucket's all-reduce starts as soon as its gradients are final. The buckets read
+  // the model's gradient arena where it lives (on the GPU the device arena: the engine waits for
+  // an event recorded on the compute stream at ready(), comm/device_buckets.h).
   if (engine_) engine_->begin_step(static_cast<uint32_t>(pr_.global_batch));
   comm::BucketEngine* engine = engine_;
   model_.backward(dlogits_, engine && !sample_error && !dump
@@ -351,7 +351,8 @@ StepResult Trainer::train_step() {
   r.compute_s = seconds_since(t_step);
   r.warnings.swap(qctx.warnings);
 
-  // Wait for the all-reduce.
+  // Wait for the all-reduce; the means replace the local gradients in the arena. The sampled error
+  // and the dumps read the host arena (grads_to_host: a no-op on the CPU).
   if (engine_) {
     if (sample_error || dump) model_.grads_to_host();
     if (sample_error) raw_grads_.assign(model_.grads(), model_.grads() + model_.num_params());
@@ -361,8 +362,10 @@ StepResult Trainer::train_step() {
                         static_cast<uint32_t>(world_), model_.grads(),
                         engine_->compressed_segments());
     r.comm = engine_->finish();
-    if (sample_error) r.rel_err = compressed_mean_error(dp_, model_, raw_grads_);
-    model_.grads_to_device();
+    if (sample_error) {
+      model_.grads_to_host();
+      r.rel_err = compressed_mean_error(dp_, model_, raw_grads_);
+    }
   }
   ++pr_.global_batch;
 
