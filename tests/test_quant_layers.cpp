@@ -135,6 +135,13 @@ TEST(FakeQuant, ByteCodesEqualTheFloatDefinitions) {
   EXPECT_EQ(cw[1], 0);
   EXPECT_EQ(c[0], 8);  // 7.5 to even
   EXPECT_EQ(c[2], 15);
+  // NaNs inside the vectorised blocks and in the tail.
+  std::vector<float> xs(101, 0.7f);
+  for (size_t i : {size_t{0}, size_t{31}, size_t{45}, size_t{100}})
+    xs[i] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<uint8_t> cu(xs.size());
+  EXPECT_EQ(quantize_act_codes(xs.data(), 101, 1.0f, 8, cu.data()), 4);
+  for (size_t i = 0; i < xs.size(); ++i) EXPECT_EQ(cu[i], xs[i] == xs[i] ? 178 : 0) << i;
 }
 
 // --- layer references ------------------------------------------------------------------------

@@ -6,9 +6,12 @@
 // integer-valued floats) reads float copies of the codes.
 #include "src/nn/quant_layers.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 
 #include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
@@ -145,20 +148,57 @@ void quantize_act_codes(const float* x, int64_t n, float u, int bits, bool is_si
 namespace {
 
 // The byte activation quantizer: the float definition's integer, converted (a NaN gets 0 and is
-// counted). The loop vectorises: the conversion goes through int32.
+// counted). The plain loop is the portable path; it does not vectorise (std::clamp and rint under
+// the default trapping-math rules), so where the CPU has AVX2 the same operations run on 8 lanes:
+// max(lo, t) and min(1, t) keep a NaN as std::clamp does, _mm256_round_ps rounds to nearest even
+// as std::rint does in the default rounding mode, and the integral floats convert exactly.
 template <typename T>
-int64_t act_codes_bytes(const float* x, int64_t n, float u, int bits, bool is_signed, T* codes) {
-  const float q = static_cast<float>(act_qmax(bits, is_signed));
-  const float lo = is_signed ? -1.0f : 0.0f;
-  const float ue = effective_step(u);
+int64_t act_codes_plain(const float* x, int64_t n, float ue, float lo, float q, T* codes) {
   int64_t nan = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float c = std::rint(std::clamp(x[i] / ue, lo, 1.0f) * q);
-    const bool ok = c == c;
-    nan += !ok;
-    codes[i] = static_cast<T>(ok ? static_cast<int32_t>(c) : 0);
+    nan += c != c;
+    codes[i] = static_cast<T>(c == c ? static_cast<int32_t>(c) : 0);
   }
   return nan;
+}
+
+template <typename T>
+__attribute__((target("avx2"))) int64_t act_codes_avx2(const float* x, int64_t n, float ue,
+                                                       float lo, float q, T* codes) {
+  const __m256 vue = _mm256_set1_ps(ue), vlo = _mm256_set1_ps(lo), one = _mm256_set1_ps(1.0f);
+  const __m256 vq = _mm256_set1_ps(q);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t nan = 0;
+  auto codes8 = [&](const float* p) {  // 8 codes as int32 (NaN: 0, counted)
+    __m256 t = _mm256_div_ps(_mm256_loadu_ps(p), vue);
+    t = _mm256_min_ps(one, _mm256_max_ps(vlo, t));
+    const __m256 v =
+        _mm256_round_ps(_mm256_mul_ps(t, vq), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 ord = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+    nan += 8 - __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(ord)));
+    return _mm256_cvtps_epi32(_mm256_and_ps(v, ord));
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i a = codes8(x + i), b = codes8(x + i + 8);
+    const __m256i c = codes8(x + i + 16), d = codes8(x + i + 24);
+    const __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+    const __m256i bytes =
+        std::is_same_v<T, uint8_t> ? _mm256_packus_epi16(ab, cd) : _mm256_packs_epi16(ab, cd);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
+                        _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  return nan + act_codes_plain(x + i, n - i, ue, lo, q, codes + i);
+}
+
+template <typename T>
+int64_t act_codes_bytes(const float* x, int64_t n, float u, int bits, bool is_signed, T* codes) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  const float q = static_cast<float>(act_qmax(bits, is_signed));
+  const float lo = is_signed ? -1.0f : 0.0f;
+  const float ue = effective_step(u);
+  return avx2 ? act_codes_avx2(x, n, ue, lo, q, codes) : act_codes_plain(x, n, ue, lo, q, codes);
 }
 
 }  // namespace
