@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <random>
 #include <string>
@@ -79,6 +80,68 @@ TEST(FakeQuant, ActQuantBackwardMatchesReference) {
       EXPECT_NEAR(du, du_ref, 1e-9 * (1 + std::fabs(du_ref))) << bits << " " << is_signed;
       for (int64_t i = 0; i < n; ++i) ASSERT_EQ(dx[i], dx_ref[i]) << i;
     }
+}
+
+// The byte quantizers the layers use write the integers of the float definitions, for every
+// bit-width and both activation grids: random values across and beyond the clip range, the exact
+// half-way points between codes (round half to even), the clip bounds, +-0 and +-inf. A NaN gets
+// code 0 and is counted (the float definition writes NaN).
+TEST(FakeQuant, ByteCodesEqualTheFloatDefinitions) {
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<float> d(-3.0f, 3.0f);
+  const float u = 1.3f;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int bits = 2; bits <= 8; ++bits)
+    for (bool is_signed : {false, true}) {
+      SCOPED_TRACE(testing::Message() << "bits " << bits << " signed " << is_signed);
+      const int q = act_qmax(bits, is_signed);
+      std::vector<float> x = {0.0f, -0.0f, u, -u, 2 * u, -2 * u, inf, -inf};
+      for (int c = -q; c <= q; ++c) {  // every code and every half-way point between two
+        x.push_back(u * static_cast<float>(c) / static_cast<float>(q));
+        x.push_back(u * (static_cast<float>(c) + 0.5f) / static_cast<float>(q));
+      }
+      for (int i = 0; i < 2000; ++i) x.push_back(d(rng));
+      const int64_t n = static_cast<int64_t>(x.size());
+      std::vector<float> ref(x.size());
+      quantize_act_codes(x.data(), n, u, bits, is_signed, ref.data());
+      std::vector<uint8_t> bytes(x.size());
+      const int64_t nan = is_signed ? quantize_act_codes(x.data(), n, u, bits,
+                                                         reinterpret_cast<int8_t*>(bytes.data()))
+                                    : quantize_act_codes(x.data(), n, u, bits, bytes.data());
+      EXPECT_EQ(nan, 0);
+      int seen_max = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const int code = is_signed ? static_cast<int8_t>(bytes[i]) : bytes[i];
+        ASSERT_EQ(static_cast<float>(code), ref[i]) << "x = " << x[i];
+        seen_max = std::max(seen_max, code);
+      }
+      EXPECT_EQ(seen_max, q);  // the top code is reached (255 at 8 unsigned bits)
+      // Weights: the signed grid -L..L of the weight quantizer.
+      std::vector<float> wref(x.size());
+      std::vector<int8_t> w8(x.size());
+      quantize_weight_codes(x.data(), n, u, bits, wref.data());
+      quantize_weight_codes(x.data(), n, u, bits, w8.data());
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_EQ(static_cast<float>(w8[i]), wref[i]) << "w = " << x[i];
+    }
+  const float with_nan[] = {0.5f, std::numeric_limits<float>::quiet_NaN(), 2.0f};
+  uint8_t c[3];
+  int8_t cs[3], cw[3];
+  EXPECT_EQ(quantize_act_codes(with_nan, 3, 1.0f, 4, c), 1);
+  EXPECT_EQ(quantize_act_codes(with_nan, 3, 1.0f, 4, cs), 1);
+  quantize_weight_codes(with_nan, 3, 1.0f, 4, cw);
+  EXPECT_EQ(c[1], 0);
+  EXPECT_EQ(cs[1], 0);
+  EXPECT_EQ(cw[1], 0);
+  EXPECT_EQ(c[0], 8);  // 7.5 to even
+  EXPECT_EQ(c[2], 15);
+  // NaNs inside the vectorised blocks and in the tail.
+  std::vector<float> xs(101, 0.7f);
+  for (size_t i : {size_t{0}, size_t{31}, size_t{45}, size_t{100}})
+    xs[i] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<uint8_t> cu(xs.size());
+  EXPECT_EQ(quantize_act_codes(xs.data(), 101, 1.0f, 8, cu.data()), 4);
+  for (size_t i = 0; i < xs.size(); ++i) EXPECT_EQ(cu[i], xs[i] == xs[i] ? 178 : 0) << i;
 }
 
 // --- layer references ------------------------------------------------------------------------
@@ -301,7 +364,8 @@ TEST(QuantLayers, EveryGemmIsaEqualsTheFp32PathBitForBit) {
       std::printf("[  SKIP    ] GEMM ISA %s: not present on this CPU\n", math::igemm_isa_name(isa));
       continue;
     }
-    for (Bits bits : {Bits{4, 4, 4}, Bits{2, 2, 2}, Bits{8, 8, 8}, Bits{4, 8, 6}})
+    for (Bits bits :
+         {Bits{4, 4, 4}, Bits{2, 2, 2}, Bits{8, 8, 8}, Bits{4, 8, 6}, Bits{3, 5, 7}, Bits{7, 6, 3}})
       for (bool signed_input : {false, true}) {
         SCOPED_TRACE(testing::Message() << math::igemm_isa_name(isa) << " bits " << bits.w << "/"
                                         << bits.a << "/" << bits.g << " signed " << signed_input);
@@ -338,6 +402,102 @@ TEST(QuantLayers, EveryGemmIsaEqualsTheFp32PathBitForBit) {
         expect_same_training_step(a, b, x, 26);
       }
   }
+}
+
+// Forward on the byte codes equals the definition bit for bit: y = (sa * sw) * float(T), T the
+// exact integer sum of the float reference quantizers' codes (QLinear adds its bias after), at
+// every bit-width 2..8 on both activation grids, for the fp32 reference path and every integer
+// GEMM ISA present, through QConv2d's im2col + GEMM path (stride 1 and 2, one group and one
+// sample per group), its direct 3x3 path where it runs, and QLinear.
+TEST(QuantLayers, ForwardOnByteCodesEqualsTheFloatCodeDefinitionBitForBit) {
+  for (math::IgemmIsa isa : math::kIgemmIsas) {
+    if (!math::igemm_isa_available(isa)) continue;
+    for (int bits = 2; bits <= 8; ++bits)
+      for (bool signed_input : {false, true}) {
+        SCOPED_TRACE(testing::Message() << math::igemm_isa_name(isa) << " bits " << bits
+                                        << " signed " << signed_input);
+        QuantSpec spec = test_spec();
+        spec.weight_bits = spec.act_bits = bits;
+        spec.signed_input = signed_input;
+        const float lo = signed_input ? -1.5f : -0.2f;
+        const int qa = act_qmax(bits, signed_input), qw = quant::levels(bits);
+        // The definition's codes of x and W, and the layer's output scale.
+        auto codes = [&](const Tensor& x, const Param& w, float u, float s, std::vector<float>* xc,
+                         std::vector<float>* wc) {
+          xc->resize(static_cast<size_t>(x.numel()));
+          wc->resize(static_cast<size_t>(w.value.numel()));
+          quantize_act_codes(x.data(), x.numel(), u, bits, signed_input, xc->data());
+          quantize_weight_codes(w.value.data(), w.value.numel(), s, bits, wc->data());
+          return (u / static_cast<float>(qa)) * (s / static_cast<float>(qw));
+        };
+        for (int st : {1, 2})
+          for (int variant = 0; variant < 3; ++variant) {  // GEMM, GEMM one per group, direct
+            if (variant == 2 && st == 2) continue;
+            const int64_t n = 5, ci = 6, co = 7, h = 7, w = 6;
+            QuantContext ctx;
+            QConv2d c("conv", ci, co, 3, st, 1, spec, 2, &ctx);
+            c.set_gemm_isa(isa);
+            c.set_direct_conv(variant == 2);
+            if (variant == 1) c.set_column_bytes(1);
+            fill(c.weight().value, 31, -0.5f, 0.5f);
+            Tensor x({n, ci, h, w}), y;
+            fill(x, 32, lo, 1.5f);  // beyond u: the top code is used
+            c.forward(x, y, true);
+            std::vector<float> xc, wc;
+            const float scale =
+                codes(x, c.weight(), c.act_step().value[0], c.weight_step().value[0], &xc, &wc);
+            const int64_t ho = y.dim(2), wo = y.dim(3);
+            for (int64_t b = 0; b < n; ++b)
+              for (int64_t o = 0; o < co; ++o)
+                for (int64_t oy = 0; oy < ho; ++oy)
+                  for (int64_t ox = 0; ox < wo; ++ox) {
+                    int64_t t = 0;
+                    for (int64_t ch = 0; ch < ci; ++ch)
+                      for (int ky = 0; ky < 3; ++ky)
+                        for (int kx = 0; kx < 3; ++kx) {
+                          const int64_t iy = oy * st - 1 + ky, ix = ox * st - 1 + kx;
+                          if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
+                          t += static_cast<int64_t>(wc[((o * ci + ch) * 3 + ky) * 3 + kx]) *
+                               static_cast<int64_t>(xc[((b * ci + ch) * h + iy) * w + ix]);
+                        }
+                    ASSERT_EQ(y[((b * co + o) * ho + oy) * wo + ox], scale * static_cast<float>(t))
+                        << "stride " << st << " variant " << variant;
+                  }
+          }
+        QuantContext ctx;
+        QLinear l("fc", 37, 19, true, spec, 3, &ctx);
+        l.set_gemm_isa(isa);
+        fill(l.weight().value, 33, -0.5f, 0.5f);
+        fill(l.bias().value, 34, -0.1f, 0.1f);
+        Tensor x({11, 37}), y;
+        fill(x, 35, lo, 1.5f);
+        l.forward(x, y, true);
+        std::vector<float> xc, wc;
+        const float scale =
+            codes(x, l.weight(), l.act_step().value[0], l.weight_step().value[0], &xc, &wc);
+        for (int64_t i = 0; i < 11; ++i)
+          for (int64_t j = 0; j < 19; ++j) {
+            int64_t t = 0;
+            for (int64_t k = 0; k < 37; ++k)
+              t += static_cast<int64_t>(xc[i * 37 + k]) * static_cast<int64_t>(wc[j * 37 + k]);
+            ASSERT_EQ(y[i * 19 + j], scale * static_cast<float>(t) + l.bias().value[j]);
+          }
+      }
+  }
+}
+
+// A NaN input has no code: the layer reports the step non-finite (the trainer skips it).
+TEST(QuantLayers, NanInputIsCountedAsNonFinite) {
+  QuantContext ctx;
+  QLinear l("fc", 4, 3, false, test_spec(), 1, &ctx);
+  fill(l.weight().value, 1, -0.5f, 0.5f);
+  Tensor x({2, 4}), y;
+  fill(x, 2, 0.0f, 1.0f);
+  l.forward(x, y, true);
+  EXPECT_EQ(ctx.nonfinite, 0);
+  x[5] = std::numeric_limits<float>::quiet_NaN();
+  l.forward(x, y, true);
+  EXPECT_EQ(ctx.nonfinite, 1);
 }
 
 QuantSpec lbt_spec() {

@@ -36,57 +36,59 @@ void inside_columns(int64_t w, int64_t wo, int kx, int stride, int pad, int64_t*
   *x1 = hi;
 }
 
-// col rows r = (c * k + ky) * k + kx, each `ld` floats apart; sample s of the group writes columns
-// s * ho * wo .. (s + 1) * ho * wo - 1 of every row from images + (s0 + s) * channels * h * w.
-void im2col_group(const float* images, int64_t s0, int64_t g, int64_t channels, int64_t h,
-                  int64_t w, int k, int stride, int pad, int64_t ho, int64_t wo, float* col) {
+// col rows r = (c * k + ky) * k + kx, each `ld` elements apart; sample s of the group writes
+// columns s * ho * wo .. (s + 1) * ho * wo - 1 of every row from images + (s0 + s) * channels * h
+// * w. T: fp32 values or byte codes (padding is value 0, which is code 0).
+template <typename T>
+void im2col_group(const T* images, int64_t s0, int64_t g, int64_t channels, int64_t h, int64_t w,
+                  int k, int stride, int pad, int64_t ho, int64_t wo, T* col) {
+  constexpr T kZero{};
   const int64_t hw = ho * wo, ld = g * hw;
   // Stride 1 with "same" width (wo == w): the valid rows oy of one (c, ky, kx) row of col are ONE
   // contiguous stretch of the image shifted by kx - pad, so they are one block copy plus a zero at
   // the left or right edge of each output row, not one short copy per output row.
   const bool same_width = stride == 1 && wo == w;
   for (int64_t s = 0; s < g; ++s) {
-    const float* image = images + (s0 + s) * channels * h * w;
+    const T* image = images + (s0 + s) * channels * h * w;
     for (int64_t c = 0; c < channels; ++c)
       for (int ky = 0; ky < k; ++ky)
         for (int kx = 0; kx < k; ++kx) {
-          float* row = col + ((c * k + ky) * k + kx) * ld + s * hw;
-          const float* plane = image + c * h * w;
+          T* row = col + ((c * k + ky) * k + kx) * ld + s * hw;
+          const T* plane = image + c * h * w;
           int64_t x0, x1;
           inside_columns(w, wo, kx, stride, pad, &x0, &x1);
           if (same_width) {
             int64_t y0, y1;  // output rows whose input row lies inside the image
             inside_columns(h, ho, ky, 1, pad, &y0, &y1);
-            std::fill(row, row + y0 * wo, 0.0f);
-            std::fill(row + y1 * wo, row + hw, 0.0f);
+            std::fill(row, row + y0 * wo, kZero);
+            std::fill(row + y1 * wo, row + hw, kZero);
             // row[y0*wo + j] = plane[base + j] for j in [0, len), reading only inside the plane.
             const int64_t base = (y0 - pad + ky) * w + kx - pad, len = (y1 - y0) * wo;
             const int64_t jlo = std::max<int64_t>(0, -base);
             const int64_t jhi = std::max(jlo, std::min(len, h * w - base));
-            float* out = row + y0 * wo;
-            std::fill(out, out + jlo, 0.0f);
-            std::memcpy(out + jlo, plane + base + jlo,
-                        sizeof(float) * static_cast<size_t>(jhi - jlo));
-            std::fill(out + jhi, out + len, 0.0f);
+            T* out = row + y0 * wo;
+            std::fill(out, out + jlo, kZero);
+            std::memcpy(out + jlo, plane + base + jlo, sizeof(T) * static_cast<size_t>(jhi - jlo));
+            std::fill(out + jhi, out + len, kZero);
             // Edge columns (at most pad of them on each side), walked down the rows rather than
             // a loop of 0 or 1 element per output row.
             for (int64_t ox = 0; ox < x0; ++ox)
-              for (int64_t oy = y0; oy < y1; ++oy) row[oy * wo + ox] = 0.0f;
+              for (int64_t oy = y0; oy < y1; ++oy) row[oy * wo + ox] = kZero;
             for (int64_t ox = x1; ox < wo; ++ox)
-              for (int64_t oy = y0; oy < y1; ++oy) row[oy * wo + ox] = 0.0f;
+              for (int64_t oy = y0; oy < y1; ++oy) row[oy * wo + ox] = kZero;
             continue;
           }
           for (int64_t oy = 0; oy < ho; ++oy) {
-            float* out = row + oy * wo;
+            T* out = row + oy * wo;
             const int64_t iy = oy * stride - pad + ky;
             if (iy < 0 || iy >= h) {
-              for (int64_t ox = 0; ox < wo; ++ox) out[ox] = 0.0f;
+              for (int64_t ox = 0; ox < wo; ++ox) out[ox] = kZero;
               continue;
             }
-            const float* in = plane + iy * w - pad + kx;
-            for (int64_t ox = 0; ox < x0; ++ox) out[ox] = 0.0f;
+            const T* in = plane + iy * w - pad + kx;
+            for (int64_t ox = 0; ox < x0; ++ox) out[ox] = kZero;
             for (int64_t ox = x0; ox < x1; ++ox) out[ox] = in[ox * stride];
-            for (int64_t ox = x1; ox < wo; ++ox) out[ox] = 0.0f;
+            for (int64_t ox = x1; ox < wo; ++ox) out[ox] = kZero;
           }
         }
   }
@@ -164,8 +166,8 @@ int64_t Conv2d::group_size(int64_t n, int64_t rows, int64_t cols) const {
   return std::clamp<int64_t>(column_bytes_ / per_sample, 1, std::max<int64_t>(n, 1));
 }
 
-void Conv2d::im2col(const float* images, int64_t s0, int64_t g, int64_t h, int64_t w,
-                    float* col) const {
+template <typename T>
+void Conv2d::im2col(const T* images, int64_t s0, int64_t g, int64_t h, int64_t w, T* col) const {
   im2col_group(images, s0, g, in_, h, w, kernel_, stride_, pad_, out_size(h), out_size(w), col);
 }
 
@@ -176,15 +178,16 @@ void Conv2d::col2im(const float* col, int64_t s0, int64_t g, int64_t h, int64_t 
 
 bool Conv2d::dx_by_transposed_conv() const { return stride_ == 1 && pad_ <= kernel_ - 1; }
 
-void Conv2d::dy_im2col(const float* dy, int64_t s0, int64_t g, int64_t h, int64_t w,
-                       float* col) const {
+template <typename T>
+void Conv2d::dy_im2col(const T* dy, int64_t s0, int64_t g, int64_t h, int64_t w, T* col) const {
   // dx[c, iy, ix] = sum_{o, ky, kx} W[o, c, ky, kx] dy[o, iy + pad - ky, ix + pad - kx]: the
   // stride-1 convolution of dy (padded by k - 1 - pad) with the kernel flipped in y and x.
   im2col_group(dy, s0, g, out_, out_size(h), out_size(w), kernel_, 1, kernel_ - 1 - pad_, h, w,
                col);
 }
 
-void Conv2d::flip_weight(const float* w, float* wt) const {
+template <typename T>
+void Conv2d::flip_weight(const T* w, T* wt) const {
   const int k = kernel_;
   for (int64_t o = 0; o < out_; ++o)
     for (int64_t c = 0; c < in_; ++c)
@@ -193,13 +196,24 @@ void Conv2d::flip_weight(const float* w, float* wt) const {
           wt[flipped_index(o, c, ky, kx)] = w[((o * in_ + c) * k + ky) * k + kx];
 }
 
-void Conv2d::gather_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw,
-                          float* dst) {
+template <typename T>
+void Conv2d::gather_group(const T* src, int64_t s0, int64_t g, int64_t rows, int64_t hw, T* dst) {
   for (int64_t s = 0; s < g; ++s)
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(dst + r * g * hw + s * hw, src + ((s0 + s) * rows + r) * hw,
-                  sizeof(float) * static_cast<size_t>(hw));
+                  sizeof(T) * static_cast<size_t>(hw));
 }
+
+// The element types of the templates above: fp32 values and the quantized layers' byte codes.
+#define INT4DDP_CONV2D_ELEMENT(T)                                                          \
+  template void Conv2d::im2col(const T*, int64_t, int64_t, int64_t, int64_t, T*) const;    \
+  template void Conv2d::dy_im2col(const T*, int64_t, int64_t, int64_t, int64_t, T*) const; \
+  template void Conv2d::flip_weight(const T*, T*) const;                                   \
+  template void Conv2d::gather_group(const T*, int64_t, int64_t, int64_t, int64_t, T*);
+INT4DDP_CONV2D_ELEMENT(float)
+INT4DDP_CONV2D_ELEMENT(int8_t)
+INT4DDP_CONV2D_ELEMENT(uint8_t)
+#undef INT4DDP_CONV2D_ELEMENT
 
 void Conv2d::scatter_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw,
                            float* dst) {

@@ -8,12 +8,15 @@
 //     // `part`'s dW; first: the part's first group. a_is_x: A holds x's values (B dy's), else
 //     // A holds dy's (B x's).
 //     void weight_product(int64_t part, bool first, int64_t m, int64_t n, int64_t k,
-//                         const float* a, const float* b, bool a_is_x);
+//                         const TA* a, const TB* b, bool a_is_x);
 //     // C (m, n) = op(W) (m, k) D (k, n), a dx product (W the weights, or their flipped
 //     // transpose; D a group's dy or its im2col), overwriting c.
-//     void data_product(math::Trans tw, int64_t m, int64_t n, int64_t k, const float* w,
-//                       const float* d, float* c);
+//     void data_product(math::Trans tw, int64_t m, int64_t n, int64_t k, const TW* w,
+//                       const TD* d, float* c);
 //   };
+// x, dy and the weights are each fp32 (TX = TD = TW = float) or byte codes (int8_t, or uint8_t
+// for unsigned activations): columns, gathered groups and flipped weights keep their operand's
+// type (byte codes in the float scratch's storage); dx products and the col2im input are fp32.
 #pragma once
 
 #include <algorithm>
@@ -24,9 +27,9 @@
 
 namespace int4ddp::nn {
 
-template <typename Products>
-bool Conv2d::backward_by_groups(int64_t n, int64_t h, int64_t w, const float* x, const float* dy,
-                                const float* weights, float* dx, Products& products) {
+template <typename Products, typename TX, typename TD, typename TW>
+bool Conv2d::backward_by_groups(int64_t n, int64_t h, int64_t w, const TX* x, const TD* dy,
+                                const TW* weights, float* dx, Products& products) {
   using math::Trans;
   const int64_t ckk = in_ * kernel_ * kernel_, okk = out_ * kernel_ * kernel_;
   const int64_t hw = out_size(h) * out_size(w), ihw = h * w;
@@ -36,25 +39,27 @@ bool Conv2d::backward_by_groups(int64_t n, int64_t h, int64_t w, const float* x,
     //   dWt_g (in, out*k*k) = x_g (in, g*h*w) im2col(dy_g)^T   (dW with its taps flipped)
     //   dx_g (in, g*h*w) = flip(W) (in, out*k*k) im2col(dy_g)
     const int64_t gmax = part_group_size(n, okk, ihw);
-    flip_weight(weights, grow_scratch(wt_, in_ * okk));
+    TW* wt = grow_scratch_as<TW>(wt_, in_ * okk);
+    flip_weight(weights, wt);
     parallel_for(parts.count(), [&](int64_t p) {
       GroupScratch& sc = group_scratch();
-      float* dcol = grow_scratch(sc.dcol, okk * gmax * ihw);
+      TD* dcol = grow_scratch_as<TD>(sc.dcol, okk * gmax * ihw);
       float* in_buf = grow_scratch(sc.in, in_ * gmax * ihw);
-      float* x_buf = grow_scratch(sc.x, in_ * gmax * ihw);
+      TX* x_buf = grow_scratch_as<TX>(sc.x, in_ * gmax * ihw);
       for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
         const int64_t g = std::min(gmax, parts.end(p) - s0), icols = g * ihw;
         dy_im2col(dy, s0, g, h, w, dcol);
-        const float* xg = x + s0 * in_ * ihw;
+        const TX* xg = x + s0 * in_ * ihw;
         if (g > 1) {
           gather_group(x, s0, g, in_, ihw, x_buf);
           xg = x_buf;
         }
-        products.weight_product(p, s0 == parts.begin(p), in_, okk, icols, xg, dcol,
+        products.weight_product(p, s0 == parts.begin(p), in_, okk, icols, xg,
+                                static_cast<const TD*>(dcol),
                                 /*a_is_x=*/true);
         // A group of one sample is already in dx's layout: the product writes it in place.
         float* dxg = g == 1 ? dx + s0 * in_ * ihw : in_buf;
-        products.data_product(Trans::kNo, in_, icols, okk, wt_.data(), dcol, dxg);
+        products.data_product(Trans::kNo, in_, icols, okk, static_cast<const TW*>(wt), dcol, dxg);
         if (g > 1) scatter_group(dxg, s0, g, in_, ihw, dx);
       }
     });
@@ -65,19 +70,20 @@ bool Conv2d::backward_by_groups(int64_t n, int64_t h, int64_t w, const float* x,
   const int64_t gmax = part_group_size(n, ckk, hw);
   parallel_for(parts.count(), [&](int64_t p) {
     GroupScratch& sc = group_scratch();
-    float* col = grow_scratch(sc.col, ckk * gmax * hw);
-    float* buf = grow_scratch(sc.out, out_ * gmax * hw);
+    TX* col = grow_scratch_as<TX>(sc.col, ckk * gmax * hw);
+    TD* buf = grow_scratch_as<TD>(sc.out, out_ * gmax * hw);
     float* dcol = dx ? grow_scratch(sc.dcol, ckk * gmax * hw) : nullptr;
     if (dx) std::fill(dx + parts.begin(p) * in_ * ihw, dx + parts.end(p) * in_ * ihw, 0.0f);
     for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
       const int64_t g = std::min(gmax, parts.end(p) - s0), cols = g * hw;
       im2col(x, s0, g, h, w, col);
-      const float* dyg = dy + s0 * out_ * hw;
+      const TD* dyg = dy + s0 * out_ * hw;
       if (g > 1) {
         gather_group(dy, s0, g, out_, hw, buf);
         dyg = buf;
       }
-      products.weight_product(p, s0 == parts.begin(p), out_, ckk, cols, dyg, col,
+      products.weight_product(p, s0 == parts.begin(p), out_, ckk, cols, dyg,
+                              static_cast<const TX*>(col),
                               /*a_is_x=*/false);
       if (!dx) continue;
       products.data_product(Trans::kYes, ckk, cols, out_, weights, dyg, dcol);

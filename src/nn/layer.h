@@ -21,6 +21,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/math/conv3x3.h"
@@ -43,6 +44,15 @@ template <typename T>
 T* grow_scratch(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   return v.data();
+}
+// A float scratch vector's storage for at least n elements of T (float, or int8_t / uint8_t codes,
+// which may alias any storage): byte code buffers reuse the same per-thread scratch.
+template <typename T>
+T* grow_scratch_as(std::vector<float>& v, int64_t n) {
+  static_assert(std::is_same_v<T, float> || sizeof(T) == 1, "float or byte elements only");
+  const int64_t floats =
+      (n * int64_t{sizeof(T)} + int64_t{sizeof(float)} - 1) / int64_t{sizeof(float)};
+  return reinterpret_cast<T*>(grow_scratch(v, floats));
 }
 
 // parts[j] = ((parts[j] + parts[size + j]) + parts[2 * size + j]) + ...: count partials of size
@@ -117,13 +127,13 @@ class Conv2d : public Layer {
   bool direct3x3() const;
   // The im2col + GEMM path of backward over groups of samples, shared by Conv2d and QConv2d
   // (defined in conv2d_groups.h, which documents Products). x (n, in, h, w), dy (n, out, ho, wo)
-  // and weights (out, in, k, k) are fp32 values or integer codes; dx (n, in, h, w) is written when
-  // not null. Products computes the GEMMs and sums each batch part's dW. Returns true when dW came
-  // with its taps flipped (the transposed form, dx_by_transposed_conv(): dWt (in, out*k*k), see
-  // flipped_index), false for dW (out, in*k*k).
-  template <typename Products>
-  bool backward_by_groups(int64_t n, int64_t h, int64_t w, const float* x, const float* dy,
-                          const float* weights, float* dx, Products& products);
+  // and weights (out, in, k, k) are fp32 values or integer codes (int8_t / uint8_t, each operand
+  // its own type); dx (n, in, h, w) is written when not null. Products computes the GEMMs and sums
+  // each batch part's dW. Returns true when dW came with its taps flipped (the transposed form,
+  // dx_by_transposed_conv(): dWt (in, out*k*k), see flipped_index), false for dW (out, in*k*k).
+  template <typename Products, typename TX, typename TD, typename TW>
+  bool backward_by_groups(int64_t n, int64_t h, int64_t w, const TX* x, const TD* dy,
+                          const TW* weights, float* dx, Products& products);
   // weight grad += the sum, in part order, of the first `count` (out, in*k*k) partials of
   // dw_parts_ (the dW of each batch part).
   void add_dw_parts(int64_t count);
@@ -131,29 +141,34 @@ class Conv2d : public Layer {
   // column-buffer budget; at least 1, at most n.
   int64_t group_size(int64_t n, int64_t rows, int64_t cols) const;
   // col (in*k*k, g*ho*wo) of samples s0..s0+g-1 of images (n, in, h, w), sample s at column offset
-  // s*ho*wo; and its adjoint, accumulated (+=) into images.
-  void im2col(const float* images, int64_t s0, int64_t g, int64_t h, int64_t w, float* col) const;
+  // s*ho*wo; and its adjoint, accumulated (+=) into images. The templates here take float values
+  // or int8_t / uint8_t codes (instantiated in conv2d.cpp).
+  template <typename T>
+  void im2col(const T* images, int64_t s0, int64_t g, int64_t h, int64_t w, T* col) const;
   void col2im(const float* col, int64_t s0, int64_t g, int64_t h, int64_t w, float* images) const;
   // dx can be computed as a convolution of dy (stride 1 and pad <= k - 1): then dx_g (in, g*h*w)
   // = flip_weight(W) (in, out*k*k) dy_im2col(dy) (out*k*k, g*h*w), and dW from the same columns:
   // dWt (in, out*k*k) = x_g (in, g*h*w) dy_im2col(dy)^T, taps flipped. h, w are the INPUT's size.
   bool dx_by_transposed_conv() const;
-  void dy_im2col(const float* dy, int64_t s0, int64_t g, int64_t h, int64_t w, float* col) const;
+  template <typename T>
+  void dy_im2col(const T* dy, int64_t s0, int64_t g, int64_t h, int64_t w, T* col) const;
   // wt (in, out, k, k)[c, o, k-1-ky, k-1-kx] = w (out, in, k, k)[o, c, ky, kx]; flipped_index is
   // the flat index into wt of w's element (o, c, ky, kx).
-  void flip_weight(const float* w, float* wt) const;
+  template <typename T>
+  void flip_weight(const T* w, T* wt) const;
   int64_t flipped_index(int64_t o, int64_t c, int ky, int kx) const {
     return ((c * out_ + o) * kernel_ + (kernel_ - 1 - ky)) * kernel_ + (kernel_ - 1 - kx);
   }
   // Between a group's (rows, g*hw) matrix and samples s0..s0+g-1 of an (n, rows, hw) tensor.
-  static void gather_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw,
-                           float* dst);
+  template <typename T>
+  static void gather_group(const T* src, int64_t s0, int64_t g, int64_t rows, int64_t hw, T* dst);
   static void scatter_group(const float* src, int64_t s0, int64_t g, int64_t rows, int64_t hw,
                             float* dst);
 
   // Per-thread scratch of one group (the column matrices and gathered group operands), shared by
   // every convolution of the thread and kept across calls: a fresh buffer per step page-faults,
-  // and one set for all layers stays in cache. Only grows.
+  // and one set for all layers stays in cache. Only grows. The quantized layers keep byte codes in
+  // the same storage (grow_scratch_as).
   struct GroupScratch {
     std::vector<float> col;   // (in*k*k, g*ho*wo) im2col of x
     std::vector<float> dcol;  // (in*k*k, g*ho*wo) W^T dy, or (out*k*k, g*h*w) im2col of dy
@@ -173,7 +188,7 @@ class Conv2d : public Layer {
   int64_t column_bytes_;
   Param weight_, bias_;
   std::vector<float> dw_parts_;  // (parts, weight size) dW (or dW with flipped taps) of each part
-  std::vector<float> wt_;        // (in, out*k*k) flipped weights
+  std::vector<float> wt_;        // (in, out*k*k) flipped weights (storage of float or byte codes)
   bool direct_conv_ = true;
   math::Conv3x3Weights w3_;                  // direct path: the weights (or codes) packed
   std::vector<math::Conv3x3WeightGrad> g3_;  // direct path: dW sum of each batch part

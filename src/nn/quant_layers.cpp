@@ -1,12 +1,17 @@
-// Quantized Conv2d / Linear (see quant_layers.h). Every GEMM takes integer codes stored as floats
-// and runs through code_gemm: the int8 kernels of math::igemm where the CPU has one, else the exact
-// fp32 math::int_gemm. Both are exact (scale * float(T), one rescale per output), so which one ran
-// changes no bit.
+// Quantized Conv2d / Linear (see quant_layers.h). The quantizers write byte codes (int8 weights and
+// gradients, uint8 activations or int8 on the signed grid) that every GEMM of the step reads
+// through code_gemm: the int8 kernels of math::igemm where the CPU has one, else the exact fp32
+// math::int_gemm on the codes converted to floats. Both are exact (scale * float(T), one rescale
+// per output), so which one ran changes no bit. The direct 3x3 convolution (fp32 kernels, exact on
+// integer-valued floats) reads float copies of the codes.
 #include "src/nn/quant_layers.h"
+
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 
 #include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
@@ -15,6 +20,7 @@
 
 namespace int4ddp::nn {
 
+using math::CodeMatrix;
 using math::int_gemm;
 using math::Trans;
 
@@ -27,29 +33,49 @@ constexpr int64_t kWeightBlock = 16384;
 
 float effective_step(float v) { return std::max(std::fabs(v), kMinStep); }
 
-// One operand of a code GEMM: integer codes stored as floats, |code| <= qmax, 0..qmax when
-// unsigned (activations after a ReLU).
-struct Codes {
-  const float* data;
-  int64_t ld;
-  int qmax;
-  bool is_unsigned;
-};
+// Activation codes (xq_'s bytes, or columns made of them) as a GEMM operand: uint8, or int8 on the
+// signed grid. Code 0 is byte 0 either way, so im2col pads both alike.
+CodeMatrix act_operand(const uint8_t* codes, int64_t ld, int qmax, bool is_signed,
+                       Trans t = Trans::kNo) {
+  return is_signed ? math::codes_s8(reinterpret_cast<const int8_t*>(codes), ld, qmax, t)
+                   : math::codes_u8(codes, ld, qmax, t);
+}
 
-// C (m, n) = scale * (op(A) op(B)) exactly (accumulate: +=): igemm's int8 kernels of `isa`, or for
-// IgemmIsa::kRef (INT4DDP_GEMM_ISA=ref, or a CPU without AVX2) the exact fp32 int_gemm, the
-// portable path.
-void code_gemm(math::IgemmIsa isa, Trans ta, Trans tb, int64_t m, int64_t n, int64_t k,
-               const Codes& a, const Codes& b, float scale, bool accumulate, float* c,
-               int64_t ldc) {
+// out[i] = float(codes[i]).
+template <typename T>
+void codes_to_floats(const T* codes, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(codes[i]);
+}
+
+// The stored elements of x (rows x cols, row stride ld) as floats in buf.
+const float* operand_as_floats(const CodeMatrix& x, int64_t rows, int64_t cols,
+                               std::vector<float>* buf) {
+  const int64_t span = rows == 0 || cols == 0 ? 0 : (rows - 1) * x.ld + cols;
+  float* out = grow_scratch(*buf, span);
+  if (x.type == math::CodeType::kU8)
+    codes_to_floats(static_cast<const uint8_t*>(x.data), span, out);
+  else if (x.type == math::CodeType::kS8)
+    codes_to_floats(static_cast<const int8_t*>(x.data), span, out);
+  else
+    std::copy_n(static_cast<const float*>(x.data), span, out);
+  return out;
+}
+
+// C (m, n) = scale * (op(A) op(B)) exactly (accumulate: +=) on byte codes: igemm's int8 kernels of
+// `isa`, or for IgemmIsa::kRef (INT4DDP_GEMM_ISA=ref, or a CPU without AVX2) the exact fp32
+// int_gemm on the codes converted to floats, the portable path and the reference.
+void code_gemm(math::IgemmIsa isa, int64_t m, int64_t n, int64_t k, const CodeMatrix& a,
+               const CodeMatrix& b, float scale, bool accumulate, float* c, int64_t ldc) {
   if (isa == math::IgemmIsa::kRef) {
-    int_gemm(ta, tb, m, n, k, a.data, a.ld, a.qmax, b.data, b.ld, b.qmax, scale, accumulate, c,
+    thread_local std::vector<float> fa, fb;
+    const bool an = a.trans == Trans::kNo, bn = b.trans == Trans::kNo;
+    const float* pa = operand_as_floats(a, an ? m : k, an ? k : m, &fa);
+    const float* pb = operand_as_floats(b, bn ? k : n, bn ? n : k, &fb);
+    int_gemm(a.trans, b.trans, m, n, k, pa, a.ld, a.qmax, pb, b.ld, b.qmax, scale, accumulate, c,
              ldc);
     return;
   }
-  math::igemm(m, n, k, math::codes_f32(a.data, a.ld, a.qmax, a.is_unsigned, ta),
-              math::codes_f32(b.data, b.ld, b.qmax, b.is_unsigned, tb), scale, accumulate, c, ldc,
-              isa);
+  math::igemm(m, n, k, a, b, scale, accumulate, c, ldc, isa);
 }
 
 Param make_scalar_param(const std::string& name) {
@@ -83,6 +109,15 @@ void quantize_weight_codes(const float* w, int64_t n, float s, int bits, float* 
   for (int64_t i = 0; i < n; ++i) codes[i] = std::clamp(std::rint(w[i] / se * lim), -lim, lim);
 }
 
+void quantize_weight_codes(const float* w, int64_t n, float s, int bits, int8_t* codes) {
+  const float lim = static_cast<float>(quant::levels(bits));
+  const float se = effective_step(s);
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = std::clamp(std::rint(w[i] / se * lim), -lim, lim);
+    codes[i] = static_cast<int8_t>(q == q ? static_cast<int32_t>(q) : 0);  // NaN: 0
+  }
+}
+
 double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
                              float* dw) {
   const float lim = static_cast<float>(quant::levels(bits));
@@ -110,6 +145,72 @@ void quantize_act_codes(const float* x, int64_t n, float u, int bits, bool is_si
   const float lo = is_signed ? -1.0f : 0.0f;
   const float ue = effective_step(u);
   for (int64_t i = 0; i < n; ++i) codes[i] = std::rint(std::clamp(x[i] / ue, lo, 1.0f) * q);
+}
+
+namespace {
+
+// The byte activation quantizer: the float definition's integer, converted (a NaN gets 0 and is
+// counted). The plain loop is the portable path; it does not vectorise (std::clamp and rint under
+// the default trapping-math rules), so where the CPU has AVX2 the same operations run on 8 lanes:
+// max(lo, t) and min(1, t) keep a NaN as std::clamp does, _mm256_round_ps rounds to nearest even
+// as std::rint does in the default rounding mode, and the integral floats convert exactly.
+template <typename T>
+int64_t act_codes_plain(const float* x, int64_t n, float ue, float lo, float q, T* codes) {
+  int64_t nan = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float c = std::rint(std::clamp(x[i] / ue, lo, 1.0f) * q);
+    nan += c != c;
+    codes[i] = static_cast<T>(c == c ? static_cast<int32_t>(c) : 0);
+  }
+  return nan;
+}
+
+template <typename T>
+__attribute__((target("avx2"))) int64_t act_codes_avx2(const float* x, int64_t n, float ue,
+                                                       float lo, float q, T* codes) {
+  const __m256 vue = _mm256_set1_ps(ue), vlo = _mm256_set1_ps(lo), one = _mm256_set1_ps(1.0f);
+  const __m256 vq = _mm256_set1_ps(q);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t nan = 0;
+  auto codes8 = [&](const float* p) {  // 8 codes as int32 (NaN: 0, counted)
+    __m256 t = _mm256_div_ps(_mm256_loadu_ps(p), vue);
+    t = _mm256_min_ps(one, _mm256_max_ps(vlo, t));
+    const __m256 v =
+        _mm256_round_ps(_mm256_mul_ps(t, vq), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 ord = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+    nan += 8 - __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(ord)));
+    return _mm256_cvtps_epi32(_mm256_and_ps(v, ord));
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i a = codes8(x + i), b = codes8(x + i + 8);
+    const __m256i c = codes8(x + i + 16), d = codes8(x + i + 24);
+    const __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+    const __m256i bytes =
+        std::is_same_v<T, uint8_t> ? _mm256_packus_epi16(ab, cd) : _mm256_packs_epi16(ab, cd);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
+                        _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  return nan + act_codes_plain(x + i, n - i, ue, lo, q, codes + i);
+}
+
+template <typename T>
+int64_t act_codes_bytes(const float* x, int64_t n, float u, int bits, bool is_signed, T* codes) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  const float q = static_cast<float>(act_qmax(bits, is_signed));
+  const float lo = is_signed ? -1.0f : 0.0f;
+  const float ue = effective_step(u);
+  return avx2 ? act_codes_avx2(x, n, ue, lo, q, codes) : act_codes_plain(x, n, ue, lo, q, codes);
+}
+
+}  // namespace
+
+int64_t quantize_act_codes(const float* x, int64_t n, float u, int bits, uint8_t* codes) {
+  return act_codes_bytes(x, n, u, bits, false, codes);
+}
+
+int64_t quantize_act_codes(const float* x, int64_t n, float u, int bits, int8_t* codes) {
+  return act_codes_bytes(x, n, u, bits, true, codes);
 }
 
 double act_quant_backward_ref(const float* x, int64_t n, float u, int bits, bool is_signed,
@@ -252,7 +353,7 @@ void QuantizedOp::diagnose_grad(const float* dy, const float* dequantized, int64
   grad_.last_diag = quant::diagnose(dy, dequantized, n, grad_.pending, grad_.tracker);
 }
 
-float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
+float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<int8_t>* codes) {
   const int64_t n = dy.numel();
   const quant::QuantParams p = grad_quant_params(dy.data(), n);
   // One per-tensor quantization done in pieces on the threads: the max and the counts are exact
@@ -276,19 +377,17 @@ float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<float>* codes) {
   codes->resize(static_cast<size_t>(n));
   parallel_for(pieces, [&](int64_t b) {
     const int64_t i0 = b * kPiece, len = std::min(kPiece, n - i0);
-    int8_t q[kPiece];
     quant::QuantParams pp = p;
     pp.index_offset = i0;
-    piece_count_[static_cast<size_t>(b)] =
-        quant::quantize_piece(dy.data() + i0, len, pp, st.absmax, st.nonfinite == 0, q);
-    float* out = codes->data() + i0;  // codes as integer-valued floats
-    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(q[i]);
+    piece_count_[static_cast<size_t>(b)] = quant::quantize_piece(
+        dy.data() + i0, len, pp, st.absmax, st.nonfinite == 0, codes->data() + i0);
   });
   for (int64_t c : piece_count_) st.clipped += c;
   const float step = finish_grad_quant(st, p.gamma);
   if (ctx_->diagnostics && st.nonfinite == 0) {
     scratch_.resize(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) scratch_[static_cast<size_t>(i)] = (*codes)[i] * step;
+    for (int64_t i = 0; i < n; ++i)
+      scratch_[static_cast<size_t>(i)] = static_cast<float>((*codes)[i]) * step;
     diagnose_grad(dy.data(), scratch_.data(), n);
   }
   return step;
@@ -309,10 +408,19 @@ float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train
   xq_.resize(static_cast<size_t>(x.numel()));
   wq_.resize(static_cast<size_t>(w.value.numel()));
   const int64_t per = x.numel() / std::max<int64_t>(1, x.dim(0));
-  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
-    quantize_act_codes(x.data() + s0 * per, (s1 - s0) * per, u_a_.value[0], spec_.act_bits,
-                       spec_.signed_input, xq_.data() + s0 * per);
+  const BatchParts parts{x.dim(0)};
+  piece_count_.assign(static_cast<size_t>(parts.count()), 0);  // NaN inputs of each part
+  parallel_for(parts.count(), [&](int64_t p) {
+    const int64_t off = parts.begin(p) * per, len = (parts.end(p) - parts.begin(p)) * per;
+    uint8_t* out = xq_.data() + off;
+    piece_count_[static_cast<size_t>(p)] =
+        spec_.signed_input
+            ? quantize_act_codes(x.data() + off, len, u_a_.value[0], spec_.act_bits,
+                                 reinterpret_cast<int8_t*>(out))
+            : quantize_act_codes(x.data() + off, len, u_a_.value[0], spec_.act_bits, out);
   });
+  // A NaN input has no code: the step is reported non-finite, as a NaN in dL/dY is.
+  for (int64_t c : piece_count_) ctx_->nonfinite += c;
   const int64_t nw = w.value.numel();
   parallel_for((nw + kWeightBlock - 1) / kWeightBlock, [&](int64_t b) {
     const int64_t i0 = b * kWeightBlock;
@@ -386,9 +494,9 @@ void QLinear::forward(const Tensor& x, Tensor& y, bool train) {
   const Grid g = grid();
   y.resize({n, out_});
   for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
-    code_gemm(gemm_isa_, Trans::kNo, Trans::kYes, n, j1 - j0, in_,
-              {xq_.data(), in_, g.qa, !signed_input()}, {wq_.data() + j0 * in_, in_, g.qw, false},
-              scale, false, y.data() + j0, out_);
+    code_gemm(gemm_isa_, n, j1 - j0, in_, act_operand(xq_.data(), in_, g.qa, signed_input()),
+              math::codes_s8(wq_.data() + j0 * in_, in_, g.qw, Trans::kYes), scale, false,
+              y.data() + j0, out_);
     if (has_bias_)
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = j0; j < j1; ++j) y[i * out_ + j] += bias_.value[j];
@@ -402,19 +510,20 @@ void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor*
   // dW^ (out, in) = G^T (out, n) X^ (n, in)
   scratch_.resize(static_cast<size_t>(std::max(out_, n) * in_));
   for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
-    code_gemm(gemm_isa_, Trans::kYes, Trans::kNo, j1 - j0, in_, n,
-              {gq_.data() + j0, out_, g.qg, false}, {xq_.data(), in_, g.qa, !signed_input()},
-              dg * g.sa, false, scratch_.data() + j0 * in_, in_);
+    code_gemm(gemm_isa_, j1 - j0, in_, n, math::codes_s8(gq_.data() + j0, out_, g.qg, Trans::kYes),
+              act_operand(xq_.data(), in_, g.qa, signed_input()), dg * g.sa, false,
+              scratch_.data() + j0 * in_, in_);
   });
   weight_backward(weight_, scratch_.data());
   if (has_bias_)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < out_; ++j)
-        bias_.grad[j] += gq_[static_cast<size_t>(i * out_ + j)] * dg;
+        bias_.grad[j] += static_cast<float>(gq_[static_cast<size_t>(i * out_ + j)]) * dg;
   // dX^ (n, in) = G^ (n, out) W^ (out, in); u_A's gradient needs it even without dx.
   for_feature_blocks(in_, [&](int64_t c0, int64_t c1) {
-    code_gemm(gemm_isa_, Trans::kNo, Trans::kNo, n, c1 - c0, out_, {gq_.data(), out_, g.qg, false},
-              {wq_.data() + c0, in_, g.qw, false}, dg * g.sw, false, scratch_.data() + c0, in_);
+    code_gemm(gemm_isa_, n, c1 - c0, out_, math::codes_s8(gq_.data(), out_, g.qg),
+              math::codes_s8(wq_.data() + c0, in_, g.qw), dg * g.sw, false, scratch_.data() + c0,
+              in_);
   });
   act_backward(x, scratch_.data(), dx);
 }
@@ -439,27 +548,36 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
   const int64_t gmax = part_group_size(n, ckk, hw);
   const BatchParts parts{n};
   if (direct3x3()) {  // exact on the codes, the same scale * float(T) as int_gemm
-    w3_.pack(wq_.data(), out_, in_);
+    scratch_.resize(wq_.size());
+    codes_to_floats(wq_.data(), static_cast<int64_t>(wq_.size()), scratch_.data());
+    w3_.pack(scratch_.data(), out_, in_);
+    xf_.resize(xq_.size());
     math::Conv3x3Options o;
     o.scale = scale;
     o.codes = {g.qa, g.qw};
+    const int64_t ihw = h * w;
     parallel_for(parts.count(), [&](int64_t p) {
-      const int64_t s0 = parts.begin(p);
-      math::conv3x3_forward({parts.end(p) - s0, in_, out_, h, w}, xq_.data() + s0 * in_ * hw, w3_,
+      const int64_t s0 = parts.begin(p), len = (parts.end(p) - s0) * in_ * ihw;
+      float* xp = xf_.data() + s0 * in_ * ihw;
+      if (signed_input())
+        codes_to_floats(reinterpret_cast<const int8_t*>(xq_.data()) + s0 * in_ * ihw, len, xp);
+      else
+        codes_to_floats(xq_.data() + s0 * in_ * ihw, len, xp);
+      math::conv3x3_forward({parts.end(p) - s0, in_, out_, h, w}, xp, w3_,
                             y.data() + s0 * out_ * hw, o);
     });
     return;
   }
   parallel_for(parts.count(), [&](int64_t p) {
     GroupScratch& sc = group_scratch();
-    float* col = grow_scratch(sc.col, ckk * gmax * hw);
+    uint8_t* col = grow_scratch_as<uint8_t>(sc.col, ckk * gmax * hw);  // activation code bytes
     float* buf = grow_scratch(sc.out, out_ * gmax * hw);
     for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
       const int64_t gs = std::min(gmax, parts.end(p) - s0), cols = gs * hw;
       im2col(xq_.data(), s0, gs, h, w, col);                  // zero padding is code 0
       float* yg = gs == 1 ? y.data() + s0 * out_ * hw : buf;  // one sample: in place
-      code_gemm(gemm_isa_, Trans::kNo, Trans::kNo, out_, cols, ckk, {wq_.data(), ckk, g.qw, false},
-                {col, cols, g.qa, !signed_input()}, scale, false, yg, cols);
+      code_gemm(gemm_isa_, out_, cols, ckk, math::codes_s8(wq_.data(), ckk, g.qw),
+                act_operand(col, cols, g.qa, signed_input()), scale, false, yg, cols);
       if (gs > 1) scatter_group(yg, s0, gs, out_, hw, y.data());
     }
   });
@@ -483,49 +601,65 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   bool transposed = false;  // dW^ came with its taps flipped (see Conv2d::backward_by_groups)
   if (direct3x3()) {
     // Direct 3x3: dX^ per part, dW^ as exact integer sums (doubles) into the thread's accumulator,
-    // which no summation order can change. w3_ holds wq_ packed by forward (the GEMM path reads
-    // the same wq_ of forward).
+    // which no summation order can change. w3_ holds wq_ packed by forward and xf_ forward's float
+    // copy of xq_ (the GEMM path reads the same wq_ and xq_ of forward).
     math::Conv3x3Options o;
     o.scale = dg * g.sw;
     o.codes = {g.qg, g.qw};
     if (static_cast<int64_t>(g3_.size()) < parts.count())
       g3_.resize(static_cast<size_t>(parts.count()));
+    gf_.resize(gq_.size());
     parallel_for(parts.count(), [&](int64_t p) {
       const int64_t s0 = parts.begin(p);
       const math::Conv3x3Shape sh{parts.end(p) - s0, in_, out_, h, w};
-      const float* gp = gq_.data() + s0 * out_ * hw;
+      float* gp = gf_.data() + s0 * out_ * hw;
+      codes_to_floats(gq_.data() + s0 * out_ * hw, sh.n * out_ * hw, gp);
       math::conv3x3_backward_data(sh, gp, w3_, dxhat.data() + s0 * in_ * ihw, o);
       math::Conv3x3WeightGrad& g3 = g3_[static_cast<size_t>(p)];
       g3.reset(out_, in_, {g.qa, g.qg});
-      g3.add(sh, xq_.data() + s0 * in_ * ihw, gp);
+      g3.add(sh, xf_.data() + s0 * in_ * ihw, gp);  // xf_: forward's float copy of xq_
       g3.finish_exact(dw_acc_[static_cast<size_t>(thread_index())].data());
     });
   } else {
     // As Conv2d::backward, on the codes: each group's dW^ product is an exact integer sum (unit
     // scale), added into the thread's double accumulator; dX^ products carry dg * sw.
+    // x's codes travel as bytes (uint8_t, also on the signed grid), dy's and W's as int8_t.
     struct CodeProducts {
       math::IgemmIsa isa;
       int qx, qw, qdy;
-      bool x_unsigned;
+      bool x_signed;
       float dx_scale;
       int64_t wsize;
       std::vector<std::vector<double>>* acc;  // (threads, wsize) exact dW^ sums
-      void weight_product(int64_t, bool, int64_t m, int64_t n, int64_t k, const float* a,
-                          const float* b, bool a_is_x) {
+      CodeMatrix operand(const uint8_t* x, int64_t ld, Trans t) const {
+        return act_operand(x, ld, qx, x_signed, t);
+      }
+      CodeMatrix operand(const int8_t* dy, int64_t ld, Trans t) const {
+        return math::codes_s8(dy, ld, qdy, t);
+      }
+      // A (m, k) B (n, k)^T: x's codes and dy's, in either order (a local class has no member
+      // templates).
+      void weight_product(int64_t, bool, int64_t m, int64_t n, int64_t k, const uint8_t* a,
+                          const int8_t* b, bool) {
+        weight_sum(m, n, k, operand(a, k, Trans::kNo), operand(b, k, Trans::kYes));
+      }
+      void weight_product(int64_t, bool, int64_t m, int64_t n, int64_t k, const int8_t* a,
+                          const uint8_t* b, bool) {
+        weight_sum(m, n, k, operand(a, k, Trans::kNo), operand(b, k, Trans::kYes));
+      }
+      void weight_sum(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b) {
         float* dwg = grow_scratch(group_scratch().dw, wsize);
-        const Codes x{a_is_x ? a : b, k, qx, x_unsigned}, dy{a_is_x ? b : a, k, qdy, false};
-        code_gemm(isa, Trans::kNo, Trans::kYes, m, n, k, a_is_x ? x : dy, a_is_x ? dy : x, 1.0f,
-                  false, dwg, n);
+        code_gemm(isa, m, n, k, a, b, 1.0f, false, dwg, n);
         double* sum = (*acc)[static_cast<size_t>(thread_index())].data();
         for (int64_t i = 0; i < wsize; ++i) sum[i] += dwg[i];
       }
-      void data_product(Trans tw, int64_t m, int64_t n, int64_t k, const float* w, const float* d,
+      void data_product(Trans tw, int64_t m, int64_t n, int64_t k, const int8_t* w, const int8_t* d,
                         float* c) const {
-        code_gemm(isa, tw, Trans::kNo, m, n, k, {w, tw == Trans::kNo ? k : m, qw, false},
-                  {d, n, qdy, false}, dx_scale, false, c, n);
+        code_gemm(isa, m, n, k, math::codes_s8(w, tw == Trans::kNo ? k : m, qw, tw),
+                  math::codes_s8(d, n, qdy), dx_scale, false, c, n);
       }
     };
-    CodeProducts products{gemm_isa_, g.qa, g.qw, g.qg, !signed_input(), dg * g.sw, wsize, &dw_acc_};
+    CodeProducts products{gemm_isa_, g.qa, g.qw, g.qg, signed_input(), dg * g.sw, wsize, &dw_acc_};
     transposed =
         backward_by_groups(n, h, w, xq_.data(), gq_.data(), wq_.data(), dxhat.data(), products);
   }

@@ -36,7 +36,7 @@ struct QuantContext {
   uint32_t seed = 0;         // Philox seed of the run
   uint32_t stream = 0;       // Philox stream: the data-parallel rank (independent rounding)
   uint32_t step = 0;         // training step (Philox counter word)
-  int64_t nonfinite = 0;     // NaN/Inf seen in output gradients this step
+  int64_t nonfinite = 0;     // NaN/Inf seen in output gradients, and NaN in inputs, this step
   bool diagnostics = false;  // compute E(G), E(G_L) this step (costs a dequantize per layer)
   std::vector<std::string> warnings;  // for the trainer to print (it clears them)
 };
@@ -62,13 +62,21 @@ struct GradQuantizerState {
 
 // ---- the fake-quantizer math, as free functions (tested on hand-derived values) -------------
 
-// Weight codes q = clamp(rint(w / s * L), -L, L) as floats.
+// Weight codes q = clamp(rint(w / s * L), -L, L): as integer-valued floats (the definition) and
+// as int8 (what the layers store and the integer GEMMs read; the same integers; a NaN weight,
+// which the trainer never keeps, gets code 0).
 void quantize_weight_codes(const float* w, int64_t n, float s, int bits, float* codes);
+void quantize_weight_codes(const float* w, int64_t n, float s, int bits, int8_t* codes);
 // dw += dwhat where |w / s * L| <= L; returns d loss / d s (STE for the rounding).
 double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
                              float* dw);
-// Activation codes: unsigned rint(clamp(x / u, 0, 1) * N) or signed rint(clamp(x / u, -1, 1) * L).
+// Activation codes: unsigned rint(clamp(x / u, 0, 1) * N) or signed rint(clamp(x / u, -1, 1) * L),
+// as integer-valued floats (the definition); and as bytes, the same integers: the unsigned grid as
+// uint8 (0..255 at 8 bits), the signed grid as int8. A NaN input has no code: the byte versions
+// write 0 for it and return how many they saw (the float version writes NaN).
 void quantize_act_codes(const float* x, int64_t n, float u, int bits, bool is_signed, float* codes);
+int64_t quantize_act_codes(const float* x, int64_t n, float u, int bits, uint8_t* codes);
+int64_t quantize_act_codes(const float* x, int64_t n, float u, int bits, int8_t* codes);
 // dx = dxhat inside the clip range (0 outside); returns d loss / d u. The _ref version is the
 // definition (one running sum); act_quant_backward sums du in 8 lanes (same dx, du equal up to
 // summation order) and is the one the layers use.
@@ -109,11 +117,11 @@ class QuantizedOp {
     float sa, sw;    // activation step u_A / qa and weight step s_W / qw
   };
   Grid grid() const;
-  // Quantizes x and w into xq_ and wq_ (integer-valued floats), initialising s_W and u_A on the
-  // first training forward. Returns the output scale sa * sw.
+  // Quantizes x and w into xq_ and wq_ (byte codes), initialising s_W and u_A on the first
+  // training forward. Returns the output scale sa * sw.
   float quantize_operands(const Tensor& x, const Param& w, bool train);
-  // Quantizes dy into integer-valued float codes; returns the step d_G.
-  float quantize_grad(const Tensor& dy, std::vector<float>* codes);
+  // Quantizes dy into int8 codes; returns the step d_G.
+  float quantize_grad(const Tensor& dy, std::vector<int8_t>* codes);
   // quantize_grad's scalar steps, shared with the CUDA layers (quant_layers_cuda.h), which
   // quantize on the device: grad_needs_values() says whether grad_quant_params reads dL/dY's
   // values this step (the lbt calibration batch, mse, dsgc; dy may be null otherwise);
@@ -139,7 +147,12 @@ class QuantizedOp {
   int calibration_failures_ = 0;  // lbt calibration batches whose dL/dY could not calibrate
   GradQuantizerState grad_;
   math::IgemmIsa gemm_isa_;
-  std::vector<float> xq_, wq_, gq_, scratch_;
+  // Codes of this step, written by forward / backward and read by every GEMM of the step: bytes,
+  // as the integer kernels take them (the exact fp32 path converts them itself).
+  std::vector<uint8_t> xq_;  // (x size) activation codes: uint8, or int8 bytes on the signed grid
+  std::vector<int8_t> wq_;   // (weight size) weight codes -L..L
+  std::vector<int8_t> gq_;   // (dy size) output-gradient codes -L..L
+  std::vector<float> scratch_;
   std::vector<float> piece_max_;      // (pieces) max |dy| of each piece of quantize_grad
   std::vector<int64_t> piece_count_;  // (pieces) non-finite, then clipped, counts of each piece
   std::vector<double> du_parts_;      // (batch parts) u_A's gradient of each part
@@ -170,6 +183,8 @@ class QConv2d : public Conv2d, public QuantizedOp {
   std::vector<std::vector<double>> dw_acc_;
   Tensor dxhat_;              // dL/dX^ scratch
   std::vector<float> dwhat_;  // (weight size) dL/dW^ scratch
+  // Direct 3x3 path (fp32 kernels on integer-valued floats): xq_ and gq_ as floats.
+  std::vector<float> xf_, gf_;
 };
 
 }  // namespace int4ddp::nn
