@@ -135,9 +135,12 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     const int64_t begin = s * scope;
     const int64_t end = std::min(count, begin + scope);
     // Stream the input in ahead of the absmax pass: the quantize pass then runs from L1 while the
-    // memory system keeps fetching (the hardware prefetcher alone leaves it idle meanwhile).
-    for (int64_t pf = begin + kPrefetchAhead; pf < std::min(count, end + kPrefetchAhead); pf += 16)
-      __builtin_prefetch(x + pf, 0, INT4DDP_PREFETCH_LOCALITY);
+    // memory system keeps fetching (the hardware prefetcher alone leaves it idle meanwhile). The
+    // fused INT4 kernels prefetch for themselves, spread over their quantize steps.
+    if (!(fused && p.bits == 4))
+      for (int64_t pf = begin + kPrefetchAhead; pf < std::min(count, end + kPrefetchAhead);
+           pf += 16)
+        __builtin_prefetch(x + pf, 0, INT4DDP_PREFETCH_LOCALITY);
     const int64_t nonfinite_before = st.nonfinite;
     const float absmax = k.absmax(x + begin, end - begin, &st.nonfinite);
     seg.all_finite = st.nonfinite == nonfinite_before;

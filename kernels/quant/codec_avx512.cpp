@@ -314,6 +314,8 @@ inline void pack16(__m512i q, uint8_t* out) {
 }
 
 constexpr int64_t kRngChunk = 512;  // elements whose Philox words are made ahead of quantizing
+// Input elements prefetched ahead, one cache line per 16-element step (as in the AVX2 kernel).
+constexpr int64_t kPrefetchAhead = 2048;
 
 // The vector body over x[0, m), m a multiple of kVec: out[k] packs elements 2k, 2k+1. h: the 16-bit
 // uniforms of x[0] on (stochastic; unused for nearest). Returns the per-lane clipped counts.
@@ -323,6 +325,7 @@ inline __m512i quant_pack_body(const float* x, int64_t m, const uint16_t* h, con
   const __m512 scale = _mm512_set1_ps(1.52587890625e-5f);  // 2^-16
   __m512i count = _mm512_setzero_si512();
   for (int64_t i = 0; i < m; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(x + i + kPrefetchAhead), _MM_HINT_T0);
     __m512 u = _mm512_setzero_ps();
     if constexpr (kStochastic) {
       const __m256i hw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i));
