@@ -72,6 +72,7 @@ int main(int argc, char** argv) {
   int64_t n = int64_t{1} << 26;
   int reps = 5;
   bool with_ref = true;
+  std::string only_isa;  // --isa NAME: time that instruction set only
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--log2n" && i + 1 < argc)
@@ -80,8 +81,12 @@ int main(int argc, char** argv) {
       reps = std::atoi(argv[++i]);
     else if (a == "--no-ref")
       with_ref = false;
+    else if (a == "--isa" && i + 1 < argc)
+      only_isa = argv[++i];
     else {
-      std::fprintf(stderr, "usage: bench_quant [--log2n K] [--reps R] [--no-ref]\n");
+      std::fprintf(
+          stderr,
+          "usage: bench_quant [--log2n K] [--reps R] [--no-ref] [--isa portable|avx2|avx512]\n");
       return 2;
     }
   }
@@ -116,7 +121,11 @@ int main(int argc, char** argv) {
 
   std::vector<Isa> isas;
   for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512})
-    if (isa_available(isa)) isas.push_back(isa);
+    if (isa_available(isa) && (only_isa.empty() || only_isa == isa_name(isa))) isas.push_back(isa);
+  if (isas.empty()) {
+    std::fprintf(stderr, "bench_quant: --isa %s is not available here\n", only_isa.c_str());
+    return 2;
+  }
   // The reference encodings the timed runs are checked against, and the reference decode.
   Encoded ref_near{codes, scales}, ref_stoch{codes, scales};
   quantize_ref(x.data(), n, near, ref_near.codes.data(), ref_near.scales.data());
@@ -174,7 +183,7 @@ int main(int argc, char** argv) {
          4.5 * nb});
   }
 
-  const Isa best = best_isa();
+  const Isa best = only_isa.empty() ? best_isa() : isas.front();
   const bool ok = mismatches.empty();
 
   std::printf("# bench_quant: n = %lld floats (2^%d), INT4, per-block G = %lld, 1 thread\n",

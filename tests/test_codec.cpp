@@ -4,12 +4,15 @@
 
 #include <cfloat>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/common/error.h"
+#include "kernels/common/isa_override.h"
 #include "kernels/quant/codec.h"
 
 namespace int4ddp::quant {
@@ -538,6 +541,85 @@ TEST(CodecDispatch, ReportsAndSelectsIsas) {
     if (!isa_available(isa)) {
       EXPECT_THROW(set_isa(isa), Error);
     }
+  }
+}
+
+// The shared parser of INT4DDP_ISA / INT4DDP_GEMM_ISA (kernels/common/isa_override.h), on a
+// variable of its own so that the process's real overrides are untouched.
+class IsaOverrideEnv {
+ public:
+  static constexpr const char* kVar = "INT4DDP_TEST_ISA_OVERRIDE";
+  explicit IsaOverrideEnv(const char* value) {
+    if (value)
+      setenv(kVar, value, 1);
+    else
+      unsetenv(kVar);
+  }
+  ~IsaOverrideEnv() { unsetenv(kVar); }
+};
+
+constexpr Isa kAllIsas[] = {Isa::kPortable, Isa::kAvx2, Isa::kAvx512};
+
+Isa parse_override(bool avx512_available) {
+  return isa_from_env(
+      IsaOverrideEnv::kVar, kAllIsas, isa_name,
+      [&](Isa isa) { return isa != Isa::kAvx512 || avx512_available; }, Isa::kAvx2);
+}
+
+std::string override_error(bool avx512_available) {
+  try {
+    parse_override(avx512_available);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(IsaOverride, UnsetOrEmptyGivesTheFallback) {
+  {
+    IsaOverrideEnv env(nullptr);
+    EXPECT_EQ(parse_override(false), Isa::kAvx2);
+  }
+  IsaOverrideEnv env("");
+  EXPECT_EQ(parse_override(false), Isa::kAvx2);
+}
+
+TEST(IsaOverride, PicksTheNamedIsa) {
+  {
+    IsaOverrideEnv env("portable");
+    EXPECT_EQ(parse_override(false), Isa::kPortable);
+  }
+  IsaOverrideEnv env("avx512");
+  EXPECT_EQ(parse_override(true), Isa::kAvx512);
+}
+
+TEST(IsaOverride, UnknownValueNamesVariableValueAndChoices) {
+  IsaOverrideEnv env("AVX2");  // names are case-sensitive
+  const std::string msg = override_error(true);
+  EXPECT_NE(msg.find("INT4DDP_TEST_ISA_OVERRIDE = 'AVX2' is not one of portable, avx2, avx512"),
+            std::string::npos)
+      << msg;
+}
+
+TEST(IsaOverride, UnavailableIsaIsAnError) {
+  IsaOverrideEnv env("avx512");
+  const std::string msg = override_error(false);
+  EXPECT_NE(msg.find("INT4DDP_TEST_ISA_OVERRIDE = avx512 is not available"), std::string::npos)
+      << msg;
+}
+
+// The codec's own list and availability test, as current_isa() uses them.
+TEST(IsaOverride, CodecNamesRoundTrip) {
+  for (Isa isa : kAllIsas) {
+    IsaOverrideEnv env(isa_name(isa));
+    if (isa_available(isa))
+      EXPECT_EQ(
+          isa_from_env(IsaOverrideEnv::kVar, kAllIsas, isa_name, isa_available, Isa::kPortable),
+          isa);
+    else
+      EXPECT_THROW(
+          isa_from_env(IsaOverrideEnv::kVar, kAllIsas, isa_name, isa_available, Isa::kPortable),
+          Error);
   }
 }
 

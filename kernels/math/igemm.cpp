@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels/common/error.h"
+#include "kernels/common/isa_override.h"
 #include "kernels/math/igemm_kernels.h"
 
 namespace int4ddp::math {
@@ -413,19 +414,6 @@ bool cpu_has_amx() {
   return tile && int8;
 }
 
-IgemmIsa isa_from_env() {
-  const char* env = std::getenv("INT4DDP_GEMM_ISA");
-  if (!env || !*env) return igemm_best_isa();
-  const std::string s(env);
-  for (IgemmIsa isa : kIgemmIsas)
-    if (s == igemm_isa_name(isa)) {
-      INT4DDP_CHECK(igemm_isa_available(isa), "INT4DDP_GEMM_ISA = ", s,
-                    " is not available on this CPU or kernel");
-      return isa;
-    }
-  INT4DDP_FAIL("INT4DDP_GEMM_ISA = '", s, "' is not one of ref, avx2, avx512vnni, amx");
-}
-
 }  // namespace
 
 const char* igemm_isa_name(IgemmIsa isa) {
@@ -464,7 +452,8 @@ IgemmIsa igemm_best_isa() {
 }
 
 IgemmIsa igemm_default_isa() {
-  static const IgemmIsa isa = isa_from_env();
+  static const IgemmIsa isa = isa_from_env("INT4DDP_GEMM_ISA", kIgemmIsas, igemm_isa_name,
+                                           igemm_isa_available, igemm_best_isa());
   return isa;
 }
 

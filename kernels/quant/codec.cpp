@@ -8,11 +8,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 
 #include "kernels/common/error.h"
+#include "kernels/common/isa_override.h"
 #include "kernels/quant/codec_kernels.h"
 
 namespace int4ddp::quant {
@@ -47,22 +46,7 @@ const detail::CodecKernels& kernels_for(Isa isa) {
   INT4DDP_FAIL("codec: instruction set ", isa_name(isa), " is not compiled in");
 }
 
-Isa isa_from_env() {
-  const char* env = std::getenv("INT4DDP_ISA");
-  if (!env || !*env) return best_isa();
-  const std::string s(env);
-  Isa isa;
-  if (s == "portable")
-    isa = Isa::kPortable;
-  else if (s == "avx2")
-    isa = Isa::kAvx2;
-  else if (s == "avx512")
-    isa = Isa::kAvx512;
-  else
-    INT4DDP_FAIL("INT4DDP_ISA = '", s, "' is not one of portable, avx2, avx512");
-  INT4DDP_CHECK(isa_available(isa), "INT4DDP_ISA = ", s, " is not available on this CPU or build");
-  return isa;
-}
+constexpr Isa kIsas[] = {Isa::kPortable, Isa::kAvx2, Isa::kAvx512};
 
 std::atomic<int> g_isa{-1};
 
@@ -116,7 +100,7 @@ void set_isa(Isa isa) {
 Isa current_isa() {
   int v = g_isa.load();
   if (v < 0) {
-    v = static_cast<int>(isa_from_env());
+    v = static_cast<int>(isa_from_env("INT4DDP_ISA", kIsas, isa_name, isa_available, best_isa()));
     g_isa.store(v);
   }
   return static_cast<Isa>(v);
@@ -151,9 +135,12 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     const int64_t begin = s * scope;
     const int64_t end = std::min(count, begin + scope);
     // Stream the input in ahead of the absmax pass: the quantize pass then runs from L1 while the
-    // memory system keeps fetching (the hardware prefetcher alone leaves it idle meanwhile).
-    for (int64_t pf = begin + kPrefetchAhead; pf < std::min(count, end + kPrefetchAhead); pf += 16)
-      __builtin_prefetch(x + pf, 0, INT4DDP_PREFETCH_LOCALITY);
+    // memory system keeps fetching (the hardware prefetcher alone leaves it idle meanwhile). The
+    // fused INT4 kernels prefetch for themselves, spread over their quantize steps.
+    if (!(fused && p.bits == 4))
+      for (int64_t pf = begin + kPrefetchAhead; pf < std::min(count, end + kPrefetchAhead);
+           pf += 16)
+        __builtin_prefetch(x + pf, 0, INT4DDP_PREFETCH_LOCALITY);
     const int64_t nonfinite_before = st.nonfinite;
     const float absmax = k.absmax(x + begin, end - begin, &st.nonfinite);
     seg.all_finite = st.nonfinite == nonfinite_before;

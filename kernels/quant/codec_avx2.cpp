@@ -6,6 +6,7 @@
 // instances in the 64-bit lanes of a ymm, 2 chains; one instance serves 8 elements (16-bit
 // uniforms); the words of the next 512-element chunk are made between the quantize steps of the
 // current one and read back from each element's own half-word (any first index, no scalar head).
+// The fused quantize prefetches its own input ahead (kPrefetchAhead); the driver then does not.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -299,12 +300,53 @@ inline void emit64_packed(__m256i bytes0, __m256i bytes1, uint8_t* out) {
 }
 
 constexpr int64_t kRngChunk = 512;  // elements whose Philox words are made ahead of quantizing
+// Input elements prefetched ahead by the fused kernel, one cache line per 16 elements spread over
+// the quantize steps (past the segment's end, into the scopes the driver quantizes next): the
+// memory system keeps streaming while the core computes, which a burst of prefetches once per
+// scope, or the hardware prefetcher alone, did not achieve.
+constexpr int64_t kPrefetchAhead = 2048;
 
-// The whole segment: the vector body in 64- and 32-element steps, a scalar tail of < 32. kPack:
-// out is packed INT4 (segment starting at a low nibble), else int8 codes. Stochastic: the Philox
-// words of each chunk are made first (kChains independent chains, which the quantize loop's
-// register pressure would not allow) into an L1-resident buffer and read back as 16-bit uniforms
-// from the element's own half-word, so any first_index works without a scalar head.
+// The vector body over x[0, m), m a multiple of 32, in 64- and 32-element steps: out is packed INT4
+// (kPack; x[0] in the low nibble of out[0]) or int8 codes. h: the uniforms of x[0] on
+// (stochastic). between(): called once per step (the next chunk's Philox work, interleaved so that
+// the out-of-order core runs the integer Philox and the floating-point quantizing side by side).
+// Everything is passed by value so that the constants stay in registers across the stores (a
+// closure captured by reference was reloaded from the stack after every store). Returns the
+// negated per-lane clipped counts.
+template <bool kStochastic, bool kAllFinite, bool kPack, typename Between>
+inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const QuantConsts c,
+                          uint8_t* out, Between&& between) {
+  __m256i count = _mm256_setzero_si256();
+  auto step32 = [&](int64_t i) {
+    auto q8 = [&](int k) {
+      return quant8<kStochastic, kAllFinite>(x + i + 8 * k, c, h + i + 8 * k, &count);
+    };
+    const __m256i a = q8(0), b = q8(1), cc = q8(2), d = q8(3);
+    return codes_to_bytes(a, b, cc, d, c.lo8);
+  };
+  int64_t i = 0;
+  if constexpr (kPack) {
+    for (; i + 64 <= m; i += 64) {
+      between();
+      for (int l = 0; l < 64; l += 16)
+        _mm_prefetch(reinterpret_cast<const char*>(x + i + l + kPrefetchAhead), _MM_HINT_T0);
+      const __m256i b0 = step32(i);
+      const __m256i b1 = step32(i + 32);
+      emit64_packed(b0, b1, out + i / 2);
+    }
+  }
+  for (; i < m; i += 32) {
+    between();
+    emit32<kPack>(step32(i), out + (kPack ? i / 2 : i));
+  }
+  return count;
+}
+
+// The whole segment: the vector body, then a scalar tail of < 32. kPack: out is packed INT4
+// (segment starting at a low nibble), else int8 codes. Stochastic: the Philox words of each chunk
+// are made first (kChains independent chains, which the quantize loop's register pressure would
+// not allow) into an L1-resident buffer and read back as 16-bit uniforms from the element's own
+// half-word, so any first_index works without a scalar head.
 template <bool kStochastic, bool kAllFinite, bool kPack>
 int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* out) {
   const float lim = static_cast<float>(levels(q.bits));
@@ -314,30 +356,9 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
   uint8_t* const bytes_out = static_cast<uint8_t*>(out);
   auto out_at = [&](int64_t i) { return bytes_out + (kPack ? i / 2 : i); };
   __m256i count = _mm256_setzero_si256();
-  auto step32 = [&](int64_t i, const uint16_t* h) {
-    auto q8 = [&](int k) {
-      return quant8<kStochastic, kAllFinite>(x + i + 8 * k, c, h + 8 * k, &count);
-    };
-    const __m256i a = q8(0), b = q8(1), cc = q8(2), d = q8(3);
-    return codes_to_bytes(a, b, cc, d, c.lo8);
-  };
-  // Body over [c0, c0 + m), m a multiple of 32; h: the uniforms of element c0 on; between(): called
-  // once per step (the next chunk's Philox work, interleaved so that the out-of-order core runs the
-  // integer Philox and the floating-point quantizing side by side).
   auto body = [&](int64_t c0, int64_t m, const uint16_t* h, auto&& between) {
-    int64_t i = 0;
-    if constexpr (kPack) {
-      for (; i + 64 <= m; i += 64) {
-        between();
-        const __m256i b0 = step32(c0 + i, h + i);
-        const __m256i b1 = step32(c0 + i + 32, h + i + 32);
-        emit64_packed(b0, b1, out_at(c0 + i));
-      }
-    }
-    for (; i < m; i += 32) {
-      between();
-      emit32<kPack>(step32(c0 + i, h + i), out_at(c0 + i));
-    }
+    count = _mm256_add_epi32(
+        count, quant_body<kStochastic, kAllFinite, kPack>(x + c0, m, h, c, out_at(c0), between));
   };
   const int64_t nv = n / 32 * 32;
   if constexpr (kStochastic) {

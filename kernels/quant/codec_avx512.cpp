@@ -7,12 +7,19 @@
 // multiplies map onto vpmuludq), giving the 32 random words, i.e. the 64 16-bit uniforms, of 64
 // consecutive elements; a permute puts them in element order. The body therefore steps 64 elements
 // whose first global index is a multiple of 8; a scalar head and tail handle the rest.
+//
+// INT4 has fused kernels, the AVX2 ones (codec_avx2.cpp) widened to 16 lanes: quantize straight
+// into nibbles (the Philox words of each chunk made first into an L1 buffer and read back from each
+// element's own half-word, so any first index works), and unpack + dequantize from the packed
+// bytes. No AVX-512 CPU was at hand when they were written: they were checked against the
+// reference only through a scalar emulation of the intrinsics, never on hardware.
 // GCC 12 warns about the intentionally undefined pass-through operands inside its own AVX-512
 // headers (_mm512_undefined_*); the warnings are false positives.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -73,15 +80,15 @@ struct PhiloxKeys {
   }
 };
 
-// 16-bit uniforms u in [0,1) for the 64*B elements 8*group .. 8*group + 64B - 1, in element order:
-// u[4b + k] holds elements 64b + 16k .. 64b + 16k + 15. B independent Philox chains (8 instances
-// each, one per 64-bit lane: instance group + 8b + j) are interleaved so the 10-round dependency
-// chain (multiply latency 5) does not serialise the loop. The high half of each 64-bit word is
-// swapped down with vpshufd (port 5) rather than shifted (port 0, where the multiplies run). The
-// four words of an instance, read as memory, are its eight 16-bit halves in element order, so
-// putting the instances' words side by side and widening the 16-bit halves gives the uniforms.
+// The 10 rounds for the 8*B instances group .. group + 8B - 1: B independent Philox chains (8
+// instances each, one per 64-bit lane: instance group + 8b + j) are interleaved so the 10-round
+// dependency chain (multiply latency 5) does not serialise the loop. The high half of each 64-bit
+// word is swapped down with vpshufd (port 5) rather than shifted (port 0, where the multiplies
+// run). On return lane j of lo[b] holds words 0, 1 of instance group + 8b + j and hi[b] its words
+// 2, 3; the four words of an instance, read as memory, are its eight 16-bit halves in element
+// order.
 template <int B>
-inline void philox_uniform16(const PhiloxKeys& pk, uint64_t group, __m512* u) {
+inline void philox_rounds(const PhiloxKeys& pk, uint64_t group, __m512i* lo, __m512i* hi) {
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
   __m512i x0[B], x1[B], x2[B], x3[B];
   for (int b = 0; b < B; ++b) {
@@ -106,19 +113,32 @@ inline void philox_uniform16(const PhiloxKeys& pk, uint64_t group, __m512* u) {
       x3[b] = p0;
     }
   }
+  for (int b = 0; b < B; ++b) {
+    lo[b] = _mm512_mask_blend_epi32(0xAAAA, x0[b], _mm512_slli_epi64(x1[b], 32));
+    hi[b] = _mm512_mask_blend_epi32(0xAAAA, x2[b], _mm512_slli_epi64(x3[b], 32));
+  }
+}
+
+// Instances 0..3 (w0: words of elements 0..31) and 4..7 (w1: elements 32..63) of one chain's
+// lo/hi, each instance's four words side by side.
+inline void instance_words(__m512i lo, __m512i hi, __m512i* w0, __m512i* w1) {
+  *w0 = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), hi);
+  *w1 = _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), hi);
+}
+
+// 16-bit uniforms u in [0,1) for the 64*B elements 8*group .. 8*group + 64B - 1, in element order:
+// u[4b + k] holds elements 64b + 16k .. 64b + 16k + 15.
+template <int B>
+inline void philox_uniform16(const PhiloxKeys& pk, uint64_t group, __m512* u) {
+  __m512i lo[B], hi[B];
+  philox_rounds<B>(pk, group, lo, hi);
   const __m512 scale = _mm512_set1_ps(1.52587890625e-5f);  // 2^-16
   auto widen = [&](__m256i w) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(w)), scale);
   };
   for (int b = 0; b < B; ++b) {
-    // Lane j of lo holds words 0, 1 of instance j; hi holds words 2, 3.
-    const __m512i lo = _mm512_mask_blend_epi32(0xAAAA, x0[b], _mm512_slli_epi64(x1[b], 32));
-    const __m512i hi = _mm512_mask_blend_epi32(0xAAAA, x2[b], _mm512_slli_epi64(x3[b], 32));
-    // w0: instances 0..3 (elements 0..31), w1: instances 4..7 (elements 32..63).
-    const __m512i w0 =
-        _mm512_permutex2var_epi64(lo, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), hi);
-    const __m512i w1 =
-        _mm512_permutex2var_epi64(lo, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), hi);
+    __m512i w0, w1;
+    instance_words(lo[b], hi[b], &w0, &w1);
     u[4 * b] = widen(_mm512_castsi512_si256(w0));
     u[4 * b + 1] = widen(_mm512_extracti64x4_epi64(w0, 1));
     u[4 * b + 2] = widen(_mm512_castsi512_si256(w1));
@@ -126,17 +146,37 @@ inline void philox_uniform16(const PhiloxKeys& pk, uint64_t group, __m512* u) {
   }
 }
 
+// The Philox words of the 64*B elements 8*group .. 8*group + 64B - 1 stored in element order
+// (words[4j .. 4j + 3]: instance group + j), the layout of philox.h: read as 16-bit halves they are
+// the uniforms' h of those elements.
+template <int B>
+inline void philox_words(const PhiloxKeys& pk, uint64_t group, uint32_t* words) {
+  __m512i lo[B], hi[B];
+  philox_rounds<B>(pk, group, lo, hi);
+  for (int b = 0; b < B; ++b) {
+    __m512i w0, w1;
+    instance_words(lo[b], hi[b], &w0, &w1);
+    _mm512_storeu_si512(words + 32 * b, w0);
+    _mm512_storeu_si512(words + 32 * b + 16, w1);
+  }
+}
+
 struct QuantConsts {
   __m512 inv, clip, lo, hi, fmax;
 };
 
-// Codes of 16 elements (u unused for nearest): z = x * r, then the rounding and the clamp of
+inline QuantConsts quant_consts(const SegmentQuant& q) {
+  const float lim = static_cast<float>(levels(q.bits));
+  return {_mm512_set1_ps(q.inv_step), _mm512_set1_ps(q.clip), _mm512_set1_ps(-lim),
+          _mm512_set1_ps(lim), _mm512_set1_ps(FLT_MAX)};
+}
+
+// int32 codes of 16 elements (u unused for nearest): z = x * r, then the rounding and the clamp of
 // format.h. Adds clipped lanes to *clip_count. NaN lanes make no NaN code (max/min return the
 // bound for a NaN first operand) and non-finite lanes are zeroed by the conversion's mask;
 // kAllFinite skips that masking when the scope's absmax pass found none.
 template <bool kStochastic, bool kAllFinite>
-inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* codes,
-                    __m512i* clip_count) {
+inline __m512i quant16_codes(const float* x, const QuantConsts& c, __m512 u, __m512i* clip_count) {
   constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   constexpr int kFloor = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
   const __m512 v = _mm512_loadu_ps(x);
@@ -148,7 +188,14 @@ inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* code
   const __m512 r = kStochastic ? _mm512_roundscale_ps(_mm512_add_ps(z, u), kFloor)
                                : _mm512_roundscale_ps(z, kNear);
   const __m512 rc = _mm512_min_ps(_mm512_max_ps(r, c.lo), c.hi);
-  const __m512i q = kAllFinite ? _mm512_cvtps_epi32(rc) : _mm512_maskz_cvtps_epi32(fin, rc);
+  return kAllFinite ? _mm512_cvtps_epi32(rc) : _mm512_maskz_cvtps_epi32(fin, rc);
+}
+
+// quant16_codes stored as 16 int8 codes.
+template <bool kStochastic, bool kAllFinite>
+inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* codes,
+                    __m512i* clip_count) {
+  const __m512i q = quant16_codes<kStochastic, kAllFinite>(x, c, u, clip_count);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(q));
 }
 
@@ -195,9 +242,7 @@ int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q
   }
   int64_t clipped = 0;
   if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
-  const float lim = static_cast<float>(levels(q.bits));
-  const QuantConsts c{_mm512_set1_ps(q.inv_step), _mm512_set1_ps(q.clip), _mm512_set1_ps(-lim),
-                      _mm512_set1_ps(lim), _mm512_set1_ps(FLT_MAX)};
+  const QuantConsts c = quant_consts(q);
   const int64_t body = (n - head) / kVec * kVec;
   __m512i count = _mm512_setzero_si512();
   SegmentQuant bq = q;
@@ -256,6 +301,130 @@ void dequantize_segment_avx512(const int8_t* codes, int64_t n, float step, float
   for (; i < n; ++i) out[i] = dequantize_value(codes[i], step);
 }
 
+// --- fused INT4 kernels (the AVX2 ones of codec_avx2.cpp, widened to 16 lanes) ---------------
+
+// 16 int32 codes (each in -L..L or 0) as 8 packed bytes: in each 64-bit lane, the even element's
+// nibble from bits 0..3 and the odd element's from bits 32..35 (shifted down to 4..7), then the
+// low byte of every lane (vpmovqb).
+inline void pack16(__m512i q, uint8_t* out) {
+  const __m512i t =
+      _mm512_or_si512(_mm512_and_si512(q, _mm512_set1_epi64(0x0F)),
+                      _mm512_and_si512(_mm512_srli_epi64(q, 28), _mm512_set1_epi64(0xF0)));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm512_cvtepi64_epi8(t));
+}
+
+constexpr int64_t kRngChunk = 512;  // elements whose Philox words are made ahead of quantizing
+// Input elements prefetched ahead, one cache line per 16-element step (as in the AVX2 kernel).
+constexpr int64_t kPrefetchAhead = 2048;
+
+// The vector body over x[0, m), m a multiple of kVec: out[k] packs elements 2k, 2k+1. h: the 16-bit
+// uniforms of x[0] on (stochastic; unused for nearest). Returns the per-lane clipped counts.
+template <bool kStochastic, bool kAllFinite>
+inline __m512i quant_pack_body(const float* x, int64_t m, const uint16_t* h, const QuantConsts c,
+                               uint8_t* out) {
+  const __m512 scale = _mm512_set1_ps(1.52587890625e-5f);  // 2^-16
+  __m512i count = _mm512_setzero_si512();
+  for (int64_t i = 0; i < m; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(x + i + kPrefetchAhead), _MM_HINT_T0);
+    __m512 u = _mm512_setzero_ps();
+    if constexpr (kStochastic) {
+      const __m256i hw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i));
+      u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(hw)), scale);
+    }
+    pack16(quant16_codes<kStochastic, kAllFinite>(x + i, c, u, &count), out + i / 2);
+  }
+  return count;
+}
+
+// Fused quantize + INT4 pack of a segment whose first element sits in the low nibble of out[0].
+// Stochastic: the Philox words of each chunk of kRngChunk elements are made first into an
+// L1-resident buffer and read back from the element's own half-word, so any first_index works
+// without a scalar head (as in the AVX2 kernel). A scalar tail handles the last n % kVec elements.
+template <bool kStochastic, bool kAllFinite>
+int64_t quant_pack_segment(const float* x, int64_t n, const SegmentQuant& q, uint8_t* out) {
+  const QuantConsts c = quant_consts(q);
+  const int64_t nv = n / kVec * kVec;
+  __m512i count = _mm512_setzero_si512();
+  if constexpr (kStochastic) {
+    const PhiloxKeys pk(q.key);
+    const uint64_t first = static_cast<uint64_t>(q.first_index);
+    // Groups of one chunk: kRngChunk / 8, + 1 when first % 8 != 0, rounded up to whole chains.
+    alignas(64) uint32_t words[4 * (kRngChunk / 8 + 8)];
+    for (int64_t c0 = 0; c0 < nv; c0 += kRngChunk) {
+      const int64_t m = std::min(kRngChunk, nv - c0);
+      const uint64_t g0 = (first + static_cast<uint64_t>(c0)) / 8;
+      const uint64_t g1 = (first + static_cast<uint64_t>(c0 + m) - 1) / 8;
+      const int64_t ngroups = static_cast<int64_t>(g1 - g0 + 1);
+      int64_t j = 0;
+      for (; j + 8 * kPhiloxBatches <= ngroups; j += 8 * kPhiloxBatches)
+        philox_words<kPhiloxBatches>(pk, g0 + static_cast<uint64_t>(j), words + 4 * j);
+      for (; j < ngroups; j += 8) philox_words<1>(pk, g0 + static_cast<uint64_t>(j), words + 4 * j);
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(words) + (first + c0) % 8;
+      const __m512i chunk = quant_pack_body<true, kAllFinite>(x + c0, m, h, c, out + c0 / 2);
+      count = _mm512_add_epi32(count, chunk);
+    }
+  } else {
+    count = quant_pack_body<false, kAllFinite>(x, nv, nullptr, c, out);
+  }
+  int64_t clipped = _mm512_reduce_add_epi32(count);
+  if (nv < n) {
+    SegmentQuant tail = q;
+    tail.first_index = q.first_index + nv;
+    int8_t codes[kVec];
+    const int64_t t = n - nv;
+    clipped += quantize_segment_scalar(x + nv, t, tail, codes);
+    for (int64_t k = 0; k < t; k += 2)
+      out[nv / 2 + k / 2] = pack_nibbles(codes[k], k + 1 < t ? codes[k + 1] : 0);
+  }
+  return clipped;
+}
+
+using QuantPackFn = int64_t (*)(const float*, int64_t, const SegmentQuant&, uint8_t*);
+// [stochastic][all_finite]
+constexpr QuantPackFn kQuantPacks[2][2] = {
+    {quant_pack_segment<false, false>, quant_pack_segment<false, true>},
+    {quant_pack_segment<true, false>, quant_pack_segment<true, true>}};
+
+int64_t quantize_pack_int4_avx512(const float* x, int64_t n, const SegmentQuant& q, uint8_t* out) {
+  return kQuantPacks[q.rounding == Rounding::kStochastic][q.all_finite](x, n, q, out);
+}
+
+// 16 elements from the 8 bytes at in: dword 0 to lanes 0-7 and dword 1 to lanes 8-15, shift nibble
+// e to the top of lane e, arithmetic shift back down (the sign extension of the 4-bit two's
+// complement), convert, times the step.
+inline __m512 unpack_dequant16(const uint8_t* in, __m512i shifts, __m512 d) {
+  const __m512i w = _mm512_permutexvar_epi32(
+      _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+      _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in))));
+  const __m512i q = _mm512_srai_epi32(_mm512_sllv_epi32(w, shifts), 28);
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
+}
+
+void unpack_dequantize_int4_avx512(const uint8_t* in, int64_t lead, int64_t n, float step,
+                                   float* out) {
+  if (lead && n > 0) {
+    *out++ = dequantize_value(unpack_hi(*in++), step);
+    --n;
+  }
+  const __m512i shifts =
+      _mm512_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+  const __m512 d = _mm512_set1_ps(step);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512 a = unpack_dequant16(in + i / 2, shifts, d);
+    const __m512 b = unpack_dequant16(in + i / 2 + 8, shifts, d);
+    const __m512 c = unpack_dequant16(in + i / 2 + 16, shifts, d);
+    const __m512 e = unpack_dequant16(in + i / 2 + 24, shifts, d);
+    _mm512_storeu_ps(out + i, a);
+    _mm512_storeu_ps(out + i + 16, b);
+    _mm512_storeu_ps(out + i + 32, c);
+    _mm512_storeu_ps(out + i + 48, e);
+  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, unpack_dequant16(in + i / 2, shifts, d));
+  for (; i < n; ++i)
+    out[i] = dequantize_value(i % 2 == 0 ? unpack_lo(in[i / 2]) : unpack_hi(in[i / 2]), step);
+}
+
 }  // namespace
 
 extern const CodecKernels kAvx512Kernels = {absmax_avx512,
@@ -263,7 +432,7 @@ extern const CodecKernels kAvx512Kernels = {absmax_avx512,
                                             pack_int4_avx512,
                                             unpack_int4_avx512,
                                             dequantize_segment_avx512,
-                                            nullptr,
-                                            nullptr};
+                                            quantize_pack_int4_avx512,
+                                            unpack_dequantize_int4_avx512};
 
 }  // namespace int4ddp::quant::detail

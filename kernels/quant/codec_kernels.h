@@ -35,7 +35,8 @@ struct CodecKernels {
   void (*dequantize_segment)(const int8_t* codes, int64_t n, float step, float* out);
   // Optional fused INT4 kernels (nullptr: the driver stages int8 codes and uses the kernels above).
   // out[k] = pack(quantize(x[2k]), quantize(x[2k+1])) for a segment whose first element sits in
-  // the low nibble of out[0]; n may be odd (last high nibble 0). Returns the clipped count.
+  // the low nibble of out[0]; n may be odd (last high nibble 0). Returns the clipped count. It
+  // prefetches its own input ahead, past x + n into the scopes that follow (the driver does not).
   int64_t (*quantize_pack_int4)(const float* x, int64_t n, const SegmentQuant& q, uint8_t* out);
   // out[i] = nibble (lead + i) of in, times step; lead is 0 or 1 (1: start at in[0]'s high nibble).
   void (*unpack_dequantize_int4)(const uint8_t* in, int64_t lead, int64_t n, float step,
