@@ -224,7 +224,8 @@ inline void philox_range(PhiloxKeys& pk, uint64_t group, int64_t count, uint32_t
 
 struct QuantConsts {
   __m256 inv, clip, hi, fmax;
-  __m256i lo8;  // -L in every byte
+  __m256i lo8;                   // -L in every byte
+  __m256 sat_hi, sat_lo;         // +-SegmentQuant::saturate_at (+-inf: no saturation)
 };
 
 // int32 codes of 8 elements (non-finite lanes 0), z = x * r then the rounding of format.h, clamped
@@ -246,7 +247,8 @@ inline __m256i quant8(const float* x, const QuantConsts& c, const uint16_t* h,
     clipped = _mm256_and_ps(fin, clipped);
   }
   *clip_count = _mm256_sub_epi32(*clip_count, _mm256_castps_si256(clipped));
-  const __m256 z = _mm256_mul_ps(v, c.inv);
+  // Saturation at given clips (a NaN lane becomes sat_hi, then is zeroed by the finite mask).
+  const __m256 z = _mm256_mul_ps(_mm256_max_ps(_mm256_min_ps(v, c.sat_hi), c.sat_lo), c.inv);
   __m256i q;
   if constexpr (kStochastic) {
     const __m256i hw = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
@@ -308,9 +310,13 @@ constexpr int64_t kRngChunk = 512;  // elements whose Philox words are made ahea
 template <bool kStochastic, bool kAllFinite, bool kPack>
 int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* out) {
   const float lim = static_cast<float>(levels(q.bits));
-  const QuantConsts c{_mm256_set1_ps(q.inv_step), _mm256_set1_ps(q.clip), _mm256_set1_ps(lim),
+  const QuantConsts c{_mm256_set1_ps(q.inv_step),
+                      _mm256_set1_ps(q.clip),
+                      _mm256_set1_ps(lim),
                       _mm256_set1_ps(FLT_MAX),
-                      _mm256_set1_epi8(static_cast<char>(-levels(q.bits)))};
+                      _mm256_set1_epi8(static_cast<char>(-levels(q.bits))),
+                      _mm256_set1_ps(q.saturate_at),
+                      _mm256_set1_ps(-q.saturate_at)};
   uint8_t* const bytes_out = static_cast<uint8_t*>(out);
   auto out_at = [&](int64_t i) { return bytes_out + (kPack ? i / 2 : i); };
   __m256i count = _mm256_setzero_si256();

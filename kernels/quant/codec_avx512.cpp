@@ -128,6 +128,7 @@ inline void philox_uniform16(const PhiloxKeys& pk, uint64_t group, __m512* u) {
 
 struct QuantConsts {
   __m512 inv, clip, lo, hi, fmax;
+  __m512 sat_hi, sat_lo;  // +-SegmentQuant::saturate_at (+-inf: no saturation)
 };
 
 // Codes of 16 elements (u unused for nearest): z = x * r, then the rounding and the clamp of
@@ -144,7 +145,8 @@ inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* code
   const __mmask16 fin = kAllFinite ? __mmask16(0xFFFF) : _mm512_cmp_ps_mask(a, c.fmax, _CMP_LE_OQ);
   const __mmask16 clipped = _mm512_mask_cmp_ps_mask(fin, a, c.clip, _CMP_GT_OQ);
   *clip_count = _mm512_mask_add_epi32(*clip_count, clipped, *clip_count, _mm512_set1_epi32(1));
-  const __m512 z = _mm512_mul_ps(v, c.inv);
+  // Saturation at given clips (a NaN lane becomes sat_hi, then is zeroed by the finite mask).
+  const __m512 z = _mm512_mul_ps(_mm512_max_ps(_mm512_min_ps(v, c.sat_hi), c.sat_lo), c.inv);
   const __m512 r = kStochastic ? _mm512_roundscale_ps(_mm512_add_ps(z, u), kFloor)
                                : _mm512_roundscale_ps(z, kNear);
   const __m512 rc = _mm512_min_ps(_mm512_max_ps(r, c.lo), c.hi);
@@ -196,8 +198,10 @@ int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q
   int64_t clipped = 0;
   if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
   const float lim = static_cast<float>(levels(q.bits));
-  const QuantConsts c{_mm512_set1_ps(q.inv_step), _mm512_set1_ps(q.clip), _mm512_set1_ps(-lim),
-                      _mm512_set1_ps(lim), _mm512_set1_ps(FLT_MAX)};
+  const QuantConsts c{_mm512_set1_ps(q.inv_step), _mm512_set1_ps(q.clip),
+                      _mm512_set1_ps(-lim),         _mm512_set1_ps(lim),
+                      _mm512_set1_ps(FLT_MAX),      _mm512_set1_ps(q.saturate_at),
+                      _mm512_set1_ps(-q.saturate_at)};
   const int64_t body = (n - head) / kVec * kVec;
   __m512i count = _mm512_setzero_si512();
   SegmentQuant bq = q;

@@ -254,7 +254,7 @@ std::unique_ptr<IntervalPolicy> make_policy(const PolicyConfig& cfg) {
   cfg.validate();
   switch (cfg.kind) {
     case PolicyKind::kMinMax:
-    case PolicyKind::kTopK:  // the clip is per block (saturate_blocks); the codec's gamma is 1
+    case PolicyKind::kTopK:  // the clip is per block (block_clips); the codec's gamma is unused
       return std::make_unique<ConstantPolicy>(cfg.kind, 1.0f);
     case PolicyKind::kFixed:
       return std::make_unique<ConstantPolicy>(cfg.kind, cfg.fixed_gamma);
@@ -450,22 +450,13 @@ float block_clip(const float* x, int64_t n, const PolicyConfig& cfg) {
   return c > 0.0f ? c : absmax;  // fewer than k + 1 finite values, or a sparse block: gamma 1
 }
 
-int64_t saturate_blocks(const float* x, int64_t n, int64_t block_size, const PolicyConfig& cfg,
-                        float* y) {
-  check_buffer(x, n, "saturate_blocks");
-  INT4DDP_CHECK(block_size >= 1, "saturate_blocks: block_size = ", block_size, " is below 1");
-  int64_t clipped = 0;
-  for (int64_t b = 0; b < n; b += block_size) {
-    const int64_t len = std::min(block_size, n - b);
-    const float c = block_clip(x + b, len, cfg);
-    for (int64_t i = b; i < b + len; ++i) {
-      const float v = x[i];
-      const bool over = is_finite_value(v) && std::fabs(v) > c;
-      clipped += over;
-      y[i] = over ? std::copysign(c, v) : v;
-    }
-  }
-  return clipped;
+void block_clips(const float* x, int64_t n, int64_t block_size, const PolicyConfig& cfg,
+                 float* clips) {
+  check_buffer(x, n, "block_clips");
+  INT4DDP_CHECK(block_size >= 1, "block_clips: block_size = ", block_size, " is below 1");
+  INT4DDP_CHECK(n == 0 || clips != nullptr, "block_clips: null clips for ", n, " elements");
+  for (int64_t b = 0; b < n; b += block_size)
+    clips[b / block_size] = block_clip(x + b, std::min(block_size, n - b), cfg);
 }
 
 }  // namespace int4ddp::quant

@@ -33,7 +33,9 @@ bool device_available();
 
 // quantize: x (count floats) -> codes (packed_bytes(bits, count) bytes, any alignment), scales
 // (num_scales(count, block_size) floats), *stats (device memory, reset by this call). Philox
-// element indices count from x[0], exactly as quant::quantize.
+// element indices count from x[0], exactly as quant::quantize. p.clips, when set, is a DEVICE
+// array of the per-block clips (codec.h; their values are not checked here: they come from
+// topk_clips_async or a copy of quant::block_clips).
 void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
                     float* scales, QuantStats* stats, cudaStream_t stream);
 
@@ -47,6 +49,13 @@ QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
                 int64_t block_size, float* out, cudaStream_t stream = nullptr);
 
+// topk's per-block clips (quant::block_clip with PolicyKind::kTopK, bit for bit): clips[b] = the
+// (k+1)-th largest finite |x| of block b (blocks of block_size from x[0], the last one shorter),
+// or the block's finite max|x| when it has fewer than k + 1 finite elements or that magnitude is
+// 0. clips: num_scales(count, block_size) floats. Deterministic (integer counts only).
+void topk_clips_async(const float* x, int64_t count, int64_t block_size, int k, float* clips,
+                      cudaStream_t stream);
+
 // --- the owner step of the two-shot all-reduce ------------------------------------------------
 // For one chunk of `count` elements received from `ranks` = N ranks as N messages (codes with
 // per-block scales, block size params.block_size > 0), computes in one pass, per element i:
@@ -57,6 +66,9 @@ void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bi
 // which is exactly the CPU composition in comm/two_shot.cpp (dequantize, +=, /=, +=, quantize,
 // dequantize, -). Message pointers are device byte pointers of any alignment (the wire format
 // does not align them); the scales are the little-endian fp32 bytes of the message.
+// With topk > 0 the requantization takes topk's per-block clips of m (topk_clips_async into the
+// scratch `clips`, then quantize with them), as the host two-shot does with comm.grad_policy topk;
+// params.clips must then be null.
 struct OwnerStepArgs {
   int ranks = 0;                           // N >= 1
   const uint8_t* const* codes = nullptr;   // HOST array of N device pointers: packed codes
@@ -69,6 +81,8 @@ struct OwnerStepArgs {
   float* scales_out = nullptr;             // num_scales(count, G) floats
   float* out = nullptr;                    // (count) dequantized requantization
   QuantStats* stats = nullptr;             // stats of the requantization (reset here)
+  int topk = 0;                            // > 0: clip each block of m at topk's clip
+  float* clips = nullptr;                  // (num_scales(count, G)) scratch for topk's clips
 };
 void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream);
 
