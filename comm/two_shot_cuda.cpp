@@ -55,7 +55,8 @@ TwoShotAllreduceCuda::TwoShotAllreduceCuda(Communicator& comm, const CompressCon
     gathered_ = device_alloc<uint8_t>(plan_.gather_layout().total());
     own_copy_ = device_alloc<uint8_t>(plan_.own_message().bytes);
     stats_ = device_alloc<quant::QuantStats>(static_cast<size_t>(n) + 1);
-    if (plan_.block_clips()) clips_ = device_alloc<float>(static_cast<size_t>(plan_.total_scales()));
+    if (plan_.block_clips())
+      clips_ = device_alloc<float>(static_cast<size_t>(plan_.total_scales()));
     if (plan_.config().worker_error_feedback) {
       ew_ = device_alloc<float>(nc);
       ew_next_ = device_alloc<float>(nc);

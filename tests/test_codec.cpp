@@ -560,8 +560,8 @@ TEST(CodecClips, BadClipsAreRefused) {
   EXPECT_THROW(quantize(x.data(), 100, p, codes.data(), scales.data()), Error);
   p.block_size = 64;
   EXPECT_NO_THROW(quantize(x.data(), 100, p, codes.data(), scales.data()));
-  for (float bad : {-1.0f, std::numeric_limits<float>::quiet_NaN(),
-                    std::numeric_limits<float>::infinity()}) {
+  for (float bad :
+       {-1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     clips[1] = bad;
     EXPECT_THROW(quantize_ref(x.data(), 100, p, codes.data(), scales.data()), Error) << bad;
     EXPECT_THROW(quantize(x.data(), 100, p, codes.data(), scales.data()), Error) << bad;

@@ -195,7 +195,8 @@ INSTANTIATE_TEST_SUITE_P(Bits, CudaCodec, testing::Range(kMinBits, kMaxBits + 1)
 std::vector<float> clip_input(int64_t n, int64_t G, uint64_t seed) {
   std::vector<float> x = make_input(n, seed, true);
   for (int64_t i = 0; i < std::min(n, G); ++i) x[static_cast<size_t>(i)] = 0.0f;
-  for (int64_t i = G; i < std::min(n, 2 * G); ++i) x[static_cast<size_t>(i)] = i % G < 2 ? 3.0f : 0.0f;
+  for (int64_t i = G; i < std::min(n, 2 * G); ++i)
+    x[static_cast<size_t>(i)] = i % G < 2 ? 3.0f : 0.0f;
   for (int64_t i = 2 * G; i < std::min(n, 3 * G); ++i)
     x[static_cast<size_t>(i)] = static_cast<float>(i % 5) - 2.0f;
   return x;
@@ -289,9 +290,9 @@ struct OwnerCase {
 
 void check_owner(const OwnerCase& c, Rounding rounding, int topk = 0) {
   SCOPED_TRACE(testing::Message() << "N=" << c.ranks << " n=" << c.count << " G=" << c.block_size
-                                  << " bits=" << c.bits << " es=" << c.server_ef
-                                  << " packed=" << c.packed_messages
-                                  << " rounding=" << static_cast<int>(rounding) << " topk=" << topk);
+                                  << " bits=" << c.bits << " es=" << c.server_ef << " packed="
+                                  << c.packed_messages << " rounding=" << static_cast<int>(rounding)
+                                  << " topk=" << topk);
   const int64_t n = c.count;
   QuantParams p;
   p.bits = c.bits;

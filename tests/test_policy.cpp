@@ -883,7 +883,8 @@ TEST(BlockClip, CodecClipsEqualTheSaturatedCopyBitForBit) {
       for (int k : {1, 3, 4, 16, -1})  // -1: mse per block
         for (Rounding rounding : {Rounding::kStochastic, Rounding::kNearest}) {
           if (k >= G || (k < 0 && G < 64)) continue;
-          const PolicyConfig cfg = k < 0 ? block_rule(PolicyKind::kMse) : block_rule(PolicyKind::kTopK, k);
+          const PolicyConfig cfg =
+              k < 0 ? block_rule(PolicyKind::kMse) : block_rule(PolicyKind::kTopK, k);
           const int64_t n = 6 * G + G / 2 + 1;
           std::vector<float> x(static_cast<size_t>(n));
           for (float& v : x) v = gauss(rng) * (rng() % 40 == 0 ? 50.0f : 1.0f);

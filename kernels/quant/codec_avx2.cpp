@@ -224,8 +224,8 @@ inline void philox_range(PhiloxKeys& pk, uint64_t group, int64_t count, uint32_t
 
 struct QuantConsts {
   __m256 inv, clip, hi, fmax;
-  __m256i lo8;                   // -L in every byte
-  __m256 sat_hi, sat_lo;         // +-SegmentQuant::saturate_at (+-inf: no saturation)
+  __m256i lo8;            // -L in every byte
+  __m256 sat_hi, sat_lo;  // +-SegmentQuant::saturate_at (+-inf: no saturation)
 };
 
 // int32 codes of 8 elements (non-finite lanes 0), z = x * r then the rounding of format.h, clamped

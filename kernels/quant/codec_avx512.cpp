@@ -198,9 +198,9 @@ int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q
   int64_t clipped = 0;
   if (head > 0) clipped += quantize_segment_scalar(x, head, q, codes);
   const float lim = static_cast<float>(levels(q.bits));
-  const QuantConsts c{_mm512_set1_ps(q.inv_step), _mm512_set1_ps(q.clip),
-                      _mm512_set1_ps(-lim),         _mm512_set1_ps(lim),
-                      _mm512_set1_ps(FLT_MAX),      _mm512_set1_ps(q.saturate_at),
+  const QuantConsts c{_mm512_set1_ps(q.inv_step),    _mm512_set1_ps(q.clip),
+                      _mm512_set1_ps(-lim),          _mm512_set1_ps(lim),
+                      _mm512_set1_ps(FLT_MAX),       _mm512_set1_ps(q.saturate_at),
                       _mm512_set1_ps(-q.saturate_at)};
   const int64_t body = (n - head) / kVec * kVec;
   __m512i count = _mm512_setzero_si512();

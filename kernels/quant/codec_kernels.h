@@ -19,7 +19,7 @@ struct SegmentQuant {
   // clamp matters: fl(c r) may miss L by an ulp, so with stochastic rounding x > c can code L
   // where c codes L - 1 (u = 0), and x < -c code -L where -c codes -L + 1 (8 bits).
   float saturate_at;
-  int bits;        //
+  int bits;  //
   Rounding rounding;
   RngKey key;
   int64_t first_index;  // global index of the segment's first element

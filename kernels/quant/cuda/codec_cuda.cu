@@ -233,8 +233,8 @@ struct NoEpilogue {
 template <int V, typename Epilogue>
 __device__ __forceinline__ void encode_groups(const float (&val)[V][4], int64_t base, int64_t count,
                                               float inv_step, float clip, float sat,
-                                              const KernelQuant& kq,
-                                              uint8_t* codes, unsigned long long& clipped,
+                                              const KernelQuant& kq, uint8_t* codes,
+                                              unsigned long long& clipped,
                                               const Epilogue& epilogue) {
   float u[V][4] = {};
   if (kq.rounding == Rounding::kStochastic) lane_uniforms<V>(kq.key, base, u);
@@ -311,8 +311,7 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     m = scope_max(m, wps);
     absmax_all = fmaxf(absmax_all, m);
     // Warps past the last scope hold padding only (never stored): clip 0 for them.
-    const float clip =
-        kq.clips ? (t.scope < nscopes ? kq.clips[t.scope] : 0.0f) : kq.gamma * m;
+    const float clip = kq.clips ? (t.scope < nscopes ? kq.clips[t.scope] : 0.0f) : kq.gamma * m;
     if (t.first_in_scope && t.scope < nscopes) scales[t.scope] = step_for_clip(clip, kq.bits);
     encode_groups<V>(val, t.base, count, inv_step_for_clip(clip, kq.bits), clip,
                      saturation_of(kq, clip), kq, codes, clipped, NoEpilogue{});
