@@ -1,7 +1,7 @@
 // The device two-shot all-reduce (see two_shot_cuda.h). Step for step the host TwoShotAllreduce
 // of two_shot.cpp, with each host loop replaced by the CUDA kernel that computes the same floats:
 //   v = x + e_w                          add_async
-//   topk's per-block clips of v, of m    topk_clips_async (comm.grad_policy topk)
+//   per-block clips of v, of m           block_clips_async (comm.grad_policy topk, mse)
 //   quantize chunk j into its message    quantize_async (scales via an aligned scratch, the
 //                                        message being an unaligned byte stream), trailer = the
 //                                        device QuantStats record copied as it is
@@ -39,10 +39,6 @@ TwoShotAllreduceCuda::TwoShotAllreduceCuda(Communicator& comm, const CompressCon
     : TwoShotBase(comm, cfg, count, bucket_id), stream_(stream) {
   INT4DDP_CHECK(comm.device_buffers(), "two-shot (cuda): communicator '", comm.backend(),
                 "' takes host buffers; use NCCL or wrap it in a StagedCommunicator");
-  INT4DDP_CHECK(!plan_.block_clips() || plan_.policy_config().kind == quant::PolicyKind::kTopK,
-                "two-shot (cuda): comm.grad_policy = ", quant::policy_kind_name(cfg.policy.kind),
-                " (OCTAV per block) is implemented by the host two-shot only; use topk, minmax, "
-                "fixed or lbt on the device");
   if (plan_.fp32()) return;
   const int n = plan_.ranks();
   try {
@@ -109,7 +105,7 @@ BucketStats TwoShotAllreduceCuda::run(float* x, uint32_t step) {
   const int bits = plan_.config().bits;
   const int64_t G = plan_.config().block_size;
   const quant::QuantParams step_p = plan_.step_params(step);
-  const int topk = clips_ ? plan_.policy_config().topk : 0;  // > 0: topk's per-block clips
+  const bool block_clips = clips_ != nullptr;  // topk, mse: the policy's per-block clips
   st.gamma = step_p.gamma;
 
   // 1. v = g + e_w (no add without worker feedback: x + 0 would turn -0 into +0)
@@ -125,10 +121,10 @@ BucketStats TwoShotAllreduceCuda::run(float* x, uint32_t step) {
     uint8_t* msg = send_ + plan_.send_layout().displs[static_cast<size_t>(j)];
     float* sc = scales_ + plan_.scale_offset(j);
     quant::QuantParams p = plan_.worker_params(step_p, j);
-    if (topk > 0) {
+    if (block_clips) {
       p.clips = clips_ + plan_.scale_offset(j);
-      qc::topk_clips_async(v + c.begin, c.count(), G, topk, clips_ + plan_.scale_offset(j),
-                           stream_);
+      qc::block_clips_async(v + c.begin, c.count(), G, plan_.policy_config(),
+                            clips_ + plan_.scale_offset(j), stream_);
     }
     qc::quantize_async(c.count() > 0 ? v + c.begin : nullptr, c.count(), p, msg, sc, &stats_[j],
                        stream_);
@@ -173,8 +169,10 @@ BucketStats TwoShotAllreduceCuda::run(float* x, uint32_t step) {
   a.scales_out = own_sc;
   a.out = om.count > 0 ? x + own.begin : nullptr;
   a.stats = &stats_[n];
-  a.topk = topk;
-  a.clips = topk > 0 ? clips_ + plan_.scale_offset(r) : nullptr;
+  if (block_clips) {
+    a.block_rule = plan_.policy_config();
+    a.clips = clips_ + plan_.scale_offset(r);
+  }
   qc::owner_step_async(a, stream_);
   if (om.num_scales > 0)
     INT4DDP_CUDA_CHECK(cudaMemcpyAsync(own_msg + om.scales_at, own_sc, om.scale_bytes(),

@@ -202,24 +202,26 @@ std::vector<float> clip_input(int64_t n, int64_t G, uint64_t seed) {
   return x;
 }
 
-// topk_clips_async against quant::block_clips, then quantize with those clips (fused and general
-// paths, aligned and not) against quantize_ref with them: bit for bit.
-TEST(CudaCodecClips, TopKClipsAndQuantizeMatchTheCpu) {
+// block_clips_async against quant::block_clips (topk with several k, mse with several b), then
+// quantize with those clips (fused and general paths, aligned and not) against quantize_ref with
+// them: bit for bit.
+TEST(CudaCodecClips, BlockClipsAndQuantizeMatchTheCpu) {
   REQUIRE_GPU();
   for (int64_t G : {2, 6, 64, 128, 512, 1000, 4096})
-    for (int k : {1, 4, 16}) {
+    for (int k : {1, 4, 16, -2, -4, -8}) {  // k < 0: mse with bits -k
       if (k >= G) continue;
       const int64_t n = 7 * G + G / 2 + 1;
       SCOPED_TRACE(testing::Message() << "G " << G << " k " << k);
       const std::vector<float> x = clip_input(n, G, 31 + static_cast<uint64_t>(G) + k);
       PolicyConfig cfg;
-      cfg.kind = PolicyKind::kTopK;
-      cfg.topk = k;
+      cfg.kind = k > 0 ? PolicyKind::kTopK : PolicyKind::kMse;
+      cfg.topk = k > 0 ? k : 4;
+      cfg.bits = k > 0 ? 4 : -k;
       std::vector<float> want(static_cast<size_t>(num_scales(n, G)));
       block_clips(x.data(), n, G, cfg, want.data());
       DeviceArray<float> dx(x.size()), dclips(want.size());
       dx.upload(x);
-      cuda::topk_clips_async(dx.get(), n, G, k, dclips.get(), nullptr);
+      cuda::block_clips_async(dx.get(), n, G, cfg, dclips.get(), nullptr);
       INT4DDP_CUDA_CHECK(cudaDeviceSynchronize());
       expect_same_bits(dclips.download(), want, "topk clip");
       if (HasFatalFailure()) return;
@@ -248,7 +250,7 @@ struct OwnerRef {
 
 OwnerRef owner_reference(const std::vector<std::vector<uint8_t>>& codes,
                          const std::vector<std::vector<float>>& scales, int64_t count,
-                         QuantParams p, const std::vector<float>* es, int topk) {
+                         QuantParams p, const std::vector<float>* es, const PolicyConfig& rule) {
   const int n = static_cast<int>(codes.size());
   std::vector<float> acc(static_cast<size_t>(count), 0.0f), tmp(static_cast<size_t>(count));
   for (int r = 0; r < n; ++r) {
@@ -263,11 +265,8 @@ OwnerRef owner_reference(const std::vector<std::vector<uint8_t>>& codes,
   ref.codes.assign(static_cast<size_t>(packed_bytes(p.bits, count)), 0);
   ref.scales.assign(static_cast<size_t>(num_scales(count, p.block_size)), 0.0f);
   std::vector<float> clips(ref.scales.size());
-  if (topk > 0) {  // the host two-shot's owner with comm.grad_policy topk
-    PolicyConfig cfg;
-    cfg.kind = PolicyKind::kTopK;
-    cfg.topk = topk;
-    block_clips(acc.data(), count, p.block_size, cfg, clips.data());
+  if (rule.kind == PolicyKind::kTopK || rule.kind == PolicyKind::kMse) {  // the host owner's
+    block_clips(acc.data(), count, p.block_size, rule, clips.data());     // block-rule clips
     p.clips = clips.data();
   }
   ref.stats = quantize_ref(acc.data(), count, p, ref.codes.data(), ref.scales.data());
@@ -288,17 +287,18 @@ struct OwnerCase {
   bool packed_messages;  // messages back to back in one byte buffer (unaligned), as on the wire
 };
 
-void check_owner(const OwnerCase& c, Rounding rounding, int topk = 0) {
+void check_owner(const OwnerCase& c, Rounding rounding, const PolicyConfig& rule = PolicyConfig{}) {
   SCOPED_TRACE(testing::Message() << "N=" << c.ranks << " n=" << c.count << " G=" << c.block_size
                                   << " bits=" << c.bits << " es=" << c.server_ef << " packed="
                                   << c.packed_messages << " rounding=" << static_cast<int>(rounding)
-                                  << " topk=" << topk);
+                                  << " rule=" << policy_kind_name(rule.kind) << " k=" << rule.topk);
   const int64_t n = c.count;
   QuantParams p;
   p.bits = c.bits;
   p.rounding = rounding;
   p.block_size = c.block_size;
-  p.gamma = topk > 0 ? 1.0f : 0.9f;
+  const bool block_rule = rule.kind == PolicyKind::kTopK || rule.kind == PolicyKind::kMse;
+  p.gamma = block_rule ? 1.0f : 0.9f;
   // The ranks' own messages, made by the CPU quantizer with the two-shot's worker keys.
   std::vector<std::vector<uint8_t>> codes(c.ranks);
   std::vector<std::vector<float>> scales(c.ranks);
@@ -313,7 +313,7 @@ void check_owner(const OwnerCase& c, Rounding rounding, int topk = 0) {
   std::vector<float> es = make_input(n, 999, false);
   for (float& e : es) e *= 0.01f;
   p.key = RngKey{11, 65536u + 1, 5, 7};
-  const OwnerRef ref = owner_reference(codes, scales, n, p, c.server_ef ? &es : nullptr, topk);
+  const OwnerRef ref = owner_reference(codes, scales, n, p, c.server_ef ? &es : nullptr, rule);
 
   // Device messages: codes then scale bytes, either each in its own allocation or packed with odd
   // offsets.
@@ -358,8 +358,8 @@ void check_owner(const OwnerCase& c, Rounding rounding, int topk = 0) {
   a.out = dout.get();
   a.stats = dstats.get();
   DeviceArray<float> dclips(scales[0].size());
-  a.topk = topk;
-  a.clips = topk > 0 ? dclips.get() : nullptr;
+  a.block_rule = rule;
+  a.clips = block_rule ? dclips.get() : nullptr;
   cuda::owner_step_async(a, nullptr);
   INT4DDP_CUDA_CHECK(cudaDeviceSynchronize());
   ASSERT_EQ(dcodes_out.download(), ref.codes);
@@ -396,8 +396,9 @@ TEST(CudaOwnerStep, MatchesCpuComposition) {
     }
 }
 
-// The owner step with topk's clips of m (the general path) against the host composition.
-TEST(CudaOwnerStep, TopKClipsMatchCpuComposition) {
+// The owner step with a block rule's clips of m (topk, mse: the general path) against the host
+// composition.
+TEST(CudaOwnerStep, BlockRuleClipsMatchCpuComposition) {
   REQUIRE_GPU();
   const OwnerCase cases[] = {
       {2, 512 * 9 + 3, 512, 4, true, true},
@@ -407,9 +408,13 @@ TEST(CudaOwnerStep, TopKClipsMatchCpuComposition) {
       {2, 0, 512, 4, true, false},
   };
   for (const OwnerCase& c : cases)
-    for (int topk : {1, 4})
+    for (int k : {1, 4, 0})  // 0: mse
       for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
-        check_owner(c, r, topk);
+        PolicyConfig rule;
+        rule.kind = k > 0 ? PolicyKind::kTopK : PolicyKind::kMse;
+        rule.topk = k > 0 ? k : 4;
+        rule.bits = c.bits;
+        check_owner(c, r, rule);
         if (HasFatalFailure()) return;
       }
 }

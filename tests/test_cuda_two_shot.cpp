@@ -88,6 +88,9 @@ const std::vector<Case>& cases() {
       {8, 33333, 256, false, true, quant::Rounding::kStochastic, quant::PolicyKind::kTopK, 16},
       {4, 20001, 6, true, true, quant::Rounding::kStochastic, quant::PolicyKind::kTopK, 4},
       {4, 3, 512, true, true, quant::Rounding::kStochastic, quant::PolicyKind::kTopK, 4},
+      // mse (OCTAV per block)
+      {4, 100000, 512, true, true, quant::Rounding::kStochastic, quant::PolicyKind::kMse},
+      {8, 20001, 6, true, false, quant::Rounding::kNearest, quant::PolicyKind::kMse},
   };
   return all;
 }
@@ -233,20 +236,6 @@ TEST(CudaNccl, FailedCallNamesCallFileAndRank) {
   }
 }
 #endif
-
-// OCTAV per block (comm.grad_policy mse) has no device kernel yet: refused by name.
-TEST(CudaTwoShot, MsePerBlockRefused) {
-  REQUIRE_GPU();
-  StagedCommunicator device(make_local_communicator());
-  CompressConfig cfg;
-  cfg.policy.kind = quant::PolicyKind::kMse;
-  try {
-    TwoShotAllreduceCuda d(device, cfg, 1000, 0);
-    FAIL() << "mse accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("mse"), std::string::npos) << e.what();
-  }
-}
 
 TEST(CudaTwoShot, HostCommunicatorRefused) {
   auto host = make_local_communicator();

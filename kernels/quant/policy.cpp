@@ -23,7 +23,6 @@ constexpr float kCalibrationStep = 1e-3f;
 // gamma falls 1e-3 per s = -1 iteration, so at most ~1000 of those; only an exact m == t fixed
 // point (s = 0 forever) could reach this cap.
 constexpr int64_t kMaxCalibrationIterations = 100000;
-constexpr double kMseRelativeTolerance = 1e-6;
 
 int sign_of(double v) { return (v > 0.0) - (v < 0.0); }
 
@@ -336,7 +335,7 @@ std::optional<float> mse_gamma(const float* x, int64_t n, int bits, int iteratio
     ++finite;
     sum_abs += std::fabs(static_cast<double>(x[i]));
   }
-  const double noise = std::pow(4.0, -bits) / 3.0;  // quantization noise per unit c^2
+  const double noise = std::ldexp(1.0, -2 * bits) / 3.0;  // 4^-b / 3: noise per unit c^2
   double c = sum_abs / static_cast<double>(finite);
   for (int k = 0; k < iterations; ++k) {
     double sum_above = 0.0;

@@ -8,7 +8,7 @@
 //   mse     OCTAV fixed-point iteration for the MSE-optimal clip of this tensor
 //   dsgc    the gamma of a grid that maximises cos(x, Q(x)) for this tensor
 //   topk    communication path only: each block of G elements is clipped at its own (k+1)-th
-//           largest magnitude (see "block-scope clips" below); the codec's gamma stays 1
+//           largest magnitude (see "block-scope clips" below); the codec's gamma is unused
 //
 // At block scope (the two-shot's per-block scales) the rule that adapts is a clip per block:
 // block_clip() below, handed to the codec by block_clips() (QuantParams::clips).
@@ -33,6 +33,7 @@ namespace int4ddp::quant {
 
 constexpr float kMinGamma = 1e-3f;
 constexpr float kMaxGamma = 1.0f;
+constexpr double kMseRelativeTolerance = 1e-6;  // mse: OCTAV stops when c moves less
 
 enum class PolicyKind : uint8_t {
   kMinMax = 0,

@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(kThreads)
     scales[s] = step_for_clip(scales[s], bits);
 }
 
-// topk's clip of every block (topk_clips_async), one warp per block. The (k+1)-th largest finite
+// topk's clip of every block (block_clips_async), one warp per block. The (k+1)-th largest finite
 // magnitude is built bit by bit from the top: the largest bit pattern t with
 // #{finite |x| : bits(|x|) >= t} >= k + 1. For non-negative floats the integer order of the bit
 // patterns is the float order, so t is exactly that magnitude (duplicates counted, as the CPU's
@@ -535,6 +535,59 @@ __global__ void __launch_bounds__(kThreads)
       if (t > 0) clip = t;
     }
     if (lane == 0) clips[s] = __uint_as_float(clip);
+  }
+}
+
+// mse's clip of every block (block_clips_async): quant::block_clip with PolicyKind::kMse, i.e.
+// quant::mse_gamma's OCTAV iteration on the block, one thread per block running the CPU's loops
+// with the same double operations in the same order (IEEE, no contraction: cmake/cuda.cmake), so
+// the sums and the clip are the CPU's bit for bit. 4^-b is exact either way (ldexp on both sides).
+__global__ void __launch_bounds__(kThreads)
+    mse_clips_kernel(const float* __restrict__ x, int64_t count, int64_t G, int bits,
+                     int iterations, float* __restrict__ clips) {
+  const int64_t nscopes = (count + G - 1) / G;
+  for (int64_t s = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; s < nscopes;
+       s += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t begin = s * G, end = begin + G < count ? begin + G : count;
+    float absmax = 0.0f;
+    int64_t finite = 0;
+    double sum_abs = 0.0;
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = x[i];
+      if (!is_finite_value(v)) continue;
+      absmax = fmaxf(absmax, fabsf(v));
+      ++finite;
+      sum_abs += fabs(static_cast<double>(v));
+    }
+    float clip = absmax;  // no finite non-zero element: the block's max (gamma 1)
+    if (absmax > 0.0f) {
+      const double noise = ldexp(1.0, -2 * bits) / 3.0;
+      const double nf = static_cast<double>(finite);
+      double c = sum_abs / nf;
+      for (int k = 0; k < iterations; ++k) {
+        double sum_above = 0.0;
+        int64_t above = 0;
+        for (int64_t i = begin; i < end; ++i) {
+          const float v = x[i];
+          if (!is_finite_value(v)) continue;
+          const double a = fabs(static_cast<double>(v));
+          if (a > c) {
+            sum_above += a;
+            ++above;
+          }
+        }
+        if (above == 0) break;
+        const double next = (sum_above / nf) / (noise * static_cast<double>(finite - above) / nf +
+                                                static_cast<double>(above) / nf);
+        const bool converged = fabs(next - c) <= kMseRelativeTolerance * c;
+        c = next;
+        if (converged) break;
+      }
+      float g = static_cast<float>(c / static_cast<double>(absmax));
+      g = g < kMinGamma ? kMinGamma : (g > kMaxGamma ? kMaxGamma : g);
+      if (g < kMaxGamma) clip = g * absmax;
+    }
+    clips[s] = clip;
   }
 }
 
@@ -1041,15 +1094,16 @@ void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream) {
     INT4DDP_CHECK(a.codes[r] && a.scales[r], "owner step: null message of rank ", r);
 
   INT4DDP_CHECK(p.clips == nullptr,
-                "owner step: params.clips must be null (the owner's clips come from m: topk)");
-  INT4DDP_CHECK(a.topk >= 0, "owner step: topk = ", a.topk, " is negative");
-  INT4DDP_CHECK(a.topk == 0 || a.count == 0 || (a.clips && aligned(a.clips, alignof(float))),
-                "owner step: topk needs a float-aligned clips scratch");
+                "owner step: params.clips must be null (the owner's clips come from m)");
+  const bool block_rule =
+      a.block_rule.kind == PolicyKind::kTopK || a.block_rule.kind == PolicyKind::kMse;
+  INT4DDP_CHECK(!block_rule || a.count == 0 || (a.clips && aligned(a.clips, alignof(float))),
+                "owner step: a block rule needs a float-aligned clips scratch");
 
   const FusedShape* s = fused_shape(p.block_size);
   const size_t code_align = p.bits == 4 ? 2 : 4;
-  // The fused kernel derives each clip from the block's max; topk's clips take the general path.
-  if (a.count > 0 && s && a.ranks <= kMaxFusedRanks && a.topk == 0) {
+  // The fused kernel derives each clip from the block's max; a block rule takes the general path.
+  if (a.count > 0 && s && a.ranks <= kMaxFusedRanks && !block_rule) {
     OwnerMessages msgs{};
     bool codes_aligned = aligned(a.codes_out, code_align);
     for (int r = 0; r < a.ranks; ++r) {
@@ -1088,8 +1142,8 @@ void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream) {
   owner_mean_kernel<<<grid, kThreads, 0, stream>>>(m, a.count, static_cast<float>(a.ranks), a.es);
   check_launch();
   QuantParams q = p;
-  if (a.topk > 0) {
-    topk_clips_async(m, a.count, p.block_size, a.topk, a.clips, stream);
+  if (block_rule) {
+    block_clips_async(m, a.count, p.block_size, a.block_rule, a.clips, stream);
     q.clips = a.clips;
   }
   quantize_async(m, a.count, q, a.codes_out, a.scales_out, a.stats, stream);
@@ -1098,18 +1152,25 @@ void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream) {
   check_launch();
 }
 
-void topk_clips_async(const float* x, int64_t count, int64_t block_size, int k, float* clips,
-                      cudaStream_t stream) {
-  INT4DDP_CHECK(block_size > 0, "topk clips: block_size = ", block_size, " must be > 0");
-  INT4DDP_CHECK(k >= 1, "topk clips: k = ", k, " is below 1");
-  INT4DDP_CHECK(count >= 0, "topk clips: count = ", count, " is negative");
+void block_clips_async(const float* x, int64_t count, int64_t block_size, const PolicyConfig& rule,
+                       float* clips, cudaStream_t stream) {
+  INT4DDP_CHECK(rule.kind == PolicyKind::kTopK || rule.kind == PolicyKind::kMse,
+                "block clips: policy ", policy_kind_name(rule.kind), " has no per-block rule");
+  rule.validate();
+  INT4DDP_CHECK(block_size > 0, "block clips: block_size = ", block_size, " must be > 0");
+  INT4DDP_CHECK(count >= 0, "block clips: count = ", count, " is negative");
   if (count == 0) return;
   INT4DDP_CHECK(x && clips && aligned(clips, alignof(float)),
-                "topk clips: null or misaligned buffer for ", count, " elements");
+                "block clips: null or misaligned buffer for ", count, " elements");
   const int64_t nscopes = num_scales(count, block_size);
-  const int64_t warps_per_block = kThreads / kWarp;
-  topk_clips_kernel<<<grid_for((nscopes + warps_per_block - 1) / warps_per_block, kThreads),
-                      kThreads, 0, stream>>>(x, count, block_size, k, clips);
+  if (rule.kind == PolicyKind::kTopK) {
+    const int64_t warps_per_block = kThreads / kWarp;
+    topk_clips_kernel<<<grid_for((nscopes + warps_per_block - 1) / warps_per_block, kThreads),
+                        kThreads, 0, stream>>>(x, count, block_size, rule.topk, clips);
+  } else {
+    mse_clips_kernel<<<grid_for((nscopes + kThreads - 1) / kThreads, kThreads), kThreads, 0,
+                       stream>>>(x, count, block_size, rule.bits, rule.mse_iterations, clips);
+  }
   check_launch();
 }
 

@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "kernels/quant/codec.h"
+#include "kernels/quant/policy.h"
 
 namespace int4ddp::quant::cuda {
 
@@ -35,7 +36,7 @@ bool device_available();
 // (num_scales(count, block_size) floats), *stats (device memory, reset by this call). Philox
 // element indices count from x[0], exactly as quant::quantize. p.clips, when set, is a DEVICE
 // array of the per-block clips (codec.h; their values are not checked here: they come from
-// topk_clips_async or a copy of quant::block_clips).
+// block_clips_async or a copy of quant::block_clips).
 void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
                     float* scales, QuantStats* stats, cudaStream_t stream);
 
@@ -49,12 +50,17 @@ QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
                 int64_t block_size, float* out, cudaStream_t stream = nullptr);
 
-// topk's per-block clips (quant::block_clip with PolicyKind::kTopK, bit for bit): clips[b] = the
-// (k+1)-th largest finite |x| of block b (blocks of block_size from x[0], the last one shorter),
-// or the block's finite max|x| when it has fewer than k + 1 finite elements or that magnitude is
-// 0. clips: num_scales(count, block_size) floats. Deterministic (integer counts only).
-void topk_clips_async(const float* x, int64_t count, int64_t block_size, int k, float* clips,
-                      cudaStream_t stream);
+// The device twin of quant::block_clips (policy.h), bit for bit: the clip of every block of
+// block_size elements from x[0] (the last one shorter) by the block rule rule.kind into clips
+// (num_scales(count, block_size) floats).
+//   topk  the (k+1)-th largest finite |x| (k = rule.topk), or the block's finite max|x| when it has
+//         fewer than k + 1 finite elements or that magnitude is 0: one warp per block, integer
+//         counts only, so no order matters.
+//   mse   OCTAV per block (quant::mse_gamma with rule.bits, rule.mse_iterations): one thread per
+//         block runs the CPU's double-precision loops in the CPU's order (plain, not fast).
+// Any other kind throws Error.
+void block_clips_async(const float* x, int64_t count, int64_t block_size, const PolicyConfig& rule,
+                       float* clips, cudaStream_t stream);
 
 // --- the owner step of the two-shot all-reduce ------------------------------------------------
 // For one chunk of `count` elements received from `ranks` = N ranks as N messages (codes with
@@ -66,9 +72,9 @@ void topk_clips_async(const float* x, int64_t count, int64_t block_size, int k, 
 // which is exactly the CPU composition in comm/two_shot.cpp (dequantize, +=, /=, +=, quantize,
 // dequantize, -). Message pointers are device byte pointers of any alignment (the wire format
 // does not align them); the scales are the little-endian fp32 bytes of the message.
-// With topk > 0 the requantization takes topk's per-block clips of m (topk_clips_async into the
-// scratch `clips`, then quantize with them), as the host two-shot does with comm.grad_policy topk;
-// params.clips must then be null.
+// With a block rule (block_rule.kind topk or mse) the requantization takes that rule's per-block
+// clips of m (block_clips_async into the scratch `clips`, then quantize with them), as the host
+// two-shot does with comm.grad_policy topk or mse; params.clips must be null.
 struct OwnerStepArgs {
   int ranks = 0;                           // N >= 1
   const uint8_t* const* codes = nullptr;   // HOST array of N device pointers: packed codes
@@ -81,8 +87,8 @@ struct OwnerStepArgs {
   float* scales_out = nullptr;             // num_scales(count, G) floats
   float* out = nullptr;                    // (count) dequantized requantization
   QuantStats* stats = nullptr;             // stats of the requantization (reset here)
-  int topk = 0;                            // > 0: clip each block of m at topk's clip
-  float* clips = nullptr;                  // (num_scales(count, G)) scratch for topk's clips
+  PolicyConfig block_rule;                 // kind topk or mse: clip each block of m by that rule
+  float* clips = nullptr;                  // (num_scales(count, G)) scratch for those clips
 };
 void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream);
 
