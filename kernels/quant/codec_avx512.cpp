@@ -135,7 +135,7 @@ struct QuantConsts {
 // format.h. Adds clipped lanes to *clip_count. NaN lanes make no NaN code (max/min return the
 // bound for a NaN first operand) and non-finite lanes are zeroed by the conversion's mask;
 // kAllFinite skips that masking when the scope's absmax pass found none.
-template <bool kStochastic, bool kAllFinite>
+template <bool kStochastic, bool kAllFinite, bool kSaturate>
 inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* codes,
                     __m512i* clip_count) {
   constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -145,8 +145,9 @@ inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* code
   const __mmask16 fin = kAllFinite ? __mmask16(0xFFFF) : _mm512_cmp_ps_mask(a, c.fmax, _CMP_LE_OQ);
   const __mmask16 clipped = _mm512_mask_cmp_ps_mask(fin, a, c.clip, _CMP_GT_OQ);
   *clip_count = _mm512_mask_add_epi32(*clip_count, clipped, *clip_count, _mm512_set1_epi32(1));
-  // Saturation at given clips (a NaN lane becomes sat_hi, then is zeroed by the finite mask).
-  const __m512 z = _mm512_mul_ps(_mm512_max_ps(_mm512_min_ps(v, c.sat_hi), c.sat_lo), c.inv);
+  // kSaturate: given clips clamp x first (a NaN lane becomes sat_hi, zeroed by the finite mask).
+  const __m512 z =
+      _mm512_mul_ps(kSaturate ? _mm512_max_ps(_mm512_min_ps(v, c.sat_hi), c.sat_lo) : v, c.inv);
   const __m512 r = kStochastic ? _mm512_roundscale_ps(_mm512_add_ps(z, u), kFloor)
                                : _mm512_roundscale_ps(z, kNear);
   const __m512 rc = _mm512_min_ps(_mm512_max_ps(r, c.lo), c.hi);
@@ -155,7 +156,7 @@ inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* code
 }
 
 // n is a multiple of kVec; for stochastic rounding q.first_index is a multiple of 8.
-template <bool kStochastic, bool kAllFinite>
+template <bool kStochastic, bool kAllFinite, bool kSaturate>
 void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantConsts& c,
                 int8_t* codes, __m512i* count) {
   if constexpr (kStochastic) {
@@ -166,27 +167,30 @@ void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantCon
       __m512 u[4 * kPhiloxBatches];
       philox_uniform16<kPhiloxBatches>(pk, group0 + static_cast<uint64_t>(i) / 8, u);
       for (int v = 0; v < 4 * kPhiloxBatches; ++v)
-        quant16<true, kAllFinite>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
+        quant16<true, kAllFinite, kSaturate>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
     }
     for (; i + kVec <= n; i += kVec) {
       __m512 u[4];
       philox_uniform16<1>(pk, group0 + static_cast<uint64_t>(i) / 8, u);
       for (int v = 0; v < 4; ++v)
-        quant16<true, kAllFinite>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
+        quant16<true, kAllFinite, kSaturate>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
     }
   } else {
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t i = 0; i + kVec <= n; i += kVec)
       for (int v = 0; v < 4; ++v)
-        quant16<false, kAllFinite>(x + i + 16 * v, c, zero, codes + i + 16 * v, count);
+        quant16<false, kAllFinite, kSaturate>(x + i + 16 * v, c, zero, codes + i + 16 * v, count);
   }
 }
 
 using QuantBodyFn = void (*)(const float*, int64_t, const SegmentQuant&, const QuantConsts&,
                              int8_t*, __m512i*);
-// [stochastic][all_finite]
-constexpr QuantBodyFn kQuantBodies[2][2] = {{quant_body<false, false>, quant_body<false, true>},
-                                            {quant_body<true, false>, quant_body<true, true>}};
+// [saturate][stochastic][all_finite]
+constexpr QuantBodyFn kQuantBodies[2][2][2] = {
+    {{quant_body<false, false, false>, quant_body<false, true, false>},
+     {quant_body<true, false, false>, quant_body<true, true, false>}},
+    {{quant_body<false, false, true>, quant_body<false, true, true>},
+     {quant_body<true, false, true>, quant_body<true, true, true>}}};
 
 int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
   const bool stoch = q.rounding == Rounding::kStochastic;
@@ -206,7 +210,8 @@ int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q
   __m512i count = _mm512_setzero_si512();
   SegmentQuant bq = q;
   bq.first_index = q.first_index + head;
-  kQuantBodies[stoch][q.all_finite](x + head, body, bq, c, codes + head, &count);
+  const bool saturate = q.saturate_at <= FLT_MAX;  // given clips
+  kQuantBodies[saturate][stoch][q.all_finite](x + head, body, bq, c, codes + head, &count);
   int64_t i = head + body;
   clipped += _mm512_reduce_add_epi32(count);
   if (i < n) {
