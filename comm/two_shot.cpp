@@ -139,8 +139,9 @@ quant::QuantParams TwoShotPlan::owner_params(quant::QuantParams p) const {
   return p;
 }
 
-int64_t TwoShotPlan::saturate(const float* x, int64_t n, float* y) const {
-  return quant::saturate_blocks(x, n, cfg_.block_size, policy_cfg_, y);
+const float* TwoShotPlan::block_clips(const float* x, int64_t n, float* clips) const {
+  quant::block_clips(x, n, cfg_.block_size, policy_cfg_, clips);
+  return clips;
 }
 
 void TwoShotPlan::finish_run(const quant::QuantStats& global, uint64_t wire_bytes,
@@ -221,7 +222,7 @@ TwoShotAllreduce::TwoShotAllreduce(Communicator& comm, const CompressConfig& cfg
   tile_ = std::max<int64_t>(G, (kTileFloats / G) * G);
   v_.resize(static_cast<size_t>(tile_));
   tmp_.resize(static_cast<size_t>(tile_));
-  if (plan_.saturates()) sat_.resize(static_cast<size_t>(tile_));
+  if (plan_.block_clips()) clips_.resize(static_cast<size_t>(tile_ / G));
   scales_.resize(static_cast<size_t>(std::max<int64_t>(1, plan_.total_scales())));
   rank_scales_.resize(static_cast<size_t>(plan_.ranks()) *
                       static_cast<size_t>(plan_.own_message().num_scales));
@@ -249,7 +250,7 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   }
 
   const bool worker_ef = !ew_.empty(), server_ef = !es_.empty();
-  const bool saturate = plan_.saturates();  // a block-scope policy (topk, mse)
+  const bool block_clips = plan_.block_clips();  // a block-scope policy (topk, mse)
   const int bits = plan_.config().bits;
   const int64_t G = plan_.config().block_size;
   const quant::QuantParams step_p = plan_.step_params(step);
@@ -275,14 +276,10 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
         add_arrays(vt, src, ew_.data() + c.begin + o, len);
         src = vt;
       }
-      const float* qin = src;  // what the codec sees: v, or v saturated at the block clips
-      if (saturate) {
-        stats.clipped += plan_.saturate(src, len, sat_.data());
-        qin = sat_.data();
-      }
+      p.clips = block_clips ? plan_.block_clips(src, len, clips_.data()) : nullptr;
       p.index_offset = o;
       uint8_t* codes = msg + quant::packed_bytes(bits, o);
-      quant::add_stats(stats, quant::quantize(qin, len, p, codes, sc + o / G));
+      quant::add_stats(stats, quant::quantize(src, len, p, codes, sc + o / G));
       if (worker_ef) {
         quant::dequantize(codes, sc + o / G, len, bits, G, dqt);
         sub_arrays(ew_next_.data() + c.begin + o, src, dqt, len);
@@ -327,14 +324,10 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     }
     for (int64_t k = 0; k < len; ++k) acc[k] /= fn;
     if (server_ef) accumulate(acc, es_.data() + o, len);
-    const float* qin = acc;
-    if (saturate) {
-      sum.clipped += plan_.saturate(acc, len, sat_.data());
-      qin = sat_.data();
-    }
+    p.clips = block_clips ? plan_.block_clips(acc, len, clips_.data()) : nullptr;
     p.index_offset = o;
     uint8_t* codes = own_msg + quant::packed_bytes(bits, o);
-    quant::add_stats(sum, quant::quantize(qin, len, p, codes, own_sc + o / G));
+    quant::add_stats(sum, quant::quantize(acc, len, p, codes, own_sc + o / G));
     // The own chunk's result, written now (x's own chunk is no longer read): the all-gather
     // brings every other rank these same bytes, which they dequantize the same way.
     float* result = x + own.begin + o;

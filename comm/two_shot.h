@@ -1,7 +1,8 @@
 // The two-shot compressed all-reduce (mean) of one bucket, DESIGN.md section 4:
 //   1. v = g + e_w                      (worker error feedback, optional)
 //   2. split v into N chunks aligned to G; rank r owns chunk r
-//   3. quantize each chunk j of v with per-block scales (c = gamma * max|block|), stochastic
+//   3. quantize each chunk j of v with per-block scales (c = gamma * max|block|, or the policy's
+//      per-block clip c_b for topk and mse: quant::block_clips), stochastic
 //      rounding keyed (seed, stream = 65536 rank + j, step, tensor_id = 2 bucket), element index
 //      relative to the chunk; e_w <- v - Q(v)
 //   4. all-to-all: chunk j's message (MessageLayout: codes, scales, stats) goes to rank j
@@ -130,12 +131,13 @@ class TwoShotPlan {
   size_t server_ef_size() const;
 
   float gamma() const { return policy_ ? policy_->gamma() : 1.0f; }
-  // A block-scope policy (topk, mse: quant::is_block_rule): the codec quantizes
-  // y = saturate(v) with gamma 1 instead of v; error feedback keeps v - Q(y).
-  bool saturates() const { return !fp32() && quant::is_block_rule(policy_cfg_.kind); }
-  // y <- v clamped at each block's clip (blocks of G from x[0], as the chunks and tiles are);
-  // returns the number of elements clipped.
-  int64_t saturate(const float* x, int64_t n, float* y) const;
+  // A block-scope policy (topk, mse: quant::is_block_rule): the codec quantizes v with the
+  // policy's per-block clips (QuantParams::clips), saturating each block at its clip.
+  bool block_clips() const { return !fp32() && quant::is_block_rule(policy_cfg_.kind); }
+  // The policy's clip of every block of x (blocks of G from x[0], as the chunks and tiles are)
+  // into clips (quant::num_scales(n, G) floats); returns clips.
+  const float* block_clips(const float* x, int64_t n, float* clips) const;
+  const quant::PolicyConfig& policy_config() const { return policy_cfg_; }
   // The quantizer of one run(): bits, rounding, this step's gamma, G, seed and step.
   quant::QuantParams step_params(uint32_t step) const;
   // p keyed for step 3 (quantize chunk j of this rank's v) and step 5 (the owner's requantization).
@@ -209,7 +211,7 @@ class TwoShotAllreduce final : public TwoShotBase {
   int64_t tile_ = 0;                 // elements per tile of the fused passes (whole blocks)
   std::vector<float> v_;             // (tile) g + e_w, then the owner's mean
   std::vector<float> tmp_;           // (tile) dequantized values
-  std::vector<float> sat_;           // (tile) v saturated at the block clips (block policies)
+  std::vector<float> clips_;         // (tile / G) the block clips of a tile (block policies)
   std::vector<float> scales_;        // (plan_.total_scales()) aligned scales of every chunk
   std::vector<float> rank_scales_;   // (N x own scales) aligned scales of the received messages
   std::vector<uint8_t> send_, recv_, gathered_, own_copy_;  // the plan's byte layouts

@@ -1,6 +1,7 @@
 // The device two-shot all-reduce (see two_shot_cuda.h). Step for step the host TwoShotAllreduce
 // of two_shot.cpp, with each host loop replaced by the CUDA kernel that computes the same floats:
 //   v = x + e_w                          add_async
+//   per-block clips of v, of m           block_clips_async (comm.grad_policy topk, mse)
 //   quantize chunk j into its message    quantize_async (scales via an aligned scratch, the
 //                                        message being an unaligned byte stream), trailer = the
 //                                        device QuantStats record copied as it is
@@ -38,10 +39,6 @@ TwoShotAllreduceCuda::TwoShotAllreduceCuda(Communicator& comm, const CompressCon
     : TwoShotBase(comm, cfg, count, bucket_id), stream_(stream) {
   INT4DDP_CHECK(comm.device_buffers(), "two-shot (cuda): communicator '", comm.backend(),
                 "' takes host buffers; use NCCL or wrap it in a StagedCommunicator");
-  INT4DDP_CHECK(!plan_.saturates(),
-                "two-shot (cuda): comm.grad_policy = ", quant::policy_kind_name(cfg.policy.kind),
-                " (a per-block clip) is implemented by the host two-shot only; use minmax, fixed "
-                "or lbt on the device");
   if (plan_.fp32()) return;
   const int n = plan_.ranks();
   try {
@@ -54,6 +51,8 @@ TwoShotAllreduceCuda::TwoShotAllreduceCuda(Communicator& comm, const CompressCon
     gathered_ = device_alloc<uint8_t>(plan_.gather_layout().total());
     own_copy_ = device_alloc<uint8_t>(plan_.own_message().bytes);
     stats_ = device_alloc<quant::QuantStats>(static_cast<size_t>(n) + 1);
+    if (plan_.block_clips())
+      clips_ = device_alloc<float>(static_cast<size_t>(plan_.total_scales()));
     if (plan_.config().worker_error_feedback) {
       ew_ = device_alloc<float>(nc);
       ew_next_ = device_alloc<float>(nc);
@@ -106,6 +105,7 @@ BucketStats TwoShotAllreduceCuda::run(float* x, uint32_t step) {
   const int bits = plan_.config().bits;
   const int64_t G = plan_.config().block_size;
   const quant::QuantParams step_p = plan_.step_params(step);
+  const bool block_clips = clips_ != nullptr;  // topk, mse: the policy's per-block clips
   st.gamma = step_p.gamma;
 
   // 1. v = g + e_w (no add without worker feedback: x + 0 would turn -0 into +0)
@@ -120,8 +120,14 @@ BucketStats TwoShotAllreduceCuda::run(float* x, uint32_t step) {
     const MessageLayout& m = plan_.message(j);
     uint8_t* msg = send_ + plan_.send_layout().displs[static_cast<size_t>(j)];
     float* sc = scales_ + plan_.scale_offset(j);
-    qc::quantize_async(c.count() > 0 ? v + c.begin : nullptr, c.count(),
-                       plan_.worker_params(step_p, j), msg, sc, &stats_[j], stream_);
+    quant::QuantParams p = plan_.worker_params(step_p, j);
+    if (block_clips) {
+      p.clips = clips_ + plan_.scale_offset(j);
+      qc::block_clips_async(v + c.begin, c.count(), G, plan_.policy_config(),
+                            clips_ + plan_.scale_offset(j), stream_);
+    }
+    qc::quantize_async(c.count() > 0 ? v + c.begin : nullptr, c.count(), p, msg, sc, &stats_[j],
+                       stream_);
     if (m.num_scales > 0)
       INT4DDP_CUDA_CHECK(cudaMemcpyAsync(msg + m.scales_at, sc, m.scale_bytes(),
                                          cudaMemcpyDeviceToDevice, stream_));
@@ -163,6 +169,10 @@ BucketStats TwoShotAllreduceCuda::run(float* x, uint32_t step) {
   a.scales_out = own_sc;
   a.out = om.count > 0 ? x + own.begin : nullptr;
   a.stats = &stats_[n];
+  if (block_clips) {
+    a.block_rule = plan_.policy_config();
+    a.clips = clips_ + plan_.scale_offset(r);
+  }
   qc::owner_step_async(a, stream_);
   if (om.num_scales > 0)
     INT4DDP_CUDA_CHECK(cudaMemcpyAsync(own_msg + om.scales_at, own_sc, om.scale_bytes(),

@@ -60,6 +60,7 @@ class TwoShotAllreduceCuda final : public TwoShotBase {
   uint8_t* gathered_ = nullptr;              // (gather_layout().total()) requantized chunks
   uint8_t* own_copy_ = nullptr;              // (own message) all-gather send buffer
   quant::QuantStats* stats_ = nullptr;       // (N + 1): worker chunks, owner
+  float* clips_ = nullptr;                   // (plan_.total_scales()) block clips (topk, mse)
   quant::QuantStats* gathered_h_ = nullptr;  // (N) pinned host copies of the gathered stats
   std::vector<void*> allocations_;
 };

@@ -498,6 +498,79 @@ TEST(CodecPieces, PiecesWithAGivenAbsmaxEqualOneCall) {
   EXPECT_THROW(quantize_piece(&one, 1, blocked, 1.0f, true, &code), Error);
 }
 
+// A clip c whose inverse step misses: fl(c * fl(L / c)) < L, so with stochastic rounding c itself
+// codes L - 1 when u = 0 (and -c codes -L + 1 for b = 8 when u is near 1), while values beyond c
+// code +-L. Searched upwards from 1.
+float clip_whose_inverse_misses(int bits) {
+  const float L = static_cast<float>(levels(bits));
+  for (float c = 1.0f;; c = std::nextafter(c, 2.0f))
+    if (c * inv_step_for_clip(c, bits) < L) return c;
+}
+
+// Given clips saturate before the multiply: the codes of x beyond +-c_b are those of +-c_b, also
+// where they would differ from x's own (checked to occur, so this test fails without the clamp),
+// on the reference and every ISA; the clipped count is the number beyond c_b.
+TEST(CodecClips, ValuesBeyondTheClipCodeAsTheClip) {
+  for (int bits : {4, 8}) {
+    const float c = clip_whose_inverse_misses(bits);
+    const int64_t G = 512, n = int64_t{1} << 18;
+    std::vector<float> x(n), y(n), clips(n / G, c);
+    for (int64_t i = 0; i < n; ++i) {
+      const float sign = (i / 3) % 2 == 0 ? 1.0f : -1.0f;
+      x[i] = sign * (i % 3 == 0 ? 1.5f * c : (i % 3 == 1 ? c : 0.5f * c));
+      y[i] = sign * std::min(std::fabs(x[i]), c);
+    }
+    QuantParams p;
+    p.bits = bits;
+    p.rounding = Rounding::kStochastic;
+    p.block_size = G;
+    p.key = RngKey{5, 6, 7, 8};
+    // y's block max is c: gamma 1 quantizes it with the clip c.
+    std::vector<uint8_t> want(packed_bytes(bits, n)), got(want.size());
+    std::vector<float> want_scales(n / G), scales(n / G);
+    quantize_ref(y.data(), n, p, want.data(), want_scales.data());
+    const float r = inv_step_for_clip(c, bits);
+    int64_t differ = 0;  // elements whose unclamped code would differ
+    for (int64_t i = 0; i < n; ++i) {
+      const float u = philox_uniform(p.key, static_cast<uint64_t>(i));
+      differ += quantize_stochastic(x[i], r, u, bits) != quantize_stochastic(y[i], r, u, bits);
+    }
+    EXPECT_GT(differ, 0) << "bits " << bits << ": no element where saturation matters";
+    QuantParams pc = p;
+    pc.clips = clips.data();
+    const QuantStats st = quantize_ref(x.data(), n, pc, got.data(), scales.data());
+    EXPECT_EQ(got, want) << "ref, bits " << bits;
+    EXPECT_EQ(scales, want_scales);
+    EXPECT_EQ(st.clipped, (n + 2) / 3);
+    for (Isa isa : available_isas()) {
+      std::fill(got.begin(), got.end(), uint8_t{0});
+      const QuantStats si = quantize_isa(isa, x.data(), n, pc, got.data(), scales.data());
+      EXPECT_EQ(got, want) << isa_name(isa) << ", bits " << bits;
+      EXPECT_EQ(scales, want_scales) << isa_name(isa);
+      EXPECT_EQ(si.clipped, st.clipped) << isa_name(isa);
+    }
+  }
+}
+
+TEST(CodecClips, BadClipsAreRefused) {
+  std::vector<float> x(100, 1.0f), scales(2);
+  std::vector<uint8_t> codes(50);
+  std::vector<float> clips = {1.0f, 0.5f};
+  QuantParams p;
+  p.clips = clips.data();
+  EXPECT_THROW(quantize_ref(x.data(), 100, p, codes.data(), scales.data()), Error)
+      << "clips need per-block scales";
+  EXPECT_THROW(quantize(x.data(), 100, p, codes.data(), scales.data()), Error);
+  p.block_size = 64;
+  EXPECT_NO_THROW(quantize(x.data(), 100, p, codes.data(), scales.data()));
+  for (float bad :
+       {-1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    clips[1] = bad;
+    EXPECT_THROW(quantize_ref(x.data(), 100, p, codes.data(), scales.data()), Error) << bad;
+    EXPECT_THROW(quantize(x.data(), 100, p, codes.data(), scales.data()), Error) << bad;
+  }
+}
+
 TEST(CodecErrors, BadParametersNameTheField) {
   const std::vector<float> x = {1.0f, 2.0f};
   uint8_t codes[2];

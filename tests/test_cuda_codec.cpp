@@ -15,6 +15,7 @@
 #include "kernels/quant/codec.h"
 #include "kernels/quant/cuda/codec_cuda.h"
 #include "kernels/quant/cuda/cuda_check.h"
+#include "kernels/quant/policy.h"
 
 namespace int4ddp::quant {
 namespace {
@@ -90,20 +91,29 @@ void expect_same_bits(const std::vector<float>& a, const std::vector<float>& b, 
 }
 
 // quantize on the device (buffers offset by `misalign` bytes) against quantize_ref, then
-// dequantize of the reference codes against dequantize_ref.
-void check_against_reference(const std::vector<float>& x, const QuantParams& p, size_t misalign) {
+// dequantize of the reference codes against dequantize_ref. clips: per-block clips for both (host
+// copy for the reference, device copy for the GPU), or null.
+void check_against_reference(const std::vector<float>& x, const QuantParams& p, size_t misalign,
+                             const std::vector<float>* clips = nullptr) {
   const int64_t n = static_cast<int64_t>(x.size());
   const size_t nbytes = static_cast<size_t>(packed_bytes(p.bits, n));
   const size_t nsc = static_cast<size_t>(num_scales(n, p.block_size));
   std::vector<uint8_t> ref_codes(nbytes + 1, 0xAB);
   std::vector<float> ref_scales(nsc);
-  const QuantStats ref = quantize_ref(x.data(), n, p, ref_codes.data(), ref_scales.data());
+  QuantParams ph = p, pd = p;
+  ph.clips = clips ? clips->data() : nullptr;
+  const QuantStats ref = quantize_ref(x.data(), n, ph, ref_codes.data(), ref_scales.data());
 
   DeviceArray<float> dx(x.size(), misalign * 4);
   DeviceArray<uint8_t> dcodes(nbytes, misalign);
   DeviceArray<float> dscales(nsc);
+  DeviceArray<float> dclips(clips ? clips->size() : 0);
+  if (clips) {
+    dclips.upload(*clips);
+    pd.clips = dclips.get();
+  }
   dx.upload(x);
-  const QuantStats got = cuda::quantize(dx.get(), n, p, dcodes.get(), dscales.get());
+  const QuantStats got = cuda::quantize(dx.get(), n, pd, dcodes.get(), dscales.get());
   ASSERT_EQ(dcodes.download(1), ref_codes) << "codes (or the guard byte after them)";
   expect_same_bits(dscales.download(), ref_scales, "scale");
   EXPECT_EQ(got.count, ref.count);
@@ -178,6 +188,57 @@ INSTANTIATE_TEST_SUITE_P(Bits, CudaCodec, testing::Range(kMinBits, kMaxBits + 1)
                            return "int" + std::to_string(i.param);
                          });
 
+// ---- per-block clips (topk) --------------------------------------------------------------------
+
+// Blocks of a bucket that exercise topk's fallbacks: outliers and NaN/Inf (make_input), one
+// all-zero block, one sparse block (2 non-zero) and one of ties.
+std::vector<float> clip_input(int64_t n, int64_t G, uint64_t seed) {
+  std::vector<float> x = make_input(n, seed, true);
+  for (int64_t i = 0; i < std::min(n, G); ++i) x[static_cast<size_t>(i)] = 0.0f;
+  for (int64_t i = G; i < std::min(n, 2 * G); ++i)
+    x[static_cast<size_t>(i)] = i % G < 2 ? 3.0f : 0.0f;
+  for (int64_t i = 2 * G; i < std::min(n, 3 * G); ++i)
+    x[static_cast<size_t>(i)] = static_cast<float>(i % 5) - 2.0f;
+  return x;
+}
+
+// block_clips_async against quant::block_clips (topk with several k, mse with several b), then
+// quantize with those clips (fused and general paths, aligned and not) against quantize_ref with
+// them: bit for bit.
+TEST(CudaCodecClips, BlockClipsAndQuantizeMatchTheCpu) {
+  REQUIRE_GPU();
+  for (int64_t G : {2, 6, 64, 128, 512, 1000, 4096})
+    for (int k : {1, 4, 16, -2, -4, -8}) {  // k < 0: mse with bits -k
+      if (k >= G) continue;
+      const int64_t n = 7 * G + G / 2 + 1;
+      SCOPED_TRACE(testing::Message() << "G " << G << " k " << k);
+      const std::vector<float> x = clip_input(n, G, 31 + static_cast<uint64_t>(G) + k);
+      PolicyConfig cfg;
+      cfg.kind = k > 0 ? PolicyKind::kTopK : PolicyKind::kMse;
+      cfg.topk = k > 0 ? k : 4;
+      cfg.bits = k > 0 ? 4 : -k;
+      std::vector<float> want(static_cast<size_t>(num_scales(n, G)));
+      block_clips(x.data(), n, G, cfg, want.data());
+      DeviceArray<float> dx(x.size()), dclips(want.size());
+      dx.upload(x);
+      cuda::block_clips_async(dx.get(), n, G, cfg, dclips.get(), nullptr);
+      INT4DDP_CUDA_CHECK(cudaDeviceSynchronize());
+      expect_same_bits(dclips.download(), want, "topk clip");
+      if (HasFatalFailure()) return;
+      for (int bits : {4, 8, 3})
+        for (Rounding r : {Rounding::kStochastic, Rounding::kNearest})
+          for (size_t misalign : {size_t{0}, size_t{1}}) {
+            QuantParams p;
+            p.bits = bits;
+            p.rounding = r;
+            p.block_size = G;
+            p.key = RngKey{3, 4, 5, 6};
+            check_against_reference(x, p, misalign, &want);
+            if (HasFatalFailure()) return;
+          }
+    }
+}
+
 // ---- owner step ------------------------------------------------------------------------------
 
 // The CPU composition of comm/two_shot.cpp step 5 for one chunk.
@@ -189,7 +250,7 @@ struct OwnerRef {
 
 OwnerRef owner_reference(const std::vector<std::vector<uint8_t>>& codes,
                          const std::vector<std::vector<float>>& scales, int64_t count,
-                         const QuantParams& p, const std::vector<float>* es) {
+                         QuantParams p, const std::vector<float>* es, const PolicyConfig& rule) {
   const int n = static_cast<int>(codes.size());
   std::vector<float> acc(static_cast<size_t>(count), 0.0f), tmp(static_cast<size_t>(count));
   for (int r = 0; r < n; ++r) {
@@ -203,6 +264,11 @@ OwnerRef owner_reference(const std::vector<std::vector<uint8_t>>& codes,
   OwnerRef ref;
   ref.codes.assign(static_cast<size_t>(packed_bytes(p.bits, count)), 0);
   ref.scales.assign(static_cast<size_t>(num_scales(count, p.block_size)), 0.0f);
+  std::vector<float> clips(ref.scales.size());
+  if (rule.kind == PolicyKind::kTopK || rule.kind == PolicyKind::kMse) {  // the host owner's
+    block_clips(acc.data(), count, p.block_size, rule, clips.data());     // block-rule clips
+    p.clips = clips.data();
+  }
   ref.stats = quantize_ref(acc.data(), count, p, ref.codes.data(), ref.scales.data());
   ref.out.resize(static_cast<size_t>(count));
   dequantize_ref(ref.codes.data(), ref.scales.data(), count, p.bits, p.block_size, ref.out.data());
@@ -221,17 +287,18 @@ struct OwnerCase {
   bool packed_messages;  // messages back to back in one byte buffer (unaligned), as on the wire
 };
 
-void check_owner(const OwnerCase& c, Rounding rounding) {
+void check_owner(const OwnerCase& c, Rounding rounding, const PolicyConfig& rule = PolicyConfig{}) {
   SCOPED_TRACE(testing::Message() << "N=" << c.ranks << " n=" << c.count << " G=" << c.block_size
-                                  << " bits=" << c.bits << " es=" << c.server_ef
-                                  << " packed=" << c.packed_messages
-                                  << " rounding=" << static_cast<int>(rounding));
+                                  << " bits=" << c.bits << " es=" << c.server_ef << " packed="
+                                  << c.packed_messages << " rounding=" << static_cast<int>(rounding)
+                                  << " rule=" << policy_kind_name(rule.kind) << " k=" << rule.topk);
   const int64_t n = c.count;
   QuantParams p;
   p.bits = c.bits;
   p.rounding = rounding;
   p.block_size = c.block_size;
-  p.gamma = 0.9f;
+  const bool block_rule = rule.kind == PolicyKind::kTopK || rule.kind == PolicyKind::kMse;
+  p.gamma = block_rule ? 1.0f : 0.9f;
   // The ranks' own messages, made by the CPU quantizer with the two-shot's worker keys.
   std::vector<std::vector<uint8_t>> codes(c.ranks);
   std::vector<std::vector<float>> scales(c.ranks);
@@ -246,7 +313,7 @@ void check_owner(const OwnerCase& c, Rounding rounding) {
   std::vector<float> es = make_input(n, 999, false);
   for (float& e : es) e *= 0.01f;
   p.key = RngKey{11, 65536u + 1, 5, 7};
-  const OwnerRef ref = owner_reference(codes, scales, n, p, c.server_ef ? &es : nullptr);
+  const OwnerRef ref = owner_reference(codes, scales, n, p, c.server_ef ? &es : nullptr, rule);
 
   // Device messages: codes then scale bytes, either each in its own allocation or packed with odd
   // offsets.
@@ -290,6 +357,9 @@ void check_owner(const OwnerCase& c, Rounding rounding) {
   a.scales_out = dscales_out.get();
   a.out = dout.get();
   a.stats = dstats.get();
+  DeviceArray<float> dclips(scales[0].size());
+  a.block_rule = rule;
+  a.clips = block_rule ? dclips.get() : nullptr;
   cuda::owner_step_async(a, nullptr);
   INT4DDP_CUDA_CHECK(cudaDeviceSynchronize());
   ASSERT_EQ(dcodes_out.download(), ref.codes);
@@ -324,6 +394,29 @@ TEST(CudaOwnerStep, MatchesCpuComposition) {
       check_owner(c, r);
       if (HasFatalFailure()) return;
     }
+}
+
+// The owner step with a block rule's clips of m (topk, mse: the general path) against the host
+// composition.
+TEST(CudaOwnerStep, BlockRuleClipsMatchCpuComposition) {
+  REQUIRE_GPU();
+  const OwnerCase cases[] = {
+      {2, 512 * 9 + 3, 512, 4, true, true},
+      {4, 20001, 6, 4, true, false},
+      {3, 1000, 128, 8, false, true},
+      {1, 3, 512, 4, true, false},  // fewer elements than k + 1
+      {2, 0, 512, 4, true, false},
+  };
+  for (const OwnerCase& c : cases)
+    for (int k : {1, 4, 0})  // 0: mse
+      for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
+        PolicyConfig rule;
+        rule.kind = k > 0 ? PolicyKind::kTopK : PolicyKind::kMse;
+        rule.topk = k > 0 ? k : 4;
+        rule.bits = c.bits;
+        check_owner(c, r, rule);
+        if (HasFatalFailure()) return;
+      }
 }
 
 // ---- errors ------------------------------------------------------------------------------------

@@ -60,12 +60,15 @@ struct Case {
   int64_t count, block_size;
   bool worker_ef, server_ef;
   quant::Rounding rounding;
+  quant::PolicyKind policy = quant::PolicyKind::kLbt;  // comm.grad_policy
+  int topk = 4;
 };
 
 std::string describe(const Case& c) {
   std::ostringstream os;
   os << "bits=" << c.bits << " n=" << c.count << " G=" << c.block_size << " ew=" << c.worker_ef
-     << " es=" << c.server_ef << " rounding=" << static_cast<int>(c.rounding);
+     << " es=" << c.server_ef << " rounding=" << static_cast<int>(c.rounding)
+     << " policy=" << quant::policy_kind_name(c.policy) << " topk=" << c.topk;
   return os.str();
 }
 
@@ -79,6 +82,15 @@ const std::vector<Case>& cases() {
       {4, 3, 512, true, true, quant::Rounding::kStochastic},  // fewer blocks than ranks
       {4, 0, 512, true, true, quant::Rounding::kStochastic},
       {32, 12345, 512, false, false, quant::Rounding::kStochastic},  // fp32 mode
+      // topk (the default comm.grad_policy): per-block clips on the device
+      {4, 100000, 512, true, true, quant::Rounding::kStochastic, quant::PolicyKind::kTopK, 4},
+      {4, 512 * 7 + 5, 512, true, false, quant::Rounding::kNearest, quant::PolicyKind::kTopK, 1},
+      {8, 33333, 256, false, true, quant::Rounding::kStochastic, quant::PolicyKind::kTopK, 16},
+      {4, 20001, 6, true, true, quant::Rounding::kStochastic, quant::PolicyKind::kTopK, 4},
+      {4, 3, 512, true, true, quant::Rounding::kStochastic, quant::PolicyKind::kTopK, 4},
+      // mse (OCTAV per block)
+      {4, 100000, 512, true, true, quant::Rounding::kStochastic, quant::PolicyKind::kMse},
+      {8, 20001, 6, true, false, quant::Rounding::kNearest, quant::PolicyKind::kMse},
   };
   return all;
 }
@@ -93,6 +105,8 @@ void compare(Communicator& host, Communicator& device, const Case& c, int steps)
   cfg.rounding = c.rounding;
   cfg.worker_error_feedback = c.worker_ef;
   cfg.server_error_feedback = c.server_ef;
+  cfg.policy.kind = c.policy;
+  cfg.policy.topk = c.topk;
   cfg.seed = 1234;
   TwoShotAllreduce h(host, cfg, c.count, 3);
   TwoShotAllreduceCuda d(device, cfg, c.count, 3);

@@ -707,6 +707,25 @@ PolicyConfig block_rule(PolicyKind kind, int k = 4) {
   return cfg;
 }
 
+// The path the two-shot took before the codec took per-block clips: y = clamp(x, -c_b, c_b) per
+// block (non-finite x copied), then y quantized with gamma 1. Returns the number of finite elements
+// with |x| > c_b. Kept here as the reference the codec's clips must reproduce bit for bit.
+int64_t saturated_copy(const float* x, int64_t n, int64_t block_size, const PolicyConfig& cfg,
+                       float* y) {
+  int64_t clipped = 0;
+  for (int64_t b = 0; b < n; b += block_size) {
+    const int64_t len = std::min(block_size, n - b);
+    const float c = block_clip(x + b, len, cfg);
+    for (int64_t i = b; i < b + len; ++i) {
+      const float v = x[i];
+      const bool over = is_finite_value(v) && std::fabs(v) > c;
+      clipped += over;
+      y[i] = over ? std::copysign(c, v) : v;
+    }
+  }
+  return clipped;
+}
+
 // The (k+1)-th largest magnitude, by sorting: the definition topk's clip must match.
 float kth_largest(std::vector<float> x, int k) {
   for (float& v : x) v = std::fabs(v);
@@ -739,9 +758,14 @@ TEST(BlockClip, SaturateClipsExactlyKPerBlockAndCountsThem) {
   const int64_t G = 256, n = 10 * G + 77;                      // a short last block too
   const std::vector<float> x = sample(Dist::kGaussian, n, 5);  // continuous: no ties
   for (int k : {1, 4, 16}) {
+    std::vector<float> clips(11, -1.0f);
+    block_clips(x.data(), n, G, block_rule(PolicyKind::kTopK, k), clips.data());
+    for (int64_t b = 0; b < n; b += G)
+      EXPECT_EQ(clips[static_cast<size_t>(b / G)],
+                block_clip(x.data() + b, std::min(G, n - b), block_rule(PolicyKind::kTopK, k)));
     std::vector<float> y(x.size());
     const int64_t clipped =
-        saturate_blocks(x.data(), n, G, block_rule(PolicyKind::kTopK, k), y.data());
+        saturated_copy(x.data(), n, G, block_rule(PolicyKind::kTopK, k), y.data());
     EXPECT_EQ(clipped, 11 * k) << "k " << k;
     for (int64_t b = 0; b < n; b += G) {
       const int64_t len = std::min(G, n - b);
@@ -761,7 +785,7 @@ TEST(BlockClip, SaturateClipsExactlyKPerBlockAndCountsThem) {
   }
   // mse per block: a clip in (0, max] from OCTAV on the block, applied the same way.
   std::vector<float> y(x.size());
-  const int64_t clipped = saturate_blocks(x.data(), n, G, block_rule(PolicyKind::kMse), y.data());
+  const int64_t clipped = saturated_copy(x.data(), n, G, block_rule(PolicyKind::kMse), y.data());
   EXPECT_GT(clipped, 0);
   const float c0 = block_clip(x.data(), G, block_rule(PolicyKind::kMse));
   EXPECT_EQ(c0, *mse_gamma(x.data(), G, 4, 20) * absmax_of({x.begin(), x.begin() + G}));
@@ -780,7 +804,7 @@ TEST(BlockClip, DegenerateBlocksFallBackToGammaOne) {
   // All zero: clip 0, nothing clipped, y = x.
   std::vector<float> zeros(512, 0.0f), y(512, 9.0f);
   EXPECT_EQ(block_clip(zeros.data(), 512, top4), 0.0f);
-  EXPECT_EQ(saturate_blocks(zeros.data(), 512, 512, top4, y.data()), 0);
+  EXPECT_EQ(saturated_copy(zeros.data(), 512, 512, top4, y.data()), 0);
   EXPECT_EQ(y, zeros);
   EXPECT_EQ(block_clip(zeros.data(), 512, block_rule(PolicyKind::kMse)), 0.0f);
   // Non-finite elements are copied, never counted, never picked as the clip.
@@ -793,7 +817,7 @@ TEST(BlockClip, DegenerateBlocksFallBackToGammaOne) {
     if (i < 3 || i > 5) finite.push_back(x[i]);
   EXPECT_EQ(block_clip(x.data(), 512, top4), kth_largest(finite, 4));
   std::vector<float> ys(512);
-  EXPECT_EQ(saturate_blocks(x.data(), 512, 512, top4, ys.data()), 4);
+  EXPECT_EQ(saturated_copy(x.data(), 512, 512, top4, ys.data()), 4);
   EXPECT_TRUE(std::isnan(ys[3]));
   EXPECT_EQ(ys[4], x[4]);
   EXPECT_EQ(ys[5], x[5]);
@@ -808,7 +832,7 @@ TEST(BlockClip, SaturatedCodesAreTheClipsCodesOnEveryHostPath) {
   for (const PolicyConfig& cfg : {block_rule(PolicyKind::kTopK, 1),
                                   block_rule(PolicyKind::kTopK, 8), block_rule(PolicyKind::kMse)}) {
     std::vector<float> y(x.size());
-    saturate_blocks(x.data(), n, G, cfg, y.data());
+    saturated_copy(x.data(), n, G, cfg, y.data());
     QuantParams p;
     p.bits = 4;
     p.rounding = Rounding::kNearest;
@@ -839,6 +863,85 @@ TEST(BlockClip, SaturatedCodesAreTheClipsCodesOnEveryHostPath) {
       EXPECT_EQ(s2, want_scales) << isa_name(isa);
     }
   }
+}
+
+// The codec given the block rule's clips (QuantParams::clips, as the two-shot quantizes) against
+// the saturated copy quantized with gamma 1 (as it quantized before): the same packed codes, steps
+// and clipped / count / nonfinite, bit for bit, on the reference loop and on every codec ISA of
+// this machine. Random buckets with outliers, NaN/Inf, sparse, all-zero and tied blocks; every b,
+// G even and odd, several k, sizes ending mid-block and mid-byte, both roundings, and Philox index
+// offsets at a block boundary (the two-shot's tiles). The stats' absmax is the input's (codec.h),
+// not the largest clip.
+TEST(BlockClip, CodecClipsEqualTheSaturatedCopyBitForBit) {
+  std::mt19937_64 rng(2024);
+  std::normal_distribution<float> gauss;
+  const float kNan = std::numeric_limits<float>::quiet_NaN();
+  const float kInf = std::numeric_limits<float>::infinity();
+  int cases = 0;
+  for (int bits = kMinBits; bits <= kMaxBits; ++bits)
+    for (int64_t G : {2, 7, 64, 512, 1000})
+      for (int k : {1, 3, 4, 16, -1})  // -1: mse per block
+        for (Rounding rounding : {Rounding::kStochastic, Rounding::kNearest}) {
+          if (k >= G || (k < 0 && G < 64)) continue;
+          const PolicyConfig cfg =
+              k < 0 ? block_rule(PolicyKind::kMse) : block_rule(PolicyKind::kTopK, k);
+          const int64_t n = 6 * G + G / 2 + 1;
+          std::vector<float> x(static_cast<size_t>(n));
+          for (float& v : x) v = gauss(rng) * (rng() % 40 == 0 ? 50.0f : 1.0f);
+          for (int64_t i = G; i < 2 * G; ++i) x[static_cast<size_t>(i)] = 0.0f;  // all zero
+          for (int64_t i = 2 * G; i < 3 * G; ++i)  // sparse: at most 3 non-zero
+            x[static_cast<size_t>(i)] = i % G < 3 ? gauss(rng) : 0.0f;
+          for (int64_t i = 3 * G; i < 4 * G; ++i)  // ties
+            x[static_cast<size_t>(i)] = static_cast<float>(static_cast<int>(rng() % 7) - 3);
+          x[static_cast<size_t>(4 * G)] = kNan;
+          x[static_cast<size_t>(4 * G + 1)] = -kInf;
+          x[static_cast<size_t>(n - 1)] = kInf;
+          SCOPED_TRACE(testing::Message() << "bits " << bits << " G " << G << " k " << k
+                                          << " rounding " << static_cast<int>(rounding));
+          QuantParams p;
+          p.bits = bits;
+          p.rounding = rounding;
+          p.block_size = G;
+          p.key = RngKey{7, static_cast<uint32_t>(cases), 3, 11};
+          p.index_offset = cases % 2 == 0 ? 0 : 5 * G;
+          ++cases;
+          const size_t nbytes = static_cast<size_t>(packed_bytes(bits, n));
+          const size_t nscales = static_cast<size_t>(num_scales(n, G));
+
+          std::vector<float> y(x.size());
+          const int64_t sat_clipped = saturated_copy(x.data(), n, G, cfg, y.data());
+          std::vector<uint8_t> want(nbytes);
+          std::vector<float> want_scales(nscales);
+          QuantStats want_st = quantize_ref(y.data(), n, p, want.data(), want_scales.data());
+          want_st.clipped += sat_clipped;
+
+          std::vector<float> clips(nscales);
+          block_clips(x.data(), n, G, cfg, clips.data());
+          QuantParams pc = p;
+          pc.gamma = 0.5f;  // unused with clips
+          pc.clips = clips.data();
+          auto check = [&](const char* what, const QuantStats& st, const std::vector<uint8_t>& c,
+                           const std::vector<float>& sc) {
+            EXPECT_EQ(c, want) << what;
+            EXPECT_EQ(0, std::memcmp(sc.data(), want_scales.data(), nscales * sizeof(float)))
+                << what;
+            EXPECT_EQ(st.clipped, want_st.clipped) << what;
+            EXPECT_EQ(st.count, want_st.count) << what;
+            EXPECT_EQ(st.nonfinite, want_st.nonfinite) << what;
+            EXPECT_EQ(st.absmax, finite_absmax(x.data(), n)) << what;
+          };
+          std::vector<uint8_t> codes(nbytes);
+          std::vector<float> scales(nscales);
+          check("ref", quantize_ref(x.data(), n, pc, codes.data(), scales.data()), codes, scales);
+          for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+            if (!isa_available(isa)) continue;
+            std::fill(codes.begin(), codes.end(), uint8_t{0xAA});
+            check(isa_name(isa), quantize_isa(isa, x.data(), n, pc, codes.data(), scales.data()),
+                  codes, scales);
+          }
+          if (HasFatalFailure()) return;
+        }
+  EXPECT_GT(cases, 200);
 }
 
 TEST(BlockClip, TopKIsValidated) {

@@ -130,7 +130,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
   };
 
   const bool fused = k.quantize_pack_int4 != nullptr && p.block_size % 2 == 0;
-  detail::SegmentQuant seg{0.0f, 0.0f, p.bits, p.rounding, p.key, 0, true};
+  detail::SegmentQuant seg{0.0f, 0.0f, 0.0f, p.bits, p.rounding, p.key, 0, true};
   for (int64_t s = 0; s < nscales; ++s) {
     const int64_t begin = s * scope;
     const int64_t end = std::min(count, begin + scope);
@@ -144,7 +144,8 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
     const int64_t nonfinite_before = st.nonfinite;
     const float absmax = k.absmax(x + begin, end - begin, &st.nonfinite);
     seg.all_finite = st.nonfinite == nonfinite_before;
-    seg.clip = p.gamma * absmax;
+    seg.clip = detail::scope_clip(p, s, absmax);
+    seg.saturate_at = detail::saturation_bound(p, seg.clip);
     seg.inv_step = inv_step_for_clip(seg.clip, p.bits);
     scales[s] = step_for_clip(seg.clip, p.bits);
     st.absmax = std::max(st.absmax, absmax);
@@ -182,8 +183,14 @@ int64_t quantize_piece(const float* x, int64_t count, const QuantParams& p, floa
   if (count == 0) return 0;
   INT4DDP_CHECK(x && codes, "quantizer: null buffer for ", count, " elements");
   const float clip = p.gamma * absmax;
-  const detail::SegmentQuant seg{
-      inv_step_for_clip(clip, p.bits), clip, p.bits, p.rounding, p.key, p.index_offset, all_finite};
+  const detail::SegmentQuant seg{inv_step_for_clip(clip, p.bits),
+                                 clip,
+                                 detail::saturation_bound(p, clip),
+                                 p.bits,
+                                 p.rounding,
+                                 p.key,
+                                 p.index_offset,
+                                 all_finite};
   return kernels_for(current_isa()).quantize_segment(x, count, seg, codes);
 }
 

@@ -9,6 +9,11 @@
 // Scope of a scale: block_size = 0 means one scale for the whole tensor (compute path); otherwise
 // blocks of block_size elements, the last one shorter (communication path). For each scope:
 //   c = gamma * max|x| over its finite elements, d = c / L, scales[scope] = d.
+// Per-block clips (QuantParams::clips, communication path): the caller gives c = c_b of every
+// block instead (an interval policy's block rule, policy.h); d and r come from c_b exactly as from
+// gamma * max|x|, and each finite element is saturated at +-c_b before it is quantized:
+//   z = fl(clamp(x, -c_b, c_b) * r)
+// so the codes are those of the block clamped at its clip, with no clamped copy made.
 // Non-finite elements get code 0 and are counted in QuantStats::nonfinite; the caller decides what
 // to do (the trainer skips the step). Clipped elements (|x| > c) are counted in the same pass.
 #pragma once
@@ -31,6 +36,11 @@ struct QuantParams {
   int64_t index_offset = 0;  // element i of this call is element index_offset + i of its stream
                              // (the Philox counter): lets a caller quantize a long tensor in
                              // block-aligned pieces with the keys of one call (CPU codec only)
+  // Per-block clips c_b >= 0, finite: num_scales(count, block_size) floats, block b = elements
+  // b G .. b G + G - 1 of this call (needs block_size > 0), in host memory for the CPU codec and in
+  // device memory for the CUDA codec. Null: c = gamma * max|block|. Set: gamma is not used, c_b
+  // replaces it and elements beyond +-c_b saturate (see the top of this file).
+  const float* clips = nullptr;
 };
 
 // Stats of one quantization, one 32-byte record for every use: the CPU codec returns it, the CUDA
@@ -63,7 +73,9 @@ inline void add_stats(QuantStats& a, const QuantStats& b) {
 // ceil(count / block_size) otherwise.
 int64_t num_scales(int64_t count, int64_t block_size);
 
-// Throws int4ddp::Error naming the field when bits, gamma or block_size is out of range.
+// Throws int4ddp::Error naming the field when bits, gamma or block_size is out of range, or clips
+// is set for a per-tensor scale (block_size 0). The clip values themselves are checked by
+// quantize() and quantize_ref() as they are read (a negative or non-finite c_b throws).
 void validate(const QuantParams& p);
 
 // codes: packed_bytes(bits, count) bytes; scales: num_scales(count, block_size) floats.

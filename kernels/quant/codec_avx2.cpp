@@ -225,7 +225,8 @@ inline void philox_range(PhiloxKeys& pk, uint64_t group, int64_t count, uint32_t
 
 struct QuantConsts {
   __m256 inv, clip, hi, fmax;
-  __m256i lo8;  // -L in every byte
+  __m256i lo8;            // -L in every byte
+  __m256 sat_hi, sat_lo;  // +-SegmentQuant::saturate_at (+-inf: no saturation)
 };
 
 // int32 codes of 8 elements (non-finite lanes 0), z = x * r then the rounding of format.h, clamped
@@ -234,8 +235,9 @@ struct QuantConsts {
 // because L is an integer. Nearest rounds with cvtps in the current (default nearest-even) mode,
 // as rintf does. h: the eight 16-bit uniforms (stochastic). Subtracts -1 from clip_count per
 // clipped lane. NaN and Inf lanes never make a NaN code (min returns L for a NaN first operand)
-// and are zeroed by the finite mask.
-template <bool kStochastic, bool kAllFinite>
+// and are zeroed by the finite mask. kSaturate: clamp x to +-saturate_at first (given clips; a NaN
+// lane becomes sat_hi and is zeroed the same way).
+template <bool kStochastic, bool kAllFinite, bool kSaturate>
 inline __m256i quant8(const float* x, const QuantConsts& c, const uint16_t* h,
                       __m256i* clip_count) {
   const __m256 v = _mm256_loadu_ps(x);
@@ -247,7 +249,8 @@ inline __m256i quant8(const float* x, const QuantConsts& c, const uint16_t* h,
     clipped = _mm256_and_ps(fin, clipped);
   }
   *clip_count = _mm256_sub_epi32(*clip_count, _mm256_castps_si256(clipped));
-  const __m256 z = _mm256_mul_ps(v, c.inv);
+  const __m256 z =
+      _mm256_mul_ps(kSaturate ? _mm256_max_ps(_mm256_min_ps(v, c.sat_hi), c.sat_lo) : v, c.inv);
   __m256i q;
   if constexpr (kStochastic) {
     const __m256i hw = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
@@ -313,13 +316,13 @@ constexpr int64_t kPrefetchAhead = 2048;
 // Everything is passed by value so that the constants stay in registers across the stores (a
 // closure captured by reference was reloaded from the stack after every store). Returns the
 // negated per-lane clipped counts.
-template <bool kStochastic, bool kAllFinite, bool kPack, typename Between>
+template <bool kStochastic, bool kAllFinite, bool kPack, bool kSaturate, typename Between>
 inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const QuantConsts c,
                           uint8_t* out, Between&& between) {
   __m256i count = _mm256_setzero_si256();
   auto step32 = [&](int64_t i) {
     auto q8 = [&](int k) {
-      return quant8<kStochastic, kAllFinite>(x + i + 8 * k, c, h + i + 8 * k, &count);
+      return quant8<kStochastic, kAllFinite, kSaturate>(x + i + 8 * k, c, h + i + 8 * k, &count);
     };
     const __m256i a = q8(0), b = q8(1), cc = q8(2), d = q8(3);
     return codes_to_bytes(a, b, cc, d, c.lo8);
@@ -347,18 +350,22 @@ inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const Qu
 // are made first (kChains independent chains, which the quantize loop's register pressure would
 // not allow) into an L1-resident buffer and read back as 16-bit uniforms from the element's own
 // half-word, so any first_index works without a scalar head.
-template <bool kStochastic, bool kAllFinite, bool kPack>
+template <bool kStochastic, bool kAllFinite, bool kPack, bool kSaturate>
 int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* out) {
   const float lim = static_cast<float>(levels(q.bits));
-  const QuantConsts c{_mm256_set1_ps(q.inv_step), _mm256_set1_ps(q.clip), _mm256_set1_ps(lim),
+  const QuantConsts c{_mm256_set1_ps(q.inv_step),
+                      _mm256_set1_ps(q.clip),
+                      _mm256_set1_ps(lim),
                       _mm256_set1_ps(FLT_MAX),
-                      _mm256_set1_epi8(static_cast<char>(-levels(q.bits)))};
+                      _mm256_set1_epi8(static_cast<char>(-levels(q.bits))),
+                      _mm256_set1_ps(q.saturate_at),
+                      _mm256_set1_ps(-q.saturate_at)};
   uint8_t* const bytes_out = static_cast<uint8_t*>(out);
   auto out_at = [&](int64_t i) { return bytes_out + (kPack ? i / 2 : i); };
   __m256i count = _mm256_setzero_si256();
   auto body = [&](int64_t c0, int64_t m, const uint16_t* h, auto&& between) {
-    count = _mm256_add_epi32(
-        count, quant_body<kStochastic, kAllFinite, kPack>(x + c0, m, h, c, out_at(c0), between));
+    count = _mm256_add_epi32(count, quant_body<kStochastic, kAllFinite, kPack, kSaturate>(
+                                        x + c0, m, h, c, out_at(c0), between));
   };
   const int64_t nv = n / 32 * 32;
   if constexpr (kStochastic) {
@@ -417,17 +424,25 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
 
 using QuantSegmentFn = int64_t (*)(const float*, int64_t, const SegmentQuant&, void*);
 // [stochastic][all_finite]
-template <bool kPack>
+template <bool kPack, bool kSaturate>
 constexpr QuantSegmentFn kQuantSegments[2][2] = {
-    {quant_segment<false, false, kPack>, quant_segment<false, true, kPack>},
-    {quant_segment<true, false, kPack>, quant_segment<true, true, kPack>}};
+    {quant_segment<false, false, kPack, kSaturate>, quant_segment<false, true, kPack, kSaturate>},
+    {quant_segment<true, false, kPack, kSaturate>, quant_segment<true, true, kPack, kSaturate>}};
+
+// Given clips (saturate_at finite) take the saturating instances; the others pay nothing for them.
+template <bool kPack>
+QuantSegmentFn quant_segment_for(const SegmentQuant& q) {
+  const bool stoch = q.rounding == Rounding::kStochastic;
+  return q.saturate_at <= FLT_MAX ? kQuantSegments<kPack, true>[stoch][q.all_finite]
+                                  : kQuantSegments<kPack, false>[stoch][q.all_finite];
+}
 
 int64_t quantize_segment_avx2(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
-  return kQuantSegments<false>[q.rounding == Rounding::kStochastic][q.all_finite](x, n, q, codes);
+  return quant_segment_for<false>(q)(x, n, q, codes);
 }
 
 int64_t quantize_pack_int4_avx2(const float* x, int64_t n, const SegmentQuant& q, uint8_t* out) {
-  return kQuantSegments<true>[q.rounding == Rounding::kStochastic][q.all_finite](x, n, q, out);
+  return quant_segment_for<true>(q)(x, n, q, out);
 }
 
 void pack_int4_avx2(const int8_t* codes, int64_t n, uint8_t* out) {

@@ -163,19 +163,22 @@ inline void philox_words(const PhiloxKeys& pk, uint64_t group, uint32_t* words) 
 
 struct QuantConsts {
   __m512 inv, clip, lo, hi, fmax;
+  __m512 sat_hi, sat_lo;  // +-SegmentQuant::saturate_at (+-inf: no saturation)
 };
 
 inline QuantConsts quant_consts(const SegmentQuant& q) {
   const float lim = static_cast<float>(levels(q.bits));
-  return {_mm512_set1_ps(q.inv_step), _mm512_set1_ps(q.clip), _mm512_set1_ps(-lim),
-          _mm512_set1_ps(lim), _mm512_set1_ps(FLT_MAX)};
+  return {_mm512_set1_ps(q.inv_step),    _mm512_set1_ps(q.clip),  _mm512_set1_ps(-lim),
+          _mm512_set1_ps(lim),           _mm512_set1_ps(FLT_MAX), _mm512_set1_ps(q.saturate_at),
+          _mm512_set1_ps(-q.saturate_at)};
 }
 
 // int32 codes of 16 elements (u unused for nearest): z = x * r, then the rounding and the clamp of
 // format.h. Adds clipped lanes to *clip_count. NaN lanes make no NaN code (max/min return the
 // bound for a NaN first operand) and non-finite lanes are zeroed by the conversion's mask;
-// kAllFinite skips that masking when the scope's absmax pass found none.
-template <bool kStochastic, bool kAllFinite>
+// kAllFinite skips that masking when the scope's absmax pass found none. kSaturate: given clips
+// clamp x first (a NaN lane becomes sat_hi, zeroed by the finite mask).
+template <bool kStochastic, bool kAllFinite, bool kSaturate>
 inline __m512i quant16_codes(const float* x, const QuantConsts& c, __m512 u, __m512i* clip_count) {
   constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   constexpr int kFloor = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
@@ -184,7 +187,8 @@ inline __m512i quant16_codes(const float* x, const QuantConsts& c, __m512 u, __m
   const __mmask16 fin = kAllFinite ? __mmask16(0xFFFF) : _mm512_cmp_ps_mask(a, c.fmax, _CMP_LE_OQ);
   const __mmask16 clipped = _mm512_mask_cmp_ps_mask(fin, a, c.clip, _CMP_GT_OQ);
   *clip_count = _mm512_mask_add_epi32(*clip_count, clipped, *clip_count, _mm512_set1_epi32(1));
-  const __m512 z = _mm512_mul_ps(v, c.inv);
+  const __m512 z =
+      _mm512_mul_ps(kSaturate ? _mm512_max_ps(_mm512_min_ps(v, c.sat_hi), c.sat_lo) : v, c.inv);
   const __m512 r = kStochastic ? _mm512_roundscale_ps(_mm512_add_ps(z, u), kFloor)
                                : _mm512_roundscale_ps(z, kNear);
   const __m512 rc = _mm512_min_ps(_mm512_max_ps(r, c.lo), c.hi);
@@ -192,15 +196,15 @@ inline __m512i quant16_codes(const float* x, const QuantConsts& c, __m512 u, __m
 }
 
 // quant16_codes stored as 16 int8 codes.
-template <bool kStochastic, bool kAllFinite>
+template <bool kStochastic, bool kAllFinite, bool kSaturate>
 inline void quant16(const float* x, const QuantConsts& c, __m512 u, int8_t* codes,
                     __m512i* clip_count) {
-  const __m512i q = quant16_codes<kStochastic, kAllFinite>(x, c, u, clip_count);
+  const __m512i q = quant16_codes<kStochastic, kAllFinite, kSaturate>(x, c, u, clip_count);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(q));
 }
 
 // n is a multiple of kVec; for stochastic rounding q.first_index is a multiple of 8.
-template <bool kStochastic, bool kAllFinite>
+template <bool kStochastic, bool kAllFinite, bool kSaturate>
 void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantConsts& c,
                 int8_t* codes, __m512i* count) {
   if constexpr (kStochastic) {
@@ -211,27 +215,30 @@ void quant_body(const float* x, int64_t n, const SegmentQuant& q, const QuantCon
       __m512 u[4 * kPhiloxBatches];
       philox_uniform16<kPhiloxBatches>(pk, group0 + static_cast<uint64_t>(i) / 8, u);
       for (int v = 0; v < 4 * kPhiloxBatches; ++v)
-        quant16<true, kAllFinite>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
+        quant16<true, kAllFinite, kSaturate>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
     }
     for (; i + kVec <= n; i += kVec) {
       __m512 u[4];
       philox_uniform16<1>(pk, group0 + static_cast<uint64_t>(i) / 8, u);
       for (int v = 0; v < 4; ++v)
-        quant16<true, kAllFinite>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
+        quant16<true, kAllFinite, kSaturate>(x + i + 16 * v, c, u[v], codes + i + 16 * v, count);
     }
   } else {
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t i = 0; i + kVec <= n; i += kVec)
       for (int v = 0; v < 4; ++v)
-        quant16<false, kAllFinite>(x + i + 16 * v, c, zero, codes + i + 16 * v, count);
+        quant16<false, kAllFinite, kSaturate>(x + i + 16 * v, c, zero, codes + i + 16 * v, count);
   }
 }
 
 using QuantBodyFn = void (*)(const float*, int64_t, const SegmentQuant&, const QuantConsts&,
                              int8_t*, __m512i*);
-// [stochastic][all_finite]
-constexpr QuantBodyFn kQuantBodies[2][2] = {{quant_body<false, false>, quant_body<false, true>},
-                                            {quant_body<true, false>, quant_body<true, true>}};
+// [saturate][stochastic][all_finite]
+constexpr QuantBodyFn kQuantBodies[2][2][2] = {
+    {{quant_body<false, false, false>, quant_body<false, true, false>},
+     {quant_body<true, false, false>, quant_body<true, true, false>}},
+    {{quant_body<false, false, true>, quant_body<false, true, true>},
+     {quant_body<true, false, true>, quant_body<true, true, true>}}};
 
 int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
   const bool stoch = q.rounding == Rounding::kStochastic;
@@ -247,7 +254,8 @@ int64_t quantize_segment_avx512(const float* x, int64_t n, const SegmentQuant& q
   __m512i count = _mm512_setzero_si512();
   SegmentQuant bq = q;
   bq.first_index = q.first_index + head;
-  kQuantBodies[stoch][q.all_finite](x + head, body, bq, c, codes + head, &count);
+  const bool saturate = q.saturate_at <= FLT_MAX;  // given clips
+  kQuantBodies[saturate][stoch][q.all_finite](x + head, body, bq, c, codes + head, &count);
   int64_t i = head + body;
   clipped += _mm512_reduce_add_epi32(count);
   if (i < n) {
@@ -319,7 +327,7 @@ constexpr int64_t kPrefetchAhead = 2048;
 
 // The vector body over x[0, m), m a multiple of kVec: out[k] packs elements 2k, 2k+1. h: the 16-bit
 // uniforms of x[0] on (stochastic; unused for nearest). Returns the per-lane clipped counts.
-template <bool kStochastic, bool kAllFinite>
+template <bool kStochastic, bool kAllFinite, bool kSaturate>
 inline __m512i quant_pack_body(const float* x, int64_t m, const uint16_t* h, const QuantConsts c,
                                uint8_t* out) {
   const __m512 scale = _mm512_set1_ps(1.52587890625e-5f);  // 2^-16
@@ -331,7 +339,7 @@ inline __m512i quant_pack_body(const float* x, int64_t m, const uint16_t* h, con
       const __m256i hw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i));
       u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(hw)), scale);
     }
-    pack16(quant16_codes<kStochastic, kAllFinite>(x + i, c, u, &count), out + i / 2);
+    pack16(quant16_codes<kStochastic, kAllFinite, kSaturate>(x + i, c, u, &count), out + i / 2);
   }
   return count;
 }
@@ -340,7 +348,7 @@ inline __m512i quant_pack_body(const float* x, int64_t m, const uint16_t* h, con
 // Stochastic: the Philox words of each chunk of kRngChunk elements are made first into an
 // L1-resident buffer and read back from the element's own half-word, so any first_index works
 // without a scalar head (as in the AVX2 kernel). A scalar tail handles the last n % kVec elements.
-template <bool kStochastic, bool kAllFinite>
+template <bool kStochastic, bool kAllFinite, bool kSaturate>
 int64_t quant_pack_segment(const float* x, int64_t n, const SegmentQuant& q, uint8_t* out) {
   const QuantConsts c = quant_consts(q);
   const int64_t nv = n / kVec * kVec;
@@ -360,11 +368,12 @@ int64_t quant_pack_segment(const float* x, int64_t n, const SegmentQuant& q, uin
         philox_words<kPhiloxBatches>(pk, g0 + static_cast<uint64_t>(j), words + 4 * j);
       for (; j < ngroups; j += 8) philox_words<1>(pk, g0 + static_cast<uint64_t>(j), words + 4 * j);
       const uint16_t* h = reinterpret_cast<const uint16_t*>(words) + (first + c0) % 8;
-      const __m512i chunk = quant_pack_body<true, kAllFinite>(x + c0, m, h, c, out + c0 / 2);
+      const __m512i chunk =
+          quant_pack_body<true, kAllFinite, kSaturate>(x + c0, m, h, c, out + c0 / 2);
       count = _mm512_add_epi32(count, chunk);
     }
   } else {
-    count = quant_pack_body<false, kAllFinite>(x, nv, nullptr, c, out);
+    count = quant_pack_body<false, kAllFinite, kSaturate>(x, nv, nullptr, c, out);
   }
   int64_t clipped = _mm512_reduce_add_epi32(count);
   if (nv < n) {
@@ -380,13 +389,16 @@ int64_t quant_pack_segment(const float* x, int64_t n, const SegmentQuant& q, uin
 }
 
 using QuantPackFn = int64_t (*)(const float*, int64_t, const SegmentQuant&, uint8_t*);
-// [stochastic][all_finite]
-constexpr QuantPackFn kQuantPacks[2][2] = {
-    {quant_pack_segment<false, false>, quant_pack_segment<false, true>},
-    {quant_pack_segment<true, false>, quant_pack_segment<true, true>}};
+// [saturate][stochastic][all_finite]
+constexpr QuantPackFn kQuantPacks[2][2][2] = {
+    {{quant_pack_segment<false, false, false>, quant_pack_segment<false, true, false>},
+     {quant_pack_segment<true, false, false>, quant_pack_segment<true, true, false>}},
+    {{quant_pack_segment<false, false, true>, quant_pack_segment<false, true, true>},
+     {quant_pack_segment<true, false, true>, quant_pack_segment<true, true, true>}}};
 
 int64_t quantize_pack_int4_avx512(const float* x, int64_t n, const SegmentQuant& q, uint8_t* out) {
-  return kQuantPacks[q.rounding == Rounding::kStochastic][q.all_finite](x, n, q, out);
+  const bool saturate = q.saturate_at <= FLT_MAX;  // given clips
+  return kQuantPacks[saturate][q.rounding == Rounding::kStochastic][q.all_finite](x, n, q, out);
 }
 
 // 16 elements from the 8 bytes at in: dword 0 to lanes 0-7 and dword 1 to lanes 8-15, shift nibble

@@ -14,7 +14,12 @@ namespace int4ddp::quant::detail {
 struct SegmentQuant {
   float inv_step;  // r = inv_step_for_clip(clip, bits) of the scope (0: all codes 0)
   float clip;      // c of the scope: |x| > clip counts as clipped
-  int bits;        //
+  // Finite x is quantized as clamp(x, -saturate_at, saturate_at): the scope's clip when the caller
+  // gave per-block clips (QuantParams::clips), +inf otherwise (then x itself, bit for bit). The
+  // clamp matters: fl(c r) may miss L by an ulp, so with stochastic rounding x > c can code L
+  // where c codes L - 1 (u = 0), and x < -c code -L where -c codes -L + 1 (8 bits).
+  float saturate_at;
+  int bits;  //
   Rounding rounding;
   RngKey key;
   int64_t first_index;  // global index of the segment's first element
@@ -50,6 +55,11 @@ extern const CodecKernels kAvx2Kernels;
 #if defined(INT4DDP_HAVE_AVX512)
 extern const CodecKernels kAvx512Kernels;
 #endif
+
+// The clip of scope s: p.clips[s] (checked: finite, >= 0) or p.gamma * absmax; and the bound
+// SegmentQuant::saturate_at for that clip. Shared by the reference and the fast driver.
+float scope_clip(const QuantParams& p, int64_t scope, float absmax);
+float saturation_bound(const QuantParams& p, float clip);
 
 // Scalar pieces shared by the ISA files for heads and tails.
 int64_t quantize_segment_scalar(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes);

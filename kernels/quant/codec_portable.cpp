@@ -30,9 +30,10 @@ int64_t quantize_segment_scalar(const float* x, int64_t n, const SegmentQuant& q
     int code = 0;
     if (is_finite_value(x[i])) {
       clipped += std::fabs(x[i]) > q.clip;
-      code = stochastic ? quantize_stochastic(x[i], q.inv_step,
-                                              uniform_from_half(r.v[gi % 8 / 2], gi), q.bits)
-                        : quantize_nearest(x[i], q.inv_step, q.bits);
+      const float v = clamp_levels(x[i], q.saturate_at);
+      code = stochastic ? quantize_stochastic(v, q.inv_step, uniform_from_half(r.v[gi % 8 / 2], gi),
+                                              q.bits)
+                        : quantize_nearest(v, q.inv_step, q.bits);
     }
     codes[i] = static_cast<int8_t>(code);
   }

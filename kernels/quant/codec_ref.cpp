@@ -2,9 +2,11 @@
 // section 2. It is the definition the fast paths are tested against; keep it plain.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "kernels/common/error.h"
 #include "kernels/quant/codec.h"
+#include "kernels/quant/codec_kernels.h"
 
 namespace int4ddp::quant {
 
@@ -20,7 +22,25 @@ void validate(const QuantParams& p) {
                 "quantizer: gamma = ", p.gamma, " is outside (0, 1]");
   INT4DDP_CHECK(p.block_size >= 0, "quantizer: block_size = ", p.block_size, " is negative");
   INT4DDP_CHECK(p.index_offset >= 0, "quantizer: index_offset = ", p.index_offset, " is negative");
+  INT4DDP_CHECK(p.clips == nullptr || p.block_size > 0,
+                "quantizer: per-block clips need block_size > 0 (got a per-tensor scale)");
 }
+
+namespace detail {
+
+float scope_clip(const QuantParams& p, int64_t scope, float absmax) {
+  if (!p.clips) return p.gamma * absmax;
+  const float c = p.clips[scope];
+  INT4DDP_CHECK(c >= 0.0f && is_finite_value(c), "quantizer: clip of block ", scope, " = ", c,
+                " is negative or not finite");
+  return c;
+}
+
+float saturation_bound(const QuantParams& p, float clip) {
+  return p.clips ? clip : std::numeric_limits<float>::infinity();
+}
+
+}  // namespace detail
 
 static void check_buffers(const void* x, int64_t count, const void* codes, const void* scales) {
   INT4DDP_CHECK(count >= 0, "quantizer: count = ", count, " is negative");
@@ -42,7 +62,9 @@ QuantStats quantize_ref(const float* x, int64_t count, const QuantParams& p, uin
     float absmax = 0.0f;
     for (int64_t i = begin; i < end; ++i)
       if (is_finite_value(x[i])) absmax = std::max(absmax, std::fabs(x[i]));
-    const float clip = p.gamma * absmax;
+    const float clip = detail::scope_clip(p, s, absmax);
+    // Given clips saturate: elements beyond +-c code as +-c (clamp_levels is clamp(x, -c, c)).
+    const float saturate_at = detail::saturation_bound(p, clip);
     const float step = step_for_clip(clip, p.bits);          // d, stored
     const float inv_step = inv_step_for_clip(clip, p.bits);  // r, quantizes
     scales[s] = step;
@@ -53,9 +75,10 @@ QuantStats quantize_ref(const float* x, int64_t count, const QuantParams& p, uin
         ++st.nonfinite;
       } else {
         if (std::fabs(x[i]) > clip) ++st.clipped;
+        const float v = clamp_levels(x[i], saturate_at);
         q = p.rounding == Rounding::kNearest
-                ? quantize_nearest(x[i], inv_step, p.bits)
-                : quantize_stochastic(x[i], inv_step, philox_uniform(p.key, p.index_offset + i),
+                ? quantize_nearest(v, inv_step, p.bits)
+                : quantize_stochastic(v, inv_step, philox_uniform(p.key, p.index_offset + i),
                                       p.bits);
       }
       if (p.bits != 4) {

@@ -23,7 +23,6 @@ constexpr float kCalibrationStep = 1e-3f;
 // gamma falls 1e-3 per s = -1 iteration, so at most ~1000 of those; only an exact m == t fixed
 // point (s = 0 forever) could reach this cap.
 constexpr int64_t kMaxCalibrationIterations = 100000;
-constexpr double kMseRelativeTolerance = 1e-6;
 
 int sign_of(double v) { return (v > 0.0) - (v < 0.0); }
 
@@ -254,7 +253,7 @@ std::unique_ptr<IntervalPolicy> make_policy(const PolicyConfig& cfg) {
   cfg.validate();
   switch (cfg.kind) {
     case PolicyKind::kMinMax:
-    case PolicyKind::kTopK:  // the clip is per block (saturate_blocks); the codec's gamma is 1
+    case PolicyKind::kTopK:  // the clip is per block (block_clips); the codec's gamma is unused
       return std::make_unique<ConstantPolicy>(cfg.kind, 1.0f);
     case PolicyKind::kFixed:
       return std::make_unique<ConstantPolicy>(cfg.kind, cfg.fixed_gamma);
@@ -336,7 +335,7 @@ std::optional<float> mse_gamma(const float* x, int64_t n, int bits, int iteratio
     ++finite;
     sum_abs += std::fabs(static_cast<double>(x[i]));
   }
-  const double noise = std::pow(4.0, -bits) / 3.0;  // quantization noise per unit c^2
+  const double noise = std::ldexp(1.0, -2 * bits) / 3.0;  // 4^-b / 3: noise per unit c^2
   double c = sum_abs / static_cast<double>(finite);
   for (int k = 0; k < iterations; ++k) {
     double sum_above = 0.0;
@@ -450,22 +449,13 @@ float block_clip(const float* x, int64_t n, const PolicyConfig& cfg) {
   return c > 0.0f ? c : absmax;  // fewer than k + 1 finite values, or a sparse block: gamma 1
 }
 
-int64_t saturate_blocks(const float* x, int64_t n, int64_t block_size, const PolicyConfig& cfg,
-                        float* y) {
-  check_buffer(x, n, "saturate_blocks");
-  INT4DDP_CHECK(block_size >= 1, "saturate_blocks: block_size = ", block_size, " is below 1");
-  int64_t clipped = 0;
-  for (int64_t b = 0; b < n; b += block_size) {
-    const int64_t len = std::min(block_size, n - b);
-    const float c = block_clip(x + b, len, cfg);
-    for (int64_t i = b; i < b + len; ++i) {
-      const float v = x[i];
-      const bool over = is_finite_value(v) && std::fabs(v) > c;
-      clipped += over;
-      y[i] = over ? std::copysign(c, v) : v;
-    }
-  }
-  return clipped;
+void block_clips(const float* x, int64_t n, int64_t block_size, const PolicyConfig& cfg,
+                 float* clips) {
+  check_buffer(x, n, "block_clips");
+  INT4DDP_CHECK(block_size >= 1, "block_clips: block_size = ", block_size, " is below 1");
+  INT4DDP_CHECK(n == 0 || clips != nullptr, "block_clips: null clips for ", n, " elements");
+  for (int64_t b = 0; b < n; b += block_size)
+    clips[b / block_size] = block_clip(x + b, std::min(block_size, n - b), cfg);
 }
 
 }  // namespace int4ddp::quant

@@ -8,10 +8,11 @@
 //   mse     OCTAV fixed-point iteration for the MSE-optimal clip of this tensor
 //   dsgc    the gamma of a grid that maximises cos(x, Q(x)) for this tensor
 //   topk    communication path only: each block of G elements is clipped at its own (k+1)-th
-//           largest magnitude (see "block-scope clips" below); the codec's gamma stays 1
+//           largest magnitude (see "block-scope clips" below); the codec's gamma is unused
 //
 // At block scope (the two-shot's per-block scales) the rule that adapts is a clip per block:
-// block_clip() below, applied by saturate_blocks(). comm.grad_policy = mse means OCTAV per block.
+// block_clip() below, handed to the codec by block_clips() (QuantParams::clips).
+// comm.grad_policy = mse means OCTAV per block.
 //
 // Invariant: gamma is a float in [kMinGamma, kMaxGamma], and every update of it is float arithmetic
 // in a fixed order, so a run (and a run resumed from save_state()) is bit-for-bit reproducible.
@@ -32,6 +33,7 @@ namespace int4ddp::quant {
 
 constexpr float kMinGamma = 1e-3f;
 constexpr float kMaxGamma = 1.0f;
+constexpr double kMseRelativeTolerance = 1e-6;  // mse: OCTAV stops when c moves less
 
 enum class PolicyKind : uint8_t {
   kMinMax = 0,
@@ -155,15 +157,14 @@ float dsgc_grid_point(int k, int points, float gamma_min, float gamma_max);
 // Degenerate blocks keep c_b = max|x| (gamma 1): fewer than k + 1 finite elements, a (k+1)-th
 // largest magnitude of 0 (a sparse block) or no finite non-zero element. Other kinds: c_b = max.
 //
-// saturate_blocks applies the clips: y = clamp(x, -c_b, c_b) per block (non-finite x copied), and
-// returns the number of finite elements with |x| > c_b. Quantizing y with gamma 1 then gives the
-// codes of x under the clip c_b exactly: max|y| = c_b (at least one element reaches it), and every
-// |x| > c_b codes as +-L either way (nearest rounding: exactly; stochastic: as the block maximum
-// codes under minmax). The host two-shot calls these; the device two-shot refuses block rules
-// until it has a kernel tested against them.
+// block_clips writes c_b of every block of G elements from x[0] (num_scales(n, G) floats, the last
+// block shorter) for QuantParams::clips: the codec then saturates each block at +-c_b as it
+// quantizes (codec.h), and counts the finite elements with |x| > c_b as clipped. The device
+// two-shot computes topk's clips with quant::cuda::topk_clips_async (the same values); mse
+// per block is host-only so far.
 bool is_block_rule(PolicyKind kind);  // topk, mse
 float block_clip(const float* x, int64_t n, const PolicyConfig& cfg);
-int64_t saturate_blocks(const float* x, int64_t n, int64_t block_size, const PolicyConfig& cfg,
-                        float* y);
+void block_clips(const float* x, int64_t n, int64_t block_size, const PolicyConfig& cfg,
+                 float* clips);
 
 }  // namespace int4ddp::quant

@@ -60,10 +60,19 @@ struct KernelQuant {
   Rounding rounding;
   float gamma;
   RngKey key;
+  const float* clips;  // per-block clips (device), or null: gamma * absmax
 };
 
 KernelQuant kernel_quant(const QuantParams& p) {
-  return KernelQuant{p.bits, p.rounding, p.gamma, p.key};
+  return KernelQuant{p.bits, p.rounding, p.gamma, p.key, p.clips};
+}
+
+constexpr float kNoSaturation = __builtin_huge_valf();  // +inf: clamp_levels(x, +inf) = x
+
+// The bound finite values are clamped to before quantizing (codec.h): the clip when the caller
+// gave per-block clips, +inf (no clamp) otherwise.
+__host__ __device__ __forceinline__ float saturation_of(const KernelQuant& kq, float clip) {
+  return kq.clips ? clip : kNoSaturation;
 }
 
 // ---- device helpers -----------------------------------------------------------------------
@@ -112,9 +121,11 @@ __device__ void flush_stats(unsigned long long clipped, unsigned long long nonfi
 }
 
 // One code of a finite or non-finite value (non-finite: 0), exactly as quantize_ref; inv_step is
-// the scope's r = inv_step_for_clip(clip, bits).
-__device__ __forceinline__ int code_of(float v, float inv_step, float u, const KernelQuant& q) {
+// the scope's r = inv_step_for_clip(clip, bits), sat its saturation_of().
+__device__ __forceinline__ int code_of(float v, float inv_step, float sat, float u,
+                                       const KernelQuant& q) {
   if (!is_finite_value(v)) return 0;
+  v = clamp_levels(v, sat);
   return q.rounding == Rounding::kNearest ? quantize_nearest(v, inv_step, q.bits)
                                           : quantize_stochastic(v, inv_step, u, q.bits);
 }
@@ -221,8 +232,9 @@ struct NoEpilogue {
 
 template <int V, typename Epilogue>
 __device__ __forceinline__ void encode_groups(const float (&val)[V][4], int64_t base, int64_t count,
-                                              float inv_step, float clip, const KernelQuant& kq,
-                                              uint8_t* codes, unsigned long long& clipped,
+                                              float inv_step, float clip, float sat,
+                                              const KernelQuant& kq, uint8_t* codes,
+                                              unsigned long long& clipped,
                                               const Epilogue& epilogue) {
   float u[V][4] = {};
   if (kq.rounding == Rounding::kStochastic) lane_uniforms<V>(kq.key, base, u);
@@ -233,7 +245,7 @@ __device__ __forceinline__ void encode_groups(const float (&val)[V][4], int64_t 
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const float v = val[k][j];
-      q[j] = code_of(v, inv_step, u[k][j], kq);
+      q[j] = code_of(v, inv_step, sat, u[k][j], kq);
       // Padding past count is 0.0f: finite and never above clip, so it counts nowhere.
       if (is_finite_value(v) && fabsf(v) > clip) ++clipped;
     }
@@ -298,10 +310,11 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     }
     m = scope_max(m, wps);
     absmax_all = fmaxf(absmax_all, m);
-    const float clip = kq.gamma * m;
+    // Warps past the last scope hold padding only (never stored): clip 0 for them.
+    const float clip = kq.clips ? (t.scope < nscopes ? kq.clips[t.scope] : 0.0f) : kq.gamma * m;
     if (t.first_in_scope && t.scope < nscopes) scales[t.scope] = step_for_clip(clip, kq.bits);
-    encode_groups<V>(val, t.base, count, inv_step_for_clip(clip, kq.bits), clip, kq, codes, clipped,
-                     NoEpilogue{});
+    encode_groups<V>(val, t.base, count, inv_step_for_clip(clip, kq.bits), clip,
+                     saturation_of(kq, clip), kq, codes, clipped, NoEpilogue{});
   }
   flush_stats(clipped, nonfinite, absmax_all, stats);
 }
@@ -416,8 +429,8 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
         }
       }
     };
-    encode_groups<V>(val, t.base, count, inv_step_for_clip(clip, kq.bits), clip, kq, codes_out,
-                     clipped, epilogue);
+    encode_groups<V>(val, t.base, count, inv_step_for_clip(clip, kq.bits), clip, kNoSaturation, kq,
+                     codes_out, clipped, epilogue);
   }
   flush_stats(clipped, nonfinite, absmax_all, stats);
 }
@@ -457,7 +470,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     m = warp_max(m);
     absmax_all = fmaxf(absmax_all, m);
-    const float clip = kq.gamma * m;
+    const float clip = kq.clips ? kq.clips[s] : kq.gamma * m;
     if (lane == 0) clips[s] = clip;
     for (int64_t i = begin + lane; i < end; i += kWarp) {
       const float v = x[i];
@@ -473,6 +486,109 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t s = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; s < nscopes;
        s += static_cast<int64_t>(gridDim.x) * blockDim.x)
     scales[s] = step_for_clip(scales[s], bits);
+}
+
+// topk's clip of every block (block_clips_async), one warp per block. The (k+1)-th largest finite
+// magnitude is built bit by bit from the top: the largest bit pattern t with
+// #{finite |x| : bits(|x|) >= t} >= k + 1. For non-negative floats the integer order of the bit
+// patterns is the float order, so t is exactly that magnitude (duplicates counted, as the CPU's
+// scan does), and the counts are integers: the result does not depend on any order. 31 counting
+// passes re-read the block (from L1).
+__global__ void __launch_bounds__(kThreads)
+    topk_clips_kernel(const float* __restrict__ x, int64_t count, int64_t G, int k,
+                      float* __restrict__ clips) {
+  constexpr uint32_t kMaxFiniteBits = 0x7f7fffffu;  // FLT_MAX
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  const int64_t nscopes = (count + G - 1) / G;
+  const unsigned long long need = static_cast<unsigned long long>(k) + 1;
+  for (int64_t s = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+       s < nscopes; s += warps) {
+    const int64_t begin = s * G, end = begin + G < count ? begin + G : count;
+    unsigned long long finite = 0;
+    uint32_t m = 0;
+    for (int64_t i = begin + lane; i < end; i += kWarp) {
+      const uint32_t b = __float_as_uint(x[i]) & 0x7fffffffu;
+      if (b <= kMaxFiniteBits) {
+        ++finite;
+        m = b > m ? b : m;
+      }
+    }
+    finite = warp_sum(finite);
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+      const uint32_t other = __shfl_xor_sync(kFullMask, m, o);
+      m = other > m ? other : m;
+    }
+    uint32_t clip = m;  // the block's finite max: the fallback of degenerate blocks
+    if (m > 0 && finite >= need) {
+      uint32_t t = 0;
+      for (int bit = 30; bit >= 0; --bit) {  // finite magnitudes are below 2^31
+        const uint32_t cand = t | (1u << bit);
+        unsigned long long above = 0;
+        for (int64_t i = begin + lane; i < end; i += kWarp) {
+          const uint32_t b = __float_as_uint(x[i]) & 0x7fffffffu;
+          above += b <= kMaxFiniteBits && b >= cand;
+        }
+        if (warp_sum(above) >= need) t = cand;  // the same total on every lane
+      }
+      if (t > 0) clip = t;
+    }
+    if (lane == 0) clips[s] = __uint_as_float(clip);
+  }
+}
+
+// mse's clip of every block (block_clips_async): quant::block_clip with PolicyKind::kMse, i.e.
+// quant::mse_gamma's OCTAV iteration on the block, one thread per block running the CPU's loops
+// with the same double operations in the same order (IEEE, no contraction: cmake/cuda.cmake), so
+// the sums and the clip are the CPU's bit for bit. 4^-b is exact either way (ldexp on both sides).
+__global__ void __launch_bounds__(kThreads)
+    mse_clips_kernel(const float* __restrict__ x, int64_t count, int64_t G, int bits,
+                     int iterations, float* __restrict__ clips) {
+  const int64_t nscopes = (count + G - 1) / G;
+  for (int64_t s = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; s < nscopes;
+       s += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t begin = s * G, end = begin + G < count ? begin + G : count;
+    float absmax = 0.0f;
+    int64_t finite = 0;
+    double sum_abs = 0.0;
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = x[i];
+      if (!is_finite_value(v)) continue;
+      absmax = fmaxf(absmax, fabsf(v));
+      ++finite;
+      sum_abs += fabs(static_cast<double>(v));
+    }
+    float clip = absmax;  // no finite non-zero element: the block's max (gamma 1)
+    if (absmax > 0.0f) {
+      const double noise = ldexp(1.0, -2 * bits) / 3.0;
+      const double nf = static_cast<double>(finite);
+      double c = sum_abs / nf;
+      for (int k = 0; k < iterations; ++k) {
+        double sum_above = 0.0;
+        int64_t above = 0;
+        for (int64_t i = begin; i < end; ++i) {
+          const float v = x[i];
+          if (!is_finite_value(v)) continue;
+          const double a = fabs(static_cast<double>(v));
+          if (a > c) {
+            sum_above += a;
+            ++above;
+          }
+        }
+        if (above == 0) break;
+        const double next = (sum_above / nf) / (noise * static_cast<double>(finite - above) / nf +
+                                                static_cast<double>(above) / nf);
+        const bool converged = fabs(next - c) <= kMseRelativeTolerance * c;
+        c = next;
+        if (converged) break;
+      }
+      float g = static_cast<float>(c / static_cast<double>(absmax));
+      g = g < kMinGamma ? kMinGamma : (g > kMaxGamma ? kMaxGamma : g);
+      if (g < kMaxGamma) clip = g * absmax;
+    }
+    clips[s] = clip;
+  }
 }
 
 // Loads elements e .. e + 7 (past count: 0.0f, finite and never clipped). kVec: x 16-byte aligned.
@@ -543,14 +659,15 @@ __global__ void __launch_bounds__(kThreads)
     if (kq.rounding == Rounding::kStochastic) uniforms8(kq.key, static_cast<uint64_t>(g), u);
     int q[8];
     int64_t scope = -1;
-    float inv = tensor_inv;
+    float inv = tensor_inv, sat = kNoSaturation;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       if (!per_tensor && e + j < count && (e + j) / G != scope) {
         scope = (e + j) / G;
         inv = inv_step_for_clip(clips[scope], kq.bits);
+        sat = saturation_of(kq, clips[scope]);
       }
-      q[j] = code_of(v[j], inv, u[j], kq);
+      q[j] = code_of(v[j], inv, sat, u[j], kq);
       if (per_tensor && is_finite_value(v[j]) && fabsf(v[j]) > tensor_clip) ++clipped;
     }
     if (kVec && e + 8 <= count) {
@@ -976,9 +1093,17 @@ void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream) {
   for (int r = 0; a.count > 0 && r < a.ranks; ++r)
     INT4DDP_CHECK(a.codes[r] && a.scales[r], "owner step: null message of rank ", r);
 
+  INT4DDP_CHECK(p.clips == nullptr,
+                "owner step: params.clips must be null (the owner's clips come from m)");
+  const bool block_rule =
+      a.block_rule.kind == PolicyKind::kTopK || a.block_rule.kind == PolicyKind::kMse;
+  INT4DDP_CHECK(!block_rule || a.count == 0 || (a.clips && aligned(a.clips, alignof(float))),
+                "owner step: a block rule needs a float-aligned clips scratch");
+
   const FusedShape* s = fused_shape(p.block_size);
   const size_t code_align = p.bits == 4 ? 2 : 4;
-  if (a.count > 0 && s && a.ranks <= kMaxFusedRanks) {
+  // The fused kernel derives each clip from the block's max; a block rule takes the general path.
+  if (a.count > 0 && s && a.ranks <= kMaxFusedRanks && !block_rule) {
     OwnerMessages msgs{};
     bool codes_aligned = aligned(a.codes_out, code_align);
     for (int r = 0; r < a.ranks; ++r) {
@@ -1016,9 +1141,36 @@ void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream) {
   }
   owner_mean_kernel<<<grid, kThreads, 0, stream>>>(m, a.count, static_cast<float>(a.ranks), a.es);
   check_launch();
-  quantize_async(m, a.count, p, a.codes_out, a.scales_out, a.stats, stream);
+  QuantParams q = p;
+  if (block_rule) {
+    block_clips_async(m, a.count, p.block_size, a.block_rule, a.clips, stream);
+    q.clips = a.clips;
+  }
+  quantize_async(m, a.count, q, a.codes_out, a.scales_out, a.stats, stream);
   owner_epilogue_kernel<<<grid, kThreads, 0, stream>>>(a.codes_out, a.scales_out, a.count,
                                                        p.block_size, p.bits, m, a.out, a.es_next);
+  check_launch();
+}
+
+void block_clips_async(const float* x, int64_t count, int64_t block_size, const PolicyConfig& rule,
+                       float* clips, cudaStream_t stream) {
+  INT4DDP_CHECK(rule.kind == PolicyKind::kTopK || rule.kind == PolicyKind::kMse,
+                "block clips: policy ", policy_kind_name(rule.kind), " has no per-block rule");
+  rule.validate();
+  INT4DDP_CHECK(block_size > 0, "block clips: block_size = ", block_size, " must be > 0");
+  INT4DDP_CHECK(count >= 0, "block clips: count = ", count, " is negative");
+  if (count == 0) return;
+  INT4DDP_CHECK(x && clips && aligned(clips, alignof(float)),
+                "block clips: null or misaligned buffer for ", count, " elements");
+  const int64_t nscopes = num_scales(count, block_size);
+  if (rule.kind == PolicyKind::kTopK) {
+    const int64_t warps_per_block = kThreads / kWarp;
+    topk_clips_kernel<<<grid_for((nscopes + warps_per_block - 1) / warps_per_block, kThreads),
+                        kThreads, 0, stream>>>(x, count, block_size, rule.topk, clips);
+  } else {
+    mse_clips_kernel<<<grid_for((nscopes + kThreads - 1) / kThreads, kThreads), kThreads, 0,
+                       stream>>>(x, count, block_size, rule.bits, rule.mse_iterations, clips);
+  }
   check_launch();
 }
 

@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "kernels/quant/codec.h"
+#include "kernels/quant/policy.h"
 
 namespace int4ddp::quant::cuda {
 
@@ -33,7 +34,9 @@ bool device_available();
 
 // quantize: x (count floats) -> codes (packed_bytes(bits, count) bytes, any alignment), scales
 // (num_scales(count, block_size) floats), *stats (device memory, reset by this call). Philox
-// element indices count from x[0], exactly as quant::quantize.
+// element indices count from x[0], exactly as quant::quantize. p.clips, when set, is a DEVICE
+// array of the per-block clips (codec.h; their values are not checked here: they come from
+// block_clips_async or a copy of quant::block_clips).
 void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
                     float* scales, QuantStats* stats, cudaStream_t stream);
 
@@ -47,6 +50,18 @@ QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
                 int64_t block_size, float* out, cudaStream_t stream = nullptr);
 
+// The device twin of quant::block_clips (policy.h), bit for bit: the clip of every block of
+// block_size elements from x[0] (the last one shorter) by the block rule rule.kind into clips
+// (num_scales(count, block_size) floats).
+//   topk  the (k+1)-th largest finite |x| (k = rule.topk), or the block's finite max|x| when it has
+//         fewer than k + 1 finite elements or that magnitude is 0: one warp per block, integer
+//         counts only, so no order matters.
+//   mse   OCTAV per block (quant::mse_gamma with rule.bits, rule.mse_iterations): one thread per
+//         block runs the CPU's double-precision loops in the CPU's order (plain, not fast).
+// Any other kind throws Error.
+void block_clips_async(const float* x, int64_t count, int64_t block_size, const PolicyConfig& rule,
+                       float* clips, cudaStream_t stream);
+
 // --- the owner step of the two-shot all-reduce ------------------------------------------------
 // For one chunk of `count` elements received from `ranks` = N ranks as N messages (codes with
 // per-block scales, block size params.block_size > 0), computes in one pass, per element i:
@@ -57,6 +72,9 @@ void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bi
 // which is exactly the CPU composition in comm/two_shot.cpp (dequantize, +=, /=, +=, quantize,
 // dequantize, -). Message pointers are device byte pointers of any alignment (the wire format
 // does not align them); the scales are the little-endian fp32 bytes of the message.
+// With a block rule (block_rule.kind topk or mse) the requantization takes that rule's per-block
+// clips of m (block_clips_async into the scratch `clips`, then quantize with them), as the host
+// two-shot does with comm.grad_policy topk or mse; params.clips must be null.
 struct OwnerStepArgs {
   int ranks = 0;                           // N >= 1
   const uint8_t* const* codes = nullptr;   // HOST array of N device pointers: packed codes
@@ -69,6 +87,8 @@ struct OwnerStepArgs {
   float* scales_out = nullptr;             // num_scales(count, G) floats
   float* out = nullptr;                    // (count) dequantized requantization
   QuantStats* stats = nullptr;             // stats of the requantization (reset here)
+  PolicyConfig block_rule;                 // kind topk or mse: clip each block of m by that rule
+  float* clips = nullptr;                  // (num_scales(count, G)) scratch for those clips
 };
 void owner_step_async(const OwnerStepArgs& a, cudaStream_t stream);
 
