@@ -36,15 +36,24 @@ inline void wait_politely(Request& r) {
 // for it).
 class RequestList {
  public:
+  static constexpr std::chrono::microseconds kPollInterval{200};
+
   // Takes r (null: nothing to track) and returns it, for the caller to test on its own.
   Request* add(std::unique_ptr<Request> r) {
     if (!r) return nullptr;
     reqs_.push_back(std::move(r));
     return reqs_.back().get();
   }
-  // One step of the transport: tests the oldest requests until one is still in flight (each test
-  // of an incomplete MPI request progresses every message of the library).
+  // One step of the transport if kPollInterval has passed since the last one: tests the oldest
+  // requests until one is still in flight (each test of an incomplete MPI request progresses
+  // every message of the library). Called between short stretches of computation. The interval
+  // keeps the cost of the calls small: a test that finds nothing to do may give the core away
+  // (Open MPI yields when oversubscribed), while the kernel's socket buffers keep a link busy for
+  // far longer than the interval between two steps.
   void poll() {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_poll_ < kPollInterval) return;
+    last_poll_ = now;
     while (next_ < reqs_.size() && reqs_[next_]->test()) ++next_;
   }
   void wait_all() {
@@ -54,6 +63,7 @@ class RequestList {
  private:
   std::vector<std::unique_ptr<Request>> reqs_;
   size_t next_ = 0;  // reqs_[0, next_) have completed
+  std::chrono::steady_clock::time_point last_poll_{};
 };
 
 }  // namespace int4ddp::comm
