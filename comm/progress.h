@@ -36,7 +36,7 @@ inline void wait_politely(Request& r) {
 // for it).
 class RequestList {
  public:
-  static constexpr std::chrono::microseconds kPollInterval{200};
+  static constexpr std::chrono::microseconds kPollInterval{1000};
 
   // Takes r (null: nothing to track) and returns it, for the caller to test on its own.
   Request* add(std::unique_ptr<Request> r) {
