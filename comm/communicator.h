@@ -87,7 +87,8 @@ class Communicator {
 
   // The algorithm behind allreduce_sum on the MPI backend: kRing (default) is the pipelined
   // reduce-scatter + all-gather ring of comm/ring_allreduce.h, bandwidth-optimal and
-  // deterministic (every rank gets the same bits); kLibrary is the MPI library's MPI_Allreduce,
+  // deterministic (every rank gets the same bits), for buffers of kRingMinBytes and more (smaller
+  // ones are latency-bound and go to MPI_Allreduce); kLibrary is the MPI library's MPI_Allreduce,
   // kept as the reference it is measured against. Other backends ignore it (NCCL's is already a
   // ring).
   enum class AllreduceAlgorithm { kRing, kLibrary };

@@ -119,7 +119,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   void allreduce_sum(float* buf, int64_t count) override {
-    if (allreduce_algorithm_ == AllreduceAlgorithm::kRing) {
+    if (allreduce_algorithm_ == AllreduceAlgorithm::kRing && ring_pays_off(count)) {
       ring_allreduce_sum(*this, buf, count, ring_scratch_);  // isend counts its bytes
       return;
     }

@@ -11,10 +11,9 @@
 #include "comm/ring_allreduce.h"
 
 #include <algorithm>
-#include <chrono>
 #include <memory>
-#include <thread>
 
+#include "comm/progress.h"
 #include "kernels/common/error.h"
 
 namespace int4ddp::comm {
@@ -34,17 +33,6 @@ struct Ring {
   int64_t seg_lo(int j, int64_t s) const { return chunk_lo(j) + s * seg; }
   int64_t seg_len(int j, int64_t s) const { return std::min(seg, chunk_lo(j + 1) - seg_lo(j, s)); }
 };
-
-// Waits for a message without holding a core for long: a rank polls for a few microseconds, then
-// sleeps between polls. Ranks that share cores (the simulated cluster, CI) would otherwise take the
-// core from each other's compute and from the kernel's network processing; a segment at 1 Gbit/s
-// takes milliseconds, so the sleeps cost little.
-void wait_politely(Request& r) {
-  constexpr auto kSpin = std::chrono::microseconds(20), kSleep = std::chrono::microseconds(50);
-  const auto t0 = std::chrono::steady_clock::now();
-  while (!r.test())
-    if (std::chrono::steady_clock::now() - t0 > kSpin) std::this_thread::sleep_for(kSleep);
-}
 
 }  // namespace
 

@@ -27,6 +27,16 @@ namespace int4ddp::comm {
 // a bucket of a few MiB still fills the ring.
 constexpr size_t kRingSegmentBytes = size_t{1} << 20;
 
+// Below kRingMinBytes an all-reduce is latency-bound: the ring's 2 (N-1) message steps cost more
+// than the library's own algorithms for small messages (recursive doubling: log2 N steps), so the
+// MPI Communicator's allreduce_sum hands such buffers (scalars, loss sums, small tensors) to
+// MPI_Allreduce even under AllreduceAlgorithm::kRing. The library gives every rank the same bits
+// but adds in its own order (exact sums are equal; rounded ones may differ from the ring's).
+constexpr size_t kRingMinBytes = size_t{64} << 10;
+inline bool ring_pays_off(int64_t count) {
+  return static_cast<uint64_t>(count) * sizeof(float) >= kRingMinBytes;
+}
+
 // In place: buf <- sum over the ranks of comm of buf (count floats, host memory). Collective; uses
 // comm.isend / comm.irecv with tag kRingTag. scratch: receive space kept by the caller between
 // calls (resized to 2 ceil(count / N) floats). segment_bytes >= 4.

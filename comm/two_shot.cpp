@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "comm/bytes.h"
+#include "comm/progress.h"
 #include "kernels/common/clock.h"
 #include "kernels/common/error.h"
 
@@ -35,11 +36,78 @@ quant::QuantStats read_stats(const uint8_t* msg, const MessageLayout& m) {
   return s;
 }
 
+void seal_message(uint8_t* msg, const MessageLayout& m, const quant::QuantStats& s) {
+  std::memcpy(msg + m.stats_at, &s, sizeof(s));
+}
+
+// The trailer of the owner's message: its requantization's stats plus every rank's trailer.
+quant::QuantStats owner_stats(quant::QuantStats sum, const std::vector<const uint8_t*>& source,
+                              const MessageLayout& m) {
+  for (const uint8_t* msg : source) quant::add_stats(sum, read_stats(msg, m));
+  return sum;
+}
+
+// Chunk j's message in a buffer of the plan's layout l.
+template <typename Buffer>
+auto message_at(Buffer& buf, const ByteLayout& l, int j) {
+  return buf.data() + l.displs[static_cast<size_t>(j)];
+}
+
+// The scales of the blocks of piece (chunk-relative elements, starting on a block): their first
+// index and their bytes, in a message's scales (unaligned) and in the chunk's aligned floats.
+struct ScaleSpan {
+  int64_t first = 0;
+  size_t bytes = 0;
+  size_t offset() const { return static_cast<size_t>(first) * sizeof(float); }
+};
+ScaleSpan scale_span(ChunkRange piece, int64_t G) {
+  const int64_t s1 = (piece.end + G - 1) / G;
+  ScaleSpan s;
+  s.first = piece.begin / G;
+  s.bytes = static_cast<size_t>(std::max<int64_t>(0, s1 - s.first)) * sizeof(float);
+  return s;
+}
+void scales_to_message(const float* sc, ChunkRange piece, int64_t G, uint8_t* msg_scales) {
+  const ScaleSpan s = scale_span(piece, G);
+  if (s.bytes) std::memcpy(msg_scales + s.offset(), sc + s.first, s.bytes);
+}
+void scales_from_message(const uint8_t* msg_scales, ChunkRange piece, int64_t G, float* sc) {
+  const ScaleSpan s = scale_span(piece, G);
+  if (s.bytes) std::memcpy(sc + s.first, msg_scales + s.offset(), s.bytes);
+}
+
+template <typename F>
+void timed(double& seconds, F&& f) {
+  const auto t = Clock::now();
+  f();
+  seconds += seconds_since(t);
+}
+
+// Message tags of the pipelined two-shot's point-to-point messages (comm/ring_allreduce.h has
+// another).
+constexpr int kScatterTag = 0x3253;  // all-to-all pieces
+constexpr int kGatherTag = 0x3247;   // all-gather pieces
+
+// The messages of one piece between two ranks; null: nothing to transfer. done once both have
+// completed.
+struct Arrival {
+  Request* codes = nullptr;
+  Request* tail = nullptr;
+  bool done = false;
+  bool test() {
+    if (!done) done = (!codes || codes->test()) && (!tail || tail->test());
+    return done;
+  }
+};
+
 }  // namespace
 
 void CompressConfig::validate() const {
   INT4DDP_CHECK(bits == kFp32Bits || (bits >= 2 && bits <= 8), "comm: bits = ", bits,
                 " must be 2..8 (int4, int8) or 32 (fp32)");
+  INT4DDP_CHECK(pipeline_chunks >= 0 && pipeline_chunks <= kMaxPipelinePieces,
+                "comm.pipeline_chunks = ", pipeline_chunks, " must be 0 (auto) or 1..",
+                kMaxPipelinePieces);
   if (bits == kFp32Bits) return;
   INT4DDP_CHECK(block_size >= 2 && block_size % 2 == 0 && block_size <= (int64_t{1} << 24),
                 "comm.block_size = ", block_size, " must be even and in 2..2^24");
@@ -61,6 +129,16 @@ ChunkRange chunk_range(int64_t n, int64_t block_size, int ranks, int r) {
   c.begin = std::min(n, first * block_size);
   c.end = std::min(n, (first + nblk) * block_size);
   return c;
+}
+
+int pipeline_pieces(const CompressConfig& cfg, int64_t n, int ranks) {
+  if (cfg.bits == kFp32Bits || ranks <= 1 || cfg.pipeline_chunks == 1) return 1;
+  const int64_t largest = chunk_range(n, cfg.block_size, ranks, 0).count();  // chunk 0 is largest
+  const int64_t blocks = (largest + cfg.block_size - 1) / cfg.block_size;
+  const int64_t want = cfg.pipeline_chunks > 1
+                           ? cfg.pipeline_chunks
+                           : std::min<int64_t>(kAutoPipelinePieces, largest / kPipelinePieceFloats);
+  return static_cast<int>(std::max<int64_t>(1, std::min(want, blocks)));
 }
 
 MessageLayout message_layout(int bits, int64_t count, int64_t block_size) {
@@ -103,9 +181,32 @@ TwoShotPlan::TwoShotPlan(const CompressConfig& cfg, int64_t count, uint32_t buck
     send_counts.push_back(messages_.back().bytes);
     scale_offsets_.push_back(scale_offsets_.back() + messages_.back().num_scales);
   }
+  pieces_ = pipeline_pieces(cfg_, count, ranks);
   send_layout_ = ByteLayout::packed(send_counts);
   recv_layout_ =
       ByteLayout::packed(std::vector<size_t>(static_cast<size_t>(ranks), own_message().bytes));
+}
+
+ChunkRange TwoShotPlan::piece(int j, int k) const {
+  const int64_t G = cfg_.block_size, n = chunk(j).count();
+  const int64_t blocks = (n + G - 1) / G;
+  ChunkRange p;
+  p.begin = std::min(n, blocks * k / pieces_ * G);
+  p.end = std::min(n, blocks * (k + 1) / pieces_ * G);
+  return p;
+}
+
+PieceBytes TwoShotPlan::piece_bytes(int j, int k) const {
+  const ChunkRange p = piece(j, k);
+  const MessageLayout& m = message(j);
+  const int64_t G = cfg_.block_size;
+  PieceBytes b;
+  b.codes_begin = static_cast<size_t>(quant::packed_bytes(cfg_.bits, p.begin));
+  b.codes_end = static_cast<size_t>(quant::packed_bytes(cfg_.bits, p.end));
+  b.tail_begin = m.scales_at + static_cast<size_t>(p.begin / G) * sizeof(float);
+  b.tail_end = m.scales_at + static_cast<size_t>((p.end + G - 1) / G) * sizeof(float);
+  if (k == pieces_ - 1) b.tail_end = m.bytes;  // the stats record goes with the last piece
+  return b;
 }
 
 size_t TwoShotPlan::worker_ef_size() const {
@@ -234,7 +335,7 @@ TwoShotAllreduce::TwoShotAllreduce(Communicator& comm, const CompressConfig& cfg
 
 BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   BucketStats st;
-  const int n = plan_.ranks(), r = plan_.rank();
+  const int n = plan_.ranks();
   const int64_t count = plan_.count();
   const uint64_t bytes0 = comm_.bytes_sent();
   auto t = Clock::now();
@@ -249,75 +350,85 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     return st;
   }
 
-  const bool worker_ef = !ew_.empty(), server_ef = !es_.empty();
-  const bool block_clips = plan_.block_clips();  // a block-scope policy (topk, mse)
-  const int bits = plan_.config().bits;
-  const int64_t G = plan_.config().block_size;
   const quant::QuantParams step_p = plan_.step_params(step);
   st.gamma = step_p.gamma;
-  float* vt = v_.data();     // tile: g + e_w, then the owner's mean
-  float* dqt = tmp_.data();  // tile: dequantized values
-  const int64_t T = tile_;
-
-  // 1-3. Per chunk j, in cache-sized tiles of whole blocks: v = g + e_w, quantize v into chunk j's
-  // message (element index relative to the chunk: index_offset), e_w <- v - Q(v). One pass over
-  // g and e_w instead of five.
-  for (int j = 0; j < n; ++j) {
-    const ChunkRange& c = plan_.chunk(j);
-    const MessageLayout& m = plan_.message(j);
-    uint8_t* msg = send_.data() + plan_.send_layout().displs[static_cast<size_t>(j)];
-    float* sc = scales_.data() + plan_.scale_offset(j);  // aligned; copied into the message
-    quant::QuantParams p = plan_.worker_params(step_p, j);
-    quant::QuantStats stats;
-    for (int64_t o = 0; o < c.count(); o += T) {
-      const int64_t len = std::min(T, c.count() - o);
-      const float* src = x + c.begin + o;
-      if (worker_ef) {
-        add_arrays(vt, src, ew_.data() + c.begin + o, len);
-        src = vt;
-      }
-      p.clips = block_clips ? plan_.block_clips(src, len, clips_.data()) : nullptr;
-      p.index_offset = o;
-      uint8_t* codes = msg + quant::packed_bytes(bits, o);
-      quant::add_stats(stats, quant::quantize(src, len, p, codes, sc + o / G));
-      if (worker_ef) {
-        quant::dequantize(codes, sc + o / G, len, bits, G, dqt);
-        sub_arrays(ew_next_.data() + c.begin + o, src, dqt, len);
-      }
-    }
-    std::memcpy(msg + m.scales_at, sc, m.scale_bytes());
-    std::memcpy(msg + m.stats_at, &stats, sizeof(stats));
+  if (plan_.pieces() > 1) {
+    run_pipelined(x, step_p, st);
+  } else {
+    run_collectives(x, step_p, st);
   }
-  st.quant_seconds += seconds_since(t);
+  // Every chunk's message is in gathered_ now: the global stats are the sum of their trailers.
+  quant::QuantStats global;
+  for (int j = 0; j < n; ++j)
+    quant::add_stats(global,
+                     read_stats(message_at(gathered_, plan_.gather_layout(), j), plan_.message(j)));
+  st.quant_seconds = st.quantize_seconds + st.reduce_seconds + st.dequantize_seconds;
+  st.comm_seconds = std::max(0.0, seconds_since(t) - st.quant_seconds);
+  plan_.finish_run(global, comm_.bytes_sent() - bytes0, st);
+  return st;
+}
 
-  // 4. all-to-all
-  t = Clock::now();
-  comm_.alltoallv(send_.data(), plan_.send_layout(), recv_.data(), plan_.recv_layout());
-  st.comm_seconds += seconds_since(t);
+void TwoShotAllreduce::quantize_piece(const float* x, int j, ChunkRange piece,
+                                      const quant::QuantParams& step_p, quant::QuantStats& stats,
+                                      RequestList* progress) {
+  const bool worker_ef = !ew_.empty();
+  const bool block_clips = plan_.block_clips();  // a block-scope policy (topk, mse)
+  const int bits = plan_.config().bits;
+  const int64_t G = plan_.config().block_size, T = tile_;
+  const ChunkRange& c = plan_.chunk(j);
+  uint8_t* msg = message_at(send_, plan_.send_layout(), j);
+  float* sc = scales_.data() + plan_.scale_offset(j);  // aligned; copied into the message
+  float* vt = v_.data();                               // tile: g + e_w
+  float* dqt = tmp_.data();                            // tile: dequantized values
+  quant::QuantParams p = plan_.worker_params(step_p, j);
+  // In cache-sized tiles of whole blocks: v = g + e_w, quantize v (element index relative to the
+  // chunk: index_offset), e_w <- v - Q(v). One pass over g and e_w instead of five.
+  for (int64_t o = piece.begin; o < piece.end; o += T) {
+    const int64_t len = std::min(T, piece.end - o);
+    const float* src = x + c.begin + o;
+    if (worker_ef) {
+      add_arrays(vt, src, ew_.data() + c.begin + o, len);
+      src = vt;
+    }
+    p.clips = block_clips ? plan_.block_clips(src, len, clips_.data()) : nullptr;
+    p.index_offset = o;
+    uint8_t* codes = msg + quant::packed_bytes(bits, o);
+    quant::add_stats(stats, quant::quantize(src, len, p, codes, sc + o / G));
+    if (worker_ef) {
+      quant::dequantize(codes, sc + o / G, len, bits, G, dqt);
+      sub_arrays(ew_next_.data() + c.begin + o, src, dqt, len);
+    }
+    if (progress) progress->poll();
+  }
+  scales_to_message(sc, piece, G, msg + plan_.message(j).scales_at);
+}
 
-  // 5. owner, per tile: dequantize the N versions, sum in rank order, / N, + e_s, requantize once,
-  // e_s <- m - Q(m).
-  t = Clock::now();
+void TwoShotAllreduce::reduce_piece(float* x, const std::vector<const uint8_t*>& source,
+                                    ChunkRange piece, const quant::QuantParams& step_p,
+                                    quant::QuantStats& stats, RequestList* progress) {
+  const int n = plan_.ranks(), r = plan_.rank();
+  const bool server_ef = !es_.empty();
+  const bool block_clips = plan_.block_clips();
+  const int bits = plan_.config().bits;
+  const int64_t G = plan_.config().block_size, T = tile_;
   const ChunkRange& own = plan_.own();
   const MessageLayout& om = plan_.own_message();
-  quant::QuantStats sum;
-  for (int i = 0; i < n; ++i) {
-    const uint8_t* msg = recv_.data() + plan_.recv_layout().displs[static_cast<size_t>(i)];
-    quant::add_stats(sum, read_stats(msg, om));
-    std::memcpy(rank_scales_.data() + static_cast<size_t>(i * om.num_scales), msg + om.scales_at,
-                om.scale_bytes());
-  }
-  uint8_t* own_msg = gathered_.data() + plan_.gather_layout().displs[static_cast<size_t>(r)];
+  for (int i = 0; i < n; ++i)
+    scales_from_message(source[static_cast<size_t>(i)] + om.scales_at, piece, G,
+                        rank_scales_.data() + static_cast<size_t>(i * om.num_scales));
+  uint8_t* own_msg = message_at(gathered_, plan_.gather_layout(), r);
   float* own_sc = scales_.data() + plan_.scale_offset(r);
+  float* dqt = tmp_.data();  // tile: dequantized values
   quant::QuantParams p = plan_.owner_params(step_p);
   const float fn = static_cast<float>(n);
-  for (int64_t o = 0; o < om.count; o += T) {
-    const int64_t len = std::min(T, om.count - o);
-    float* __restrict acc = vt;
+  // Per tile: dequantize the N versions, sum in rank order, / N, + e_s, requantize once,
+  // e_s <- m - Q(m).
+  for (int64_t o = piece.begin; o < piece.end; o += T) {
+    const int64_t len = std::min(T, piece.end - o);
+    float* __restrict acc = v_.data();  // tile: the owner's mean
     std::fill(acc, acc + len, 0.0f);
     for (int i = 0; i < n; ++i) {
-      const uint8_t* msg = recv_.data() + plan_.recv_layout().displs[static_cast<size_t>(i)];
-      quant::dequantize(msg + quant::packed_bytes(bits, o),
+      quant::dequantize(source[static_cast<size_t>(i)] + quant::packed_bytes(bits, o),
                         rank_scales_.data() + static_cast<size_t>(i * om.num_scales) + o / G, len,
                         bits, G, dqt);
       accumulate(acc, dqt, len);
@@ -327,40 +438,163 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
     p.clips = block_clips ? plan_.block_clips(acc, len, clips_.data()) : nullptr;
     p.index_offset = o;
     uint8_t* codes = own_msg + quant::packed_bytes(bits, o);
-    quant::add_stats(sum, quant::quantize(acc, len, p, codes, own_sc + o / G));
+    quant::add_stats(stats, quant::quantize(acc, len, p, codes, own_sc + o / G));
     // The own chunk's result, written now (x's own chunk is no longer read): the all-gather
     // brings every other rank these same bytes, which they dequantize the same way.
     float* result = x + own.begin + o;
     quant::dequantize(codes, own_sc + o / G, len, bits, G, result);
     if (server_ef) sub_arrays(es_next_.data() + o, acc, result, len);
+    if (progress) progress->poll();
   }
-  std::memcpy(own_msg + om.scales_at, own_sc, om.scale_bytes());
-  std::memcpy(own_msg + om.stats_at, &sum, sizeof(sum));
-  st.quant_seconds += seconds_since(t);
+  scales_to_message(own_sc, piece, G, own_msg + om.scales_at);
+}
 
-  // 6. all-gather the requantized chunks; every rank dequantizes the others' chunks (its own is
-  // done above), so the result is the same function of the same bytes on every rank.
-  t = Clock::now();
-  // The interface has no in-place all-gather: send from a copy of the own message.
-  own_copy_.assign(own_msg, own_msg + om.bytes);
-  comm_.allgatherv(own_copy_.data(), own_copy_.size(), gathered_.data(), plan_.gather_layout());
-  st.comm_seconds += seconds_since(t);
+void TwoShotAllreduce::dequantize_piece(float* x, int j, const uint8_t* msg, ChunkRange piece) {
+  if (piece.count() == 0) return;
+  const int bits = plan_.config().bits;
+  const int64_t G = plan_.config().block_size;
+  float* sc = scales_.data() + plan_.scale_offset(j);
+  scales_from_message(msg + plan_.message(j).scales_at, piece, G, sc);
+  quant::dequantize(msg + quant::packed_bytes(bits, piece.begin), sc + piece.begin / G,
+                    piece.count(), bits, G, x + plan_.chunk(j).begin + piece.begin);
+}
 
-  t = Clock::now();
-  quant::QuantStats global;
+void TwoShotAllreduce::run_collectives(float* x, const quant::QuantParams& step_p,
+                                       BucketStats& st) {
+  const int n = plan_.ranks(), r = plan_.rank();
+  const ChunkRange whole_own{0, plan_.own().count()};
+  // 1-3. every chunk j, whole.
   for (int j = 0; j < n; ++j) {
-    const ChunkRange& c = plan_.chunk(j);
-    const MessageLayout& m = plan_.message(j);
-    const uint8_t* msg = gathered_.data() + plan_.gather_layout().displs[static_cast<size_t>(j)];
-    quant::add_stats(global, read_stats(msg, m));
-    if (j == r || c.count() == 0) continue;
-    float* sc = scales_.data() + plan_.scale_offset(j);
-    std::memcpy(sc, msg + m.scales_at, m.scale_bytes());
-    quant::dequantize(msg, sc, c.count(), bits, G, x + c.begin);
+    quant::QuantStats stats;
+    timed(st.quantize_seconds, [&] {
+      quantize_piece(x, j, {0, plan_.chunk(j).count()}, step_p, stats, nullptr);
+    });
+    seal_message(message_at(send_, plan_.send_layout(), j), plan_.message(j), stats);
   }
-  st.quant_seconds += seconds_since(t);
-  plan_.finish_run(global, comm_.bytes_sent() - bytes0, st);
-  return st;
+  // 4. all-to-all
+  comm_.alltoallv(send_.data(), plan_.send_layout(), recv_.data(), plan_.recv_layout());
+  // 5. owner
+  std::vector<const uint8_t*> source;
+  for (int i = 0; i < n; ++i) source.push_back(message_at(recv_, plan_.recv_layout(), i));
+  quant::QuantStats sum;
+  timed(st.reduce_seconds, [&] { reduce_piece(x, source, whole_own, step_p, sum, nullptr); });
+  uint8_t* own_msg = message_at(gathered_, plan_.gather_layout(), r);
+  seal_message(own_msg, plan_.own_message(), owner_stats(sum, source, plan_.own_message()));
+  // 6. all-gather the requantized chunks; every rank dequantizes the others' chunks (its own is
+  // done above), so the result is the same function of the same bytes on every rank. The
+  // interface has no in-place all-gather: send from a copy of the own message.
+  own_copy_.assign(own_msg, own_msg + plan_.own_message().bytes);
+  comm_.allgatherv(own_copy_.data(), own_copy_.size(), gathered_.data(), plan_.gather_layout());
+  timed(st.dequantize_seconds, [&] {
+    for (int j = 0; j < n; ++j)
+      if (j != r)
+        dequantize_piece(x, j, message_at(gathered_, plan_.gather_layout(), j),
+                         {0, plan_.chunk(j).count()});
+  });
+}
+
+void TwoShotAllreduce::run_pipelined(float* x, const quant::QuantParams& step_p, BucketStats& st) {
+  const int n = plan_.ranks(), r = plan_.rank(), P = plan_.pieces();
+  RequestList reqs;
+  // The messages of piece k of chunk j between this rank and `peer` (codes, then tail; none of 0
+  // bytes): sent from or received into msg, chunk j's message. Both sides cut the same chunk the
+  // same way, and messages of one tag between two ranks match in posting order.
+  auto transfer = [&](bool send, uint8_t* msg, int j, int k, int peer, int tag) {
+    const PieceBytes b = plan_.piece_bytes(j, k);
+    Arrival a;
+    auto one = [&](size_t lo, size_t hi) -> Request* {
+      if (hi <= lo) return nullptr;
+      return reqs.add(send ? comm_.isend(msg + lo, hi - lo, peer, tag)
+                           : comm_.irecv(msg + lo, hi - lo, peer, tag));
+    };
+    a.codes = one(b.codes_begin, b.codes_end);
+    a.tail = one(b.tail_begin, b.tail_end);
+    return a;
+  };
+  // All receives up front: [i P + k] = piece k from rank i of the own chunk (all-to-all) and of
+  // rank i's chunk (all-gather). The own rank's entries need no message.
+  std::vector<Arrival> scattered(static_cast<size_t>(n * P)), gathered(scattered.size());
+  for (int k = 0; k < P; ++k)
+    for (int i = 0; i < n; ++i) {
+      const size_t at = static_cast<size_t>(i * P + k);
+      if (i == r) {
+        scattered[at].done = gathered[at].done = true;
+        continue;
+      }
+      scattered[at] =
+          transfer(false, message_at(recv_, plan_.recv_layout(), i), r, k, i, kScatterTag);
+      gathered[at] =
+          transfer(false, message_at(gathered_, plan_.gather_layout(), i), i, k, i, kGatherTag);
+    }
+  std::vector<const uint8_t*> source;  // rank i's version of the own chunk
+  for (int i = 0; i < n; ++i)
+    source.push_back(i == r ? message_at(send_, plan_.send_layout(), r)
+                            : message_at(recv_, plan_.recv_layout(), i));
+  uint8_t* own_msg = message_at(gathered_, plan_.gather_layout(), r);
+
+  std::vector<quant::QuantStats> worker(static_cast<size_t>(n));
+  quant::QuantStats owner;
+  int quantized = 0, reduced = 0;  // pieces done by this rank in steps 3 and 5
+  std::vector<int> dequantized(static_cast<size_t>(n), 0);  // per chunk, in step 6
+  // 5. the owner's next piece, once this rank and every other has quantized it; then its
+  // all-gather.
+  auto try_reduce = [&] {
+    if (reduced == quantized) return false;
+    const int k = reduced;
+    for (int i = 0; i < n; ++i)
+      if (!scattered[static_cast<size_t>(i * P + k)].test()) return false;
+    timed(st.reduce_seconds,
+          [&] { reduce_piece(x, source, plan_.piece(r, k), step_p, owner, &reqs); });
+    if (k == P - 1)
+      seal_message(own_msg, plan_.own_message(), owner_stats(owner, source, plan_.own_message()));
+    for (int j = 0; j < n; ++j)
+      if (j != r) transfer(true, own_msg, r, k, j, kGatherTag);
+    ++reduced;
+    return true;
+  };
+  // 6. every gathered piece that has arrived, in order per chunk.
+  auto try_dequantize = [&] {
+    bool any = false;
+    for (int j = 0; j < n; ++j) {
+      int& k = dequantized[static_cast<size_t>(j)];
+      if (j == r) {  // the owner wrote its own chunk's result
+        k = reduced;
+        continue;
+      }
+      for (; k < P && gathered[static_cast<size_t>(j * P + k)].test(); ++k, any = true)
+        timed(st.dequantize_seconds, [&] {
+          dequantize_piece(x, j, message_at(gathered_, plan_.gather_layout(), j),
+                           plan_.piece(j, k));
+        });
+    }
+    return any;
+  };
+
+  // 1-4. piece by piece, every chunk (the own one last, the others from rank r + 1 on so that the
+  // ranks send to different ranks at a time), each piece sent as soon as it is quantized.
+  for (int k = 0; k < P; ++k) {
+    for (int d = 1; d <= n; ++d) {
+      const int j = (r + d) % n;
+      timed(st.quantize_seconds, [&] {
+        quantize_piece(x, j, plan_.piece(j, k), step_p, worker[static_cast<size_t>(j)], &reqs);
+      });
+      uint8_t* msg = message_at(send_, plan_.send_layout(), j);
+      if (k == P - 1) seal_message(msg, plan_.message(j), worker[static_cast<size_t>(j)]);
+      if (j != r) transfer(true, msg, j, k, j, kScatterTag);
+    }
+    quantized = k + 1;
+    while (try_reduce()) {
+    }
+    try_dequantize();
+  }
+  for (;;) {
+    const bool moved = try_reduce() | try_dequantize();
+    if (reduced == P &&
+        std::all_of(dequantized.begin(), dequantized.end(), [&](int k) { return k == P; }))
+      break;
+    if (!moved) pause_politely();
+  }
+  reqs.wait_all();  // the sends
 }
 
 void TwoShotAllreduce::commit(bool apply) {

@@ -26,6 +26,16 @@
 //
 // Mode fp32 (bits = 32) is a plain allreduce_sum / N with no state.
 //
+// Pipelining (host version): each chunk is cut into P pieces of whole blocks (TwoShotPlan::piece),
+// and steps 3-6 run piece by piece on nonblocking point-to-point messages: rank r quantizes
+// piece k of every chunk and sends it at once while it quantizes piece k + 1; the owner reduces
+// and requantizes piece k as soon as every rank's piece k has arrived and sends it to every rank;
+// every rank dequantizes a gathered piece as soon as it has arrived. The codec works per block
+// with element indices relative to the chunk, so the pieces give exactly the bytes of P = 1 (the
+// all-to-all / all-gather collectives), and the result is bit-identical. P comes from
+// pipeline_pieces(); while it computes, a rank tests its requests every tile so that the MPI
+// library moves the messages (Open MPI's TCP transport only progresses inside MPI calls).
+//
 // TwoShotPlan holds what the host (TwoShotAllreduce, here) and the device (TwoShotAllreduceCuda,
 // comm/two_shot_cuda.h) versions share: chunking, message layouts, Philox keys, the interval
 // policy, the pending stats of a step and its commit, and the checkpoint blob. The two versions
@@ -42,6 +52,8 @@
 
 namespace int4ddp::comm {
 
+class RequestList;  // comm/progress.h
+
 using quant::kFp32Bits;                      // CompressConfig::bits of the uncompressed mode
 constexpr uint32_t kStreamsPerRank = 65536;  // Philox stream = kStreamsPerRank * rank + chunk
 
@@ -53,9 +65,24 @@ struct CompressConfig {
   bool server_error_feedback = true;                        //
   quant::PolicyConfig policy;  // minmax | fixed | lbt | mse | topk (bits is set from `bits`)
   uint32_t seed = 0;
+  int pipeline_chunks = 0;  // pieces per chunk (comm.pipeline_chunks): 0 = auto, 1 = no pipeline
 
   void validate() const;  // throws Error naming the field
 };
+
+// Limits of the pipeline: at most kMaxPipelinePieces pieces per chunk; the automatic choice gives
+// every piece at least kPipelinePieceFloats elements (large enough that the per-message cost of
+// the transport stays small against its wire time, small enough that a bucket of a few MiB is
+// already cut into several pieces).
+constexpr int kMaxPipelinePieces = 64;
+constexpr int kAutoPipelinePieces = 16;
+constexpr int64_t kPipelinePieceFloats = int64_t{1} << 17;
+
+// Pieces per chunk for a bucket of n floats over `ranks` ranks: 1 for fp32, a single rank or
+// cfg.pipeline_chunks = 1; else cfg.pipeline_chunks (> 1) or, for 0 (auto),
+// min(kAutoPipelinePieces, largest chunk / kPipelinePieceFloats); never more than the blocks of
+// the largest chunk and never less than 1.
+int pipeline_pieces(const CompressConfig& cfg, int64_t n, int ranks);
 
 // Element range [begin, end) of chunk r when n elements in blocks of G are split over N ranks:
 // the ceil(n/G) blocks are divided as evenly as possible (the first nb % N chunks get one block
@@ -84,6 +111,13 @@ MessageLayout message_layout(int bits, int64_t count, int64_t block_size);
 // 2 (N-1)/N (n b/8 + 4 n/G), or the ring's 2 (N-1)/N 4n in fp32 mode.
 double modelled_wire_bytes(int bits, int64_t n, int64_t block_size, int ranks);
 
+// Where piece k of a chunk's message lies in the message (byte offsets), for a piece of chunk
+// elements [begin, end): its codes [codes_begin, codes_end) and its tail [tail_begin, tail_end),
+// the piece's scales, followed by the stats record for the last piece.
+struct PieceBytes {
+  size_t codes_begin = 0, codes_end = 0, tail_begin = 0, tail_end = 0;
+};
+
 struct BucketStats {
   int64_t count = 0;         // elements quantized in steps 3 and 5, over all ranks
   int64_t clipped = 0;       // of those, clipped
@@ -91,7 +125,10 @@ struct BucketStats {
   float gamma = 1.0f;        // the gamma used this step
   uint64_t wire_bytes = 0;   // bytes this rank sent (Communicator::bytes_sent)
   double quant_seconds = 0;  // time in quantize / dequantize / reduce on this rank
-  double comm_seconds = 0;   // time in the collectives
+  double comm_seconds = 0;   // the rest of run(): in the collectives, or waiting for messages
+  // quant_seconds split by step (host two-shot): worker quantization (steps 1-3), the owner's
+  // reduction and requantization (5), dequantization of the gathered chunks (6).
+  double quantize_seconds = 0, reduce_seconds = 0, dequantize_seconds = 0;
   double clip_fraction() const { return count ? static_cast<double>(clipped) / count : 0.0; }
 };
 
@@ -116,6 +153,12 @@ class TwoShotPlan {
   // Chunk j (elements of the bucket) and its message; own() is this rank's chunk.
   const ChunkRange& chunk(int j) const { return chunks_[static_cast<size_t>(j)]; }
   const ChunkRange& own() const { return chunk(rank_); }
+  // Pipelining: pieces() pieces per chunk (pipeline_pieces); piece k of chunk j is a range of
+  // whole blocks relative to the chunk (blocks nb k / P .. nb (k+1) / P of its nb blocks; may be
+  // empty), and piece_bytes() says where it lies in the chunk's message.
+  int pieces() const { return pieces_; }
+  ChunkRange piece(int j, int k) const;
+  PieceBytes piece_bytes(int j, int k) const;
   const MessageLayout& message(int j) const { return messages_[static_cast<size_t>(j)]; }
   const MessageLayout& own_message() const { return message(rank_); }
   // All-to-all: chunk j's message to rank j; every rank's message of the own chunk. All-gather:
@@ -167,6 +210,7 @@ class TwoShotPlan {
   quant::PolicyConfig policy_cfg_;                 // cfg_.policy with bits set
   std::unique_ptr<quant::IntervalPolicy> policy_;  // null in fp32 mode
   std::vector<ChunkRange> chunks_;
+  int pieces_ = 1;
   std::vector<MessageLayout> messages_;
   std::vector<int64_t> scale_offsets_;  // ranks + 1 prefix sums
   ByteLayout send_layout_, recv_layout_;
@@ -206,6 +250,25 @@ class TwoShotAllreduce final : public TwoShotBase {
   void load_state(const std::vector<uint8_t>& blob);  // throws Error on a mismatched blob
 
  private:
+  // Steps 1-3 for elements piece of chunk j (relative to the chunk; starts on a block): v = g +
+  // e_w, quantize into chunk j's message in send_ (codes and scales), e_w <- v - Q(v); stats
+  // accumulates. progress (or null) is polled every tile.
+  void quantize_piece(const float* x, int j, ChunkRange piece, const quant::QuantParams& step_p,
+                      quant::QuantStats& stats, RequestList* progress);
+  // Step 5 for elements piece of the own chunk: dequantize the N versions (source[i]: rank i's
+  // message), sum in rank order, / N, + e_s, requantize into the own message in gathered_, x's
+  // own chunk <- the result, e_s <- m - Q(m); stats accumulates the requantization.
+  void reduce_piece(float* x, const std::vector<const uint8_t*>& source, ChunkRange piece,
+                    const quant::QuantParams& step_p, quant::QuantStats& stats,
+                    RequestList* progress);
+  // Step 6 for elements piece of chunk j: x <- the dequantized codes of chunk j's message msg.
+  void dequantize_piece(float* x, int j, const uint8_t* msg, ChunkRange piece);
+  // run() in int4/int8 mode: one piece per chunk on the all-to-all and all-gather collectives, or
+  // plan_.pieces() pieces on point-to-point messages. Both leave every chunk's message in
+  // gathered_ and add their compute times to st.
+  void run_collectives(float* x, const quant::QuantParams& step_p, BucketStats& st);
+  void run_pipelined(float* x, const quant::QuantParams& step_p, BucketStats& st);
+
   std::vector<float> ew_, ew_next_;  // worker error (count)
   std::vector<float> es_, es_next_;  // server error (own chunk)
   int64_t tile_ = 0;                 // elements per tile of the fused passes (whole blocks)

@@ -7,7 +7,10 @@
 //
 //   mpirun -np 4 bench_allreduce [--min-bytes 4K] [--max-bytes 256M] [--step-factor 4]
 //          [--iters 20] [--warmup 3] [--modes fp32,fp32-mpi,int4,int8] [--block-size 512]
-//          [--no-check] [--hierarchy flat,node]
+//          [--no-check] [--hierarchy flat,node] [--pipeline-chunks 0]
+//
+// --pipeline-chunks: comm.pipeline_chunks of the two-shot (pieces per chunk; 0 = auto, 1 = the
+// unpipelined all-to-all / all-gather collectives); the column `pcs` says what ran (flat).
 //
 // --hierarchy: each mode once per listed comm.hierarchy (comm/hierarchy.h): flat, node or auto.
 // The node grouping is MPI's (MPI_COMM_TYPE_SHARED: on launch/netns_cluster.sh --ranks-per-node K
@@ -25,7 +28,11 @@
 // (the quantize and error-feedback work is done and timed all the same).
 //
 // quant / coll: the part of a run() spent quantizing, dequantizing and reducing (error feedback
-// included) and the part inside collectives (median over iterations, slowest rank).
+// included) and the rest of it, in collectives or waiting for messages (median over iterations,
+// slowest rank). quant splits into qz (worker quantization), red (the owner's reduction and
+// requantization) and dq (dequantization of the gathered chunks), each the slowest rank's median.
+// With the pipeline these overlap the transfers, so quant + coll is no longer the sum of phases
+// on the critical path: time - quant is the transfer time not hidden behind computation.
 //
 // Wire bytes, both MODELLED (nothing here measures an interface): wire_mod = what this rank handed
 // to the collectives during run() as Communicator::bytes_sent counts it (all-to-all payload to
@@ -146,11 +153,13 @@ struct Row {
   int64_t count = 0;
   double time_s = 0;
   double quant_s = 0, comm_s = 0;  // median over iterations, maximum over ranks
-  float gamma = 1.0f;              // after the timed iterations
-  uint64_t wire_bytes = 0;         // modelled: Communicator::bytes_sent, maximum over ranks
-  double predicted = 0;            // modelled: modelled_wire_bytes()
-  double rel_err_first = -1;       // of the first step (fresh bucket)
-  double rel_err = -1;             // of the last step
+  double quantize_s = 0, reduce_s = 0, dequantize_s = 0;  // quant_s by phase, likewise
+  int pieces = 1;                                         // pipeline pieces per chunk (flat)
+  float gamma = 1.0f;                                     // after the timed iterations
+  uint64_t wire_bytes = 0;    // modelled: Communicator::bytes_sent, maximum over ranks
+  double predicted = 0;       // modelled: modelled_wire_bytes()
+  double rel_err_first = -1;  // of the first step (fresh bucket)
+  double rel_err = -1;        // of the last step
   int64_t wrong = -1;
 };
 
@@ -163,6 +172,7 @@ struct Options {
   std::string rounding = "stochastic", policy = "lbt";
   std::string hierarchy = "flat";
   uint64_t seed = 1;
+  int pipeline_chunks = 0;
 };
 
 // One (size, mode) cell: warm-up, timed iterations, then the checks.
@@ -184,6 +194,7 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
   cfg.worker_error_feedback = cfg.server_error_feedback = o.error_feedback;
   cfg.policy.kind = quant::parse_policy_kind(o.policy);
   cfg.seed = static_cast<uint32_t>(o.seed);
+  cfg.pipeline_chunks = o.pipeline_chunks;
   BucketAllreduce ts(hier, cfg, n, 0);
   const bool commit_steps = cfg.policy.kind == quant::PolicyKind::kLbt;
 
@@ -192,6 +203,7 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
   row.bytes = static_cast<uint64_t>(n) * sizeof(float);
   row.count = n;
   row.predicted = modelled_wire_bytes(mode.bits, n, o.block_size, N);
+  row.pieces = pipeline_pieces(cfg, n, N);
   if (hier.active()) {
     const int K = hier.ranks_per_node(), M = hier.nodes();
     row.hierarchy = "node " + std::to_string(M) + "x" + std::to_string(K);
@@ -200,7 +212,7 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
         modelled_wire_bytes(mode.bits, chunk_range(n, G, K, 0).count(), o.block_size, M);
   }
 
-  std::vector<double> times, quant_times, comm_times;
+  std::vector<double> times, quant_times, comm_times, phase_times[3];
   std::vector<float> first_out;  // the first step's output, for rel_err_first
   uint64_t wire = 0;
   for (int it = 0; it < o.warmup + o.iters; ++it) {
@@ -215,18 +227,26 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
       times.push_back(t);
       quant_times.push_back(st.quant_seconds);
       comm_times.push_back(st.comm_seconds);
+      phase_times[0].push_back(st.quantize_seconds);
+      phase_times[1].push_back(st.reduce_seconds);
+      phase_times[2].push_back(st.dequantize_seconds);
     }
     wire = st.wire_bytes;
   }
   // Per iteration the slowest rank; the median of those. The split into quantize and collective
   // time: each rank's median, the slowest rank's.
   const std::vector<double> all_times = gather_to_root(comm, times);
-  const std::vector<double> split =
-      gather_to_root(comm, std::vector<double>{median(quant_times), median(comm_times)});
+  const std::vector<double> split = gather_to_root(
+      comm, std::vector<double>{median(quant_times), median(comm_times), median(phase_times[0]),
+                                median(phase_times[1]), median(phase_times[2])});
   if (me == 0)
     for (int r = 0; r < N; ++r) {
-      row.quant_s = std::max(row.quant_s, split[2 * static_cast<size_t>(r)]);
-      row.comm_s = std::max(row.comm_s, split[2 * static_cast<size_t>(r) + 1]);
+      const double* s = split.data() + 5 * static_cast<size_t>(r);
+      row.quant_s = std::max(row.quant_s, s[0]);
+      row.comm_s = std::max(row.comm_s, s[1]);
+      row.quantize_s = std::max(row.quantize_s, s[2]);
+      row.reduce_s = std::max(row.reduce_s, s[3]);
+      row.dequantize_s = std::max(row.dequantize_s, s[4]);
     }
   const std::vector<uint64_t> wires = allgather_u64(comm, wire);
   row.wire_bytes = *std::max_element(wires.begin(), wires.end());
@@ -317,6 +337,9 @@ int main(int argc, char** argv) {
   app.add_option("--policy", o.policy, "minmax, fixed, lbt or topk (k = 4)")
       ->check(CLI::IsMember({"minmax", "fixed", "lbt", "topk"}));
   app.add_option("--seed", o.seed, "input and rounding seed");
+  app.add_option("--pipeline-chunks", o.pipeline_chunks,
+                 "two-shot pieces per chunk: 0 = auto, 1 = unpipelined collectives")
+      ->check(CLI::Range(0, kMaxPipelinePieces));
   app.add_option("--hierarchy", o.hierarchy,
                  "comma-separated comm.hierarchy values to run each mode under: flat, node, auto");
   CLI11_PARSE(app, argc, argv);
@@ -377,14 +400,16 @@ int main(int argc, char** argv) {
           "# wire bytes per rank are MODELLED, not measured: wire_mod = Communicator::bytes_sent "
           "(max over ranks), formula_mod = 2(N-1)/N (n b/8 + 4n/G)\n");
       std::printf(
-          "%10s %11s %8s %9s %11s %10s %10s %7s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
+          "%10s %11s %8s %9s %11s %10s %10s %7s %7s %11s %11s %11s %11s %11s %4s %7s %12s %12s "
+          "%7s %10s %10s %7s\n",
           "size", "count", "mode", "hier", "time(us)", "algbw", "busbw", "x_fp32", "x_flat",
-          "quant(us)", "coll(us)", "gamma", "wire_mod", "formula_mod", "diff%", "rel_err1",
-          "rel_err", "#wrong");
+          "quant(us)", "qz(us)", "red(us)", "dq(us)", "coll(us)", "pcs", "gamma", "wire_mod",
+          "formula_mod", "diff%", "rel_err1", "rel_err", "#wrong");
       std::printf(
-          "%10s %11s %8s %9s %11s %10s %10s %7s %7s %11s %11s %7s %12s %12s %7s %10s %10s %7s\n",
-          "(B)", "(floats)", "", "", "", "(GB/s)", "(GB/s)", "", "", "", "", "", "(B)", "(B)", "",
-          "", "", "");
+          "%10s %11s %8s %9s %11s %10s %10s %7s %7s %11s %11s %11s %11s %11s %4s %7s %12s %12s "
+          "%7s %10s %10s %7s\n",
+          "(B)", "(floats)", "", "", "", "(GB/s)", "(GB/s)", "", "", "", "", "", "", "", "", "",
+          "(B)", "(B)", "", "", "", "");
       std::fflush(stdout);
     }
 
@@ -421,11 +446,12 @@ int main(int argc, char** argv) {
           if (row.wrong >= 0)
             std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(row.wrong));
           std::printf(
-              "%10s %11lld %8s %9s %11.1f %10.3f %10.3f %7s %7s %11.1f %11.1f %7.4f %12llu %12.0f "
-              "%7s %10s %10s %7s\n",
+              "%10s %11lld %8s %9s %11.1f %10.3f %10.3f %7s %7s %11.1f %11.1f %11.1f %11.1f "
+              "%11.1f %4d %7.4f %12llu %12.0f %7s %10s %10s %7s\n",
               human_bytes(bytes).c_str(), static_cast<long long>(n), m.name.c_str(),
               row.hierarchy.c_str(), row.time_s * 1e6, algbw, busbw, speed, x_flat,
-              row.quant_s * 1e6, row.comm_s * 1e6, row.gamma,
+              row.quant_s * 1e6, row.quantize_s * 1e6, row.reduce_s * 1e6, row.dequantize_s * 1e6,
+              row.comm_s * 1e6, row.pieces, row.gamma,
               static_cast<unsigned long long>(row.wire_bytes), row.predicted, diff, rel1, rel,
               wrong);
           std::fflush(stdout);
@@ -450,12 +476,14 @@ int main(int argc, char** argv) {
           std::snprintf(wrong, sizeof wrong, "%lld", static_cast<long long>(r.wrong));
         std::printf(
             "%s{\"mode\":\"%s\",\"hierarchy\":\"%s\",\"x_flat\":%.4g,\"bytes\":%llu,"
-            "\"time_s\":%.9g,\"gamma\":%.6g,"
+            "\"time_s\":%.9g,\"quant_s\":%.6g,\"quantize_s\":%.6g,\"reduce_s\":%.6g,"
+            "\"dequantize_s\":%.6g,\"comm_s\":%.6g,\"pieces\":%d,\"gamma\":%.6g,"
             "\"wire_bytes_modelled\":%llu,\"formula_wire_bytes_modelled\":%.0f,"
             "\"rel_err_first\":%s,\"rel_err\":%s,"
             "\"wrong\":%s}",
             k ? "," : "", r.mode.c_str(), r.hierarchy.c_str(), r.x_flat,
-            static_cast<unsigned long long>(r.bytes), r.time_s, r.gamma,
+            static_cast<unsigned long long>(r.bytes), r.time_s, r.quant_s, r.quantize_s, r.reduce_s,
+            r.dequantize_s, r.comm_s, r.pieces, r.gamma,
             static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel1, rel, wrong);
       }
       std::printf("]}\n");

@@ -2,7 +2,7 @@
 // sums on integer inputs for sizes that do not divide evenly and sizes below the rank count, the
 // fixed reduction order bit for bit against ring_reference_sum on random data (so the result is
 // the same on every rank and in every run), the bytes each rank sends, and the Communicator's
-// choice between the ring and the library's MPI_Allreduce.
+// choice between the ring and the library's MPI_Allreduce (the library below kRingMinBytes).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -99,7 +99,7 @@ TEST(RingAllreduce, BytesSentPerRankAndInTotal) {
 }
 
 TEST(RingAllreduce, CommunicatorUsesTheRingAndKeepsTheLibraryAllreduce) {
-  const int64_t count = 10007;
+  const int64_t count = static_cast<int64_t>(kRingMinBytes / sizeof(float)) + 10007;
   std::vector<float> want(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) {
     double s = 0;
@@ -118,6 +118,33 @@ TEST(RingAllreduce, CommunicatorUsesTheRingAndKeepsTheLibraryAllreduce) {
     const uint64_t ring = ring_bytes_sent(count, me(), R()),
                    lib = static_cast<uint64_t>(2.0 * (R() - 1) / R() * 4.0 * count + 0.5);
     EXPECT_EQ(W().bytes_sent(), algo == Communicator::AllreduceAlgorithm::kRing ? ring : lib);
+  }
+}
+
+// Below kRingMinBytes the Communicator's ring setting uses MPI_Allreduce: the same sums as the
+// ring wherever the fp32 sums are exact (integer inputs, any order gives the exact sum), the same
+// bits on every rank on random data (where the library's order may differ from the ring's, so
+// only agreement across ranks is checked), and the bytes counted as a ring, the library's rule.
+TEST(RingAllreduce, SmallAllreducesUseTheLibraryWithTheRingsExactSums) {
+  const int64_t threshold = static_cast<int64_t>(kRingMinBytes / sizeof(float));
+  EXPECT_FALSE(ring_pays_off(threshold - 1));
+  EXPECT_TRUE(ring_pays_off(threshold));
+  std::vector<float> scratch;
+  for (int64_t count : {int64_t{1}, int64_t{3}, int64_t{1001}, threshold - 1, threshold}) {
+    std::vector<float> buf(static_cast<size_t>(count)), ring(buf.size());
+    for (int64_t i = 0; i < count; ++i) buf[static_cast<size_t>(i)] = int_input(me(), i);
+    ring = buf;
+    ring_allreduce_sum(W(), ring.data(), count, scratch);
+    W().reset_bytes_sent();
+    W().allreduce_sum(buf.data(), count);
+    EXPECT_EQ(count_wrong(buf, ring), 0) << count;
+    const uint64_t lib = static_cast<uint64_t>(2.0 * (R() - 1) / R() * 4.0 * count + 0.5);
+    EXPECT_EQ(W().bytes_sent(), ring_pays_off(count) ? ring_bytes_sent(count, me(), R()) : lib)
+        << count;
+
+    for (int64_t i = 0; i < count; ++i) buf[static_cast<size_t>(i)] = random_input(me(), i);
+    W().allreduce_sum(buf.data(), count);
+    EXPECT_TRUE(same_on_all_ranks(buf.data(), buf.size() * sizeof(float))) << count;
   }
 }
 

@@ -575,7 +575,8 @@ TEST(TwoShotState, NonFiniteInOneRankIsSeenByEveryRank) {
 }
 
 TEST(TwoShotFp32, ExactMeanOfIntegerInputs) {
-  for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{10007}}) {
+  const int64_t ring_min = static_cast<int64_t>(kRingMinBytes / sizeof(float));
+  for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{10007}, ring_min + 10007}) {
     CompressConfig cfg;
     cfg.bits = 32;
     TwoShotAllreduce ts(W(), cfg, n, 0);
@@ -590,7 +591,10 @@ TEST(TwoShotFp32, ExactMeanOfIntegerInputs) {
     const BucketStats st = ts.run(x.data(), 0);
     ts.commit(true);
     EXPECT_EQ(count_wrong(x, want), 0) << n;
-    EXPECT_EQ(st.wire_bytes, ring_bytes_sent(n, me(), R()));  // fp32 mode runs the ring
+    // fp32 mode runs the ring (the library's all-reduce below kRingMinBytes, counted as a ring)
+    EXPECT_EQ(st.wire_bytes, ring_pays_off(n)
+                                 ? ring_bytes_sent(n, me(), R())
+                                 : static_cast<uint64_t>(2.0 * (R() - 1) / R() * 4.0 * n + 0.5));
     EXPECT_EQ(ts.gamma(), 1.0f);
   }
 }
@@ -616,7 +620,129 @@ TEST(TwoShotConfig, BadConfigsAreRefused) {
                  c.policy.kind = quant::PolicyKind::kFixed;
                }),
                Error);
+  EXPECT_THROW(make([](CompressConfig& c) { c.pipeline_chunks = -1; }), Error);
+  EXPECT_THROW(make([](CompressConfig& c) { c.pipeline_chunks = kMaxPipelinePieces + 1; }), Error);
   EXPECT_NO_THROW(make([](CompressConfig& c) { c.bits = 8; }));
+}
+
+// =================================================================================================
+// Pipelined two-shot: pieces of whole blocks, bit-identical to the unpipelined collectives
+// =================================================================================================
+
+TEST(TwoShotPipeline, PiecesRule) {
+  CompressConfig cfg;  // G = 512, auto
+  const int64_t G = cfg.block_size;
+  EXPECT_EQ(pipeline_pieces(cfg, 1000, 4), 1);                          // small: no pipeline
+  EXPECT_EQ(pipeline_pieces(cfg, 4 * kPipelinePieceFloats - 1, 4), 1);  // chunk below one piece
+  EXPECT_EQ(pipeline_pieces(cfg, 4 * 3 * kPipelinePieceFloats, 4), 3);
+  EXPECT_EQ(pipeline_pieces(cfg, int64_t{16} << 20, 4), kAutoPipelinePieces);  // 64 MB
+  EXPECT_EQ(pipeline_pieces(cfg, int64_t{16} << 20, 1), 1);                    // one rank
+  cfg.pipeline_chunks = 1;
+  EXPECT_EQ(pipeline_pieces(cfg, int64_t{16} << 20, 4), 1);
+  cfg.pipeline_chunks = 5;
+  EXPECT_EQ(pipeline_pieces(cfg, 100 * G, 4), 5);
+  EXPECT_EQ(pipeline_pieces(cfg, 3 * G, 2), 2);  // never more pieces than blocks in a chunk
+  EXPECT_EQ(pipeline_pieces(cfg, 1, 2), 1);
+  cfg.bits = kFp32Bits;
+  EXPECT_EQ(pipeline_pieces(cfg, 100 * G, 4), 1);
+}
+
+TEST(TwoShotPipeline, PiecesCoverEveryChunkInWholeBlocks) {
+  for (int ranks : {2, 3, 4})
+    for (int P : {2, 3, 7})
+      for (int64_t n : {int64_t{1}, int64_t{64}, int64_t{5 * 64 + 3}, int64_t{40 * 64 + 33}}) {
+        CompressConfig cfg = exact_config(4, 64, quant::Rounding::kNearest);
+        cfg.pipeline_chunks = P;
+        const TwoShotPlan plan(cfg, n, 0, ranks, 0);
+        for (int j = 0; j < ranks; ++j) {
+          const MessageLayout& m = plan.message(j);
+          int64_t at = 0;
+          size_t codes = 0, tail = m.scales_at;
+          for (int k = 0; k < plan.pieces(); ++k) {
+            const ChunkRange p = plan.piece(j, k);
+            const PieceBytes b = plan.piece_bytes(j, k);
+            EXPECT_EQ(p.begin, at);
+            EXPECT_EQ(p.begin % 64, 0);
+            EXPECT_EQ(b.codes_begin, codes);
+            EXPECT_EQ(b.tail_begin, tail);
+            at = p.end;
+            codes = b.codes_end;
+            tail = b.tail_end;
+          }
+          EXPECT_EQ(at, plan.chunk(j).count());
+          EXPECT_EQ(codes, m.scales_at);  // the pieces' codes and tails tile the message
+          EXPECT_EQ(tail, m.bytes);
+        }
+      }
+}
+
+// Pipelined runs (several pieces per chunk, on point-to-point messages) give the bytes of the
+// unpipelined two-shot (one piece, the all-to-all and all-gather collectives): the same outputs,
+// stats and error-feedback state over steps that carry error feedback and the lbt gamma over.
+TEST(TwoShotPipeline, BitIdenticalToTheCollectives) {
+  struct Case {
+    int bits;
+    quant::PolicyKind policy;
+    int64_t G, n;
+  };
+  std::vector<Case> cases;
+  for (int64_t n : {int64_t{1}, int64_t{100}, int64_t{3 * 64 + 5}, int64_t{37 * 64 + 31},
+                    int64_t{200 * 64}, int64_t{100003}})
+    cases.push_back({4, quant::PolicyKind::kLbt, 64, n});
+  cases.push_back({8, quant::PolicyKind::kMinMax, 64, 9 * 64 + 1});
+  cases.push_back({4, quant::PolicyKind::kTopK, 512, 50 * 512 + 7});
+  cases.push_back({4, quant::PolicyKind::kMse, 128, 20000});
+  for (const Case& c : cases)
+    for (int P : {2, 3, 5, 16}) {
+      SCOPED_TRACE("bits " + std::to_string(c.bits) + " policy " +
+                   quant::policy_kind_name(c.policy) + " G " + std::to_string(c.G) + " n " +
+                   std::to_string(c.n) + " pieces " + std::to_string(P));
+      CompressConfig cfg;
+      cfg.bits = c.bits;
+      cfg.block_size = c.G;
+      cfg.policy.kind = c.policy;
+      cfg.policy.topk = 4;
+      cfg.seed = 9;
+      cfg.pipeline_chunks = 1;
+      TwoShotAllreduce plain(W(), cfg, c.n, 6);
+      cfg.pipeline_chunks = P;
+      TwoShotAllreduce piped(W(), cfg, c.n, 6);
+      // Pipelined whenever a chunk has two blocks (the rule caps P at the blocks of chunk 0).
+      const TwoShotPlan plan(cfg, c.n, 6, R(), me());
+      if (R() > 1 && plan.chunk(0).count() > c.G) {
+        EXPECT_GT(plan.pieces(), 1);
+      }
+      for (uint32_t step = 0; step < 3; ++step) {
+        std::vector<float> xa = random_input(30 + step, c.n, c.G), xb = xa;
+        const BucketStats sa = plain.run(xa.data(), step);
+        const BucketStats sb = piped.run(xb.data(), step);
+        plain.commit(true);
+        piped.commit(true);
+        EXPECT_EQ(count_wrong(xa, xb), 0) << "step " << step;
+        EXPECT_EQ(sa.count, sb.count);
+        EXPECT_EQ(sa.clipped, sb.clipped);
+        EXPECT_EQ(sa.nonfinite, sb.nonfinite);
+        EXPECT_EQ(sa.gamma, sb.gamma);
+        EXPECT_EQ(plain.save_state(), piped.save_state());
+      }
+      EXPECT_TRUE(same_on_all_ranks(&P, sizeof P));  // every rank went through every case
+    }
+}
+
+TEST(TwoShotPipeline, WireBytesAreThePiecesOfTheMessages) {
+  // The pipelined two-shot sends every other rank its chunk's message and its own message: the
+  // all-to-all bytes of the collectives and (N-1) times the own message.
+  const int64_t G = 64, n = 40 * G + 9;
+  CompressConfig cfg = exact_config(4, G, quant::Rounding::kStochastic);
+  cfg.pipeline_chunks = 4;
+  TwoShotAllreduce ts(W(), cfg, n, 0);
+  std::vector<float> x = random_input(3, n, G);
+  const BucketStats st = ts.run(x.data(), 0);
+  const TwoShotPlan plan(cfg, n, 0, R(), me());
+  uint64_t want = 0;
+  for (int j = 0; j < R(); ++j)
+    if (j != me()) want += plan.message(j).bytes + plan.own_message().bytes;
+  EXPECT_EQ(st.wire_bytes, want);
 }
 
 }  // namespace

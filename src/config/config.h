@@ -100,7 +100,9 @@ struct Config {
     double eta = 1e-3;         // lbt: gamma step per training step, in (0, 1]
     int topk = 4;  // topk: values per block that saturate (clip at the (k+1)-th largest), < G
     quant::Rounding rounding = quant::Rounding::kStochastic;  // nearest | stochastic
-    bool overlap = true;  // launch buckets during backward (false: all after backward)
+    bool overlap = true;      // launch buckets during backward (false: all after backward)
+    int pipeline_chunks = 0;  // pieces per chunk of the host two-shot, overlapping quantization
+                              // and transfers: 0 = auto (comm/two_shot.h), 1 = off, up to 64
     comm::HierarchyMode hierarchy = comm::HierarchyMode::kAuto;  // auto | flat | node: reduce
                                                                  // within nodes first
     int64_t dump_buckets_every = 0;  // every N steps each rank writes its compressed buckets'

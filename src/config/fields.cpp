@@ -331,6 +331,8 @@ std::vector<Field> make_fields(Config& c) {
       {"comm.topk", &k.topk, integer(&k.topk, 1, (1 << 24) - 1)},
       choice("comm.rounding", &k.rounding),
       {"comm.overlap", &k.overlap, nullptr},
+      {"comm.pipeline_chunks", &k.pipeline_chunks,
+       integer(&k.pipeline_chunks, 0, comm::kMaxPipelinePieces)},
       choice("comm.hierarchy", &k.hierarchy),
       {"comm.dump_buckets_every", &k.dump_buckets_every, integer(&k.dump_buckets_every, 0)},
       {"comm.dump_buckets_dir", &k.dump_buckets_dir, nullptr},

@@ -119,6 +119,7 @@ void DataParallel::attach(nn::Model& model, const Config& cfg, std::ostream& log
   bc.compress.policy.eta = static_cast<float>(cfg.comm.eta);
   bc.compress.policy.topk = cfg.comm.topk;
   bc.compress.seed = static_cast<uint32_t>(cfg.train.seed);
+  bc.compress.pipeline_chunks = cfg.comm.pipeline_chunks;
   if (cfg.comm.mode == CommMode::kAuto) {
     // A 4 MiB ring exchange and encode: tens of milliseconds on a 1 Gbit/s link.
     constexpr int64_t kProbeFloats = int64_t{1} << 20;
