@@ -8,7 +8,12 @@
 // nothing).
 // Threads: --threads T runs only T (default: 1 and 2); it sets train.threads (the layers' loops
 // over the batch, kernels/common/parallel.h). --bits 32 or 4 runs only fp32 or 4/4/4. Ends with one
-// JSON line {"bench":"train","rows":[{"model","bits","threads","img_per_s","batch","input"},...]}.
+// JSON line
+// {"bench":"train","device":..,"rows":[{"model","bits","threads","img_per_s","batch","input"},
+// ...]}.
+// --device cuda trains on the GPU (train.device = cuda: the CUDA layers, the device optimizer, the
+// batch copied from page-locked memory on the compute stream, fp32 GEMMs with TF32 off); the loss
+// is read back every step (as the trainer does) and the clock is read after the GPU is idle.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -19,7 +24,9 @@
 
 #include "kernels/common/error.h"
 #include "kernels/common/parallel.h"
+#include "src/core/device.h"
 #include "src/data/dataset.h"
+#include "src/nn/layers_cuda.h"
 #include "src/nn/model.h"
 #include "src/train/optim.h"
 
@@ -50,6 +57,7 @@ int main(int argc, char** argv) try {
   std::vector<std::string> models = {"mlp", "cnn", "resnet20"};
   std::vector<int> thread_counts = {1, 2};
   std::vector<int> bit_widths = {32, 4};  // 32 = fp32, 4 = 4/4/4
+  Device device = Device::kCpu;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--steps" && i + 1 < argc)
@@ -64,7 +72,14 @@ int main(int argc, char** argv) try {
       bit_widths = {std::atoi(argv[++i])};
     else if (a == "--batch" && i + 1 < argc)
       batch = std::atoll(argv[++i]);
-    else if (a == "--input" && i + 1 < argc) {
+    else if (a == "--device" && i + 1 < argc) {
+      const std::string d = argv[++i];
+      if (d != "cpu" && d != "cuda") {
+        std::fprintf(stderr, "bench_train: --device %s is not cpu or cuda\n", d.c_str());
+        return 2;
+      }
+      device = d == "cuda" ? Device::kCuda : Device::kCpu;
+    } else if (a == "--input" && i + 1 < argc) {
       if (!parse_input_shape(argv[++i], &channels, &height, &width)) {
         std::fprintf(stderr, "bench_train: --input %s is not CxHxW (e.g. 3x32x32)\n", argv[i]);
         return 2;
@@ -72,7 +87,7 @@ int main(int argc, char** argv) try {
     } else {
       std::fprintf(stderr,
                    "usage: bench_train [--steps N] [--reps R] [--model mlp|cnn|resnet20|resnet18] "
-                   "[--threads T] [--bits 32|4] [--batch N] [--input CxHxW]\n");
+                   "[--threads T] [--bits 32|4] [--batch N] [--input CxHxW] [--device cpu|cuda]\n");
       return 2;
     }
   }
@@ -82,6 +97,11 @@ int main(int argc, char** argv) try {
                  "bench_train: --steps, --reps, --threads and --batch must be >= 1, --bits 32 or "
                  "4\n");
     return 2;
+  }
+  if (device == Device::kCuda) {
+    // The host threads only assemble batches here: one thread count, stated as 1.
+    thread_counts = {1};
+    std::printf("# device: %s\n", describe_gpu().c_str());  // throws naming the rank: no GPU
   }
   const double kLr = train::OptimConfig{}.lr;  // the schedule at its start
   data::SyntheticConfig sc;  // validates the input shape (channels 1..16, sides 8..1024)
@@ -94,10 +114,11 @@ int main(int argc, char** argv) try {
   data::normalize(ds, data::compute_channel_stats(ds));
   const std::string input =
       std::to_string(channels) + "x" + std::to_string(height) + "x" + std::to_string(width);
-  std::printf("# bench_train: batch %lld, %s, SGD step included, best of %d x %d steps\n",
-              static_cast<long long>(batch), input.c_str(), reps, steps);
+  std::printf("# bench_train: %s, batch %lld, %s, SGD step included, best of %d x %d steps\n",
+              device_name(device), static_cast<long long>(batch), input.c_str(), reps, steps);
   std::printf("%-10s %-6s %8s %12s %12s\n", "model", "bits", "threads", "ms/step", "img/s");
-  std::string json = "{\"bench\":\"train\",\"rows\":[";
+  std::string json =
+      std::string("{\"bench\":\"train\",\"device\":\"") + device_name(device) + "\",\"rows\":[";
   bool first = true;
   for (const std::string& name : models)
     for (int threads : thread_counts)
@@ -109,10 +130,17 @@ int main(int argc, char** argv) try {
         spec.height = height;
         spec.width = width;
         spec.quantized = bits != 32;
+        spec.device = device;
         nn::Model model(spec, 1);
         train::Optimizer opt(train::OptimConfig{}, model.params(), model.values(), model.grads(),
                              model.num_params());
-        Tensor x({batch, channels, height, width}), logits, dl;
+        Tensor x, logits, dl;
+        if (device == Device::kCuda) {
+          opt.bind_device(model.device_values(), model.device_grads());
+          x.resize_pinned({batch, channels, height, width});  // asynchronous copies to the GPU
+        } else {
+          x.resize({batch, channels, height, width});
+        }
         std::vector<int32_t> labels(batch);
         std::vector<int64_t> idx(batch);
         auto one_step = [&](int s) {
@@ -123,7 +151,7 @@ int main(int argc, char** argv) try {
           const bool calibrating = model.needs_calibration();
           model.zero_grad();
           model.forward(x, logits, true);
-          const float loss = nn::softmax_cross_entropy(logits, labels.data(), &dl, nullptr);
+          const float loss = nn::softmax_cross_entropy_any(logits, labels.data(), &dl, nullptr);
           model.backward(dl);
           if (!std::isfinite(loss)) {
             std::fprintf(stderr, "bench_train: %s %s: step %d has a non-finite loss\n",
@@ -142,6 +170,7 @@ int main(int argc, char** argv) try {
         for (int r = 0; r < reps; ++r) {
           const auto t0 = std::chrono::steady_clock::now();
           for (int s = 0; s < steps; ++s) one_step(1 + r * steps + s);
+          if (device == Device::kCuda) synchronize_device();
           best = std::min(
               best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         }
