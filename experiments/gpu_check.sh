@@ -11,15 +11,22 @@
 #      (MPI staged through pinned host memory), and NCCL with one rank, as tests and as benchmarks;
 #   4. experiments/gpu_math_check.sh: the GPU math of the training engine (kernels/math/cuda)
 #      against the CPU, and the int8 tensor-core GEMM beside fp32/TF32 at resnet18's shapes;
-#   5. the GPU training engine (train.device = cuda): test_cuda_layers with no skip allowed (every
-#      CUDA layer against its CPU layer, 100-step GPU trainings against the CPU loss curves, GPU
-#      rerun and resume bit for bit), then cnn fp32 on Fashion-MNIST: 100 steps on the GPU and on
-#      the CPU (loss curves compared), 2 GPU epochs (test accuracy), and mpirun -np 2 GPU ranks
-#      sharing the GPU with the int4 all-reduce (MPI, gradients through host memory), and 200
-#      fp32 resnet20 steps on the GPU (img/s). Data: $FMNIST,
-#      else ./data/fashion-mnist (an ignored folder: copy the four .gz files there and carry it
-#      with the device call), else /usr/share/datasets/fashion-mnist. Results: gpu_train.json;
-#   6. bench_gpu kernels: copy, quantize+pack (G = 512 stochastic and nearest; per tensor, two
+#   5. the GPU training engine (train.device = cuda): test_cuda_layers and test_cuda_quant_layers
+#      with no skip allowed (every CUDA layer, fp32 and quantized, against its CPU layer; the device
+#      optimizer; 100-step GPU trainings against the CPU loss curves; GPU rerun and resume bit for
+#      bit; CPU checkpoint -> GPU -> CPU), the device BucketEngine staged over MPI with 2 ranks,
+#      then on Fashion-MNIST: cnn fp32 and cnn 4/4/4 lbt 100 steps on the GPU and on the CPU (loss
+#      curves compared), the default config (cnn 4/4/4 lbt, its whole schedule) on the GPU beside
+#      the CPU (test accuracy within 0.3 points), 2 GPU epochs of cnn fp32, mpirun -np 2 GPU ranks
+#      sharing the GPU through staged MPI with the int4 and the fp32 all-reduce (accuracy within
+#      0.3 points), comm.backend = nccl with 2 ranks on one GPU (must fail on every rank, no
+#      hang), and 200 fp32 resnet20 steps (img/s). Data: $FMNIST, else ./data/fashion-mnist (an
+#      ignored folder: copy the four .gz files there and carry it with the device call), else
+#      /usr/share/datasets/fashion-mnist. Results: gpu_train.json;
+#   6. bench_train --device cuda (resnet20 batch 128 1x28x28, resnet18 batch 256 3x32x32; fp32 and
+#      4/4/4) beside PyTorch on the same GPU (bench_train_torch.py: eager fp32 and AMP bf16, then
+#      torch.compile while the time budget allows; TF32 off on both sides): bench_train_gpu.json;
+#   7. bench_gpu kernels: copy, quantize+pack (G = 512 stochastic and nearest; per tensor, two
 #      passes), unpack+dequantize, owner step N = 2, 4, 8 on 2^28 floats, each as a fraction of
 #      the copy in the same run, beside the PyTorch figures of step 1.
 # Everything goes under $OUT (default ./gpu_out): gpu_check.log (this output), per-step logs,
@@ -132,6 +139,7 @@ grep 'int4ddp:' "$OUT/configure.log"
 log "build"
 timeout 420 cmake --build "$BUILD" -j16 --target test_cuda_codec test_cuda_two_shot bench_gpu \
   test_codec test_codec_definition test_cuda_math bench_gpu_math test_cuda_layers int4ddp \
+  test_cuda_quant_layers test_cuda_buckets bench_train \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; fail "build (see build.log)"; }
 log "waiting for the PyTorch baseline"
 wait "$torch_pid"
@@ -192,6 +200,16 @@ timeout 240 "$BUILD/tests/test_cuda_layers" --gtest_color=no --gtest_filter='-Gp
   > "$OUT/test_cuda_layers.log" 2>&1 || fail "test_cuda_layers (see test_cuda_layers.log)"
 grep -q '^\[  SKIPPED \]' "$OUT/test_cuda_layers.log" && fail "test_cuda_layers skipped tests on a GPU"
 grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/test_cuda_layers.log"
+log "quantized GPU layers: test_cuda_quant_layers (nothing may skip)"
+timeout 180 "$BUILD/tests/test_cuda_quant_layers" --gtest_color=no \
+  > "$OUT/test_cuda_quant_layers.log" 2>&1 || fail "test_cuda_quant_layers (see test_cuda_quant_layers.log)"
+grep -q '^\[  SKIPPED \]' "$OUT/test_cuda_quant_layers.log" && fail "test_cuda_quant_layers skipped tests on a GPU"
+grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/test_cuda_quant_layers.log"
+log "mpirun -np 2: the device BucketEngine staged over MPI vs the host engine"
+timeout 150 "${MPIRUN[@]}" -np 2 "$BUILD/tests/test_cuda_buckets" \
+  --gtest_filter='CudaBuckets.Staged*:CudaBuckets.Checkpoint*' --gtest_color=no \
+  > "$OUT/test_cuda_buckets_np2.log" 2>&1 || fail "mpirun -np 2 test_cuda_buckets (see test_cuda_buckets_np2.log)"
+grep -E '^\[  (PASSED|FAILED) ' "$OUT/test_cuda_buckets_np2.log" | sort | uniq -c
 FMNIST=${FMNIST:-}
 for d in "$FMNIST" ./data/fashion-mnist /usr/share/datasets/fashion-mnist; do
   if [[ -n "$d" && -e "$d/train-images-idx3-ubyte.gz" ]]; then FMNIST=$(cd "$d" && pwd); break; fi
@@ -214,18 +232,44 @@ else
   train_cnn cnn_gpu_100 cuda --set train.epochs=2 --set train.max_steps=100
   train_cnn cnn_cpu_100 cpu --set train.epochs=2 --set train.max_steps=100 --set train.threads=16
   train_cnn cnn_gpu_2ep cuda --set train.epochs=2
+  log "cnn 4/4/4 lbt: 100 steps on the GPU and on the CPU"
+  train_run configs/cnn.yaml qcnn_gpu_100 cuda --set train.epochs=2 --set train.max_steps=100
+  train_run configs/cnn.yaml qcnn_cpu_100 cpu --set train.epochs=2 --set train.max_steps=100 \
+    --set train.threads=16
+  log "the default config (cnn 4/4/4 lbt, whole schedule): GPU beside CPU (CPU in the background)"
+  train_run configs/default.yaml default_cpu cpu --set train.threads=14 &
+  default_cpu_pid=$!
+  train_run configs/default.yaml default_gpu cuda
+  wait "$default_cpu_pid"
   log "resnet20 fp32, 200 GPU steps (throughput of the first GPU engine)"
   train_run configs/resnet20.yaml resnet20_gpu_200 cuda --set train.epochs=2 \
     --set train.max_steps=200 --set quant.weight_bits=32 --set quant.activation_bits=32 \
     --set quant.grad_bits=32 --set comm.mode=fp32
-  log "mpirun -np 2: GPU ranks sharing the GPU, int4 all-reduce over MPI"
-  timeout 200 "${MPIRUN[@]}" -np 2 "$BUILD/int4ddp" train --config configs/cnn_fp32.yaml \
-    --set "data.path=$FMNIST" --set comm.backend=mpi --set comm.mode=int4 --set train.epochs=2 \
-    --set train.max_steps=100 --set train.checkpoint_every_epochs=0 --set log.progress=off \
-    --set train.overwrite=true --set train.device=cuda --set "train.checkpoint_dir=$OUT/ck_np2" \
-    --set "log.metrics_path=$OUT/train_cnn_gpu_np2.jsonl" > "$OUT/train_cnn_gpu_np2.log" 2>&1 \
-    || fail "mpirun -np 2 GPU training (see train_cnn_gpu_np2.log)"
-  tail -1 "$OUT/train_cnn_gpu_np2.log"
+  for mode in int4 fp32; do
+    log "mpirun -np 2: GPU ranks sharing the GPU, $mode all-reduce staged over MPI, 2 epochs"
+    timeout 200 "${MPIRUN[@]}" -np 2 "$BUILD/int4ddp" train --config configs/cnn_fp32.yaml \
+      --set "data.path=$FMNIST" --set comm.backend=mpi --set "comm.mode=$mode" \
+      --set train.epochs=2 --set train.checkpoint_every_epochs=0 --set log.progress=off \
+      --set train.overwrite=true --set train.device=cuda \
+      --set "train.checkpoint_dir=$OUT/ck_np2_$mode" \
+      --set "log.metrics_path=$OUT/train_cnn_gpu_np2_$mode.jsonl" \
+      > "$OUT/train_cnn_gpu_np2_$mode.log" 2>&1 \
+      || fail "mpirun -np 2 GPU training $mode (see train_cnn_gpu_np2_$mode.log)"
+    grep -m1 'gradient buckets:' "$OUT/train_cnn_gpu_np2_$mode.log"
+    tail -1 "$OUT/train_cnn_gpu_np2_$mode.log"
+  done
+  log "bad input: comm.backend = nccl with 2 ranks on one GPU must fail on every rank, no hang"
+  timeout 120 "${MPIRUN[@]}" -np 2 "$BUILD/int4ddp" train --config configs/cnn_fp32.yaml \
+    --set "data.path=$FMNIST" --set comm.backend=nccl --set comm.grad_policy=lbt \
+    --set comm.mode=int4 --set train.device=cuda --set train.max_steps=5 \
+    --set train.checkpoint_every_epochs=0 --set log.progress=off --set train.overwrite=true \
+    --set "train.checkpoint_dir=$OUT/ck_nccl" > "$OUT/train_nccl_np2.log" 2>&1
+  nccl_rc=$?
+  if [[ $nccl_rc -eq 0 || $nccl_rc -eq 124 ]]; then
+    fail "nccl with 2 ranks on one GPU: exit $nccl_rc (expected a clear error; see train_nccl_np2.log)"
+  else
+    log "nccl with 2 ranks on one GPU refused (exit $nccl_rc): $(grep -m1 -i 'error' "$OUT/train_nccl_np2.log")"
+  fi
   python3 - "$OUT" > "$OUT/gpu_train.json" <<'PY' || fail "gpu_train.json"
 # The GPU runs beside the CPU run: step losses of the first 100 steps, final accuracies, img/s.
 import json, os, sys
@@ -238,19 +282,93 @@ def records(name):
         return []
 def losses(r): return {x["batch"]: x["loss"] for x in r if x.get("type") == "step"}
 def final(r): return next((x for x in r if x.get("type") == "final"), {})
-g, c = records("cnn_gpu_100"), records("cnn_cpu_100")
-lg, lc = losses(g), losses(c)
-common = sorted(set(lg) & set(lc))
+def max_gap(a, b):
+    la, lb = losses(records(a)), losses(records(b))
+    common = sorted(set(la) & set(lb))
+    return len(common), max((abs(la[s] - lb[s]) for s in common), default=None)
+def acc(name):
+    v = final(records(name)).get("test_accuracy")
+    return None if v is None else float(v)
+def gap(a, b):
+    x, y = acc(a), acc(b)
+    return None if x is None or y is None else round(100 * abs(x - y), 3)
+n100, gap100 = max_gap("cnn_gpu_100", "cnn_cpu_100")
+nq, gapq = max_gap("qcnn_gpu_100", "qcnn_cpu_100")
 res = {"check": "gpu_train",
-       "steps_compared": len(common),
-       "max_abs_loss_diff_100": max((abs(lg[b] - lc[b]) for b in common), default=None),
-       "gpu_100": final(g), "cpu_100": final(c),
-       "gpu_2ep": final(records("cnn_gpu_2ep")), "gpu_np2_int4_100": final(records("cnn_gpu_np2")),
+       "steps_compared": n100, "max_abs_loss_diff_100": gap100,
+       "q444_steps_compared": nq, "q444_max_abs_loss_diff_100": gapq,
+       "gpu_100": final(records("cnn_gpu_100")), "cpu_100": final(records("cnn_cpu_100")),
+       "gpu_2ep": final(records("cnn_gpu_2ep")),
+       "default_gpu": final(records("default_gpu")), "default_cpu": final(records("default_cpu")),
+       "default_gpu_vs_cpu_points": gap("default_gpu", "default_cpu"),
+       "np2_int4": final(records("cnn_gpu_np2_int4")), "np2_fp32": final(records("cnn_gpu_np2_fp32")),
+       "np2_int4_vs_fp32_points": gap("cnn_gpu_np2_int4", "cnn_gpu_np2_fp32"),
        "resnet20_gpu_200": final(records("resnet20_gpu_200"))}
 print(json.dumps(res))
 PY
   cat "$OUT/gpu_train.json"
 fi
+
+# ---- training throughput beside PyTorch on the same GPU -----------------------------------------
+# Ours: the GPU engine, fp32 and 4/4/4; PyTorch: eager fp32 and AMP bf16 (TF32 off on both sides),
+# then torch.compile (its compilation takes minutes) only while 7 minutes of the run are not spent.
+bench_pair() {  # model batch input
+  local model=$1 batch=$2 input=$3 tag="$1_b$2"
+  log "bench_train --device cuda: $model batch $batch $input"
+  timeout 120 "$BUILD/experiments/bench_train" --device cuda --model "$model" --batch "$batch" \
+    --input "$input" --steps 20 --reps 3 > "$OUT/bench_train_gpu_$tag.log" 2>&1 \
+    || fail "bench_train --device cuda $model (see bench_train_gpu_$tag.log)"
+  grep -v '^{' "$OUT/bench_train_gpu_$tag.log"
+  log "PyTorch eager on the GPU: $model (fp32, AMP bf16)"
+  timeout 120 python3 experiments/bench_train_torch.py --device cuda --model "$model" \
+    --batch "$batch" --input "$input" --precision fp32 --precision bf16 --steps 20 --reps 3 \
+    > "$OUT/torch_train_eager_$tag.log" 2>&1 || echo "PyTorch eager failed (see torch_train_eager_$tag.log)"
+  grep -v '^{' "$OUT/torch_train_eager_$tag.log" | tail -3
+}
+bench_pair resnet20 128 1x28x28
+bench_pair resnet18 256 3x32x32
+for spec in "resnet20 128 1x28x28" "resnet18 256 3x32x32"; do
+  read -r model batch input <<< "$spec"
+  if (( $(date +%s) - t_start > 420 )); then
+    log "torch.compile $model: skipped (time budget)"
+    continue
+  fi
+  log "PyTorch torch.compile on the GPU: $model (fp32, AMP bf16)"
+  timeout 180 python3 experiments/bench_train_torch.py --device cuda --compile --model "$model" \
+    --batch "$batch" --input "$input" --precision fp32 --precision bf16 --steps 20 --reps 3 \
+    > "$OUT/torch_train_compile_${model}_b$batch.log" 2>&1 \
+    || echo "torch.compile failed (see torch_train_compile_${model}_b$batch.log)"
+  grep -v '^{' "$OUT/torch_train_compile_${model}_b$batch.log" | tail -3
+done
+python3 - "$OUT" > "$OUT/bench_train_gpu.json" <<'PY' || fail "bench_train_gpu.json"
+# Ours beside PyTorch: img/s per model and variant, and the ratios the issue names.
+import glob, json, os, sys
+out = sys.argv[1]
+def last_json(path):
+    try:
+        return next(json.loads(l) for l in reversed(open(path).read().splitlines()) if l.startswith("{"))
+    except Exception:
+        return None
+res = {"check": "bench_train_gpu", "rows": {}}
+for model, batch in (("resnet20", 128), ("resnet18", 256)):
+    tag = "%s_b%d" % (model, batch)
+    row = {}
+    ours = last_json(os.path.join(out, "bench_train_gpu_%s.log" % tag)) or {"rows": []}
+    for r in ours["rows"]:
+        row["ours_" + ("fp32" if r["bits"] == "fp32" else "444")] = r["img_per_s"]
+    for mode in ("eager", "compile"):
+        t = last_json(os.path.join(out, "torch_train_%s_%s.log" % (mode, tag))) or {"rows": []}
+        for r in t["rows"]:
+            row["torch_%s_%s" % (mode, r["bits"])] = r["img_per_s"]
+    def ratio(a, b):
+        return round(row[a] / row[b], 3) if row.get(a) and row.get(b) else None
+    row["fp32_x_torch_eager_fp32"] = ratio("ours_fp32", "torch_eager_fp32")
+    row["q444_x_ours_fp32"] = ratio("ours_444", "ours_fp32")
+    row["q444_x_torch_eager_bf16"] = ratio("ours_444", "torch_eager_bf16")
+    res["rows"][model] = row
+print(json.dumps(res))
+PY
+cat "$OUT/bench_train_gpu.json"
 
 # ---- kernel benchmarks (last: its JSON line ends the output) ------------------------------------
 log "kernels, 2^28 floats"
