@@ -339,13 +339,6 @@ void validate_with_origins(const Config& c, const std::map<std::string, std::str
       fail("comm.backend",
            "nccl all-reduces gradients in GPU memory and needs train.device = cuda; with "
            "train.device = cpu use comm.backend = mpi");
-    // The device two-shot has no block-scope clip yet (its codec takes a gamma, not a
-    // saturated input); the staged MPI path runs the host two-shot, which has every policy.
-    if (c.comm.mode != CommMode::kFp32 && quant::is_block_rule(c.comm.grad_policy))
-      fail("comm.grad_policy",
-           "a per-block clip, which the device two-shot of comm.backend = nccl does not "
-           "implement yet; set comm.grad_policy = minmax, fixed or lbt, or comm.backend = mpi "
-           "(buckets staged through host memory, every policy), or comm.mode = fp32");
     if (c.comm.mode == CommMode::kAuto)
       fail("comm.mode",
            "auto measures the MPI link and the host codec; with comm.backend = nccl choose "
