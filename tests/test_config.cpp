@@ -404,9 +404,9 @@ TEST(Config, ValidateChecksKeysAgainstEachOther) {
   c.comm.mode = CommMode::kFp32;
   EXPECT_NO_THROW(validate(c));
   c.comm.mode = CommMode::kInt4;  // every policy runs on the device two-shot, block clips too
-  for (quant::PolicyKind p : {quant::PolicyKind::kMinMax, quant::PolicyKind::kFixed,
-                              quant::PolicyKind::kLbt, quant::PolicyKind::kTopK,
-                              quant::PolicyKind::kMse}) {
+  for (quant::PolicyKind p :
+       {quant::PolicyKind::kMinMax, quant::PolicyKind::kFixed, quant::PolicyKind::kLbt,
+        quant::PolicyKind::kTopK, quant::PolicyKind::kMse}) {
     c.comm.grad_policy = p;
     EXPECT_NO_THROW(validate(c)) << quant::policy_kind_name(p);
   }

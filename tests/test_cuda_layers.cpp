@@ -38,6 +38,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test.h"
 #include "kernels/common/error.h"
 #include "kernels/quant/cuda/codec_cuda.h"
 #include "src/config/config.h"
@@ -81,17 +82,8 @@ Tensor abs_of(const Tensor& t) {
   return a;
 }
 
-Tensor to_device(const Tensor& h) {
-  Tensor d(h.shape(), Device::kCuda);
-  d.copy_from(h);
-  return d;
-}
-
-Tensor to_host(const Tensor& d) {
-  Tensor h(d.shape());
-  h.copy_from(d);
-  return h;
-}
+using test::to_device;
+using test::to_host;
 
 // Gives the CUDA layer the CPU layer's parameter values, on the device, with zero gradients.
 void share_params(Layer& cpu, Layer& gpu, bool absolute = false) {

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test.h"
 #include "kernels/common/error.h"
 #include "kernels/math/cuda/qlayer_cuda.h"
 #include "kernels/quant/cuda/codec_cuda.h"
@@ -56,17 +57,8 @@ Tensor random_tensor(Shape shape, uint64_t seed, float scale = 1.0f, float mean 
   return t;
 }
 
-Tensor to_device(const Tensor& h) {
-  Tensor d(h.shape(), Device::kCuda);
-  d.copy_from(h);
-  return d;
-}
-
-Tensor to_host(const Tensor& d) {
-  Tensor h(d.shape());
-  h.copy_from(d);
-  return h;
-}
+using test::to_device;
+using test::to_host;
 
 // Bytes from the device after the compute stream's work (the layers' kernels run there).
 void device_to_host(void* dst, const void* src, int64_t bytes) {

@@ -13,6 +13,7 @@
 #ifdef INT4DDP_HAVE_CUDA
 #include <cuda_runtime_api.h>
 
+#include "kernels/math/cuda/gemm_cuda.h"
 #include "kernels/quant/cuda/cuda_check.h"
 #include "src/core/device_cuda.h"
 #endif
@@ -61,6 +62,14 @@ cudaStream_t compute_stream() {
     return s;
   }();
   return stream;
+}
+
+math::cuda::GemmContext& gemm_context() {
+  static math::cuda::GemmContext* ctx = [] {
+    select_gpu();
+    return new math::cuda::GemmContext();
+  }();
+  return *ctx;
 }
 
 std::shared_ptr<float> allocate_floats(Device device, bool pinned, int64_t count) {

@@ -23,15 +23,6 @@ namespace {
 namespace mc = math::cuda;
 using math::Trans;
 
-// The cuBLAS handles of this process's GPU, made after select_gpu().
-mc::GemmContext& gemm_context() {
-  static mc::GemmContext* ctx = [] {
-    select_gpu();
-    return new mc::GemmContext();  // lives as long as the CUDA context (never destroyed)
-  }();
-  return *ctx;
-}
-
 void check_on_gpu(const Tensor& t, const std::string& layer, const char* what) {
   INT4DDP_CHECK(t.device() == Device::kCuda, layer, ": ", what, " ", shape_str(t.shape()),
                 " is in host memory; a CUDA layer needs a device tensor");

@@ -30,15 +30,6 @@ using math::Trans;
 // Bytes of im2col code columns (or their int32 / fp32 gradients) per group of samples.
 constexpr int64_t kColumnBytes = int64_t{128} << 20;
 
-// The integer-GEMM handles of this process's GPU, made after select_gpu().
-mc::GemmContext& qgemm_context() {
-  static mc::GemmContext* ctx = [] {
-    select_gpu();
-    return new mc::GemmContext();  // lives as long as the CUDA context (never destroyed)
-  }();
-  return *ctx;
-}
-
 // count elements of T in the device storage of t (grows, never shrinks; cudaMalloc aligns it).
 template <typename T>
 T* device_buffer(Tensor& t, int64_t count) {
@@ -213,7 +204,7 @@ class CudaQLinear : public Layer, public CudaQuantOp {
     y.resize({n, out_}, Device::kCuda);
     cudaStream_t s = compute_stream();
     // y (n, out) = X^ (n, in) W^T.
-    mc::int_gemm(qgemm_context(), n, out_, in_, act_operand(xc_, in_, Trans::kNo),
+    mc::int_gemm(gemm_context(), n, out_, in_, act_operand(xc_, in_, Trans::kNo),
                  weight_operand(in_, Trans::kYes), scale, false, y.data(), out_, s);
     mc::bias_add_rows_async(y.data(), device_value_of(bias_), n, out_, s);
   }
@@ -224,13 +215,13 @@ class CudaQLinear : public Layer, public CudaQuantOp {
     cudaStream_t s = compute_stream();
     // dW^ (out, in) = G^T (out, n) X^ (n, in).
     float* dwhat = device_buffer<float>(dwhat_, out_ * in_);
-    mc::int_gemm(qgemm_context(), out_, in_, n, grad_operand(gc_, out_, Trans::kYes),
+    mc::int_gemm(gemm_context(), out_, in_, n, grad_operand(gc_, out_, Trans::kYes),
                  act_operand(xc_, in_, Trans::kNo), dg * grid_.sa, false, dwhat, in_, s);
     weight_backward_device(weight_, dwhat);
     mc::bias_grad_codes_async(gc_, n, out_, dg, device_grad_of(bias_), s);
     // dX^ (n, in) = G (n, out) W^ (out, in); u_A's gradient needs it even without dx.
     float* dxhat = device_buffer<float>(dxhat_, n * in_);
-    mc::int_gemm(qgemm_context(), n, in_, out_, grad_operand(gc_, out_, Trans::kNo),
+    mc::int_gemm(gemm_context(), n, in_, out_, grad_operand(gc_, out_, Trans::kNo),
                  weight_operand(in_, Trans::kNo), dg * grid_.sw, false, dxhat, in_, s);
     act_backward_device(x, dxhat, dx);
   }
@@ -276,7 +267,7 @@ class CudaQConv2d : public Layer, public CudaQuantOp {
       // y_g (out, g*hw) = W^ (out, rows) col (rows, g*hw): each output one exact sum rescaled
       // once, whatever the grouping; one sample is already in y's layout.
       float* yg = g == 1 ? y.data() + s0 * out_ * hw : device_buffer<float>(ygroup_, out_ * cols);
-      mc::int_gemm(qgemm_context(), out_, cols, rows, weight_operand(rows, Trans::kNo),
+      mc::int_gemm(gemm_context(), out_, cols, rows, weight_operand(rows, Trans::kNo),
                    act_operand(col, rows, Trans::kYes), scale, false, yg, cols, s);
       if (g > 1) mc::planes_by_sample_async(yg, g, out_, hw, y.data() + s0 * out_ * hw, s);
     }
@@ -308,7 +299,7 @@ class CudaQConv2d : public Layer, public CudaQuantOp {
       uint8_t* col = device_buffer<uint8_t>(col_, rows * cols);  // (rows, g*hw)
       im2col_codes(s0, g, false, col);
       // dW^ sums (out, rows) += G_g col^T, exact: int32 per group, int64 over groups.
-      mc::int_gemm_i32(qgemm_context(), out_, rows, cols, grad_operand(gt, cols, Trans::kNo),
+      mc::int_gemm_i32(gemm_context(), out_, rows, cols, grad_operand(gt, cols, Trans::kNo),
                        act_operand(col, cols, Trans::kYes), dw32, rows, s);
       mc::accumulate_i64_async(dw32, wsize, s0 == 0, acc, s);
       // dcol (rows, g*hw) = W^T (rows, out) G_g.
@@ -316,12 +307,11 @@ class CudaQConv2d : public Layer, public CudaQuantOp {
       const mc::IntOperand gg = grad_operand(gt, cols, Trans::kNo);
       if (exact_dx) {
         int32_t* dcol = device_buffer<int32_t>(dcol_, rows * cols);
-        mc::int_gemm_i32(qgemm_context(), rows, cols, out_, wt, gg, dcol, cols, s);
+        mc::int_gemm_i32(gemm_context(), rows, cols, out_, wt, gg, dcol, cols, s);
         mc::col2im_i32_scaled_async(dcol, s0, g, geo_, dg * grid_.sw, dxhat, s);
       } else {
         float* dcol = device_buffer<float>(dcol_, rows * cols);
-        mc::int_gemm(qgemm_context(), rows, cols, out_, wt, gg, dg * grid_.sw, false, dcol, cols,
-                     s);
+        mc::int_gemm(gemm_context(), rows, cols, out_, wt, gg, dg * grid_.sw, false, dcol, cols, s);
         mc::col2im_async(dcol, s0, g, geo_, false, dxhat, s);
       }
     }
