@@ -754,6 +754,38 @@ TEST(BlockClip, TopKIsTheKPlusFirstLargestAndFallsAsKGrows) {
   EXPECT_TRUE(is_block_rule(PolicyKind::kMse));
 }
 
+// The one-pass selection (8 lanes at a time where the CPU has AVX2) against a sort of the finite
+// magnitudes: lengths around the vector width, NaN, +-Inf, zeros, ties and negative values.
+TEST(BlockClip, TopKEqualsASortOfTheFiniteMagnitudes) {
+  std::mt19937_64 rng(21);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> pick(0, 99);
+  for (int64_t n : {1, 5, 7, 8, 9, 15, 16, 17, 63, 64, 65, 200, 511, 512, 1000})
+    for (int k : {1, 3, 4, 16, 70})
+      for (int trial = 0; trial < 4; ++trial) {
+        std::vector<float> x(static_cast<size_t>(n));
+        for (float& v : x) {
+          const int c = pick(rng);
+          v = c < 4    ? NAN
+              : c < 6  ? INFINITY
+              : c < 8  ? -INFINITY
+              : c < 15 ? 0.0f
+              : c < 30 ? std::round(normal(rng) * 2.0f)  // ties
+                       : normal(rng) * (trial + 1.0f);
+        }
+        std::vector<float> fin;
+        for (float v : x)
+          if (std::isfinite(v)) fin.push_back(std::fabs(v));
+        std::sort(fin.begin(), fin.end(), std::greater<float>());
+        const float absmax = fin.empty() ? 0.0f : fin[0];
+        float want = absmax;
+        if (n > k && absmax > 0.0f && static_cast<int64_t>(fin.size()) > k && fin[k] > 0.0f)
+          want = fin[static_cast<size_t>(k)];
+        EXPECT_EQ(block_clip(x.data(), n, block_rule(PolicyKind::kTopK, k)), want)
+            << "n " << n << " k " << k << " trial " << trial;
+      }
+}
+
 TEST(BlockClip, SaturateClipsExactlyKPerBlockAndCountsThem) {
   const int64_t G = 256, n = 10 * G + 77;                      // a short last block too
   const std::vector<float> x = sample(Dist::kGaussian, n, 5);  // continuous: no ties

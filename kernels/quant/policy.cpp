@@ -7,6 +7,10 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "kernels/common/error.h"
 
 namespace int4ddp::quant {
@@ -420,15 +424,63 @@ bool is_block_rule(PolicyKind kind) {
   return kind == PolicyKind::kTopK || kind == PolicyKind::kMse;
 }
 
+namespace {
+
+// Inserts a into t[0, keep) (descending) when it beats the last kept value.
+inline void keep_largest(float a, float* t, int keep) {
+  if (!(a > t[keep - 1])) return;
+  int j = keep - 1;
+  for (; j > 0 && t[j - 1] < a; --j) t[j] = t[j - 1];
+  t[j] = a;
+}
+
+// The keep largest finite magnitudes of x[0, n) into t (descending; -1 where fewer), and the
+// largest finite magnitude. One pass; most elements fail the test against the last kept value, so
+// the AVX2 path tests 8 at a time and inserts only the lanes that pass, in element order. The
+// result is a property of the multiset of finite magnitudes: every path gives the same bits.
+float top_magnitudes(const float* x, int64_t n, int keep, float* t) {
+  std::fill(t, t + keep, -1.0f);
+  float absmax = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256 sign = _mm256_set1_ps(-0.0f), fmax = _mm256_set1_ps(3.40282347e+38f);
+  __m256 vmax = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
+    const __m256 fin = _mm256_cmp_ps(a, fmax, _CMP_LE_OQ);  // false for NaN and Inf
+    const __m256 af = _mm256_and_ps(a, fin);                // non-finite lanes: 0
+    vmax = _mm256_max_ps(vmax, af);
+    const __m256 beats = _mm256_cmp_ps(a, _mm256_set1_ps(t[keep - 1]), _CMP_GT_OQ);
+    int m = _mm256_movemask_ps(_mm256_and_ps(beats, fin));
+    while (m != 0) {
+      const int l = __builtin_ctz(static_cast<unsigned>(m));
+      keep_largest(std::fabs(x[i + l]), t, keep);
+      m &= m - 1;
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (float v : lanes) absmax = std::max(absmax, v);
+#endif
+  for (; i < n; ++i) {
+    if (!is_finite_value(x[i])) continue;
+    const float a = std::fabs(x[i]);
+    absmax = std::max(absmax, a);
+    keep_largest(a, t, keep);
+  }
+  return absmax;
+}
+
+}  // namespace
+
 float block_clip(const float* x, int64_t n, const PolicyConfig& cfg) {
-  const float absmax = finite_absmax(x, n, nullptr);
-  if (!(absmax > 0.0f)) return absmax;
-  if (cfg.kind == PolicyKind::kMse) {
+  if (cfg.kind != PolicyKind::kTopK || n <= cfg.topk) {
+    const float absmax = finite_absmax(x, n, nullptr);
+    if (!(absmax > 0.0f) || cfg.kind != PolicyKind::kMse) return absmax;
     const std::optional<float> g = mse_gamma(x, n, cfg.bits, cfg.mse_iterations);
     return g && *g < kMaxGamma ? *g * absmax : absmax;
   }
-  if (cfg.kind != PolicyKind::kTopK || n <= cfg.topk) return absmax;
-  // The k + 1 largest magnitudes, descending (k is small: most elements fail the first test).
+  // The k + 1 largest magnitudes, descending.
   const int keep = cfg.topk + 1;
   float top[64];
   std::vector<float> heap_top;
@@ -437,14 +489,8 @@ float block_clip(const float* x, int64_t n, const PolicyConfig& cfg) {
     heap_top.resize(static_cast<size_t>(keep));
     t = heap_top.data();
   }
-  std::fill(t, t + keep, -1.0f);
-  for (int64_t i = 0; i < n; ++i) {
-    const float a = std::fabs(x[i]);
-    if (!is_finite_value(x[i]) || !(a > t[keep - 1])) continue;
-    int j = keep - 1;
-    for (; j > 0 && t[j - 1] < a; --j) t[j] = t[j - 1];
-    t[j] = a;
-  }
+  const float absmax = top_magnitudes(x, n, keep, t);
+  if (!(absmax > 0.0f)) return absmax;
   const float c = t[keep - 1];
   return c > 0.0f ? c : absmax;  // fewer than k + 1 finite values, or a sparse block: gamma 1
 }
