@@ -241,6 +241,9 @@ else
   default_cpu_pid=$!
   train_run configs/default.yaml default_gpu cuda
   wait "$default_cpu_pid"
+  # fail() in the background job cannot set this shell's status: check its log here.
+  grep -q 'final test accuracy' "$OUT/train_default_cpu.log" \
+    || fail "training default_cpu (see train_default_cpu.log)"
   log "resnet20 fp32, 200 GPU steps (throughput of the first GPU engine)"
   train_run configs/resnet20.yaml resnet20_gpu_200 cuda --set train.epochs=2 \
     --set train.max_steps=200 --set quant.weight_bits=32 --set quant.activation_bits=32 \
