@@ -435,32 +435,43 @@ inline void keep_largest(float a, float* t, int keep) {
 }
 
 // The keep largest finite magnitudes of x[0, n) into t (descending; -1 where fewer), and the
-// largest finite magnitude. One pass; most elements fail the test against the last kept value, so
-// the AVX2 path tests 8 at a time and inserts only the lanes that pass, in element order. The
-// result is a property of the multiset of finite magnitudes: every path gives the same bits.
+// largest finite magnitude. The result is a property of the multiset of finite magnitudes: every
+// path gives the same bits.
+//
+// AVX2, keep <= 8, n >= 8: pass 1 takes each of the 8 lanes' largest finite magnitude (8 distinct
+// elements; a lane of only non-finite values gives 0). Their keep-th largest, thr, is a lower bound
+// of the block's keep-th largest, so pass 2 (the block is in L1 now) inserts only the elements with
+// |x| >= thr, usually about keep of them, instead of testing every element against a threshold
+// that rises slowly (each rise a mispredicted branch).
 float top_magnitudes(const float* x, int64_t n, int keep, float* t) {
   std::fill(t, t + keep, -1.0f);
   float absmax = 0.0f;
   int64_t i = 0;
 #if defined(__AVX2__)
-  const __m256 sign = _mm256_set1_ps(-0.0f), fmax = _mm256_set1_ps(3.40282347e+38f);
-  __m256 vmax = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
-    const __m256 fin = _mm256_cmp_ps(a, fmax, _CMP_LE_OQ);  // false for NaN and Inf
-    const __m256 af = _mm256_and_ps(a, fin);                // non-finite lanes: 0
-    vmax = _mm256_max_ps(vmax, af);
-    const __m256 beats = _mm256_cmp_ps(a, _mm256_set1_ps(t[keep - 1]), _CMP_GT_OQ);
-    int m = _mm256_movemask_ps(_mm256_and_ps(beats, fin));
-    while (m != 0) {
-      const int l = __builtin_ctz(static_cast<unsigned>(m));
-      keep_largest(std::fabs(x[i + l]), t, keep);
-      m &= m - 1;
+  if (keep <= 8 && n >= 8) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), fmax = _mm256_set1_ps(3.40282347e+38f);
+    const int64_t nv = n / 8 * 8;
+    __m256 vmax = _mm256_setzero_ps();
+    for (; i < nv; i += 8) {
+      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
+      vmax = _mm256_max_ps(vmax, _mm256_and_ps(a, _mm256_cmp_ps(a, fmax, _CMP_LE_OQ)));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    std::sort(lanes, lanes + 8, [](float u, float v) { return u > v; });
+    absmax = lanes[0];
+    const __m256 thr = _mm256_set1_ps(lanes[keep - 1]);
+    for (int64_t j = 0; j < nv; j += 8) {
+      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j));
+      const __m256 pick =
+          _mm256_and_ps(_mm256_cmp_ps(a, thr, _CMP_GE_OQ), _mm256_cmp_ps(a, fmax, _CMP_LE_OQ));
+      int m = _mm256_movemask_ps(pick);
+      while (m != 0) {
+        keep_largest(std::fabs(x[j + __builtin_ctz(static_cast<unsigned>(m))]), t, keep);
+        m &= m - 1;
+      }
     }
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vmax);
-  for (float v : lanes) absmax = std::max(absmax, v);
 #endif
   for (; i < n; ++i) {
     if (!is_finite_value(x[i])) continue;
