@@ -13,6 +13,7 @@
 
 #include "kernels/common/error.h"
 #include "kernels/math/conv3x3_kernels.h"
+#include "kernels/quant/codec.h"
 
 namespace int4ddp::math {
 
@@ -75,11 +76,9 @@ struct Conv3x3Workspace::Buffers {
 
 namespace {
 
-// INT4DDP_ISA (the codec's override) = portable or avx2 rules AVX-512 out; there is no AVX2 path.
-bool env_forces_portable() {
-  const char* env = std::getenv("INT4DDP_ISA");
-  return env && (std::string(env) == "portable" || std::string(env) == "avx2");
-}
+// The codec's instruction set (INT4DDP_ISA, parsed once by the codec) below avx512 rules AVX-512
+// out here too; there is no AVX2 path.
+bool codec_rules_out_avx512() { return quant::current_isa() != quant::Isa::kAvx512; }
 
 const Conv3x3Kernels& kernels_for(Conv3x3Isa isa) {
   switch (conv3x3_resolve(isa)) {
@@ -275,7 +274,7 @@ bool conv3x3_isa_available(Conv3x3Isa isa) {
 Conv3x3Isa conv3x3_resolve(Conv3x3Isa isa) {
   if (isa == Conv3x3Isa::kAuto) {
     static const Conv3x3Isa best =
-        !env_forces_portable() && conv3x3_isa_available(Conv3x3Isa::kAvx512)
+        !codec_rules_out_avx512() && conv3x3_isa_available(Conv3x3Isa::kAvx512)
             ? Conv3x3Isa::kAvx512
             : Conv3x3Isa::kPortable;
     return best;
