@@ -5,8 +5,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <set>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/common/error.h"
@@ -80,28 +83,67 @@ class NcclCommunicator final : public Communicator {
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t ready_ = nullptr;
+  bool aborted_ = false;  // ncclCommAbort ran after an error: comm_ is gone
 };
+
+// NCCL's asynchronous error of comm, or ncclSuccess (also while an operation is in progress).
+ncclResult_t async_error(ncclComm_t comm) {
+  ncclResult_t async = ncclSuccess;
+  if (ncclCommGetAsyncError(comm, &async) != ncclSuccess) return ncclSystemError;
+  return async == ncclInProgress ? ncclSuccess : async;
+}
+
+// Waits until query() stops answering cudaErrorNotReady, polling NCCL's asynchronous error on the
+// way: a collective whose peer died never completes, so a plain synchronize would hang. On an
+// NCCL error the communicator is aborted (its kernels stop, *aborted is set) and Error names the
+// operation, the call and the rank (fail_call).
+template <typename Query>
+void wait_or_abort(ncclComm_t comm, bool* aborted, const char* what, Query&& query) {
+  for (;;) {
+    const cudaError_t rc = query();
+    if (rc != cudaErrorNotReady) {
+      INT4DDP_CUDA_CHECK(rc);
+      break;
+    }
+    const ncclResult_t async = async_error(comm);
+    if (async != ncclSuccess) {
+      const std::string text = detail::nccl_error_text(async, comm);
+      ncclCommAbort(comm);
+      *aborted = true;
+      detail::fail_call("NCCL", what, __FILE__, __LINE__, text);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  INT4DDP_NCCL_CHECK_ASYNC(comm, what);
+}
 
 class NcclRequest final : public Request {
  public:
-  NcclRequest(ncclComm_t comm, cudaStream_t stream, const char* what) : comm_(comm), what_(what) {
+  NcclRequest(ncclComm_t comm, bool* aborted, cudaStream_t stream, const char* what)
+      : comm_(comm), aborted_(aborted), what_(what) {
     INT4DDP_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
     INT4DDP_CUDA_CHECK(cudaEventRecord(done_, stream));
   }
   ~NcclRequest() override {
-    if (done_) {
-      cudaEventSynchronize(done_);  // a Request that has not completed is waited for
-      cudaEventDestroy(done_);
+    if (!done_) return;
+    // A Request that has not completed is waited for; no throwing from a destructor.
+    if (!*aborted_) {
+      try {
+        wait_or_abort(comm_, aborted_, what_, [this] { return cudaEventQuery(done_); });
+      } catch (...) {
+      }
     }
+    cudaEventDestroy(done_);
   }
   void wait() override {
-    INT4DDP_CUDA_CHECK(cudaEventSynchronize(done_));
-    INT4DDP_NCCL_CHECK_ASYNC(comm_, what_);
+    INT4DDP_CHECK(!*aborted_, what_, ": the NCCL communicator was aborted after an error");
+    wait_or_abort(comm_, aborted_, what_, [this] { return cudaEventQuery(done_); });
   }
   bool test() override {
+    INT4DDP_CHECK(!*aborted_, what_, ": the NCCL communicator was aborted after an error");
     const cudaError_t rc = cudaEventQuery(done_);
     if (rc == cudaErrorNotReady) {
-      INT4DDP_NCCL_CHECK_ASYNC(comm_, what_);
+      if (async_error(comm_) != ncclSuccess) wait();  // aborts and throws naming the error
       return false;
     }
     INT4DDP_CUDA_CHECK(rc);
@@ -111,6 +153,7 @@ class NcclRequest final : public Request {
 
  private:
   ncclComm_t comm_;
+  bool* aborted_;  // the communicator's
   const char* what_;
   cudaEvent_t done_ = nullptr;
 };
@@ -160,9 +203,16 @@ NcclCommunicator::NcclCommunicator() : mpi_(make_mpi_communicator()) {
 }
 
 NcclCommunicator::~NcclCommunicator() {
-  // No throwing from a destructor: errors at teardown leave nothing to recover.
-  if (stream_) cudaStreamSynchronize(stream_);
-  if (comm_) ncclCommDestroy(comm_);
+  // No throwing from a destructor: errors at teardown leave nothing to recover. Queued work is
+  // waited for unless NCCL reports an error (then the communicator is aborted, not destroyed: a
+  // collective whose peer is gone never completes).
+  if (comm_ && !aborted_ && stream_) {
+    try {
+      wait_or_abort(comm_, &aborted_, "teardown", [this] { return cudaStreamQuery(stream_); });
+    } catch (...) {
+    }
+  }
+  if (comm_ && !aborted_) ncclCommDestroy(comm_);
   if (ready_) cudaEventDestroy(ready_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -174,12 +224,13 @@ void NcclCommunicator::begin() {
 }
 
 void NcclCommunicator::sync() {
-  INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  INT4DDP_NCCL_CHECK_ASYNC(comm_, "a queued collective");
+  INT4DDP_CHECK(!aborted_, "NCCL: the communicator was aborted after an error on rank ", rank_);
+  wait_or_abort(comm_, &aborted_, "a queued collective",
+                [this] { return cudaStreamQuery(stream_); });
 }
 
 std::unique_ptr<Request> NcclCommunicator::request(const char* what) {
-  return std::make_unique<NcclRequest>(comm_, stream_, what);
+  return std::make_unique<NcclRequest>(comm_, &aborted_, stream_, what);
 }
 
 void NcclCommunicator::check_layout(const ByteLayout& l, const char* what) const {

@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -256,7 +257,8 @@ TEST(CudaQuantKernels, CodesAndStraightThroughMatchCpu) {
       // Activations, both grids.
       for (bool is_signed : {false, true}) {
         quantize_act_codes(v.data(), n, step, bits, is_signed, want.data());
-        math::cuda::act_codes_async(vd.data(), n, step, bits, is_signed, codes_dev.data(), s);
+        math::cuda::act_codes_async(vd.data(), n, step, bits, is_signed, codes_dev.data(), nullptr,
+                                    s);
         std::vector<uint8_t> bytes(static_cast<size_t>(n));
         device_to_host(bytes.data(), codes_dev.data(), n);
         wrong = 0;
@@ -276,6 +278,29 @@ TEST(CudaQuantKernels, CodesAndStraightThroughMatchCpu) {
         EXPECT_NEAR(du_gpu, du, 1e-9 * (std::fabs(du) + n)) << at << " du";
       }
     }
+}
+
+// A NaN activation has no code: code 0 and counted (the trainer skips the step), as on the CPU.
+TEST(CudaQuantKernels, NanActivationsAreCounted) {
+  REQUIRE_GPU();
+  const int64_t n = 1000;
+  Tensor x({n});
+  for (int64_t i = 0; i < n; ++i) x[i] = 0.01f * static_cast<float>(i % 97);
+  for (int64_t i : {3, 500, 999}) x[i] = std::numeric_limits<float>::quiet_NaN();
+  x[7] = std::numeric_limits<float>::infinity();  // saturates, is not counted
+  Tensor xd = to_device(x);
+  Tensor counter({2}, Device::kCuda);
+  counter.zero();
+  auto* nans = reinterpret_cast<unsigned long long*>(counter.data());
+  Tensor codes({n}, Device::kCuda);
+  math::cuda::act_codes_async(xd.data(), n, 0.5f, 4, false, codes.data(), nans, compute_stream());
+  unsigned long long got = 0;
+  device_to_host(&got, nans, sizeof(got));
+  EXPECT_EQ(got, 3u);
+  std::vector<uint8_t> bytes(static_cast<size_t>(n));
+  device_to_host(bytes.data(), codes.data(), n);
+  for (int64_t i : {3, 500, 999}) EXPECT_EQ(bytes[static_cast<size_t>(i)], 0) << i;
+  EXPECT_EQ(bytes[7], 15);
 }
 
 TEST(CudaQuantKernels, StepGradientsAreDeterministic) {
@@ -341,6 +366,7 @@ TEST(CudaQuantModels, CnnStepsOnTheGpuFollowTheCpu) {
     EXPECT_NEAR(loss_g, loss_c, 0.02 * std::fabs(loss_c)) << at;
     cpu.backward(dc, {});
     gpu.backward(dg, {});
+    gpu.grads_to_host();  // the gradients are device-resident
     int64_t bad = 0;
     for (int64_t i = 0; i < gpu.num_params(); ++i) bad += !std::isfinite(gpu.grads()[i]);
     EXPECT_EQ(bad, 0) << at;

@@ -109,7 +109,10 @@ class CudaQuantOp : public QuantizedOp {
     wc_ = device_buffer<int8_t>(wcodes_, nw);
     mc::weight_codes_async(device_value_of(w), nw, sw_, spec_.weight_bits, wc_, s);
     xc_ = device_buffer<uint8_t>(xcodes_, x.numel());
-    mc::act_codes_async(x.data(), x.numel(), ua_, spec_.act_bits, signed_input(), xc_, s);
+    // NaN inputs are counted on the device and read with the gradient's stats (one sync).
+    xnans_ = device_buffer<unsigned long long>(xnan_, 1);
+    INT4DDP_CUDA_CHECK(cudaMemsetAsync(xnans_, 0, sizeof(unsigned long long), s));
+    mc::act_codes_async(x.data(), x.numel(), ua_, spec_.act_bits, signed_input(), xc_, xnans_, s);
     return grid_.sa * grid_.sw;
   }
 
@@ -137,6 +140,9 @@ class CudaQuantOp : public QuantizedOp {
     }
     quant::QuantStats st;
     to_host_bytes(&st, stats, sizeof(st));
+    unsigned long long nans = 0;  // the forward's NaN inputs: the step is non-finite, as on the CPU
+    if (xnans_ != nullptr) to_host_bytes(&nans, xnans_, sizeof(nans));
+    ctx_->nonfinite += static_cast<int64_t>(nans);
     const float step = finish_grad_quant(st, p.gamma);
     if (ctx_->diagnostics && st.nonfinite == 0) {
       float* deq = device_buffer<float>(gdeq_, n);
@@ -179,7 +185,8 @@ class CudaQuantOp : public QuantizedOp {
   int8_t* wc_ = nullptr;         // weight codes (device)
   uint8_t* xc_ = nullptr;        // activation codes (device; int8 bytes on the signed grid)
   int8_t* gc_ = nullptr;         // gradient codes (device)
-  Tensor wcodes_, xcodes_, gcodes_, gpacked_, gscale_, gstats_, gdeq_, reduce_;
+  Tensor wcodes_, xcodes_, xnan_, gcodes_, gpacked_, gscale_, gstats_, gdeq_, reduce_;
+  unsigned long long* xnans_ = nullptr;  // in xnan_: the last forward's NaN inputs
 };
 
 // ---- QLinear ------------------------------------------------------------------------------------
@@ -291,6 +298,8 @@ class CudaQConv2d : public Layer, public CudaQuantOp {
     float* dxhat = device_buffer<float>(dxhat_, x.numel());
     if (!exact_dx)
       INT4DDP_CUDA_CHECK(cudaMemsetAsync(dxhat, 0, sizeof(float) * x.numel(), s));  // col2im adds
+    // An empty batch sums nothing (the loop below would leave last step's sums in acc).
+    if (n == 0) INT4DDP_CUDA_CHECK(cudaMemsetAsync(acc, 0, sizeof(int64_t) * wsize, s));
     for (int64_t s0 = 0; s0 < n; s0 += group) {
       const int64_t g = std::min(group, n - s0), cols = g * hw;
       // G_g (out, g*hw): the group's gradient codes, samples side by side per channel.

@@ -9,6 +9,8 @@
 #include "comm/bytes.h"
 #include "kernels/common/error.h"
 #ifdef INT4DDP_HAVE_CUDA
+#include "kernels/quant/cuda/cuda_check.h"
+#include "src/core/device.h"
 #include "src/core/device_cuda.h"
 #endif
 
@@ -69,7 +71,23 @@ DataParallel::DataParallel(const Config& cfg) {
   // One rank has nothing to all-reduce (and compressing its gradients would only add error).
   enabled_ = comm_->size() > 1;
   if (comm_->size() == 1) return;
-  if (nccl) device_comm_ = comm::make_communicator("nccl");
+  if (nccl) {
+    device_comm_ = comm::make_communicator("nccl");
+#ifdef INT4DDP_HAVE_CUDA
+    // The NCCL communicator chose its GPU from its MPI node rank and left it current; the model
+    // takes select_gpu()'s (the launcher's local rank). They must be one GPU, or the buckets
+    // would hand NCCL another device's memory.
+    int nccl_device = -1;
+    INT4DDP_CUDA_CHECK(cudaGetDevice(&nccl_device));
+    const int model_device = select_gpu();
+    INT4DDP_CHECK(nccl_device == model_device, "comm.backend = nccl: rank ", comm_->rank(),
+                  " runs NCCL on GPU ", nccl_device, " (its MPI node rank) but the model on GPU ",
+                  model_device,
+                  " (the launcher's local rank); start the ranks with a launcher "
+                  "that sets OMPI_COMM_WORLD_LOCAL_RANK, MPI_LOCALRANKID or SLURM_LOCALID in "
+                  "node-rank order, or use comm.backend = mpi");
+#endif
+  }
   // Every rank must train the same thing: compare config hashes.
   const uint64_t mine = config_hash(cfg);
   const int n = comm_->size();

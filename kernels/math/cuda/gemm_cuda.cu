@@ -359,7 +359,7 @@ bool lt_gemm(GemmContext::Impl& s, int64_t m, int64_t n, int64_t k, const IntOpe
   const size_t sums_at = take(static_cast<size_t>(m * np) * sizeof(int32_t));
   const size_t corr_at = take(static_cast<size_t>(a_off ? np : (b_off ? m : 0)) * sizeof(int32_t));
   // The pack grid's y dimension (K tiles) is limited to 65535.
-  if (kp / kTile > 65535) return false;
+  if ((kp + kTile - 1) / kTile > 65535) return false;
   const int64_t ld_a = a_direct ? a.ld : kp, ld_b = b_direct ? b.ld : kp;
 
   LtDescs d;

@@ -40,9 +40,11 @@ __global__ void weight_codes_kernel(const float* __restrict__ w, int64_t n, floa
 }
 
 __global__ void act_codes_kernel(const float* __restrict__ x, int64_t n, float u, float q, float lo,
-                                 bool is_signed, uint8_t* __restrict__ codes) {
+                                 bool is_signed, uint8_t* __restrict__ codes,
+                                 unsigned long long* __restrict__ nans) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
+  if (nans != nullptr && x[i] != x[i]) atomicAdd(nans, 1ULL);  // a count: order-free
   const float c = rintf(__fmul_rn(clamp_to(__fdiv_rn(x[i], u), lo, 1.0f), q));
   const int v = static_cast<int>(c);
   codes[i] = is_signed ? static_cast<uint8_t>(static_cast<int8_t>(v)) : static_cast<uint8_t>(v);
@@ -208,12 +210,13 @@ void weight_codes_async(const float* w, int64_t n, float s, int bits, int8_t* co
 }
 
 void act_codes_async(const float* x, int64_t n, float u, int bits, bool is_signed, void* codes,
-                     cudaStream_t stream) {
+                     unsigned long long* nans, cudaStream_t stream) {
   check_args(n, bits, "act_codes (cuda)");
   if (n == 0) return;
   const float q = static_cast<float>(is_signed ? quant::levels(bits) : (1 << bits) - 1);
   act_codes_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, u, q, is_signed ? -1.0f : 0.0f,
-                                                           is_signed, static_cast<uint8_t*>(codes));
+                                                           is_signed, static_cast<uint8_t*>(codes),
+                                                           nans);
   check_launch();
 }
 

@@ -30,9 +30,10 @@ int64_t step_grad_scratch_count();
 void weight_codes_async(const float* w, int64_t n, float s, int bits, int8_t* codes,
                         cudaStream_t stream);
 
-// Activation codes: uint8 0..2^b-1 (is_signed false) or int8 -L..L (true), one byte each.
+// Activation codes: uint8 0..2^b-1 (is_signed false) or int8 -L..L (true), one byte each. A NaN
+// input gets code 0 and is counted into *nans (device; may be null), as the CPU counts it.
 void act_codes_async(const float* x, int64_t n, float u, int bits, bool is_signed, void* codes,
-                     cudaStream_t stream);
+                     unsigned long long* nans, cudaStream_t stream);
 
 // dw[i] += dwhat[i] where |w / s * L| <= L; *ds (device) = d loss / d s, the sum of
 // dwhat * (rint(v) - v) / L inside the range and sign(v) * dwhat outside (v = w / s * L).
