@@ -56,16 +56,20 @@ TwoShotAllreduceCuda::TwoShotAllreduceCuda(Communicator& comm, const CompressCon
     if (plan_.config().worker_error_feedback) {
       ew_ = device_alloc<float>(nc);
       ew_next_ = device_alloc<float>(nc);
-      INT4DDP_CUDA_CHECK(cudaMemset(ew_, 0, nc * sizeof(float)));
-      INT4DDP_CUDA_CHECK(cudaMemset(ew_next_, 0, nc * sizeof(float)));
+      INT4DDP_CUDA_CHECK(cudaMemsetAsync(ew_, 0, nc * sizeof(float), stream_));
+      INT4DDP_CUDA_CHECK(cudaMemsetAsync(ew_next_, 0, nc * sizeof(float), stream_));
     }
     if (plan_.config().server_error_feedback) {
       const size_t no = static_cast<size_t>(plan_.own().count());
       es_ = device_alloc<float>(no);
       es_next_ = device_alloc<float>(no);
-      INT4DDP_CUDA_CHECK(cudaMemset(es_, 0, std::max<size_t>(no, 1) * sizeof(float)));
-      INT4DDP_CUDA_CHECK(cudaMemset(es_next_, 0, std::max<size_t>(no, 1) * sizeof(float)));
+      INT4DDP_CUDA_CHECK(cudaMemsetAsync(es_, 0, std::max<size_t>(no, 1) * sizeof(float), stream_));
+      INT4DDP_CUDA_CHECK(
+          cudaMemsetAsync(es_next_, 0, std::max<size_t>(no, 1) * sizeof(float), stream_));
     }
+    // The zeroed residuals are read on stream_ (non-blocking: it does not wait for the legacy
+    // stream), so they are zeroed there and finished before the first run.
+    INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream_));
     INT4DDP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&gathered_h_),
                                      static_cast<size_t>(n) * sizeof(quant::QuantStats),
                                      cudaHostAllocDefault));
@@ -232,8 +236,15 @@ void TwoShotAllreduceCuda::load_state(const std::vector<uint8_t>& blob) {
   const size_t ew_n = plan_.worker_ef_size(), es_n = plan_.server_ef_size();
   const TwoShotStateView v = plan_.load_state(blob);
   INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  if (ew_n) INT4DDP_CUDA_CHECK(cudaMemcpy(ew_, v.ew, ew_n * sizeof(float), cudaMemcpyHostToDevice));
-  if (es_n) INT4DDP_CUDA_CHECK(cudaMemcpy(es_, v.es, es_n * sizeof(float), cudaMemcpyHostToDevice));
+  // On stream_, then waited for: a copy from pageable memory may return before it lands, and
+  // stream_ does not wait for the legacy stream.
+  if (ew_n)
+    INT4DDP_CUDA_CHECK(
+        cudaMemcpyAsync(ew_, v.ew, ew_n * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  if (es_n)
+    INT4DDP_CUDA_CHECK(
+        cudaMemcpyAsync(es_, v.es, es_n * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  INT4DDP_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 }  // namespace int4ddp::comm

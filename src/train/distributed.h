@@ -43,6 +43,8 @@ class DataParallel {
   // choice and its reason to log.
   void attach(nn::Model& model, const Config& cfg, std::ostream& log);
   comm::BucketEngine* engine() { return engine_.get(); }
+  // Ends the gradient buckets (joins their thread) before the model whose arena they read goes.
+  void detach() { engine_.reset(); }
 
   // This rank's state that other ranks do not share: BN statistics, the gradient quantizers'
   // interval policies and trackers, the buckets' error feedback and gammas.

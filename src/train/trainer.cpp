@@ -104,6 +104,14 @@ struct StepResult {
 class Trainer {
  public:
   Trainer(const Config& cfg, std::ostream& out, std::ostream& err);
+  // The buckets stop before the model (declared after dp_) frees the arena they read, also when
+  // a step throws with buckets in flight.
+  ~Trainer() {
+    engine_ = nullptr;
+    dp_.detach();
+  }
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
   RunSummary run();
 
  private:
