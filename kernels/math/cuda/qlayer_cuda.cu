@@ -214,9 +214,8 @@ void act_codes_async(const float* x, int64_t n, float u, int bits, bool is_signe
   check_args(n, bits, "act_codes (cuda)");
   if (n == 0) return;
   const float q = static_cast<float>(is_signed ? quant::levels(bits) : (1 << bits) - 1);
-  act_codes_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, u, q, is_signed ? -1.0f : 0.0f,
-                                                           is_signed, static_cast<uint8_t*>(codes),
-                                                           nans);
+  act_codes_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
+      x, n, u, q, is_signed ? -1.0f : 0.0f, is_signed, static_cast<uint8_t*>(codes), nans);
   check_launch();
 }
 
