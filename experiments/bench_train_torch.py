@@ -41,16 +41,25 @@ def conv3x3(cin, cout, stride=1):
 
 
 class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
+    """The ResNet basic block. Where the shape changes the shortcut is option A (subsample, zero-pad
+    the new channels: resnet20) or, with projection, a 1x1 convolution + BN (resnet18)."""
+
+    def __init__(self, cin, cout, stride, projection=False):
         super().__init__()
         self.conv1, self.bn1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
         self.stride, self.pad = stride, cout - cin
+        self.projection = None
+        if projection and (stride != 1 or cin != cout):
+            self.projection = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(cout))
 
     def forward(self, x):
         y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         s = x
-        if self.stride != 1 or self.pad:  # option A: subsample, zero-pad the new channels
+        if self.projection is not None:
+            s = self.projection(x)
+        elif self.stride != 1 or self.pad:
             s = x[:, :, ::self.stride, ::self.stride]
             s = F.pad(s, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         return F.relu(y + s)
@@ -81,23 +90,6 @@ def mlp(channels=1, side=28):
                          nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
 
 
-class Block18(nn.Module):
-    """The ResNet basic block with a 1x1 projection (+ BN) wherever the shape changes."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1, self.bn1 = conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(y + self.shortcut(x))
-
-
 CIFAR_STEM_MAX_SIDE = 64  # src/nn/model.cpp kResNet18CifarStemMaxSide
 
 
@@ -111,7 +103,7 @@ def resnet18(channels=3, side=32):
     for stage in range(4):
         cout = 64 << stage
         for b in range(2):
-            layers.append(Block18(cin, cout, 2 if stage > 0 and b == 0 else 1))
+            layers.append(Block(cin, cout, 2 if stage > 0 and b == 0 else 1, projection=True))
             cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
     return nn.Sequential(*layers)

@@ -23,6 +23,7 @@
 
 #include "comm/buckets.h"
 #include "comm/communicator.h"
+#include "cuda_test.h"
 #include "kernels/common/error.h"
 #include "kernels/quant/cuda/codec_cuda.h"
 #include "kernels/quant/cuda/cuda_check.h"
@@ -32,11 +33,6 @@
 
 namespace int4ddp::comm {
 namespace {
-
-#define REQUIRE_GPU()                                                       \
-  do {                                                                      \
-    if (!quant::cuda::device_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 // A, B, [gap], C1, C2, D, E (tests/test_comm_buckets.cpp): buckets E | D C2 C1 B | A, with plain
 // tensors B and D. Variant split: C1 D C2, so bucket 1's two-shot runs on a staging copy.

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test.h"
 #include "kernels/common/error.h"
 #include "kernels/quant/codec.h"
 #include "kernels/quant/cuda/codec_cuda.h"
@@ -19,11 +20,6 @@
 
 namespace int4ddp::quant {
 namespace {
-
-#define REQUIRE_GPU()                                                \
-  do {                                                               \
-    if (!cuda::device_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 // A device allocation with an optional byte offset (to test misaligned buffers).
 template <typename T>

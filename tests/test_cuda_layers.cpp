@@ -56,11 +56,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-#define REQUIRE_GPU()                                                       \
-  do {                                                                      \
-    if (!quant::cuda::device_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
-
 constexpr double kU = 1.0 / (1 << 24);      // unit roundoff of fp32
 constexpr double kBnTol = 1.0 / (1 << 16);  // BatchNorm, relative to the largest magnitude
 constexpr double kLossTol = 1.0 / (1 << 20);

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_test.h"
 #include "kernels/common/error.h"
 #include "kernels/math/cuda/gemm_cuda.h"
 #include "kernels/math/cuda/nn_cuda.h"
@@ -26,11 +27,6 @@
 
 namespace int4ddp::math::cuda {
 namespace {
-
-#define REQUIRE_GPU()                                                       \
-  do {                                                                      \
-    if (!quant::cuda::device_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 // ---- helpers ----------------------------------------------------------------------------------
 

@@ -43,11 +43,6 @@
 namespace int4ddp::nn {
 namespace {
 
-#define REQUIRE_GPU()                                                       \
-  do {                                                                      \
-    if (!quant::cuda::device_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
-
 constexpr double kStepTol = 1.0 / (1 << 21);
 
 Tensor random_tensor(Shape shape, uint64_t seed, float scale = 1.0f, float mean = 0.0f) {

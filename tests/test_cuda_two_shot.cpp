@@ -19,6 +19,7 @@
 #include "comm/staged_communicator.h"
 #include "comm/two_shot.h"
 #include "comm/two_shot_cuda.h"
+#include "cuda_test.h"
 #include "kernels/common/error.h"
 #include "kernels/quant/cuda/codec_cuda.h"
 #include "kernels/quant/cuda/cuda_check.h"
@@ -28,11 +29,6 @@
 
 namespace int4ddp::comm {
 namespace {
-
-#define REQUIRE_GPU()                                                       \
-  do {                                                                      \
-    if (!quant::cuda::device_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 std::vector<float> make_grad(int64_t n, uint64_t seed, bool with_nan) {
   std::mt19937_64 rng(seed);

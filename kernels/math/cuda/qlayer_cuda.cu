@@ -131,22 +131,14 @@ __global__ void bias_grad_kernel(const int8_t* __restrict__ codes, int64_t rows,
   bias_grad[j] = acc;
 }
 
-__global__ void planes_by_channel_kernel(const int8_t* __restrict__ src, int64_t g, int64_t c,
-                                         int64_t hw, int8_t* __restrict__ dst) {
+// dst (b, a, hw) = src (a, b, hw) with its two leading dimensions swapped; idx walks dst in order.
+template <typename T>
+__global__ void swap_planes_kernel(const T* __restrict__ src, int64_t a, int64_t b, int64_t hw,
+                                   T* __restrict__ dst) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= g * c * hw) return;
-  // idx walks dst (c, g, hw) in order.
-  const int64_t ch = idx / (g * hw), s = (idx / hw) % g, p = idx % hw;
-  dst[idx] = src[(s * c + ch) * hw + p];
-}
-
-__global__ void planes_by_sample_kernel(const float* __restrict__ src, int64_t g, int64_t c,
-                                        int64_t hw, float* __restrict__ dst) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= g * c * hw) return;
-  // idx walks dst (g, c, hw) in order.
-  const int64_t s = idx / (c * hw), ch = (idx / hw) % c, p = idx % hw;
-  dst[idx] = src[(ch * g + s) * hw + p];
+  if (idx >= a * b * hw) return;
+  const int64_t j = idx / (a * hw), i = (idx / hw) % a, p = idx % hw;
+  dst[idx] = src[(i * b + j) * hw + p];
 }
 
 __global__ void col2im_i32_kernel(const int32_t* __restrict__ col, int64_t s0, int64_t g,
@@ -252,22 +244,26 @@ void bias_grad_codes_async(const int8_t* codes, int64_t rows, int64_t cols, floa
   check_launch();
 }
 
+namespace {
+template <typename T>
+void swap_planes(const T* src, int64_t a, int64_t b, int64_t hw, T* dst, cudaStream_t stream,
+                 const char* what) {
+  INT4DDP_CHECK(a >= 0 && b >= 0 && hw >= 0, what, ": negative size");
+  const int64_t n = a * b * hw;
+  if (n == 0) return;
+  swap_planes_kernel<<<blocks_for(n), kThreads, 0, stream>>>(src, a, b, hw, dst);
+  check_launch();
+}
+}  // namespace
+
 void planes_by_channel_async(const int8_t* src, int64_t g, int64_t c, int64_t hw, int8_t* dst,
                              cudaStream_t stream) {
-  INT4DDP_CHECK(g >= 0 && c >= 0 && hw >= 0, "planes_by_channel (cuda): negative size");
-  const int64_t n = g * c * hw;
-  if (n == 0) return;
-  planes_by_channel_kernel<<<blocks_for(n), kThreads, 0, stream>>>(src, g, c, hw, dst);
-  check_launch();
+  swap_planes(src, g, c, hw, dst, stream, "planes_by_channel (cuda)");
 }
 
 void planes_by_sample_async(const float* src, int64_t g, int64_t c, int64_t hw, float* dst,
                             cudaStream_t stream) {
-  INT4DDP_CHECK(g >= 0 && c >= 0 && hw >= 0, "planes_by_sample (cuda): negative size");
-  const int64_t n = g * c * hw;
-  if (n == 0) return;
-  planes_by_sample_kernel<<<blocks_for(n), kThreads, 0, stream>>>(src, g, c, hw, dst);
-  check_launch();
+  swap_planes(src, c, g, hw, dst, stream, "planes_by_sample (cuda)");
 }
 
 void col2im_i32_scaled_async(const int32_t* col, int64_t s0, int64_t g, const ConvGeometry& geo,
