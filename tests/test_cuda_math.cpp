@@ -236,11 +236,12 @@ INSTANTIATE_TEST_SUITE_P(Paths, CudaIntGemmPaths,
 TEST(CudaIntGemm, Int32SumsAtTheGuard) {
   REQUIRE_GPU();
   GemmContext ctx;
-  const int64_t k = int32_max_k(127, 127), m = 2, n = 4;
+  // m, n >= 16: cuBLASLt may refuse a tinier problem, and kCublasLt must not fall back.
+  const int64_t k = int32_max_k(127, 127), m = 16, n = 16;
   std::vector<uint8_t> a(static_cast<size_t>(m * k)), b(static_cast<size_t>(n * k));
   for (int64_t p = 0; p < k; ++p) {
-    a[p] = static_cast<uint8_t>(int8_t{127});
-    a[k + p] = static_cast<uint8_t>(int8_t{-127});
+    for (int64_t i = 0; i < m; ++i)
+      a[i * k + p] = static_cast<uint8_t>(static_cast<int8_t>(i % 2 ? -127 : 127));
     for (int64_t j = 0; j < n; ++j)
       b[j * k + p] = static_cast<uint8_t>(static_cast<int8_t>(j % 2 ? -127 : 127));
   }
@@ -249,6 +250,7 @@ TEST(CudaIntGemm, Int32SumsAtTheGuard) {
     Dev<int32_t> dc(static_cast<size_t>(m * n));
     int_gemm_i32(ctx, m, n, k, {da.get(), k, Trans::kNo, CodeType::kS8, 127},
                  {db.get(), k, Trans::kYes, CodeType::kS8, 127}, dc.get(), n, nullptr, path);
+    EXPECT_EQ(ctx.last_int_path(), path);
     const std::vector<int32_t> c = dc.download();
     const int64_t full = k * 127 * 127;
     for (int64_t i = 0; i < m; ++i)
