@@ -301,6 +301,8 @@ res = {"check": "gpu_train",
 print(json.dumps(res))
 PY
 }
+# Checkpoints stay out of $OUT: they are not needed back, and $OUT must stay small to come back.
+CK=$BUILD/gpu_check_ck
 FMNIST=${FMNIST:-}
 for d in "$FMNIST" ./data/fashion-mnist /usr/share/datasets/fashion-mnist; do
   if [[ -n "$d" && -e "$d/train-images-idx3-ubyte.gz" ]]; then FMNIST=$(cd "$d" && pwd); break; fi
@@ -317,7 +319,7 @@ else
     timeout "$T" "$BUILD/int4ddp" train --config "$config" --set "data.path=$FMNIST" \
       --set comm.backend=none --set train.checkpoint_every_epochs=0 --set log.progress=off \
       --set log.print_every=1 --set train.overwrite=true --set "train.device=$device" \
-      --set "train.checkpoint_dir=$OUT/ck_$name" --set "log.metrics_path=$OUT/train_$name.jsonl" \
+      --set "train.checkpoint_dir=$CK/ck_$name" --set "log.metrics_path=$OUT/train_$name.jsonl" \
       "$@" > "$OUT/train_$name.log" 2>&1 || fail "training $name (see train_$name.log)"
     tail -1 "$OUT/train_$name.log"
   }
@@ -352,7 +354,7 @@ else
       --set "data.path=$FMNIST" --set comm.backend=mpi --set "comm.mode=$mode" \
       --set train.epochs=2 --set train.checkpoint_every_epochs=0 --set log.progress=off \
       --set train.overwrite=true --set train.device=cuda \
-      --set "train.checkpoint_dir=$OUT/ck_np2_$mode" \
+      --set "train.checkpoint_dir=$CK/ck_np2_$mode" \
       --set "log.metrics_path=$OUT/train_cnn_gpu_np2_$mode.jsonl" \
       > "$OUT/train_cnn_gpu_np2_$mode.log" 2>&1 \
       || fail "mpirun -np 2 GPU training $mode (see train_cnn_gpu_np2_$mode.log)"
@@ -365,7 +367,7 @@ else
       --set "data.path=$FMNIST" --set comm.backend=nccl --set comm.grad_policy=lbt \
       --set comm.mode=int4 --set train.device=cuda --set train.max_steps=5 \
       --set train.checkpoint_every_epochs=0 --set log.progress=off --set train.overwrite=true \
-      --set "train.checkpoint_dir=$OUT/ck_nccl" > "$OUT/train_nccl_np2.log" 2>&1
+      --set "train.checkpoint_dir=$CK/ck_nccl" > "$OUT/train_nccl_np2.log" 2>&1
     nccl_rc=$?
     if [[ $nccl_rc -eq 0 || $nccl_rc -eq 124 ]]; then
       fail "nccl with 2 ranks on one GPU: exit $nccl_rc (expected a clear error; see train_nccl_np2.log)"
