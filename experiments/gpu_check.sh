@@ -260,6 +260,7 @@ if budget 150 "bench_gpu kernels"; then
     || fail "bench_gpu kernels (see bench_kernels.log)"
   grep -v '^{' "$OUT/bench_kernels.log"
   tail -1 "$OUT/bench_kernels.log" | grep '^{' > "$OUT/gpu.json.tmp" && mv "$OUT/gpu.json.tmp" "$OUT/gpu.json"
+  rm -f "$OUT/gpu.json.tmp"
 fi
 cat "$OUT/gpu.json"
 
@@ -374,7 +375,7 @@ else
     if [[ $nccl_rc -eq 0 || $nccl_rc -eq 124 ]]; then
       fail "nccl with 2 ranks on one GPU: exit $nccl_rc (expected a clear error; see train_nccl_np2.log)"
     else
-      log "nccl with 2 ranks on one GPU refused (exit $nccl_rc): $(grep -m1 -i 'error' "$OUT/train_nccl_np2.log")"
+      log "nccl with 2 ranks on one GPU refused (exit $nccl_rc): $(grep -m1 'int4ddp.*error' "$OUT/train_nccl_np2.log")"
     fi
   fi
   log "waiting for the background trainings"
