@@ -231,16 +231,40 @@ INSTANTIATE_TEST_SUITE_P(Paths, CudaIntGemmPaths,
                                          IntGemmPath::kAuto),
                          path_name);
 
+// Operands that enter cuBLASLt in place (TN form, K, ld and n aligned) at an address aligned to
+// 16 bytes only: the contract's minimum, below the 256 bytes cuBLASLt's heuristic assumes unless
+// told otherwise.
+TEST(CudaIntGemm, InPlaceOperandsAlignedTo16Bytes) {
+  REQUIRE_GPU();
+  GemmContext ctx;
+  const int64_t m = 32, n = 32, k = 64, shift = 16;
+  const HostCodes a = make_codes(m, k, 0, -127, 127, 71), b = make_codes(n, k, 0, -127, 127, 72);
+  std::vector<float> want(static_cast<size_t>(m * n), 0.0f);
+  math::int_gemm_ref(Trans::kNo, Trans::kYes, m, n, k, a.f.data(), a.ld, b.f.data(), b.ld, 0.25f,
+                     false, want.data(), n);
+  std::vector<uint8_t> ra(static_cast<size_t>(shift), 0), rb(static_cast<size_t>(shift), 0);
+  ra.insert(ra.end(), a.raw.begin(), a.raw.end());
+  rb.insert(rb.end(), b.raw.begin(), b.raw.end());
+  Dev<uint8_t> da(ra), db(rb);
+  Dev<float> dc(static_cast<size_t>(m * n));
+  int_gemm(ctx, m, n, k, {da.get() + shift, a.ld, Trans::kNo, CodeType::kS8, 127},
+           {db.get() + shift, b.ld, Trans::kYes, CodeType::kS8, 127}, 0.25f, false, dc.get(), n,
+           nullptr, IntGemmPath::kCublasLt);
+  EXPECT_EQ(ctx.last_int_path(), IntGemmPath::kCublasLt);
+  expect_bits(dc.download(), want, "in-place operands at a 16-byte offset");
+}
+
 // The raw int32 sums at the largest K the guard allows for 8-bit codes (every product at the
 // extreme): no overflow, exactly the int64 sum.
 TEST(CudaIntGemm, Int32SumsAtTheGuard) {
   REQUIRE_GPU();
   GemmContext ctx;
-  const int64_t k = int32_max_k(127, 127), m = 2, n = 4;
+  // m, n >= 16: cuBLASLt may refuse a tinier problem, and kCublasLt must not fall back.
+  const int64_t k = int32_max_k(127, 127), m = 16, n = 16;
   std::vector<uint8_t> a(static_cast<size_t>(m * k)), b(static_cast<size_t>(n * k));
   for (int64_t p = 0; p < k; ++p) {
-    a[p] = static_cast<uint8_t>(int8_t{127});
-    a[k + p] = static_cast<uint8_t>(int8_t{-127});
+    for (int64_t i = 0; i < m; ++i)
+      a[i * k + p] = static_cast<uint8_t>(static_cast<int8_t>(i % 2 ? -127 : 127));
     for (int64_t j = 0; j < n; ++j)
       b[j * k + p] = static_cast<uint8_t>(static_cast<int8_t>(j % 2 ? -127 : 127));
   }
@@ -249,6 +273,7 @@ TEST(CudaIntGemm, Int32SumsAtTheGuard) {
     Dev<int32_t> dc(static_cast<size_t>(m * n));
     int_gemm_i32(ctx, m, n, k, {da.get(), k, Trans::kNo, CodeType::kS8, 127},
                  {db.get(), k, Trans::kYes, CodeType::kS8, 127}, dc.get(), n, nullptr, path);
+    EXPECT_EQ(ctx.last_int_path(), path);
     const std::vector<int32_t> c = dc.download();
     const int64_t full = k * 127 * 127;
     for (int64_t i = 0; i < m; ++i)

@@ -329,6 +329,16 @@ struct LtOperand {
 
 bool offset_needed(const IntOperand& x) { return x.type == CodeType::kU8 && x.qmax > 127; }
 
+// The largest power of two up to 256 dividing p's address. cuBLASLt's heuristic assumes 256-byte
+// aligned buffers unless CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES says less, and an operand used
+// in place need only be 16-byte aligned.
+uint32_t alignment_of(const void* p) {
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  uint32_t a = 256;
+  while (a > 1 && address % a != 0) a /= 2;
+  return a;
+}
+
 // An operand op(X) (rows, k) whose K-contiguous form is X itself (trans == want) can enter
 // cuBLASLt in place when it needs no offset and K, ld, rows and the pointer meet IMMA's rules.
 bool usable_in_place(const IntOperand& x, Trans want, int64_t k, int64_t rows_multiple_of,
@@ -382,6 +392,13 @@ bool lt_gemm(GemmContext::Impl& s, int64_t m, int64_t n, int64_t k, const IntOpe
   const uint64_t ws = kLtWorkspaceBytes;
   INT4DDP_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
       d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+  // cuBLASLt's A is our B, its B our A; packed operands and the sums start on kAlign bytes.
+  const uint32_t align_lt_a = b_direct ? alignment_of(b.data) : 256;
+  const uint32_t align_lt_b = a_direct ? alignment_of(a.data) : 256;
+  INT4DDP_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_lt_a, sizeof align_lt_a));
+  INT4DDP_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_lt_b, sizeof align_lt_b));
   cublasLtMatmulHeuristicResult_t heur{};
   int found = 0;
   const cublasStatus_t hs =
