@@ -101,11 +101,17 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, GradAren
   }
   int64_t arena_size = 0;
   for (const Segment& s : tensors) arena_size = std::max(arena_size, s.offset + s.count);
-  std::vector<BucketPlan> plan = plan_buckets(cfg_, std::move(tensors));
+  cfg_.compress.validate();
   hierarchy_ = std::make_unique<Hierarchy>(comm_, cfg.hierarchy);
   INT4DDP_CHECK(path_ != BucketPath::kDevice || !hierarchy_->active(),
                 "comm.hierarchy: the node hierarchy needs host buffers; the ", comm_.backend(),
                 " buckets run flat (set comm.hierarchy = flat or auto)");
+  if (cfg_.make_chooser) cfg_.choose_bits = cfg_.make_chooser(*hierarchy_);
+  // Under the hierarchy the chooser decides the cross level of each compressed bucket (below),
+  // not whether the bucket is compressed.
+  BucketConfig plan_cfg = cfg_;
+  if (hierarchy_->active()) plan_cfg.choose_bits = nullptr;
+  std::vector<BucketPlan> plan = plan_buckets(plan_cfg, std::move(tensors));
   if (path_ != BucketPath::kHost) {
     device_.reset(make_device_buckets(comm_, grads, arena_size, plan).release());
     if (path_ == BucketPath::kStaged) grads_ = device_->host_mirror();
@@ -118,8 +124,11 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, GradAren
       if (path_ == BucketPath::kDevice) {
         b.two_shot = device_->make_reducer(cfg_.compress, b.ncompressed, id);
       } else {
-        b.two_shot = std::make_unique<ReducerOf<BucketAllreduce>>(*hierarchy_, cfg_.compress,
-                                                                  b.ncompressed, id);
+        CompressConfig c = cfg_.compress;
+        if (hierarchy_->active() && cfg_.choose_bits && c.bits != kFp32Bits)
+          c.bits = cfg_.choose_bits(b.ncompressed);
+        b.two_shot =
+            std::make_unique<ReducerOf<BucketAllreduce>>(*hierarchy_, c, b.ncompressed, id);
         if (b.in_place < 0) b.staging.resize(static_cast<size_t>(b.ncompressed));
       }
     }
