@@ -89,7 +89,8 @@ struct BucketPlan {
           end = 0;  // arena range of its tensors [begin, end); ready at ready_from(begin)
   std::vector<Segment> compressed, plain;  // each in arena order
   int64_t ncompressed = 0, nplain = 0;
-  int64_t in_place = -1;  // arena offset when the compressed tensors tile one range there
+  int64_t in_place = -1;        // arena offset when the compressed tensors tile one range there
+  int64_t plain_in_place = -1;  // the same for the uncompressed tensors
 };
 
 // The arena offset of segs (in arena order) when they tile one range, else -1 (also when empty).
