@@ -105,10 +105,6 @@ void ring_allreduce_sum(Communicator& comm, float* buf, int64_t count, std::vect
     const int64_t ns = g.num_segments(j), nr = g.num_segments(g.recv_chunk(k));
     sends[static_cast<size_t>(k)].resize(static_cast<size_t>(ns));
     recvs[static_cast<size_t>(k)].resize(static_cast<size_t>(nr));
-    // Every receive of step k is posted before its segments are forwarded, so that the previous
-    // rank's messages find a posted receive (an unexpected one waits for an extra handshake): its
-    // scratch half held step k - 2, all added in step k - 1. Posting order stays (step, segment).
-    for (int64_t s = 0; s < nr; ++s) post_recv(k, s);
     for (int64_t s = 0; s < ns; ++s) {
       wait_politely(*recvs[static_cast<size_t>(k - 1)][static_cast<size_t>(s)]);
       if (k - 1 < n - 1) {  // reduce-scatter: add the partial sum that arrived
@@ -118,7 +114,9 @@ void ring_allreduce_sum(Communicator& comm, float* buf, int64_t count, std::vect
         for (int64_t i = 0; i < len; ++i) out[i] = out[i] + in[i];
       }
       send(k, s);
+      if (s < nr) post_recv(k, s);
     }
+    for (int64_t s = ns; s < nr; ++s) post_recv(k, s);
   }
   for (auto& q : recvs[static_cast<size_t>(steps - 1)]) wait_politely(*q);
   for (auto& step : sends)
