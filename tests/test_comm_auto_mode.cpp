@@ -30,6 +30,19 @@ TEST(AutoModeMeasurement, EveryRankGetsTheSameFiguresAndDecisions) {
   EXPECT_TRUE(same_on_all_ranks(bits, sizeof bits));
 }
 
+// Rank r's gradient at arena index i: small integers, so every fp32 mean below is exact.
+float value(int r, int64_t i) { return static_cast<float>((i * 7 + r) % 23 - 11); }
+
+// One step of engine on arena filled with value(me(), i).
+StepCommStats run_step(BucketEngine& engine, std::vector<float>& arena) {
+  for (size_t i = 0; i < arena.size(); ++i) arena[i] = value(me(), static_cast<int64_t>(i));
+  engine.begin_step(0);
+  engine.ready_from(0);
+  const StepCommStats st = engine.finish();
+  engine.commit(true);
+  return st;
+}
+
 TEST(AutoModeBuckets, ABucketChosenFp32GoesUncompressed) {
   // Two tensors, one bucket each (4096 floats per bucket, reverse order): bucket 0 = [3000, 8000),
   // bucket 1 = [0, 3000). The chooser sends buckets of 4000 or more elements in fp32.
@@ -47,12 +60,7 @@ TEST(AutoModeBuckets, ABucketChosenFp32GoesUncompressed) {
   EXPECT_EQ(asked, (std::vector<int64_t>{5000, 3000}));
   EXPECT_EQ(engine.num_buckets(), 2);
   EXPECT_EQ(engine.num_compressed_buckets(), 1);
-  auto value = [](int r, int64_t i) { return static_cast<float>((i * 7 + r) % 23 - 11); };
-  for (int64_t i = 0; i < 8000; ++i) arena[static_cast<size_t>(i)] = value(me(), i);
-  engine.begin_step(0);
-  engine.ready_from(0);
-  const StepCommStats st = engine.finish();
-  engine.commit(true);
+  const StepCommStats st = run_step(engine, arena);
   EXPECT_EQ(st.plain_elements, 5000);
   EXPECT_EQ(st.compressed_elements, 3000);
   int64_t wrong = 0;  // the fp32 bucket: the exact mean, as the ring and / N give it
@@ -128,12 +136,7 @@ TEST(AutoModeLevels, UnderTheHierarchyTheChooserPicksTheCrossLevel) {
     EXPECT_EQ(engine.hierarchy().rfind("node", 0), 0u) << engine.hierarchy();
     EXPECT_EQ(asked, (std::vector<int64_t>{8000}));
     EXPECT_EQ(engine.num_compressed_buckets(), 1);
-    auto value = [](int r, int64_t i) { return static_cast<float>((i * 7 + r) % 23 - 11); };
-    for (int64_t i = 0; i < 8000; ++i) arena[static_cast<size_t>(i)] = value(me(), i);
-    engine.begin_step(0);
-    engine.ready_from(0);
-    const StepCommStats st = engine.finish();
-    engine.commit(true);
+    const StepCommStats st = run_step(engine, arena);
     EXPECT_EQ(st.plain_elements, 0);
     EXPECT_EQ(st.compressed_elements, 8000);
     EXPECT_EQ(st.clipped, 0);
