@@ -30,6 +30,19 @@ double max_over_ranks(Communicator& comm, double v) {
   return *std::max_element(all.begin(), all.end());
 }
 
+// Every rank's m, reduced to the slowest figures (lowest rates, highest latency) on every rank.
+MeasuredBandwidth slowest_over_ranks(Communicator& comm, const MeasuredBandwidth& m) {
+  const double mine[4] = {-m.link_bytes_per_s, m.hop_latency_s, -m.encode_floats_per_s,
+                          -m.decode_floats_per_s};
+  std::vector<double> all(4 * static_cast<size_t>(comm.size()));
+  comm.allgatherv(
+      mine, sizeof mine, all.data(),
+      ByteLayout::packed(std::vector<size_t>(static_cast<size_t>(comm.size()), sizeof mine)));
+  double worst[4] = {mine[0], mine[1], mine[2], mine[3]};
+  for (size_t i = 0; i < all.size(); ++i) worst[i % 4] = std::max(worst[i % 4], all[i]);
+  return MeasuredBandwidth{-worst[0], worst[1], -worst[2], -worst[3]};
+}
+
 }  // namespace
 
 ModeChoice choose_bucket_mode(const MeasuredBandwidth& m, int64_t count, int ranks,
@@ -107,6 +120,42 @@ MeasuredBandwidth measure_bandwidth(Communicator& comm, int64_t probe_floats, in
   m.encode_floats_per_s = static_cast<double>(probe_floats) / std::max(enc, 1e-9);
   m.decode_floats_per_s = static_cast<double>(probe_floats) / std::max(dec, 1e-9);
   return m;
+}
+
+LevelBandwidth measure_levels(Hierarchy& h, int64_t probe_floats, int bits, int64_t block_size) {
+  LevelBandwidth m;
+  m.world_ranks = h.world().size();
+  if (!h.active()) {
+    m.flat = measure_bandwidth(h.world(), probe_floats, bits, block_size);
+    return m;
+  }
+  m.hierarchical = true;
+  m.nodes = h.nodes();
+  m.ranks_per_node = h.ranks_per_node();
+  m.node =
+      slowest_over_ranks(h.world(), measure_bandwidth(h.node(), probe_floats, bits, block_size));
+  h.world().barrier();  // the cross-level probes start together: they share each node's link
+  m.cross =
+      slowest_over_ranks(h.world(), measure_bandwidth(h.cross(), probe_floats, bits, block_size));
+  return m;
+}
+
+ModeChoice choose_level_mode(const LevelBandwidth& m, int64_t count, int64_t block_size, int bits) {
+  if (!m.hierarchical) return choose_bucket_mode(m.flat, count, m.world_ranks, block_size, bits);
+  INT4DDP_CHECK(m.ranks_per_node >= 1 && m.nodes >= 1, "comm.mode auto: a hierarchy of ", m.nodes,
+                " nodes x ", m.ranks_per_node, " ranks");
+  INT4DDP_CHECK(count >= 0 && block_size > 0, "comm.mode auto: bucket of ", count,
+                " floats, block size ", block_size);
+  const int64_t share = chunk_range(count, block_size, m.ranks_per_node, 0).count();
+  ModeChoice c = choose_bucket_mode(m.cross, share, m.nodes, block_size, bits);
+  char buf[160];
+  std::snprintf(buf, sizeof buf,
+                "node level fp32 (the hierarchy's; %d ranks per node, link %.3g MB/s); cross "
+                "level (%d nodes, share of %lld floats) ",
+                m.ranks_per_node, m.node.link_bytes_per_s / 1e6, m.nodes,
+                static_cast<long long>(share));
+  c.reason = buf + c.reason;
+  return c;
 }
 
 }  // namespace int4ddp::comm

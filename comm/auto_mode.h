@@ -16,12 +16,21 @@
 // Both rise linearly with n, so on one link the choice is the same for every bucket above a few
 // blocks; it differs between links (a slow network: INT4; shared memory: fp32) and between machines
 // with fast and slow codecs.
+//
+// Per level of the node hierarchy (comm/hierarchy.h): a bucket's all-reduce there crosses two
+// levels. The node level (reduce-scatter and all-gather among a node's ranks) is fp32 by
+// construction; it is measured and logged. The cross level (each local index's two-shot of its
+// share between nodes) is fp32 or INT-b, chosen from the link between nodes, measured with every
+// local index exchanging at once over its own cross-node communicator, as in the all-reduce (the
+// node's ranks share the node's link). measure_levels() and choose_level_mode() are the per-level
+// counterparts of measure_bandwidth() and choose_bucket_mode().
 #pragma once
 
 #include <cstdint>
 #include <string>
 
 #include "comm/communicator.h"
+#include "comm/hierarchy.h"
 
 namespace int4ddp::comm {
 
@@ -51,5 +60,29 @@ ModeChoice choose_bucket_mode(const MeasuredBandwidth& m, int64_t count, int ran
 // rank the link is not measured (link_bytes_per_s and hop_latency_s stay 0; one rank chooses fp32).
 MeasuredBandwidth measure_bandwidth(Communicator& comm, int64_t probe_floats, int bits,
                                     int64_t block_size);
+
+// The figures of every level a bucket's all-reduce crosses, the same on every rank of the world.
+struct LevelBandwidth {
+  bool hierarchical = false;  // the node hierarchy is active: node and cross are measured
+  MeasuredBandwidth flat;     // !hierarchical: the world's ring
+  MeasuredBandwidth node;     // hierarchical: among the ranks of one node
+  MeasuredBandwidth cross;    // hierarchical: between nodes, every local index at once
+  int world_ranks = 1;        // ranks of the world
+  int nodes = 1;              // hierarchical: nodes (the cross level's ranks)
+  int ranks_per_node = 1;     // hierarchical: ranks per node (the number of shares)
+};
+
+// Collective over h.world(): the flat measurement (measure_bandwidth on the world), or, when h is
+// active, measure_bandwidth on h.node() and on h.cross(); each figure is then the slowest over
+// the whole world, so every rank decides the same for every bucket.
+LevelBandwidth measure_levels(Hierarchy& h, int64_t probe_floats, int bits, int64_t block_size);
+
+// The decision for a bucket with `count` compressible floats: flat, choose_bucket_mode over the
+// world's ranks; hierarchical, the cross level's choice for the largest share (local index 0's:
+// chunk_range(count, block_size, ranks_per_node, 0)) over the nodes, with the node level fp32.
+// bits = kFp32Bits then means: the shares cross nodes in fp32 (still under the hierarchy). The
+// reason names each level, e.g. "node level fp32 (...); cross level int4: modelled ...".
+ModeChoice choose_level_mode(const LevelBandwidth& m, int64_t count, int64_t block_size,
+                             int bits = 4);
 
 }  // namespace int4ddp::comm

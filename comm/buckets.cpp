@@ -76,6 +76,7 @@ std::vector<BucketPlan> plan_buckets(const BucketConfig& cfg, std::vector<Segmen
     // Staging holds the tensors in arena order; when they tile one arena range, the two-shot runs
     // in place there instead (no staging copies, same element order, same result).
     b.in_place = tiled_offset(b.compressed);
+    b.plain_in_place = tiled_offset(b.plain);  // likewise the fp32 all-reduce
   }
   return plan;
 }
@@ -101,11 +102,17 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, GradAren
   }
   int64_t arena_size = 0;
   for (const Segment& s : tensors) arena_size = std::max(arena_size, s.offset + s.count);
-  std::vector<BucketPlan> plan = plan_buckets(cfg_, std::move(tensors));
+  cfg_.compress.validate();
   hierarchy_ = std::make_unique<Hierarchy>(comm_, cfg.hierarchy);
   INT4DDP_CHECK(path_ != BucketPath::kDevice || !hierarchy_->active(),
                 "comm.hierarchy: the node hierarchy needs host buffers; the ", comm_.backend(),
                 " buckets run flat (set comm.hierarchy = flat or auto)");
+  if (cfg_.make_chooser) cfg_.choose_bits = cfg_.make_chooser(*hierarchy_);
+  // Under the hierarchy the chooser decides the cross level of each compressed bucket (below),
+  // not whether the bucket is compressed.
+  BucketConfig plan_cfg = cfg_;
+  if (hierarchy_->active()) plan_cfg.choose_bits = nullptr;
+  std::vector<BucketPlan> plan = plan_buckets(plan_cfg, std::move(tensors));
   if (path_ != BucketPath::kHost) {
     device_.reset(make_device_buckets(comm_, grads, arena_size, plan).release());
     if (path_ == BucketPath::kStaged) grads_ = device_->host_mirror();
@@ -118,12 +125,16 @@ BucketEngine::BucketEngine(Communicator& comm, const BucketConfig& cfg, GradAren
       if (path_ == BucketPath::kDevice) {
         b.two_shot = device_->make_reducer(cfg_.compress, b.ncompressed, id);
       } else {
-        b.two_shot = std::make_unique<ReducerOf<BucketAllreduce>>(*hierarchy_, cfg_.compress,
-                                                                  b.ncompressed, id);
+        CompressConfig c = cfg_.compress;
+        if (hierarchy_->active() && cfg_.choose_bits && c.bits != kFp32Bits)
+          c.bits = cfg_.choose_bits(b.ncompressed);
+        b.two_shot =
+            std::make_unique<ReducerOf<BucketAllreduce>>(*hierarchy_, c, b.ncompressed, id);
         if (b.in_place < 0) b.staging.resize(static_cast<size_t>(b.ncompressed));
       }
     }
-    if (path_ != BucketPath::kDevice) b.plain_staging.resize(static_cast<size_t>(b.nplain));
+    if (path_ != BucketPath::kDevice && b.plain_in_place < 0)
+      b.plain_staging.resize(static_cast<size_t>(b.nplain));
     buckets_.push_back(std::move(b));
     ++id;
   }
@@ -308,50 +319,53 @@ void BucketEngine::run_bucket(size_t index) {
   }
 }
 
+namespace {
+
+// Copies the segments of the arena into staging, one after another (to_staging), or back.
+void copy_segments(float* arena, const std::vector<Segment>& segs, float* staging,
+                   bool to_staging) {
+  int64_t off = 0;
+  for (const Segment& s : segs) {
+    const size_t bytes = sizeof(float) * static_cast<size_t>(s.count);
+    if (to_staging)
+      std::memcpy(staging + off, arena + s.offset, bytes);
+    else
+      std::memcpy(arena + s.offset, staging + off, bytes);
+    off += s.count;
+  }
+}
+
+}  // namespace
+
 void BucketEngine::run_host(Bucket& b) {
   b.stats = BucketStats{};
   const auto t0 = Clock::now();
-  // Gather: the arena -> staging (the arena is written by backward elsewhere meanwhile).
-  int64_t off = 0;
-  for (const Segment& s : b.in_place >= 0 ? std::vector<Segment>{} : b.compressed) {
-    std::memcpy(b.staging.data() + off, grads_ + s.offset,
-                sizeof(float) * static_cast<size_t>(s.count));
-    off += s.count;
-  }
-  off = 0;
-  for (const Segment& s : b.plain) {
-    std::memcpy(b.plain_staging.data() + off, grads_ + s.offset,
-                sizeof(float) * static_cast<size_t>(s.count));
-    off += s.count;
-  }
+  // Gather: the arena -> staging (the arena is written by backward elsewhere meanwhile), unless
+  // the tensors tile one arena range, where the all-reduce runs in place (same elements in the same
+  // order, so the same result).
+  if (b.two_shot && b.in_place < 0) copy_segments(grads_, b.compressed, b.staging.data(), true);
+  if (b.nplain > 0 && b.plain_in_place < 0)
+    copy_segments(grads_, b.plain, b.plain_staging.data(), true);
   double copy_seconds = seconds_since(t0);
   if (b.two_shot)
     b.stats = b.two_shot->run(b.in_place >= 0 ? grads_ + b.in_place : b.staging.data(), step_);
   if (b.nplain > 0) {
+    float* plain = b.plain_in_place >= 0 ? grads_ + b.plain_in_place : b.plain_staging.data();
     const uint64_t bytes0 = comm_.bytes_sent();
     auto t = Clock::now();
-    comm_.allreduce_sum(b.plain_staging.data(), b.nplain);
+    comm_.allreduce_sum(plain, b.nplain);
     b.stats.comm_seconds += seconds_since(t);
     b.stats.wire_bytes += comm_.bytes_sent() - bytes0;
     t = Clock::now();
     const float fn = static_cast<float>(comm_.size());
-    for (float& v : b.plain_staging) v /= fn;
+    for (int64_t i = 0; i < b.nplain; ++i) plain[i] /= fn;
     copy_seconds += seconds_since(t);
   }
   // Scatter the means back into the arena.
   const auto t1 = Clock::now();
-  off = 0;
-  for (const Segment& s : b.in_place >= 0 ? std::vector<Segment>{} : b.compressed) {
-    std::memcpy(grads_ + s.offset, b.staging.data() + off,
-                sizeof(float) * static_cast<size_t>(s.count));
-    off += s.count;
-  }
-  off = 0;
-  for (const Segment& s : b.plain) {
-    std::memcpy(grads_ + s.offset, b.plain_staging.data() + off,
-                sizeof(float) * static_cast<size_t>(s.count));
-    off += s.count;
-  }
+  if (b.two_shot && b.in_place < 0) copy_segments(grads_, b.compressed, b.staging.data(), false);
+  if (b.nplain > 0 && b.plain_in_place < 0)
+    copy_segments(grads_, b.plain, b.plain_staging.data(), false);
   copy_seconds += seconds_since(t1);
   b.stats.quant_seconds += copy_seconds;
 }

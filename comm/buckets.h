@@ -61,10 +61,18 @@ struct BucketConfig {
   bool overlap = true;                             // launch buckets during backward
   HierarchyMode hierarchy = HierarchyMode::kAuto;  // of the compressed all-reduce
   CompressConfig compress;                         // bits 32 = fp32 mode
-  // comm.mode auto: called once per bucket while the engine is built, with the bucket's
-  // compressible element count; kFp32Bits sends that bucket uncompressed, anything else compressed
-  // at compress.bits. Must decide the same on every rank. Empty: compress.bits for every bucket.
+  // comm.mode auto: called once per bucket with compressible elements while the engine is built,
+  // with the bucket's compressible element count. Flat: kFp32Bits sends that bucket uncompressed
+  // (plan_buckets), anything else compressed at compress.bits. Under the node hierarchy it decides
+  // the cross-node level only: the bucket stays on the hierarchical all-reduce, whose two-shot
+  // between nodes runs at the returned bits (kFp32Bits: the shares cross nodes in fp32; the node
+  // level is fp32 either way). Must decide the same on every rank. Empty: compress.bits for every
+  // bucket.
   std::function<int(int64_t count)> choose_bits;
+  // comm.mode auto with a start-up measurement: called once while the engine is built, on every
+  // rank, after the node hierarchy is resolved (it may run collectives on it, e.g.
+  // comm/auto_mode.h's measure_levels); returns the chooser, which replaces choose_bits.
+  std::function<std::function<int(int64_t count)>(Hierarchy& hierarchy)> make_chooser;
 };
 
 // The gradient arena the engine reduces in place.
@@ -81,15 +89,16 @@ struct BucketPlan {
           end = 0;  // arena range of its tensors [begin, end); ready at ready_from(begin)
   std::vector<Segment> compressed, plain;  // each in arena order
   int64_t ncompressed = 0, nplain = 0;
-  int64_t in_place = -1;  // arena offset when the compressed tensors tile one range there
+  int64_t in_place = -1;        // arena offset when the compressed tensors tile one range there
+  int64_t plain_in_place = -1;  // the same for the uncompressed tensors
 };
 
 // The arena offset of segs (in arena order) when they tile one range, else -1 (also when empty).
 int64_t tiled_offset(const std::vector<Segment>& segs);
 
 // The buckets of tensors (any order, disjoint) in launch order, as described at the top; calls
-// cfg.choose_bits once per bucket with compressible elements. Throws Error for a bad config or
-// segment.
+// cfg.choose_bits once per bucket with compressible elements (the flat decision: the engine clears
+// it under an active node hierarchy). Throws Error for a bad config or segment.
 std::vector<BucketPlan> plan_buckets(const BucketConfig& cfg, std::vector<Segment> tensors);
 
 // How a BucketEngine reaches its arena (see the top of this file).

@@ -9,6 +9,7 @@
 
 #include "comm/auto_mode.h"
 #include "comm/communicator.h"
+#include "comm/two_shot.h"
 #include "kernels/common/error.h"
 #include "src/config/config.h"
 
@@ -80,6 +81,54 @@ TEST(AutoMode, BadMeasurementsAndArgumentsAreRefused) {
   EXPECT_THROW(choose_bucket_mode(kNetwork, -1, 2, kG), Error);
   EXPECT_THROW(choose_bucket_mode(kNetwork, 1000, 2, kG, 1), Error);
   EXPECT_THROW(choose_bucket_mode(kNetwork, 1000, 2, 0), Error);
+}
+
+// Per level: 2 nodes x 2 ranks, shared memory within a node and a 1 Gbit/s link between nodes.
+LevelBandwidth two_by_two(const MeasuredBandwidth& cross) {
+  LevelBandwidth m;
+  m.hierarchical = true;
+  m.node = kSharedMemory;
+  m.cross = cross;
+  m.world_ranks = 4;
+  m.nodes = 2;
+  m.ranks_per_node = 2;
+  return m;
+}
+
+TEST(AutoModeLevels, TheCrossLevelDecidesOnItsShareOverTheNodes) {
+  const int64_t n = (int64_t{1} << 21) + 3 * kG + 7;  // shares of 2049 and 2048 + 1 partial blocks
+  const int64_t share = chunk_range(n, kG, 2, 0).count();
+  ASSERT_GT(share, n / 2);  // local index 0's share is the larger one
+  const ModeChoice c = choose_level_mode(two_by_two(kNetwork), n, kG);
+  const ModeChoice cross = choose_bucket_mode(kNetwork, share, 2, kG);
+  EXPECT_EQ(c.bits, 4);
+  EXPECT_EQ(c.bits, cross.bits);
+  EXPECT_EQ(c.fp32_seconds, cross.fp32_seconds);
+  EXPECT_EQ(c.int_seconds, cross.int_seconds);
+  EXPECT_EQ(c.reason.rfind("node level fp32", 0), 0u) << c.reason;
+  EXPECT_NE(
+      c.reason.find("cross level (2 nodes, share of " + std::to_string(share) + " floats) int4:"),
+      std::string::npos)
+      << c.reason;
+  EXPECT_NE(c.reason.find("link 1e+04 MB/s"), std::string::npos) << c.reason;  // the node's link
+}
+
+TEST(AutoModeLevels, AFastLinkBetweenNodesPicksFp32ThereAndFlatFiguresDecideAsBefore) {
+  EXPECT_EQ(choose_level_mode(two_by_two(kSharedMemory), 1 << 21, kG).bits, 32);
+  // The cross level is judged by its own link, not the node's: slow between nodes -> int4 even
+  // though the node level is shared memory.
+  EXPECT_EQ(choose_level_mode(two_by_two(kNetwork), 1 << 21, kG).bits, 4);
+  LevelBandwidth flat;
+  flat.flat = kNetwork;
+  flat.world_ranks = 4;
+  const ModeChoice f = choose_level_mode(flat, 1 << 21, kG);
+  const ModeChoice b = choose_bucket_mode(kNetwork, 1 << 21, 4, kG);
+  EXPECT_EQ(f.bits, b.bits);
+  EXPECT_EQ(f.reason, b.reason);
+  LevelBandwidth bad = two_by_two(kNetwork);
+  bad.ranks_per_node = 0;
+  EXPECT_THROW(choose_level_mode(bad, 1000, kG), Error);
+  EXPECT_THROW(choose_level_mode(two_by_two(kNetwork), -1, kG), Error);
 }
 
 TEST(AutoMode, MeasurementOnOneRankTimesTheCodecOnly) {

@@ -50,6 +50,8 @@ TEST(BucketPlan, ReverseOrderRangesAndInPlace) {
   EXPECT_EQ(p[1].ncompressed, 3900);
   EXPECT_EQ(p[1].nplain, 150);
   EXPECT_EQ(p[1].in_place, 3110);
+  EXPECT_EQ(p[1].plain_in_place, -1);  // B and D do not touch
+  EXPECT_EQ(p[0].plain_in_place, -1);  // no plain tensors
   // Bucket 2: A.
   EXPECT_EQ(p[2].begin, 0);
   EXPECT_EQ(p[2].end, 3000);
@@ -79,10 +81,17 @@ TEST(BucketPlan, CompressedTensorsSplitByAPlainOneAreNotInPlace) {
 TEST(BucketPlan, Fp32ModeAndAutoHookSendBucketsUncompressed) {
   BucketConfig c = config();
   c.compress.bits = kFp32Bits;
-  for (const BucketPlan& b : plan_buckets(c, kTensors)) {
+  const std::vector<BucketPlan> f = plan_buckets(c, kTensors);
+  for (const BucketPlan& b : f) {
     EXPECT_EQ(b.ncompressed, 0);
     EXPECT_EQ(b.in_place, -1);
   }
+  // The fp32 all-reduce runs in place where the bucket's tensors tile one range: E and A, not
+  // B C1 C2 D (the gap after B).
+  ASSERT_EQ(f.size(), 3u);
+  EXPECT_EQ(f[0].plain_in_place, 7060);
+  EXPECT_EQ(f[1].plain_in_place, -1);
+  EXPECT_EQ(f[2].plain_in_place, 0);
   c = config();
   std::vector<int64_t> asked;
   c.choose_bits = [&](int64_t count) {

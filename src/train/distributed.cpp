@@ -141,13 +141,22 @@ void DataParallel::attach(nn::Model& model, const Config& cfg, std::ostream& log
   if (cfg.comm.mode == CommMode::kAuto) {
     // A 4 MiB ring exchange and encode: tens of milliseconds on a 1 Gbit/s link.
     constexpr int64_t kProbeFloats = int64_t{1} << 20;
-    const comm::MeasuredBandwidth m =
-        comm::measure_bandwidth(*comm_, kProbeFloats, bc.compress.bits, cfg.comm.block_size);
-    bc.choose_bits = [m, &log, ranks = comm_->size(), G = cfg.comm.block_size,
-                      bits = bc.compress.bits, bucket = 0](int64_t count) mutable {
-      const comm::ModeChoice c = comm::choose_bucket_mode(m, count, ranks, G, bits);
-      log << "comm.mode auto: bucket " << bucket++ << ": " << c.reason << "\n";
-      return c.bits;
+    // Per level of the hierarchy when it is active; flat over the host communicator otherwise
+    // (the probe needs host buffers, also when the buckets go over NCCL).
+    bc.make_chooser = [this, &log, G = cfg.comm.block_size,
+                       bits = bc.compress.bits](comm::Hierarchy& h) -> std::function<int(int64_t)> {
+      comm::LevelBandwidth m;
+      if (h.active()) {
+        m = comm::measure_levels(h, kProbeFloats, bits, G);
+      } else {
+        m.flat = comm::measure_bandwidth(*comm_, kProbeFloats, bits, G);
+        m.world_ranks = comm_->size();
+      }
+      return [m, &log, G, bits, bucket = 0](int64_t count) mutable {
+        const comm::ModeChoice c = comm::choose_level_mode(m, count, G, bits);
+        log << "comm.mode auto: bucket " << bucket++ << ": " << c.reason << "\n";
+        return c.bits;
+      };
     };
   }
   std::vector<comm::Segment> segs;
