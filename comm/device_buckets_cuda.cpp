@@ -41,9 +41,8 @@ class CudaBuckets final : public DeviceBuckets {
 
  private:
   struct Buffers {
-    float* staging = nullptr;     // (ncompressed) when the compressed tensors are not contiguous
-    float* plain = nullptr;       // (nplain) when the plain tensors are not contiguous
-    int64_t plain_in_place = -1;  // arena offset when they are
+    float* staging = nullptr;  // (ncompressed) when the compressed tensors are not contiguous
+    float* plain = nullptr;    // (nplain) when the plain tensors are not contiguous
   };
   float* device_floats(int64_t count);
   void gather(const std::vector<Segment>& segs, float* dst);         // arena -> dst, packed
@@ -87,9 +86,7 @@ CudaBuckets::CudaBuckets(Communicator& comm, const GradArena& arena, int64_t are
     for (size_t i = 0; i < plan_.size(); ++i) {
       const BucketPlan& b = plan_[i];
       if (b.ncompressed > 0 && b.in_place < 0) buffers_[i].staging = device_floats(b.ncompressed);
-      buffers_[i].plain_in_place = tiled_offset(b.plain);
-      if (b.nplain > 0 && buffers_[i].plain_in_place < 0)
-        buffers_[i].plain = device_floats(b.nplain);
+      if (b.nplain > 0 && b.plain_in_place < 0) buffers_[i].plain = device_floats(b.nplain);
     }
   } catch (...) {
     release();
@@ -169,8 +166,8 @@ BucketStats CudaBuckets::run(size_t i, BucketReducer* two_shot, uint32_t step) {
     if (b.in_place < 0) scatter(b.compressed, x);
   }
   if (b.nplain > 0) {
-    const bool in_place = buf.plain_in_place >= 0;
-    float* p = in_place ? arena_ + buf.plain_in_place : buf.plain;
+    const bool in_place = b.plain_in_place >= 0;
+    float* p = in_place ? arena_ + b.plain_in_place : buf.plain;
     if (!in_place) gather(b.plain, p);
     // The communicator orders its work after the legacy default stream only: finish ours first.
     sync();

@@ -83,7 +83,8 @@ struct Config {
     CommBackend backend = CommBackend::kMpi;  // none (single process) | mpi | nccl (device
                                               // gradient buckets: train.device = cuda)
     CommMode mode = CommMode::kInt4;          // gradient all-reduce: fp32 | int4 | int8 (two-shot)
-                                              // | auto (per bucket fp32 or int4, measured)
+                                              // | auto (per bucket fp32 or int4, measured;
+                                              // per cross-node level under the hierarchy)
     double bucket_mb = 25.0;   // bucket size in MiB (2^20 bytes) of fp32 gradient, (0, 4096]
     int64_t block_size = 512;  // G: elements per scale in compressed buckets, even, 2..2^24
     int64_t small_tensor_threshold = 4096;  // tensors with fewer elements go uncompressed (fp32)
