@@ -2,8 +2,11 @@
 // gradients, uint8 activations or int8 on the signed grid) that every GEMM of the step reads
 // through code_gemm: the int8 kernels of math::igemm where the CPU has one, else the exact fp32
 // math::int_gemm on the codes converted to floats. Both are exact (scale * float(T), one rescale
-// per output), so which one ran changes no bit. The direct 3x3 convolution (fp32 kernels, exact on
-// integer-valued floats) reads float copies of the codes.
+// per output), so which one ran changes no bit. QConv2d's im2col path, where an igemm ISA runs and
+// the column codes fit int8, skips the column matrices: its weight codes are packed into the
+// kernels' panels once per step and every group's columns are written straight into panels
+// (math::IgemmPackedA / igemm_pack_conv / igemm_packed, the same exact sums). The direct 3x3
+// convolution (fp32 kernels, exact on integer-valued floats) reads float copies of the codes.
 #include "src/nn/quant_layers.h"
 
 #include <immintrin.h>
