@@ -444,9 +444,12 @@ void conv_row(const ConvColumns& geo, const uint8_t* images, int64_t s0, int64_t
     for (int64_t oy = y0; oy < y1; ++oy) {
       uint8_t* o = out + oy * wo;
       const uint8_t* in = plane + (oy * stride - pad + ky) * w - pad + kx;
-      std::memset(o, 0, static_cast<size_t>(x0));
-      for (int64_t ox = x0; ox < x1; ++ox) o[ox] = in[ox * stride];
-      std::memset(o + x1, 0, static_cast<size_t>(wo - x1));
+      for (int64_t ox = 0; ox < x0; ++ox) o[ox] = 0;
+      if (stride == 1)
+        std::memcpy(o + x0, in + x0, static_cast<size_t>(x1 - x0));
+      else
+        for (int64_t ox = x0; ox < x1; ++ox) o[ox] = in[ox * stride];
+      for (int64_t ox = x1; ox < wo; ++ox) o[ox] = 0;
     }
   }
 }
@@ -470,6 +473,27 @@ __attribute__((target("avx2"))) void interleave_rows(const uint8_t* rows, int64_
       _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
       _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
       _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+    }
+}
+
+// One NR-column panel of the transposed column matrix from nr rows of bytes (row stride ld, zero
+// past the data, at least 16 * ceil(kq / 4) bytes): group sg holds 4 bytes of each row, so 4
+// groups of 4 rows are a 4 x 4 transpose of 32-bit words.
+__attribute__((target("avx2"))) void transpose_rows(const uint8_t* rows, int64_t ld, int nr,
+                                                    int64_t kq, int8_t* panel) {
+  const int64_t kq4 = kq / 4 * 4;
+  for (int i = 0; i < nr; i += 4)
+    for (int64_t sg = 0; sg < kq; sg += 4) {
+      const uint8_t* r = rows + i * ld + sg * 4;
+      __m128 x0 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)));
+      __m128 x1 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + ld)));
+      __m128 x2 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * ld)));
+      __m128 x3 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * ld)));
+      _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+      const __m128 t[4] = {x0, x1, x2, x3};
+      const int64_t ng = sg < kq4 ? 4 : kq - sg;
+      for (int64_t q = 0; q < ng; ++q)
+        _mm_storeu_ps(reinterpret_cast<float*>(panel + ((sg + q) * nr + i) * 4), t[q]);
     }
 }
 
@@ -516,31 +540,28 @@ void pack_conv(const IgemmKernels& kn, const ConvColumns& geo, const void* image
   if (cols) init_packed_b(kn, rows, n, qmax, cols);
   if (cols_t) init_packed_b(kn, n, rows, qmax, cols_t);
   const int64_t npan = (n + nr - 1) / nr, kq_pad = cols ? cols->kq_pad : 0;
-  const int64_t kq_t = cols_t ? cols_t->kq_pad : 0, npan_t = (rows + nr - 1) / nr;
-  // A strip of 4 column-matrix rows, zero past n: read by both layouts from L1.
-  const int64_t ld = std::max(npan * nr, kq_t * 4);
+  const int64_t kq_t = cols_t ? cols_t->kq_pad : 0, npan_t = cols_t ? (rows + nr - 1) / nr : 0;
+  // Strips of nr column-matrix rows (one panel of the transpose), zero past n and past `rows`,
+  // read by both layouts while in cache; rows up to both layouts' padding.
+  const int64_t ld = std::max(npan * nr, (kq_t + 3) / 4 * 16);
+  const int64_t padded_rows = std::max(kq_pad * 4, npan_t * nr);
   thread_local std::vector<uint8_t> strip;
-  strip.assign(static_cast<size_t>(4 * ld), 0);
-  if (cols_t)  // its last panel's columns past `rows` stay zero
-    std::memset(cols_t->data.data() + (npan_t - 1) * kq_t * 4 * nr, 0,
-                static_cast<size_t>(kq_t * 4 * nr));
+  strip.assign(static_cast<size_t>(nr * ld), 0);
   const auto* bytes = static_cast<const uint8_t*>(images);
-  const int64_t groups = cols ? kq_pad : (rows + 3) / 4;
-  for (int64_t gq = 0; gq < groups; ++gq) {
-    for (int q = 0; q < 4; ++q) {
+  for (int64_t r0 = 0; r0 < padded_rows; r0 += nr) {
+    for (int q = 0; q < nr; ++q) {
       uint8_t* row = strip.data() + q * ld;
-      const int64_t r = gq * 4 + q;
-      if (r >= rows) {
-        std::memset(row, 0, static_cast<size_t>(n));
-        continue;
-      }
-      conv_row(geo, bytes, s0, g, r, row);
-      if (!cols_t) continue;
-      // Column r of the transpose: 4 bytes per group of its k (the spatial positions).
-      int8_t* o = cols_t->data.data() + ((r / nr) * kq_t * nr + r % nr) * 4;
-      for (int64_t sg = 0; sg < kq_t; ++sg) std::memcpy(o + sg * nr * 4, row + sg * 4, 4);
+      if (r0 + q < rows)
+        conv_row(geo, bytes, s0, g, r0 + q, row);
+      else if (r0 + q == rows || q == 0)
+        std::memset(strip.data() + q * ld, 0, static_cast<size_t>((nr - q) * ld));
     }
-    if (cols) interleave_rows(strip.data(), ld, npan, nr, kq_pad, gq, cols->data.data());
+    if (cols)
+      for (int q = 0; q < nr && (r0 + q) / 4 < kq_pad; q += 4)
+        interleave_rows(strip.data() + q * ld, ld, npan, nr, kq_pad, (r0 + q) / 4,
+                        cols->data.data());
+    if (cols_t && r0 / nr < npan_t)
+      transpose_rows(strip.data(), ld, nr, kq_t, cols_t->data.data() + r0 / nr * kq_t * 4 * nr);
   }
 }
 
