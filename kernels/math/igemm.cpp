@@ -435,22 +435,22 @@ void conv_row(const ConvColumns& geo, const uint8_t* images, int64_t s0, int64_t
       std::memset(o, 0, static_cast<size_t>(jlo));
       std::memcpy(o + jlo, plane + base + jlo, static_cast<size_t>(jhi - jlo));
       std::memset(o + jhi, 0, static_cast<size_t>(len - jhi));
+    } else {
       for (int64_t oy = y0; oy < y1; ++oy) {
-        for (int64_t ox = 0; ox < x0; ++ox) out[oy * wo + ox] = 0;
-        for (int64_t ox = x1; ox < wo; ++ox) out[oy * wo + ox] = 0;
+        uint8_t* o = out + oy * wo;
+        const uint8_t* in = plane + (oy * stride - pad + ky) * w - pad + kx;
+        if (stride == 1)
+          std::memcpy(o + x0, in + x0, static_cast<size_t>(x1 - x0));
+        else
+          for (int64_t ox = x0; ox < x1; ++ox) o[ox] = in[ox * stride];
       }
-      continue;
     }
-    for (int64_t oy = y0; oy < y1; ++oy) {
-      uint8_t* o = out + oy * wo;
-      const uint8_t* in = plane + (oy * stride - pad + ky) * w - pad + kx;
-      for (int64_t ox = 0; ox < x0; ++ox) o[ox] = 0;
-      if (stride == 1)
-        std::memcpy(o + x0, in + x0, static_cast<size_t>(x1 - x0));
-      else
-        for (int64_t ox = x0; ox < x1; ++ox) o[ox] = in[ox * stride];
-      for (int64_t ox = x1; ox < wo; ++ox) o[ox] = 0;
-    }
+    // The edge columns (at most pad on each side), walked down the rows: one short store each,
+    // not a memset call per row.
+    for (int64_t ox = 0; ox < x0; ++ox)
+      for (int64_t oy = y0; oy < y1; ++oy) out[oy * wo + ox] = 0;
+    for (int64_t ox = x1; ox < wo; ++ox)
+      for (int64_t oy = y0; oy < y1; ++oy) out[oy * wo + ox] = 0;
   }
 }
 
@@ -546,7 +546,9 @@ void pack_conv(const IgemmKernels& kn, const ConvColumns& geo, const void* image
   const int64_t ld = std::max(npan * nr, (kq_t + 3) / 4 * 16);
   const int64_t padded_rows = std::max(kq_pad * 4, npan_t * nr);
   thread_local std::vector<uint8_t> strip;
-  strip.assign(static_cast<size_t>(nr * ld), 0);
+  if (strip.size() < static_cast<size_t>(nr * ld)) strip.resize(static_cast<size_t>(nr * ld));
+  for (int q = 0; q < nr; ++q)  // conv_row writes [0, n) of a row
+    std::memset(strip.data() + q * ld + n, 0, static_cast<size_t>(ld - n));
   const auto* bytes = static_cast<const uint8_t*>(images);
   for (int64_t r0 = 0; r0 < padded_rows; r0 += nr) {
     for (int q = 0; q < nr; ++q) {
