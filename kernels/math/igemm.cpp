@@ -409,13 +409,15 @@ void conv_row(const ConvColumns& geo, const uint8_t* images, int64_t s0, int64_t
   const int64_t c = r / (k * k), ky = r / k % k, kx = r % k;
   const int64_t h = geo.h, w = geo.w, ho = geo.ho, wo = geo.wo, hw = ho * wo, plane_size = h * w;
   // Output rows [y0, y1) and columns [x0, x1) read inside the image.
+  // The first a with a * stride - pad + tap >= 0, and the first b >= a with b * stride - pad +
+  // tap >= size, both within [0, out].
   auto inside = [stride, pad](int64_t size, int64_t out, int64_t tap, int64_t* lo, int64_t* hi) {
-    int64_t a = 0;
-    while (a < out && a * stride - pad + tap < 0) ++a;
-    int64_t b = a;
-    while (b < out && b * stride - pad + tap < size) ++b;
+    auto first_at_least = [stride](int64_t v) {  // smallest i >= 0 with i * stride >= v
+      return v <= 0 ? int64_t{0} : (v + stride - 1) / stride;
+    };
+    const int64_t a = std::min(out, first_at_least(pad - tap));
     *lo = a;
-    *hi = b;
+    *hi = std::clamp(first_at_least(size + pad - tap), a, out);
   };
   int64_t x0, x1, y0, y1;
   inside(w, wo, kx, &x0, &x1);
