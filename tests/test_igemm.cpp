@@ -283,5 +283,163 @@ TEST(Igemm, RefusesBadOperandsAndAbsentIsas) {
   EXPECT_TRUE(igemm_isa_available(igemm_best_isa()));
 }
 
+// ---- pre-packed operands ------------------------------------------------------------------------
+
+// Every micro-kernel table that can run here: the present ISAs' own, and the scalar models of the
+// VNNI and AMX layouts (their intrinsics need the CPU; the layouts and the driver run anywhere).
+std::vector<std::pair<std::string, const detail::IgemmKernels*>> packed_tables() {
+  static const detail::IgemmKernels vnni_model = {8, 32, 1, false, scalar_micro<8, 32, false, 1>};
+  static const detail::IgemmKernels amx_model = {16, 16, 16, true, scalar_micro<16, 16, true, 16>};
+  std::vector<std::pair<std::string, const detail::IgemmKernels*>> v = {{"vnni model", &vnni_model},
+                                                                        {"amx model", &amx_model}};
+  const std::pair<IgemmIsa, const detail::IgemmKernels*> real[] = {
+      {IgemmIsa::kAvx2, &detail::kIgemmAvx2},
+      {IgemmIsa::kAvx512Vnni, &detail::kIgemmAvx512Vnni},
+      {IgemmIsa::kAmx, &detail::kIgemmAmx}};
+  for (const auto& [isa, kn] : real)
+    if (igemm_isa_available(isa))
+      v.emplace_back(igemm_isa_name(isa), kn);
+    else
+      std::printf("[  SKIP    ] packed igemm on %s: not present on this CPU / kernel\n",
+                  igemm_isa_name(isa));
+  return v;
+}
+
+// A packed once and reused, B packed: igemm_packed equals the reference bit for bit (overwrite and
+// accumulate), for the three GEMMs' operand kinds at every b and edge shape.
+TEST(IgemmPacked, MatchesReferenceBitForBit) {
+  uint64_t seed = 7000;
+  for (const auto& [name, kn] : packed_tables())
+    for (int bits = 2; bits <= 8; ++bits)
+      for (const auto& [m, n, k] : kEdgeShapes)
+        for (int kind = 0; kind < 3; ++kind) {
+          // weights x activations (forward), weights x gradients (backward-data), activations x
+          // gradients (backward-weight; A unsigned, no offset)
+          const int qa = (1 << bits) - 1, qs = (1 << (bits - 1)) - 1;
+          const bool a_unsigned = kind == 2, b_unsigned = kind == 0 && qa <= 127;
+          const Codes a =
+              make_codes(m, k + 2, a_unsigned ? qa : qs, a_unsigned,
+                         a_unsigned ? CodeType::kU8 : CodeType::kS8, Trans::kNo, ++seed);
+          const Codes b =
+              make_codes(n, k, b_unsigned ? qa : qs, b_unsigned,
+                         b_unsigned ? CodeType::kU8 : CodeType::kS8, Trans::kYes, ++seed);
+          IgemmPackedA pa;
+          IgemmPackedB pb;
+          detail::pack_a(*kn, m, k, a.view, &pa);
+          detail::pack_b(*kn, k, n, b.view, &pb);
+          for (bool acc : {false, true}) {
+            std::vector<float> ref(static_cast<size_t>(m * (n + 1)), 1.5f), c(ref);
+            igemm_ref(m, n, k, a.view, b.view, 0.375f, acc, ref.data(), n + 1);
+            detail::igemm_packed_run(pa, pb, 0.375f, acc, c.data(), n + 1);
+            ASSERT_EQ(std::memcmp(c.data(), ref.data(), c.size() * sizeof(float)), 0)
+                << name << " bits " << bits << " kind " << kind << " m=" << m << " n=" << n
+                << " k=" << k << " acc " << acc;
+          }
+        }
+}
+
+// The column matrix of a convolution by plain loops (ConvColumns' definition), as bytes.
+std::vector<uint8_t> im2col_bytes(const ConvColumns& geo, const std::vector<uint8_t>& images,
+                                  int64_t s0, int64_t g) {
+  const int k = geo.kernel;
+  const int64_t rows = geo.rows(), cols = geo.cols(g), hw = geo.ho * geo.wo;
+  std::vector<uint8_t> col(static_cast<size_t>(rows * cols));
+  for (int64_t c = 0; c < geo.channels; ++c)
+    for (int ky = 0; ky < k; ++ky)
+      for (int kx = 0; kx < k; ++kx)
+        for (int64_t s = 0; s < g; ++s)
+          for (int64_t oy = 0; oy < geo.ho; ++oy)
+            for (int64_t ox = 0; ox < geo.wo; ++ox) {
+              const int64_t iy = oy * geo.stride - geo.pad + ky,
+                            ix = ox * geo.stride - geo.pad + kx;
+              const bool in = iy >= 0 && iy < geo.h && ix >= 0 && ix < geo.w;
+              col[static_cast<size_t>(((c * k + ky) * k + kx) * cols + s * hw + oy * geo.wo + ox)] =
+                  in ? images[static_cast<size_t>(((s0 + s) * geo.channels + c) * geo.h * geo.w +
+                                                  iy * geo.w + ix)]
+                     : 0;
+            }
+  return col;
+}
+
+// im2col straight into panels (and into its transpose's panels) writes exactly the bytes pack()
+// writes from the column matrix, and the products through them equal the reference: odd channel
+// counts, 1x1 and 3x3 kernels, stride 1 and 2, pads 0..2, samples s0.. of a batch, groups 1..3,
+// unsigned and signed codes for b = 2..7 (8-bit unsigned codes do not fit int8: refused).
+TEST(IgemmPacked, ConvColumnsAreThePackedIm2col) {
+  struct Geo {
+    int64_t c, h, w;
+    int k, stride, pad;
+  };
+  const Geo geos[] = {{1, 5, 7, 3, 1, 1}, {3, 4, 4, 3, 1, 1}, {5, 7, 7, 3, 2, 1},
+                      {2, 6, 5, 1, 2, 0}, {7, 3, 3, 3, 1, 2}, {1, 1, 1, 3, 1, 1},
+                      {4, 8, 8, 1, 1, 0}, {3, 9, 9, 3, 1, 0}};
+  uint64_t seed = 9000;
+  for (const auto& [name, kn] : packed_tables())
+    for (const Geo& gg : geos)
+      for (int bits = 2; bits <= 7; ++bits)
+        for (bool is_unsigned : {true, false})
+          for (int64_t g = 1; g <= 3; ++g) {
+            ConvColumns geo{gg.c, gg.h, gg.w, gg.k, gg.stride, gg.pad, 0, 0};
+            geo.ho = (gg.h + 2 * gg.pad - gg.k) / gg.stride + 1;
+            geo.wo = (gg.w + 2 * gg.pad - gg.k) / gg.stride + 1;
+            const int q = is_unsigned ? (1 << bits) - 1 : (1 << (bits - 1)) - 1;
+            const int64_t s0 = 1, n = s0 + g + 1;
+            const Codes x =
+                make_codes(n, gg.c * gg.h * gg.w, q, is_unsigned,
+                           is_unsigned ? CodeType::kU8 : CodeType::kS8, Trans::kNo, ++seed);
+            std::vector<uint8_t> images(static_cast<size_t>(n * gg.c * gg.h * gg.w));
+            std::memcpy(images.data(),
+                        is_unsigned ? static_cast<const void*>(x.u8.data())
+                                    : static_cast<const void*>(x.s8.data()),
+                        images.size());
+            const std::vector<uint8_t> col = im2col_bytes(geo, images, s0, g);
+            const int64_t rows = geo.rows(), cols = geo.cols(g);
+            const CodeMatrix cm =
+                is_unsigned ? codes_u8(col.data(), cols, q)
+                            : codes_s8(reinterpret_cast<const int8_t*>(col.data()), cols, q);
+            CodeMatrix cmt = cm;
+            cmt.trans = Trans::kYes;
+            IgemmPackedB want, want_t, got, got_t;
+            detail::pack_b(*kn, rows, cols, cm, &want);
+            detail::pack_b(*kn, cols, rows, cmt, &want_t);
+            detail::pack_conv(*kn, geo, images.data(), is_unsigned, q, s0, g, &got, &got_t);
+            const std::string where =
+                name + " c=" + std::to_string(gg.c) + " " + std::to_string(gg.h) + "x" +
+                std::to_string(gg.w) + " k=" + std::to_string(gg.k) +
+                " s=" + std::to_string(gg.stride) + " p=" + std::to_string(gg.pad) +
+                " g=" + std::to_string(g) + " bits " + std::to_string(bits);
+            ASSERT_EQ(got.data, want.data) << where;
+            ASSERT_EQ(got_t.data, want_t.data) << where << " (transposed)";
+            ASSERT_EQ(got.kq_pad, want.kq_pad) << where;
+            ASSERT_EQ(got_t.kq_pad, want_t.kq_pad) << where;
+            // Only the transposed layout, alone.
+            IgemmPackedB only_t;
+            detail::pack_conv(*kn, geo, images.data(), is_unsigned, q, s0, g, nullptr, &only_t);
+            ASSERT_EQ(only_t.data, want_t.data) << where << " (transposed alone)";
+            // The forward product W (5 x rows) x col through the packed columns.
+            const Codes w = make_codes(5, rows, 7, false, CodeType::kS8, Trans::kNo, ++seed);
+            IgemmPackedA pw;
+            detail::pack_a(*kn, 5, rows, w.view, &pw);
+            std::vector<float> ref(static_cast<size_t>(5 * cols)), c(ref.size());
+            igemm_ref(5, cols, rows, w.view, cm, 0.5f, false, ref.data(), cols);
+            detail::igemm_packed_run(pw, got, 0.5f, false, c.data(), cols);
+            ASSERT_EQ(std::memcmp(c.data(), ref.data(), c.size() * sizeof(float)), 0) << where;
+          }
+  // Codes that do not fit int8, and mismatched operands, are refused.
+  const ConvColumns geo{1, 2, 2, 1, 1, 0, 2, 2};
+  std::vector<uint8_t> images(4, 200);
+  IgemmPackedB b;
+  EXPECT_THROW(
+      detail::pack_conv(detail::kIgemmAvx2, geo, images.data(), true, 255, 0, 1, &b, nullptr),
+      Error);
+  IgemmPackedA a;
+  std::vector<int8_t> w(6, 1);
+  detail::pack_a(detail::kIgemmAvx2, 2, 3, codes_s8(w.data(), 3, 1), &a);
+  detail::pack_b(detail::kIgemmAvx2, 2, 3, codes_s8(w.data(), 3, 1), &b);
+  std::vector<float> c(6);
+  EXPECT_THROW(detail::igemm_packed_run(a, b, 1.0f, false, c.data(), 3), Error);  // k 3 vs 2
+  EXPECT_THROW(IgemmPackedA().pack(IgemmIsa::kRef, 2, 3, codes_s8(w.data(), 3, 1)), Error);
+}
+
 }  // namespace
 }  // namespace int4ddp::math

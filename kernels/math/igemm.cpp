@@ -265,103 +265,126 @@ Output float_output(float scale, bool accumulate, float* c, int64_t ldc) {
   return out;
 }
 
-struct Buffers {
-  std::vector<int8_t> s;
-  std::vector<uint8_t> u;
-  std::vector<int64_t> colsum;    // (cols) sum over K of each s8-side column
-  std::vector<int32_t> colsum32;  // the same as int32 (|sum| <= K * qs fits under the guard)
-  std::vector<int32_t> tile;
-  std::vector<int64_t> tile64;
-};
-
-void run_kernels(const Plan& pl, int64_t rows, int64_t cols, int64_t k,
-                 const detail::IgemmKernels& kn, const Output& out) {
-  const int mr = kn.mr, nr = kn.nr;
+int64_t groups_padded(int64_t k, const detail::IgemmKernels& kn) {
   const int64_t kq = (k + 3) / 4;
-  const int64_t kq_pad = (kq + kn.group_align - 1) / kn.group_align * kn.group_align;
+  return (kq + kn.group_align - 1) / kn.group_align * kn.group_align;
+}
+
+// A's panels from a view (offset added), B's from a view: pack_u / pack_s panel by panel.
+void pack_a_view(const detail::IgemmKernels& kn, const View& v, int64_t rows, int64_t k, int offset,
+                 int qu, IgemmPackedA* a) {
+  a->rows = rows;
+  a->k = k;
+  a->kq_pad = groups_padded(k, kn);
+  a->offset = offset;
+  a->qu = qu;
+  const int64_t panel = a->kq_pad * 4 * kn.mr, npan = (rows + kn.mr - 1) / kn.mr;
+  a->data.resize(static_cast<size_t>(npan * panel));
+  with_type(v.type, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t ip = 0; ip < npan; ++ip)
+      pack_u<T>(v, k, ip * kn.mr, std::min<int64_t>(kn.mr, rows - ip * kn.mr), kn.mr, a->kq_pad,
+                kn.u_row_major, offset, a->data.data() + ip * panel);
+  });
+}
+
+void pack_b_view(const detail::IgemmKernels& kn, const View& v, int64_t k, int64_t cols, int qs,
+                 IgemmPackedB* b) {
+  b->cols = cols;
+  b->k = k;
+  b->kq_pad = groups_padded(k, kn);
+  b->qs = qs;
+  const int64_t panel = b->kq_pad * 4 * kn.nr, npan = (cols + kn.nr - 1) / kn.nr;
+  b->data.resize(static_cast<size_t>(npan * panel));
+  with_type(v.type, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t jp = 0; jp < npan; ++jp)
+      pack_s<T>(v, k, jp * kn.nr, std::min<int64_t>(kn.nr, cols - jp * kn.nr), kn.nr, b->kq_pad,
+                b->data.data() + jp * panel);
+  });
+}
+
+// colsum[j] = sum over the groups of panel column j's 4 bytes, for npan panels of nr columns:
+// maddubs with ones gives the pair sums, madd_epi16 with ones the column's int32 sum per group.
+// |sum| <= K * qs fits int32 under the guard.
+__attribute__((target("avx2"))) void panel_colsums(const int8_t* panels, int64_t npan,
+                                                   int64_t kq_pad, int nr, int32_t* colsum) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (int64_t jp = 0; jp < npan; ++jp)
+    for (int j = 0; j < nr; j += 8) {  // 8 columns = 32 bytes per group
+      const int8_t* p = panels + jp * kq_pad * 4 * nr + j * 4;
+      __m256i acc = _mm256_setzero_si256();
+      for (int64_t g = 0; g < kq_pad; ++g) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + g * nr * 4));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(colsum + jp * nr + j), acc);
+    }
+}
+
+// The tile loop: for each NR-column panel of B, every MR-row panel of A (B's panel stays in L1),
+// the micro-kernel over int32 chunks of K (exact int64 sums across chunks), the offset removed
+// with B's column sums, then out. rows x cols is the product P = A B (C = P, or P^T when swapped).
+void tile_loop(const detail::IgemmKernels& kn, const IgemmPackedA& a, const IgemmPackedB& b,
+               bool swapped, const Output& out) {
+  const int mr = kn.mr, nr = kn.nr;
+  const int64_t rows = a.rows, cols = b.cols, kq_pad = a.kq_pad;
+  const int64_t max_k = kInt32Max / (int64_t{a.qu} * b.qs);
   // Groups per int32 chunk: the guard, rounded down to the kernel's alignment.
   const int64_t chunk =
-      std::max<int64_t>(kn.group_align, pl.max_k / 4 / kn.group_align * kn.group_align);
+      std::max<int64_t>(kn.group_align, max_k / 4 / kn.group_align * kn.group_align);
+  const bool one_chunk = kq_pad <= chunk;
   // maddubs pair sums: 2 * qu * qs per group and lane; int16 holds i16 groups of them.
-  const int64_t pair = 2 * int64_t{pl.qu} * pl.qs;
+  const int64_t pair = 2 * int64_t{a.qu} * b.qs;
   const int i16 =
       pair > kInt16Max ? 0 : static_cast<int>(std::min<int64_t>(kInt16Max / pair, 1 << 20));
   const int64_t npan = (cols + nr - 1) / nr;
-  const int64_t panel_bytes = kq_pad * nr * 4;
-  thread_local Buffers buf;
-  buf.s.resize(static_cast<size_t>(npan * panel_bytes));
-  buf.u.resize(static_cast<size_t>(kq_pad * mr * 4));
-  buf.tile.resize(static_cast<size_t>(mr * nr));
-  buf.tile64.resize(static_cast<size_t>(mr * nr));
-  buf.colsum.assign(static_cast<size_t>(npan * nr), 0);
-  with_type(pl.s.type, [&](auto tag) {
-    using T = decltype(tag);
-    for (int64_t jp = 0; jp < npan; ++jp)
-      pack_s<T>(pl.s, k, jp * nr, std::min<int64_t>(nr, cols - jp * nr), nr, kq_pad,
-                buf.s.data() + jp * panel_bytes);
-  });
-  if (pl.offset != 0)
-    for (int64_t jp = 0; jp < npan; ++jp) {
-      const int8_t* sp = buf.s.data() + jp * panel_bytes;
-      for (int64_t g = 0; g < kq; ++g)
-        for (int j = 0; j < nr; ++j)
-          for (int q = 0; q < 4; ++q)
-            buf.colsum[static_cast<size_t>(jp * nr + j)] += sp[(g * nr + j) * 4 + q];
-    }
-  buf.colsum32.assign(buf.colsum.begin(), buf.colsum.end());
+  const int64_t a_panel = kq_pad * 4 * mr, b_panel = kq_pad * 4 * nr;
   const int64_t u_stride = kq_pad * 4;  // row-major u8 panel
-  for (int64_t i0 = 0; i0 < rows; i0 += mr) {
-    const int64_t ni = std::min<int64_t>(mr, rows - i0);
-    with_type(pl.u.type, [&](auto tag) {
-      using T = decltype(tag);
-      pack_u<T>(pl.u, k, i0, ni, mr, kq_pad, kn.u_row_major, pl.offset, buf.u.data());
-    });
-    for (int64_t jp = 0; jp < npan; ++jp) {
-      const int64_t j0 = jp * nr, nj = std::min<int64_t>(nr, cols - j0);
-      const int8_t* sp = buf.s.data() + jp * panel_bytes;
-      int32_t* t32 = buf.tile.data();
-      int64_t* t64 = buf.tile64.data();
-      const bool one_chunk = kq_pad <= chunk;
-      if (!one_chunk) std::fill(buf.tile64.begin(), buf.tile64.end(), 0);
+  thread_local std::vector<int32_t> colsum, tile;
+  thread_local std::vector<int64_t> tile64;
+  colsum.assign(static_cast<size_t>(npan * nr), 0);
+  if (a.offset != 0) panel_colsums(b.data.data(), npan, kq_pad, nr, colsum.data());
+  tile.resize(static_cast<size_t>(mr * nr));
+  tile64.resize(static_cast<size_t>(mr * nr));
+  int32_t* t32 = tile.data();
+  int64_t* t64 = tile64.data();
+  const int64_t off = a.offset;
+  for (int64_t jp = 0; jp < npan; ++jp) {
+    const int64_t j0 = jp * nr, nj = std::min<int64_t>(nr, cols - j0);
+    const int8_t* sp = b.data.data() + jp * b_panel;
+    const int32_t* cs = colsum.data() + j0;
+    for (int64_t i0 = 0; i0 < rows; i0 += mr) {
+      const int64_t ni = std::min<int64_t>(mr, rows - i0);
+      const uint8_t* ap = a.data.data() + i0 / mr * a_panel;
+      if (!one_chunk) std::fill(tile64.begin(), tile64.end(), 0);
       for (int64_t g0 = 0; g0 < kq_pad; g0 += chunk) {
         const int64_t gn = std::min(chunk, kq_pad - g0);
-        const uint8_t* up = kn.u_row_major ? buf.u.data() + g0 * 4 : buf.u.data() + g0 * mr * 4;
+        const uint8_t* up = kn.u_row_major ? ap + g0 * 4 : ap + g0 * mr * 4;
         kn.micro(up, u_stride, sp + g0 * nr * 4, gn, i16, t32);
         if (!one_chunk)
           for (int x = 0; x < mr * nr; ++x) t64[x] += t32[x];
       }
-      if (one_chunk) {
-        // T fits int32 (the guard), and so does the corrected value; row-wise for the
-        // non-transposed float output so the conversion and rescale vectorise.
-        const int32_t* cs32 = buf.colsum32.data() + j0;
+      if (one_chunk && out.cf && !swapped) {
+        // T fits int32 (the guard), and so does the corrected value; row-wise so the conversion
+        // and rescale vectorise.
+        const float sc = out.scale;
         for (int64_t i = 0; i < ni; ++i) {
           const int32_t* t = t32 + i * nr;
-          if (out.cf && !pl.swapped) {
-            float* o = out.cf + (i0 + i) * out.ldc + j0;
-            const float sc = out.scale;
-            if (out.accumulate)
-              for (int64_t j = 0; j < nj; ++j)
-                o[j] = o[j] + sc * static_cast<float>(t[j] - pl.offset * cs32[j]);
-            else
-              for (int64_t j = 0; j < nj; ++j)
-                o[j] = sc * static_cast<float>(t[j] - pl.offset * cs32[j]);
-            continue;
-          }
-          for (int64_t j = 0; j < nj; ++j) {
-            const int64_t v = t[j] - pl.offset * cs32[j];
-            if (pl.swapped)
-              out.put(j0 + j, i0 + i, v);
-            else
-              out.put(i0 + i, j0 + j, v);
-          }
+          float* o = out.cf + (i0 + i) * out.ldc + j0;
+          if (out.accumulate)
+            for (int64_t j = 0; j < nj; ++j)
+              o[j] = o[j] + sc * static_cast<float>(t[j] - a.offset * cs[j]);
+          else
+            for (int64_t j = 0; j < nj; ++j)
+              o[j] = sc * static_cast<float>(t[j] - a.offset * cs[j]);
         }
         continue;
       }
       for (int64_t i = 0; i < ni; ++i)
         for (int64_t j = 0; j < nj; ++j) {
-          const int64_t v =
-              t64[i * nr + j] - int64_t{pl.offset} * buf.colsum[static_cast<size_t>(j0 + j)];
-          if (pl.swapped)
+          const int64_t v = (one_chunk ? int64_t{t32[i * nr + j]} : t64[i * nr + j]) - off * cs[j];
+          if (swapped)
             out.put(j0 + j, i0 + i, v);
           else
             out.put(i0 + i, j0 + j, v);
@@ -369,6 +392,203 @@ void run_kernels(const Plan& pl, int64_t rows, int64_t cols, int64_t k,
     }
   }
 }
+
+void run_kernels(const Plan& pl, int64_t rows, int64_t cols, int64_t k,
+                 const detail::IgemmKernels& kn, const Output& out) {
+  thread_local IgemmPackedA a;
+  thread_local IgemmPackedB b;
+  pack_a_view(kn, pl.u, rows, k, pl.offset, pl.qu, &a);
+  pack_b_view(kn, pl.s, k, cols, pl.qs, &b);
+  tile_loop(kn, a, b, pl.swapped, out);
+}
+// Row r of a convolution's column matrix for samples s0..s0+g-1 (see ConvColumns), as bytes: int8
+// codes are copied as their bytes, and code 0 is byte 0 on both grids.
+void conv_row(const ConvColumns& geo, const uint8_t* images, int64_t s0, int64_t g, int64_t r,
+              uint8_t* dst) {
+  const int k = geo.kernel, stride = geo.stride, pad = geo.pad;
+  const int64_t c = r / (k * k), ky = r / k % k, kx = r % k;
+  const int64_t h = geo.h, w = geo.w, ho = geo.ho, wo = geo.wo, hw = ho * wo, plane_size = h * w;
+  // Output rows [y0, y1) and columns [x0, x1) read inside the image.
+  // The first a with a * stride - pad + tap >= 0, and the first b >= a with b * stride - pad +
+  // tap >= size, both within [0, out].
+  auto inside = [stride, pad](int64_t size, int64_t out, int64_t tap, int64_t* lo, int64_t* hi) {
+    auto first_at_least = [stride](int64_t v) {  // smallest i >= 0 with i * stride >= v
+      return v <= 0 ? int64_t{0} : (v + stride - 1) / stride;
+    };
+    const int64_t a = std::min(out, first_at_least(pad - tap));
+    *lo = a;
+    *hi = std::clamp(first_at_least(size + pad - tap), a, out);
+  };
+  int64_t x0, x1, y0, y1;
+  inside(w, wo, kx, &x0, &x1);
+  inside(h, ho, ky, &y0, &y1);
+  for (int64_t s = 0; s < g; ++s) {
+    const uint8_t* plane = images + ((s0 + s) * geo.channels + c) * plane_size;
+    uint8_t* out = dst + s * hw;
+    std::memset(out, 0, static_cast<size_t>(y0 * wo));
+    std::memset(out + y1 * wo, 0, static_cast<size_t>((ho - y1) * wo));
+    if (stride == 1 && wo == w) {
+      // The valid rows are one contiguous stretch of the plane shifted by kx - pad: one copy,
+      // then the edge columns zeroed.
+      const int64_t base = (y0 - pad + ky) * w + kx - pad, len = (y1 - y0) * wo;
+      const int64_t jlo = std::clamp<int64_t>(-base, 0, len);
+      const int64_t jhi = std::max(jlo, std::min(len, plane_size - base));
+      uint8_t* o = out + y0 * wo;
+      std::memset(o, 0, static_cast<size_t>(jlo));
+      std::memcpy(o + jlo, plane + base + jlo, static_cast<size_t>(jhi - jlo));
+      std::memset(o + jhi, 0, static_cast<size_t>(len - jhi));
+    } else {
+      for (int64_t oy = y0; oy < y1; ++oy) {
+        uint8_t* o = out + oy * wo;
+        const uint8_t* in = plane + (oy * stride - pad + ky) * w - pad + kx;
+        if (stride == 1)
+          std::memcpy(o + x0, in + x0, static_cast<size_t>(x1 - x0));
+        else
+          for (int64_t ox = x0; ox < x1; ++ox) o[ox] = in[ox * stride];
+      }
+    }
+    // The edge columns (at most pad on each side), walked down the rows: one short store each,
+    // not a memset call per row.
+    for (int64_t ox = 0; ox < x0; ++ox)
+      for (int64_t oy = y0; oy < y1; ++oy) out[oy * wo + ox] = 0;
+    for (int64_t ox = x1; ox < wo; ++ox)
+      for (int64_t oy = y0; oy < y1; ++oy) out[oy * wo + ox] = 0;
+  }
+}
+
+// Group gq of every NR-column panel from 4 rows of bytes (row stride ld, npan * nr wide): 4 rows
+// x 16 columns -> 16 columns x 4 bytes, as pack_s.
+__attribute__((target("avx2"))) void interleave_rows(const uint8_t* rows, int64_t ld, int64_t npan,
+                                                     int nr, int64_t kq_pad, int64_t gq,
+                                                     int8_t* panels) {
+  for (int64_t jp = 0; jp < npan; ++jp)
+    for (int j = 0; j < nr; j += 16) {
+      const uint8_t* r = rows + jp * nr + j;
+      const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r));
+      const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + ld));
+      const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * ld));
+      const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * ld));
+      const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+      const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+      __m128i* o = reinterpret_cast<__m128i*>(panels + ((jp * kq_pad + gq) * nr + j) * 4);
+      _mm_storeu_si128(o, _mm_unpacklo_epi16(t0, t2));
+      _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+      _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+      _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+    }
+}
+
+// One NR-column panel of the transposed column matrix from nr rows of bytes (row stride ld, zero
+// past the data, at least 16 * ceil(kq / 4) bytes): group sg holds 4 bytes of each row, so 4
+// groups of 4 rows are a 4 x 4 transpose of 32-bit words.
+__attribute__((target("avx2"))) void transpose_rows(const uint8_t* rows, int64_t ld, int nr,
+                                                    int64_t kq, int8_t* panel) {
+  const int64_t kq4 = kq / 4 * 4;
+  for (int i = 0; i < nr; i += 4)
+    for (int64_t sg = 0; sg < kq; sg += 4) {
+      const uint8_t* r = rows + i * ld + sg * 4;
+      __m128 x0 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)));
+      __m128 x1 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + ld)));
+      __m128 x2 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * ld)));
+      __m128 x3 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * ld)));
+      _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+      const __m128 t[4] = {x0, x1, x2, x3};
+      const int64_t ng = sg < kq4 ? 4 : kq - sg;
+      for (int64_t q = 0; q < ng; ++q)
+        _mm_storeu_ps(reinterpret_cast<float*>(panel + ((sg + q) * nr + i) * 4), t[q]);
+    }
+}
+
+void init_packed_b(const detail::IgemmKernels& kn, int64_t k, int64_t cols, int qs,
+                   IgemmPackedB* b) {
+  b->kernels = &kn;
+  b->cols = cols;
+  b->k = k;
+  b->kq_pad = groups_padded(k, kn);
+  b->qs = qs;
+  b->data.resize(static_cast<size_t>((cols + kn.nr - 1) / kn.nr * b->kq_pad * 4 * kn.nr));
+}
+
+}  // namespace
+
+namespace detail {
+
+void pack_a(const IgemmKernels& kn, int64_t m, int64_t k, const CodeMatrix& a, IgemmPackedA* out) {
+  check_operand(a, "A");
+  INT4DDP_CHECK(m >= 0 && k >= 0 && (m == 0 || k == 0 || a.data), "igemm: bad packed A (m=", m,
+                " k=", k, ")");
+  const int offset = a.is_unsigned ? 0 : a.qmax;
+  out->kernels = &kn;
+  pack_a_view(kn, op_view(a), m, k, offset, a.qmax + offset, out);
+}
+
+void pack_b(const IgemmKernels& kn, int64_t k, int64_t n, const CodeMatrix& b, IgemmPackedB* out) {
+  check_operand(b, "B");
+  INT4DDP_CHECK(fits_s8(b), "igemm: packed B needs codes that fit int8 (unsigned qmax ", b.qmax,
+                " > 127)");
+  INT4DDP_CHECK(n >= 0 && k >= 0 && (n == 0 || k == 0 || b.data), "igemm: bad packed B (k=", k,
+                " n=", n, ")");
+  out->kernels = &kn;
+  pack_b_view(kn, op_view(b), k, n, b.qmax, out);
+}
+
+void pack_conv(const IgemmKernels& kn, const ConvColumns& geo, const void* images, bool is_unsigned,
+               int qmax, int64_t s0, int64_t g, IgemmPackedB* cols, IgemmPackedB* cols_t) {
+  INT4DDP_CHECK(qmax >= 1 && qmax <= 127, "igemm: convolution columns need codes that fit int8 (",
+                is_unsigned ? "unsigned" : "signed", " qmax ", qmax, ")");
+  INT4DDP_CHECK(images && g >= 0 && geo.ho > 0 && geo.wo > 0, "igemm: bad convolution columns");
+  const int nr = kn.nr;
+  const int64_t rows = geo.rows(), n = geo.cols(g);
+  if (cols) init_packed_b(kn, rows, n, qmax, cols);
+  if (cols_t) init_packed_b(kn, n, rows, qmax, cols_t);
+  const int64_t npan = (n + nr - 1) / nr, kq_pad = cols ? cols->kq_pad : 0;
+  const int64_t kq_t = cols_t ? cols_t->kq_pad : 0, npan_t = cols_t ? (rows + nr - 1) / nr : 0;
+  // Strips of nr column-matrix rows (one panel of the transpose), zero past n and past `rows`,
+  // read by both layouts while in cache; rows up to both layouts' padding.
+  const int64_t ld = std::max(npan * nr, (kq_t + 3) / 4 * 16);
+  const int64_t padded_rows = std::max(kq_pad * 4, npan_t * nr);
+  thread_local std::vector<uint8_t> strip;
+  if (strip.size() < static_cast<size_t>(nr * ld)) strip.resize(static_cast<size_t>(nr * ld));
+  for (int q = 0; q < nr; ++q)  // conv_row writes [0, n) of a row
+    std::memset(strip.data() + q * ld + n, 0, static_cast<size_t>(ld - n));
+  const auto* bytes = static_cast<const uint8_t*>(images);
+  for (int64_t r0 = 0; r0 < padded_rows; r0 += nr) {
+    for (int q = 0; q < nr; ++q) {
+      uint8_t* row = strip.data() + q * ld;
+      if (r0 + q < rows)
+        conv_row(geo, bytes, s0, g, r0 + q, row);
+      else if (r0 + q == rows || q == 0)
+        std::memset(strip.data() + q * ld, 0, static_cast<size_t>((nr - q) * ld));
+    }
+    if (cols)
+      for (int q = 0; q < nr && (r0 + q) / 4 < kq_pad; q += 4)
+        interleave_rows(strip.data() + q * ld, ld, npan, nr, kq_pad, (r0 + q) / 4,
+                        cols->data.data());
+    if (cols_t && r0 / nr < npan_t)
+      transpose_rows(strip.data(), ld, nr, kq_t, cols_t->data.data() + r0 / nr * kq_t * 4 * nr);
+  }
+}
+
+void igemm_packed_run(const IgemmPackedA& a, const IgemmPackedB& b, float scale, bool accumulate,
+                      float* c, int64_t ldc) {
+  INT4DDP_CHECK(a.kernels && a.kernels == b.kernels, "igemm_packed: A and B are not packed for ",
+                "the same instruction set");
+  INT4DDP_CHECK(a.k == b.k, "igemm_packed: A has k = ", a.k, ", B has k = ", b.k);
+  INT4DDP_CHECK(b.k * b.qs <= kInt32Max, "igemm_packed: k = ", b.k, " too long for int32 sums");
+  if (a.rows == 0 || b.cols == 0) return;
+  INT4DDP_CHECK(c != nullptr, "igemm_packed: null output");
+  const Output out = float_output(scale, accumulate, c, ldc);
+  if (a.k == 0) {
+    for (int64_t i = 0; i < a.rows; ++i)
+      for (int64_t j = 0; j < b.cols; ++j) out.put(i, j, 0);
+    return;
+  }
+  tile_loop(*a.kernels, a, b, false, out);
+}
+
+}  // namespace detail
+
+namespace {
 
 // kn == nullptr: the reference loops.
 void igemm_run(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,
@@ -405,6 +625,12 @@ const detail::IgemmKernels* checked_kernels(IgemmIsa isa) {
   INT4DDP_CHECK(igemm_isa_available(isa), "igemm: instruction set ", igemm_isa_name(isa),
                 " is not available on this CPU, build or kernel");
   return isa == IgemmIsa::kRef ? nullptr : &kernels_for(isa);
+}
+
+const detail::IgemmKernels& packed_kernels(IgemmIsa isa) {
+  INT4DDP_CHECK(isa != IgemmIsa::kRef, "igemm: packed operands need an instruction set with a ",
+                "micro-kernel, not ref");
+  return *checked_kernels(isa);
 }
 
 bool cpu_has_amx() {
@@ -478,6 +704,26 @@ void igemm_s32(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeM
 void igemm_ref(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,
                float scale, bool accumulate, float* c, int64_t ldc) {
   igemm(m, n, k, a, b, scale, accumulate, c, ldc, IgemmIsa::kRef);
+}
+
+bool igemm_fits_s8(const CodeMatrix& x) { return fits_s8(x); }
+
+void IgemmPackedA::pack(IgemmIsa isa, int64_t m, int64_t depth, const CodeMatrix& a) {
+  detail::pack_a(packed_kernels(isa), m, depth, a, this);
+}
+
+void IgemmPackedB::pack(IgemmIsa isa, int64_t depth, int64_t n, const CodeMatrix& b) {
+  detail::pack_b(packed_kernels(isa), depth, n, b, this);
+}
+
+void igemm_pack_conv(IgemmIsa isa, const ConvColumns& geo, const void* images, bool is_unsigned,
+                     int qmax, int64_t s0, int64_t g, IgemmPackedB* cols, IgemmPackedB* cols_t) {
+  detail::pack_conv(packed_kernels(isa), geo, images, is_unsigned, qmax, s0, g, cols, cols_t);
+}
+
+void igemm_packed(const IgemmPackedA& a, const IgemmPackedB& b, float scale, bool accumulate,
+                  float* c, int64_t ldc) {
+  detail::igemm_packed_run(a, b, scale, accumulate, c, ldc);
 }
 
 namespace detail {

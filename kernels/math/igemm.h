@@ -33,10 +33,14 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "kernels/math/gemm.h"
 
 namespace int4ddp::math {
+namespace detail {
+struct IgemmKernels;
+}
 
 enum class IgemmIsa : uint8_t { kRef = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
 inline constexpr IgemmIsa kIgemmIsas[] = {IgemmIsa::kRef, IgemmIsa::kAvx2, IgemmIsa::kAvx512Vnni,
@@ -88,6 +92,55 @@ inline void igemm(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const Co
 // C (m, n) = op(A) op(B) as int32; needs k <= igemm_max_k(a, b) (else an error).
 void igemm_s32(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,
                int32_t* c, int64_t ldc, IgemmIsa isa);
+
+// ---- Pre-packed operands ------------------------------------------------------------------------
+// The micro-kernels' panel layouts of one ISA (igemm_kernels.h), built once by the caller and
+// reused (a layer's weight codes, packed once per step) or written straight from the source (the
+// im2col columns of a convolution, with no column matrix in between). igemm_packed(A, B) computes
+// C = scale * float(A B) as igemm does, bit for bit. A is the u8 side: any codes, signed ones
+// carry the +qmax offset; B the s8 side: codes that fit int8 (igemm_fits_s8). An ISA with a
+// micro-kernel only (not kRef).
+
+bool igemm_fits_s8(const CodeMatrix& x);  // signed, or unsigned with qmax <= 127
+
+// op(A) (m x k) in MR-row panels.
+struct IgemmPackedA {
+  const detail::IgemmKernels* kernels = nullptr;  // the ISA's table (set by pack)
+  int64_t rows = 0, k = 0, kq_pad = 0;  // kq_pad: groups of 4 k per row, padded to the alignment
+  int offset = 0, qu = 0;               // added to every code; largest byte with it
+  std::vector<uint8_t> data;            // panel p at p * kq_pad * 4 * mr
+  void pack(IgemmIsa isa, int64_t m, int64_t depth, const CodeMatrix& a);
+};
+
+// op(B) (k x n) in NR-column panels (igemm_packed sums its columns where A has an offset).
+struct IgemmPackedB {
+  const detail::IgemmKernels* kernels = nullptr;
+  int64_t cols = 0, k = 0, kq_pad = 0;
+  int qs = 0;                // largest |code|
+  std::vector<int8_t> data;  // panel p at p * kq_pad * 4 * nr
+  void pack(IgemmIsa isa, int64_t depth, int64_t n, const CodeMatrix& b);
+};
+
+// The column matrix of a 2-D convolution over samples s0..s0+g-1 of images (n, channels, h, w)
+// (im2col): row (c * kernel + ky) * kernel + kx, column s * ho * wo + oy * wo + ox holds
+// images[s0 + s][c][oy * stride - pad + ky][ox * stride - pad + kx], code 0 outside the image.
+struct ConvColumns {
+  int64_t channels, h, w;
+  int kernel, stride, pad;
+  int64_t ho, wo;
+  int64_t rows() const { return channels * kernel * kernel; }
+  int64_t cols(int64_t g) const { return g * ho * wo; }
+};
+// Writes the column matrix of `images` (int8 or uint8 codes, qmax / is_unsigned as in CodeMatrix)
+// straight into panels: cols (rows x g*ho*wo, K = the rows) when not null, and its transpose
+// cols_t (g*ho*wo x rows, K = the columns) when not null; each equals pack() of that matrix.
+void igemm_pack_conv(IgemmIsa isa, const ConvColumns& geo, const void* images, bool is_unsigned,
+                     int qmax, int64_t s0, int64_t g, IgemmPackedB* cols, IgemmPackedB* cols_t);
+
+// C (a.rows, b.cols) = scale * float(A B) exactly (accumulate: C +=); a and b packed for the same
+// ISA and k. Runs on the calling thread.
+void igemm_packed(const IgemmPackedA& a, const IgemmPackedB& b, float scale, bool accumulate,
+                  float* c, int64_t ldc);
 
 // The definition: int64 dot products of the codes, then one rescale per output.
 void igemm_ref(int64_t m, int64_t n, int64_t k, const CodeMatrix& a, const CodeMatrix& b,

@@ -38,6 +38,14 @@ void igemm_with_kernels(const IgemmKernels& kn, int64_t m, int64_t n, int64_t k,
                         const CodeMatrix& a, const CodeMatrix& b, float scale, bool accumulate,
                         float* c, int64_t ldc);
 
+// The packed-operand entry points (igemm.h) through an explicit table, for the same tests.
+void pack_a(const IgemmKernels& kn, int64_t m, int64_t k, const CodeMatrix& a, IgemmPackedA* out);
+void pack_b(const IgemmKernels& kn, int64_t k, int64_t n, const CodeMatrix& b, IgemmPackedB* out);
+void pack_conv(const IgemmKernels& kn, const ConvColumns& geo, const void* images, bool is_unsigned,
+               int qmax, int64_t s0, int64_t g, IgemmPackedB* cols, IgemmPackedB* cols_t);
+void igemm_packed_run(const IgemmPackedA& a, const IgemmPackedB& b, float scale, bool accumulate,
+                      float* c, int64_t ldc);
+
 // Linux: ask once per process for the AMX tile-data state; false when the kernel refuses.
 bool amx_permitted();
 

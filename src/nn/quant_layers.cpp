@@ -2,8 +2,11 @@
 // gradients, uint8 activations or int8 on the signed grid) that every GEMM of the step reads
 // through code_gemm: the int8 kernels of math::igemm where the CPU has one, else the exact fp32
 // math::int_gemm on the codes converted to floats. Both are exact (scale * float(T), one rescale
-// per output), so which one ran changes no bit. The direct 3x3 convolution (fp32 kernels, exact on
-// integer-valued floats) reads float copies of the codes.
+// per output), so which one ran changes no bit. QConv2d's im2col path, where an igemm ISA runs and
+// the column codes fit int8, skips the column matrices: its weight codes are packed into the
+// kernels' panels once per step and every group's columns are written straight into panels
+// (math::IgemmPackedA / igemm_pack_conv / igemm_packed, the same exact sums). The direct 3x3
+// convolution (fp32 kernels, exact on integer-valued floats) reads float copies of the codes.
 #include "src/nn/quant_layers.h"
 
 #include <immintrin.h>
@@ -568,16 +571,27 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
     });
     return;
   }
+  // The packed-panel path: W packed once, each group's columns written straight into panels.
+  const bool packed = gemm_isa_ != math::IgemmIsa::kRef && g.qa <= 127;
+  if (packed) w_fwd_.pack(gemm_isa_, out_, ckk, math::codes_s8(wq_.data(), ckk, g.qw));
+  const math::ConvColumns geo{in_, h, w, kernel_, stride_, pad_, ho, wo};
   parallel_for(parts.count(), [&](int64_t p) {
     GroupScratch& sc = group_scratch();
-    uint8_t* col = grow_scratch_as<uint8_t>(sc.col, ckk * gmax * hw);  // activation code bytes
+    uint8_t* col = packed ? nullptr : grow_scratch_as<uint8_t>(sc.col, ckk * gmax * hw);
     float* buf = grow_scratch(sc.out, out_ * gmax * hw);
+    thread_local math::IgemmPackedB panels;
     for (int64_t s0 = parts.begin(p); s0 < parts.end(p); s0 += gmax) {
       const int64_t gs = std::min(gmax, parts.end(p) - s0), cols = gs * hw;
-      im2col(xq_.data(), s0, gs, h, w, col);                  // zero padding is code 0
       float* yg = gs == 1 ? y.data() + s0 * out_ * hw : buf;  // one sample: in place
-      code_gemm(gemm_isa_, out_, cols, ckk, math::codes_s8(wq_.data(), ckk, g.qw),
-                act_operand(col, cols, g.qa, signed_input()), scale, false, yg, cols);
+      if (packed) {
+        math::igemm_pack_conv(gemm_isa_, geo, xq_.data(), !signed_input(), g.qa, s0, gs, &panels,
+                              nullptr);
+        math::igemm_packed(w_fwd_, panels, scale, false, yg, cols);
+      } else {
+        im2col(xq_.data(), s0, gs, h, w, col);  // zero padding is code 0
+        code_gemm(gemm_isa_, out_, cols, ckk, math::codes_s8(wq_.data(), ckk, g.qw),
+                  act_operand(col, cols, g.qa, signed_input()), scale, false, yg, cols);
+      }
       if (gs > 1) scatter_group(yg, s0, gs, out_, hw, y.data());
     }
   });
@@ -658,8 +672,75 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
         code_gemm(isa, m, n, k, math::codes_s8(w, tw == Trans::kNo ? k : m, qw, tw),
                   math::codes_s8(d, n, qdy), dx_scale, false, c, n);
       }
+      // The packed-panel path (packed: an igemm ISA and x's codes fit int8): each group's
+      // columns straight into panels, the products on them and on w_bwd (the weights packed once
+      // as the data product's A: flipped (in, out*k*k) or W^T (in*k*k, out)).
+      bool packed;
+      const math::IgemmPackedA* w_bwd;
+      math::ConvColumns x_geo, dy_geo;  // x's columns, and the transposed path's columns of dy
+      const uint8_t* x_codes;
+      const int8_t* dy_codes;
+      void packed_weight_sum(const math::IgemmPackedA& a, const math::IgemmPackedB& b) {
+        float* dwg = grow_scratch(group_scratch().dw, wsize);
+        math::igemm_packed(a, b, 1.0f, false, dwg, b.cols);
+        double* sum = (*acc)[static_cast<size_t>(thread_index())].data();
+        for (int64_t i = 0; i < wsize; ++i) sum[i] += dwg[i];
+      }
+      bool dy_columns_products(int64_t, bool, int64_t s0, int64_t g, const uint8_t* xg,
+                               float* dxg) {
+        if (!packed) return false;
+        thread_local math::IgemmPackedB cols, cols_t;
+        thread_local math::IgemmPackedA xa;
+        math::igemm_pack_conv(isa, dy_geo, dy_codes, false, qdy, s0, g, &cols, &cols_t);
+        const int64_t icols = dy_geo.cols(g);
+        // dWt (in, out*k*k) = x_g (in, icols) cols^T; dx_g = flip(W) (in, out*k*k) cols.
+        xa.pack(isa, x_geo.channels, icols, operand(xg, icols, Trans::kNo));
+        packed_weight_sum(xa, cols_t);
+        math::igemm_packed(*w_bwd, cols, dx_scale, false, dxg, icols);
+        return true;
+      }
+      bool x_columns_products(int64_t, bool, int64_t s0, int64_t g, const int8_t* dyg,
+                              float* dcol) {
+        if (!packed) return false;
+        thread_local math::IgemmPackedB cols_t, dyb;
+        thread_local math::IgemmPackedA dya;
+        math::igemm_pack_conv(isa, x_geo, x_codes, !x_signed, qx, s0, g, nullptr, &cols_t);
+        const int64_t cols = x_geo.cols(g), out = dy_geo.channels;
+        // dW (out, in*k*k) = dy_g (out, cols) cols_t; dcol (in*k*k, cols) = W^T dy_g.
+        dya.pack(isa, out, cols, math::codes_s8(dyg, cols, qdy));
+        packed_weight_sum(dya, cols_t);
+        if (!dcol) return true;
+        dyb.pack(isa, out, cols, math::codes_s8(dyg, cols, qdy));
+        math::igemm_packed(*w_bwd, dyb, dx_scale, false, dcol, cols);
+        return true;
+      }
     };
-    CodeProducts products{gemm_isa_, g.qa, g.qw, g.qg, signed_input(), dg * g.sw, wsize, &dw_acc_};
+    const bool by_dy = dx_by_transposed_conv();  // backward_by_groups' path (dX^ always wanted)
+    const bool packed = gemm_isa_ != math::IgemmIsa::kRef && (by_dy || g.qa <= 127);
+    if (packed && by_dy) {
+      w_flip_.resize(wq_.size());
+      flip_weight(wq_.data(), w_flip_.data());
+      const int64_t okk = out_ * kernel_ * kernel_;
+      w_bwd_.pack(gemm_isa_, in_, okk, math::codes_s8(w_flip_.data(), okk, g.qw));
+    } else if (packed) {
+      const int64_t ckk = in_ * kernel_ * kernel_;
+      w_bwd_.pack(gemm_isa_, ckk, out_, math::codes_s8(wq_.data(), ckk, g.qw, Trans::kYes));
+    }
+    const int64_t ho = y.dim(2), wo = y.dim(3);
+    CodeProducts products{gemm_isa_,
+                          g.qa,
+                          g.qw,
+                          g.qg,
+                          signed_input(),
+                          dg * g.sw,
+                          wsize,
+                          &dw_acc_,
+                          packed,
+                          &w_bwd_,
+                          {in_, h, w, kernel_, stride_, pad_, ho, wo},
+                          {out_, ho, wo, kernel_, 1, kernel_ - 1 - pad_, h, w},
+                          xq_.data(),
+                          gq_.data()};
     transposed =
         backward_by_groups(n, h, w, xq_.data(), gq_.data(), wq_.data(), dxhat.data(), products);
   }

@@ -185,6 +185,10 @@ class QConv2d : public Conv2d, public QuantizedOp {
   std::vector<float> dwhat_;  // (weight size) dL/dW^ scratch
   // Direct 3x3 path (fp32 kernels on integer-valued floats): xq_ and gq_ as floats.
   std::vector<float> xf_, gf_;
+  // Packed-panel path (an igemm ISA, codes that fit int8): the step's weight codes packed once for
+  // forward (W) and for backward-data (W flipped and transposed, or W^T), read by every group.
+  math::IgemmPackedA w_fwd_, w_bwd_;
+  std::vector<int8_t> w_flip_;  // (in, out*k*k) flipped weight codes
 };
 
 }  // namespace int4ddp::nn
