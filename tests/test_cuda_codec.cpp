@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -176,6 +177,92 @@ TEST_P(CudaCodec, MisalignedBuffers) {
         if (HasFatalFailure()) return;
       }
     }
+  }
+}
+
+// Scopes at the edges of the definition, block by block (b = block index % 4):
+//   0: exact ties of rint: max |x| = L (gamma 1: c = L, r = 1, d = 1) and x in -L, -L + 1/2, ..;
+//   1: denormals only: c < L / FLT_MAX, so r saturates at FLT_MAX;
+//   2: all zero: c = d = r = 0;
+//   3: one value near FLT_MAX among normal values (z of the others underflows towards 0).
+// G = 0 (one scope) takes the ties pattern over the whole tensor.
+std::vector<float> edge_input(int64_t n, int64_t G, int bits) {
+  const float lim = static_cast<float>(levels(bits));
+  const int64_t scope = G == 0 ? std::max<int64_t>(n, 1) : G;
+  std::vector<float> x(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = i / scope, j = i % scope;
+    float& v = x[static_cast<size_t>(i)];
+    switch (G == 0 ? 0 : b % 4) {
+      case 0:
+        v = j == 0 ? (b % 2 ? -lim : lim) : static_cast<float>(j % (4 * levels(bits))) * 0.5f - lim;
+        break;
+      case 1:
+        v = 1e-41f * static_cast<float>(j % 17 - 8);
+        break;
+      case 2:
+        v = 0.0f;
+        break;
+      default:
+        v = j == 1 ? -3.0e38f : static_cast<float>(j % 9) - 4.0f;
+    }
+  }
+  return x;
+}
+
+TEST_P(CudaCodec, EdgeScopesMatchReference) {
+  REQUIRE_GPU();
+  const int bits = GetParam();
+  for (int64_t g : {0, 1, 7, 64, 128, 256, 512, 1024, 2048, 4096}) {
+    const int64_t n = g == 0 ? 4099 : 5 * g + g / 2 + 1;
+    const std::vector<float> x = edge_input(n, g, bits);
+    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic})
+      for (size_t misalign : {size_t{0}, size_t{1}}) {
+        QuantParams p;
+        p.bits = bits;
+        p.rounding = r;
+        p.block_size = g;
+        p.key = RngKey{7, 8, 9, 10};
+        SCOPED_TRACE(testing::Message() << "G=" << g << " rounding=" << static_cast<int>(r)
+                                        << " misalign=" << misalign);
+        check_against_reference(x, p, misalign);
+        if (HasFatalFailure()) return;
+      }
+  }
+}
+
+// Given per-block clips (QuantParams::clips) of every kind the codec accepts, on the fused
+// (G = 128 .. 4096, every V and warps-per-scope shape) and general paths: c_b = 0 (all codes 0,
+// every non-zero element clipped), half the block's max (saturation), twice the max (nothing
+// clipped) and a denormal (r saturated at FLT_MAX).
+TEST_P(CudaCodec, GivenClipsMatchReference) {
+  REQUIRE_GPU();
+  const int bits = GetParam();
+  for (int64_t g : {7, 128, 256, 512, 1024, 2048, 4096}) {
+    const int64_t n = 6 * g + g / 3 + 1;
+    const std::vector<float> x = make_input(n, 500 + g, true);
+    std::vector<float> clips(static_cast<size_t>(num_scales(n, g)));
+    for (size_t b = 0; b < clips.size(); ++b) {
+      float m = 0.0f;
+      for (int64_t i = static_cast<int64_t>(b) * g;
+           i < std::min(n, static_cast<int64_t>(b + 1) * g); ++i)
+        if (std::isfinite(x[static_cast<size_t>(i)]))
+          m = std::max(m, std::fabs(x[static_cast<size_t>(i)]));
+      const float kinds[] = {0.0f, 0.5f * m, 2.0f * m, 1e-40f};
+      clips[b] = kinds[b % 4];
+    }
+    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic})
+      for (size_t misalign : {size_t{0}, size_t{1}}) {
+        QuantParams p;
+        p.bits = bits;
+        p.rounding = r;
+        p.block_size = g;
+        p.key = RngKey{17, 18, 19, 20};
+        SCOPED_TRACE(testing::Message() << "G=" << g << " rounding=" << static_cast<int>(r)
+                                        << " misalign=" << misalign);
+        check_against_reference(x, p, misalign, &clips);
+        if (HasFatalFailure()) return;
+      }
   }
 }
 
