@@ -846,6 +846,17 @@ struct FusedShape {
 constexpr FusedShape kFusedShapes[] = {{128, 1, 1},  {256, 2, 1},  {512, 4, 1},
                                        {1024, 4, 2}, {2048, 4, 4}, {4096, 4, 8}};
 
+// Every shape: G = 128 V wps (the kernels' walk), V = 1 or even (paired Philox calls), a scope's
+// warps inside one CUDA block.
+constexpr bool fused_shapes_consistent() {
+  for (const FusedShape& s : kFusedShapes)
+    if (s.block_size != lanes::scope_size(s.v, s.warps_per_scope) || (s.v != 1 && s.v % 2 != 0) ||
+        s.warps_per_scope < 1 || kThreads / kWarp % s.warps_per_scope != 0)
+      return false;
+  return true;
+}
+static_assert(fused_shapes_consistent(), "kFusedShapes: G must be 128 V wps with wps | 8");
+
 const FusedShape* fused_shape(int64_t block_size) {
   for (const FusedShape& s : kFusedShapes)
     if (s.block_size == block_size) return &s;

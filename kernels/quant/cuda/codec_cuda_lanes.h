@@ -20,7 +20,7 @@
 namespace int4ddp::quant::cuda::lanes {
 
 // Elements per scope: G = 128 V wps.
-INT4DDP_HD int64_t scope_size(int v, int wps) { return int64_t{128} * v * wps; }
+INT4DDP_HD constexpr int64_t scope_size(int v, int wps) { return int64_t{128} * v * wps; }
 
 // First element of the lane's group 0: scope G + 128 V warp_in_scope + 4 lane.
 INT4DDP_HD int64_t group_base(int64_t scope, int v, int wps, int warp_in_scope, int lane) {
