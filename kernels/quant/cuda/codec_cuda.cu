@@ -967,14 +967,18 @@ void quantize_general(const float* x, int64_t count, const QuantParams& p, uint8
   check_launch();
   const int64_t G = per_tensor ? count : p.block_size;
   const int64_t work = (groups + kThreads - 1) / kThreads;
+  // scales is either the clips encode_kernel reads (per block) or the step it writes (per tensor),
+  // never both: the other pointer is null, so its __restrict__ parameters never alias.
+  const float* clips = per_tensor ? nullptr : scales;
+  float* tensor_scale = per_tensor ? scales : nullptr;
   if (vec)
     encode_kernel<true>
         <<<grid_for_kernel(encode_kernel<true>, work, kThreads), kThreads, 0, stream>>>(
-            x, count, G, kq, per_tensor, codes, scales, scales, stats);
+            x, count, G, kq, per_tensor, codes, clips, tensor_scale, stats);
   else
     encode_kernel<false>
         <<<grid_for_kernel(encode_kernel<false>, work, kThreads), kThreads, 0, stream>>>(
-            x, count, G, kq, per_tensor, codes, scales, scales, stats);
+            x, count, G, kq, per_tensor, codes, clips, tensor_scale, stats);
   check_launch();
   if (!per_tensor) {
     const int64_t nscopes = num_scales(count, p.block_size);
