@@ -535,5 +535,27 @@ TEST(CudaErrors, BadArgumentsThrow) {
   EXPECT_THROW(cuda::owner_step_async(a, nullptr), Error);
 }
 
+// Clips sharing memory with the scales are refused before anything is enqueued (the fused kernel
+// writes a scope's step while other warps may still read its clip). No device needed.
+TEST(CudaErrors, ClipsOverlappingScalesThrow) {
+  float x[40] = {}, scales[8] = {};
+  uint8_t codes[40] = {};
+  QuantStats stats;
+  QuantParams p;
+  p.block_size = 4;
+  const float* const overlapping[] = {scales, scales + 3};
+  for (const float* clips : overlapping) {
+    p.clips = clips;
+    try {
+      cuda::quantize_async(x, 40, p, codes, scales, &stats, nullptr);
+      ADD_FAILURE() << "overlapping clips accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("clips and scales overlap"), std::string::npos)
+          << e.what();
+    }
+  }
+  (void)cudaGetLastError();
+}
+
 }  // namespace
 }  // namespace int4ddp::quant

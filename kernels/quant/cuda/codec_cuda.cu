@@ -865,6 +865,13 @@ const FusedShape* fused_shape(int64_t block_size) {
 
 bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
 
+// Whether the n floats at a and at b share an element.
+bool overlap(const float* a, const float* b, int64_t n) {
+  const uintptr_t pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  const uintptr_t bytes = static_cast<uintptr_t>(n) * sizeof(float);
+  return n > 0 && pa < pb + bytes && pb < pa + bytes;
+}
+
 int sm_count() {
   int dev = 0, n = 0;
   INT4DDP_CUDA_CHECK(cudaGetDevice(&dev));
@@ -1019,6 +1026,10 @@ void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t
                 " elements");
   INT4DDP_CHECK(!scales || aligned(scales, alignof(float)), "cuda quantize: scales misaligned");
   check_stats_ptr(stats, "cuda quantize");
+  // The fused kernel writes a scope's step while other warps of that scope may still read its clip.
+  const int64_t nscales = num_scales(count, p.block_size);
+  INT4DDP_CHECK(p.clips == nullptr || !overlap(p.clips, scales, nscales),
+                "cuda quantize: clips and scales overlap (give the clips their own buffer)");
   init_stats_kernel<<<1, 1, 0, stream>>>(stats, count);
   check_launch();
   if (count == 0) {
