@@ -210,24 +210,31 @@ std::vector<float> edge_input(int64_t n, int64_t G, int bits) {
   return x;
 }
 
+// check_against_reference for both roundings, buffers aligned and misaligned by one element.
+void check_both_roundings(const std::vector<float>& x, int bits, int64_t block_size,
+                          const RngKey& key, const std::vector<float>* clips = nullptr) {
+  for (Rounding r : {Rounding::kNearest, Rounding::kStochastic})
+    for (size_t misalign : {size_t{0}, size_t{1}}) {
+      QuantParams p;
+      p.bits = bits;
+      p.rounding = r;
+      p.block_size = block_size;
+      p.key = key;
+      SCOPED_TRACE(testing::Message() << "G=" << block_size << " rounding=" << static_cast<int>(r)
+                                      << " misalign=" << misalign);
+      check_against_reference(x, p, misalign, clips);
+      if (testing::Test::HasFatalFailure()) return;
+    }
+}
+
 TEST_P(CudaCodec, EdgeScopesMatchReference) {
   REQUIRE_GPU();
   const int bits = GetParam();
   for (int64_t g : {0, 1, 7, 64, 128, 256, 512, 1024, 2048, 4096}) {
     const int64_t n = g == 0 ? 4099 : 5 * g + g / 2 + 1;
     const std::vector<float> x = edge_input(n, g, bits);
-    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic})
-      for (size_t misalign : {size_t{0}, size_t{1}}) {
-        QuantParams p;
-        p.bits = bits;
-        p.rounding = r;
-        p.block_size = g;
-        p.key = RngKey{7, 8, 9, 10};
-        SCOPED_TRACE(testing::Message() << "G=" << g << " rounding=" << static_cast<int>(r)
-                                        << " misalign=" << misalign);
-        check_against_reference(x, p, misalign);
-        if (HasFatalFailure()) return;
-      }
+    check_both_roundings(x, bits, g, RngKey{7, 8, 9, 10});
+    if (HasFatalFailure()) return;
   }
 }
 
@@ -251,18 +258,8 @@ TEST_P(CudaCodec, GivenClipsMatchReference) {
       const float kinds[] = {0.0f, 0.5f * m, 2.0f * m, 1e-40f};
       clips[b] = kinds[b % 4];
     }
-    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic})
-      for (size_t misalign : {size_t{0}, size_t{1}}) {
-        QuantParams p;
-        p.bits = bits;
-        p.rounding = r;
-        p.block_size = g;
-        p.key = RngKey{17, 18, 19, 20};
-        SCOPED_TRACE(testing::Message() << "G=" << g << " rounding=" << static_cast<int>(r)
-                                        << " misalign=" << misalign);
-        check_against_reference(x, p, misalign, &clips);
-        if (HasFatalFailure()) return;
-      }
+    check_both_roundings(x, bits, g, RngKey{17, 18, 19, 20}, &clips);
+    if (HasFatalFailure()) return;
   }
 }
 
@@ -308,17 +305,10 @@ TEST(CudaCodecClips, BlockClipsAndQuantizeMatchTheCpu) {
       INT4DDP_CUDA_CHECK(cudaDeviceSynchronize());
       expect_same_bits(dclips.download(), want, "topk clip");
       if (HasFatalFailure()) return;
-      for (int bits : {4, 8, 3})
-        for (Rounding r : {Rounding::kStochastic, Rounding::kNearest})
-          for (size_t misalign : {size_t{0}, size_t{1}}) {
-            QuantParams p;
-            p.bits = bits;
-            p.rounding = r;
-            p.block_size = G;
-            p.key = RngKey{3, 4, 5, 6};
-            check_against_reference(x, p, misalign, &want);
-            if (HasFatalFailure()) return;
-          }
+      for (int bits : {4, 8, 3}) {
+        check_both_roundings(x, bits, G, RngKey{3, 4, 5, 6}, &want);
+        if (HasFatalFailure()) return;
+      }
     }
 }
 
