@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -179,6 +180,89 @@ TEST_P(CudaCodec, MisalignedBuffers) {
   }
 }
 
+// Scopes at the edges of the definition, block by block (b = block index % 4):
+//   0: exact ties of rint: max |x| = L (gamma 1: c = L, r = 1, d = 1) and x in -L, -L + 1/2, ..;
+//   1: denormals only: c < L / FLT_MAX, so r saturates at FLT_MAX;
+//   2: all zero: c = d = r = 0;
+//   3: one value near FLT_MAX among normal values (z of the others underflows towards 0).
+// G = 0 (one scope) takes the ties pattern over the whole tensor.
+std::vector<float> edge_input(int64_t n, int64_t G, int bits) {
+  const float lim = static_cast<float>(levels(bits));
+  const int64_t scope = G == 0 ? std::max<int64_t>(n, 1) : G;
+  std::vector<float> x(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t b = i / scope, j = i % scope;
+    float& v = x[static_cast<size_t>(i)];
+    switch (G == 0 ? 0 : b % 4) {
+      case 0:
+        v = j == 0 ? (b % 2 ? -lim : lim) : static_cast<float>(j % (4 * levels(bits))) * 0.5f - lim;
+        break;
+      case 1:
+        v = 1e-41f * static_cast<float>(j % 17 - 8);
+        break;
+      case 2:
+        v = 0.0f;
+        break;
+      default:
+        v = j == 1 ? -3.0e38f : static_cast<float>(j % 9) - 4.0f;
+    }
+  }
+  return x;
+}
+
+// check_against_reference for both roundings, buffers aligned and misaligned by one element.
+void check_both_roundings(const std::vector<float>& x, int bits, int64_t block_size,
+                          const RngKey& key, const std::vector<float>* clips = nullptr) {
+  for (Rounding r : {Rounding::kNearest, Rounding::kStochastic})
+    for (size_t misalign : {size_t{0}, size_t{1}}) {
+      QuantParams p;
+      p.bits = bits;
+      p.rounding = r;
+      p.block_size = block_size;
+      p.key = key;
+      SCOPED_TRACE(testing::Message() << "G=" << block_size << " rounding=" << static_cast<int>(r)
+                                      << " misalign=" << misalign);
+      check_against_reference(x, p, misalign, clips);
+      if (testing::Test::HasFatalFailure()) return;
+    }
+}
+
+TEST_P(CudaCodec, EdgeScopesMatchReference) {
+  REQUIRE_GPU();
+  const int bits = GetParam();
+  for (int64_t g : {0, 1, 7, 64, 128, 256, 512, 1024, 2048, 4096}) {
+    const int64_t n = g == 0 ? 4099 : 5 * g + g / 2 + 1;
+    const std::vector<float> x = edge_input(n, g, bits);
+    check_both_roundings(x, bits, g, RngKey{7, 8, 9, 10});
+    if (HasFatalFailure()) return;
+  }
+}
+
+// Given per-block clips (QuantParams::clips) of every kind the codec accepts, on the fused
+// (G = 128 .. 4096, every V and warps-per-scope shape) and general paths: c_b = 0 (all codes 0,
+// every non-zero element clipped), half the block's max (saturation), twice the max (nothing
+// clipped) and a denormal (r saturated at FLT_MAX).
+TEST_P(CudaCodec, GivenClipsMatchReference) {
+  REQUIRE_GPU();
+  const int bits = GetParam();
+  for (int64_t g : {7, 128, 256, 512, 1024, 2048, 4096}) {
+    const int64_t n = 6 * g + g / 3 + 1;
+    const std::vector<float> x = make_input(n, 500 + g, true);
+    std::vector<float> clips(static_cast<size_t>(num_scales(n, g)));
+    for (size_t b = 0; b < clips.size(); ++b) {
+      float m = 0.0f;
+      for (int64_t i = static_cast<int64_t>(b) * g;
+           i < std::min(n, static_cast<int64_t>(b + 1) * g); ++i)
+        if (std::isfinite(x[static_cast<size_t>(i)]))
+          m = std::max(m, std::fabs(x[static_cast<size_t>(i)]));
+      const float kinds[] = {0.0f, 0.5f * m, 2.0f * m, 1e-40f};
+      clips[b] = kinds[b % 4];
+    }
+    check_both_roundings(x, bits, g, RngKey{17, 18, 19, 20}, &clips);
+    if (HasFatalFailure()) return;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Bits, CudaCodec, testing::Range(kMinBits, kMaxBits + 1),
                          [](const testing::TestParamInfo<int>& i) {
                            return "int" + std::to_string(i.param);
@@ -221,17 +305,10 @@ TEST(CudaCodecClips, BlockClipsAndQuantizeMatchTheCpu) {
       INT4DDP_CUDA_CHECK(cudaDeviceSynchronize());
       expect_same_bits(dclips.download(), want, "topk clip");
       if (HasFatalFailure()) return;
-      for (int bits : {4, 8, 3})
-        for (Rounding r : {Rounding::kStochastic, Rounding::kNearest})
-          for (size_t misalign : {size_t{0}, size_t{1}}) {
-            QuantParams p;
-            p.bits = bits;
-            p.rounding = r;
-            p.block_size = G;
-            p.key = RngKey{3, 4, 5, 6};
-            check_against_reference(x, p, misalign, &want);
-            if (HasFatalFailure()) return;
-          }
+      for (int bits : {4, 8, 3}) {
+        check_both_roundings(x, bits, G, RngKey{3, 4, 5, 6}, &want);
+        if (HasFatalFailure()) return;
+      }
     }
 }
 
@@ -446,6 +523,28 @@ TEST(CudaErrors, BadArgumentsThrow) {
   cuda::OwnerStepArgs a;
   a.ranks = 0;
   EXPECT_THROW(cuda::owner_step_async(a, nullptr), Error);
+}
+
+// Clips sharing memory with the scales are refused before anything is enqueued (the fused kernel
+// writes a scope's step while other warps may still read its clip). No device needed.
+TEST(CudaErrors, ClipsOverlappingScalesThrow) {
+  float x[40] = {}, scales[8] = {};
+  uint8_t codes[40] = {};
+  QuantStats stats;
+  QuantParams p;
+  p.block_size = 4;
+  const float* const overlapping[] = {scales, scales + 3};
+  for (const float* clips : overlapping) {
+    p.clips = clips;
+    try {
+      cuda::quantize_async(x, 40, p, codes, scales, &stats, nullptr);
+      ADD_FAILURE() << "overlapping clips accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("clips and scales overlap"), std::string::npos)
+          << e.what();
+    }
+  }
+  (void)cudaGetLastError();
 }
 
 }  // namespace

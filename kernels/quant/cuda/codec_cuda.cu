@@ -30,6 +30,7 @@
 
 #include "kernels/common/error.h"
 #include "kernels/quant/cuda/codec_cuda.h"
+#include "kernels/quant/cuda/codec_cuda_lanes.h"
 #include "kernels/quant/cuda/cuda_check.h"
 #include "kernels/quant/format.h"
 #include "kernels/quant/philox.h"
@@ -156,7 +157,8 @@ __device__ __forceinline__ int load_code(const uint8_t* codes, int64_t i, int bi
 // load instruction of a warp reads 512 contiguous bytes (16 bytes per lane). A Philox call serves
 // eight elements, the groups of lanes 2m and 2m + 1: for V >= 2 the even lane runs the call of its
 // group k and the odd lane that of its group k + 1, and the two swap the words the other needs
-// (two shuffles per call), so no call is made twice.
+// (two shuffles per call), so no call is made twice. The index math is codec_cuda_lanes.h (tested
+// on the CPU by replaying a warp: tests/test_cuda_lanes.cpp).
 
 struct TileGeometry {
   int64_t scope;        // scale block index of this warp
@@ -169,10 +171,9 @@ __device__ __forceinline__ TileGeometry tile_geometry(int64_t tile, int wps) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int scopes_per_block = blockDim.x / kWarp / wps;
   const int scope_in_block = warp / wps, warp_in_scope = warp % wps;
-  const int64_t G = int64_t{128} * V * wps;
   TileGeometry t;
   t.scope = tile * scopes_per_block + scope_in_block;
-  t.base = t.scope * G + int64_t{128} * V * warp_in_scope + 4 * lane;
+  t.base = lanes::group_base(t.scope, V, wps, warp_in_scope, lane);
   t.first_in_scope = warp_in_scope == 0 && lane == 0;
   return t;
 }
@@ -198,27 +199,22 @@ __device__ __forceinline__ float scope_max(float lane_max, int wps) {
 template <int V>
 __device__ __forceinline__ void lane_uniforms(const RngKey& key, int64_t base, float (&u)[V][4]) {
   const bool odd = threadIdx.x & 1;  // the lane's half of its 8-element Philox group
-  auto fill = [&](int k, uint32_t a, uint32_t b) {
-    u[k][0] = uniform_from_half(a, 0);
-    u[k][1] = uniform_from_half(a, 1);
-    u[k][2] = uniform_from_half(b, 0);
-    u[k][3] = uniform_from_half(b, 1);
-  };
   if constexpr (V == 1) {
-    const Philox4 r = philox_block(key, static_cast<uint64_t>(base) / 8);
-    fill(0, odd ? r.v[2] : r.v[0], odd ? r.v[3] : r.v[1]);
+    // Both lanes of a pair make the call of their shared group; each keeps its two words.
+    const lanes::SplitWords w =
+        lanes::split_call(philox_block(key, lanes::pair_call_group(base, 0, false)), odd);
+    lanes::fill_uniforms(w.keep0, w.keep1, u[0]);
   } else {
     static_assert(V % 2 == 0, "lanes pair their Philox calls over groups k, k + 1");
 #pragma unroll
     for (int k = 0; k < V; k += 2) {
-      // even lane: call of group k, keeps words 0, 1 and sends 2, 3 (the odd lane's half);
-      // odd lane: call of group k + 1, keeps words 2, 3 and sends 0, 1.
-      const Philox4 r = philox_block(key, static_cast<uint64_t>(base + 128 * (k + odd)) / 8);
-      const uint32_t keep0 = odd ? r.v[2] : r.v[0], keep1 = odd ? r.v[3] : r.v[1];
-      const uint32_t recv0 = __shfl_xor_sync(kFullMask, odd ? r.v[0] : r.v[2], 1);
-      const uint32_t recv1 = __shfl_xor_sync(kFullMask, odd ? r.v[1] : r.v[3], 1);
-      fill(k, odd ? recv0 : keep0, odd ? recv1 : keep1);
-      fill(k + 1, odd ? keep0 : recv0, odd ? keep1 : recv1);
+      const lanes::SplitWords w =
+          lanes::split_call(philox_block(key, lanes::pair_call_group(base, k, odd)), odd);
+      const uint32_t recv0 = __shfl_xor_sync(kFullMask, w.send0, 1);
+      const uint32_t recv1 = __shfl_xor_sync(kFullMask, w.send1, 1);
+      const lanes::PairWords pw = lanes::pair_words(w, recv0, recv1, odd);
+      lanes::fill_uniforms(pw.k0, pw.k1, u[k]);
+      lanes::fill_uniforms(pw.k10, pw.k11, u[k + 1]);
     }
   }
 }
@@ -240,7 +236,7 @@ __device__ __forceinline__ void encode_groups(const float (&val)[V][4], int64_t 
   if (kq.rounding == Rounding::kStochastic) lane_uniforms<V>(kq.key, base, u);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    const int64_t e = base + 128 * k;
+    const int64_t e = lanes::group_element(base, k);
     int q[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -280,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     quantize_fused_kernel(const float* __restrict__ x, int64_t count, KernelQuant kq, int wps,
                           uint8_t* __restrict__ codes, float* __restrict__ scales,
                           QuantStats* stats) {
-  const int64_t G = int64_t{128} * V * wps;
+  const int64_t G = lanes::scope_size(V, wps);
   const int64_t nscopes = (count + G - 1) / G;
   const int scopes_per_block = blockDim.x / kWarp / wps;
   const int64_t ntiles = (nscopes + scopes_per_block - 1) / scopes_per_block;
@@ -292,7 +288,7 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     float m = 0.0f;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const int64_t e = t.base + 128 * k;
+      const int64_t e = lanes::group_element(t.base, k);
       if (e + 4 <= count) {
         const float4 f = __ldcs(reinterpret_cast<const float4*>(x + e));
         val[k][0] = f.x, val[k][1] = f.y, val[k][2] = f.z, val[k][3] = f.w;
@@ -333,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
                        const float* __restrict__ es, float* __restrict__ es_next,
                        uint8_t* __restrict__ codes_out, float* __restrict__ scales_out,
                        float* __restrict__ out, QuantStats* stats) {
-  const int64_t G = int64_t{128} * V * wps;
+  const int64_t G = lanes::scope_size(V, wps);
   const int64_t nscopes = (count + G - 1) / G;
   const int scopes_per_block = blockDim.x / kWarp / wps;
   const int64_t ntiles = (nscopes + scopes_per_block - 1) / scopes_per_block;
@@ -354,7 +350,7 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
       const float d = t.scope < nscopes ? load_f32_bytes(msgs.scales[r] + scale_offset) : 0.0f;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const int64_t e = t.base + 128 * k;
+        const int64_t e = lanes::group_element(t.base, k);
         int qc[4] = {0, 0, 0, 0};
         if (kAligned && e + 4 <= count) {
           if (kq.bits == 4) {
@@ -379,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, INT4DDP_FUSED_MIN_BLOCKS)
     float m = 0.0f;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const int64_t e = t.base + 128 * k;
+      const int64_t e = lanes::group_element(t.base, k);
       float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (es) {
         if (kAligned && e + 4 <= count) {
@@ -850,6 +846,17 @@ struct FusedShape {
 constexpr FusedShape kFusedShapes[] = {{128, 1, 1},  {256, 2, 1},  {512, 4, 1},
                                        {1024, 4, 2}, {2048, 4, 4}, {4096, 4, 8}};
 
+// Every shape: G = 128 V wps (the kernels' walk), V = 1 or even (paired Philox calls), a scope's
+// warps inside one CUDA block.
+constexpr bool fused_shapes_consistent() {
+  for (const FusedShape& s : kFusedShapes)
+    if (s.block_size != lanes::scope_size(s.v, s.warps_per_scope) || (s.v != 1 && s.v % 2 != 0) ||
+        s.warps_per_scope < 1 || kThreads / kWarp % s.warps_per_scope != 0)
+      return false;
+  return true;
+}
+static_assert(fused_shapes_consistent(), "kFusedShapes: G must be 128 V wps with wps | 8");
+
 const FusedShape* fused_shape(int64_t block_size) {
   for (const FusedShape& s : kFusedShapes)
     if (s.block_size == block_size) return &s;
@@ -857,6 +864,13 @@ const FusedShape* fused_shape(int64_t block_size) {
 }
 
 bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+// Whether the n floats at a and at b share an element.
+bool overlap(const float* a, const float* b, int64_t n) {
+  const uintptr_t pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  const uintptr_t bytes = static_cast<uintptr_t>(n) * sizeof(float);
+  return n > 0 && pa < pb + bytes && pb < pa + bytes;
+}
 
 int sm_count() {
   int dev = 0, n = 0;
@@ -960,14 +974,18 @@ void quantize_general(const float* x, int64_t count, const QuantParams& p, uint8
   check_launch();
   const int64_t G = per_tensor ? count : p.block_size;
   const int64_t work = (groups + kThreads - 1) / kThreads;
+  // scales is either the clips encode_kernel reads (per block) or the step it writes (per tensor),
+  // never both: the other pointer is null, so its __restrict__ parameters never alias.
+  const float* clips = per_tensor ? nullptr : scales;
+  float* tensor_scale = per_tensor ? scales : nullptr;
   if (vec)
     encode_kernel<true>
         <<<grid_for_kernel(encode_kernel<true>, work, kThreads), kThreads, 0, stream>>>(
-            x, count, G, kq, per_tensor, codes, scales, scales, stats);
+            x, count, G, kq, per_tensor, codes, clips, tensor_scale, stats);
   else
     encode_kernel<false>
         <<<grid_for_kernel(encode_kernel<false>, work, kThreads), kThreads, 0, stream>>>(
-            x, count, G, kq, per_tensor, codes, scales, scales, stats);
+            x, count, G, kq, per_tensor, codes, clips, tensor_scale, stats);
   check_launch();
   if (!per_tensor) {
     const int64_t nscopes = num_scales(count, p.block_size);
@@ -1008,6 +1026,10 @@ void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t
                 " elements");
   INT4DDP_CHECK(!scales || aligned(scales, alignof(float)), "cuda quantize: scales misaligned");
   check_stats_ptr(stats, "cuda quantize");
+  // The fused kernel writes a scope's step while other warps of that scope may still read its clip.
+  const int64_t nscales = num_scales(count, p.block_size);
+  INT4DDP_CHECK(p.clips == nullptr || !overlap(p.clips, scales, nscales),
+                "cuda quantize: clips and scales overlap (give the clips their own buffer)");
   init_stats_kernel<<<1, 1, 0, stream>>>(stats, count);
   check_launch();
   if (count == 0) {

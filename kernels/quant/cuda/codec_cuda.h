@@ -36,7 +36,8 @@ bool device_available();
 // (num_scales(count, block_size) floats), *stats (device memory, reset by this call). Philox
 // element indices count from x[0], exactly as quant::quantize. p.clips, when set, is a DEVICE
 // array of the per-block clips (codec.h; their values are not checked here: they come from
-// block_clips_async or a copy of quant::block_clips).
+// block_clips_async or a copy of quant::block_clips), in a buffer of its own: clips overlapping
+// scales throw Error (the CPU codec allows clips == scales; the fused kernel would race).
 void quantize_async(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
                     float* scales, QuantStats* stats, cudaStream_t stream);
 
