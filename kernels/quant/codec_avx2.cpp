@@ -19,9 +19,7 @@
 namespace int4ddp::quant::detail {
 namespace {
 
-#define INT4DDP_ALWAYS_INLINE inline __attribute__((always_inline))
-
-INT4DDP_ALWAYS_INLINE __m256 abs_ps(__m256 v) {
+inline __m256 abs_ps(__m256 v) {
   return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
 }
 
@@ -240,8 +238,8 @@ struct QuantConsts {
 // and are zeroed by the finite mask. kSaturate: clamp x to +-saturate_at first (given clips; a NaN
 // lane becomes sat_hi and is zeroed the same way).
 template <bool kStochastic, bool kAllFinite, bool kSaturate>
-INT4DDP_ALWAYS_INLINE __m256i quant8(const float* x, const QuantConsts& c, const uint16_t* h,
-                                     __m256i* clip_count) {
+inline __m256i quant8(const float* x, const QuantConsts& c, const uint16_t* h,
+                      __m256i* clip_count) {
   const __m256 v = _mm256_loadu_ps(x);
   const __m256 a = abs_ps(v);
   __m256 clipped = _mm256_cmp_ps(a, c.clip, _CMP_GT_OQ);
@@ -268,22 +266,21 @@ INT4DDP_ALWAYS_INLINE __m256i quant8(const float* x, const QuantConsts& c, const
 
 // 32 int32 codes (a: elements 0-7, b: 8-15, c: 16-23, d: 24-31) as clamped int8, in the lane
 // order of the packs: a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7.
-INT4DDP_ALWAYS_INLINE __m256i codes_to_bytes(__m256i a, __m256i b, __m256i c, __m256i d,
-                                             __m256i lo8) {
+inline __m256i codes_to_bytes(__m256i a, __m256i b, __m256i c, __m256i d, __m256i lo8) {
   return _mm256_max_epi8(_mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)),
                          lo8);
 }
 
 // Bytes of codes_to_bytes to 16-bit words holding the packed byte of each adjacent pair
 // (low nibble the even element): A01 A23 B01 B23 C01 C23 D01 D23 | A45 A67 B45 ... D67.
-INT4DDP_ALWAYS_INLINE __m256i nibble_words(__m256i bytes) {
+inline __m256i nibble_words(__m256i bytes) {
   return _mm256_maddubs_epi16(_mm256_and_si256(bytes, _mm256_set1_epi8(0x0F)),
                               _mm256_set1_epi16(0x1001));  // lo * 1 + hi * 16
 }
 
 // Writes the results of one 32-element step: packed (16 bytes) or int8 codes (32 bytes).
 template <bool kPack>
-INT4DDP_ALWAYS_INLINE void emit32(__m256i bytes, void* out) {
+inline void emit32(__m256i bytes, void* out) {
   if constexpr (kPack) {
     const __m256i p = _mm256_packus_epi16(nibble_words(bytes), _mm256_setzero_si256());
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
@@ -297,7 +294,7 @@ INT4DDP_ALWAYS_INLINE void emit32(__m256i bytes, void* out) {
 
 // Writes two 32-element steps as 32 packed bytes: one packus, one permq and one pshufb for 64
 // elements.
-INT4DDP_ALWAYS_INLINE void emit64_packed(__m256i bytes0, __m256i bytes1, uint8_t* out) {
+inline void emit64_packed(__m256i bytes0, __m256i bytes1, uint8_t* out) {
   const __m256i p = _mm256_permute4x64_epi64(
       _mm256_packus_epi16(nibble_words(bytes0), nibble_words(bytes1)), 0xD8);
   const __m256i order = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, 0, 1,
@@ -348,178 +345,6 @@ inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const Qu
   return count;
 }
 
-// The interleaved stochastic path, for segments whose first element starts a Philox group (first
-// index a multiple of 8): 64-element steps, each of which quantizes its elements with the words
-// made by the previous step while it makes the 8 instances (two chains of four) of the next step,
-// their rounds interleaved with the quantize steps in program order so that the integer Philox
-// chains and the floating-point quantizing share the scheduler instead of the Philox filling it
-// ahead of the quantizing. Words live in two 32-word buffers (element order); the batch the last
-// step makes, for the elements that follow the segment, is kept per thread and reused when the next
-// call (the next scope) starts there with the same key.
-struct PhiloxBatch {  // 8 instances in flight: chain b, 64-bit lane k = instance 4b + k
-  __m256i x0[2], x1[2], x2[2], x3[2];
-};
-
-INT4DDP_ALWAYS_INLINE __m256i swap_halves(__m256i p) { return _mm256_shuffle_epi32(p, 0xB1); }
-
-// Rounds 1 to 3 of instances group .. group + 7 (all with the high word of head).
-INT4DDP_ALWAYS_INLINE void batch_begin(PhiloxBatch& s, const PhiloxKeys& pk, const PhiloxHead& head,
-                                       uint64_t group) {
-  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
-  const __m256i w = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(group)),
-                                     _mm256_set_epi64x(3, 2, 1, 0));
-  for (int b = 0; b < 2; ++b) {
-    const __m256i w0 = b ? _mm256_add_epi64(w, _mm256_set1_epi64x(4)) : w;
-    const __m256i p0 = _mm256_mul_epu32(w0, m0);
-    const __m256i p1 = _mm256_mul_epu32(_mm256_xor_si256(swap_halves(p0), head.c), m1);
-    const __m256i y0 = _mm256_xor_si256(swap_halves(p1), head.e);
-    const __m256i y2 = _mm256_xor_si256(p0, head.f);
-    const __m256i q0 = _mm256_mul_epu32(y0, m0);
-    const __m256i q1 = _mm256_mul_epu32(y2, m1);
-    s.x0[b] = _mm256_xor_si256(swap_halves(q1), _mm256_xor_si256(p1, pk.k0[2]));
-    s.x1[b] = q1;
-    s.x2[b] = _mm256_xor_si256(swap_halves(q0), head.g);
-    s.x3[b] = q0;
-  }
-}
-
-// Round r + 1 (r in 3..8) of both chains.
-INT4DDP_ALWAYS_INLINE void batch_round(PhiloxBatch& s, const PhiloxKeys& pk, int r) {
-  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
-  for (int b = 0; b < 2; ++b) {
-    const __m256i p0 = _mm256_mul_epu32(s.x0[b], m0);
-    const __m256i p1 = _mm256_mul_epu32(s.x2[b], m1);
-    s.x0[b] = _mm256_xor_si256(swap_halves(p1), _mm256_xor_si256(s.x1[b], pk.k0[r]));
-    s.x1[b] = p1;
-    s.x2[b] = _mm256_xor_si256(swap_halves(p0), _mm256_xor_si256(s.x3[b], pk.k1[r]));
-    s.x3[b] = p0;
-  }
-}
-
-// Round 10, and the 32 words in element order. With the upper halves of x1 and x3 cleared before
-// the key is xored in, the upper half of the round's new word 0 (swapped product) is the new word 1
-// and that of word 2 is word 3: each 64-bit lane is then a word pair without shifts or blends.
-INT4DDP_ALWAYS_INLINE void batch_end(PhiloxBatch& s, const PhiloxKeys& pk, uint32_t* words) {
-  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
-  const __m256i zero = _mm256_setzero_si256();
-  for (int b = 0; b < 2; ++b) {
-    const __m256i p0 = _mm256_mul_epu32(s.x0[b], m0);
-    const __m256i p1 = _mm256_mul_epu32(s.x2[b], m1);
-    const __m256i v01 = _mm256_xor_si256(
-        swap_halves(p1), _mm256_xor_si256(_mm256_blend_epi32(s.x1[b], zero, 0xAA), pk.k0[9]));
-    const __m256i v23 = _mm256_xor_si256(
-        swap_halves(p0), _mm256_xor_si256(_mm256_blend_epi32(s.x3[b], zero, 0xAA), pk.k1[9]));
-    const __m256i i02 = _mm256_unpacklo_epi64(v01, v23);  // instances 0 | 2 of the chain
-    const __m256i i13 = _mm256_unpackhi_epi64(v01, v23);  // instances 1 | 3
-    __m256i* out = reinterpret_cast<__m256i*>(words + 16 * b);
-    _mm256_store_si256(out, _mm256_permute2x128_si256(i02, i13, 0x20));
-    _mm256_store_si256(out + 1, _mm256_permute2x128_si256(i02, i13, 0x31));
-  }
-}
-
-// The words of instances group .. group + 7 into words[32], one batch on its own.
-inline void batch_words(PhiloxKeys& pk, uint64_t group, uint32_t* words) {
-  if ((group >> 32) != ((group + 7) >> 32)) {  // the high counter word changes inside
-    for (int j = 0; j < 8; ++j) {
-      const Philox4 r = philox_block(pk.key, group + j);
-      std::memcpy(words + 4 * j, r.v, sizeof(r.v));
-    }
-    return;
-  }
-  PhiloxBatch s;
-  batch_begin(s, pk, pk.head_for(static_cast<uint32_t>(group >> 32)), group);
-  for (int r = 3; r < kPhiloxRounds - 1; ++r) batch_round(s, pk, r);
-  batch_end(s, pk, words);
-}
-
-// The batch made for the elements after the previous segment of this thread: reused when the next
-// segment starts there with the same key.
-struct PhiloxCarry {
-  alignas(32) uint32_t words[32];
-  RngKey key;
-  uint64_t group = 0;
-  bool valid = false;
-  bool matches(const RngKey& k, uint64_t g) const {
-    return valid && group == g && key.seed == k.seed && key.stream == k.stream &&
-           key.step == k.step && key.tensor_id == k.tensor_id;
-  }
-};
-thread_local PhiloxCarry t_carry;
-
-// One 64-element step: quantizes x[0, 64) with the uniforms h (element order) into out (16 packed
-// bytes per 32 elements, or 64 int8 codes) and, when kMake, makes the batch of `group` into words,
-// round by round between the quantize steps.
-template <bool kAllFinite, bool kPack, bool kSaturate, bool kMake>
-INT4DDP_ALWAYS_INLINE void stoch_step64(const float* x, const uint16_t* h, const QuantConsts& c,
-                                        uint8_t* out, __m256i* count, PhiloxKeys& pk,
-                                        uint64_t group, uint32_t* words) {
-  PhiloxBatch s;
-  auto q8 = [&](int k) {
-    return quant8<true, kAllFinite, kSaturate>(x + 8 * k, c, h + 8 * k, count);
-  };
-  if constexpr (kMake) batch_begin(s, pk, pk.head_for(static_cast<uint32_t>(group >> 32)), group);
-  for (int l = 0; l < 64; l += 16)
-    _mm_prefetch(reinterpret_cast<const char*>(x + l + kPrefetchAhead), _MM_HINT_T0);
-  __m256i a = q8(0);
-  if constexpr (kMake) batch_round(s, pk, 3);
-  __m256i b = q8(1);
-  if constexpr (kMake) batch_round(s, pk, 4);
-  __m256i cc = q8(2);
-  if constexpr (kMake) batch_round(s, pk, 5);
-  __m256i d = q8(3);
-  if constexpr (kMake) batch_round(s, pk, 6);
-  const __m256i bytes0 = codes_to_bytes(a, b, cc, d, c.lo8);
-  a = q8(4);
-  if constexpr (kMake) batch_round(s, pk, 7);
-  b = q8(5);
-  if constexpr (kMake) batch_round(s, pk, 8);
-  cc = q8(6);
-  d = q8(7);
-  if constexpr (kMake) batch_end(s, pk, words);
-  const __m256i bytes1 = codes_to_bytes(a, b, cc, d, c.lo8);
-  if constexpr (kPack) {
-    emit64_packed(bytes0, bytes1, out);
-  } else {
-    emit32<false>(bytes0, out);
-    emit32<false>(bytes1, out + 32);
-  }
-}
-
-// x[0, m), m a multiple of 64, first_index a multiple of 8. Returns the per-lane clipped
-// counts.
-template <bool kAllFinite, bool kPack, bool kSaturate>
-__m256i stoch_interleaved(const float* x, int64_t m, const SegmentQuant& q, const QuantConsts& c,
-                          uint8_t* out) {
-  PhiloxKeys pk(q.key);
-  const uint64_t g0 = static_cast<uint64_t>(q.first_index) / 8;
-  alignas(32) uint32_t words[2][32];
-  PhiloxCarry& carry = t_carry;
-  if (carry.matches(q.key, g0))
-    std::memcpy(words[0], carry.words, sizeof(words[0]));
-  else
-    batch_words(pk, g0, words[0]);
-  carry.valid = false;
-  __m256i count = _mm256_setzero_si256();
-  const int64_t steps = m / 64;
-  for (int64_t s = 0; s < steps; ++s) {
-    const uint64_t next = g0 + 8 * static_cast<uint64_t>(s + 1);
-    const uint16_t* h = reinterpret_cast<const uint16_t*>(words[s & 1]);
-    uint32_t* made = s + 1 < steps ? words[(s + 1) & 1] : carry.words;
-    uint8_t* o = out + (kPack ? 32 * s : 64 * s);
-    if ((next >> 32) == ((next + 7) >> 32)) {
-      stoch_step64<kAllFinite, kPack, kSaturate, true>(x + 64 * s, h, c, o, &count, pk, next, made);
-    } else {  // the high counter word changes inside the next batch: make it on its own
-      batch_words(pk, next, made);
-      stoch_step64<kAllFinite, kPack, kSaturate, false>(x + 64 * s, h, c, o, &count, pk, next,
-                                                        made);
-    }
-  }
-  carry.key = q.key;
-  carry.group = g0 + 8 * static_cast<uint64_t>(steps);
-  carry.valid = true;
-  return count;
-}
-
 // The whole segment: the vector body, then a scalar tail of < 32. kPack: out is packed INT4
 // (segment starting at a low nibble), else int8 codes. Stochastic: the Philox words of each chunk
 // are made first (kChains independent chains, which the quantize loop's register pressure would
@@ -544,18 +369,6 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
   };
   const int64_t nv = n / 32 * 32;
   if constexpr (kStochastic) {
-    if (q.first_index % 8 == 0 && n >= 64) {  // the interleaved path, then the rest from here
-      const int64_t m = n / 64 * 64;
-      int64_t clipped = hsum_epi32(
-          stoch_interleaved<kAllFinite, kPack, kSaturate>(x, m, q, c, static_cast<uint8_t*>(out)));
-      if (m < n) {
-        SegmentQuant rest = q;
-        rest.first_index = q.first_index + m;
-        clipped +=
-            quant_segment<kStochastic, kAllFinite, kPack, kSaturate>(x + m, n - m, rest, out_at(m));
-      }
-      return clipped;
-    }
     PhiloxKeys pk(q.key);
     const uint64_t first = static_cast<uint64_t>(q.first_index);
     // Two chunks of words (double buffer): 4 words per 8 elements, + misalignment and the rounding
