@@ -374,10 +374,13 @@ TEST(CodecReference, StochasticIsReproducibleAndKeyed) {
 }
 
 // Element indices whose Philox group crosses 2^32 (the counter's high word changes inside a batch
-// of instances the vector codecs make together), at offsets that are not a multiple of 8 or even.
+// of instances the vector codecs make together), at offsets that are not a multiple of 8 or even;
+// and group-aligned offsets that end just before, start at or lie past the boundary (the AVX2
+// pair layout of the words is used only where no batch crosses it).
 TEST(CodecMatchesReferenceEdges, IndexOffsetsAcrossTheHighCounterWord) {
   const int64_t boundary = int64_t{8} << 32;  // element index of group 2^32
-  for (int64_t offset : {boundary - 40, boundary - 37, boundary - 3, boundary - 1000, int64_t{5}})
+  for (int64_t offset : {boundary - 40, boundary - 37, boundary - 3, boundary - 1000, int64_t{5},
+                         boundary - 4200, boundary - 4164, boundary, boundary + 64})
     for (int64_t n : {200, 1000, 4100})
       for (int bits : {4, 8}) {
         const std::vector<float> x = make_input(n, 31 + n, false);
