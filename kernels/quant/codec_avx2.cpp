@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -554,28 +555,59 @@ inline __m256 unpack_dequant8(const uint8_t* in, __m256i shifts, __m256 d) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
 }
 
-void unpack_dequantize_int4_avx2(const uint8_t* in, int64_t lead, int64_t n, float step,
+// kStream: non-temporal stores from the first 32-byte aligned output on (a scalar head before
+// it; an odd head goes on from a high nibble through the plain kernel); the caller fences.
+template <bool kStream>
+void unpack_dequantize_int4_impl(const uint8_t* in, int64_t lead, int64_t n, float step,
                                  float* out) {
   if (lead && n > 0) {
     *out++ = dequantize_value(unpack_hi(*in++), step);
     --n;
   }
+  if constexpr (kStream) {
+    int64_t h = 0;
+    for (; h < n && (reinterpret_cast<uintptr_t>(out + h) & 31) != 0; ++h)
+      out[h] = dequantize_value(h % 2 == 0 ? unpack_lo(in[h / 2]) : unpack_hi(in[h / 2]), step);
+    if (h % 2) {
+      unpack_dequantize_int4_impl<false>(in + h / 2, 1, n - h, step, out + h);
+      return;
+    }
+    in += h / 2;
+    out += h;
+    n -= h;
+  }
   const __m256i shifts = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
   const __m256 d = _mm256_set1_ps(step);
+  auto store = [](float* p, __m256 v) {
+    if constexpr (kStream)
+      _mm256_stream_ps(p, v);
+    else
+      _mm256_storeu_ps(p, v);
+  };
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const __m256 a = unpack_dequant8(in + i / 2, shifts, d);
     const __m256 b = unpack_dequant8(in + i / 2 + 4, shifts, d);
     const __m256 c = unpack_dequant8(in + i / 2 + 8, shifts, d);
     const __m256 e = unpack_dequant8(in + i / 2 + 12, shifts, d);
-    _mm256_storeu_ps(out + i, a);
-    _mm256_storeu_ps(out + i + 8, b);
-    _mm256_storeu_ps(out + i + 16, c);
-    _mm256_storeu_ps(out + i + 24, e);
+    store(out + i, a);
+    store(out + i + 8, b);
+    store(out + i + 16, c);
+    store(out + i + 24, e);
   }
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, unpack_dequant8(in + i / 2, shifts, d));
+  for (; i + 8 <= n; i += 8) store(out + i, unpack_dequant8(in + i / 2, shifts, d));
   for (; i < n; ++i)
     out[i] = dequantize_value(i % 2 == 0 ? unpack_lo(in[i / 2]) : unpack_hi(in[i / 2]), step);
+}
+
+void unpack_dequantize_int4_avx2(const uint8_t* in, int64_t lead, int64_t n, float step,
+                                 float* out) {
+  unpack_dequantize_int4_impl<false>(in, lead, n, step, out);
+}
+
+void unpack_dequantize_int4_stream_avx2(const uint8_t* in, int64_t lead, int64_t n, float step,
+                                        float* out) {
+  unpack_dequantize_int4_impl<true>(in, lead, n, step, out);
 }
 
 }  // namespace
@@ -586,6 +618,7 @@ extern const CodecKernels kAvx2Kernels = {absmax_avx2,
                                           unpack_int4_avx2,
                                           dequantize_segment_avx2,
                                           quantize_pack_int4_avx2,
-                                          unpack_dequantize_int4_avx2};
+                                          unpack_dequantize_int4_avx2,
+                                          unpack_dequantize_int4_stream_avx2};
 
 }  // namespace int4ddp::quant::detail
