@@ -5,8 +5,11 @@
 // unpack + dequantize from the packed bytes (no int8 staging). Stochastic: Philox runs 4
 // instances in the 64-bit lanes of a ymm, 2 chains; one instance serves 8 elements (16-bit
 // uniforms); the words of the next 512-element chunk are made between the quantize steps of the
-// current one and read back from each element's own half-word (any first index, no scalar head).
-// The fused quantize prefetches its own input ahead (kPrefetchAhead); the driver then does not.
+// current one. Where the segment starts a Philox group they are stored in the pair layout, from
+// which one unpack with the exponent of 128.0f and one subtraction give eight uniforms as floats;
+// otherwise in element order, read back from each element's own half-word (any first index, no
+// scalar head). The fused quantize prefetches its own input ahead (kPrefetchAhead); the driver
+// then does not. INT4 decodes of 32 MiB and more take the streaming kernel (non-temporal stores).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -393,8 +396,9 @@ inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const Qu
 // The whole segment: the vector body, then a scalar tail of < 32. kPack: out is packed INT4
 // (segment starting at a low nibble), else int8 codes. Stochastic: the Philox words of each chunk
 // are made first (kChains independent chains, which the quantize loop's register pressure would
-// not allow) into an L1-resident buffer and read back as 16-bit uniforms from the element's own
-// half-word, so any first_index works without a scalar head.
+// not allow) into an L1-resident buffer: in the pair layout when the segment starts a group and the
+// high counter word does not change inside it, else in element order, read back as 16-bit
+// uniforms from the element's own half-word, so any first_index works without a scalar head.
 template <bool kStochastic, bool kAllFinite, bool kPack, bool kSaturate>
 int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* out) {
   const float lim = static_cast<float>(levels(q.bits));
