@@ -374,10 +374,13 @@ TEST(CodecReference, StochasticIsReproducibleAndKeyed) {
 }
 
 // Element indices whose Philox group crosses 2^32 (the counter's high word changes inside a batch
-// of instances the vector codecs make together), at offsets that are not a multiple of 8 or even.
+// of instances the vector codecs make together), at offsets that are not a multiple of 8 or even;
+// and group-aligned offsets that end just before, start at or lie past the boundary (the AVX2
+// pair layout of the words is used only where no batch crosses it).
 TEST(CodecMatchesReferenceEdges, IndexOffsetsAcrossTheHighCounterWord) {
   const int64_t boundary = int64_t{8} << 32;  // element index of group 2^32
-  for (int64_t offset : {boundary - 40, boundary - 37, boundary - 3, boundary - 1000, int64_t{5}})
+  for (int64_t offset : {boundary - 40, boundary - 37, boundary - 3, boundary - 1000, int64_t{5},
+                         boundary - 4200, boundary - 4164, boundary, boundary + 64})
     for (int64_t n : {200, 1000, 4100})
       for (int bits : {4, 8}) {
         const std::vector<float> x = make_input(n, 31 + n, false);
@@ -392,6 +395,34 @@ TEST(CodecMatchesReferenceEdges, IndexOffsetsAcrossTheHighCounterWord) {
           if (HasFatalFailure()) return;
         }
       }
+}
+
+// INT4 decodes larger than the last-level cache take the streaming kernels (non-temporal stores
+// after a scalar head up to a 32-byte aligned output): every head length, odd and even block
+// sizes (scopes starting at a high nibble) and one scope, against the reference.
+TEST(CodecMatchesReferenceEdges, StreamedInt4DecodeAtEveryOutputAlignment) {
+  const int64_t n = (int64_t{32} << 20) / 4 + 45;  // just past the streaming threshold
+  std::mt19937_64 rng(77);
+  std::vector<uint8_t> codes(packed_bytes(4, n));
+  for (uint8_t& c : codes) c = static_cast<uint8_t>(rng());
+  for (int64_t g : {int64_t{512}, int64_t{0}, int64_t{7}}) {
+    std::vector<float> scales(num_scales(n, g));
+    for (float& s : scales) s = std::ldexp(static_cast<float>(rng() % 1000 + 1), -12);
+    std::vector<float> ref(n);
+    dequantize_ref(codes.data(), scales.data(), n, 4, g, ref.data());
+    std::vector<float> buf(n + 8);
+    for (int64_t off : {0, 3, 5})
+      for (Isa isa : available_isas()) {
+        SCOPED_TRACE(testing::Message() << isa_name(isa) << " G=" << g << " offset=" << off);
+        std::fill(buf.begin(), buf.end(), -9.0f);
+        dequantize_isa(isa, codes.data(), scales.data(), n, 4, g, buf.data() + off);
+        const std::vector<float> got(buf.begin() + off, buf.begin() + off + n);
+        expect_same_bits(got, ref, "dequantized");
+        if (HasFatalFailure()) return;
+        for (int64_t i = 0; i < off; ++i) ASSERT_EQ(buf[i], -9.0f) << "wrote before the output";
+        for (int64_t i = off + n; i < n + 8; ++i) ASSERT_EQ(buf[i], -9.0f) << "wrote past it";
+      }
+  }
 }
 
 // A clip far below the data (gamma 1e-30): x * r overflows the int32 range and, for the largest

@@ -9,6 +9,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include "kernels/common/error.h"
 #include "kernels/common/isa_override.h"
@@ -25,6 +28,7 @@ constexpr int64_t kTile = 4096;  // staging tile in codes (even, 4 KB)
 #define INT4DDP_PREFETCH_LOCALITY 3
 #endif
 constexpr int64_t kPrefetchAhead = INT4DDP_PREFETCH_AHEAD;  // elements of input prefetched ahead
+constexpr int64_t kStreamBytes = int64_t{32} << 20;  // dequantized outputs streamed from this size
 
 const detail::CodecKernels& kernels_for(Isa isa) {
   switch (isa) {
@@ -206,6 +210,12 @@ void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t 
   const int64_t scope = block_size == 0 ? count : block_size;
   const int64_t nscales = num_scales(count, block_size);
   alignas(64) int8_t stage[kTile + 1];
+  // An INT4 output larger than the last-level cache cannot stay there: stream it (non-temporal
+  // stores), which saves reading every output line in before it is written.
+  const auto unpack_dequantize =
+      count * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && k.unpack_dequantize_int4_stream
+          ? k.unpack_dequantize_int4_stream
+          : k.unpack_dequantize_int4;
   for (int64_t s = 0; s < nscales; ++s) {
     const int64_t begin = s * scope;
     const int64_t end = std::min(count, begin + scope);
@@ -214,8 +224,8 @@ void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t 
                            out + begin);
       continue;
     }
-    if (k.unpack_dequantize_int4) {
-      k.unpack_dequantize_int4(codes + begin / 2, begin % 2, end - begin, scales[s], out + begin);
+    if (unpack_dequantize) {
+      unpack_dequantize(codes + begin / 2, begin % 2, end - begin, scales[s], out + begin);
       continue;
     }
     for (int64_t i = begin; i < end;) {
@@ -227,6 +237,9 @@ void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t 
       i += n;
     }
   }
+#if defined(__SSE__)
+  if (unpack_dequantize == k.unpack_dequantize_int4_stream && unpack_dequantize) _mm_sfence();
+#endif
 }
 
 float finite_absmax(const float* x, int64_t count, int64_t* nonfinite) {

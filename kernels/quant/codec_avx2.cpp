@@ -5,19 +5,26 @@
 // unpack + dequantize from the packed bytes (no int8 staging). Stochastic: Philox runs 4
 // instances in the 64-bit lanes of a ymm, 2 chains; one instance serves 8 elements (16-bit
 // uniforms); the words of the next 512-element chunk are made between the quantize steps of the
-// current one and read back from each element's own half-word (any first index, no scalar head).
-// The fused quantize prefetches its own input ahead (kPrefetchAhead); the driver then does not.
+// current one. Where the segment starts a Philox group they are stored in the pair layout, from
+// which one unpack with the exponent of 128.0f and one subtraction give eight uniforms as floats;
+// otherwise in element order, read back from each element's own half-word (any first index, no
+// scalar head). The fused quantize prefetches its own input ahead (kPrefetchAhead); the driver
+// then does not. INT4 decodes of 32 MiB and more take the streaming kernel (non-temporal stores).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/quant/codec_kernels.h"
 
 namespace int4ddp::quant::detail {
 namespace {
+
+#define INT4DDP_ALWAYS_INLINE inline __attribute__((always_inline))
 
 inline __m256 abs_ps(__m256 v) {
   return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
@@ -150,8 +157,10 @@ struct PhiloxKeys {
 // of four instances (one per 64-bit lane: instance group + 4b + k) hide the multiply latency; the
 // high halves of the products are swapped down with vpshufd rather than shifted, and the state
 // words keep the garbage upper halves that vpmuludq ignores. All instances must share group >> 32
-// (head: the folded first two rounds for that high word).
-template <int B>
+// (head: the folded first two rounds for that high word). kPairs: the pair layout instead, where
+// the 32 bytes of instances 2p, 2p + 1 hold words 0, 1 of 2p, words 0, 1 of 2p + 1, then words 2, 3
+// of each (see uniforms16).
+template <int B, bool kPairs>
 inline void philox_words(const PhiloxKeys& pk, const PhiloxHead& head, uint64_t group,
                          uint32_t* words) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
@@ -176,7 +185,7 @@ inline void philox_words(const PhiloxKeys& pk, const PhiloxHead& head, uint64_t 
     x2[b] = _mm256_xor_si256(swap(p0), head.g);
     x3[b] = p0;
   }
-  for (int r = 3; r < kPhiloxRounds; ++r) {
+  for (int r = 3; r < kPhiloxRounds - 1; ++r) {
 #pragma GCC unroll 8
     for (int b = 0; b < B; ++b) {
       const __m256i p0 = _mm256_mul_epu32(x0[b], m0);
@@ -187,15 +196,28 @@ inline void philox_words(const PhiloxKeys& pk, const PhiloxHead& head, uint64_t 
       x3[b] = p0;
     }
   }
+  // Round 10. With the upper halves of x1 and x3 cleared before the key is xored in, the upper
+  // half of the new word 0 (a swapped product) is the new word 1, and that of word 2 is word 3:
+  // each 64-bit lane holds a word pair, without shifts or blends.
+  const __m256i zero = _mm256_setzero_si256();
 #pragma GCC unroll 8
   for (int b = 0; b < B; ++b) {
-    const __m256i lo = _mm256_blend_epi32(x0[b], _mm256_slli_epi64(x1[b], 32), 0xAA);  // v0 v1
-    const __m256i hi = _mm256_blend_epi32(x2[b], _mm256_slli_epi64(x3[b], 32), 0xAA);  // v2 v3
-    const __m256i i02 = _mm256_unpacklo_epi64(lo, hi);  // instances 0 | 2
-    const __m256i i13 = _mm256_unpackhi_epi64(lo, hi);  // instances 1 | 3
+    const __m256i p0 = _mm256_mul_epu32(x0[b], m0);
+    const __m256i p1 = _mm256_mul_epu32(x2[b], m1);
+    const __m256i lo = _mm256_xor_si256(
+        swap(p1), _mm256_xor_si256(_mm256_blend_epi32(x1[b], zero, 0xAA), pk.k0[9]));  // v0 v1
+    const __m256i hi = _mm256_xor_si256(
+        swap(p0), _mm256_xor_si256(_mm256_blend_epi32(x3[b], zero, 0xAA), pk.k1[9]));  // v2 v3
     __m256i* out = reinterpret_cast<__m256i*>(words + 16 * b);
-    _mm256_storeu_si256(out, _mm256_permute2x128_si256(i02, i13, 0x20));      // instances 0, 1
-    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(i02, i13, 0x31));  // instances 2, 3
+    if constexpr (kPairs) {  // v0 v1 of instances 0, 1 | v2 v3 of 0, 1; then the same for 2, 3
+      _mm256_storeu_si256(out, _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(lo, hi, 0x31));
+    } else {
+      const __m256i i02 = _mm256_unpacklo_epi64(lo, hi);                        // instances 0 | 2
+      const __m256i i13 = _mm256_unpackhi_epi64(lo, hi);                        // instances 1 | 3
+      _mm256_storeu_si256(out, _mm256_permute2x128_si256(i02, i13, 0x20));      // instances 0, 1
+      _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(i02, i13, 0x31));  // instances 2, 3
+    }
   }
 }
 
@@ -206,21 +228,22 @@ constexpr int kChains = INT4DDP_AVX2_PHILOX_CHAINS;  // Philox chains per philox
 
 // The words of instances group .. group + count - 1 (count a multiple of 4) into words[4 * count];
 // where group >> 32 changes inside, up to 3 more instances past the end are written.
+template <bool kPairs>
 inline void philox_range(PhiloxKeys& pk, uint64_t group, int64_t count, uint32_t* words) {
   const uint64_t last = group + static_cast<uint64_t>(count) - 1;
   if ((group >> 32) != (last >> 32)) {  // the high counter word changes inside: split there
     const int64_t first_part = static_cast<int64_t>((last >> 32 << 32) - group);
-    philox_range(pk, group, first_part, words);
-    philox_range(pk, group + static_cast<uint64_t>(first_part), count - first_part,
-                 words + 4 * first_part);
+    philox_range<kPairs>(pk, group, first_part, words);
+    philox_range<kPairs>(pk, group + static_cast<uint64_t>(first_part), count - first_part,
+                         words + 4 * first_part);
     return;
   }
   const PhiloxHead& head = pk.head_for(static_cast<uint32_t>(group >> 32));
   int64_t j = 0;
   for (; j + 4 * kChains <= count; j += 4 * kChains)
-    philox_words<kChains>(pk, head, group + static_cast<uint64_t>(j), words + 4 * j);
+    philox_words<kChains, kPairs>(pk, head, group + static_cast<uint64_t>(j), words + 4 * j);
   for (; j < count; j += 4)
-    philox_words<1>(pk, head, group + static_cast<uint64_t>(j), words + 4 * j);
+    philox_words<1, kPairs>(pk, head, group + static_cast<uint64_t>(j), words + 4 * j);
 }
 
 struct QuantConsts {
@@ -233,13 +256,12 @@ struct QuantConsts {
 // above at L only: the caller's saturating packs to int8 and max_epi8(-L) clamp below (z < -2^31
 // converts to INT_MIN, which saturates the same way). Clamping before rounding gives the same code
 // because L is an integer. Nearest rounds with cvtps in the current (default nearest-even) mode,
-// as rintf does. h: the eight 16-bit uniforms (stochastic). Subtracts -1 from clip_count per
+// as rintf does. u: the eight uniforms (stochastic). Subtracts -1 from clip_count per
 // clipped lane. NaN and Inf lanes never make a NaN code (min returns L for a NaN first operand)
 // and are zeroed by the finite mask. kSaturate: clamp x to +-saturate_at first (given clips; a NaN
 // lane becomes sat_hi and is zeroed the same way).
 template <bool kStochastic, bool kAllFinite, bool kSaturate>
-inline __m256i quant8(const float* x, const QuantConsts& c, const uint16_t* h,
-                      __m256i* clip_count) {
+inline __m256i quant8(const float* x, const QuantConsts& c, __m256 u, __m256i* clip_count) {
   const __m256 v = _mm256_loadu_ps(x);
   const __m256 a = abs_ps(v);
   __m256 clipped = _mm256_cmp_ps(a, c.clip, _CMP_GT_OQ);
@@ -253,8 +275,6 @@ inline __m256i quant8(const float* x, const QuantConsts& c, const uint16_t* h,
       _mm256_mul_ps(kSaturate ? _mm256_max_ps(_mm256_min_ps(v, c.sat_hi), c.sat_lo) : v, c.inv);
   __m256i q;
   if constexpr (kStochastic) {
-    const __m256i hw = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
-    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(hw), _mm256_set1_ps(1.52587890625e-5f));
     const __m256 t = _mm256_min_ps(_mm256_add_ps(z, u), c.hi);
     q = _mm256_cvtps_epi32(_mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
   } else {
@@ -262,6 +282,31 @@ inline __m256i quant8(const float* x, const QuantConsts& c, const uint16_t* h,
   }
   if (!kAllFinite) q = _mm256_and_si256(q, _mm256_castps_si256(fin));
   return q;
+}
+
+// The uniforms u = h * 2^-16 of the 32 elements whose 16-bit halves h start at h (four vectors of
+// eight elements). Element order (kPairs false): halves in element order, zero-extended and
+// converted. Pair layout (kPairs, see philox_words): the 32 bytes at h + 16j hold, per 128-bit
+// lane, four halves of the first and four of the second instance, so interleaving them with
+// 0x4300 (the upper half of 128.0f) gives the floats 128 + h * 2^-16 of elements 16j .. 16j + 7
+// (unpacklo) and 16j + 8 .. 16j + 15 (unpackhi) in order; subtracting 128 is exact.
+template <bool kPairs>
+INT4DDP_ALWAYS_INLINE void uniforms32(const uint16_t* h, __m256* u) {
+  if constexpr (kPairs) {
+    const __m256i hi = _mm256_set1_epi16(0x4300);
+    const __m256 base = _mm256_set1_ps(128.0f);
+    for (int j = 0; j < 2; ++j) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + 16 * j));
+      u[2 * j] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(w, hi)), base);
+      u[2 * j + 1] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(w, hi)), base);
+    }
+  } else {
+    for (int k = 0; k < 4; ++k) {
+      const __m256i hw =
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8 * k)));
+      u[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(hw), _mm256_set1_ps(1.52587890625e-5f));
+    }
+  }
 }
 
 // 32 int32 codes (a: elements 0-7, b: 8-15, c: 16-23, d: 24-31) as clamped int8, in the lane
@@ -316,13 +361,16 @@ constexpr int64_t kPrefetchAhead = 2048;
 // Everything is passed by value so that the constants stay in registers across the stores (a
 // closure captured by reference was reloaded from the stack after every store). Returns the
 // negated per-lane clipped counts.
-template <bool kStochastic, bool kAllFinite, bool kPack, bool kSaturate, typename Between>
+template <bool kStochastic, bool kAllFinite, bool kPack, bool kSaturate, bool kPairs,
+          typename Between>
 inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const QuantConsts c,
                           uint8_t* out, Between&& between) {
   __m256i count = _mm256_setzero_si256();
   auto step32 = [&](int64_t i) {
+    __m256 u[4];
+    if constexpr (kStochastic) uniforms32<kPairs>(h + i, u);
     auto q8 = [&](int k) {
-      return quant8<kStochastic, kAllFinite, kSaturate>(x + i + 8 * k, c, h + i + 8 * k, &count);
+      return quant8<kStochastic, kAllFinite, kSaturate>(x + i + 8 * k, c, u[k], &count);
     };
     const __m256i a = q8(0), b = q8(1), cc = q8(2), d = q8(3);
     return codes_to_bytes(a, b, cc, d, c.lo8);
@@ -348,8 +396,9 @@ inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const Qu
 // The whole segment: the vector body, then a scalar tail of < 32. kPack: out is packed INT4
 // (segment starting at a low nibble), else int8 codes. Stochastic: the Philox words of each chunk
 // are made first (kChains independent chains, which the quantize loop's register pressure would
-// not allow) into an L1-resident buffer and read back as 16-bit uniforms from the element's own
-// half-word, so any first_index works without a scalar head.
+// not allow) into an L1-resident buffer: in the pair layout when the segment starts a group and the
+// high counter word does not change inside it, else in element order, read back as 16-bit
+// uniforms from the element's own half-word, so any first_index works without a scalar head.
 template <bool kStochastic, bool kAllFinite, bool kPack, bool kSaturate>
 int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* out) {
   const float lim = static_cast<float>(levels(q.bits));
@@ -363,9 +412,10 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
   uint8_t* const bytes_out = static_cast<uint8_t*>(out);
   auto out_at = [&](int64_t i) { return bytes_out + (kPack ? i / 2 : i); };
   __m256i count = _mm256_setzero_si256();
-  auto body = [&](int64_t c0, int64_t m, const uint16_t* h, auto&& between) {
-    count = _mm256_add_epi32(count, quant_body<kStochastic, kAllFinite, kPack, kSaturate>(
-                                        x + c0, m, h, c, out_at(c0), between));
+  auto body = [&](int64_t c0, int64_t m, const uint16_t* h, auto pairs, auto&& between) {
+    count = _mm256_add_epi32(
+        count, quant_body<kStochastic, kAllFinite, kPack, kSaturate, decltype(pairs)::value>(
+                   x + c0, m, h, c, out_at(c0), between));
   };
   const int64_t nv = n / 32 * 32;
   if constexpr (kStochastic) {
@@ -382,28 +432,38 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
       const uint64_t last_group = (first + static_cast<uint64_t>(c0 + m) - 1) / 8;
       return static_cast<int64_t>((last_group - *first_group + 4) / 4 * 4);
     };
-    uint64_t g0 = 0;
-    if (nv > 0) {
-      const int64_t ngroups = groups(0, &g0);
-      philox_range(pk, g0, ngroups, words[0]);
-    }
-    int buf = 0;
-    for (int64_t c0 = 0; c0 < nv; c0 += kRngChunk, buf ^= 1) {
-      int64_t ngroups = 0, done = 0;
-      if (c0 + kRngChunk < nv) ngroups = groups(c0 + kRngChunk, &g0);
-      uint32_t* next = words[buf ^ 1];
-      auto make_next = [&] {
-        if (done >= ngroups) return;
-        const int64_t k = std::min<int64_t>(4 * kChains, ngroups - done);
-        philox_range(pk, g0 + static_cast<uint64_t>(done), k, next + 4 * done);
-        done += k;
-      };
-      body(c0, std::min(kRngChunk, nv - c0),
-           reinterpret_cast<const uint16_t*>(words[buf]) + first % 8, make_next);
-      while (done < ngroups) make_next();
-    }
+    // The pair layout needs pairs of instances that start at even groups from the first one: the
+    // first element starts a group, and the high counter word is the same throughout (no split).
+    const bool pairs = first % 8 == 0 && (first / 8) >> 32 == (first / 8 + nv / 8 + 8) >> 32;
+    auto run = [&](auto kpairs) {
+      constexpr bool kPairs = decltype(kpairs)::value;
+      uint64_t g0 = 0;
+      if (nv > 0) {
+        const int64_t ngroups = groups(0, &g0);
+        philox_range<kPairs>(pk, g0, ngroups, words[0]);
+      }
+      int buf = 0;
+      for (int64_t c0 = 0; c0 < nv; c0 += kRngChunk, buf ^= 1) {
+        int64_t ngroups = 0, done = 0;
+        if (c0 + kRngChunk < nv) ngroups = groups(c0 + kRngChunk, &g0);
+        uint32_t* next = words[buf ^ 1];
+        auto make_next = [&] {
+          if (done >= ngroups) return;
+          const int64_t k = std::min<int64_t>(4 * kChains, ngroups - done);
+          philox_range<kPairs>(pk, g0 + static_cast<uint64_t>(done), k, next + 4 * done);
+          done += k;
+        };
+        body(c0, std::min(kRngChunk, nv - c0),
+             reinterpret_cast<const uint16_t*>(words[buf]) + first % 8, kpairs, make_next);
+        while (done < ngroups) make_next();
+      }
+    };
+    if (pairs)
+      run(std::true_type{});
+    else
+      run(std::false_type{});
   } else {
-    body(0, nv, nullptr, [] {});
+    body(0, nv, nullptr, std::false_type{}, [] {});
   }
   int64_t clipped = hsum_epi32(count);
   if (nv < n) {
@@ -499,28 +559,59 @@ inline __m256 unpack_dequant8(const uint8_t* in, __m256i shifts, __m256 d) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
 }
 
-void unpack_dequantize_int4_avx2(const uint8_t* in, int64_t lead, int64_t n, float step,
+// kStream: non-temporal stores from the first 32-byte aligned output on (a scalar head before
+// it; an odd head goes on from a high nibble through the plain kernel); the caller fences.
+template <bool kStream>
+void unpack_dequantize_int4_impl(const uint8_t* in, int64_t lead, int64_t n, float step,
                                  float* out) {
   if (lead && n > 0) {
     *out++ = dequantize_value(unpack_hi(*in++), step);
     --n;
   }
+  if constexpr (kStream) {
+    int64_t h = 0;
+    for (; h < n && (reinterpret_cast<uintptr_t>(out + h) & 31) != 0; ++h)
+      out[h] = dequantize_value(h % 2 == 0 ? unpack_lo(in[h / 2]) : unpack_hi(in[h / 2]), step);
+    if (h % 2) {
+      unpack_dequantize_int4_impl<false>(in + h / 2, 1, n - h, step, out + h);
+      return;
+    }
+    in += h / 2;
+    out += h;
+    n -= h;
+  }
   const __m256i shifts = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
   const __m256 d = _mm256_set1_ps(step);
+  auto store = [](float* p, __m256 v) {
+    if constexpr (kStream)
+      _mm256_stream_ps(p, v);
+    else
+      _mm256_storeu_ps(p, v);
+  };
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const __m256 a = unpack_dequant8(in + i / 2, shifts, d);
     const __m256 b = unpack_dequant8(in + i / 2 + 4, shifts, d);
     const __m256 c = unpack_dequant8(in + i / 2 + 8, shifts, d);
     const __m256 e = unpack_dequant8(in + i / 2 + 12, shifts, d);
-    _mm256_storeu_ps(out + i, a);
-    _mm256_storeu_ps(out + i + 8, b);
-    _mm256_storeu_ps(out + i + 16, c);
-    _mm256_storeu_ps(out + i + 24, e);
+    store(out + i, a);
+    store(out + i + 8, b);
+    store(out + i + 16, c);
+    store(out + i + 24, e);
   }
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, unpack_dequant8(in + i / 2, shifts, d));
+  for (; i + 8 <= n; i += 8) store(out + i, unpack_dequant8(in + i / 2, shifts, d));
   for (; i < n; ++i)
     out[i] = dequantize_value(i % 2 == 0 ? unpack_lo(in[i / 2]) : unpack_hi(in[i / 2]), step);
+}
+
+void unpack_dequantize_int4_avx2(const uint8_t* in, int64_t lead, int64_t n, float step,
+                                 float* out) {
+  unpack_dequantize_int4_impl<false>(in, lead, n, step, out);
+}
+
+void unpack_dequantize_int4_stream_avx2(const uint8_t* in, int64_t lead, int64_t n, float step,
+                                        float* out) {
+  unpack_dequantize_int4_impl<true>(in, lead, n, step, out);
 }
 
 }  // namespace
@@ -531,6 +622,7 @@ extern const CodecKernels kAvx2Kernels = {absmax_avx2,
                                           unpack_int4_avx2,
                                           dequantize_segment_avx2,
                                           quantize_pack_int4_avx2,
-                                          unpack_dequantize_int4_avx2};
+                                          unpack_dequantize_int4_avx2,
+                                          unpack_dequantize_int4_stream_avx2};
 
 }  // namespace int4ddp::quant::detail

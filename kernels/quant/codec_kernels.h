@@ -35,8 +35,7 @@ struct CodecKernels {
   void (*pack_int4)(const int8_t* codes, int64_t n, uint8_t* out);
   // codes[i] = nibble i of in (n codes).
   void (*unpack_int4)(const uint8_t* in, int64_t n, int8_t* codes);
-  // out[i] = codes[i] * step. (Non-temporal stores were measured slower on our VMs; see
-  // experiments/RESULTS.md.)
+  // out[i] = codes[i] * step.
   void (*dequantize_segment)(const int8_t* codes, int64_t n, float step, float* out);
   // Optional fused INT4 kernels (nullptr: the driver stages int8 codes and uses the kernels above).
   // out[k] = pack(quantize(x[2k]), quantize(x[2k+1])) for a segment whose first element sits in
@@ -46,6 +45,10 @@ struct CodecKernels {
   // out[i] = nibble (lead + i) of in, times step; lead is 0 or 1 (1: start at in[0]'s high nibble).
   void (*unpack_dequantize_int4)(const uint8_t* in, int64_t lead, int64_t n, float step,
                                  float* out);
+  // The same with non-temporal stores (optional), for outputs too large to stay in the cache: the
+  // output is not read for allocation first. The caller issues a store fence after the last call.
+  void (*unpack_dequantize_int4_stream)(const uint8_t* in, int64_t lead, int64_t n, float step,
+                                        float* out);
 };
 
 extern const CodecKernels kPortableKernels;

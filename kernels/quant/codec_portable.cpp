@@ -60,6 +60,7 @@ extern const CodecKernels kPortableKernels = {absmax_portable,
                                               unpack_int4_portable,
                                               dequantize_segment_portable,
                                               nullptr,
+                                              nullptr,
                                               nullptr};
 
 }  // namespace int4ddp::quant::detail
