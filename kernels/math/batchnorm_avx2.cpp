@@ -1,7 +1,7 @@
 // AVX2 kernels of BatchNorm (see batchnorm_kernels.h), bit-identical to the portable loops: the
 // eight double lanes of each sum live in two ymm registers (lanes 0-3 from the low half of eight
-// floats, 4-7 from the high half); a row's last hw % 8 elements are one masked step whose absent
-// lanes add +0.0. Rows of a channel are stride floats apart, so the hardware prefetcher restarts
+// floats, 4-7 from the high half); a row's last hw % 8 elements are one step on a zero-padded copy,
+// masked so that its absent lanes add +0.0. Rows of a channel are stride floats apart, so the hardware prefetcher restarts
 // on each; the kernels prefetch the row kAheadFloats / hw rows ahead themselves.
 // Compiled with -mavx2 -mfma (this file only) and used after a run-time CPU check: no code here may
 // be shared with other files (no inline library templates), lest the linker keep an AVX2 copy.
@@ -48,46 +48,65 @@ struct Lanes8 {
   __m256d lo, hi;
 };
 
-inline __m256d low_doubles(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
-inline __m256d high_doubles(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+inline Lanes8 load_lanes(const double* p) { return {_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4)}; }
+inline void store_lanes(const Lanes8& l, double* p) {
+  _mm256_storeu_pd(p, l.lo);
+  _mm256_storeu_pd(p + 4, l.hi);
+}
+inline void add_lanes(Lanes8& acc, __m256d lo, __m256d hi) {
+  acc.lo = _mm256_add_pd(acc.lo, lo);
+  acc.hi = _mm256_add_pd(acc.hi, hi);
+}
+
+// Floats p[0..3] and p[4..7] as doubles (the conversions read memory: no lane shuffles).
+inline __m256d low_doubles(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+inline __m256d high_doubles(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p + 4)); }
+
+// A row's last hw % 8 elements (r > 0 of them): copied into a zero-padded block of eight, which
+// the full-vector steps then read, and the lane masks that keep only the r present terms.
+struct Tail {
+  __m256i floats;            // first r of 8 float lanes
+  __m256d keep_lo, keep_hi;  // the same as double lanes 0-3 and 4-7
+  explicit Tail(int64_t r) : floats(first_lanes(r)) {
+    keep_lo = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(floats)));
+    keep_hi = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(floats, 1)));
+  }
+  void copy(const float* p, float* block) const {
+    _mm256_storeu_ps(block, _mm256_maskload_ps(p, floats));
+  }
+};
+
+// s += d, s2 += d * d for d = double(p[l]) - shift, l = 0..7 (with kMasked, only the tail's lanes).
+template <bool kMasked>
+inline void moments_step(const float* p, __m256d shift, const Tail& tail, Lanes8& s, Lanes8& s2) {
+  __m256d lo = _mm256_sub_pd(low_doubles(p), shift);
+  __m256d hi = _mm256_sub_pd(high_doubles(p), shift);
+  if (kMasked) {
+    lo = _mm256_and_pd(lo, tail.keep_lo);
+    hi = _mm256_and_pd(hi, tail.keep_hi);
+  }
+  add_lanes(s, lo, hi);
+  add_lanes(s2, _mm256_mul_pd(lo, lo), _mm256_mul_pd(hi, hi));
+}
 
 void moments_avx2(const float* x, const ChannelRows& r, double shift, double* lanes) {
-  Lanes8 s{_mm256_loadu_pd(lanes), _mm256_loadu_pd(lanes + 4)};
-  Lanes8 s2{_mm256_loadu_pd(lanes + 8), _mm256_loadu_pd(lanes + 12)};
+  Lanes8 s = load_lanes(lanes), s2 = load_lanes(lanes + 8);
   const __m256d sh = _mm256_set1_pd(shift);
   const int64_t full = r.hw / 8 * 8;
-  const __m256i tail = first_lanes(r.hw - full);
-  // The tail's lane masks as doubles (all ones or zero per lane).
-  const __m256d tail_lo = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(tail)));
-  const __m256d tail_hi =
-      _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(tail, 1)));
+  const Tail tail(r.hw - full);
+  alignas(32) float block[8];
   const int64_t ahead = rows_ahead(r.hw);
   for (int64_t i = 0; i < r.n; ++i) {
     const float* p = x + i * r.stride;
     prefetch_row(ahead_row(x, r, i, ahead), r.hw);
-    for (int64_t j = 0; j < full; j += 8) {
-      const __m256 v = _mm256_loadu_ps(p + j);
-      const __m256d dlo = _mm256_sub_pd(low_doubles(v), sh);
-      const __m256d dhi = _mm256_sub_pd(high_doubles(v), sh);
-      s.lo = _mm256_add_pd(s.lo, dlo);
-      s.hi = _mm256_add_pd(s.hi, dhi);
-      s2.lo = _mm256_add_pd(s2.lo, _mm256_mul_pd(dlo, dlo));
-      s2.hi = _mm256_add_pd(s2.hi, _mm256_mul_pd(dhi, dhi));
-    }
+    for (int64_t j = 0; j < full; j += 8) moments_step<false>(p + j, sh, tail, s, s2);
     if (full < r.hw) {
-      const __m256 v = _mm256_maskload_ps(p + full, tail);
-      const __m256d dlo = _mm256_and_pd(_mm256_sub_pd(low_doubles(v), sh), tail_lo);
-      const __m256d dhi = _mm256_and_pd(_mm256_sub_pd(high_doubles(v), sh), tail_hi);
-      s.lo = _mm256_add_pd(s.lo, dlo);
-      s.hi = _mm256_add_pd(s.hi, dhi);
-      s2.lo = _mm256_add_pd(s2.lo, _mm256_mul_pd(dlo, dlo));
-      s2.hi = _mm256_add_pd(s2.hi, _mm256_mul_pd(dhi, dhi));
+      tail.copy(p + full, block);
+      moments_step<true>(block, sh, tail, s, s2);
     }
   }
-  _mm256_storeu_pd(lanes, s.lo);
-  _mm256_storeu_pd(lanes + 4, s.hi);
-  _mm256_storeu_pd(lanes + 8, s2.lo);
-  _mm256_storeu_pd(lanes + 12, s2.hi);
+  store_lanes(s, lanes);
+  store_lanes(s2, lanes + 8);
 }
 
 // dy where the ReLU mask passes (x * scale + shift > 0, mul then add), else 0.
@@ -98,45 +117,54 @@ inline __m256 masked_dy(__m256 d, __m256 x, __m256 scale, __m256 shift) {
   return _mm256_and_ps(d, _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GT_OQ));
 }
 
+// a += d, b += d * (double(x) - mean) for the eight elements at xp, dp (kMasked: the tail's lanes).
+template <bool kRelu, bool kMasked>
+inline void grad_step(const float* xp, const float* dp, __m256d mean, __m256 scale, __m256 shift,
+                      const Tail& tail, Lanes8& a, Lanes8& b) {
+  __m256d dlo, dhi;
+  if (kRelu) {
+    const __m256 d = masked_dy<true>(_mm256_loadu_ps(dp), _mm256_loadu_ps(xp), scale, shift);
+    dlo = _mm256_cvtps_pd(_mm256_castps256_ps128(d));
+    dhi = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+  } else {
+    dlo = low_doubles(dp);
+    dhi = high_doubles(dp);
+  }
+  add_lanes(a, dlo, dhi);  // absent tail lanes hold d = +0.0
+  __m256d plo = _mm256_mul_pd(dlo, _mm256_sub_pd(low_doubles(xp), mean));
+  __m256d phi = _mm256_mul_pd(dhi, _mm256_sub_pd(high_doubles(xp), mean));
+  if (kMasked) {  // 0 * (0 - mean) is NaN for an infinite mean
+    plo = _mm256_and_pd(plo, tail.keep_lo);
+    phi = _mm256_and_pd(phi, tail.keep_hi);
+  }
+  add_lanes(b, plo, phi);
+}
+
 template <bool kRelu>
 void grad_moments_avx2(const float* dy, const float* x, const ChannelRows& r, double mean,
                        const ReluMask& relu, double* lanes) {
-  Lanes8 a{_mm256_loadu_pd(lanes), _mm256_loadu_pd(lanes + 4)};
-  Lanes8 b{_mm256_loadu_pd(lanes + 8), _mm256_loadu_pd(lanes + 12)};
+  Lanes8 a = load_lanes(lanes), b = load_lanes(lanes + 8);
   const __m256d m = _mm256_set1_pd(mean);
   const __m256 scale = _mm256_set1_ps(relu.scale), shift = _mm256_set1_ps(relu.shift);
   const int64_t full = r.hw / 8 * 8;
-  const __m256i tail = first_lanes(r.hw - full);
-  const __m256d tail_lo = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(tail)));
-  const __m256d tail_hi =
-      _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(tail, 1)));
+  const Tail tail(r.hw - full);
+  alignas(32) float xb[8], db[8];
   const int64_t ahead = rows_ahead(r.hw);
-  auto step = [&](__m256 xv, __m256 dv, __m256d keep_lo, __m256d keep_hi) {
-    const __m256 d = masked_dy<kRelu>(dv, xv, scale, shift);
-    const __m256d dlo = low_doubles(d), dhi = high_doubles(d);
-    a.lo = _mm256_add_pd(a.lo, dlo);
-    a.hi = _mm256_add_pd(a.hi, dhi);
-    const __m256d plo = _mm256_mul_pd(dlo, _mm256_sub_pd(low_doubles(xv), m));
-    const __m256d phi = _mm256_mul_pd(dhi, _mm256_sub_pd(high_doubles(xv), m));
-    b.lo = _mm256_add_pd(b.lo, _mm256_and_pd(plo, keep_lo));
-    b.hi = _mm256_add_pd(b.hi, _mm256_and_pd(phi, keep_hi));
-  };
-  const __m256d all = _mm256_castsi256_pd(_mm256_set1_epi64x(-1));
   for (int64_t i = 0; i < r.n; ++i) {
     const float* p = x + i * r.stride;
     const float* d = dy + i * r.stride;
     prefetch_row(ahead_row(x, r, i, ahead), r.hw);
     prefetch_row(ahead_row(dy, r, i, ahead), r.hw);
     for (int64_t j = 0; j < full; j += 8)
-      step(_mm256_loadu_ps(p + j), _mm256_loadu_ps(d + j), all, all);
-    if (full < r.hw)
-      step(_mm256_maskload_ps(p + full, tail), _mm256_maskload_ps(d + full, tail), tail_lo,
-           tail_hi);
+      grad_step<kRelu, false>(p + j, d + j, m, scale, shift, tail, a, b);
+    if (full < r.hw) {
+      tail.copy(p + full, xb);
+      tail.copy(d + full, db);
+      grad_step<kRelu, true>(xb, db, m, scale, shift, tail, a, b);
+    }
   }
-  _mm256_storeu_pd(lanes, a.lo);
-  _mm256_storeu_pd(lanes + 4, a.hi);
-  _mm256_storeu_pd(lanes + 8, b.lo);
-  _mm256_storeu_pd(lanes + 12, b.hi);
+  store_lanes(a, lanes);
+  store_lanes(b, lanes + 8);
 }
 
 void grad_moments(const float* dy, const float* x, const ChannelRows& r, double mean,
