@@ -1,16 +1,15 @@
 // bench_bn: BatchNorm (training forward with and without the fused ReLU, backward, eval forward)
-// and the elementwise layers (ReLU, the residual block's shortcut add + ReLU and its backward) at
-// resnet20's shapes (1x28x28 input, batch 128 by default), through the layers' own code, beside
-// memcpy of the same tensor measured in the same run.
-// Per op: median and minimum ms over --reps timed runs after one warm-up, and GB/s of the minimum
-// at the op's nominal traffic (each tensor read or written once: BN forward reads x and writes y,
-// 8 bytes per element; BN backward reads x and dy and writes dx, 12). Tensors stay in the caches
-// between runs as they do in training (resnet20's activations fit the L3 here).
-// Also the BN time of one resnet20 training step from the medians: per stage (16x28x28, 32x14x14,
-// 64x7x7) 3 BN+ReLU and 3 BN, forward + backward, plus the stem's BN+ReLU (the 1-d bn_final is
-// left out: 64 x 128 floats).
-// Ends with one JSON line {"bench":"bn","threads":T,"batch":N,"rows":[{"op","shape","median_ms",
-// "min_ms","GBps","memcpy_GBps"}...],"step_bn_ms":..}.
+// and the ReLU layer at resnet20's shapes (1x28x28 input, batch 128 by default), through the
+// layers' own code, beside memcpy of the same tensor measured in the same run. Per op: median and
+// minimum ms over --reps timed runs after one warm-up, and GB/s of the minimum at the op's nominal
+// traffic (each tensor read or written once: BN forward reads x and writes y, 8 bytes per element;
+// BN backward reads x and dy and writes dx, 12). Tensors stay in the caches between runs as they do
+// in training (resnet20's activations fit the L3 here). Also the BN time of one resnet20 training
+// step, from the medians and from the minima (on a shared machine the medians include runs that
+// shared their core): per stage (16x28x28, 32x14x14, 64x7x7) 3 BN+ReLU and 3 BN, forward +
+// backward, plus the stem's BN+ReLU (the 1-d bn_final is left out: 64 x 128 floats). Ends with one
+// JSON line {"bench":"bn","threads":T,"batch":N,"rows":[{"op","shape","median_ms",
+// "min_ms","GBps","memcpy_GBps"}...],"step_bn_ms":..,"step_bn_min_ms":..}.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -83,7 +82,7 @@ int main(int argc, char** argv) {
   set_num_threads(threads);
   std::mt19937_64 rng(1);
   std::vector<Row> rows;
-  double step_ms = 0.0;
+  double step_ms = 0.0, step_min_ms = 0.0;
   struct Stage {
     int64_t c, h, w;
   };
@@ -102,7 +101,7 @@ int main(int argc, char** argv) {
       rows.push_back({op, name, t, bytes_per_elem * elems, memcpy_gbps});
     };
     add("memcpy", mc, 8.0);
-    double stage_ms = 0.0;
+    double stage_ms = 0.0, stage_min_ms = 0.0;
     for (bool relu : {false, true}) {
       auto bn =
           relu ? nn::BatchNorm::with_relu("bn", s.c) : std::make_unique<nn::BatchNorm>("bn", s.c);
@@ -112,10 +111,15 @@ int main(int argc, char** argv) {
       add(tag + "_fwd", f, 8.0);
       add(tag + "_bwd", b, 12.0);
       stage_ms += 3.0 * (f.median_ms + b.median_ms);
+      stage_min_ms += 3.0 * (f.min_ms + b.min_ms);
       if (!relu) add("bn_eval", time_op(reps, [&] { bn->forward(x, y, false); }), 8.0);
-      if (relu && s.c == 16) step_ms += f.median_ms + b.median_ms;  // the stem's BN+ReLU
+      if (relu && s.c == 16) {  // the stem's BN+ReLU
+        step_ms += f.median_ms + b.median_ms;
+        step_min_ms += f.min_ms + b.min_ms;
+      }
     }
     step_ms += stage_ms;
+    step_min_ms += stage_min_ms;
     nn::ReLU relu("relu");
     add("relu_fwd", time_op(reps, [&] { relu.forward(x, y, true); }), 8.0);
     add("relu_bwd", time_op(reps, [&] { relu.backward(x, y, dy, &dx); }), 12.0);
@@ -130,7 +134,8 @@ int main(int argc, char** argv) {
   for (const Row& r : rows)
     std::printf("%-12s %-10s %10.3f %10.3f %8.1f %12.1f\n", r.op.c_str(), r.shape.c_str(),
                 r.t.median_ms, r.t.min_ms, r.gbps(), r.memcpy_gbps);
-  std::printf("# resnet20 step, BN forward + backward (medians): %.2f ms\n", step_ms);
+  std::printf("# resnet20 step, BN forward + backward: %.2f ms (medians), %.2f ms (minima)\n",
+              step_ms, step_min_ms);
   std::printf("{\"bench\":\"bn\",\"threads\":%d,\"batch\":%lld,\"rows\":[", threads,
               static_cast<long long>(batch));
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -141,6 +146,6 @@ int main(int argc, char** argv) {
         i ? "," : "", r.op.c_str(), r.shape.c_str(), r.t.median_ms, r.t.min_ms, r.gbps(),
         r.memcpy_gbps);
   }
-  std::printf("],\"step_bn_ms\":%.3f}\n", step_ms);
+  std::printf("],\"step_bn_ms\":%.3f,\"step_bn_min_ms\":%.3f}\n", step_ms, step_min_ms);
   return 0;
 }
