@@ -438,6 +438,14 @@ TEST(LayerGrad, ResidualBlockShortcuts) {
 
 // The projection block's forward is relu(body(x) + bn_s(proj(x))), bit for bit with the layers run
 // one by one, and its running statistics include the shortcut BN's (checkpoints save buffers()).
+// The block keeps references to its body's output from forward: backward without one is an error.
+TEST(ResidualBlock, BackwardBeforeForwardIsAnError) {
+  ResidualBlock block("block", std::make_unique<Conv2d>("c1", 2, 2, 3, 1, 1), 2,
+                      std::make_unique<Conv2d>("c2", 2, 2, 3, 1, 1), 2, 2, 1);
+  Tensor x({1, 2, 3, 3}), dx;
+  EXPECT_THROW(block.backward(x, x, x, &dx), Error);
+}
+
 TEST(ResidualBlock, ProjectionForwardIsBodyPlusShortcut) {
   const int64_t in = 3, out = 5;
   auto make = [&] {

@@ -1,8 +1,9 @@
 // AVX2 kernels of BatchNorm (see batchnorm_kernels.h), bit-identical to the portable loops: the
 // eight double lanes of each sum live in two ymm registers (lanes 0-3 from the low half of eight
 // floats, 4-7 from the high half); a row's last hw % 8 elements are one step on a zero-padded copy,
-// masked so that its absent lanes add +0.0. Rows of a channel are stride floats apart, so the hardware prefetcher restarts
-// on each; the kernels prefetch the row kAheadFloats / hw rows ahead themselves.
+// masked so that its absent lanes add +0.0. Rows of a channel are stride floats apart, so the
+// hardware prefetcher restarts on each; the kernels prefetch the row kAheadFloats / hw rows ahead
+// themselves.
 // Compiled with -mavx2 -mfma (this file only) and used after a run-time CPU check: no code here may
 // be shared with other files (no inline library templates), lest the linker keep an AVX2 copy.
 #include <immintrin.h>
@@ -33,12 +34,14 @@ inline const float* ahead_row(const float* base, const ChannelRows& r, int64_t i
 }
 
 inline void prefetch_row(const float* p, int64_t hw) {
+  if (hw <= 0) return;
   for (int64_t j = 0; j < hw; j += 16)
     _mm_prefetch(reinterpret_cast<const char*>(p + j), _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(p + hw - 1), _MM_HINT_T0);
 }
 
 inline void prefetch_row_for_write(float* p, int64_t hw) {
+  if (hw <= 0) return;
   for (int64_t j = 0; j < hw; j += 16) __builtin_prefetch(p + j, 1);
   __builtin_prefetch(p + hw - 1, 1);
 }
