@@ -22,6 +22,14 @@ inline __m256i first_lanes(int64_t r) {
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// Stores the first r (< 8) lanes of v at q (AMD's masked stores are microcoded and slow; a row
+// of 7x7 ends in one, so the tail goes through a buffer).
+inline void store_first(float* q, __m256 v, int64_t r) {
+  alignas(32) float block[8];
+  _mm256_store_ps(block, v);
+  for (int64_t l = 0; l < r; ++l) q[l] = block[l];
+}
+
 // Rows per prefetch distance (>= 1).
 inline int64_t rows_ahead(int64_t hw) {
   return hw >= kAheadFloats ? 1 : (kAheadFloats + hw - 1) / hw;
@@ -195,7 +203,7 @@ void affine_avx2(const float* x, float* y, const ChannelRows& r, float scale, fl
     prefetch_row(ahead_row(x, r, i, ahead), r.hw);
     prefetch_row_for_write(y + (i + 1 < r.n ? i + 1 : i) * r.stride, r.hw);
     for (int64_t j = 0; j < full; j += 8) _mm256_storeu_ps(q + j, value(_mm256_loadu_ps(p + j)));
-    if (full < r.hw) _mm256_maskstore_ps(q + full, tail, value(_mm256_maskload_ps(p + full, tail)));
+    if (full < r.hw) store_first(q + full, value(_mm256_maskload_ps(p + full, tail)), r.hw - full);
   }
 }
 
@@ -230,9 +238,9 @@ void input_grad_avx2(const float* x, const float* dy, float* dx, const ChannelRo
     for (int64_t j = 0; j < full; j += 8)
       _mm256_storeu_ps(q + j, value(_mm256_loadu_ps(xp + j), _mm256_loadu_ps(dp + j)));
     if (full < r.hw)
-      _mm256_maskstore_ps(
-          q + full, tail,
-          value(_mm256_maskload_ps(xp + full, tail), _mm256_maskload_ps(dp + full, tail)));
+      store_first(q + full,
+                  value(_mm256_maskload_ps(xp + full, tail), _mm256_maskload_ps(dp + full, tail)),
+                  r.hw - full);
   }
 }
 
