@@ -262,61 +262,69 @@ TEST(BatchNormWithRelu, BitIdenticalToBatchNormThenReLU) {
 }
 
 // BatchNorm's one-pass sums against a plain double-precision loop, on rows long enough for the
-// vector loops plus a tail (hw = 35 = 4 * 8 + 3), with and without the fused ReLU, on centred data
-// and on data offset by 100 (|mean| >> std: shifted moments must not cancel). Tolerance: x * scale
-// + shift rounds at ~|x| * 2^-24 ~ 1e-5 for |x| ~ 100 and the float inputs to the sums add
-// ~1e-6 relative; 1e-4 * (1 + |ref|) is ample, and a wrong or cancelling sum is off by far more.
+// vector loops plus a tail (hw = 35 = 4 * 8 + 3) and on odd shapes (batch 1, channels 1 and 3,
+// spatial 1x1, rows shorter than a vector, a row of exactly two vectors), with and without the
+// fused ReLU, on centred data and on data offset by 100 (|mean| >> std: shifted moments must not
+// cancel). Tolerance: x * scale + shift rounds at ~|x| * 2^-24 ~ 1e-5 for |x| ~ 100 and the float
+// inputs to the sums add ~1e-6 relative; 1e-4 * (1 + |ref|) is ample, and a wrong or cancelling
+// sum is off by far more.
 TEST(BatchNorm, MatchesDoubleReference) {
   constexpr double kTol = 1e-4;
-  const int64_t n = 5, c = 3, h = 7, w = 5, hw = h * w;
-  for (bool relu : {false, true})
-    for (float offset : {0.0f, 100.0f}) {
-      SCOPED_TRACE(testing::Message() << "relu=" << relu << " offset=" << offset);
-      auto bn = relu ? BatchNorm::with_relu("bn", c) : std::make_unique<BatchNorm>("bn", c);
-      randomize_params(*bn, 70);
-      for (Param* p : bn->params()) p->grad.zero();
-      Tensor x({n, c, h, w}), r({n, c, h, w}), y, dx;
-      fill_normal(x, 71, 2.0f);
-      for (int64_t i = 0; i < x.numel(); ++i) x[i] += offset;
-      fill_normal(r, 72);
-      bn->forward(x, y, true);
-      bn->backward(x, y, r, &dx);
-      const float* gamma = bn->params()[0]->value.data();
-      const float* beta = bn->params()[1]->value.data();
-      for (int64_t ch = 0; ch < c; ++ch) {
-        auto at = [&](int64_t i, int64_t j) { return (i * c + ch) * hw + j; };
-        const double count = static_cast<double>(n * hw);
-        double mean = 0, var = 0;
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < hw; ++j) mean += x[at(i, j)];
-        mean /= count;
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < hw; ++j) var += (x[at(i, j)] - mean) * (x[at(i, j)] - mean);
-        const double invstd = 1.0 / std::sqrt(var / count + 1e-5);
-        EXPECT_NEAR(bn->running_mean()[ch], 0.1 * mean, kTol * (1 + std::fabs(mean)));
-        EXPECT_NEAR(bn->running_var()[ch], 0.9 + 0.1 * var / (count - 1), kTol);
-        double sdy = 0, sdy_xhat = 0;
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < hw; ++j) {
-            const double xhat = (x[at(i, j)] - mean) * invstd;
-            double ref = gamma[ch] * xhat + beta[ch];
-            if (relu) ref = std::max(ref, 0.0);
-            EXPECT_NEAR(y[at(i, j)], ref, kTol * (1 + std::fabs(ref)));
-            const double d = !relu || y[at(i, j)] > 0 ? r[at(i, j)] : 0.0;
-            sdy += d;
-            sdy_xhat += d * xhat;
-          }
-        EXPECT_NEAR(bn->params()[1]->grad[ch], sdy, kTol * (1 + std::fabs(sdy)));
-        EXPECT_NEAR(bn->params()[0]->grad[ch], sdy_xhat, kTol * (1 + std::fabs(sdy_xhat)));
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < hw; ++j) {
-            const double xhat = (x[at(i, j)] - mean) * invstd;
-            const double d = !relu || y[at(i, j)] > 0 ? r[at(i, j)] : 0.0;
-            const double ref = gamma[ch] * invstd * (d - sdy / count - xhat * sdy_xhat / count);
-            EXPECT_NEAR(dx[at(i, j)], ref, kTol * (1 + std::fabs(ref)));
-          }
+  struct Case {
+    int64_t n, c, h, w;
+  };
+  for (const Case s : {Case{5, 3, 7, 5}, Case{1, 3, 7, 7}, Case{6, 1, 1, 1}, Case{4, 3, 1, 1},
+                       Case{3, 1, 4, 4}, Case{2, 3, 3, 3}, Case{9, 1, 2, 3}})
+    for (bool relu : {false, true})
+      for (float offset : {0.0f, 100.0f}) {
+        const int64_t n = s.n, c = s.c, h = s.h, w = s.w, hw = h * w;
+        SCOPED_TRACE(testing::Message() << "shape " << n << "x" << c << "x" << h << "x" << w
+                                        << " relu=" << relu << " offset=" << offset);
+        auto bn = relu ? BatchNorm::with_relu("bn", c) : std::make_unique<BatchNorm>("bn", c);
+        randomize_params(*bn, 70);
+        for (Param* p : bn->params()) p->grad.zero();
+        Tensor x({n, c, h, w}), r({n, c, h, w}), y, dx;
+        fill_normal(x, 71, 2.0f);
+        for (int64_t i = 0; i < x.numel(); ++i) x[i] += offset;
+        fill_normal(r, 72);
+        bn->forward(x, y, true);
+        bn->backward(x, y, r, &dx);
+        const float* gamma = bn->params()[0]->value.data();
+        const float* beta = bn->params()[1]->value.data();
+        for (int64_t ch = 0; ch < c; ++ch) {
+          auto at = [&](int64_t i, int64_t j) { return (i * c + ch) * hw + j; };
+          const double count = static_cast<double>(n * hw);
+          double mean = 0, var = 0;
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < hw; ++j) mean += x[at(i, j)];
+          mean /= count;
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < hw; ++j) var += (x[at(i, j)] - mean) * (x[at(i, j)] - mean);
+          const double invstd = 1.0 / std::sqrt(var / count + 1e-5);
+          EXPECT_NEAR(bn->running_mean()[ch], 0.1 * mean, kTol * (1 + std::fabs(mean)));
+          EXPECT_NEAR(bn->running_var()[ch], 0.9 + 0.1 * var / (count - 1), kTol);
+          double sdy = 0, sdy_xhat = 0;
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < hw; ++j) {
+              const double xhat = (x[at(i, j)] - mean) * invstd;
+              double ref = gamma[ch] * xhat + beta[ch];
+              if (relu) ref = std::max(ref, 0.0);
+              EXPECT_NEAR(y[at(i, j)], ref, kTol * (1 + std::fabs(ref)));
+              const double d = !relu || y[at(i, j)] > 0 ? r[at(i, j)] : 0.0;
+              sdy += d;
+              sdy_xhat += d * xhat;
+            }
+          EXPECT_NEAR(bn->params()[1]->grad[ch], sdy, kTol * (1 + std::fabs(sdy)));
+          EXPECT_NEAR(bn->params()[0]->grad[ch], sdy_xhat, kTol * (1 + std::fabs(sdy_xhat)));
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < hw; ++j) {
+              const double xhat = (x[at(i, j)] - mean) * invstd;
+              const double d = !relu || y[at(i, j)] > 0 ? r[at(i, j)] : 0.0;
+              const double ref = gamma[ch] * invstd * (d - sdy / count - xhat * sdy_xhat / count);
+              EXPECT_NEAR(dx[at(i, j)], ref, kTol * (1 + std::fabs(ref)));
+            }
+        }
       }
-    }
 }
 
 TEST(LayerGrad, BatchNormEvalUsesRunningStatistics) {
@@ -430,6 +438,14 @@ TEST(LayerGrad, ResidualBlockShortcuts) {
 
 // The projection block's forward is relu(body(x) + bn_s(proj(x))), bit for bit with the layers run
 // one by one, and its running statistics include the shortcut BN's (checkpoints save buffers()).
+// The block keeps references to its body's output from forward: backward without one is an error.
+TEST(ResidualBlock, BackwardBeforeForwardIsAnError) {
+  ResidualBlock block("block", std::make_unique<Conv2d>("c1", 2, 2, 3, 1, 1), 2,
+                      std::make_unique<Conv2d>("c2", 2, 2, 3, 1, 1), 2, 2, 1);
+  Tensor x({1, 2, 3, 3}), dx;
+  EXPECT_THROW(block.backward(x, x, x, &dx), Error);
+}
+
 TEST(ResidualBlock, ProjectionForwardIsBodyPlusShortcut) {
   const int64_t in = 3, out = 5;
   auto make = [&] {

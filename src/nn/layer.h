@@ -274,6 +274,9 @@ class Sequential : public Layer {
   std::string name() const override { return name_; }
   Layer& add(std::unique_ptr<Layer> layer);
   void forward(const Tensor& x, Tensor& y, bool train) override;
+  // forward without copying the result out: the last layer's output, valid until the next forward.
+  // (backward does not read its y argument, so this output can be passed back as y.)
+  const Tensor& forward_output(const Tensor& x, bool train);
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
   std::vector<Param*> params() override;
   std::vector<std::vector<float>*> buffers() override;
@@ -314,8 +317,12 @@ class ResidualBlock : public Layer {
   Sequential shortcut_;  // empty: option A
   int64_t in_channels_, out_channels_;
   int stride_;
-  Tensor body_out_, dsum_;
-  Tensor shortcut_out_, dshortcut_;  // projection shortcut: its output, and its dx
+  // The body's and the projection shortcut's outputs of the last forward (their Sequentials' last
+  // activations, not copies).
+  const Tensor* body_out_ = nullptr;
+  const Tensor* shortcut_out_ = nullptr;
+  Tensor dsum_;       // dL/d(body + shortcut), reused across steps
+  Tensor dshortcut_;  // projection shortcut: its dx
 };
 
 // Mean softmax cross-entropy over the batch; logits (n, classes), labels in 0..classes-1.

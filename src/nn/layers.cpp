@@ -239,7 +239,7 @@ std::vector<float*> Sequential::device_buffers() {
   return out;
 }
 
-void Sequential::forward(const Tensor& x, Tensor& y, bool train) {
+const Tensor& Sequential::forward_output(const Tensor& x, bool train) {
   INT4DDP_CHECK(!layers_.empty(), name_, ": no layers");
   acts_.resize(layers_.size());
   const Tensor* in = &x;
@@ -247,7 +247,11 @@ void Sequential::forward(const Tensor& x, Tensor& y, bool train) {
     layers_[i]->forward(*in, acts_[i], train);
     in = &acts_[i];
   }
-  y.copy_from(acts_.back());  // on the layers' device (host or GPU)
+  return acts_.back();
+}
+
+void Sequential::forward(const Tensor& x, Tensor& y, bool train) {
+  y.copy_from(forward_output(x, train));  // on the layers' device (host or GPU)
 }
 
 void Sequential::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx) {
@@ -299,24 +303,26 @@ std::vector<std::vector<float>*> ResidualBlock::buffers() {
 }
 
 void ResidualBlock::forward(const Tensor& x, Tensor& y, bool train) {
-  body_.forward(x, body_out_, train);
+  body_out_ = &body_.forward_output(x, train);
+  const Tensor& body_out = *body_out_;
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
-  const int64_t ho = body_out_.dim(2), wo = body_out_.dim(3);
-  INT4DDP_CHECK(body_out_.dim(1) == out_channels_ && (h + stride_ - 1) / stride_ == ho &&
+  const int64_t ho = body_out.dim(2), wo = body_out.dim(3);
+  INT4DDP_CHECK(body_out.dim(1) == out_channels_ && (h + stride_ - 1) / stride_ == ho &&
                     (w + stride_ - 1) / stride_ == wo,
-                name_, ": body output ", shape_str(body_out_.shape()), " does not match stride ",
+                name_, ": body output ", shape_str(body_out.shape()), " does not match stride ",
                 stride_, " of input ", shape_str(x.shape()));
-  y.resize(body_out_.shape());
+  y.resize(body_out.shape());
   const int64_t hw = ho * wo;
   if (has_projection()) {
-    shortcut_.forward(x, shortcut_out_, train);
-    INT4DDP_CHECK(shortcut_out_.shape() == body_out_.shape(), name_, ": projection output ",
-                  shape_str(shortcut_out_.shape()), " does not match the body output ",
-                  shape_str(body_out_.shape()));
+    shortcut_out_ = &shortcut_.forward_output(x, train);
+    const Tensor& shortcut_out = *shortcut_out_;
+    INT4DDP_CHECK(shortcut_out.shape() == body_out.shape(), name_, ": projection output ",
+                  shape_str(shortcut_out.shape()), " does not match the body output ",
+                  shape_str(body_out.shape()));
     const int64_t per = out_channels_ * hw;
     for_parts(n, [&](int64_t s0, int64_t s1) {
-      const float* __restrict b = body_out_.data();
-      const float* __restrict sc = shortcut_out_.data();
+      const float* __restrict b = body_out.data();
+      const float* __restrict sc = shortcut_out.data();
       float* __restrict q = y.data();
       for (int64_t i = s0 * per; i < s1 * per; ++i) {
         const float v = b[i] + sc[i];
@@ -329,7 +335,7 @@ void ResidualBlock::forward(const Tensor& x, Tensor& y, bool train) {
   for_parts(n, [&](int64_t s0, int64_t s1) {
     for (int64_t i = s0; i < s1; ++i)
       for (int64_t c = 0; c < out_channels_; ++c) {
-        const float* __restrict b = body_out_.data() + (i * out_channels_ + c) * hw;
+        const float* __restrict b = body_out.data() + (i * out_channels_ + c) * hw;
         float* __restrict q = y.data() + (i * out_channels_ + c) * hw;
         if (c >= in_channels_) {
           for (int64_t p = 0; p < hw; ++p) q[p] = b[p] > 0.0f ? b[p] : 0.0f;
@@ -353,6 +359,7 @@ void ResidualBlock::forward(const Tensor& x, Tensor& y, bool train) {
 }
 
 void ResidualBlock::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
+  INT4DDP_CHECK(body_out_ != nullptr, name_, ": backward before forward");
   const int64_t n = x.dim(0), h = x.dim(2), w = x.dim(3);
   const int64_t ho = y.dim(2), wo = y.dim(3), hw = ho * wo;
   Tensor& dsum = dsum_;  // reused: a fresh buffer per step page-faults
@@ -365,9 +372,9 @@ void ResidualBlock::backward(const Tensor& x, const Tensor& y, const Tensor& dy,
     for (int64_t i = s0 * per; i < s1 * per; ++i) sp[i] = yp[i] > 0.0f ? gp[i] : 0.0f;
   });
   // dx = the body's dx, plus the shortcut's gradient added in place.
-  body_.backward(x, body_out_, dsum, dx);
+  body_.backward(x, *body_out_, dsum, dx);
   if (has_projection()) {
-    shortcut_.backward(x, shortcut_out_, dsum, dx ? &dshortcut_ : nullptr);
+    shortcut_.backward(x, *shortcut_out_, dsum, dx ? &dshortcut_ : nullptr);
     if (!dx) return;
     const int64_t in_per = in_channels_ * h * w;
     for_parts(n, [&](int64_t s0, int64_t s1) {
