@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "kernels/math/conv3x3_kernels.h"
 
@@ -41,6 +42,31 @@ inline __m256i lane_mask(int64_t n) {
 // GCC folds a load used by several FMAs into each of them (one load per FMA, which makes the tiles
 // load-bound); an empty asm that "modifies" the register makes it load once.
 inline void keep_in_register(__m256& v) { __asm__("" : "+x"(v)); }
+
+// ---- pad ----------------------------------------------------------------------------------------
+
+// Image row y to (y + 1) * row + 1 in pieces of 8, the last one masked on the load: it reads
+// nothing past the row and stores zeros past it (the right pad, then positions of the next row,
+// written after it, or of the bottom pad, zeroed after the last row). Short rows into a plane
+// without room for the last row's 8-float store: the plain copies.
+void pad_avx2(const float* src, int64_t channels, const Conv3x3Plane& g, float* planes) {
+  const int64_t h = g.h, w = g.w, row = g.row, full = w / 8 * 8;
+  if (h * row + 1 + full + 8 > g.stride) return pad_planes(src, channels, g, planes);
+  const __m256i tail = lane_mask(w - full);
+  for (int64_t c = 0; c < channels; ++c) {
+    float* p = planes + c * g.stride;
+    const float* s = src + c * h * w;
+    std::memset(p, 0, sizeof(float) * static_cast<size_t>(row + 1));
+    float* d = p + row + 1;
+    for (int64_t y = 0; y < h; ++y, d += row, s += w) {
+      int64_t i = 0;
+      for (; i < full; i += 8) _mm256_storeu_ps(d + i, _mm256_loadu_ps(s + i));
+      _mm256_storeu_ps(d + i, _mm256_maskload_ps(s + i, tail));  // >= 1 zero lane: the pad
+    }
+    const int64_t end = (h + 1) * row + 1;  // the bottom pad row and the tail
+    std::memset(p + end, 0, sizeof(float) * static_cast<size_t>(g.stride - end));
+  }
+}
 
 // ---- spatial ------------------------------------------------------------------------------------
 
@@ -64,6 +90,27 @@ VecStore vec_store(const Conv3x3Plane& g, int64_t j) {
   s.whole = whole;
   s.offset = s.lane[0];
   return s;
+}
+
+// The VecStore of every output vector of an image size, kept for the last few sizes the thread
+// used (a layer calls once per sample; the networks have a handful of sizes).
+const VecStore* vec_stores(const Conv3x3Plane& g) {
+  struct Entry {
+    int64_t h = -1, w = -1;
+    std::vector<VecStore> stores;
+  };
+  constexpr int kEntries = 4;
+  thread_local Entry cache[kEntries];
+  thread_local int next = 0;
+  for (Entry& e : cache)
+    if (e.h == g.h && e.w == g.w) return e.stores.data();
+  Entry& e = cache[next];
+  next = (next + 1) % kEntries;
+  e.h = g.h;
+  e.w = g.w;
+  e.stores.resize(static_cast<size_t>((g.outputs + 7) / 8));
+  for (size_t j = 0; j < e.stores.size(); ++j) e.stores[j] = vec_store(g, static_cast<int64_t>(j));
+  return e.stores.data();
 }
 
 inline void store_vec(__m256 v, const VecStore& s, bool accumulate, float* out) {
@@ -150,14 +197,14 @@ void spatial_avx2(const float* planes, const Conv3x3Plane& g, int64_t c_total, i
                   float* out) {
   const int64_t hw = g.h * g.w;
   const int64_t vecs = (g.outputs + 7) / 8;
+  const VecStore* stores = vec_stores(g);
   // Vectors split into blocks of at most kMaxNV, as even as possible (4 -> 2 + 2, 7 -> 3 + 2 + 2).
   const int64_t blocks = (vecs + kMaxNV - 1) / kMaxNV;
   const int64_t base_nv = vecs / blocks, extra = vecs % blocks;
   int64_t v0 = 0;
   for (int64_t bi = 0; bi < blocks; ++bi) {
     const int nv = static_cast<int>(base_nv + (bi < extra ? 1 : 0));
-    VecStore vs[kMaxNV];
-    for (int v = 0; v < nv; ++v) vs[v] = vec_store(g, v0 + v);
+    const VecStore* vs = stores + v0;
     const float* base = planes + c0 * g.stride + v0 * 8;
     for (int64_t kb = 0; kb < k; kb += kBlock) {
       // A packed block of nb channels [c][tap][j < nb], taken NK <= 4 channels at a time
@@ -260,7 +307,7 @@ void wgrad_planes_avx2(const float* x, const float* dy, const Conv3x3Plane& g, i
 
 }  // namespace
 
-const Conv3x3Kernels kConv3x3Avx2 = {pad_planes,
+const Conv3x3Kernels kConv3x3Avx2 = {pad_avx2,
                                      spatial_avx2,
                                      nullptr,
                                      nullptr,
