@@ -348,11 +348,12 @@ void Conv3x3WeightGrad::reset(int64_t k, int64_t c, const Conv3x3Codes& codes, C
   codes_ = codes;
   isa_ = conv3x3_resolve(isa);
   const Conv3x3Kernels& kern = kernels_for(isa_);
-  // Both operands as padded planes where the ISA has that kernel (any c and k); else input
-  // channels in the lanes when the ISA kernel takes them; else output channels in the lanes when
-  // it can (the first conv: c = 1, k = 16); else the portable kernel (any c).
+  // Both operands as padded planes where the ISA has that kernel (any c and k; its sums in the
+  // (c, 9, k) layout); else input channels in the lanes when the ISA kernel takes them; else
+  // output channels in the lanes when it can (the first conv: c = 1, k = 16); else the portable
+  // kernel (any c).
   k_lanes_ =
-      !kern.wgrad_planes_f && c % kern.wgrad_c_multiple != 0 && kern.wgrad_k_f && k % 16 == 0;
+      kern.wgrad_planes_f || (c % kern.wgrad_c_multiple != 0 && kern.wgrad_k_f && k % 16 == 0);
   const size_t count = static_cast<size_t>(k * c * 9);
   if (codes.enabled()) {
     accd_.assign(count + 8, 0.0);

@@ -12,8 +12,9 @@
 //   the padded plane layout: no transposes), a tile of NO output channels x the 3 taps of one
 //   kernel row (ky) for one input channel (4 x 3 = 12 accumulators). dy is zero at the junk
 //   positions (the plane's pad), so junk lanes add nothing; the lanes of a tile are added
-//   horizontally in a fixed order when its piece is done, and the sum is added to the caller's
-//   float or double accumulator.
+//   horizontally in a fixed order when its piece is done, 4 output channels at a time, and the
+//   sums are added to the caller's float or double accumulator ((c, 9, k) layout: those 4 sums
+//   are adjacent).
 // All arithmetic on codes is exact: FMAs of integers whose partial sums stay below 2^24 (the
 // driver bounds the pieces; any partial sum of such a piece is bounded by the sum of the
 // magnitudes of its terms), then float -> double adds.
@@ -225,12 +226,27 @@ void spatial_avx2(const float* planes, const Conv3x3Plane& g, int64_t c_total, i
 
 // ---- wgrad --------------------------------------------------------------------------------------
 
-// The sum of the 8 lanes in a fixed order.
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// The sums of the 8 lanes of each of v[0..3], in a fixed order (pairs, then quads, then the two
+// halves).
+inline __m128 hsum4(const __m256 v[4]) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// acc[0..n) += sums[0..n), n <= 4.
+inline void add4(float* acc, __m128 sums, int n) {
+  if (n == 4) return _mm_storeu_ps(acc, _mm_add_ps(_mm_loadu_ps(acc), sums));
+  alignas(16) float t[4];
+  _mm_store_ps(t, sums);
+  for (int i = 0; i < n; ++i) acc[i] += t[i];
+}
+
+inline void add4(double* acc, __m128 sums, int n) {
+  const __m256d d = _mm256_cvtps_pd(sums);
+  if (n == 4) return _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), d));
+  alignas(32) double t[4];
+  _mm256_store_pd(t, d);
+  for (int i = 0; i < n; ++i) acc[i] += t[i];
 }
 
 // Output channels [o0, o0 + NO), input channel ch, taps (ky, 0..2): the sum over samples
@@ -238,7 +254,7 @@ inline float hsum(__m256 v) {
 // x points at input channel 0 of sample 0 (planes of g.stride floats, samples x_stride apart),
 // dy at output channel 0 of sample 0 shifted so that dy[p] is flat output position p.
 template <int NO, typename Acc>
-void wgrad_tile(const float* x, const float* dy, const Conv3x3Plane& g, int64_t c, int64_t ch,
+void wgrad_tile(const float* x, const float* dy, const Conv3x3Plane& g, int64_t k, int64_t ch,
                 int64_t o0, int ky, int64_t p0, int64_t p1, int64_t nsamp, int64_t x_stride,
                 int64_t dy_stride, Acc* acc) {
   const int64_t stride = g.stride, full = p0 + (p1 - p0) / 8 * 8;
@@ -271,11 +287,13 @@ void wgrad_tile(const float* x, const float* dy, const Conv3x3Plane& g, int64_t 
     for (; p < full; p += 8) step(xs + p, ds + p, false);
     if (p < p1) step(xs + p, ds + p, true);
   }
-#pragma GCC unroll 4
-  for (int o = 0; o < NO; ++o)
 #pragma GCC unroll 3
-    for (int kx = 0; kx < 3; ++kx)
-      acc[((o0 + o) * 9 + ky * 3 + kx) * c + ch] += static_cast<Acc>(hsum(a[o][kx]));
+  for (int kx = 0; kx < 3; ++kx) {
+    __m256 v[4];
+#pragma GCC unroll 4
+    for (int o = 0; o < 4; ++o) v[o] = o < NO ? a[o][kx] : _mm256_setzero_ps();
+    add4(acc + (ch * 9 + ky * 3 + kx) * k + o0, hsum4(v), NO);
+  }
 }
 
 template <typename Acc>
@@ -289,16 +307,16 @@ void wgrad_planes_avx2(const float* x, const float* dy, const Conv3x3Plane& g, i
       for (int ky = 0; ky < 3; ++ky) {
         switch (no) {
           case 4:
-            wgrad_tile<4>(x, dyp, g, c, ch, o, ky, p0, p1, nsamp, x_stride, dy_stride, acc);
+            wgrad_tile<4>(x, dyp, g, k, ch, o, ky, p0, p1, nsamp, x_stride, dy_stride, acc);
             break;
           case 3:
-            wgrad_tile<3>(x, dyp, g, c, ch, o, ky, p0, p1, nsamp, x_stride, dy_stride, acc);
+            wgrad_tile<3>(x, dyp, g, k, ch, o, ky, p0, p1, nsamp, x_stride, dy_stride, acc);
             break;
           case 2:
-            wgrad_tile<2>(x, dyp, g, c, ch, o, ky, p0, p1, nsamp, x_stride, dy_stride, acc);
+            wgrad_tile<2>(x, dyp, g, k, ch, o, ky, p0, p1, nsamp, x_stride, dy_stride, acc);
             break;
           default:
-            wgrad_tile<1>(x, dyp, g, c, ch, o, ky, p0, p1, nsamp, x_stride, dy_stride, acc);
+            wgrad_tile<1>(x, dyp, g, k, ch, o, ky, p0, p1, nsamp, x_stride, dy_stride, acc);
             break;
         }
       }

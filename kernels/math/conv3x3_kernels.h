@@ -68,9 +68,9 @@ struct Conv3x3Kernels {
   void (*wgrad_k_d)(const float* planes, const float* dyt, const Conv3x3Plane& g, int64_t c,
                     int64_t k, int64_t y0, int64_t y1, int64_t nsamp, int64_t planes_stride,
                     int64_t dyt_stride, double* acc);
-  // The same sums as wgrad_f / wgrad_d (acc layout (o, 9, c)) from both operands in the padded
-  // plane layout, any c and k, no transposes:
-  //   acc[(o * 9 + tap) * c + ch] += sum over samples s < nsamp and flat output positions p in
+  // The same sums as wgrad_k_f / wgrad_k_d (acc layout (c, 9, k)) from both operands in the
+  // padded plane layout, any c and k, no transposes:
+  //   acc[(ch * 9 + tap) * k + o] += sum over samples s < nsamp and flat output positions p in
   //   [p0, p1) of dyp_s[o * g.stride + g.row + 1 + p] * xp_s[ch * g.stride + p + ky * row + kx],
   // xp_s = x_planes + s * x_stride and dyp_s = dy_planes + s * dy_stride, both from pad() (dy is
   // zero at the junk positions, so they add nothing). p0 and p1 are whole image rows (y * row).
