@@ -13,7 +13,8 @@
 // fixed order (Conv3x3WeightGrad: one per thread, add per chunk, finish in thread order). Weights
 // are repacked once per weight update into a Conv3x3Weights (read-only afterwards, shared).
 // Scratch: a Conv3x3Workspace per thread, grown on demand and reused (one sample's padded planes
-// and transpose, under 200 KB for the resnet20 shapes); nullptr uses a thread_local one.
+// and transpose, under 200 KB for the resnet20 shapes; the AVX2 dW adds a group of samples' padded
+// planes of x and dy, about 256 KB); nullptr uses a thread_local one.
 //
 // Integer codes (the quantized layers, DESIGN.md section 3): with Conv3x3Codes set, the operands
 // hold integers stored as floats, |a| <= qmax_a and |b| <= qmax_b (qmax <= 255, so an unsigned
