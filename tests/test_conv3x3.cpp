@@ -1,7 +1,7 @@
 // The direct 3x3 convolution against its plain-loop definitions (conv3x3_*_ref), on every
-// instruction set this CPU and build have (portable always, AVX-512 where available): fp32 within a
-// stated tolerance, integer codes (4 and 8 bits, including the splits the exactness bound forces)
-// exactly; forward, backward data and backward weight, with = and +=.
+// instruction set this CPU and build have (portable always, AVX2 and AVX-512 where available): fp32
+// within a stated tolerance, integer codes (4 and 8 bits, including the splits the exactness bound
+// forces) exactly; forward, backward data and backward weight, with = and +=.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -37,12 +37,14 @@ const char* op_name(Op op) {
 
 std::vector<Conv3x3Isa> isas() {
   std::vector<Conv3x3Isa> v = {Conv3x3Isa::kPortable};
+  if (conv3x3_isa_available(Conv3x3Isa::kAvx2)) v.push_back(Conv3x3Isa::kAvx2);
   if (conv3x3_isa_available(Conv3x3Isa::kAvx512)) v.push_back(Conv3x3Isa::kAvx512);
   return v;
 }
 
-// Every implementation: the portable path, and on AVX-512 both tilings of forward / backward data
-// (kChannels applies where the output channels are a multiple of 16, else it is kSpatial).
+// Every implementation: the portable path, AVX2 where available, and on AVX-512 both tilings of
+// forward / backward data (kChannels applies where the output channels are a multiple of 16, else
+// it is kSpatial).
 struct Variant {
   Conv3x3Isa isa;
   Conv3x3Algo algo;
@@ -50,6 +52,8 @@ struct Variant {
 
 std::vector<Variant> variants() {
   std::vector<Variant> v = {{Conv3x3Isa::kPortable, Conv3x3Algo::kAuto}};
+  if (conv3x3_isa_available(Conv3x3Isa::kAvx2))
+    v.push_back({Conv3x3Isa::kAvx2, Conv3x3Algo::kAuto});
   if (conv3x3_isa_available(Conv3x3Isa::kAvx512)) {
     v.push_back({Conv3x3Isa::kAvx512, Conv3x3Algo::kSpatial});
     v.push_back({Conv3x3Isa::kAvx512, Conv3x3Algo::kChannels});

@@ -1,6 +1,6 @@
 // Direct 3x3 convolution: the driver (validation, ISA dispatch, weight packing, the exact splits
 // for integer codes) and the plain reference loops. The inner kernels live in conv3x3_portable.cpp
-// and conv3x3_avx512.cpp behind the table of conv3x3_kernels.h.
+// conv3x3_avx2.cpp and conv3x3_avx512.cpp behind the table of conv3x3_kernels.h.
 #include "kernels/math/conv3x3.h"
 
 #include <algorithm>
@@ -68,6 +68,7 @@ class AlignedBuf {
 
 struct Conv3x3Workspace::Buffers {
   AlignedBuf<float> planes;   // (channels, stride) padded planes of one sample (dW: a group)
+  AlignedBuf<float> dy;       // dW from planes: (k, stride) padded dy planes of a group
   AlignedBuf<float> xt;       // (qcount, lanes) transposed padded operand of a group of samples
   AlignedBuf<float> part;     // a split forward's exact piece, or the portable dW's scratch
   AlignedBuf<int64_t> total;  // exact totals of the split forward / backward_data
@@ -76,15 +77,31 @@ struct Conv3x3Workspace::Buffers {
 
 namespace {
 
-// The codec's instruction set (INT4DDP_ISA, parsed once by the codec) below avx512 rules AVX-512
-// out here too; there is no AVX2 path.
-bool codec_rules_out_avx512() { return quant::current_isa() != quant::Isa::kAvx512; }
+// The codec's instruction set (INT4DDP_ISA, parsed once by the codec) caps the one chosen here:
+// avx2 rules AVX-512 out, portable both vector paths.
+bool codec_allows(Conv3x3Isa isa) {
+  const quant::Isa codec = quant::current_isa();
+  switch (isa) {
+    case Conv3x3Isa::kAvx512:
+      return codec == quant::Isa::kAvx512;
+    case Conv3x3Isa::kAvx2:
+      return codec == quant::Isa::kAvx512 || codec == quant::Isa::kAvx2;
+    default:
+      return true;
+  }
+}
 
 const Conv3x3Kernels& kernels_for(Conv3x3Isa isa) {
   switch (conv3x3_resolve(isa)) {
     case Conv3x3Isa::kAvx512:
 #if defined(INT4DDP_HAVE_AVX512)
       return detail::kConv3x3Avx512;
+#else
+      break;
+#endif
+    case Conv3x3Isa::kAvx2:
+#if defined(INT4DDP_HAVE_AVX2)
+      return detail::kConv3x3Avx2;
 #else
       break;
 #endif
@@ -197,7 +214,8 @@ int64_t wgrad_ref_sum(const Conv3x3Shape& s, const float* x, const float* dy, in
 Conv3x3Workspace::Conv3x3Workspace() : b_(new Buffers) {}
 Conv3x3Workspace::~Conv3x3Workspace() { delete b_; }
 int64_t Conv3x3Workspace::bytes() const {
-  return b_->planes.bytes() + b_->xt.bytes() + b_->part.bytes() + b_->total.bytes();
+  return b_->planes.bytes() + b_->dy.bytes() + b_->xt.bytes() + b_->part.bytes() +
+         b_->total.bytes();
 }
 
 void Conv3x3Weights::pack(const float* w, int64_t k, int64_t c) {
@@ -252,6 +270,8 @@ const char* conv3x3_isa_name(Conv3x3Isa isa) {
       return "portable";
     case Conv3x3Isa::kAvx512:
       return "avx512";
+    case Conv3x3Isa::kAvx2:
+      return "avx2";
   }
   return "unknown";
 }
@@ -267,16 +287,23 @@ bool conv3x3_isa_available(Conv3x3Isa isa) {
 #else
       return false;
 #endif
+    case Conv3x3Isa::kAvx2:
+#if defined(INT4DDP_HAVE_AVX2)
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+      return false;
+#endif
   }
   return false;
 }
 
 Conv3x3Isa conv3x3_resolve(Conv3x3Isa isa) {
   if (isa == Conv3x3Isa::kAuto) {
-    static const Conv3x3Isa best =
-        !codec_rules_out_avx512() && conv3x3_isa_available(Conv3x3Isa::kAvx512)
-            ? Conv3x3Isa::kAvx512
-            : Conv3x3Isa::kPortable;
+    static const Conv3x3Isa best = [] {
+      for (Conv3x3Isa i : {Conv3x3Isa::kAvx512, Conv3x3Isa::kAvx2})
+        if (codec_allows(i) && conv3x3_isa_available(i)) return i;
+      return Conv3x3Isa::kPortable;
+    }();
     return best;
   }
   INT4DDP_CHECK(conv3x3_isa_available(isa), "conv3x3: instruction set ", conv3x3_isa_name(isa),
@@ -321,9 +348,12 @@ void Conv3x3WeightGrad::reset(int64_t k, int64_t c, const Conv3x3Codes& codes, C
   codes_ = codes;
   isa_ = conv3x3_resolve(isa);
   const Conv3x3Kernels& kern = kernels_for(isa_);
-  // Input channels in the lanes when the ISA kernel takes them; else output channels in the lanes
-  // when it can (the first conv: c = 1, k = 16); else the portable kernel (any c).
-  k_lanes_ = c % kern.wgrad_c_multiple != 0 && kern.wgrad_k_f && k % 16 == 0;
+  // Both operands as padded planes where the ISA has that kernel (any c and k; its sums in the
+  // (c, 9, k) layout); else input channels in the lanes when the ISA kernel takes them; else
+  // output channels in the lanes when it can (the first conv: c = 1, k = 16); else the portable
+  // kernel (any c).
+  k_lanes_ =
+      kern.wgrad_planes_f || (c % kern.wgrad_c_multiple != 0 && kern.wgrad_k_f && k % 16 == 0);
   const size_t count = static_cast<size_t>(k * c * 9);
   if (codes.enabled()) {
     accd_.assign(count + 8, 0.0);
@@ -340,8 +370,9 @@ void Conv3x3WeightGrad::add_to(const Conv3x3Shape& s, const float* x, const floa
   thread_local Conv3x3Workspace local;
   Conv3x3Workspace::Buffers& b = (ws ? ws : &local)->buffers();
   const Conv3x3Kernels* kern = &kernels_for(isa_);
-  if (!k_lanes_ && s.c % kern->wgrad_c_multiple != 0) kern = &detail::kConv3x3Portable;
   const Conv3x3Plane g = detail::make_plane(s.h, s.w);
+  if (kern->wgrad_planes_f) return add_planes(*kern, g, s, x, dy, b, acc);
+  if (!k_lanes_ && s.c % kern->wgrad_c_multiple != 0) kern = &detail::kConv3x3Portable;
   // Blocking: a kernel tile sweeps one 16-lane slice of the transposed operand over a piece of rows
   // of a group of samples, for every pair of output (or input) channels in turn, so that slice
   // should stay in L1: about 24 KiB. Small images: whole images, several samples per group (fewer
@@ -386,6 +417,40 @@ void Conv3x3WeightGrad::add_to(const Conv3x3Shape& s, const float* x, const floa
         else
           kern->wgrad_f(xt, dyn, g, s.c, s.k, y0, y1, ns, xt_stride, s.k * hw, acc, scratch);
       }
+    }
+  }
+}
+
+template <typename Acc>
+void Conv3x3WeightGrad::add_planes(const detail::Conv3x3Kernels& kern,
+                                   const detail::Conv3x3Plane& g, const Conv3x3Shape& s,
+                                   const float* x, const float* dy, Conv3x3Workspace::Buffers& b,
+                                   Acc* acc) {
+  // A group of samples' padded planes of x and dy, each kernel tile sweeping one x plane and a
+  // few dy planes of every sample of the group: the group's planes should stay in L2 (about
+  // kGroupBytes). Codes: every piece (samples x rows x w terms) within the exact bound as well.
+  constexpr int64_t kGroupBytes = int64_t{256} << 10;
+  const int64_t sample_bytes = (s.c + s.k) * g.stride * int64_t{sizeof(float)};
+  const int64_t exact = codes_.enabled() ? conv3x3_exact_terms(codes_) : INT64_MAX;
+  const int64_t rows = std::min(s.h, exact / s.w);  // >= 1: add() checked w against the bound
+  int64_t group = 1;
+  if (rows == s.h)
+    group = std::clamp<int64_t>(std::min(kGroupBytes / sample_bytes, exact / (s.h * s.w)), 1, s.n);
+  const int64_t hw = s.h * s.w, x_stride = s.c * g.stride, dy_stride = s.k * g.stride;
+  float* xp = b.planes.get(group * x_stride);
+  float* dyp = b.dy.get(group * dy_stride);
+  for (int64_t n0 = 0; n0 < s.n; n0 += group) {
+    const int64_t ns = std::min(group, s.n - n0);
+    for (int64_t j = 0; j < ns; ++j) {
+      kern.pad(x + (n0 + j) * s.c * hw, s.c, g, xp + j * x_stride);
+      kern.pad(dy + (n0 + j) * s.k * hw, s.k, g, dyp + j * dy_stride);
+    }
+    for (int64_t y0 = 0; y0 < s.h; y0 += rows) {
+      const int64_t p0 = y0 * g.row, p1 = std::min(s.h, y0 + rows) * g.row;
+      if constexpr (std::is_same_v<Acc, double>)
+        kern.wgrad_planes_d(xp, dyp, g, s.c, s.k, p0, p1, ns, x_stride, dy_stride, acc);
+      else
+        kern.wgrad_planes_f(xp, dyp, g, s.c, s.k, p0, p1, ns, x_stride, dy_stride, acc);
     }
   }
 }

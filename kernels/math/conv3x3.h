@@ -13,7 +13,8 @@
 // fixed order (Conv3x3WeightGrad: one per thread, add per chunk, finish in thread order). Weights
 // are repacked once per weight update into a Conv3x3Weights (read-only afterwards, shared).
 // Scratch: a Conv3x3Workspace per thread, grown on demand and reused (one sample's padded planes
-// and transpose, under 200 KB for the resnet20 shapes); nullptr uses a thread_local one.
+// and transpose, under 200 KB for the resnet20 shapes; the AVX2 dW adds a group of samples' padded
+// planes of x and dy, about 256 KB); nullptr uses a thread_local one.
 //
 // Integer codes (the quantized layers, DESIGN.md section 3): with Conv3x3Codes set, the operands
 // hold integers stored as floats, |a| <= qmax_a and |b| <= qmax_b (qmax <= 255, so an unsigned
@@ -34,12 +35,13 @@
 //     the exact integer totals out, for a caller that sums chunks and rescales once.
 //
 // Instruction sets: an AVX-512F path (conv3x3_avx512.cpp, compiled with -mavx512f for that file
-// only, used after a run-time CPU check) and a portable path (plain C++). Conv3x3Isa::kAuto picks
-// AVX-512 when available unless the environment sets INT4DDP_ISA=portable or avx2 (the codec's
-// override; there is no AVX2 convolution). Both give exact results on codes; on fp32 they differ
-// only by float rounding (AVX-512 uses FMAs). The portable path is a correct fallback, not a fast
-// one (slower than im2col + Eigen): callers should keep their GEMM path when
-// conv3x3_resolve(Conv3x3Isa::kAuto) is not kAvx512. experiments/bench_conv times both paths.
+// only), an AVX2 + FMA path (conv3x3_avx2.cpp, -mavx2 -mfma) and a portable path (plain C++); the
+// vector paths run after a run-time CPU check. Conv3x3Isa::kAuto picks the widest available one
+// that the environment allows: INT4DDP_ISA (the codec's override) = avx2 rules AVX-512 out,
+// = portable both vector paths. All give exact results on codes; on fp32 they differ only by float
+// rounding (the vector paths use FMAs, each its own summation order). The portable path is a
+// correct fallback, not a fast one (slower than im2col + Eigen): callers should keep their GEMM
+// path when conv3x3_resolve(Conv3x3Isa::kAuto) is kPortable. experiments/bench_conv times them.
 #pragma once
 
 #include <cstdint>
@@ -47,9 +49,15 @@
 
 namespace int4ddp::math {
 
-enum class Conv3x3Isa : uint8_t { kAuto = 0, kPortable = 1, kAvx512 = 2 };
+namespace detail {
+struct Conv3x3Kernels;
+struct Conv3x3Plane;
+}  // namespace detail
 
-// How forward / backward_data lay out a tile (AVX-512; the portable path is always kSpatial):
+enum class Conv3x3Isa : uint8_t { kAuto = 0, kPortable = 1, kAvx512 = 2, kAvx2 = 3 };
+
+// How forward / backward_data lay out a tile (AVX-512; the AVX2 and portable paths are always
+// kSpatial):
 //   kSpatial   16 consecutive flat output positions per vector (row stride w + 1, so one junk lane
 //              per image row and a partial last vector: 96% of the lanes useful at 28x28, 88% at
 //              14x14, 77% at 7x7);
@@ -150,6 +158,10 @@ class Conv3x3WeightGrad {
   template <typename Acc>
   void add_to(const Conv3x3Shape& s, const float* x, const float* dy, Conv3x3Workspace* ws,
               Acc* acc);
+  template <typename Acc>
+  void add_planes(const detail::Conv3x3Kernels& kern, const detail::Conv3x3Plane& g,
+                  const Conv3x3Shape& s, const float* x, const float* dy,
+                  Conv3x3Workspace::Buffers& b, Acc* acc);
   int64_t k_ = 0, c_ = 0;
   Conv3x3Codes codes_;
   Conv3x3Isa isa_ = Conv3x3Isa::kPortable;  // resolved

@@ -467,6 +467,8 @@ const Conv3x3Kernels kConv3x3Avx512 = {pad_avx512,
                                        wgrad_avx512<double>,
                                        16,
                                        wgrad_k_avx512<float>,
-                                       wgrad_k_avx512<double>};
+                                       wgrad_k_avx512<double>,
+                                       nullptr,
+                                       nullptr};
 
 }  // namespace int4ddp::math::detail

@@ -1,5 +1,5 @@
 // Internal: the per-ISA inner kernels the direct 3x3 convolution driver (conv3x3.cpp) is built
-// from. conv3x3_portable.cpp and conv3x3_avx512.cpp each fill one table.
+// from. conv3x3_portable.cpp, conv3x3_avx2.cpp and conv3x3_avx512.cpp each fill one table.
 //
 // The padded plane layout every kernel shares (one image channel, h x w, pad 1):
 //   row stride  row = w + 1: the right pad of image row y IS the left pad of row y + 1, so a flat
@@ -68,9 +68,30 @@ struct Conv3x3Kernels {
   void (*wgrad_k_d)(const float* planes, const float* dyt, const Conv3x3Plane& g, int64_t c,
                     int64_t k, int64_t y0, int64_t y1, int64_t nsamp, int64_t planes_stride,
                     int64_t dyt_stride, double* acc);
+  // The same sums as wgrad_k_f / wgrad_k_d (acc layout (c, 9, k)) from both operands in the
+  // padded plane layout, any c and k, no transposes:
+  //   acc[(ch * 9 + tap) * k + o] += sum over samples s < nsamp and flat output positions p in
+  //   [p0, p1) of dyp_s[o * g.stride + g.row + 1 + p] * xp_s[ch * g.stride + p + ky * row + kx],
+  // xp_s = x_planes + s * x_stride and dyp_s = dy_planes + s * dy_stride, both from pad() (dy is
+  // zero at the junk positions, so they add nothing). p0 and p1 are whole image rows (y * row).
+  // The sum is formed in fp32 per piece (exact for codes while the piece's nsamp * rows * w terms
+  // stay below the exact bound), then added to acc. When provided, the driver uses it for every
+  // shape. Null where not provided.
+  void (*wgrad_planes_f)(const float* x_planes, const float* dy_planes, const Conv3x3Plane& g,
+                         int64_t c, int64_t k, int64_t p0, int64_t p1, int64_t nsamp,
+                         int64_t x_stride, int64_t dy_stride, float* acc);
+  void (*wgrad_planes_d)(const float* x_planes, const float* dy_planes, const Conv3x3Plane& g,
+                         int64_t c, int64_t k, int64_t p0, int64_t p1, int64_t nsamp,
+                         int64_t x_stride, int64_t dy_stride, double* acc);
 };
 
+// The portable pad (plain copies), shared by the tables whose ISA has no faster one.
+void pad_planes(const float* src, int64_t channels, const Conv3x3Plane& g, float* planes);
+
 extern const Conv3x3Kernels kConv3x3Portable;
+#if defined(INT4DDP_HAVE_AVX2)
+extern const Conv3x3Kernels kConv3x3Avx2;
+#endif
 #if defined(INT4DDP_HAVE_AVX512)
 extern const Conv3x3Kernels kConv3x3Avx512;
 #endif

@@ -13,7 +13,9 @@ namespace {
 constexpr int kBlock = 8;  // output channels per packed weight block (Conv3x3Weights::kBlock)
 constexpr int kSpan = 64;  // flat output positions per tile
 
-void pad_portable(const float* src, int64_t channels, const Conv3x3Plane& g, float* planes) {
+}  // namespace
+
+void pad_planes(const float* src, int64_t channels, const Conv3x3Plane& g, float* planes) {
   const int64_t h = g.h, w = g.w, row = g.row;
   for (int64_t c = 0; c < channels; ++c) {
     float* p = planes + c * g.stride;
@@ -27,6 +29,8 @@ void pad_portable(const float* src, int64_t channels, const Conv3x3Plane& g, flo
     std::fill(p + (h + 1) * row + 1, p + g.stride, 0.0f);  // bottom pad row and the tail
   }
 }
+
+namespace {
 
 // Output channels [kb, kb + nk) of flat positions [p0, p0 + len): tile[j][i] over channels
 // [c0, c1), then the store of the valid positions.
@@ -138,13 +142,15 @@ void wgrad_portable(const float* xt, const float* dy, const Conv3x3Plane& g, int
 
 }  // namespace
 
-const Conv3x3Kernels kConv3x3Portable = {pad_portable,
+const Conv3x3Kernels kConv3x3Portable = {pad_planes,
                                          spatial_portable,
                                          nullptr,
                                          transpose_portable,
                                          wgrad_portable<float>,
                                          wgrad_portable<double>,
                                          1,
+                                         nullptr,
+                                         nullptr,
                                          nullptr,
                                          nullptr};
 

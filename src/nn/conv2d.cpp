@@ -232,8 +232,15 @@ int64_t Conv2d::part_group_size(int64_t n, int64_t rows, int64_t cols) const {
   return group_size(std::min(n, BatchParts::kSamples), rows, cols);
 }
 
-bool Conv2d::direct3x3() const {
+bool Conv2d::direct3x3_fp32() const {
   return direct_conv_ && kernel_ == 3 && stride_ == 1 && pad_ == 1 &&
+         math::conv3x3_resolve(math::Conv3x3Isa::kAuto) != math::Conv3x3Isa::kPortable;
+}
+
+// The quantized layers keep their integer GEMMs below AVX-512 (igemm's AVX2 kernels on the byte
+// codes rather than the fp32 FMA kernels on codes as floats).
+bool Conv2d::direct3x3() const {
+  return direct3x3_fp32() &&
          math::conv3x3_resolve(math::Conv3x3Isa::kAuto) == math::Conv3x3Isa::kAvx512;
 }
 
@@ -246,7 +253,7 @@ void Conv2d::forward(const Tensor& x, Tensor& y, bool) {
   y.resize({n, out_, ho, wo});
   const int64_t gmax = part_group_size(n, ckk, hw);
   const BatchParts parts{n};
-  const bool direct = direct3x3();
+  const bool direct = direct3x3_fp32();
   if (direct) w3_.pack(weight_.value.data(), out_, in_);
   parallel_for(parts.count(), [&](int64_t p) {
     if (direct) {
@@ -288,7 +295,7 @@ void Conv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor
       }
   // dW: one partial per part (groups accumulated in order within it), summed in part order below.
   float* dw_parts = grow_scratch(dw_parts_, parts.count() * wsize);
-  if (direct3x3()) {
+  if (direct3x3_fp32()) {
     // Direct 3x3 (stride 1, pad 1: h, w are also the output's size). The weights are packed again
     // rather than taken from forward, so backward never depends on what ran in between.
     w3_.pack(weight_.value.data(), out_, in_);

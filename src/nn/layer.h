@@ -119,12 +119,14 @@ class Conv2d : public Layer {
   // Bytes of im2col columns per group of samples (default 512 KiB); results do not depend on it
   // beyond float rounding. Tests set it small to cover several groups and a partial last one.
   void set_column_bytes(int64_t bytes);
-  // The direct 3x3 convolution (kernels/math/conv3x3.h) for kernel 3, stride 1, pad 1 where its
-  // AVX-512 path runs (on by default; tests turn it off to cover the im2col + GEMM path).
+  // The direct 3x3 convolution (kernels/math/conv3x3.h) for kernel 3, stride 1, pad 1 where a
+  // vector path of it runs (fp32: AVX2 or AVX-512; the quantized layers: AVX-512 only) (on by
+  // default; tests turn it off to cover the im2col + GEMM path).
   void set_direct_conv(bool on) { direct_conv_ = on; }
 
  protected:
-  bool direct3x3() const;
+  bool direct3x3_fp32() const;  // fp32 Conv2d: the direct path with AVX2 or AVX-512
+  bool direct3x3() const;       // QConv2d: the direct path with AVX-512
   // The im2col + GEMM path of backward over groups of samples, shared by Conv2d and QConv2d
   // (defined in conv2d_groups.h, which documents Products). x (n, in, h, w), dy (n, out, ho, wo)
   // and weights (out, in, k, k) are fp32 values or integer codes (int8_t / uint8_t, each operand
