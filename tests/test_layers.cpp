@@ -150,67 +150,71 @@ TEST(LayerGrad, Conv2dStridesAndPadding) {
 TEST(Conv2dFast, MatchesDirectConvolution) {
   // fp32 GEMMs of K <= 100 terms of O(1) values against double: 1e-4 covers the float rounding.
   constexpr double kTol = 1e-4;
-  const int64_t n = 5, ci = 3, co = 4, h = 7, w = 6;
-  for (auto [k, st, pd] : {std::tuple<int, int, int>{3, 1, 1},
-                           {3, 2, 1},
-                           {5, 1, 0},
-                           {1, 2, 0},
-                           {1, 1, 0},
-                           {3, 1, 2},
-                           {3, 2, 0},
-                           {1, 1, 1},
-                           {7, 2, 3}})           // the ImageNet stem (resnet18 above 64x64)
-    for (int64_t samples_per_group : {1, 2, 0})  // 0: the default budget (one group)
-      for (bool direct : {true, false}) {  // k3 s1 p1: the direct 3x3 kernels, or im2col + GEMM
-        SCOPED_TRACE(testing::Message() << "k=" << k << " s=" << st << " p=" << pd
-                                        << " group=" << samples_per_group << " direct=" << direct);
-        Conv2d c("conv", ci, co, k, st, pd, /*bias=*/true);
-        c.set_direct_conv(direct);
-        randomize_params(c, 40 + k + st + pd);
-        const int64_t ho = c.out_size(h), wo = c.out_size(w);
-        if (samples_per_group > 0)
-          c.set_column_bytes(samples_per_group * ci * k * k * std::max(ho * wo, h * w) *
-                             int64_t{sizeof(float)});
-        Tensor x({n, ci, h, w}), y, dx;
-        fill_normal(x, 41);
-        c.forward(x, y, true);
-        ASSERT_EQ(y.dim(2), ho);
-        ASSERT_EQ(y.dim(3), wo);
-        Tensor dy(y.shape());
-        fill_normal(dy, 42);
-        for (Param* p : c.params()) p->grad.zero();
-        c.backward(x, y, dy, &dx);
-        const float* wv = c.weight().value.data();
-        const float* bv = c.params()[1]->value.data();
-        std::vector<double> dw(static_cast<size_t>(co * ci * k * k), 0.0), db(co, 0.0),
-            dxr(static_cast<size_t>(x.numel()), 0.0);
-        for (int64_t b = 0; b < n; ++b)
+  const int64_t n = 5, ci = 3, co = 4;
+  // 7x6, and images smaller than the kernel (taps with no valid output row or column).
+  for (auto [h, w] : {std::pair<int64_t, int64_t>{7, 6}, {1, 1}, {2, 1}, {1, 3}})
+    for (auto [k, st, pd] : {std::tuple<int, int, int>{3, 1, 1},
+                             {3, 2, 1},
+                             {5, 1, 0},
+                             {1, 2, 0},
+                             {1, 1, 0},
+                             {3, 1, 2},
+                             {3, 2, 0},
+                             {1, 1, 1},
+                             {7, 2, 3}})           // the ImageNet stem (resnet18 above 64x64)
+      for (int64_t samples_per_group : {1, 2, 0})  // 0: the default budget (one group)
+        for (bool direct : {true, false}) {  // k3 s1 p1: the direct 3x3 kernels, or im2col + GEMM
+          SCOPED_TRACE(testing::Message()
+                       << h << "x" << w << " k=" << k << " s=" << st << " p=" << pd
+                       << " group=" << samples_per_group << " direct=" << direct);
+          if (h + 2 * pd < k || w + 2 * pd < k) continue;  // no output
+          Conv2d c("conv", ci, co, k, st, pd, /*bias=*/true);
+          c.set_direct_conv(direct);
+          randomize_params(c, 40 + k + st + pd);
+          const int64_t ho = c.out_size(h), wo = c.out_size(w);
+          if (samples_per_group > 0)
+            c.set_column_bytes(samples_per_group * ci * k * k * std::max(ho * wo, h * w) *
+                               int64_t{sizeof(float)});
+          Tensor x({n, ci, h, w}), y, dx;
+          fill_normal(x, 41);
+          c.forward(x, y, true);
+          ASSERT_EQ(y.dim(2), ho);
+          ASSERT_EQ(y.dim(3), wo);
+          Tensor dy(y.shape());
+          fill_normal(dy, 42);
+          for (Param* p : c.params()) p->grad.zero();
+          c.backward(x, y, dy, &dx);
+          const float* wv = c.weight().value.data();
+          const float* bv = c.params()[1]->value.data();
+          std::vector<double> dw(static_cast<size_t>(co * ci * k * k), 0.0), db(co, 0.0),
+              dxr(static_cast<size_t>(x.numel()), 0.0);
+          for (int64_t b = 0; b < n; ++b)
+            for (int64_t o = 0; o < co; ++o)
+              for (int64_t oy = 0; oy < ho; ++oy)
+                for (int64_t ox = 0; ox < wo; ++ox) {
+                  const int64_t yi = ((b * co + o) * ho + oy) * wo + ox;
+                  double acc = bv[o];
+                  db[o] += dy[yi];
+                  for (int64_t ch = 0; ch < ci; ++ch)
+                    for (int ky = 0; ky < k; ++ky)
+                      for (int kx = 0; kx < k; ++kx) {
+                        const int64_t iy = oy * st - pd + ky, ix = ox * st - pd + kx;
+                        if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
+                        const size_t wi = static_cast<size_t>(((o * ci + ch) * k + ky) * k + kx);
+                        const size_t xi = static_cast<size_t>(((b * ci + ch) * h + iy) * w + ix);
+                        acc += static_cast<double>(wv[wi]) * x[xi];
+                        dw[wi] += static_cast<double>(dy[yi]) * x[xi];
+                        dxr[xi] += static_cast<double>(dy[yi]) * wv[wi];
+                      }
+                  EXPECT_NEAR(y[yi], acc, kTol * (1 + std::fabs(acc))) << "y " << yi;
+                }
+          for (size_t i = 0; i < dw.size(); ++i)
+            EXPECT_NEAR(c.weight().grad[i], dw[i], kTol * (1 + std::fabs(dw[i]))) << "dW " << i;
           for (int64_t o = 0; o < co; ++o)
-            for (int64_t oy = 0; oy < ho; ++oy)
-              for (int64_t ox = 0; ox < wo; ++ox) {
-                const int64_t yi = ((b * co + o) * ho + oy) * wo + ox;
-                double acc = bv[o];
-                db[o] += dy[yi];
-                for (int64_t ch = 0; ch < ci; ++ch)
-                  for (int ky = 0; ky < k; ++ky)
-                    for (int kx = 0; kx < k; ++kx) {
-                      const int64_t iy = oy * st - pd + ky, ix = ox * st - pd + kx;
-                      if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
-                      const size_t wi = static_cast<size_t>(((o * ci + ch) * k + ky) * k + kx);
-                      const size_t xi = static_cast<size_t>(((b * ci + ch) * h + iy) * w + ix);
-                      acc += static_cast<double>(wv[wi]) * x[xi];
-                      dw[wi] += static_cast<double>(dy[yi]) * x[xi];
-                      dxr[xi] += static_cast<double>(dy[yi]) * wv[wi];
-                    }
-                EXPECT_NEAR(y[yi], acc, kTol * (1 + std::fabs(acc))) << "y " << yi;
-              }
-        for (size_t i = 0; i < dw.size(); ++i)
-          EXPECT_NEAR(c.weight().grad[i], dw[i], kTol * (1 + std::fabs(dw[i]))) << "dW " << i;
-        for (int64_t o = 0; o < co; ++o)
-          EXPECT_NEAR(c.params()[1]->grad[o], db[o], kTol * (1 + std::fabs(db[o]))) << "db " << o;
-        for (size_t i = 0; i < dxr.size(); ++i)
-          EXPECT_NEAR(dx[i], dxr[i], kTol * (1 + std::fabs(dxr[i]))) << "dx " << i;
-      }
+            EXPECT_NEAR(c.params()[1]->grad[o], db[o], kTol * (1 + std::fabs(db[o]))) << "db " << o;
+          for (size_t i = 0; i < dxr.size(); ++i)
+            EXPECT_NEAR(dx[i], dxr[i], kTol * (1 + std::fabs(dxr[i]))) << "dx " << i;
+        }
 }
 
 TEST(LayerGrad, BatchNorm2dAnd1d) {

@@ -64,7 +64,8 @@ void im2col_group(const T* images, int64_t s0, int64_t g, int64_t channels, int6
             std::fill(row + y1 * wo, row + hw, kZero);
             // row[y0*wo + j] = plane[base + j] for j in [0, len), reading only inside the plane.
             const int64_t base = (y0 - pad + ky) * w + kx - pad, len = (y1 - y0) * wo;
-            const int64_t jlo = std::max<int64_t>(0, -base);
+            // A tap with no valid output row (len 0, base < 0) writes nothing: jlo <= len.
+            const int64_t jlo = std::min(len, std::max<int64_t>(0, -base));
             const int64_t jhi = std::max(jlo, std::min(len, h * w - base));
             T* out = row + y0 * wo;
             std::fill(out, out + jlo, kZero);
