@@ -82,6 +82,40 @@ TEST(FakeQuant, ActQuantBackwardMatchesReference) {
     }
 }
 
+// act_quant_backward's du is its documented order bit for bit (the layers' training bits rest on
+// it, whichever ISA sums the lanes): element i's double(dxhat) * residual and double(dxhat * slope)
+// in lane i % 8 in element order, the lanes added as ((0+1)+(2+3))+((4+5)+(6+7)), the in-range
+// total divided by q. Lengths cover no full lane group, tails and several 256-element chunks.
+TEST(FakeQuant, ActQuantBackwardSumsInTheDocumentedLaneOrder) {
+  std::mt19937_64 rng(12);
+  std::uniform_real_distribution<float> d(-2.5f, 2.5f);
+  for (int64_t n : {1, 7, 8, 9, 255, 256, 257, 1003, 4096}) {
+    std::vector<float> x(n), dxhat(n), dx(n);
+    for (int64_t i = 0; i < n; ++i) x[i] = d(rng), dxhat[i] = d(rng);
+    for (bool is_signed : {false, true})
+      for (int bits : {2, 4, 8}) {
+        const float q = static_cast<float>(act_qmax(bits, is_signed));
+        const float ue = effective_quant_step(1.3f);
+        double in[8] = {}, out[8] = {};
+        for (int64_t i = 0; i < n; ++i) {
+          const float v = x[i] / ue;
+          const bool inside = v >= (is_signed ? -1.0f : 0.0f) && v <= 1.0f;
+          const float resid = std::rint(v * q) - v * q;
+          const float slope = inside ? 0.0f : (v > 1.0f ? 1.0f : (is_signed ? -1.0f : 0.0f));
+          in[i % 8] += static_cast<double>(dxhat[i]) * (inside ? resid : 0.0f);
+          out[i % 8] += static_cast<double>(dxhat[i] * slope);
+        }
+        auto total = [](const double* v) {
+          return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+        };
+        const double expect = total(in) / q + total(out);
+        const double du =
+            act_quant_backward(x.data(), n, 1.3f, bits, is_signed, dxhat.data(), dx.data());
+        EXPECT_EQ(du, expect) << "n " << n << " bits " << bits << " signed " << is_signed;
+      }
+  }
+}
+
 // The byte quantizers the layers use write the integers of the float definitions, for every
 // bit-width and both activation grids: random values across and beyond the clip range, the exact
 // half-way points between codes (round half to even), the clip bounds, +-0 and +-inf. A NaN gets

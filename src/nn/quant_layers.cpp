@@ -238,14 +238,55 @@ double act_quant_backward_ref(const float* x, int64_t n, float u, int bits, bool
   return du;
 }
 
+namespace {
+
+constexpr int kDuLanes = 8;
+
+// The du lane sums over m8 elements (a multiple of 8): lane l accumulates, in element order,
+// double(g) * r_in (exact product of two floats) into in[l] and double(g * r_out) (exact: r_out is
+// 0 or +-1) into out[l] for the elements 8i + l.
+void du_lanes_plain(const float* g, const float* r_in, const float* r_out, int64_t m8, double* in,
+                    double* out) {
+  for (int64_t j = 0; j < m8; j += kDuLanes)
+    for (int l = 0; l < kDuLanes; ++l) {
+      in[l] += static_cast<double>(g[j + l]) * r_in[j + l];
+      out[l] += static_cast<double>(g[j + l] * r_out[j + l]);
+    }
+}
+
+// The same sums with the lanes in registers (the plain loop's lane arrays stay in memory, one
+// store-to-load round trip per add): the same products and adds per lane, so the same bits.
+__attribute__((target("avx2"))) void du_lanes_avx2(const float* g, const float* r_in,
+                                                   const float* r_out, int64_t m8, double* in,
+                                                   double* out) {
+  __m256d in0 = _mm256_loadu_pd(in), in1 = _mm256_loadu_pd(in + 4);
+  __m256d out0 = _mm256_loadu_pd(out), out1 = _mm256_loadu_pd(out + 4);
+  for (int64_t j = 0; j < m8; j += kDuLanes) {
+    const __m256 gv = _mm256_loadu_ps(g + j), ri = _mm256_loadu_ps(r_in + j);
+    const __m256 go = _mm256_mul_ps(gv, _mm256_loadu_ps(r_out + j));
+    const __m256d glo = _mm256_cvtps_pd(_mm256_castps256_ps128(gv));
+    const __m256d ghi = _mm256_cvtps_pd(_mm256_extractf128_ps(gv, 1));
+    in0 = _mm256_add_pd(in0, _mm256_mul_pd(glo, _mm256_cvtps_pd(_mm256_castps256_ps128(ri))));
+    in1 = _mm256_add_pd(in1, _mm256_mul_pd(ghi, _mm256_cvtps_pd(_mm256_extractf128_ps(ri, 1))));
+    out0 = _mm256_add_pd(out0, _mm256_cvtps_pd(_mm256_castps256_ps128(go)));
+    out1 = _mm256_add_pd(out1, _mm256_cvtps_pd(_mm256_extractf128_ps(go, 1)));
+  }
+  _mm256_storeu_pd(in, in0);
+  _mm256_storeu_pd(in + 4, in1);
+  _mm256_storeu_pd(out, out0);
+  _mm256_storeu_pd(out + 4, out1);
+}
+
+}  // namespace
+
 // As act_quant_backward_ref, restructured so that it vectorises: per chunk, a float pass computes
 // dx and each element's rounding residual r_in (in range) or clip slope r_out (+1 above, -1 below
-// on the signed grid, 0 in range); then du is summed in kDuLanes double lanes (fixed order, so
-// deterministic) and divided by q once, instead of one latency-bound chain with a division per
-// element.
+// on the signed grid, 0 in range); then du is summed in kDuLanes double lanes (element i in lane
+// i % 8, in element order; a fixed order, so deterministic) and divided by q once, instead of one
+// latency-bound chain with a division per element.
 double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_signed,
                           const float* dxhat, float* dx) {
-  constexpr int kDuLanes = 8;
+  static const bool avx2 = __builtin_cpu_supports("avx2");
   constexpr int64_t kChunk = 256;
   const float q = static_cast<float>(act_qmax(bits, is_signed));
   const float lo = is_signed ? -1.0f : 0.0f;
@@ -266,13 +307,9 @@ double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_
       r_in[j] = inside ? resid : 0.0f;
       r_out[j] = inside ? 0.0f : (v > 1.0f ? 1.0f : below);
     }
-    int64_t j = 0;
-    for (; j + kDuLanes <= m; j += kDuLanes)
-      for (int l = 0; l < kDuLanes; ++l) {
-        in_lanes[l] += static_cast<double>(gc[j + l]) * r_in[j + l];
-        out_lanes[l] += static_cast<double>(gc[j + l] * r_out[j + l]);
-      }
-    for (int l = 0; j < m; ++j, ++l) {
+    const int64_t m8 = m / kDuLanes * kDuLanes;
+    (avx2 ? du_lanes_avx2 : du_lanes_plain)(gc, r_in, r_out, m8, in_lanes, out_lanes);
+    for (int64_t j = m8, l = 0; j < m; ++j, ++l) {  // only the last chunk has a tail
       in_lanes[l] += static_cast<double>(gc[j]) * r_in[j];
       out_lanes[l] += static_cast<double>(gc[j] * r_out[j]);
     }
