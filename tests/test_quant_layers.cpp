@@ -92,6 +92,15 @@ TEST(FakeQuant, ActQuantBackwardSumsInTheDocumentedLaneOrder) {
   for (int64_t n : {1, 7, 8, 9, 255, 256, 257, 1003, 4096}) {
     std::vector<float> x(n), dxhat(n), dx(n);
     for (int64_t i = 0; i < n; ++i) x[i] = d(rng), dxhat[i] = d(rng);
+    // Exact clip bounds, -0, +-inf and a NaN (outside the range: dx 0, the slope below).
+    const float specials[] = {1.3f,
+                              -1.3f,
+                              0.0f,
+                              -0.0f,
+                              std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity(),
+                              std::nanf("")};
+    for (int64_t i = 0; i < n && i < 7; ++i) x[static_cast<size_t>(i * 3 % n)] = specials[i];
     for (bool is_signed : {false, true})
       for (int bits : {2, 4, 8}) {
         const float q = static_cast<float>(act_qmax(bits, is_signed));
@@ -112,6 +121,11 @@ TEST(FakeQuant, ActQuantBackwardSumsInTheDocumentedLaneOrder) {
         const double du =
             act_quant_backward(x.data(), n, 1.3f, bits, is_signed, dxhat.data(), dx.data());
         EXPECT_EQ(du, expect) << "n " << n << " bits " << bits << " signed " << is_signed;
+        for (int64_t i = 0; i < n; ++i) {
+          const float v = x[i] / ue;
+          const float want = v >= (is_signed ? -1.0f : 0.0f) && v <= 1.0f ? dxhat[i] : 0.0f;
+          ASSERT_EQ(std::memcmp(&dx[i], &want, sizeof(float)), 0) << "dx " << i << " n " << n;
+        }
       }
   }
 }

@@ -242,6 +242,42 @@ namespace {
 
 constexpr int kDuLanes = 8;
 
+// Per element: dx, the rounding residual r_in (in range) and the clip slope r_out (+1 above, below
+// under the range, 0 in range). The plain loop does not vectorise (std::rint under the default
+// trapping-math rules); the AVX2 one does the same operations on 8 lanes (_mm256_round_ps rounds
+// to nearest even as std::rint does; the ordered compares leave a NaN outside the range as the
+// scalar compares do; the masks give +0.0 where the scalar code writes 0.0f).
+void du_terms_plain(const float* x, const float* g, int64_t m, float ue, float lo, float q,
+                    float below, float* dx, float* r_in, float* r_out) {
+  for (int64_t j = 0; j < m; ++j) {
+    const float v = x[j] / ue;
+    const bool inside = (v >= lo) & (v <= 1.0f);
+    const float resid = std::rint(v * q) - v * q;
+    dx[j] = inside ? g[j] : 0.0f;
+    r_in[j] = inside ? resid : 0.0f;
+    r_out[j] = inside ? 0.0f : (v > 1.0f ? 1.0f : below);
+  }
+}
+
+__attribute__((target("avx2"))) void du_terms_avx2(const float* x, const float* g, int64_t m8,
+                                                   float ue, float lo, float q, float below,
+                                                   float* dx, float* r_in, float* r_out) {
+  const __m256 vue = _mm256_set1_ps(ue), vlo = _mm256_set1_ps(lo), vq = _mm256_set1_ps(q);
+  const __m256 one = _mm256_set1_ps(1.0f), vbelow = _mm256_set1_ps(below);
+  for (int64_t j = 0; j < m8; j += kDuLanes) {
+    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + j), vue);
+    const __m256 inside =
+        _mm256_and_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ), _mm256_cmp_ps(v, one, _CMP_LE_OQ));
+    const __m256 vq_ = _mm256_mul_ps(v, vq);
+    const __m256 resid =
+        _mm256_sub_ps(_mm256_round_ps(vq_, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vq_);
+    const __m256 slope = _mm256_blendv_ps(vbelow, one, _mm256_cmp_ps(v, one, _CMP_GT_OQ));
+    _mm256_storeu_ps(dx + j, _mm256_and_ps(inside, _mm256_loadu_ps(g + j)));
+    _mm256_storeu_ps(r_in + j, _mm256_and_ps(inside, resid));
+    _mm256_storeu_ps(r_out + j, _mm256_andnot_ps(inside, slope));
+  }
+}
+
 // The du lane sums over m8 elements (a multiple of 8): lane l accumulates, in element order,
 // double(g) * r_in (exact product of two floats) into in[l] and double(g * r_out) (exact: r_out is
 // 0 or +-1) into out[l] for the elements 8i + l.
@@ -296,19 +332,18 @@ double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_
   float r_in[kChunk], r_out[kChunk];
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t m = std::min(kChunk, n - c0);
-    const float* __restrict xc = x + c0;
-    const float* __restrict gc = dxhat + c0;
-    float* __restrict dc = dx + c0;
-    for (int64_t j = 0; j < m; ++j) {
-      const float v = xc[j] / ue;
-      const bool inside = (v >= lo) & (v <= 1.0f);
-      const float resid = std::rint(v * q) - v * q;
-      dc[j] = inside ? gc[j] : 0.0f;
-      r_in[j] = inside ? resid : 0.0f;
-      r_out[j] = inside ? 0.0f : (v > 1.0f ? 1.0f : below);
-    }
+    const float* xc = x + c0;
+    const float* gc = dxhat + c0;
+    float* dc = dx + c0;
     const int64_t m8 = m / kDuLanes * kDuLanes;
-    (avx2 ? du_lanes_avx2 : du_lanes_plain)(gc, r_in, r_out, m8, in_lanes, out_lanes);
+    if (avx2) {
+      du_terms_avx2(xc, gc, m8, ue, lo, q, below, dc, r_in, r_out);
+      du_lanes_avx2(gc, r_in, r_out, m8, in_lanes, out_lanes);
+    } else {
+      du_terms_plain(xc, gc, m8, ue, lo, q, below, dc, r_in, r_out);
+      du_lanes_plain(gc, r_in, r_out, m8, in_lanes, out_lanes);
+    }
+    du_terms_plain(xc + m8, gc + m8, m - m8, ue, lo, q, below, dc + m8, r_in + m8, r_out + m8);
     for (int64_t j = m8, l = 0; j < m; ++j, ++l) {  // only the last chunk has a tail
       in_lanes[l] += static_cast<double>(gc[j]) * r_in[j];
       out_lanes[l] += static_cast<double>(gc[j] * r_out[j]);
