@@ -121,10 +121,9 @@ BnIsa bn_resolve(BnIsa isa) {
   if (isa == BnIsa::kAuto) {
     // INT4DDP_ISA=portable (the codec's override, parsed once by the codec) rules AVX2 out here
     // too, so one variable turns every vector kernel off.
-    static const BnIsa best =
-        quant::current_isa() != quant::Isa::kPortable && bn_isa_available(BnIsa::kAvx2)
-            ? BnIsa::kAvx2
-            : BnIsa::kPortable;
+    static const BnIsa best = quant::isa_allows(quant::Isa::kAvx2) && bn_isa_available(BnIsa::kAvx2)
+                                  ? BnIsa::kAvx2
+                                  : BnIsa::kPortable;
     return best;
   }
   INT4DDP_CHECK(bn_isa_available(isa), "batchnorm: instruction set ", bn_isa_name(isa),

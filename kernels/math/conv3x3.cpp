@@ -80,12 +80,11 @@ namespace {
 // The codec's instruction set (INT4DDP_ISA, parsed once by the codec) caps the one chosen here:
 // avx2 rules AVX-512 out, portable both vector paths.
 bool codec_allows(Conv3x3Isa isa) {
-  const quant::Isa codec = quant::current_isa();
   switch (isa) {
     case Conv3x3Isa::kAvx512:
-      return codec == quant::Isa::kAvx512;
+      return quant::isa_allows(quant::Isa::kAvx512);
     case Conv3x3Isa::kAvx2:
-      return codec == quant::Isa::kAvx512 || codec == quant::Isa::kAvx2;
+      return quant::isa_allows(quant::Isa::kAvx2);
     default:
       return true;
   }

@@ -110,6 +110,8 @@ Isa current_isa() {
   return static_cast<Isa>(v);
 }
 
+bool isa_allows(Isa isa) { return static_cast<int>(current_isa()) >= static_cast<int>(isa); }
+
 QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParams& p,
                         uint8_t* codes, float* scales) {
   validate(p);

@@ -113,6 +113,10 @@ Isa best_isa();               // what quantize()/dequantize() use unless overrid
 // Also settable with the environment variable INT4DDP_ISA=portable|avx2|avx512.
 void set_isa(Isa isa);
 Isa current_isa();
+// True when current_isa() (this CPU, this build, INT4DDP_ISA) is `isa` or wider. The other vector
+// kernels (conv3x3, BatchNorm, the activation quantizers) ask this, so one variable
+// (INT4DDP_ISA=portable) turns every one of them off.
+bool isa_allows(Isa isa);
 
 // The same fast path with an explicit ISA (thread-safe; used by tests to compare every ISA).
 QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParams& p,

@@ -199,7 +199,7 @@ __attribute__((target("avx2"))) int64_t act_codes_avx2(const float* x, int64_t n
 
 template <typename T>
 int64_t act_codes_bytes(const float* x, int64_t n, float u, int bits, bool is_signed, T* codes) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
+  static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
   const float q = static_cast<float>(act_qmax(bits, is_signed));
   const float lo = is_signed ? -1.0f : 0.0f;
   const float ue = effective_step(u);
@@ -322,7 +322,7 @@ __attribute__((target("avx2"))) void du_lanes_avx2(const float* g, const float* 
 // latency-bound chain with a division per element.
 double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_signed,
                           const float* dxhat, float* dx) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
+  static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
   constexpr int64_t kChunk = 256;
   const float q = static_cast<float>(act_qmax(bits, is_signed));
   const float lo = is_signed ? -1.0f : 0.0f;
