@@ -234,6 +234,18 @@ INSTANTIATE_TEST_SUITE_P(Paths, CudaIntGemmPaths,
 // Operands that enter cuBLASLt in place (TN form, K, ld and n aligned) at an address aligned to
 // 16 bytes only: the contract's minimum, below the 256 bytes cuBLASLt's heuristic assumes unless
 // told otherwise.
+// cuBLASLt's heuristic answers that mean "no algorithm" (kAuto falls back) and those that are
+// errors. A result whose state is not success has no valid algorithm to call. Needs no GPU.
+TEST(CudaIntGemm, HeuristicRefusals) {
+  EXPECT_TRUE(lt_refused(CUBLAS_STATUS_NOT_SUPPORTED, 0, CUBLAS_STATUS_SUCCESS));
+  EXPECT_TRUE(lt_refused(CUBLAS_STATUS_SUCCESS, 0, CUBLAS_STATUS_SUCCESS));
+  EXPECT_TRUE(lt_refused(CUBLAS_STATUS_SUCCESS, 1, CUBLAS_STATUS_NOT_SUPPORTED));
+  EXPECT_TRUE(lt_refused(CUBLAS_STATUS_SUCCESS, 1, CUBLAS_STATUS_INVALID_VALUE));
+  EXPECT_FALSE(lt_refused(CUBLAS_STATUS_SUCCESS, 1, CUBLAS_STATUS_SUCCESS));
+  EXPECT_FALSE(lt_refused(CUBLAS_STATUS_INVALID_VALUE, 0, CUBLAS_STATUS_SUCCESS));
+  EXPECT_FALSE(lt_refused(CUBLAS_STATUS_EXECUTION_FAILED, 1, CUBLAS_STATUS_SUCCESS));
+}
+
 TEST(CudaIntGemm, InPlaceOperandsAlignedTo16Bytes) {
   REQUIRE_GPU();
   GemmContext ctx;

@@ -329,6 +329,16 @@ struct LtOperand {
 
 bool offset_needed(const IntOperand& x) { return x.type == CodeType::kU8 && x.qmax > 127; }
 
+}  // namespace
+
+bool lt_refused(cublasStatus_t heuristic_status, int found, cublasStatus_t algo_state) {
+  if (heuristic_status == CUBLAS_STATUS_NOT_SUPPORTED) return true;
+  return heuristic_status == CUBLAS_STATUS_SUCCESS &&
+         (found <= 0 || algo_state != CUBLAS_STATUS_SUCCESS);
+}
+
+namespace {
+
 // The largest power of two up to 256 dividing p's address. cuBLASLt's heuristic assumes 256-byte
 // aligned buffers unless CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES says less, and an operand used
 // in place need only be 16-byte aligned.
@@ -403,8 +413,7 @@ bool lt_gemm(GemmContext::Impl& s, int64_t m, int64_t n, int64_t k, const IntOpe
   int found = 0;
   const cublasStatus_t hs =
       cublasLtMatmulAlgoGetHeuristic(s.lt, d.op, d.la, d.lb, d.lc, d.lc, d.pref, 1, &heur, &found);
-  if (hs == CUBLAS_STATUS_NOT_SUPPORTED || (hs == CUBLAS_STATUS_SUCCESS && found == 0))
-    return false;
+  if (lt_refused(hs, found, heur.state)) return false;
   INT4DDP_CUBLAS_CHECK(hs);
 
   char* ws_base = s.reserve(std::max<size_t>(off, 1), stream);
@@ -446,8 +455,13 @@ bool lt_gemm(GemmContext::Impl& s, int64_t m, int64_t n, int64_t k, const IntOpe
     row_corr = corr;
   }
   const int32_t one = 1, zero = 0;
-  INT4DDP_CUBLAS_CHECK(cublasLtMatmul(s.lt, d.op, &one, b_ptr, d.la, a_ptr, d.lb, &zero, sums, d.lc,
-                                      sums, d.lc, &heur.algo, s.lt_ws, kLtWorkspaceBytes, stream));
+  // An algorithm the heuristic offered can still be refused at the call (NOT_SUPPORTED, nothing
+  // enqueued): the caller falls back as for no algorithm (the packs above only wrote scratch).
+  const cublasStatus_t ms =
+      cublasLtMatmul(s.lt, d.op, &one, b_ptr, d.la, a_ptr, d.lb, &zero, sums, d.lc, sums, d.lc,
+                     &heur.algo, s.lt_ws, kLtWorkspaceBytes, stream);
+  if (ms == CUBLAS_STATUS_NOT_SUPPORTED) return false;
+  INT4DDP_CUBLAS_CHECK(ms);
   EpilogueArgs e{sums, np, row_corr, col_corr, m, n, scale, accumulate, c, ldc};
   if (c32)
     epilogue_kernel<false><<<blocks_for(m * n, 256), 256, 0, stream>>>(e);

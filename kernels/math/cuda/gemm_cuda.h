@@ -40,6 +40,7 @@
 // int4ddp::Error before anything is enqueued; a failed CUDA or cuBLAS call throws Error naming it.
 #pragma once
 
+#include <cublas_api.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -69,6 +70,13 @@ enum class IntGemmPath : uint8_t {
 
 // Largest K for which int_gemm accepts codes bounded by qmax_a and qmax_b (the int32 guard).
 int64_t int32_max_k(int qmax_a, int qmax_b);
+
+// Whether cuBLASLt's heuristic answer (its status, the count of results and the first result's
+// state) means "no IMMA algorithm for this problem", which kAuto answers with the fallback kernel:
+// NOT_SUPPORTED, or success with no result or with a result whose state is not success (its
+// other fields are then invalid). Any other status is an error. A cublasLtMatmul call answering
+// NOT_SUPPORTED is a refusal as well.
+bool lt_refused(cublasStatus_t heuristic_status, int found, cublasStatus_t algo_state);
 
 class GemmContext {
  public:
