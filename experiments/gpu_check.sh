@@ -187,11 +187,12 @@ fi
 
 # ---- 2. tests ----------------------------------------------------------------------------------
 # Suites that run once below, not here: Gpu* and CudaQuant* (test_cuda_layers,
-# test_cuda_quant_layers, step 3) and test_cuda_math's (gpu_math_check.sh, step 4).
+# test_cuda_quant_layers, step 3) and test_cuda_math's (gpu_math_check.sh, step 4), parameterized
+# ones included (ctest names them PREFIX/Suite.Test/param, e.g. Paths/CudaIntGemmPaths...).
 log "ctest -L cuda (codec, two-shot, buckets)"
 if budget 240 "ctest -L cuda" $KERNEL_RESERVE; then
   ( cd "$BUILD" && timeout "$T" ctest -L cuda --output-on-failure -j4 -E \
-    '^(Gpu[A-Za-z]*|CudaQuant[A-Za-z]*|CudaBatchNorm|CudaConvColumns|CudaDeterminism|CudaIntGemm[A-Za-z]*|CudaLayers|CudaOptim|CudaSgemm)\.' ) \
+    '^([A-Za-z]+/)?(Gpu[A-Za-z]*|CudaQuant[A-Za-z]*|CudaBatchNorm|CudaConvColumns|CudaDeterminism|CudaIntGemm[A-Za-z]*|CudaLayers|CudaOptim|CudaSgemm)\.' ) \
     > "$OUT/ctest_cuda.log" 2>&1 || fail "ctest -L cuda (see ctest_cuda.log)"
   grep -E 'tests passed|tests failed|\(Failed\)|Not Run|Skipped|Timeout' "$OUT/ctest_cuda.log" | head -20
   grep -qE '^No tests were found|[*]+Skipped|Not Run' "$OUT/ctest_cuda.log" \

@@ -246,6 +246,93 @@ TEST(CudaIntGemm, HeuristicRefusals) {
   EXPECT_FALSE(lt_refused(CUBLAS_STATUS_EXECUTION_FAILED, 1, CUBLAS_STATUS_SUCCESS));
 }
 
+// The cuBLASLt call int_gemm plans meets IMMA's "TN" rules for every shape, transpose, code type,
+// row stride and operand alignment (multiples of 4 for m, k and the leading dimensions, K
+// contiguous), uses an operand in place only where its layout is already that form, and lays the
+// scratch out in disjoint 256-byte-aligned parts. Host planning only: needs no GPU.
+TEST(CudaIntGemm, LtPlanMeetsImmaRules) {
+  int64_t cases = 0, in_place = 0;
+  const int64_t sizes[] = {1, 3, 4, 16, 17, 64, 100, 576};
+  for (int64_t m : sizes)
+    for (int64_t n : sizes)
+      for (int64_t k : sizes)
+        for (Trans ta : {Trans::kNo, Trans::kYes})
+          for (Trans tb : {Trans::kNo, Trans::kYes})
+            for (int variant = 0; variant < 4; ++variant) {
+              const int64_t pad = variant % 2 ? 16 : 0;
+              const uintptr_t base = variant < 2 ? 0x100000 : 0x100008;  // 16- or 8-aligned
+              const bool a_u8 = variant == 1, b_u8 = variant == 3;
+              const IntOperand a{reinterpret_cast<const void*>(base),
+                                 (ta == Trans::kNo ? k : m) + pad, ta,
+                                 a_u8 ? CodeType::kU8 : CodeType::kS8, a_u8 ? 255 : 127};
+              const IntOperand b{reinterpret_cast<const void*>(base + 0x10000),
+                                 (tb == Trans::kNo ? n : k) + pad, tb,
+                                 b_u8 ? CodeType::kU8 : CodeType::kS8, b_u8 ? 200 : 7};
+              const LtPlan p = plan_lt(m, n, k, a, b);
+              const std::string what = "m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                                       " k=" + std::to_string(k) + " variant " +
+                                       std::to_string(variant) + " ta=" + std::to_string(int(ta)) +
+                                       " tb=" + std::to_string(int(tb));
+              ++cases;
+              // Padding: K to 16, N to 4, never a whole step more.
+              ASSERT_TRUE(p.kp % 16 == 0 && p.kp >= k && p.kp < k + 16) << what;
+              ASSERT_TRUE(p.np % 4 == 0 && p.np >= n && p.np < n + 4) << what;
+              // IMMA: cuBLASLt's m (np) and k (kp) multiples of 4, leading dimensions multiples of
+              // 4 and at least the K rows they hold.
+              EXPECT_TRUE(p.ld_a % 4 == 0 && p.ld_a >= p.kp) << what;
+              EXPECT_TRUE(p.ld_b % 4 == 0 && p.ld_b >= p.kp) << what;
+              EXPECT_EQ(p.a_offset, a_u8) << what;
+              EXPECT_EQ(p.b_offset, b_u8) << what;
+              // In place only as K-contiguous int8 codes at 16 bytes, K needing no padding (and
+              // B's rows no padding either).
+              if (p.a_direct) {
+                EXPECT_TRUE(ta == Trans::kNo && !a_u8 && k == p.kp && base % 16 == 0) << what;
+                EXPECT_EQ(p.ld_a, a.ld) << what;
+              } else {
+                EXPECT_EQ(p.ld_a, p.kp) << what;
+              }
+              if (p.b_direct) {
+                EXPECT_TRUE(tb == Trans::kYes && !b_u8 && k == p.kp && n == p.np && base % 16 == 0)
+                    << what;
+                EXPECT_EQ(p.ld_b, b.ld) << what;
+              } else {
+                EXPECT_EQ(p.ld_b, p.kp) << what;
+              }
+              in_place += p.a_direct && p.b_direct;
+              // Scratch: disjoint parts on 256 bytes, inside scratch_bytes.
+              struct Part {
+                size_t at, bytes;
+              };
+              std::vector<Part> parts;
+              if (!p.a_direct) parts.push_back({p.a_at, static_cast<size_t>(m * p.kp)});
+              if (!p.b_direct) parts.push_back({p.b_at, static_cast<size_t>(p.np * p.kp)});
+              parts.push_back({p.sums_at, static_cast<size_t>(m * p.np) * 4});
+              const int64_t corr = a_u8 ? p.np : (b_u8 ? m : 0);
+              if (corr > 0) parts.push_back({p.corr_at, static_cast<size_t>(corr) * 4});
+              for (size_t i = 0; i < parts.size(); ++i) {
+                EXPECT_EQ(parts[i].at % 256, 0u) << what;
+                EXPECT_LE(parts[i].at + parts[i].bytes, p.scratch_bytes) << what;
+                for (size_t j = 0; j < i; ++j)
+                  EXPECT_TRUE(parts[i].at >= parts[j].at + parts[j].bytes ||
+                              parts[j].at >= parts[i].at + parts[i].bytes)
+                      << what << ": scratch parts " << j << " and " << i << " overlap";
+              }
+              EXPECT_TRUE(p.fits_pack_grid) << what;
+              if (HasFailure()) return;
+            }
+  EXPECT_GT(in_place, 0) << "no case used both operands in place (the TN fast path)";
+  // The layers' native form: A (m, k) and B stored (n, k), aligned: both in place.
+  const LtPlan tn = plan_lt(64, 32, 576, {reinterpret_cast<const void*>(0x1000), 576},
+                            {reinterpret_cast<const void*>(0x2000), 576, Trans::kYes});
+  EXPECT_TRUE(tn.a_direct && tn.b_direct);
+  // K beyond the pack grid (65535 tiles of 64): refused, for the fallback kernel.
+  const int64_t huge_k = int64_t{65536} * 64;
+  EXPECT_FALSE(plan_lt(4, 4, huge_k, {reinterpret_cast<const void*>(0x1000), huge_k, Trans::kYes},
+                       {reinterpret_cast<const void*>(0x1000), 4})
+                   .fits_pack_grid);
+  EXPECT_GT(cases, 0);
+}
+
 TEST(CudaIntGemm, InPlaceOperandsAlignedTo16Bytes) {
   REQUIRE_GPU();
   GemmContext ctx;

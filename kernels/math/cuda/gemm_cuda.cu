@@ -357,30 +357,49 @@ bool usable_in_place(const IntOperand& x, Trans want, int64_t k, int64_t rows_mu
          rows % rows_multiple_of == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
 }
 
-// C (float, or int32 when c32) through cuBLASLt. Returns false (nothing enqueued) when cuBLASLt
-// finds no algorithm for the problem.
-bool lt_gemm(GemmContext::Impl& s, int64_t m, int64_t n, int64_t k, const IntOperand& a,
-             const IntOperand& b, float scale, bool accumulate, void* c, bool c32, int64_t ldc,
-             cudaStream_t stream) {
-  const int64_t kp = round_up(k, kPackK), np = round_up(n, kPackN);
+}  // namespace
+
+LtPlan plan_lt(int64_t m, int64_t n, int64_t k, const IntOperand& a, const IntOperand& b) {
+  LtPlan p;
+  p.kp = round_up(k, kPackK);
+  p.np = round_up(n, kPackN);
   // A as (m, kp) with K contiguous: stored A when ta = kNo. B as (np, kp): stored B when tb = kYes.
-  const bool a_direct = usable_in_place(a, Trans::kNo, k, 1, m);
-  const bool b_direct = usable_in_place(b, Trans::kYes, k, kPackN, n);
-  const bool a_off = offset_needed(a), b_off = offset_needed(b);
-  // Workspace: packed A, packed B, int32 sums (m, np), corrections.
+  p.a_direct = usable_in_place(a, Trans::kNo, k, 1, m);
+  p.b_direct = usable_in_place(b, Trans::kYes, k, kPackN, n);
+  p.a_offset = offset_needed(a);
+  p.b_offset = offset_needed(b);
+  p.ld_a = p.a_direct ? a.ld : p.kp;
+  p.ld_b = p.b_direct ? b.ld : p.kp;
+  // Scratch: packed A, packed B, int32 sums (m, np), the offset operand's corrections; each part
+  // starts on kAlign bytes.
   size_t off = 0;
   auto take = [&](size_t bytes) {
     const size_t at = off;
     off = static_cast<size_t>(round_up(static_cast<int64_t>(off + bytes), kAlign));
     return at;
   };
-  const size_t a_at = a_direct ? 0 : take(static_cast<size_t>(m * kp));
-  const size_t b_at = b_direct ? 0 : take(static_cast<size_t>(np * kp));
-  const size_t sums_at = take(static_cast<size_t>(m * np) * sizeof(int32_t));
-  const size_t corr_at = take(static_cast<size_t>(a_off ? np : (b_off ? m : 0)) * sizeof(int32_t));
+  p.a_at = p.a_direct ? 0 : take(static_cast<size_t>(m * p.kp));
+  p.b_at = p.b_direct ? 0 : take(static_cast<size_t>(p.np * p.kp));
+  p.sums_at = take(static_cast<size_t>(m * p.np) * sizeof(int32_t));
+  p.corr_at = take(static_cast<size_t>(p.a_offset ? p.np : (p.b_offset ? m : 0)) * sizeof(int32_t));
+  p.scratch_bytes = std::max<size_t>(off, 1);
   // The pack grid's y dimension (K tiles) is limited to 65535.
-  if ((kp + kTile - 1) / kTile > 65535) return false;
-  const int64_t ld_a = a_direct ? a.ld : kp, ld_b = b_direct ? b.ld : kp;
+  p.fits_pack_grid = (p.kp + kTile - 1) / kTile <= 65535;
+  return p;
+}
+
+namespace {
+
+// C (float, or int32 when c32) through cuBLASLt. Returns false (nothing enqueued) when cuBLASLt
+// finds no algorithm for the problem.
+bool lt_gemm(GemmContext::Impl& s, int64_t m, int64_t n, int64_t k, const IntOperand& a,
+             const IntOperand& b, float scale, bool accumulate, void* c, bool c32, int64_t ldc,
+             cudaStream_t stream) {
+  const LtPlan pl = plan_lt(m, n, k, a, b);
+  if (!pl.fits_pack_grid) return false;
+  const int64_t kp = pl.kp, np = pl.np, ld_a = pl.ld_a, ld_b = pl.ld_b;
+  const bool a_direct = pl.a_direct, b_direct = pl.b_direct;
+  const bool a_off = pl.a_offset, b_off = pl.b_offset;
 
   LtDescs d;
   INT4DDP_CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32I, CUDA_R_32I));
@@ -416,11 +435,11 @@ bool lt_gemm(GemmContext::Impl& s, int64_t m, int64_t n, int64_t k, const IntOpe
   if (lt_refused(hs, found, heur.state)) return false;
   INT4DDP_CUBLAS_CHECK(hs);
 
-  char* ws_base = s.reserve(std::max<size_t>(off, 1), stream);
-  int8_t* a_pack = reinterpret_cast<int8_t*>(ws_base + a_at);
-  int8_t* b_pack = reinterpret_cast<int8_t*>(ws_base + b_at);
-  int32_t* sums = reinterpret_cast<int32_t*>(ws_base + sums_at);
-  int32_t* corr = reinterpret_cast<int32_t*>(ws_base + corr_at);
+  char* ws_base = s.reserve(pl.scratch_bytes, stream);
+  int8_t* a_pack = reinterpret_cast<int8_t*>(ws_base + pl.a_at);
+  int8_t* b_pack = reinterpret_cast<int8_t*>(ws_base + pl.b_at);
+  int32_t* sums = reinterpret_cast<int32_t*>(ws_base + pl.sums_at);
+  int32_t* corr = reinterpret_cast<int32_t*>(ws_base + pl.corr_at);
   auto pack = [&](const IntOperand& x, Trans k_contiguous, int64_t rows, int64_t rows_pad,
                   bool offset, int8_t* dst) {
     const dim3 grid(static_cast<unsigned>((rows_pad + kTile - 1) / kTile),

@@ -71,6 +71,23 @@ enum class IntGemmPath : uint8_t {
 // Largest K for which int_gemm accepts codes bounded by qmax_a and qmax_b (the int32 guard).
 int64_t int32_max_k(int qmax_a, int qmax_b);
 
+// How int_gemm lays out its cuBLASLt IMMA call for C (m, n) = op(A) op(B) (host planning only;
+// exposed for tests). cuBLASLt sees the column-major "TN" problem D (np, m) = A'^T B' with
+// A' = our B as a column-major (kp, np) matrix of leading dimension ld_b, B' = our A as (kp, m)
+// of leading dimension ld_a, D the int32 sums (ld np): IMMA's rules want np, kp and every leading
+// dimension multiples of 4, and K contiguous in both operands.
+struct LtPlan {
+  int64_t kp = 0, np = 0;                   // K padded to a multiple of 16, N to a multiple of 4
+  bool a_direct = false, b_direct = false;  // the operand used in place (else packed)
+  bool a_offset = false, b_offset = false;  // packed as code - 128 (uint8 codes above 127)
+  int64_t ld_a = 0, ld_b = 0;               // leading dimensions of B' and A' (see above)
+  // Scratch offsets (bytes) of packed A, packed B, the sums and the offset corrections, and its
+  // size; each part starts on 256 bytes.
+  size_t a_at = 0, b_at = 0, sums_at = 0, corr_at = 0, scratch_bytes = 0;
+  bool fits_pack_grid = true;  // the pack kernels' K tiles fit a grid's y dimension
+};
+LtPlan plan_lt(int64_t m, int64_t n, int64_t k, const IntOperand& a, const IntOperand& b);
+
 // Whether cuBLASLt's heuristic answer (its status, the count of results and the first result's
 // state) means "no IMMA algorithm for this problem", which kAuto answers with the fallback kernel:
 // NOT_SUPPORTED, or success with no result or with a result whose state is not success (its
