@@ -40,67 +40,32 @@ void check_count(int64_t count, const char* what) {
 
 // ---- im2col / col2im ----------------------------------------------------------------------------
 
-struct ColGeometry {
-  int64_t channels, h, w, ho, wo, rows, cols;  // cols = g * ho * wo
-  int k, stride, pad;
-};
-
-ColGeometry col_geometry(const ConvGeometry& geo, int64_t g) {
-  ColGeometry c;
-  c.channels = geo.channels;
-  c.h = geo.h;
-  c.w = geo.w;
-  c.ho = geo.out_h();
-  c.wo = geo.out_w();
-  c.k = geo.kernel;
-  c.stride = geo.stride;
-  c.pad = geo.pad;
-  c.rows = geo.rows();
-  c.cols = g * c.ho * c.wo;
-  return c;
-}
-
+// Consecutive threads write consecutive elements of col in either layout.
 template <typename T>
 __global__ void im2col_kernel(const T* __restrict__ images, int64_t s0, ColGeometry c,
                               bool transposed, T* __restrict__ col) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= c.rows * c.cols) return;
-  // Consecutive threads write consecutive elements of col in either layout.
-  const int64_t r = transposed ? idx % c.rows : idx / c.cols;
-  const int64_t q = transposed ? idx / c.rows : idx % c.cols;
-  const int64_t hw = c.ho * c.wo, s = q / hw, o = q % hw, oy = o / c.wo, ox = o % c.wo;
-  const int64_t ch = r / (c.k * c.k);
-  const int ky = static_cast<int>((r / c.k) % c.k), kx = static_cast<int>(r % c.k);
-  const int64_t iy = oy * c.stride - c.pad + ky, ix = ox * c.stride - c.pad + kx;
-  T v = T(0);
-  if (iy >= 0 && iy < c.h && ix >= 0 && ix < c.w)
-    v = images[(((s0 + s) * c.channels + ch) * c.h + iy) * c.w + ix];
-  col[idx] = v;
+  const int64_t src = im2col_source(c, idx, transposed);
+  col[idx] = src >= 0 ? images[s0 * c.channels * c.h * c.w + src] : T(0);
 }
+
+// acc = acc + col[i] for each term of an image element, in the order col2im_terms gives them.
+struct AddColumnTerm {
+  const float* col;
+  float* acc;
+  __device__ void operator()(int64_t i) const { *acc = __fadd_rn(*acc, col[i]); }
+};
 
 __global__ void col2im_kernel(const float* __restrict__ col, int64_t s0, int64_t g, ColGeometry c,
                               bool transposed, float* __restrict__ images) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t plane = c.h * c.w;
-  if (idx >= g * c.channels * plane) return;
-  const int64_t s = idx / (c.channels * plane), ch = (idx / plane) % c.channels;
-  const int64_t iy = (idx % plane) / c.w, ix = idx % c.w;
-  float* out = images + s0 * c.channels * plane + idx;
+  if (idx >= g * c.channels * c.h * c.w) return;
+  float* out = images + s0 * c.channels * c.h * c.w + idx;
   float acc = *out;
   // The CPU adds (c, ky, kx) rows one after another; this element receives at most one term per
   // (ky, kx), so adding them in (ky, kx) order repeats its sums exactly.
-  for (int ky = 0; ky < c.k; ++ky) {
-    const int64_t ty = iy + c.pad - ky;
-    if (ty < 0 || ty % c.stride != 0 || ty / c.stride >= c.ho) continue;
-    const int64_t oy = ty / c.stride;
-    for (int kx = 0; kx < c.k; ++kx) {
-      const int64_t tx = ix + c.pad - kx;
-      if (tx < 0 || tx % c.stride != 0 || tx / c.stride >= c.wo) continue;
-      const int64_t ox = tx / c.stride;
-      const int64_t r = (ch * c.k + ky) * c.k + kx, q = (s * c.ho + oy) * c.wo + ox;
-      acc = __fadd_rn(acc, col[transposed ? q * c.rows + r : r * c.cols + q]);
-    }
-  }
+  col2im_terms(c, idx, transposed, AddColumnTerm{col, &acc});
   *out = acc;
 }
 

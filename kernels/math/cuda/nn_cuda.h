@@ -25,18 +25,11 @@
 
 #include <cstdint>
 
+#include "kernels/math/cuda/conv_index.h"  // ConvGeometry and the columns' index math
+
 namespace int4ddp::math::cuda {
 
 // ---- convolution columns ------------------------------------------------------------------------
-
-// A square-kernel convolution over (n, channels, h, w) images (Conv2d's geometry).
-struct ConvGeometry {
-  int64_t channels = 0, h = 0, w = 0;
-  int kernel = 1, stride = 1, pad = 0;
-  int64_t out_h() const { return (h + 2 * pad - kernel) / stride + 1; }
-  int64_t out_w() const { return (w + 2 * pad - kernel) / stride + 1; }
-  int64_t rows() const { return channels * kernel * kernel; }  // K of the convolution's GEMM
-};
 
 // Columns of samples s0..s0+g-1 of `images`: col (channels*k*k, g*ho*wo), row r = (c*k + ky)*k +
 // kx, sample s at column offset s*ho*wo (Conv2d::im2col's layout), zero (code 0) outside the image.

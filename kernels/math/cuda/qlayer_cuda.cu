@@ -137,32 +137,25 @@ __global__ void swap_planes_kernel(const T* __restrict__ src, int64_t a, int64_t
                                    T* __restrict__ dst) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= a * b * hw) return;
-  const int64_t j = idx / (a * hw), i = (idx / hw) % a, p = idx % hw;
-  dst[idx] = src[(i * b + j) * hw + p];
+  dst[idx] = src[swap_planes_source(idx, a, b, hw)];
 }
 
+// acc += col[i] for each column entry of an image element (exact: the caller's int32 guard bounds
+// every element's sum).
+struct AddIntTerm {
+  const int32_t* col;
+  int32_t* acc;
+  __device__ void operator()(int64_t i) const { *acc += col[i]; }
+};
+
 __global__ void col2im_i32_kernel(const int32_t* __restrict__ col, int64_t s0, int64_t g,
-                                  int64_t channels, int64_t h, int64_t w, int64_t ho, int64_t wo,
-                                  int k, int stride, int pad, float scale,
-                                  float* __restrict__ images) {
+                                  ColGeometry c, float scale, float* __restrict__ images) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t plane = h * w;
-  if (idx >= g * channels * plane) return;
-  const int64_t s = idx / (channels * plane), ch = (idx / plane) % channels;
-  const int64_t iy = (idx % plane) / w, ix = idx % w, cols = g * ho * wo;
-  int32_t acc = 0;  // exact: the caller's int32 guard bounds every column entry's sum
-  for (int ky = 0; ky < k; ++ky) {
-    const int64_t ty = iy + pad - ky;
-    if (ty < 0 || ty % stride != 0 || ty / stride >= ho) continue;
-    const int64_t oy = ty / stride;
-    for (int kx = 0; kx < k; ++kx) {
-      const int64_t tx = ix + pad - kx;
-      if (tx < 0 || tx % stride != 0 || tx / stride >= wo) continue;
-      const int64_t ox = tx / stride;
-      acc += col[((ch * k + ky) * k + kx) * cols + (s * ho + oy) * wo + ox];
-    }
-  }
-  images[s0 * channels * plane + idx] = __fmul_rn(scale, static_cast<float>(acc));
+  const int64_t image = c.channels * c.h * c.w;
+  if (idx >= g * image) return;
+  int32_t acc = 0;
+  col2im_terms(c, idx, /*transposed=*/false, AddIntTerm{col, &acc});
+  images[s0 * image + idx] = __fmul_rn(scale, static_cast<float>(acc));
 }
 
 __global__ void accumulate_i64_kernel(const int32_t* __restrict__ part, int64_t n, bool first,
@@ -272,9 +265,8 @@ void col2im_i32_scaled_async(const int32_t* col, int64_t s0, int64_t g, const Co
                 "col2im_i32 (cuda): bad geometry");
   const int64_t n = g * geo.channels * geo.h * geo.w;
   if (n == 0) return;
-  col2im_i32_kernel<<<blocks_for(n), kThreads, 0, stream>>>(col, s0, g, geo.channels, geo.h, geo.w,
-                                                            geo.out_h(), geo.out_w(), geo.kernel,
-                                                            geo.stride, geo.pad, scale, images);
+  col2im_i32_kernel<<<blocks_for(n), kThreads, 0, stream>>>(col, s0, g, col_geometry(geo, g), scale,
+                                                            images);
   check_launch();
 }
 
