@@ -12,31 +12,15 @@
 #include <string>
 #include <vector>
 
+#include "conv_cases.h"
 #include "kernels/math/cuda/conv_index.h"
-#include "src/nn/layer.h"
 
 namespace int4ddp::math::cuda {
 namespace {
 
-// Conv2d's protected column helpers, reached by a test subclass.
-struct ConvProbe : nn::Conv2d {
-  using nn::Conv2d::col2im;
-  using nn::Conv2d::Conv2d;
-  using nn::Conv2d::im2col;
-};
-
-struct Case {
-  int64_t n, c, h, w;
-  int k, stride, pad;
-  int64_t s0, g;
-};
-
-// Padded, strided, non-square, 1x1, 5x5, even kernels, groups in the middle of the batch.
-const Case kCases[] = {
-    {1, 1, 1, 1, 1, 1, 0, 0, 1},  {2, 3, 5, 5, 3, 1, 1, 1, 1}, {4, 3, 7, 5, 3, 2, 1, 1, 3},
-    {3, 5, 6, 6, 1, 2, 0, 0, 3},  {2, 2, 7, 9, 5, 1, 2, 0, 2}, {2, 3, 8, 8, 2, 2, 0, 1, 1},
-    {5, 16, 8, 8, 3, 1, 1, 0, 5}, {1, 3, 4, 4, 3, 1, 2, 0, 1}, {3, 4, 9, 9, 7, 2, 3, 1, 2},
-};
+using test::ConvProbe;
+using Case = test::ColCase;
+const auto& kCases = test::kColCases;
 
 std::string name(const Case& c) {
   return "c=" + std::to_string(c.c) + " " + std::to_string(c.h) + "x" + std::to_string(c.w) +

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "conv_cases.h"
 #include "cuda_test.h"
 #include "kernels/common/error.h"
 #include "kernels/math/cuda/gemm_cuda.h"
@@ -502,24 +503,9 @@ TEST(CudaSgemm, Tf32Switch) {
 
 // ---- im2col / col2im -----------------------------------------------------------------------
 
-// Conv2d's protected column helpers, reached by a test subclass.
-struct ConvProbe : nn::Conv2d {
-  using nn::Conv2d::col2im;
-  using nn::Conv2d::Conv2d;
-  using nn::Conv2d::im2col;
-};
-
-struct ColCase {
-  int64_t n, c, h, w;
-  int k, stride, pad;
-  int64_t s0, g;
-};
-
-const ColCase kColCases[] = {
-    {1, 1, 1, 1, 1, 1, 0, 0, 1},  {2, 3, 5, 5, 3, 1, 1, 1, 1}, {4, 3, 7, 5, 3, 2, 1, 1, 3},
-    {3, 5, 6, 6, 1, 2, 0, 0, 3},  {2, 2, 7, 9, 5, 1, 2, 0, 2}, {2, 3, 8, 8, 2, 2, 0, 1, 1},
-    {5, 16, 8, 8, 3, 1, 1, 0, 5}, {1, 3, 4, 4, 3, 1, 2, 0, 1},
-};
+using test::ColCase;
+using test::ConvProbe;
+using test::kColCases;
 
 template <typename T>
 std::vector<T> to_codes(const std::vector<float>& f) {
