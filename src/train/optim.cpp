@@ -182,7 +182,8 @@ bool Optimizer::update_host(int64_t begin, int64_t end, bool backup) {
   std::vector<std::pair<const Range*, std::pair<int64_t, int64_t>>> items;
   for (const Range& r : ranges_) {
     const int64_t lo = std::max(begin, r.offset), hi = std::min(end, r.offset + r.count);
-    for (int64_t i0 = lo; i0 < hi; i0 += kBlock) items.push_back({&r, {i0, std::min(hi, i0 + kBlock)}});
+    for (int64_t i0 = lo; i0 < hi; i0 += kBlock)
+      items.push_back({&r, {i0, std::min(hi, i0 + kBlock)}});
   }
   std::vector<uint8_t> finite(items.size(), 1);
   const Scalars k = scalars_;

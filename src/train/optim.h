@@ -82,8 +82,8 @@ class Optimizer {
   OptimConfig cfg_;
   std::vector<Range> ranges_;
   Scalars scalars_{};
-  bool in_step_ = false;  // between begin_step() and end_step()
-  std::vector<std::pair<int64_t, int64_t>> updated_;        // ranges update() covered this step
+  bool in_step_ = false;                                 // between begin_step() and end_step()
+  std::vector<std::pair<int64_t, int64_t>> updated_;     // ranges update() covered this step
   std::vector<float> backup_w_, backup_s1_, backup_s2_;  // values, momentum or m, v
   float* values_;
   float* grads_;
