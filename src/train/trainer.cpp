@@ -2,8 +2,9 @@
 //
 //   for each epoch, for each batch:
 //     load_batch    this rank's shard of the epoch's permutation
-//     train_step    forward -> loss -> backward (buckets launched as they fill) -> wait for the
-//                   all-reduce -> agree across ranks (calibration? non-finite?) -> update
+//     train_step    forward -> loss -> backward (buckets launched as they fill) -> each bucket's
+//                   parameters updated as its mean arrives (host; provisionally) -> agree across
+//                   ranks (calibration? non-finite?) -> keep the update or restore the parameters
 //     log_step      metrics records, progress bar or line
 //     checkpoint    every train.checkpoint_every_steps optimizer steps
 //   end_epoch       BN statistics averaged over ranks, evaluation, epoch record, epoch checkpoint
