@@ -196,7 +196,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
 
 QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_t count,
                                  const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
-                                 float* dq_out) {
+                                 float* dq_out, bool stream_e_out) {
   const detail::CodecKernels& k = kernels_for(isa);
   if (!(k.quantize_pack_int4_feedback && p.bits == 4 && p.block_size % 2 == 0)) {
     // Step by step: v, quantize, dequantize, subtract (buffers kept per thread).
@@ -225,6 +225,7 @@ QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_
   const int64_t scope = p.block_size == 0 ? count : p.block_size;
   const int64_t nscales = num_scales(count, p.block_size);
   detail::SegmentQuant seg{0.0f, 0.0f, 0.0f, p.bits, p.rounding, p.key, 0, true, 0.0f};
+  bool streamed = false;
   for (int64_t s = 0; s < nscales; ++s) {
     const int64_t begin = s * scope;
     const int64_t n = std::min(count, begin + scope) - begin;
@@ -233,10 +234,16 @@ QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_
                            : k.absmax(x + begin, n, &st.nonfinite);
     begin_scope(p, s, absmax, st.nonfinite == nonfinite_before, seg, scales, st);
     seg.first_index = p.index_offset + begin;
+    const bool stream =
+        stream_e_out && e_out && (reinterpret_cast<uintptr_t>(e_out + begin) & 15) == 0;
+    streamed |= stream;
     const detail::Feedback fb{e ? e + begin : nullptr, e_out ? e_out + begin : nullptr,
-                              dq_out ? dq_out + begin : nullptr};
+                              dq_out ? dq_out + begin : nullptr, stream};
     st.clipped += k.quantize_pack_int4_feedback(x + begin, fb, n, seg, codes + begin / 2);
   }
+#if defined(__SSE__)
+  if (streamed) _mm_sfence();
+#endif
   return st;
 }
 
@@ -320,8 +327,10 @@ QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t
 }
 
 QuantStats quantize_feedback(const float* x, const float* e, int64_t count, const QuantParams& p,
-                             uint8_t* codes, float* scales, float* e_out, float* dq_out) {
-  return quantize_feedback_isa(current_isa(), x, e, count, p, codes, scales, e_out, dq_out);
+                             uint8_t* codes, float* scales, float* e_out, float* dq_out,
+                             bool stream_e_out) {
+  return quantize_feedback_isa(current_isa(), x, e, count, p, codes, scales, e_out, dq_out,
+                               stream_e_out);
 }
 
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,

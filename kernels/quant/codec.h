@@ -100,8 +100,11 @@ void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bi
 QuantStats quantize_feedback_ref(const float* x, const float* e, int64_t count,
                                  const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
                                  float* dq_out);
+// stream_e_out: write e_out with non-temporal stores where the kernel can (an error buffer larger
+// than the cache, read again only at the next step); the same values either way.
 QuantStats quantize_feedback(const float* x, const float* e, int64_t count, const QuantParams& p,
-                             uint8_t* codes, float* scales, float* e_out, float* dq_out);
+                             uint8_t* codes, float* scales, float* e_out, float* dq_out,
+                             bool stream_e_out = false);
 
 // max |x| over the finite elements of x (0 if none), the scale basis of quantize(); adds the number
 // of NaN/Inf elements to *nonfinite when it is not null. Uses the same fast kernels as quantize().
@@ -137,7 +140,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
                         uint8_t* codes, float* scales);
 QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_t count,
                                  const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
-                                 float* dq_out);
+                                 float* dq_out, bool stream_e_out = false);
 void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t count, int bits,
                     int64_t block_size, float* out);
 

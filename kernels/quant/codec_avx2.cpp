@@ -366,13 +366,14 @@ constexpr int64_t kPrefetchAhead = 2048;
 // are written where set (fb's pointers at x[0]; x^ = max(q, -L) * d, the code dequantize() reads).
 template <bool kStochastic, bool kAllFinite, bool kPack, bool kSaturate, bool kPairs,
           bool kFeedback, typename Between>
-inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const QuantConsts c,
-                          const Feedback fb, uint8_t* out, Between&& between) {
+INT4DDP_ALWAYS_INLINE __m256i quant_body(const float* x, int64_t m, const uint16_t* h,
+                                         const QuantConsts c, const Feedback fb, uint8_t* out,
+                                         Between&& between) {
   __m256i count = _mm256_setzero_si256();
-  auto step32 = [&](int64_t i) {
+  auto step32 = [&](int64_t i) __attribute__((always_inline)) {
     __m256 u[4];
     if constexpr (kStochastic) uniforms32<kPairs>(h + i, u);
-    auto q8 = [&](int k) {
+    auto q8 = [&](int k) __attribute__((always_inline)) {
       const int64_t at = i + 8 * k;
       __m256 v = _mm256_loadu_ps(x + at);
       if constexpr (kFeedback)
@@ -380,7 +381,15 @@ inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const Qu
       const __m256i q = quant8<kStochastic, kAllFinite, kSaturate>(v, c, u[k], &count);
       if constexpr (kFeedback) {
         const __m256 dq = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_max_epi32(q, c.lo32)), c.step);
-        if (fb.e_out) _mm256_storeu_ps(fb.e_out + at, _mm256_sub_ps(v, dq));
+        if (fb.e_out) {
+          const __m256 err = _mm256_sub_ps(v, dq);
+          if (fb.stream_e_out) {
+            _mm_stream_ps(fb.e_out + at, _mm256_castps256_ps128(err));
+            _mm_stream_ps(fb.e_out + at + 4, _mm256_extractf128_ps(err, 1));
+          } else {
+            _mm256_storeu_ps(fb.e_out + at, err);
+          }
+        }
         if (fb.dq_out) _mm256_storeu_ps(fb.dq_out + at, dq);
       }
       return q;
@@ -436,7 +445,7 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
   __m256i count = _mm256_setzero_si256();
   auto body = [&](int64_t c0, int64_t m, const uint16_t* h, auto pairs, auto&& between) {
     const Feedback fb0{fb.e ? fb.e + c0 : nullptr, fb.e_out ? fb.e_out + c0 : nullptr,
-                       fb.dq_out ? fb.dq_out + c0 : nullptr};
+                       fb.dq_out ? fb.dq_out + c0 : nullptr, fb.stream_e_out};
     count = _mm256_add_epi32(
         count,
         quant_body<kStochastic, kAllFinite, kPack, kSaturate, decltype(pairs)::value, kFeedback>(
