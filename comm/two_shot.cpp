@@ -13,7 +13,10 @@
 namespace int4ddp::comm {
 namespace {
 
-constexpr int64_t kTileFloats = 16384;        // tile of the fused passes (rounded to whole blocks)
+constexpr int64_t kTileFloats = 16384;  // tile of the fused passes (rounded to whole blocks)
+// Error-feedback buffers of this size and more are written with non-temporal stores: they are read
+// again only at the next step, long after they have left the cache.
+constexpr size_t kStreamErrorBytes = size_t{8} << 20;
 constexpr uint64_t kStateMagic = 0x53324934;  // "4I2S"
 constexpr size_t kStateHeader = 4 * sizeof(uint64_t);
 
@@ -395,7 +398,8 @@ void TwoShotAllreduce::quantize_piece(const float* x, int j, ChunkRange piece,
     uint8_t* codes = msg + quant::packed_bytes(bits, o);
     quant::add_stats(stats, quant::quantize_feedback(
                                 src, e, len, p, codes, sc + o / G,
-                                worker_ef ? ew_next_.data() + c.begin + o : nullptr, nullptr));
+                                worker_ef ? ew_next_.data() + c.begin + o : nullptr, nullptr,
+                                ew_next_.size() * sizeof(float) >= kStreamErrorBytes));
     if (progress) progress->poll();
   }
   scales_to_message(sc, piece, G, msg + plan_.message(j).scales_at);
@@ -443,9 +447,10 @@ void TwoShotAllreduce::reduce_piece(float* x, const std::vector<const uint8_t*>&
     // m = mean + e_s quantized, e_s <- m - Q(m), and the own chunk's result Q(m) written now
     // (x's own chunk is no longer read): the all-gather brings every other rank these same
     // bytes, which they dequantize the same way.
-    quant::add_stats(stats, quant::quantize_feedback(acc, es, len, p, codes, own_sc + o / G,
-                                                     server_ef ? es_next_.data() + o : nullptr,
-                                                     x + own.begin + o));
+    quant::add_stats(stats, quant::quantize_feedback(
+                                acc, es, len, p, codes, own_sc + o / G,
+                                server_ef ? es_next_.data() + o : nullptr, x + own.begin + o,
+                                es_next_.size() * sizeof(float) >= kStreamErrorBytes));
     if (progress) progress->poll();
   }
   scales_to_message(own_sc, piece, G, own_msg + om.scales_at);
