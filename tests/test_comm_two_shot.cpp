@@ -680,6 +680,11 @@ TEST(TwoShotPipeline, PiecesCoverEveryChunkInWholeBlocks) {
 // Pipelined runs (several pieces per chunk, on point-to-point messages) give the bytes of the
 // unpipelined two-shot (one piece, the all-to-all and all-gather collectives): the same outputs,
 // stats and error-feedback state over steps that carry error feedback and the lbt gamma over.
+std::string case_name(int bits, quant::PolicyKind policy, int64_t G, int64_t n, int pieces) {
+  return "bits " + std::to_string(bits) + " policy " + quant::policy_kind_name(policy) + " G " +
+         std::to_string(G) + " n " + std::to_string(n) + " pieces " + std::to_string(pieces);
+}
+
 TEST(TwoShotPipeline, BitIdenticalToTheCollectives) {
   struct Case {
     int bits;
@@ -695,9 +700,7 @@ TEST(TwoShotPipeline, BitIdenticalToTheCollectives) {
   cases.push_back({4, quant::PolicyKind::kMse, 128, 20000});
   for (const Case& c : cases)
     for (int P : {2, 3, 5, 16}) {
-      SCOPED_TRACE("bits " + std::to_string(c.bits) + " policy " +
-                   quant::policy_kind_name(c.policy) + " G " + std::to_string(c.G) + " n " +
-                   std::to_string(c.n) + " pieces " + std::to_string(P));
+      SCOPED_TRACE(case_name(c.bits, c.policy, c.G, c.n, P));
       CompressConfig cfg;
       cfg.bits = c.bits;
       cfg.block_size = c.G;
@@ -847,9 +850,7 @@ TEST(TwoShotPipeline, EqualsTheReferenceDefinition) {
   };
   for (const Case& c : cases)
     for (int P : {1, 3}) {
-      SCOPED_TRACE("bits " + std::to_string(c.bits) + " policy " +
-                   quant::policy_kind_name(c.policy) + " G " + std::to_string(c.G) + " n " +
-                   std::to_string(c.n) + " pieces " + std::to_string(P));
+      SCOPED_TRACE(case_name(c.bits, c.policy, c.G, c.n, P));
       CompressConfig cfg;
       cfg.bits = c.bits;
       cfg.block_size = c.G;
