@@ -10,6 +10,9 @@
 // otherwise in element order, read back from each element's own half-word (any first index, no
 // scalar head). The fused quantize prefetches its own input ahead (kPrefetchAhead); the driver
 // then does not. INT4 decodes of 32 MiB and more take the streaming kernel (non-temporal stores).
+// The error-feedback variant of the fused INT4 quantize (quantize_feedback) adds e to x as it loads
+// it and writes v - x^ (optionally streamed) and x^ from the codes it has just made, in the same
+// steps.
 #include <immintrin.h>
 
 #include <algorithm>
