@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "comm/progress.h"
 #include "kernels/common/clock.h"
 #include "kernels/common/error.h"
 
@@ -145,8 +146,10 @@ BucketStats BucketAllreduce::run(float* x, uint32_t step) {
 
   // 1. Node reduce-scatter: every local rank's version of the own share, summed in local-rank
   // order (the same order on every node), / k.
+  // The node's collectives are waited for politely (comm/progress.h): a rank of the node that gets
+  // there first must not spin on a core its node peers still compute on.
   auto t = Clock::now();
-  node.alltoallv(x, scatter_send_, received_.data(), scatter_recv_);
+  wait_politely(*node.ialltoallv(x, scatter_send_, received_.data(), scatter_recv_));
   double node_seconds = seconds_since(t);
   t = Clock::now();
   float* __restrict mean = mean_.data();
@@ -165,7 +168,8 @@ BucketStats BucketAllreduce::run(float* x, uint32_t step) {
 
   // 3. Node all-gather of the shares, straight into x.
   t = Clock::now();
-  node.allgatherv(mean_.data(), sizeof(float) * static_cast<size_t>(m), x, gather_);
+  wait_politely(
+      *node.iallgatherv(mean_.data(), sizeof(float) * static_cast<size_t>(m), x, gather_));
   int64_t totals[3] = {st.count, st.clipped, st.nonfinite};
   node.allreduce_sum_i64(totals, 3);
   node_seconds += seconds_since(t);
