@@ -174,7 +174,8 @@ int main(int argc, char** argv) {
       for (int64_t o = 0; o < n; o += tile) {
         const int64_t len = std::min(tile, n - o);
         for (int64_t i = 0; i < len; ++i) vt[i] = x[o + i] + e[o + i];
-        quantize_isa(isa, vt.data(), len, stoch, got.codes.data() + o / 2, got.scales.data() + o / G);
+        quantize_isa(isa, vt.data(), len, stoch, got.codes.data() + o / 2,
+                     got.scales.data() + o / G);
         dequantize_isa(isa, got.codes.data() + o / 2, got.scales.data() + o / G, len, 4, G,
                        dqt.data());
         for (int64_t i = 0; i < len; ++i) y[o + i] = vt[i] - dqt[i];
@@ -183,9 +184,8 @@ int main(int argc, char** argv) {
     auto ef_fused = [&] {
       for (int64_t o = 0; o < n; o += tile) {
         const int64_t len = std::min(tile, n - o);
-        quantize_feedback_isa(isa, x.data() + o, e.data() + o, len, stoch,
-                              got.codes.data() + o / 2, got.scales.data() + o / G, z.data() + o,
-                              nullptr, true);
+        quantize_feedback_isa(isa, x.data() + o, e.data() + o, len, stoch, got.codes.data() + o / 2,
+                              got.scales.data() + o / G, z.data() + o, nullptr, true);
       }
     };
     rows.push_back({"quant_ef_steps", name, best_seconds(reps, ef_steps), 12.5 * nb});

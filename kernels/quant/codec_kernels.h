@@ -29,9 +29,9 @@ struct SegmentQuant {
 
 // The error-feedback streams of a fused quantize (quantize_feedback), offset like x.
 struct Feedback {
-  const float* e = nullptr;  // v = x + e (null: v = x)
-  float* e_out = nullptr;    // v - x^ (null: not written)
-  float* dq_out = nullptr;   // x^, the dequantized codes (null: not written)
+  const float* e = nullptr;   // v = x + e (null: v = x)
+  float* e_out = nullptr;     // v - x^ (null: not written)
+  float* dq_out = nullptr;    // x^, the dequantized codes (null: not written)
   bool stream_e_out = false;  // e_out (16-byte aligned) with non-temporal stores; caller fences
 };
 
