@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "comm/progress.h"
 #include "kernels/common/clock.h"
 #include "kernels/common/error.h"
 
@@ -128,6 +129,9 @@ BucketAllreduce::BucketAllreduce(Hierarchy& hierarchy, const CompressConfig& cfg
   scatter_send_.displs = displs;
   gather_ = scatter_send_;
   scatter_recv_ = ByteLayout::packed(std::vector<size_t>(static_cast<size_t>(k), counts[l]));
+  // The own version of the own share is read from x in place: no message to itself.
+  scatter_send_.counts[static_cast<size_t>(l)] = 0;
+  scatter_recv_.counts[static_cast<size_t>(l)] = 0;
   received_.resize(static_cast<size_t>(k) * static_cast<size_t>(share_.count()));
   mean_.resize(static_cast<size_t>(share_.count()));
   // Each local index rounds its own share: distinct Philox keys (bucket_id k + l), and the flat
@@ -137,27 +141,42 @@ BucketAllreduce::BucketAllreduce(Hierarchy& hierarchy, const CompressConfig& cfg
       bucket_id * static_cast<uint32_t>(k) + static_cast<uint32_t>(l));
 }
 
+void BucketAllreduce::node_mean(const float* x) {
+  const int k = h_.node().size(), l = h_.node().rank();
+  const int64_t m = share_.count();
+  std::vector<const float*> version;  // local rank i's version of the own share
+  for (int i = 0; i < k; ++i)
+    version.push_back(i == l ? x + share_.begin
+                             : received_.data() + static_cast<size_t>(i) * static_cast<size_t>(m));
+  const float fk = static_cast<float>(k);
+  // In cache-sized tiles: one pass over the versions, mean = (v_0 + v_1 + ... + v_k-1) / k.
+  constexpr int64_t kTile = 4096;
+  for (int64_t o = 0; o < m; o += kTile) {
+    const int64_t len = std::min(kTile, m - o);
+    float* __restrict mean = mean_.data() + o;
+    std::copy(version[0] + o, version[0] + o + len, mean);
+    for (int i = 1; i < k; ++i) {
+      const float* __restrict v = version[static_cast<size_t>(i)] + o;
+      for (int64_t e = 0; e < len; ++e) mean[e] += v[e];
+    }
+    for (int64_t e = 0; e < len; ++e) mean[e] /= fk;
+  }
+}
+
 BucketStats BucketAllreduce::run(float* x, uint32_t step) {
   if (!h_.active()) return two_shot_->run(x, step);
   Communicator& node = h_.node();
-  const int k = node.size();
   const int64_t m = share_.count();
 
   // 1. Node reduce-scatter: every local rank's version of the own share, summed in local-rank
   // order (the same order on every node), / k.
+  // The node's collectives are waited for politely (comm/progress.h): a rank of the node that gets
+  // there first must not spin on a core its node peers still compute on.
   auto t = Clock::now();
-  node.alltoallv(x, scatter_send_, received_.data(), scatter_recv_);
+  wait_politely(*node.ialltoallv(x, scatter_send_, received_.data(), scatter_recv_));
   double node_seconds = seconds_since(t);
   t = Clock::now();
-  float* __restrict mean = mean_.data();
-  const float* __restrict in = received_.data();
-  std::copy(in, in + m, mean);
-  for (int i = 1; i < k; ++i) {
-    const float* __restrict v = in + static_cast<size_t>(i) * static_cast<size_t>(m);
-    for (int64_t e = 0; e < m; ++e) mean[e] += v[e];
-  }
-  const float fk = static_cast<float>(k);
-  for (int64_t e = 0; e < m; ++e) mean[e] /= fk;
+  node_mean(x);
   double sum_seconds = seconds_since(t);
 
   // 2. The two-shot across nodes on the share.
@@ -165,7 +184,8 @@ BucketStats BucketAllreduce::run(float* x, uint32_t step) {
 
   // 3. Node all-gather of the shares, straight into x.
   t = Clock::now();
-  node.allgatherv(mean_.data(), sizeof(float) * static_cast<size_t>(m), x, gather_);
+  wait_politely(
+      *node.iallgatherv(mean_.data(), sizeof(float) * static_cast<size_t>(m), x, gather_));
   int64_t totals[3] = {st.count, st.clipped, st.nonfinite};
   node.allreduce_sum_i64(totals, 3);
   node_seconds += seconds_since(t);

@@ -91,6 +91,10 @@ class BucketAllreduce {
   Hierarchy& h_;
   int64_t count_;
   ChunkRange share_;  // this rank's share (the whole bucket when flat)
+  // Step 1's sum: mean_ <- the node mean of the own share (x: this rank's bucket, the others'
+  // versions in received_), summed in local-rank order.
+  void node_mean(const float* x);
+
   ByteLayout scatter_send_, scatter_recv_, gather_;  // node level, in bytes
   std::vector<float> received_;                 // (k x share) the node's versions of the own share
   std::vector<float> mean_;                     // (share) the node mean, then the all-reduced share

@@ -13,7 +13,10 @@
 namespace int4ddp::comm {
 namespace {
 
-constexpr int64_t kTileFloats = 16384;        // tile of the fused passes (rounded to whole blocks)
+constexpr int64_t kTileFloats = 16384;  // tile of the fused passes (rounded to whole blocks)
+// Error-feedback buffers of this size and more are written with non-temporal stores: they are read
+// again only at the next step, long after they have left the cache.
+constexpr size_t kStreamErrorBytes = size_t{8} << 20;
 constexpr uint64_t kStateMagic = 0x53324934;  // "4I2S"
 constexpr size_t kStateHeader = 4 * sizeof(uint64_t);
 
@@ -21,10 +24,6 @@ constexpr size_t kStateHeader = 4 * sizeof(uint64_t);
 void add_arrays(float* __restrict out, const float* __restrict a, const float* __restrict b,
                 int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
-}
-void sub_arrays(float* __restrict out, const float* __restrict a, const float* __restrict b,
-                int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = a[i] - b[i];
 }
 void accumulate(float* __restrict acc, const float* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
@@ -378,26 +377,29 @@ void TwoShotAllreduce::quantize_piece(const float* x, int j, ChunkRange piece,
   const ChunkRange& c = plan_.chunk(j);
   uint8_t* msg = message_at(send_, plan_.send_layout(), j);
   float* sc = scales_.data() + plan_.scale_offset(j);  // aligned; copied into the message
-  float* vt = v_.data();                               // tile: g + e_w
-  float* dqt = tmp_.data();                            // tile: dequantized values
+  float* vt = v_.data();                               // tile: g + e_w (block policies)
   quant::QuantParams p = plan_.worker_params(step_p, j);
-  // In cache-sized tiles of whole blocks: v = g + e_w, quantize v (element index relative to the
-  // chunk: index_offset), e_w <- v - Q(v). One pass over g and e_w instead of five.
+  // In tiles of whole blocks: v = g + e_w, quantize v (element index relative to the chunk:
+  // index_offset), e_w <- v - Q(v), fused in the codec (one pass over g and e_w). A block policy
+  // needs v first for its clips.
   for (int64_t o = piece.begin; o < piece.end; o += T) {
     const int64_t len = std::min(T, piece.end - o);
     const float* src = x + c.begin + o;
-    if (worker_ef) {
-      add_arrays(vt, src, ew_.data() + c.begin + o, len);
-      src = vt;
+    const float* e = worker_ef ? ew_.data() + c.begin + o : nullptr;
+    if (block_clips) {
+      if (e) {
+        add_arrays(vt, src, e, len);
+        src = vt;
+        e = nullptr;
+      }
+      p.clips = plan_.block_clips(src, len, clips_.data());
     }
-    p.clips = block_clips ? plan_.block_clips(src, len, clips_.data()) : nullptr;
     p.index_offset = o;
     uint8_t* codes = msg + quant::packed_bytes(bits, o);
-    quant::add_stats(stats, quant::quantize(src, len, p, codes, sc + o / G));
-    if (worker_ef) {
-      quant::dequantize(codes, sc + o / G, len, bits, G, dqt);
-      sub_arrays(ew_next_.data() + c.begin + o, src, dqt, len);
-    }
+    quant::add_stats(stats, quant::quantize_feedback(
+                                src, e, len, p, codes, sc + o / G,
+                                worker_ef ? ew_next_.data() + c.begin + o : nullptr, nullptr,
+                                ew_next_.size() * sizeof(float) >= kStreamErrorBytes));
     if (progress) progress->poll();
   }
   scales_to_message(sc, piece, G, msg + plan_.message(j).scales_at);
@@ -434,16 +436,21 @@ void TwoShotAllreduce::reduce_piece(float* x, const std::vector<const uint8_t*>&
       accumulate(acc, dqt, len);
     }
     for (int64_t k = 0; k < len; ++k) acc[k] /= fn;
-    if (server_ef) accumulate(acc, es_.data() + o, len);
-    p.clips = block_clips ? plan_.block_clips(acc, len, clips_.data()) : nullptr;
+    const float* es = server_ef ? es_.data() + o : nullptr;
+    if (block_clips) {  // the clips are those of m = mean + e_s
+      if (es) accumulate(acc, es, len);
+      es = nullptr;
+      p.clips = plan_.block_clips(acc, len, clips_.data());
+    }
     p.index_offset = o;
     uint8_t* codes = own_msg + quant::packed_bytes(bits, o);
-    quant::add_stats(stats, quant::quantize(acc, len, p, codes, own_sc + o / G));
-    // The own chunk's result, written now (x's own chunk is no longer read): the all-gather
-    // brings every other rank these same bytes, which they dequantize the same way.
-    float* result = x + own.begin + o;
-    quant::dequantize(codes, own_sc + o / G, len, bits, G, result);
-    if (server_ef) sub_arrays(es_next_.data() + o, acc, result, len);
+    // m = mean + e_s quantized, e_s <- m - Q(m), and the own chunk's result Q(m) written now
+    // (x's own chunk is no longer read): the all-gather brings every other rank these same
+    // bytes, which they dequantize the same way.
+    quant::add_stats(stats, quant::quantize_feedback(
+                                acc, es, len, p, codes, own_sc + o / G,
+                                server_ef ? es_next_.data() + o : nullptr, x + own.begin + o,
+                                es_next_.size() * sizeof(float) >= kStreamErrorBytes));
     if (progress) progress->poll();
   }
   scales_to_message(own_sc, piece, G, own_msg + om.scales_at);

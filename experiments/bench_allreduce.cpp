@@ -20,11 +20,14 @@
 // formula_mod is the two-shot's formula for the largest share (n/K) over the M nodes.
 //
 // Timing: every iteration restores the input (untimed), passes a barrier, and times run() on each
-// rank; an iteration's time is the maximum over ranks and `time` is the median over iterations.
-// algbw_eff = 4 n / time (logical fp32 bytes), busbw_eff = algbw_eff * 2 (N-1) / N. With --policy
-// lbt every iteration commits its step, as training does: gamma follows the sign rule and the
-// error feedback carries over (the row prints the gamma reached). With minmax and fixed each
-// iteration is an independent first step: commit(false) keeps the error-feedback buffers zero
+// rank (--barrier polite, the default: a 1-float non-blocking all-reduce waited for with
+// comm/progress.h's pauses, so that ranks done with their run() do not spin on the cores the
+// slower ranks still compute on, as MPI_Barrier does when ranks share cores; --barrier mpi:
+// MPI_Barrier); an iteration's time is the maximum over ranks and `time` is the median over
+// iterations. algbw_eff = 4 n / time (logical fp32 bytes), busbw_eff = algbw_eff * 2 (N-1) / N.
+// With --policy lbt every iteration commits its step, as training does: gamma follows the sign rule
+// and the error feedback carries over (the row prints the gamma reached). With minmax and fixed
+// each iteration is an independent first step: commit(false) keeps the error-feedback buffers zero
 // (the quantize and error-feedback work is done and timed all the same).
 //
 // quant / coll: the part of a run() spent quantizing, dequantizing and reducing (error feedback
@@ -68,6 +71,7 @@
 
 #include "comm/communicator.h"
 #include "comm/hierarchy.h"
+#include "comm/progress.h"
 #include "comm/two_shot.h"
 #include "kernels/common/clock.h"
 #include "kernels/common/error.h"
@@ -173,7 +177,19 @@ struct Options {
   std::string hierarchy = "flat";
   uint64_t seed = 1;
   int pipeline_chunks = 0;
+  std::string barrier = "polite";
 };
+
+// The barrier before each timed run (see Timing above).
+void iteration_barrier(Communicator& comm, const Options& o) {
+  if (o.barrier == "mpi") {
+    comm.barrier();
+    return;
+  }
+  float token = 0.0f;
+  const std::unique_ptr<Request> r = comm.iallreduce_sum(&token, 1);
+  wait_politely(*r);
+}
 
 // One (size, mode) cell: warm-up, timed iterations, then the checks.
 Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
@@ -217,7 +233,7 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
   uint64_t wire = 0;
   for (int it = 0; it < o.warmup + o.iters; ++it) {
     std::memcpy(work.data(), input.data(), static_cast<size_t>(n) * sizeof(float));
-    comm.barrier();
+    iteration_barrier(comm, o);
     const auto t0 = Clock::now();
     const BucketStats st = ts.run(work.data(), static_cast<uint32_t>(it));
     const double t = seconds_since(t0);
@@ -342,6 +358,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, kMaxPipelinePieces));
   app.add_option("--hierarchy", o.hierarchy,
                  "comma-separated comm.hierarchy values to run each mode under: flat, node, auto");
+  app.add_option("--barrier", o.barrier,
+                 "before each timed run: polite (waits without spinning) or mpi (MPI_Barrier)")
+      ->check(CLI::IsMember({"polite", "mpi"}));
   CLI11_PARSE(app, argc, argv);
 
   std::unique_ptr<Communicator> comm;

@@ -101,6 +101,8 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(1);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (float& v : x) v = normal(rng);
+  std::vector<float> e(n);  // an error-feedback buffer
+  for (float& v : e) v = 0.05f * normal(rng);
 
   std::vector<Row> rows;
   const double nb = static_cast<double>(n);
@@ -163,6 +165,34 @@ int main(int argc, char** argv) {
                     4.5 * nb});
     if (std::memcmp(y.data(), ref_out.data(), n * sizeof(float)) != 0)
       mismatches.push_back(std::string("dequant/") + name);
+    // Error feedback as the two-shot's worker does it, in tiles of whole blocks: v = x + e
+    // quantized, e_out = v - Q(v); step by step (v, quantize, dequantize, subtract) and fused
+    // (quantize_feedback). Bytes: x and e read, e_out written, codes and scales.
+    const int64_t tile = 16384;
+    std::vector<float> vt(tile), dqt(tile);
+    auto ef_steps = [&] {
+      for (int64_t o = 0; o < n; o += tile) {
+        const int64_t len = std::min(tile, n - o);
+        for (int64_t i = 0; i < len; ++i) vt[i] = x[o + i] + e[o + i];
+        quantize_isa(isa, vt.data(), len, stoch, got.codes.data() + o / 2,
+                     got.scales.data() + o / G);
+        dequantize_isa(isa, got.codes.data() + o / 2, got.scales.data() + o / G, len, 4, G,
+                       dqt.data());
+        for (int64_t i = 0; i < len; ++i) y[o + i] = vt[i] - dqt[i];
+      }
+    };
+    auto ef_fused = [&] {
+      for (int64_t o = 0; o < n; o += tile) {
+        const int64_t len = std::min(tile, n - o);
+        quantize_feedback_isa(isa, x.data() + o, e.data() + o, len, stoch, got.codes.data() + o / 2,
+                              got.scales.data() + o / G, z.data() + o, nullptr, true);
+      }
+    };
+    rows.push_back({"quant_ef_steps", name, best_seconds(reps, ef_steps), 12.5 * nb});
+    const Encoded steps_enc = got;
+    rows.push_back({"quant_ef_fused", name, best_seconds(reps, ef_fused), 12.5 * nb});
+    if (!(got == steps_enc) || std::memcmp(y.data(), z.data(), n * sizeof(float)) != 0)
+      mismatches.push_back(std::string("quant_ef_fused/") + name);
   }
   if (with_ref) {  // the plain per-element loops, for scale
     const int ref_reps = std::max(1, reps / 2);

@@ -602,6 +602,107 @@ TEST(CodecClips, BadClipsAreRefused) {
   }
 }
 
+// quantize_feedback (v = x + e quantized, e_out = v - x^, dq_out = x^) on every ISA against the
+// reference, which is the step-by-step definition: every bit-width, both roundings, even and odd
+// block sizes, lengths around the 32- and 64-element steps, NaN/Inf in x and sums that overflow,
+// given clips, odd index offsets, each output left out, e_out in place over e, e_out streamed or
+// not.
+TEST(CodecFeedback, MatchesTheReferenceOnEveryIsa) {
+  struct Case {
+    int bits;
+    int64_t g, n;
+  };
+  std::vector<Case> cases;
+  for (int bits : {4, 8, 2})
+    for (int64_t g : {int64_t{0}, int64_t{2}, int64_t{7}, int64_t{64}, int64_t{126}, int64_t{512},
+                      int64_t{513}, int64_t{1000}})
+      for (int64_t n : {0, 1, 31, 33, 95, 1023, 5003}) cases.push_back({bits, g, n});
+  int variant = 0;
+  for (const Case& cs : cases) {
+    ++variant;
+    std::vector<float> x = make_input(cs.n, 77 + cs.n, variant % 3 == 0);
+    std::vector<float> e = make_input(cs.n, 99 + cs.n, false);
+    for (float& v : e) v *= 0.25f;
+    if (cs.n > 40 && variant % 4 == 1) {  // a sum that overflows to +inf from two finite values
+      x[20] = FLT_MAX;
+      e[20] = FLT_MAX;
+    }
+    std::vector<float> clips;
+    for (Rounding r : {Rounding::kNearest, Rounding::kStochastic}) {
+      QuantParams p;
+      p.bits = cs.bits;
+      p.rounding = r;
+      p.block_size = cs.g;
+      p.gamma = variant % 2 ? 1.0f : 0.6f;
+      p.index_offset = variant % 5 == 0 ? 3 : 1024 * variant;
+      p.key = RngKey{11, 12, static_cast<uint32_t>(variant), 13};
+      if (cs.g > 0 && variant % 7 == 2) {
+        clips.assign(static_cast<size_t>(num_scales(cs.n, cs.g)), 0.8f);
+        if (!clips.empty()) clips[0] = 0.0f;
+        p.clips = clips.data();
+      }
+      const bool with_e = variant % 6 != 5, with_eo = variant % 8 != 3, with_dq = variant % 2 == 0;
+      const int64_t n = cs.n;
+      std::vector<uint8_t> want_codes(packed_bytes(cs.bits, n) + 1, 0xAB);
+      std::vector<float> want_scales(num_scales(n, cs.g)), want_e(n, -3.0f), want_dq(n, -5.0f);
+      const QuantStats want = quantize_feedback_ref(
+          x.data(), with_e ? e.data() : nullptr, n, p, want_codes.data(), want_scales.data(),
+          with_eo ? want_e.data() : nullptr, with_dq ? want_dq.data() : nullptr);
+      for (Isa isa : available_isas()) {
+        SCOPED_TRACE(testing::Message()
+                     << isa_name(isa) << " bits=" << cs.bits << " G=" << cs.g << " n=" << n
+                     << " rounding=" << static_cast<int>(r) << " e=" << with_e
+                     << " e_out=" << with_eo << " dq=" << with_dq << " clips=" << !!p.clips);
+        std::vector<uint8_t> codes(want_codes.size(), 0xAB);
+        std::vector<float> scales(want_scales.size()), eo(n, -3.0f), dq(n, -5.0f);
+        const QuantStats got = quantize_feedback_isa(
+            isa, x.data(), with_e ? e.data() : nullptr, n, p, codes.data(), scales.data(),
+            with_eo ? eo.data() : nullptr, with_dq ? dq.data() : nullptr, variant % 3 != 0);
+        ASSERT_EQ(codes, want_codes);
+        expect_same_bits(scales, want_scales, "scale");
+        expect_same_bits(eo, want_e, "e_out");
+        expect_same_bits(dq, want_dq, "dq_out");
+        EXPECT_EQ(got.clipped, want.clipped);
+        EXPECT_EQ(got.nonfinite, want.nonfinite);
+        EXPECT_EQ(got.count, want.count);
+        EXPECT_EQ(got.absmax, want.absmax);
+        if (with_e && with_eo) {  // in place: e_out over e
+          std::vector<float> inplace = e;
+          quantize_feedback_isa(isa, x.data(), inplace.data(), n, p, codes.data(), scales.data(),
+                                inplace.data(), nullptr, true);
+          expect_same_bits(inplace, want_e, "e_out in place");
+        }
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// With no e and no outputs it is quantize(); with e it is quantize() of the materialised sum.
+TEST(CodecFeedback, IsQuantizeOfTheSum) {
+  const int64_t n = 4099, G = 512;
+  const std::vector<float> x = make_input(n, 5, false), e = make_input(n, 6, false);
+  std::vector<float> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = x[i] + e[i];
+  QuantParams p;
+  p.rounding = Rounding::kStochastic;
+  p.block_size = G;
+  p.key = RngKey{1, 2, 3, 4};
+  std::vector<uint8_t> a(packed_bytes(4, n)), b(a.size());
+  std::vector<float> sa(num_scales(n, G)), sb(sa.size()), dq(n), eo(n);
+  quantize(v.data(), n, p, a.data(), sa.data());
+  quantize_feedback(x.data(), e.data(), n, p, b.data(), sb.data(), eo.data(), dq.data());
+  EXPECT_EQ(a, b);
+  expect_same_bits(sa, sb, "scale");
+  std::vector<float> want_dq(n);
+  dequantize(a.data(), sa.data(), n, 4, G, want_dq.data());
+  expect_same_bits(dq, want_dq, "dq_out");
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(eo[i], v[i] - want_dq[i]) << i;
+  quantize_feedback(x.data(), nullptr, n, p, b.data(), sb.data(), nullptr, nullptr);
+  quantize(x.data(), n, p, a.data(), sa.data());
+  EXPECT_EQ(a, b);
+}
+
 TEST(CodecErrors, BadParametersNameTheField) {
   const std::vector<float> x = {1.0f, 2.0f};
   uint8_t codes[2];

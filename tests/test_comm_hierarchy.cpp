@@ -215,6 +215,52 @@ TEST(HierarchicalAllreduce, TwoLevelWithinTheQuantizerBoundOfTheExactMean) {
           }
 }
 
+// Bit for bit: each rank's share is the cross-node two-shot (same config and key) of its node's
+// mean, summed in fp32 in local-rank order and divided by k, over several steps (error feedback
+// carried), pipelined or not.
+TEST(HierarchicalAllreduce, TwoLevelIsTheCrossTwoShotOfTheNodeMean) {
+  if (two_level_layouts().empty()) GTEST_SKIP() << "needs 2 nodes of 2 ranks (4 ranks)";
+  for (int k : two_level_layouts())
+    for (int P : {1, 4})
+      for (int64_t n : {int64_t{64 * 5 + 3}, int64_t{100003}}) {
+        SCOPED_TRACE("k " + std::to_string(k) + " pieces " + std::to_string(P) + " n " +
+                     std::to_string(n));
+        const int64_t G = 64;
+        const int node = me() / k, l = me() % k;
+        CompressConfig cfg;
+        cfg.block_size = G;
+        cfg.policy.kind = quant::PolicyKind::kMinMax;
+        cfg.pipeline_chunks = P;
+        cfg.seed = 3;
+        Hierarchy h(W(), HierarchyMode::kNode, k);
+        ASSERT_TRUE(h.active());
+        ASSERT_EQ(h.node().rank(), l);
+        const uint32_t bucket = 5;
+        BucketAllreduce ar(h, cfg, n, bucket);
+        const ChunkRange share = chunk_range(n, G, k, l);
+        TwoShotAllreduce cross(h.cross(), cfg, share.count(),
+                               bucket * static_cast<uint32_t>(k) + static_cast<uint32_t>(l));
+        for (uint32_t step = 0; step < 3; ++step) {
+          std::vector<float> nm(static_cast<size_t>(share.count()));
+          for (int64_t i = 0; i < share.count(); ++i) {
+            float sum = 0.0f;
+            for (int j = 0; j < k; ++j) {
+              const float v = random_grad(60 + step, node * k + j, share.begin + i, G);
+              sum = j == 0 ? v : sum + v;
+            }
+            nm[static_cast<size_t>(i)] = sum / static_cast<float>(k);
+          }
+          std::vector<float> x = rank_input(60 + step, me(), n, G);
+          ar.run(x.data(), step);
+          ar.commit(true);
+          cross.run(nm.data(), step);
+          cross.commit(true);
+          const std::vector<float> mine(x.begin() + share.begin, x.begin() + share.end);
+          EXPECT_EQ(count_wrong(mine, nm), 0) << "step " << step;
+        }
+      }
+}
+
 TEST(HierarchicalAllreduce, TwoLevelFp32IsExactOnIntegerInputs) {
   if (two_level_layouts().empty()) GTEST_SKIP() << "needs 2 nodes of 2 ranks (4 ranks)";
   for (int k : two_level_layouts())

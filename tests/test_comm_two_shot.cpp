@@ -21,6 +21,7 @@
 #include "comm/two_shot.h"
 #include "comm_test.h"
 #include "kernels/common/error.h"
+#include "kernels/quant/codec.h"
 #include "kernels/quant/format.h"
 #include "kernels/quant/policy.h"
 
@@ -679,6 +680,11 @@ TEST(TwoShotPipeline, PiecesCoverEveryChunkInWholeBlocks) {
 // Pipelined runs (several pieces per chunk, on point-to-point messages) give the bytes of the
 // unpipelined two-shot (one piece, the all-to-all and all-gather collectives): the same outputs,
 // stats and error-feedback state over steps that carry error feedback and the lbt gamma over.
+std::string case_name(int bits, quant::PolicyKind policy, int64_t G, int64_t n, int pieces) {
+  return "bits " + std::to_string(bits) + " policy " + quant::policy_kind_name(policy) + " G " +
+         std::to_string(G) + " n " + std::to_string(n) + " pieces " + std::to_string(pieces);
+}
+
 TEST(TwoShotPipeline, BitIdenticalToTheCollectives) {
   struct Case {
     int bits;
@@ -694,9 +700,7 @@ TEST(TwoShotPipeline, BitIdenticalToTheCollectives) {
   cases.push_back({4, quant::PolicyKind::kMse, 128, 20000});
   for (const Case& c : cases)
     for (int P : {2, 3, 5, 16}) {
-      SCOPED_TRACE("bits " + std::to_string(c.bits) + " policy " +
-                   quant::policy_kind_name(c.policy) + " G " + std::to_string(c.G) + " n " +
-                   std::to_string(c.n) + " pieces " + std::to_string(P));
+      SCOPED_TRACE(case_name(c.bits, c.policy, c.G, c.n, P));
       CompressConfig cfg;
       cfg.bits = c.bits;
       cfg.block_size = c.G;
@@ -726,6 +730,150 @@ TEST(TwoShotPipeline, BitIdenticalToTheCollectives) {
         EXPECT_EQ(plain.save_state(), piped.save_state());
       }
       EXPECT_TRUE(same_on_all_ranks(&P, sizeof P));  // every rank went through every case
+    }
+}
+
+// The two-shot of DESIGN.md section 4 written out with the reference codec (quantize_ref,
+// dequantize_ref) and plain loops, for every rank at once (each rank can make every rank's
+// input): steps 1-6 with both error feedbacks over several steps. The fused host loops must give
+// the same bits, pipelined or not.
+class ReferenceTwoShot {
+ public:
+  ReferenceTwoShot(const CompressConfig& cfg, int64_t n, uint32_t bucket, int ranks)
+      : cfg_(cfg),
+        n_(n),
+        bucket_(bucket),
+        ranks_(ranks),
+        ew_(static_cast<size_t>(ranks)),
+        es_(static_cast<size_t>(ranks)) {
+    for (int r = 0; r < ranks; ++r) {
+      ew_[static_cast<size_t>(r)].assign(static_cast<size_t>(n), 0.0f);
+      es_[static_cast<size_t>(r)].assign(
+          static_cast<size_t>(chunk_range(n, cfg.block_size, ranks, r).count()), 0.0f);
+    }
+  }
+
+  // The result every rank holds for inputs[r] on rank r (gamma fixed by the policy: minmax,
+  // fixed or a block policy).
+  std::vector<float> run(const std::vector<std::vector<float>>& inputs, uint32_t step) {
+    const int64_t G = cfg_.block_size;
+    quant::PolicyConfig pol = cfg_.policy;
+    pol.bits = cfg_.bits;
+    const bool block = quant::is_block_rule(pol.kind);
+    quant::QuantParams p;
+    p.bits = cfg_.bits;
+    p.rounding = cfg_.rounding;
+    p.gamma = pol.kind == quant::PolicyKind::kFixed ? pol.fixed_gamma : 1.0f;
+    p.block_size = G;
+    p.key.seed = cfg_.seed;
+    p.key.step = step;
+    // One quantization with its error: codes of v, e <- v - Q(v), returns Q(v).
+    auto quantize = [&](const std::vector<float>& v, quant::QuantParams q) {
+      const int64_t m = static_cast<int64_t>(v.size());
+      std::vector<float> clips(static_cast<size_t>(quant::num_scales(m, G)));
+      if (block && m > 0) {
+        quant::block_clips(v.data(), m, G, pol, clips.data());
+        q.clips = clips.data();
+      }
+      std::vector<uint8_t> codes(static_cast<size_t>(quant::packed_bytes(cfg_.bits, m)) + 1);
+      std::vector<float> scales(clips.size() + 1), out(v.size());
+      quant::quantize_ref(v.data(), m, q, codes.data(), scales.data());
+      quant::dequantize_ref(codes.data(), scales.data(), m, cfg_.bits, G, out.data());
+      return out;
+    };
+    // 1-3: every rank's dequantized version of every chunk.
+    std::vector<std::vector<std::vector<float>>> sent(static_cast<size_t>(ranks_));
+    for (int r = 0; r < ranks_; ++r) {
+      std::vector<float>& ew = ew_[static_cast<size_t>(r)];
+      for (int j = 0; j < ranks_; ++j) {
+        const ChunkRange c = chunk_range(n_, G, ranks_, j);
+        std::vector<float> v(static_cast<size_t>(c.count()));
+        for (int64_t i = 0; i < c.count(); ++i)
+          v[static_cast<size_t>(i)] =
+              inputs[static_cast<size_t>(r)][static_cast<size_t>(c.begin + i)] +
+              ew[static_cast<size_t>(c.begin + i)];
+        quant::QuantParams q = p;
+        q.key.stream = kStreamsPerRank * static_cast<uint32_t>(r) + static_cast<uint32_t>(j);
+        q.key.tensor_id = 2 * bucket_;
+        const std::vector<float> dq = quantize(v, q);
+        for (int64_t i = 0; i < c.count(); ++i)
+          ew[static_cast<size_t>(c.begin + i)] =
+              v[static_cast<size_t>(i)] - dq[static_cast<size_t>(i)];
+        sent[static_cast<size_t>(r)].push_back(dq);
+      }
+    }
+    // 5-6: the owners' sums in rank order, / N, + e_s, requantized.
+    std::vector<float> result(static_cast<size_t>(n_));
+    for (int j = 0; j < ranks_; ++j) {
+      const ChunkRange c = chunk_range(n_, G, ranks_, j);
+      std::vector<float>& es = es_[static_cast<size_t>(j)];
+      std::vector<float> m(static_cast<size_t>(c.count()), 0.0f);
+      for (int r = 0; r < ranks_; ++r)
+        for (size_t i = 0; i < m.size(); ++i)
+          m[i] += sent[static_cast<size_t>(r)][static_cast<size_t>(j)][i];
+      for (size_t i = 0; i < m.size(); ++i) m[i] = m[i] / static_cast<float>(ranks_) + es[i];
+      quant::QuantParams q = p;
+      q.key.stream = kStreamsPerRank * static_cast<uint32_t>(j) + static_cast<uint32_t>(j);
+      q.key.tensor_id = 2 * bucket_ + 1;
+      const std::vector<float> dq = quantize(m, q);
+      for (size_t i = 0; i < m.size(); ++i) {
+        es[i] = m[i] - dq[i];
+        result[static_cast<size_t>(c.begin) + i] = dq[i];
+      }
+    }
+    return result;
+  }
+
+ private:
+  CompressConfig cfg_;
+  int64_t n_;
+  uint32_t bucket_;
+  int ranks_;
+  std::vector<std::vector<float>> ew_, es_;
+};
+
+TEST(TwoShotPipeline, EqualsTheReferenceDefinition) {
+  struct Case {
+    int bits;
+    quant::PolicyKind policy;
+    quant::Rounding rounding;
+    int64_t G, n;
+  };
+  const quant::Rounding kStoch = quant::Rounding::kStochastic;
+  const std::vector<Case> cases = {
+      {4, quant::PolicyKind::kMinMax, kStoch, 64, 37 * 64 + 31},
+      {4, quant::PolicyKind::kFixed, kStoch, 512, 100003},
+      {4, quant::PolicyKind::kFixed, quant::Rounding::kNearest, 126, 5000},
+      {4, quant::PolicyKind::kTopK, kStoch, 512, 50 * 512 + 7},
+      {8, quant::PolicyKind::kMinMax, kStoch, 64, 9 * 64 + 1},
+      {4, quant::PolicyKind::kMinMax, kStoch, 64, 1},
+  };
+  for (const Case& c : cases)
+    for (int P : {1, 3}) {
+      SCOPED_TRACE(case_name(c.bits, c.policy, c.G, c.n, P));
+      CompressConfig cfg;
+      cfg.bits = c.bits;
+      cfg.block_size = c.G;
+      cfg.rounding = c.rounding;
+      cfg.policy.kind = c.policy;
+      cfg.policy.fixed_gamma = 0.7f;
+      cfg.seed = 5;
+      cfg.pipeline_chunks = P;
+      TwoShotAllreduce ts(W(), cfg, c.n, 3);
+      ReferenceTwoShot ref(cfg, c.n, 3, R());
+      for (uint32_t step = 0; step < 3; ++step) {
+        std::vector<std::vector<float>> inputs;
+        for (int r = 0; r < R(); ++r) {
+          std::vector<float> x(static_cast<size_t>(c.n));
+          for (int64_t i = 0; i < c.n; ++i)
+            x[static_cast<size_t>(i)] = random_grad(40 + step, r, i, c.G);
+          inputs.push_back(x);
+        }
+        std::vector<float> x = inputs[static_cast<size_t>(me())];
+        ts.run(x.data(), step);
+        ts.commit(true);
+        EXPECT_EQ(count_wrong(x, ref.run(inputs, step)), 0) << "step " << step;
+      }
     }
 }
 

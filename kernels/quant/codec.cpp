@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <vector>
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -51,6 +52,27 @@ const detail::CodecKernels& kernels_for(Isa isa) {
 }
 
 constexpr Isa kIsas[] = {Isa::kPortable, Isa::kAvx2, Isa::kAvx512};
+
+// Sets seg for scope s of a quantization whose scope absmax is known (all_finite: no NaN/Inf in
+// it): the clip, saturation bound, steps; writes the scale and folds absmax into st.
+void begin_scope(const QuantParams& p, int64_t s, float absmax, bool all_finite,
+                 detail::SegmentQuant& seg, float* scales, QuantStats& st) {
+  seg.all_finite = all_finite;
+  seg.clip = detail::scope_clip(p, s, absmax);
+  seg.saturate_at = detail::saturation_bound(p, seg.clip);
+  seg.inv_step = inv_step_for_clip(seg.clip, p.bits);
+  seg.step = step_for_clip(seg.clip, p.bits);
+  scales[s] = seg.step;
+  st.absmax = std::max(st.absmax, absmax);
+}
+
+void check_quantize_args(const float* x, int64_t count, const QuantParams& p, const uint8_t* codes,
+                         const float* scales) {
+  validate(p);
+  INT4DDP_CHECK(count >= 0, "quantizer: count = ", count, " is negative");
+  INT4DDP_CHECK(count == 0 || (x && codes && scales), "quantizer: null buffer for ", count,
+                " elements");
+}
 
 std::atomic<int> g_isa{-1};
 
@@ -114,10 +136,7 @@ bool isa_allows(Isa isa) { return static_cast<int>(current_isa()) >= static_cast
 
 QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParams& p,
                         uint8_t* codes, float* scales) {
-  validate(p);
-  INT4DDP_CHECK(count >= 0, "quantizer: count = ", count, " is negative");
-  INT4DDP_CHECK(count == 0 || (x && codes && scales), "quantizer: null buffer for ", count,
-                " elements");
+  check_quantize_args(x, count, p, codes, scales);
   const detail::CodecKernels& k = kernels_for(isa);
   QuantStats st;
   st.count = count;
@@ -136,7 +155,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
   };
 
   const bool fused = k.quantize_pack_int4 != nullptr && p.block_size % 2 == 0;
-  detail::SegmentQuant seg{0.0f, 0.0f, 0.0f, p.bits, p.rounding, p.key, 0, true};
+  detail::SegmentQuant seg{0.0f, 0.0f, 0.0f, p.bits, p.rounding, p.key, 0, true, 0.0f};
   for (int64_t s = 0; s < nscales; ++s) {
     const int64_t begin = s * scope;
     const int64_t end = std::min(count, begin + scope);
@@ -149,12 +168,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
         __builtin_prefetch(x + pf, 0, INT4DDP_PREFETCH_LOCALITY);
     const int64_t nonfinite_before = st.nonfinite;
     const float absmax = k.absmax(x + begin, end - begin, &st.nonfinite);
-    seg.all_finite = st.nonfinite == nonfinite_before;
-    seg.clip = detail::scope_clip(p, s, absmax);
-    seg.saturate_at = detail::saturation_bound(p, seg.clip);
-    seg.inv_step = inv_step_for_clip(seg.clip, p.bits);
-    scales[s] = step_for_clip(seg.clip, p.bits);
-    st.absmax = std::max(st.absmax, absmax);
+    begin_scope(p, s, absmax, st.nonfinite == nonfinite_before, seg, scales, st);
     if (p.bits != 4) {
       seg.first_index = p.index_offset + begin;
       st.clipped +=
@@ -180,6 +194,59 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
   return st;
 }
 
+QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_t count,
+                                 const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
+                                 float* dq_out, bool stream_e_out) {
+  const detail::CodecKernels& k = kernels_for(isa);
+  if (!(k.quantize_pack_int4_feedback && p.bits == 4 && p.block_size % 2 == 0)) {
+    // Step by step: v, quantize, dequantize, subtract (buffers kept per thread).
+    thread_local std::vector<float> v_buf, dq_buf;
+    const float* v = x;
+    if (e && count > 0) {
+      v_buf.resize(static_cast<size_t>(count));
+      for (int64_t i = 0; i < count; ++i) v_buf[static_cast<size_t>(i)] = x[i] + e[i];
+      v = v_buf.data();
+    }
+    const QuantStats st = quantize_isa(isa, v, count, p, codes, scales);
+    if (!e_out && !dq_out) return st;
+    float* dq = dq_out;
+    if (!dq) {
+      dq_buf.resize(static_cast<size_t>(count));
+      dq = dq_buf.data();
+    }
+    dequantize_isa(isa, codes, scales, count, p.bits, p.block_size, dq);
+    if (e_out)
+      for (int64_t i = 0; i < count; ++i) e_out[i] = v[i] - dq[i];
+    return st;
+  }
+  check_quantize_args(x, count, p, codes, scales);
+  QuantStats st;
+  st.count = count;
+  const int64_t scope = p.block_size == 0 ? count : p.block_size;
+  const int64_t nscales = num_scales(count, p.block_size);
+  detail::SegmentQuant seg{0.0f, 0.0f, 0.0f, p.bits, p.rounding, p.key, 0, true, 0.0f};
+  bool streamed = false;
+  for (int64_t s = 0; s < nscales; ++s) {
+    const int64_t begin = s * scope;
+    const int64_t n = std::min(count, begin + scope) - begin;
+    const int64_t nonfinite_before = st.nonfinite;
+    const float absmax = e ? k.absmax_sum(x + begin, e + begin, n, &st.nonfinite)
+                           : k.absmax(x + begin, n, &st.nonfinite);
+    begin_scope(p, s, absmax, st.nonfinite == nonfinite_before, seg, scales, st);
+    seg.first_index = p.index_offset + begin;
+    const bool stream =
+        stream_e_out && e_out && (reinterpret_cast<uintptr_t>(e_out + begin) & 15) == 0;
+    streamed |= stream;
+    const detail::Feedback fb{e ? e + begin : nullptr, e_out ? e_out + begin : nullptr,
+                              dq_out ? dq_out + begin : nullptr, stream};
+    st.clipped += k.quantize_pack_int4_feedback(x + begin, fb, n, seg, codes + begin / 2);
+  }
+#if defined(__SSE__)
+  if (streamed) _mm_sfence();
+#endif
+  return st;
+}
+
 int64_t quantize_piece(const float* x, int64_t count, const QuantParams& p, float absmax,
                        bool all_finite, int8_t* codes) {
   validate(p);
@@ -196,7 +263,8 @@ int64_t quantize_piece(const float* x, int64_t count, const QuantParams& p, floa
                                  p.rounding,
                                  p.key,
                                  p.index_offset,
-                                 all_finite};
+                                 all_finite,
+                                 step_for_clip(clip, p.bits)};
   return kernels_for(current_isa()).quantize_segment(x, count, seg, codes);
 }
 
@@ -256,6 +324,13 @@ float finite_absmax(const float* x, int64_t count, int64_t* nonfinite) {
 QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
                     float* scales) {
   return quantize_isa(current_isa(), x, count, p, codes, scales);
+}
+
+QuantStats quantize_feedback(const float* x, const float* e, int64_t count, const QuantParams& p,
+                             uint8_t* codes, float* scales, float* e_out, float* dq_out,
+                             bool stream_e_out) {
+  return quantize_feedback_isa(current_isa(), x, e, count, p, codes, scales, e_out, dq_out,
+                               stream_e_out);
 }
 
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,

@@ -89,6 +89,23 @@ QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
                 int64_t block_size, float* out);
 
+// Quantization with error feedback in one pass (the two-shot all-reduce's steps 3 and 5): with
+// v[i] = fl(x[i] + e[i]) (or v = x when e is null), the codes, scales and stats are exactly those
+// of quantize(v), and with x^[i] = the value dequantize() gives for code i:
+//   e_out[i] = fl(v[i] - x^[i])   (when e_out is not null)
+//   dq_out[i] = x^[i]             (when dq_out is not null)
+// e_out may be e (in place); no other output may overlap an input. The AVX2 kernel does this in
+// one pass per scope (plus the absmax pass) for INT4 with an even block size; other cases make v,
+// quantize, dequantize and subtract in turn, with the same bits.
+QuantStats quantize_feedback_ref(const float* x, const float* e, int64_t count,
+                                 const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
+                                 float* dq_out);
+// stream_e_out: write e_out with non-temporal stores where the kernel can (an error buffer larger
+// than the cache, read again only at the next step); the same values either way.
+QuantStats quantize_feedback(const float* x, const float* e, int64_t count, const QuantParams& p,
+                             uint8_t* codes, float* scales, float* e_out, float* dq_out,
+                             bool stream_e_out = false);
+
 // max |x| over the finite elements of x (0 if none), the scale basis of quantize(); adds the number
 // of NaN/Inf elements to *nonfinite when it is not null. Uses the same fast kernels as quantize().
 float finite_absmax(const float* x, int64_t count, int64_t* nonfinite = nullptr);
@@ -121,6 +138,9 @@ bool isa_allows(Isa isa);
 // The same fast path with an explicit ISA (thread-safe; used by tests to compare every ISA).
 QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParams& p,
                         uint8_t* codes, float* scales);
+QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_t count,
+                                 const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
+                                 float* dq_out, bool stream_e_out = false);
 void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t count, int bits,
                     int64_t block_size, float* out);
 

@@ -10,6 +10,9 @@
 // otherwise in element order, read back from each element's own half-word (any first index, no
 // scalar head). The fused quantize prefetches its own input ahead (kPrefetchAhead); the driver
 // then does not. INT4 decodes of 32 MiB and more take the streaming kernel (non-temporal stores).
+// The error-feedback variant of the fused INT4 quantize (quantize_feedback) adds e to x as it loads
+// it and writes v - x^ (optionally streamed) and x^ from the codes it has just made, in the same
+// steps.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -250,6 +253,8 @@ struct QuantConsts {
   __m256 inv, clip, hi, fmax;
   __m256i lo8;            // -L in every byte
   __m256 sat_hi, sat_lo;  // +-SegmentQuant::saturate_at (+-inf: no saturation)
+  __m256 step;            // d (error feedback: x^ = code * d)
+  __m256i lo32;           // -L in every int32 (error feedback: the code's lower clamp)
 };
 
 // int32 codes of 8 elements (non-finite lanes 0), z = x * r then the rounding of format.h, clamped
@@ -261,8 +266,7 @@ struct QuantConsts {
 // and are zeroed by the finite mask. kSaturate: clamp x to +-saturate_at first (given clips; a NaN
 // lane becomes sat_hi and is zeroed the same way).
 template <bool kStochastic, bool kAllFinite, bool kSaturate>
-inline __m256i quant8(const float* x, const QuantConsts& c, __m256 u, __m256i* clip_count) {
-  const __m256 v = _mm256_loadu_ps(x);
+inline __m256i quant8(__m256 v, const QuantConsts& c, __m256 u, __m256i* clip_count) {
   const __m256 a = abs_ps(v);
   __m256 clipped = _mm256_cmp_ps(a, c.clip, _CMP_GT_OQ);
   __m256 fin;
@@ -361,16 +365,37 @@ constexpr int64_t kPrefetchAhead = 2048;
 // Everything is passed by value so that the constants stay in registers across the stores (a
 // closure captured by reference was reloaded from the stack after every store). Returns the
 // negated per-lane clipped counts.
+// kFeedback: v = x + fb.e (where fb.e is set) is quantized, and fb.e_out = v - x^, fb.dq_out = x^
+// are written where set (fb's pointers at x[0]; x^ = max(q, -L) * d, the code dequantize() reads).
 template <bool kStochastic, bool kAllFinite, bool kPack, bool kSaturate, bool kPairs,
-          typename Between>
-inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const QuantConsts c,
-                          uint8_t* out, Between&& between) {
+          bool kFeedback, typename Between>
+INT4DDP_ALWAYS_INLINE __m256i quant_body(const float* x, int64_t m, const uint16_t* h,
+                                         const QuantConsts c, const Feedback fb, uint8_t* out,
+                                         Between&& between) {
   __m256i count = _mm256_setzero_si256();
-  auto step32 = [&](int64_t i) {
+  auto step32 = [&](int64_t i) __attribute__((always_inline)) {
     __m256 u[4];
     if constexpr (kStochastic) uniforms32<kPairs>(h + i, u);
-    auto q8 = [&](int k) {
-      return quant8<kStochastic, kAllFinite, kSaturate>(x + i + 8 * k, c, u[k], &count);
+    auto q8 = [&](int k) __attribute__((always_inline)) {
+      const int64_t at = i + 8 * k;
+      __m256 v = _mm256_loadu_ps(x + at);
+      if constexpr (kFeedback)
+        if (fb.e) v = _mm256_add_ps(v, _mm256_loadu_ps(fb.e + at));
+      const __m256i q = quant8<kStochastic, kAllFinite, kSaturate>(v, c, u[k], &count);
+      if constexpr (kFeedback) {
+        const __m256 dq = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_max_epi32(q, c.lo32)), c.step);
+        if (fb.e_out) {
+          const __m256 err = _mm256_sub_ps(v, dq);
+          if (fb.stream_e_out) {
+            _mm_stream_ps(fb.e_out + at, _mm256_castps256_ps128(err));
+            _mm_stream_ps(fb.e_out + at + 4, _mm256_extractf128_ps(err, 1));
+          } else {
+            _mm256_storeu_ps(fb.e_out + at, err);
+          }
+        }
+        if (fb.dq_out) _mm256_storeu_ps(fb.dq_out + at, dq);
+      }
+      return q;
     };
     const __m256i a = q8(0), b = q8(1), cc = q8(2), d = q8(3);
     return codes_to_bytes(a, b, cc, d, c.lo8);
@@ -379,8 +404,12 @@ inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const Qu
   if constexpr (kPack) {
     for (; i + 64 <= m; i += 64) {
       between();
-      for (int l = 0; l < 64; l += 16)
+      for (int l = 0; l < 64; l += 16) {
         _mm_prefetch(reinterpret_cast<const char*>(x + i + l + kPrefetchAhead), _MM_HINT_T0);
+        if constexpr (kFeedback)
+          if (fb.e)
+            _mm_prefetch(reinterpret_cast<const char*>(fb.e + i + l + kPrefetchAhead), _MM_HINT_T0);
+      }
       const __m256i b0 = step32(i);
       const __m256i b1 = step32(i + 32);
       emit64_packed(b0, b1, out + i / 2);
@@ -399,8 +428,11 @@ inline __m256i quant_body(const float* x, int64_t m, const uint16_t* h, const Qu
 // not allow) into an L1-resident buffer: in the pair layout when the segment starts a group and the
 // high counter word does not change inside it, else in element order, read back as 16-bit
 // uniforms from the element's own half-word, so any first_index works without a scalar head.
-template <bool kStochastic, bool kAllFinite, bool kPack, bool kSaturate>
-int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* out) {
+// kFeedback (kPack only): the error-feedback streams of fb as in quant_body.
+template <bool kStochastic, bool kAllFinite, bool kPack, bool kSaturate, bool kFeedback = false>
+int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* out,
+                      const Feedback& fb) {
+  static_assert(kPack || !kFeedback, "error feedback is fused into the INT4 kernels only");
   const float lim = static_cast<float>(levels(q.bits));
   const QuantConsts c{_mm256_set1_ps(q.inv_step),
                       _mm256_set1_ps(q.clip),
@@ -408,14 +440,19 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
                       _mm256_set1_ps(FLT_MAX),
                       _mm256_set1_epi8(static_cast<char>(-levels(q.bits))),
                       _mm256_set1_ps(q.saturate_at),
-                      _mm256_set1_ps(-q.saturate_at)};
+                      _mm256_set1_ps(-q.saturate_at),
+                      _mm256_set1_ps(q.step),
+                      _mm256_set1_epi32(-levels(q.bits))};
   uint8_t* const bytes_out = static_cast<uint8_t*>(out);
   auto out_at = [&](int64_t i) { return bytes_out + (kPack ? i / 2 : i); };
   __m256i count = _mm256_setzero_si256();
   auto body = [&](int64_t c0, int64_t m, const uint16_t* h, auto pairs, auto&& between) {
+    const Feedback fb0{fb.e ? fb.e + c0 : nullptr, fb.e_out ? fb.e_out + c0 : nullptr,
+                       fb.dq_out ? fb.dq_out + c0 : nullptr, fb.stream_e_out};
     count = _mm256_add_epi32(
-        count, quant_body<kStochastic, kAllFinite, kPack, kSaturate, decltype(pairs)::value>(
-                   x + c0, m, h, c, out_at(c0), between));
+        count,
+        quant_body<kStochastic, kAllFinite, kPack, kSaturate, decltype(pairs)::value, kFeedback>(
+            x + c0, m, h, c, fb0, out_at(c0), between));
   };
   const int64_t nv = n / 32 * 32;
   if constexpr (kStochastic) {
@@ -470,8 +507,20 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
     SegmentQuant tail = q;
     tail.first_index = q.first_index + nv;
     int8_t codes[32];
-    clipped += quantize_segment_scalar(x + nv, n - nv, tail,
-                                       kPack ? codes : static_cast<int8_t*>(out) + nv);
+    const float* xt = x + nv;
+    float vt[32];
+    if (kFeedback && fb.e) {
+      for (int64_t k = 0; k < n - nv; ++k) vt[k] = x[nv + k] + fb.e[nv + k];
+      xt = vt;
+    }
+    clipped +=
+        quantize_segment_scalar(xt, n - nv, tail, kPack ? codes : static_cast<int8_t*>(out) + nv);
+    if constexpr (kFeedback)
+      for (int64_t k = 0; k < n - nv; ++k) {
+        const float dq = dequantize_value(codes[k], q.step);
+        if (fb.e_out) fb.e_out[nv + k] = xt[k] - dq;
+        if (fb.dq_out) fb.dq_out[nv + k] = dq;
+      }
     if constexpr (kPack) {
       uint8_t* o = out_at(nv);
       const int64_t t = n - nv;
@@ -482,27 +531,79 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
   return clipped;
 }
 
-using QuantSegmentFn = int64_t (*)(const float*, int64_t, const SegmentQuant&, void*);
+using QuantSegmentFn = int64_t (*)(const float*, int64_t, const SegmentQuant&, void*,
+                                   const Feedback&);
 // [stochastic][all_finite]
-template <bool kPack, bool kSaturate>
+template <bool kPack, bool kSaturate, bool kFeedback>
 constexpr QuantSegmentFn kQuantSegments[2][2] = {
-    {quant_segment<false, false, kPack, kSaturate>, quant_segment<false, true, kPack, kSaturate>},
-    {quant_segment<true, false, kPack, kSaturate>, quant_segment<true, true, kPack, kSaturate>}};
+    {quant_segment<false, false, kPack, kSaturate, kFeedback>,
+     quant_segment<false, true, kPack, kSaturate, kFeedback>},
+    {quant_segment<true, false, kPack, kSaturate, kFeedback>,
+     quant_segment<true, true, kPack, kSaturate, kFeedback>}};
 
 // Given clips (saturate_at finite) take the saturating instances; the others pay nothing for them.
-template <bool kPack>
+template <bool kPack, bool kFeedback = false>
 QuantSegmentFn quant_segment_for(const SegmentQuant& q) {
   const bool stoch = q.rounding == Rounding::kStochastic;
-  return q.saturate_at <= FLT_MAX ? kQuantSegments<kPack, true>[stoch][q.all_finite]
-                                  : kQuantSegments<kPack, false>[stoch][q.all_finite];
+  return q.saturate_at <= FLT_MAX ? kQuantSegments<kPack, true, kFeedback>[stoch][q.all_finite]
+                                  : kQuantSegments<kPack, false, kFeedback>[stoch][q.all_finite];
 }
 
 int64_t quantize_segment_avx2(const float* x, int64_t n, const SegmentQuant& q, int8_t* codes) {
-  return quant_segment_for<false>(q)(x, n, q, codes);
+  return quant_segment_for<false>(q)(x, n, q, codes, Feedback{});
 }
 
 int64_t quantize_pack_int4_avx2(const float* x, int64_t n, const SegmentQuant& q, uint8_t* out) {
-  return quant_segment_for<true>(q)(x, n, q, out);
+  return quant_segment_for<true>(q)(x, n, q, out, Feedback{});
+}
+
+int64_t quantize_pack_int4_feedback_avx2(const float* x, const Feedback& fb, int64_t n,
+                                         const SegmentQuant& q, uint8_t* out) {
+  return quant_segment_for<true, true>(q)(x, n, q, out, fb);
+}
+
+// max |x + e| over the finite sums (0 if none), as absmax_avx2 of the materialised sums.
+float absmax_sum_avx2(const float* x, const float* e, int64_t n, int64_t* nonfinite) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  __m256i m0 = _mm256_setzero_si256(), m1 = m0;
+  auto bits = [&](int64_t i) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(e + i));
+    return _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    m0 = _mm256_max_epi32(m0, bits(i));
+    m1 = _mm256_max_epi32(m1, bits(i + 8));
+  }
+  for (; i + 8 <= n; i += 8) m0 = _mm256_max_epi32(m0, bits(i));
+  m0 = _mm256_max_epi32(m0, m1);
+  __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m0), _mm256_extracti128_si256(m0, 1));
+  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+  uint32_t m = static_cast<uint32_t>(_mm_cvtsi128_si32(h));
+  for (; i < n; ++i) {
+    const float v = x[i] + e[i];
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    b &= 0x7fffffffu;
+    m = m > b ? m : b;
+  }
+  if (m > 0x7f7fffffu) {  // a NaN or an Inf among the sums: the careful scan of them
+    float r = 0.0f;
+    int64_t bad = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = x[k] + e[k];
+      if (is_finite_value(v))
+        r = r > __builtin_fabsf(v) ? r : __builtin_fabsf(v);
+      else
+        ++bad;
+    }
+    *nonfinite += bad;
+    return r;
+  }
+  float r;
+  std::memcpy(&r, &m, 4);
+  return r;
 }
 
 void pack_int4_avx2(const int8_t* codes, int64_t n, uint8_t* out) {
@@ -623,6 +724,8 @@ extern const CodecKernels kAvx2Kernels = {absmax_avx2,
                                           dequantize_segment_avx2,
                                           quantize_pack_int4_avx2,
                                           unpack_dequantize_int4_avx2,
-                                          unpack_dequantize_int4_stream_avx2};
+                                          unpack_dequantize_int4_stream_avx2,
+                                          absmax_sum_avx2,
+                                          quantize_pack_int4_feedback_avx2};
 
 }  // namespace int4ddp::quant::detail

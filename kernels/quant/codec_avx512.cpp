@@ -446,6 +446,8 @@ extern const CodecKernels kAvx512Kernels = {absmax_avx512,
                                             dequantize_segment_avx512,
                                             quantize_pack_int4_avx512,
                                             unpack_dequantize_int4_avx512,
+                                            nullptr,
+                                            nullptr,
                                             nullptr};
 
 }  // namespace int4ddp::quant::detail

@@ -24,6 +24,15 @@ struct SegmentQuant {
   RngKey key;
   int64_t first_index;  // global index of the segment's first element
   bool all_finite;      // the scope holds no NaN/Inf (lets kernels skip the masking)
+  float step = 0.0f;    // d = step_for_clip(clip, bits): the fused error feedback's x^ = q d
+};
+
+// The error-feedback streams of a fused quantize (quantize_feedback), offset like x.
+struct Feedback {
+  const float* e = nullptr;   // v = x + e (null: v = x)
+  float* e_out = nullptr;     // v - x^ (null: not written)
+  float* dq_out = nullptr;    // x^, the dequantized codes (null: not written)
+  bool stream_e_out = false;  // e_out (16-byte aligned) with non-temporal stores; caller fences
 };
 
 struct CodecKernels {
@@ -49,6 +58,11 @@ struct CodecKernels {
   // output is not read for allocation first. The caller issues a store fence after the last call.
   void (*unpack_dequantize_int4_stream)(const uint8_t* in, int64_t lead, int64_t n, float step,
                                         float* out);
+  // Optional fused INT4 error feedback (quantize_feedback): the absmax of v = x + e, and
+  // quantize_pack_int4 of v that also writes fb.e_out = v - x^ and fb.dq_out = x^ where not null.
+  float (*absmax_sum)(const float* x, const float* e, int64_t n, int64_t* nonfinite);
+  int64_t (*quantize_pack_int4_feedback)(const float* x, const Feedback& fb, int64_t n,
+                                         const SegmentQuant& q, uint8_t* out);
 };
 
 extern const CodecKernels kPortableKernels;

@@ -61,6 +61,8 @@ extern const CodecKernels kPortableKernels = {absmax_portable,
                                               dequantize_segment_portable,
                                               nullptr,
                                               nullptr,
+                                              nullptr,
+                                              nullptr,
                                               nullptr};
 
 }  // namespace int4ddp::quant::detail

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "kernels/common/error.h"
 #include "kernels/quant/codec.h"
@@ -108,6 +109,24 @@ void dequantize_ref(const uint8_t* codes, const float* scales, int64_t count, in
       q = i % 2 == 0 ? unpack_lo(codes[i / 2]) : unpack_hi(codes[i / 2]);
     out[i] = dequantize_value(q, scales[i / scope]);
   }
+}
+
+QuantStats quantize_feedback_ref(const float* x, const float* e, int64_t count,
+                                 const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
+                                 float* dq_out) {
+  check_buffers(x, count, codes, scales);
+  std::vector<float> v(x, x + count);
+  if (e)
+    for (int64_t i = 0; i < count; ++i) v[static_cast<size_t>(i)] = x[i] + e[i];
+  const QuantStats st = quantize_ref(v.data(), count, p, codes, scales);
+  std::vector<float> dq(static_cast<size_t>(count));
+  dequantize_ref(codes, scales, count, p.bits, p.block_size, dq.data());
+  for (int64_t i = 0; i < count; ++i) {
+    const size_t k = static_cast<size_t>(i);
+    if (e_out) e_out[i] = v[k] - dq[k];
+    if (dq_out) dq_out[i] = dq[k];
+  }
+  return st;
 }
 
 }  // namespace int4ddp::quant
