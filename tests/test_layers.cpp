@@ -415,6 +415,39 @@ TEST(MaxPool2d, MatchesPlainDefinition) {
   EXPECT_THROW(pool.forward(tiny, y, true), Error);
 }
 
+// MaxPool2d's window-2 stride-2 fast path (8 outputs per AVX2 step, a scalar tail) against its
+// plain scan: the same y bit for bit and the same argmax (backward with a distinct dy per output
+// gives the same dx), on rows wide enough for several vector steps and tails, with NaNs (first,
+// later, several in a window), ties, +-0 and +-inf.
+TEST(MaxPool2d, FastPathMatchesPlainScan) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  for (auto [h, w] : {std::pair<int64_t, int64_t>{2, 2}, {3, 17}, {16, 16}, {5, 33}, {4, 48}}) {
+    SCOPED_TRACE(testing::Message() << "h=" << h << " w=" << w);
+    Tensor x({2, 3, h, w});
+    fill_normal(x, 90);
+    std::mt19937 rng(91);
+    const float specials[] = {nan, -nan, inf, -inf, 0.0f, -0.0f, 1.0f};
+    for (int64_t k = 0; k < x.numel() / 4; ++k) {
+      const int64_t i = static_cast<int64_t>(rng() % static_cast<uint32_t>(x.numel()));
+      x[i] = specials[rng() % 7];
+    }
+    for (int64_t i = 1; i < x.numel(); i += 5) x[i] = x[i - 1];  // ties with the left neighbour
+    MaxPool2d fast("pool", 2), plain("pool", 2);
+    Tensor y, y_ref, dx, dx_ref;
+    fast.forward(x, y, true);
+    plain.forward_reference(x, y_ref);
+    ASSERT_EQ(y.shape(), y_ref.shape());
+    ASSERT_EQ(std::memcmp(y.data(), y_ref.data(), sizeof(float) * y.numel()), 0);
+    Tensor dy(y.shape());
+    for (int64_t i = 0; i < dy.numel(); ++i) dy[i] = static_cast<float>(i + 1);
+    fast.backward(x, y, dy, &dx);
+    plain.backward(x, y_ref, dy, &dx_ref);
+    for (int64_t i = 0; i < x.numel(); ++i)
+      ASSERT_EQ(dx[i], dx_ref[i]) << "argmax differs at " << i;
+  }
+}
+
 // Option A (resnet20's: identity, or subsample and zero-pad) and option B (resnet18's: a 1x1
 // projection + BN where the shape changes, by stride 2 or by channels alone).
 TEST(LayerGrad, ResidualBlockShortcuts) {
