@@ -365,9 +365,8 @@ TEST(LayerGrad, OverlappingPaddedMaxPool) {
 
 // MaxPool2d against the plain definition: y = max over the window of x padded with -inf (NaN
 // wins), dx[i] = the sum of dy over the outputs whose first maximum is i. Exact: no arithmetic but
-// sums of at most four terms, which the reference adds in the same (output) order. The 2-2-0
-// geometry runs forward's and backward's fast paths (odd sides leave rows and columns in no
-// window).
+// sums of at most four terms, which the reference adds in the same (output) order: dx bit for bit
+// (a -0 in dy gives +0). The 2-2-0 geometry runs forward's fast path.
 TEST(MaxPool2d, MatchesPlainDefinition) {
   const int64_t n = 2, c = 3;
   for (auto [k, s, p] : {std::tuple<int, int, int>{3, 2, 1}, {2, 2, 0}, {3, 1, 1}, {4, 3, 2}})

@@ -257,7 +257,6 @@ class MaxPool2d : public Layer {
   void size_outputs(const Tensor& x, Tensor& y);    // checks x; sizes y and argmax_
   void scan_reference(const Tensor& x, Tensor& y);  // the plain scan, any geometry
   void forward_2x2(const Tensor& x, Tensor& y);     // window 2, stride 2, no padding
-  void backward_2x2(const Tensor& dy, Tensor* dx);  // window 2, stride 2, no padding
   std::string name_;
   int window_, stride_, pad_;
   // (n, c, ho, wo): the index of each output's maximum in its (h, w) input plane.

@@ -286,10 +286,6 @@ void MaxPool2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Ten
   const int64_t c = x.dim(1), hw = x.dim(2) * x.dim(3);
   const int64_t howo = y.dim(2) * y.dim(3);
   dx->resize(x.shape());
-  if (window_ == 2 && stride_ == 2 && pad_ == 0) {
-    backward_2x2(dy, dx);
-    return;
-  }
   // Overlapping windows (stride < window) add into the same element: each plane is one thread's,
   // in output order, so the sums do not depend on the thread count.
   for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
@@ -297,36 +293,6 @@ void MaxPool2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Ten
     for (int64_t p = s0 * c; p < s1 * c; ++p)
       for (int64_t o = 0; o < howo; ++o)
         (*dx)[p * hw + argmax_[static_cast<size_t>(p * howo + o)]] += dy[p * howo + o];
-  });
-}
-
-// Window 2, stride 2, no padding: the windows do not overlap, so each input element gets 0 + dy of
-// the output whose maximum it is (the general path's zeroed dx plus dy, -0 included) or 0, written
-// window by window instead of zeroing dx and adding into it.
-void MaxPool2d::backward_2x2(const Tensor& dy, Tensor* dx) {
-  const int64_t c = dx->dim(1), h = dx->dim(2), w = dx->dim(3), ho = dy.dim(2), wo = dy.dim(3);
-  const int32_t w32 = static_cast<int32_t>(w);
-  for_parts(dx->dim(0), [&](int64_t s0, int64_t s1) {
-    for (int64_t p = s0 * c; p < s1 * c; ++p) {
-      float* plane = dx->data() + p * h * w;
-      const float* g = dy.data() + p * ho * wo;
-      const int32_t* arg = argmax_.data() + p * ho * wo;
-      for (int64_t oy = 0; oy < ho; ++oy) {
-        float* r0 = plane + 2 * oy * w;
-        float* r1 = r0 + w;
-        for (int64_t ox = 0; ox < wo; ++ox) {
-          const float v = 0.0f + g[oy * wo + ox];
-          // The maximum's offset in its window: 0, 1, w or w + 1.
-          const int32_t a = arg[oy * wo + ox] - static_cast<int32_t>(2 * oy * w + 2 * ox);
-          r0[2 * ox] = a == 0 ? v : 0.0f;
-          r0[2 * ox + 1] = a == 1 ? v : 0.0f;
-          r1[2 * ox] = a == w32 ? v : 0.0f;
-          r1[2 * ox + 1] = a == w32 + 1 ? v : 0.0f;
-        }
-        for (int64_t col = 2 * wo; col < w; ++col) r0[col] = r1[col] = 0.0f;  // in no window
-      }
-      std::fill(plane + 2 * ho * w, plane + h * w, 0.0f);  // rows in no window
-    }
   });
 }
 
