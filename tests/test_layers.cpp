@@ -365,7 +365,8 @@ TEST(LayerGrad, OverlappingPaddedMaxPool) {
 
 // MaxPool2d against the plain definition: y = max over the window of x padded with -inf (NaN
 // wins), dx[i] = the sum of dy over the outputs whose first maximum is i. Exact: no arithmetic but
-// sums of at most four terms, which the reference adds in the same (output) order.
+// sums of at most four terms, which the reference adds in the same (output) order: dx bit for bit
+// (a -0 in dy gives +0). The 2-2-0 geometry runs forward's fast path.
 TEST(MaxPool2d, MatchesPlainDefinition) {
   const int64_t n = 2, c = 3;
   for (auto [k, s, p] : {std::tuple<int, int, int>{3, 2, 1}, {2, 2, 0}, {3, 1, 1}, {4, 3, 2}})
@@ -383,6 +384,7 @@ TEST(MaxPool2d, MatchesPlainDefinition) {
       ASSERT_EQ(y.shape(), (Shape{n, c, ho, wo}));
       Tensor dy(y.shape());
       fill_normal(dy, 81);
+      dy[0] = dy[3] = -0.0f;  // dx gets 0 + dy: +0
       pool.backward(x, y, dy, &dx);
       std::vector<float> dref(static_cast<size_t>(x.numel()), 0.0f);
       for (int64_t pl = 0; pl < n * c; ++pl)
@@ -406,13 +408,48 @@ TEST(MaxPool2d, MatchesPlainDefinition) {
               EXPECT_EQ(y[o], best) << "y " << o;
             dref[static_cast<size_t>(arg)] += dy[o];
           }
-      for (int64_t i = 0; i < x.numel(); ++i) EXPECT_EQ(dx[i], dref[i]) << "dx " << i;
+      for (int64_t i = 0; i < x.numel(); ++i)
+        EXPECT_EQ(std::memcmp(&dx[i], &dref[static_cast<size_t>(i)], sizeof(float)), 0)
+            << "dx " << i << ": " << dx[i] << " vs " << dref[static_cast<size_t>(i)];
     }
   EXPECT_THROW(MaxPool2d("pool", 3, 2, 2), Error);  // pad > window / 2: an empty window
   EXPECT_THROW(MaxPool2d("pool", 3, 0, 1), Error);
   MaxPool2d pool("pool", 3, 2, 0);
   Tensor tiny({1, 1, 2, 5}), y;
   EXPECT_THROW(pool.forward(tiny, y, true), Error);
+}
+
+// MaxPool2d's window-2 stride-2 fast path (8 outputs per AVX2 step, a scalar tail) against its
+// plain scan: the same y bit for bit and the same argmax (backward with a distinct dy per output
+// gives the same dx), on rows wide enough for several vector steps and tails, with NaNs (first,
+// later, several in a window), ties, +-0 and +-inf.
+TEST(MaxPool2d, FastPathMatchesPlainScan) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  for (auto [h, w] : {std::pair<int64_t, int64_t>{2, 2}, {3, 17}, {16, 16}, {5, 33}, {4, 48}}) {
+    SCOPED_TRACE(testing::Message() << "h=" << h << " w=" << w);
+    Tensor x({2, 3, h, w});
+    fill_normal(x, 90);
+    std::mt19937 rng(91);
+    const float specials[] = {nan, -nan, inf, -inf, 0.0f, -0.0f, 1.0f};
+    for (int64_t k = 0; k < x.numel() / 4; ++k) {
+      const int64_t i = static_cast<int64_t>(rng() % static_cast<uint32_t>(x.numel()));
+      x[i] = specials[rng() % 7];
+    }
+    for (int64_t i = 1; i < x.numel(); i += 5) x[i] = x[i - 1];  // ties with the left neighbour
+    MaxPool2d fast("pool", 2), plain("pool", 2);
+    Tensor y, y_ref, dx, dx_ref;
+    fast.forward(x, y, true);
+    plain.forward_reference(x, y_ref);
+    ASSERT_EQ(y.shape(), y_ref.shape());
+    ASSERT_EQ(std::memcmp(y.data(), y_ref.data(), sizeof(float) * y.numel()), 0);
+    Tensor dy(y.shape());
+    for (int64_t i = 0; i < dy.numel(); ++i) dy[i] = static_cast<float>(i + 1);
+    fast.backward(x, y, dy, &dx);
+    plain.backward(x, y_ref, dy, &dx_ref);
+    for (int64_t i = 0; i < x.numel(); ++i)
+      ASSERT_EQ(dx[i], dx_ref[i]) << "argmax differs at " << i;
+  }
 }
 
 // Option A (resnet20's: identity, or subsample and zero-pad) and option B (resnet18's: a 1x1

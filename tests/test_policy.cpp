@@ -401,7 +401,13 @@ INSTANTIATE_TEST_SUITE_P(
         CalibCase{Dist::kTies, 4097, 4, 1e-3}, CalibCase{Dist::kTies, 30000, 3, 0.05},
         CalibCase{Dist::kSparse, 30000, 4, 1e-3}, CalibCase{Dist::kSparse, 4097, 4, 1e-3},
         CalibCase{Dist::kOnThresholds, 4097, 4, 1e-3},
-        CalibCase{Dist::kOnThresholds, 30000, 2, 0.05}),
+        CalibCase{Dist::kOnThresholds, 30000, 2, 0.05},
+        // n where the fast version's sorted tail (1/64 of n at first) is a small part of the
+        // tensor; with alpha = 0.05 the loop stops at a clip fraction of several percent, so the
+        // tail grows a few times (uniform: to 1/8 of n).
+        CalibCase{Dist::kGaussian, 1 << 18, 4, 1e-3}, CalibCase{Dist::kLaplace, 1 << 18, 4, 1e-3},
+        CalibCase{Dist::kStudentT, 1 << 18, 8, 1e-3}, CalibCase{Dist::kTies, 1 << 18, 4, 0.05},
+        CalibCase{Dist::kUniform, 1 << 18, 4, 0.05}),
     [](const ::testing::TestParamInfo<CalibCase>& tp) {
       return std::string(dist_name(tp.param.dist)) + "_n" + std::to_string(tp.param.n) + "_b" +
              std::to_string(tp.param.bits) + "_" + std::to_string(tp.index);

@@ -312,15 +312,52 @@ std::optional<float> calibrate_lbt_plain(const float* g, int64_t n, double targe
   return calibration_loop(count_above, n, absmax, target);
 }
 
+namespace {
+
+// #{mags > threshold} for the non-increasing thresholds of the calibration loop, from magnitudes
+// that are only as sorted as the thresholds need: mags[lo, n) is sorted ascending and every element
+// of mags[0, lo) is <= mags[lo]. A threshold >= mags[lo] is then above every element of the
+// unsorted head, so the count is a binary search in the sorted tail. A lower threshold first grows
+// the tail (doubling it): nth_element splits the head at its new boundary and the part above it is
+// sorted, which keeps both properties. The loop stops while the clipped fraction is small, so the
+// tail usually stays a small fraction of n: O(n) selections instead of one O(n log n) sort. The
+// counts are exact, so the loop sees the same numbers as with a full sort.
+class SortedTail {
+ public:
+  explicit SortedTail(std::vector<float> mags) : mags_(std::move(mags)), lo_(mags_.size()) {}
+
+  int64_t count_above(float threshold) {
+    while (lo_ > 0 && (lo_ == mags_.size() || threshold < mags_[lo_])) grow();
+    const auto tail = mags_.begin() + static_cast<std::ptrdiff_t>(lo_);
+    return static_cast<int64_t>(mags_.end() - std::upper_bound(tail, mags_.end(), threshold));
+  }
+
+ private:
+  void grow() {
+    constexpr size_t kFirstTail = 1024;  // and at least 1/64 of the elements
+    const size_t tail = mags_.size() - lo_;
+    const size_t want = std::max({kFirstTail, mags_.size() / 64, 2 * tail});
+    const size_t new_lo = want >= mags_.size() ? 0 : mags_.size() - want;
+    const auto first = mags_.begin(), mid = first + static_cast<std::ptrdiff_t>(new_lo),
+               last = first + static_cast<std::ptrdiff_t>(lo_);
+    if (new_lo > 0) std::nth_element(first, mid, last);
+    std::sort(mid, last);
+    lo_ = new_lo;
+  }
+
+  std::vector<float> mags_;
+  size_t lo_;  // mags_[lo_, size) sorted, mags_[0, lo_) <= mags_[lo_]
+};
+
+}  // namespace
+
 std::optional<float> calibrate_lbt(const float* g, int64_t n, double target) {
   const float absmax = calibration_absmax(g, n, target);
   if (!(absmax > 0.0f)) return std::nullopt;
   std::vector<float> mags(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) mags[static_cast<size_t>(i)] = std::fabs(g[i]);
-  std::sort(mags.begin(), mags.end());
-  auto count_above = [&mags](float threshold) {
-    return static_cast<int64_t>(mags.end() - std::upper_bound(mags.begin(), mags.end(), threshold));
-  };
+  SortedTail sorted(std::move(mags));
+  auto count_above = [&sorted](float threshold) { return sorted.count_above(threshold); };
   return calibration_loop(count_above, n, absmax, target);
 }
 

@@ -122,8 +122,9 @@ std::unique_ptr<IntervalPolicy> make_policy(const PolicyConfig& cfg);
 // Both return std::nullopt (not calibrated) for n == 0, an all-zero g or any non-finite element.
 //
 // calibrate_lbt_plain: O(n) per iteration, the definition.
-// calibrate_lbt:       sorts the magnitudes once, then O(log n) per iteration; the same gamma, bit
-//                      for bit (tested).
+// calibrate_lbt:       sorts only the largest magnitudes the loop reaches (selections that grow a
+//                      sorted tail), then O(log n) per iteration; the same gamma, bit for bit
+//                      (tested).
 std::optional<float> calibrate_lbt_plain(const float* g, int64_t n, double target);
 std::optional<float> calibrate_lbt(const float* g, int64_t n, double target);
 

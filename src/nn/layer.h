@@ -249,8 +249,14 @@ class MaxPool2d : public Layer {
   void forward(const Tensor& x, Tensor& y, bool train) override;
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
   int64_t out_size(int64_t in_size) const { return (in_size + 2 * pad_ - window_) / stride_ + 1; }
+  // forward through the plain scan for every geometry: the reference of forward's fast path for
+  // window 2, stride 2, no padding (the same y, and the same argmax for backward).
+  void forward_reference(const Tensor& x, Tensor& y);
 
  private:
+  void size_outputs(const Tensor& x, Tensor& y);    // checks x; sizes y and argmax_
+  void scan_reference(const Tensor& x, Tensor& y);  // the plain scan, any geometry
+  void forward_2x2(const Tensor& x, Tensor& y);     // window 2, stride 2, no padding
   std::string name_;
   int window_, stride_, pad_;
   // (n, c, ho, wo): the index of each output's maximum in its (h, w) input plane.

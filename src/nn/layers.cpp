@@ -1,6 +1,8 @@
 // fp32 layers (see layer.h for the contract): the batch-part helpers, Linear, ReLU, pooling,
 // Sequential, ResidualBlock and the loss. Conv2d and BatchNorm have their own files. Parameters are
 // accumulated (+=) in backward.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -8,6 +10,7 @@
 
 #include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
+#include "kernels/quant/codec.h"
 #include "src/nn/layer.h"
 
 namespace int4ddp::nn {
@@ -128,6 +131,78 @@ void ReLU::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* dx
   });
 }
 
+namespace {
+
+// MaxPool2d's scan step: v (at index i of the plane) replaces the running maximum when it is
+// larger, or when it is a NaN and the maximum is not (the first NaN wins over numbers).
+inline void pool_take(float v, int32_t i, float& best, int32_t& arg) {
+  const bool take = v > best || (std::isnan(v) && !std::isnan(best));
+  best = take ? v : best;
+  arg = take ? i : arg;
+}
+
+// One output row of a window-2, stride-2, unpadded pool: rows r0, r1 of the plane (r0 starts at
+// plane index i0), outputs ox in [from, wo). The four candidates in MaxPool2d::forward's row-major
+// order with its rule, so the same maximum and argmax.
+void pool2x2_row(const float* r0, const float* r1, int32_t i0, int32_t w, int64_t from, int64_t wo,
+                 float* y, int32_t* arg) {
+  for (int64_t ox = from; ox < wo; ++ox) {
+    const int32_t i = i0 + 2 * static_cast<int32_t>(ox);
+    float best = r0[2 * ox];
+    int32_t a = i;
+    pool_take(r0[2 * ox + 1], i + 1, best, a);
+    pool_take(r1[2 * ox], i + w, best, a);
+    pool_take(r1[2 * ox + 1], i + w + 1, best, a);
+    y[ox] = best;
+    arg[ox] = a;
+  }
+}
+
+// pool_take on 8 lanes: the ordered > and the unordered self-compares are the scalar rule's
+// operands; the blend copies v (a NaN with its payload, as the scalar assignment does).
+__attribute__((target("avx2"))) inline void pool_take8(__m256 v, __m256i i, __m256& best,
+                                                       __m256i& arg) {
+  const __m256 take = _mm256_or_ps(
+      _mm256_cmp_ps(v, best, _CMP_GT_OQ),
+      _mm256_andnot_ps(_mm256_cmp_ps(best, best, _CMP_UNORD_Q), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  best = _mm256_blendv_ps(best, v, take);
+  arg =
+      _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(arg), _mm256_castsi256_ps(i), take));
+}
+
+// The even (odd = false) or odd columns of the 16 floats lo, hi, in order.
+__attribute__((target("avx2"))) inline __m256 pool_columns(__m256 lo, __m256 hi, bool odd) {
+  const __m256 s = odd ? _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1))
+                       : _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+// pool2x2_row for 8 outputs at a time (the loads stay inside the rows: 2 * wo <= w); returns
+// the first output it left to the scalar loop.
+__attribute__((target("avx2"))) int64_t pool2x2_row_avx2(const float* r0, const float* r1,
+                                                         int32_t i0, int32_t w, int64_t wo,
+                                                         float* y, int32_t* arg) {
+  const __m256i lanes = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i one = _mm256_set1_epi32(1), down = _mm256_set1_epi32(w);
+  int64_t ox = 0;
+  for (; ox + 8 <= wo; ox += 8) {
+    const __m256 a0 = _mm256_loadu_ps(r0 + 2 * ox), a1 = _mm256_loadu_ps(r0 + 2 * ox + 8);
+    const __m256 b0 = _mm256_loadu_ps(r1 + 2 * ox), b1 = _mm256_loadu_ps(r1 + 2 * ox + 8);
+    const __m256i i = _mm256_add_epi32(_mm256_set1_epi32(i0 + 2 * static_cast<int32_t>(ox)), lanes);
+    __m256 best = pool_columns(a0, a1, false);
+    __m256i a = i;
+    pool_take8(pool_columns(a0, a1, true), _mm256_add_epi32(i, one), best, a);
+    pool_take8(pool_columns(b0, b1, false), _mm256_add_epi32(i, down), best, a);
+    pool_take8(pool_columns(b0, b1, true), _mm256_add_epi32(_mm256_add_epi32(i, down), one), best,
+               a);
+    _mm256_storeu_ps(y + ox, best);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(arg + ox), a);
+  }
+  return ox;
+}
+
+}  // namespace
+
 MaxPool2d::MaxPool2d(std::string name, int window, int stride, int pad)
     : name_(std::move(name)), window_(window), stride_(stride), pad_(pad) {
   INT4DDP_CHECK(window >= 1 && stride >= 1 && pad >= 0 && 2 * pad <= window, name_,
@@ -135,7 +210,7 @@ MaxPool2d::MaxPool2d(std::string name, int window, int stride, int pad)
                 "): needs window >= 1, stride >= 1 and 0 <= pad <= window / 2");
 }
 
-void MaxPool2d::forward(const Tensor& x, Tensor& y, bool) {
+void MaxPool2d::size_outputs(const Tensor& x, Tensor& y) {
   INT4DDP_CHECK(x.rank() == 4, name_, ": input ", shape_str(x.shape()), " is not NCHW");
   const int64_t c = x.dim(1), h = x.dim(2), w = x.dim(3);
   INT4DDP_CHECK(h + 2 * pad_ >= window_ && w + 2 * pad_ >= window_, name_, ": input ",
@@ -145,6 +220,40 @@ void MaxPool2d::forward(const Tensor& x, Tensor& y, bool) {
   const int64_t ho = out_size(h), wo = out_size(w);
   y.resize({x.dim(0), c, ho, wo});
   argmax_.resize(static_cast<size_t>(x.dim(0) * c * ho * wo));
+}
+
+void MaxPool2d::forward(const Tensor& x, Tensor& y, bool) {
+  size_outputs(x, y);
+  if (window_ == 2 && stride_ == 2 && pad_ == 0)
+    forward_2x2(x, y);
+  else
+    scan_reference(x, y);
+}
+
+void MaxPool2d::forward_reference(const Tensor& x, Tensor& y) {
+  size_outputs(x, y);
+  scan_reference(x, y);
+}
+
+void MaxPool2d::forward_2x2(const Tensor& x, Tensor& y) {
+  static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
+  const int64_t c = x.dim(1), h = x.dim(2), w = x.dim(3), ho = y.dim(2), wo = y.dim(3);
+  const int32_t w32 = static_cast<int32_t>(w);
+  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
+    for (int64_t p = s0 * c; p < s1 * c; ++p)
+      for (int64_t oy = 0; oy < ho; ++oy) {
+        const float* r0 = x.data() + (p * h + 2 * oy) * w;
+        const int32_t i0 = static_cast<int32_t>(2 * oy * w);
+        float* yr = y.data() + (p * ho + oy) * wo;
+        int32_t* ar = argmax_.data() + (p * ho + oy) * wo;
+        const int64_t done = avx2 ? pool2x2_row_avx2(r0, r0 + w, i0, w32, wo, yr, ar) : 0;
+        pool2x2_row(r0, r0 + w, i0, w32, done, wo, yr, ar);
+      }
+  });
+}
+
+void MaxPool2d::scan_reference(const Tensor& x, Tensor& y) {
+  const int64_t c = x.dim(1), h = x.dim(2), w = x.dim(3), ho = y.dim(2), wo = y.dim(3);
   for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
     for (int64_t p = s0 * c; p < s1 * c; ++p) {
       const float* plane = x.data() + p * h * w;

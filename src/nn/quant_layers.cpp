@@ -244,9 +244,7 @@ constexpr int kDuLanes = 8;
 
 // Per element: dx, the rounding residual r_in (in range) and the clip slope r_out (+1 above, below
 // under the range, 0 in range). The plain loop does not vectorise (std::rint under the default
-// trapping-math rules); the AVX2 one does the same operations on 8 lanes (_mm256_round_ps rounds
-// to nearest even as std::rint does; the ordered compares leave a NaN outside the range as the
-// scalar compares do; the masks give +0.0 where the scalar code writes 0.0f).
+// trapping-math rules); du_fused_avx2 below does the same operations on 8 lanes.
 void du_terms_plain(const float* x, const float* g, int64_t m, float ue, float lo, float q,
                     float below, float* dx, float* r_in, float* r_out) {
   for (int64_t j = 0; j < m; ++j) {
@@ -256,25 +254,6 @@ void du_terms_plain(const float* x, const float* g, int64_t m, float ue, float l
     dx[j] = inside ? g[j] : 0.0f;
     r_in[j] = inside ? resid : 0.0f;
     r_out[j] = inside ? 0.0f : (v > 1.0f ? 1.0f : below);
-  }
-}
-
-__attribute__((target("avx2"))) void du_terms_avx2(const float* x, const float* g, int64_t m8,
-                                                   float ue, float lo, float q, float below,
-                                                   float* dx, float* r_in, float* r_out) {
-  const __m256 vue = _mm256_set1_ps(ue), vlo = _mm256_set1_ps(lo), vq = _mm256_set1_ps(q);
-  const __m256 one = _mm256_set1_ps(1.0f), vbelow = _mm256_set1_ps(below);
-  for (int64_t j = 0; j < m8; j += kDuLanes) {
-    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + j), vue);
-    const __m256 inside =
-        _mm256_and_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ), _mm256_cmp_ps(v, one, _CMP_LE_OQ));
-    const __m256 vq_ = _mm256_mul_ps(v, vq);
-    const __m256 resid =
-        _mm256_sub_ps(_mm256_round_ps(vq_, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vq_);
-    const __m256 slope = _mm256_blendv_ps(vbelow, one, _mm256_cmp_ps(v, one, _CMP_GT_OQ));
-    _mm256_storeu_ps(dx + j, _mm256_and_ps(inside, _mm256_loadu_ps(g + j)));
-    _mm256_storeu_ps(r_in + j, _mm256_and_ps(inside, resid));
-    _mm256_storeu_ps(r_out + j, _mm256_andnot_ps(inside, slope));
   }
 }
 
@@ -290,16 +269,30 @@ void du_lanes_plain(const float* g, const float* r_in, const float* r_out, int64
     }
 }
 
-// The same sums with the lanes in registers (the plain loop's lane arrays stay in memory, one
-// store-to-load round trip per add): the same products and adds per lane, so the same bits.
-__attribute__((target("avx2"))) void du_lanes_avx2(const float* g, const float* r_in,
-                                                   const float* r_out, int64_t m8, double* in,
-                                                   double* out) {
+// du_terms_plain and du_lanes_plain of m8 elements (a multiple of 8) in one pass on 8 AVX2 lanes,
+// the lane sums in registers: the same operations per element (_mm256_round_ps rounds to nearest
+// even as std::rint does; the ordered compares leave a NaN outside the range as the scalar compares
+// do; the masks give +0.0 where the scalar code writes 0.0f) and the same adds per lane in the same
+// order, so the same dx and lane sums, bit for bit.
+__attribute__((target("avx2"))) void du_fused_avx2(const float* x, const float* g, int64_t m8,
+                                                   float ue, float lo, float q, float below,
+                                                   float* dx, double* in, double* out) {
+  const __m256 vue = _mm256_set1_ps(ue), vlo = _mm256_set1_ps(lo), vq = _mm256_set1_ps(q);
+  const __m256 one = _mm256_set1_ps(1.0f), vbelow = _mm256_set1_ps(below);
   __m256d in0 = _mm256_loadu_pd(in), in1 = _mm256_loadu_pd(in + 4);
   __m256d out0 = _mm256_loadu_pd(out), out1 = _mm256_loadu_pd(out + 4);
   for (int64_t j = 0; j < m8; j += kDuLanes) {
-    const __m256 gv = _mm256_loadu_ps(g + j), ri = _mm256_loadu_ps(r_in + j);
-    const __m256 go = _mm256_mul_ps(gv, _mm256_loadu_ps(r_out + j));
+    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + j), vue);
+    const __m256 inside =
+        _mm256_and_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ), _mm256_cmp_ps(v, one, _CMP_LE_OQ));
+    const __m256 vq_ = _mm256_mul_ps(v, vq);
+    const __m256 resid =
+        _mm256_sub_ps(_mm256_round_ps(vq_, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vq_);
+    const __m256 slope = _mm256_blendv_ps(vbelow, one, _mm256_cmp_ps(v, one, _CMP_GT_OQ));
+    const __m256 gv = _mm256_loadu_ps(g + j);
+    _mm256_storeu_ps(dx + j, _mm256_and_ps(inside, gv));
+    const __m256 ri = _mm256_and_ps(inside, resid);
+    const __m256 go = _mm256_mul_ps(gv, _mm256_andnot_ps(inside, slope));
     const __m256d glo = _mm256_cvtps_pd(_mm256_castps256_ps128(gv));
     const __m256d ghi = _mm256_cvtps_pd(_mm256_extractf128_ps(gv, 1));
     in0 = _mm256_add_pd(in0, _mm256_mul_pd(glo, _mm256_cvtps_pd(_mm256_castps256_ps128(ri))));
@@ -337,8 +330,7 @@ double act_quant_backward(const float* x, int64_t n, float u, int bits, bool is_
     float* dc = dx + c0;
     const int64_t m8 = m / kDuLanes * kDuLanes;
     if (avx2) {
-      du_terms_avx2(xc, gc, m8, ue, lo, q, below, dc, r_in, r_out);
-      du_lanes_avx2(gc, r_in, r_out, m8, in_lanes, out_lanes);
+      du_fused_avx2(xc, gc, m8, ue, lo, q, below, dc, in_lanes, out_lanes);
     } else {
       du_terms_plain(xc, gc, m8, ue, lo, q, below, dc, r_in, r_out);
       du_lanes_plain(gc, r_in, r_out, m8, in_lanes, out_lanes);
@@ -484,8 +476,17 @@ float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train
   wq_.resize(static_cast<size_t>(w.value.numel()));
   const int64_t per = x.numel() / std::max<int64_t>(1, x.dim(0));
   const BatchParts parts{x.dim(0)};
+  const int64_t nw = w.value.numel(), wblocks = (nw + kWeightBlock - 1) / kWeightBlock;
   piece_count_.assign(static_cast<size_t>(parts.count()), 0);  // NaN inputs of each part
-  parallel_for(parts.count(), [&](int64_t p) {
+  // One parallel region for both: items 0..parts-1 the activations' parts, then the weight blocks.
+  parallel_for(parts.count() + wblocks, [&](int64_t item) {
+    if (item >= parts.count()) {
+      const int64_t i0 = (item - parts.count()) * kWeightBlock;
+      quantize_weight_codes(w.value.data() + i0, std::min(kWeightBlock, nw - i0), s_w_.value[0],
+                            spec_.weight_bits, wq_.data() + i0);
+      return;
+    }
+    const int64_t p = item;
     const int64_t off = parts.begin(p) * per, len = (parts.end(p) - parts.begin(p)) * per;
     uint8_t* out = xq_.data() + off;
     piece_count_[static_cast<size_t>(p)] =
@@ -496,12 +497,6 @@ float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train
   });
   // A NaN input has no code: the step is reported non-finite, as a NaN in dL/dY is.
   for (int64_t c : piece_count_) ctx_->nonfinite += c;
-  const int64_t nw = w.value.numel();
-  parallel_for((nw + kWeightBlock - 1) / kWeightBlock, [&](int64_t b) {
-    const int64_t i0 = b * kWeightBlock;
-    quantize_weight_codes(w.value.data() + i0, std::min(kWeightBlock, nw - i0), s_w_.value[0],
-                          spec_.weight_bits, wq_.data() + i0);
-  });
   const Grid g = grid();
   return g.sa * g.sw;
 }
