@@ -1,0 +1,261 @@
+// The integer 3x3 convolution (see iconv3x3.h): weight packing, the padded channel-group layout,
+// the AVX2 implicit-GEMM micro-kernel and the plain reference. The AVX2 functions carry their own
+// target attributes (as igemm_avx2.cpp), so the file compiles without ISA flags and they run only
+// after iconv3x3_supports() said yes.
+#include "kernels/math/iconv3x3.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/common/error.h"
+#include "kernels/quant/codec.h"
+
+namespace int4ddp::math {
+namespace {
+
+constexpr int kMr = 4;  // output channels per tile (broadcast weights)
+constexpr int kNv = 2;  // ymm vectors of 8 positions per tile
+constexpr int kNr = 8 * kNv;
+constexpr int64_t kInt32Max = 2147483647;
+constexpr int kInt16Max = 32767;
+constexpr int kTaps = 9;
+
+// The largest input byte (with the offset) and its int16 pair bound; see the guard in iconv3x3.h.
+int input_byte_max(int qmax, bool is_signed) { return is_signed ? 2 * qmax : qmax; }
+
+// The geometry of one sample's padded channel-group layout.
+struct Layout {
+  int64_t h, w, row;  // row = w + 1
+  int64_t outputs;    // h * row flat output positions (x == w are junk, never stored)
+  int64_t tiles;      // ceil(outputs / kNr)
+  int64_t plane;      // 4-byte pixels per channel-group plane: covers the last tile's taps
+};
+
+Layout make_layout(int64_t h, int64_t w) {
+  Layout l;
+  l.h = h;
+  l.w = w;
+  l.row = w + 1;
+  l.outputs = h * l.row;
+  l.tiles = (l.outputs + kNr - 1) / kNr;
+  l.plane = l.tiles * kNr + 2 * l.row + 2;
+  return l;
+}
+
+// One group of 4 channels' rows of `n` pixels (c_rows[q] at pixel x) -> 4-byte pixels at dst
+// (+offset on every byte). 16 and 8 pixels at a time (the last chunk overlapping the previous
+// one), the rest (n < 8) one by one.
+__attribute__((target("avx2"))) void interleave4(const uint8_t* const c_rows[4], int64_t n,
+                                                 uint8_t off, uint8_t* dst) {
+  const __m128i o = _mm_set1_epi8(static_cast<char>(off));
+  auto ld16 = [&](int q, int64_t x) {
+    return _mm_add_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c_rows[q] + x)), o);
+  };
+  auto ld8 = [&](int q, int64_t x) {
+    return _mm_add_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c_rows[q] + x)), o);
+  };
+  if (n >= 16) {
+    for (int64_t x0 = 0; x0 < n; x0 += 16) {
+      const int64_t x = std::min(x0, n - 16);
+      const __m128i r0 = ld16(0, x), r1 = ld16(1, x), r2 = ld16(2, x), r3 = ld16(3, x);
+      const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+      const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+      __m128i* d = reinterpret_cast<__m128i*>(dst + x * 4);
+      _mm_storeu_si128(d, _mm_unpacklo_epi16(t0, t2));
+      _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(t0, t2));
+      _mm_storeu_si128(d + 2, _mm_unpacklo_epi16(t1, t3));
+      _mm_storeu_si128(d + 3, _mm_unpackhi_epi16(t1, t3));
+    }
+  } else if (n >= 8) {
+    for (int64_t x0 = 0; x0 < n; x0 += 8) {
+      const int64_t x = std::min(x0, n - 8);
+      const __m128i t0 = _mm_unpacklo_epi8(ld8(0, x), ld8(1, x));
+      const __m128i t2 = _mm_unpacklo_epi8(ld8(2, x), ld8(3, x));
+      __m128i* d = reinterpret_cast<__m128i*>(dst + x * 4);
+      _mm_storeu_si128(d, _mm_unpacklo_epi16(t0, t2));
+      _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(t0, t2));
+    }
+  } else {
+    for (int64_t x = 0; x < n; ++x)
+      for (int q = 0; q < 4; ++q) dst[x * 4 + q] = static_cast<uint8_t>(c_rows[q][x] + off);
+  }
+}
+
+// xb (c4 planes of l.plane 4-byte pixels) <- in (cin, h, w) bytes, +off on every byte; the pads
+// (and the channels past cin) hold off.
+void pad_input(const uint8_t* in, int64_t cin, int64_t c4, const Layout& l, uint8_t off,
+               uint8_t* xb) {
+  std::memset(xb, off, static_cast<size_t>(c4 * l.plane * 4));
+  const int64_t hw = l.h * l.w;
+  for (int64_t g = 0; g < c4; ++g) {
+    uint8_t* plane = xb + g * l.plane * 4;
+    const int64_t nc = std::min<int64_t>(4, cin - 4 * g);
+    for (int64_t y = 0; y < l.h; ++y) {
+      uint8_t* dst = plane + ((y + 1) * l.row + 1) * 4;
+      if (nc == 4) {
+        const uint8_t* rows[4];
+        for (int q = 0; q < 4; ++q) rows[q] = in + (4 * g + q) * hw + y * l.w;
+        interleave4(rows, l.w, off, dst);
+      } else {
+        for (int64_t q = 0; q < nc; ++q) {
+          const uint8_t* r = in + (4 * g + q) * hw + y * l.w;
+          for (int64_t x = 0; x < l.w; ++x) dst[x * 4 + q] = static_cast<uint8_t>(r[x] + off);
+        }
+      }
+    }
+  }
+}
+
+// One tile: kMr output channels (weights wp: [group][kMr][4] signed bytes) x kNr flat positions
+// (xp: the first position's byte in channel-group plane 0; group g's bytes at xp + goff[g]).
+// res[r][j] = T - off * rowsum[r], scaled, as floats. i16: groups summed in int16 per chunk.
+__attribute__((target("avx2"))) void tile(const uint8_t* xp, const int64_t* goff, const int8_t* wp,
+                                          int64_t groups, int64_t i16, const int32_t* corr,
+                                          float scale, float* res) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) int32_t acc[kMr][kNr] = {};
+  for (int64_t g0 = 0; g0 < groups; g0 += i16) {
+    const int64_t g1 = std::min(groups, g0 + i16);
+    __m256i h[kMr][kNv];
+    for (int r = 0; r < kMr; ++r)
+      for (int v = 0; v < kNv; ++v) h[r][v] = _mm256_setzero_si256();
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* x = xp + goff[g];
+      __m256i b[kNv];
+      for (int v = 0; v < kNv; ++v)
+        b[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * v));
+      const int8_t* wg = wp + g * kMr * 4;
+      for (int r = 0; r < kMr; ++r) {
+        int32_t wv;
+        std::memcpy(&wv, wg + 4 * r, 4);
+        const __m256i a = _mm256_set1_epi32(wv);
+        for (int v = 0; v < kNv; ++v)
+          h[r][v] = _mm256_add_epi16(h[r][v], _mm256_maddubs_epi16(b[v], a));
+      }
+    }
+    for (int r = 0; r < kMr; ++r)
+      for (int v = 0; v < kNv; ++v) {
+        __m256i* p = reinterpret_cast<__m256i*>(&acc[r][8 * v]);
+        const __m256i s = _mm256_madd_epi16(h[r][v], ones);
+        _mm256_store_si256(p, _mm256_add_epi32(_mm256_load_si256(p), s));
+      }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int r = 0; r < kMr; ++r) {
+    const __m256i c = _mm256_set1_epi32(corr[r]);
+    for (int v = 0; v < kNv; ++v) {
+      const __m256i t =
+          _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(&acc[r][8 * v])), c);
+      _mm256_storeu_ps(res + r * kNr + 8 * v, _mm256_mul_ps(sc, _mm256_cvtepi32_ps(t)));
+    }
+  }
+}
+
+// Packs weights given as weight(o, c, tap) for a convolution from cin to cout channels.
+template <typename F>
+void pack_weights(Iconv3x3Weights* wt, int64_t cout, int64_t cin, int qw, F weight) {
+  INT4DDP_CHECK(cout > 0 && cin > 0, "iconv3x3: bad weight shape (", cout, ", ", cin, ", 3, 3)");
+  INT4DDP_CHECK(qw >= 1 && qw <= 127, "iconv3x3: weight qmax ", qw, " is outside 1..127");
+  wt->cout = cout;
+  wt->cin = cin;
+  wt->c4 = (cin + 3) / 4;
+  wt->qw = qw;
+  const int64_t groups = wt->c4 * kTaps, blocks = (cout + kMr - 1) / kMr;
+  wt->data.assign(static_cast<size_t>(blocks * groups * kMr * 4), 0);
+  wt->rowsum.assign(static_cast<size_t>(blocks * kMr), 0);
+  for (int64_t o = 0; o < cout; ++o)
+    for (int64_t c = 0; c < cin; ++c)
+      for (int tap = 0; tap < kTaps; ++tap) {
+        const int8_t v = weight(o, c, tap);
+        const int64_t g = (c / 4) * kTaps + tap;
+        wt->data[static_cast<size_t>(((o / kMr * groups + g) * kMr + o % kMr) * 4 + c % 4)] = v;
+        wt->rowsum[static_cast<size_t>(o)] += v;
+      }
+}
+
+}  // namespace
+
+void Iconv3x3Weights::pack(const int8_t* w, int64_t n_out, int64_t n_in, int q) {
+  pack_weights(this, n_out, n_in, q,
+               [&](int64_t o, int64_t c, int tap) { return w[(o * n_in + c) * kTaps + tap]; });
+}
+
+void Iconv3x3Weights::pack_transposed(const int8_t* w, int64_t n_out, int64_t n_in, int q) {
+  // Output channel c, input channel o of the transposed convolution: W[o][c] with the taps flipped.
+  pack_weights(this, n_in, n_out, q, [&](int64_t c, int64_t o, int tap) {
+    return w[(o * n_in + c) * kTaps + (kTaps - 1 - tap)];
+  });
+}
+
+bool iconv3x3_supports(const Iconv3x3Weights& wt, int qmax, bool is_signed) {
+  if (wt.cout <= 0 || qmax < 1 || qmax > (is_signed ? 127 : 255)) return false;
+  if (!quant::isa_allows(quant::Isa::kAvx2) || !__builtin_cpu_supports("avx2")) return false;
+  const int64_t qu = input_byte_max(qmax, is_signed);
+  return 2 * qu * wt.qw <= kInt16Max && kTaps * wt.c4 * 4 * qu * wt.qw <= kInt32Max;
+}
+
+void iconv3x3(const Iconv3x3Weights& wt, int64_t h, int64_t w, const void* in, bool is_signed,
+              int qmax, float scale, float* out, int64_t ldo) {
+  INT4DDP_CHECK(iconv3x3_supports(wt, qmax, is_signed), "iconv3x3: not supported here (",
+                is_signed ? "signed" : "unsigned", " input qmax ", qmax, ", weight qmax ", wt.qw,
+                ", ", wt.cin, " input channels, or no AVX2)");
+  INT4DDP_CHECK(h > 0 && w > 0 && in && out && ldo >= h * w, "iconv3x3: bad image ", h, " x ", w,
+                " or output stride ", ldo);
+  const Layout l = make_layout(h, w);
+  const int off = is_signed ? qmax : 0;
+  const int64_t qu = input_byte_max(qmax, is_signed), groups = wt.c4 * kTaps;
+  const int64_t i16 = kInt16Max / (2 * qu * wt.qw);
+  thread_local std::vector<uint8_t> xb;
+  thread_local std::vector<float> ob;
+  thread_local std::vector<int64_t> goff;
+  const int64_t ob_stride = l.tiles * kNr;
+  xb.resize(static_cast<size_t>(wt.c4 * l.plane * 4));
+  ob.resize(static_cast<size_t>(kMr * ob_stride));
+  goff.resize(static_cast<size_t>(groups));
+  pad_input(static_cast<const uint8_t*>(in), wt.cin, wt.c4, l, static_cast<uint8_t>(off),
+            xb.data());
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t tap = g % kTaps;
+    goff[static_cast<size_t>(g)] = (g / kTaps * l.plane + tap / 3 * l.row + tap % 3) * 4;
+  }
+  for (int64_t o0 = 0; o0 < wt.cout; o0 += kMr) {
+    const int8_t* wp = wt.data.data() + o0 * groups * 4;
+    int32_t corr[kMr];
+    for (int r = 0; r < kMr; ++r) corr[r] = off * wt.rowsum[static_cast<size_t>(o0 + r)];
+    alignas(32) float res[kMr * kNr];
+    for (int64_t t = 0; t < l.tiles; ++t) {
+      tile(xb.data() + t * kNr * 4, goff.data(), wp, groups, i16, corr, scale, res);
+      for (int r = 0; r < kMr; ++r)
+        std::memcpy(ob.data() + r * ob_stride + t * kNr, res + r * kNr, sizeof(res) / kMr);
+    }
+    // The flat positions (row stride w + 1) -> the image rows (stride w), junk column dropped.
+    const int64_t nr = std::min<int64_t>(kMr, wt.cout - o0);
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t y = 0; y < h; ++y)
+        std::memcpy(out + (o0 + r) * ldo + y * w, ob.data() + r * ob_stride + y * l.row,
+                    sizeof(float) * static_cast<size_t>(w));
+  }
+}
+
+void iconv3x3_ref(const int8_t* w, int64_t cout, int64_t cin, int64_t h, int64_t wd, const void* in,
+                  bool is_signed, float scale, float* out, int64_t ldo) {
+  auto code = [&](int64_t c, int64_t y, int64_t x) -> int64_t {
+    if (y < 0 || y >= h || x < 0 || x >= wd) return 0;
+    const int64_t i = (c * h + y) * wd + x;
+    return is_signed ? static_cast<const int8_t*>(in)[i] : static_cast<const uint8_t*>(in)[i];
+  };
+  for (int64_t o = 0; o < cout; ++o)
+    for (int64_t y = 0; y < h; ++y)
+      for (int64_t x = 0; x < wd; ++x) {
+        int64_t t = 0;
+        for (int64_t c = 0; c < cin; ++c)
+          for (int tap = 0; tap < kTaps; ++tap)
+            t +=
+                int64_t{w[(o * cin + c) * kTaps + tap]} * code(c, y + tap / 3 - 1, x + tap % 3 - 1);
+        out[o * ldo + y * wd + x] = scale * static_cast<float>(t);
+      }
+}
+
+}  // namespace int4ddp::math

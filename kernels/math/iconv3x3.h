@@ -1,0 +1,66 @@
+// Exact integer 3x3 convolution, stride 1, pad 1, on quantization codes (DESIGN.md section 3): the
+// quantized Conv2d's forward (unsigned activation codes x signed weight codes) and its
+// backward-data (signed gradient codes x the flipped signed weights, a transposed convolution that
+// is again a 3x3 stride-1 pad-1 convolution), as an implicit GEMM with no im2col pass.
+//
+//   out[o * ldo + y * w + x] = scale * float(T),  T = sum over c < cin, ky, kx < 3 of
+//                              W[o][c][ky][kx] * in[c][y + ky - 1][x + kx - 1]  (0 outside)
+//
+// T is the exact integer sum, so the result equals math::igemm / igemm_ref on the im2col columns
+// (and int_gemm on the codes as floats) bit for bit.
+//
+// How it runs (AVX2): the input codes of one sample are written once into a padded,
+// channel-group-fastest byte layout: groups of 4 channels, each a padded plane (row stride w + 1,
+// as conv3x3_kernels.h: the right pad of row y is the left pad of row y + 1) of 4-byte pixels. 16
+// consecutive flat output positions of one tap and channel group are then 64 contiguous bytes at a
+// per-tap offset (ky * (w + 1) + kx pixels): the GEMM's packed column panel, read in place. The
+// micro-kernel multiplies them (vpmaddubsw's unsigned operand) with 4 bytes of one output
+// channel's weights broadcast (its signed operand), 4 output channels x 16 positions per tile.
+// Signed input codes (the gradients, or activations on the signed grid) are offset by +qmax to
+// 0..2 qmax (the padding holds the offset too), and qmax * (sum of the output channel's weight
+// codes) is subtracted from T.
+//
+// Overflow guard: vpmaddubsw's int16 pair sums are summed in int16 over at most
+// 32767 / (2 * qu * qw) channel groups (qu the largest input byte with its offset), then widened
+// into int32; T's int32 sum is bounded by 9 * cin * qu * qw. iconv3x3_supports() says whether both
+// hold (e.g. 4-bit codes: qu = 15, qw = 7, any cin up to a million; 8-bit activations x 8-bit
+// weights: no, 2 * 255 * 127 saturates int16) and whether the CPU and INT4DDP_ISA allow AVX2; where
+// it says no, the caller keeps its im2col GEMM.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace int4ddp::math {
+
+// Weight codes W (cout, cin, 3, 3), int8, |code| <= qw, packed for the micro-kernel: blocks of 4
+// output channels, each [group = c4 * 9 + tap][4 channels][4 bytes], zero past cin and cout.
+struct Iconv3x3Weights {
+  int64_t cin = 0, cout = 0;
+  int64_t c4 = 0;  // channel groups of 4: ceil(cin / 4)
+  int qw = 0;      // largest |code|
+  std::vector<int8_t> data;
+  std::vector<int32_t> rowsum;  // per output channel, the sum of its codes (the offset correction)
+  // W (cout, cin, 3, 3) as stored.
+  void pack(const int8_t* w, int64_t cout, int64_t cin, int qw);
+  // The transposed convolution of W (cout, cin, 3, 3) (backward-data): a convolution from cout
+  // channels to cin with weights Wt[c][o][ky][kx] = W[o][c][2 - ky][2 - kx].
+  void pack_transposed(const int8_t* w, int64_t cout, int64_t cin, int qw);
+};
+
+// True when the AVX2 kernel may run for these weights and inputs (is_signed: int8 codes
+// -qmax..qmax, else uint8 0..qmax): the CPU has AVX2, INT4DDP_ISA allows it (quant::isa_allows),
+// and the guard above holds.
+bool iconv3x3_supports(const Iconv3x3Weights& wt, int qmax, bool is_signed);
+
+// One sample: in (wt.cin, h, w) codes (int8 when is_signed, else uint8) -> out (wt.cout planes of
+// h * w floats, plane o at out + o * ldo). Needs iconv3x3_supports(); throws int4ddp::Error
+// otherwise or on a bad size. Runs on the calling thread (thread-local scratch).
+void iconv3x3(const Iconv3x3Weights& wt, int64_t h, int64_t w, const void* in, bool is_signed,
+              int qmax, float scale, float* out, int64_t ldo);
+
+// The definition, plain loops with int64 sums: the same contract, any codes, no ISA.
+void iconv3x3_ref(const int8_t* w, int64_t cout, int64_t cin, int64_t h, int64_t wd, const void* in,
+                  bool is_signed, float scale, float* out, int64_t ldo);
+
+}  // namespace int4ddp::math
