@@ -111,46 +111,73 @@ void pad_input(const uint8_t* in, int64_t cin, int64_t c4, const Layout& l, uint
 // One tile: kMr output channels (weights wp: [group][kMr][4] signed bytes) x kNr flat positions
 // (xp: the first position's byte in channel-group plane 0; group g's bytes at xp + goff[g]).
 // res[r][j] = T - off * rowsum[r], scaled, as floats. i16: groups summed in int16 per chunk.
+// The group step is inline assembly with the 8 int16 accumulators in registers: compiled from
+// intrinsics, GCC kept the int32 sums in registers instead and spilled an int16 accumulator,
+// putting a store-to-load round trip on every group's dependency chain.
 __attribute__((target("avx2"))) void tile(const uint8_t* xp, const int64_t* goff, const int8_t* wp,
                                           int64_t groups, int64_t i16, const int32_t* corr,
                                           float scale, float* res) {
+  static_assert(kMr == 4 && kNv == 2, "tile() is written out for 4 x 16");
   const __m256i ones = _mm256_set1_epi16(1);
-  alignas(32) int32_t acc[kMr][kNr] = {};
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+          c30 = c00, c31 = c00;
   for (int64_t g0 = 0; g0 < groups; g0 += i16) {
     const int64_t g1 = std::min(groups, g0 + i16);
-    __m256i h[kMr][kNv];
-    for (int r = 0; r < kMr; ++r)
-      for (int v = 0; v < kNv; ++v) h[r][v] = _mm256_setzero_si256();
-    for (int64_t g = g0; g < g1; ++g) {
+    __m256i h00 = _mm256_setzero_si256(), h01 = h00, h10 = h00, h11 = h00, h20 = h00, h21 = h00,
+            h30 = h00, h31 = h00;
+    const int8_t* wg = wp + g0 * kMr * 4;
+    for (int64_t g = g0; g < g1; ++g, wg += kMr * 4) {
       const uint8_t* x = xp + goff[g];
-      __m256i b[kNv];
-      for (int v = 0; v < kNv; ++v)
-        b[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * v));
-      const int8_t* wg = wp + g * kMr * 4;
-      for (int r = 0; r < kMr; ++r) {
-        int32_t wv;
-        std::memcpy(&wv, wg + 4 * r, 4);
-        const __m256i a = _mm256_set1_epi32(wv);
-        for (int v = 0; v < kNv; ++v)
-          h[r][v] = _mm256_add_epi16(h[r][v], _mm256_maddubs_epi16(b[v], a));
-      }
+      __m256i b0, b1, a, t;
+      // h_r0 += maddubs(x[0..32), w_r), h_r1 += maddubs(x[32..64), w_r) for the 4 rows r.
+      asm("vmovdqu (%[x]), %[b0]\n\t"
+          "vmovdqu 32(%[x]), %[b1]\n\t"
+          "vpbroadcastd (%[w]), %[a]\n\t"
+          "vpmaddubsw %[a], %[b0], %[t]\n\t"
+          "vpaddw %[t], %[h00], %[h00]\n\t"
+          "vpmaddubsw %[a], %[b1], %[t]\n\t"
+          "vpaddw %[t], %[h01], %[h01]\n\t"
+          "vpbroadcastd 4(%[w]), %[a]\n\t"
+          "vpmaddubsw %[a], %[b0], %[t]\n\t"
+          "vpaddw %[t], %[h10], %[h10]\n\t"
+          "vpmaddubsw %[a], %[b1], %[t]\n\t"
+          "vpaddw %[t], %[h11], %[h11]\n\t"
+          "vpbroadcastd 8(%[w]), %[a]\n\t"
+          "vpmaddubsw %[a], %[b0], %[t]\n\t"
+          "vpaddw %[t], %[h20], %[h20]\n\t"
+          "vpmaddubsw %[a], %[b1], %[t]\n\t"
+          "vpaddw %[t], %[h21], %[h21]\n\t"
+          "vpbroadcastd 12(%[w]), %[a]\n\t"
+          "vpmaddubsw %[a], %[b0], %[t]\n\t"
+          "vpaddw %[t], %[h30], %[h30]\n\t"
+          "vpmaddubsw %[a], %[b1], %[t]\n\t"
+          "vpaddw %[t], %[h31], %[h31]"
+          : [h00] "+x"(h00), [h01] "+x"(h01), [h10] "+x"(h10), [h11] "+x"(h11), [h20] "+x"(h20),
+            [h21] "+x"(h21), [h30] "+x"(h30), [h31] "+x"(h31), [b0] "=&x"(b0), [b1] "=&x"(b1),
+            [a] "=&x"(a), [t] "=&x"(t)
+          : [x] "r"(x), [w] "r"(wg)
+          : "memory");
     }
-    for (int r = 0; r < kMr; ++r)
-      for (int v = 0; v < kNv; ++v) {
-        __m256i* p = reinterpret_cast<__m256i*>(&acc[r][8 * v]);
-        const __m256i s = _mm256_madd_epi16(h[r][v], ones);
-        _mm256_store_si256(p, _mm256_add_epi32(_mm256_load_si256(p), s));
-      }
+    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(h00, ones));
+    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(h01, ones));
+    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(h10, ones));
+    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(h11, ones));
+    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(h20, ones));
+    c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(h21, ones));
+    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(h30, ones));
+    c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(h31, ones));
   }
   const __m256 sc = _mm256_set1_ps(scale);
-  for (int r = 0; r < kMr; ++r) {
+  auto put = [&](int r, __m256i lo, __m256i hi) {
     const __m256i c = _mm256_set1_epi32(corr[r]);
-    for (int v = 0; v < kNv; ++v) {
-      const __m256i t =
-          _mm256_sub_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(&acc[r][8 * v])), c);
-      _mm256_storeu_ps(res + r * kNr + 8 * v, _mm256_mul_ps(sc, _mm256_cvtepi32_ps(t)));
-    }
-  }
+    _mm256_storeu_ps(res + r * kNr, _mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(lo, c))));
+    _mm256_storeu_ps(res + r * kNr + 8,
+                     _mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(hi, c))));
+  };
+  put(0, c00, c01);
+  put(1, c10, c11);
+  put(2, c20, c21);
+  put(3, c30, c31);
 }
 
 // Packs weights given as weight(o, c, tap) for a convolution from cin to cout channels.
