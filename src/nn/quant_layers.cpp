@@ -18,6 +18,7 @@
 
 #include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
+#include "kernels/math/iconv3x3.h"
 #include "kernels/math/igemm.h"
 #include "src/nn/conv2d_groups.h"
 
@@ -643,6 +644,20 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
     });
     return;
   }
+  // 3x3 stride 1 pad 1: the implicit-GEMM integer convolution (math::iconv3x3, no column pass)
+  // where it runs (an igemm ISA, AVX2 allowed, int16 pair sums that cannot saturate).
+  if (gemm_isa_ != math::IgemmIsa::kRef && kernel_ == 3 && stride_ == 1 && pad_ == 1) {
+    math::Iconv3x3Weights wi;
+    wi.pack(wq_.data(), out_, in_, g.qw);
+    if (math::iconv3x3_supports(wi, g.qa, signed_input())) {
+      parallel_for(parts.count(), [&](int64_t p) {
+        for (int64_t s = parts.begin(p); s < parts.end(p); ++s)
+          math::iconv3x3(wi, h, w, xq_.data() + s * in_ * h * w, signed_input(), g.qa, scale,
+                         y.data() + s * out_ * hw, hw);
+      });
+      return;
+    }
+  }
   // The packed-panel path: W packed once, each group's columns written straight into panels.
   const bool packed = gemm_isa_ != math::IgemmIsa::kRef && g.qa <= 127;
   if (packed) w_fwd_.pack(gemm_isa_, out_, ckk, math::codes_s8(wq_.data(), ckk, g.qw));
@@ -758,17 +773,28 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
         double* sum = (*acc)[static_cast<size_t>(thread_index())].data();
         for (int64_t i = 0; i < wsize; ++i) sum[i] += dwg[i];
       }
+      // Not null: dx by the implicit-GEMM convolution of dy with these (transposed) weights, and
+      // only the transposed columns (for dW) are built.
+      const math::Iconv3x3Weights* w_iconv;
       bool dy_columns_products(int64_t, bool, int64_t s0, int64_t g, const uint8_t* xg,
                                float* dxg) {
         if (!packed) return false;
         thread_local math::IgemmPackedB cols, cols_t;
         thread_local math::IgemmPackedA xa;
-        math::igemm_pack_conv(isa, dy_geo, dy_codes, false, qdy, s0, g, &cols, &cols_t);
+        math::igemm_pack_conv(isa, dy_geo, dy_codes, false, qdy, s0, g, w_iconv ? nullptr : &cols,
+                              &cols_t);
         const int64_t icols = dy_geo.cols(g);
         // dWt (in, out*k*k) = x_g (in, icols) cols^T; dx_g = flip(W) (in, out*k*k) cols.
         xa.pack(isa, x_geo.channels, icols, operand(xg, icols, Trans::kNo));
         packed_weight_sum(xa, cols_t);
-        math::igemm_packed(*w_bwd, cols, dx_scale, false, dxg, icols);
+        if (!w_iconv) {
+          math::igemm_packed(*w_bwd, cols, dx_scale, false, dxg, icols);
+          return true;
+        }
+        const int64_t ihw = dy_geo.ho * dy_geo.wo, dy_size = dy_geo.channels * dy_geo.h * dy_geo.w;
+        for (int64_t s = 0; s < g; ++s)  // dx_g (in, g * ihw): sample s at column s * ihw
+          math::iconv3x3(*w_iconv, dy_geo.ho, dy_geo.wo, dy_codes + (s0 + s) * dy_size, true, qdy,
+                         dx_scale, dxg + s * ihw, icols);
         return true;
       }
       bool x_columns_products(int64_t, bool, int64_t s0, int64_t g, const int8_t* dyg,
@@ -789,12 +815,18 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
     };
     const bool by_dy = dx_by_transposed_conv();  // backward_by_groups' path (dX^ always wanted)
     const bool packed = gemm_isa_ != math::IgemmIsa::kRef && (by_dy || g.qa <= 127);
-    if (packed && by_dy) {
+    math::Iconv3x3Weights w_iconv;
+    bool iconv = false;
+    if (packed && by_dy && kernel_ == 3 && stride_ == 1 && pad_ == 1) {
+      w_iconv.pack_transposed(wq_.data(), out_, in_, g.qw);
+      iconv = math::iconv3x3_supports(w_iconv, g.qg, true);
+    }
+    if (packed && by_dy && !iconv) {
       w_flip_.resize(wq_.size());
       flip_weight(wq_.data(), w_flip_.data());
       const int64_t okk = out_ * kernel_ * kernel_;
       w_bwd_.pack(gemm_isa_, in_, okk, math::codes_s8(w_flip_.data(), okk, g.qw));
-    } else if (packed) {
+    } else if (packed && !by_dy) {
       const int64_t ckk = in_ * kernel_ * kernel_;
       w_bwd_.pack(gemm_isa_, ckk, out_, math::codes_s8(wq_.data(), ckk, g.qw, Trans::kYes));
     }
@@ -812,7 +844,8 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
                           {in_, h, w, kernel_, stride_, pad_, ho, wo},
                           {out_, ho, wo, kernel_, 1, kernel_ - 1 - pad_, h, w},
                           xq_.data(),
-                          gq_.data()};
+                          gq_.data(),
+                          iconv ? &w_iconv : nullptr};
     transposed =
         backward_by_groups(n, h, w, xq_.data(), gq_.data(), wq_.data(), dxhat.data(), products);
   }
