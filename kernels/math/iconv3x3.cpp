@@ -108,16 +108,28 @@ void pad_input(const uint8_t* in, int64_t cin, int64_t c4, const Layout& l, uint
   }
 }
 
-// One tile: kMr output channels (weights wp: [group][kMr][4] signed bytes) x kNr flat positions
-// (xp: the first position's byte in channel-group plane 0; group g's bytes at xp + goff[g]).
-// res[r][j] = T - off * rowsum[r], scaled, as floats. i16: groups summed in int16 per chunk.
+// vpmaddubsw's unsigned operand U and signed operand S (AT&T order: S, U, destination), the
+// int16 products summed into H.
+#define ICONV_MADD(U, S, H) \
+  "vpmaddubsw %[" S "], %[" U "], %[t]\n\tvpaddw %[t], %[" H "], %[" H "]\n\t"
+// One row of a group step: 4 bytes at P broadcast into a, times both loaded vectors b0 and b1.
+#define ICONV_ROW_BU(P, H0, H1) \
+  "vpbroadcastd (%[" P "]), %[a]\n\t" ICONV_MADD("a", "b0", H0) ICONV_MADD("a", "b1", H1)
+#define ICONV_ROW_BS(P, H0, H1) \
+  "vpbroadcastd (%[" P "]), %[a]\n\t" ICONV_MADD("b0", "a", H0) ICONV_MADD("b1", "a", H1)
+
+// The 4 x 16 int32 sums of one tile: for each of `groups` groups of 4 k, ptrs(g, &b, p) names 64
+// loaded bytes b (16 lanes x 4 k) and 4 broadcast rows p[r] (4 bytes each); tile[r][j] = sum over
+// the groups of the 4 products of row r's bytes and lane j's. kBroadcastUnsigned: the broadcast
+// bytes are vpmaddubsw's unsigned operand (else the loaded ones are). The int16 pair sums are
+// summed over at most i16 groups (the caller's guard), then widened into int32.
 // The group step is inline assembly with the 8 int16 accumulators in registers: compiled from
 // intrinsics, GCC kept the int32 sums in registers instead and spilled an int16 accumulator,
 // putting a store-to-load round trip on every group's dependency chain.
-__attribute__((target("avx2"))) void tile(const uint8_t* xp, const int64_t* goff, const int8_t* wp,
-                                          int64_t groups, int64_t i16, const int32_t* corr,
-                                          float scale, float* res) {
-  static_assert(kMr == 4 && kNv == 2, "tile() is written out for 4 x 16");
+template <bool kBroadcastUnsigned, typename Pointers>
+__attribute__((target("avx2"))) inline void sum_tile(int64_t groups, int64_t i16, Pointers ptrs,
+                                                     int32_t* tile) {
+  static_assert(kMr == 4 && kNv == 2, "sum_tile() is written out for 4 x 16");
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
           c30 = c00, c31 = c00;
@@ -125,38 +137,24 @@ __attribute__((target("avx2"))) void tile(const uint8_t* xp, const int64_t* goff
     const int64_t g1 = std::min(groups, g0 + i16);
     __m256i h00 = _mm256_setzero_si256(), h01 = h00, h10 = h00, h11 = h00, h20 = h00, h21 = h00,
             h30 = h00, h31 = h00;
-    const int8_t* wg = wp + g0 * kMr * 4;
-    for (int64_t g = g0; g < g1; ++g, wg += kMr * 4) {
-      const uint8_t* x = xp + goff[g];
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* x;
+      const void* p[4];
+      ptrs(g, &x, p);
       __m256i b0, b1, a, t;
-      // h_r0 += maddubs(x[0..32), w_r), h_r1 += maddubs(x[32..64), w_r) for the 4 rows r.
-      asm("vmovdqu (%[x]), %[b0]\n\t"
-          "vmovdqu 32(%[x]), %[b1]\n\t"
-          "vpbroadcastd (%[w]), %[a]\n\t"
-          "vpmaddubsw %[a], %[b0], %[t]\n\t"
-          "vpaddw %[t], %[h00], %[h00]\n\t"
-          "vpmaddubsw %[a], %[b1], %[t]\n\t"
-          "vpaddw %[t], %[h01], %[h01]\n\t"
-          "vpbroadcastd 4(%[w]), %[a]\n\t"
-          "vpmaddubsw %[a], %[b0], %[t]\n\t"
-          "vpaddw %[t], %[h10], %[h10]\n\t"
-          "vpmaddubsw %[a], %[b1], %[t]\n\t"
-          "vpaddw %[t], %[h11], %[h11]\n\t"
-          "vpbroadcastd 8(%[w]), %[a]\n\t"
-          "vpmaddubsw %[a], %[b0], %[t]\n\t"
-          "vpaddw %[t], %[h20], %[h20]\n\t"
-          "vpmaddubsw %[a], %[b1], %[t]\n\t"
-          "vpaddw %[t], %[h21], %[h21]\n\t"
-          "vpbroadcastd 12(%[w]), %[a]\n\t"
-          "vpmaddubsw %[a], %[b0], %[t]\n\t"
-          "vpaddw %[t], %[h30], %[h30]\n\t"
-          "vpmaddubsw %[a], %[b1], %[t]\n\t"
-          "vpaddw %[t], %[h31], %[h31]"
-          : [h00] "+x"(h00), [h01] "+x"(h01), [h10] "+x"(h10), [h11] "+x"(h11), [h20] "+x"(h20),
-            [h21] "+x"(h21), [h30] "+x"(h30), [h31] "+x"(h31), [b0] "=&x"(b0), [b1] "=&x"(b1),
-            [a] "=&x"(a), [t] "=&x"(t)
-          : [x] "r"(x), [w] "r"(wg)
-          : "memory");
+#define ICONV_STEP(ROW)                                                                      \
+  asm("vmovdqu (%[x]), %[b0]\n\tvmovdqu 32(%[x]), %[b1]\n\t" ROW("p0", "h00", "h01")         \
+          ROW("p1", "h10", "h11") ROW("p2", "h20", "h21") ROW("p3", "h30", "h31")            \
+      : [h00] "+x"(h00), [h01] "+x"(h01), [h10] "+x"(h10), [h11] "+x"(h11), [h20] "+x"(h20), \
+        [h21] "+x"(h21), [h30] "+x"(h30), [h31] "+x"(h31), [b0] "=&x"(b0), [b1] "=&x"(b1),   \
+        [a] "=&x"(a), [t] "=&x"(t)                                                           \
+      : [x] "r"(x), [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3])           \
+      : "memory")
+      if constexpr (kBroadcastUnsigned)
+        ICONV_STEP(ICONV_ROW_BU);
+      else
+        ICONV_STEP(ICONV_ROW_BS);
+#undef ICONV_STEP
     }
     c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(h00, ones));
     c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(h01, ones));
@@ -167,17 +165,34 @@ __attribute__((target("avx2"))) void tile(const uint8_t* xp, const int64_t* goff
     c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(h30, ones));
     c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(h31, ones));
   }
+  const __m256i c[8] = {c00, c01, c10, c11, c20, c21, c30, c31};
+  for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + 8 * i), c[i]);
+}
+
+// One forward tile: kMr output channels (weights wp: [group][kMr][4] signed bytes) x kNr flat
+// positions (xp: the first position's byte in channel-group plane 0; group g's bytes at
+// xp + goff[g]). res[r][j] = scale * float(T - corr[r]).
+__attribute__((target("avx2"))) void tile(const uint8_t* xp, const int64_t* goff, const int8_t* wp,
+                                          int64_t groups, int64_t i16, const int32_t* corr,
+                                          float scale, float* res) {
+  alignas(32) int32_t t[kMr * kNr];
+  sum_tile<false>(
+      groups, i16,
+      [&](int64_t g, const uint8_t** x, const void** p) {
+        *x = xp + goff[g];
+        const int8_t* wg = wp + g * kMr * 4;
+        for (int r = 0; r < kMr; ++r) p[r] = wg + 4 * r;
+      },
+      t);
   const __m256 sc = _mm256_set1_ps(scale);
-  auto put = [&](int r, __m256i lo, __m256i hi) {
+  for (int r = 0; r < kMr; ++r) {
     const __m256i c = _mm256_set1_epi32(corr[r]);
-    _mm256_storeu_ps(res + r * kNr, _mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(lo, c))));
-    _mm256_storeu_ps(res + r * kNr + 8,
-                     _mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(hi, c))));
-  };
-  put(0, c00, c01);
-  put(1, c10, c11);
-  put(2, c20, c21);
-  put(3, c30, c31);
+    for (int v = 0; v < kNv; ++v) {
+      const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(t + r * kNr + 8 * v));
+      _mm256_storeu_ps(res + r * kNr + 8 * v,
+                       _mm256_mul_ps(sc, _mm256_cvtepi32_ps(_mm256_sub_epi32(x, c))));
+    }
+  }
 }
 
 // Packs weights given as weight(o, c, tap) for a convolution from cin to cout channels.
