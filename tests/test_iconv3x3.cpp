@@ -1,5 +1,6 @@
-// The integer 3x3 convolution (kernels/math/iconv3x3.h): its reference against igemm_ref on the
-// im2col columns (the layers' GEMM path), and the AVX2 kernel against the reference bit for bit at
+// The integer 3x3 convolution (kernels/math/iconv3x3.h), forward, transposed (backward-data) and
+// backward-weight: the references against igemm_ref on the im2col columns (the layers' GEMM
+// path), and the AVX2 kernels against the references bit for bit at
 // edge shapes (odd channel counts, channels not a multiple of 4 or of the 4-channel tile, 1 x N and
 // N x 1 images, widths around the 16- and 8-pixel chunks), for code widths 2..8 of both operands,
 // unsigned and signed inputs, the transposed (backward-data) packing, extreme codes at the int16
@@ -47,10 +48,10 @@ Data make_data(const Case& c, uint64_t seed) {
   return d;
 }
 
-// The definition through the layers' GEMM path: im2col of the input, then igemm_ref.
-std::vector<float> gemm_reference(const Case& c, const Data& d, float scale) {
-  const int64_t hw = c.h * c.w, k = c.cin * 9;
-  std::vector<uint8_t> col(static_cast<size_t>(k * hw), 0);
+// The column matrix (cin * 9, h * w) of one sample's input codes (im2col, code 0 outside).
+std::vector<uint8_t> im2col(const Case& c, const uint8_t* in) {
+  const int64_t hw = c.h * c.w;
+  std::vector<uint8_t> col(static_cast<size_t>(c.cin * 9 * hw), 0);
   for (int64_t ch = 0; ch < c.cin; ++ch)
     for (int tap = 0; tap < 9; ++tap)
       for (int64_t y = 0; y < c.h; ++y)
@@ -58,13 +59,76 @@ std::vector<float> gemm_reference(const Case& c, const Data& d, float scale) {
           const int64_t iy = y + tap / 3 - 1, ix = x + tap % 3 - 1;
           if (iy >= 0 && iy < c.h && ix >= 0 && ix < c.w)
             col[static_cast<size_t>((ch * 9 + tap) * hw + y * c.w + x)] =
-                d.in[static_cast<size_t>((ch * c.h + iy) * c.w + ix)];
+                in[static_cast<size_t>((ch * c.h + iy) * c.w + ix)];
         }
-  const CodeMatrix b = c.is_signed ? codes_s8(reinterpret_cast<const int8_t*>(col.data()), hw, c.qa)
-                                   : codes_u8(col.data(), hw, c.qa);
+  return col;
+}
+
+CodeMatrix col_operand(const Case& c, const std::vector<uint8_t>& col, Trans t) {
+  const int64_t hw = c.h * c.w;
+  return c.is_signed ? codes_s8(reinterpret_cast<const int8_t*>(col.data()), hw, c.qa, t)
+                     : codes_u8(col.data(), hw, c.qa, t);
+}
+
+// The definition through the layers' GEMM path: im2col of the input, then igemm_ref.
+std::vector<float> gemm_reference(const Case& c, const Data& d, float scale) {
+  const int64_t hw = c.h * c.w, k = c.cin * 9;
+  const std::vector<uint8_t> col = im2col(c, d.in.data());
   std::vector<float> out(static_cast<size_t>(c.cout * hw));
-  igemm_ref(c.cout, hw, k, codes_s8(d.w.data(), k, c.qw), b, scale, false, out.data(), hw);
+  igemm_ref(c.cout, hw, k, codes_s8(d.w.data(), k, c.qw), col_operand(c, col, Trans::kNo), scale,
+            false, out.data(), hw);
   return out;
+}
+
+bool have_kernel() { return quant::isa_allows(quant::Isa::kAvx2); }
+
+// Backward-weight over 2 samples (in: 2 x (cin, h, w); dy: 2 x (cout, h, w) codes of qmax qw):
+// the reference against dy (cout, hw) im2col^T through igemm_ref, then the kernel (both output
+// layouts, added to nonzero contents) against the reference.
+void check_wgrad(const Case& c, uint64_t seed) {
+  const int64_t hw = c.h * c.w, k = c.cin * 9, n = 2;
+  Case two = c;
+  two.cin = n * c.cin;  // two samples' input codes
+  const Data x = make_data(two, seed);
+  Case dyc = c;
+  dyc.cin = n * c.cout;
+  dyc.qa = c.qw;
+  dyc.is_signed = true;
+  const Data g = make_data(dyc, seed + 3);  // g.in: two samples' dy codes
+  const auto* dy = reinterpret_cast<const int8_t*>(g.in.data());
+  for (bool transposed : {false, true}) {
+    SCOPED_TRACE(::testing::Message() << "wgrad transposed " << transposed);
+    std::vector<double> ref(static_cast<size_t>(c.cout * k), 0.5);
+    iconv3x3_wgrad_ref(c.cin, c.cout, c.h, c.w, n, x.in.data(), c.is_signed, dy, transposed,
+                       ref.data());
+    std::vector<double> gsum(ref.size(), 0.5);
+    for (int64_t s = 0; s < n; ++s) {
+      const std::vector<uint8_t> col = im2col(c, x.in.data() + s * c.cin * hw);
+      std::vector<float> dw(static_cast<size_t>(c.cout * k));
+      igemm_ref(c.cout, k, hw, codes_s8(dy + s * c.cout * hw, hw, c.qw),
+                col_operand(c, col, Trans::kYes), 1.0f, false, dw.data(), k);
+      for (int64_t o = 0; o < c.cout; ++o)
+        for (int64_t ch = 0; ch < c.cin; ++ch)
+          for (int tap = 0; tap < 9; ++tap)
+            gsum[static_cast<size_t>(transposed ? (ch * c.cout + o) * 9 + 8 - tap
+                                                : (o * c.cin + ch) * 9 + tap)] +=
+                dw[static_cast<size_t>(o * k + ch * 9 + tap)];
+    }
+    ASSERT_EQ(ref, gsum) << "wgrad reference vs igemm_ref";
+    if (!have_kernel()) continue;
+    const bool fits = 2 * (c.is_signed ? 2 * c.qa : c.qa) * c.qw <= 32767;
+    ASSERT_EQ(iconv3x3_wgrad_supports(c.h, c.w, c.qa, c.is_signed, c.qw), fits);
+    std::vector<double> out(ref.size(), 0.5);
+    if (!fits) {
+      EXPECT_THROW(iconv3x3_wgrad(c.cin, c.cout, c.h, c.w, n, x.in.data(), c.is_signed, c.qa, dy,
+                                  c.qw, transposed, out.data()),
+                   Error);
+      continue;
+    }
+    iconv3x3_wgrad(c.cin, c.cout, c.h, c.w, n, x.in.data(), c.is_signed, c.qa, dy, c.qw, transposed,
+                   out.data());
+    for (size_t i = 0; i < ref.size(); ++i) ASSERT_EQ(out[i], ref[i]) << "wgrad at " << i;
+  }
 }
 
 // W (cout, cin, 3, 3) -> the transposed convolution's weights (cin, cout, 3, 3), taps flipped.
@@ -77,8 +141,6 @@ std::vector<int8_t> flip(const std::vector<int8_t>& w, int64_t cout, int64_t cin
             w[static_cast<size_t>((o * cin + ch) * 9 + tap)];
   return t;
 }
-
-bool have_kernel() { return quant::isa_allows(quant::Isa::kAvx2); }
 
 // Runs one case: the reference against the GEMM path, then (where supported) the kernel against
 // the reference, forward and transposed, into an output with a plane stride past h * w whose gaps
@@ -99,7 +161,8 @@ void check_case(const Case& c, uint64_t seed) {
       ASSERT_TRUE(
           same_bits(ref[static_cast<size_t>(o * ldo + i)], g[static_cast<size_t>(o * hw + i)]))
           << "reference vs igemm_ref at (" << o << ", " << i << ")";
-  if (!have_kernel()) return;
+  check_wgrad(c, seed + 11);
+  if (::testing::Test::HasFatalFailure() || !have_kernel()) return;
   Iconv3x3Weights wt;
   wt.pack(d.w.data(), c.cout, c.cin, c.qw);
   const bool fits = 2 * (c.is_signed ? 2 * c.qa : c.qa) * c.qw <= 32767;

@@ -195,6 +195,41 @@ __attribute__((target("avx2"))) void tile(const uint8_t* xp, const int64_t* goff
   }
 }
 
+// dy's [position group][channel][4] copy (see iconv3x3_wgrad): the 32-bit words of dy's flat
+// planes (o16 planes of `words` words, zero past the data) transposed, 4 x 4 words at a time.
+__attribute__((target("avx2"))) void transpose_words(const uint8_t* planes, int64_t o16,
+                                                     int64_t words, uint8_t* out) {
+  for (int64_t o = 0; o < o16; o += 4)
+    for (int64_t g = 0; g < words; g += 4) {
+      const uint8_t* r = planes + o * words * 4 + g * 4;
+      __m128 x0 = _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)));
+      __m128 x1 =
+          _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + words * 4)));
+      __m128 x2 =
+          _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * words * 4)));
+      __m128 x3 =
+          _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * words * 4)));
+      _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+      const __m128 t[4] = {x0, x1, x2, x3};
+      for (int q = 0; q < 4; ++q)
+        _mm_storeu_ps(reinterpret_cast<float*>(out + ((g + q) * o16 + o) * 4), t[q]);
+    }
+}
+
+// One backward-weight tile: rows (channel, tap) r0..r0+3 (broadcast bytes at xb + roff[r] + 4g)
+// x output channels o0..o0+15 (loaded from db's group g) over `groups` groups.
+__attribute__((target("avx2"))) void wgrad_tile(const uint8_t* xb, const int64_t* roff,
+                                                const uint8_t* db, int64_t o16, int64_t groups,
+                                                int64_t i16, int32_t* t) {
+  sum_tile<true>(
+      groups, i16,
+      [&](int64_t g, const uint8_t** x, const void** p) {
+        *x = db + g * o16 * 4;
+        for (int r = 0; r < kMr; ++r) p[r] = xb + roff[r] + 4 * g;
+      },
+      t);
+}
+
 // Packs weights given as weight(o, c, tap) for a convolution from cin to cout channels.
 template <typename F>
 void pack_weights(Iconv3x3Weights* wt, int64_t cout, int64_t cin, int qw, F weight) {
@@ -279,6 +314,98 @@ void iconv3x3(const Iconv3x3Weights& wt, int64_t h, int64_t w, const void* in, b
         std::memcpy(out + (o0 + r) * ldo + y * w, ob.data() + r * ob_stride + y * l.row,
                     sizeof(float) * static_cast<size_t>(w));
   }
+}
+
+bool iconv3x3_wgrad_supports(int64_t h, int64_t w, int qmax, bool is_signed, int qdy) {
+  if (h <= 0 || w <= 0 || qdy < 1 || qdy > 127 || qmax < 1 || qmax > (is_signed ? 127 : 255))
+    return false;
+  if (!quant::isa_allows(quant::Isa::kAvx2) || !__builtin_cpu_supports("avx2")) return false;
+  const int64_t qu = input_byte_max(qmax, is_signed), k = (h * (w + 1) + 3) / 4 * 4;
+  return 2 * qu * qdy <= kInt16Max && k * qu * qdy <= kInt32Max;
+}
+
+void iconv3x3_wgrad(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, const void* in,
+                    bool is_signed, int qmax, const int8_t* dy, int qdy, bool transposed,
+                    double* dw) {
+  INT4DDP_CHECK(iconv3x3_wgrad_supports(h, w, qmax, is_signed, qdy),
+                "iconv3x3_wgrad: not supported here (image ", h, " x ", w, ", ",
+                is_signed ? "signed" : "unsigned", " input qmax ", qmax, ", dy qmax ", qdy,
+                ", or no AVX2)");
+  INT4DDP_CHECK(cin > 0 && cout > 0 && n >= 0 && (n == 0 || (in && dy && dw)),
+                "iconv3x3_wgrad: bad shape (cin ", cin, ", cout ", cout, ", n ", n, ")");
+  const int64_t row = w + 1, groups = (h * row + 3) / 4;
+  const int64_t words = (groups + 3) / 4 * 4;   // dy plane words, a multiple of the transpose's 4
+  const int64_t px = 4 * groups + 2 * row + 4;  // bytes per padded input plane: the taps' reach
+  const int64_t o16 = (cout + 15) / 16 * 16, rows = cin * kTaps, rows4 = (rows + 3) / 4 * 4;
+  const int off = is_signed ? qmax : 0;
+  const int64_t i16 = kInt16Max / (2 * input_byte_max(qmax, is_signed) * qdy);
+  thread_local std::vector<uint8_t> xb, planes, db;
+  thread_local std::vector<int64_t> roff, dysum;
+  xb.resize(static_cast<size_t>(cin * px));
+  planes.assign(static_cast<size_t>(o16 * words * 4), 0);
+  db.resize(static_cast<size_t>(words * o16 * 4));
+  roff.resize(static_cast<size_t>(rows4));
+  dysum.resize(static_cast<size_t>(cout));
+  for (int64_t r = 0; r < rows4; ++r) {  // rows past cin * 9 read row 0 (their sums are dropped)
+    const int64_t c = r < rows ? r / kTaps : 0, tap = r < rows ? r % kTaps : 0;
+    roff[static_cast<size_t>(r)] = c * px + tap / 3 * row + tap % 3;
+  }
+  const auto* xin = static_cast<const uint8_t*>(in);
+  alignas(32) int32_t t[kMr * kNr];
+  for (int64_t s = 0; s < n; ++s) {
+    const uint8_t* xs = xin + s * cin * h * w;
+    const int8_t* ds = dy + s * cout * h * w;
+    std::memset(xb.data(), off, xb.size());
+    for (int64_t c = 0; c < cin; ++c)
+      for (int64_t y = 0; y < h; ++y) {
+        uint8_t* d = xb.data() + c * px + (y + 1) * row + 1;
+        const uint8_t* r = xs + (c * h + y) * w;
+        for (int64_t x = 0; x < w; ++x) d[x] = static_cast<uint8_t>(r[x] + off);
+      }
+    for (int64_t o = 0; o < cout; ++o) {
+      int64_t sum = 0;
+      for (int64_t y = 0; y < h; ++y) {
+        const int8_t* r = ds + (o * h + y) * w;
+        std::memcpy(planes.data() + o * words * 4 + y * row, r, static_cast<size_t>(w));
+        for (int64_t x = 0; x < w; ++x) sum += r[x];
+      }
+      dysum[static_cast<size_t>(o)] = sum;
+    }
+    transpose_words(planes.data(), o16, words, db.data());
+    for (int64_t o0 = 0; o0 < o16; o0 += kNr)
+      for (int64_t r0 = 0; r0 < rows4; r0 += kMr) {
+        wgrad_tile(xb.data(), roff.data() + r0, db.data() + o0 * 4, o16, groups, i16, t);
+        for (int64_t r = r0; r < std::min(r0 + kMr, rows); ++r) {
+          const int64_t c = r / kTaps, tap = r % kTaps;
+          for (int64_t o = o0; o < std::min(o0 + kNr, cout); ++o) {
+            const int64_t v = t[(r - r0) * kNr + (o - o0)] - off * dysum[static_cast<size_t>(o)];
+            dw[transposed ? (c * cout + o) * kTaps + kTaps - 1 - tap
+                          : (o * cin + c) * kTaps + tap] += static_cast<double>(v);
+          }
+        }
+      }
+  }
+}
+
+void iconv3x3_wgrad_ref(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, const void* in,
+                        bool is_signed, const int8_t* dy, bool transposed, double* dw) {
+  for (int64_t o = 0; o < cout; ++o)
+    for (int64_t c = 0; c < cin; ++c)
+      for (int tap = 0; tap < kTaps; ++tap) {
+        int64_t t = 0;
+        for (int64_t s = 0; s < n; ++s)
+          for (int64_t y = 0; y < h; ++y)
+            for (int64_t x = 0; x < w; ++x) {
+              const int64_t iy = y + tap / 3 - 1, ix = x + tap % 3 - 1;
+              if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
+              const int64_t i = ((s * cin + c) * h + iy) * w + ix;
+              const int64_t xv = is_signed ? static_cast<const int8_t*>(in)[i]
+                                           : static_cast<const uint8_t*>(in)[i];
+              t += xv * dy[((s * cout + o) * h + y) * w + x];
+            }
+        dw[transposed ? (c * cout + o) * kTaps + kTaps - 1 - tap : (o * cin + c) * kTaps + tap] +=
+            static_cast<double>(t);
+      }
 }
 
 void iconv3x3_ref(const int8_t* w, int64_t cout, int64_t cin, int64_t h, int64_t wd, const void* in,

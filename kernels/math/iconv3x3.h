@@ -59,8 +59,29 @@ bool iconv3x3_supports(const Iconv3x3Weights& wt, int qmax, bool is_signed);
 void iconv3x3(const Iconv3x3Weights& wt, int64_t h, int64_t w, const void* in, bool is_signed,
               int qmax, float scale, float* out, int64_t ldo);
 
-// The definition, plain loops with int64 sums: the same contract, any codes, no ISA.
+// Backward-weight of the same convolution, as an implicit GEMM over the output positions (K):
+// for o < cout, c < cin and tap = ky * 3 + kx, the exact integer
+//   sum over samples s < n, y < h, x < w of dy_s[o][y][x] * in_s[c][y + ky - 1][x + kx - 1]
+// (0 outside the image) is added to dw[(o * cin + c) * 9 + tap], or with `transposed` to
+// dw[(c * cout + o) * 9 + 8 - tap] (the transposed convolution's weights, taps flipped). in: n
+// samples (cin, h, w) of codes as in iconv3x3; dy: n samples (cout, h, w) of int8 codes,
+// |code| <= qdy. K runs over the flat output positions (row stride w + 1) in groups of 4: the
+// loaded operand is dy, 16 output channels x 4 positions from a [position group][channel][4]
+// copy of dy (zero at the junk column); the broadcast operand is 4 bytes of one input channel's
+// padded plane at the tap's offset (vpmaddubsw's unsigned operand: signed inputs carry the +qmax
+// offset, removed with qmax * the output channel's dy sum). A tile is 4 (channel, tap) rows x 16
+// output channels; its sums are exact in int32 per sample and added to dw as doubles.
+// iconv3x3_wgrad_supports: AVX2 allowed, 2 * qu * qdy <= 32767 and one sample's
+// 4 * ceil(h * (w + 1) / 4) * qu * qdy < 2^31 (qu as in iconv3x3).
+bool iconv3x3_wgrad_supports(int64_t h, int64_t w, int qmax, bool is_signed, int qdy);
+void iconv3x3_wgrad(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, const void* in,
+                    bool is_signed, int qmax, const int8_t* dy, int qdy, bool transposed,
+                    double* dw);
+
+// The definitions, plain loops with int64 sums: the same contracts, any codes, no ISA.
 void iconv3x3_ref(const int8_t* w, int64_t cout, int64_t cin, int64_t h, int64_t wd, const void* in,
                   bool is_signed, float scale, float* out, int64_t ldo);
+void iconv3x3_wgrad_ref(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, const void* in,
+                        bool is_signed, const int8_t* dy, bool transposed, double* dw);
 
 }  // namespace int4ddp::math
