@@ -774,24 +774,35 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
         for (int64_t i = 0; i < wsize; ++i) sum[i] += dwg[i];
       }
       // Not null: dx by the implicit-GEMM convolution of dy with these (transposed) weights, and
-      // only the transposed columns (for dW) are built.
+      // only the transposed columns (for dW) are built; wgrad_iconv: dW by iconv3x3_wgrad too
+      // (no columns at all).
       const math::Iconv3x3Weights* w_iconv;
+      bool wgrad_iconv;
       bool dy_columns_products(int64_t, bool, int64_t s0, int64_t g, const uint8_t* xg,
                                float* dxg) {
         if (!packed) return false;
-        thread_local math::IgemmPackedB cols, cols_t;
-        thread_local math::IgemmPackedA xa;
-        math::igemm_pack_conv(isa, dy_geo, dy_codes, false, qdy, s0, g, w_iconv ? nullptr : &cols,
-                              &cols_t);
-        const int64_t icols = dy_geo.cols(g);
-        // dWt (in, out*k*k) = x_g (in, icols) cols^T; dx_g = flip(W) (in, out*k*k) cols.
-        xa.pack(isa, x_geo.channels, icols, operand(xg, icols, Trans::kNo));
-        packed_weight_sum(xa, cols_t);
-        if (!w_iconv) {
-          math::igemm_packed(*w_bwd, cols, dx_scale, false, dxg, icols);
-          return true;
+        const int64_t icols = dy_geo.cols(g), dy_size = dy_geo.channels * dy_geo.h * dy_geo.w;
+        if (wgrad_iconv) {
+          // dWt (in, out*k*k) summed exactly into the thread's accumulator, taps flipped.
+          const int64_t x_size = x_geo.channels * x_geo.h * x_geo.w;
+          math::iconv3x3_wgrad(x_geo.channels, dy_geo.channels, x_geo.h, x_geo.w, g,
+                               x_codes + s0 * x_size, x_signed, qx, dy_codes + s0 * dy_size, qdy,
+                               /*transposed=*/true,
+                               (*acc)[static_cast<size_t>(thread_index())].data());
+        } else {
+          thread_local math::IgemmPackedB cols, cols_t;
+          thread_local math::IgemmPackedA xa;
+          math::igemm_pack_conv(isa, dy_geo, dy_codes, false, qdy, s0, g, w_iconv ? nullptr : &cols,
+                                &cols_t);
+          // dWt (in, out*k*k) = x_g (in, icols) cols^T; dx_g = flip(W) (in, out*k*k) cols.
+          xa.pack(isa, x_geo.channels, icols, operand(xg, icols, Trans::kNo));
+          packed_weight_sum(xa, cols_t);
+          if (!w_iconv) {
+            math::igemm_packed(*w_bwd, cols, dx_scale, false, dxg, icols);
+            return true;
+          }
         }
-        const int64_t ihw = dy_geo.ho * dy_geo.wo, dy_size = dy_geo.channels * dy_geo.h * dy_geo.w;
+        const int64_t ihw = dy_geo.ho * dy_geo.wo;
         for (int64_t s = 0; s < g; ++s)  // dx_g (in, g * ihw): sample s at column s * ihw
           math::iconv3x3(*w_iconv, dy_geo.ho, dy_geo.wo, dy_codes + (s0 + s) * dy_size, true, qdy,
                          dx_scale, dxg + s * ihw, icols);
@@ -845,7 +856,8 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
                           {out_, ho, wo, kernel_, 1, kernel_ - 1 - pad_, h, w},
                           xq_.data(),
                           gq_.data(),
-                          iconv ? &w_iconv : nullptr};
+                          iconv ? &w_iconv : nullptr,
+                          iconv && math::iconv3x3_wgrad_supports(h, w, g.qa, signed_input(), g.qg)};
     transposed =
         backward_by_groups(n, h, w, xq_.data(), gq_.data(), wq_.data(), dxhat.data(), products);
   }
