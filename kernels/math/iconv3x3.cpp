@@ -324,19 +324,27 @@ bool iconv3x3_wgrad_supports(int64_t h, int64_t w, int qmax, bool is_signed, int
   return 2 * qu * qdy <= kInt16Max && k * qu * qdy <= kInt32Max;
 }
 
-void iconv3x3_wgrad(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, const void* in,
-                    bool is_signed, int qmax, const int8_t* dy, int qdy, bool transposed,
-                    double* dw) {
+void Iconv3x3WgradSum::reset(int64_t cin, int64_t cout) {
+  INT4DDP_CHECK(cin > 0 && cout > 0, "iconv3x3_wgrad: bad shape (cin ", cin, ", cout ", cout, ")");
+  cin_ = cin;
+  cout_ = cout;
+  rows4_ = (cin * kTaps + 3) / 4 * 4;
+  o16_ = (cout + 15) / 16 * 16;
+  sum_.assign(static_cast<size_t>(rows4_ * o16_), 0);
+}
+
+void Iconv3x3WgradSum::add(int64_t h, int64_t w, int64_t n, const void* in, bool is_signed,
+                           int qmax, const int8_t* dy, int qdy) {
   INT4DDP_CHECK(iconv3x3_wgrad_supports(h, w, qmax, is_signed, qdy),
                 "iconv3x3_wgrad: not supported here (image ", h, " x ", w, ", ",
                 is_signed ? "signed" : "unsigned", " input qmax ", qmax, ", dy qmax ", qdy,
                 ", or no AVX2)");
-  INT4DDP_CHECK(cin > 0 && cout > 0 && n >= 0 && (n == 0 || (in && dy && dw)),
-                "iconv3x3_wgrad: bad shape (cin ", cin, ", cout ", cout, ", n ", n, ")");
+  INT4DDP_CHECK(cin_ > 0 && n >= 0 && (n == 0 || (in && dy)),
+                "iconv3x3_wgrad: no reset, or bad samples (n ", n, ")");
+  const int64_t cin = cin_, cout = cout_, o16 = o16_, rows = cin * kTaps, rows4 = rows4_;
   const int64_t row = w + 1, groups = (h * row + 3) / 4;
   const int64_t words = (groups + 3) / 4 * 4;   // dy plane words, a multiple of the transpose's 4
   const int64_t px = 4 * groups + 2 * row + 4;  // bytes per padded input plane: the taps' reach
-  const int64_t o16 = (cout + 15) / 16 * 16, rows = cin * kTaps, rows4 = (rows + 3) / 4 * 4;
   const int off = is_signed ? qmax : 0;
   const int64_t i16 = kInt16Max / (2 * input_byte_max(qmax, is_signed) * qdy);
   thread_local std::vector<uint8_t> xb, planes, db;
@@ -346,7 +354,7 @@ void iconv3x3_wgrad(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, 
   db.resize(static_cast<size_t>(words * o16 * 4));
   roff.resize(static_cast<size_t>(rows4));
   dysum.resize(static_cast<size_t>(cout));
-  for (int64_t r = 0; r < rows4; ++r) {  // rows past cin * 9 read row 0 (their sums are dropped)
+  for (int64_t r = 0; r < rows4; ++r) {  // rows past cin * 9 read row 0 (their sums are unused)
     const int64_t c = r < rows ? r / kTaps : 0, tap = r < rows ? r % kTaps : 0;
     roff[static_cast<size_t>(r)] = c * px + tap / 3 * row + tap % 3;
   }
@@ -359,32 +367,53 @@ void iconv3x3_wgrad(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, 
     for (int64_t c = 0; c < cin; ++c)
       for (int64_t y = 0; y < h; ++y) {
         uint8_t* d = xb.data() + c * px + (y + 1) * row + 1;
-        const uint8_t* r = xs + (c * h + y) * w;
-        for (int64_t x = 0; x < w; ++x) d[x] = static_cast<uint8_t>(r[x] + off);
+        std::memcpy(d, xs + (c * h + y) * w, static_cast<size_t>(w));
+        if (off)
+          for (int64_t x = 0; x < w; ++x) d[x] = static_cast<uint8_t>(d[x] + off);
       }
     for (int64_t o = 0; o < cout; ++o) {
-      int64_t sum = 0;
-      for (int64_t y = 0; y < h; ++y) {
-        const int8_t* r = ds + (o * h + y) * w;
-        std::memcpy(planes.data() + o * words * 4 + y * row, r, static_cast<size_t>(w));
-        for (int64_t x = 0; x < w; ++x) sum += r[x];
+      for (int64_t y = 0; y < h; ++y)
+        std::memcpy(planes.data() + o * words * 4 + y * row, ds + (o * h + y) * w,
+                    static_cast<size_t>(w));
+      if (off) {
+        int64_t sum = 0;
+        for (int64_t i = 0; i < h * w; ++i) sum += ds[o * h * w + i];
+        dysum[static_cast<size_t>(o)] = sum;
       }
-      dysum[static_cast<size_t>(o)] = sum;
     }
     transpose_words(planes.data(), o16, words, db.data());
     for (int64_t o0 = 0; o0 < o16; o0 += kNr)
       for (int64_t r0 = 0; r0 < rows4; r0 += kMr) {
         wgrad_tile(xb.data(), roff.data() + r0, db.data() + o0 * 4, o16, groups, i16, t);
-        for (int64_t r = r0; r < std::min(r0 + kMr, rows); ++r) {
-          const int64_t c = r / kTaps, tap = r % kTaps;
-          for (int64_t o = o0; o < std::min(o0 + kNr, cout); ++o) {
-            const int64_t v = t[(r - r0) * kNr + (o - o0)] - off * dysum[static_cast<size_t>(o)];
-            dw[transposed ? (c * cout + o) * kTaps + kTaps - 1 - tap
-                          : (o * cin + c) * kTaps + tap] += static_cast<double>(v);
-          }
+        for (int r = 0; r < kMr; ++r) {
+          int64_t* acc = sum_.data() + (r0 + r) * o16 + o0;
+          for (int j = 0; j < kNr; ++j) acc[j] += t[r * kNr + j];
         }
       }
+    if (off)  // the offset's share: off * (dy sum of output channel o) in every row
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = 0; o < cout; ++o)
+          sum_[static_cast<size_t>(r * o16 + o)] -= off * dysum[static_cast<size_t>(o)];
   }
+}
+
+void Iconv3x3WgradSum::finish(bool transposed, double* dw) const {
+  for (int64_t c = 0; c < cin_; ++c)
+    for (int tap = 0; tap < kTaps; ++tap) {
+      const int64_t* r = sum_.data() + (c * kTaps + tap) * o16_;
+      for (int64_t o = 0; o < cout_; ++o)
+        dw[transposed ? (c * cout_ + o) * kTaps + kTaps - 1 - tap : (o * cin_ + c) * kTaps + tap] +=
+            static_cast<double>(r[o]);
+    }
+}
+
+void iconv3x3_wgrad(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, const void* in,
+                    bool is_signed, int qmax, const int8_t* dy, int qdy, bool transposed,
+                    double* dw) {
+  Iconv3x3WgradSum sum;
+  sum.reset(cin, cout);
+  sum.add(h, w, n, in, is_signed, qmax, dy, qdy);
+  sum.finish(transposed, dw);
 }
 
 void iconv3x3_wgrad_ref(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, const void* in,

@@ -70,10 +70,26 @@ void iconv3x3(const Iconv3x3Weights& wt, int64_t h, int64_t w, const void* in, b
 // copy of dy (zero at the junk column); the broadcast operand is 4 bytes of one input channel's
 // padded plane at the tap's offset (vpmaddubsw's unsigned operand: signed inputs carry the +qmax
 // offset, removed with qmax * the output channel's dy sum). A tile is 4 (channel, tap) rows x 16
-// output channels; its sums are exact in int32 per sample and added to dw as doubles.
+// output channels; its sums are exact in int32 per sample, kept as int64 in the kernel's layout
+// by Iconv3x3WgradSum across calls and added to dw once (finish).
 // iconv3x3_wgrad_supports: AVX2 allowed, 2 * qu * qdy <= 32767 and one sample's
 // 4 * ceil(h * (w + 1) / 4) * qu * qdy < 2^31 (qu as in iconv3x3).
 bool iconv3x3_wgrad_supports(int64_t h, int64_t w, int qmax, bool is_signed, int qdy);
+class Iconv3x3WgradSum {
+ public:
+  // Zero sums for a convolution from cin to cout channels (keeps the storage).
+  void reset(int64_t cin, int64_t cout);
+  // += the sums of n samples (see above); needs iconv3x3_wgrad_supports() (else an Error).
+  void add(int64_t h, int64_t w, int64_t n, const void* in, bool is_signed, int qmax,
+           const int8_t* dy, int qdy);
+  // dw += the sums (as doubles, exact below 2^53) in the layout chosen by `transposed`.
+  void finish(bool transposed, double* dw) const;
+
+ private:
+  int64_t cin_ = 0, cout_ = 0, rows4_ = 0, o16_ = 0;
+  std::vector<int64_t> sum_;  // [(c * 9 + tap) rows, padded to 4][o16 output channels]
+};
+// reset + add + finish.
 void iconv3x3_wgrad(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, const void* in,
                     bool is_signed, int qmax, const int8_t* dy, int qdy, bool transposed,
                     double* dw);

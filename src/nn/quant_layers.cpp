@@ -774,21 +774,20 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
         for (int64_t i = 0; i < wsize; ++i) sum[i] += dwg[i];
       }
       // Not null: dx by the implicit-GEMM convolution of dy with these (transposed) weights, and
-      // only the transposed columns (for dW) are built; wgrad_iconv: dW by iconv3x3_wgrad too
-      // (no columns at all).
+      // only the transposed columns (for dW) are built. wgrad_sums not null: dW by
+      // iconv3x3_wgrad too (no columns at all), exact sums per batch part, added to dW^ after.
       const math::Iconv3x3Weights* w_iconv;
-      bool wgrad_iconv;
-      bool dy_columns_products(int64_t, bool, int64_t s0, int64_t g, const uint8_t* xg,
+      std::vector<math::Iconv3x3WgradSum>* wgrad_sums;
+      bool dy_columns_products(int64_t part, bool first, int64_t s0, int64_t g, const uint8_t* xg,
                                float* dxg) {
         if (!packed) return false;
         const int64_t icols = dy_geo.cols(g), dy_size = dy_geo.channels * dy_geo.h * dy_geo.w;
-        if (wgrad_iconv) {
-          // dWt (in, out*k*k) summed exactly into the thread's accumulator, taps flipped.
+        if (wgrad_sums) {
+          math::Iconv3x3WgradSum& sum = (*wgrad_sums)[static_cast<size_t>(part)];
+          if (first) sum.reset(x_geo.channels, dy_geo.channels);
           const int64_t x_size = x_geo.channels * x_geo.h * x_geo.w;
-          math::iconv3x3_wgrad(x_geo.channels, dy_geo.channels, x_geo.h, x_geo.w, g,
-                               x_codes + s0 * x_size, x_signed, qx, dy_codes + s0 * dy_size, qdy,
-                               /*transposed=*/true,
-                               (*acc)[static_cast<size_t>(thread_index())].data());
+          sum.add(x_geo.h, x_geo.w, g, x_codes + s0 * x_size, x_signed, qx, dy_codes + s0 * dy_size,
+                  qdy);
         } else {
           thread_local math::IgemmPackedB cols, cols_t;
           thread_local math::IgemmPackedA xa;
@@ -842,6 +841,11 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
       w_bwd_.pack(gemm_isa_, ckk, out_, math::codes_s8(wq_.data(), ckk, g.qw, Trans::kYes));
     }
     const int64_t ho = y.dim(2), wo = y.dim(3);
+    thread_local std::vector<math::Iconv3x3WgradSum> wgrad_sums;  // per batch part
+    const bool wgrad_iconv =
+        iconv && math::iconv3x3_wgrad_supports(h, w, g.qa, signed_input(), g.qg);
+    if (wgrad_iconv && static_cast<int64_t>(wgrad_sums.size()) < parts.count())
+      wgrad_sums.resize(static_cast<size_t>(parts.count()));
     CodeProducts products{gemm_isa_,
                           g.qa,
                           g.qw,
@@ -857,9 +861,12 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
                           xq_.data(),
                           gq_.data(),
                           iconv ? &w_iconv : nullptr,
-                          iconv && math::iconv3x3_wgrad_supports(h, w, g.qa, signed_input(), g.qg)};
+                          wgrad_iconv ? &wgrad_sums : nullptr};
     transposed =
         backward_by_groups(n, h, w, xq_.data(), gq_.data(), wq_.data(), dxhat.data(), products);
+    if (wgrad_iconv)  // exact integer sums: any order
+      for (int64_t p = 0; p < parts.count(); ++p)
+        wgrad_sums[static_cast<size_t>(p)].finish(/*transposed=*/true, dw_acc_[0].data());
   }
   std::vector<double>& total = dw_acc_[0];
   for (size_t t = 1; t < dw_acc_.size(); ++t)
