@@ -11,13 +11,14 @@
 // igemm), and the int8 igemm on --bits codes for every ISA present. Median of --reps timed runs
 // after one warm-up; rates at the nominal 2 * M * N * K (GFLOP/s for fp32, GOP/s for int8).
 // Every igemm result is compared with int_gemm's bit for bit (exit 1 on a mismatch).
-// Then the 3x3 stride-1 convolutions of the same layers as convolutions (forward, and
-// backward-data as the transposed convolution), whole batch, one thread, in the same run: our fp32
-// direct kernel (math::conv3x3_forward / conv3x3_backward_data on floats), the quantized layers'
-// im2col path (igemm_pack_conv into panels + igemm_packed, groups of samples as QConv2d forms
-// them; backward-data builds only the columns it reads) and the implicit-GEMM integer convolution
-// (math::iconv3x3, per sample), which must equal the im2col path bit for bit.
-// Ends with one JSON line {"bench":"gemm","bits","batch","isas":[...],"rows":[{"model","layer",
+// Then the 3x3 stride-1 convolutions of the same layers as convolutions (forward, backward-data
+// as the transposed convolution, backward-weight), whole batch, one thread, in the same run: our
+// fp32 direct kernel (math::conv3x3_forward / conv3x3_backward_data on floats), the quantized
+// layers' im2col path (igemm_pack_conv into panels + igemm_packed, groups of samples as QConv2d
+// forms them; backward-data builds only the columns it reads; backward-weight packs the gathered x
+// and dy's transposed columns) and the implicit-GEMM integer convolution (math::iconv3x3 per
+// sample, iconv3x3_wgrad on the batch), which must equal the im2col path bit for bit. Ends with one
+// JSON line {"bench":"gemm","bits","batch","isas":[...],"rows":[{"model","layer",
 // "op","m","n","k","eigen_gflops","int_gemm_gflops","<isa>_gops"...}],"geomean_<isa>_vs_eigen",
 // "geomean_<isa>_vs_int_gemm","conv":[{"model","layer","op","fp32_direct_gflops",
 // "im2col_igemm_gops","iconv3x3_gops"}...]}.
@@ -147,6 +148,19 @@ std::string bench_conv(const Conv& cv, int64_t batch, int bits, int reps, int* w
   const ConvColumns x_geo{cv.cin, cv.h, cv.h, 3, 1, 1, cv.h, cv.h};
   const ConvColumns dy_geo{cv.cout, cv.h, cv.h, 3, 1, 1, cv.h, cv.h};
   std::string rows;
+  auto report = [&](const char* op, double t_f, double t_old, double t_new) {
+    std::printf("%-9s %-18s %-10s | %10.1f %10.1f %10.1f %6.2f %6.2f\n", cv.model.c_str(),
+                cv.layer.c_str(), op, ops / t_f * 1e-9, ops / t_old * 1e-9, ops / t_new * 1e-9,
+                t_old / t_new, t_f / t_new);
+    std::fflush(stdout);
+    char buf[512];
+    std::snprintf(buf, sizeof buf,
+                  "%s{\"model\":\"%s\",\"layer\":\"%s\",\"op\":\"%s\",\"fp32_direct_gflops\":%.2f,"
+                  "\"im2col_igemm_gops\":%.2f,\"iconv3x3_gops\":%.2f}",
+                  rows.empty() ? "" : ",", cv.model.c_str(), cv.layer.c_str(), op, ops / t_f * 1e-9,
+                  ops / t_old * 1e-9, ops / t_new * 1e-9);
+    rows += buf;
+  };
   for (bool fwd : {true, false}) {
     const int64_t cin = fwd ? cv.cin : cv.cout, cout = fwd ? cv.cout : cv.cin;
     const int64_t g = conv_group(batch, fwd ? ckk : okk, hw);
@@ -190,18 +204,41 @@ std::string bench_conv(const Conv& cv, int64_t batch, int bits, int reps, int* w
                         sizeof(float) * static_cast<size_t>(hw)) != 0)
           ++*wrong;
     }
-    const char* op = fwd ? "fwd" : "bwd_data";
-    std::printf("%-9s %-18s %-10s | %10.1f %10.1f %10.1f %6.2f %6.2f\n", cv.model.c_str(),
-                cv.layer.c_str(), op, ops / t_f * 1e-9, ops / t_old * 1e-9, ops / t_new * 1e-9,
-                t_old / t_new, t_f / t_new);
-    std::fflush(stdout);
-    char buf[512];
-    std::snprintf(buf, sizeof buf,
-                  "%s{\"model\":\"%s\",\"layer\":\"%s\",\"op\":\"%s\",\"fp32_direct_gflops\":%.2f,"
-                  "\"im2col_igemm_gops\":%.2f,\"iconv3x3_gops\":%.2f}",
-                  rows.empty() ? "" : ",", cv.model.c_str(), cv.layer.c_str(), op, ops / t_f * 1e-9,
-                  ops / t_old * 1e-9, ops / t_new * 1e-9);
-    rows += buf;
+    report(fwd ? "fwd" : "bwd_data", t_f, t_old, t_new);
+  }
+  // Backward-weight: fp32 direct; the im2col path as QConv2d ran it (x's group gathered and
+  // packed, dy's transposed columns, igemm_packed, summed as doubles); iconv3x3_wgrad's sums.
+  {
+    const int64_t g = conv_group(batch, okk, hw);
+    std::vector<float> dw_f(static_cast<size_t>(cv.cout * ckk)), dwg(dw_f.size());
+    std::vector<double> dw_old(dw_f.size()), dw_new(dw_f.size());
+    std::vector<uint8_t> xg(static_cast<size_t>(cv.cin * g * hw));
+    const Conv3x3Shape sh{batch, cv.cin, cv.cout, cv.h, cv.h};
+    const double t_f = median_seconds(
+        reps, [&] { conv3x3_backward_weight(sh, xf.data(), dyf.data(), dw_f.data(), o); });
+    const double t_old = median_seconds(reps, [&] {
+      std::fill(dw_old.begin(), dw_old.end(), 0.0);
+      IgemmPackedB cols_t;
+      IgemmPackedA xa;
+      for (int64_t s0 = 0; s0 < batch; s0 += g) {
+        const int64_t gs = std::min(g, batch - s0), icols = gs * hw;
+        for (int64_t s = 0; s < gs; ++s)
+          for (int64_t c = 0; c < cv.cin; ++c)
+            std::memcpy(xg.data() + c * icols + s * hw, x8.data() + ((s0 + s) * cv.cin + c) * hw,
+                        static_cast<size_t>(hw));
+        igemm_pack_conv(isa, dy_geo, dy8.data(), false, qs, s0, gs, nullptr, &cols_t);
+        xa.pack(isa, cv.cin, icols, codes_u8(xg.data(), icols, qa));
+        igemm_packed(xa, cols_t, 1.0f, false, dwg.data(), okk);
+        for (size_t i = 0; i < dwg.size(); ++i) dw_old[i] += dwg[i];
+      }
+    });
+    const double t_new = median_seconds(reps, [&] {
+      std::fill(dw_new.begin(), dw_new.end(), 0.0);
+      iconv3x3_wgrad(cv.cin, cv.cout, cv.h, cv.h, batch, x8.data(), false, qa, dy8.data(), qs,
+                     /*transposed=*/true, dw_new.data());
+    });
+    if (dw_old != dw_new) ++*wrong;
+    report("bwd_weight", t_f, t_old, t_new);
   }
   return rows;
 }

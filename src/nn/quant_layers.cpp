@@ -5,8 +5,11 @@
 // per output), so which one ran changes no bit. QConv2d's im2col path, where an igemm ISA runs and
 // the column codes fit int8, skips the column matrices: its weight codes are packed into the
 // kernels' panels once per step and every group's columns are written straight into panels
-// (math::IgemmPackedA / igemm_pack_conv / igemm_packed, the same exact sums). The direct 3x3
-// convolution (fp32 kernels, exact on integer-valued floats) reads float copies of the codes.
+// (math::IgemmPackedA / igemm_pack_conv / igemm_packed, the same exact sums); a 3x3 stride-1
+// pad-1 QConv2d skips the columns altogether where math::iconv3x3 runs (AVX2, int16 pair sums
+// that cannot saturate): forward, backward-data and backward-weight as implicit GEMMs on the
+// codes, the same exact sums again. The direct 3x3 convolution (fp32 kernels, exact on
+// integer-valued floats) reads float copies of the codes.
 #include "src/nn/quant_layers.h"
 
 #include <immintrin.h>
