@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "kernels/common/error.h"
+#include "kernels/math/igemm_kernels.h"
 #include "kernels/quant/codec.h"
 
 namespace int4ddp::math {
@@ -59,14 +60,7 @@ __attribute__((target("avx2"))) void interleave4(const uint8_t* const c_rows[4],
   if (n >= 16) {
     for (int64_t x0 = 0; x0 < n; x0 += 16) {
       const int64_t x = std::min(x0, n - 16);
-      const __m128i r0 = ld16(0, x), r1 = ld16(1, x), r2 = ld16(2, x), r3 = ld16(3, x);
-      const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
-      const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
-      __m128i* d = reinterpret_cast<__m128i*>(dst + x * 4);
-      _mm_storeu_si128(d, _mm_unpacklo_epi16(t0, t2));
-      _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(t0, t2));
-      _mm_storeu_si128(d + 2, _mm_unpacklo_epi16(t1, t3));
-      _mm_storeu_si128(d + 3, _mm_unpackhi_epi16(t1, t3));
+      detail::interleave_4x16(ld16(0, x), ld16(1, x), ld16(2, x), ld16(3, x), dst + x * 4);
     }
   } else if (n >= 8) {
     for (int64_t x0 = 0; x0 < n; x0 += 8) {
