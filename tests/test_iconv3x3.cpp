@@ -114,7 +114,10 @@ void check_wgrad(const Case& c, uint64_t seed) {
                                                 : (o * c.cin + ch) * 9 + tap)] +=
                 dw[static_cast<size_t>(o * k + ch * 9 + tap)];
     }
-    ASSERT_EQ(ref, gsum) << "wgrad reference vs igemm_ref";
+    // igemm_ref's float output is exact below 2^24 (the extreme large image is above).
+    if (hw * c.qa * c.qw < (1 << 24)) {
+      ASSERT_EQ(ref, gsum) << "wgrad reference vs igemm_ref";
+    }
     if (!have_kernel()) continue;
     const bool fits = 2 * (c.is_signed ? 2 * c.qa : c.qa) * c.qw <= 32767;
     ASSERT_EQ(iconv3x3_wgrad_supports(c.h, c.w, c.qa, c.is_signed, c.qw), fits);
@@ -230,6 +233,9 @@ TEST(Iconv3x3, ExtremeCodesAtTheInt16Bound) {
         check_case({37, 5, 3, 19, is_signed && qa > 127 ? 127 : qa, is_signed, qw, true}, 99);
         if (HasFatalFailure()) return;
       }
+  // 7-bit unsigned inputs x 8-bit weights / gradients at every bound on a 300 x 300 image: one
+  // sample's backward-weight sums come near 2^31, so the two samples take one int32 pass each.
+  check_case({1, 1, 300, 300, 127, false, 127, true}, 101);
 }
 
 // resnet20's and cnn's shapes at 4 bits (batch parts call the kernel per sample).

@@ -314,7 +314,7 @@ bool iconv3x3_wgrad_supports(int64_t h, int64_t w, int qmax, bool is_signed, int
   if (h <= 0 || w <= 0 || qdy < 1 || qdy > 127 || qmax < 1 || qmax > (is_signed ? 127 : 255))
     return false;
   if (!quant::isa_allows(quant::Isa::kAvx2) || !__builtin_cpu_supports("avx2")) return false;
-  const int64_t qu = input_byte_max(qmax, is_signed), k = (h * (w + 1) + 3) / 4 * 4;
+  const int64_t qu = input_byte_max(qmax, is_signed), k = ((h + 1) * (w + 1) + 3) / 4 * 4;
   return 2 * qu * qdy <= kInt16Max && k * qu * qdy <= kInt32Max;
 }
 
@@ -335,44 +335,53 @@ void Iconv3x3WgradSum::add(int64_t h, int64_t w, int64_t n, const void* in, bool
                 ", or no AVX2)");
   INT4DDP_CHECK(cin_ > 0 && n >= 0 && (n == 0 || (in && dy)),
                 "iconv3x3_wgrad: no reset, or bad samples (n ", n, ")");
+  // Samples are stacked along K: sample s's padded plane starts at row s * (h + 1), its bottom
+  // pad row being the next one's top, and its outputs at flat positions s * span + y * row + x
+  // (span = (h + 1) * row; the junk column and the shared pad row have dy 0). As many samples
+  // per pass as keep the pass's int32 sums under the guard (one at least: supports()).
   const int64_t cin = cin_, cout = cout_, o16 = o16_, rows = cin * kTaps, rows4 = rows4_;
-  const int64_t row = w + 1, groups = (h * row + 3) / 4;
-  const int64_t words = (groups + 3) / 4 * 4;   // dy plane words, a multiple of the transpose's 4
-  const int64_t px = 4 * groups + 2 * row + 4;  // bytes per padded input plane: the taps' reach
+  const int64_t row = w + 1, span = (h + 1) * row, hw = h * w;
   const int off = is_signed ? qmax : 0;
-  const int64_t i16 = kInt16Max / (2 * input_byte_max(qmax, is_signed) * qdy);
+  const int64_t qq = input_byte_max(qmax, is_signed) * qdy, i16 = kInt16Max / (2 * qq);
+  const int64_t per_pass =
+      std::clamp<int64_t>((kInt32Max / qq - 3) / span, 1, std::max<int64_t>(n, 1));
   thread_local std::vector<uint8_t> xb, planes, db;
   thread_local std::vector<int64_t> roff, dysum;
-  xb.resize(static_cast<size_t>(cin * px));
-  planes.assign(static_cast<size_t>(o16 * words * 4), 0);
-  db.resize(static_cast<size_t>(words * o16 * 4));
-  roff.resize(static_cast<size_t>(rows4));
-  dysum.resize(static_cast<size_t>(cout));
-  for (int64_t r = 0; r < rows4; ++r) {  // rows past cin * 9 read row 0 (their sums are unused)
-    const int64_t c = r < rows ? r / kTaps : 0, tap = r < rows ? r % kTaps : 0;
-    roff[static_cast<size_t>(r)] = c * px + tap / 3 * row + tap % 3;
-  }
-  const auto* xin = static_cast<const uint8_t*>(in);
   alignas(32) int32_t t[kMr * kNr];
-  for (int64_t s = 0; s < n; ++s) {
-    const uint8_t* xs = xin + s * cin * h * w;
-    const int8_t* ds = dy + s * cout * h * w;
+  const auto* xin = static_cast<const uint8_t*>(in);
+  for (int64_t s0 = 0; s0 < n; s0 += per_pass) {
+    const int64_t m = std::min(per_pass, n - s0), groups = (m * span + 3) / 4;
+    const int64_t words = (groups + 3) / 4 * 4;   // dy plane words, a multiple of the transpose's 4
+    const int64_t px = 4 * groups + 2 * row + 4;  // bytes per input plane: the taps' reach
+    xb.resize(static_cast<size_t>(cin * px));
+    planes.assign(static_cast<size_t>(o16 * words * 4), 0);
+    db.resize(static_cast<size_t>(words * o16 * 4));
+    roff.resize(static_cast<size_t>(rows4));
+    dysum.assign(static_cast<size_t>(cout), 0);
+    for (int64_t r = 0; r < rows4; ++r) {  // rows past cin * 9 read row 0 (their sums are unused)
+      const int64_t c = r < rows ? r / kTaps : 0, tap = r < rows ? r % kTaps : 0;
+      roff[static_cast<size_t>(r)] = c * px + tap / 3 * row + tap % 3;
+    }
     std::memset(xb.data(), off, xb.size());
-    for (int64_t c = 0; c < cin; ++c)
-      for (int64_t y = 0; y < h; ++y) {
-        uint8_t* d = xb.data() + c * px + (y + 1) * row + 1;
-        std::memcpy(d, xs + (c * h + y) * w, static_cast<size_t>(w));
-        if (off)
-          for (int64_t x = 0; x < w; ++x) d[x] = static_cast<uint8_t>(d[x] + off);
-      }
-    for (int64_t o = 0; o < cout; ++o) {
-      for (int64_t y = 0; y < h; ++y)
-        std::memcpy(planes.data() + o * words * 4 + y * row, ds + (o * h + y) * w,
-                    static_cast<size_t>(w));
-      if (off) {
-        int64_t sum = 0;
-        for (int64_t i = 0; i < h * w; ++i) sum += ds[o * h * w + i];
-        dysum[static_cast<size_t>(o)] = sum;
+    for (int64_t s = 0; s < m; ++s) {
+      const uint8_t* xs = xin + (s0 + s) * cin * hw;
+      const int8_t* ds = dy + (s0 + s) * cout * hw;
+      for (int64_t c = 0; c < cin; ++c)
+        for (int64_t y = 0; y < h; ++y) {
+          uint8_t* d = xb.data() + c * px + (s * (h + 1) + y + 1) * row + 1;
+          std::memcpy(d, xs + (c * h + y) * w, static_cast<size_t>(w));
+          if (off)
+            for (int64_t x = 0; x < w; ++x) d[x] = static_cast<uint8_t>(d[x] + off);
+        }
+      for (int64_t o = 0; o < cout; ++o) {
+        for (int64_t y = 0; y < h; ++y)
+          std::memcpy(planes.data() + o * words * 4 + s * span + y * row, ds + (o * h + y) * w,
+                      static_cast<size_t>(w));
+        if (off) {
+          int64_t sum = 0;
+          for (int64_t i = 0; i < hw; ++i) sum += ds[o * hw + i];
+          dysum[static_cast<size_t>(o)] += sum;
+        }
       }
     }
     transpose_words(planes.data(), o16, words, db.data());

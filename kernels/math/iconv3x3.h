@@ -73,7 +73,8 @@ void iconv3x3(const Iconv3x3Weights& wt, int64_t h, int64_t w, const void* in, b
 // output channels; its sums are exact in int32 per sample, kept as int64 in the kernel's layout
 // by Iconv3x3WgradSum across calls and added to dw once (finish).
 // iconv3x3_wgrad_supports: AVX2 allowed, 2 * qu * qdy <= 32767 and one sample's
-// 4 * ceil(h * (w + 1) / 4) * qu * qdy < 2^31 (qu as in iconv3x3).
+// 4 * ceil((h + 1) * (w + 1) / 4) * qu * qdy < 2^31 (qu as in iconv3x3; samples are stacked along
+// K with one shared pad row, as many per int32 pass as the bound allows).
 bool iconv3x3_wgrad_supports(int64_t h, int64_t w, int qmax, bool is_signed, int qdy);
 class Iconv3x3WgradSum {
  public:
