@@ -337,14 +337,17 @@ void Iconv3x3WgradSum::add(int64_t h, int64_t w, int64_t n, const void* in, bool
                 "iconv3x3_wgrad: no reset, or bad samples (n ", n, ")");
   // Samples are stacked along K: sample s's padded plane starts at row s * (h + 1), its bottom
   // pad row being the next one's top, and its outputs at flat positions s * span + y * row + x
-  // (span = (h + 1) * row; the junk column and the shared pad row have dy 0). As many samples
-  // per pass as keep the pass's int32 sums under the guard (one at least: supports()).
+  // (span = (h + 1) * row; the junk column and the shared pad row have dy 0).
   const int64_t cin = cin_, cout = cout_, o16 = o16_, rows = cin * kTaps, rows4 = rows4_;
   const int64_t row = w + 1, span = (h + 1) * row, hw = h * w;
   const int off = is_signed ? qmax : 0;
   const int64_t qq = input_byte_max(qmax, is_signed) * qdy, i16 = kInt16Max / (2 * qq);
-  const int64_t per_pass =
-      std::clamp<int64_t>((kInt32Max / qq - 3) / span, 1, std::max<int64_t>(n, 1));
+  // Samples per pass: the int32 guard, and a working set (input planes, dy and its copy) of
+  // about 256 KiB, so that the tiles' passes over K stay in L2.
+  const int64_t per_sample_bytes = span * (cin + 2 * o16);
+  const int64_t per_pass = std::clamp<int64_t>(
+      std::min((kInt32Max / qq - 3) / span, (int64_t{1} << 18) / per_sample_bytes), 1,
+      std::max<int64_t>(n, 1));
   thread_local std::vector<uint8_t> xb, planes, db;
   thread_local std::vector<int64_t> roff, dysum;
   alignas(32) int32_t t[kMr * kNr];
