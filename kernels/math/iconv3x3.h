@@ -1,7 +1,8 @@
 // Exact integer 3x3 convolution, stride 1, pad 1, on quantization codes (DESIGN.md section 3): the
 // quantized Conv2d's forward (unsigned activation codes x signed weight codes) and its
 // backward-data (signed gradient codes x the flipped signed weights, a transposed convolution that
-// is again a 3x3 stride-1 pad-1 convolution), as an implicit GEMM with no im2col pass.
+// is again a 3x3 stride-1 pad-1 convolution), and its backward-weight (iconv3x3_wgrad below), as
+// implicit GEMMs with no im2col pass.
 //
 //   out[o * ldo + y * w + x] = scale * float(T),  T = sum over c < cin, ky, kx < 3 of
 //                              W[o][c][ky][kx] * in[c][y + ky - 1][x + kx - 1]  (0 outside)
@@ -23,7 +24,7 @@
 // Overflow guard: vpmaddubsw's int16 pair sums are summed in int16 over at most
 // 32767 / (2 * qu * qw) channel groups (qu the largest input byte with its offset), then widened
 // into int32; T's int32 sum is bounded by 9 * cin * qu * qw. iconv3x3_supports() says whether both
-// hold (e.g. 4-bit codes: qu = 15, qw = 7, any cin up to a million; 8-bit activations x 8-bit
+// hold (e.g. 4-bit codes: qu = 15, qw = 7, any cin up to two million; 8-bit activations x 8-bit
 // weights: no, 2 * 255 * 127 saturates int16) and whether the CPU and INT4DDP_ISA allow AVX2; where
 // it says no, the caller keeps its im2col GEMM.
 #pragma once
