@@ -11,9 +11,17 @@
 // igemm), and the int8 igemm on --bits codes for every ISA present. Median of --reps timed runs
 // after one warm-up; rates at the nominal 2 * M * N * K (GFLOP/s for fp32, GOP/s for int8).
 // Every igemm result is compared with int_gemm's bit for bit (exit 1 on a mismatch).
-// Ends with one JSON line {"bench":"gemm","bits","batch","isas":[...],"rows":[{"model","layer",
+// Then the 3x3 stride-1 convolutions of the same layers as convolutions (forward, backward-data
+// as the transposed convolution, backward-weight), whole batch, one thread, in the same run: our
+// fp32 direct kernel (math::conv3x3_forward / conv3x3_backward_data on floats), the quantized
+// layers' im2col path (igemm_pack_conv into panels + igemm_packed, groups of samples as QConv2d
+// forms them; backward-data builds only the columns it reads; backward-weight packs the gathered x
+// and dy's transposed columns) and the implicit-GEMM integer convolution (math::iconv3x3 per
+// sample, iconv3x3_wgrad on the batch), which must equal the im2col path bit for bit. Ends with one
+// JSON line {"bench":"gemm","bits","batch","isas":[...],"rows":[{"model","layer",
 // "op","m","n","k","eigen_gflops","int_gemm_gflops","<isa>_gops"...}],"geomean_<isa>_vs_eigen",
-// "geomean_<isa>_vs_int_gemm"}.
+// "geomean_<isa>_vs_int_gemm","conv":[{"model","layer","op","fp32_direct_gflops",
+// "im2col_igemm_gops","iconv3x3_gops"}...]}.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -27,7 +35,9 @@
 #include <vector>
 
 #include "kernels/common/error.h"
+#include "kernels/math/conv3x3.h"
 #include "kernels/math/gemm.h"
+#include "kernels/math/iconv3x3.h"
 #include "kernels/math/igemm.h"
 
 using namespace int4ddp;
@@ -95,6 +105,142 @@ std::vector<T> random_codes(int64_t n, int lo, int hi, uint64_t seed) {
   std::vector<T> v(static_cast<size_t>(n));
   for (T& x : v) x = static_cast<T>(d(rng));
   return v;
+}
+
+struct Conv {
+  std::string model, layer;
+  int64_t cin, cout, h;
+};
+
+// Samples per group of QConv2d's im2col path (Conv2d::group_size with its 512 KiB budget).
+int64_t conv_group(int64_t batch, int64_t rows, int64_t cols) {
+  return std::clamp<int64_t>((int64_t{1} << 19) / (rows * cols * 4), 1, batch);
+}
+
+// One layer's forward and backward-data, three ways (see the header); returns the JSON rows and
+// counts results of iconv3x3 that differ from the im2col path in *wrong.
+std::string bench_conv(const Conv& cv, int64_t batch, int bits, int reps, int* wrong) {
+  const int qa = (1 << bits) - 1, qs = (1 << (bits - 1)) - 1;
+  const int64_t hw = cv.h * cv.h, ckk = cv.cin * 9, okk = cv.cout * 9;
+  const double ops = 2.0 * static_cast<double>(batch * cv.cout * ckk * hw);
+  const auto w8 = random_codes<int8_t>(cv.cout * ckk, -qs, qs, 3);
+  const auto x8 = random_codes<uint8_t>(batch * cv.cin * hw, 0, qa, 4);
+  const auto dy8 = random_codes<int8_t>(batch * cv.cout * hw, -qs, qs, 5);
+  const std::vector<float> wf(w8.begin(), w8.end()), xf(x8.begin(), x8.end()),
+      dyf(dy8.begin(), dy8.end());
+  Conv3x3Weights w3(wf.data(), cv.cout, cv.cin);
+  Conv3x3Options o;
+  o.codes = {qa, qs};
+  // The im2col path's weights: W (cout, ckk) forward, the flipped transpose (cin, okk) backward.
+  std::vector<int8_t> wflip(w8.size());
+  for (int64_t k = 0; k < cv.cout; ++k)
+    for (int64_t c = 0; c < cv.cin; ++c)
+      for (int t = 0; t < 9; ++t)
+        wflip[static_cast<size_t>((c * cv.cout + k) * 9 + 8 - t)] =
+            w8[static_cast<size_t>((k * cv.cin + c) * 9 + t)];
+  const IgemmIsa isa = IgemmIsa::kAvx2;
+  IgemmPackedA wa_fwd, wa_bwd;
+  wa_fwd.pack(isa, cv.cout, ckk, codes_s8(w8.data(), ckk, qs));
+  wa_bwd.pack(isa, cv.cin, okk, codes_s8(wflip.data(), okk, qs));
+  Iconv3x3Weights wi_fwd, wi_bwd;
+  wi_fwd.pack(w8.data(), cv.cout, cv.cin, qs);
+  wi_bwd.pack_transposed(w8.data(), cv.cout, cv.cin, qs);
+  const ConvColumns x_geo{cv.cin, cv.h, cv.h, 3, 1, 1, cv.h, cv.h};
+  const ConvColumns dy_geo{cv.cout, cv.h, cv.h, 3, 1, 1, cv.h, cv.h};
+  std::string rows;
+  auto report = [&](const char* op, double t_f, double t_old, double t_new) {
+    std::printf("%-9s %-18s %-10s | %10.1f %10.1f %10.1f %6.2f %6.2f\n", cv.model.c_str(),
+                cv.layer.c_str(), op, ops / t_f * 1e-9, ops / t_old * 1e-9, ops / t_new * 1e-9,
+                t_old / t_new, t_f / t_new);
+    std::fflush(stdout);
+    char buf[512];
+    std::snprintf(buf, sizeof buf,
+                  "%s{\"model\":\"%s\",\"layer\":\"%s\",\"op\":\"%s\",\"fp32_direct_gflops\":%.2f,"
+                  "\"im2col_igemm_gops\":%.2f,\"iconv3x3_gops\":%.2f}",
+                  rows.empty() ? "" : ",", cv.model.c_str(), cv.layer.c_str(), op, ops / t_f * 1e-9,
+                  ops / t_old * 1e-9, ops / t_new * 1e-9);
+    rows += buf;
+  };
+  for (bool fwd : {true, false}) {
+    const int64_t cin = fwd ? cv.cin : cv.cout, cout = fwd ? cv.cout : cv.cin;
+    const int64_t g = conv_group(batch, fwd ? ckk : okk, hw);
+    std::vector<float> y_old(static_cast<size_t>(batch * cout * hw)), y_new(y_old.size()),
+        y_f(y_old.size());
+    const Conv3x3Shape sh{batch, cv.cin, cv.cout, cv.h, cv.h};
+    const double t_f = median_seconds(reps, [&] {
+      if (fwd)
+        conv3x3_forward(sh, xf.data(), w3, y_f.data(), o);
+      else
+        conv3x3_backward_data(sh, dyf.data(), w3, y_f.data(), o);
+    });
+    const double t_old = median_seconds(reps, [&] {
+      IgemmPackedB panels;
+      for (int64_t s0 = 0; s0 < batch; s0 += g) {
+        const int64_t gs = std::min(g, batch - s0);
+        if (fwd)
+          igemm_pack_conv(isa, x_geo, x8.data(), true, qa, s0, gs, &panels, nullptr);
+        else
+          igemm_pack_conv(isa, dy_geo, dy8.data(), false, qs, s0, gs, &panels, nullptr);
+        igemm_packed(fwd ? wa_fwd : wa_bwd, panels, 0.5f, false, y_old.data() + s0 * cout * hw,
+                     gs * hw);
+      }
+    });
+    const double t_new = median_seconds(reps, [&] {
+      for (int64_t s = 0; s < batch; ++s) {
+        if (fwd)
+          iconv3x3(wi_fwd, cv.h, cv.h, x8.data() + s * cin * hw, false, qa, 0.5f,
+                   y_new.data() + s * cout * hw, hw);
+        else
+          iconv3x3(wi_bwd, cv.h, cv.h, dy8.data() + s * cin * hw, true, qs, 0.5f,
+                   y_new.data() + s * cout * hw, hw);
+      }
+    });
+    // The im2col path's groups are (cout, gs * hw): sample s of group s0 at column (s - s0) * hw.
+    for (int64_t s = 0; s < batch; ++s) {
+      const int64_t s0 = s / g * g, gs = std::min(g, batch - s0);
+      for (int64_t c = 0; c < cout; ++c)
+        if (std::memcmp(y_new.data() + (s * cout + c) * hw,
+                        y_old.data() + s0 * cout * hw + c * gs * hw + (s - s0) * hw,
+                        sizeof(float) * static_cast<size_t>(hw)) != 0)
+          ++*wrong;
+    }
+    report(fwd ? "fwd" : "bwd_data", t_f, t_old, t_new);
+  }
+  // Backward-weight: fp32 direct; the im2col path as QConv2d ran it (x's group gathered and
+  // packed, dy's transposed columns, igemm_packed, summed as doubles); iconv3x3_wgrad's sums.
+  {
+    const int64_t g = conv_group(batch, okk, hw);
+    std::vector<float> dw_f(static_cast<size_t>(cv.cout * ckk)), dwg(dw_f.size());
+    std::vector<double> dw_old(dw_f.size()), dw_new(dw_f.size());
+    std::vector<uint8_t> xg(static_cast<size_t>(cv.cin * g * hw));
+    const Conv3x3Shape sh{batch, cv.cin, cv.cout, cv.h, cv.h};
+    const double t_f = median_seconds(
+        reps, [&] { conv3x3_backward_weight(sh, xf.data(), dyf.data(), dw_f.data(), o); });
+    const double t_old = median_seconds(reps, [&] {
+      std::fill(dw_old.begin(), dw_old.end(), 0.0);
+      IgemmPackedB cols_t;
+      IgemmPackedA xa;
+      for (int64_t s0 = 0; s0 < batch; s0 += g) {
+        const int64_t gs = std::min(g, batch - s0), icols = gs * hw;
+        for (int64_t s = 0; s < gs; ++s)
+          for (int64_t c = 0; c < cv.cin; ++c)
+            std::memcpy(xg.data() + c * icols + s * hw, x8.data() + ((s0 + s) * cv.cin + c) * hw,
+                        static_cast<size_t>(hw));
+        igemm_pack_conv(isa, dy_geo, dy8.data(), false, qs, s0, gs, nullptr, &cols_t);
+        xa.pack(isa, cv.cin, icols, codes_u8(xg.data(), icols, qa));
+        igemm_packed(xa, cols_t, 1.0f, false, dwg.data(), okk);
+        for (size_t i = 0; i < dwg.size(); ++i) dw_old[i] += dwg[i];
+      }
+    });
+    const double t_new = median_seconds(reps, [&] {
+      std::fill(dw_new.begin(), dw_new.end(), 0.0);
+      iconv3x3_wgrad(cv.cin, cv.cout, cv.h, cv.h, batch, x8.data(), false, qa, dy8.data(), qs,
+                     /*transposed=*/true, dw_new.data());
+    });
+    if (dw_old != dw_new) ++*wrong;
+    report("bwd_weight", t_f, t_old, t_new);
+  }
+  return rows;
 }
 
 }  // namespace
@@ -197,9 +343,40 @@ int main(int argc, char** argv) {
     geo += buf;
   }
   if (wrong) std::printf("WRONG: %d igemm results differ from int_gemm\n", wrong);
+  std::string conv_rows;
+  const bool have_iconv = igemm_isa_available(IgemmIsa::kAvx2) && [&] {
+    Iconv3x3Weights probe;
+    const int8_t w1[9] = {};
+    probe.pack(w1, 1, 1, (1 << (bits - 1)) - 1);
+    return iconv3x3_supports(probe, (1 << bits) - 1, false) &&
+           iconv3x3_supports(probe, (1 << (bits - 1)) - 1, true);
+  }();
+  if (have_iconv) {
+    std::printf("\n3x3 stride-1 convolutions, batch %lld, one thread (GFLOP/s fp32, GOP/s int8)\n",
+                static_cast<long long>(batch));
+    std::printf("%-9s %-18s %-10s | %10s %10s %10s %6s %6s\n", "model", "layer", "op", "fp32_dir",
+                "im2col+ig", "iconv3x3", "x_old", "x_fp32");
+    const Conv convs[] = {{"resnet20", "s1 16-16 28x28", 16, 16, 28},
+                          {"resnet20", "s2 32-32 14x14", 32, 32, 14},
+                          {"resnet20", "s3 64-64 7x7", 64, 64, 7},
+                          {"cnn", "conv2 32-64 14x14", 32, 64, 14}};
+    int conv_wrong = 0;
+    for (const Conv& cv : convs) {
+      const std::string r = bench_conv(cv, batch, bits, reps, &conv_wrong);
+      conv_rows += (conv_rows.empty() ? "" : ",") + r;
+    }
+    if (conv_wrong)
+      std::printf("WRONG: %d iconv3x3 planes differ from the im2col path\n", conv_wrong);
+    wrong += conv_wrong;
+  } else {
+    std::printf(
+        "iconv3x3: not available here (no AVX2, INT4DDP_ISA, or %d-bit sums saturate int16)\n",
+        bits);
+  }
   std::printf(
-      "{\"bench\":\"gemm\",\"bits\":%d,\"batch\":%lld,\"isas\":[%s],\"wrong\":%d,\"rows\":[%s]%s}"
-      "\n",
-      bits, static_cast<long long>(batch), isa_list.c_str(), wrong, rows.c_str(), geo.c_str());
+      "{\"bench\":\"gemm\",\"bits\":%d,\"batch\":%lld,\"isas\":[%s],\"wrong\":%d,\"rows\":[%s]%s,"
+      "\"conv\":[%s]}\n",
+      bits, static_cast<long long>(batch), isa_list.c_str(), wrong, rows.c_str(), geo.c_str(),
+      conv_rows.c_str());
   return wrong ? 1 : 0;
 }

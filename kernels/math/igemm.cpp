@@ -162,15 +162,9 @@ __attribute__((target("avx2"))) void pack_s(const View& v, int64_t k, int64_t j0
       const T* r = d + p * v.rs + j0;
       int8_t* o = out + (p >> 2) * nr * 4;
       for (int64_t j = 0; j < j16; j += 16) {
-        const __m128i r0 = load16_s8(r + j), r1 = load16_s8(r + v.rs + j);
-        const __m128i r2 = load16_s8(r + 2 * v.rs + j), r3 = load16_s8(r + 3 * v.rs + j);
-        const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
-        const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
-        __m128i* oj = reinterpret_cast<__m128i*>(o + j * 4);
-        _mm_storeu_si128(oj, _mm_unpacklo_epi16(t0, t2));
-        _mm_storeu_si128(oj + 1, _mm_unpackhi_epi16(t0, t2));
-        _mm_storeu_si128(oj + 2, _mm_unpacklo_epi16(t1, t3));
-        _mm_storeu_si128(oj + 3, _mm_unpackhi_epi16(t1, t3));
+        detail::interleave_4x16(load16_s8(r + j), load16_s8(r + v.rs + j),
+                                load16_s8(r + 2 * v.rs + j), load16_s8(r + 3 * v.rs + j),
+                                o + j * 4);
       }
     }
     if (j16 < nj || k4 < k)  // the edges: columns past j16, rows past k4
@@ -464,17 +458,11 @@ __attribute__((target("avx2"))) void interleave_rows(const uint8_t* rows, int64_
   for (int64_t jp = 0; jp < npan; ++jp)
     for (int j = 0; j < nr; j += 16) {
       const uint8_t* r = rows + jp * nr + j;
-      const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r));
-      const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + ld));
-      const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * ld));
-      const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * ld));
-      const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
-      const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
-      __m128i* o = reinterpret_cast<__m128i*>(panels + ((jp * kq_pad + gq) * nr + j) * 4);
-      _mm_storeu_si128(o, _mm_unpacklo_epi16(t0, t2));
-      _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
-      _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
-      _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+      detail::interleave_4x16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)),
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + ld)),
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * ld)),
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * ld)),
+                              panels + ((jp * kq_pad + gq) * nr + j) * 4);
     }
 }
 

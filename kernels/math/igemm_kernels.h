@@ -12,6 +12,8 @@
 //   tile[i][j] = sum over `groups` groups of sum_q u(i, 4g + q) * s(4g + q, j).
 #pragma once
 
+#include <immintrin.h>
+
 #include <cstdint>
 
 #include "kernels/math/igemm.h"
@@ -45,6 +47,18 @@ void pack_conv(const IgemmKernels& kn, const ConvColumns& geo, const void* image
                int qmax, int64_t s0, int64_t g, IgemmPackedB* cols, IgemmPackedB* cols_t);
 void igemm_packed_run(const IgemmPackedA& a, const IgemmPackedB& b, float scale, bool accumulate,
                       float* c, int64_t ldc);
+
+// 4 rows of 16 bytes -> 16 columns of 4 bytes at dst (column j: r0[j], r1[j], r2[j], r3[j]), the
+// s8-side panel's group layout; also iconv3x3's 4-channel pixels (SSE2 only).
+inline void interleave_4x16(__m128i r0, __m128i r1, __m128i r2, __m128i r3, void* dst) {
+  const __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
+  const __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
+  __m128i* d = static_cast<__m128i*>(dst);
+  _mm_storeu_si128(d, _mm_unpacklo_epi16(t0, t2));
+  _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(t0, t2));
+  _mm_storeu_si128(d + 2, _mm_unpacklo_epi16(t1, t3));
+  _mm_storeu_si128(d + 3, _mm_unpackhi_epi16(t1, t3));
+}
 
 // Linux: ask once per process for the AMX tile-data state; false when the kernel refuses.
 bool amx_permitted();

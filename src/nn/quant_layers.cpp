@@ -5,8 +5,11 @@
 // per output), so which one ran changes no bit. QConv2d's im2col path, where an igemm ISA runs and
 // the column codes fit int8, skips the column matrices: its weight codes are packed into the
 // kernels' panels once per step and every group's columns are written straight into panels
-// (math::IgemmPackedA / igemm_pack_conv / igemm_packed, the same exact sums). The direct 3x3
-// convolution (fp32 kernels, exact on integer-valued floats) reads float copies of the codes.
+// (math::IgemmPackedA / igemm_pack_conv / igemm_packed, the same exact sums); a 3x3 stride-1
+// pad-1 QConv2d skips the columns altogether where math::iconv3x3 runs (AVX2, int16 pair sums
+// that cannot saturate): forward, backward-data and backward-weight as implicit GEMMs on the
+// codes, the same exact sums again. The direct 3x3 convolution (fp32 kernels, exact on
+// integer-valued floats) reads float copies of the codes.
 #include "src/nn/quant_layers.h"
 
 #include <immintrin.h>
@@ -18,6 +21,7 @@
 
 #include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
+#include "kernels/math/iconv3x3.h"
 #include "kernels/math/igemm.h"
 #include "src/nn/conv2d_groups.h"
 
@@ -638,6 +642,20 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
     });
     return;
   }
+  // 3x3 stride 1 pad 1: the implicit-GEMM integer convolution (math::iconv3x3, no column pass)
+  // where it runs (an igemm ISA, AVX2 allowed, int16 pair sums that cannot saturate).
+  if (gemm_isa_ != math::IgemmIsa::kRef && kernel_ == 3 && stride_ == 1 && pad_ == 1) {
+    math::Iconv3x3Weights wi;
+    wi.pack(wq_.data(), out_, in_, g.qw);
+    if (math::iconv3x3_supports(wi, g.qa, signed_input())) {
+      parallel_for(parts.count(), [&](int64_t p) {
+        for (int64_t s = parts.begin(p); s < parts.end(p); ++s)
+          math::iconv3x3(wi, h, w, xq_.data() + s * in_ * h * w, signed_input(), g.qa, scale,
+                         y.data() + s * out_ * hw, hw);
+      });
+      return;
+    }
+  }
   // The packed-panel path: W packed once, each group's columns written straight into panels.
   const bool packed = gemm_isa_ != math::IgemmIsa::kRef && g.qa <= 127;
   if (packed) w_fwd_.pack(gemm_isa_, out_, ckk, math::codes_s8(wq_.data(), ckk, g.qw));
@@ -753,17 +771,38 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
         double* sum = (*acc)[static_cast<size_t>(thread_index())].data();
         for (int64_t i = 0; i < wsize; ++i) sum[i] += dwg[i];
       }
-      bool dy_columns_products(int64_t, bool, int64_t s0, int64_t g, const uint8_t* xg,
+      // Not null: dx by the implicit-GEMM convolution of dy with these (transposed) weights, and
+      // only the transposed columns (for dW) are built. wgrad_sums not null: dW by
+      // iconv3x3_wgrad too (no columns at all), exact sums per batch part, added to dW^ after.
+      const math::Iconv3x3Weights* w_iconv;
+      std::vector<math::Iconv3x3WgradSum>* wgrad_sums;
+      bool dy_columns_products(int64_t part, bool first, int64_t s0, int64_t g, const uint8_t* xg,
                                float* dxg) {
         if (!packed) return false;
-        thread_local math::IgemmPackedB cols, cols_t;
-        thread_local math::IgemmPackedA xa;
-        math::igemm_pack_conv(isa, dy_geo, dy_codes, false, qdy, s0, g, &cols, &cols_t);
-        const int64_t icols = dy_geo.cols(g);
-        // dWt (in, out*k*k) = x_g (in, icols) cols^T; dx_g = flip(W) (in, out*k*k) cols.
-        xa.pack(isa, x_geo.channels, icols, operand(xg, icols, Trans::kNo));
-        packed_weight_sum(xa, cols_t);
-        math::igemm_packed(*w_bwd, cols, dx_scale, false, dxg, icols);
+        const int64_t icols = dy_geo.cols(g), dy_size = dy_geo.channels * dy_geo.h * dy_geo.w;
+        if (wgrad_sums) {
+          math::Iconv3x3WgradSum& sum = (*wgrad_sums)[static_cast<size_t>(part)];
+          if (first) sum.reset(x_geo.channels, dy_geo.channels);
+          const int64_t x_size = x_geo.channels * x_geo.h * x_geo.w;
+          sum.add(x_geo.h, x_geo.w, g, x_codes + s0 * x_size, x_signed, qx, dy_codes + s0 * dy_size,
+                  qdy);
+        } else {
+          thread_local math::IgemmPackedB cols, cols_t;
+          thread_local math::IgemmPackedA xa;
+          math::igemm_pack_conv(isa, dy_geo, dy_codes, false, qdy, s0, g, w_iconv ? nullptr : &cols,
+                                &cols_t);
+          // dWt (in, out*k*k) = x_g (in, icols) cols^T; dx_g = flip(W) (in, out*k*k) cols.
+          xa.pack(isa, x_geo.channels, icols, operand(xg, icols, Trans::kNo));
+          packed_weight_sum(xa, cols_t);
+          if (!w_iconv) {
+            math::igemm_packed(*w_bwd, cols, dx_scale, false, dxg, icols);
+            return true;
+          }
+        }
+        const int64_t ihw = dy_geo.ho * dy_geo.wo;
+        for (int64_t s = 0; s < g; ++s)  // dx_g (in, g * ihw): sample s at column s * ihw
+          math::iconv3x3(*w_iconv, dy_geo.ho, dy_geo.wo, dy_codes + (s0 + s) * dy_size, true, qdy,
+                         dx_scale, dxg + s * ihw, icols);
         return true;
       }
       bool x_columns_products(int64_t, bool, int64_t s0, int64_t g, const int8_t* dyg,
@@ -784,16 +823,27 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
     };
     const bool by_dy = dx_by_transposed_conv();  // backward_by_groups' path (dX^ always wanted)
     const bool packed = gemm_isa_ != math::IgemmIsa::kRef && (by_dy || g.qa <= 127);
-    if (packed && by_dy) {
+    math::Iconv3x3Weights w_iconv;
+    bool iconv = false;
+    if (packed && by_dy && kernel_ == 3 && stride_ == 1 && pad_ == 1) {
+      w_iconv.pack_transposed(wq_.data(), out_, in_, g.qw);
+      iconv = math::iconv3x3_supports(w_iconv, g.qg, true);
+    }
+    if (packed && by_dy && !iconv) {
       w_flip_.resize(wq_.size());
       flip_weight(wq_.data(), w_flip_.data());
       const int64_t okk = out_ * kernel_ * kernel_;
       w_bwd_.pack(gemm_isa_, in_, okk, math::codes_s8(w_flip_.data(), okk, g.qw));
-    } else if (packed) {
+    } else if (packed && !by_dy) {
       const int64_t ckk = in_ * kernel_ * kernel_;
       w_bwd_.pack(gemm_isa_, ckk, out_, math::codes_s8(wq_.data(), ckk, g.qw, Trans::kYes));
     }
     const int64_t ho = y.dim(2), wo = y.dim(3);
+    thread_local std::vector<math::Iconv3x3WgradSum> wgrad_sums;  // per batch part
+    const bool wgrad_iconv =
+        iconv && math::iconv3x3_wgrad_supports(h, w, g.qa, signed_input(), g.qg);
+    if (wgrad_iconv && static_cast<int64_t>(wgrad_sums.size()) < parts.count())
+      wgrad_sums.resize(static_cast<size_t>(parts.count()));
     CodeProducts products{gemm_isa_,
                           g.qa,
                           g.qw,
@@ -807,9 +857,14 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
                           {in_, h, w, kernel_, stride_, pad_, ho, wo},
                           {out_, ho, wo, kernel_, 1, kernel_ - 1 - pad_, h, w},
                           xq_.data(),
-                          gq_.data()};
+                          gq_.data(),
+                          iconv ? &w_iconv : nullptr,
+                          wgrad_iconv ? &wgrad_sums : nullptr};
     transposed =
         backward_by_groups(n, h, w, xq_.data(), gq_.data(), wq_.data(), dxhat.data(), products);
+    if (wgrad_iconv)  // exact integer sums: any order
+      for (int64_t p = 0; p < parts.count(); ++p)
+        wgrad_sums[static_cast<size_t>(p)].finish(/*transposed=*/true, dw_acc_[0].data());
   }
   std::vector<double>& total = dw_acc_[0];
   for (size_t t = 1; t < dw_acc_.size(); ++t)
