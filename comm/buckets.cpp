@@ -211,47 +211,21 @@ void BucketEngine::enqueue_ready(int64_t offset) {
   cv_.notify_all();
 }
 
-StepCommStats BucketEngine::finish(const BucketDone& on_bucket) {
+StepCommStats BucketEngine::finish() {
   {
     std::lock_guard<std::mutex> lk(mu_);
     INT4DDP_CHECK(in_step_, "BucketEngine: finish() without begin_step()");
   }
-  INT4DDP_CHECK(!on_bucket || path_ == BucketPath::kHost,
-                "BucketEngine: finish() hands finished buckets over on the host arena only");
   const auto t0 = Clock::now();
   enqueue_ready(0);
-  std::exception_ptr err, callback_error;
-  double callback_seconds = 0;
-  // The thread finishes the buckets one at a time in launch order, so done_ counts a prefix.
-  // After an error it takes no more buckets: wait until it is idle, then rethrow.
-  for (size_t handed = 0;;) {
-    size_t done;
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] {
-        return done_ == buckets_.size() || (error_ && !busy_) ||
-               (!error_ && on_bucket && done_ > handed);
-      });
-      done = done_;
-      err = error_;
-      // With an error the thread is idle here (it clears busy_ as it counts the bucket done).
-      if (err || (done == buckets_.size() && (!on_bucket || handed == done))) {
-        in_step_ = false;
-        break;
-      }
-    }
-    for (; handed < done; ++handed) {
-      if (callback_error) continue;
-      const auto t = Clock::now();
-      try {
-        on_bucket(buckets_[handed], buckets_[handed].stats);
-      } catch (...) {
-        callback_error = std::current_exception();
-      }
-      callback_seconds += seconds_since(t);
-    }
+  std::exception_ptr err;
+  {
+    std::unique_lock<std::mutex> lk(mu_);
+    // After an error the thread takes no more buckets: wait until it is idle, then rethrow.
+    cv_.wait(lk, [&] { return done_ == buckets_.size() || (error_ && !busy_); });
+    err = error_;
+    in_step_ = false;
   }
-  if (!err && callback_error) std::rethrow_exception(callback_error);
   if (err) {
     failed_ = true;
     try {
@@ -264,8 +238,7 @@ StepCommStats BucketEngine::finish(const BucketDone& on_bucket) {
     std::rethrow_exception(err);
   }
   StepCommStats s;
-  // Time blocked on the buckets; what the callback did meanwhile is the caller's.
-  s.wait_seconds = seconds_since(t0) - callback_seconds;
+  s.wait_seconds = seconds_since(t0);
   double fp32_ring = 0;
   const int n = comm_.size();
   for (const Bucket& b : buckets_) {

@@ -14,11 +14,7 @@
 //     offset >= offset is final; each bucket that becomes complete is queued to one communication
 //     thread, which copies it out of the arena, all-reduces it (mean) and copies the result back.
 //     With overlap off, buckets are queued only by finish().
-//   - finish() waits for every bucket of the step (and rethrows a communication error). Given a
-//     callback (host arena only), it hands each bucket to it on the calling thread as soon as
-//     that bucket's means are in the arena, in launch order, while later buckets are still in
-//     flight: the caller can work on finished buckets (check them, update the parameters they
-//     belong to) instead of waiting for the last one.
+//   - finish() waits for every bucket of the step (and rethrows a communication error).
 //   - commit(apply) moves the error-feedback and gamma state of every bucket to the new step or
 //     drops it (a skipped step).
 // Between begin_step() and finish() the Communicator belongs to the communication thread.
@@ -153,11 +149,7 @@ class BucketEngine {
 
   void begin_step(uint32_t step);
   void ready_from(int64_t offset);
-  // on_bucket(i): bucket i's means are in the host arena (see the top of this file). When it
-  // throws, finish() still waits for the rest of the step before passing the exception on (a
-  // communication error comes first).
-  using BucketDone = std::function<void(const BucketPlan& bucket, const BucketStats& stats)>;
-  StepCommStats finish(const BucketDone& on_bucket = {});
+  StepCommStats finish();
   void commit(bool apply);
 
   int num_buckets() const { return static_cast<int>(buckets_.size()); }

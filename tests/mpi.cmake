@@ -56,6 +56,3 @@ int4ddp_mpi_test(test_comm SOURCES test_comm_communicator.cpp test_comm_two_shot
 # Graceful preemption: one rank gets the signal, every rank stops after the same step.
 int4ddp_mpi_test(test_run_safety_mpi SOURCES test_run_safety_mpi.cpp)
 target_link_libraries(test_run_safety_mpi PRIVATE int4ddp_core)
-# The data-parallel step's agreement (DataParallel::agree).
-int4ddp_mpi_test(test_distributed_mpi SOURCES test_distributed_mpi.cpp)
-target_link_libraries(test_distributed_mpi PRIVATE int4ddp_core)

@@ -66,8 +66,7 @@ float arena_value(int r, int64_t i, uint32_t t, bool plain) {
 // ready_from lets the communication thread take what was queued, so a bucket queued before all its
 // tensors are written copies NaN (and the test fails) instead of winning the race by chance.
 StepCommStats backward_step(BucketEngine& e, std::vector<float>& arena, const Arena& a, uint32_t t,
-                            const std::function<float(const Segment&, int64_t)>& value,
-                            const BucketEngine::BucketDone& on_bucket = {}) {
+                            const std::function<float(const Segment&, int64_t)>& value) {
   std::fill(arena.begin(), arena.end(), std::numeric_limits<float>::quiet_NaN());
   std::fill(arena.begin() + a.gap_begin, arena.begin() + a.gap_end, kGapValue);
   e.begin_step(t);
@@ -77,7 +76,7 @@ StepCommStats backward_step(BucketEngine& e, std::vector<float>& arena, const Ar
     e.ready_from(it->offset);
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
-  return e.finish(on_bucket);
+  return e.finish();
 }
 
 // Both layouts of bucket 1: C1 C2 adjacent (the two-shot runs in place in the arena) and C1 D C2
@@ -167,67 +166,6 @@ TEST(BucketEngine, OverlapOnAndOffGiveTheSameResults) {
     EXPECT_EQ(count_wrong(on, off), 0) << "step " << t;
   }
   EXPECT_EQ(e_on.save_state(), e_off.save_state());
-}
-
-// finish(on_bucket) hands every bucket over once, in launch order, with its means already final
-// in the arena (what the callback reads is what finish() leaves) and its own statistics; the
-// results are those of finish() without a callback.
-TEST(BucketEngine, FinishHandsEachBucketOverWithItsFinalMeans) {
-  const Arena a;
-  std::vector<float> with(static_cast<size_t>(a.size)), without(static_cast<size_t>(a.size));
-  BucketEngine e_with(W(), bucket_config(true), with.data(), a.segs);
-  BucketEngine e_without(W(), bucket_config(true), without.data(), a.segs);
-  for (uint32_t t = 0; t < 3; ++t) {
-    SCOPED_TRACE("step " + std::to_string(t));
-    auto value = [&](const Segment& s, int64_t i) { return arena_value(me(), i, t, is_plain(s)); };
-    std::vector<int64_t> begins;
-    std::vector<std::vector<float>> seen;
-    int64_t clipped = 0;
-    const StepCommStats st =
-        backward_step(e_with, with, a, t, value, [&](const BucketPlan& b, const BucketStats& bs) {
-          begins.push_back(b.begin);
-          seen.emplace_back(with.begin() + b.begin, with.begin() + b.end);
-          clipped += bs.clipped;
-          // A slow caller: the later buckets go on meanwhile.
-          std::this_thread::sleep_for(std::chrono::milliseconds(2));
-        });
-    e_with.commit(true);
-    backward_step(e_without, without, a, t, value);
-    e_without.commit(true);
-    EXPECT_EQ(begins, (std::vector<int64_t>{7060, 3000, 0}));
-    ASSERT_EQ(seen.size(), 3u);
-    for (size_t k = 0; k < seen.size(); ++k)
-      EXPECT_TRUE(std::equal(seen[k].begin(), seen[k].end(), with.begin() + begins[k]))
-          << "bucket " << k << " changed after it was handed over";
-    EXPECT_EQ(clipped, st.clipped);
-    EXPECT_EQ(count_wrong(with, without), 0);
-  }
-}
-
-// A callback that throws: finish() still completes the step (the buckets after it all-reduce on
-// every rank), then passes the exception on; the engine goes on with the next step.
-TEST(BucketEngine, FinishCompletesTheStepWhenTheCallbackThrows) {
-  const Arena a;
-  std::vector<float> arena(static_cast<size_t>(a.size)), ref(static_cast<size_t>(a.size));
-  BucketEngine e(W(), bucket_config(true), arena.data(), a.segs);
-  BucketEngine e_ref(W(), bucket_config(true), ref.data(), a.segs);
-  for (uint32_t t = 0; t < 2; ++t) {
-    auto value = [&](const Segment& s, int64_t i) { return arena_value(me(), i, t, is_plain(s)); };
-    int calls = 0;
-    try {
-      backward_step(e, arena, a, t, value, [&](const BucketPlan&, const BucketStats&) {
-        if (++calls == 1) throw Error("callback failed");
-      });
-      ADD_FAILURE() << "finish() swallowed the callback's exception";
-    } catch (const Error& err) {
-      EXPECT_NE(std::string(err.what()).find("callback failed"), std::string::npos);
-    }
-    EXPECT_EQ(calls, 1);  // no bucket handed over after the failure
-    e.commit(true);
-    backward_step(e_ref, ref, a, t, value);
-    e_ref.commit(true);
-    EXPECT_EQ(count_wrong(arena, ref), 0) << "step " << t;
-  }
 }
 
 TEST(BucketEngine, ExactOnGridValuedInputsInEveryMode) {

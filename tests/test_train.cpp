@@ -4,7 +4,6 @@
 // data paths fail before training.
 #include <gtest/gtest.h>
 
-#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -14,7 +13,6 @@
 
 #include "kernels/common/error.h"
 #include "src/config/config.h"
-#include "src/core/rng.h"
 #include "src/core/tensor.h"
 #include "src/nn/model.h"
 #include "src/train/batch_pipeline.h"
@@ -82,165 +80,6 @@ TEST(Optimizer, QuantizerStepsFollowTheLearningRateSchedule) {
   EXPECT_FLOAT_EQ(values[0], 1.0f - 0.01f);
   // Adam's first step moves by its rate times m / sqrt(v) = 1: the scheduled rate 1e-4.
   EXPECT_NEAR(values[1], 1.0f - 1e-4f, 1e-7f);
-}
-
-// An arena of three parameters for the optimizer's step in pieces: a decayed weight over several
-// work blocks, an undecayed bias and three quantizer steps (Adam), with random values, state and
-// gradients.
-struct OptimArena {
-  static constexpr int64_t kW = 40000, kB = 100, kS = 3, kN = kW + kB + kS;
-  std::vector<float> values, grads;
-  Param w = nn_param("w", ParamGroup::kWeights), b = nn_param("b", ParamGroup::kWeights),
-        s = nn_param("s", ParamGroup::kQuantizer);
-  explicit OptimArena(uint32_t seed) : values(kN), grads(kN) {
-    w.decay = true;
-    w.value = Tensor::view(values.data(), {kW});
-    w.grad = Tensor::view(grads.data(), {kW});
-    b.value = Tensor::view(values.data() + kW, {kB});
-    b.grad = Tensor::view(grads.data() + kW, {kB});
-    s.value = Tensor::view(values.data() + kW + kB, {kS});
-    s.grad = Tensor::view(grads.data() + kW + kB, {kS});
-    Rng rng(seed);
-    for (float& v : values) v = static_cast<float>(rng.normal());
-    fill_grads(rng);
-  }
-  void fill_grads(Rng& rng) {
-    for (float& g : grads) g = static_cast<float>(0.1 * rng.normal());
-  }
-  std::vector<Param*> params() { return {&w, &b, &s}; }
-};
-
-OptimConfig piece_config(bool nesterov) {
-  OptimConfig oc;
-  oc.lr = 0.1;
-  oc.momentum = 0.9;
-  oc.nesterov = nesterov;
-  oc.weight_decay = 1e-3;
-  oc.quant_lr = 1e-3;
-  return oc;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
-}
-
-// The plain reference of one host step (PyTorch's SGD and Adam, in the optimizer's float
-// expressions), on copies of the state.
-void reference_step(const OptimConfig& c, OptimArena& a, std::vector<float>& v,
-                    std::vector<float>& m, std::vector<float>& s, int64_t step, double lr) {
-  const float mu = static_cast<float>(c.momentum), slr = static_cast<float>(lr);
-  const double c1 = 1.0 - std::pow(c.adam_beta1, static_cast<double>(step));
-  const double c2 = 1.0 - std::pow(c.adam_beta2, static_cast<double>(step));
-  const float alr = static_cast<float>(c.quant_lr * (lr / c.lr) / c1);
-  const float inv_c2 = static_cast<float>(1.0 / c2), eps = static_cast<float>(c.adam_eps);
-  const float b1 = static_cast<float>(c.adam_beta1), b2 = static_cast<float>(c.adam_beta2);
-  for (int64_t i = 0; i < OptimArena::kN; ++i) {
-    float& w = a.values[static_cast<size_t>(i)];
-    const float g = a.grads[static_cast<size_t>(i)];
-    const auto k = static_cast<size_t>(i);
-    if (i < OptimArena::kW + OptimArena::kB) {
-      const float gi = g + (i < OptimArena::kW ? static_cast<float>(c.weight_decay) : 0.0f) * w;
-      v[k] = mu * v[k] + gi;
-      w -= slr * (c.nesterov ? gi + mu * v[k] : v[k]);
-    } else {
-      m[k] = b1 * m[k] + (1.0f - b1) * g;
-      s[k] = b2 * s[k] + (1.0f - b2) * g * g;
-      w -= alr * m[k] / (std::sqrt(s[k] * inv_c2) + eps);
-    }
-  }
-}
-
-TEST(Optimizer, StepMatchesThePlainReference) {
-  for (bool nesterov : {false, true}) {
-    const OptimConfig oc = piece_config(nesterov);
-    OptimArena a(1), ref(1);
-    Optimizer opt(oc, a.params(), a.values.data(), a.grads.data(), OptimArena::kN);
-    std::vector<float> v(OptimArena::kN, 0.0f), m = v, s = v;
-    Rng rng(2), rng_ref(2);
-    for (int64_t t = 1; t <= 3; ++t) {
-      opt.step(0.05 * static_cast<double>(t));
-      reference_step(oc, ref, v, m, s, t, 0.05 * static_cast<double>(t));
-      EXPECT_TRUE(same_bits(a.values, ref.values)) << "nesterov " << nesterov << " step " << t;
-      EXPECT_TRUE(same_bits(opt.momentum(), v));
-      EXPECT_TRUE(same_bits(opt.adam_m(), m));
-      EXPECT_TRUE(same_bits(opt.adam_v(), s));
-      a.fill_grads(rng);
-      ref.fill_grads(rng_ref);
-    }
-  }
-}
-
-// begin_step, update() of ranges in any order (splitting parameters and blocks), end_step(true):
-// the same bits as step(); end_step(false): everything as before begin_step, steps() included.
-TEST(Optimizer, StepInPiecesMatchesStepAndRollsBack) {
-  const OptimConfig oc = piece_config(false);
-  OptimArena a(3), b(3);
-  Optimizer whole(oc, a.params(), a.values.data(), a.grads.data(), OptimArena::kN);
-  Optimizer pieces(oc, b.params(), b.values.data(), b.grads.data(), OptimArena::kN);
-  Rng rng_a(4), rng_b(4);
-  for (int t = 0; t < 4; ++t) {
-    const double lr = 0.02 * (t + 1);
-    // A rolled-back step first: nothing may change.
-    const std::vector<float> values = b.values, v = pieces.momentum(), m = pieces.adam_m(),
-                             s = pieces.adam_v();
-    const int64_t steps = pieces.steps();
-    pieces.begin_step(lr);
-    EXPECT_TRUE(pieces.update(OptimArena::kW - 7, OptimArena::kN - 1));
-    EXPECT_TRUE(pieces.update(5, 20000));
-    pieces.end_step(false);
-    EXPECT_TRUE(same_bits(b.values, values)) << "step " << t;
-    EXPECT_TRUE(same_bits(pieces.momentum(), v));
-    EXPECT_TRUE(same_bits(pieces.adam_m(), m));
-    EXPECT_TRUE(same_bits(pieces.adam_v(), s));
-    EXPECT_EQ(pieces.steps(), steps);
-
-    whole.step(lr);
-    pieces.begin_step(lr);
-    EXPECT_TRUE(pieces.update(OptimArena::kW - 7, OptimArena::kN - 1));
-    EXPECT_TRUE(pieces.update(5, 20000));
-    if (t % 2 == 1) {
-      EXPECT_TRUE(pieces.update(0, 5));
-    }
-    pieces.end_step(true);  // the rest: [20000, kW - 7), the last element (and [0, 5))
-    EXPECT_TRUE(same_bits(a.values, b.values)) << "step " << t;
-    EXPECT_TRUE(same_bits(whole.momentum(), pieces.momentum()));
-    EXPECT_TRUE(same_bits(whole.adam_m(), pieces.adam_m()));
-    EXPECT_TRUE(same_bits(whole.adam_v(), pieces.adam_v()));
-    EXPECT_EQ(whole.steps(), pieces.steps());
-    a.fill_grads(rng_a);
-    b.fill_grads(rng_b);
-  }
-}
-
-TEST(Optimizer, UpdateReportsNonFiniteGradientsAndRefusesMisuse) {
-  const OptimConfig oc = piece_config(false);
-  OptimArena a(5);
-  Optimizer opt(oc, a.params(), a.values.data(), a.grads.data(), OptimArena::kN);
-  EXPECT_THROW(opt.update(0, 10), Error);  // outside a step
-  EXPECT_THROW(opt.end_step(true), Error);
-  const float bad[] = {std::numeric_limits<float>::quiet_NaN(),
-                       std::numeric_limits<float>::infinity(),
-                       -std::numeric_limits<float>::infinity()};
-  for (float x : bad) {
-    for (int64_t at : {int64_t{17}, OptimArena::kW + 3, OptimArena::kN - 1}) {
-      a.grads[static_cast<size_t>(at)] = x;
-      const std::vector<float> values = a.values;
-      opt.begin_step(0.1);
-      EXPECT_TRUE(opt.update(at + 1, OptimArena::kN)) << "finite part after " << at;
-      EXPECT_FALSE(opt.update(0, at + 1)) << x << " at " << at;
-      opt.end_step(false);
-      EXPECT_TRUE(same_bits(a.values, values));
-      a.grads[static_cast<size_t>(at)] = 0.5f;
-    }
-  }
-  opt.begin_step(0.1);
-  EXPECT_TRUE(opt.update(10, 20));
-  EXPECT_THROW(opt.update(19, 30), Error);  // overlaps [10, 20)
-  EXPECT_THROW(opt.update(5, 11), Error);
-  EXPECT_THROW(opt.update(-1, 5), Error);
-  EXPECT_THROW(opt.update(30, OptimArena::kN + 1), Error);
-  EXPECT_THROW(opt.update(30, 29), Error);
-  opt.end_step(false);
 }
 
 TEST(Train, SmokeMlpReachesStatedAccuracy) {

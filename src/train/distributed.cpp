@@ -1,7 +1,6 @@
 // Data-parallel plumbing (see distributed.h).
 #include "src/train/distributed.h"
 
-#include <algorithm>
 #include <cstring>
 #include <ostream>
 #include <sstream>
@@ -246,29 +245,6 @@ void DataParallel::sum(int64_t* v, int64_t n) {
 
 void DataParallel::sum(float* v, int64_t n) {
   if (comm_->size() > 1) comm_->allreduce_sum(v, n);
-}
-
-float DataParallel::agree(int64_t* votes, int64_t n, float x) {
-  INT4DDP_CHECK(n >= 0, "agree: ", n, " votes");
-  const int ranks = comm_->size();
-  if (ranks == 1) return x;
-  // Each rank's record: its votes, then x's bits in one more slot.
-  const auto rec = static_cast<size_t>(n) + 1;
-  std::vector<int64_t> mine(rec, 0), all(rec * static_cast<size_t>(ranks));
-  std::copy_n(votes, n, mine.begin());
-  std::memcpy(&mine[rec - 1], &x, sizeof x);
-  const comm::ByteLayout layout =
-      comm::ByteLayout::packed(std::vector<size_t>(static_cast<size_t>(ranks), rec * 8));
-  comm_->allgatherv(mine.data(), rec * 8, all.data(), layout);
-  float sum = 0.0f;
-  for (int r = 0; r < ranks; ++r) {
-    const int64_t* theirs = all.data() + static_cast<size_t>(r) * rec;
-    for (int64_t i = 0; i < n; ++i) votes[i] = (r == 0 ? 0 : votes[i]) + theirs[i];
-    float xr;
-    std::memcpy(&xr, &theirs[rec - 1], sizeof xr);
-    sum = r == 0 ? xr : sum + xr;
-  }
-  return sum;
 }
 
 }  // namespace int4ddp::train

@@ -56,10 +56,6 @@ class DataParallel {
   // Sum over ranks of v (in place). Collective; no-op with one rank.
   void sum(int64_t* v, int64_t n);
   void sum(float* v, int64_t n);
-  // The step's agreement in one collective: votes (n) <- their sum over ranks, and the sum of
-  // every rank's x, added in rank order ((x_0 + x_1) + x_2) + ..., the same bits on every rank.
-  // With one rank: x, votes unchanged.
-  float agree(int64_t* votes, int64_t n, float x);
 
  private:
   std::unique_ptr<comm::Communicator> comm_;

@@ -36,18 +36,6 @@ class Optimizer {
   void step(double lr);
   int64_t steps() const { return steps_; }
 
-  // The same update in pieces, for a data-parallel step that updates each gradient bucket's
-  // parameters as soon as its mean has arrived, before it is known whether the step counts:
-  //   begin_step(lr); update(begin, end) for disjoint arena ranges; end_step(keep).
-  // update() keeps a copy of what it overwrites and returns whether every gradient it read is
-  // finite. end_step(true) updates the elements no update() covered: every element is then
-  // updated exactly once with the scalars of begin_step, the same bits as step(lr) (the update is
-  // elementwise). end_step(false) restores the values, the optimizer state and steps() as they
-  // were before begin_step. step(lr) is begin_step(lr) + end_step(true). Host arena only.
-  void begin_step(double lr);
-  bool update(int64_t begin, int64_t end);
-  void end_step(bool keep);
-
   // From now on step() updates device_values (n floats, the layout of `values`) from device_grads
   // on the GPU, with the momentum and Adam moments in device memory (uploaded from the host
   // state now). Needs a CUDA build.
@@ -71,20 +59,9 @@ class Optimizer {
     ParamGroup group;
     bool decay;
   };
-  // The per-step scalars of the host loop (begin_step).
-  struct Scalars {
-    float lr, mu, wd, b1, b2, alr, inv_c2, eps;
-  };
-  // The host update of ranges_ on [begin, end) (whole blocks of kBlock elements, on the threads);
-  // with backup, what it overwrites goes to the backup arrays first. Returns whether every
-  // gradient it read is finite.
-  bool update_host(int64_t begin, int64_t end, bool backup);
   OptimConfig cfg_;
   std::vector<Range> ranges_;
-  Scalars scalars_{};
-  bool in_step_ = false;                                 // between begin_step() and end_step()
-  std::vector<std::pair<int64_t, int64_t>> updated_;     // ranges update() covered this step
-  std::vector<float> backup_w_, backup_s1_, backup_s2_;  // values, momentum or m, v
+  std::vector<std::pair<size_t, int64_t>> blocks_;  // step()'s work items: (range, first element)
   float* values_;
   float* grads_;
   // The quantizer steps' Adam rate at SGD rate lr: quant_lr scaled by the schedule's factor.

@@ -2,9 +2,8 @@
 //
 //   for each epoch, for each batch:
 //     load_batch    this rank's shard of the epoch's permutation
-//     train_step    forward -> loss -> backward (buckets launched as they fill) -> each bucket's
-//                   parameters updated as its mean arrives (host; provisionally) -> agree across
-//                   ranks (calibration? non-finite?) -> keep the update or restore the parameters
+//     train_step    forward -> loss -> backward (buckets launched as they fill) -> wait for the
+//                   all-reduce -> agree across ranks (calibration? non-finite?) -> update
 //     log_step      metrics records, progress bar or line
 //     checkpoint    every train.checkpoint_every_steps optimizer steps
 //   end_epoch       BN statistics averaged over ranks, evaluation, epoch record, epoch checkpoint
@@ -362,26 +361,6 @@ StepResult Trainer::train_step() {
 
   // Wait for the all-reduce; the means replace the local gradients in the arena. The sampled error
   // and the dumps read the host arena (grads_to_host: a no-op on the CPU).
-  // On the host, each bucket's parameters are updated as soon as its mean has arrived, while later
-  // buckets are still in flight (provisionally: whether the step counts is agreed after the last
-  // bucket, and a skipped or calibration step restores them, Optimizer::end_step). A rank that
-  // already knows the step will not count (calibration, its loss or its quantized gradients not
-  // finite) updates nothing early.
-  const double lr = scheduled_lr(schedule_, cfg_.optim.lr, pr_.global_batch, total_batches_);
-  const bool early_update = engine_ && engine_->path() == comm::BucketPath::kHost &&
-                            !opt_.on_device() && !calibrating && std::isfinite(loss) &&
-                            qctx.nonfinite == 0;
-  bool means_finite = true;  // the gradients of every bucket updated early (and its two-shot)
-  int64_t covered = 0;       // elements of the buckets updated early
-  comm::BucketEngine::BucketDone update_bucket;
-  if (early_update) {
-    opt_.begin_step(lr);
-    update_bucket = [&](const comm::BucketPlan& b, const comm::BucketStats& st) {
-      if (!means_finite) return;  // the step is skipped: no more early updates
-      means_finite = st.nonfinite == 0 && opt_.update(b.begin, b.end);
-      covered += b.end - b.begin;
-    };
-  }
   if (engine_) {
     if (sample_error || dump) model_.grads_to_host();
     if (sample_error) raw_grads_.assign(model_.grads(), model_.grads() + model_.num_params());
@@ -390,7 +369,7 @@ StepResult Trainer::train_step() {
                         static_cast<uint64_t>(pr_.global_batch), static_cast<uint32_t>(rank_),
                         static_cast<uint32_t>(world_), model_.grads(),
                         engine_->compressed_segments());
-    r.comm = engine_->finish(update_bucket);
+    r.comm = engine_->finish();
     if (sample_error) {
       model_.grads_to_host();
       r.rel_err = compressed_mean_error(dp_, model_, raw_grads_);
@@ -400,19 +379,16 @@ StepResult Trainer::train_step() {
 
   // Every rank must take the same decision: a batch is a calibration batch, or skipped, when it
   // is one on any rank. The votes and the correct counts are summed over the ranks.
-  // The buckets tile the arena (the model's parameters do): the early updates then checked every
-  // gradient.
-  bool finite = std::isfinite(loss) && qctx.nonfinite == 0 && r.comm.nonfinite == 0;
-  if (finite)
-    finite = early_update && (!means_finite || covered == model_.num_params())
-                 ? means_finite
-                 : model_.grads_finite();
+  const bool finite =
+      std::isfinite(loss) && qctx.nonfinite == 0 && r.comm.nonfinite == 0 && model_.grads_finite();
   // The preemption votes ride along: a signal caught by any rank stops every rank after this
   // step. The calibration batch is not a place to stop (its quantizer state is not checkpointed
   // mid-calibration): the vote is taken again on the next batch.
   int64_t votes[3 + kStopVotes] = {calibrating ? 1 : 0, finite ? 0 : 1, correct};
   stop_votes(votes + 3);
-  r.loss = dp_.agree(votes, 3 + kStopVotes, loss) / static_cast<float>(world_);
+  dp_.sum(votes, 3 + kStopVotes);
+  dp_.sum(&loss, 1);
+  r.loss = loss / static_cast<float>(world_);
   r.calibration = votes[0] > 0;
   r.skipped = votes[1] > 0;
   r.correct = votes[2];
@@ -422,7 +398,6 @@ StepResult Trainer::train_step() {
   // Update: weights and quantizer scales, then the interval policies (the buckets' and the
   // layers'). A skipped step changes nothing and restores the BN statistics.
   if (r.skipped) {
-    if (early_update) opt_.end_step(false);
     if (engine_) engine_->commit(false);
     model_.commit_quant_step(false);
     model_.restore_buffers();
@@ -432,16 +407,12 @@ StepResult Trainer::train_step() {
     return r;
   }
   pr_.consecutive_skips = 0;
-  r.lr = lr;
+  r.lr = scheduled_lr(schedule_, cfg_.optim.lr, pr_.global_batch - 1, total_batches_);
   if (r.calibration) {
-    if (early_update) opt_.end_step(false);
     model_.commit_quant_step(false);  // calibration batch: no update, gamma stays calibrated
     if (engine_) engine_->commit(false);
   } else {
-    if (early_update)
-      opt_.end_step(true);
-    else
-      opt_.step(r.lr);
+    opt_.step(r.lr);
     model_.commit_quant_step(true);
     if (engine_) engine_->commit(true);
     ++pr_.steps;
