@@ -43,6 +43,15 @@ int64_t bits_differ(const std::vector<float>& a, const std::vector<float>& b) {
   return n;
 }
 
+// v (rows, cols) row-major, transposed to (cols, rows).
+std::vector<float> transpose(const std::vector<float>& v, int64_t rows, int64_t cols) {
+  std::vector<float> t(v.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t q = 0; q < cols; ++q)
+      t[static_cast<size_t>(q * rows + r)] = v[static_cast<size_t>(r * cols + q)];
+  return t;
+}
+
 TEST(CudaConvIndex, Im2colMatchesConv2dInBothLayouts) {
   for (const Case& cc : kCases) {
     SCOPED_TRACE(name(cc));
@@ -61,11 +70,7 @@ TEST(CudaConvIndex, Im2colMatchesConv2dInBothLayouts) {
         got[static_cast<size_t>(idx)] =
             src >= 0 ? img[static_cast<size_t>(cc.s0 * cc.c * cc.h * cc.w + src)] : 0.0f;
       }
-      std::vector<float> expect = want;
-      if (transposed)
-        for (int64_t r = 0; r < c.rows; ++r)
-          for (int64_t q = 0; q < c.cols; ++q)
-            expect[static_cast<size_t>(q * c.rows + r)] = want[static_cast<size_t>(r * c.cols + q)];
+      const std::vector<float> expect = transposed ? transpose(want, c.rows, c.cols) : want;
       EXPECT_EQ(bits_differ(got, expect), 0) << "transposed " << transposed;
     }
   }
@@ -80,10 +85,7 @@ TEST(CudaConvIndex, Col2imGatherMatchesConv2dBitForBit) {
     const ColGeometry c = col_geometry(geo, cc.g);
     ConvProbe conv("probe", cc.c, 1, cc.k, cc.stride, cc.pad);
     const std::vector<float> col = normal(static_cast<size_t>(c.rows * c.cols), 5);
-    std::vector<float> col_t(col.size());
-    for (int64_t r = 0; r < c.rows; ++r)
-      for (int64_t q = 0; q < c.cols; ++q)
-        col_t[static_cast<size_t>(q * c.rows + r)] = col[static_cast<size_t>(r * c.cols + q)];
+    const std::vector<float> col_t = transpose(col, c.rows, c.cols);
     const std::vector<float> img0 = normal(static_cast<size_t>(cc.n * cc.c * cc.h * cc.w), 6);
     std::vector<float> want = img0;
     conv.col2im(col.data(), cc.s0, cc.g, cc.h, cc.w, want.data());

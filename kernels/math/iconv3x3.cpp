@@ -246,6 +246,11 @@ void pack_weights(Iconv3x3Weights* wt, int64_t cout, int64_t cin, int qw, F weig
       }
 }
 
+// Code i of a plain (c, h, w) code tensor, unsigned or signed bytes: the references' reader.
+int64_t code_at(const void* in, bool is_signed, int64_t i) {
+  return is_signed ? static_cast<const int8_t*>(in)[i] : static_cast<const uint8_t*>(in)[i];
+}
+
 }  // namespace
 
 void Iconv3x3Weights::pack(const int8_t* w, int64_t n_out, int64_t n_in, int q) {
@@ -433,9 +438,7 @@ void iconv3x3_wgrad_ref(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t
             for (int64_t x = 0; x < w; ++x) {
               const int64_t iy = y + tap / 3 - 1, ix = x + tap % 3 - 1;
               if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
-              const int64_t i = ((s * cin + c) * h + iy) * w + ix;
-              const int64_t xv = is_signed ? static_cast<const int8_t*>(in)[i]
-                                           : static_cast<const uint8_t*>(in)[i];
+              const int64_t xv = code_at(in, is_signed, ((s * cin + c) * h + iy) * w + ix);
               t += xv * dy[((s * cout + o) * h + y) * w + x];
             }
         dw[transposed ? (c * cout + o) * kTaps + kTaps - 1 - tap : (o * cin + c) * kTaps + tap] +=
@@ -447,8 +450,7 @@ void iconv3x3_ref(const int8_t* w, int64_t cout, int64_t cin, int64_t h, int64_t
                   bool is_signed, float scale, float* out, int64_t ldo) {
   auto code = [&](int64_t c, int64_t y, int64_t x) -> int64_t {
     if (y < 0 || y >= h || x < 0 || x >= wd) return 0;
-    const int64_t i = (c * h + y) * wd + x;
-    return is_signed ? static_cast<const int8_t*>(in)[i] : static_cast<const uint8_t*>(in)[i];
+    return code_at(in, is_signed, (c * h + y) * wd + x);
   };
   for (int64_t o = 0; o < cout; ++o)
     for (int64_t y = 0; y < h; ++y)
