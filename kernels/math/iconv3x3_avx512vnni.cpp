@@ -89,23 +89,20 @@ __attribute__((target("avx512f,avx512vnni"))) void wgrad_tile(const uint8_t* xb,
 #define ICONV_VNNI_ZERO(C) z
 #define ICONV_VNNI_SELF(C) C
 #define ICONV_VNNI_ACC(C, S, X, B, D) C = _mm512_dpbusd_epi32(S(C), broadcast_u32(X + (B)), D)
-#define ICONV_VNNI_PAIR(S, B)             \
-  ICONV_VNNI_ACC(e0, S, x0, B, d0);       \
-  ICONV_VNNI_ACC(o0, S, x0, (B) + 4, d1); \
-  ICONV_VNNI_ACC(e1, S, x1, B, d0);       \
-  ICONV_VNNI_ACC(o1, S, x1, (B) + 4, d1); \
-  ICONV_VNNI_ACC(e2, S, x2, B, d0);       \
-  ICONV_VNNI_ACC(o2, S, x2, (B) + 4, d1); \
-  ICONV_VNNI_ACC(e3, S, x3, B, d0);       \
-  ICONV_VNNI_ACC(o3, S, x3, (B) + 4, d1); \
-  ICONV_VNNI_ACC(e4, S, x4, B, d0);       \
-  ICONV_VNNI_ACC(o4, S, x4, (B) + 4, d1); \
-  ICONV_VNNI_ACC(e5, S, x5, B, d0);       \
-  ICONV_VNNI_ACC(o5, S, x5, (B) + 4, d1); \
-  ICONV_VNNI_ACC(e6, S, x6, B, d0);       \
-  ICONV_VNNI_ACC(o6, S, x6, (B) + 4, d1); \
-  ICONV_VNNI_ACC(e7, S, x7, B, d0);       \
-  ICONV_VNNI_ACC(o7, S, x7, (B) + 4, d1)
+// Row R of both sets: the even group's 4 bytes at B against d0, the odd group's at B + 4 against
+// d1.
+#define ICONV_VNNI_ROW(S, B, R)         \
+  ICONV_VNNI_ACC(e##R, S, x##R, B, d0); \
+  ICONV_VNNI_ACC(o##R, S, x##R, (B) + 4, d1)
+#define ICONV_VNNI_PAIR(S, B) \
+  ICONV_VNNI_ROW(S, B, 0);    \
+  ICONV_VNNI_ROW(S, B, 1);    \
+  ICONV_VNNI_ROW(S, B, 2);    \
+  ICONV_VNNI_ROW(S, B, 3);    \
+  ICONV_VNNI_ROW(S, B, 4);    \
+  ICONV_VNNI_ROW(S, B, 5);    \
+  ICONV_VNNI_ROW(S, B, 6);    \
+  ICONV_VNNI_ROW(S, B, 7)
   {
     const __m512i d0 = _mm512_loadu_si512(db), d1 = _mm512_loadu_si512(db + gstride);
     ICONV_VNNI_PAIR(ICONV_VNNI_ZERO, 0);
@@ -116,6 +113,7 @@ __attribute__((target("avx512f,avx512vnni"))) void wgrad_tile(const uint8_t* xb,
     ICONV_VNNI_PAIR(ICONV_VNNI_SELF, 4 * g);
   }
 #undef ICONV_VNNI_PAIR
+#undef ICONV_VNNI_ROW
 #undef ICONV_VNNI_ACC
 #undef ICONV_VNNI_SELF
 #undef ICONV_VNNI_ZERO
