@@ -30,10 +30,11 @@
 // kAuto takes the widest one the CPU has and INT4DDP_ISA allows (quant::isa_allows: avx512 allows
 // both, avx2 only the AVX2 kernel, portable neither).
 //
-// Overflow guard (both): T's int32 sum is bounded by 9 * 4 * ceil(cin / 4) * qu * qw < 2^31. The
-// largest K = 9 cin at 8 bits: unsigned activations (qu = 255) x weights (127) up to cin = 7364
-// (K = 66276); signed inputs (qu = 254, the gradients of backward-data) up to cin = 7396. Where a
-// guard says no, iconv3x3_supports() says no and the caller keeps its im2col GEMM (which splits K).
+// Overflow guard (both): T's int32 sum is bounded by 9 * 4 * ceil(cin / 4) * qu * qw <= 2^31 - 1.
+// The largest K = 9 cin at 8 bits: unsigned activations (qu = 255) x weights (127) up to
+// cin = 7364 (K = 66276); signed inputs (qu = 254, the gradients of backward-data) up to cin = 7396
+// (K = 66564). Where a guard says no, iconv3x3_supports() says no and the caller keeps its im2col
+// GEMM (which splits K into int32 chunks).
 #pragma once
 
 #include <cstdint>
