@@ -20,8 +20,9 @@
 // sample, iconv3x3_wgrad on the batch), which must equal the im2col path bit for bit. Ends with one
 // JSON line {"bench":"gemm","bits","batch","isas":[...],"rows":[{"model","layer",
 // "op","m","n","k","eigen_gflops","int_gemm_gflops","<isa>_gops"...}],"geomean_<isa>_vs_eigen",
-// "geomean_<isa>_vs_int_gemm","conv":[{"model","layer","op","fp32_direct_gflops",
-// "im2col_igemm_gops","iconv3x3_gops"}...]}.
+// "geomean_<isa>_vs_int_gemm","iconv3x3_isa","conv":[{"model","layer","op","fp32_direct_gflops",
+// "im2col_igemm_gops","iconv3x3_gops"}...]} (iconv3x3_isa: the kernel that ran, INT4DDP_ISA
+// caps it: avx2 for the AVX2 one on a VNNI machine).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -351,9 +352,12 @@ int main(int argc, char** argv) {
     return iconv3x3_supports(probe, (1 << bits) - 1, false) &&
            iconv3x3_supports(probe, (1 << (bits - 1)) - 1, true);
   }();
+  const char* iconv_isa = iconv3x3_isa_name(iconv3x3_resolve(Iconv3x3Isa::kAuto));
   if (have_iconv) {
-    std::printf("\n3x3 stride-1 convolutions, batch %lld, one thread (GFLOP/s fp32, GOP/s int8)\n",
-                static_cast<long long>(batch));
+    std::printf(
+        "\n3x3 stride-1 convolutions, batch %lld, one thread (GFLOP/s fp32, GOP/s int8); "
+        "iconv3x3 on %s (INT4DDP_ISA=avx2 for the AVX2 kernel)\n",
+        static_cast<long long>(batch), iconv_isa);
     std::printf("%-9s %-18s %-10s | %10s %10s %10s %6s %6s\n", "model", "layer", "op", "fp32_dir",
                 "im2col+ig", "iconv3x3", "x_old", "x_fp32");
     const Conv convs[] = {{"resnet20", "s1 16-16 28x28", 16, 16, 28},
@@ -370,13 +374,14 @@ int main(int argc, char** argv) {
     wrong += conv_wrong;
   } else {
     std::printf(
-        "iconv3x3: not available here (no AVX2, INT4DDP_ISA, or %d-bit sums saturate int16)\n",
+        "iconv3x3: not available here (no AVX2, INT4DDP_ISA, or %d-bit sums saturate the AVX2 "
+        "kernel's int16 pairs without AVX512-VNNI)\n",
         bits);
   }
   std::printf(
       "{\"bench\":\"gemm\",\"bits\":%d,\"batch\":%lld,\"isas\":[%s],\"wrong\":%d,\"rows\":[%s]%s,"
-      "\"conv\":[%s]}\n",
+      "\"iconv3x3_isa\":\"%s\",\"conv\":[%s]}\n",
       bits, static_cast<long long>(batch), isa_list.c_str(), wrong, rows.c_str(), geo.c_str(),
-      conv_rows.c_str());
+      have_iconv ? iconv_isa : "none", conv_rows.c_str());
   return wrong ? 1 : 0;
 }

@@ -403,6 +403,39 @@ TEST(QuantLayers, QConv2dDirectEqualsGemmBitForBit) {
   }
 }
 
+// QConv2d's 3x3 stride-1 pad-1 choice (quant_layers.cpp, fp32_direct3x3): with the default
+// integer-GEMM ISA the integer path (iconv3x3 on AVX512-VNNI or AVX2, else the packed GEMMs), with
+// `ref` the fp32 path (the direct fp32 kernels on AVX-512, else int_gemm on the codes as floats).
+// Both take the same exact sums: outputs, dX and every gradient agree bit for bit at 2, 4 and 8
+// bits (8-bit activations x 8-bit weights: only VNNI's int32 sums take them), mixed widths, the
+// signed grid, odd channel counts and a batch of several parts.
+TEST(QuantLayers, QConv2dIntegerThreeByThreeEqualsTheFp32PathBitForBit) {
+  struct Bits {
+    int w, a, g;
+  };
+  for (Bits bits : {Bits{4, 4, 4}, Bits{8, 8, 8}, Bits{2, 2, 2}, Bits{8, 4, 6}})
+    for (bool signed_input : {false, true})
+      for (int64_t ch : {16, 5}) {
+        SCOPED_TRACE(testing::Message() << "bits " << bits.w << "/" << bits.a << "/" << bits.g
+                                        << " signed " << signed_input << " channels " << ch);
+        QuantSpec spec = test_spec();
+        spec.weight_bits = bits.w;
+        spec.act_bits = bits.a;
+        spec.grad_bits = bits.g;
+        spec.signed_input = signed_input;
+        const int64_t n = 19, h = 7, w = 9;
+        QuantContext ctx_a, ctx_b;
+        QConv2d a("conv", ch, ch + 2, 3, 1, 1, spec, 2, &ctx_a);
+        QConv2d b("conv", ch, ch + 2, 3, 1, 1, spec, 2, &ctx_b);
+        a.set_gemm_isa(math::IgemmIsa::kRef);
+        fill(a.weight().value, 41, -0.5f, 0.5f);
+        fill(b.weight().value, 41, -0.5f, 0.5f);
+        Tensor x({n, ch, h, w});
+        fill(x, 42, signed_input ? -1.0f : -0.1f, 1.0f);
+        expect_same_training_step(a, b, x, 43);
+      }
+}
+
 // Every integer-GEMM ISA present against the exact fp32 path, through QConv2d's im2col + GEMM
 // path (stride 1 and 2, one group and one sample per group) and QLinear, at 2, 4 and 8 bits, mixed
 // widths and the signed activation grid. ISAs this CPU lacks are skipped (and say so).

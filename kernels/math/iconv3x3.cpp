@@ -1,7 +1,9 @@
 // The integer 3x3 convolution (see iconv3x3.h): weight packing, the padded channel-group layout,
-// the AVX2 implicit-GEMM micro-kernel and the plain reference. The AVX2 functions carry their own
-// target attributes (as igemm_avx2.cpp), so the file compiles without ISA flags and they run only
-// after iconv3x3_supports() said yes.
+// the driver shared by every instruction set (iconv3x3_kernels.h), the AVX2 tiles, the run-time
+// choice and the plain reference. The AVX2 functions carry their own target attributes (as
+// igemm_avx2.cpp), so the file compiles without ISA flags; the layout helpers are AVX2 too (every
+// CPU with one of the kernels has AVX2) and run only after iconv3x3_supports() said yes. The
+// AVX512-VNNI tiles live in iconv3x3_avx512vnni.cpp.
 #include "kernels/math/iconv3x3.h"
 
 #include <immintrin.h>
@@ -10,14 +12,19 @@
 #include <cstring>
 
 #include "kernels/common/error.h"
+#include "kernels/math/iconv3x3_kernels.h"
 #include "kernels/math/igemm_kernels.h"
 #include "kernels/quant/codec.h"
 
 namespace int4ddp::math {
 namespace {
 
-constexpr int kMr = 4;  // output channels per tile (broadcast weights)
-constexpr int kNv = 2;  // ymm vectors of 8 positions per tile
+using detail::Iconv3x3Kernels;
+using detail::kWeightGroup;
+using detail::kWeightRows;
+
+constexpr int kMr = 4;  // AVX2: output channels (forward) or (channel, tap) rows (wgrad) per tile
+constexpr int kNv = 2;  // ymm vectors of 8 positions (forward) or 4 x 4 bytes (wgrad) per tile
 constexpr int kNr = 8 * kNv;
 constexpr int64_t kInt32Max = 2147483647;
 constexpr int kInt16Max = 32767;
@@ -26,22 +33,22 @@ constexpr int kTaps = 9;
 // The largest input byte (with the offset) and its int16 pair bound; see the guard in iconv3x3.h.
 int input_byte_max(int qmax, bool is_signed) { return is_signed ? 2 * qmax : qmax; }
 
-// The geometry of one sample's padded channel-group layout.
+// The geometry of one sample's padded channel-group layout for tiles of nr positions.
 struct Layout {
   int64_t h, w, row;  // row = w + 1
   int64_t outputs;    // h * row flat output positions (x == w are junk, never stored)
-  int64_t tiles;      // ceil(outputs / kNr)
+  int64_t tiles;      // ceil(outputs / nr)
   int64_t plane;      // 4-byte pixels per channel-group plane: covers the last tile's taps
 };
 
-Layout make_layout(int64_t h, int64_t w) {
+Layout make_layout(int64_t h, int64_t w, int64_t nr) {
   Layout l;
   l.h = h;
   l.w = w;
   l.row = w + 1;
   l.outputs = h * l.row;
-  l.tiles = (l.outputs + kNr - 1) / kNr;
-  l.plane = l.tiles * kNr + 2 * l.row + 2;
+  l.tiles = (l.outputs + nr - 1) / nr;
+  l.plane = l.tiles * nr + 2 * l.row + 2;
   return l;
 }
 
@@ -163,9 +170,8 @@ __attribute__((target("avx2"))) inline void sum_tile(int64_t groups, int64_t i16
   for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + 8 * i), c[i]);
 }
 
-// One forward tile: kMr output channels (weights wp: [group][kMr][4] signed bytes) x kNr flat
-// positions (xp: the first position's byte in channel-group plane 0; group g's bytes at
-// xp + goff[g]). res[r][j] = scale * float(T - corr[r]).
+// One forward tile (iconv3x3_kernels.h): kMr output channels x kNr flat positions.
+// res[r][j] = scale * float(T - corr[r]).
 __attribute__((target("avx2"))) void tile(const uint8_t* xp, const int64_t* goff, const int8_t* wp,
                                           int64_t groups, int64_t i16, const int32_t* corr,
                                           float scale, float* res) {
@@ -174,7 +180,7 @@ __attribute__((target("avx2"))) void tile(const uint8_t* xp, const int64_t* goff
       groups, i16,
       [&](int64_t g, const uint8_t** x, const void** p) {
         *x = xp + goff[g];
-        const int8_t* wg = wp + g * kMr * 4;
+        const int8_t* wg = wp + g * kWeightGroup;
         for (int r = 0; r < kMr; ++r) p[r] = wg + 4 * r;
       },
       t);
@@ -190,7 +196,8 @@ __attribute__((target("avx2"))) void tile(const uint8_t* xp, const int64_t* goff
 }
 
 // dy's [position group][channel][4] copy (see iconv3x3_wgrad): the 32-bit words of dy's flat
-// planes (o16 planes of `words` words, zero past the data) transposed, 4 x 4 words at a time.
+// planes (o16 planes of `words` words, zero past the data; o16 and words multiples of 4)
+// transposed, 4 x 4 words at a time.
 __attribute__((target("avx2"))) void transpose_words(const uint8_t* planes, int64_t o16,
                                                      int64_t words, uint8_t* out) {
   for (int64_t o = 0; o < o16; o += 4)
@@ -210,15 +217,14 @@ __attribute__((target("avx2"))) void transpose_words(const uint8_t* planes, int6
     }
 }
 
-// One backward-weight tile: rows (channel, tap) r0..r0+3 (broadcast bytes at xb + roff[r] + 4g)
-// x output channels o0..o0+15 (loaded from db's group g) over `groups` groups.
+// One backward-weight tile (iconv3x3_kernels.h): kMr (channel, tap) rows x kNr output channels.
 __attribute__((target("avx2"))) void wgrad_tile(const uint8_t* xb, const int64_t* roff,
-                                                const uint8_t* db, int64_t o16, int64_t groups,
+                                                const uint8_t* db, int64_t ostride, int64_t groups,
                                                 int64_t i16, int32_t* t) {
   sum_tile<true>(
       groups, i16,
       [&](int64_t g, const uint8_t** x, const void** p) {
-        *x = db + g * o16 * 4;
+        *x = db + g * ostride * 4;
         for (int r = 0; r < kMr; ++r) p[r] = xb + roff[r] + 4 * g;
       },
       t);
@@ -233,17 +239,32 @@ void pack_weights(Iconv3x3Weights* wt, int64_t cout, int64_t cin, int qw, F weig
   wt->cin = cin;
   wt->c4 = (cin + 3) / 4;
   wt->qw = qw;
-  const int64_t groups = wt->c4 * kTaps, blocks = (cout + kMr - 1) / kMr;
-  wt->data.assign(static_cast<size_t>(blocks * groups * kMr * 4), 0);
-  wt->rowsum.assign(static_cast<size_t>(blocks * kMr), 0);
+  const int64_t groups = wt->c4 * kTaps, blocks = (cout + kWeightRows - 1) / kWeightRows;
+  wt->data.assign(static_cast<size_t>(blocks * groups * kWeightGroup), 0);
+  wt->rowsum.assign(static_cast<size_t>(blocks * kWeightRows), 0);
   for (int64_t o = 0; o < cout; ++o)
     for (int64_t c = 0; c < cin; ++c)
       for (int tap = 0; tap < kTaps; ++tap) {
         const int8_t v = weight(o, c, tap);
         const int64_t g = (c / 4) * kTaps + tap;
-        wt->data[static_cast<size_t>(((o / kMr * groups + g) * kMr + o % kMr) * 4 + c % 4)] = v;
+        wt->data[static_cast<size_t>((o / kWeightRows * groups + g) * kWeightGroup +
+                                     o % kWeightRows * 4 + c % 4)] = v;
         wt->rowsum[static_cast<size_t>(o)] += v;
       }
+}
+
+// The table of an available instruction set (kAuto resolved), or null.
+const Iconv3x3Kernels* kernels_for(Iconv3x3Isa isa) {
+  switch (iconv3x3_resolve(isa)) {
+    case Iconv3x3Isa::kAvx2:
+      return iconv3x3_isa_available(Iconv3x3Isa::kAvx2) ? &detail::kIconv3x3Avx2 : nullptr;
+    case Iconv3x3Isa::kAvx512Vnni:
+      return iconv3x3_isa_available(Iconv3x3Isa::kAvx512Vnni) ? &detail::kIconv3x3Avx512Vnni
+                                                              : nullptr;
+    case Iconv3x3Isa::kAuto:
+      break;
+  }
+  return nullptr;
 }
 
 // Code i of a plain (c, h, w) code tensor, unsigned or signed bytes: the references' reader.
@@ -265,30 +286,46 @@ void Iconv3x3Weights::pack_transposed(const int8_t* w, int64_t n_out, int64_t n_
   });
 }
 
-bool iconv3x3_supports(const Iconv3x3Weights& wt, int qmax, bool is_signed) {
-  if (wt.cout <= 0 || qmax < 1 || qmax > (is_signed ? 127 : 255)) return false;
-  if (!quant::isa_allows(quant::Isa::kAvx2) || !__builtin_cpu_supports("avx2")) return false;
+namespace detail {
+
+const Iconv3x3Kernels kIconv3x3Avx2 = {true, kMr, kNr, kMr, kNr, tile, wgrad_tile};
+
+bool iconv3x3_fits(const Iconv3x3Kernels& kn, const Iconv3x3Weights& wt, int qmax, bool is_signed) {
+  if (wt.cout <= 0 || wt.qw < 1 || qmax < 1 || qmax > (is_signed ? 127 : 255)) return false;
   const int64_t qu = input_byte_max(qmax, is_signed);
-  return 2 * qu * wt.qw <= kInt16Max && kTaps * wt.c4 * 4 * qu * wt.qw <= kInt32Max;
+  return (!kn.int16_pairs || 2 * qu * wt.qw <= kInt16Max) &&
+         kTaps * wt.c4 * 4 * qu * wt.qw <= kInt32Max;
 }
 
-void iconv3x3(const Iconv3x3Weights& wt, int64_t h, int64_t w, const void* in, bool is_signed,
-              int qmax, float scale, float* out, int64_t ldo) {
-  INT4DDP_CHECK(iconv3x3_supports(wt, qmax, is_signed), "iconv3x3: not supported here (",
-                is_signed ? "signed" : "unsigned", " input qmax ", qmax, ", weight qmax ", wt.qw,
-                ", ", wt.cin, " input channels, or no AVX2)");
+bool iconv3x3_wgrad_fits(const Iconv3x3Kernels& kn, int64_t h, int64_t w, int qmax, bool is_signed,
+                         int qdy) {
+  if (h <= 0 || w <= 0 || qdy < 1 || qdy > 127 || qmax < 1 || qmax > (is_signed ? 127 : 255))
+    return false;
+  const int64_t qu = input_byte_max(qmax, is_signed), k = ((h + 1) * (w + 1) + 3) / 4 * 4;
+  return (!kn.int16_pairs || 2 * qu * qdy <= kInt16Max) && k * qu * qdy <= kInt32Max;
+}
+
+void iconv3x3_with(const Iconv3x3Kernels& kn, const Iconv3x3Weights& wt, int64_t h, int64_t w,
+                   const void* in, bool is_signed, int qmax, float scale, float* out, int64_t ldo) {
+  INT4DDP_CHECK(iconv3x3_fits(kn, wt, qmax, is_signed),
+                "iconv3x3: ", is_signed ? "signed" : "unsigned", " input qmax ", qmax,
+                ", weight qmax ", wt.qw, ", ", wt.cin,
+                " input channels overflow the kernel's sums");
   INT4DDP_CHECK(h > 0 && w > 0 && in && out && ldo >= h * w, "iconv3x3: bad image ", h, " x ", w,
                 " or output stride ", ldo);
-  const Layout l = make_layout(h, w);
+  const int64_t mr = kn.mr, nr = kn.nr;
+  INT4DDP_CHECK(mr > 0 && kWeightRows % mr == 0 && nr > 0, "iconv3x3: bad tile ", mr, " x ", nr);
+  const Layout l = make_layout(h, w, nr);
   const int off = is_signed ? qmax : 0;
   const int64_t qu = input_byte_max(qmax, is_signed), groups = wt.c4 * kTaps;
-  const int64_t i16 = kInt16Max / (2 * qu * wt.qw);
+  const int64_t i16 = kn.int16_pairs ? kInt16Max / (2 * qu * wt.qw) : groups;
   thread_local std::vector<uint8_t> xb;
-  thread_local std::vector<float> ob;
+  thread_local std::vector<float> ob, res;
   thread_local std::vector<int64_t> goff;
-  const int64_t ob_stride = l.tiles * kNr;
+  const int64_t ob_stride = l.tiles * nr;
   xb.resize(static_cast<size_t>(wt.c4 * l.plane * 4));
-  ob.resize(static_cast<size_t>(kMr * ob_stride));
+  ob.resize(static_cast<size_t>(mr * ob_stride));
+  res.resize(static_cast<size_t>(mr * nr));
   goff.resize(static_cast<size_t>(groups));
   pad_input(static_cast<const uint8_t*>(in), wt.cin, wt.c4, l, static_cast<uint8_t>(off),
             xb.data());
@@ -296,77 +333,135 @@ void iconv3x3(const Iconv3x3Weights& wt, int64_t h, int64_t w, const void* in, b
     const int64_t tap = g % kTaps;
     goff[static_cast<size_t>(g)] = (g / kTaps * l.plane + tap / 3 * l.row + tap % 3) * 4;
   }
-  for (int64_t o0 = 0; o0 < wt.cout; o0 += kMr) {
-    const int8_t* wp = wt.data.data() + o0 * groups * 4;
-    int32_t corr[kMr];
-    for (int r = 0; r < kMr; ++r) corr[r] = off * wt.rowsum[static_cast<size_t>(o0 + r)];
-    alignas(32) float res[kMr * kNr];
+  for (int64_t o0 = 0; o0 < wt.cout; o0 += mr) {
+    // Tile rows o0..o0+mr-1 lie in one packed block (mr divides kWeightRows).
+    const int8_t* wp =
+        wt.data.data() + o0 / kWeightRows * groups * kWeightGroup + o0 % kWeightRows * 4;
+    int32_t corr[kWeightRows];
+    for (int64_t r = 0; r < mr; ++r) corr[r] = off * wt.rowsum[static_cast<size_t>(o0 + r)];
     for (int64_t t = 0; t < l.tiles; ++t) {
-      tile(xb.data() + t * kNr * 4, goff.data(), wp, groups, i16, corr, scale, res);
-      for (int r = 0; r < kMr; ++r)
-        std::memcpy(ob.data() + r * ob_stride + t * kNr, res + r * kNr, sizeof(res) / kMr);
+      kn.tile(xb.data() + t * nr * 4, goff.data(), wp, groups, i16, corr, scale, res.data());
+      for (int64_t r = 0; r < mr; ++r)
+        std::memcpy(ob.data() + r * ob_stride + t * nr, res.data() + r * nr,
+                    sizeof(float) * static_cast<size_t>(nr));
     }
     // The flat positions (row stride w + 1) -> the image rows (stride w), junk column dropped.
-    const int64_t nr = std::min<int64_t>(kMr, wt.cout - o0);
-    for (int64_t r = 0; r < nr; ++r)
+    const int64_t nrows = std::min<int64_t>(mr, wt.cout - o0);
+    for (int64_t r = 0; r < nrows; ++r)
       for (int64_t y = 0; y < h; ++y)
         std::memcpy(out + (o0 + r) * ldo + y * w, ob.data() + r * ob_stride + y * l.row,
                     sizeof(float) * static_cast<size_t>(w));
   }
 }
 
-bool iconv3x3_wgrad_supports(int64_t h, int64_t w, int qmax, bool is_signed, int qdy) {
-  if (h <= 0 || w <= 0 || qdy < 1 || qdy > 127 || qmax < 1 || qmax > (is_signed ? 127 : 255))
-    return false;
-  if (!quant::isa_allows(quant::Isa::kAvx2) || !__builtin_cpu_supports("avx2")) return false;
-  const int64_t qu = input_byte_max(qmax, is_signed), k = ((h + 1) * (w + 1) + 3) / 4 * 4;
-  return 2 * qu * qdy <= kInt16Max && k * qu * qdy <= kInt32Max;
+}  // namespace detail
+
+const char* iconv3x3_isa_name(Iconv3x3Isa isa) {
+  switch (isa) {
+    case Iconv3x3Isa::kAuto:
+      return "auto";
+    case Iconv3x3Isa::kAvx2:
+      return "avx2";
+    case Iconv3x3Isa::kAvx512Vnni:
+      return "avx512vnni";
+  }
+  return "?";
+}
+
+bool iconv3x3_isa_available(Iconv3x3Isa isa) {
+  switch (isa) {
+    case Iconv3x3Isa::kAuto:
+      return iconv3x3_resolve(isa) != Iconv3x3Isa::kAuto;
+    case Iconv3x3Isa::kAvx2:
+      return quant::isa_allows(quant::Isa::kAvx2) && __builtin_cpu_supports("avx2");
+    case Iconv3x3Isa::kAvx512Vnni:
+      // The layout helpers are AVX2; the tiles need AVX-512F and AVX512-VNNI.
+      return quant::isa_allows(quant::Isa::kAvx512) && __builtin_cpu_supports("avx2") &&
+             __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
+  }
+  return false;
+}
+
+Iconv3x3Isa iconv3x3_resolve(Iconv3x3Isa isa) {
+  if (isa != Iconv3x3Isa::kAuto) return isa;
+  for (Iconv3x3Isa i : {Iconv3x3Isa::kAvx512Vnni, Iconv3x3Isa::kAvx2})
+    if (iconv3x3_isa_available(i)) return i;
+  return Iconv3x3Isa::kAuto;
+}
+
+bool iconv3x3_supports(const Iconv3x3Weights& wt, int qmax, bool is_signed, Iconv3x3Isa isa) {
+  const Iconv3x3Kernels* kn = kernels_for(isa);
+  return kn && detail::iconv3x3_fits(*kn, wt, qmax, is_signed);
+}
+
+void iconv3x3(const Iconv3x3Weights& wt, int64_t h, int64_t w, const void* in, bool is_signed,
+              int qmax, float scale, float* out, int64_t ldo, Iconv3x3Isa isa) {
+  const Iconv3x3Kernels* kn = kernels_for(isa);
+  INT4DDP_CHECK(kn, "iconv3x3: instruction set ", iconv3x3_isa_name(isa),
+                " is not available on this CPU or under INT4DDP_ISA");
+  detail::iconv3x3_with(*kn, wt, h, w, in, is_signed, qmax, scale, out, ldo);
+}
+
+bool iconv3x3_wgrad_supports(int64_t h, int64_t w, int qmax, bool is_signed, int qdy,
+                             Iconv3x3Isa isa) {
+  const Iconv3x3Kernels* kn = kernels_for(isa);
+  return kn && detail::iconv3x3_wgrad_fits(*kn, h, w, qmax, is_signed, qdy);
 }
 
 void Iconv3x3WgradSum::reset(int64_t cin, int64_t cout) {
   INT4DDP_CHECK(cin > 0 && cout > 0, "iconv3x3_wgrad: bad shape (cin ", cin, ", cout ", cout, ")");
   cin_ = cin;
   cout_ = cout;
-  rows4_ = (cin * kTaps + 3) / 4 * 4;
-  o16_ = (cout + 15) / 16 * 16;
-  sum_.assign(static_cast<size_t>(rows4_ * o16_), 0);
+  sum_.assign(static_cast<size_t>(cin * kTaps * cout), 0);
 }
 
 void Iconv3x3WgradSum::add(int64_t h, int64_t w, int64_t n, const void* in, bool is_signed,
-                           int qmax, const int8_t* dy, int qdy) {
-  INT4DDP_CHECK(iconv3x3_wgrad_supports(h, w, qmax, is_signed, qdy),
-                "iconv3x3_wgrad: not supported here (image ", h, " x ", w, ", ",
-                is_signed ? "signed" : "unsigned", " input qmax ", qmax, ", dy qmax ", qdy,
-                ", or no AVX2)");
+                           int qmax, const int8_t* dy, int qdy, Iconv3x3Isa isa) {
+  const Iconv3x3Kernels* kn = kernels_for(isa);
+  INT4DDP_CHECK(kn, "iconv3x3_wgrad: instruction set ", iconv3x3_isa_name(isa),
+                " is not available on this CPU or under INT4DDP_ISA");
+  add_with(*kn, h, w, n, in, is_signed, qmax, dy, qdy);
+}
+
+void Iconv3x3WgradSum::add_with(const Iconv3x3Kernels& kn, int64_t h, int64_t w, int64_t n,
+                                const void* in, bool is_signed, int qmax, const int8_t* dy,
+                                int qdy) {
+  INT4DDP_CHECK(detail::iconv3x3_wgrad_fits(kn, h, w, qmax, is_signed, qdy),
+                "iconv3x3_wgrad: image ", h, " x ", w, ", ", is_signed ? "signed" : "unsigned",
+                " input qmax ", qmax, ", dy qmax ", qdy, " overflow the kernel's sums");
   INT4DDP_CHECK(cin_ > 0 && n >= 0 && (n == 0 || (in && dy)),
                 "iconv3x3_wgrad: no reset, or bad samples (n ", n, ")");
   // Samples are stacked along K: sample s's padded plane starts at row s * (h + 1), its bottom
   // pad row being the next one's top, and its outputs at flat positions s * span + y * row + x
   // (span = (h + 1) * row; the junk column and the shared pad row have dy 0).
-  const int64_t cin = cin_, cout = cout_, o16 = o16_, rows = cin * kTaps, rows4 = rows4_;
+  const int64_t cin = cin_, cout = cout_, mr = kn.wg_mr, nr = kn.wg_nr, rows = cin * kTaps;
+  const int64_t rows_pad = (rows + mr - 1) / mr * mr, opad = (cout + nr - 1) / nr * nr;
   const int64_t row = w + 1, span = (h + 1) * row, hw = h * w;
   const int off = is_signed ? qmax : 0;
-  const int64_t qq = input_byte_max(qmax, is_signed) * qdy, i16 = kInt16Max / (2 * qq);
+  const int64_t qq = input_byte_max(qmax, is_signed) * qdy;
+  const int64_t i16 = kn.int16_pairs ? kInt16Max / (2 * qq) : kInt32Max;
   // Samples per pass: the int32 guard, and a working set (input planes, dy and its copy) of
   // about 256 KiB, so that the tiles' passes over K stay in L2.
-  const int64_t per_sample_bytes = span * (cin + 2 * o16);
+  const int64_t per_sample_bytes = span * (cin + 2 * opad);
   const int64_t per_pass = std::clamp<int64_t>(
       std::min((kInt32Max / qq - 3) / span, (int64_t{1} << 18) / per_sample_bytes), 1,
       std::max<int64_t>(n, 1));
   thread_local std::vector<uint8_t> xb, planes, db;
   thread_local std::vector<int64_t> roff, dysum;
-  alignas(32) int32_t t[kMr * kNr];
+  thread_local std::vector<int32_t> t;
+  t.resize(static_cast<size_t>(mr * nr));
   const auto* xin = static_cast<const uint8_t*>(in);
   for (int64_t s0 = 0; s0 < n; s0 += per_pass) {
-    const int64_t m = std::min(per_pass, n - s0), groups = (m * span + 3) / 4;
+    // Groups of 4 positions, an even count (the tables' contract; the padding has dy 0).
+    const int64_t m = std::min(per_pass, n - s0), groups = (m * span + 7) / 8 * 2;
     const int64_t words = (groups + 3) / 4 * 4;   // dy plane words, a multiple of the transpose's 4
     const int64_t px = 4 * groups + 2 * row + 4;  // bytes per input plane: the taps' reach
     xb.resize(static_cast<size_t>(cin * px));
-    planes.assign(static_cast<size_t>(o16 * words * 4), 0);
-    db.resize(static_cast<size_t>(words * o16 * 4));
-    roff.resize(static_cast<size_t>(rows4));
+    planes.assign(static_cast<size_t>(opad * words * 4), 0);
+    db.resize(static_cast<size_t>(words * opad * 4));
+    roff.resize(static_cast<size_t>(rows_pad));
     dysum.assign(static_cast<size_t>(cout), 0);
-    for (int64_t r = 0; r < rows4; ++r) {  // rows past cin * 9 read row 0 (their sums are unused)
+    for (int64_t r = 0; r < rows_pad; ++r) {  // rows past cin * 9 read row 0 (their sums unused)
       const int64_t c = r < rows ? r / kTaps : 0, tap = r < rows ? r % kTaps : 0;
       roff[static_cast<size_t>(r)] = c * px + tap / 3 * row + tap % 3;
     }
@@ -392,26 +487,30 @@ void Iconv3x3WgradSum::add(int64_t h, int64_t w, int64_t n, const void* in, bool
         }
       }
     }
-    transpose_words(planes.data(), o16, words, db.data());
-    for (int64_t o0 = 0; o0 < o16; o0 += kNr)
-      for (int64_t r0 = 0; r0 < rows4; r0 += kMr) {
-        wgrad_tile(xb.data(), roff.data() + r0, db.data() + o0 * 4, o16, groups, i16, t);
-        for (int r = 0; r < kMr; ++r) {
-          int64_t* acc = sum_.data() + (r0 + r) * o16 + o0;
-          for (int j = 0; j < kNr; ++j) acc[j] += t[r * kNr + j];
+    transpose_words(planes.data(), opad, words, db.data());
+    for (int64_t o0 = 0; o0 < cout; o0 += nr) {
+      const int64_t no = std::min(nr, cout - o0);
+      for (int64_t r0 = 0; r0 < rows; r0 += mr) {
+        kn.wgrad_tile(xb.data(), roff.data() + r0, db.data() + o0 * 4, opad, groups, i16, t.data());
+        const int64_t nrows = std::min(mr, rows - r0);
+        for (int64_t r = 0; r < nrows; ++r) {
+          int64_t* acc = sum_.data() + (r0 + r) * cout + o0;
+          const int32_t* tr = t.data() + r * nr;
+          for (int64_t j = 0; j < no; ++j) acc[j] += tr[j];
         }
       }
+    }
     if (off)  // the offset's share: off * (dy sum of output channel o) in every row
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t o = 0; o < cout; ++o)
-          sum_[static_cast<size_t>(r * o16 + o)] -= off * dysum[static_cast<size_t>(o)];
+          sum_[static_cast<size_t>(r * cout + o)] -= off * dysum[static_cast<size_t>(o)];
   }
 }
 
 void Iconv3x3WgradSum::finish(bool transposed, double* dw) const {
   for (int64_t c = 0; c < cin_; ++c)
     for (int tap = 0; tap < kTaps; ++tap) {
-      const int64_t* r = sum_.data() + (c * kTaps + tap) * o16_;
+      const int64_t* r = sum_.data() + (c * kTaps + tap) * cout_;
       for (int64_t o = 0; o < cout_; ++o)
         dw[transposed ? (c * cout_ + o) * kTaps + kTaps - 1 - tap : (o * cin_ + c) * kTaps + tap] +=
             static_cast<double>(r[o]);
@@ -420,10 +519,10 @@ void Iconv3x3WgradSum::finish(bool transposed, double* dw) const {
 
 void iconv3x3_wgrad(int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t n, const void* in,
                     bool is_signed, int qmax, const int8_t* dy, int qdy, bool transposed,
-                    double* dw) {
+                    double* dw, Iconv3x3Isa isa) {
   Iconv3x3WgradSum sum;
   sum.reset(cin, cout);
-  sum.add(h, w, n, in, is_signed, qmax, dy, qdy);
+  sum.add(h, w, n, in, is_signed, qmax, dy, qdy, isa);
   sum.finish(transposed, dw);
 }
 

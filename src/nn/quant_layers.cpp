@@ -6,10 +6,11 @@
 // the column codes fit int8, skips the column matrices: its weight codes are packed into the
 // kernels' panels once per step and every group's columns are written straight into panels
 // (math::IgemmPackedA / igemm_pack_conv / igemm_packed, the same exact sums); a 3x3 stride-1
-// pad-1 QConv2d skips the columns altogether where math::iconv3x3 runs (AVX2, int16 pair sums
-// that cannot saturate): forward, backward-data and backward-weight as implicit GEMMs on the
-// codes, the same exact sums again. The direct 3x3 convolution (fp32 kernels, exact on
-// integer-valued floats) reads float copies of the codes.
+// pad-1 QConv2d skips the columns altogether where math::iconv3x3 runs (AVX512-VNNI, or AVX2 where
+// its int16 pair sums cannot saturate): forward, backward-data and backward-weight as implicit
+// GEMMs on the codes, the same exact sums again. The direct 3x3 convolution (fp32 kernels, exact
+// on integer-valued floats), which reads float copies of the codes, is taken on AVX-512 CPUs
+// without VNNI (fp32_direct3x3).
 #include "src/nn/quant_layers.h"
 
 #include <immintrin.h>
@@ -39,6 +40,18 @@ constexpr float kMinStep = 1e-12f;  // s_W and u_A are used as max(|value|, kMin
 constexpr int64_t kWeightBlock = 16384;
 
 float effective_step(float v) { return std::max(std::fabs(v), kMinStep); }
+
+// QConv2d's 3x3 stride-1 pad-1 choice: the fp32 direct convolution where Conv2d::direct3x3() takes
+// it (AVX-512), unless the integer GEMMs run (gemm_isa not ref) and iconv3x3's AVX512-VNNI kernel
+// does: the integer implicit GEMM is then the fast path, for every code width (int32 sums). The
+// fp32 path stays the fallback, and the reference with INT4DDP_GEMM_ISA=ref. Forward and backward
+// ask the same question (the direct backward reads forward's float copies of the codes), so the
+// VNNI answer is taken once per process, as conv3x3_resolve's.
+bool fp32_direct3x3(bool direct3x3, math::IgemmIsa gemm_isa) {
+  static const bool vnni =
+      math::iconv3x3_resolve(math::Iconv3x3Isa::kAuto) == math::Iconv3x3Isa::kAvx512Vnni;
+  return direct3x3 && (gemm_isa == math::IgemmIsa::kRef || !vnni);
+}
 
 // Activation codes (xq_'s bytes, or columns made of them) as a GEMM operand: uint8, or int8 on the
 // signed grid. Code 0 is byte 0 either way, so im2col pads both alike.
@@ -621,7 +634,7 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
   y.resize({n, out_, ho, wo});
   const int64_t gmax = part_group_size(n, ckk, hw);
   const BatchParts parts{n};
-  if (direct3x3()) {  // exact on the codes, the same scale * float(T) as int_gemm
+  if (fp32_direct3x3(direct3x3(), gemm_isa_)) {  // exact on the codes: scale * float(T)
     scratch_.resize(wq_.size());
     codes_to_floats(wq_.data(), static_cast<int64_t>(wq_.size()), scratch_.data());
     w3_.pack(scratch_.data(), out_, in_);
@@ -643,7 +656,7 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
     return;
   }
   // 3x3 stride 1 pad 1: the implicit-GEMM integer convolution (math::iconv3x3, no column pass)
-  // where it runs (an igemm ISA, AVX2 allowed, int16 pair sums that cannot saturate).
+  // where it runs (an igemm ISA; AVX512-VNNI, or AVX2 with int16 pair sums that cannot saturate).
   if (gemm_isa_ != math::IgemmIsa::kRef && kernel_ == 3 && stride_ == 1 && pad_ == 1) {
     math::Iconv3x3Weights wi;
     wi.pack(wq_.data(), out_, in_, g.qw);
@@ -698,7 +711,7 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   const float wscale = dg * g.sa;
   const BatchParts parts{n};
   bool transposed = false;  // dW^ came with its taps flipped (see Conv2d::backward_by_groups)
-  if (direct3x3()) {
+  if (fp32_direct3x3(direct3x3(), gemm_isa_)) {
     // Direct 3x3: dX^ per part, dW^ as exact integer sums (doubles) into the thread's accumulator,
     // which no summation order can change. w3_ holds wq_ packed by forward and xf_ forward's float
     // copy of xq_ (the GEMM path reads the same wq_ and xq_ of forward).
