@@ -178,9 +178,13 @@ BucketStats BucketAllreduce::run(float* x, uint32_t step) {
   t = Clock::now();
   node_mean(x);
   double sum_seconds = seconds_since(t);
+  phases_.scatter_wait_s = node_seconds;
+  phases_.node_sum_s = sum_seconds;
 
   // 2. The two-shot across nodes on the share.
+  t = Clock::now();
   BucketStats st = two_shot_->run(mean_.data(), step);
+  phases_.cross_s = seconds_since(t);
 
   // 3. Node all-gather of the shares, straight into x.
   t = Clock::now();
@@ -188,6 +192,7 @@ BucketStats BucketAllreduce::run(float* x, uint32_t step) {
       *node.iallgatherv(mean_.data(), sizeof(float) * static_cast<size_t>(m), x, gather_));
   int64_t totals[3] = {st.count, st.clipped, st.nonfinite};
   node.allreduce_sum_i64(totals, 3);
+  phases_.gather_wait_s = seconds_since(t);
   node_seconds += seconds_since(t);
   st.count = totals[0];
   st.clipped = totals[1];

@@ -70,6 +70,15 @@ class Hierarchy {
   std::string description_;
 };
 
+// Where the last run() of a hierarchical bucket spent its time on this rank (seconds; all zero when
+// flat). The levels overlap, so these are the parts not hidden behind one another:
+struct HierarchyPhases {
+  double scatter_wait_s = 0;  // waiting for the node reduce-scatter's pieces
+  double node_sum_s = 0;      // summing the node's versions of the own share
+  double cross_s = 0;         // in the cross-node two-shot, less the two above
+  double gather_wait_s = 0;   // after the two-shot: the node all-gather and the stats
+};
+
 // The all-reduce (mean) of one bucket: the flat two-shot over hierarchy->world(), or, when the
 // hierarchy is active, the three steps above. The same interface as TwoShotAllreduce.
 class BucketAllreduce {
@@ -86,6 +95,7 @@ class BucketAllreduce {
   void commit(bool apply);
   std::vector<uint8_t> save_state() const;
   void load_state(const std::vector<uint8_t>& blob);
+  const HierarchyPhases& phases() const { return phases_; }  // of the last run()
 
  private:
   Hierarchy& h_;
@@ -99,6 +109,7 @@ class BucketAllreduce {
   std::vector<float> received_;                 // (k x share) the node's versions of the own share
   std::vector<float> mean_;                     // (share) the node mean, then the all-reduced share
   std::unique_ptr<TwoShotAllreduce> two_shot_;  // over cross() (active) or world()
+  HierarchyPhases phases_;
 };
 
 }  // namespace int4ddp::comm

@@ -17,7 +17,9 @@
 // the K ranks of each simulated node), or rank / K with INT4DDP_RANKS_PER_NODE=K. The column `hier`
 // says what ran (flat, or node MxK); x_flat = the first listed hierarchy's time of the same mode
 // and size / this time. Under the hierarchy wire_mod counts only the bytes that cross nodes, and
-// formula_mod is the two-shot's formula for the largest share (n/K) over the M nodes.
+// formula_mod is the two-shot's formula for the largest share (n/K) over the M nodes. A node row is
+// followed by its phase split (BucketAllreduce::phases(): waiting for the node reduce-scatter,
+// the node sum, the cross-node two-shot, the node all-gather; each the slowest rank's median).
 //
 // Timing: every iteration restores the input (untimed), passes a barrier, and times run() on each
 // rank (--barrier polite, the default: a 1-float non-blocking all-reduce waited for with
@@ -159,6 +161,7 @@ struct Row {
   double quant_s = 0, comm_s = 0;  // median over iterations, maximum over ranks
   double quantize_s = 0, reduce_s = 0, dequantize_s = 0;  // quant_s by phase, likewise
   int pieces = 1;                                         // pipeline pieces per chunk (flat)
+  double node_phases_s[4] = {0, 0, 0, 0};  // HierarchyPhases in order, slowest rank's median
   float gamma = 1.0f;                                     // after the timed iterations
   uint64_t wire_bytes = 0;    // modelled: Communicator::bytes_sent, maximum over ranks
   double predicted = 0;       // modelled: modelled_wire_bytes()
@@ -228,7 +231,7 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
         modelled_wire_bytes(mode.bits, chunk_range(n, G, K, 0).count(), o.block_size, M);
   }
 
-  std::vector<double> times, quant_times, comm_times, phase_times[3];
+  std::vector<double> times, quant_times, comm_times, phase_times[3], node_times[4];
   std::vector<float> first_out;  // the first step's output, for rel_err_first
   uint64_t wire = 0;
   for (int it = 0; it < o.warmup + o.iters; ++it) {
@@ -246,6 +249,11 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
       phase_times[0].push_back(st.quantize_seconds);
       phase_times[1].push_back(st.reduce_seconds);
       phase_times[2].push_back(st.dequantize_seconds);
+      const HierarchyPhases& hp = ts.phases();
+      node_times[0].push_back(hp.scatter_wait_s);
+      node_times[1].push_back(hp.node_sum_s);
+      node_times[2].push_back(hp.cross_s);
+      node_times[3].push_back(hp.gather_wait_s);
     }
     wire = st.wire_bytes;
   }
@@ -254,10 +262,13 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
   const std::vector<double> all_times = gather_to_root(comm, times);
   const std::vector<double> split = gather_to_root(
       comm, std::vector<double>{median(quant_times), median(comm_times), median(phase_times[0]),
-                                median(phase_times[1]), median(phase_times[2])});
+                                median(phase_times[1]), median(phase_times[2]),
+                                median(node_times[0]), median(node_times[1]),
+                                median(node_times[2]), median(node_times[3])});
   if (me == 0)
     for (int r = 0; r < N; ++r) {
-      const double* s = split.data() + 5 * static_cast<size_t>(r);
+      const double* s = split.data() + 9 * static_cast<size_t>(r);
+      for (int p = 0; p < 4; ++p) row.node_phases_s[p] = std::max(row.node_phases_s[p], s[5 + p]);
       row.quant_s = std::max(row.quant_s, s[0]);
       row.comm_s = std::max(row.comm_s, s[1]);
       row.quantize_s = std::max(row.quantize_s, s[2]);
@@ -473,6 +484,12 @@ int main(int argc, char** argv) {
               row.comm_s * 1e6, row.pieces, row.gamma,
               static_cast<unsigned long long>(row.wire_bytes), row.predicted, diff, rel1, rel,
               wrong);
+          if (m.hierarchy > 0 && row.hierarchy != "flat")
+            std::printf(
+                "# %s %s phases (us): scatter_wait %.1f, node_sum %.1f, cross %.1f, "
+                "gather_wait %.1f\n",
+                m.name.c_str(), row.hierarchy.c_str(), row.node_phases_s[0] * 1e6,
+                row.node_phases_s[1] * 1e6, row.node_phases_s[2] * 1e6, row.node_phases_s[3] * 1e6);
           std::fflush(stdout);
         }
         rows.push_back(row);
@@ -499,11 +516,12 @@ int main(int argc, char** argv) {
             "\"dequantize_s\":%.6g,\"comm_s\":%.6g,\"pieces\":%d,\"gamma\":%.6g,"
             "\"wire_bytes_modelled\":%llu,\"formula_wire_bytes_modelled\":%.0f,"
             "\"rel_err_first\":%s,\"rel_err\":%s,"
-            "\"wrong\":%s}",
+            "\"node_phases_s\":[%.6g,%.6g,%.6g,%.6g],\"wrong\":%s}",
             k ? "," : "", r.mode.c_str(), r.hierarchy.c_str(), r.x_flat,
             static_cast<unsigned long long>(r.bytes), r.time_s, r.quant_s, r.quantize_s, r.reduce_s,
             r.dequantize_s, r.comm_s, r.pieces, r.gamma,
-            static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel1, rel, wrong);
+            static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel1, rel,
+            r.node_phases_s[0], r.node_phases_s[1], r.node_phases_s[2], r.node_phases_s[3], wrong);
       }
       std::printf("]}\n");
       std::fflush(stdout);
