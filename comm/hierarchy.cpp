@@ -181,15 +181,16 @@ void BucketAllreduce::node_mean(float* x, ChunkRange r) {
   // once the tile has read it.
   for (int64_t o = r.begin; o < r.end; o += kSumTile) {
     const int64_t len = std::min(kSumTile, r.end - o);
+    auto version = [&](int i) -> const float* {
+      return (i == l ? own : received_.data() + static_cast<size_t>(i) * m) + o;
+    };
     float* __restrict acc = tile_.data();
-    for (int i = 0; i < k; ++i) {
-      const float* __restrict v =
-          (i == l ? own : received_.data() + static_cast<size_t>(i) * m) + o;
-      if (i == 0) {
-        std::copy(v, v + len, acc);
-      } else {
-        for (int64_t e = 0; e < len; ++e) acc[e] += v[e];
-      }
+    const float* __restrict v0 = version(0);
+    const float* __restrict v1 = version(1);  // k >= 2 where the hierarchy is active
+    for (int64_t e = 0; e < len; ++e) acc[e] = v0[e] + v1[e];
+    for (int i = 2; i < k; ++i) {
+      const float* __restrict v = version(i);
+      for (int64_t e = 0; e < len; ++e) acc[e] += v[e];
     }
     float* __restrict out = own + o;
     for (int64_t e = 0; e < len; ++e) out[e] = acc[e] / fk;
