@@ -262,8 +262,8 @@ void BucketAllreduce::result_ready(ChunkRange r) {
   const std::vector<ChunkRange>& ranges = pieces_[static_cast<size_t>(h_.node().rank())].ranges;
   const auto it = std::lower_bound(by_begin_.begin(), by_begin_.end(), r.begin,
                                    [&](size_t t, int64_t b) { return ranges[t].begin < b; });
-  INT4DDP_CHECK(it != by_begin_.end() && ranges[*it].begin == r.begin &&
-                    ranges[*it].end == r.end && !ready_[*it],
+  INT4DDP_CHECK(it != by_begin_.end() && ranges[*it].begin == r.begin && ranges[*it].end == r.end &&
+                    !ready_[*it],
                 "hierarchy: the two-shot's result range [", r.begin, ", ", r.end,
                 ") is not a piece of the share, or came twice");
   ready_[*it] = 1;

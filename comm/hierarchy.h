@@ -128,7 +128,7 @@ class BucketAllreduce final : private PieceHooks {
   void progress();
   bool node_done();  // every node message of this run has completed (tests them)
 
-  ChunkRange share_;  // this rank's share (the whole bucket when flat)
+  ChunkRange share_;                            // this rank's share (the whole bucket when flat)
   std::vector<SharePieces> pieces_;             // per local rank (active only)
   std::vector<size_t> by_begin_;                // the own ranges' indexes, by where they begin
   std::vector<float> received_;                 // (k x share) the node's versions of the own share

@@ -468,8 +468,8 @@ void TwoShotAllreduce::dequantize_piece(float* x, int j, const uint8_t* msg, Chu
                     piece.count(), bits, G, x + plan_.chunk(j).begin + piece.begin);
 }
 
-void TwoShotAllreduce::run_collectives(float* x, const quant::QuantParams& step_p,
-                                       BucketStats& st, PieceHooks* hooks) {
+void TwoShotAllreduce::run_collectives(float* x, const quant::QuantParams& step_p, BucketStats& st,
+                                       PieceHooks* hooks) {
   const int n = plan_.ranks(), r = plan_.rank();
   const ChunkRange whole_own{0, plan_.own().count()};
   if (hooks) hooks->input_piece(0);
@@ -560,7 +560,8 @@ void TwoShotAllreduce::run_pipelined(float* x, const quant::QuantParams& step_p,
       if (!scattered[static_cast<size_t>(i * P + k)].test()) return false;
     const ChunkRange piece = plan_.piece(r, k);
     timed(st.reduce_seconds, [&] { reduce_piece(x, source, piece, step_p, owner, &reqs); });
-    if (hooks) hooks->result_ready({plan_.own().begin + piece.begin, plan_.own().begin + piece.end});
+    if (hooks)
+      hooks->result_ready({plan_.own().begin + piece.begin, plan_.own().begin + piece.end});
     if (k == P - 1)
       seal_message(own_msg, plan_.own_message(), owner_stats(owner, source, plan_.own_message()));
     for (int j = 0; j < n; ++j)

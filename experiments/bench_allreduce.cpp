@@ -161,13 +161,13 @@ struct Row {
   double quant_s = 0, comm_s = 0;  // median over iterations, maximum over ranks
   double quantize_s = 0, reduce_s = 0, dequantize_s = 0;  // quant_s by phase, likewise
   int pieces = 1;                                         // pipeline pieces per chunk (flat)
-  double node_phases_s[4] = {0, 0, 0, 0};  // HierarchyPhases in order, slowest rank's median
   float gamma = 1.0f;                                     // after the timed iterations
   uint64_t wire_bytes = 0;    // modelled: Communicator::bytes_sent, maximum over ranks
   double predicted = 0;       // modelled: modelled_wire_bytes()
   double rel_err_first = -1;  // of the first step (fresh bucket)
   double rel_err = -1;        // of the last step
   int64_t wrong = -1;
+  double node_phases_s[4] = {0, 0, 0, 0};  // HierarchyPhases in order, slowest rank's median
 };
 
 struct Options {
@@ -262,19 +262,24 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
   const std::vector<double> all_times = gather_to_root(comm, times);
   const std::vector<double> split = gather_to_root(
       comm, std::vector<double>{median(quant_times), median(comm_times), median(phase_times[0]),
-                                median(phase_times[1]), median(phase_times[2]),
-                                median(node_times[0]), median(node_times[1]),
-                                median(node_times[2]), median(node_times[3])});
+                                median(phase_times[1]), median(phase_times[2])});
   if (me == 0)
     for (int r = 0; r < N; ++r) {
-      const double* s = split.data() + 9 * static_cast<size_t>(r);
-      for (int p = 0; p < 4; ++p) row.node_phases_s[p] = std::max(row.node_phases_s[p], s[5 + p]);
+      const double* s = split.data() + 5 * static_cast<size_t>(r);
       row.quant_s = std::max(row.quant_s, s[0]);
       row.comm_s = std::max(row.comm_s, s[1]);
       row.quantize_s = std::max(row.quantize_s, s[2]);
       row.reduce_s = std::max(row.reduce_s, s[3]);
       row.dequantize_s = std::max(row.dequantize_s, s[4]);
     }
+  if (hier.active()) {  // the node phases likewise
+    const std::vector<double> node_split =
+        gather_to_root(comm, std::vector<double>{median(node_times[0]), median(node_times[1]),
+                                                 median(node_times[2]), median(node_times[3])});
+    if (me == 0)
+      for (size_t i = 0; i < node_split.size(); ++i)
+        row.node_phases_s[i % 4] = std::max(row.node_phases_s[i % 4], node_split[i]);
+  }
   const std::vector<uint64_t> wires = allgather_u64(comm, wire);
   row.wire_bytes = *std::max_element(wires.begin(), wires.end());
   row.gamma = ts.gamma();
