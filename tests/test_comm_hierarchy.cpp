@@ -44,6 +44,21 @@ std::vector<float> rank_input(uint64_t seed, int r, int64_t n, int64_t G) {
   return x;
 }
 
+// The node mean of a share as the hierarchy computes it: the rank_input of the node's k ranks (node
+// a: ranks a k .. a k + k - 1), summed in fp32 in local-rank order, / k.
+std::vector<float> node_mean_of(uint64_t seed, int node, int k, ChunkRange share, int64_t G) {
+  std::vector<float> nm(static_cast<size_t>(share.count()));
+  for (int64_t i = 0; i < share.count(); ++i) {
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const float v = random_grad(seed, node * k + j, share.begin + i, G);
+      sum = j == 0 ? v : sum + v;
+    }
+    nm[static_cast<size_t>(i)] = sum / static_cast<float>(k);
+  }
+  return nm;
+}
+
 TEST(Hierarchy, LayoutAndResolution) {
   for (int k = 1; k <= R(); ++k) {
     SCOPED_TRACE("ranks per node " + std::to_string(k));
@@ -241,15 +256,7 @@ TEST(HierarchicalAllreduce, TwoLevelIsTheCrossTwoShotOfTheNodeMean) {
         TwoShotAllreduce cross(h.cross(), cfg, share.count(),
                                bucket * static_cast<uint32_t>(k) + static_cast<uint32_t>(l));
         for (uint32_t step = 0; step < 3; ++step) {
-          std::vector<float> nm(static_cast<size_t>(share.count()));
-          for (int64_t i = 0; i < share.count(); ++i) {
-            float sum = 0.0f;
-            for (int j = 0; j < k; ++j) {
-              const float v = random_grad(60 + step, node * k + j, share.begin + i, G);
-              sum = j == 0 ? v : sum + v;
-            }
-            nm[static_cast<size_t>(i)] = sum / static_cast<float>(k);
-          }
+          std::vector<float> nm = node_mean_of(60 + step, node, k, share, G);
           std::vector<float> x = rank_input(60 + step, me(), n, G);
           ar.run(x.data(), step);
           ar.commit(true);
@@ -302,15 +309,7 @@ TEST(HierarchicalAllreduce, OverlappedLevelsEqualTheStepsOneAfterTheOther) {
           TwoShotAllreduce cross(h.cross(), one, share.count(),
                                  bucket * static_cast<uint32_t>(k) + static_cast<uint32_t>(l));
           for (uint32_t step = 0; step < 3; ++step) {
-            std::vector<float> nm(static_cast<size_t>(share.count()));
-            for (int64_t i = 0; i < share.count(); ++i) {
-              float sum = 0.0f;
-              for (int j = 0; j < k; ++j) {
-                const float v = random_grad(90 + step, node * k + j, share.begin + i, G);
-                sum = j == 0 ? v : sum + v;
-              }
-              nm[static_cast<size_t>(i)] = sum / static_cast<float>(k);
-            }
+            std::vector<float> nm = node_mean_of(90 + step, node, k, share, G);
             cross.run(nm.data(), step);
             cross.commit(true);
             std::vector<float> want(static_cast<size_t>(n));
