@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "comm/progress.h"
 #include "kernels/common/clock.h"
@@ -114,13 +115,15 @@ constexpr int kNodeScatterTag = 0x4e53;  // reduce-scatter ranges
 constexpr int kNodeGatherTag = 0x4e47;   // all-gather ranges
 constexpr int64_t kSumTile = 4096;       // floats per tile of the node mean
 
-// Waits politely for r while moving what it can: each test progresses the MPI library.
-template <typename Progress>
-void wait_progressing(Request& r, Progress&& progress) {
-  while (!r.test()) {
-    progress();
-    pause_politely();
-  }
+// Waits until done() while moving what it can (each test progresses the MPI library), pausing
+// between tests for 50 us at first and twice as long each time up to kMaxPause: the node's waits
+// can last for a whole piece of the other levels, and every wake-up of a waiting rank costs the
+// core time its node peers compute with (ranks share cores on the simulated cluster).
+constexpr std::chrono::microseconds kFirstPause{50}, kMaxPause{800};
+template <typename Done>
+void wait_backing_off(Done&& done) {
+  for (auto pause = kFirstPause; !done(); pause = std::min(2 * pause, kMaxPause))
+    std::this_thread::sleep_for(pause);
 }
 
 }  // namespace
@@ -246,7 +249,11 @@ void BucketAllreduce::input_piece(int p) {
   // 1. Every peer's version of the piece (the own one is in x).
   for (auto& from : scatter_recv_) {
     if (from.empty()) continue;  // the own index: its version is x
-    for (size_t t = t_begin; t < t_end; ++t) wait_progressing(*from[t], [&] { progress(); });
+    for (size_t t = t_begin; t < t_end; ++t)
+      wait_backing_off([&] {
+        progress();
+        return from[t]->test();
+      });
   }
   const auto t1 = Clock::now();
   phases_.scatter_wait_s += std::chrono::duration<double>(t1 - t0).count();
@@ -314,11 +321,10 @@ BucketStats BucketAllreduce::run(float* x, uint32_t step) {
   // 3. The rest of the node all-gather (the peers' last results), waited for politely: a rank of
   // the node that gets there first must not spin on a core its node peers still compute on.
   t = Clock::now();
-  progress();
-  while (!node_done()) {
-    pause_politely();
+  wait_backing_off([&] {
     progress();
-  }
+    return node_done();
+  });
   x_ = nullptr;
   int64_t totals[3] = {st.count, st.clipped, st.nonfinite};
   node.allreduce_sum_i64(totals, 3);
