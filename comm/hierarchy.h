@@ -84,8 +84,8 @@ class Hierarchy {
 struct HierarchyPhases {
   double scatter_wait_s = 0;  // waiting for the node reduce-scatter's pieces
   double node_sum_s = 0;      // summing the node's versions of the own share
-  double cross_s = 0;         // in the cross-node two-shot, less the two above
-  double gather_wait_s = 0;   // after the two-shot: the node all-gather and the stats
+  double cross_s = 0;         // in the cross-node two-shot, less its calls of the node level
+  double gather_wait_s = 0;   // after the two-shot: the rest of the node all-gather, the stats
 };
 
 // The all-reduce (mean) of one bucket: the flat two-shot over hierarchy->world(), or, when the
