@@ -15,7 +15,8 @@
 // the start of run(); before the two-shot quantizes piece p, the rank waits for piece p of every
 // peer's version and writes the node mean of it over its own share of x in place; as soon as the
 // two-shot has written the result of a piece, the rank sends it to every peer (in the same fixed
-// order, so that a single tag matches them), and it receives the peers' results straight into x.
+// order, so that a single tag matches them), and it receives the peers' results straight into x
+// (into a range only once its own reduce-scatter send from that range has completed).
 // The arithmetic is that of the three steps one after the other, so the bits do not depend on the
 // pieces or on the timing.
 // Invariants: every rank ends with bit-identical results (step 2 makes share l identical on every
