@@ -9,6 +9,16 @@
 //      communicator of the ranks with local index l, one per node: the mean over nodes, which is
 //      the mean over all ranks since every node has k ranks;
 //   3. node all-gather of the k shares.
+// The three steps overlap piece by piece (PieceHooks, comm/two_shot.h): the share's pieces are the
+// cross-node two-shot's (TwoShotPlan::piece of each chunk, in the order piece 0 of chunk 0, 1, ..,
+// piece 1 of chunk 0, ..). Every rank sends each local peer that peer's share piece by piece at
+// the start of run(); before the two-shot quantizes piece p, the rank waits for piece p of every
+// peer's version and writes the node mean of it over its own share of x in place; as soon as the
+// two-shot has written the result of a piece, the rank sends it to every peer (in the same fixed
+// order, so that a single tag matches them), and it receives the peers' results straight into x
+// (into a range only once its own reduce-scatter send from that range has completed).
+// The arithmetic is that of the three steps one after the other, so the bits do not depend on the
+// pieces or on the timing.
 // Invariants: every rank ends with bit-identical results (step 2 makes share l identical on every
 // node, step 3 copies bytes), and the shares' blocks are the bucket's blocks (shares start at
 // multiples of G). Only step 2 crosses nodes: each rank sends 2 (M-1)/M (n/k b/8 + 4 n/(k G)) bytes
@@ -70,9 +80,18 @@ class Hierarchy {
   std::string description_;
 };
 
+// Where the last run() of a hierarchical bucket spent its time on this rank (seconds; all zero when
+// flat). The levels overlap, so these are the parts not hidden behind one another:
+struct HierarchyPhases {
+  double scatter_wait_s = 0;  // waiting for the node reduce-scatter's pieces
+  double node_sum_s = 0;      // summing the node's versions of the own share
+  double cross_s = 0;         // in the cross-node two-shot, less its calls of the node level
+  double gather_wait_s = 0;   // after the two-shot: the rest of the node all-gather, the stats
+};
+
 // The all-reduce (mean) of one bucket: the flat two-shot over hierarchy->world(), or, when the
 // hierarchy is active, the three steps above. The same interface as TwoShotAllreduce.
-class BucketAllreduce {
+class BucketAllreduce final : private PieceHooks {
  public:
   BucketAllreduce(Hierarchy& hierarchy, const CompressConfig& cfg, int64_t count,
                   uint32_t bucket_id);
@@ -86,19 +105,49 @@ class BucketAllreduce {
   void commit(bool apply);
   std::vector<uint8_t> save_state() const;
   void load_state(const std::vector<uint8_t>& blob);
+  const HierarchyPhases& phases() const { return phases_; }  // of the last run()
 
  private:
   Hierarchy& h_;
   int64_t count_;
-  ChunkRange share_;  // this rank's share (the whole bucket when flat)
-  // Step 1's sum: mean_ <- the node mean of the own share (x: this rank's bucket, the others'
-  // versions in received_), summed in local-rank order.
-  void node_mean(const float* x);
+  // One local rank's share and its pieces: ranges relative to the share, non-empty, in the order
+  // of the cross-node two-shot (the node messages of the share go in this order, one per range);
+  // piece p is ranges [piece_end[p - 1], piece_end[p]).
+  struct SharePieces {
+    ChunkRange share;  // of the bucket
+    std::vector<ChunkRange> ranges;
+    std::vector<size_t> piece_end;
+  };
+  // The hooks of the cross-node two-shot: steps 1 and 3 of piece p / range r.
+  void input_piece(int p) override;
+  void result_ready(ChunkRange r) override;
+  // Step 1's sum over range r of the own share: x's own share <- the node mean, summed in
+  // local-rank order (x: this rank's version, the others' in received_), in place.
+  void node_mean(float* x, ChunkRange r);
+  // Posts what has become possible: the all-gather receive of each range whose reduce-scatter send
+  // from the same bytes of x has completed, and the all-gather sends of the results ready in order.
+  void progress();
+  bool node_done();  // every node message of this run has completed (tests them)
 
-  ByteLayout scatter_send_, scatter_recv_, gather_;  // node level, in bytes
+  ChunkRange share_;                            // this rank's share (the whole bucket when flat)
+  std::vector<SharePieces> pieces_;             // per local rank (active only)
+  std::vector<size_t> by_begin_;                // the own ranges' indexes, by where they begin
   std::vector<float> received_;                 // (k x share) the node's versions of the own share
-  std::vector<float> mean_;                     // (share) the node mean, then the all-reduced share
+  std::vector<float> tile_;                     // a tile of the node mean
   std::unique_ptr<TwoShotAllreduce> two_shot_;  // over cross() (active) or world()
+  HierarchyPhases phases_;
+
+  // The node messages of one run(), per local peer i (empty for the own index) and range t of the
+  // SharePieces order: scatter_send_[i][t] (x's share i, range t) and gather_recv_[i][t] (into the
+  // same bytes of x, posted once the send has completed: gather_posted_[i] of them so far);
+  // scatter_recv_[i][t] (peer i's version of the own range t) and gather_send_ (the own results).
+  float* x_ = nullptr;
+  std::vector<std::vector<std::unique_ptr<Request>>> scatter_send_, scatter_recv_, gather_recv_;
+  std::vector<size_t> gather_posted_;
+  std::vector<std::unique_ptr<Request>> gather_send_;
+  std::vector<uint8_t> ready_;  // per own range: its result is in x
+  size_t sent_ = 0;             // own ranges [0, sent_) sent to every peer
+  double hook_seconds_ = 0;     // in the hooks during this run's two-shot
 };
 
 }  // namespace int4ddp::comm

@@ -332,19 +332,21 @@ TwoShotAllreduce::TwoShotAllreduce(Communicator& comm, const CompressConfig& cfg
   es_next_.assign(plan_.server_ef_size(), 0.0f);
 }
 
-BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
+BucketStats TwoShotAllreduce::run(float* x, uint32_t step, PieceHooks* hooks) {
   BucketStats st;
   const int n = plan_.ranks();
   const int64_t count = plan_.count();
   const uint64_t bytes0 = comm_.bytes_sent();
   auto t = Clock::now();
   if (plan_.fp32()) {
+    if (hooks) hooks->input_piece(0);
     comm_.allreduce_sum(x, count);
     st.comm_seconds = seconds_since(t);
     t = Clock::now();
     const float fn = static_cast<float>(n);
     for (int64_t i = 0; i < count; ++i) x[i] /= fn;
     st.quant_seconds = seconds_since(t);
+    if (hooks) hooks->result_ready({0, count});
     plan_.finish_run({}, comm_.bytes_sent() - bytes0, st);
     return st;
   }
@@ -352,9 +354,9 @@ BucketStats TwoShotAllreduce::run(float* x, uint32_t step) {
   const quant::QuantParams step_p = plan_.step_params(step);
   st.gamma = step_p.gamma;
   if (plan_.pieces() > 1) {
-    run_pipelined(x, step_p, st);
+    run_pipelined(x, step_p, st, hooks);
   } else {
-    run_collectives(x, step_p, st);
+    run_collectives(x, step_p, st, hooks);
   }
   // Every chunk's message is in gathered_ now: the global stats are the sum of their trailers.
   quant::QuantStats global;
@@ -466,10 +468,11 @@ void TwoShotAllreduce::dequantize_piece(float* x, int j, const uint8_t* msg, Chu
                     piece.count(), bits, G, x + plan_.chunk(j).begin + piece.begin);
 }
 
-void TwoShotAllreduce::run_collectives(float* x, const quant::QuantParams& step_p,
-                                       BucketStats& st) {
+void TwoShotAllreduce::run_collectives(float* x, const quant::QuantParams& step_p, BucketStats& st,
+                                       PieceHooks* hooks) {
   const int n = plan_.ranks(), r = plan_.rank();
   const ChunkRange whole_own{0, plan_.own().count()};
+  if (hooks) hooks->input_piece(0);
   // 1-3. every chunk j, whole.
   for (int j = 0; j < n; ++j) {
     quant::QuantStats stats;
@@ -487,6 +490,7 @@ void TwoShotAllreduce::run_collectives(float* x, const quant::QuantParams& step_
   timed(st.reduce_seconds, [&] { reduce_piece(x, source, whole_own, step_p, sum, nullptr); });
   uint8_t* own_msg = message_at(gathered_, plan_.gather_layout(), r);
   seal_message(own_msg, plan_.own_message(), owner_stats(sum, source, plan_.own_message()));
+  if (hooks) hooks->result_ready(plan_.own());
   // 6. all-gather the requantized chunks; every rank dequantizes the others' chunks (its own is
   // done above), so the result is the same function of the same bytes on every rank. The
   // interface has no in-place all-gather: send from a copy of the own message.
@@ -498,9 +502,13 @@ void TwoShotAllreduce::run_collectives(float* x, const quant::QuantParams& step_
         dequantize_piece(x, j, message_at(gathered_, plan_.gather_layout(), j),
                          {0, plan_.chunk(j).count()});
   });
+  if (hooks)
+    for (int j = 0; j < n; ++j)
+      if (j != r) hooks->result_ready(plan_.chunk(j));
 }
 
-void TwoShotAllreduce::run_pipelined(float* x, const quant::QuantParams& step_p, BucketStats& st) {
+void TwoShotAllreduce::run_pipelined(float* x, const quant::QuantParams& step_p, BucketStats& st,
+                                     PieceHooks* hooks) {
   const int n = plan_.ranks(), r = plan_.rank(), P = plan_.pieces();
   RequestList reqs;
   // The messages of piece k of chunk j between this rank and `peer` (codes, then tail; none of 0
@@ -550,8 +558,10 @@ void TwoShotAllreduce::run_pipelined(float* x, const quant::QuantParams& step_p,
     const int k = reduced;
     for (int i = 0; i < n; ++i)
       if (!scattered[static_cast<size_t>(i * P + k)].test()) return false;
-    timed(st.reduce_seconds,
-          [&] { reduce_piece(x, source, plan_.piece(r, k), step_p, owner, &reqs); });
+    const ChunkRange piece = plan_.piece(r, k);
+    timed(st.reduce_seconds, [&] { reduce_piece(x, source, piece, step_p, owner, &reqs); });
+    if (hooks)
+      hooks->result_ready({plan_.own().begin + piece.begin, plan_.own().begin + piece.end});
     if (k == P - 1)
       seal_message(own_msg, plan_.own_message(), owner_stats(owner, source, plan_.own_message()));
     for (int j = 0; j < n; ++j)
@@ -568,11 +578,15 @@ void TwoShotAllreduce::run_pipelined(float* x, const quant::QuantParams& step_p,
         k = reduced;
         continue;
       }
-      for (; k < P && gathered[static_cast<size_t>(j * P + k)].test(); ++k, any = true)
+      for (; k < P && gathered[static_cast<size_t>(j * P + k)].test(); ++k, any = true) {
+        const ChunkRange piece = plan_.piece(j, k);
         timed(st.dequantize_seconds, [&] {
-          dequantize_piece(x, j, message_at(gathered_, plan_.gather_layout(), j),
-                           plan_.piece(j, k));
+          dequantize_piece(x, j, message_at(gathered_, plan_.gather_layout(), j), piece);
         });
+        if (hooks)
+          hooks->result_ready(
+              {plan_.chunk(j).begin + piece.begin, plan_.chunk(j).begin + piece.end});
+      }
     }
     return any;
   };
@@ -580,6 +594,7 @@ void TwoShotAllreduce::run_pipelined(float* x, const quant::QuantParams& step_p,
   // 1-4. piece by piece, every chunk (the own one last, the others from rank r + 1 on so that the
   // ranks send to different ranks at a time), each piece sent as soon as it is quantized.
   for (int k = 0; k < P; ++k) {
+    if (hooks) hooks->input_piece(k);
     for (int d = 1; d <= n; ++d) {
       const int j = (r + d) % n;
       timed(st.quantize_seconds, [&] {

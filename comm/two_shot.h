@@ -218,6 +218,24 @@ class TwoShotPlan {
   quant::QuantStats pending_stats_;  // global stats of the last run(), for the policy
 };
 
+// A caller that produces run()'s input and consumes its result piece by piece (the hierarchical
+// all-reduce, comm/hierarchy.h). Called on the thread of run(), between its steps; run() polls
+// no request of the caller's, but an MPI test inside a hook or run() progresses every message.
+class PieceHooks {
+ public:
+  // Before the first read of piece k (TwoShotPlan::piece; k = 0 only, the whole bucket, without
+  // the pipeline and in fp32 mode) of any chunk: when it returns, x's elements of piece k of every
+  // chunk must hold the input. Called for k = 0, 1, ... in order.
+  virtual void input_piece(int k) = 0;
+  // x's elements [r.begin, r.end) of the bucket now hold their result and are not written again
+  // in this run(): one piece of one chunk (the whole bucket in fp32 mode). Every element is in
+  // exactly one call; r may be empty.
+  virtual void result_ready(ChunkRange r) = 0;
+
+ protected:
+  ~PieceHooks() = default;
+};
+
 // What the host and the device two-shot of one bucket have in common: the communicator and the
 // plan, and the accessors that read them.
 class TwoShotBase {
@@ -241,8 +259,9 @@ class TwoShotAllreduce final : public TwoShotBase {
   TwoShotAllreduce(Communicator& comm, const CompressConfig& cfg, int64_t count,
                    uint32_t bucket_id);
 
-  // In place: x <- the compressed mean over ranks of x (count floats, host memory).
-  BucketStats run(float* x, uint32_t step);
+  // In place: x <- the compressed mean over ranks of x (count floats, host memory). hooks (or
+  // null): told when each piece's input is needed and each piece's result is ready.
+  BucketStats run(float* x, uint32_t step, PieceHooks* hooks = nullptr);
   // Accept (true) or drop (false) the error-feedback and gamma updates of the last run().
   void commit(bool apply);
   // Error-feedback buffers and policy state, for checkpoints (per rank).
@@ -266,8 +285,10 @@ class TwoShotAllreduce final : public TwoShotBase {
   // run() in int4/int8 mode: one piece per chunk on the all-to-all and all-gather collectives, or
   // plan_.pieces() pieces on point-to-point messages. Both leave every chunk's message in
   // gathered_ and add their compute times to st.
-  void run_collectives(float* x, const quant::QuantParams& step_p, BucketStats& st);
-  void run_pipelined(float* x, const quant::QuantParams& step_p, BucketStats& st);
+  void run_collectives(float* x, const quant::QuantParams& step_p, BucketStats& st,
+                       PieceHooks* hooks);
+  void run_pipelined(float* x, const quant::QuantParams& step_p, BucketStats& st,
+                     PieceHooks* hooks);
 
   std::vector<float> ew_, ew_next_;  // worker error (count)
   std::vector<float> es_, es_next_;  // server error (own chunk)

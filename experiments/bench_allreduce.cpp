@@ -17,7 +17,9 @@
 // the K ranks of each simulated node), or rank / K with INT4DDP_RANKS_PER_NODE=K. The column `hier`
 // says what ran (flat, or node MxK); x_flat = the first listed hierarchy's time of the same mode
 // and size / this time. Under the hierarchy wire_mod counts only the bytes that cross nodes, and
-// formula_mod is the two-shot's formula for the largest share (n/K) over the M nodes.
+// formula_mod is the two-shot's formula for the largest share (n/K) over the M nodes. A node row is
+// followed by its phase split (BucketAllreduce::phases(): waiting for the node reduce-scatter,
+// the node sum, the cross-node two-shot, the node all-gather; each the slowest rank's median).
 //
 // Timing: every iteration restores the input (untimed), passes a barrier, and times run() on each
 // rank (--barrier polite, the default: a 1-float non-blocking all-reduce waited for with
@@ -165,6 +167,7 @@ struct Row {
   double rel_err_first = -1;  // of the first step (fresh bucket)
   double rel_err = -1;        // of the last step
   int64_t wrong = -1;
+  double node_phases_s[4] = {0, 0, 0, 0};  // HierarchyPhases in order, slowest rank's median
 };
 
 struct Options {
@@ -228,7 +231,7 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
         modelled_wire_bytes(mode.bits, chunk_range(n, G, K, 0).count(), o.block_size, M);
   }
 
-  std::vector<double> times, quant_times, comm_times, phase_times[3];
+  std::vector<double> times, quant_times, comm_times, phase_times[3], node_times[4];
   std::vector<float> first_out;  // the first step's output, for rel_err_first
   uint64_t wire = 0;
   for (int it = 0; it < o.warmup + o.iters; ++it) {
@@ -246,6 +249,11 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
       phase_times[0].push_back(st.quantize_seconds);
       phase_times[1].push_back(st.reduce_seconds);
       phase_times[2].push_back(st.dequantize_seconds);
+      const HierarchyPhases& hp = ts.phases();
+      node_times[0].push_back(hp.scatter_wait_s);
+      node_times[1].push_back(hp.node_sum_s);
+      node_times[2].push_back(hp.cross_s);
+      node_times[3].push_back(hp.gather_wait_s);
     }
     wire = st.wire_bytes;
   }
@@ -264,6 +272,14 @@ Row bench_one(Hierarchy& hier, const Options& o, const Mode& mode, int64_t n,
       row.reduce_s = std::max(row.reduce_s, s[3]);
       row.dequantize_s = std::max(row.dequantize_s, s[4]);
     }
+  if (hier.active()) {  // the node phases likewise
+    const std::vector<double> node_split =
+        gather_to_root(comm, std::vector<double>{median(node_times[0]), median(node_times[1]),
+                                                 median(node_times[2]), median(node_times[3])});
+    if (me == 0)
+      for (size_t i = 0; i < node_split.size(); ++i)
+        row.node_phases_s[i % 4] = std::max(row.node_phases_s[i % 4], node_split[i]);
+  }
   const std::vector<uint64_t> wires = allgather_u64(comm, wire);
   row.wire_bytes = *std::max_element(wires.begin(), wires.end());
   row.gamma = ts.gamma();
@@ -473,6 +489,12 @@ int main(int argc, char** argv) {
               row.comm_s * 1e6, row.pieces, row.gamma,
               static_cast<unsigned long long>(row.wire_bytes), row.predicted, diff, rel1, rel,
               wrong);
+          if (m.hierarchy > 0 && row.hierarchy != "flat")
+            std::printf(
+                "# %s %s phases (us): scatter_wait %.1f, node_sum %.1f, cross %.1f, "
+                "gather_wait %.1f\n",
+                m.name.c_str(), row.hierarchy.c_str(), row.node_phases_s[0] * 1e6,
+                row.node_phases_s[1] * 1e6, row.node_phases_s[2] * 1e6, row.node_phases_s[3] * 1e6);
           std::fflush(stdout);
         }
         rows.push_back(row);
@@ -499,11 +521,12 @@ int main(int argc, char** argv) {
             "\"dequantize_s\":%.6g,\"comm_s\":%.6g,\"pieces\":%d,\"gamma\":%.6g,"
             "\"wire_bytes_modelled\":%llu,\"formula_wire_bytes_modelled\":%.0f,"
             "\"rel_err_first\":%s,\"rel_err\":%s,"
-            "\"wrong\":%s}",
+            "\"node_phases_s\":[%.6g,%.6g,%.6g,%.6g],\"wrong\":%s}",
             k ? "," : "", r.mode.c_str(), r.hierarchy.c_str(), r.x_flat,
             static_cast<unsigned long long>(r.bytes), r.time_s, r.quant_s, r.quantize_s, r.reduce_s,
             r.dequantize_s, r.comm_s, r.pieces, r.gamma,
-            static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel1, rel, wrong);
+            static_cast<unsigned long long>(r.wire_bytes), r.predicted, rel1, rel,
+            r.node_phases_s[0], r.node_phases_s[1], r.node_phases_s[2], r.node_phases_s[3], wrong);
       }
       std::printf("]}\n");
       std::fflush(stdout);
