@@ -20,13 +20,10 @@ constexpr size_t kStreamErrorBytes = size_t{8} << 20;
 constexpr uint64_t kStateMagic = 0x53324934;  // "4I2S"
 constexpr size_t kStateHeader = 4 * sizeof(uint64_t);
 
-// Elementwise loops on non-aliasing arrays (so the compiler vectorises them).
+// out = a + b on non-aliasing arrays (so the compiler vectorises it).
 void add_arrays(float* __restrict out, const float* __restrict a, const float* __restrict b,
                 int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
-}
-void accumulate(float* __restrict acc, const float* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
 }
 
 quant::QuantStats read_stats(const uint8_t* msg, const MessageLayout& m) {
@@ -321,7 +318,6 @@ TwoShotAllreduce::TwoShotAllreduce(Communicator& comm, const CompressConfig& cfg
   // stay in L2 between the passes of one tile).
   tile_ = std::max<int64_t>(G, (kTileFloats / G) * G);
   v_.resize(static_cast<size_t>(tile_));
-  tmp_.resize(static_cast<size_t>(tile_));
   if (plan_.block_clips()) clips_.resize(static_cast<size_t>(tile_ / G));
   scales_.resize(static_cast<size_t>(std::max<int64_t>(1, plan_.total_scales())));
   rank_scales_.resize(static_cast<size_t>(plan_.ranks()) *
@@ -420,36 +416,30 @@ void TwoShotAllreduce::reduce_piece(float* x, const std::vector<const uint8_t*>&
                         rank_scales_.data() + static_cast<size_t>(i * om.num_scales));
   uint8_t* own_msg = message_at(gathered_, plan_.gather_layout(), r);
   float* own_sc = scales_.data() + plan_.scale_offset(r);
-  float* dqt = tmp_.data();  // tile: dequantized values
   quant::QuantParams p = plan_.owner_params(step_p);
-  const float fn = static_cast<float>(n);
-  // Per tile: dequantize the N versions, sum in rank order, / N, + e_s, requantize once,
-  // e_s <- m - Q(m).
+  std::vector<const uint8_t*> codes(static_cast<size_t>(n));
+  std::vector<const float*> scales(static_cast<size_t>(n));
+  // Per tile: m = (the N versions dequantized and summed in rank order) / N + e_s in one pass
+  // (quant::dequantize_mean), then m requantized once with e_s <- m - Q(m).
   for (int64_t o = piece.begin; o < piece.end; o += T) {
     const int64_t len = std::min(T, piece.end - o);
-    float* __restrict acc = v_.data();  // tile: the owner's mean
-    std::fill(acc, acc + len, 0.0f);
     for (int i = 0; i < n; ++i) {
-      quant::dequantize(source[static_cast<size_t>(i)] + quant::packed_bytes(bits, o),
-                        rank_scales_.data() + static_cast<size_t>(i * om.num_scales) + o / G, len,
-                        bits, G, dqt);
-      accumulate(acc, dqt, len);
+      codes[static_cast<size_t>(i)] = source[static_cast<size_t>(i)] + quant::packed_bytes(bits, o);
+      scales[static_cast<size_t>(i)] =
+          rank_scales_.data() + static_cast<size_t>(i * om.num_scales) + o / G;
     }
-    for (int64_t k = 0; k < len; ++k) acc[k] /= fn;
-    const float* es = server_ef ? es_.data() + o : nullptr;
-    if (block_clips) {  // the clips are those of m = mean + e_s
-      if (es) accumulate(acc, es, len);
-      es = nullptr;
-      p.clips = plan_.block_clips(acc, len, clips_.data());
-    }
+    float* m = v_.data();  // tile: the owner's m = mean + e_s
+    quant::dequantize_mean(codes.data(), scales.data(), n, len, bits, G,
+                           server_ef ? es_.data() + o : nullptr, m);
+    if (block_clips) p.clips = plan_.block_clips(m, len, clips_.data());
     p.index_offset = o;
-    uint8_t* codes = own_msg + quant::packed_bytes(bits, o);
-    // m = mean + e_s quantized, e_s <- m - Q(m), and the own chunk's result Q(m) written now
-    // (x's own chunk is no longer read): the all-gather brings every other rank these same
-    // bytes, which they dequantize the same way.
+    // m quantized, e_s <- m - Q(m), and the own chunk's result Q(m) written now (x's own chunk is
+    // no longer read): the all-gather brings every other rank these same bytes, which they
+    // dequantize the same way.
     quant::add_stats(stats, quant::quantize_feedback(
-                                acc, es, len, p, codes, own_sc + o / G,
-                                server_ef ? es_next_.data() + o : nullptr, x + own.begin + o,
+                                m, nullptr, len, p, own_msg + quant::packed_bytes(bits, o),
+                                own_sc + o / G, server_ef ? es_next_.data() + o : nullptr,
+                                x + own.begin + o,
                                 es_next_.size() * sizeof(float) >= kStreamErrorBytes));
     if (progress) progress->poll();
   }

@@ -272,8 +272,7 @@ class TwoShotAllreduce final : public TwoShotBase {
   std::vector<float> ew_, ew_next_;  // worker error (count)
   std::vector<float> es_, es_next_;  // server error (own chunk)
   int64_t tile_ = 0;                 // elements per tile of the fused passes (whole blocks)
-  std::vector<float> v_;             // (tile) g + e_w, then the owner's mean
-  std::vector<float> tmp_;           // (tile) dequantized values
+  std::vector<float> v_;             // (tile) g + e_w, then the owner's mean + e_s
   std::vector<float> clips_;         // (tile / G) the block clips of a tile (block policies)
   std::vector<float> scales_;        // (plan_.total_scales()) aligned scales of every chunk
   std::vector<float> rank_scales_;   // (N x own scales) aligned scales of the received messages

@@ -312,6 +312,49 @@ void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t 
 #endif
 }
 
+void dequantize_mean_isa(Isa isa, const uint8_t* const* codes, const float* const* scales,
+                         int sources, int64_t count, int bits, int64_t block_size, const float* e,
+                         float* out) {
+  INT4DDP_CHECK(sources >= 1, "dequantize_mean: sources = ", sources, " must be >= 1");
+  INT4DDP_CHECK(count >= 0, "dequantize_mean: count = ", count, " is negative");
+  if (count == 0) return;
+  INT4DDP_CHECK(codes && scales && out, "dequantize_mean: null buffer for ", count, " elements");
+  const detail::CodecKernels& k = kernels_for(isa);
+  auto fused = k.dequantize_mean_int4;
+#if defined(INT4DDP_HAVE_AVX2)
+  if (!fused && isa == Isa::kAvx512) fused = detail::kAvx2Kernels.dequantize_mean_int4;
+#endif
+  if (!(fused && bits == 4 && block_size % 2 == 0)) {
+    // Source by source: out = 0 + x^_0 + x^_1 + ..., then / sources (+ e).
+    thread_local std::vector<float> dq_buf;
+    dq_buf.resize(static_cast<size_t>(count));
+    std::fill(out, out + count, 0.0f);
+    for (int s = 0; s < sources; ++s) {
+      dequantize_isa(isa, codes[s], scales[s], count, bits, block_size, dq_buf.data());
+      for (int64_t i = 0; i < count; ++i) out[i] += dq_buf[static_cast<size_t>(i)];
+    }
+    const float fn = static_cast<float>(sources);
+    for (int64_t i = 0; i < count; ++i) out[i] = e ? out[i] / fn + e[i] : out[i] / fn;
+    return;
+  }
+  // Scope by scope (every scope starts at a byte: even block size, or one scope).
+  thread_local std::vector<const uint8_t*> in;
+  thread_local std::vector<float> steps;
+  in.resize(static_cast<size_t>(sources));
+  steps.resize(static_cast<size_t>(sources));
+  const int64_t scope = block_size == 0 ? count : block_size;
+  const int64_t nscales = num_scales(count, block_size);
+  for (int64_t sc = 0; sc < nscales; ++sc) {
+    const int64_t begin = sc * scope;
+    const int64_t n = std::min(count, begin + scope) - begin;
+    for (int s = 0; s < sources; ++s) {
+      in[static_cast<size_t>(s)] = codes[s] + begin / 2;
+      steps[static_cast<size_t>(s)] = scales[s][sc];
+    }
+    fused(in.data(), steps.data(), sources, n, e ? e + begin : nullptr, out + begin);
+  }
+}
+
 float finite_absmax(const float* x, int64_t count, int64_t* nonfinite) {
   INT4DDP_CHECK(count >= 0, "absmax: count = ", count, " is negative");
   INT4DDP_CHECK(count == 0 || x, "absmax: null buffer for ", count, " elements");
@@ -331,6 +374,11 @@ QuantStats quantize_feedback(const float* x, const float* e, int64_t count, cons
                              bool stream_e_out) {
   return quantize_feedback_isa(current_isa(), x, e, count, p, codes, scales, e_out, dq_out,
                                stream_e_out);
+}
+
+void dequantize_mean(const uint8_t* const* codes, const float* const* scales, int sources,
+                     int64_t count, int bits, int64_t block_size, const float* e, float* out) {
+  dequantize_mean_isa(current_isa(), codes, scales, sources, count, bits, block_size, e, out);
 }
 
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,

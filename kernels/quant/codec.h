@@ -106,6 +106,19 @@ QuantStats quantize_feedback(const float* x, const float* e, int64_t count, cons
                              uint8_t* codes, float* scales, float* e_out, float* dq_out,
                              bool stream_e_out = false);
 
+// The two-shot owner's reduction (comm/two_shot.h step 5) in one pass over `sources` encodings of
+// the same `count` elements (codes[s], scales[s] laid out as dequantize() reads them):
+//   out[i] = fl(fl(sum_i) / sources)              (e null)
+//   out[i] = fl(fl(fl(sum_i) / sources) + e[i])   (e set)
+//   sum_i = fl(...fl(fl(0 + x^_0[i]) + x^_1[i]) ... + x^_{sources-1}[i])   (in source order)
+// where x^_s[i] is the value dequantize() gives for element i of source s. out may not overlap an
+// input; sources >= 1. The AVX2 kernel reads INT4 codes straight from the packed bytes (even block
+// size); other cases dequantize each source in turn and accumulate, with the same bits.
+void dequantize_mean_ref(const uint8_t* const* codes, const float* const* scales, int sources,
+                         int64_t count, int bits, int64_t block_size, const float* e, float* out);
+void dequantize_mean(const uint8_t* const* codes, const float* const* scales, int sources,
+                     int64_t count, int bits, int64_t block_size, const float* e, float* out);
+
 // max |x| over the finite elements of x (0 if none), the scale basis of quantize(); adds the number
 // of NaN/Inf elements to *nonfinite when it is not null. Uses the same fast kernels as quantize().
 float finite_absmax(const float* x, int64_t count, int64_t* nonfinite = nullptr);
@@ -143,5 +156,8 @@ QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_
                                  float* dq_out, bool stream_e_out = false);
 void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t count, int bits,
                     int64_t block_size, float* out);
+void dequantize_mean_isa(Isa isa, const uint8_t* const* codes, const float* const* scales,
+                         int sources, int64_t count, int bits, int64_t block_size, const float* e,
+                         float* out);
 
 }  // namespace int4ddp::quant
