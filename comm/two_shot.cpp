@@ -15,8 +15,11 @@ namespace {
 
 constexpr int64_t kTileFloats = 16384;  // tile of the fused passes (rounded to whole blocks)
 // Error-feedback buffers of this size and more are written with non-temporal stores: they are read
-// again only at the next step, long after they have left the cache.
+// again only at the next step, long after they have left the cache. So is the result of a bucket of
+// kStreamResultBytes and more (larger than the last-level cache, written piece by piece long after
+// the quantization read its input), which spares reading each output line in before writing it.
 constexpr size_t kStreamErrorBytes = size_t{8} << 20;
+constexpr size_t kStreamResultBytes = size_t{32} << 20;
 constexpr uint64_t kStateMagic = 0x53324934;  // "4I2S"
 constexpr size_t kStateHeader = 4 * sizeof(uint64_t);
 
@@ -440,7 +443,8 @@ void TwoShotAllreduce::reduce_piece(float* x, const std::vector<const uint8_t*>&
                                 m, nullptr, len, p, own_msg + quant::packed_bytes(bits, o),
                                 own_sc + o / G, server_ef ? es_next_.data() + o : nullptr,
                                 x + own.begin + o,
-                                es_next_.size() * sizeof(float) >= kStreamErrorBytes));
+                                es_next_.size() * sizeof(float) >= kStreamErrorBytes ||
+                                    stream_result()));
     if (progress) progress->poll();
   }
   scales_to_message(own_sc, piece, G, own_msg + om.scales_at);
@@ -453,7 +457,8 @@ void TwoShotAllreduce::dequantize_piece(float* x, int j, const uint8_t* msg, Chu
   float* sc = scales_.data() + plan_.scale_offset(j);
   scales_from_message(msg + plan_.message(j).scales_at, piece, G, sc);
   quant::dequantize(msg + quant::packed_bytes(bits, piece.begin), sc + piece.begin / G,
-                    piece.count(), bits, G, x + plan_.chunk(j).begin + piece.begin);
+                    piece.count(), bits, G, x + plan_.chunk(j).begin + piece.begin,
+                    stream_result());
 }
 
 void TwoShotAllreduce::run_collectives(float* x, const quant::QuantParams& step_p,
@@ -584,14 +589,22 @@ void TwoShotAllreduce::run_pipelined(float* x, const quant::QuantParams& step_p,
     }
     try_dequantize();
   }
+  Backoff backoff;
   for (;;) {
     const bool moved = try_reduce() | try_dequantize();
     if (reduced == P &&
         std::all_of(dequantized.begin(), dequantized.end(), [&](int k) { return k == P; }))
       break;
-    if (!moved) pause_politely();
+    if (moved)
+      backoff.moved();
+    else
+      backoff.pause();
   }
   reqs.wait_all();  // the sends
+}
+
+bool TwoShotAllreduce::stream_result() const {
+  return static_cast<size_t>(plan_.count()) * sizeof(float) >= kStreamResultBytes;
 }
 
 void TwoShotAllreduce::commit(bool apply) {

@@ -263,6 +263,8 @@ class TwoShotAllreduce final : public TwoShotBase {
                     RequestList* progress);
   // Step 6 for elements piece of chunk j: x <- the dequantized codes of chunk j's message msg.
   void dequantize_piece(float* x, int j, const uint8_t* msg, ChunkRange piece);
+  // Whether the result is written to x with non-temporal stores (a bucket larger than the cache).
+  bool stream_result() const;
   // run() in int4/int8 mode: one piece per chunk on the all-to-all and all-gather collectives, or
   // plan_.pieces() pieces on point-to-point messages. Both leave every chunk's message in
   // gathered_ and add their compute times to st.

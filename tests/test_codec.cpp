@@ -703,6 +703,30 @@ TEST(CodecFeedback, IsQuantizeOfTheSum) {
   EXPECT_EQ(a, b);
 }
 
+// dequantize with stream_out (non-temporal stores, the two-shot's result of a large bucket) gives
+// the reference's floats on every ISA, for outputs at every alignment and odd lengths and blocks.
+TEST(CodecDequantize, StreamedOutputMatchesTheReference) {
+  for (int64_t g : {int64_t{0}, int64_t{7}, int64_t{64}, int64_t{512}})
+    for (int64_t n : {1, 33, 1023, 5003})
+      for (int64_t shift : {0, 1, 3}) {
+        const std::vector<float> x = make_input(n, 40 + n + g, false);
+        QuantParams p;
+        p.block_size = g;
+        const Encoded enc = encode(true, Isa::kPortable, x, p);
+        std::vector<float> want(static_cast<size_t>(n));
+        dequantize_ref(enc.codes.data(), enc.scales.data(), n, 4, g, want.data());
+        for (Isa isa : available_isas()) {
+          SCOPED_TRACE(testing::Message()
+                       << isa_name(isa) << " G=" << g << " n=" << n << " shift=" << shift);
+          std::vector<float> buf(static_cast<size_t>(n + shift));
+          dequantize_isa(isa, enc.codes.data(), enc.scales.data(), n, 4, g, buf.data() + shift,
+                         true);
+          expect_same_bits(std::vector<float>(buf.begin() + shift, buf.end()), want, "streamed");
+          if (HasFatalFailure()) return;
+        }
+      }
+}
+
 // dequantize_mean (the two-shot owner's sum of `sources` dequantized encodings, / sources, + e)
 // on every ISA against the reference: every bit-width, even and odd block sizes and one scope,
 // lengths around the 8- and 32-element steps, 1 to 16 sources (3 and 5 make the division inexact),

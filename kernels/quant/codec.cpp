@@ -196,7 +196,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
 
 QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_t count,
                                  const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
-                                 float* dq_out, bool stream_e_out) {
+                                 float* dq_out, bool stream_outputs) {
   const detail::CodecKernels& k = kernels_for(isa);
   if (!(k.quantize_pack_int4_feedback && p.bits == 4 && p.block_size % 2 == 0)) {
     // Step by step: v, quantize, dequantize, subtract (buffers kept per thread).
@@ -234,11 +234,13 @@ QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_
                            : k.absmax(x + begin, n, &st.nonfinite);
     begin_scope(p, s, absmax, st.nonfinite == nonfinite_before, seg, scales, st);
     seg.first_index = p.index_offset + begin;
-    const bool stream =
-        stream_e_out && e_out && (reinterpret_cast<uintptr_t>(e_out + begin) & 15) == 0;
-    streamed |= stream;
+    auto streams = [&](const float* out) {
+      return stream_outputs && out && (reinterpret_cast<uintptr_t>(out + begin) & 15) == 0;
+    };
+    const bool stream_e = streams(e_out), stream_dq = streams(dq_out);
+    streamed |= stream_e || stream_dq;
     const detail::Feedback fb{e ? e + begin : nullptr, e_out ? e_out + begin : nullptr,
-                              dq_out ? dq_out + begin : nullptr, stream};
+                              dq_out ? dq_out + begin : nullptr, stream_e, stream_dq};
     st.clipped += k.quantize_pack_int4_feedback(x + begin, fb, n, seg, codes + begin / 2);
   }
 #if defined(__SSE__)
@@ -269,7 +271,7 @@ int64_t quantize_piece(const float* x, int64_t count, const QuantParams& p, floa
 }
 
 void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t count, int bits,
-                    int64_t block_size, float* out) {
+                    int64_t block_size, float* out, bool stream_out) {
   INT4DDP_CHECK(valid_bits(bits), "dequantize: bits = ", bits, " is outside ", kMinBits, "..",
                 kMaxBits);
   INT4DDP_CHECK(block_size >= 0, "dequantize: block_size = ", block_size, " is negative");
@@ -280,10 +282,12 @@ void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t 
   const int64_t scope = block_size == 0 ? count : block_size;
   const int64_t nscales = num_scales(count, block_size);
   alignas(64) int8_t stage[kTile + 1];
-  // An INT4 output larger than the last-level cache cannot stay there: stream it (non-temporal
-  // stores), which saves reading every output line in before it is written.
+  // An INT4 output larger than the last-level cache cannot stay there, and the caller may know that
+  // a smaller one (stream_out) will not be read soon: stream it (non-temporal stores), which saves
+  // reading every output line in before it is written.
   const auto unpack_dequantize =
-      count * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && k.unpack_dequantize_int4_stream
+      (stream_out || count * static_cast<int64_t>(sizeof(float)) >= kStreamBytes) &&
+              k.unpack_dequantize_int4_stream
           ? k.unpack_dequantize_int4_stream
           : k.unpack_dequantize_int4;
   for (int64_t s = 0; s < nscales; ++s) {
@@ -371,9 +375,9 @@ QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t
 
 QuantStats quantize_feedback(const float* x, const float* e, int64_t count, const QuantParams& p,
                              uint8_t* codes, float* scales, float* e_out, float* dq_out,
-                             bool stream_e_out) {
+                             bool stream_outputs) {
   return quantize_feedback_isa(current_isa(), x, e, count, p, codes, scales, e_out, dq_out,
-                               stream_e_out);
+                               stream_outputs);
 }
 
 void dequantize_mean(const uint8_t* const* codes, const float* const* scales, int sources,
@@ -382,8 +386,8 @@ void dequantize_mean(const uint8_t* const* codes, const float* const* scales, in
 }
 
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
-                int64_t block_size, float* out) {
-  dequantize_isa(current_isa(), codes, scales, count, bits, block_size, out);
+                int64_t block_size, float* out, bool stream_out) {
+  dequantize_isa(current_isa(), codes, scales, count, bits, block_size, out, stream_out);
 }
 
 }  // namespace int4ddp::quant

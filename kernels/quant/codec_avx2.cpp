@@ -393,7 +393,14 @@ INT4DDP_ALWAYS_INLINE __m256i quant_body(const float* x, int64_t m, const uint16
             _mm256_storeu_ps(fb.e_out + at, err);
           }
         }
-        if (fb.dq_out) _mm256_storeu_ps(fb.dq_out + at, dq);
+        if (fb.dq_out) {
+          if (fb.stream_dq_out) {
+            _mm_stream_ps(fb.dq_out + at, _mm256_castps256_ps128(dq));
+            _mm_stream_ps(fb.dq_out + at + 4, _mm256_extractf128_ps(dq, 1));
+          } else {
+            _mm256_storeu_ps(fb.dq_out + at, dq);
+          }
+        }
       }
       return q;
     };
@@ -448,7 +455,7 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
   __m256i count = _mm256_setzero_si256();
   auto body = [&](int64_t c0, int64_t m, const uint16_t* h, auto pairs, auto&& between) {
     const Feedback fb0{fb.e ? fb.e + c0 : nullptr, fb.e_out ? fb.e_out + c0 : nullptr,
-                       fb.dq_out ? fb.dq_out + c0 : nullptr, fb.stream_e_out};
+                       fb.dq_out ? fb.dq_out + c0 : nullptr, fb.stream_e_out, fb.stream_dq_out};
     count = _mm256_add_epi32(
         count,
         quant_body<kStochastic, kAllFinite, kPack, kSaturate, decltype(pairs)::value, kFeedback>(

@@ -32,7 +32,8 @@ struct Feedback {
   const float* e = nullptr;   // v = x + e (null: v = x)
   float* e_out = nullptr;     // v - x^ (null: not written)
   float* dq_out = nullptr;    // x^, the dequantized codes (null: not written)
-  bool stream_e_out = false;  // e_out (16-byte aligned) with non-temporal stores; caller fences
+  bool stream_e_out = false;   // e_out (16-byte aligned) with non-temporal stores; caller fences
+  bool stream_dq_out = false;  // dq_out (16-byte aligned) likewise
 };
 
 struct CodecKernels {
