@@ -439,12 +439,11 @@ void TwoShotAllreduce::reduce_piece(float* x, const std::vector<const uint8_t*>&
     // m quantized, e_s <- m - Q(m), and the own chunk's result Q(m) written now (x's own chunk is
     // no longer read): the all-gather brings every other rank these same bytes, which they
     // dequantize the same way.
-    quant::add_stats(stats, quant::quantize_feedback(
-                                m, nullptr, len, p, own_msg + quant::packed_bytes(bits, o),
-                                own_sc + o / G, server_ef ? es_next_.data() + o : nullptr,
-                                x + own.begin + o,
-                                es_next_.size() * sizeof(float) >= kStreamErrorBytes ||
-                                    stream_result()));
+    quant::add_stats(stats,
+                     quant::quantize_feedback(
+                         m, nullptr, len, p, own_msg + quant::packed_bytes(bits, o), own_sc + o / G,
+                         server_ef ? es_next_.data() + o : nullptr, x + own.begin + o,
+                         es_next_.size() * sizeof(float) >= kStreamErrorBytes || stream_result()));
     if (progress) progress->poll();
   }
   scales_to_message(own_sc, piece, G, own_msg + om.scales_at);

@@ -254,8 +254,8 @@ int main(int argc, char** argv) {
     const double owner_bytes = (kRanks * 0.5 + 12.5) * static_cast<double>(m);
     rows.push_back({"owner_steps", "N=4", best_seconds(reps, [&] { owner(false, own_a, out_a); }),
                     owner_bytes});
-    rows.push_back(
-        {"owner_fused", "N=4", best_seconds(reps, [&] { owner(true, own_b, out_b); }), owner_bytes});
+    rows.push_back({"owner_fused", "N=4", best_seconds(reps, [&] { owner(true, own_b, out_b); }),
+                    owner_bytes});
     if (own_a != own_b || std::memcmp(out_a.data(), out_b.data(), m * sizeof(float)) != 0)
       mismatches.push_back("owner_fused");
   }

@@ -738,8 +738,8 @@ TEST(CodecDequantizeMean, MatchesTheReferenceOnEveryIsa) {
   std::uniform_real_distribution<float> scale(0.001f, 3.0f);
   int variant = 0;
   for (int bits : {4, 8, 2})
-    for (int64_t g : {int64_t{0}, int64_t{2}, int64_t{7}, int64_t{64}, int64_t{126},
-                      int64_t{512}, int64_t{513}})
+    for (int64_t g : {int64_t{0}, int64_t{2}, int64_t{7}, int64_t{64}, int64_t{126}, int64_t{512},
+                      int64_t{513}})
       for (int64_t n : {0, 1, 7, 31, 33, 95, 1023, 5003})
         for (int sources : {1, 2, 3, 5, 16}) {
           ++variant;
@@ -766,9 +766,9 @@ TEST(CodecDequantizeMean, MatchesTheReferenceOnEveryIsa) {
           std::vector<float> want(static_cast<size_t>(n) + 1, -7.0f);  // +1: a guard
           dequantize_mean_ref(cp.data(), sp.data(), sources, n, bits, g, ep, want.data());
           for (Isa isa : available_isas()) {
-            SCOPED_TRACE(testing::Message() << isa_name(isa) << " bits=" << bits << " G=" << g
-                                            << " n=" << n << " sources=" << sources
-                                            << " e=" << (ep != nullptr));
+            SCOPED_TRACE(testing::Message()
+                         << isa_name(isa) << " bits=" << bits << " G=" << g << " n=" << n
+                         << " sources=" << sources << " e=" << (ep != nullptr));
             std::vector<float> got(want.size(), -7.0f);
             dequantize_mean_isa(isa, cp.data(), sp.data(), sources, n, bits, g, ep, got.data());
             expect_same_bits(got, want, "mean");

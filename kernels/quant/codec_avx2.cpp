@@ -726,8 +726,8 @@ void unpack_dequantize_int4_stream_avx2(const uint8_t* in, int64_t lead, int64_t
 // makes them (q * d rounded alone, as dequantize() does), added in source order to a sum that
 // starts at +0, then divided by the source count and e added: the operations of
 // dequantize_mean_ref, in registers, with one pass over the codes and no staging array.
-void dequantize_mean_int4_avx2(const uint8_t* const* in, const float* steps, int sources,
-                               int64_t n, const float* e, float* out) {
+void dequantize_mean_int4_avx2(const uint8_t* const* in, const float* steps, int sources, int64_t n,
+                               const float* e, float* out) {
   const __m256i shifts = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
   const __m256 fn = _mm256_set1_ps(static_cast<float>(sources));
   int64_t i = 0;

@@ -29,9 +29,9 @@ struct SegmentQuant {
 
 // The error-feedback streams of a fused quantize (quantize_feedback), offset like x.
 struct Feedback {
-  const float* e = nullptr;   // v = x + e (null: v = x)
-  float* e_out = nullptr;     // v - x^ (null: not written)
-  float* dq_out = nullptr;    // x^, the dequantized codes (null: not written)
+  const float* e = nullptr;    // v = x + e (null: v = x)
+  float* e_out = nullptr;      // v - x^ (null: not written)
+  float* dq_out = nullptr;     // x^, the dequantized codes (null: not written)
   bool stream_e_out = false;   // e_out (16-byte aligned) with non-temporal stores; caller fences
   bool stream_dq_out = false;  // dq_out (16-byte aligned) likewise
 };
@@ -67,8 +67,8 @@ struct CodecKernels {
   // Optional fused owner reduction (dequantize_mean) over n elements of one scope: out[i] =
   // fl(fl(0 + nibble i of in[0] * steps[0] + ...) / sources) (+ e[i] when e is set), each product
   // and sum rounded as dequantize_mean_ref does; every in[s] starts at a low nibble.
-  void (*dequantize_mean_int4)(const uint8_t* const* in, const float* steps, int sources,
-                               int64_t n, const float* e, float* out);
+  void (*dequantize_mean_int4)(const uint8_t* const* in, const float* steps, int sources, int64_t n,
+                               const float* e, float* out);
 };
 
 extern const CodecKernels kPortableKernels;
