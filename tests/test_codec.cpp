@@ -703,6 +703,113 @@ TEST(CodecFeedback, IsQuantizeOfTheSum) {
   EXPECT_EQ(a, b);
 }
 
+// dequantize with stream_out (non-temporal stores, the two-shot's result of a large bucket) gives
+// the reference's floats on every ISA, for outputs at every alignment and odd lengths and blocks.
+TEST(CodecDequantize, StreamedOutputMatchesTheReference) {
+  for (int64_t g : {int64_t{0}, int64_t{7}, int64_t{64}, int64_t{512}})
+    for (int64_t n : {1, 33, 1023, 5003})
+      for (int64_t shift : {0, 1, 3}) {
+        const std::vector<float> x = make_input(n, 40 + n + g, false);
+        QuantParams p;
+        p.block_size = g;
+        const Encoded enc = encode(true, Isa::kPortable, x, p);
+        std::vector<float> want(static_cast<size_t>(n));
+        dequantize_ref(enc.codes.data(), enc.scales.data(), n, 4, g, want.data());
+        for (Isa isa : available_isas()) {
+          SCOPED_TRACE(testing::Message()
+                       << isa_name(isa) << " G=" << g << " n=" << n << " shift=" << shift);
+          std::vector<float> buf(static_cast<size_t>(n + shift));
+          dequantize_isa(isa, enc.codes.data(), enc.scales.data(), n, 4, g, buf.data() + shift,
+                         true);
+          expect_same_bits(std::vector<float>(buf.begin() + shift, buf.end()), want, "streamed");
+          if (HasFatalFailure()) return;
+        }
+      }
+}
+
+// dequantize_mean (the two-shot owner's sum of `sources` dequantized encodings, / sources, + e)
+// on every ISA against the reference: every bit-width, even and odd block sizes and one scope,
+// lengths around the 8- and 32-element steps, 1 to 16 sources (3 and 5 make the division inexact),
+// random code bytes (every nibble, -8 included), scales that are not powers of two and zero scales
+// (a negative code times 0 is -0, which the sum from +0 turns into +0), with and without e.
+TEST(CodecDequantizeMean, MatchesTheReferenceOnEveryIsa) {
+  std::mt19937_64 rng(2024);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> scale(0.001f, 3.0f);
+  int variant = 0;
+  for (int bits : {4, 8, 2})
+    for (int64_t g : {int64_t{0}, int64_t{2}, int64_t{7}, int64_t{64}, int64_t{126}, int64_t{512},
+                      int64_t{513}})
+      for (int64_t n : {0, 1, 7, 31, 33, 95, 1023, 5003})
+        for (int sources : {1, 2, 3, 5, 16}) {
+          ++variant;
+          const int64_t nbytes = packed_bytes(bits, n), ns = num_scales(n, g);
+          std::vector<std::vector<uint8_t>> codes(static_cast<size_t>(sources));
+          std::vector<std::vector<float>> scales(static_cast<size_t>(sources));
+          std::vector<const uint8_t*> cp;
+          std::vector<const float*> sp;
+          for (int s = 0; s < sources; ++s) {
+            auto& c = codes[static_cast<size_t>(s)];
+            auto& sc = scales[static_cast<size_t>(s)];
+            for (int64_t k = 0; k < nbytes; ++k) c.push_back(static_cast<uint8_t>(byte(rng)));
+            if (bits != 4)  // one code per int8 byte: keep the codes in -L..L
+              for (uint8_t& b : c)
+                b = static_cast<uint8_t>(static_cast<int8_t>(b % (2 * levels(bits) + 1)) -
+                                         levels(bits));
+            for (int64_t k = 0; k < ns; ++k) sc.push_back(k % 5 == 3 ? 0.0f : scale(rng));
+            cp.push_back(c.data());
+            sp.push_back(sc.data());
+          }
+          std::vector<float> e = make_input(n, 300 + variant, false);
+          for (float& v : e) v *= 0.01f;
+          const float* ep = variant % 3 == 0 ? nullptr : e.data();
+          std::vector<float> want(static_cast<size_t>(n) + 1, -7.0f);  // +1: a guard
+          dequantize_mean_ref(cp.data(), sp.data(), sources, n, bits, g, ep, want.data());
+          for (Isa isa : available_isas()) {
+            SCOPED_TRACE(testing::Message()
+                         << isa_name(isa) << " bits=" << bits << " G=" << g << " n=" << n
+                         << " sources=" << sources << " e=" << (ep != nullptr));
+            std::vector<float> got(want.size(), -7.0f);
+            dequantize_mean_isa(isa, cp.data(), sp.data(), sources, n, bits, g, ep, got.data());
+            expect_same_bits(got, want, "mean");
+            if (HasFatalFailure()) return;
+          }
+        }
+}
+
+// The fast path is the step-by-step definition: dequantize each source, sum from +0 in source
+// order, divide, add e (with codes whose sum depends on the order of the additions).
+TEST(CodecDequantizeMean, IsTheSumOfTheDequantizedSourcesInOrder) {
+  const int64_t n = 1000, G = 100;
+  const int sources = 3;
+  std::vector<std::vector<uint8_t>> codes(sources, std::vector<uint8_t>(packed_bytes(4, n)));
+  std::vector<std::vector<float>> scales(sources, std::vector<float>(num_scales(n, G)));
+  // Source 0 codes m at step 1e8, source 1 codes -m at step 1e8, source 2 codes m at step 1 (both
+  // nibbles of byte k hold +-m, m = k % 7): in source order the sum is exactly m, in any order
+  // that adds the small term before the large ones it is rounded away.
+  const float kSteps[sources] = {1e8f, 1e8f, 1.0f};
+  for (int s = 0; s < sources; ++s) {
+    for (size_t k = 0; k < codes[s].size(); ++k) {
+      const int m = static_cast<int>(k % 7);
+      codes[s][k] = static_cast<uint8_t>(s != 1 ? 0x11 * m : (m == 0 ? 0 : 0x11 * (16 - m)));
+    }
+    for (float& v : scales[s]) v = kSteps[s];
+  }
+  const std::vector<float> e = make_input(n, 9, false);
+  const uint8_t* cp[sources] = {codes[0].data(), codes[1].data(), codes[2].data()};
+  const float* sp[sources] = {scales[0].data(), scales[1].data(), scales[2].data()};
+  std::vector<float> want(n, 0.0f), dq(n), got(n);
+  for (int s = 0; s < sources; ++s) {
+    dequantize(cp[s], sp[s], n, 4, G, dq.data());
+    for (int64_t i = 0; i < n; ++i) want[i] += dq[i];
+  }
+  for (int64_t i = 0; i < n; ++i) want[i] = want[i] / 3.0f + e[i];
+  dequantize_mean(cp, sp, sources, n, 4, G, e.data(), got.data());
+  expect_same_bits(got, want, "mean");
+  EXPECT_THROW(dequantize_mean(cp, sp, 0, n, 4, G, nullptr, got.data()), Error);
+  EXPECT_THROW(dequantize_mean(cp, sp, sources, -1, 4, G, nullptr, got.data()), Error);
+}
+
 TEST(CodecErrors, BadParametersNameTheField) {
   const std::vector<float> x = {1.0f, 2.0f};
   uint8_t codes[2];

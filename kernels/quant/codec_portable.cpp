@@ -63,6 +63,7 @@ extern const CodecKernels kPortableKernels = {absmax_portable,
                                               nullptr,
                                               nullptr,
                                               nullptr,
+                                              nullptr,
                                               nullptr};
 
 }  // namespace int4ddp::quant::detail
