@@ -426,7 +426,8 @@ TEST(MaxPool2d, MatchesPlainDefinition) {
 TEST(MaxPool2d, FastPathMatchesPlainScan) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
-  for (auto [h, w] : {std::pair<int64_t, int64_t>{2, 2}, {3, 17}, {16, 16}, {5, 33}, {4, 48}}) {
+  for (auto [h, w] :
+       {std::pair<int64_t, int64_t>{2, 2}, {3, 17}, {16, 16}, {5, 33}, {4, 48}, {7, 7}}) {
     SCOPED_TRACE(testing::Message() << "h=" << h << " w=" << w);
     Tensor x({2, 3, h, w});
     fill_normal(x, 90);
@@ -446,9 +447,17 @@ TEST(MaxPool2d, FastPathMatchesPlainScan) {
     Tensor dy(y.shape());
     for (int64_t i = 0; i < dy.numel(); ++i) dy[i] = static_cast<float>(i + 1);
     fast.backward(x, y, dy, &dx);
-    plain.backward(x, y_ref, dy, &dx_ref);
+    plain.backward_reference(x, y_ref, dy, &dx_ref);
     for (int64_t i = 0; i < x.numel(); ++i)
       ASSERT_EQ(dx[i], dx_ref[i]) << "argmax differs at " << i;
+    // backward's one-write path against the zero-fill-and-scatter reference, bit for bit, into a
+    // dx holding garbage (every element, the uncovered odd row and column too, must be written):
+    // -0 (becomes +0), NaN and inf in dy.
+    for (int64_t i = 0; i < dy.numel(); ++i) dy[i] = i % 3 == 0 ? -0.0f : specials[rng() % 7];
+    for (int64_t i = 0; i < dx.numel(); ++i) dx[i] = 12345.0f;
+    fast.backward(x, y, dy, &dx);
+    plain.backward_reference(x, y_ref, dy, &dx_ref);
+    ASSERT_EQ(std::memcmp(dx.data(), dx_ref.data(), sizeof(float) * dx.numel()), 0);
   }
 }
 

@@ -130,6 +130,37 @@ TEST(FakeQuant, ActQuantBackwardSumsInTheDocumentedLaneOrder) {
   }
 }
 
+// weight_quant_backward (AVX2 lanes where present, ds one chain in element order) against its
+// plain loop, bit for bit: dw and ds, on lengths with no full lane group, tails and several
+// chunks, with weights inside and beyond the clip range, exactly on it, +-0, +-inf and NaN.
+TEST(FakeQuant, WeightQuantBackwardEqualsReferenceBitForBit) {
+  std::mt19937_64 rng(13);
+  std::uniform_real_distribution<float> d(-2.5f, 2.5f);
+  const float s = 1.3f;
+  for (int64_t n : {1, 7, 8, 9, 255, 256, 257, 1003, 4096}) {
+    std::vector<float> w(n), dwhat(n), dw(n);
+    for (int64_t i = 0; i < n; ++i) w[i] = d(rng), dwhat[i] = d(rng), dw[i] = d(rng);
+    const float specials[] = {s,
+                              -s,
+                              0.0f,
+                              -0.0f,
+                              std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity(),
+                              std::nanf("")};
+    for (int64_t i = 0; i < n && i < 7; ++i) w[static_cast<size_t>(i * 5 % n)] = specials[i];
+    for (int bits : {2, 4, 8}) {
+      std::vector<float> dw_fast = dw, dw_ref = dw;
+      const double ds = weight_quant_backward(w.data(), n, s, bits, dwhat.data(), dw_fast.data());
+      const double ds_ref =
+          weight_quant_backward_ref(w.data(), n, s, bits, dwhat.data(), dw_ref.data());
+      EXPECT_EQ(std::memcmp(&ds, &ds_ref, sizeof ds), 0)
+          << "n " << n << " bits " << bits << ": " << ds << " vs " << ds_ref;
+      ASSERT_EQ(std::memcmp(dw_fast.data(), dw_ref.data(), sizeof(float) * n), 0)
+          << "n " << n << " bits " << bits;
+    }
+  }
+}
+
 // The byte quantizers the layers use write the integers of the float definitions, for every
 // bit-width and both activation grids: random values across and beyond the clip range, the exact
 // half-way points between codes (round half to even), the clip bounds, +-0 and +-inf. A NaN gets

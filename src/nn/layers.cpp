@@ -283,9 +283,21 @@ void MaxPool2d::scan_reference(const Tensor& x, Tensor& y) {
 
 void MaxPool2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   if (!dx) return;
+  dx->resize(x.shape());
+  if (window_ == 2 && stride_ == 2 && pad_ == 0)
+    backward_2x2(x, dy, dx);
+  else
+    scatter_backward(x, y, dy, dx);
+}
+
+void MaxPool2d::backward_reference(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
+  dx->resize(x.shape());
+  scatter_backward(x, y, dy, dx);
+}
+
+void MaxPool2d::scatter_backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   const int64_t c = x.dim(1), hw = x.dim(2) * x.dim(3);
   const int64_t howo = y.dim(2) * y.dim(3);
-  dx->resize(x.shape());
   // Overlapping windows (stride < window) add into the same element: each plane is one thread's,
   // in output order, so the sums do not depend on the thread count.
   for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
@@ -293,6 +305,36 @@ void MaxPool2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Ten
     for (int64_t p = s0 * c; p < s1 * c; ++p)
       for (int64_t o = 0; o < howo; ++o)
         (*dx)[p * hw + argmax_[static_cast<size_t>(p * howo + o)]] += dy[p * howo + o];
+  });
+}
+
+// Window 2, stride 2, no padding: the windows do not overlap, so every dx element is written once,
+// 0 + dy at its window's maximum (as scatter_backward's zero fill and add give, a -0 becoming +0)
+// and 0 elsewhere, including an odd last row or column that no window covers; no fill pass.
+void MaxPool2d::backward_2x2(const Tensor& x, const Tensor& dy, Tensor* dx) {
+  const int64_t c = x.dim(1), h = x.dim(2), w = x.dim(3), ho = dy.dim(2), wo = dy.dim(3);
+  const int32_t w32 = static_cast<int32_t>(w);
+  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
+    for (int64_t p = s0 * c; p < s1 * c; ++p) {
+      float* plane = dx->data() + p * h * w;
+      for (int64_t oy = 0; oy < ho; ++oy) {
+        float* r0 = plane + 2 * oy * w;
+        float* r1 = r0 + w;
+        const float* g = dy.data() + (p * ho + oy) * wo;
+        const int32_t* a = argmax_.data() + (p * ho + oy) * wo;
+        const int32_t base = static_cast<int32_t>(2 * oy * w);
+        for (int64_t ox = 0; ox < wo; ++ox) {
+          const int32_t k = a[ox] - base - 2 * static_cast<int32_t>(ox);  // 0, 1, w or w + 1
+          const float v = 0.0f + g[ox];
+          r0[2 * ox] = k == 0 ? v : 0.0f;
+          r0[2 * ox + 1] = k == 1 ? v : 0.0f;
+          r1[2 * ox] = k == w32 ? v : 0.0f;
+          r1[2 * ox + 1] = k == w32 + 1 ? v : 0.0f;
+        }
+        if (w > 2 * wo) r0[w - 1] = r1[w - 1] = 0.0f;
+      }
+      if (h > 2 * ho) std::fill(plane + 2 * ho * w, plane + h * w, 0.0f);
+    }
   });
 }
 

@@ -125,20 +125,89 @@ void quantize_weight_codes(const float* w, int64_t n, float s, int bits, int8_t*
   }
 }
 
-double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
-                             float* dw) {
+namespace {
+
+// One element of weight_quant_backward: dw += dwhat inside the clip range; returns its term of
+// d loss / d s.
+inline double weight_term(float w, float se, float lim, float dwhat, float* dw) {
+  const float v = w / se * lim;
+  if (std::fabs(v) <= lim) {
+    *dw += dwhat;
+    return static_cast<double>(dwhat) * (std::rint(v) - v) / lim;
+  }
+  return v > 0 ? dwhat : -dwhat;
+}
+
+}  // namespace
+
+double weight_quant_backward_ref(const float* w, int64_t n, float s, int bits, const float* dwhat,
+                                 float* dw) {
   const float lim = static_cast<float>(quant::levels(bits));
   const float se = effective_step(s);
   double ds = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = w[i] / se * lim;
-    if (std::fabs(v) <= lim) {
-      dw[i] += dwhat[i];
-      ds += static_cast<double>(dwhat[i]) * (std::rint(v) - v) / lim;
-    } else {
-      ds += v > 0 ? dwhat[i] : -dwhat[i];
-    }
+  for (int64_t i = 0; i < n; ++i) ds += weight_term(w[i], se, lim, dwhat[i], dw + i);
+  return ds;
+}
+
+namespace {
+
+// weight_quant_backward_ref's per-element work for m elements (a multiple of 8) on 8 AVX2 lanes:
+// dw updated in place and each element's term of ds written to terms[i], for the caller to add in
+// element order. The same operations per element: v = (w / se) * lim, |v| <= lim by an ordered
+// compare (a NaN is outside, and v > 0 is false for it, as in the scalar code), _mm256_round_ps
+// rounds to nearest even as std::rint does, the negation flips the sign bit as unary minus does,
+// and the term is double(dwhat) * double(rint(v) - v) / double(lim) or double(+-dwhat).
+__attribute__((target("avx2"))) void weight_terms_avx2(const float* w, int64_t m, float se,
+                                                       float lim, const float* dwhat, float* dw,
+                                                       double* terms) {
+  const __m256 vse = _mm256_set1_ps(se), vlim = _mm256_set1_ps(lim);
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  const __m256d dlim = _mm256_set1_pd(static_cast<double>(lim));
+  for (int64_t i = 0; i < m; i += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(w + i), vse), vlim);
+    const __m256 inside = _mm256_cmp_ps(_mm256_andnot_ps(sign, v), vlim, _CMP_LE_OQ);
+    const __m256 g = _mm256_loadu_ps(dwhat + i);
+    const __m256 d = _mm256_loadu_ps(dw + i);
+    _mm256_storeu_ps(dw + i, _mm256_blendv_ps(d, _mm256_add_ps(d, g), inside));
+    const __m256 resid =
+        _mm256_sub_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), v);
+    const __m256 clip =
+        _mm256_blendv_ps(_mm256_xor_ps(g, sign), g, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+    const __m256d g0 = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
+    const __m256d g1 = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
+    const __m256d in0 =
+        _mm256_div_pd(_mm256_mul_pd(g0, _mm256_cvtps_pd(_mm256_castps256_ps128(resid))), dlim);
+    const __m256d in1 =
+        _mm256_div_pd(_mm256_mul_pd(g1, _mm256_cvtps_pd(_mm256_extractf128_ps(resid, 1))), dlim);
+    const __m256d out0 = _mm256_cvtps_pd(_mm256_castps256_ps128(clip));
+    const __m256d out1 = _mm256_cvtps_pd(_mm256_extractf128_ps(clip, 1));
+    const __m256d mask0 = _mm256_cvtps_pd(_mm256_castps256_ps128(inside));  // all-ones: NaN
+    const __m256d mask1 = _mm256_cvtps_pd(_mm256_extractf128_ps(inside, 1));
+    _mm256_storeu_pd(terms + i, _mm256_blendv_pd(out0, in0, mask0));
+    _mm256_storeu_pd(terms + i + 4, _mm256_blendv_pd(out1, in1, mask1));
   }
+}
+
+}  // namespace
+
+// As weight_quant_backward_ref: the per-element work on AVX2 lanes in chunks, ds still one chain
+// of double adds in element order (bit for bit the reference's).
+double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
+                             float* dw) {
+  static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
+  if (!avx2) return weight_quant_backward_ref(w, n, s, bits, dwhat, dw);
+  constexpr int64_t kChunk = 256;
+  const float lim = static_cast<float>(quant::levels(bits));
+  const float se = effective_step(s);
+  double terms[kChunk];
+  double ds = 0.0;
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t i = 0; i < n8; i += kChunk) {
+    const int64_t m = std::min(kChunk, n8 - i);
+    weight_terms_avx2(w + i, m, se, lim, dwhat + i, dw + i, terms);
+    for (int64_t j = 0; j < m; ++j) ds += terms[j];
+  }
+  for (int64_t i = n8; i < n; ++i) ds += weight_term(w[i], se, lim, dwhat[i], dw + i);
   return ds;
 }
 

@@ -67,9 +67,13 @@ struct GradQuantizerState {
 // which the trainer never keeps, gets code 0).
 void quantize_weight_codes(const float* w, int64_t n, float s, int bits, float* codes);
 void quantize_weight_codes(const float* w, int64_t n, float s, int bits, int8_t* codes);
-// dw += dwhat where |w / s * L| <= L; returns d loss / d s (STE for the rounding).
+// dw += dwhat where |w / s * L| <= L; returns d loss / d s (STE for the rounding), summed in
+// element order. The _ref version is the plain loop; weight_quant_backward does the per-element
+// work on AVX2 lanes where the CPU has them (the same dw and ds, bit for bit).
 double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
                              float* dw);
+double weight_quant_backward_ref(const float* w, int64_t n, float s, int bits, const float* dwhat,
+                                 float* dw);
 // Activation codes: unsigned rint(clamp(x / u, 0, 1) * N) or signed rint(clamp(x / u, -1, 1) * L),
 // as integer-valued floats (the definition); and as bytes, the same integers: the unsigned grid as
 // uint8 (0..255 at 8 bits), the signed grid as int8. A NaN input has no code: the byte versions
