@@ -177,6 +177,12 @@ __attribute__((target("avx2"))) inline __m256 pool_columns(__m256 lo, __m256 hi,
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
+// The 8-output steps of a row of wo outputs: row_steps8 of them (none when wo < 8: the scalar
+// loop does the row), starting at 0, 8, ...; a last partial step moves back to wo - 8 (it redoes
+// a few outputs, with the same results), so a row of at least 8 outputs has no scalar tail.
+inline int64_t row_steps8(int64_t wo) { return wo < 8 ? 0 : (wo + 7) / 8; }
+inline int64_t row_step8(int64_t step, int64_t wo) { return std::min(step * 8, wo - 8); }
+
 // pool2x2_row for 8 outputs at a time (the loads stay inside the rows: 2 * wo <= w); returns
 // the first output it left to the scalar loop.
 __attribute__((target("avx2"))) int64_t pool2x2_row_avx2(const float* r0, const float* r1,
@@ -184,8 +190,9 @@ __attribute__((target("avx2"))) int64_t pool2x2_row_avx2(const float* r0, const 
                                                          float* y, int32_t* arg) {
   const __m256i lanes = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i one = _mm256_set1_epi32(1), down = _mm256_set1_epi32(w);
-  int64_t ox = 0;
-  for (; ox + 8 <= wo; ox += 8) {
+  const int64_t steps = row_steps8(wo);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t ox = row_step8(step, wo);
     const __m256 a0 = _mm256_loadu_ps(r0 + 2 * ox), a1 = _mm256_loadu_ps(r0 + 2 * ox + 8);
     const __m256 b0 = _mm256_loadu_ps(r1 + 2 * ox), b1 = _mm256_loadu_ps(r1 + 2 * ox + 8);
     const __m256i i = _mm256_add_epi32(_mm256_set1_epi32(i0 + 2 * static_cast<int32_t>(ox)), lanes);
@@ -198,7 +205,54 @@ __attribute__((target("avx2"))) int64_t pool2x2_row_avx2(const float* r0, const 
     _mm256_storeu_ps(y + ox, best);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(arg + ox), a);
   }
-  return ox;
+  return steps > 0 ? wo : 0;
+}
+
+// One output row of MaxPool2d's window-2, stride-2 backward: input rows r0, r1 (r0 starts at
+// plane index base), outputs ox in [from, wo) with gradients g and argmax a: each window's four
+// elements written, 0 + g at its maximum (as a zero fill and an add give: -0 becomes +0), 0
+// elsewhere.
+void unpool2x2_row(const float* g, const int32_t* a, int32_t base, int32_t w, int64_t from,
+                   int64_t wo, float* r0, float* r1) {
+  for (int64_t ox = from; ox < wo; ++ox) {
+    const int32_t k = a[ox] - base - 2 * static_cast<int32_t>(ox);  // 0, 1, w or w + 1
+    const float v = 0.0f + g[ox];
+    r0[2 * ox] = k == 0 ? v : 0.0f;
+    r0[2 * ox + 1] = k == 1 ? v : 0.0f;
+    r1[2 * ox] = k == w ? v : 0.0f;
+    r1[2 * ox + 1] = k == w + 1 ? v : 0.0f;
+  }
+}
+
+// e0 o0 e1 o1 ... e7 o7 at p (16 floats).
+__attribute__((target("avx2"))) inline void store_interleaved(float* p, __m256 e, __m256 o) {
+  const __m256 lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o);
+  _mm256_storeu_ps(p, _mm256_permute2f128_ps(lo, hi, 0x20));
+  _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+// unpool2x2_row for 8 outputs at a time (the stores stay inside the rows: 2 * wo <= w); the
+// masks keep v bit for bit or give +0, as the scalar selects do. Returns the first output it left
+// to the scalar loop.
+__attribute__((target("avx2"))) int64_t unpool2x2_row_avx2(const float* g, const int32_t* a,
+                                                           int32_t base, int32_t w, int64_t wo,
+                                                           float* r0, float* r1) {
+  const __m256i lanes = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256 zero = _mm256_setzero_ps();
+  const int64_t steps = row_steps8(wo);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t ox = row_step8(step, wo);
+    const __m256 v = _mm256_add_ps(zero, _mm256_loadu_ps(g + ox));
+    const __m256i k = _mm256_sub_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + ox)),
+        _mm256_add_epi32(_mm256_set1_epi32(base + 2 * static_cast<int32_t>(ox)), lanes));
+    auto pick = [&](int32_t t) {
+      return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(t))));
+    };
+    store_interleaved(r0 + 2 * ox, pick(0), pick(1));
+    store_interleaved(r1 + 2 * ox, pick(w), pick(w + 1));
+  }
+  return steps > 0 ? wo : 0;
 }
 
 }  // namespace
@@ -308,10 +362,11 @@ void MaxPool2d::scatter_backward(const Tensor& x, const Tensor& y, const Tensor&
   });
 }
 
-// Window 2, stride 2, no padding: the windows do not overlap, so every dx element is written once,
-// 0 + dy at its window's maximum (as scatter_backward's zero fill and add give, a -0 becoming +0)
-// and 0 elsewhere, including an odd last row or column that no window covers; no fill pass.
+// Window 2, stride 2, no padding: the windows do not overlap, so every dx element is written once
+// (unpool2x2_row: 0 + dy at its window's maximum, as scatter_backward's zero fill and add give)
+// and an odd last row or column that no window covers gets 0; no fill pass.
 void MaxPool2d::backward_2x2(const Tensor& x, const Tensor& dy, Tensor* dx) {
+  static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
   const int64_t c = x.dim(1), h = x.dim(2), w = x.dim(3), ho = dy.dim(2), wo = dy.dim(3);
   const int32_t w32 = static_cast<int32_t>(w);
   for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
@@ -323,14 +378,8 @@ void MaxPool2d::backward_2x2(const Tensor& x, const Tensor& dy, Tensor* dx) {
         const float* g = dy.data() + (p * ho + oy) * wo;
         const int32_t* a = argmax_.data() + (p * ho + oy) * wo;
         const int32_t base = static_cast<int32_t>(2 * oy * w);
-        for (int64_t ox = 0; ox < wo; ++ox) {
-          const int32_t k = a[ox] - base - 2 * static_cast<int32_t>(ox);  // 0, 1, w or w + 1
-          const float v = 0.0f + g[ox];
-          r0[2 * ox] = k == 0 ? v : 0.0f;
-          r0[2 * ox + 1] = k == 1 ? v : 0.0f;
-          r1[2 * ox] = k == w32 ? v : 0.0f;
-          r1[2 * ox + 1] = k == w32 + 1 ? v : 0.0f;
-        }
+        const int64_t done = avx2 ? unpool2x2_row_avx2(g, a, base, w32, wo, r0, r1) : 0;
+        unpool2x2_row(g, a, base, w32, done, wo, r0, r1);
         if (w > 2 * wo) r0[w - 1] = r1[w - 1] = 0.0f;
       }
       if (h > 2 * ho) std::fill(plane + 2 * ho * w, plane + h * w, 0.0f);

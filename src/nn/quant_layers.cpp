@@ -714,7 +714,7 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
   // 3x3 stride 1 pad 1: the implicit-GEMM integer convolution (math::iconv3x3, no column pass)
   // where it runs (an igemm ISA, AVX2 allowed, int16 pair sums that cannot saturate).
   if (gemm_isa_ != math::IgemmIsa::kRef && kernel_ == 3 && stride_ == 1 && pad_ == 1) {
-    math::Iconv3x3Weights wi;
+    math::Iconv3x3Weights& wi = w_iconv_fwd_;
     wi.pack(wq_.data(), out_, in_, g.qw);
     if (math::iconv3x3_supports(wi, g.qa, signed_input())) {
       parallel_for(parts.count(), [&](int64_t p) {
@@ -842,16 +842,16 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
       }
       // Not null: dx by the implicit-GEMM convolution of dy with these (transposed) weights, and
       // only the transposed columns (for dW) are built. wgrad_sums not null: dW by
-      // iconv3x3_wgrad too (no columns at all), exact sums per batch part, added to dW^ after.
+      // iconv3x3_wgrad too (no columns at all), exact sums per thread slot (reset by the
+      // caller), added to dW^ after.
       const math::Iconv3x3Weights* w_iconv;
       std::vector<math::Iconv3x3WgradSum>* wgrad_sums;
-      bool dy_columns_products(int64_t part, bool first, int64_t s0, int64_t g, const uint8_t* xg,
+      bool dy_columns_products(int64_t, bool, int64_t s0, int64_t g, const uint8_t* xg,
                                float* dxg) {
         if (!packed) return false;
         const int64_t icols = dy_geo.cols(g), dy_size = dy_geo.channels * dy_geo.h * dy_geo.w;
         if (wgrad_sums) {
-          math::Iconv3x3WgradSum& sum = (*wgrad_sums)[static_cast<size_t>(part)];
-          if (first) sum.reset(x_geo.channels, dy_geo.channels);
+          math::Iconv3x3WgradSum& sum = (*wgrad_sums)[static_cast<size_t>(thread_index())];
           const int64_t x_size = x_geo.channels * x_geo.h * x_geo.w;
           sum.add(x_geo.h, x_geo.w, g, x_codes + s0 * x_size, x_signed, qx, dy_codes + s0 * dy_size,
                   qdy);
@@ -892,7 +892,7 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
     };
     const bool by_dy = dx_by_transposed_conv();  // backward_by_groups' path (dX^ always wanted)
     const bool packed = gemm_isa_ != math::IgemmIsa::kRef && (by_dy || g.qa <= 127);
-    math::Iconv3x3Weights w_iconv;
+    math::Iconv3x3Weights& w_iconv = w_iconv_bwd_;
     bool iconv = false;
     if (packed && by_dy && kernel_ == 3 && stride_ == 1 && pad_ == 1) {
       w_iconv.pack_transposed(wq_.data(), out_, in_, g.qw);
@@ -908,11 +908,12 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
       w_bwd_.pack(gemm_isa_, ckk, out_, math::codes_s8(wq_.data(), ckk, g.qw, Trans::kYes));
     }
     const int64_t ho = y.dim(2), wo = y.dim(3);
-    thread_local std::vector<math::Iconv3x3WgradSum> wgrad_sums;  // per batch part
     const bool wgrad_iconv =
         iconv && math::iconv3x3_wgrad_supports(h, w, g.qa, signed_input(), g.qg);
-    if (wgrad_iconv && static_cast<int64_t>(wgrad_sums.size()) < parts.count())
-      wgrad_sums.resize(static_cast<size_t>(parts.count()));
+    if (wgrad_iconv) {  // one exact sum per thread slot, so finish runs once per thread
+      wgrad_sums_.resize(static_cast<size_t>(num_threads()));
+      for (math::Iconv3x3WgradSum& sum : wgrad_sums_) sum.reset(in_, out_);
+    }
     CodeProducts products{gemm_isa_,
                           g.qa,
                           g.qw,
@@ -928,12 +929,12 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
                           xq_.data(),
                           gq_.data(),
                           iconv ? &w_iconv : nullptr,
-                          wgrad_iconv ? &wgrad_sums : nullptr};
+                          wgrad_iconv ? &wgrad_sums_ : nullptr};
     transposed =
         backward_by_groups(n, h, w, xq_.data(), gq_.data(), wq_.data(), dxhat.data(), products);
     if (wgrad_iconv)  // exact integer sums: any order
-      for (int64_t p = 0; p < parts.count(); ++p)
-        wgrad_sums[static_cast<size_t>(p)].finish(/*transposed=*/true, dw_acc_[0].data());
+      for (const math::Iconv3x3WgradSum& sum : wgrad_sums_)
+        sum.finish(/*transposed=*/true, dw_acc_[0].data());
   }
   std::vector<double>& total = dw_acc_[0];
   for (size_t t = 1; t < dw_acc_.size(); ++t)

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/math/iconv3x3.h"
 #include "kernels/math/igemm.h"
 #include "kernels/quant/codec.h"
 #include "kernels/quant/diagnostics.h"
@@ -193,6 +194,11 @@ class QConv2d : public Conv2d, public QuantizedOp {
   // forward (W) and for backward-data (W flipped and transposed, or W^T), read by every group.
   math::IgemmPackedA w_fwd_, w_bwd_;
   std::vector<int8_t> w_flip_;  // (in, out*k*k) flipped weight codes
+  // Implicit-GEMM 3x3 path: the step's weight codes packed for forward and (transposed) for
+  // backward-data, kept so that their storage is reused; and the exact dW^ sums of
+  // iconv3x3_wgrad, one per thread slot (num_threads()), added into dW^ once per backward.
+  math::Iconv3x3Weights w_iconv_fwd_, w_iconv_bwd_;
+  std::vector<math::Iconv3x3WgradSum> wgrad_sums_;
 };
 
 }  // namespace int4ddp::nn
