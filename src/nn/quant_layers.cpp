@@ -759,7 +759,9 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   // dW^ is summed over groups as exact integers (int_gemm with unit scale) in double, then scaled
   // once; dX^ (the input's shape) is needed even without dx, for u_A's gradient.
   dw_acc_.resize(static_cast<size_t>(num_threads()));
-  for (auto& acc : dw_acc_) acc.assign(static_cast<size_t>(wsize), 0.0);
+  parallel_for(static_cast<int64_t>(dw_acc_.size()), [&](int64_t t) {
+    dw_acc_[static_cast<size_t>(t)].assign(static_cast<size_t>(wsize), 0.0);
+  });
   Tensor& dxhat = dxhat_;  // reused across steps: a fresh 1-10 MB buffer per step page-faults
   dxhat.resize(x.shape());
   std::vector<float>& dwhat = dwhat_;  // reused: a fresh buffer per call page-faults
@@ -936,21 +938,20 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
       for (const math::Iconv3x3WgradSum& sum : wgrad_sums_)
         sum.finish(/*transposed=*/true, dw_acc_[0].data());
   }
-  std::vector<double>& total = dw_acc_[0];
-  for (size_t t = 1; t < dw_acc_.size(); ++t)
-    for (int64_t i = 0; i < wsize; ++i) total[static_cast<size_t>(i)] += dw_acc_[t][i];
-  if (transposed) {
-    const int k = kernel_;
-    for (int64_t o = 0; o < out_; ++o)
-      for (int64_t c = 0; c < in_; ++c)
-        for (int ky = 0; ky < k; ++ky)
-          for (int kx = 0; kx < k; ++kx)
-            dwhat[static_cast<size_t>(((o * in_ + c) * k + ky) * k + kx)] =
-                wscale *
-                static_cast<float>(total[static_cast<size_t>(flipped_index(o, c, ky, kx))]);
-  } else {
-    for (size_t i = 0; i < dwhat.size(); ++i) dwhat[i] = wscale * static_cast<float>(total[i]);
-  }
+  // dW^ = wscale * (the threads' exact sums added, in thread order), un-flipped where transposed;
+  // output channels in parallel (each element's sum is the same whoever computes it).
+  const int k = kernel_;
+  parallel_for(out_, [&](int64_t o) {
+    for (int64_t c = 0; c < in_; ++c)
+      for (int ky = 0; ky < k; ++ky)
+        for (int kx = 0; kx < k; ++kx) {
+          const int64_t i = ((o * in_ + c) * k + ky) * k + kx;
+          const size_t src = static_cast<size_t>(transposed ? flipped_index(o, c, ky, kx) : i);
+          double total = dw_acc_[0][src];
+          for (size_t t = 1; t < dw_acc_.size(); ++t) total += dw_acc_[t][src];
+          dwhat[static_cast<size_t>(i)] = wscale * static_cast<float>(total);
+        }
+  });
   weight_backward(weight_, dwhat.data());
   act_backward(x, dxhat.data(), dx);
 }
