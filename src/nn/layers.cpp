@@ -1,12 +1,17 @@
 // fp32 layers (see layer.h for the contract): the batch-part helpers, Linear, ReLU, pooling,
 // Sequential, ResidualBlock and the loss. Conv2d and BatchNorm have their own files. Parameters are
 // accumulated (+=) in backward.
+#include <cxxabi.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <typeinfo>
 
 #include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
@@ -444,7 +449,10 @@ const Tensor& Sequential::forward_output(const Tensor& x, bool train) {
   acts_.resize(layers_.size());
   const Tensor* in = &x;
   for (size_t i = 0; i < layers_.size(); ++i) {
-    layers_[i]->forward(*in, acts_[i], train);
+    {
+      profile::Scope scope(*layers_[i], true);
+      layers_[i]->forward(*in, acts_[i], train);
+    }
     in = &acts_[i];
   }
   return acts_.back();
@@ -460,7 +468,10 @@ void Sequential::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tens
   for (size_t i = layers_.size(); i-- > 0;) {
     const Tensor& in = i == 0 ? x : acts_[i - 1];
     Tensor* out = i == 0 ? dx : &grads_[i % 2];
-    layers_[i]->backward(in, acts_[i], *upstream, out);
+    {
+      profile::Scope scope(*layers_[i], false);
+      layers_[i]->backward(in, acts_[i], *upstream, out);
+    }
     upstream = out;
     if (hook_) hook_(i);
   }
@@ -631,5 +642,77 @@ float softmax_cross_entropy(const Tensor& logits, const int32_t* labels, Tensor*
   if (correct) *correct = hits;
   return static_cast<float>(loss / static_cast<double>(n));
 }
+
+// ---- profile ---------------------------------------------------------------------------------
+
+namespace profile {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+struct Frame {
+  std::string key;
+  Clock::time_point start;
+  double children = 0.0;  // seconds spent in scopes nested in this one
+};
+struct State {
+  bool on = false;
+  std::vector<Frame> stack;
+  std::map<std::string, std::pair<double, int64_t>> totals;  // key -> (seconds, calls)
+};
+State& state() {
+  static State s;
+  return s;
+}
+
+// "int4ddp::nn::QConv2d" -> "QConv2d".
+std::string type_label(const std::type_info& t) {
+  int status = 0;
+  char* d = abi::__cxa_demangle(t.name(), nullptr, nullptr, &status);
+  std::string name = status == 0 && d ? d : t.name();
+  std::free(d);
+  const size_t colon = name.rfind("::");
+  return colon == std::string::npos ? name : name.substr(colon + 2);
+}
+
+}  // namespace
+
+void enable(bool on) { state().on = on; }
+bool enabled() { return state().on; }
+void reset() { state().totals.clear(); }
+
+std::vector<Entry> entries() {
+  std::vector<Entry> out;
+  for (const auto& [key, v] : state().totals) out.push_back({key, v.first, v.second});
+  std::sort(out.begin(), out.end(),
+            [](const Entry& a, const Entry& b) { return a.seconds > b.seconds; });
+  return out;
+}
+
+Scope::Scope(const char* key) {
+  if (state().on) open(key);
+}
+
+Scope::Scope(const Layer& layer, bool forward) {
+  if (state().on) open(type_label(typeid(layer)) + (forward ? " fwd" : " bwd"));
+}
+
+void Scope::open(std::string key) {
+  active_ = true;
+  state().stack.push_back({std::move(key), Clock::now(), 0.0});
+}
+
+Scope::~Scope() {
+  if (!active_) return;
+  State& s = state();
+  Frame f = std::move(s.stack.back());
+  s.stack.pop_back();
+  const double elapsed = std::chrono::duration<double>(Clock::now() - f.start).count();
+  auto& total = s.totals[f.key];
+  total.first += elapsed - f.children;
+  total.second += 1;
+  if (!s.stack.empty()) s.stack.back().children += elapsed;
+}
+
+}  // namespace profile
 
 }  // namespace int4ddp::nn

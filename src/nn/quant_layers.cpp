@@ -494,6 +494,7 @@ void QuantizedOp::diagnose_grad(const float* dy, const float* dequantized, int64
 }
 
 float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<int8_t>* codes) {
+  profile::Scope scope("quant: grad codes");
   const int64_t n = dy.numel();
   const quant::QuantParams p = grad_quant_params(dy.data(), n);
   // One per-tensor quantization done in pieces on the threads: the max and the counts are exact
@@ -544,6 +545,7 @@ QuantizedOp::Grid QuantizedOp::grid() const {
 }
 
 float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train) {
+  profile::Scope scope("quant: act + weight codes");
   if (!initialized_ && train) init_steps(x, w);
   xq_.resize(static_cast<size_t>(x.numel()));
   wq_.resize(static_cast<size_t>(w.value.numel()));
@@ -575,6 +577,7 @@ float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train
 }
 
 void QuantizedOp::act_backward(const Tensor& x, const float* dxhat, Tensor* dx) {
+  profile::Scope scope("quant: act backward");
   Tensor* out = dx ? dx : &dx_unused_;  // u_A needs the pass even when dx is not wanted
   out->resize(x.shape());
   const int64_t n = x.dim(0), per = x.numel() / std::max<int64_t>(1, n);
@@ -592,6 +595,7 @@ void QuantizedOp::act_backward(const Tensor& x, const float* dxhat, Tensor* dx) 
 }
 
 void QuantizedOp::weight_backward(Param& w, const float* dwhat) {
+  profile::Scope scope("quant: weight backward");
   const int64_t n = w.value.numel(), blocks = (n + kWeightBlock - 1) / kWeightBlock;
   ds_parts_.resize(static_cast<size_t>(blocks));
   parallel_for(blocks, [&](int64_t b) {
