@@ -203,6 +203,18 @@ TEST(FakeQuant, ByteCodesEqualTheFloatDefinitions) {
       for (int64_t i = 0; i < n; ++i)
         ASSERT_EQ(static_cast<float>(w8[i]), wref[i]) << "w = " << x[i];
     }
+  // NaNs inside the vector steps (and the tail) of the byte quantizers: code 0, counted.
+  std::vector<float> long_nan(100, 0.5f);
+  for (int64_t i : {3, 40, 97}) long_nan[i] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<uint8_t> lc(100);
+  std::vector<int8_t> lw(100);
+  EXPECT_EQ(quantize_act_codes(long_nan.data(), 100, 1.0f, 4, lc.data()), 3);
+  quantize_weight_codes(long_nan.data(), 100, 1.0f, 4, lw.data());
+  for (int64_t i = 0; i < 100; ++i) {
+    const bool nan = i == 3 || i == 40 || i == 97;
+    EXPECT_EQ(lc[i], nan ? 0 : 8) << i;  // 0.5 * 15 = 7.5: to even
+    EXPECT_EQ(lw[i], nan ? 0 : 4) << i;  // 0.5 * 7 = 3.5: to even
+  }
   const float with_nan[] = {0.5f, std::numeric_limits<float>::quiet_NaN(), 2.0f};
   uint8_t c[3];
   int8_t cs[3], cw[3];

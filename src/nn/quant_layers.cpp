@@ -116,15 +116,6 @@ void quantize_weight_codes(const float* w, int64_t n, float s, int bits, float* 
   for (int64_t i = 0; i < n; ++i) codes[i] = std::clamp(std::rint(w[i] / se * lim), -lim, lim);
 }
 
-void quantize_weight_codes(const float* w, int64_t n, float s, int bits, int8_t* codes) {
-  const float lim = static_cast<float>(quant::levels(bits));
-  const float se = effective_step(s);
-  for (int64_t i = 0; i < n; ++i) {
-    const float q = std::clamp(std::rint(w[i] / se * lim), -lim, lim);
-    codes[i] = static_cast<int8_t>(q == q ? static_cast<int32_t>(q) : 0);  // NaN: 0
-  }
-}
-
 namespace {
 
 // One element of weight_quant_backward: dw += dwhat inside the clip range; returns its term of
@@ -241,22 +232,13 @@ int64_t act_codes_plain(const float* x, int64_t n, float ue, float lo, float q, 
   return nan;
 }
 
-template <typename T>
-__attribute__((target("avx2"))) int64_t act_codes_avx2(const float* x, int64_t n, float ue,
-                                                       float lo, float q, T* codes) {
-  const __m256 vue = _mm256_set1_ps(ue), vlo = _mm256_set1_ps(lo), one = _mm256_set1_ps(1.0f);
-  const __m256 vq = _mm256_set1_ps(q);
+// Byte codes of x[0, n) in steps of 32 on AVX2: codes8(p) gives 8 codes as int32 (in range for
+// T), packed with saturation (which never applies) and stored in order. Returns the elements done
+// (a multiple of 32); the caller's plain loop does the rest.
+template <typename T, typename Codes8>
+__attribute__((target("avx2"))) int64_t byte_codes_avx2(const float* x, int64_t n,
+                                                        const Codes8& codes8, T* codes) {
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  int64_t nan = 0;
-  auto codes8 = [&](const float* p) {  // 8 codes as int32 (NaN: 0, counted)
-    __m256 t = _mm256_div_ps(_mm256_loadu_ps(p), vue);
-    t = _mm256_min_ps(one, _mm256_max_ps(vlo, t));
-    const __m256 v =
-        _mm256_round_ps(_mm256_mul_ps(t, vq), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 ord = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
-    nan += 8 - __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(ord)));
-    return _mm256_cvtps_epi32(_mm256_and_ps(v, ord));
-  };
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const __m256i a = codes8(x + i), b = codes8(x + i + 8);
@@ -267,8 +249,46 @@ __attribute__((target("avx2"))) int64_t act_codes_avx2(const float* x, int64_t n
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
                         _mm256_permutevar8x32_epi32(bytes, order));
   }
+  return i;
+}
+
+// The activation quantizer's 8 codes (NaN: 0, counted).
+struct ActCodes8 {
+  __m256 vue, vlo, one, vq;
+  int64_t* nan;
+  __attribute__((target("avx2"))) __m256i operator()(const float* p) const {
+    __m256 t = _mm256_div_ps(_mm256_loadu_ps(p), vue);
+    t = _mm256_min_ps(one, _mm256_max_ps(vlo, t));
+    const __m256 v =
+        _mm256_round_ps(_mm256_mul_ps(t, vq), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 ord = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+    *nan += 8 - __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(ord)));
+    return _mm256_cvtps_epi32(_mm256_and_ps(v, ord));
+  }
+};
+
+template <typename T>
+__attribute__((target("avx2"))) int64_t act_codes_avx2(const float* x, int64_t n, float ue,
+                                                       float lo, float q, T* codes) {
+  int64_t nan = 0;
+  const ActCodes8 codes8{_mm256_set1_ps(ue), _mm256_set1_ps(lo), _mm256_set1_ps(1.0f),
+                         _mm256_set1_ps(q), &nan};
+  const int64_t i = byte_codes_avx2(x, n, codes8, codes);
   return nan + act_codes_plain(x + i, n - i, ue, lo, q, codes + i);
 }
+
+// The weight quantizer's 8 codes clamp(rint((w / se) * lim), -lim, lim) (NaN: 0): the scalar
+// code's operations (_mm256_round_ps rounds to nearest even as std::rint does; +-inf clamp to
+// +-lim as std::clamp does; a NaN is masked to 0 whatever min and max make of it).
+struct WeightCodes8 {
+  __m256 vse, vlim, vneg;
+  __attribute__((target("avx2"))) __m256i operator()(const float* p) const {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(p), vse), vlim),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(r, vneg), vlim);
+    return _mm256_cvtps_epi32(_mm256_and_ps(c, _mm256_cmp_ps(r, r, _CMP_ORD_Q)));
+  }
+};
 
 template <typename T>
 int64_t act_codes_bytes(const float* x, int64_t n, float u, int bits, bool is_signed, T* codes) {
@@ -280,6 +300,21 @@ int64_t act_codes_bytes(const float* x, int64_t n, float u, int bits, bool is_si
 }
 
 }  // namespace
+
+void quantize_weight_codes(const float* w, int64_t n, float s, int bits, int8_t* codes) {
+  static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
+  const float lim = static_cast<float>(quant::levels(bits));
+  const float se = effective_step(s);
+  const int64_t done =
+      avx2 ? byte_codes_avx2(
+                 w, n, WeightCodes8{_mm256_set1_ps(se), _mm256_set1_ps(lim), _mm256_set1_ps(-lim)},
+                 codes)
+           : 0;
+  for (int64_t i = done; i < n; ++i) {
+    const float q = std::clamp(std::rint(w[i] / se * lim), -lim, lim);
+    codes[i] = static_cast<int8_t>(q == q ? static_cast<int32_t>(q) : 0);  // NaN: 0
+  }
+}
 
 int64_t quantize_act_codes(const float* x, int64_t n, float u, int bits, uint8_t* codes) {
   return act_codes_bytes(x, n, u, bits, false, codes);
