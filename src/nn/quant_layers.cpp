@@ -675,10 +675,20 @@ void QLinear::forward(const Tensor& x, Tensor& y, bool train) {
   const float scale = quantize_operands(x, weight_, train);
   const Grid g = grid();
   y.resize({n, out_});
+  // With an igemm ISA, X's codes are packed once (as A: any codes) for every feature block, not
+  // once per block; W^T's block is packed as B (int8 codes) in its block.
+  const CodeMatrix xa = act_operand(xq_.data(), in_, g.qa, signed_input());
+  const bool packed = gemm_isa_ != math::IgemmIsa::kRef;
+  if (packed) x_rows_.pack(gemm_isa_, n, in_, xa);
   for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
-    code_gemm(gemm_isa_, n, j1 - j0, in_, act_operand(xq_.data(), in_, g.qa, signed_input()),
-              math::codes_s8(wq_.data() + j0 * in_, in_, g.qw, Trans::kYes), scale, false,
-              y.data() + j0, out_);
+    const CodeMatrix wt = math::codes_s8(wq_.data() + j0 * in_, in_, g.qw, Trans::kYes);
+    if (packed) {
+      thread_local math::IgemmPackedB wb;
+      wb.pack(gemm_isa_, in_, j1 - j0, wt);
+      math::igemm_packed(x_rows_, wb, scale, false, y.data() + j0, out_);
+    } else {
+      code_gemm(gemm_isa_, n, j1 - j0, in_, xa, wt, scale, false, y.data() + j0, out_);
+    }
     if (has_bias_)
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = j0; j < j1; ++j) y[i * out_ + j] += bias_.value[j];
@@ -689,12 +699,21 @@ void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor*
   const int64_t n = x.dim(0);
   const float dg = quantize_grad(dy, &gq_);
   const Grid g = grid();
-  // dW^ (out, in) = G^T (out, n) X^ (n, in)
+  // dW^ (out, in) = G^T (out, n) X^ (n, in); X's codes packed once as B where they fit int8.
   scratch_.resize(static_cast<size_t>(std::max(out_, n) * in_));
+  const CodeMatrix xb = act_operand(xq_.data(), in_, g.qa, signed_input());
+  const bool packed = gemm_isa_ != math::IgemmIsa::kRef && math::igemm_fits_s8(xb);
+  if (packed) x_cols_.pack(gemm_isa_, n, in_, xb);
   for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
-    code_gemm(gemm_isa_, j1 - j0, in_, n, math::codes_s8(gq_.data() + j0, out_, g.qg, Trans::kYes),
-              act_operand(xq_.data(), in_, g.qa, signed_input()), dg * g.sa, false,
-              scratch_.data() + j0 * in_, in_);
+    const CodeMatrix gt = math::codes_s8(gq_.data() + j0, out_, g.qg, Trans::kYes);
+    if (packed) {
+      thread_local math::IgemmPackedA ga;
+      ga.pack(gemm_isa_, j1 - j0, n, gt);
+      math::igemm_packed(ga, x_cols_, dg * g.sa, false, scratch_.data() + j0 * in_, in_);
+    } else {
+      code_gemm(gemm_isa_, j1 - j0, in_, n, gt, xb, dg * g.sa, false, scratch_.data() + j0 * in_,
+                in_);
+    }
   });
   weight_backward(weight_, scratch_.data());
   if (has_bias_)

@@ -172,6 +172,12 @@ class QLinear : public Linear, public QuantizedOp {
   void forward(const Tensor& x, Tensor& y, bool train) override;
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
   std::vector<Param*> params() override;
+
+ private:
+  // The step's activation codes packed for the igemm kernels once, not once per feature block:
+  // as A (n, in) for forward, and as B (n, in) for dW^ where they fit int8.
+  math::IgemmPackedA x_rows_;
+  math::IgemmPackedB x_cols_;
 };
 
 class QConv2d : public Conv2d, public QuantizedOp {
