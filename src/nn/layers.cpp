@@ -236,6 +236,11 @@ __attribute__((target("avx2"))) inline void store_interleaved(float* p, __m256 e
   _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
+// v where k == t, else +0.
+__attribute__((target("avx2"))) inline __m256 where_equal(__m256 v, __m256i k, int32_t t) {
+  return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(t))));
+}
+
 // unpool2x2_row for 8 outputs at a time (the stores stay inside the rows: 2 * wo <= w); the
 // masks keep v bit for bit or give +0, as the scalar selects do. Returns the first output it left
 // to the scalar loop.
@@ -251,11 +256,8 @@ __attribute__((target("avx2"))) int64_t unpool2x2_row_avx2(const float* g, const
     const __m256i k = _mm256_sub_epi32(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + ox)),
         _mm256_add_epi32(_mm256_set1_epi32(base + 2 * static_cast<int32_t>(ox)), lanes));
-    auto pick = [&](int32_t t) {
-      return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(t))));
-    };
-    store_interleaved(r0 + 2 * ox, pick(0), pick(1));
-    store_interleaved(r1 + 2 * ox, pick(w), pick(w + 1));
+    store_interleaved(r0 + 2 * ox, where_equal(v, k, 0), where_equal(v, k, 1));
+    store_interleaved(r1 + 2 * ox, where_equal(v, k, w), where_equal(v, k, w + 1));
   }
   return steps > 0 ? wo : 0;
 }

@@ -290,6 +290,13 @@ struct WeightCodes8 {
   }
 };
 
+// quantize_weight_codes' 32-code steps; returns the elements done.
+__attribute__((target("avx2"))) int64_t weight_codes_avx2(const float* w, int64_t n, float se,
+                                                          float lim, int8_t* codes) {
+  const WeightCodes8 codes8{_mm256_set1_ps(se), _mm256_set1_ps(lim), _mm256_set1_ps(-lim)};
+  return byte_codes_avx2(w, n, codes8, codes);
+}
+
 template <typename T>
 int64_t act_codes_bytes(const float* x, int64_t n, float u, int bits, bool is_signed, T* codes) {
   static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
@@ -305,11 +312,7 @@ void quantize_weight_codes(const float* w, int64_t n, float s, int bits, int8_t*
   static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
   const float lim = static_cast<float>(quant::levels(bits));
   const float se = effective_step(s);
-  const int64_t done =
-      avx2 ? byte_codes_avx2(
-                 w, n, WeightCodes8{_mm256_set1_ps(se), _mm256_set1_ps(lim), _mm256_set1_ps(-lim)},
-                 codes)
-           : 0;
+  const int64_t done = avx2 ? weight_codes_avx2(w, n, se, lim, codes) : 0;
   for (int64_t i = done; i < n; ++i) {
     const float q = std::clamp(std::rint(w[i] / se * lim), -lim, lim);
     codes[i] = static_cast<int8_t>(q == q ? static_cast<int32_t>(q) : 0);  // NaN: 0
