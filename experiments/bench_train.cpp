@@ -6,10 +6,13 @@
 // training), then the best of --reps timed runs of --steps steps each. Every step's loss must be
 // finite: a non-finite one ends the benchmark with exit status 1 (a speed of a diverged run means
 // nothing).
+// Each row also gives the process's CPU time per step (all threads; the rep with the least), which
+// on a loaded machine tracks the work better than the wall clock does.
 // Threads: --threads T runs only T (default: 1 and 2); it sets train.threads (the layers' loops
 // over the batch, kernels/common/parallel.h). --bits 32 or 4 runs only fp32 or 4/4/4. Ends with one
 // JSON line
-// {"bench":"train","device":..,"rows":[{"model","bits","threads","img_per_s","batch","input"},
+// {"bench":"train","device":..,"rows":[{"model","bits","threads","img_per_s","cpu_ms_per_step",
+// "batch","input"},
 // ...]}.
 // --profile also prints, per row, where a step's time goes (nn::profile: each layer type's forward
 // and backward, the quantizer passes, loss, optimizer, exclusive wall-clock ms per step over all
@@ -23,6 +26,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -71,6 +75,13 @@ std::string profile_table(int steps, double step_s) {
   }
   line("other", 1e3 * (step_s - covered));
   return json + "}";
+}
+
+// CPU time of the whole process (every thread), seconds.
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
 }  // namespace
@@ -145,7 +156,8 @@ int main(int argc, char** argv) try {
       std::to_string(channels) + "x" + std::to_string(height) + "x" + std::to_string(width);
   std::printf("# bench_train: %s, batch %lld, %s, SGD step included, best of %d x %d steps\n",
               device_name(device), static_cast<long long>(batch), input.c_str(), reps, steps);
-  std::printf("%-10s %-6s %8s %12s %12s\n", "model", "bits", "threads", "ms/step", "img/s");
+  std::printf("%-10s %-6s %8s %12s %12s %12s\n", "model", "bits", "threads", "ms/step", "img/s",
+              "cpu ms/step");
   std::string json =
       std::string("{\"bench\":\"train\",\"device\":\"") + device_name(device) + "\",\"rows\":[";
   bool first = true;
@@ -208,26 +220,29 @@ int main(int argc, char** argv) try {
         one_step(0);
         nn::profile::reset();
         nn::profile::enable(profile);
-        double best = 1e30, total = 0.0;
+        double best = 1e30, total = 0.0, best_cpu = 1e30;
         for (int r = 0; r < reps; ++r) {
+          const double c0 = process_cpu_seconds();
           const auto t0 = std::chrono::steady_clock::now();
           for (int s = 0; s < steps; ++s) one_step(1 + r * steps + s);
           if (device == Device::kCuda) synchronize_device();
           const double t =
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
           best = std::min(best, t);
+          best_cpu = std::min(best_cpu, process_cpu_seconds() - c0);
           total += t;
         }
         nn::profile::enable(false);
         const double ips = steps * batch / best;
         const char* label = bits == 32 ? "fp32" : "4/4/4";
-        std::printf("%-10s %-6s %8d %12.1f %12.1f\n", name.c_str(), label, threads,
-                    1e3 * best / steps, ips);
+        std::printf("%-10s %-6s %8d %12.1f %12.1f %12.1f\n", name.c_str(), label, threads,
+                    1e3 * best / steps, ips, 1e3 * best_cpu / steps);
         char row[256];
         std::snprintf(row, sizeof row,
                       "%s{\"model\":\"%s\",\"bits\":\"%s\",\"threads\":%d,\"img_per_s\":%.1f,"
+                      "\"cpu_ms_per_step\":%.2f,"
                       "\"batch\":%lld,\"input\":\"%s\"",
-                      first ? "" : ",", name.c_str(), label, threads, ips,
+                      first ? "" : ",", name.c_str(), label, threads, ips, 1e3 * best_cpu / steps,
                       static_cast<long long>(batch), input.c_str());
         json += row;
         if (profile) json += profile_table(steps * reps, total / (steps * reps));
