@@ -419,7 +419,7 @@ TEST(MaxPool2d, MatchesPlainDefinition) {
   EXPECT_THROW(pool.forward(tiny, y, true), Error);
 }
 
-// MaxPool2d's window-2 stride-2 fast paths (8 outputs per AVX2 step, the last one moved back to
+// MaxPool2d's window-2 stride-2 fast path (8 outputs per AVX2 step, the last one moved back to
 // overlap the one before, rows under 8 outputs scalar) against its plain scan: the same y bit for
 // bit and the same argmax (backward with a distinct dy per output gives the same dx), on rows of
 // one, several and overlapping vector steps, with NaNs (first, later, several in a window), ties,
@@ -454,17 +454,9 @@ TEST(MaxPool2d, FastPathMatchesPlainScan) {
     Tensor dy(y.shape());
     for (int64_t i = 0; i < dy.numel(); ++i) dy[i] = static_cast<float>(i + 1);
     fast.backward(x, y, dy, &dx);
-    plain.backward_reference(x, y_ref, dy, &dx_ref);
+    plain.backward(x, y_ref, dy, &dx_ref);
     for (int64_t i = 0; i < x.numel(); ++i)
       ASSERT_EQ(dx[i], dx_ref[i]) << "argmax differs at " << i;
-    // backward's one-write path against the zero-fill-and-scatter reference, bit for bit, into a
-    // dx holding garbage (every element, the uncovered odd row and column too, must be written):
-    // -0 (becomes +0), NaN and inf in dy.
-    for (int64_t i = 0; i < dy.numel(); ++i) dy[i] = i % 3 == 0 ? -0.0f : specials[rng() % 7];
-    for (int64_t i = 0; i < dx.numel(); ++i) dx[i] = 12345.0f;
-    fast.backward(x, y, dy, &dx);
-    plain.backward_reference(x, y_ref, dy, &dx_ref);
-    ASSERT_EQ(std::memcmp(dx.data(), dx_ref.data(), sizeof(float) * dx.numel()), 0);
   }
 }
 

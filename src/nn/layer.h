@@ -252,18 +252,11 @@ class MaxPool2d : public Layer {
   // forward through the plain scan for every geometry: the reference of forward's fast path for
   // window 2, stride 2, no padding (the same y, and the same argmax for backward).
   void forward_reference(const Tensor& x, Tensor& y);
-  // backward through the plain scatter for every geometry: the reference of backward's fast path
-  // for window 2, stride 2, no padding (the same dx bit for bit). Reads the last forward's argmax.
-  void backward_reference(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx);
 
  private:
   void size_outputs(const Tensor& x, Tensor& y);    // checks x; sizes y and argmax_
   void scan_reference(const Tensor& x, Tensor& y);  // the plain scan, any geometry
   void forward_2x2(const Tensor& x, Tensor& y);     // window 2, stride 2, no padding
-  // dx (sized) = dy routed to each window's maximum: zero fill and add, any geometry; and the
-  // one-write version for window 2, stride 2, no padding.
-  void scatter_backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx);
-  void backward_2x2(const Tensor& x, const Tensor& dy, Tensor* dx);
   std::string name_;
   int window_, stride_, pad_;
   // (n, c, ho, wo): the index of each output's maximum in its (h, w) input plane.

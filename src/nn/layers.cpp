@@ -213,55 +213,6 @@ __attribute__((target("avx2"))) int64_t pool2x2_row_avx2(const float* r0, const 
   return steps > 0 ? wo : 0;
 }
 
-// One output row of MaxPool2d's window-2, stride-2 backward: input rows r0, r1 (r0 starts at
-// plane index base), outputs ox in [from, wo) with gradients g and argmax a: each window's four
-// elements written, 0 + g at its maximum (as a zero fill and an add give: -0 becomes +0), 0
-// elsewhere.
-void unpool2x2_row(const float* g, const int32_t* a, int32_t base, int32_t w, int64_t from,
-                   int64_t wo, float* r0, float* r1) {
-  for (int64_t ox = from; ox < wo; ++ox) {
-    const int32_t k = a[ox] - base - 2 * static_cast<int32_t>(ox);  // 0, 1, w or w + 1
-    const float v = 0.0f + g[ox];
-    r0[2 * ox] = k == 0 ? v : 0.0f;
-    r0[2 * ox + 1] = k == 1 ? v : 0.0f;
-    r1[2 * ox] = k == w ? v : 0.0f;
-    r1[2 * ox + 1] = k == w + 1 ? v : 0.0f;
-  }
-}
-
-// e0 o0 e1 o1 ... e7 o7 at p (16 floats).
-__attribute__((target("avx2"))) inline void store_interleaved(float* p, __m256 e, __m256 o) {
-  const __m256 lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o);
-  _mm256_storeu_ps(p, _mm256_permute2f128_ps(lo, hi, 0x20));
-  _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-}
-
-// v where k == t, else +0.
-__attribute__((target("avx2"))) inline __m256 where_equal(__m256 v, __m256i k, int32_t t) {
-  return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_set1_epi32(t))));
-}
-
-// unpool2x2_row for 8 outputs at a time (the stores stay inside the rows: 2 * wo <= w); the
-// masks keep v bit for bit or give +0, as the scalar selects do. Returns the first output it left
-// to the scalar loop.
-__attribute__((target("avx2"))) int64_t unpool2x2_row_avx2(const float* g, const int32_t* a,
-                                                           int32_t base, int32_t w, int64_t wo,
-                                                           float* r0, float* r1) {
-  const __m256i lanes = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-  const __m256 zero = _mm256_setzero_ps();
-  const int64_t steps = row_steps8(wo);
-  for (int64_t step = 0; step < steps; ++step) {
-    const int64_t ox = row_step8(step, wo);
-    const __m256 v = _mm256_add_ps(zero, _mm256_loadu_ps(g + ox));
-    const __m256i k = _mm256_sub_epi32(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + ox)),
-        _mm256_add_epi32(_mm256_set1_epi32(base + 2 * static_cast<int32_t>(ox)), lanes));
-    store_interleaved(r0 + 2 * ox, where_equal(v, k, 0), where_equal(v, k, 1));
-    store_interleaved(r1 + 2 * ox, where_equal(v, k, w), where_equal(v, k, w + 1));
-  }
-  return steps > 0 ? wo : 0;
-}
-
 }  // namespace
 
 MaxPool2d::MaxPool2d(std::string name, int window, int stride, int pad)
@@ -344,21 +295,9 @@ void MaxPool2d::scan_reference(const Tensor& x, Tensor& y) {
 
 void MaxPool2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   if (!dx) return;
-  dx->resize(x.shape());
-  if (window_ == 2 && stride_ == 2 && pad_ == 0)
-    backward_2x2(x, dy, dx);
-  else
-    scatter_backward(x, y, dy, dx);
-}
-
-void MaxPool2d::backward_reference(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
-  dx->resize(x.shape());
-  scatter_backward(x, y, dy, dx);
-}
-
-void MaxPool2d::scatter_backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) {
   const int64_t c = x.dim(1), hw = x.dim(2) * x.dim(3);
   const int64_t howo = y.dim(2) * y.dim(3);
+  dx->resize(x.shape());
   // Overlapping windows (stride < window) add into the same element: each plane is one thread's,
   // in output order, so the sums do not depend on the thread count.
   for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
@@ -366,31 +305,6 @@ void MaxPool2d::scatter_backward(const Tensor& x, const Tensor& y, const Tensor&
     for (int64_t p = s0 * c; p < s1 * c; ++p)
       for (int64_t o = 0; o < howo; ++o)
         (*dx)[p * hw + argmax_[static_cast<size_t>(p * howo + o)]] += dy[p * howo + o];
-  });
-}
-
-// Window 2, stride 2, no padding: the windows do not overlap, so every dx element is written once
-// (unpool2x2_row: 0 + dy at its window's maximum, as scatter_backward's zero fill and add give)
-// and an odd last row or column that no window covers gets 0; no fill pass.
-void MaxPool2d::backward_2x2(const Tensor& x, const Tensor& dy, Tensor* dx) {
-  static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
-  const int64_t c = x.dim(1), h = x.dim(2), w = x.dim(3), ho = dy.dim(2), wo = dy.dim(3);
-  const int32_t w32 = static_cast<int32_t>(w);
-  for_parts(x.dim(0), [&](int64_t s0, int64_t s1) {
-    for (int64_t p = s0 * c; p < s1 * c; ++p) {
-      float* plane = dx->data() + p * h * w;
-      for (int64_t oy = 0; oy < ho; ++oy) {
-        float* r0 = plane + 2 * oy * w;
-        float* r1 = r0 + w;
-        const float* g = dy.data() + (p * ho + oy) * wo;
-        const int32_t* a = argmax_.data() + (p * ho + oy) * wo;
-        const int32_t base = static_cast<int32_t>(2 * oy * w);
-        const int64_t done = avx2 ? unpool2x2_row_avx2(g, a, base, w32, wo, r0, r1) : 0;
-        unpool2x2_row(g, a, base, w32, done, wo, r0, r1);
-        if (w > 2 * wo) r0[w - 1] = r1[w - 1] = 0.0f;
-      }
-      if (h > 2 * ho) std::fill(plane + 2 * ho * w, plane + h * w, 0.0f);
-    }
   });
 }
 
