@@ -6,11 +6,18 @@
 // training), then the best of --reps timed runs of --steps steps each. Every step's loss must be
 // finite: a non-finite one ends the benchmark with exit status 1 (a speed of a diverged run means
 // nothing).
+// Each row also gives the process's CPU time per step (all threads; the rep with the least), which
+// on a loaded machine tracks the work better than the wall clock does.
 // Threads: --threads T runs only T (default: 1 and 2); it sets train.threads (the layers' loops
 // over the batch, kernels/common/parallel.h). --bits 32 or 4 runs only fp32 or 4/4/4. Ends with one
 // JSON line
-// {"bench":"train","device":..,"rows":[{"model","bits","threads","img_per_s","batch","input"},
+// {"bench":"train","device":..,"rows":[{"model","bits","threads","img_per_s","cpu_ms_per_step",
+// "batch","input"},
 // ...]}.
+// --profile also prints, per row, where a step's time goes (nn::profile: each layer type's forward
+// and backward, the quantizer passes, loss, optimizer, exclusive wall-clock ms per step over all
+// timed steps, and what no scope covers as "other") and adds it to the row's JSON as
+// "profile_ms"; the timing scopes cost a clock read each, so take img/s from runs without it.
 // --device cuda trains on the GPU (train.device = cuda: the CUDA layers, the device optimizer, the
 // batch copied from page-locked memory on the compute stream, fp32 GEMMs with TF32 off); the loss
 // is read back every step (as the trainer does) and the clock is read after the GPU is idle.
@@ -19,6 +26,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -48,6 +56,34 @@ int64_t synthetic_count(int64_t batch, int64_t image_numel) {
   return std::max(batch, std::min(batch * 8, fit));
 }
 
+// Prints the profile of `steps` timed steps of mean wall time step_s (seconds) as a table and
+// returns it as the JSON fragment ,"profile_ms":{"key":ms per step,...,"other":...}.
+std::string profile_table(int steps, double step_s) {
+  std::string json = ",\"profile_ms\":{";
+  double covered = 0.0;
+  std::printf("#   %-32s %10s %7s\n", "profile (exclusive)", "ms/step", "share");
+  auto line = [&](const std::string& key, double ms) {
+    std::printf("#   %-32s %10.2f %6.1f%%\n", key.c_str(), ms, 100.0 * ms / (1e3 * step_s));
+    char item[160];
+    std::snprintf(item, sizeof item, "%s\"%s\":%.3f", json.back() == '{' ? "" : ",", key.c_str(),
+                  ms);
+    json += item;
+  };
+  for (const nn::profile::Entry& e : nn::profile::entries()) {
+    line(e.key, 1e3 * e.seconds / steps);
+    covered += e.seconds / steps;
+  }
+  line("other", 1e3 * (step_s - covered));
+  return json + "}";
+}
+
+// CPU time of the whole process (every thread), seconds.
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -58,9 +94,12 @@ int main(int argc, char** argv) try {
   std::vector<int> thread_counts = {1, 2};
   std::vector<int> bit_widths = {32, 4};  // 32 = fp32, 4 = 4/4/4
   Device device = Device::kCpu;
+  bool profile = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--steps" && i + 1 < argc)
+    if (a == "--profile")
+      profile = true;
+    else if (a == "--steps" && i + 1 < argc)
       steps = std::atoi(argv[++i]);
     else if (a == "--reps" && i + 1 < argc)
       reps = std::atoi(argv[++i]);
@@ -87,7 +126,8 @@ int main(int argc, char** argv) try {
     } else {
       std::fprintf(stderr,
                    "usage: bench_train [--steps N] [--reps R] [--model mlp|cnn|resnet20|resnet18] "
-                   "[--threads T] [--bits 32|4] [--batch N] [--input CxHxW] [--device cpu|cuda]\n");
+                   "[--threads T] [--bits 32|4] [--batch N] [--input CxHxW] [--device cpu|cuda] "
+                   "[--profile]\n");
       return 2;
     }
   }
@@ -116,7 +156,8 @@ int main(int argc, char** argv) try {
       std::to_string(channels) + "x" + std::to_string(height) + "x" + std::to_string(width);
   std::printf("# bench_train: %s, batch %lld, %s, SGD step included, best of %d x %d steps\n",
               device_name(device), static_cast<long long>(batch), input.c_str(), reps, steps);
-  std::printf("%-10s %-6s %8s %12s %12s\n", "model", "bits", "threads", "ms/step", "img/s");
+  std::printf("%-10s %-6s %8s %12s %12s %12s\n", "model", "bits", "threads", "ms/step", "img/s",
+              "cpu ms/step");
   std::string json =
       std::string("{\"bench\":\"train\",\"device\":\"") + device_name(device) + "\",\"rows\":[";
   bool first = true;
@@ -144,14 +185,24 @@ int main(int argc, char** argv) try {
         std::vector<int32_t> labels(batch);
         std::vector<int64_t> idx(batch);
         auto one_step = [&](int s) {
-          for (int64_t i = 0; i < batch; ++i) idx[i] = (s * batch + i) % ds.count;
-          data::assemble_batch(ds, idx.data(), batch, data::AugmentConfig{}, 0, 0, x.data(),
-                               labels.data());
+          {
+            nn::profile::Scope scope("data");
+            for (int64_t i = 0; i < batch; ++i) idx[i] = (s * batch + i) % ds.count;
+            data::assemble_batch(ds, idx.data(), batch, data::AugmentConfig{}, 0, 0, x.data(),
+                                 labels.data());
+          }
           model.quant_context().step = static_cast<uint32_t>(s);
           const bool calibrating = model.needs_calibration();
-          model.zero_grad();
+          {
+            nn::profile::Scope scope("zero_grad");
+            model.zero_grad();
+          }
           model.forward(x, logits, true);
-          const float loss = nn::softmax_cross_entropy_any(logits, labels.data(), &dl, nullptr);
+          float loss;
+          {
+            nn::profile::Scope scope("loss");
+            loss = nn::softmax_cross_entropy_any(logits, labels.data(), &dl, nullptr);
+          }
           model.backward(dl);
           if (!std::isfinite(loss)) {
             std::fprintf(stderr, "bench_train: %s %s: step %d has a non-finite loss\n",
@@ -162,29 +213,40 @@ int main(int argc, char** argv) try {
             model.commit_quant_step(false);
             return;
           }
+          nn::profile::Scope scope("optimizer");
           opt.step(kLr);
           model.commit_quant_step(true);
         };
         one_step(0);
-        double best = 1e30;
+        nn::profile::reset();
+        nn::profile::enable(profile);
+        double best = 1e30, total = 0.0, best_cpu = 1e30;
         for (int r = 0; r < reps; ++r) {
+          const double c0 = process_cpu_seconds();
           const auto t0 = std::chrono::steady_clock::now();
           for (int s = 0; s < steps; ++s) one_step(1 + r * steps + s);
           if (device == Device::kCuda) synchronize_device();
-          best = std::min(
-              best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+          const double t =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          best = std::min(best, t);
+          best_cpu = std::min(best_cpu, process_cpu_seconds() - c0);
+          total += t;
         }
+        nn::profile::enable(false);
         const double ips = steps * batch / best;
         const char* label = bits == 32 ? "fp32" : "4/4/4";
-        std::printf("%-10s %-6s %8d %12.1f %12.1f\n", name.c_str(), label, threads,
-                    1e3 * best / steps, ips);
+        std::printf("%-10s %-6s %8d %12.1f %12.1f %12.1f\n", name.c_str(), label, threads,
+                    1e3 * best / steps, ips, 1e3 * best_cpu / steps);
         char row[256];
         std::snprintf(row, sizeof row,
                       "%s{\"model\":\"%s\",\"bits\":\"%s\",\"threads\":%d,\"img_per_s\":%.1f,"
-                      "\"batch\":%lld,\"input\":\"%s\"}",
-                      first ? "" : ",", name.c_str(), label, threads, ips,
+                      "\"cpu_ms_per_step\":%.2f,"
+                      "\"batch\":%lld,\"input\":\"%s\"",
+                      first ? "" : ",", name.c_str(), label, threads, ips, 1e3 * best_cpu / steps,
                       static_cast<long long>(batch), input.c_str());
         json += row;
+        if (profile) json += profile_table(steps * reps, total / (steps * reps));
+        json += "}";
         first = false;
       }
   json += "]}";

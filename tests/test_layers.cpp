@@ -419,14 +419,22 @@ TEST(MaxPool2d, MatchesPlainDefinition) {
   EXPECT_THROW(pool.forward(tiny, y, true), Error);
 }
 
-// MaxPool2d's window-2 stride-2 fast path (8 outputs per AVX2 step, a scalar tail) against its
-// plain scan: the same y bit for bit and the same argmax (backward with a distinct dy per output
-// gives the same dx), on rows wide enough for several vector steps and tails, with NaNs (first,
-// later, several in a window), ties, +-0 and +-inf.
+// MaxPool2d's window-2 stride-2 fast path (8 outputs per AVX2 step, the last one moved back to
+// overlap the one before, rows under 8 outputs scalar) against its plain scan: the same y bit for
+// bit and the same argmax (backward with a distinct dy per output gives the same dx), on rows of
+// one, several and overlapping vector steps, with NaNs (first, later, several in a window), ties,
+// +-0 and +-inf.
 TEST(MaxPool2d, FastPathMatchesPlainScan) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
-  for (auto [h, w] : {std::pair<int64_t, int64_t>{2, 2}, {3, 17}, {16, 16}, {5, 33}, {4, 48}}) {
+  for (auto [h, w] : {std::pair<int64_t, int64_t>{2, 2},
+                      {3, 17},
+                      {16, 16},
+                      {5, 33},
+                      {4, 48},
+                      {7, 7},
+                      {3, 28},
+                      {6, 20}}) {
     SCOPED_TRACE(testing::Message() << "h=" << h << " w=" << w);
     Tensor x({2, 3, h, w});
     fill_normal(x, 90);

@@ -130,6 +130,37 @@ TEST(FakeQuant, ActQuantBackwardSumsInTheDocumentedLaneOrder) {
   }
 }
 
+// weight_quant_backward (AVX2 lanes where present, ds one chain in element order) against its
+// plain loop, bit for bit: dw and ds, on lengths with no full lane group, tails and several
+// chunks, with weights inside and beyond the clip range, exactly on it, +-0, +-inf and NaN.
+TEST(FakeQuant, WeightQuantBackwardEqualsReferenceBitForBit) {
+  std::mt19937_64 rng(13);
+  std::uniform_real_distribution<float> d(-2.5f, 2.5f);
+  const float s = 1.3f;
+  for (int64_t n : {1, 7, 8, 9, 255, 256, 257, 1003, 4096}) {
+    std::vector<float> w(n), dwhat(n), dw(n);
+    for (int64_t i = 0; i < n; ++i) w[i] = d(rng), dwhat[i] = d(rng), dw[i] = d(rng);
+    const float specials[] = {s,
+                              -s,
+                              0.0f,
+                              -0.0f,
+                              std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity(),
+                              std::nanf("")};
+    for (int64_t i = 0; i < n && i < 7; ++i) w[static_cast<size_t>(i * 5 % n)] = specials[i];
+    for (int bits : {2, 4, 8}) {
+      std::vector<float> dw_fast = dw, dw_ref = dw;
+      const double ds = weight_quant_backward(w.data(), n, s, bits, dwhat.data(), dw_fast.data());
+      const double ds_ref =
+          weight_quant_backward_ref(w.data(), n, s, bits, dwhat.data(), dw_ref.data());
+      EXPECT_EQ(std::memcmp(&ds, &ds_ref, sizeof ds), 0)
+          << "n " << n << " bits " << bits << ": " << ds << " vs " << ds_ref;
+      ASSERT_EQ(std::memcmp(dw_fast.data(), dw_ref.data(), sizeof(float) * n), 0)
+          << "n " << n << " bits " << bits;
+    }
+  }
+}
+
 // The byte quantizers the layers use write the integers of the float definitions, for every
 // bit-width and both activation grids: random values across and beyond the clip range, the exact
 // half-way points between codes (round half to even), the clip bounds, +-0 and +-inf. A NaN gets
@@ -172,6 +203,18 @@ TEST(FakeQuant, ByteCodesEqualTheFloatDefinitions) {
       for (int64_t i = 0; i < n; ++i)
         ASSERT_EQ(static_cast<float>(w8[i]), wref[i]) << "w = " << x[i];
     }
+  // NaNs inside the vector steps (and the tail) of the byte quantizers: code 0, counted.
+  std::vector<float> long_nan(100, 0.5f);
+  for (int64_t i : {3, 40, 97}) long_nan[i] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<uint8_t> lc(100);
+  std::vector<int8_t> lw(100);
+  EXPECT_EQ(quantize_act_codes(long_nan.data(), 100, 1.0f, 4, lc.data()), 3);
+  quantize_weight_codes(long_nan.data(), 100, 1.0f, 4, lw.data());
+  for (int64_t i = 0; i < 100; ++i) {
+    const bool nan = i == 3 || i == 40 || i == 97;
+    EXPECT_EQ(lc[i], nan ? 0 : 8) << i;  // 0.5 * 15 = 7.5: to even
+    EXPECT_EQ(lw[i], nan ? 0 : 4) << i;  // 0.5 * 7 = 3.5: to even
+  }
   const float with_nan[] = {0.5f, std::numeric_limits<float>::quiet_NaN(), 2.0f};
   uint8_t c[3];
   int8_t cs[3], cw[3];

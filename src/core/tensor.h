@@ -46,7 +46,8 @@ class Tensor {
   }
 
   // Owned storage with this shape where the tensor lives (host for a fresh tensor; contents
-  // unspecified after growth; zero on first allocation).
+  // unspecified after growth; zero on first allocation). Host storage never shrinks, so a tensor
+  // that alternates between sizes (Sequential's gradient buffers) is not zero-filled again.
   void resize(Shape shape) {
     if (buffer_ || device_ != Device::kCpu) {
       resize(std::move(shape), device_);
@@ -56,7 +57,8 @@ class Tensor {
     for (int64_t d : shape)
       INT4DDP_CHECK(d >= 0, "tensor: negative dimension in ", shape_str(shape));
     shape_ = std::move(shape);
-    storage_.resize(static_cast<size_t>(shape_numel(shape_)));
+    const size_t n = static_cast<size_t>(shape_numel(shape_));
+    if (storage_.size() < n) storage_.resize(n);
     data_ = storage_.data();
     owned_ = true;
   }

@@ -338,4 +338,35 @@ class ResidualBlock : public Layer {
 float softmax_cross_entropy(const Tensor& logits, const int32_t* labels, Tensor* dlogits,
                             int64_t* correct);
 
+// Where a step's time goes, by layer type (bench_train --profile). While enabled, Sequential times
+// each of its layers' forward and backward under the layer's type ("BatchNorm fwd"), the quantized
+// layers time their quantizer passes under their own keys ("quant: grad codes"), and callers may
+// add scopes of their own ("optimizer"). Times are wall-clock and exclusive: a scope nested in
+// another is not counted again in the outer one (a ResidualBlock's own time is its add, ReLU and
+// shortcut). Scopes must open and close on the thread that runs the step (a parallel loop inside a
+// scope is counted whole). Off by default, when a scope costs one branch.
+namespace profile {
+void enable(bool on);
+bool enabled();
+void reset();  // forget the times so far
+struct Entry {
+  std::string key;
+  double seconds;  // exclusive wall-clock time
+  int64_t calls;
+};
+std::vector<Entry> entries();  // largest time first
+class Scope {
+ public:
+  explicit Scope(const char* key);          // a fixed key
+  Scope(const Layer& layer, bool forward);  // "<layer type> fwd" / "<layer type> bwd"
+  ~Scope();
+  Scope(const Scope&) = delete;
+  Scope& operator=(const Scope&) = delete;
+
+ private:
+  void open(std::string key);
+  bool active_ = false;
+};
+}  // namespace profile
+
 }  // namespace int4ddp::nn

@@ -1,12 +1,17 @@
 // fp32 layers (see layer.h for the contract): the batch-part helpers, Linear, ReLU, pooling,
 // Sequential, ResidualBlock and the loss. Conv2d and BatchNorm have their own files. Parameters are
 // accumulated (+=) in backward.
+#include <cxxabi.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <typeinfo>
 
 #include "kernels/common/parallel.h"
 #include "kernels/math/gemm.h"
@@ -177,6 +182,12 @@ __attribute__((target("avx2"))) inline __m256 pool_columns(__m256 lo, __m256 hi,
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
+// The 8-output steps of a row of wo outputs: row_steps8 of them (none when wo < 8: the scalar
+// loop does the row), starting at 0, 8, ...; a last partial step moves back to wo - 8 (it redoes
+// a few outputs, with the same results), so a row of at least 8 outputs has no scalar tail.
+inline int64_t row_steps8(int64_t wo) { return wo < 8 ? 0 : (wo + 7) / 8; }
+inline int64_t row_step8(int64_t step, int64_t wo) { return std::min(step * 8, wo - 8); }
+
 // pool2x2_row for 8 outputs at a time (the loads stay inside the rows: 2 * wo <= w); returns
 // the first output it left to the scalar loop.
 __attribute__((target("avx2"))) int64_t pool2x2_row_avx2(const float* r0, const float* r1,
@@ -184,8 +195,9 @@ __attribute__((target("avx2"))) int64_t pool2x2_row_avx2(const float* r0, const 
                                                          float* y, int32_t* arg) {
   const __m256i lanes = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i one = _mm256_set1_epi32(1), down = _mm256_set1_epi32(w);
-  int64_t ox = 0;
-  for (; ox + 8 <= wo; ox += 8) {
+  const int64_t steps = row_steps8(wo);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t ox = row_step8(step, wo);
     const __m256 a0 = _mm256_loadu_ps(r0 + 2 * ox), a1 = _mm256_loadu_ps(r0 + 2 * ox + 8);
     const __m256 b0 = _mm256_loadu_ps(r1 + 2 * ox), b1 = _mm256_loadu_ps(r1 + 2 * ox + 8);
     const __m256i i = _mm256_add_epi32(_mm256_set1_epi32(i0 + 2 * static_cast<int32_t>(ox)), lanes);
@@ -198,7 +210,7 @@ __attribute__((target("avx2"))) int64_t pool2x2_row_avx2(const float* r0, const 
     _mm256_storeu_ps(y + ox, best);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(arg + ox), a);
   }
-  return ox;
+  return steps > 0 ? wo : 0;
 }
 
 }  // namespace
@@ -353,7 +365,10 @@ const Tensor& Sequential::forward_output(const Tensor& x, bool train) {
   acts_.resize(layers_.size());
   const Tensor* in = &x;
   for (size_t i = 0; i < layers_.size(); ++i) {
-    layers_[i]->forward(*in, acts_[i], train);
+    {
+      profile::Scope scope(*layers_[i], true);
+      layers_[i]->forward(*in, acts_[i], train);
+    }
     in = &acts_[i];
   }
   return acts_.back();
@@ -369,7 +384,10 @@ void Sequential::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tens
   for (size_t i = layers_.size(); i-- > 0;) {
     const Tensor& in = i == 0 ? x : acts_[i - 1];
     Tensor* out = i == 0 ? dx : &grads_[i % 2];
-    layers_[i]->backward(in, acts_[i], *upstream, out);
+    {
+      profile::Scope scope(*layers_[i], false);
+      layers_[i]->backward(in, acts_[i], *upstream, out);
+    }
     upstream = out;
     if (hook_) hook_(i);
   }
@@ -540,5 +558,77 @@ float softmax_cross_entropy(const Tensor& logits, const int32_t* labels, Tensor*
   if (correct) *correct = hits;
   return static_cast<float>(loss / static_cast<double>(n));
 }
+
+// ---- profile ---------------------------------------------------------------------------------
+
+namespace profile {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+struct Frame {
+  std::string key;
+  Clock::time_point start;
+  double children = 0.0;  // seconds spent in scopes nested in this one
+};
+struct State {
+  bool on = false;
+  std::vector<Frame> stack;
+  std::map<std::string, std::pair<double, int64_t>> totals;  // key -> (seconds, calls)
+};
+State& state() {
+  static State s;
+  return s;
+}
+
+// "int4ddp::nn::QConv2d" -> "QConv2d".
+std::string type_label(const std::type_info& t) {
+  int status = 0;
+  char* d = abi::__cxa_demangle(t.name(), nullptr, nullptr, &status);
+  std::string name = status == 0 && d ? d : t.name();
+  std::free(d);
+  const size_t colon = name.rfind("::");
+  return colon == std::string::npos ? name : name.substr(colon + 2);
+}
+
+}  // namespace
+
+void enable(bool on) { state().on = on; }
+bool enabled() { return state().on; }
+void reset() { state().totals.clear(); }
+
+std::vector<Entry> entries() {
+  std::vector<Entry> out;
+  for (const auto& [key, v] : state().totals) out.push_back({key, v.first, v.second});
+  std::sort(out.begin(), out.end(),
+            [](const Entry& a, const Entry& b) { return a.seconds > b.seconds; });
+  return out;
+}
+
+Scope::Scope(const char* key) {
+  if (state().on) open(key);
+}
+
+Scope::Scope(const Layer& layer, bool forward) {
+  if (state().on) open(type_label(typeid(layer)) + (forward ? " fwd" : " bwd"));
+}
+
+void Scope::open(std::string key) {
+  active_ = true;
+  state().stack.push_back({std::move(key), Clock::now(), 0.0});
+}
+
+Scope::~Scope() {
+  if (!active_) return;
+  State& s = state();
+  Frame f = std::move(s.stack.back());
+  s.stack.pop_back();
+  const double elapsed = std::chrono::duration<double>(Clock::now() - f.start).count();
+  auto& total = s.totals[f.key];
+  total.first += elapsed - f.children;
+  total.second += 1;
+  if (!s.stack.empty()) s.stack.back().children += elapsed;
+}
+
+}  // namespace profile
 
 }  // namespace int4ddp::nn

@@ -129,29 +129,89 @@ void quantize_weight_codes(const float* w, int64_t n, float s, int bits, float* 
   for (int64_t i = 0; i < n; ++i) codes[i] = std::clamp(std::rint(w[i] / se * lim), -lim, lim);
 }
 
-void quantize_weight_codes(const float* w, int64_t n, float s, int bits, int8_t* codes) {
-  const float lim = static_cast<float>(quant::levels(bits));
-  const float se = effective_step(s);
-  for (int64_t i = 0; i < n; ++i) {
-    const float q = std::clamp(std::rint(w[i] / se * lim), -lim, lim);
-    codes[i] = static_cast<int8_t>(q == q ? static_cast<int32_t>(q) : 0);  // NaN: 0
+namespace {
+
+// One element of weight_quant_backward: dw += dwhat inside the clip range; returns its term of
+// d loss / d s.
+inline double weight_term(float w, float se, float lim, float dwhat, float* dw) {
+  const float v = w / se * lim;
+  if (std::fabs(v) <= lim) {
+    *dw += dwhat;
+    return static_cast<double>(dwhat) * (std::rint(v) - v) / lim;
   }
+  return v > 0 ? dwhat : -dwhat;
 }
 
-double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
-                             float* dw) {
+}  // namespace
+
+double weight_quant_backward_ref(const float* w, int64_t n, float s, int bits, const float* dwhat,
+                                 float* dw) {
   const float lim = static_cast<float>(quant::levels(bits));
   const float se = effective_step(s);
   double ds = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = w[i] / se * lim;
-    if (std::fabs(v) <= lim) {
-      dw[i] += dwhat[i];
-      ds += static_cast<double>(dwhat[i]) * (std::rint(v) - v) / lim;
-    } else {
-      ds += v > 0 ? dwhat[i] : -dwhat[i];
-    }
+  for (int64_t i = 0; i < n; ++i) ds += weight_term(w[i], se, lim, dwhat[i], dw + i);
+  return ds;
+}
+
+namespace {
+
+// weight_quant_backward_ref's per-element work for m elements (a multiple of 8) on 8 AVX2 lanes:
+// dw updated in place and each element's term of ds written to terms[i], for the caller to add in
+// element order. The same operations per element: v = (w / se) * lim, |v| <= lim by an ordered
+// compare (a NaN is outside, and v > 0 is false for it, as in the scalar code), _mm256_round_ps
+// rounds to nearest even as std::rint does, the negation flips the sign bit as unary minus does,
+// and the term is double(dwhat) * double(rint(v) - v) / double(lim) or double(+-dwhat).
+__attribute__((target("avx2"))) void weight_terms_avx2(const float* w, int64_t m, float se,
+                                                       float lim, const float* dwhat, float* dw,
+                                                       double* terms) {
+  const __m256 vse = _mm256_set1_ps(se), vlim = _mm256_set1_ps(lim);
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  const __m256d dlim = _mm256_set1_pd(static_cast<double>(lim));
+  for (int64_t i = 0; i < m; i += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(w + i), vse), vlim);
+    const __m256 inside = _mm256_cmp_ps(_mm256_andnot_ps(sign, v), vlim, _CMP_LE_OQ);
+    const __m256 g = _mm256_loadu_ps(dwhat + i);
+    const __m256 d = _mm256_loadu_ps(dw + i);
+    _mm256_storeu_ps(dw + i, _mm256_blendv_ps(d, _mm256_add_ps(d, g), inside));
+    const __m256 resid =
+        _mm256_sub_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), v);
+    const __m256 clip =
+        _mm256_blendv_ps(_mm256_xor_ps(g, sign), g, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+    const __m256d g0 = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
+    const __m256d g1 = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
+    const __m256d in0 =
+        _mm256_div_pd(_mm256_mul_pd(g0, _mm256_cvtps_pd(_mm256_castps256_ps128(resid))), dlim);
+    const __m256d in1 =
+        _mm256_div_pd(_mm256_mul_pd(g1, _mm256_cvtps_pd(_mm256_extractf128_ps(resid, 1))), dlim);
+    const __m256d out0 = _mm256_cvtps_pd(_mm256_castps256_ps128(clip));
+    const __m256d out1 = _mm256_cvtps_pd(_mm256_extractf128_ps(clip, 1));
+    const __m256d mask0 = _mm256_cvtps_pd(_mm256_castps256_ps128(inside));  // all-ones: NaN
+    const __m256d mask1 = _mm256_cvtps_pd(_mm256_extractf128_ps(inside, 1));
+    _mm256_storeu_pd(terms + i, _mm256_blendv_pd(out0, in0, mask0));
+    _mm256_storeu_pd(terms + i + 4, _mm256_blendv_pd(out1, in1, mask1));
   }
+}
+
+}  // namespace
+
+// As weight_quant_backward_ref: the per-element work on AVX2 lanes in chunks, ds still one chain
+// of double adds in element order (bit for bit the reference's).
+double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
+                             float* dw) {
+  static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
+  if (!avx2) return weight_quant_backward_ref(w, n, s, bits, dwhat, dw);
+  constexpr int64_t kChunk = 256;
+  const float lim = static_cast<float>(quant::levels(bits));
+  const float se = effective_step(s);
+  double terms[kChunk];
+  double ds = 0.0;
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t i = 0; i < n8; i += kChunk) {
+    const int64_t m = std::min(kChunk, n8 - i);
+    weight_terms_avx2(w + i, m, se, lim, dwhat + i, dw + i, terms);
+    for (int64_t j = 0; j < m; ++j) ds += terms[j];
+  }
+  for (int64_t i = n8; i < n; ++i) ds += weight_term(w[i], se, lim, dwhat[i], dw + i);
   return ds;
 }
 
@@ -185,22 +245,13 @@ int64_t act_codes_plain(const float* x, int64_t n, float ue, float lo, float q, 
   return nan;
 }
 
-template <typename T>
-__attribute__((target("avx2"))) int64_t act_codes_avx2(const float* x, int64_t n, float ue,
-                                                       float lo, float q, T* codes) {
-  const __m256 vue = _mm256_set1_ps(ue), vlo = _mm256_set1_ps(lo), one = _mm256_set1_ps(1.0f);
-  const __m256 vq = _mm256_set1_ps(q);
+// Byte codes of x[0, n) in steps of 32 on AVX2: codes8(p) gives 8 codes as int32 (in range for
+// T), packed with saturation (which never applies) and stored in order. Returns the elements done
+// (a multiple of 32); the caller's plain loop does the rest.
+template <typename T, typename Codes8>
+__attribute__((target("avx2"))) int64_t byte_codes_avx2(const float* x, int64_t n,
+                                                        const Codes8& codes8, T* codes) {
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  int64_t nan = 0;
-  auto codes8 = [&](const float* p) {  // 8 codes as int32 (NaN: 0, counted)
-    __m256 t = _mm256_div_ps(_mm256_loadu_ps(p), vue);
-    t = _mm256_min_ps(one, _mm256_max_ps(vlo, t));
-    const __m256 v =
-        _mm256_round_ps(_mm256_mul_ps(t, vq), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 ord = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
-    nan += 8 - __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(ord)));
-    return _mm256_cvtps_epi32(_mm256_and_ps(v, ord));
-  };
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const __m256i a = codes8(x + i), b = codes8(x + i + 8);
@@ -211,7 +262,52 @@ __attribute__((target("avx2"))) int64_t act_codes_avx2(const float* x, int64_t n
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
                         _mm256_permutevar8x32_epi32(bytes, order));
   }
+  return i;
+}
+
+// The activation quantizer's 8 codes (NaN: 0, counted).
+struct ActCodes8 {
+  __m256 vue, vlo, one, vq;
+  int64_t* nan;
+  __attribute__((target("avx2"))) __m256i operator()(const float* p) const {
+    __m256 t = _mm256_div_ps(_mm256_loadu_ps(p), vue);
+    t = _mm256_min_ps(one, _mm256_max_ps(vlo, t));
+    const __m256 v =
+        _mm256_round_ps(_mm256_mul_ps(t, vq), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 ord = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+    *nan += 8 - __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(ord)));
+    return _mm256_cvtps_epi32(_mm256_and_ps(v, ord));
+  }
+};
+
+template <typename T>
+__attribute__((target("avx2"))) int64_t act_codes_avx2(const float* x, int64_t n, float ue,
+                                                       float lo, float q, T* codes) {
+  int64_t nan = 0;
+  const ActCodes8 codes8{_mm256_set1_ps(ue), _mm256_set1_ps(lo), _mm256_set1_ps(1.0f),
+                         _mm256_set1_ps(q), &nan};
+  const int64_t i = byte_codes_avx2(x, n, codes8, codes);
   return nan + act_codes_plain(x + i, n - i, ue, lo, q, codes + i);
+}
+
+// The weight quantizer's 8 codes clamp(rint((w / se) * lim), -lim, lim) (NaN: 0): the scalar
+// code's operations (_mm256_round_ps rounds to nearest even as std::rint does; +-inf clamp to
+// +-lim as std::clamp does; a NaN is masked to 0 whatever min and max make of it).
+struct WeightCodes8 {
+  __m256 vse, vlim, vneg;
+  __attribute__((target("avx2"))) __m256i operator()(const float* p) const {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(p), vse), vlim),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(r, vneg), vlim);
+    return _mm256_cvtps_epi32(_mm256_and_ps(c, _mm256_cmp_ps(r, r, _CMP_ORD_Q)));
+  }
+};
+
+// quantize_weight_codes' 32-code steps; returns the elements done.
+__attribute__((target("avx2"))) int64_t weight_codes_avx2(const float* w, int64_t n, float se,
+                                                          float lim, int8_t* codes) {
+  const WeightCodes8 codes8{_mm256_set1_ps(se), _mm256_set1_ps(lim), _mm256_set1_ps(-lim)};
+  return byte_codes_avx2(w, n, codes8, codes);
 }
 
 template <typename T>
@@ -224,6 +320,17 @@ int64_t act_codes_bytes(const float* x, int64_t n, float u, int bits, bool is_si
 }
 
 }  // namespace
+
+void quantize_weight_codes(const float* w, int64_t n, float s, int bits, int8_t* codes) {
+  static const bool avx2 = quant::isa_allows(quant::Isa::kAvx2);
+  const float lim = static_cast<float>(quant::levels(bits));
+  const float se = effective_step(s);
+  const int64_t done = avx2 ? weight_codes_avx2(w, n, se, lim, codes) : 0;
+  for (int64_t i = done; i < n; ++i) {
+    const float q = std::clamp(std::rint(w[i] / se * lim), -lim, lim);
+    codes[i] = static_cast<int8_t>(q == q ? static_cast<int32_t>(q) : 0);  // NaN: 0
+  }
+}
 
 int64_t quantize_act_codes(const float* x, int64_t n, float u, int bits, uint8_t* codes) {
   return act_codes_bytes(x, n, u, bits, false, codes);
@@ -438,6 +545,7 @@ void QuantizedOp::diagnose_grad(const float* dy, const float* dequantized, int64
 }
 
 float QuantizedOp::quantize_grad(const Tensor& dy, std::vector<int8_t>* codes) {
+  profile::Scope scope("quant: grad codes");
   const int64_t n = dy.numel();
   const quant::QuantParams p = grad_quant_params(dy.data(), n);
   // One per-tensor quantization done in pieces on the threads: the max and the counts are exact
@@ -488,6 +596,7 @@ QuantizedOp::Grid QuantizedOp::grid() const {
 }
 
 float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train) {
+  profile::Scope scope("quant: act + weight codes");
   if (!initialized_ && train) init_steps(x, w);
   xq_.resize(static_cast<size_t>(x.numel()));
   wq_.resize(static_cast<size_t>(w.value.numel()));
@@ -519,6 +628,7 @@ float QuantizedOp::quantize_operands(const Tensor& x, const Param& w, bool train
 }
 
 void QuantizedOp::act_backward(const Tensor& x, const float* dxhat, Tensor* dx) {
+  profile::Scope scope("quant: act backward");
   Tensor* out = dx ? dx : &dx_unused_;  // u_A needs the pass even when dx is not wanted
   out->resize(x.shape());
   const int64_t n = x.dim(0), per = x.numel() / std::max<int64_t>(1, n);
@@ -536,6 +646,7 @@ void QuantizedOp::act_backward(const Tensor& x, const float* dxhat, Tensor* dx) 
 }
 
 void QuantizedOp::weight_backward(Param& w, const float* dwhat) {
+  profile::Scope scope("quant: weight backward");
   const int64_t n = w.value.numel(), blocks = (n + kWeightBlock - 1) / kWeightBlock;
   ds_parts_.resize(static_cast<size_t>(blocks));
   parallel_for(blocks, [&](int64_t b) {
@@ -580,10 +691,20 @@ void QLinear::forward(const Tensor& x, Tensor& y, bool train) {
   const float scale = quantize_operands(x, weight_, train);
   const Grid g = grid();
   y.resize({n, out_});
+  // With an igemm ISA, X's codes are packed once (as A: any codes) for every feature block, not
+  // once per block; W^T's block is packed as B (int8 codes) in its block.
+  const CodeMatrix xa = act_operand(xq_.data(), in_, g.qa, signed_input());
+  const bool packed = gemm_isa_ != math::IgemmIsa::kRef;
+  if (packed) x_rows_.pack(gemm_isa_, n, in_, xa);
   for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
-    code_gemm(gemm_isa_, n, j1 - j0, in_, act_operand(xq_.data(), in_, g.qa, signed_input()),
-              math::codes_s8(wq_.data() + j0 * in_, in_, g.qw, Trans::kYes), scale, false,
-              y.data() + j0, out_);
+    const CodeMatrix wt = math::codes_s8(wq_.data() + j0 * in_, in_, g.qw, Trans::kYes);
+    if (packed) {
+      thread_local math::IgemmPackedB wb;
+      wb.pack(gemm_isa_, in_, j1 - j0, wt);
+      math::igemm_packed(x_rows_, wb, scale, false, y.data() + j0, out_);
+    } else {
+      code_gemm(gemm_isa_, n, j1 - j0, in_, xa, wt, scale, false, y.data() + j0, out_);
+    }
     if (has_bias_)
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = j0; j < j1; ++j) y[i * out_ + j] += bias_.value[j];
@@ -594,12 +715,21 @@ void QLinear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor*
   const int64_t n = x.dim(0);
   const float dg = quantize_grad(dy, &gq_);
   const Grid g = grid();
-  // dW^ (out, in) = G^T (out, n) X^ (n, in)
+  // dW^ (out, in) = G^T (out, n) X^ (n, in); X's codes packed once as B where they fit int8.
   scratch_.resize(static_cast<size_t>(std::max(out_, n) * in_));
+  const CodeMatrix xb = act_operand(xq_.data(), in_, g.qa, signed_input());
+  const bool packed = gemm_isa_ != math::IgemmIsa::kRef && math::igemm_fits_s8(xb);
+  if (packed) x_cols_.pack(gemm_isa_, n, in_, xb);
   for_feature_blocks(out_, [&](int64_t j0, int64_t j1) {
-    code_gemm(gemm_isa_, j1 - j0, in_, n, math::codes_s8(gq_.data() + j0, out_, g.qg, Trans::kYes),
-              act_operand(xq_.data(), in_, g.qa, signed_input()), dg * g.sa, false,
-              scratch_.data() + j0 * in_, in_);
+    const CodeMatrix gt = math::codes_s8(gq_.data() + j0, out_, g.qg, Trans::kYes);
+    if (packed) {
+      thread_local math::IgemmPackedA ga;
+      ga.pack(gemm_isa_, j1 - j0, n, gt);
+      math::igemm_packed(ga, x_cols_, dg * g.sa, false, scratch_.data() + j0 * in_, in_);
+    } else {
+      code_gemm(gemm_isa_, j1 - j0, in_, n, gt, xb, dg * g.sa, false, scratch_.data() + j0 * in_,
+                in_);
+    }
   });
   weight_backward(weight_, scratch_.data());
   if (has_bias_)
@@ -658,7 +788,7 @@ void QConv2d::forward(const Tensor& x, Tensor& y, bool train) {
   // 3x3 stride 1 pad 1: the implicit-GEMM integer convolution (math::iconv3x3, no column pass)
   // where it runs (an igemm ISA; AVX512-VNNI, or AVX2 with int16 pair sums that cannot saturate).
   if (gemm_isa_ != math::IgemmIsa::kRef && kernel_ == 3 && stride_ == 1 && pad_ == 1) {
-    math::Iconv3x3Weights wi;
+    math::Iconv3x3Weights& wi = w_iconv_fwd_;
     wi.pack(wq_.data(), out_, in_, g.qw);
     if (math::iconv3x3_supports(wi, g.qa, signed_input())) {
       parallel_for(parts.count(), [&](int64_t p) {
@@ -703,7 +833,9 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
   // dW^ is summed over groups as exact integers (int_gemm with unit scale) in double, then scaled
   // once; dX^ (the input's shape) is needed even without dx, for u_A's gradient.
   dw_acc_.resize(static_cast<size_t>(num_threads()));
-  for (auto& acc : dw_acc_) acc.assign(static_cast<size_t>(wsize), 0.0);
+  parallel_for(static_cast<int64_t>(dw_acc_.size()), [&](int64_t t) {
+    dw_acc_[static_cast<size_t>(t)].assign(static_cast<size_t>(wsize), 0.0);
+  });
   Tensor& dxhat = dxhat_;  // reused across steps: a fresh 1-10 MB buffer per step page-faults
   dxhat.resize(x.shape());
   std::vector<float>& dwhat = dwhat_;  // reused: a fresh buffer per call page-faults
@@ -786,16 +918,16 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
       }
       // Not null: dx by the implicit-GEMM convolution of dy with these (transposed) weights, and
       // only the transposed columns (for dW) are built. wgrad_sums not null: dW by
-      // iconv3x3_wgrad too (no columns at all), exact sums per batch part, added to dW^ after.
+      // iconv3x3_wgrad too (no columns at all), exact sums per thread slot (reset by the
+      // caller), added to dW^ after.
       const math::Iconv3x3Weights* w_iconv;
       std::vector<math::Iconv3x3WgradSum>* wgrad_sums;
-      bool dy_columns_products(int64_t part, bool first, int64_t s0, int64_t g, const uint8_t* xg,
+      bool dy_columns_products(int64_t, bool, int64_t s0, int64_t g, const uint8_t* xg,
                                float* dxg) {
         if (!packed) return false;
         const int64_t icols = dy_geo.cols(g), dy_size = dy_geo.channels * dy_geo.h * dy_geo.w;
         if (wgrad_sums) {
-          math::Iconv3x3WgradSum& sum = (*wgrad_sums)[static_cast<size_t>(part)];
-          if (first) sum.reset(x_geo.channels, dy_geo.channels);
+          math::Iconv3x3WgradSum& sum = (*wgrad_sums)[static_cast<size_t>(thread_index())];
           const int64_t x_size = x_geo.channels * x_geo.h * x_geo.w;
           sum.add(x_geo.h, x_geo.w, g, x_codes + s0 * x_size, x_signed, qx, dy_codes + s0 * dy_size,
                   qdy);
@@ -836,7 +968,7 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
     };
     const bool by_dy = dx_by_transposed_conv();  // backward_by_groups' path (dX^ always wanted)
     const bool packed = gemm_isa_ != math::IgemmIsa::kRef && (by_dy || g.qa <= 127);
-    math::Iconv3x3Weights w_iconv;
+    math::Iconv3x3Weights& w_iconv = w_iconv_bwd_;
     bool iconv = false;
     if (packed && by_dy && kernel_ == 3 && stride_ == 1 && pad_ == 1) {
       w_iconv.pack_transposed(wq_.data(), out_, in_, g.qw);
@@ -852,11 +984,12 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
       w_bwd_.pack(gemm_isa_, ckk, out_, math::codes_s8(wq_.data(), ckk, g.qw, Trans::kYes));
     }
     const int64_t ho = y.dim(2), wo = y.dim(3);
-    thread_local std::vector<math::Iconv3x3WgradSum> wgrad_sums;  // per batch part
     const bool wgrad_iconv =
         iconv && math::iconv3x3_wgrad_supports(h, w, g.qa, signed_input(), g.qg);
-    if (wgrad_iconv && static_cast<int64_t>(wgrad_sums.size()) < parts.count())
-      wgrad_sums.resize(static_cast<size_t>(parts.count()));
+    if (wgrad_iconv) {  // one exact sum per thread slot, so finish runs once per thread
+      wgrad_sums_.resize(static_cast<size_t>(num_threads()));
+      for (math::Iconv3x3WgradSum& sum : wgrad_sums_) sum.reset(in_, out_);
+    }
     CodeProducts products{gemm_isa_,
                           g.qa,
                           g.qw,
@@ -872,28 +1005,27 @@ void QConv2d::backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tenso
                           xq_.data(),
                           gq_.data(),
                           iconv ? &w_iconv : nullptr,
-                          wgrad_iconv ? &wgrad_sums : nullptr};
+                          wgrad_iconv ? &wgrad_sums_ : nullptr};
     transposed =
         backward_by_groups(n, h, w, xq_.data(), gq_.data(), wq_.data(), dxhat.data(), products);
     if (wgrad_iconv)  // exact integer sums: any order
-      for (int64_t p = 0; p < parts.count(); ++p)
-        wgrad_sums[static_cast<size_t>(p)].finish(/*transposed=*/true, dw_acc_[0].data());
+      for (const math::Iconv3x3WgradSum& sum : wgrad_sums_)
+        sum.finish(/*transposed=*/true, dw_acc_[0].data());
   }
-  std::vector<double>& total = dw_acc_[0];
-  for (size_t t = 1; t < dw_acc_.size(); ++t)
-    for (int64_t i = 0; i < wsize; ++i) total[static_cast<size_t>(i)] += dw_acc_[t][i];
-  if (transposed) {
-    const int k = kernel_;
-    for (int64_t o = 0; o < out_; ++o)
-      for (int64_t c = 0; c < in_; ++c)
-        for (int ky = 0; ky < k; ++ky)
-          for (int kx = 0; kx < k; ++kx)
-            dwhat[static_cast<size_t>(((o * in_ + c) * k + ky) * k + kx)] =
-                wscale *
-                static_cast<float>(total[static_cast<size_t>(flipped_index(o, c, ky, kx))]);
-  } else {
-    for (size_t i = 0; i < dwhat.size(); ++i) dwhat[i] = wscale * static_cast<float>(total[i]);
-  }
+  // dW^ = wscale * (the threads' exact sums added, in thread order), un-flipped where transposed;
+  // output channels in parallel (each element's sum is the same whoever computes it).
+  const int k = kernel_;
+  parallel_for(out_, [&](int64_t o) {
+    for (int64_t c = 0; c < in_; ++c)
+      for (int ky = 0; ky < k; ++ky)
+        for (int kx = 0; kx < k; ++kx) {
+          const int64_t i = ((o * in_ + c) * k + ky) * k + kx;
+          const size_t src = static_cast<size_t>(transposed ? flipped_index(o, c, ky, kx) : i);
+          double total = dw_acc_[0][src];
+          for (size_t t = 1; t < dw_acc_.size(); ++t) total += dw_acc_[t][src];
+          dwhat[static_cast<size_t>(i)] = wscale * static_cast<float>(total);
+        }
+  });
   weight_backward(weight_, dwhat.data());
   act_backward(x, dxhat.data(), dx);
 }

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/math/iconv3x3.h"
 #include "kernels/math/igemm.h"
 #include "kernels/quant/codec.h"
 #include "kernels/quant/diagnostics.h"
@@ -67,9 +68,13 @@ struct GradQuantizerState {
 // which the trainer never keeps, gets code 0).
 void quantize_weight_codes(const float* w, int64_t n, float s, int bits, float* codes);
 void quantize_weight_codes(const float* w, int64_t n, float s, int bits, int8_t* codes);
-// dw += dwhat where |w / s * L| <= L; returns d loss / d s (STE for the rounding).
+// dw += dwhat where |w / s * L| <= L; returns d loss / d s (STE for the rounding), summed in
+// element order. The _ref version is the plain loop; weight_quant_backward does the per-element
+// work on AVX2 lanes where the CPU has them (the same dw and ds, bit for bit).
 double weight_quant_backward(const float* w, int64_t n, float s, int bits, const float* dwhat,
                              float* dw);
+double weight_quant_backward_ref(const float* w, int64_t n, float s, int bits, const float* dwhat,
+                                 float* dw);
 // Activation codes: unsigned rint(clamp(x / u, 0, 1) * N) or signed rint(clamp(x / u, -1, 1) * L),
 // as integer-valued floats (the definition); and as bytes, the same integers: the unsigned grid as
 // uint8 (0..255 at 8 bits), the signed grid as int8. A NaN input has no code: the byte versions
@@ -167,6 +172,12 @@ class QLinear : public Linear, public QuantizedOp {
   void forward(const Tensor& x, Tensor& y, bool train) override;
   void backward(const Tensor& x, const Tensor& y, const Tensor& dy, Tensor* dx) override;
   std::vector<Param*> params() override;
+
+ private:
+  // The step's activation codes packed for the igemm kernels once, not once per feature block:
+  // as A (n, in) for forward, and as B (n, in) for dW^ where they fit int8.
+  math::IgemmPackedA x_rows_;
+  math::IgemmPackedB x_cols_;
 };
 
 class QConv2d : public Conv2d, public QuantizedOp {
@@ -189,6 +200,11 @@ class QConv2d : public Conv2d, public QuantizedOp {
   // forward (W) and for backward-data (W flipped and transposed, or W^T), read by every group.
   math::IgemmPackedA w_fwd_, w_bwd_;
   std::vector<int8_t> w_flip_;  // (in, out*k*k) flipped weight codes
+  // Implicit-GEMM 3x3 path: the step's weight codes packed for forward and (transposed) for
+  // backward-data, kept so that their storage is reused; and the exact dW^ sums of
+  // iconv3x3_wgrad, one per thread slot (num_threads()), added into dW^ once per backward.
+  math::Iconv3x3Weights w_iconv_fwd_, w_iconv_bwd_;
+  std::vector<math::Iconv3x3WgradSum> wgrad_sums_;
 };
 
 }  // namespace int4ddp::nn
