@@ -117,7 +117,7 @@ void local_addresses(Endpoint& e) {
 
 // Connects to one address of `to` and exchanges the hello: the connection, or -1.
 int connect_to(const Endpoint& to, uint32_t addr, uint64_t my_rank) {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return -1;
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
@@ -145,7 +145,7 @@ int accept_from(int listener, uint64_t token, uint64_t prev_rank) {
       std::chrono::steady_clock::now() + std::chrono::milliseconds(kAcceptTimeoutMs);
   while (std::chrono::steady_clock::now() < deadline) {
     if (!wait_fd(listener, POLLIN, 200)) continue;
-    int fd = ::accept(listener, nullptr, nullptr);
+    int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
     if (fd < 0) continue;
     Hello hello{};
     if (set_nonblocking(fd) && recv_all(fd, &hello, sizeof hello, kConnectTimeoutMs) &&
@@ -165,7 +165,7 @@ std::unique_ptr<SocketRing> SocketRing::connect(Communicator& comm) {
   Endpoint me{};
   me.token = (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}() ^
              (static_cast<uint64_t>(::getpid()) << 16);
-  int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_in sa{};
   sa.sin_family = AF_INET;
   sa.sin_addr.s_addr = htonl(INADDR_ANY);
