@@ -32,6 +32,22 @@ float random_input(int rank, int64_t i) {
   return std::ldexp(uniform(77, rank, i), static_cast<int>((i * 7 + rank * 3) % 41) - 20);
 }
 
+// Rank r's input random_input(r + shift, i): this rank's in mine, ring_reference_sum's result in
+// want (count floats each).
+void random_case(int64_t count, int shift, std::vector<float>& mine, std::vector<float>& want) {
+  std::vector<std::vector<float>> inputs(static_cast<size_t>(R()),
+                                         std::vector<float>(static_cast<size_t>(count)));
+  std::vector<const float*> ptrs;
+  for (int r = 0; r < R(); ++r) {
+    for (int64_t i = 0; i < count; ++i)
+      inputs[static_cast<size_t>(r)][static_cast<size_t>(i)] = random_input(r + shift, i);
+    ptrs.push_back(inputs[static_cast<size_t>(r)].data());
+  }
+  want.resize(static_cast<size_t>(count));
+  ring_reference_sum(ptrs, count, want.data());
+  mine = inputs[static_cast<size_t>(me())];
+}
+
 TEST(RingAllreduce, ExactSumOnIntegersForEverySizeAndSegment) {
   std::vector<float> scratch;
   for (size_t seg : kSegments)
@@ -55,17 +71,8 @@ TEST(RingAllreduce, FixedReductionOrderBitForBitOnEveryRank) {
   for (size_t seg : kSegments)
     for (int64_t count : kCounts) {
       if (!worth_running(count, seg)) continue;
-      std::vector<std::vector<float>> inputs(static_cast<size_t>(R()),
-                                             std::vector<float>(static_cast<size_t>(count)));
-      std::vector<const float*> ptrs;
-      for (int r = 0; r < R(); ++r) {
-        for (int64_t i = 0; i < count; ++i)
-          inputs[static_cast<size_t>(r)][static_cast<size_t>(i)] = random_input(r, i);
-        ptrs.push_back(inputs[static_cast<size_t>(r)].data());
-      }
-      std::vector<float> want(static_cast<size_t>(count));
-      ring_reference_sum(ptrs, count, want.data());
-      std::vector<float> buf = inputs[static_cast<size_t>(me())];
+      std::vector<float> buf, want;
+      random_case(count, 0, buf, want);
       ring_allreduce_sum(W(), buf.data(), count, scratch, seg);
       EXPECT_EQ(count_wrong(buf, want), 0) << "count " << count << " segment " << seg;
       EXPECT_TRUE(same_on_all_ranks(buf.data(), buf.size() * sizeof(float))) << count;
@@ -92,17 +99,8 @@ TEST(SocketRing, SameBitsAsTheRingForEverySizeAndSegment) {
     for (size_t seg : kSegments)
       for (int64_t count : kCounts) {
         if (!worth_running(count, seg)) continue;
-        std::vector<std::vector<float>> inputs(static_cast<size_t>(R()),
-                                               std::vector<float>(static_cast<size_t>(count)));
-        std::vector<const float*> ptrs;
-        for (int r = 0; r < R(); ++r) {
-          for (int64_t i = 0; i < count; ++i)
-            inputs[static_cast<size_t>(r)][static_cast<size_t>(i)] = random_input(r + round, i);
-          ptrs.push_back(inputs[static_cast<size_t>(r)].data());
-        }
-        std::vector<float> want(static_cast<size_t>(count));
-        ring_reference_sum(ptrs, count, want.data());
-        std::vector<float> buf = inputs[static_cast<size_t>(me())];
+        std::vector<float> buf, want;
+        random_case(count, round, buf, want);
         ring->allreduce_sum(buf.data(), count, scratch, seg);
         EXPECT_EQ(count_wrong(buf, want), 0) << "count " << count << " segment " << seg;
       }
