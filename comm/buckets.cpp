@@ -81,6 +81,34 @@ std::vector<BucketPlan> plan_buckets(const BucketConfig& cfg, std::vector<Segmen
   return plan;
 }
 
+namespace {
+// 1 when the float with these bits is NaN or Inf (all exponent bits set), else 0: an integer test
+// that vectorises (std::isfinite in a loop does not).
+inline int64_t nonfinite_bit(uint32_t bits) { return (bits & 0x7f800000u) == 0x7f800000u; }
+}  // namespace
+
+int64_t divide_and_count_nonfinite(float* x, int64_t count, float n) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = x[i] / n;
+    x[i] = v;
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    bad += nonfinite_bit(bits);
+  }
+  return bad;
+}
+
+int64_t count_nonfinite(const float* x, int64_t count) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    bad += nonfinite_bit(bits);
+  }
+  return bad;
+}
+
 int64_t tiled_offset(const std::vector<Segment>& segs) {
   if (segs.empty()) return -1;
   for (size_t i = 1; i < segs.size(); ++i)
@@ -239,6 +267,7 @@ StepCommStats BucketEngine::finish() {
   }
   StepCommStats s;
   s.wait_seconds = seconds_since(t0);
+  if (path_ != BucketPath::kDevice) s.result_nonfinite = 0;
   double fp32_ring = 0;
   const int n = comm_.size();
   for (const Bucket& b : buckets_) {
@@ -247,6 +276,7 @@ StepCommStats BucketEngine::finish() {
     s.clipped += b.stats.clipped;
     s.quantized += b.stats.count;
     s.nonfinite += b.stats.nonfinite;
+    if (path_ != BucketPath::kDevice) s.result_nonfinite += b.result_nonfinite;
     s.wire_bytes += b.stats.wire_bytes;
     s.quant_seconds += b.stats.quant_seconds;
     s.comm_seconds += b.stats.comm_seconds;
@@ -339,6 +369,7 @@ void copy_segments(float* arena, const std::vector<Segment>& segs, float* stagin
 
 void BucketEngine::run_host(Bucket& b) {
   b.stats = BucketStats{};
+  b.result_nonfinite = 0;
   const auto t0 = Clock::now();
   // Gather: the arena -> staging (the arena is written by backward elsewhere meanwhile), unless
   // the tensors tile one arena range, where the all-reduce runs in place (same elements in the same
@@ -347,8 +378,13 @@ void BucketEngine::run_host(Bucket& b) {
   if (b.nplain > 0 && b.plain_in_place < 0)
     copy_segments(grads_, b.plain, b.plain_staging.data(), true);
   double copy_seconds = seconds_since(t0);
-  if (b.two_shot)
-    b.stats = b.two_shot->run(b.in_place >= 0 ? grads_ + b.in_place : b.staging.data(), step_);
+  if (b.two_shot) {
+    float* x = b.in_place >= 0 ? grads_ + b.in_place : b.staging.data();
+    b.stats = b.two_shot->run(x, step_);
+    const auto t = Clock::now();
+    b.result_nonfinite += count_nonfinite(x, b.ncompressed);
+    copy_seconds += seconds_since(t);
+  }
   if (b.nplain > 0) {
     float* plain = b.plain_in_place >= 0 ? grads_ + b.plain_in_place : b.plain_staging.data();
     const uint64_t bytes0 = comm_.bytes_sent();
@@ -357,8 +393,8 @@ void BucketEngine::run_host(Bucket& b) {
     b.stats.comm_seconds += seconds_since(t);
     b.stats.wire_bytes += comm_.bytes_sent() - bytes0;
     t = Clock::now();
-    const float fn = static_cast<float>(comm_.size());
-    for (int64_t i = 0; i < b.nplain; ++i) plain[i] /= fn;
+    b.result_nonfinite +=
+        divide_and_count_nonfinite(plain, b.nplain, static_cast<float>(comm_.size()));
     copy_seconds += seconds_since(t);
   }
   // Scatter the means back into the arena.

@@ -14,7 +14,10 @@
 //     offset >= offset is final; each bucket that becomes complete is queued to one communication
 //     thread, which copies it out of the arena, all-reduces it (mean) and copies the result back.
 //     With overlap off, buckets are queued only by finish().
-//   - finish() waits for every bucket of the step (and rethrows a communication error).
+//   - finish() waits for every bucket of the step (and rethrows a communication error). On the
+//     host paths the communication thread also counts the non-finite values of each bucket's
+//     all-reduced result (StepCommStats::result_nonfinite), so the trainer need not scan the arena
+//     again on the main thread.
 //   - commit(apply) moves the error-feedback and gamma state of every bucket to the new step or
 //     drops it (a skipped step).
 // Between begin_step() and finish() the Communicator belongs to the communication thread.
@@ -96,6 +99,12 @@ struct BucketPlan {
 // The arena offset of segs (in arena order) when they tile one range, else -1 (also when empty).
 int64_t tiled_offset(const std::vector<Segment>& segs);
 
+// x[i] /= n for the count floats of x (the mean of an fp32 sum over n ranks); returns how many of
+// the results are NaN or Inf.
+int64_t divide_and_count_nonfinite(float* x, int64_t count, float n);
+// How many of the count floats of x are NaN or Inf.
+int64_t count_nonfinite(const float* x, int64_t count);
+
 // The buckets of tensors (any order, disjoint) in launch order, as described at the top; calls
 // cfg.choose_bits once per bucket with compressible elements (the flat decision: the engine clears
 // it under an active node hierarchy). Throws Error for a bad config or segment.
@@ -122,11 +131,14 @@ struct StepCommStats {
   int64_t compressed_elements = 0, plain_elements = 0;
   int64_t clipped = 0, quantized = 0;  // global counts of the compressed parts
   int64_t nonfinite = 0;               // global NaN/Inf count of the compressed parts
-  uint64_t wire_bytes = 0;             // bytes this rank sent
-  double quant_seconds = 0;            // comm thread: quantize, dequantize, reduce, copies
-  double comm_seconds = 0;             // comm thread: inside collectives
-  double wait_seconds = 0;             // main thread: blocked in finish()
-  std::vector<float> gammas;           // per compressed bucket
+  // NaN/Inf in the all-reduced gradients (every bucket's result, the whole arena), the same on
+  // every rank; -1 where not counted (the device path: scan the arena instead).
+  int64_t result_nonfinite = -1;
+  uint64_t wire_bytes = 0;    // bytes this rank sent
+  double quant_seconds = 0;   // comm thread: quantize, dequantize, reduce, copies
+  double comm_seconds = 0;    // comm thread: inside collectives
+  double wait_seconds = 0;    // main thread: blocked in finish()
+  std::vector<float> gammas;  // per compressed bucket
   // fp32 ring all-reduce bytes of the same gradient / wire bytes (1 with one rank)
   double compression_ratio = 1.0;
   double clip_fraction() const {
@@ -170,6 +182,7 @@ class BucketEngine {
     std::unique_ptr<BucketReducer> two_shot;    // null when nothing is compressed
     std::vector<float> staging, plain_staging;  // host and staged paths
     BucketStats stats;
+    int64_t result_nonfinite = 0;  // host and staged paths: NaN/Inf in this step's result
   };
   void enqueue_ready(int64_t offset);
   void worker();

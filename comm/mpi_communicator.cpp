@@ -8,11 +8,13 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "comm/communicator.h"
 #include "comm/mpi_check.h"
 #include "comm/ring_allreduce.h"
+#include "comm/socket_ring.h"
 #include "kernels/common/error.h"
 
 namespace int4ddp::comm {
@@ -89,7 +91,8 @@ class MpiRequest final : public Request {
 class MpiCommunicator final : public Communicator {
  public:
   // comm: MPI_COMM_WORLD, or a communicator this object owns (freed by the destructor).
-  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+  explicit MpiCommunicator(MPI_Comm comm)
+      : comm_(comm), socket_ring_allowed_(comm == MPI_COMM_WORLD) {
     INT4DDP_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
     INT4DDP_MPI_CHECK(MPI_Comm_size(comm_, &size_));
   }
@@ -120,7 +123,12 @@ class MpiCommunicator final : public Communicator {
 
   void allreduce_sum(float* buf, int64_t count) override {
     if (allreduce_algorithm_ == AllreduceAlgorithm::kRing && ring_pays_off(count)) {
-      ring_allreduce_sum(*this, buf, count, ring_scratch_);  // isend counts its bytes
+      if (use_socket_ring()) {
+        socket_ring_->allreduce_sum(buf, count, ring_scratch_);
+        bytes_sent_ += ring_bytes_sent(count, rank_, size_);
+      } else {
+        ring_allreduce_sum(*this, buf, count, ring_scratch_);  // isend counts its bytes
+      }
       return;
     }
     for (int64_t off = 0; off < count;) {
@@ -262,9 +270,30 @@ class MpiCommunicator final : public Communicator {
         static_cast<uint64_t>(static_cast<double>(rl.total()) * (size_ - 1) / size_ + 0.5);
   }
 
+  // The ring's transport on MPI_COMM_WORLD: its own TCP connections (comm/socket_ring.h), made at
+  // the first ring all-reduce (collective, as that call is), unless the environment sets
+  // INT4DDP_SOCKET_RING=0 or some rank cannot connect; then MPI's point-to-point messages.
+  // Sub-communicators (a node's shared memory, the hierarchy's cross-node groups) keep MPI's.
+  bool use_socket_ring() {
+    if (!socket_ring_tried_) {
+      socket_ring_tried_ = true;
+      const uint64_t bytes_before = bytes_sent_;
+      const char* env = std::getenv("INT4DDP_SOCKET_RING");
+      const bool wanted = socket_ring_allowed_ && !(env && std::strcmp(env, "0") == 0);
+      // Every rank must decide alike: the environment is checked by all of them together.
+      int64_t votes = wanted ? 1 : 0;
+      allreduce_sum_i64(&votes, 1);
+      if (votes == size_) socket_ring_ = SocketRing::connect(*this);
+      bytes_sent_ = bytes_before;  // the set-up's few bytes are not the all-reduce's
+    }
+    return socket_ring_ != nullptr;
+  }
+
   MPI_Comm comm_;
   int rank_ = 0, size_ = 1;
-  std::vector<float> ring_scratch_;  // (2 ceil(count / size)) fp32 receive space of the ring
+  std::vector<float> ring_scratch_;  // receive space of the ring (either transport)
+  bool socket_ring_allowed_ = false, socket_ring_tried_ = false;
+  std::unique_ptr<SocketRing> socket_ring_;
 };
 
 }  // namespace

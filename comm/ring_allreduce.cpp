@@ -17,24 +17,7 @@
 #include "kernels/common/error.h"
 
 namespace int4ddp::comm {
-namespace {
-
-struct Ring {
-  int64_t count;
-  int n, r;
-  int64_t seg;  // floats per segment
-
-  int mod(int v) const { return ((v % n) + n) % n; }
-  int64_t chunk_lo(int j) const { return count * j / n; }
-  int64_t chunk_len(int j) const { return chunk_lo(j + 1) - chunk_lo(j); }
-  int send_chunk(int k) const { return mod(r - k); }
-  int recv_chunk(int k) const { return mod(r - k - 1); }
-  int64_t num_segments(int j) const { return (chunk_len(j) + seg - 1) / seg; }
-  int64_t seg_lo(int j, int64_t s) const { return chunk_lo(j) + s * seg; }
-  int64_t seg_len(int j, int64_t s) const { return std::min(seg, chunk_lo(j + 1) - seg_lo(j, s)); }
-};
-
-}  // namespace
+using Ring = RingLayout;
 
 uint64_t ring_bytes_sent(int64_t count, int rank, int ranks) {
   if (ranks <= 1) return 0;

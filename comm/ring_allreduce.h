@@ -15,6 +15,7 @@
 // result is deterministic and bit-identical on every rank (ring_reference_sum states it).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -36,6 +37,25 @@ constexpr size_t kRingMinBytes = size_t{64} << 10;
 inline bool ring_pays_off(int64_t count) {
   return static_cast<uint64_t>(count) * sizeof(float) >= kRingMinBytes;
 }
+
+// The ring's geometry for rank r of n over count floats, shared by both transports (the MPI
+// point-to-point ring below and comm/socket_ring.h): chunk j = [count j / n, count (j+1) / n);
+// step k sends chunk send_chunk(k) to rank r + 1 and receives chunk recv_chunk(k) from rank r - 1,
+// both cut into segments of seg floats (the last one shorter).
+struct RingLayout {
+  int64_t count;
+  int n, r;
+  int64_t seg;  // floats per segment, >= 1
+
+  int mod(int v) const { return ((v % n) + n) % n; }
+  int64_t chunk_lo(int j) const { return count * j / n; }
+  int64_t chunk_len(int j) const { return chunk_lo(j + 1) - chunk_lo(j); }
+  int send_chunk(int k) const { return mod(r - k); }
+  int recv_chunk(int k) const { return mod(r - k - 1); }
+  int64_t num_segments(int j) const { return (chunk_len(j) + seg - 1) / seg; }
+  int64_t seg_lo(int j, int64_t s) const { return chunk_lo(j) + s * seg; }
+  int64_t seg_len(int j, int64_t s) const { return std::min(seg, chunk_lo(j + 1) - seg_lo(j, s)); }
+};
 
 // In place: buf <- sum over the ranks of comm of buf (count floats, host memory). Collective; uses
 // comm.isend / comm.irecv with tag kRingTag. scratch: receive space kept by the caller between

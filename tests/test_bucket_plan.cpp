@@ -1,9 +1,13 @@
 // The bucket plan (comm::plan_buckets, label cpu): the layout every BucketEngine path (host,
 // staged, device) shares: launch order, arena ranges, compressed and plain tensors, in-place
 // ranges, the comm.mode auto hook, fp32 mode and bad input. Also the engine's refusal of a device
-// arena in a build without CUDA.
+// arena in a build without CUDA. And the result checks of the communication thread (the mean's
+// division and the non-finite counts).
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -113,6 +117,34 @@ TEST(BucketPlan, TiledOffset) {
   EXPECT_EQ(tiled_offset({{7, 3}, {10, 5}, {15, 1}}), 7);
   EXPECT_EQ(tiled_offset({{7, 3}, {11, 5}}), -1);  // a gap
   EXPECT_EQ(tiled_offset({{7, 3}, {9, 5}}), -1);   // an overlap
+}
+
+// divide_and_count_nonfinite: the same bits as x[i] / n element by element, and exactly the NaN
+// and +-Inf results counted (also those that only the division makes: none; and subnormals,
+// +-0, FLT_MAX stay finite).
+TEST(BucketResult, DivideAndCountNonFiniteIsThePlainDivisionAndIsFinite) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float fmax = std::numeric_limits<float>::max();
+  const float sub = std::numeric_limits<float>::denorm_min();
+  std::vector<float> x = {1.0f, -0.0f, 0.0f, nan, inf, -inf, fmax, -fmax, sub, 3.0f, 7.5f, -nan};
+  for (int i = 0; i < 40; ++i) x.push_back(0.37f * static_cast<float>(i) - 5.0f);
+  x.push_back(inf);
+  for (const float n : {1.0f, 3.0f, 4.0f}) {
+    std::vector<float> got = x;
+    const int64_t bad = divide_and_count_nonfinite(got.data(), static_cast<int64_t>(got.size()), n);
+    int64_t want_bad = 0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float want = x[i] / n;
+      EXPECT_EQ(0, std::memcmp(&want, &got[i], sizeof want)) << "element " << i << ", n " << n;
+      want_bad += !std::isfinite(want);
+    }
+    EXPECT_EQ(bad, 5);
+    EXPECT_EQ(bad, want_bad);
+    EXPECT_EQ(count_nonfinite(got.data(), static_cast<int64_t>(got.size())), 5);
+    EXPECT_EQ(count_nonfinite(x.data(), 3), 0);
+    EXPECT_EQ(count_nonfinite(x.data(), 0), 0);
+  }
 }
 
 TEST(BucketPlan, BadInputNamesTheKey) {

@@ -247,6 +247,43 @@ TEST(BucketEngine, NonFiniteGradientIsReportedAndCommitFalseKeepsState) {
   EXPECT_EQ(e.save_state(), before);
 }
 
+// result_nonfinite counts the NaN/Inf of the all-reduced arena (what the trainer would otherwise
+// scan for), in int4 and fp32 mode: none on finite inputs; a NaN in a plain tensor on one rank
+// makes that element's mean NaN on every rank; in fp32 mode FLT_MAX on every rank overflows the
+// sum.
+TEST(BucketEngine, ResultNonFiniteCountsTheNonFiniteMeans) {
+  const Arena a;
+  for (const int bits : {4, 32}) {
+    SCOPED_TRACE("bits " + std::to_string(bits));
+    std::vector<float> x(static_cast<size_t>(a.size));
+    BucketConfig cfg = bucket_config(true);
+    cfg.compress.bits = bits;
+    BucketEngine e(W(), cfg, x.data(), a.segs);
+    auto scan = [&] {
+      int64_t n = 0;
+      for (const Segment& s : a.segs)
+        for (int64_t i = s.offset; i < s.offset + s.count; ++i)
+          n += !std::isfinite(x[static_cast<size_t>(i)]);
+      return n;
+    };
+    StepCommStats st = backward_step(e, x, a, 0, [&](const Segment& s, int64_t i) {
+      return arena_value(me(), i, 0, is_plain(s));
+    });
+    EXPECT_EQ(st.result_nonfinite, 0);
+    EXPECT_EQ(scan(), 0);
+    e.commit(true);
+    const float fmax = std::numeric_limits<float>::max();
+    st = backward_step(e, x, a, 1, [&](const Segment& s, int64_t i) {
+      if (i == 3001 && me() == R() - 1) return std::numeric_limits<float>::quiet_NaN();  // B
+      if (i == 7011 && bits == 32) return fmax;  // D, every rank
+      return arena_value(me(), i, 1, is_plain(s));
+    });
+    e.commit(false);
+    EXPECT_EQ(st.result_nonfinite, scan());
+    EXPECT_EQ(st.result_nonfinite, 1 + (bits == 32 && R() > 1 ? 1 : 0));
+  }
+}
+
 TEST(BucketEngine, BadConfigsAndMisuseAreRefused) {
   const Arena a;
   std::vector<float> x(static_cast<size_t>(a.size));

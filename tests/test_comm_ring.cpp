@@ -2,13 +2,16 @@
 // sums on integer inputs for sizes that do not divide evenly and sizes below the rank count, the
 // fixed reduction order bit for bit against ring_reference_sum on random data (so the result is
 // the same on every rank and in every run), the bytes each rank sends, and the Communicator's
-// choice between the ring and the library's MPI_Allreduce (the library below kRingMinBytes).
+// choice between the ring and the library's MPI_Allreduce (the library below kRingMinBytes). The
+// same ring over its own TCP connections (comm/socket_ring.h) gives the same bits.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "comm/ring_allreduce.h"
+#include "comm/socket_ring.h"
 #include "comm_test.h"
 #include "kernels/common/error.h"
 
@@ -27,6 +30,22 @@ float int_input(int rank, int64_t i) { return static_cast<float>((i % 101) * (ra
 // Random values over 2^-20 .. 2^20 whose fp32 sum depends on the order of the additions.
 float random_input(int rank, int64_t i) {
   return std::ldexp(uniform(77, rank, i), static_cast<int>((i * 7 + rank * 3) % 41) - 20);
+}
+
+// Rank r's input random_input(r + shift, i): this rank's in mine, ring_reference_sum's result in
+// want (count floats each).
+void random_case(int64_t count, int shift, std::vector<float>& mine, std::vector<float>& want) {
+  std::vector<std::vector<float>> inputs(static_cast<size_t>(R()),
+                                         std::vector<float>(static_cast<size_t>(count)));
+  std::vector<const float*> ptrs;
+  for (int r = 0; r < R(); ++r) {
+    for (int64_t i = 0; i < count; ++i)
+      inputs[static_cast<size_t>(r)][static_cast<size_t>(i)] = random_input(r + shift, i);
+    ptrs.push_back(inputs[static_cast<size_t>(r)].data());
+  }
+  want.resize(static_cast<size_t>(count));
+  ring_reference_sum(ptrs, count, want.data());
+  mine = inputs[static_cast<size_t>(me())];
 }
 
 TEST(RingAllreduce, ExactSumOnIntegersForEverySizeAndSegment) {
@@ -52,21 +71,39 @@ TEST(RingAllreduce, FixedReductionOrderBitForBitOnEveryRank) {
   for (size_t seg : kSegments)
     for (int64_t count : kCounts) {
       if (!worth_running(count, seg)) continue;
-      std::vector<std::vector<float>> inputs(static_cast<size_t>(R()),
-                                             std::vector<float>(static_cast<size_t>(count)));
-      std::vector<const float*> ptrs;
-      for (int r = 0; r < R(); ++r) {
-        for (int64_t i = 0; i < count; ++i)
-          inputs[static_cast<size_t>(r)][static_cast<size_t>(i)] = random_input(r, i);
-        ptrs.push_back(inputs[static_cast<size_t>(r)].data());
-      }
-      std::vector<float> want(static_cast<size_t>(count));
-      ring_reference_sum(ptrs, count, want.data());
-      std::vector<float> buf = inputs[static_cast<size_t>(me())];
+      std::vector<float> buf, want;
+      random_case(count, 0, buf, want);
       ring_allreduce_sum(W(), buf.data(), count, scratch, seg);
       EXPECT_EQ(count_wrong(buf, want), 0) << "count " << count << " segment " << seg;
       EXPECT_TRUE(same_on_all_ranks(buf.data(), buf.size() * sizeof(float))) << count;
     }
+}
+
+// The socket ring: connected on every rank or on none; then the ring's sum bit for bit, for every
+// size and segment, also over repeated calls on the same connections. Skipped where the ranks
+// have no network address other than loopback (it then falls back to MPI's messages).
+TEST(SocketRing, SameBitsAsTheRingForEverySizeAndSegment) {
+  std::unique_ptr<SocketRing> ring = SocketRing::connect(W());
+  int64_t connected = ring ? 1 : 0;
+  W().allreduce_sum_i64(&connected, 1);
+  EXPECT_TRUE(connected == 0 || connected == R()) << "connected on some ranks only";
+  if (R() == 1) {
+    EXPECT_EQ(ring, nullptr);
+    return;
+  }
+  if (!ring) GTEST_SKIP() << "no non-loopback address to connect the socket ring over";
+  EXPECT_EQ(ring->rank(), me());
+  EXPECT_EQ(ring->size(), R());
+  std::vector<float> scratch;
+  for (int round = 0; round < 2; ++round)
+    for (size_t seg : kSegments)
+      for (int64_t count : kCounts) {
+        if (!worth_running(count, seg)) continue;
+        std::vector<float> buf, want;
+        random_case(count, round, buf, want);
+        ring->allreduce_sum(buf.data(), count, scratch, seg);
+        EXPECT_EQ(count_wrong(buf, want), 0) << "count " << count << " segment " << seg;
+      }
 }
 
 TEST(RingAllreduce, ReferenceOrderIsTheRingsAndDiffersFromRankOrder) {

@@ -558,6 +558,55 @@ TEST(LayerGrad, SmallCnnEndToEnd) {
   check_layer(net, x, 72);
 }
 
+// Sequential's backward hook for a Linear fires as soon as its weight and bias gradients are final,
+// before it computes dx (the gradient buckets start all-reducing them meanwhile), and again after
+// its backward; the gradients and dx are those of a backward without the hook.
+TEST(Sequential, BackwardHookFiresBeforeLinearComputesDx) {
+  Sequential net("net");
+  net.add(std::make_unique<Linear>("fc1", 6, 5));
+  net.add(std::make_unique<ReLU>("relu"));
+  net.add(std::make_unique<Linear>("fc2", 5, 4));
+  randomize_params(net, 80);
+  Tensor x({3, 6}), y, dy({3, 4});
+  fill_normal(x, 81);
+  fill_normal(dy, 82);
+  const std::vector<Param*> params = net.params();
+  auto zero_grads = [&] {
+    for (Param* p : params) std::fill(p->grad.data(), p->grad.data() + p->grad.numel(), 0.0f);
+  };
+  auto grads = [&] {
+    std::vector<std::vector<float>> g;
+    for (Param* p : params) g.emplace_back(p->grad.data(), p->grad.data() + p->grad.numel());
+    return g;
+  };
+  net.forward(x, y, /*train=*/true);
+  zero_grads();
+  Tensor dx_ref;
+  net.backward(x, y, dy, &dx_ref);
+  const std::vector<std::vector<float>> want = grads();
+
+  net.forward(x, y, /*train=*/true);
+  zero_grads();
+  Tensor dx({1});  // resized to x's shape when fc1 (layer 0) computes it
+  std::vector<size_t> calls;
+  bool fc1_grads_final_at_first_call = false, dx_empty_at_first_call = false;
+  net.set_backward_hook([&](size_t i) {
+    if (i == 0 && std::count(calls.begin(), calls.end(), size_t{0}) == 0) {
+      dx_empty_at_first_call = dx.numel() == 1;
+      fc1_grads_final_at_first_call = grads() == want;
+    }
+    calls.push_back(i);
+  });
+  net.backward(x, y, dy, &dx);
+  net.set_backward_hook({});
+  EXPECT_EQ(calls, (std::vector<size_t>{2, 2, 1, 0, 0}));
+  EXPECT_TRUE(dx_empty_at_first_call) << "the hook of fc1 came after its dx";
+  EXPECT_TRUE(fc1_grads_final_at_first_call);
+  EXPECT_EQ(grads(), want);
+  ASSERT_EQ(dx.numel(), dx_ref.numel());
+  EXPECT_EQ(0, std::memcmp(dx.data(), dx_ref.data(), sizeof(float) * dx.numel()));
+}
+
 TEST(Loss, SoftmaxCrossEntropyValueAndGradient) {
   Tensor z({2, 3});
   const float logits[] = {1.0f, 2.0f, 3.0f, 0.0f, 0.0f, 0.0f};

@@ -82,6 +82,21 @@ class Layer {
   // with. The model copies them to and from the host vectors where those are read or written
   // (checkpoints, rank averaging). Empty for host layers.
   virtual std::vector<float*> device_buffers() { return {}; }
+
+  // Called by backward as soon as this layer's parameter gradients are final, which may be before
+  // it computes dx (Linear does so between its weight and its input gradient), so that the gradient
+  // buckets can start all-reducing them while dx is computed. Set by Sequential for its backward
+  // hook; a layer that never calls it is signalled after its backward instead. Calling it twice is
+  // harmless.
+  void set_params_ready(std::function<void()> f) { params_ready_ = std::move(f); }
+
+ protected:
+  void params_ready() const {
+    if (params_ready_) params_ready_();
+  }
+
+ private:
+  std::function<void()> params_ready_;
 };
 
 // y = x W^T + b; x (n, in) or any (n, ...) flattened to in features; W (out, in).
@@ -290,7 +305,9 @@ class Sequential : public Layer {
   std::vector<std::vector<float>*> buffers() override;
   std::vector<float*> device_buffers() override;
   const std::vector<std::unique_ptr<Layer>>& layers() const { return layers_; }
-  // Called after layers_[i]'s backward (i descending); empty = none.
+  // Called once layers_[i]'s parameter gradients are final (i descending: from the layer's
+  // params_ready(), else after its backward), so every gradient of layers i.. is then final;
+  // empty = none.
   void set_backward_hook(std::function<void(size_t)> hook) { hook_ = std::move(hook); }
 
  private:

@@ -102,6 +102,7 @@ void Linear::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tensor* 
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = j0; j < j1; ++j) bias_.grad[j] += dy[i * out_ + j];
   });
+  params_ready();  // dW and db are final: their all-reduce may start while dx is computed
   if (dx) {
     dx->resize(x.shape());
     // dx[:, c0:c1] = dy W[:, c0:c1] per block of input features.
@@ -384,12 +385,16 @@ void Sequential::backward(const Tensor& x, const Tensor&, const Tensor& dy, Tens
   for (size_t i = layers_.size(); i-- > 0;) {
     const Tensor& in = i == 0 ? x : acts_[i - 1];
     Tensor* out = i == 0 ? dx : &grads_[i % 2];
+    if (hook_) layers_[i]->set_params_ready([this, i] { hook_(i); });
     {
       profile::Scope scope(*layers_[i], false);
       layers_[i]->backward(in, acts_[i], *upstream, out);
     }
     upstream = out;
-    if (hook_) hook_(i);
+    if (hook_) {
+      layers_[i]->set_params_ready({});
+      hook_(i);
+    }
   }
 }
 

@@ -377,10 +377,15 @@ StepResult Trainer::train_step() {
   }
   ++pr_.global_batch;
 
+  // The all-reduced gradients are the same on every rank; the buckets counted their non-finite
+  // values on the communication thread where they could (the host paths), else the arena is
+  // scanned here.
+  const bool grads_finite = engine_ && r.comm.result_nonfinite >= 0 ? r.comm.result_nonfinite == 0
+                                                                    : model_.grads_finite();
   // Every rank must take the same decision: a batch is a calibration batch, or skipped, when it
   // is one on any rank. The votes and the correct counts are summed over the ranks.
   const bool finite =
-      std::isfinite(loss) && qctx.nonfinite == 0 && r.comm.nonfinite == 0 && model_.grads_finite();
+      std::isfinite(loss) && qctx.nonfinite == 0 && r.comm.nonfinite == 0 && grads_finite;
   // The preemption votes ride along: a signal caught by any rank stops every rank after this
   // step. The calibration batch is not a place to stop (its quantizer state is not checkpointed
   // mid-calibration): the vote is taken again on the next batch.
