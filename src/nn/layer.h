@@ -305,9 +305,9 @@ class Sequential : public Layer {
   std::vector<std::vector<float>*> buffers() override;
   std::vector<float*> device_buffers() override;
   const std::vector<std::unique_ptr<Layer>>& layers() const { return layers_; }
-  // Called once layers_[i]'s parameter gradients are final (i descending: from the layer's
-  // params_ready(), else after its backward), so every gradient of layers i.. is then final;
-  // empty = none.
+  // Called when layers_[i]'s parameter gradients are final (i descending: from the layer's
+  // params_ready() where it signals one, and again after its backward, so a repeat must be a
+  // no-op), so every gradient of layers i.. is then final; empty = none.
   void set_backward_hook(std::function<void(size_t)> hook) { hook_ = std::move(hook); }
 
  private:
