@@ -9,7 +9,6 @@
 // computation keeps them moving.
 #pragma once
 
-#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -32,27 +31,6 @@ inline void wait_politely(Request& r) {
   while (!r.test())
     if (std::chrono::steady_clock::now() - t0 > kSpin) pause_politely();
 }
-
-// The pauses of a rank that waits for several things in a loop: the first pause is
-// pause_politely()'s, and each pause that follows a round in which nothing moved is twice the last,
-// up to kMaxPause; moved() starts over. A rank whose messages are still far from complete then
-// wakes a few thousand times a second instead of tens of thousands (each wake-up polls the
-// transport, which takes the core from ranks that still compute), while the kernel's socket
-// buffers keep the link busy through a pause.
-class Backoff {
- public:
-  static constexpr std::chrono::microseconds kFirstPause{50};
-  static constexpr std::chrono::microseconds kMaxPause{400};
-
-  void pause() {
-    std::this_thread::sleep_for(pause_);
-    pause_ = std::min(2 * pause_, kMaxPause);
-  }
-  void moved() { pause_ = kFirstPause; }
-
- private:
-  std::chrono::microseconds pause_ = kFirstPause;
-};
 
 // The requests of one operation, kept alive until all have completed (destroying a Request waits
 // for it).

@@ -15,18 +15,18 @@ namespace {
 
 constexpr int64_t kTileFloats = 16384;  // tile of the fused passes (rounded to whole blocks)
 // Error-feedback buffers of this size and more are written with non-temporal stores: they are read
-// again only at the next step, long after they have left the cache. So is the result of a bucket of
-// kStreamResultBytes and more (larger than the last-level cache, written piece by piece long after
-// the quantization read its input), which spares reading each output line in before writing it.
+// again only at the next step, long after they have left the cache.
 constexpr size_t kStreamErrorBytes = size_t{8} << 20;
-constexpr size_t kStreamResultBytes = size_t{32} << 20;
 constexpr uint64_t kStateMagic = 0x53324934;  // "4I2S"
 constexpr size_t kStateHeader = 4 * sizeof(uint64_t);
 
-// out = a + b on non-aliasing arrays (so the compiler vectorises it).
+// Elementwise loops on non-aliasing arrays (so the compiler vectorises them).
 void add_arrays(float* __restrict out, const float* __restrict a, const float* __restrict b,
                 int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+void accumulate(float* __restrict acc, const float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
 }
 
 quant::QuantStats read_stats(const uint8_t* msg, const MessageLayout& m) {
@@ -321,6 +321,7 @@ TwoShotAllreduce::TwoShotAllreduce(Communicator& comm, const CompressConfig& cfg
   // stay in L2 between the passes of one tile).
   tile_ = std::max<int64_t>(G, (kTileFloats / G) * G);
   v_.resize(static_cast<size_t>(tile_));
+  tmp_.resize(static_cast<size_t>(tile_));
   if (plan_.block_clips()) clips_.resize(static_cast<size_t>(tile_ / G));
   scales_.resize(static_cast<size_t>(std::max<int64_t>(1, plan_.total_scales())));
   rank_scales_.resize(static_cast<size_t>(plan_.ranks()) *
@@ -421,31 +422,37 @@ void TwoShotAllreduce::reduce_piece(float* x, const std::vector<const uint8_t*>&
                         rank_scales_.data() + static_cast<size_t>(i * om.num_scales));
   uint8_t* own_msg = message_at(gathered_, plan_.gather_layout(), r);
   float* own_sc = scales_.data() + plan_.scale_offset(r);
+  float* dqt = tmp_.data();  // tile: dequantized values
   quant::QuantParams p = plan_.owner_params(step_p);
-  std::vector<const uint8_t*> codes(static_cast<size_t>(n));
-  std::vector<const float*> scales(static_cast<size_t>(n));
-  // Per tile: m = (the N versions dequantized and summed in rank order) / N + e_s in one pass
-  // (quant::dequantize_mean), then m requantized once with e_s <- m - Q(m).
+  const float fn = static_cast<float>(n);
+  // Per tile: dequantize the N versions, sum in rank order, / N, + e_s, requantize once,
+  // e_s <- m - Q(m).
   for (int64_t o = piece.begin; o < piece.end; o += T) {
     const int64_t len = std::min(T, piece.end - o);
+    float* __restrict acc = v_.data();  // tile: the owner's mean
+    std::fill(acc, acc + len, 0.0f);
     for (int i = 0; i < n; ++i) {
-      codes[static_cast<size_t>(i)] = source[static_cast<size_t>(i)] + quant::packed_bytes(bits, o);
-      scales[static_cast<size_t>(i)] =
-          rank_scales_.data() + static_cast<size_t>(i * om.num_scales) + o / G;
+      quant::dequantize(source[static_cast<size_t>(i)] + quant::packed_bytes(bits, o),
+                        rank_scales_.data() + static_cast<size_t>(i * om.num_scales) + o / G, len,
+                        bits, G, dqt);
+      accumulate(acc, dqt, len);
     }
-    float* m = v_.data();  // tile: the owner's m = mean + e_s
-    quant::dequantize_mean(codes.data(), scales.data(), n, len, bits, G,
-                           server_ef ? es_.data() + o : nullptr, m);
-    if (block_clips) p.clips = plan_.block_clips(m, len, clips_.data());
+    for (int64_t k = 0; k < len; ++k) acc[k] /= fn;
+    const float* es = server_ef ? es_.data() + o : nullptr;
+    if (block_clips) {  // the clips are those of m = mean + e_s
+      if (es) accumulate(acc, es, len);
+      es = nullptr;
+      p.clips = plan_.block_clips(acc, len, clips_.data());
+    }
     p.index_offset = o;
-    // m quantized, e_s <- m - Q(m), and the own chunk's result Q(m) written now (x's own chunk is
-    // no longer read): the all-gather brings every other rank these same bytes, which they
-    // dequantize the same way.
-    quant::add_stats(stats,
-                     quant::quantize_feedback(
-                         m, nullptr, len, p, own_msg + quant::packed_bytes(bits, o), own_sc + o / G,
-                         server_ef ? es_next_.data() + o : nullptr, x + own.begin + o,
-                         es_next_.size() * sizeof(float) >= kStreamErrorBytes || stream_result()));
+    uint8_t* codes = own_msg + quant::packed_bytes(bits, o);
+    // m = mean + e_s quantized, e_s <- m - Q(m), and the own chunk's result Q(m) written now
+    // (x's own chunk is no longer read): the all-gather brings every other rank these same
+    // bytes, which they dequantize the same way.
+    quant::add_stats(stats, quant::quantize_feedback(
+                                acc, es, len, p, codes, own_sc + o / G,
+                                server_ef ? es_next_.data() + o : nullptr, x + own.begin + o,
+                                es_next_.size() * sizeof(float) >= kStreamErrorBytes));
     if (progress) progress->poll();
   }
   scales_to_message(own_sc, piece, G, own_msg + om.scales_at);
@@ -458,8 +465,7 @@ void TwoShotAllreduce::dequantize_piece(float* x, int j, const uint8_t* msg, Chu
   float* sc = scales_.data() + plan_.scale_offset(j);
   scales_from_message(msg + plan_.message(j).scales_at, piece, G, sc);
   quant::dequantize(msg + quant::packed_bytes(bits, piece.begin), sc + piece.begin / G,
-                    piece.count(), bits, G, x + plan_.chunk(j).begin + piece.begin,
-                    stream_result());
+                    piece.count(), bits, G, x + plan_.chunk(j).begin + piece.begin);
 }
 
 void TwoShotAllreduce::run_collectives(float* x, const quant::QuantParams& step_p, BucketStats& st,
@@ -603,22 +609,14 @@ void TwoShotAllreduce::run_pipelined(float* x, const quant::QuantParams& step_p,
     }
     try_dequantize();
   }
-  Backoff backoff;
   for (;;) {
     const bool moved = try_reduce() | try_dequantize();
     if (reduced == P &&
         std::all_of(dequantized.begin(), dequantized.end(), [&](int k) { return k == P; }))
       break;
-    if (moved)
-      backoff.moved();
-    else
-      backoff.pause();
+    if (!moved) pause_politely();
   }
   reqs.wait_all();  // the sends
-}
-
-bool TwoShotAllreduce::stream_result() const {
-  return static_cast<size_t>(plan_.count()) * sizeof(float) >= kStreamResultBytes;
 }
 
 void TwoShotAllreduce::commit(bool apply) {

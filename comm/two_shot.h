@@ -282,8 +282,6 @@ class TwoShotAllreduce final : public TwoShotBase {
                     RequestList* progress);
   // Step 6 for elements piece of chunk j: x <- the dequantized codes of chunk j's message msg.
   void dequantize_piece(float* x, int j, const uint8_t* msg, ChunkRange piece);
-  // Whether the result is written to x with non-temporal stores (a bucket larger than the cache).
-  bool stream_result() const;
   // run() in int4/int8 mode: one piece per chunk on the all-to-all and all-gather collectives, or
   // plan_.pieces() pieces on point-to-point messages. Both leave every chunk's message in
   // gathered_ and add their compute times to st.
@@ -295,7 +293,8 @@ class TwoShotAllreduce final : public TwoShotBase {
   std::vector<float> ew_, ew_next_;  // worker error (count)
   std::vector<float> es_, es_next_;  // server error (own chunk)
   int64_t tile_ = 0;                 // elements per tile of the fused passes (whole blocks)
-  std::vector<float> v_;             // (tile) g + e_w, then the owner's mean + e_s
+  std::vector<float> v_;             // (tile) g + e_w, then the owner's mean
+  std::vector<float> tmp_;           // (tile) dequantized values
   std::vector<float> clips_;         // (tile / G) the block clips of a tile (block policies)
   std::vector<float> scales_;        // (plan_.total_scales()) aligned scales of every chunk
   std::vector<float> rank_scales_;   // (N x own scales) aligned scales of the received messages

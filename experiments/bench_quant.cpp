@@ -5,10 +5,7 @@
 // Bytes counted per element: 4.5 (quantize+pack reads 4 and writes 0.5; unpack+dequantize the
 // reverse; the 1/128 of a byte of scales is ignored). memcpy is counted the same way, as bytes read
 // plus bytes written (8 per element), and the read-only stream as 4, so the columns compare like
-// with like. Each figure is the best of --reps timed runs after one warm-up, each run right after a
-// memcpy run, and its ratio is to the best of those memcpy runs (the load of a shared machine
-// drifts between rows; a memcpy taken once at the start made the ratios swing). The owner rows
-// time the two-shot owner's step (N = 4) step by step and fused. The codes and scales
+// with like. Each figure is the best of --reps timed runs after one warm-up. The codes and scales
 // of the timed quantize runs (every ISA, both roundings) and the timed decodes are compared with
 // the reference codec; any difference exits non-zero. Ends with one JSON line.
 #include <algorithm>
@@ -28,27 +25,17 @@ using namespace int4ddp::quant;
 
 namespace {
 
-// The best of `reps` timed runs of f, each run right after a run of `reference` (the memcpy)
-// whose best is kept beside it: a figure and its reference are then taken under the same
-// conditions, whatever the machine's load does between rows. One warm-up run of each first.
-struct Timing {
-  double seconds = 0, reference_seconds = 0;
-};
-template <typename F, typename R>
-Timing best_paired(int reps, F&& f, R&& reference) {
-  reference();
+template <typename F>
+double best_seconds(int reps, F&& f) {
   f();  // warm-up: page faults, caches
-  Timing t{1e30, 1e30};
-  auto time = [](auto&& g) {
-    const auto t0 = std::chrono::steady_clock::now();
-    g();
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  };
+  double best = 1e30;
   for (int r = 0; r < reps; ++r) {
-    t.reference_seconds = std::min(t.reference_seconds, time(reference));
-    t.seconds = std::min(t.seconds, time(f));
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    const auto t1 = std::chrono::steady_clock::now();
+    best = std::min(best, std::chrono::duration<double>(t1 - t0).count());
   }
-  return t;
+  return best;
 }
 
 // Sum of x with 16 independent accumulators (vectorisable without reassociation flags): a pure
@@ -75,9 +62,8 @@ struct Encoded {
 
 struct Row {
   std::string op, impl;
-  Timing t;      // the row's best and that of the memcpy runs interleaved with it
-  double bytes;  // counted per run (see the top of the file)
-  double gbps() const { return bytes / t.seconds / 1e9; }
+  double seconds, bytes;
+  double gbps() const { return bytes / seconds / 1e9; }
 };
 
 }  // namespace
@@ -120,12 +106,9 @@ int main(int argc, char** argv) {
 
   std::vector<Row> rows;
   const double nb = static_cast<double>(n);
-  auto copy = [&] { std::memcpy(z.data(), x.data(), n * sizeof(float)); };
-  const double copy_bytes = 8.0 * nb;
-  auto best_seconds = [&](int r, auto&& f) { return best_paired(r, f, copy); };
-  Timing copy_t = best_seconds(reps, copy);  // memcpy against itself: the best of both series
-  copy_t.seconds = copy_t.reference_seconds = std::min(copy_t.seconds, copy_t.reference_seconds);
-  rows.push_back({"memcpy", "libc", copy_t, copy_bytes});
+  rows.push_back({"memcpy", "libc",
+                  best_seconds(reps, [&] { std::memcpy(z.data(), x.data(), n * sizeof(float)); }),
+                  8.0 * nb});
   volatile float sink = 0.0f;  // keeps the read-only stream from being optimised away
   rows.push_back({"read_sum", "stream", best_seconds(reps, [&] { sink = stream_sum(x.data(), n); }),
                   4.0 * nb});
@@ -211,56 +194,6 @@ int main(int argc, char** argv) {
     if (!(got == steps_enc) || std::memcmp(y.data(), z.data(), n * sizeof(float)) != 0)
       mismatches.push_back(std::string("quant_ef_fused/") + name);
   }
-  {
-    // The two-shot owner's step (comm/two_shot.cpp reduce_piece) over a chunk of n / 4 elements
-    // from N = 4 ranks' encodings, in tiles of whole blocks: m = (sum of the N dequantized versions
-    // in rank order) / N + e_s, requantized with e_s <- m - Q(m) and the result Q(m) written out.
-    // Step by step (N dequantize + accumulate passes, a divide pass, the fused requantization
-    // adding e_s) and with the one-pass dequantize_mean. Bytes: the N codes read, e_s read, e_s
-    // and the result written, the new codes (scales ignored).
-    constexpr int kRanks = 4;
-    const int64_t m = n / 4, tile = 16384;
-    std::vector<std::vector<uint8_t>> src(kRanks, std::vector<uint8_t>(packed_bytes(4, m)));
-    std::vector<std::vector<float>> src_sc(kRanks, std::vector<float>(num_scales(m, G)));
-    for (int r = 0; r < kRanks; ++r)
-      quantize(x.data() + r * m, m, stoch, src[r].data(), src_sc[r].data());
-    std::vector<float> acc(tile), dqt(tile), es(e.begin(), e.begin() + m), es_next(m), out_a(m),
-        out_b(m);
-    std::vector<uint8_t> own_a(packed_bytes(4, m)), own_b(own_a.size());
-    std::vector<float> own_sc(num_scales(m, G));
-    const uint8_t* cp[kRanks];
-    const float* sp[kRanks];
-    auto owner = [&](bool fused, std::vector<uint8_t>& own, std::vector<float>& out) {
-      for (int64_t o = 0; o < m; o += tile) {
-        const int64_t len = std::min(tile, m - o);
-        for (int r = 0; r < kRanks; ++r) {
-          cp[r] = src[r].data() + o / 2;
-          sp[r] = src_sc[r].data() + o / G;
-        }
-        const float* e_in = es.data() + o;
-        if (fused) {
-          dequantize_mean(cp, sp, kRanks, len, 4, G, e_in, acc.data());
-          e_in = nullptr;
-        } else {
-          std::fill(acc.begin(), acc.begin() + len, 0.0f);
-          for (int r = 0; r < kRanks; ++r) {
-            dequantize(cp[r], sp[r], len, 4, G, dqt.data());
-            for (int64_t i = 0; i < len; ++i) acc[i] += dqt[i];
-          }
-          for (int64_t i = 0; i < len; ++i) acc[i] /= static_cast<float>(kRanks);
-        }
-        quantize_feedback(acc.data(), e_in, len, stoch, own.data() + o / 2, own_sc.data() + o / G,
-                          es_next.data() + o, out.data() + o, true);
-      }
-    };
-    const double owner_bytes = (kRanks * 0.5 + 12.5) * static_cast<double>(m);
-    rows.push_back({"owner_steps", "N=4", best_seconds(reps, [&] { owner(false, own_a, out_a); }),
-                    owner_bytes});
-    rows.push_back({"owner_fused", "N=4", best_seconds(reps, [&] { owner(true, own_b, out_b); }),
-                    owner_bytes});
-    if (own_a != own_b || std::memcmp(out_a.data(), out_b.data(), m * sizeof(float)) != 0)
-      mismatches.push_back("owner_fused");
-  }
   if (with_ref) {  // the plain per-element loops, for scale
     const int ref_reps = std::max(1, reps / 2);
     rows.push_back(
@@ -288,29 +221,18 @@ int main(int argc, char** argv) {
               static_cast<long long>(G));
   std::printf(
       "# bytes: 4.5 per element for the codec, 8 (read + write) for memcpy, 4 for the read-only "
-      "sum; best of %d, each run right after a memcpy: vs_memcpy is against the best of those "
-      "(memcpy_GB/s)\n",
+      "sum; best of %d\n",
       reps);
-  std::printf("%-18s %-10s %12s %10s %10s %12s\n", "op", "impl", "time_ms", "GB/s", "vs_memcpy",
-              "memcpy_GB/s");
+  std::printf("%-18s %-10s %12s %10s %10s\n", "op", "impl", "time_ms", "GB/s", "vs_memcpy");
   const double memcpy_gbps = rows[0].gbps();
-  auto ratio = [&](const Row& r) { return r.gbps() / (copy_bytes / r.t.reference_seconds / 1e9); };
-  auto find_row = [&](const std::string& op, const std::string& impl) -> const Row* {
-    for (const Row& r : rows)
-      if (r.op == op && r.impl == impl) return &r;
-    return nullptr;
-  };
   auto find = [&](const std::string& op, const std::string& impl) {
-    const Row* r = find_row(op, impl);
-    return r ? r->gbps() : 0.0;
-  };
-  auto find_ratio = [&](const std::string& op, const std::string& impl) {
-    const Row* r = find_row(op, impl);
-    return r ? ratio(*r) : 0.0;
+    for (const Row& r : rows)
+      if (r.op == op && r.impl == impl) return r.gbps();
+    return 0.0;
   };
   for (const Row& r : rows)
-    std::printf("%-18s %-10s %12.3f %10.2f %9.2fx %12.2f\n", r.op.c_str(), r.impl.c_str(),
-                r.t.seconds * 1e3, r.gbps(), ratio(r), copy_bytes / r.t.reference_seconds / 1e9);
+    std::printf("%-18s %-10s %12.3f %10.2f %9.2fx\n", r.op.c_str(), r.impl.c_str(), r.seconds * 1e3,
+                r.gbps(), r.gbps() / memcpy_gbps);
   std::printf(
       "# clip fraction at gamma 0.9: %.5f; timed codes, scales and decodes == reference: %s\n",
       static_cast<double>(clipped) / nb, ok ? "yes" : "NO");
@@ -324,8 +246,8 @@ int main(int argc, char** argv) {
       "\"ref_quant_nearest_GBps\":%.3f,\"match_reference\":%s}\n",
       bn, static_cast<long long>(n), memcpy_gbps, find("read_sum", "stream"),
       find("quant_nearest", bn), find("quant_stochastic", bn), find("dequant", bn),
-      find_ratio("read_sum", "stream"), find_ratio("quant_nearest", bn),
-      find_ratio("quant_stochastic", bn), find_ratio("dequant", bn),
+      find("read_sum", "stream") / memcpy_gbps, find("quant_nearest", bn) / memcpy_gbps,
+      find("quant_stochastic", bn) / memcpy_gbps, find("dequant", bn) / memcpy_gbps,
       find("quant_nearest", "reference"), ok ? "true" : "false");
   return ok ? 0 : 1;
 }

@@ -196,7 +196,7 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
 
 QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_t count,
                                  const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
-                                 float* dq_out, bool stream_outputs) {
+                                 float* dq_out, bool stream_e_out) {
   const detail::CodecKernels& k = kernels_for(isa);
   if (!(k.quantize_pack_int4_feedback && p.bits == 4 && p.block_size % 2 == 0)) {
     // Step by step: v, quantize, dequantize, subtract (buffers kept per thread).
@@ -234,13 +234,11 @@ QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_
                            : k.absmax(x + begin, n, &st.nonfinite);
     begin_scope(p, s, absmax, st.nonfinite == nonfinite_before, seg, scales, st);
     seg.first_index = p.index_offset + begin;
-    auto streams = [&](const float* out) {
-      return stream_outputs && out && (reinterpret_cast<uintptr_t>(out + begin) & 15) == 0;
-    };
-    const bool stream_e = streams(e_out), stream_dq = streams(dq_out);
-    streamed |= stream_e || stream_dq;
+    const bool stream =
+        stream_e_out && e_out && (reinterpret_cast<uintptr_t>(e_out + begin) & 15) == 0;
+    streamed |= stream;
     const detail::Feedback fb{e ? e + begin : nullptr, e_out ? e_out + begin : nullptr,
-                              dq_out ? dq_out + begin : nullptr, stream_e, stream_dq};
+                              dq_out ? dq_out + begin : nullptr, stream};
     st.clipped += k.quantize_pack_int4_feedback(x + begin, fb, n, seg, codes + begin / 2);
   }
 #if defined(__SSE__)
@@ -271,7 +269,7 @@ int64_t quantize_piece(const float* x, int64_t count, const QuantParams& p, floa
 }
 
 void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t count, int bits,
-                    int64_t block_size, float* out, bool stream_out) {
+                    int64_t block_size, float* out) {
   INT4DDP_CHECK(valid_bits(bits), "dequantize: bits = ", bits, " is outside ", kMinBits, "..",
                 kMaxBits);
   INT4DDP_CHECK(block_size >= 0, "dequantize: block_size = ", block_size, " is negative");
@@ -282,12 +280,10 @@ void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t 
   const int64_t scope = block_size == 0 ? count : block_size;
   const int64_t nscales = num_scales(count, block_size);
   alignas(64) int8_t stage[kTile + 1];
-  // An INT4 output larger than the last-level cache cannot stay there, and the caller may know that
-  // a smaller one (stream_out) will not be read soon: stream it (non-temporal stores), which saves
-  // reading every output line in before it is written.
+  // An INT4 output larger than the last-level cache cannot stay there: stream it (non-temporal
+  // stores), which saves reading every output line in before it is written.
   const auto unpack_dequantize =
-      (stream_out || count * static_cast<int64_t>(sizeof(float)) >= kStreamBytes) &&
-              k.unpack_dequantize_int4_stream
+      count * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && k.unpack_dequantize_int4_stream
           ? k.unpack_dequantize_int4_stream
           : k.unpack_dequantize_int4;
   for (int64_t s = 0; s < nscales; ++s) {
@@ -316,49 +312,6 @@ void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t 
 #endif
 }
 
-void dequantize_mean_isa(Isa isa, const uint8_t* const* codes, const float* const* scales,
-                         int sources, int64_t count, int bits, int64_t block_size, const float* e,
-                         float* out) {
-  INT4DDP_CHECK(sources >= 1, "dequantize_mean: sources = ", sources, " must be >= 1");
-  INT4DDP_CHECK(count >= 0, "dequantize_mean: count = ", count, " is negative");
-  if (count == 0) return;
-  INT4DDP_CHECK(codes && scales && out, "dequantize_mean: null buffer for ", count, " elements");
-  const detail::CodecKernels& k = kernels_for(isa);
-  auto fused = k.dequantize_mean_int4;
-#if defined(INT4DDP_HAVE_AVX2)
-  if (!fused && isa == Isa::kAvx512) fused = detail::kAvx2Kernels.dequantize_mean_int4;
-#endif
-  if (!(fused && bits == 4 && block_size % 2 == 0)) {
-    // Source by source: out = 0 + x^_0 + x^_1 + ..., then / sources (+ e).
-    thread_local std::vector<float> dq_buf;
-    dq_buf.resize(static_cast<size_t>(count));
-    std::fill(out, out + count, 0.0f);
-    for (int s = 0; s < sources; ++s) {
-      dequantize_isa(isa, codes[s], scales[s], count, bits, block_size, dq_buf.data());
-      for (int64_t i = 0; i < count; ++i) out[i] += dq_buf[static_cast<size_t>(i)];
-    }
-    const float fn = static_cast<float>(sources);
-    for (int64_t i = 0; i < count; ++i) out[i] = e ? out[i] / fn + e[i] : out[i] / fn;
-    return;
-  }
-  // Scope by scope (every scope starts at a byte: even block size, or one scope).
-  thread_local std::vector<const uint8_t*> in;
-  thread_local std::vector<float> steps;
-  in.resize(static_cast<size_t>(sources));
-  steps.resize(static_cast<size_t>(sources));
-  const int64_t scope = block_size == 0 ? count : block_size;
-  const int64_t nscales = num_scales(count, block_size);
-  for (int64_t sc = 0; sc < nscales; ++sc) {
-    const int64_t begin = sc * scope;
-    const int64_t n = std::min(count, begin + scope) - begin;
-    for (int s = 0; s < sources; ++s) {
-      in[static_cast<size_t>(s)] = codes[s] + begin / 2;
-      steps[static_cast<size_t>(s)] = scales[s][sc];
-    }
-    fused(in.data(), steps.data(), sources, n, e ? e + begin : nullptr, out + begin);
-  }
-}
-
 float finite_absmax(const float* x, int64_t count, int64_t* nonfinite) {
   INT4DDP_CHECK(count >= 0, "absmax: count = ", count, " is negative");
   INT4DDP_CHECK(count == 0 || x, "absmax: null buffer for ", count, " elements");
@@ -375,19 +328,14 @@ QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t
 
 QuantStats quantize_feedback(const float* x, const float* e, int64_t count, const QuantParams& p,
                              uint8_t* codes, float* scales, float* e_out, float* dq_out,
-                             bool stream_outputs) {
+                             bool stream_e_out) {
   return quantize_feedback_isa(current_isa(), x, e, count, p, codes, scales, e_out, dq_out,
-                               stream_outputs);
-}
-
-void dequantize_mean(const uint8_t* const* codes, const float* const* scales, int sources,
-                     int64_t count, int bits, int64_t block_size, const float* e, float* out) {
-  dequantize_mean_isa(current_isa(), codes, scales, sources, count, bits, block_size, e, out);
+                               stream_e_out);
 }
 
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
-                int64_t block_size, float* out, bool stream_out) {
-  dequantize_isa(current_isa(), codes, scales, count, bits, block_size, out, stream_out);
+                int64_t block_size, float* out) {
+  dequantize_isa(current_isa(), codes, scales, count, bits, block_size, out);
 }
 
 }  // namespace int4ddp::quant

@@ -86,10 +86,8 @@ void dequantize_ref(const uint8_t* codes, const float* scales, int64_t count, in
 
 QuantStats quantize(const float* x, int64_t count, const QuantParams& p, uint8_t* codes,
                     float* scales);
-// stream_out: write out with non-temporal stores where the kernel can (an output not read again
-// soon); outputs of 32 MiB and more are streamed anyway. The same values either way.
 void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bits,
-                int64_t block_size, float* out, bool stream_out = false);
+                int64_t block_size, float* out);
 
 // Quantization with error feedback in one pass (the two-shot all-reduce's steps 3 and 5): with
 // v[i] = fl(x[i] + e[i]) (or v = x when e is null), the codes, scales and stats are exactly those
@@ -102,24 +100,11 @@ void dequantize(const uint8_t* codes, const float* scales, int64_t count, int bi
 QuantStats quantize_feedback_ref(const float* x, const float* e, int64_t count,
                                  const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
                                  float* dq_out);
-// stream_outputs: write e_out and dq_out with non-temporal stores where the kernel can (outputs
-// larger than the cache, not read again soon); the same values either way.
+// stream_e_out: write e_out with non-temporal stores where the kernel can (an error buffer larger
+// than the cache, read again only at the next step); the same values either way.
 QuantStats quantize_feedback(const float* x, const float* e, int64_t count, const QuantParams& p,
                              uint8_t* codes, float* scales, float* e_out, float* dq_out,
-                             bool stream_outputs = false);
-
-// The two-shot owner's reduction (comm/two_shot.h step 5) in one pass over `sources` encodings of
-// the same `count` elements (codes[s], scales[s] laid out as dequantize() reads them):
-//   out[i] = fl(fl(sum_i) / sources)              (e null)
-//   out[i] = fl(fl(fl(sum_i) / sources) + e[i])   (e set)
-//   sum_i = fl(...fl(fl(0 + x^_0[i]) + x^_1[i]) ... + x^_{sources-1}[i])   (in source order)
-// where x^_s[i] is the value dequantize() gives for element i of source s. out may not overlap an
-// input; sources >= 1. The AVX2 kernel reads INT4 codes straight from the packed bytes (even block
-// size); other cases dequantize each source in turn and accumulate, with the same bits.
-void dequantize_mean_ref(const uint8_t* const* codes, const float* const* scales, int sources,
-                         int64_t count, int bits, int64_t block_size, const float* e, float* out);
-void dequantize_mean(const uint8_t* const* codes, const float* const* scales, int sources,
-                     int64_t count, int bits, int64_t block_size, const float* e, float* out);
+                             bool stream_e_out = false);
 
 // max |x| over the finite elements of x (0 if none), the scale basis of quantize(); adds the number
 // of NaN/Inf elements to *nonfinite when it is not null. Uses the same fast kernels as quantize().
@@ -155,11 +140,8 @@ QuantStats quantize_isa(Isa isa, const float* x, int64_t count, const QuantParam
                         uint8_t* codes, float* scales);
 QuantStats quantize_feedback_isa(Isa isa, const float* x, const float* e, int64_t count,
                                  const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
-                                 float* dq_out, bool stream_outputs = false);
+                                 float* dq_out, bool stream_e_out = false);
 void dequantize_isa(Isa isa, const uint8_t* codes, const float* scales, int64_t count, int bits,
-                    int64_t block_size, float* out, bool stream_out = false);
-void dequantize_mean_isa(Isa isa, const uint8_t* const* codes, const float* const* scales,
-                         int sources, int64_t count, int bits, int64_t block_size, const float* e,
-                         float* out);
+                    int64_t block_size, float* out);
 
 }  // namespace int4ddp::quant

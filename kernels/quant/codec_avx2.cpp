@@ -393,14 +393,7 @@ INT4DDP_ALWAYS_INLINE __m256i quant_body(const float* x, int64_t m, const uint16
             _mm256_storeu_ps(fb.e_out + at, err);
           }
         }
-        if (fb.dq_out) {
-          if (fb.stream_dq_out) {
-            _mm_stream_ps(fb.dq_out + at, _mm256_castps256_ps128(dq));
-            _mm_stream_ps(fb.dq_out + at + 4, _mm256_extractf128_ps(dq, 1));
-          } else {
-            _mm256_storeu_ps(fb.dq_out + at, dq);
-          }
-        }
+        if (fb.dq_out) _mm256_storeu_ps(fb.dq_out + at, dq);
       }
       return q;
     };
@@ -455,7 +448,7 @@ int64_t quant_segment(const float* x, int64_t n, const SegmentQuant& q, void* ou
   __m256i count = _mm256_setzero_si256();
   auto body = [&](int64_t c0, int64_t m, const uint16_t* h, auto pairs, auto&& between) {
     const Feedback fb0{fb.e ? fb.e + c0 : nullptr, fb.e_out ? fb.e_out + c0 : nullptr,
-                       fb.dq_out ? fb.dq_out + c0 : nullptr, fb.stream_e_out, fb.stream_dq_out};
+                       fb.dq_out ? fb.dq_out + c0 : nullptr, fb.stream_e_out};
     count = _mm256_add_epi32(
         count,
         quant_body<kStochastic, kAllFinite, kPack, kSaturate, decltype(pairs)::value, kFeedback>(
@@ -722,48 +715,6 @@ void unpack_dequantize_int4_stream_avx2(const uint8_t* in, int64_t lead, int64_t
   unpack_dequantize_int4_impl<true>(in, lead, n, step, out);
 }
 
-// The owner's reduction over one scope: per 8 elements, each source's nibbles as unpack_dequant8
-// makes them (q * d rounded alone, as dequantize() does), added in source order to a sum that
-// starts at +0, then divided by the source count and e added: the operations of
-// dequantize_mean_ref, in registers, with one pass over the codes and no staging array.
-void dequantize_mean_int4_avx2(const uint8_t* const* in, const float* steps, int sources, int64_t n,
-                               const float* e, float* out) {
-  const __m256i shifts = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
-  const __m256 fn = _mm256_set1_ps(static_cast<float>(sources));
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                   _mm256_setzero_ps()};
-    for (int s = 0; s < sources; ++s) {
-      const __m256 d = _mm256_set1_ps(steps[s]);
-      const uint8_t* p = in[s] + i / 2;
-      for (int k = 0; k < 4; ++k) a[k] = _mm256_add_ps(a[k], unpack_dequant8(p + 4 * k, shifts, d));
-    }
-    for (int k = 0; k < 4; ++k) {
-      __m256 m = _mm256_div_ps(a[k], fn);
-      if (e) m = _mm256_add_ps(m, _mm256_loadu_ps(e + i + 8 * k));
-      _mm256_storeu_ps(out + i + 8 * k, m);
-    }
-  }
-  for (; i + 8 <= n; i += 8) {
-    __m256 a = _mm256_setzero_ps();
-    for (int s = 0; s < sources; ++s)
-      a = _mm256_add_ps(a, unpack_dequant8(in[s] + i / 2, shifts, _mm256_set1_ps(steps[s])));
-    __m256 m = _mm256_div_ps(a, fn);
-    if (e) m = _mm256_add_ps(m, _mm256_loadu_ps(e + i));
-    _mm256_storeu_ps(out + i, m);
-  }
-  const float fs = static_cast<float>(sources);
-  for (; i < n; ++i) {
-    float a = 0.0f;
-    for (int s = 0; s < sources; ++s) {
-      const uint8_t b = in[s][i / 2];
-      a += dequantize_value(i % 2 == 0 ? unpack_lo(b) : unpack_hi(b), steps[s]);
-    }
-    out[i] = e ? a / fs + e[i] : a / fs;
-  }
-}
-
 }  // namespace
 
 extern const CodecKernels kAvx2Kernels = {absmax_avx2,
@@ -775,7 +726,6 @@ extern const CodecKernels kAvx2Kernels = {absmax_avx2,
                                           unpack_dequantize_int4_avx2,
                                           unpack_dequantize_int4_stream_avx2,
                                           absmax_sum_avx2,
-                                          quantize_pack_int4_feedback_avx2,
-                                          dequantize_mean_int4_avx2};
+                                          quantize_pack_int4_feedback_avx2};
 
 }  // namespace int4ddp::quant::detail

@@ -448,7 +448,6 @@ extern const CodecKernels kAvx512Kernels = {absmax_avx512,
                                             unpack_dequantize_int4_avx512,
                                             nullptr,
                                             nullptr,
-                                            nullptr,
                                             nullptr};
 
 }  // namespace int4ddp::quant::detail

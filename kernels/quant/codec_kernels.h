@@ -29,11 +29,10 @@ struct SegmentQuant {
 
 // The error-feedback streams of a fused quantize (quantize_feedback), offset like x.
 struct Feedback {
-  const float* e = nullptr;    // v = x + e (null: v = x)
-  float* e_out = nullptr;      // v - x^ (null: not written)
-  float* dq_out = nullptr;     // x^, the dequantized codes (null: not written)
-  bool stream_e_out = false;   // e_out (16-byte aligned) with non-temporal stores; caller fences
-  bool stream_dq_out = false;  // dq_out (16-byte aligned) likewise
+  const float* e = nullptr;   // v = x + e (null: v = x)
+  float* e_out = nullptr;     // v - x^ (null: not written)
+  float* dq_out = nullptr;    // x^, the dequantized codes (null: not written)
+  bool stream_e_out = false;  // e_out (16-byte aligned) with non-temporal stores; caller fences
 };
 
 struct CodecKernels {
@@ -64,11 +63,6 @@ struct CodecKernels {
   float (*absmax_sum)(const float* x, const float* e, int64_t n, int64_t* nonfinite);
   int64_t (*quantize_pack_int4_feedback)(const float* x, const Feedback& fb, int64_t n,
                                          const SegmentQuant& q, uint8_t* out);
-  // Optional fused owner reduction (dequantize_mean) over n elements of one scope: out[i] =
-  // fl(fl(0 + nibble i of in[0] * steps[0] + ...) / sources) (+ e[i] when e is set), each product
-  // and sum rounded as dequantize_mean_ref does; every in[s] starts at a low nibble.
-  void (*dequantize_mean_int4)(const uint8_t* const* in, const float* steps, int sources, int64_t n,
-                               const float* e, float* out);
 };
 
 extern const CodecKernels kPortableKernels;

@@ -63,7 +63,6 @@ extern const CodecKernels kPortableKernels = {absmax_portable,
                                               nullptr,
                                               nullptr,
                                               nullptr,
-                                              nullptr,
                                               nullptr};
 
 }  // namespace int4ddp::quant::detail

@@ -111,23 +111,6 @@ void dequantize_ref(const uint8_t* codes, const float* scales, int64_t count, in
   }
 }
 
-void dequantize_mean_ref(const uint8_t* const* codes, const float* const* scales, int sources,
-                         int64_t count, int bits, int64_t block_size, const float* e, float* out) {
-  INT4DDP_CHECK(sources >= 1, "dequantize_mean: sources = ", sources, " must be >= 1");
-  INT4DDP_CHECK(count == 0 || (codes && scales), "dequantize_mean: null source arrays");
-  std::vector<float> dq(static_cast<size_t>(count));
-  std::vector<float> sum(static_cast<size_t>(count), 0.0f);
-  for (int s = 0; s < sources; ++s) {
-    dequantize_ref(codes[s], scales[s], count, bits, block_size, dq.data());
-    for (size_t i = 0; i < sum.size(); ++i) sum[i] += dq[i];
-  }
-  const float fn = static_cast<float>(sources);
-  for (int64_t i = 0; i < count; ++i) {
-    const float m = sum[static_cast<size_t>(i)] / fn;
-    out[i] = e ? m + e[i] : m;
-  }
-}
-
 QuantStats quantize_feedback_ref(const float* x, const float* e, int64_t count,
                                  const QuantParams& p, uint8_t* codes, float* scales, float* e_out,
                                  float* dq_out) {
