@@ -115,17 +115,6 @@ constexpr int kNodeScatterTag = 0x4e53;  // reduce-scatter ranges
 constexpr int kNodeGatherTag = 0x4e47;   // all-gather ranges
 constexpr int64_t kSumTile = 4096;       // floats per tile of the node mean
 
-// Waits until done() while moving what it can (each test progresses the MPI library), pausing
-// between tests for 50 us at first and twice as long each time up to kMaxPause: the node's waits
-// can last for a whole piece of the other levels, and every wake-up of a waiting rank costs the
-// core time its node peers compute with (ranks share cores on the simulated cluster).
-constexpr std::chrono::microseconds kFirstPause{50}, kMaxPause{800};
-template <typename Done>
-void wait_backing_off(Done&& done) {
-  for (auto pause = kFirstPause; !done(); pause = std::min(2 * pause, kMaxPause))
-    std::this_thread::sleep_for(pause);
-}
-
 }  // namespace
 
 BucketAllreduce::BucketAllreduce(Hierarchy& hierarchy, const CompressConfig& cfg, int64_t count,

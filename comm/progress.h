@@ -9,6 +9,7 @@
 // computation keeps them moving.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -30,6 +31,17 @@ inline void wait_politely(Request& r) {
   const auto t0 = std::chrono::steady_clock::now();
   while (!r.test())
     if (std::chrono::steady_clock::now() - t0 > kSpin) pause_politely();
+}
+
+// Waits until done() (which tests requests, so each call also moves what it can), pausing between
+// calls for pause_politely()'s 50 us at first and twice as long each time up to 800 us: for waits
+// that can last as long as a whole piece of other work (the hierarchy's node level), where every
+// wake-up of a waiting rank costs core time its peers compute with.
+template <typename Done>
+void wait_backing_off(Done&& done) {
+  constexpr std::chrono::microseconds kFirstPause{50}, kMaxPause{800};
+  for (auto pause = kFirstPause; !done(); pause = std::min(2 * pause, kMaxPause))
+    std::this_thread::sleep_for(pause);
 }
 
 // The requests of one operation, kept alive until all have completed (destroying a Request waits
