@@ -9,6 +9,7 @@
 #include "comm/device_buckets.h"
 #include "kernels/common/clock.h"
 #include "kernels/common/error.h"
+#include "kernels/quant/codec.h"
 
 namespace int4ddp::comm {
 namespace {
@@ -101,11 +102,7 @@ int64_t divide_and_count_nonfinite(float* x, int64_t count, float n) {
 
 int64_t count_nonfinite(const float* x, int64_t count) {
   int64_t bad = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, x + i, sizeof bits);
-    bad += nonfinite_bit(bits);
-  }
+  quant::finite_absmax(x, count, &bad);  // the codec's vectorised scan counts them
   return bad;
 }
 
